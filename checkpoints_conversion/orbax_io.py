@@ -1,0 +1,82 @@
+"""kvjax checkpoints: an orbax parameter tree plus the config and tokenizer, written atomically.
+
+Layout of a checkpoint directory:
+  kvjax_config.json   the ModelConfig
+  params/             orbax StandardCheckpointer save of {canonical name: array}
+  tokenizer.json, kvjax_tokenizer.json   (when the model has a tokenizer)
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import tempfile
+
+import jax
+import orbax.checkpoint as ocp
+
+from kvjax.config import ModelConfig
+from kvjax.errors import CheckpointError, ConfigError
+
+CONFIG_FILE = "kvjax_config.json"
+PARAMS_DIR = "params"
+
+
+def is_checkpoint(path) -> bool:
+  path = pathlib.Path(path)
+  return (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir()
+
+
+def save(model, directory, *, overwrite: bool = False) -> pathlib.Path:
+  """Writes `model` to `directory` atomically: a crash leaves no half-written checkpoint."""
+  from kvjax.model import to_flat_params
+  directory = pathlib.Path(directory).expanduser().absolute()  # orbax needs absolute paths
+  if directory.exists() and not overwrite:
+    raise CheckpointError(f"{directory} already exists; pass overwrite=True to replace it")
+  directory.parent.mkdir(parents=True, exist_ok=True)
+  staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+  try:
+    (staging / CONFIG_FILE).write_text(model.config.to_json())
+    if model.tokenizer is not None:
+      model.tokenizer.save(staging)
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(staging / PARAMS_DIR, to_flat_params(model))
+    if directory.exists():
+      old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+      os.replace(directory, old)
+      os.replace(staging, directory)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.replace(staging, directory)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  return directory
+
+
+def load(directory, *, dtype: str | None = None):
+  """Restores a Model saved by `save`, validating every tensor against the config."""
+  from kvjax.loading.tokenizer import Tokenizer
+  from kvjax.model import from_flat_params
+  directory = pathlib.Path(directory).expanduser().absolute()
+  if not is_checkpoint(directory):
+    raise CheckpointError(f"{directory} is not a kvjax checkpoint (needs {CONFIG_FILE} and "
+                          f"{PARAMS_DIR}/)")
+  try:
+    config = ModelConfig.from_json((directory / CONFIG_FILE).read_text())
+  except (ValueError, TypeError) as e:
+    if isinstance(e, ConfigError):
+      raise
+    raise CheckpointError(f"{directory / CONFIG_FILE} is not a valid kvjax config: {e}") from None
+  if dtype is not None:
+    config = config.replace(dtype=dtype)
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      flat = checkpointer.restore(directory / PARAMS_DIR)
+  except Exception as e:  # orbax raises many types for truncated/corrupt files
+    raise CheckpointError(f"cannot restore parameters from {directory / PARAMS_DIR}: "
+                          f"{type(e).__name__}: {e}") from None
+  tokenizer = (Tokenizer.load(directory) if (directory / "tokenizer.json").is_file() else None)
+  flat = jax.tree_util.tree_map(lambda x: x, flat)
+  return from_flat_params(config, flat, tokenizer=tokenizer, source=str(directory))

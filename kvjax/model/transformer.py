@@ -1,0 +1,151 @@
+"""Llama-family / Qwen2 decoder as Flax NNX modules.
+
+Modules only define parameters and the math of one forward pass. Everything stateful (the
+KV cache) is passed in and returned, so `forward` below is a pure function of
+(params, tokens, cache) that jit can trace once per shape.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kvjax.cache import kv_cache
+from kvjax.config import ModelConfig
+from kvjax.model import attention, rope
+
+_init = nnx.initializers.normal(0.02)
+
+
+class Dense(nnx.Module):
+  """x @ kernel (+ bias), with an einsum so kernels keep head axes, e.g. [d, heads, head_dim]."""
+
+  def __init__(self, equation: str, kernel_shape, *, bias_shape=None, dtype, rngs: nnx.Rngs):
+    self.equation = equation
+    self.kernel = nnx.Param(_init(rngs.params(), kernel_shape, dtype))
+    self.bias = nnx.Param(jnp.zeros(bias_shape, dtype)) if bias_shape else None
+
+  def __call__(self, x):
+    y = jnp.einsum(self.equation, x, self.kernel[...])
+    return y if self.bias is None else y + self.bias[...]
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, dim: int, eps: float, dtype):
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((dim,), dtype))
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.scale[...] * normed.astype(x.dtype)  # cast before scaling, as HF does
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+    d, h, k, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    bias = lambda heads: (heads, hd) if cfg.qkv_bias else None
+    self.q = Dense("btd,dhk->bthk", (d, h, hd), bias_shape=bias(h), dtype=dtype, rngs=rngs)
+    self.k = Dense("btd,dhk->bthk", (d, k, hd), bias_shape=bias(k), dtype=dtype, rngs=rngs)
+    self.v = Dense("btd,dhk->bthk", (d, k, hd), bias_shape=bias(k), dtype=dtype, rngs=rngs)
+    self.o = Dense("bthk,hkd->btd", (h, hd, d), dtype=dtype, rngs=rngs)
+
+  def __call__(self, x, positions, layer_cache: kv_cache.LayerCache, inv_freq):
+    q = rope.apply_rope(self.q(x), positions, inv_freq)
+    k = rope.apply_rope(self.k(x), positions, inv_freq)
+    v = self.v(x)
+    # Cache layout is [B, kv_heads, slots, D]: write the chunk, then attend over all slots.
+    layer_cache = kv_cache.write(layer_cache, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
+                                 positions)
+    out = attention.attend(q, layer_cache.keys, layer_cache.values, positions,
+                           layer_cache.positions)
+    return self.o(out), layer_cache
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    self.gate = Dense("btd,df->btf", (d, f), dtype=dtype, rngs=rngs)
+    self.up = Dense("btd,df->btf", (d, f), dtype=dtype, rngs=rngs)
+    self.down = Dense("btf,fd->btd", (f, d), dtype=dtype, rngs=rngs)
+
+  def __call__(self, x):
+    return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+    self.attn = Attention(cfg, dtype, rngs)
+    self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+    self.mlp = MLP(cfg, dtype, rngs)
+
+  def __call__(self, x, positions, layer_cache, inv_freq):
+    attn_out, layer_cache = self.attn(self.attn_norm(x), positions, layer_cache, inv_freq)
+    x = x + attn_out
+    return x + self.mlp(self.mlp_norm(x)), layer_cache
+
+
+class Embed(nnx.Module):
+
+  def __init__(self, vocab: int, dim: int, dtype, rngs: nnx.Rngs):
+    self.embedding = nnx.Param(_init(rngs.params(), (vocab, dim), dtype))
+
+  def __call__(self, tokens):
+    return jnp.take(self.embedding[...], tokens, axis=0)
+
+  def attend(self, x):
+    return jnp.einsum("btd,vd->btv", x, self.embedding[...], preferred_element_type=jnp.float32)
+
+
+class Transformer(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    dtype = jnp.dtype(cfg.dtype)
+    self.config = cfg
+    self.embed = Embed(cfg.vocab_size, cfg.hidden_size, dtype, rngs)
+    self.layers = nnx.List([Block(cfg, dtype, rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+    self.lm_head = (None if cfg.tie_embeddings else
+                    Dense("btd,dv->btv", (cfg.hidden_size, cfg.vocab_size), dtype=dtype,
+                          rngs=rngs))
+
+  def __call__(self, tokens, token_mask, cache: kv_cache.Cache, logits: str = "all"):
+    """tokens/token_mask [B, T] -> (logits, new cache).
+
+    Masked-out tokens (padding) take no position and are stored as empty slots. New
+    tokens continue each sequence at cache.lengths. logits="all" gives [B, T, V];
+    "last" gives [B, V] at each row's last real token.
+    """
+    token_mask = token_mask.astype(bool)
+    positions = cache.lengths[:, None] + jnp.cumsum(token_mask, axis=1, dtype=jnp.int32) - 1
+    positions = jnp.where(token_mask, positions, kv_cache.EMPTY_POSITION)
+    inv_freq = rope.inverse_frequencies(self.config)
+    x = self.embed(tokens)
+    new_layers = []
+    for block, layer_cache in zip(self.layers, cache.layers):
+      x, layer_cache = block(x, positions, layer_cache, inv_freq)
+      new_layers.append(layer_cache)
+    if logits == "last":
+      last = x.shape[1] - 1 - jnp.argmax(token_mask[:, ::-1], axis=1)
+      x = jnp.take_along_axis(x, last[:, None, None], axis=1)
+    elif logits != "all":
+      raise ValueError(f"logits={logits!r}; allowed: 'all', 'last'")
+    x = self.final_norm(x)
+    out = (self.embed.attend(x) if self.lm_head is None
+           else self.lm_head(x).astype(jnp.float32))
+    if logits == "last":
+      out = out[:, 0]
+    new_cache = kv_cache.Cache(layers=tuple(new_layers),
+                               lengths=cache.lengths + token_mask.sum(axis=1, dtype=jnp.int32))
+    return out, new_cache
+
+
+def forward(graphdef, params, tokens, token_mask, cache, logits: str = "all"):
+  """Pure forward pass: (params, tokens, cache) -> (logits, cache)."""
+  return nnx.merge(graphdef, params)(tokens, token_mask, cache, logits)
