@@ -8,6 +8,7 @@ Layout of a checkpoint directory:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import shutil
@@ -15,12 +16,24 @@ import tempfile
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 from kvjax.config import ModelConfig
 from kvjax.errors import CheckpointError, ConfigError
 
 CONFIG_FILE = "kvjax_config.json"
 PARAMS_DIR = "params"
+
+
+@contextlib.contextmanager
+def _quiet():
+  """Orbax logs every read/write at INFO through absl; keep user output readable."""
+  level = logging.get_verbosity()
+  logging.set_verbosity(min(level, logging.WARNING))  # absl: higher means more verbose
+  try:
+    yield
+  finally:
+    logging.set_verbosity(level)
 
 
 def is_checkpoint(path) -> bool:
@@ -40,7 +53,7 @@ def save(model, directory, *, overwrite: bool = False) -> pathlib.Path:
     (staging / CONFIG_FILE).write_text(model.config.to_json())
     if model.tokenizer is not None:
       model.tokenizer.save(staging)
-    with ocp.StandardCheckpointer() as checkpointer:
+    with _quiet(), ocp.StandardCheckpointer() as checkpointer:
       checkpointer.save(staging / PARAMS_DIR, to_flat_params(model))
     if directory.exists():
       old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
@@ -72,7 +85,7 @@ def load(directory, *, dtype: str | None = None):
   if dtype is not None:
     config = config.replace(dtype=dtype)
   try:
-    with ocp.StandardCheckpointer() as checkpointer:
+    with _quiet(), ocp.StandardCheckpointer() as checkpointer:
       flat = checkpointer.restore(directory / PARAMS_DIR)
   except Exception as e:  # orbax raises many types for truncated/corrupt files
     raise CheckpointError(f"cannot restore parameters from {directory / PARAMS_DIR}: "

@@ -51,14 +51,14 @@ def _flatten(tree, prefix=()) -> dict[str, Any]:
 def expected_param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
   """Canonical flat parameter names (e.g. 'layers.3.attn.q.kernel') and their shapes."""
   _, state = abstract_params(config)
-  return {name: tuple(x.shape) for name, x in _flatten(state.to_pure_dict()).items()}
+  return {name: tuple(x.shape) for name, x in _flatten(nnx.to_pure_dict(state)).items()}
 
 
 def from_flat_params(config: ModelConfig, flat: Mapping[str, Any], tokenizer=None,
                      source: str = "checkpoint") -> Model:
   """Builds a Model from canonical flat names -> arrays, validating names and shapes."""
   graphdef, state = abstract_params(config)
-  pure = state.to_pure_dict()
+  pure = nnx.to_pure_dict(state)
   expected = _flatten(pure)
   missing = sorted(set(expected) - set(flat))
   unexpected = sorted(set(flat) - set(expected))
@@ -83,7 +83,7 @@ def from_flat_params(config: ModelConfig, flat: Mapping[str, Any], tokenizer=Non
 
 
 def to_flat_params(model: Model) -> dict[str, jax.Array]:
-  return _flatten(model.params.to_pure_dict())
+  return _flatten(nnx.to_pure_dict(model.params))
 
 
 def random_params(config: ModelConfig, seed: int = 0, tokenizer=None) -> Model:

