@@ -220,6 +220,7 @@ def params_from_safetensors(directory: str, config: ModelConfig) -> dict[str, np
   One or many *.safetensors files (with or without model.safetensors.index.json);
   every tensor is checked against `config` and cast to config.dtype.
   """
+  directory = os.fspath(directory)
   if not os.path.isdir(directory):
     raise CheckpointError(f"{directory!r} is not a directory; expected a Hugging Face "
                           f"checkpoint directory with *.safetensors")
@@ -230,6 +231,7 @@ def params_from_safetensors(directory: str, config: ModelConfig) -> dict[str, np
 
 def read_hf_config(directory: str, *, dtype: str | None = None) -> ModelConfig:
   """ModelConfig from `directory`/config.json."""
+  directory = os.fspath(directory)
   path = os.path.join(directory, "config.json")
   try:
     with open(path) as f:

@@ -95,13 +95,13 @@ def _listed(names: list[str]) -> str:
 
 def _check_names(available: set[str], rules: dict[str, Rule], config: ModelConfig,
                  source: str, shown: Callable[[str], str]) -> None:
-  missing = sorted(n for n in rules if n not in available)
+  missing = [shown(n) for n in sorted(set(rules) - available)]
   if missing:
-    raise CheckpointError(f"{source}: missing tensor {shown(missing[0])} "
-                          f"({len(missing)} missing in all: {_listed([shown(n) for n in missing])}) "
-                          f"for a {config.architecture} model with {config.num_layers} layers")
-  extra = sorted(n for n in available - set(rules)
-                 if not _IGNORED.search(n) and not (n == "lm_head.weight" and config.tie_embeddings))
+    raise CheckpointError(f"{source}: missing tensor {missing[0]} ({len(missing)} missing in "
+                          f"all: {_listed(missing)}) for a {config.architecture} model with "
+                          f"{config.num_layers} layers")
+  tied_head = {"lm_head.weight"} if config.tie_embeddings else set()
+  extra = sorted(n for n in available - set(rules) - tied_head if not _IGNORED.search(n))
   if extra:
     raise CheckpointError(f"{source}: {len(extra)} unexpected tensors the config does not "
                           f"describe: {_listed([shown(n) for n in extra])}")
@@ -112,8 +112,6 @@ def _convert(array: np.ndarray, rule: Rule, canonical_shape: tuple[int, ...],
   # Transposing first and then reshaping splits the output axis into (heads, head_dim)
   # exactly as Hugging Face's `.view(..., heads, head_dim)` does.
   array = array.T if rule.transpose else array
-  if len(canonical_shape) == 3 and rule.transpose and canonical_shape[0] != canonical_shape[-1] * 0 and rule.canonical.endswith(("q.kernel", "k.kernel")):
-    return np.ascontiguousarray(array.reshape(canonical_shape[0], canonical_shape[2], canonical_shape[1]).swapaxes(1, 2)).astype(dtype)
   return np.ascontiguousarray(array.reshape(canonical_shape)).astype(dtype, copy=False)
 
 

@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 import pathlib
 
 import gguf
@@ -19,16 +18,10 @@ from checkpoints_conversion.hf import config_from_hf, expected_shapes, params_fr
 from kvjax.config import ModelConfig, RopeScaling
 from kvjax.errors import CheckpointError, ConfigError
 
-# The real SmolLM2-135M-Instruct Q4_1 GGUF (shared/ASSETS.md).
-GGUF_PATH = pathlib.Path(os.environ.get("KVJAX_TEST_GGUF",
-                                        "/tmp/assets/SmolLM2-135M-Instruct.Q4_1.gguf"))
-
-
 @pytest.fixture(scope="module")
-def smollm2_gguf_file() -> pathlib.Path:
-  if not GGUF_PATH.is_file():
-    pytest.skip(f"SmolLM2 GGUF not found at {GGUF_PATH} (set KVJAX_TEST_GGUF)")
-  return GGUF_PATH
+def smollm2_gguf_file(smollm2_gguf) -> pathlib.Path:
+  """The real SmolLM2-135M-Instruct Q4_1 GGUF (shared/ASSETS.md), via the project's fetch."""
+  return smollm2_gguf
 
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -531,3 +524,13 @@ def test_rope_freqs_that_are_not_llama3():
   with pytest.raises(ConfigError, match="not a llama3"):
     gguf_reader.scaling_from_rope_freqs(divisors, 500000.0, 64)
   assert gguf_reader.scaling_from_rope_freqs(np.ones(32), 500000.0, 64) is None
+
+
+def test_rope_freqs_with_one_blended_value_uses_llama3_defaults():
+  divisors = _llama3_divisors(500000.0, 32, 8.0, 1.0, 4.0, 8192)
+  assert ((divisors > 1) & (divisors < 8)).sum() == 1  # too few to fit: defaults, verified
+  assert gguf_reader.scaling_from_rope_freqs(divisors, 500000.0, 32) == RopeScaling(8.0, 1.0,
+                                                                                    4.0, 8192)
+  other = _llama3_divisors(500000.0, 32, 8.0, 1.0, 2.0, 8192)
+  with pytest.raises(ConfigError, match="not a llama3"):
+    gguf_reader.scaling_from_rope_freqs(other, 500000.0, 32)

@@ -1,7 +1,6 @@
 """Tokenizer: parity with Hugging Face transformers on the real SmolLM2 GGUF, plus small fakes."""
 
 import json
-import os
 import pathlib
 import types
 
@@ -10,15 +9,11 @@ import pytest
 from kvjax.errors import CheckpointError, ConfigError, GenerationError
 from kvjax.loading.tokenizer import Tokenizer
 
-SMOLLM2_GGUF = "/tmp/assets/SmolLM2-135M-Instruct.Q4_1.gguf"
-
 
 @pytest.fixture(scope="module")
-def gguf_path() -> pathlib.Path:
-  path = pathlib.Path(os.environ.get("KVJAX_TEST_GGUF", SMOLLM2_GGUF))
-  if not path.is_file():
-    pytest.skip(f"SmolLM2 GGUF not found at {path} (set KVJAX_TEST_GGUF)")
-  return path
+def gguf_path(smollm2_gguf) -> pathlib.Path:
+  """The real SmolLM2 GGUF, fetched by the project's asset fetcher (conftest)."""
+  return smollm2_gguf
 
 
 # Texts where every pre-tokenizer in play agrees (no whitespace run right before a digit).

@@ -1,0 +1,65 @@
+"""Speed and memory benchmark: prefill and decode timings, cache bytes, decode bandwidth.
+
+  python scripts/benchmark.py --model=smollm2-135m --context_lengths=512,2048 --batch_sizes=1,4
+  python scripts/benchmark.py --shape=llama-3.1-8b --context_lengths=8192 --batch_sizes=1,8 \
+      --hbm_bandwidth_gbps=3350 --json_out=/tmp/bench.json
+
+--shape benchmarks random weights at a real model's shapes (or a JSON ModelConfig file).
+"""
+
+from absl import app, flags
+
+import kvjax
+from kvjax import benchmarking, cli
+from kvjax.model import random_params
+
+FLAGS = flags.FLAGS
+cli.define_model_flags()
+cli.define_method_flags()
+flags.DEFINE_string("shape", None, f"Instead of --model: random weights at a named shape "
+                    f"{benchmarking.available_shapes()} or a JSON ModelConfig file; "
+                    f"--dtype defaults to {benchmarking.DEFAULT_SHAPE_DTYPE} here.")
+flags.DEFINE_list("context_lengths", ["512"], "Prompt lengths in tokens, e.g. 512,2048.")
+flags.DEFINE_list("batch_sizes", ["1"], "Batch sizes, e.g. 1,4.")
+flags.DEFINE_integer("decode_steps", 32, "Decode steps timed per run.")
+flags.DEFINE_integer("warmup", 2, "Untimed runs before the timed ones.")
+flags.DEFINE_integer("repeats", 3, "Timed runs; the median and the min are reported.")
+flags.DEFINE_float("hbm_bandwidth_gbps", None, "The device's peak or measured memory "
+                   "bandwidth in GB/s, for hbm_fraction (default: the measured copy bandwidth).")
+flags.DEFINE_integer("copy_bandwidth_mib", 256, "Array size for the copy-bandwidth measurement.")
+flags.DEFINE_integer("seed", 0, "Seed of the random prompts and random weights.")
+flags.DEFINE_string("json_out", None, "Write {device, jax_version, model, method, results, "
+                    "config} here.")
+
+
+def main(argv):
+  del argv
+  try:
+    if FLAGS.shape is not None:
+      if FLAGS["model"].present:
+        raise benchmarking.BenchmarkError(
+            f"give --model={FLAGS.model!r} or --shape={FLAGS.shape!r}, not both")
+      model = random_params(benchmarking.named_shape(FLAGS.shape, FLAGS.dtype), FLAGS.seed)
+      source = f"shape:{FLAGS.shape}"
+    else:
+      model, source = cli.load_model(), FLAGS.model
+    report = benchmarking.run(
+        model, benchmarking.parse_sizes(FLAGS.context_lengths, "--context_lengths"),
+        benchmarking.parse_sizes(FLAGS.batch_sizes, "--batch_sizes"),
+        decode_steps=FLAGS.decode_steps, repeats=FLAGS.repeats, warmup=FLAGS.warmup,
+        hbm_bandwidth_gbps=FLAGS.hbm_bandwidth_gbps,
+        copy_bandwidth_bytes=FLAGS.copy_bandwidth_mib << 20, method=cli.method_from_flags(),
+        compression_ratio=FLAGS.compression_ratio, budget=FLAGS.budget, seed=FLAGS.seed,
+        source=source, log=lambda line: print(f"[kvjax] {line}", flush=True))
+  except (kvjax.KvjaxError, flags.ValidationError) as e:
+    raise app.UsageError(str(e)) from e
+  print(benchmarking.format_table(report))
+  if FLAGS.json_out:
+    # cli.run_config() sees only the shared flags; add this script's own.
+    config = {**cli.run_config(),
+              **{f.name: f.value for f in FLAGS.get_flags_for_module("__main__")}}
+    cli.write_json(FLAGS.json_out, {**report, "config": dict(sorted(config.items()))})
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,20 @@
+"""Tiny random kvjax models for fast tests."""
+
+from kvjax.config import ModelConfig
+from kvjax.model import random_params
+
+
+def tiny_config(**overrides) -> ModelConfig:
+  options = dict(architecture="llama", vocab_size=256, hidden_size=64, intermediate_size=128,
+                 num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                 max_position_embeddings=512, rope_theta=10000.0, rms_norm_eps=1e-5)
+  options.update(overrides)
+  return ModelConfig(**options)
+
+
+def tiny_model(seed: int = 0, tokenizer=None, **overrides):
+  """Random weights scaled up so logits are far from uniform (greedy choices are stable)."""
+  import jax
+  model = random_params(tiny_config(**overrides), seed=seed, tokenizer=tokenizer)
+  model.params = jax.tree_util.tree_map(lambda x: x * 4 if x.ndim > 1 else x, model.params)
+  return model
