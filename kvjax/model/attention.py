@@ -34,11 +34,11 @@ def _attend_block(queries, keys, values, query_positions, key_positions):
   b, t, h, d = queries.shape
   k = keys.shape[1]
   grouped = queries.reshape(b, t, k, h // k, d)
-  scores = jnp.einsum("btkgd,bksd->bkgts", grouped, keys,
-                      preferred_element_type=jnp.float32) * (d ** -0.5)
+  # Products in the input dtype, softmax in float32, as HF does (XLA:CPU has no
+  # bf16 x bf16 -> f32 dot, and GPUs accumulate bf16 dots in f32 anyway).
+  scores = jnp.einsum("btkgd,bksd->bkgts", grouped, keys).astype(jnp.float32) * (d ** -0.5)
   kpos = key_positions[:, :, None, None, :]
   visible = (kpos >= 0) & (kpos <= query_positions[:, None, None, :, None])
   probs = jax.nn.softmax(jnp.where(visible, scores, MASK_VALUE), axis=-1)
-  out = jnp.einsum("bkgts,bksd->btkgd", probs.astype(values.dtype), values,
-                   preferred_element_type=jnp.float32)
+  out = jnp.einsum("bkgts,bksd->btkgd", probs.astype(values.dtype), values)
   return out.reshape(b, t, h, d).astype(queries.dtype)

@@ -100,7 +100,7 @@ class Embed(nnx.Module):
     return jnp.take(self.embedding[...], tokens, axis=0)
 
   def attend(self, x):
-    return jnp.einsum("btd,vd->btv", x, self.embedding[...], preferred_element_type=jnp.float32)
+    return jnp.einsum("btd,vd->btv", x, self.embedding[...]).astype(jnp.float32)
 
 
 class Transformer(nnx.Module):
