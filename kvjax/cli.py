@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
-import json
-import os
-import pathlib
-import tempfile
+import sys
 
-from absl import flags
+from absl import app, flags
+
+from kvjax import fileio
+from kvjax.errors import KvjaxError
 
 FLAGS = flags.FLAGS
+
+
+def run(main) -> None:
+  """app.run, but bad input ends with one readable line and exit code 2, not a traceback."""
+  def guarded(argv):
+    try:
+      return main(argv)
+    except KvjaxError as e:
+      sys.stderr.write(f"error: {e}\n")
+      sys.exit(2)
+  app.run(guarded)
 
 
 def define_model_flags():
@@ -57,25 +68,15 @@ def method_from_flags():
 
 
 def run_config() -> dict:
-  """Every flag this program defined, for reproducibility in JSON outputs."""
-  main_module = FLAGS.find_module_defining_flag("model") or ""
-  names = [f.name for f in FLAGS.get_flags_for_module(main_module)] if main_module else []
-  names += [f.name for f in FLAGS.get_key_flags_for_module(__name__)]
-  return {name: FLAGS[name].value for name in sorted(set(names)) if name in FLAGS}
+  """Values of the flags kvjax's scripts define (theirs and these shared ones)."""
+  by_module = FLAGS.flags_by_module_dict()
+  modules = [m for m in (__name__, sys.argv[0]) if m in by_module]  # absl keys __main__ by argv[0]
+  return {f.name: f.value for m in modules for f in by_module[m]}
 
 
 def write_json(path, data) -> None:
   """Writes JSON atomically (temp file + rename): a crash never leaves half a file."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(data, f, indent=2, default=_jsonable)
-    os.replace(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
+  fileio.write_json_atomic(path, data, indent=2, default=_jsonable)
 
 
 def _jsonable(x):

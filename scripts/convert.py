@@ -3,9 +3,10 @@
   python scripts/convert.py --src=/path/to/hf_dir_or_file.gguf --dst=/abs/or/rel/out_dir
 """
 
-from absl import app, flags
+from absl import flags
 
 import kvjax
+from kvjax import cli
 from checkpoints_conversion import orbax_io
 
 FLAGS = flags.FLAGS
@@ -25,4 +26,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

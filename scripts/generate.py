@@ -6,7 +6,7 @@
 import json
 import sys
 
-from absl import app, flags
+from absl import flags
 
 import kvjax
 from kvjax import cli
@@ -57,4 +57,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

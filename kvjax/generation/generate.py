@@ -46,13 +46,6 @@ def _validate_sampling(max_new_tokens, temperature, top_p, seed, stop):
   return stops
 
 
-def _pad_id(model) -> int:
-  tok = model.tokenizer
-  if tok is not None and tok.pad_token_id is not None:
-    return tok.pad_token_id
-  return 0
-
-
 def check_context_length(model, total: int, what: str) -> None:
   limit = model.config.max_position_embeddings
   if total > limit:
@@ -129,11 +122,10 @@ def generate(model, prompts, questions=None, method=None, compression_ratio=None
     check_context_length(model, context_lengths[i] + question_lengths[i] + max_new_tokens,
                          f"prompt {i} ({context_lengths[i]} prompt + {question_lengths[i]} "
                          f"question tokens) with max_new_tokens={max_new_tokens}")
-  keep = methods_lib.validate_compression(method_obj, min(context_lengths), compression_ratio,
-                                          budget)
-  del keep  # Compression itself plugs in here once methods land.
+  # Returns the tokens to keep per layer; compression plugs in here once methods land.
+  methods_lib.validate_compression(method_obj, min(context_lengths), compression_ratio, budget)
 
-  pad = _pad_id(model)
+  pad = inputs.pad_id(model)
   prompt_tokens, prompt_mask = inputs.left_pad(batch.prompts, pad)
   question_tokens = question_mask = None
   if batch.questions:

@@ -81,6 +81,12 @@ def encode(model, prompts: list, questions: list | None, chat_template: bool | N
   return EncodedBatch(encoded_prompts, encoded_questions)
 
 
+def pad_id(model) -> int:
+  """Padding token (its value never matters: padded slots are masked by position)."""
+  tok = model.tokenizer
+  return tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
+
+
 def bucket(length: int) -> int:
   """Pads lengths to a few sizes so each new prompt length does not recompile."""
   if length <= 16:

@@ -45,8 +45,7 @@ def score(model, context, continuation, method=None, compression_ratio=None, bud
   methods_lib.validate_compression(method_obj, min(len(c) for c in ctx_ids), compression_ratio,
                                    budget)
 
-  pad = model.tokenizer.pad_token_id if model.tokenizer is not None else 0
-  pad = 0 if pad is None else pad
+  pad = inputs.pad_id(model)
   ctx_tokens, ctx_mask = inputs.left_pad(ctx_ids, pad)
   # The continuation is right-padded so position j of every row is its j-th token.
   width = inputs.bucket(max(len(c) for c in cont_ids))

@@ -34,6 +34,7 @@ from typing import Callable
 
 from absl import logging
 
+from kvjax import fileio
 from kvjax.errors import ChecksumError, DownloadError, KvjaxError, UnknownModelError
 
 _CHUNK = 1 << 20
@@ -264,15 +265,7 @@ def _read_json(path: pathlib.Path) -> dict | None:
 
 
 def _write_json_atomic(path: pathlib.Path, data: dict) -> None:
-  fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent)
-  try:
-    os.fchmod(fd, 0o644)  # mkstemp makes 0600; others sharing the cache must read it.
-    with os.fdopen(fd, "w") as f:
-      json.dump(data, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
+  fileio.write_json_atomic(path, data, indent=1, sort_keys=True)
 
 
 def _check_cached_file(asset: Asset, final: pathlib.Path) -> None:

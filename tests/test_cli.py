@@ -1,0 +1,46 @@
+"""scripts/generate.py end to end on a tiny checkpoint with SmolLM2's real tokenizer."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from checkpoints_conversion import orbax_io
+from tiny import tiny_model
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, smollm2_gguf):
+  from kvjax.loading.tokenizer import Tokenizer
+  model = tiny_model(tokenizer=Tokenizer.from_gguf(smollm2_gguf), vocab_size=49152)
+  return orbax_io.save(model, tmp_path_factory.mktemp("cli") / "tiny")
+
+
+def _generate(*flags):
+  return subprocess.run([sys.executable, str(ROOT / "scripts/generate.py"), *flags],
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_generate_writes_json(checkpoint, tmp_path):
+  out = tmp_path / "result.json"
+  run = _generate(f"--model={checkpoint}", "--prompt=Hello there", "--prompt=Second prompt",
+                  "--max_new_tokens=5", "--chat_template=off", f"--json_out={out}")
+  assert run.returncode == 0, run.stderr[-2000:]
+  data = json.loads(out.read_text())
+  assert set(data) == {"texts", "token_ids", "stats", "method", "config"}
+  assert len(data["texts"]) == 2 and all(len(t) == 5 for t in data["token_ids"])
+  assert data["method"] == "full"
+  assert data["config"]["max_new_tokens"] == 5 and data["config"]["model"] == str(checkpoint)
+  assert data["stats"]["cache_bytes"] > 0 and data["stats"]["generated_tokens"] == [5, 5]
+  assert "[kvjax] cache" in run.stdout
+
+
+def test_generate_bad_flag_value_is_one_line_error(checkpoint):
+  run = _generate(f"--model={checkpoint}", "--prompt=x", "--method=nonexistent")
+  assert run.returncode == 2
+  assert "error: unknown method 'nonexistent'" in run.stderr
+  assert "Traceback" not in run.stderr
