@@ -1,0 +1,21 @@
+"""The notebooks run as written: their code cells are executed in order on CPU."""
+
+import json
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run_notebook(path: pathlib.Path) -> dict:
+  namespace: dict = {}
+  for cell in json.loads(path.read_text())["cells"]:
+    if cell["cell_type"] == "code":
+      exec(compile("".join(cell["source"]), f"{path.name}", "exec"), namespace)  # noqa: S102
+  return namespace
+
+
+def test_quickstart_notebook(smollm2):
+  namespace = _run_notebook(ROOT / "notebooks/quickstart.ipynb")
+  assert "Paris" in namespace["result"].texts[0]
+  assert len(namespace["batch"].texts) == 2
+  assert namespace["logprobs"].shape[0] >= 2 and (namespace["logprobs"] < 0).all()
