@@ -3,7 +3,8 @@
 Used by scripts/benchmark.py and callable the same way from a notebook:
 
     from kvjax import benchmarking
-    model = kvjax.model.random_params(benchmarking.named_shape("llama-3.1-8b"))
+    from kvjax.model import random_params
+    model = random_params(benchmarking.named_shape("llama-3.1-8b"))
     row = benchmarking.measure(model, context_length=2048, batch_size=1)
     copy_gbps = benchmarking.measure_copy_bandwidth()
 
@@ -239,7 +240,7 @@ def _peak_bytes_in_use() -> int | None:
   return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
 
-def measure_copy_bandwidth(nbytes: int = 256 << 20, iterations: int = 5,
+def measure_copy_bandwidth(nbytes: int = 256 << 20, iterations: int = 10,
                            repeats: int = 3) -> float:
   """Achievable memory bandwidth in GB/s: the best time of `x + 1` over an nbytes float32 array.
 
@@ -248,7 +249,9 @@ def measure_copy_bandwidth(nbytes: int = 256 << 20, iterations: int = 5,
   nbytes = _check_count(nbytes, "nbytes", minimum=4)
   iterations = _check_count(iterations, "iterations")
   repeats = _check_count(repeats, "repeats")
-  add_one = jax.jit(lambda x: x + 1)
+  # Donated, so the add runs in place: a fresh output buffer per call would time the
+  # allocator (page faults on CPU, about 10x slower there) instead of memory.
+  add_one = jax.jit(lambda x: x + 1, donate_argnums=0)
   x = _block(jnp.zeros((nbytes // 4,), jnp.float32))
   moved = 2 * x.nbytes
   x = _block(add_one(x))  # compile and touch the memory once
@@ -268,6 +271,27 @@ def device_info() -> dict:
           "device_count": jax.device_count()}
 
 
+def check_plan(config: ModelConfig, context_lengths: Sequence[int],
+               batch_sizes: Sequence[int], decode_steps: int,
+               hbm_bandwidth_gbps: float | None = None, method=None, compression_ratio=None,
+               budget=None):
+  """Validates a whole run() before anything is allocated or timed; returns the method."""
+  if not context_lengths or not batch_sizes:
+    raise BenchmarkError(f"context_lengths={list(context_lengths)} and batch_sizes="
+                         f"{list(batch_sizes)} must each name at least one size")
+  if hbm_bandwidth_gbps is not None and (isinstance(hbm_bandwidth_gbps, bool) or not (
+      isinstance(hbm_bandwidth_gbps, numbers.Real) and hbm_bandwidth_gbps > 0)):
+    raise BenchmarkError(f"hbm_bandwidth_gbps={hbm_bandwidth_gbps!r} must be a positive "
+                         f"number (GB/s)")
+  for c in context_lengths:
+    for b in batch_sizes:
+      check_lengths(config, c, b, decode_steps)
+  method_obj = methods_lib.get(method)
+  for c in context_lengths:
+    methods_lib.validate_compression(method_obj, c, compression_ratio, budget)
+  return method_obj
+
+
 def run(model, context_lengths: Sequence[int], batch_sizes: Sequence[int],
         decode_steps: int = 32, repeats: int = 3, warmup: int = 2,
         hbm_bandwidth_gbps: float | None = None, copy_bandwidth_bytes: int = 256 << 20,
@@ -280,22 +304,8 @@ def run(model, context_lengths: Sequence[int], batch_sizes: Sequence[int],
   copy_fraction is always against the measured copy bandwidth.
   log: optional callable(str) for progress lines.
   """
-  context_lengths = [_check_count(c, "context_length") for c in context_lengths]
-  batch_sizes = [_check_count(b, "batch_size") for b in batch_sizes]
-  if not context_lengths or not batch_sizes:
-    raise BenchmarkError(f"context_lengths={context_lengths} and batch_sizes={batch_sizes} "
-                         f"must each name at least one size")
-  if hbm_bandwidth_gbps is not None and not (isinstance(hbm_bandwidth_gbps, numbers.Real)
-                                             and hbm_bandwidth_gbps > 0):
-    raise BenchmarkError(f"hbm_bandwidth_gbps={hbm_bandwidth_gbps!r} must be a positive "
-                         f"number (GB/s)")
-  # Check everything before the first (possibly long) measurement.
-  for c in context_lengths:
-    for b in batch_sizes:
-      check_lengths(model.config, c, b, decode_steps)
-  method_obj = methods_lib.get(method)
-  for c in context_lengths:
-    methods_lib.validate_compression(method_obj, c, compression_ratio, budget)
+  method_obj = check_plan(model.config, context_lengths, batch_sizes, decode_steps,
+                          hbm_bandwidth_gbps, method, compression_ratio, budget)
   # Compression methods plug in here once they land; today every row uses the full cache.
 
   copy_gbps = measure_copy_bandwidth(copy_bandwidth_bytes)

@@ -7,7 +7,7 @@ import sys
 from absl import app, flags
 
 from kvjax import fileio
-from kvjax.errors import KvjaxError
+from kvjax.errors import GenerationError, KvjaxError
 
 FLAGS = flags.FLAGS
 
@@ -62,7 +62,7 @@ def method_from_flags():
   for item in FLAGS.method_arg or []:
     name, sep, value = item.partition("=")
     if not sep or not name:
-      raise flags.ValidationError(f"--method_arg={item!r} must look like name=value")
+      raise GenerationError(f"--method_arg={item!r} must look like name=value")
     hyperparameters[name.strip()] = parse_value(value)
   return kvjax.methods.get(FLAGS.method, **hyperparameters)
 

@@ -7,9 +7,8 @@
 --shape benchmarks random weights at a real model's shapes (or a JSON ModelConfig file).
 """
 
-from absl import app, flags
+from absl import flags
 
-import kvjax
 from kvjax import benchmarking, cli
 from kvjax.model import random_params
 
@@ -34,32 +33,29 @@ flags.DEFINE_string("json_out", None, "Write {device, jax_version, model, method
 
 def main(argv):
   del argv
-  try:
-    if FLAGS.shape is not None:
-      if FLAGS["model"].present:
-        raise benchmarking.BenchmarkError(
-            f"give --model={FLAGS.model!r} or --shape={FLAGS.shape!r}, not both")
-      model = random_params(benchmarking.named_shape(FLAGS.shape, FLAGS.dtype), FLAGS.seed)
-      source = f"shape:{FLAGS.shape}"
-    else:
-      model, source = cli.load_model(), FLAGS.model
-    report = benchmarking.run(
-        model, benchmarking.parse_sizes(FLAGS.context_lengths, "--context_lengths"),
-        benchmarking.parse_sizes(FLAGS.batch_sizes, "--batch_sizes"),
-        decode_steps=FLAGS.decode_steps, repeats=FLAGS.repeats, warmup=FLAGS.warmup,
-        hbm_bandwidth_gbps=FLAGS.hbm_bandwidth_gbps,
-        copy_bandwidth_bytes=FLAGS.copy_bandwidth_mib << 20, method=cli.method_from_flags(),
-        compression_ratio=FLAGS.compression_ratio, budget=FLAGS.budget, seed=FLAGS.seed,
-        source=source, log=lambda line: print(f"[kvjax] {line}", flush=True))
-  except (kvjax.KvjaxError, flags.ValidationError) as e:
-    raise app.UsageError(str(e)) from e
+  method = cli.method_from_flags()
+  context_lengths = benchmarking.parse_sizes(FLAGS.context_lengths, "--context_lengths")
+  batch_sizes = benchmarking.parse_sizes(FLAGS.batch_sizes, "--batch_sizes")
+  plan = dict(decode_steps=FLAGS.decode_steps, hbm_bandwidth_gbps=FLAGS.hbm_bandwidth_gbps,
+              method=method, compression_ratio=FLAGS.compression_ratio, budget=FLAGS.budget)
+  if FLAGS.shape is not None:
+    if FLAGS["model"].present:
+      raise benchmarking.BenchmarkError(
+          f"give --model={FLAGS.model!r} or --shape={FLAGS.shape!r}, not both")
+    config = benchmarking.named_shape(FLAGS.shape, FLAGS.dtype)
+    # Fail before allocating (an 8B model's random weights take minutes on a CPU).
+    benchmarking.check_plan(config, context_lengths, batch_sizes, **plan)
+    model, source = random_params(config, FLAGS.seed), f"shape:{FLAGS.shape}"
+  else:
+    model, source = cli.load_model(), FLAGS.model
+  report = benchmarking.run(
+      model, context_lengths, batch_sizes, repeats=FLAGS.repeats, warmup=FLAGS.warmup,
+      copy_bandwidth_bytes=FLAGS.copy_bandwidth_mib << 20, seed=FLAGS.seed, source=source,
+      log=lambda line: print(f"[kvjax] {line}", flush=True), **plan)
   print(benchmarking.format_table(report))
   if FLAGS.json_out:
-    # cli.run_config() sees only the shared flags; add this script's own.
-    config = {**cli.run_config(),
-              **{f.name: f.value for f in FLAGS.get_flags_for_module("__main__")}}
-    cli.write_json(FLAGS.json_out, {**report, "config": dict(sorted(config.items()))})
+    cli.write_json(FLAGS.json_out, {**report, "config": cli.run_config()})
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)
