@@ -50,7 +50,7 @@ def test_logits_match_transformers_gguf_loader(smollm2, hf_logprobs):
   got = logits - logits.max(-1, keepdims=True)
   got = got - np.log(np.exp(got).sum(-1, keepdims=True))
   np.testing.assert_array_equal(got.argmax(-1), expected.argmax(-1))
-  assert np.abs(got - expected).max() < 2e-3
+  assert np.abs(got - expected).max() < 1e-3  # measured 1.1e-4 over 120 tokens
 
 
 def test_score_matches_transformers(smollm2, hf_logprobs):
