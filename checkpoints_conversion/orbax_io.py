@@ -14,7 +14,6 @@ import pathlib
 import shutil
 import tempfile
 
-import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -91,5 +90,4 @@ def load(directory, *, dtype: str | None = None):
     raise CheckpointError(f"cannot restore parameters from {directory / PARAMS_DIR}: "
                           f"{type(e).__name__}: {e}") from None
   tokenizer = (Tokenizer.load(directory) if (directory / "tokenizer.json").is_file() else None)
-  flat = jax.tree_util.tree_map(lambda x: x, flat)
   return from_flat_params(config, flat, tokenizer=tokenizer, source=str(directory))
