@@ -64,3 +64,17 @@ def test_convert_script_hf_to_orbax(tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
   assert "wrote" in out.stdout
   _assert_same_params(kvjax.load(hf_dir), kvjax.load(dst))
+
+
+def test_conversion_layout_matches_the_model_parameters():
+  """The converters' canonical names/shapes are exactly what the NNX model declares."""
+  from flax import nnx
+  from checkpoints_conversion.layout import expected_shapes
+  from kvjax.model import abstract_params
+  from kvjax.model.model import _flatten
+  for overrides in ({}, dict(architecture="qwen2", qkv_bias=True, tie_embeddings=False),
+                    dict(tie_embeddings=True)):
+    config = tiny_model(**overrides).config
+    _, state = abstract_params(config)
+    declared = {n: tuple(x.shape) for n, x in _flatten(nnx.to_pure_dict(state)).items()}
+    assert declared == expected_shapes(config)

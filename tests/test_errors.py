@@ -45,18 +45,19 @@ def checkpoint(tmp_path, model):
   return orbax_io.save(model, tmp_path / "ckpt")
 
 
+def _edit_config(checkpoint, **changes):
+  path = checkpoint / orbax_io.CONFIG_FILE
+  path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
 def test_checkpoint_config_mismatch_names_tensor_and_shapes(checkpoint):
-  config = json.loads((checkpoint / orbax_io.CONFIG_FILE).read_text())
-  config["intermediate_size"] = 96
-  (checkpoint / orbax_io.CONFIG_FILE).write_text(json.dumps(config))
+  _edit_config(checkpoint, intermediate_size=96)
   with pytest.raises(kvjax.CheckpointError, match=r"mlp\.down\.kernel.*\(128, 64\).*\(96, 64\)"):
     kvjax.load(checkpoint)
 
 
 def test_checkpoint_with_missing_layer(checkpoint):
-  config = json.loads((checkpoint / orbax_io.CONFIG_FILE).read_text())
-  config["num_layers"] = 3
-  (checkpoint / orbax_io.CONFIG_FILE).write_text(json.dumps(config))
+  _edit_config(checkpoint, num_layers=3)
   with pytest.raises(kvjax.CheckpointError, match=r"missing tensors \['layers\.2\."):
     kvjax.load(checkpoint)
 
@@ -70,9 +71,7 @@ def test_corrupt_checkpoint_files(checkpoint):
 
 
 def test_unknown_config_field(checkpoint):
-  config = json.loads((checkpoint / orbax_io.CONFIG_FILE).read_text())
-  config["sliding_window"] = 4
-  (checkpoint / orbax_io.CONFIG_FILE).write_text(json.dumps(config))
+  _edit_config(checkpoint, sliding_window=4)
   with pytest.raises(kvjax.ConfigError, match="sliding_window"):
     kvjax.load(checkpoint)
 

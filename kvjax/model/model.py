@@ -48,12 +48,6 @@ def _flatten(tree, prefix=()) -> dict[str, Any]:
   return flat
 
 
-def expected_param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-  """Canonical flat parameter names (e.g. 'layers.3.attn.q.kernel') and their shapes."""
-  _, state = abstract_params(config)
-  return {name: tuple(x.shape) for name, x in _flatten(nnx.to_pure_dict(state)).items()}
-
-
 def from_flat_params(config: ModelConfig, flat: Mapping[str, Any], tokenizer=None,
                      source: str = "checkpoint") -> Model:
   """Builds a Model from canonical flat names -> arrays, validating names and shapes."""
