@@ -27,3 +27,7 @@ class ConfigError(KvjaxError):
 
 class GenerationError(KvjaxError):
   """Invalid arguments to generate/score (sampling, lengths, methods)."""
+
+
+class MethodError(GenerationError):
+  """A compression method's name, hyperparameters or budget are invalid."""

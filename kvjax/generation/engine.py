@@ -7,27 +7,38 @@ decode times, and the per-shape executables are reused across calls.
 from __future__ import annotations
 
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
 
+from kvjax.cache import kv_cache
 from kvjax.generation import sampling
 from kvjax.model import transformer
 
 
-def _prefill(params, tokens, token_mask, cache, *, graphdef, logits):
-  return transformer.forward(graphdef, params, tokens, token_mask, cache, logits)
+def _prefill(params, tokens, token_mask, cache, *, graphdef, logits, plan):
+  return transformer.forward(graphdef, params, tokens, token_mask, cache, logits, plan)
 
 
-def _decode(params, tokens, cache, key, temperature, top_p, *, graphdef, greedy):
+def _decode(params, tokens, cache, key, temperature, top_p, *, graphdef, greedy, plan):
   logits, cache = transformer.forward(graphdef, params, tokens[:, None],
-                                      jnp.ones((tokens.shape[0], 1), bool), cache, "last")
+                                      jnp.ones((tokens.shape[0], 1), bool), cache, "last", plan)
   next_tokens = sampling.sample(logits, key, temperature, top_p, greedy)
   return next_tokens, logits, cache
 
 
-_prefill_jit = jax.jit(_prefill, static_argnames=("graphdef", "logits"), donate_argnames=("cache",))
-_decode_jit = jax.jit(_decode, static_argnames=("graphdef", "greedy"), donate_argnames=("cache",))
+_prefill_jit = jax.jit(_prefill, static_argnames=("graphdef", "logits", "plan"),
+                      donate_argnames=("cache",))
+_decode_jit = jax.jit(_decode, static_argnames=("graphdef", "greedy", "plan"),
+                     donate_argnames=("cache",))
+
+
+def _grow(cache, room):
+  return cache.replace(layers=tuple(kv_cache.append_room(layer, room) for layer in cache.layers))
+
+
+_grow_jit = jax.jit(_grow, static_argnames=("room",), donate_argnames=("cache",))
 
 
 def _signature(tree):
@@ -43,23 +54,33 @@ class CompiledSteps:
     self.compile_seconds = 0.0
 
   def _get(self, name, jitted, static, args):
-    key = (name, tuple(sorted(static.items())), _signature(args))
+    key = (name, tuple(sorted(static.items(), key=lambda kv: kv[0])), _signature(args))
     if key not in self._executables:
       start = time.perf_counter()
       self._executables[key] = jitted.lower(*args, **static).compile()
       self.compile_seconds += time.perf_counter() - start
     return self._executables[key]
 
-  def prefill(self, model, tokens, token_mask, cache, logits="last"):
+  def prefill(self, model, tokens, token_mask, cache, logits="last", plan=None):
     args = (model.params, tokens, token_mask, cache)
-    return self._get("prefill", _prefill_jit, dict(graphdef=model.graphdef, logits=logits),
-                     args)(*args)
+    return self._get("prefill", _prefill_jit,
+                     dict(graphdef=model.graphdef, logits=logits, plan=plan), args)(*args)
 
-  def decode(self, model, tokens, cache, key, temperature, top_p, greedy):
+  def decode(self, model, tokens, cache, key, temperature, top_p, greedy, plan=None):
     args = (model.params, tokens, cache, key, jnp.float32(temperature), jnp.float32(top_p))
-    return self._get("decode", _decode_jit, dict(graphdef=model.graphdef, greedy=greedy),
-                     args)(*args)
+    return self._get("decode", _decode_jit, dict(graphdef=model.graphdef, greedy=greedy,
+                                                 plan=plan), args)(*args)
 
+  def grow(self, cache, room: int):
+    """The cache with `room` more empty slots per head (for question and generated tokens)."""
+    if room == 0:
+      return cache
+    return self._get("grow", _grow_jit, dict(room=room), (cache,))(cache)
+
+
+# Compression changes the cache's shapes, so its donated input buffers cannot always be reused
+# in place; that is expected, not worth a warning on every compile.
+warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 
 # One process-wide cache of executables; keys include the model's graph definition.
 STEPS = CompiledSteps()

@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import methods as methods_lib
-from kvjax.cache import cache_nbytes, full_cache_nbytes, init_cache
+from kvjax.cache import cache_nbytes, full_cache_nbytes
 from kvjax.errors import GenerationError
-from kvjax.generation import engine, inputs, sampling
+from kvjax.generation import context, engine, inputs, sampling
 
 
 @dataclasses.dataclass
@@ -92,12 +92,18 @@ def generate(model, prompts, questions=None, method=None, compression_ratio=None
              seed: int = 0, stop: str | Sequence[str] | None = None,
              stream: Callable[[int, str], None] | None = None,
              chat_template: bool | None = None, eos_token_ids: Sequence[int] | None = None,
-             ) -> GenerationResult:
+             prefill_chunk_size: int | None = None) -> GenerationResult:
   """Generates continuations of a prompt or a batch of prompts.
 
   prompts: str, list[str], or token ids (list[int] / list[list[int]]).
   questions: optional, one per prompt (or several for a single prompt): appended after the
-    prompt's cache is built (and, with a compression method, compressed) and never compressed.
+    prompt's cache is built and compressed, and never compressed (query-agnostic mode). A
+    single prompt with several questions is prefilled and compressed once, then its cache
+    is shared by every question.
+  method / compression_ratio / budget: a registry name or method object; the fraction of
+    the prompt cache removed, or the tokens kept per layer (per KV head).
+  prefill_chunk_size: prefill the prompt in chunks of this many tokens, compressing after
+    each chunk, so the cache never holds more than budget + chunk tokens.
   stream: called as stream(row_index, new_text) as text becomes final.
   chat_template: apply the tokenizer's chat template (default: when the model has one).
   """
@@ -105,12 +111,15 @@ def generate(model, prompts, questions=None, method=None, compression_ratio=None
   if stream is not None and not callable(stream):
     raise GenerationError(f"stream={stream!r} must be callable as stream(row, text)")
   method_obj = methods_lib.get(method)
+  context.check_chunk_size(prefill_chunk_size, method_obj)
   prompt_list, _ = inputs.as_batch(prompts, "prompts")
   question_list = None
+  shared_context = False
   if questions is not None:
-    question_list, single_q = inputs.as_batch(questions, "questions")
+    question_list, _ = inputs.as_batch(questions, "questions")
     if len(prompt_list) == 1 and len(question_list) > 1:
-      prompt_list = prompt_list * len(question_list)  # several questions over one context
+      prompt_list = prompt_list * len(question_list)  # encoded per question, prefilled once
+      shared_context = True
     if len(question_list) != len(prompt_list):
       raise GenerationError(f"got {len(question_list)} questions for {len(prompt_list)} "
                             f"prompts; give one question per prompt")
@@ -122,27 +131,34 @@ def generate(model, prompts, questions=None, method=None, compression_ratio=None
     check_context_length(model, context_lengths[i] + question_lengths[i] + max_new_tokens,
                          f"prompt {i} ({context_lengths[i]} prompt + {question_lengths[i]} "
                          f"question tokens) with max_new_tokens={max_new_tokens}")
-  # Returns the tokens to keep per layer; compression plugs in here once methods land.
-  methods_lib.validate_compression(method_obj, min(context_lengths), compression_ratio, budget)
+  keep = methods_lib.validate_compression(method_obj, context_lengths, compression_ratio,
+                                          budget)
 
   pad = inputs.pad_id(model)
-  prompt_tokens, prompt_mask = inputs.left_pad(batch.prompts, pad)
+  context_rows = batch.prompts[:1] if shared_context else batch.prompts
+  width = inputs.bucket(max(context_lengths))
+  if prefill_chunk_size is not None:
+    width = -(-width // prefill_chunk_size) * prefill_chunk_size
+  prompt_tokens, prompt_mask = inputs.left_pad(context_rows, pad, width)
   question_tokens = question_mask = None
   if batch.questions:
     question_tokens, question_mask = inputs.left_pad(batch.questions, pad)
-  chunk_total = prompt_tokens.shape[1] + (0 if question_tokens is None
-                                          else question_tokens.shape[1])
-  capacity = -(-(chunk_total + max_new_tokens) // 64) * 64
+  question_width = 0 if question_tokens is None else question_tokens.shape[1]
+  # Decode-time methods stay at their budget while generating, so they need no room for it.
+  generated_room = 0 if (keep is not None and method_obj.decode_time) else max_new_tokens
+  room = -(-(question_width + generated_room) // 16) * 16
   steps = engine.STEPS
   compile_at_start = compile_before = steps.compile_seconds
 
-  cache = init_cache(model.config, rows, capacity)
   start = time.perf_counter()
-  logits, cache = steps.prefill(model, jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask),
-                                cache)
+  prefilled = context.prefill(model, prompt_tokens, prompt_mask, method_obj, keep, room,
+                              prefill_chunk_size, steps)
+  logits, cache, plan = prefilled.logits, prefilled.cache, prefilled.decode_plan
+  if shared_context:
+    cache = context.tile_rows(cache, rows)
   if question_tokens is not None:
     logits, cache = steps.prefill(model, jnp.asarray(question_tokens),
-                                  jnp.asarray(question_mask), cache)
+                                  jnp.asarray(question_mask), cache, plan=plan)
   greedy = temperature == 0
   key = jax.random.key(seed)
   next_tokens = _sample_jit(logits, jax.random.fold_in(key, 0), jnp.float32(temperature or 1),
@@ -177,7 +193,7 @@ def generate(model, prompts, questions=None, method=None, compression_ratio=None
     step_start = time.perf_counter()
     next_tokens, _, cache = steps.decode(model, next_tokens, cache,
                                          jax.random.fold_in(key, decode_steps + 1),
-                                         temperature or 1.0, top_p, greedy)
+                                         temperature or 1.0, top_p, greedy, plan)
     next_host = np.asarray(next_tokens)
     decode_seconds += (time.perf_counter() - step_start
                        - (steps.compile_seconds - compile_before))
@@ -194,17 +210,25 @@ def generate(model, prompts, questions=None, method=None, compression_ratio=None
       texts.append(model.tokenizer.decode(generated[r]))
     else:
       texts.append("")
+  context_rows_count = len(context_rows)
   stats = {
-      "method": method_obj.name,
+      "method": method_obj.label,
       "compression_ratio": compression_ratio,
       "budget": budget,
+      "kept_tokens_per_layer": list(prefilled.budgets) if prefilled.budgets else None,
       "batch_size": rows,
       "prompt_tokens": context_lengths,
       "question_tokens": question_lengths,
       "generated_tokens": [len(g) for g in generated],
-      "cache_capacity_tokens": capacity,
+      "prefill_chunk_size": prefill_chunk_size,
+      "room_tokens": room,
+      # Measured from the cache's arrays: the compressed context alone, and the whole cache
+      # after prefill (question and room for generated tokens included).
+      "context_cache_bytes": prefilled.context_cache_bytes,
+      "full_context_cache_bytes": full_cache_nbytes(model.config, context_rows_count,
+                                                    max(context_lengths)),
       "cache_bytes": measured_cache_bytes,
-      "full_cache_bytes": full_cache_nbytes(model.config, rows, capacity),
+      "full_cache_bytes": full_cache_nbytes(model.config, rows, max(context_lengths) + room),
       "prefill_seconds": prefill_seconds,
       "prefill_tokens_per_second": sum(context_lengths + question_lengths) / prefill_seconds,
       "decode_steps": decode_steps,

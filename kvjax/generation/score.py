@@ -7,9 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import methods as methods_lib
-from kvjax.cache import init_cache
 from kvjax.errors import GenerationError
-from kvjax.generation import engine, inputs
+from kvjax.generation import context, engine, inputs
 from kvjax.generation.generate import check_context_length
 
 
@@ -28,8 +27,8 @@ def _tokens(model, item, add_special: bool, what: str) -> list[int]:
 def score(model, context, continuation, method=None, compression_ratio=None, budget=None):
   """Per-token log-probs of `continuation` given `context`.
 
-  The context is prefilled first (the cache a compression method would compress), then the
-  continuation is prefilled on top of it, exactly as generation would read it. Returns a
+  The context is prefilled and compressed first, then the continuation is prefilled on top
+  of the compressed cache (uncompressed, as a question or generated text would be). Returns a
   float32 array [len(continuation tokens)] for single inputs, or a list of them for a batch.
   """
   method_obj = methods_lib.get(method)
@@ -42,8 +41,8 @@ def score(model, context, continuation, method=None, compression_ratio=None, bud
   cont_ids = [_tokens(model, c, False, f"continuation[{i}]") for i, c in enumerate(continuations)]
   for i, (a, b) in enumerate(zip(ctx_ids, cont_ids)):
     check_context_length(model, len(a) + len(b), f"context {i} + continuation")
-  methods_lib.validate_compression(method_obj, min(len(c) for c in ctx_ids), compression_ratio,
-                                   budget)
+  keep = methods_lib.validate_compression(method_obj, [len(c) for c in ctx_ids],
+                                          compression_ratio, budget)
 
   pad = inputs.pad_id(model)
   ctx_tokens, ctx_mask = inputs.left_pad(ctx_ids, pad)
@@ -54,12 +53,11 @@ def score(model, context, continuation, method=None, compression_ratio=None, bud
   for i, row in enumerate(cont_ids):
     cont_tokens[i, :len(row)] = row
     cont_mask[i, :len(row)] = True
-  capacity = -(-(ctx_tokens.shape[1] + width) // 64) * 64
-  cache = init_cache(model.config, len(ctx_ids), capacity)
-  last_logits, cache = engine.STEPS.prefill(model, jnp.asarray(ctx_tokens), jnp.asarray(ctx_mask),
-                                            cache, logits="last")
+  prefilled = context.prefill(model, ctx_tokens, ctx_mask, method_obj, keep, room=width)
+  last_logits = prefilled.logits
   cont_logits, _ = engine.STEPS.prefill(model, jnp.asarray(cont_tokens), jnp.asarray(cont_mask),
-                                        cache, logits="all")
+                                        prefilled.cache, logits="all",
+                                        plan=prefilled.decode_plan)
   # Logits predicting continuation token j: the context's last for j = 0, else position j - 1.
   predicting = jnp.concatenate([last_logits[:, None], cont_logits[:, :-1]], axis=1)
   logprobs = jax.nn.log_softmax(predicting.astype(jnp.float32), axis=-1)

@@ -1,7 +1,9 @@
-"""KV-cache compression methods: registry and argument validation.
+"""KV-cache compression methods: registry, method objects and argument validation.
 
-A method is a frozen dataclass of hyperparameters (hashable, so static under jit). Only the
-uncompressed baseline exists so far; compression methods register here as they land.
+A method is a frozen dataclass of hyperparameters (hashable, so static under jit) plus pure
+scoring hooks (see `base.Method`). Names here are what `generate(method=...)` and the
+command line's --method accept; objects can be built directly for composition, e.g.
+`AdaKV(press=ExpectedAttention())` or `SinksWindow(press=Knorm(), sinks=4, window=64)`.
 """
 
 from __future__ import annotations
@@ -11,14 +13,13 @@ import math
 import numbers
 from typing import ClassVar
 
-from kvjax.errors import GenerationError
-
-
-@dataclasses.dataclass(frozen=True)
-class Method:
-  """Base of all methods. `compresses` is False only for the full-cache baseline."""
-  name: ClassVar[str] = ""
-  compresses: ClassVar[bool] = True
+from kvjax.errors import MethodError
+from kvjax.methods.accumulated import H2O, TOVA, Scissorhands
+from kvjax.methods.base import LayerInputs, Method
+from kvjax.methods.key_statistics import ExpectedAttention, Knorm
+from kvjax.methods.positional import StreamingLLM
+from kvjax.methods.window import PyramidKV, SnapKV
+from kvjax.methods.wrappers import AdaKV, PerLayer, SinksWindow
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +29,13 @@ class Full(Method):
   compresses: ClassVar[bool] = False
 
 
-_REGISTRY: dict[str, type[Method]] = {"full": Full}
+_REGISTRY: dict[str, type[Method]] = {
+    cls.name: cls for cls in (Full, StreamingLLM, H2O, TOVA, Knorm, SnapKV, PyramidKV, AdaKV,
+                              ExpectedAttention, Scissorhands, SinksWindow, PerLayer)}
+
+__all__ = ["AdaKV", "ExpectedAttention", "Full", "H2O", "Knorm", "LayerInputs", "Method",
+           "PerLayer", "PyramidKV", "Scissorhands", "SinksWindow", "SnapKV", "StreamingLLM",
+           "TOVA", "available", "get", "validate_compression"]
 
 
 def available() -> list[str]:
@@ -42,49 +49,66 @@ def get(method=None, **hyperparameters) -> Method:
     method = "full"
   if isinstance(method, Method):
     if hyperparameters:
-      raise GenerationError(f"hyperparameters {sorted(hyperparameters)} given together with "
-                            f"a method object {method!r}; set them on the object instead")
+      raise MethodError(f"hyperparameters {sorted(hyperparameters)} given together with "
+                        f"a method object {method!r}; set them on the object instead")
     return method
   if not isinstance(method, str) or method.lower() not in _REGISTRY:
-    raise GenerationError(f"unknown method {method!r}; available: {available()}")
+    raise MethodError(f"unknown method {method!r}; available: {available()}")
   cls = _REGISTRY[method.lower()]
   allowed = sorted(f.name for f in dataclasses.fields(cls))
   unknown = sorted(set(hyperparameters) - set(allowed))
   if unknown:
-    raise GenerationError(f"method {cls.name!r} has no hyperparameters {unknown}; "
-                          f"allowed: {allowed}")
-  return cls(**hyperparameters)
+    raise MethodError(f"method {cls.name!r} has no hyperparameters {unknown}; "
+                      f"allowed: {allowed}")
+  try:
+    return cls(**hyperparameters)
+  except TypeError as e:  # e.g. a value of the wrong type for a field
+    raise MethodError(f"method {cls.name!r}: {e}") from None
 
 
-def validate_compression(method: Method, context_length: int, compression_ratio=None,
+def validate_compression(method: Method, context_lengths, compression_ratio=None,
                          budget=None) -> int | None:
-  """Checks compression_ratio/budget against the method and the context.
+  """Checks compression_ratio/budget against the method and the contexts of a batch.
 
-  Returns the number of context tokens to keep per layer (None = keep all).
+  Returns the number of context tokens to keep per layer and KV head (None = keep all). A
+  ratio applies to the longest context (the cache's size); a budget must fit the shortest.
   """
+  lengths = [context_lengths] if isinstance(context_lengths, numbers.Integral) else list(
+      context_lengths)
+  context_length = min(lengths)
   if compression_ratio is not None and budget is not None:
-    raise GenerationError(f"give compression_ratio ({compression_ratio}) or budget ({budget}), "
-                          f"not both")
+    raise MethodError(f"give compression_ratio ({compression_ratio}) or budget ({budget}), "
+                      f"not both")
   if compression_ratio is not None:
     if (isinstance(compression_ratio, bool) or not isinstance(compression_ratio, numbers.Real)
         or not math.isfinite(compression_ratio) or not 0 <= compression_ratio < 1):
-      raise GenerationError(f"compression_ratio={compression_ratio!r} must be a number in "
-                            f"[0, 1): the fraction of the prompt cache removed")
+      raise MethodError(f"compression_ratio={compression_ratio!r} must be a number in "
+                        f"[0, 1): the fraction of the prompt cache removed")
   if budget is not None:
     if isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or budget < 1:
-      raise GenerationError(f"budget={budget!r} must be a positive integer (tokens kept per "
-                            f"layer)")
+      raise MethodError(f"budget={budget!r} must be a positive integer (tokens kept per "
+                        f"layer and KV head)")
     if budget > context_length:
-      raise GenerationError(f"budget={budget} is larger than the context ({context_length} "
-                            f"tokens); allowed: 1..{context_length}")
+      raise MethodError(f"budget={budget} is larger than the context ({context_length} "
+                        f"tokens); allowed: 1..{context_length}")
   compressing = bool(compression_ratio) or budget is not None
   if compressing and not method.compresses:
-    raise GenerationError(
+    raise MethodError(
         f"method {method.name!r} keeps the whole cache, so compression_ratio="
         f"{compression_ratio} / budget={budget} cannot apply; choose a compression method "
-        f"from {[m for m in available() if _REGISTRY[m].compresses] or 'those still to land'}")
+        f"from {[m for m in available() if _REGISTRY[m].compresses]}")
+  if method.compresses and compression_ratio is None and budget is None:
+    raise MethodError(f"method {method.label!r} needs compression_ratio (in [0, 1)) or "
+                      f"budget (tokens kept per layer and KV head)")
   if budget is not None:
-    return int(budget)
-  if compression_ratio:
-    return max(1, round(context_length * (1 - compression_ratio)))
-  return None
+    keep = int(budget)
+  elif compression_ratio is not None and method.compresses:
+    keep = max(1, round(max(lengths) * (1 - compression_ratio)))
+  else:
+    return None
+  protected = method.protected_tokens(keep)
+  if protected >= keep:
+    raise MethodError(f"method {method.label!r} always keeps {protected} tokens (sinks and "
+                      f"recent window) but the budget is {keep} tokens per layer; raise the "
+                      f"budget above {protected} or shrink the method's window")
+  return keep

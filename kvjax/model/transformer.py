@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kvjax.cache import kv_cache
+from kvjax.cache import compress, kv_cache
 from kvjax.config import ModelConfig
+from kvjax.methods import base as methods_base
 from kvjax.model import attention, rope
 
 _init = nnx.initializers.normal(0.02)
@@ -46,6 +47,7 @@ class RMSNorm(nnx.Module):
 class Attention(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+    self.config = cfg
     d, h, k, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     bias = lambda heads: (heads, hd) if cfg.qkv_bias else None
     self.q = Dense("btd,dhk->bthk", (d, h, hd), bias_shape=bias(h), dtype=dtype, rngs=rngs)
@@ -53,16 +55,62 @@ class Attention(nnx.Module):
     self.v = Dense("btd,dhk->bthk", (d, k, hd), bias_shape=bias(k), dtype=dtype, rngs=rngs)
     self.o = Dense("bthk,hkd->btd", (h, hd, d), dtype=dtype, rngs=rngs)
 
-  def __call__(self, x, positions, layer_cache: kv_cache.LayerCache, inv_freq):
-    q = rope.apply_rope(self.q(x), positions, inv_freq)
-    k = rope.apply_rope(self.k(x), positions, inv_freq)
-    v = self.v(x)
-    # Cache layout is [B, kv_heads, slots, D]: write the chunk, then attend over all slots.
-    layer_cache = kv_cache.write(layer_cache, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
-                                 positions)
-    out = attention.attend(q, layer_cache.keys, layer_cache.values, positions,
-                           layer_cache.positions)
+  def __call__(self, x, positions, layer_cache, inv_freq, layer_index: int = 0,
+               plan: compress.CompressionPlan | None = None, lengths=None):
+    raw_q = self.q(x)
+    q = rope.apply_rope(raw_q, positions, inv_freq)
+    k = rope.apply_rope(self.k(x), positions, inv_freq).transpose(0, 2, 1, 3)  # [B, K, T, D]
+    v = self.v(x).transpose(0, 2, 1, 3)
+    method = plan.method if plan is not None else None
+    if plan is not None and plan.compress:
+      out, layer_cache = self._attend_and_compress(q, raw_q, k, v, positions, layer_cache,
+                                                   layer_index, plan, lengths)
+    elif isinstance(layer_cache, kv_cache.FlatLayerCache):
+      layer_cache = kv_cache.write_flat(layer_cache, k, v, positions)
+      out = attention.attend_flat(q, layer_cache.keys, layer_cache.values, positions,
+                                  layer_cache.positions, layer_cache.heads, k.shape[1])
+    elif method is not None and method.decode_time and x.shape[1] == 1:
+      # Decode-time eviction: attend over the cache plus the new token, then let the method
+      # pick which slot the new token overwrites.
+      out, probs, own = attention.attend_with_new_token(
+          q, layer_cache.keys, layer_cache.values, positions, layer_cache.positions, k, v)
+      layer_cache = compress.evict_and_insert(method, layer_cache, k, v, positions[:, 0],
+                                              probs, own, lengths)
+    else:
+      accumulate = (layer_cache.scores is not None and method is not None
+                    and method.needs_column_sums)
+      layer_cache = kv_cache.write(layer_cache, k, v, positions)
+      out = attention.attend(q, layer_cache.keys, layer_cache.values, positions,
+                             layer_cache.positions, column_sums=accumulate)
+      if accumulate:  # accumulated-attention state keeps counting appended queries
+        out, sums = out
+        layer_cache = layer_cache.replace(scores=method.accumulate(layer_cache.scores, sums))
     return self.o(out), layer_cache
+
+  def _attend_and_compress(self, q, raw_q, k, v, positions, layer_cache, layer_index, plan,
+                           lengths):
+    """Attends over the kept slots plus this chunk, then compacts them to the layer budget."""
+    method = plan.method
+    cand = compress.candidates(layer_cache, k, v, positions)
+    out = attention.attend(q, cand.keys, cand.values, positions, cand.positions,
+                           column_sums=method.needs_column_sums)
+    sums = None
+    if method.needs_column_sums:
+      out, sums = out
+    b, kv, s = cand.positions.shape
+    inputs = methods_base.LayerInputs(
+        config=self.config, layer=layer_index, queries=q, raw_queries=raw_q,
+        query_positions=positions, keys=cand.keys, values=cand.values,
+        key_positions=cand.positions, lengths=lengths, column_sums=sums,
+        slot_scores=(cand.scores if cand.scores is not None
+                     else jnp.zeros((b, kv, s), jnp.float32)),
+        slot_history=cand.history)
+    keep = plan.budgets[layer_index]
+    if method.headwise:
+      new = compress.compress_headwise(method, cand, inputs, keep, method.safeguard(keep))
+    else:
+      new = compress.compress_dense(method, cand, inputs, keep)
+    return out, kv_cache.append_room(new, plan.room)
 
 
 class MLP(nnx.Module):
@@ -85,8 +133,10 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
     self.mlp = MLP(cfg, dtype, rngs)
 
-  def __call__(self, x, positions, layer_cache, inv_freq):
-    attn_out, layer_cache = self.attn(self.attn_norm(x), positions, layer_cache, inv_freq)
+  def __call__(self, x, positions, layer_cache, inv_freq, layer_index=0, plan=None,
+               lengths=None):
+    attn_out, layer_cache = self.attn(self.attn_norm(x), positions, layer_cache, inv_freq,
+                                      layer_index, plan, lengths)
     x = x + attn_out
     return x + self.mlp(self.mlp_norm(x)), layer_cache
 
@@ -115,21 +165,24 @@ class Transformer(nnx.Module):
                     Dense("btd,dv->btv", (cfg.hidden_size, cfg.vocab_size), dtype=dtype,
                           rngs=rngs))
 
-  def __call__(self, tokens, token_mask, cache: kv_cache.Cache, logits: str = "all"):
+  def __call__(self, tokens, token_mask, cache: kv_cache.Cache, logits: str = "all",
+               plan: compress.CompressionPlan | None = None):
     """tokens/token_mask [B, T] -> (logits, new cache).
 
     Masked-out tokens (padding) take no position and are stored as empty slots. New
     tokens continue each sequence at cache.lengths. logits="all" gives [B, T, V];
-    "last" gives [B, V] at each row's last real token.
+    "last" gives [B, V] at each row's last real token. `plan` (static) says how a
+    compression method treats this chunk: compress to budgets, or append/evict.
     """
     token_mask = token_mask.astype(bool)
     positions = cache.lengths[:, None] + jnp.cumsum(token_mask, axis=1, dtype=jnp.int32) - 1
     positions = jnp.where(token_mask, positions, kv_cache.EMPTY_POSITION)
     inv_freq = rope.inverse_frequencies(self.config)
+    lengths = cache.lengths + token_mask.sum(axis=1, dtype=jnp.int32)
     x = self.embed(tokens)
     new_layers = []
-    for block, layer_cache in zip(self.layers, cache.layers):
-      x, layer_cache = block(x, positions, layer_cache, inv_freq)
+    for index, (block, layer_cache) in enumerate(zip(self.layers, cache.layers)):
+      x, layer_cache = block(x, positions, layer_cache, inv_freq, index, plan, lengths)
       new_layers.append(layer_cache)
     if logits == "last":
       last = x.shape[1] - 1 - jnp.argmax(token_mask[:, ::-1], axis=1)
@@ -141,11 +194,9 @@ class Transformer(nnx.Module):
            else self.lm_head(x).astype(jnp.float32))
     if logits == "last":
       out = out[:, 0]
-    new_cache = kv_cache.Cache(layers=tuple(new_layers),
-                               lengths=cache.lengths + token_mask.sum(axis=1, dtype=jnp.int32))
-    return out, new_cache
+    return out, kv_cache.Cache(layers=tuple(new_layers), lengths=lengths)
 
 
-def forward(graphdef, params, tokens, token_mask, cache, logits: str = "all"):
+def forward(graphdef, params, tokens, token_mask, cache, logits: str = "all", plan=None):
   """Pure forward pass: (params, tokens, cache) -> (logits, cache)."""
-  return nnx.merge(graphdef, params)(tokens, token_mask, cache, logits)
+  return nnx.merge(graphdef, params)(tokens, token_mask, cache, logits, plan)

@@ -1,0 +1,95 @@
+"""Prefill of a context into a (compressed) cache, in one chunk or several.
+
+Shared by generate, score and the benchmark. With a compression method each chunk is
+attended together with the slots kept so far and then compacted to the layer budgets, so
+peak cache memory is budget + chunk however long the context is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax import methods as methods_lib
+from kvjax.cache import cache_nbytes, init_cache
+from kvjax.cache.compress import CompressionPlan
+from kvjax.errors import MethodError
+from kvjax.generation import engine
+
+
+@dataclasses.dataclass
+class PrefilledContext:
+  logits: object              # [B, V] next-token logits after the context
+  cache: object               # the cache, with `room` empty slots per head appended
+  context_cache_bytes: int    # measured bytes of the (compressed) context cache, before room
+  decode_plan: CompressionPlan | None   # what later forward calls pass as `plan`
+  budgets: tuple[int, ...] | None       # kept slots per layer (per head on average)
+
+
+def layer_budgets(model, method, keep: int, context_length: int) -> tuple[int, ...]:
+  """The method's per-layer budgets for a mean budget `keep`, checked against protection."""
+  budgets = tuple(int(b) for b in method.layer_budgets(model.config, keep, context_length))
+  if len(budgets) != model.config.num_layers:
+    raise MethodError(f"method {method.label!r} gave {len(budgets)} layer budgets for a model "
+                      f"with {model.config.num_layers} layers")
+  for layer, b in enumerate(budgets):
+    protected = method.protected_tokens(b)
+    if b < 1 or protected >= b:
+      raise MethodError(f"layer {layer} of method {method.label!r} gets a budget of {b} "
+                        f"tokens but always keeps {protected}; raise the budget")
+  return budgets
+
+
+def check_chunk_size(chunk_size, method) -> None:
+  if chunk_size is None:
+    return
+  if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) \
+      or chunk_size < 1:
+    raise MethodError(f"prefill_chunk_size={chunk_size!r} must be a positive integer "
+                      f"(tokens per prefill chunk) or None")
+
+
+def prefill(model, tokens: np.ndarray, mask: np.ndarray, method, keep: int | None,
+            room: int, chunk_size: int | None = None,
+            steps: engine.CompiledSteps = engine.STEPS) -> PrefilledContext:
+  """Prefills left-padded `tokens` [B, T] (width a multiple of chunk_size when chunked)."""
+  check_chunk_size(chunk_size, method)
+  rows, width = tokens.shape
+  chunk = width if chunk_size is None else chunk_size
+  if width % chunk:
+    raise ValueError(f"token width {width} is not a multiple of the chunk size {chunk}")
+  compressing = keep is not None and method.compresses
+  if compressing and method.headwise and width > chunk:
+    raise MethodError(f"method {method.label!r} stores head-wise budgets, which chunked "
+                      f"prefill does not support yet; use prefill_chunk_size=None")
+  budgets = plan = decode_plan = None
+  if compressing:
+    context_length = int(mask.sum(1).max())
+    budgets = layer_budgets(model, method, keep, context_length)
+    plan = CompressionPlan(method, budgets, room=0, compress=True)
+    decode_plan = CompressionPlan(method, budgets, room=0, compress=False)
+    cache = init_cache(model.config, rows, 0)
+  else:
+    cache = init_cache(model.config, rows, width)
+  logits = None
+  for start in range(0, width, chunk):
+    piece = slice(start, start + chunk)
+    if not mask[:, piece].any():
+      continue  # all padding (left padding of a chunked prompt): nothing to see or keep
+    logits, cache = steps.prefill(model, jnp.asarray(tokens[:, piece]),
+                                  jnp.asarray(mask[:, piece]), cache, logits="last", plan=plan)
+  context_bytes = cache_nbytes(cache)
+  cache = steps.grow(cache, room)
+  return PrefilledContext(logits=logits, cache=cache, context_cache_bytes=context_bytes,
+                          decode_plan=decode_plan, budgets=budgets)
+
+
+def tile_rows(cache, copies: int):
+  """A batch-1 cache repeated for `copies` rows (one compressed context, several questions)."""
+  import jax
+  if copies == 1:
+    return cache
+  return jax.tree_util.tree_map(lambda a: jnp.repeat(a, copies, axis=0) if a.ndim else a, cache)

@@ -1,0 +1,64 @@
+"""Per-layer budget schedules: integer budgets that sum exactly to the uniform total."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kvjax.errors import MethodError
+
+
+def distribute(total: int, weights, low: int, high: int) -> tuple[int, ...]:
+  """Integers proportional to `weights`, each in [low, high], summing to `total`.
+
+  Largest-remainder rounding, so memory is exactly what a uniform budget would use. Values
+  that hit a bound are fixed and the rest is shared again among the others.
+  """
+  weights = np.asarray(weights, np.float64)
+  n = len(weights)
+  if not low * n <= total <= high * n:
+    raise MethodError(f"cannot split {total} slots over {n} layers with each in "
+                      f"[{low}, {high}]")
+  if (weights < 0).any() or weights.sum() <= 0:
+    raise MethodError(f"budget weights {weights.tolist()} must be >= 0 with a positive sum")
+  fixed = np.full(n, -1.0)
+  while True:
+    free = fixed < 0
+    remaining = total - fixed[~free].sum()
+    w = weights[free]
+    share = remaining * w / w.sum() if w.sum() > 0 else np.full(w.shape, remaining / len(w))
+    over, under = share > high, share < low
+    if not over.any() and not under.any():
+      break
+    idx = np.flatnonzero(free)
+    fixed[idx[over]] = high
+    fixed[idx[under]] = low
+  exact = fixed.copy()
+  exact[free] = share
+  floor = np.floor(exact).astype(np.int64)
+  short = int(total - floor.sum())
+  order = np.argsort(-(exact - floor), kind="stable")
+  floor[order[:short]] += 1
+  return tuple(int(v) for v in floor)
+
+
+def pyramid(num_layers: int, keep: int, window: int, context_length: int,
+            beta: float) -> tuple[int, ...]:
+  """PyramidKV: linearly decreasing budgets from the first to the last layer.
+
+  keep includes the window. With b = keep - window, the selected part goes from
+  max = 2b - b/beta down to b/beta, capped at the context (then min = 2b - max); contexts
+  shorter than 2b get a uniform budget. The integer budgets sum exactly to
+  num_layers * keep (PyramidKV's own integer division loses a few slots).
+  """
+  b = keep - window
+  if b <= 0 or context_length - window < 2 * b or num_layers == 1:
+    return (keep,) * num_layers
+  low = b / beta
+  high = 2 * b - low
+  if high >= context_length - window:
+    high = context_length - window
+    low = 2 * b - high
+  steps = np.arange(num_layers)
+  selected = high - steps * (high - low) / (num_layers - 1)
+  return tuple(v + window for v in distribute(num_layers * b, selected, 0,
+                                              context_length - window))

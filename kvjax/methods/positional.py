@@ -1,0 +1,40 @@
+"""StreamingLLM: attention sinks plus a window of the most recent tokens."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax.numpy as jnp
+
+from kvjax.methods import base
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamingLLM(base.Method):
+  """Keeps the first `sinks` tokens and the most recent `budget - sinks` tokens.
+
+  Keys keep their original positions (the LongBench-style baseline), so no re-rotation.
+  As a decode-time method it evicts the oldest non-sink slot for every new token.
+  """
+  name: ClassVar[str] = "streaming_llm"
+  decode_time: ClassVar[bool] = True
+  sinks: int = 4
+
+  def __post_init__(self):
+    base.check_int("sinks", self.sinks, 0)
+
+  def protected_tokens(self, keep):
+    return self.sinks
+
+  def protected(self, key_positions, lengths, keep):
+    return base.sink_mask(key_positions, self.sinks)
+
+  def score(self, x):
+    return x.key_positions.astype(jnp.float32)  # newest first
+
+  def decode_scores(self, scores, history, probs, own_prob, key_positions, lengths):
+    return None, None, None, None
+
+  def eviction_priority(self, scores, history, probs, key_positions, lengths, capacity):
+    return key_positions.astype(jnp.float32)

@@ -1,0 +1,73 @@
+"""Observation-window voting: SnapKV and PyramidKV."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax.numpy as jnp
+
+from kvjax.methods import base, budgets
+
+
+def window_votes(x: base.LayerInputs, window: int, kernel_size: int, pooling: str,
+                 gqa: str) -> jnp.ndarray:
+  """[B, K, S] SnapKV scores: the last `window` queries' attention summed per key, the window's
+  own keys excluded (zeroed) before pooling per query head, then reduced over each group."""
+  from kvjax.model import kernels
+  sums = kernels.window_column_sums(x, window)                     # [B, H, S]
+  in_window = base.window_mask(x.key_positions, x.lengths, window)  # [B, K, S]
+  group = sums.shape[1] // in_window.shape[1]
+  sums = jnp.where(jnp.repeat(in_window, group, axis=1), 0.0, sums)
+  pooled = base.pool1d(sums, kernel_size, pooling)
+  return base.reduce_groups(pooled, x.keys.shape[1], gqa)
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapKV(base.Method):
+  """SnapKV: the last `window` prompt tokens vote for the earlier tokens each head keeps.
+
+  The budget includes the window, which is always kept. GQA-aware: pooled scores are reduced
+  over each group's query heads and every KV head selects its own tokens.
+  """
+  name: ClassVar[str] = "snapkv"
+  window: int = 32
+  kernel_size: int = 7
+  pooling: str = "max"
+  gqa: str = "mean"
+
+  def __post_init__(self):
+    base.check_int("window", self.window, 1)
+    base.check_int("kernel_size", self.kernel_size, 1)
+    if self.kernel_size % 2 == 0:
+      raise base.MethodError(f"kernel_size={self.kernel_size} must be odd (centred pooling)")
+    base.check_choice("pooling", self.pooling, ("max", "avg", "none"))
+    base.check_choice("gqa", self.gqa, ("mean", "max", "sum"))
+
+  def protected_tokens(self, keep):
+    return self.window
+
+  def protected(self, key_positions, lengths, keep):
+    return base.window_mask(key_positions, lengths, self.window)
+
+  def score(self, x):
+    return window_votes(x, self.window, self.kernel_size, self.pooling, self.gqa)
+
+
+@dataclasses.dataclass(frozen=True)
+class PyramidKV(SnapKV):
+  """SnapKV selection with pyramid-shaped layer budgets (more in lower layers).
+
+  kvpress/KVCache-Factory defaults: window 64 in kvpress, beta 20. Budgets sum exactly to
+  num_layers x budget, so the memory equals a uniform budget's.
+  """
+  name: ClassVar[str] = "pyramidkv"
+  beta: float = 20.0
+
+  def __post_init__(self):
+    super().__post_init__()
+    if not isinstance(self.beta, (int, float)) or isinstance(self.beta, bool) or self.beta < 1:
+      raise base.MethodError(f"beta={self.beta!r} must be a number >= 1")
+
+  def layer_budgets(self, config, keep, context_length):
+    return budgets.pyramid(config.num_layers, keep, self.window, context_length, self.beta)

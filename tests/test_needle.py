@@ -1,0 +1,45 @@
+"""SmolLM2-135M-Instruct finds a needle in ~2,000-token RULER essay haystacks.
+
+The question is inside the prompt (question-aware), so a compression method sees it.
+"""
+
+import pytest
+
+import kvjax
+from needle import NEEDLE, QUESTION, load_essays_text, needle_prompt
+
+TARGET_TOKENS = 2000
+# (depth, key, value): one needle per prompt, near the start, the middle and the end.
+NEEDLES = [(0.1, "quiet-harbor", "4821937"),
+           (0.5, "brave-compass", "7305168"),
+           (0.9, "amber-lantern", "9163542")]
+
+
+@pytest.fixture(scope="module")
+def needle_prompts(smollm2):
+  """[(prompt, answer)] for NEEDLES, sized with SmolLM2's tokenizer."""
+  essays = load_essays_text()
+  return [needle_prompt(smollm2.tokenizer, essays, TARGET_TOKENS, depth, key, value)
+          for depth, key, value in NEEDLES]
+
+
+def test_needle_prompts_are_sized_and_contain_the_answer(smollm2, needle_prompts):
+  for (prompt, answer), (depth, key, value) in zip(needle_prompts, NEEDLES):
+    n = len(smollm2.tokenizer.encode(prompt, add_special_tokens=False))
+    assert 0.97 * TARGET_TOKENS <= n <= TARGET_TOKENS
+    assert answer == value and prompt.count(value) == 1
+    needle = NEEDLE.format(key=key, value=value)
+    assert prompt.count(needle) == 1
+    assert prompt.endswith(QUESTION.format(key=key))
+    assert abs(prompt.index(needle) / len(prompt) - depth) < 0.05
+    assert prompt.index(needle) == 0 or prompt[prompt.index(needle) - 2] in ".!?\"')]"
+
+
+@pytest.mark.parametrize("method,ratio", [(None, None), ("snapkv", 0.5)])
+def test_smollm2_finds_the_needle(smollm2, needle_prompts, method, ratio):
+  result = kvjax.generate(smollm2, [p for p, _ in needle_prompts], method=method,
+                          compression_ratio=ratio, max_new_tokens=28)
+  for n in result.stats["prompt_tokens"]:  # the chat template adds ~30 tokens
+    assert abs(n - TARGET_TOKENS) <= 0.03 * TARGET_TOKENS
+  for text, (_, answer) in zip(result.texts, needle_prompts):
+    assert answer in text, (answer, text)
