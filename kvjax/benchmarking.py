@@ -29,10 +29,10 @@ import numpy as np
 from flax import nnx
 
 from kvjax import methods as methods_lib
-from kvjax.cache import cache_nbytes, init_cache
+from kvjax.cache import cache_nbytes, full_cache_nbytes, init_cache
 from kvjax.config import ModelConfig, RopeScaling
 from kvjax.errors import KvjaxError
-from kvjax.generation import engine
+from kvjax.generation import context, engine
 
 
 class BenchmarkError(KvjaxError):
@@ -136,6 +136,59 @@ def parse_sizes(values: Sequence, name: str) -> list[int]:
   return sizes
 
 
+def parse_method_args(items: Sequence[str] | None) -> dict:
+  """['window=32', 'press=knorm'] -> {'window': 32, 'press': 'knorm'} (--method_arg values)."""
+  from kvjax.cli import parse_value  # the same value parsing as the other scripts
+  hyperparameters = {}
+  for item in items or []:
+    name, sep, value = str(item).partition("=")
+    if not sep or not name.strip():
+      raise BenchmarkError(f"--method_arg={item!r} must look like name=value")
+    hyperparameters[name.strip()] = parse_value(value)
+  return hyperparameters
+
+
+def build_methods(methods, hyperparameters: dict | None = None,
+                  what: str = "methods") -> list[methods_lib.Method]:
+  """Method objects for a benchmark, the full-cache baseline first (added when missing).
+
+  methods: names (a list, or one comma-separated string) and/or method objects.
+  hyperparameters: applied to every named method other than "full".
+  what: how error messages name the argument (e.g. "--methods").
+  """
+  if methods is None or isinstance(methods, (str, methods_lib.Method)):
+    methods = ["full" if methods is None else methods]
+  entries = []
+  for entry in methods:
+    if isinstance(entry, str):
+      entries += [part.strip() for part in entry.split(",")] if "," in entry else [entry.strip()]
+    else:
+      entries.append(entry)
+  if not entries:
+    raise BenchmarkError(f"{what} is empty; give at least one of {methods_lib.available()}")
+  built = []
+  for entry in entries:
+    if isinstance(entry, methods_lib.Method):
+      built.append(entry)
+      continue
+    if not isinstance(entry, str) or entry.lower() not in methods_lib.available():
+      raise BenchmarkError(f"{what} entry {entry!r} is not a method; available: "
+                           f"{methods_lib.available()}")
+    if entry.lower() == "full":
+      built.append(methods_lib.get("full"))
+    else:
+      built.append(methods_lib.get(entry, **(hyperparameters or {})))
+  if hyperparameters and all(not m.compresses for m in built):
+    raise BenchmarkError(f"method hyperparameters {sorted(hyperparameters)} were given but "
+                         f"{what} names no compression method: {entries}")
+  labels = [m.label for m in built]
+  repeated = sorted({label for label in labels if labels.count(label) > 1})
+  if repeated:
+    raise BenchmarkError(f"{what} lists {repeated} more than once: {labels}")
+  baseline = [m for m in built if not m.compresses] or [methods_lib.get("full")]
+  return baseline[:1] + [m for m in built if m.compresses]
+
+
 def check_lengths(config: ModelConfig, context_length, batch_size, decode_steps) -> None:
   _check_count(context_length, "context_length")
   _check_count(batch_size, "batch_size")
@@ -153,15 +206,64 @@ def _block(tree):
   return jax.block_until_ready(tree)
 
 
-def _time_prefill_and_decode(model, tokens, mask, first_tokens, capacity, decode_steps):
-  """One run: (prefill seconds, decode seconds, cache bytes), compile time excluded."""
+def _prompt(config: ModelConfig, context_length: int, batch_size: int, chunk: int | None,
+            seed: int):
+  """Random left-padded prompts [B, W] (W a multiple of the chunk), mask, first decode tokens."""
+  rng = np.random.default_rng(seed)
+  width = context_length if chunk is None else -(-context_length // chunk) * chunk
+  tokens = np.zeros((batch_size, width), np.int32)
+  tokens[:, width - context_length:] = rng.integers(0, config.vocab_size,
+                                                    (batch_size, context_length))
+  mask = np.zeros((batch_size, width), bool)
+  mask[:, width - context_length:] = True
+  first_tokens = jnp.asarray(rng.integers(0, config.vocab_size, (batch_size,)), jnp.int32)
+  return tokens, mask, first_tokens
+
+
+def _slots_per_head(config: ModelConfig, cache) -> int:
+  """The largest layer capacity, in slots per KV head (head-wise caches hold all heads)."""
+  return max(layer.capacity // (1 if layer.keys.ndim == 4 else config.num_kv_heads)
+             for layer in cache.layers)
+
+
+def _time_prefill_and_decode(model, tokens, mask, first_tokens, method, keep, room, chunk,
+                             decode_steps):
+  """One run: (prefill seconds, decode seconds, cache facts), compile time excluded.
+
+  keep None: the full cache, allocated at its final capacity (context + room) before the
+  timer starts, then prefilled chunk by chunk. Otherwise `context.prefill` compresses to the
+  method's budgets and appends `room` slots; all of that is prefill time.
+  """
   steps = engine.STEPS
-  cache = _block(init_cache(model.config, tokens.shape[0], capacity))
-  compile_before = steps.compile_seconds
-  start = time.perf_counter()
-  _, cache = _block(steps.prefill(model, tokens, mask, cache, logits="last"))
-  prefill = time.perf_counter() - start - (steps.compile_seconds - compile_before)
-  nbytes = cache_nbytes(cache)
+  config = model.config
+  rows, width = tokens.shape
+  chunk = chunk or width
+  budgets = plan = None
+  if keep is None:
+    cache = _block(init_cache(config, rows, width + room))
+    compile_before = steps.compile_seconds
+    start = time.perf_counter()
+    logits = None
+    for begin in range(0, width, chunk):
+      piece = slice(begin, begin + chunk)
+      if not mask[:, piece].any():
+        continue  # all left padding
+      logits, cache = steps.prefill(model, jnp.asarray(tokens[:, piece]),
+                                    jnp.asarray(mask[:, piece]), cache, logits="last")
+    _block((logits, cache))
+    prefill = time.perf_counter() - start - (steps.compile_seconds - compile_before)
+    context_bytes = full_cache_nbytes(config, rows, width)
+  else:
+    compile_before = steps.compile_seconds
+    start = time.perf_counter()
+    pre = context.prefill(model, tokens, mask, method, keep, room, chunk_size=(
+        None if chunk == width else chunk), steps=steps)
+    _block((pre.logits, pre.cache))
+    prefill = time.perf_counter() - start - (steps.compile_seconds - compile_before)
+    cache, plan, budgets = pre.cache, pre.decode_plan, pre.budgets
+    context_bytes = pre.context_cache_bytes
+  facts = {"cache_bytes": cache_nbytes(cache), "context_cache_bytes": context_bytes,
+           "capacity": _slots_per_head(config, cache), "budgets": budgets}
 
   key = jax.random.key(0)  # greedy decoding ignores it
   next_tokens = first_tokens
@@ -169,49 +271,67 @@ def _time_prefill_and_decode(model, tokens, mask, first_tokens, capacity, decode
   start = time.perf_counter()
   # Steps chain on device; one sync at the end, as a serving loop without host logic would.
   for _ in range(decode_steps):
-    next_tokens, _, cache = steps.decode(model, next_tokens, cache, key, 1.0, 1.0, True)
+    next_tokens, _, cache = steps.decode(model, next_tokens, cache, key, 1.0, 1.0, True,
+                                         plan=plan)
   _block((next_tokens, cache))
   decode = time.perf_counter() - start - (steps.compile_seconds - compile_before)
-  return prefill, decode, nbytes
+  return prefill, decode, facts
 
 
 def measure(model, context_length: int, batch_size: int, decode_steps: int = 32,
-            repeats: int = 3, warmup: int = 2, seed: int = 0) -> dict:
-  """Times prefill of random prompts and greedy decode steps; reports bytes and bandwidth.
+            repeats: int = 3, warmup: int = 2, seed: int = 0, method=None,
+            compression_ratio=None, budget=None, prefill_chunk_size: int | None = None) -> dict:
+  """Times prefill (and compression) of random prompts and greedy decode steps.
 
-  The cache holds context_length + decode_steps slots. Times are the median (and min) over
-  `repeats` runs after `warmup` untimed runs; compilation is never timed.
+  The full cache holds context_length + decode_steps slots. A compression method keeps its
+  budget of the context and gets decode_steps empty slots for the generated tokens, except a
+  decode-time method (h2o, tova, ...), which evicts as it decodes and gets none. Times are
+  the median (and min) over `repeats` runs after `warmup` untimed runs; compilation is
+  never timed.
+
+  method / compression_ratio / budget: as in `kvjax.generate`; default the full cache.
+  prefill_chunk_size: prefill (and compress) the prompt in chunks of this many tokens.
   """
   config = model.config
   check_lengths(config, context_length, batch_size, decode_steps)
   repeats = _check_count(repeats, "repeats")
   warmup = _check_count(warmup, "warmup", minimum=0)
-  rng = np.random.default_rng(seed)
-  tokens = jnp.asarray(rng.integers(0, config.vocab_size, (batch_size, context_length)),
-                       jnp.int32)
-  first_tokens = jnp.asarray(rng.integers(0, config.vocab_size, (batch_size,)), jnp.int32)
-  mask = jnp.ones((batch_size, context_length), bool)
-  capacity = context_length + decode_steps
+  method_obj = methods_lib.get(method)
+  context.check_chunk_size(prefill_chunk_size, method_obj)
+  keep = methods_lib.validate_compression(method_obj, context_length, compression_ratio,
+                                          budget)
+  room = 0 if keep is not None and method_obj.decode_time else decode_steps
+  tokens, mask, first_tokens = _prompt(config, context_length, batch_size,
+                                       prefill_chunk_size, seed)
   compile_before = engine.STEPS.compile_seconds
 
   prefill_times, decode_times = [], []
-  for run in range(warmup + repeats):
-    prefill, decode, cache_bytes = _time_prefill_and_decode(model, tokens, mask, first_tokens,
-                                                            capacity, decode_steps)
-    if run >= warmup:
+  for run_index in range(warmup + repeats):
+    prefill, decode, facts = _time_prefill_and_decode(
+        model, tokens, mask, first_tokens, method_obj, keep, room, prefill_chunk_size,
+        decode_steps)
+    if run_index >= warmup:
       prefill_times.append(prefill)
       decode_times.append(decode / decode_steps)
 
   weights = weight_nbytes(model)
   weights_read = weight_nbytes_read_per_decode_step(model)
-  # Attention reads every slot of the cache (keys, values, positions) each step.
-  step_bytes = weights_read + cache_bytes
+  # Attention reads every slot of the cache (keys, values, positions, method state) each step.
+  step_bytes = weights_read + facts["cache_bytes"]
   prefill_s, step_s = statistics.median(prefill_times), statistics.median(decode_times)
+  full_context = full_cache_nbytes(config, batch_size, context_length)
   return {
+      "method": method_obj.label,
+      "compression_ratio": compression_ratio if keep is not None else None,
+      "budget": budget if keep is not None else None,
+      "keep_tokens": keep,
+      "kept_tokens_per_layer": list(facts["budgets"]) if facts["budgets"] else None,
+      "prefill_chunk_size": prefill_chunk_size,
       "context_length": context_length,
       "batch_size": batch_size,
       "decode_steps": decode_steps,
-      "cache_capacity_tokens": capacity,
+      "room_tokens": room,
+      "cache_capacity_tokens": facts["capacity"],
       "repeats": repeats,
       "warmup": warmup,
       "prefill_seconds": prefill_s,
@@ -220,7 +340,10 @@ def measure(model, context_length: int, batch_size: int, decode_steps: int = 32,
       "decode_step_seconds": step_s,
       "decode_step_seconds_min": min(decode_times),
       "decode_tokens_per_second": batch_size / step_s,
-      "cache_bytes": cache_bytes,
+      "context_cache_bytes": facts["context_cache_bytes"],
+      "full_context_cache_bytes": full_context,
+      "context_cache_ratio": facts["context_cache_bytes"] / full_context,
+      "cache_bytes": facts["cache_bytes"],
       "weight_bytes": weights,
       "weight_bytes_read_per_step": weights_read,
       "decode_bytes_per_step": step_bytes,
@@ -271,11 +394,225 @@ def device_info() -> dict:
           "device_count": jax.device_count()}
 
 
+# --- Decode-attention kernel microbenchmark -------------------------------------------------
+
+KERNEL_CPU_REASON = "CPU: Pallas kernel runs only in interpret mode"
+
+
+def kernel_unmeasured_reason() -> str | None:
+  """Why the decode-attention kernel cannot be timed here (None: it can)."""
+  if jax.default_backend() == "cpu":
+    return KERNEL_CPU_REASON
+  return None
+
+
+def measure_decode_attention_kernel(config: ModelConfig, batch_size: int, slots: int,
+                                    iterations: int = 10, repeats: int = 3, seed: int = 0,
+                                    interpret=None) -> dict:
+  """Times the jitted Pallas decode-attention kernel alone over one layer's dense cache.
+
+  Shapes follow `config` (KV heads, query heads per KV head, head dim, dtype); every one of
+  the `slots` slots is visible. Bytes read = keys + values + key positions; the time is the
+  best mean over `repeats` rounds of `iterations` calls. interpret: passed to the kernel
+  (None: compiled on GPU/TPU, interpreted on CPU, where the time means nothing).
+  """
+  from pallas_kernels import decode_attention as kernel_lib  # written in parallel; lazy
+  batch_size = _check_count(batch_size, "batch_size")
+  slots = _check_count(slots, "slots")
+  iterations = _check_count(iterations, "iterations")
+  repeats = _check_count(repeats, "repeats")
+  dtype = jnp.dtype(config.dtype)
+  b, k, d = batch_size, config.num_kv_heads, config.head_dim
+  g = config.num_heads // k
+  q_key, k_key, v_key = jax.random.split(jax.random.key(seed), 3)
+  q = jax.random.normal(q_key, (b, k, g, d), dtype)
+  keys = jax.random.normal(k_key, (b, k, slots, d), dtype)
+  values = jax.random.normal(v_key, (b, k, slots, d), dtype)
+  key_positions = jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32), (b, k, slots))
+  query_positions = jnp.full((b,), slots, jnp.int32)
+  args = _block((q, keys, values, key_positions, query_positions))
+
+  def call():
+    return kernel_lib.decode_attention(*args, interpret=interpret)
+
+  _block(call())  # compile
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    for _ in range(iterations):
+      out = call()
+    _block(out)
+    best = min(best, (time.perf_counter() - start) / iterations)
+  nbytes = keys.nbytes + values.nbytes + key_positions.nbytes
+  return {"batch_size": b, "slots": slots, "kv_heads": k, "query_heads_per_kv_head": g,
+          "head_dim": d, "dtype": str(dtype), "bytes_read": int(nbytes), "seconds": best,
+          "bandwidth_gbps": nbytes / best / 1e9}
+
+
+def _kernel_section(config, context_lengths, batch_sizes, keeps, copy_gbps, reference,
+                    log=None) -> dict:
+  """Kernel rows for every (context, batch) at the full and the compressed cache sizes."""
+  reason = kernel_unmeasured_reason()
+  rows = []
+  if reason is None:
+    try:
+      for c in context_lengths:
+        for b in batch_sizes:
+          for slots in sorted({c} | set(keeps.get(c, ()))):
+            if log:
+              log(f"timing the decode-attention kernel: batch_size={b} slots={slots}")
+            row = measure_decode_attention_kernel(config, b, slots)
+            row.update(context_length=c, cache="full" if slots == c else "compressed",
+                       copy_fraction=row["bandwidth_gbps"] / copy_gbps,
+                       hbm_fraction=row["bandwidth_gbps"] / reference)
+            rows.append(row)
+    except ImportError as e:  # the kernel module is missing or broken
+      reason, rows = f"pallas_kernels.decode_attention is not importable: {e}", []
+  return {"measured": reason is None, "reason": reason, "scope": "one layer's cache",
+          "rows": rows}
+
+
+# --- Goals --------------------------------------------------------------------------------
+
+# The issue's goals, all at one setting: random weights at the Llama-3.1-8B shape, a 32K
+# context, batch 8, compression_ratio 0.9.
+GOAL_SETTING = {"shape": "llama-3.1-8b", "context_length": 32768, "batch_size": 8,
+                "compression_ratio": 0.9}
+_SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                 "num_kv_heads", "head_dim")
+
+
+@dataclasses.dataclass(frozen=True)
+class Goal:
+  name: str
+  description: str
+  target: float
+  comparison: str  # ">=" or "<="
+  row_field: str   # where a row holds the measured value
+
+  def passes(self, value: float) -> bool:
+    return value >= self.target if self.comparison == ">=" else value <= self.target
+
+
+GOALS = (
+    Goal("decode_step_speedup", "decode step time of the full cache / that of the compressed "
+         "cache (whole model step)", 5.0, ">=", "decode_speedup"),
+    Goal("decode_attention_hbm_fraction", "decode-attention kernel bandwidth (keys + values + "
+         "positions read) / measured copy bandwidth", 0.8, ">=", "copy_fraction"),
+    Goal("compression_overhead_fraction", "(prefill with compression - full-cache prefill) / "
+         "full-cache prefill", 0.05, "<=", "compression_overhead_fraction"),
+)
+
+
+def _is_goal_shape(config: dict) -> bool:
+  shape = SHAPES[GOAL_SETTING["shape"]]
+  return all(config.get(f) == getattr(shape, f) for f in _SHAPE_FIELDS)
+
+
+def _goal_ratio(ratio) -> bool:
+  return ratio is not None and abs(ratio - GOAL_SETTING["compression_ratio"]) < 1e-9
+
+
+def _at_goal_size(row) -> bool:
+  return (row["context_length"], row["batch_size"]) == (GOAL_SETTING["context_length"],
+                                                        GOAL_SETTING["batch_size"])
+
+
+def _pick(rows, at_setting):
+  """The rows at the goal's setting, else the largest (context x batch) rows."""
+  matching = [r for r in rows if at_setting(r)]
+  if matching:
+    return matching, True
+  size = lambda r: (r["context_length"] * r["batch_size"], r["context_length"])
+  largest = max(size(r) for r in rows)
+  return [r for r in rows if size(r) == largest], False
+
+
+def _goal_entry(goal, subject, value, measured_at, at_setting, reason=None) -> dict:
+  passes = None if value is None else bool(goal.passes(value))
+  if reason is None and not at_setting:
+    reason = "not the goal's setting: measured at " + _describe_setting(measured_at)
+  return {"name": goal.name, "description": goal.description, "target": goal.target,
+          "comparison": goal.comparison, "subject": subject, "measured": value,
+          "measured_at": measured_at, "at_goal_setting": at_setting,
+          "met": passes if at_setting else None, "passes_target": passes, "reason": reason}
+
+
+def _describe_setting(s) -> str:
+  if not s:
+    return "-"
+  text = f"{s['model']}, context {s['context_length']}, batch {s['batch_size']}"
+  if s.get("slots") is not None:
+    text += f", {s['slots']} slots"
+  if s.get("compression_ratio") is not None:
+    text += f", compression_ratio {s['compression_ratio']}"
+  if s.get("budget") is not None:
+    text += f", budget {s['budget']}"
+  return text
+
+
+def evaluate_goals(report: dict) -> list[dict]:
+  """One entry per goal and subject (method, or kernel cache size), measured against target.
+
+  `met` is only decided at the goal's setting (GOAL_SETTING); elsewhere it is None and
+  `passes_target` says how the measured value compares, labelled by `at_goal_setting`.
+  """
+  model_name = report["model"]["name"] or "unnamed model"
+  shape_ok = _is_goal_shape(report["model"]["config"])
+  entries = []
+  full_label = report["methods"][0]["label"]
+  compressed = [m["label"] for m in report["methods"][1:]]
+  for goal in GOALS:
+    if goal.name == "decode_attention_hbm_fraction":
+      kernel = report["decode_attention_kernel"]
+      if not kernel["measured"] or not kernel["rows"]:
+        entries.append(_goal_entry(goal, "kernel", None, None, False,
+                                   kernel["reason"] or "no kernel rows"))
+        continue
+      ratio_ok = _goal_ratio(report["compression_ratio"])
+      rows, at = _pick(kernel["rows"], lambda r: shape_ok and _at_goal_size(r) and (
+          r["cache"] == "full" or ratio_ok))
+      for r in rows:
+        where = {"model": model_name, "context_length": r["context_length"],
+                 "batch_size": r["batch_size"], "slots": r["slots"],
+                 "compression_ratio": report["compression_ratio"] if r["cache"] != "full"
+                 else None, "budget": report["budget"] if r["cache"] != "full" else None}
+        entries.append(_goal_entry(goal, f"{r['cache']} cache ({r['slots']} slots)",
+                                   r[goal.row_field], where, at))
+      continue
+    if not compressed:
+      entries.append(_goal_entry(goal, None, None, None, False,
+                                 f"no compression method was measured, only {full_label!r}"))
+      continue
+    for label in compressed:
+      method_rows = [r for r in report["results"] if r["method"] == label]
+      rows, at = _pick(method_rows, lambda r: shape_ok and _at_goal_size(r)
+                       and _goal_ratio(r["compression_ratio"]) and r["budget"] is None)
+      r = rows[0]
+      where = {"model": model_name, "context_length": r["context_length"],
+               "batch_size": r["batch_size"], "compression_ratio": r["compression_ratio"],
+               "budget": r["budget"]}
+      entries.append(_goal_entry(goal, label, r[goal.row_field], where, at))
+  return entries
+
+
+# --- The whole run ------------------------------------------------------------------------
+
+class _ConfigOnly:
+  """Stands in for a model where only `.config` is read (budget checks before loading)."""
+
+  def __init__(self, config):
+    self.config = config
+
+
 def check_plan(config: ModelConfig, context_lengths: Sequence[int],
                batch_sizes: Sequence[int], decode_steps: int,
                hbm_bandwidth_gbps: float | None = None, method=None, compression_ratio=None,
-               budget=None):
-  """Validates a whole run() before anything is allocated or timed; returns the method."""
+               budget=None, methods=None, prefill_chunk_size: int | None = None):
+  """Validates a whole run() before anything is allocated or timed.
+
+  Returns the method objects, the full-cache baseline first (see `build_methods`).
+  """
   if not context_lengths or not batch_sizes:
     raise BenchmarkError(f"context_lengths={list(context_lengths)} and batch_sizes="
                          f"{list(batch_sizes)} must each name at least one size")
@@ -286,75 +623,184 @@ def check_plan(config: ModelConfig, context_lengths: Sequence[int],
   for c in context_lengths:
     for b in batch_sizes:
       check_lengths(config, c, b, decode_steps)
-  method_obj = methods_lib.get(method)
+  method_objs = build_methods(method if methods is None else methods)
+  compressing = method_objs[1:]
+  for m in method_objs:
+    context.check_chunk_size(prefill_chunk_size, m)
   for c in context_lengths:
-    methods_lib.validate_compression(method_obj, c, compression_ratio, budget)
-  return method_obj
+    if not compressing:  # ratio/budget with only the full cache is an error, as in generate
+      methods_lib.validate_compression(method_objs[0], c, compression_ratio, budget)
+    for m in compressing:
+      keep = methods_lib.validate_compression(m, c, compression_ratio, budget)
+      context.layer_budgets(_ConfigOnly(config), m, keep, c)
+      if m.headwise and prefill_chunk_size is not None and c > prefill_chunk_size:
+        raise BenchmarkError(f"method {m.label!r} stores head-wise budgets, which chunked "
+                             f"prefill does not support: context_length={c} > "
+                             f"prefill_chunk_size={prefill_chunk_size}; drop "
+                             f"prefill_chunk_size or this method")
+  return method_objs
+
+
+def _method_info(m, compression_ratio, budget) -> dict:
+  return {"name": m.name, "label": m.label, "hyperparameters": dataclasses.asdict(m),
+          "compression_ratio": compression_ratio if m.compresses else None,
+          "budget": budget if m.compresses else None}
 
 
 def run(model, context_lengths: Sequence[int], batch_sizes: Sequence[int],
         decode_steps: int = 32, repeats: int = 3, warmup: int = 2,
         hbm_bandwidth_gbps: float | None = None, copy_bandwidth_bytes: int = 256 << 20,
         method=None, compression_ratio=None, budget=None, seed: int = 0,
-        source: str | None = None, log=None) -> dict:
-  """Benchmarks every (context length, batch size) pair; returns the JSON-ready report.
+        source: str | None = None, log=None, methods=None,
+        prefill_chunk_size: int | None = None) -> dict:
+  """Benchmarks every (context length, batch size, method); returns the JSON-ready report.
 
+  methods: names or method objects (default: `method` alone); the full cache is always
+  measured too, first, as the baseline. compression_ratio / budget apply to the others.
+  Rows carry, against the full cache at the same context and batch: compression overhead
+  (extra prefill time), decode speedup and cache ratios. On GPU/TPU the Pallas
+  decode-attention kernel is also timed alone; `goals` compares everything with the issue's
+  targets (see GOALS, GOAL_SETTING).
   hbm_bandwidth_gbps: the device's peak (or separately measured) bandwidth. Each row's
   hbm_fraction is against it when given, else against the measured copy bandwidth;
   copy_fraction is always against the measured copy bandwidth.
   log: optional callable(str) for progress lines.
   """
-  method_obj = check_plan(model.config, context_lengths, batch_sizes, decode_steps,
-                          hbm_bandwidth_gbps, method, compression_ratio, budget)
-  # Compression methods plug in here once they land; today every row uses the full cache.
-
+  method_objs = check_plan(model.config, context_lengths, batch_sizes, decode_steps,
+                           hbm_bandwidth_gbps, method, compression_ratio, budget, methods,
+                           prefill_chunk_size)
   copy_gbps = measure_copy_bandwidth(copy_bandwidth_bytes)
   reference = hbm_bandwidth_gbps or copy_gbps
   results = []
+  keeps = {}
   for c in context_lengths:
     for b in batch_sizes:
-      if log:
-        log(f"measuring context_length={c} batch_size={b}")
-      row = measure(model, c, b, decode_steps, repeats, warmup, seed)
-      row["copy_fraction"] = row["decode_bandwidth_gbps"] / copy_gbps
-      row["hbm_fraction"] = row["decode_bandwidth_gbps"] / reference
-      results.append(row)
-  return {
+      baseline = None
+      for m in method_objs:
+        if log:
+          log(f"measuring method={m.label} context_length={c} batch_size={b}")
+        ratio, keep_budget = (compression_ratio, budget) if m.compresses else (None, None)
+        row = measure(model, c, b, decode_steps, repeats, warmup, seed, m, ratio, keep_budget,
+                      prefill_chunk_size)
+        if row["keep_tokens"] is not None:
+          keeps.setdefault(c, set()).add(row["keep_tokens"])
+        baseline = baseline or row
+        row["copy_fraction"] = row["decode_bandwidth_gbps"] / copy_gbps
+        row["hbm_fraction"] = row["decode_bandwidth_gbps"] / reference
+        overhead = row["prefill_seconds"] - baseline["prefill_seconds"]
+        row["compression_overhead_seconds"] = overhead
+        row["compression_overhead_fraction"] = overhead / baseline["prefill_seconds"]
+        row["decode_speedup"] = baseline["decode_step_seconds"] / row["decode_step_seconds"]
+        row["cache_ratio"] = row["cache_bytes"] / baseline["cache_bytes"]
+        row["context_cache_ratio_to_full"] = (row["context_cache_bytes"]
+                                              / baseline["context_cache_bytes"])
+        results.append(row)
+  kernel = _kernel_section(model.config, context_lengths, batch_sizes, keeps, copy_gbps,
+                           reference, log)
+  infos = [_method_info(m, compression_ratio, budget) for m in method_objs]
+  report = {
       "device": device_info(),
       "jax_version": jax.__version__,
       "model": {"name": model.config.name, "source": source, "num_params": model.num_params(),
                 "config": model.config.to_dict()},
-      "method": {"name": method_obj.name, "hyperparameters": dataclasses.asdict(method_obj),
-                 "compression_ratio": compression_ratio, "budget": budget},
+      # The first compression method (or the full cache), as single-method reports had it.
+      "method": infos[1] if len(infos) > 1 else infos[0],
+      "methods": infos,
+      "baseline_method": infos[0]["label"],
+      "compression_ratio": compression_ratio,
+      "budget": budget,
+      "prefill_chunk_size": prefill_chunk_size,
       "copy_bandwidth_gbps": copy_gbps,
       "hbm_bandwidth_gbps": hbm_bandwidth_gbps,
       "hbm_fraction_reference": "hbm_bandwidth_gbps" if hbm_bandwidth_gbps else
                                 "copy_bandwidth_gbps",
       "results": results,
+      "decode_attention_kernel": kernel,
+      "goal_setting": dict(GOAL_SETTING),
   }
+  report["goals"] = evaluate_goals(report)
+  return report
+
+
+# --- Printing -----------------------------------------------------------------------------
+
+def _fmt(value, spec: str, width: int) -> str:
+  return ("-" if value is None else format(value, spec)).rjust(width)
+
+
+def format_goals(report: dict) -> str:
+  """The goals section: target, measured value, where it was measured, met or not."""
+  s = report["goal_setting"]
+  lines = [f"goals at the {s['shape']} shape, context {s['context_length']}, batch "
+           f"{s['batch_size']}, compression_ratio {s['compression_ratio']} (met is n/a for "
+           f"values measured elsewhere):"]
+  name = None
+  for g in report["goals"]:
+    if g["name"] != name:
+      name = g["name"]
+      lines.append(f"  {g['name']} {g['comparison']} {g['target']:g}: {g['description']}")
+    subject = g["subject"] or "-"
+    if g["measured"] is None:
+      lines.append(f"    {subject:<28} not measured: {g['reason']}")
+    elif g["at_goal_setting"]:
+      lines.append(f"    {subject:<28} {g['measured']:>9.3f}  {'MET' if g['met'] else 'NOT MET'}")
+    else:
+      verdict = "would pass" if g["passes_target"] else "would miss"
+      lines.append(f"    {subject:<28} {g['measured']:>9.3f}  met n/a, {verdict}: NOT the "
+                   f"goal's setting ({_describe_setting(g['measured_at'])})")
+  return "\n".join(lines)
 
 
 def format_table(report: dict) -> str:
-  """A fixed-width table of a run() report."""
+  """Fixed-width tables of a run() report: per-method rows, the kernel, then the goals."""
   mib = 1 << 20
   device = report["device"]
+  methods = report.get("methods") or [report["method"]]
+  compression = (f"compression_ratio {report['compression_ratio']}"
+                 if report.get("compression_ratio") is not None else
+                 f"budget {report['budget']}" if report.get("budget") is not None else "")
+  weights = report["results"][0]["weight_bytes"] / mib if report["results"] else 0.0
   lines = [
       f"device {device['device_kind']} ({device['platform']}), jax {report['jax_version']}, "
       f"model {report['model']['name']} ({report['model']['num_params'] / 1e6:.1f}M params, "
-      f"{report['model']['config']['dtype']}), method {report['method']['name']}",
+      f"{report['model']['config']['dtype']}, {weights:.1f} MiB weights)",
+      f"methods {', '.join(m['label'] for m in methods)} (baseline {methods[0]['label']})"
+      + (f", {compression}" if compression else ""),
       f"copy bandwidth {report['copy_bandwidth_gbps']:.1f} GB/s"
       + (f", given HBM bandwidth {report['hbm_bandwidth_gbps']:.1f} GB/s"
          if report["hbm_bandwidth_gbps"] else ""),
   ]
-  header = (f"{'context':>8} {'batch':>5} {'prefill s':>10} {'prefill tok/s':>13} "
-            f"{'decode ms/step':>14} {'decode tok/s':>12} {'cache MiB':>10} "
-            f"{'weights MiB':>11} {'GB/s':>8} {'frac':>6}")
+  header = (f"{'method':<18} {'context':>7} {'batch':>5} {'prefill s':>9} "
+            f"{'prefill tok/s':>13} {'overhead':>8} {'decode ms/step':>14} "
+            f"{'decode tok/s':>12} {'speedup':>7} {'ctx cache MiB':>13} {'ratio':>6} "
+            f"{'GB/s':>7} {'frac':>6}")
   lines += [header, "-" * len(header)]
   for r in report["results"]:
     lines.append(
-        f"{r['context_length']:>8} {r['batch_size']:>5} {r['prefill_seconds']:>10.4f} "
-        f"{r['prefill_tokens_per_second']:>13.0f} {r['decode_step_seconds'] * 1e3:>14.2f} "
-        f"{r['decode_tokens_per_second']:>12.1f} {r['cache_bytes'] / mib:>10.2f} "
-        f"{r['weight_bytes'] / mib:>11.1f} {r['decode_bandwidth_gbps']:>8.1f} "
-        f"{r['hbm_fraction']:>6.3f}")
+        f"{r.get('method', 'full'):<18} {r['context_length']:>7} {r['batch_size']:>5} "
+        f"{r['prefill_seconds']:>9.4f} {r['prefill_tokens_per_second']:>13.0f} "
+        f"{_fmt(r.get('compression_overhead_fraction'), '+.1%', 8)} "
+        f"{r['decode_step_seconds'] * 1e3:>14.2f} {r['decode_tokens_per_second']:>12.1f} "
+        f"{_fmt(r.get('decode_speedup'), '.2f', 6)}x "
+        f"{r.get('context_cache_bytes', r['cache_bytes']) / mib:>13.2f} "
+        f"{_fmt(r.get('context_cache_ratio_to_full'), '.3f', 6)} "
+        f"{r['decode_bandwidth_gbps']:>7.1f} {r['hbm_fraction']:>6.3f}")
+  lines.append("overhead: extra prefill time vs the full cache; speedup: full decode step "
+               "time / this one; ratio: context cache bytes / the full cache's; frac: "
+               f"decode bytes per step / time vs {report['hbm_fraction_reference']}")
+  kernel = report.get("decode_attention_kernel")
+  if kernel is not None:
+    if not kernel["measured"]:
+      lines.append(f"decode-attention kernel: not measured ({kernel['reason']})")
+    else:
+      lines.append(f"decode-attention kernel alone, {kernel['scope']}:")
+      lines.append(f"  {'cache':<10} {'context':>7} {'batch':>5} {'slots':>7} {'MiB read':>9} "
+                   f"{'us':>9} {'GB/s':>8} {'copy frac':>9} {'hbm frac':>8}")
+      for k in kernel["rows"]:
+        lines.append(f"  {k['cache']:<10} {k['context_length']:>7} {k['batch_size']:>5} "
+                     f"{k['slots']:>7} {k['bytes_read'] / mib:>9.2f} {k['seconds'] * 1e6:>9.1f} "
+                     f"{k['bandwidth_gbps']:>8.1f} {k['copy_fraction']:>9.3f} "
+                     f"{k['hbm_fraction']:>8.3f}")
+  if report.get("goals"):
+    lines.append(format_goals(report))
   return "\n".join(lines)

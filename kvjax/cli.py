@@ -35,7 +35,11 @@ def define_method_flags():
   flags.DEFINE_float("compression_ratio", None, "Fraction of the prompt cache removed, [0, 1).")
   flags.DEFINE_integer("budget", None, "Or: prompt tokens kept per layer.")
   flags.DEFINE_multi_string("method_arg", None,
-                            "Method hyperparameter as name=value (repeatable), e.g. window=32.")
+                            "Method hyperparameter as name=value (repeatable), e.g. window=32; "
+                            "wrappers take press=<method name>, e.g. --method=adakv "
+                            "--method_arg=press=expected_attention.")
+  flags.DEFINE_integer("prefill_chunk_size", None, "Prefill the prompt in chunks of this many "
+                       "tokens, compressing after each (peak cache = budget + chunk).")
 
 
 def load_model():
@@ -87,9 +91,13 @@ def _jsonable(x):
 
 def format_stats(stats: dict) -> str:
   mib = 1 << 20
+  context = (f"[kvjax] compressed context {stats['context_cache_bytes'] / mib:.2f} MiB of "
+             f"{stats['full_context_cache_bytes'] / mib:.2f} MiB full "
+             f"({stats['context_cache_bytes'] / stats['full_context_cache_bytes']:.1%})\n"
+             if stats["method"] != "full" else "")
   return (f"[kvjax] method={stats['method']} batch={stats['batch_size']} "
           f"prompt_tokens={stats['prompt_tokens']} generated={stats['generated_tokens']}\n"
-          f"[kvjax] cache {stats['cache_bytes'] / mib:.2f} MiB "
+          f"{context}[kvjax] cache {stats['cache_bytes'] / mib:.2f} MiB "
           f"(full {stats['full_cache_bytes'] / mib:.2f} MiB, "
           f"{stats['cache_capacity_tokens']} slots/layer) | prefill "
           f"{stats['prefill_seconds']:.3f} s ({stats['prefill_tokens_per_second']:.0f} tok/s) | "

@@ -1,0 +1,8 @@
+"""Pallas kernels of kvjax, each with a pure-jnp reference in `reference.py`.
+
+Modules (import them directly; the functions share their modules' names):
+  decode_attention: `decode_attention`, `decode_attention_flat`, `merge_partials`.
+  window_scores: `window_scores` (observation-window attention statistics).
+  compaction: `gather_slots`, `gather_slot_values`.
+  backend: per-platform interpret mode, compiler params and block sizes.
+"""

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-# Platforms with a compiled Pallas backend, and the one that only interprets.
+# GPU platforms; both get Triton.
 GPU_PLATFORMS = ("cuda", "rocm")
 
 
@@ -80,6 +80,10 @@ def dispatch(build: Callable[[Target], Callable[..., Any]], *args, interpret=Non
     interpret: None: interpret when lowered for CPU, compile for TPU (Mosaic) and
       GPU (Triton). False: always compile (lowering for CPU then fails, as Pallas has no
       CPU compiler). True or an interpreter-params object: always interpret.
+
+  Limitation: one export for several platforms at once (`platforms=["tpu", "cuda"]`)
+  fails, because JAX lowers every branch of a multi-platform conditional for every
+  platform and each branch's compiler params fit only its own. Export per platform.
   """
   if interpret is not None and interpret is not False:
     return build(Target(_interpret_platform(interpret), interpret))(*args)
@@ -104,6 +108,12 @@ def check_block(name: str, value: int) -> int:
   if not isinstance(value, int) or value <= 0 or value & (value - 1):
     raise ValueError(f"{name} must be a positive power of two, got {value!r}.")
   return value
+
+
+def lane_dim(target: Target, d: int) -> int:
+  """Feature width a kernel works at: GPU pads to a power of two >= 16 (Triton loads need
+  power-of-two sizes and dots K, N >= 16); zero columns change no dot product."""
+  return max(16, next_power_of_2(d)) if target.is_gpu else d
 
 
 def cdiv(a: int, b: int) -> int:

@@ -11,6 +11,8 @@ log-sum-exp; with `return_probs` it also writes the masked logits of every slot.
 merges the chunks by their log-sum-exp (a [.., chunks, rows, D] reduction) and turns the
 logits into probabilities with one elementwise `exp(logit - lse)`. Splitting the keys over
 grid programs gives GPUs enough programs at small batch and bounds TPU VMEM for long caches.
+The wrapper pads the slot axis with empty slots to a multiple of the chunk (a copy of the
+cache unless its capacity already is a multiple: allocate capacities of 2048 to avoid it).
 
 Merging partial attentions (e.g. the cache here and the new token's own key held outside
 it): with `m = max(lse_a, lse_b)`, `w_a = exp(lse_a - m)`, `w_b = exp(lse_b - m)`,
@@ -46,15 +48,9 @@ def _precision(dtype):
   return lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
-def _query_rows(target: backend.Target, rows: int) -> int:
+def _query_rows(rows: int) -> int:
   # Triton dots need M >= 16 and power-of-two tiles; 16 rows is also one bf16 TPU tile.
-  del target
   return max(16, backend.next_power_of_2(rows))
-
-
-def _head_dim(target: backend.Target, d: int) -> int:
-  # Triton loads need power-of-two sizes; zero columns change no dot product.
-  return backend.next_power_of_2(d) if target.is_gpu else d
 
 
 def _attend_kernel(*refs, flat, return_logits, block_k, num_blocks, scale):
@@ -152,8 +148,8 @@ def _dense_impl(q, keys, values, key_positions, query_positions, *, target, retu
   s = keys.shape[2]
   tiling = backend.tile_keys(target, s, block_k, default_block=_DEFAULT_BLOCK,
                              chunk_blocks=_CHUNK_BLOCKS)
-  rows, dp, sp, c = _query_rows(target, g), _head_dim(target, d), tiling.padded, tiling.chunk
-  nc = tiling.num_chunks
+  rows, dp = _query_rows(g), backend.lane_dim(target, d)
+  sp, c, nc = tiling.padded, tiling.chunk, tiling.num_chunks
   qp = backend.pad_axis(backend.pad_axis(q, 3, dp), 2, rows)
   kp = backend.pad_axis(backend.pad_axis(keys, 3, dp), 2, sp)
   vp = backend.pad_axis(backend.pad_axis(values, 3, dp), 2, sp)
@@ -196,8 +192,8 @@ def _flat_impl(q, keys, values, key_positions, key_heads, query_positions, *, ta
   h = k * g
   tiling = backend.tile_keys(target, n, block_k, default_block=_DEFAULT_BLOCK,
                              chunk_blocks=_CHUNK_BLOCKS)
-  rows, dp, np_, c = _query_rows(target, h), _head_dim(target, d), tiling.padded, tiling.chunk
-  nc = tiling.num_chunks
+  rows, dp = _query_rows(h), backend.lane_dim(target, d)
+  np_, c, nc = tiling.padded, tiling.chunk, tiling.num_chunks
   # All K*G query rows of a batch row share one program: each key is read once and
   # matched to its head's rows by the head mask (extra MXU rows are cheap in decode).
   qp = backend.pad_axis(backend.pad_axis(q.reshape(b, h, d), 2, dp), 1, rows)

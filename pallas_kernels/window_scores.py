@@ -158,7 +158,7 @@ def _impl(q, keys, key_positions, query_positions, *, target, pooling, kernel_si
   c = tiling.chunk
   # Triton dots need M >= 16 and power-of-two tiles; padding queries have position -1.
   rows = max(16, backend.next_power_of_2(w))
-  dp = backend.next_power_of_2(d) if target.is_gpu else d
+  dp = backend.lane_dim(target, d)
 
   qp = backend.pad_axis(backend.pad_axis(q, 3, dp), 2, rows)
   kp = backend.pad_axis(backend.pad_axis(keys, 3, dp), 2, sp)
@@ -169,8 +169,10 @@ def _impl(q, keys, key_positions, query_positions, *, target, pooling, kernel_si
   static = dict(block_k=tiling.block, num_blocks=tiling.blocks_per_chunk, scale=scale)
 
   q_spec = pl.BlockSpec((None, None, rows, dp), lambda i, j, t: (i, j, 0, 0))
-  k_spec = pl.BlockSpec((None, None, c, dp), lambda i, j, t: (i, j // g, t, 0))
-  kpos_spec = pl.BlockSpec((None, None, 1, c), lambda i, j, t: (i, j // g, 0, t))
+  # lax.div, not `//`: jnp's floor division lowers for TPU through a chip-version query
+  # that fails when exporting from a CPU host (indices are >= 0, so they agree).
+  k_spec = pl.BlockSpec((None, None, c, dp), lambda i, j, t: (i, lax.div(j, g), t, 0))
+  kpos_spec = pl.BlockSpec((None, None, 1, c), lambda i, j, t: (i, lax.div(j, g), 0, t))
   qpos_spec = pl.BlockSpec((None, rows, 1), lambda i, j, t: (i, 0, 0))
   lse_c = pl.pallas_call(
       functools.partial(_lse_kernel, **static),

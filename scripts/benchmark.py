@@ -1,9 +1,14 @@
-"""Speed and memory benchmark: prefill and decode timings, cache bytes, decode bandwidth.
+"""Speed and memory benchmark per compression method, against the full cache.
 
   python scripts/benchmark.py --model=smollm2-135m --context_lengths=512,2048 --batch_sizes=1,4
-  python scripts/benchmark.py --shape=llama-3.1-8b --context_lengths=8192 --batch_sizes=1,8 \
-      --hbm_bandwidth_gbps=3350 --json_out=/tmp/bench.json
+  python scripts/benchmark.py --model=smollm2-135m --methods=snapkv,h2o --compression_ratio=0.5
+  python scripts/benchmark.py --shape=llama-3.1-8b --context_lengths=32768 --batch_sizes=8 \
+      --methods=snapkv,knorm --compression_ratio=0.9 --json_out=/tmp/bench.json
 
+Per method, context length and batch size: prefill seconds (compression included) and its
+overhead over the full cache's, decode ms/step and tokens/s, context cache bytes and their
+ratio to the full cache's, and the decode-step speedup. On GPU/TPU the Pallas decode-attention
+kernel is also timed alone. The report ends with the issue's goals next to the measurements.
 --shape benchmarks random weights at a real model's shapes (or a JSON ModelConfig file).
 """
 
@@ -18,6 +23,9 @@ cli.define_method_flags()
 flags.DEFINE_string("shape", None, f"Instead of --model: random weights at a named shape "
                     f"{benchmarking.available_shapes()} or a JSON ModelConfig file; "
                     f"--dtype defaults to {benchmarking.DEFAULT_SHAPE_DTYPE} here.")
+flags.DEFINE_list("methods", None, "Methods to compare, e.g. full,snapkv,h2o (default: "
+                  "--method); --compression_ratio/--budget/--method_arg apply to all but "
+                  "full, and the full cache is always measured as the baseline.")
 flags.DEFINE_list("context_lengths", ["512"], "Prompt lengths in tokens, e.g. 512,2048.")
 flags.DEFINE_list("batch_sizes", ["1"], "Batch sizes, e.g. 1,4.")
 flags.DEFINE_integer("decode_steps", 32, "Decode steps timed per run.")
@@ -27,17 +35,21 @@ flags.DEFINE_float("hbm_bandwidth_gbps", None, "The device's peak or measured me
                    "bandwidth in GB/s, for hbm_fraction (default: the measured copy bandwidth).")
 flags.DEFINE_integer("copy_bandwidth_mib", 256, "Array size for the copy-bandwidth measurement.")
 flags.DEFINE_integer("seed", 0, "Seed of the random prompts and random weights.")
-flags.DEFINE_string("json_out", None, "Write {device, jax_version, model, method, results, "
-                    "config} here.")
+flags.DEFINE_string("json_out", None, "Write {device, jax_version, model, method, methods, "
+                    "results, decode_attention_kernel, goals, config} here.")
 
 
 def main(argv):
   del argv
-  method = cli.method_from_flags()
+  methods = benchmarking.build_methods(
+      FLAGS.methods if FLAGS.methods is not None else FLAGS.method,
+      benchmarking.parse_method_args(FLAGS.method_arg),
+      what="--methods" if FLAGS.methods is not None else "--method")
   context_lengths = benchmarking.parse_sizes(FLAGS.context_lengths, "--context_lengths")
   batch_sizes = benchmarking.parse_sizes(FLAGS.batch_sizes, "--batch_sizes")
   plan = dict(decode_steps=FLAGS.decode_steps, hbm_bandwidth_gbps=FLAGS.hbm_bandwidth_gbps,
-              method=method, compression_ratio=FLAGS.compression_ratio, budget=FLAGS.budget)
+              methods=methods, compression_ratio=FLAGS.compression_ratio, budget=FLAGS.budget,
+              prefill_chunk_size=FLAGS.prefill_chunk_size)
   if FLAGS.shape is not None:
     if FLAGS["model"].present:
       raise benchmarking.BenchmarkError(

@@ -41,7 +41,8 @@ def main(argv):
       model, prompts[0] if len(prompts) == 1 else prompts,
       questions=questions[0] if questions and len(questions) == 1 else questions,
       method=cli.method_from_flags(), compression_ratio=FLAGS.compression_ratio,
-      budget=FLAGS.budget, max_new_tokens=FLAGS.max_new_tokens,
+      budget=FLAGS.budget, prefill_chunk_size=FLAGS.prefill_chunk_size,
+      max_new_tokens=FLAGS.max_new_tokens,
       temperature=FLAGS.temperature, top_p=FLAGS.top_p, seed=FLAGS.seed, stop=FLAGS.stop,
       stream=stream, chat_template={"auto": None, "on": True, "off": False}[FLAGS.chat_template])
   if stream is not None:

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from kvjax import benchmarking
+from kvjax import benchmarking, methods
 from kvjax.cache import full_cache_nbytes
 from kvjax.config import ModelConfig
 from kvjax.model import random_params
@@ -77,8 +77,10 @@ def test_run_report_fractions_and_table():
     assert np.isclose(r["hbm_fraction"], r["decode_bandwidth_gbps"] / 100.0)
     assert np.isclose(r["copy_fraction"],
                       r["decode_bandwidth_gbps"] / report["copy_bandwidth_gbps"])
+  assert [m["label"] for m in report["methods"]] == ["full"]
   table = benchmarking.format_table(report)
-  assert "decode tok/s" in table and len(table.splitlines()) == 6
+  assert "decode tok/s" in table and "ctx cache MiB" in table
+  assert "decode-attention kernel: not measured" in table
 
 
 def test_copy_bandwidth_is_positive():
@@ -173,3 +175,204 @@ def test_script_rejects_too_long_context(tmp_path):
                  "--copy_bandwidth_mib=1")
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert "context_length=100 + decode_steps=32 = 132" in proc.stderr
+
+
+def _methods_report(**kwargs):
+  model = random_params(tiny_config(), seed=2)
+  args = dict(decode_steps=2, repeats=1, warmup=1, copy_bandwidth_bytes=1 << 20,
+              methods=[methods.SnapKV(window=8), "h2o"], compression_ratio=0.5) | kwargs
+  return benchmarking.run(model, [64], [1], **args)
+
+
+def test_run_compares_methods_with_the_full_baseline():
+  report = _methods_report()
+  rows = report["results"]
+  assert [r["method"] for r in rows] == ["full", "snapkv", "h2o"]
+  assert [m["label"] for m in report["methods"]] == ["full", "snapkv", "h2o"]
+  assert report["method"]["name"] == "snapkv" and report["baseline_method"] == "full"
+  full, snapkv, h2o = rows
+  assert full["keep_tokens"] is None and full["compression_ratio"] is None
+  assert (full["compression_overhead_fraction"], full["decode_speedup"]) == (0.0, 1.0)
+  assert full["cache_capacity_tokens"] == 66 and full["room_tokens"] == 2
+  # SnapKV keeps 32 slots plus room for the decode steps; H2O evicts while decoding.
+  assert (snapkv["keep_tokens"], snapkv["room_tokens"], snapkv["cache_capacity_tokens"]) == (
+      32, 2, 34)
+  assert (h2o["keep_tokens"], h2o["room_tokens"], h2o["cache_capacity_tokens"]) == (32, 0, 32)
+  assert snapkv["kept_tokens_per_layer"] == [32, 32]
+  for r in (snapkv, h2o):
+    assert r["compression_ratio"] == 0.5
+    assert abs(r["context_cache_ratio"] - 0.5) < 0.03, r["context_cache_ratio"]
+    assert np.isclose(r["context_cache_ratio_to_full"],
+                      r["context_cache_bytes"] / full["context_cache_bytes"])
+    assert r["cache_ratio"] < 0.6
+    for key in ("compression_overhead_fraction", "compression_overhead_seconds",
+                "decode_speedup", "decode_tokens_per_second", "prefill_seconds"):
+      assert np.isfinite(r[key]), key
+    assert np.isclose(r["decode_speedup"],
+                      full["decode_step_seconds"] / r["decode_step_seconds"])
+    assert np.isclose(r["compression_overhead_fraction"],
+                      r["prefill_seconds"] / full["prefill_seconds"] - 1)
+  assert json.loads(json.dumps(report))  # JSON-ready as is
+
+  kernel = report["decode_attention_kernel"]
+  assert kernel == {"measured": False, "reason": benchmarking.KERNEL_CPU_REASON,
+                    "scope": "one layer's cache", "rows": []}
+  goals = report["goals"]
+  assert {g["name"] for g in goals} == {g.name for g in benchmarking.GOALS}
+  (bandwidth,) = [g for g in goals if g["name"] == "decode_attention_hbm_fraction"]
+  assert bandwidth["measured"] is None and bandwidth["met"] is None
+  assert bandwidth["reason"] == "CPU: Pallas kernel runs only in interpret mode"
+  for name, target in [("decode_step_speedup", 5.0), ("compression_overhead_fraction", 0.05)]:
+    entries = [g for g in goals if g["name"] == name]
+    assert [g["subject"] for g in entries] == ["snapkv", "h2o"]
+    for g in entries:
+      assert g["target"] == target and np.isfinite(g["measured"])
+      assert g["at_goal_setting"] is False and g["met"] is None
+      assert isinstance(g["passes_target"], bool)
+      assert g["measured_at"]["context_length"] == 64
+      assert "not the goal's setting" in g["reason"]
+  table = benchmarking.format_table(report)
+  assert "speedup" in table and "overhead" in table and "snapkv" in table
+  assert "NOT the goal's setting" in table
+  assert "not measured: CPU: Pallas kernel runs only in interpret mode" in table
+
+
+def _llama_report(kernel_rows):
+  """A synthetic report at the goal's shape: one row at 32K x 8, one larger elsewhere."""
+  config = benchmarking.named_shape("llama-3.1-8b").to_dict()
+
+  def row(method, context, batch, speedup, overhead):
+    return {"method": method, "context_length": context, "batch_size": batch,
+            "compression_ratio": None if method == "full" else 0.9, "budget": None,
+            "decode_speedup": speedup, "compression_overhead_fraction": overhead}
+
+  results = [row("full", 32768, 8, 1.0, 0.0), row("snapkv", 32768, 8, 6.0, 0.02),
+             row("full", 65536, 8, 1.0, 0.0), row("snapkv", 65536, 8, 2.0, 0.5)]
+  methods_info = [{"label": "full"}, {"label": "snapkv"}]
+  return {"model": {"name": "llama-3.1-8b", "config": config}, "methods": methods_info,
+          "results": results, "compression_ratio": 0.9, "budget": None,
+          "decode_attention_kernel": {"measured": True, "reason": None, "rows": kernel_rows}}
+
+
+def test_goals_use_the_rows_at_the_goal_setting():
+  kernel_rows = [{"context_length": 32768, "batch_size": 8, "slots": s, "cache": c,
+                  "copy_fraction": f}
+                 for s, c, f in [(32768, "full", 0.85), (3277, "compressed", 0.6)]]
+  goals = benchmarking.evaluate_goals(_llama_report(kernel_rows))
+  by_name = {}
+  for g in goals:
+    by_name.setdefault(g["name"], []).append(g)
+  (speedup,) = by_name["decode_step_speedup"]
+  assert speedup["measured"] == 6.0 and speedup["at_goal_setting"] and speedup["met"] is True
+  assert speedup["measured_at"]["context_length"] == 32768 and speedup["reason"] is None
+  (overhead,) = by_name["compression_overhead_fraction"]
+  assert overhead["measured"] == 0.02 and overhead["met"] is True
+  full, compressed = by_name["decode_attention_hbm_fraction"]
+  assert (full["met"], compressed["met"]) == (True, False)
+  assert compressed["subject"] == "compressed cache (3277 slots)"
+
+
+def test_goals_on_another_shape_are_not_met_or_missed():
+  report = _llama_report([])
+  report["model"]["config"] = dict(report["model"]["config"], num_layers=2)
+  report["decode_attention_kernel"] = {"measured": False, "reason": "no GPU", "rows": []}
+  goals = benchmarking.evaluate_goals(report)
+  (speedup,) = [g for g in goals if g["name"] == "decode_step_speedup"]
+  # Largest row instead, labelled as off the setting.
+  assert speedup["measured"] == 2.0 and speedup["measured_at"]["context_length"] == 65536
+  assert not speedup["at_goal_setting"] and speedup["met"] is None
+  assert speedup["passes_target"] is False
+  (bandwidth,) = [g for g in goals if g["name"] == "decode_attention_hbm_fraction"]
+  assert bandwidth["reason"] == "no GPU" and bandwidth["met"] is None
+
+
+def test_only_full_reports_goals_as_unmeasured():
+  model = random_params(tiny_config())
+  report = benchmarking.run(model, [8], [1], decode_steps=2, repeats=1, warmup=0,
+                            copy_bandwidth_bytes=1 << 20)
+  for g in report["goals"]:
+    assert g["measured"] is None and g["met"] is None and g["reason"]
+
+
+def test_kernel_microbenchmark_runs_interpreted():
+  row = benchmarking.measure_decode_attention_kernel(tiny_config(), batch_size=2, slots=40,
+                                                     iterations=1, repeats=1)
+  # keys + values [2, 2, 40, 16] float32 and int32 positions [2, 2, 40].
+  assert row["bytes_read"] == 2 * (2 * 2 * 40 * 16 * 4) + 2 * 2 * 40 * 4
+  assert row["seconds"] > 0 and row["bandwidth_gbps"] > 0
+  assert (row["kv_heads"], row["query_heads_per_kv_head"], row["head_dim"]) == (2, 2, 16)
+
+
+def test_kernel_section_off_cpu_times_full_and_compressed_sizes(monkeypatch):
+  calls = []
+
+  def fake(config, batch_size, slots):
+    calls.append((batch_size, slots))
+    return {"batch_size": batch_size, "slots": slots, "bytes_read": 1000, "seconds": 1e-6,
+            "bandwidth_gbps": 1.0}
+
+  monkeypatch.setattr(benchmarking, "kernel_unmeasured_reason", lambda: None)
+  monkeypatch.setattr(benchmarking, "measure_decode_attention_kernel", fake)
+  report = _methods_report()
+  assert calls == [(1, 32), (1, 64)]
+  kernel = report["decode_attention_kernel"]
+  assert kernel["measured"] and [r["cache"] for r in kernel["rows"]] == ["compressed", "full"]
+  assert np.isclose(kernel["rows"][0]["copy_fraction"], 1.0 / report["copy_bandwidth_gbps"])
+  entries = [g for g in report["goals"] if g["name"] == "decode_attention_hbm_fraction"]
+  assert len(entries) == 2 and all(g["met"] is None and g["measured"] > 0 for g in entries)
+  assert "decode-attention kernel alone" in benchmarking.format_table(report)
+
+
+def test_chunked_prefill_with_a_method():
+  model = random_params(tiny_config())
+  row = benchmarking.measure(model, 20, 1, 2, repeats=1, warmup=0,
+                             method=methods.SnapKV(window=4), compression_ratio=0.5,
+                             prefill_chunk_size=8)
+  assert row["keep_tokens"] == 10 and row["prefill_chunk_size"] == 8
+  assert row["cache_capacity_tokens"] == 12
+
+
+def test_bad_methods_name_the_value():
+  with pytest.raises(benchmarking.BenchmarkError, match="'bogus' is not a method; available"):
+    benchmarking.build_methods(["full", "bogus"], what="--methods")
+  with pytest.raises(benchmarking.BenchmarkError, match=r"lists \['snapkv'\] more than once"):
+    benchmarking.build_methods("snapkv,full,snapkv")
+  with pytest.raises(benchmarking.BenchmarkError, match="names no compression method"):
+    benchmarking.build_methods(["full"], {"window": 4})
+  with pytest.raises(benchmarking.BenchmarkError, match="'window' must look like name=value"):
+    benchmarking.parse_method_args(["window"])
+  assert benchmarking.parse_method_args(["window=4", "pooling=avg"]) == {
+      "window": 4, "pooling": "avg"}
+  built = benchmarking.build_methods(["h2o", "knorm"])
+  assert [m.label for m in built] == ["full", "h2o", "knorm"]
+  with pytest.raises(ValueError, match="has no hyperparameters"):
+    benchmarking.build_methods(["h2o", "knorm"], {"recent_ratio": 0.25})
+  config = tiny_config()
+  with pytest.raises(benchmarking.BenchmarkError, match="head-wise budgets.*prefill_chunk_size=8"):
+    benchmarking.check_plan(config, [32], [1], 2, methods=["adakv"], compression_ratio=0.1,
+                            prefill_chunk_size=8)
+
+
+def test_script_compares_methods(tmp_path):
+  shape = tmp_path / "tiny.json"
+  shape.write_text(tiny_config().to_json())
+  out = tmp_path / "bench.json"
+  proc = _script(f"--shape={shape}", "--methods=snapkv,h2o", "--compression_ratio=0.5",
+                 "--context_lengths=96", "--decode_steps=2", "--warmup=0", "--repeats=1",
+                 "--copy_bandwidth_mib=1", f"--json_out={out}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "goals at the llama-3.1-8b shape" in proc.stdout and "speedup" in proc.stdout
+  report = json.loads(out.read_text())
+  assert [r["method"] for r in report["results"]] == ["full", "snapkv", "h2o"]
+  assert report["config"]["methods"] == ["snapkv", "h2o"]
+  assert [r["keep_tokens"] for r in report["results"]] == [None, 48, 48]
+  (bandwidth,) = [g for g in report["goals"] if g["name"] == "decode_attention_hbm_fraction"]
+  assert bandwidth["met"] is None and "interpret mode" in bandwidth["reason"]
+
+
+def test_script_rejects_bad_method_names(tmp_path):
+  shape = tmp_path / "tiny.json"
+  shape.write_text(tiny_config().to_json())
+  proc = _script(f"--shape={shape}", "--methods=full,snapkv,snapvk", "--compression_ratio=0.5")
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "error: --methods entry 'snapvk' is not a method; available: [" in proc.stderr

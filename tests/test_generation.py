@@ -111,11 +111,15 @@ def test_stats_measure_the_cache(model):
   result = kvjax.generate(model, [list(range(30))] * 2, max_new_tokens=4)
   stats = result.stats
   cfg = model.config
+  per_layer = lambda slots: (2 * 2 * cfg.num_kv_heads * slots * cfg.head_dim * 4
+                             + 2 * cfg.num_kv_heads * slots * 4 + 4)
   slots = stats["cache_capacity_tokens"]
-  per_layer = 2 * 2 * cfg.num_kv_heads * slots * cfg.head_dim * 4 + 2 * cfg.num_kv_heads * slots * 4 + 4
-  assert stats["cache_bytes"] == cfg.num_layers * per_layer + 2 * 4
-  assert stats["full_cache_bytes"] == stats["cache_bytes"]
-  assert slots >= 30 + 4
+  assert stats["cache_bytes"] == cfg.num_layers * per_layer(slots) + 2 * 4
+  room = stats["room_tokens"]
+  assert room >= 4 and slots >= 30 + room
+  # The full-cache reference holds exactly the 30 prompt tokens (no bucket padding) + room.
+  assert stats["full_cache_bytes"] == cfg.num_layers * per_layer(30 + room) + 2 * 4
+  assert stats["full_context_cache_bytes"] == cfg.num_layers * per_layer(30) + 2 * 4
   assert stats["prefill_seconds"] > 0 and stats["decode_tokens_per_second"] > 0
 
 

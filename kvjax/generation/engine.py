@@ -7,14 +7,13 @@ decode times, and the per-shape executables are reused across calls.
 from __future__ import annotations
 
 import time
-import warnings
 
 import jax
 import jax.numpy as jnp
 
 from kvjax.cache import kv_cache
 from kvjax.generation import sampling
-from kvjax.model import transformer
+from kvjax.model import kernels, transformer
 
 
 def _prefill(params, tokens, token_mask, cache, *, graphdef, logits, plan):
@@ -30,6 +29,8 @@ def _decode(params, tokens, cache, key, temperature, top_p, *, graphdef, greedy,
 
 _prefill_jit = jax.jit(_prefill, static_argnames=("graphdef", "logits", "plan"),
                       donate_argnames=("cache",))
+# Compressing changes the cache's shapes, so its input buffers could not be reused anyway.
+_compress_jit = jax.jit(_prefill, static_argnames=("graphdef", "logits", "plan"))
 _decode_jit = jax.jit(_decode, static_argnames=("graphdef", "greedy", "plan"),
                      donate_argnames=("cache",))
 
@@ -38,7 +39,7 @@ def _grow(cache, room):
   return cache.replace(layers=tuple(kv_cache.append_room(layer, room) for layer in cache.layers))
 
 
-_grow_jit = jax.jit(_grow, static_argnames=("room",), donate_argnames=("cache",))
+_grow_jit = jax.jit(_grow, static_argnames=("room",))
 
 
 def _signature(tree):
@@ -54,7 +55,9 @@ class CompiledSteps:
     self.compile_seconds = 0.0
 
   def _get(self, name, jitted, static, args):
-    key = (name, tuple(sorted(static.items(), key=lambda kv: kv[0])), _signature(args))
+    # Whether kernels are used is read while tracing, so it is part of the key.
+    key = (name, tuple(sorted(static.items(), key=lambda kv: kv[0])), _signature(args),
+           kernels.use_pallas())
     if key not in self._executables:
       start = time.perf_counter()
       self._executables[key] = jitted.lower(*args, **static).compile()
@@ -63,7 +66,8 @@ class CompiledSteps:
 
   def prefill(self, model, tokens, token_mask, cache, logits="last", plan=None):
     args = (model.params, tokens, token_mask, cache)
-    return self._get("prefill", _prefill_jit,
+    jitted = _compress_jit if plan is not None and plan.compress else _prefill_jit
+    return self._get("prefill", jitted,
                      dict(graphdef=model.graphdef, logits=logits, plan=plan), args)(*args)
 
   def decode(self, model, tokens, cache, key, temperature, top_p, greedy, plan=None):
@@ -77,10 +81,6 @@ class CompiledSteps:
       return cache
     return self._get("grow", _grow_jit, dict(room=room), (cache,))(cache)
 
-
-# Compression changes the cache's shapes, so its donated input buffers cannot always be reused
-# in place; that is expected, not worth a warning on every compile.
-warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 
 # One process-wide cache of executables; keys include the model's graph definition.
 STEPS = CompiledSteps()

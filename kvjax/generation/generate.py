@@ -222,6 +222,9 @@ def generate(model, prompts, questions=None, method=None, compression_ratio=None
       "generated_tokens": [len(g) for g in generated],
       "prefill_chunk_size": prefill_chunk_size,
       "room_tokens": room,
+      "cache_capacity_tokens": max(layer.capacity // (1 if layer.keys.ndim == 4 else
+                                                      model.config.num_kv_heads)
+                                   for layer in cache.layers),
       # Measured from the cache's arrays: the compressed context alone, and the whole cache
       # after prefill (question and room for generated tokens included).
       "context_cache_bytes": prefilled.context_cache_bytes,

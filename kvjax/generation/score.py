@@ -8,7 +8,8 @@ import numpy as np
 
 from kvjax import methods as methods_lib
 from kvjax.errors import GenerationError
-from kvjax.generation import context, engine, inputs
+from kvjax.generation import context as context_lib
+from kvjax.generation import engine, inputs
 from kvjax.generation.generate import check_context_length
 
 
@@ -53,7 +54,7 @@ def score(model, context, continuation, method=None, compression_ratio=None, bud
   for i, row in enumerate(cont_ids):
     cont_tokens[i, :len(row)] = row
     cont_mask[i, :len(row)] = True
-  prefilled = context.prefill(model, ctx_tokens, ctx_mask, method_obj, keep, room=width)
+  prefilled = context_lib.prefill(model, ctx_tokens, ctx_mask, method_obj, keep, room=width)
   last_logits = prefilled.logits
   cont_logits, _ = engine.STEPS.prefill(model, jnp.asarray(cont_tokens), jnp.asarray(cont_mask),
                                         prefilled.cache, logits="all",

@@ -139,6 +139,6 @@ class PerLayer(Wrapper):
     if len(self.weights) != config.num_layers:
       raise base.MethodError(f"per_layer weights has {len(self.weights)} entries; the model "
                              f"has {config.num_layers} layers")
-    low = max(1, self.press.protected_tokens(keep))
+    low = self.press.protected_tokens(keep) + 1  # a layer must keep more than its window
     return budgets.distribute(keep * config.num_layers, self.weights, low,
                               max(context_length, low))

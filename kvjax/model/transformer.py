@@ -14,7 +14,7 @@ from flax import nnx
 from kvjax.cache import compress, kv_cache
 from kvjax.config import ModelConfig
 from kvjax.methods import base as methods_base
-from kvjax.model import attention, rope
+from kvjax.model import attention, kernels, rope
 
 _init = nnx.initializers.normal(0.02)
 
@@ -62,17 +62,22 @@ class Attention(nnx.Module):
     k = rope.apply_rope(self.k(x), positions, inv_freq).transpose(0, 2, 1, 3)  # [B, K, T, D]
     v = self.v(x).transpose(0, 2, 1, 3)
     method = plan.method if plan is not None else None
+    decoding = x.shape[1] == 1
     if plan is not None and plan.compress:
       out, layer_cache = self._attend_and_compress(q, raw_q, k, v, positions, layer_cache,
                                                    layer_index, plan, lengths)
     elif isinstance(layer_cache, kv_cache.FlatLayerCache):
       layer_cache = kv_cache.write_flat(layer_cache, k, v, positions)
-      out = attention.attend_flat(q, layer_cache.keys, layer_cache.values, positions,
-                                  layer_cache.positions, layer_cache.heads, k.shape[1])
-    elif method is not None and method.decode_time and x.shape[1] == 1:
+      attend_flat = (kernels.decode_attend_flat if decoding and kernels.use_pallas()
+                     else attention.attend_flat)
+      out = attend_flat(q, layer_cache.keys, layer_cache.values, positions,
+                        layer_cache.positions, layer_cache.heads, k.shape[1])
+    elif method is not None and method.decode_time and decoding:
       # Decode-time eviction: attend over the cache plus the new token, then let the method
       # pick which slot the new token overwrites.
-      out, probs, own = attention.attend_with_new_token(
+      attend_new = (kernels.decode_attend_with_new_token if kernels.use_pallas()
+                    else attention.attend_with_new_token)
+      out, probs, own = attend_new(
           q, layer_cache.keys, layer_cache.values, positions, layer_cache.positions, k, v)
       layer_cache = compress.evict_and_insert(method, layer_cache, k, v, positions[:, 0],
                                               probs, own, lengths)
@@ -80,8 +85,12 @@ class Attention(nnx.Module):
       accumulate = (layer_cache.scores is not None and method is not None
                     and method.needs_column_sums)
       layer_cache = kv_cache.write(layer_cache, k, v, positions)
-      out = attention.attend(q, layer_cache.keys, layer_cache.values, positions,
-                             layer_cache.positions, column_sums=accumulate)
+      if decoding and not accumulate and kernels.use_pallas():
+        out = kernels.decode_attend(q, layer_cache.keys, layer_cache.values, positions,
+                                    layer_cache.positions)
+      else:
+        out = attention.attend(q, layer_cache.keys, layer_cache.values, positions,
+                               layer_cache.positions, column_sums=accumulate)
       if accumulate:  # accumulated-attention state keeps counting appended queries
         out, sums = out
         layer_cache = layer_cache.replace(scores=method.accumulate(layer_cache.scores, sums))
