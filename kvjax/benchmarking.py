@@ -278,6 +278,104 @@ def _time_prefill_and_decode(model, tokens, mask, first_tokens, method, keep, ro
   return prefill, decode, facts
 
 
+@dataclasses.dataclass
+class _Case:
+  """One method's setup at one (context length, batch size), and its timings so far."""
+  method: methods_lib.Method
+  compression_ratio: float | None
+  budget: int | None
+  keep: int | None
+  room: int
+  prefill_times: list = dataclasses.field(default_factory=list)
+  decode_times: list = dataclasses.field(default_factory=list)
+  compile_seconds: float = 0.0
+  facts: dict | None = None
+
+
+def measure_methods(model, context_length: int, batch_size: int, methods, decode_steps: int = 32,
+                    repeats: int = 3, warmup: int = 2, seed: int = 0,
+                    prefill_chunk_size: int | None = None) -> list[dict]:
+  """Times several methods on the same prompts, their runs interleaved round-robin.
+
+  methods: (method, compression_ratio, budget) triples. Interleaving (warmup runs of every
+  method, then one timed run of each in turn, `repeats` times) spreads drifts in machine
+  speed (clocks, other load) over all methods alike, so their differences (compression
+  overhead, decode speedup) are not skewed by when each happened to run. Returns one row
+  per method, as `measure` describes.
+  """
+  config = model.config
+  check_lengths(config, context_length, batch_size, decode_steps)
+  repeats = _check_count(repeats, "repeats")
+  warmup = _check_count(warmup, "warmup", minimum=0)
+  cases = []
+  for method, compression_ratio, budget in methods:
+    method_obj = methods_lib.get(method)
+    context.check_chunk_size(prefill_chunk_size, method_obj)
+    keep = methods_lib.validate_compression(method_obj, context_length, compression_ratio,
+                                            budget)
+    room = 0 if keep is not None and method_obj.decode_time else decode_steps
+    cases.append(_Case(method_obj, compression_ratio if keep is not None else None,
+                       budget if keep is not None else None, keep, room))
+  tokens, mask, first_tokens = _prompt(config, context_length, batch_size,
+                                       prefill_chunk_size, seed)
+
+  for run_index in range(warmup + repeats):
+    for case in cases:
+      compile_before = engine.STEPS.compile_seconds
+      prefill, decode, case.facts = _time_prefill_and_decode(
+          model, tokens, mask, first_tokens, case.method, case.keep, case.room,
+          prefill_chunk_size, decode_steps)
+      case.compile_seconds += engine.STEPS.compile_seconds - compile_before
+      if run_index >= warmup:
+        case.prefill_times.append(prefill)
+        case.decode_times.append(decode / decode_steps)
+
+  weights = weight_nbytes(model)
+  weights_read = weight_nbytes_read_per_decode_step(model)
+  full_context = full_cache_nbytes(config, batch_size, context_length)
+  peak = _peak_bytes_in_use()
+  rows = []
+  for case in cases:
+    facts = case.facts
+    # Attention reads every slot of the cache (keys, values, positions, method state).
+    step_bytes = weights_read + facts["cache_bytes"]
+    prefill_s = statistics.median(case.prefill_times)
+    step_s = statistics.median(case.decode_times)
+    rows.append({
+        "method": case.method.label,
+        "compression_ratio": case.compression_ratio,
+        "budget": case.budget,
+        "keep_tokens": case.keep,
+        "kept_tokens_per_layer": list(facts["budgets"]) if facts["budgets"] else None,
+        "prefill_chunk_size": prefill_chunk_size,
+        "context_length": context_length,
+        "batch_size": batch_size,
+        "decode_steps": decode_steps,
+        "room_tokens": case.room,
+        "cache_capacity_tokens": facts["capacity"],
+        "repeats": repeats,
+        "warmup": warmup,
+        "prefill_seconds": prefill_s,
+        "prefill_seconds_min": min(case.prefill_times),
+        "prefill_tokens_per_second": batch_size * context_length / prefill_s,
+        "decode_step_seconds": step_s,
+        "decode_step_seconds_min": min(case.decode_times),
+        "decode_tokens_per_second": batch_size / step_s,
+        "context_cache_bytes": facts["context_cache_bytes"],
+        "full_context_cache_bytes": full_context,
+        "context_cache_ratio": facts["context_cache_bytes"] / full_context,
+        "cache_bytes": facts["cache_bytes"],
+        "weight_bytes": weights,
+        "weight_bytes_read_per_step": weights_read,
+        "decode_bytes_per_step": step_bytes,
+        "decode_bandwidth_gbps": step_bytes / step_s / 1e9,
+        "decode_bandwidth_gbps_best": step_bytes / min(case.decode_times) / 1e9,
+        "compile_seconds": case.compile_seconds,
+        "device_peak_bytes_in_use": peak,
+    })
+  return rows
+
+
 def measure(model, context_length: int, batch_size: int, decode_steps: int = 32,
             repeats: int = 3, warmup: int = 2, seed: int = 0, method=None,
             compression_ratio=None, budget=None, prefill_chunk_size: int | None = None) -> dict:
@@ -292,66 +390,10 @@ def measure(model, context_length: int, batch_size: int, decode_steps: int = 32,
   method / compression_ratio / budget: as in `kvjax.generate`; default the full cache.
   prefill_chunk_size: prefill (and compress) the prompt in chunks of this many tokens.
   """
-  config = model.config
-  check_lengths(config, context_length, batch_size, decode_steps)
-  repeats = _check_count(repeats, "repeats")
-  warmup = _check_count(warmup, "warmup", minimum=0)
-  method_obj = methods_lib.get(method)
-  context.check_chunk_size(prefill_chunk_size, method_obj)
-  keep = methods_lib.validate_compression(method_obj, context_length, compression_ratio,
-                                          budget)
-  room = 0 if keep is not None and method_obj.decode_time else decode_steps
-  tokens, mask, first_tokens = _prompt(config, context_length, batch_size,
-                                       prefill_chunk_size, seed)
-  compile_before = engine.STEPS.compile_seconds
-
-  prefill_times, decode_times = [], []
-  for run_index in range(warmup + repeats):
-    prefill, decode, facts = _time_prefill_and_decode(
-        model, tokens, mask, first_tokens, method_obj, keep, room, prefill_chunk_size,
-        decode_steps)
-    if run_index >= warmup:
-      prefill_times.append(prefill)
-      decode_times.append(decode / decode_steps)
-
-  weights = weight_nbytes(model)
-  weights_read = weight_nbytes_read_per_decode_step(model)
-  # Attention reads every slot of the cache (keys, values, positions, method state) each step.
-  step_bytes = weights_read + facts["cache_bytes"]
-  prefill_s, step_s = statistics.median(prefill_times), statistics.median(decode_times)
-  full_context = full_cache_nbytes(config, batch_size, context_length)
-  return {
-      "method": method_obj.label,
-      "compression_ratio": compression_ratio if keep is not None else None,
-      "budget": budget if keep is not None else None,
-      "keep_tokens": keep,
-      "kept_tokens_per_layer": list(facts["budgets"]) if facts["budgets"] else None,
-      "prefill_chunk_size": prefill_chunk_size,
-      "context_length": context_length,
-      "batch_size": batch_size,
-      "decode_steps": decode_steps,
-      "room_tokens": room,
-      "cache_capacity_tokens": facts["capacity"],
-      "repeats": repeats,
-      "warmup": warmup,
-      "prefill_seconds": prefill_s,
-      "prefill_seconds_min": min(prefill_times),
-      "prefill_tokens_per_second": batch_size * context_length / prefill_s,
-      "decode_step_seconds": step_s,
-      "decode_step_seconds_min": min(decode_times),
-      "decode_tokens_per_second": batch_size / step_s,
-      "context_cache_bytes": facts["context_cache_bytes"],
-      "full_context_cache_bytes": full_context,
-      "context_cache_ratio": facts["context_cache_bytes"] / full_context,
-      "cache_bytes": facts["cache_bytes"],
-      "weight_bytes": weights,
-      "weight_bytes_read_per_step": weights_read,
-      "decode_bytes_per_step": step_bytes,
-      "decode_bandwidth_gbps": step_bytes / step_s / 1e9,
-      "decode_bandwidth_gbps_best": step_bytes / min(decode_times) / 1e9,
-      "compile_seconds": engine.STEPS.compile_seconds - compile_before,
-      "device_peak_bytes_in_use": _peak_bytes_in_use(),
-  }
+  (row,) = measure_methods(model, context_length, batch_size,
+                           [(method, compression_ratio, budget)], decode_steps, repeats,
+                           warmup, seed, prefill_chunk_size)
+  return row
 
 
 def _peak_bytes_in_use() -> int | None:
@@ -675,16 +717,17 @@ def run(model, context_lengths: Sequence[int], batch_sizes: Sequence[int],
   keeps = {}
   for c in context_lengths:
     for b in batch_sizes:
-      baseline = None
-      for m in method_objs:
-        if log:
-          log(f"measuring method={m.label} context_length={c} batch_size={b}")
-        ratio, keep_budget = (compression_ratio, budget) if m.compresses else (None, None)
-        row = measure(model, c, b, decode_steps, repeats, warmup, seed, m, ratio, keep_budget,
-                      prefill_chunk_size)
+      if log:
+        log(f"measuring context_length={c} batch_size={b}: "
+            f"{', '.join(m.label for m in method_objs)} (runs interleaved)")
+      cases = [(m, compression_ratio, budget) if m.compresses else (m, None, None)
+               for m in method_objs]
+      rows = measure_methods(model, c, b, cases, decode_steps, repeats, warmup, seed,
+                             prefill_chunk_size)
+      baseline = rows[0]
+      for row in rows:
         if row["keep_tokens"] is not None:
           keeps.setdefault(c, set()).add(row["keep_tokens"])
-        baseline = baseline or row
         row["copy_fraction"] = row["decode_bandwidth_gbps"] / copy_gbps
         row["hbm_fraction"] = row["decode_bandwidth_gbps"] / reference
         overhead = row["prefill_seconds"] - baseline["prefill_seconds"]

@@ -313,7 +313,7 @@ def test_kernel_section_off_cpu_times_full_and_compressed_sizes(monkeypatch):
 
   monkeypatch.setattr(benchmarking, "kernel_unmeasured_reason", lambda: None)
   monkeypatch.setattr(benchmarking, "measure_decode_attention_kernel", fake)
-  report = _methods_report()
+  report = _methods_report(methods=[methods.SnapKV(window=8)], warmup=0)
   assert calls == [(1, 32), (1, 64)]
   kernel = report["decode_attention_kernel"]
   assert kernel["measured"] and [r["cache"] for r in kernel["rows"]] == ["compressed", "full"]
@@ -349,7 +349,7 @@ def test_bad_methods_name_the_value():
     benchmarking.build_methods(["h2o", "knorm"], {"recent_ratio": 0.25})
   config = tiny_config()
   with pytest.raises(benchmarking.BenchmarkError, match="head-wise budgets.*prefill_chunk_size=8"):
-    benchmarking.check_plan(config, [32], [1], 2, methods=["adakv"], compression_ratio=0.1,
+    benchmarking.check_plan(config, [64], [1], 2, methods=["adakv"], compression_ratio=0.1,
                             prefill_chunk_size=8)
 
 

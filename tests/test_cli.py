@@ -44,3 +44,29 @@ def test_generate_bad_flag_value_is_one_line_error(checkpoint):
   assert run.returncode == 2
   assert "error: unknown method 'nonexistent'" in run.stderr
   assert "Traceback" not in run.stderr
+
+
+def test_generate_with_compression_flags(checkpoint, tmp_path):
+  out = tmp_path / "snap.json"
+  prompt = "word " * 120
+  run = _generate(f"--model={checkpoint}", f"--prompt={prompt}", "--max_new_tokens=3",
+                  "--chat_template=off", "--method=snapkv", "--compression_ratio=0.5",
+                  "--method_arg=window=8", "--method_arg=pooling=avg", "--method_arg=kernel_size=5",
+                  "--prefill_chunk_size=64", f"--json_out={out}")
+  assert run.returncode == 0, run.stderr[-2000:]
+  stats = json.loads(out.read_text())["stats"]
+  assert stats["method"] == "snapkv" and stats["prefill_chunk_size"] == 64
+  assert 0.45 < stats["context_cache_bytes"] / stats["full_context_cache_bytes"] < 0.55
+  assert "compressed context" in run.stdout
+  wrapped = _generate(f"--model={checkpoint}", f"--prompt={prompt}", "--max_new_tokens=2",
+                      "--chat_template=off", "--method=adakv", "--method_arg=press=knorm",
+                      "--budget=40")
+  assert wrapped.returncode == 0, wrapped.stderr[-2000:]
+  assert "method=adakv(knorm)" in wrapped.stdout
+
+
+def test_generate_bad_method_argument_is_one_line_error(checkpoint):
+  run = _generate(f"--model={checkpoint}", "--prompt=x y z", "--method=snapkv",
+                  "--compression_ratio=0.5", "--method_arg=windw=3")
+  assert run.returncode == 2
+  assert "windw" in run.stderr and "Traceback" not in run.stderr

@@ -10,8 +10,12 @@ from needle import NEEDLE, QUESTION, load_essays_text, needle_prompt
 
 TARGET_TOKENS = 2000
 # (depth, key, value): one needle per prompt, near the start, the middle and the end.
+# Not every needle survives SnapKV at 0.5 on this 135M model: ("brave-compass", "7305168")
+# at depth 0.5 comes back as "73056" from kvjax, and identically from kvpress 0.5.5's
+# SnapKVPress on transformers' own GGUF model (the pooled votes peak on the key, and the last
+# digits fall outside the pooling window). These three are answered by both caches.
 NEEDLES = [(0.1, "quiet-harbor", "4821937"),
-           (0.5, "brave-compass", "7305168"),
+           (0.5, "silver-meadow", "3859214"),
            (0.9, "amber-lantern", "9163542")]
 
 
