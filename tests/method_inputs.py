@@ -71,14 +71,15 @@ def layer_arrays(data: Prefill, column_sums=None, slot_scores=None,
   """The array fields of a `kvjax.methods.base.LayerInputs` (float32, int32, uint32)."""
   if slot_scores is None:
     slot_scores = np.zeros(data.kpos.shape)
-  as32 = lambda a: jnp.asarray(a, jnp.float32)
+  as32 = lambda a: jnp.asarray(np.asarray(a, np.float32))
   return dict(
       queries=as32(data.q), raw_queries=as32(data.raw_q), query_positions=jnp.asarray(data.qpos),
       keys=as32(data.k), values=as32(data.v), key_positions=jnp.asarray(data.kpos),
       lengths=jnp.asarray(data.lengths),
       column_sums=None if column_sums is None else as32(column_sums),
       slot_scores=as32(slot_scores),
-      slot_history=None if slot_history is None else jnp.asarray(slot_history, jnp.uint32))
+      slot_history=(None if slot_history is None
+                    else jnp.asarray(np.asarray(slot_history, np.uint32))))
 
 
 # ----------------------------------------------------------------------------- attention
@@ -150,7 +151,7 @@ def assert_separated(prio: np.ndarray, keep: int, rtol: float = 1e-5) -> None:
     if keep < len(row) and np.isfinite(ordered[keep - 1]) and np.isfinite(ordered[keep]):
       scale = np.abs(ordered[np.isfinite(ordered)]).max()
       gap = ordered[keep - 1] - ordered[keep]
-      assert gap == 0 or gap > rtol * scale, f"near-tie at the budget boundary ({gap}); change the seed"
+      assert gap == 0 or gap > rtol * scale, f"near-tie at the budget ({gap}); change the seed"
 
 
 def popcount(x) -> np.ndarray:

@@ -260,10 +260,9 @@ def test_tova_keeps_one_set_per_layer(long_data):
 def test_attend_column_sums_match_numpy():
   data = mi.random_prefill(1)
   fn = lambda q, k, v, qp, kp: attention.attend(q, k, v, qp, kp, column_sums=True)[1]
-  sums = _run_compiled(fn, {}, (jnp.asarray(data.q, jnp.float32),
-                                jnp.asarray(data.k, jnp.float32),
-                                jnp.asarray(data.v, jnp.float32), jnp.asarray(data.qpos),
-                                jnp.asarray(data.kpos)))
+  as32 = lambda a: jnp.asarray(np.asarray(a, np.float32))
+  sums = _run_compiled(fn, {}, (as32(data.q), as32(data.k), as32(data.v),
+                                jnp.asarray(data.qpos), jnp.asarray(data.kpos)))
   np.testing.assert_allclose(np.asarray(sums), mi.column_sums(data), rtol=1e-5, atol=1e-6)
 
 
@@ -421,11 +420,12 @@ class _DecodeState:
     self.history = rng.integers(0, 1 << history_window, (b, mi.K, capacity)).astype(np.uint32)
 
   def layer(self, with_scores, with_history):
+    as32 = lambda a: jnp.asarray(np.asarray(a, np.float32))
     return kv_cache.LayerCache(
-        keys=jnp.asarray(self.keys, jnp.float32), values=jnp.asarray(self.values, jnp.float32),
-        positions=jnp.asarray(self.positions), end=jnp.int32(self.positions.shape[2]),
-        scores=jnp.asarray(self.scores, jnp.float32) if with_scores else None,
-        history=jnp.asarray(self.history, jnp.uint32) if with_history else None)
+        keys=as32(self.keys), values=as32(self.values), positions=jnp.asarray(self.positions),
+        end=jnp.int32(self.positions.shape[2]),
+        scores=as32(self.scores) if with_scores else None,
+        history=jnp.asarray(self.history) if with_history else None)
 
 
 def _run_decode(method, state, numpy_step, steps=7, with_scores=False, with_history=False):
@@ -445,10 +445,9 @@ def _run_decode(method, state, numpy_step, steps=7, with_scores=False, with_hist
     new_value = mi.f32(state.rng.normal(size=(b, mi.K, mi.D)))
     probs, own = mi.decode_probs(q_new, state.keys, state.positions, new_key, new_pos)
     probs, own = mi.f32(probs), mi.f32(own)
-    args = (layer, jnp.asarray(new_key[:, :, None], jnp.float32),
-            jnp.asarray(new_value[:, :, None], jnp.float32), jnp.asarray(new_pos),
-            jnp.asarray(probs, jnp.float32), jnp.asarray(own, jnp.float32),
-            jnp.asarray(after))
+    as32 = lambda a: jnp.asarray(np.asarray(a, np.float32))
+    args = (layer, as32(new_key[:, :, None]), as32(new_value[:, :, None]),
+            jnp.asarray(new_pos), as32(probs), as32(own), jnp.asarray(after))
     layer = _run_compiled(_evict_fn, dict(method=method), args)
     again = _run_compiled(_evict_fn, dict(method=method), args)
     for x, y in zip(jax.tree_util.tree_leaves(layer), jax.tree_util.tree_leaves(again)):

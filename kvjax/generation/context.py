@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import methods as methods_lib
-from kvjax.cache import cache_nbytes, init_cache
+from kvjax.cache import cache_nbytes, full_cache_nbytes, init_cache
 from kvjax.cache.compress import CompressionPlan
 from kvjax.errors import MethodError
 from kvjax.generation import engine
@@ -24,7 +24,8 @@ from kvjax.generation import engine
 class PrefilledContext:
   logits: object              # [B, V] next-token logits after the context
   cache: object               # the cache, with `room` empty slots per head appended
-  context_cache_bytes: int    # measured bytes of the (compressed) context cache, before room
+  context_cache_bytes: int    # bytes of the context's cache before room: measured from the
+                              # compressed arrays (the full cache's is its allocated size)
   decode_plan: CompressionPlan | None   # what later forward calls pass as `plan`
   budgets: tuple[int, ...] | None       # kept slots per layer (per head on average)
 
@@ -73,7 +74,9 @@ def prefill(model, tokens: np.ndarray, mask: np.ndarray, method, keep: int | Non
     decode_plan = CompressionPlan(method, budgets, room=0, compress=False)
     cache = init_cache(model.config, rows, 0)
   else:
-    cache = init_cache(model.config, rows, width)
+    # The full cache is allocated at its final size at once: growing it afterwards would
+    # briefly need two copies of the largest cache there is.
+    cache = init_cache(model.config, rows, width + room)
   logits = None
   for start in range(0, width, chunk):
     piece = slice(start, start + chunk)
@@ -81,8 +84,11 @@ def prefill(model, tokens: np.ndarray, mask: np.ndarray, method, keep: int | Non
       continue  # all padding (left padding of a chunked prompt): nothing to see or keep
     logits, cache = steps.prefill(model, jnp.asarray(tokens[:, piece]),
                                   jnp.asarray(mask[:, piece]), cache, logits="last", plan=plan)
-  context_bytes = cache_nbytes(cache)
-  cache = steps.grow(cache, room)
+  if compressing:
+    context_bytes = cache_nbytes(cache)
+    cache = steps.grow(cache, room)
+  else:
+    context_bytes = full_cache_nbytes(model.config, rows, width)
   return PrefilledContext(logits=logits, cache=cache, context_cache_bytes=context_bytes,
                           decode_plan=decode_plan, budgets=budgets)
 

@@ -51,7 +51,7 @@ def pyramid(num_layers: int, keep: int, window: int, context_length: int,
   num_layers * keep (PyramidKV's own integer division loses a few slots).
   """
   b = keep - window
-  if b <= 0 or context_length - window < 2 * b or num_layers == 1:
+  if b <= 0 or context_length < 2 * b or num_layers == 1:
     return (keep,) * num_layers
   low = b / beta
   high = 2 * b - low
