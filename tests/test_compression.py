@@ -248,3 +248,17 @@ def test_pallas_kernels_in_the_model_match_the_jnp_path(model, method, monkeypat
   monkeypatch.setenv("KVJAX_PALLAS", "1")
   pallas = kvjax.generate(model, PROMPTS, max_new_tokens=6, **kwargs)
   assert plain.token_ids == pallas.token_ids
+
+
+@pytest.mark.parametrize("method", [SinksWindow(press=kvjax.methods.H2O(), sinks=2, window=8),
+                                    SinksWindow(press=AdaKV(press=Knorm()), sinks=2, window=8),
+                                    kvjax.methods.PerLayer(press=kvjax.methods.TOVA(),
+                                                           weights=(1.0, 2.0))],
+                         ids=lambda m: m.label)
+def test_wrappers_compose_with_every_phase(model, method):
+  """Wrapped decode-time, accumulating and head-wise methods run prefill, question and decode."""
+  question = list(np.random.default_rng(5).integers(1, 256, 7))
+  result = kvjax.generate(model, PROMPTS, questions=[question, question], method=method,
+                          compression_ratio=0.5, max_new_tokens=12)
+  assert result.stats["generated_tokens"] == [12, 12]
+  assert sum(result.stats["kept_tokens_per_layer"]) == model.config.num_layers * 60

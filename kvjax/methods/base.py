@@ -84,6 +84,16 @@ class Method:
     del x
     return None, None
 
+  def accumulate(self, slot_scores, column_sums):
+    """Per-slot scores after more queries attended (needs_column_sums methods)."""
+    del column_sums
+    return slot_scores
+
+  def safeguard(self, keep: int) -> int:
+    """Head-wise methods: slots every head keeps before the layer's shared top-k."""
+    del keep
+    return 0
+
   @property
   def label(self) -> str:
     """Name shown in results, e.g. adakv(snapkv)."""

@@ -58,7 +58,13 @@ class Wrapper(base.Method):
     return self.press.score(x)
 
   def prefill_state(self, x):
-    return self.press.prefill_state(x) if hasattr(self.press, "prefill_state") else (None, None)
+    return self.press.prefill_state(x)
+
+  def accumulate(self, slot_scores, column_sums):
+    return self.press.accumulate(slot_scores, column_sums)
+
+  def safeguard(self, keep):
+    return self.press.safeguard(keep)
 
   def decode_scores(self, *args):
     return self.press.decode_scores(*args)
