@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from kvjax import methods as methods_lib
-from kvjax.cache import cache_nbytes, full_cache_nbytes, init_cache
+from kvjax.cache import cache_nbytes, full_cache_nbytes, slots_per_head
 from kvjax.config import ModelConfig, RopeScaling
 from kvjax.errors import KvjaxError
 from kvjax.generation import context, engine
@@ -220,50 +220,25 @@ def _prompt(config: ModelConfig, context_length: int, batch_size: int, chunk: in
   return tokens, mask, first_tokens
 
 
-def _slots_per_head(config: ModelConfig, cache) -> int:
-  """The largest layer capacity, in slots per KV head (head-wise caches hold all heads)."""
-  return max(layer.capacity // (1 if layer.keys.ndim == 4 else config.num_kv_heads)
-             for layer in cache.layers)
-
-
 def _time_prefill_and_decode(model, tokens, mask, first_tokens, method, keep, room, chunk,
                              decode_steps):
   """One run: (prefill seconds, decode seconds, cache facts), compile time excluded.
 
-  keep None: the full cache, allocated at its final capacity (context + room) before the
-  timer starts, then prefilled chunk by chunk. Otherwise `context.prefill` compresses to the
-  method's budgets and appends `room` slots; all of that is prefill time.
+  `context.prefill` does the work generate does: the full cache (keep None) is allocated at
+  its final capacity (context + room) and prefilled chunk by chunk; a method compresses to
+  its budgets and then gets `room` slots. All of that is prefill time.
   """
   steps = engine.STEPS
-  config = model.config
-  rows, width = tokens.shape
-  chunk = chunk or width
-  budgets = plan = None
-  if keep is None:
-    cache = _block(init_cache(config, rows, width + room))
-    compile_before = steps.compile_seconds
-    start = time.perf_counter()
-    logits = None
-    for begin in range(0, width, chunk):
-      piece = slice(begin, begin + chunk)
-      if not mask[:, piece].any():
-        continue  # all left padding
-      logits, cache = steps.prefill(model, jnp.asarray(tokens[:, piece]),
-                                    jnp.asarray(mask[:, piece]), cache, logits="last")
-    _block((logits, cache))
-    prefill = time.perf_counter() - start - (steps.compile_seconds - compile_before)
-    context_bytes = full_cache_nbytes(config, rows, width)
-  else:
-    compile_before = steps.compile_seconds
-    start = time.perf_counter()
-    pre = context.prefill(model, tokens, mask, method, keep, room, chunk_size=(
-        None if chunk == width else chunk), steps=steps)
-    _block((pre.logits, pre.cache))
-    prefill = time.perf_counter() - start - (steps.compile_seconds - compile_before)
-    cache, plan, budgets = pre.cache, pre.decode_plan, pre.budgets
-    context_bytes = pre.context_cache_bytes
-  facts = {"cache_bytes": cache_nbytes(cache), "context_cache_bytes": context_bytes,
-           "capacity": _slots_per_head(config, cache), "budgets": budgets}
+  chunk_size = None if chunk is None or chunk == tokens.shape[1] else chunk
+  compile_before = steps.compile_seconds
+  start = time.perf_counter()
+  pre = context.prefill(model, tokens, mask, method, keep, room, chunk_size=chunk_size,
+                        steps=steps)
+  _block((pre.logits, pre.cache))
+  prefill = time.perf_counter() - start - (steps.compile_seconds - compile_before)
+  cache, plan = pre.cache, pre.decode_plan
+  facts = {"cache_bytes": cache_nbytes(cache), "context_cache_bytes": pre.context_cache_bytes,
+           "capacity": slots_per_head(model.config, cache), "budgets": pre.budgets}
 
   key = jax.random.key(0)  # greedy decoding ignores it
   next_tokens = first_tokens
@@ -310,7 +285,7 @@ def measure_methods(model, context_length: int, batch_size: int, methods, decode
   cases = []
   for method, compression_ratio, budget in methods:
     method_obj = methods_lib.get(method)
-    context.check_chunk_size(prefill_chunk_size, method_obj)
+    context.check_chunk_size(prefill_chunk_size)
     keep = methods_lib.validate_compression(method_obj, context_length, compression_ratio,
                                             budget)
     room = 0 if keep is not None and method_obj.decode_time else decode_steps
@@ -667,8 +642,7 @@ def check_plan(config: ModelConfig, context_lengths: Sequence[int],
       check_lengths(config, c, b, decode_steps)
   method_objs = build_methods(method if methods is None else methods)
   compressing = method_objs[1:]
-  for m in method_objs:
-    context.check_chunk_size(prefill_chunk_size, m)
+  context.check_chunk_size(prefill_chunk_size)
   for c in context_lengths:
     if not compressing:  # ratio/budget with only the full cache is an error, as in generate
       methods_lib.validate_compression(method_objs[0], c, compression_ratio, budget)

@@ -88,6 +88,12 @@ def cache_nbytes(cache) -> int:
                  for x in jax.tree_util.tree_leaves(cache)))
 
 
+def slots_per_head(config: ModelConfig, cache: Cache) -> int:
+  """The largest layer capacity, in slots per KV head (a head-wise layer holds all heads)."""
+  return max(layer.capacity // (1 if isinstance(layer, LayerCache) else config.num_kv_heads)
+             for layer in cache.layers)
+
+
 def full_cache_nbytes(config: ModelConfig, batch: int, capacity: int, dtype=None) -> int:
   """Bytes of an uncompressed cache with `capacity` slots (without allocating it)."""
   shapes = jax.eval_shape(lambda: init_cache(config, batch, capacity, dtype))

@@ -10,10 +10,10 @@ from __future__ import annotations
 import dataclasses
 import numbers
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax import methods as methods_lib
 from kvjax.cache import cache_nbytes, full_cache_nbytes, init_cache
 from kvjax.cache.compress import CompressionPlan
 from kvjax.errors import MethodError
@@ -44,7 +44,7 @@ def layer_budgets(model, method, keep: int, context_length: int) -> tuple[int, .
   return budgets
 
 
-def check_chunk_size(chunk_size, method) -> None:
+def check_chunk_size(chunk_size) -> None:
   if chunk_size is None:
     return
   if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) \
@@ -57,7 +57,7 @@ def prefill(model, tokens: np.ndarray, mask: np.ndarray, method, keep: int | Non
             room: int, chunk_size: int | None = None,
             steps: engine.CompiledSteps = engine.STEPS) -> PrefilledContext:
   """Prefills left-padded `tokens` [B, T] (width a multiple of chunk_size when chunked)."""
-  check_chunk_size(chunk_size, method)
+  check_chunk_size(chunk_size)
   rows, width = tokens.shape
   chunk = width if chunk_size is None else chunk_size
   if width % chunk:
@@ -95,7 +95,6 @@ def prefill(model, tokens: np.ndarray, mask: np.ndarray, method, keep: int | Non
 
 def tile_rows(cache, copies: int):
   """A batch-1 cache repeated for `copies` rows (one compressed context, several questions)."""
-  import jax
   if copies == 1:
     return cache
   return jax.tree_util.tree_map(lambda a: jnp.repeat(a, copies, axis=0) if a.ndim else a, cache)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import methods as methods_lib
-from kvjax.cache import cache_nbytes, full_cache_nbytes
+from kvjax.cache import cache_nbytes, full_cache_nbytes, slots_per_head
 from kvjax.errors import GenerationError
 from kvjax.generation import context, engine, inputs, sampling
 
@@ -111,7 +111,7 @@ def generate(model, prompts, questions=None, method=None, compression_ratio=None
   if stream is not None and not callable(stream):
     raise GenerationError(f"stream={stream!r} must be callable as stream(row, text)")
   method_obj = methods_lib.get(method)
-  context.check_chunk_size(prefill_chunk_size, method_obj)
+  context.check_chunk_size(prefill_chunk_size)
   prompt_list, _ = inputs.as_batch(prompts, "prompts")
   question_list = None
   shared_context = False
@@ -222,9 +222,7 @@ def generate(model, prompts, questions=None, method=None, compression_ratio=None
       "generated_tokens": [len(g) for g in generated],
       "prefill_chunk_size": prefill_chunk_size,
       "room_tokens": room,
-      "cache_capacity_tokens": max(layer.capacity // (1 if layer.keys.ndim == 4 else
-                                                      model.config.num_kv_heads)
-                                   for layer in cache.layers),
+      "cache_capacity_tokens": slots_per_head(model.config, cache),
       # Measured from the cache's arrays: the compressed context alone, and the whole cache
       # after prefill (question and room for generated tokens included).
       "context_cache_bytes": prefilled.context_cache_bytes,

@@ -158,19 +158,14 @@ def pool1d(x: jax.Array, kernel_size: int, pooling: str) -> jax.Array:
 def window_attention(x: LayerInputs, window: int) -> jax.Array:
   """[B, H, W, S] softmax of the chunk's last `window` queries over all candidate slots.
 
-  Only W x S, not T x S. Padding queries give all-zero rows.
+  Only W x S, not T x S, in float32. Padding queries give all-zero rows.
   """
   from kvjax.model import attention
-  q = x.queries[:, -window:]
-  qpos = x.query_positions[:, -window:]
-  b, w, h, d = q.shape
-  k = x.keys.shape[1]
-  grouped = q.reshape(b, w, k, h // k, d)
-  logits = jnp.einsum("bwkgd,bksd->bkgws", grouped.astype(jnp.float32),
-                      x.keys.astype(jnp.float32)) * (d ** -0.5)
-  seen = attention.visible(qpos[:, None, None, :], x.key_positions[:, :, None, :])
-  probs = jax.nn.softmax(jnp.where(seen, logits, attention.MASK_VALUE), axis=-1)
-  return jnp.where(seen, probs, 0.0).reshape(b, h, w, -1)
+  q = x.queries[:, -window:].astype(jnp.float32)
+  probs = attention.probabilities(q, x.keys.astype(jnp.float32), x.query_positions[:, -window:],
+                                  x.key_positions)                # [B, K, G, W, S]
+  b, k, g, w, s = probs.shape
+  return probs.reshape(b, k * g, w, s)
 
 
 def check_choice(name: str, value, allowed) -> None:

@@ -77,11 +77,11 @@ class ExpectedAttention(base.Method):
     mean = (q * use).sum(1) / count                                   # [B, H, D]
     rotation = average_rotation(rope.inverse_frequencies(x.config), x.lengths,
                                 self.n_future_positions)              # [B, D, D]
-    mean = jnp.einsum("bij,bhj->bhi", rotation, mean)
+    rotated_mean = jnp.einsum("bij,bhj->bhi", rotation, mean)
     keys = jnp.repeat(x.keys.astype(jnp.float32), h // k, axis=1)     # [B, H, S, D]
-    logits = jnp.einsum("bhd,bhsd->bhs", mean, keys) / np.sqrt(d)
+    logits = jnp.einsum("bhd,bhsd->bhs", rotated_mean, keys) / np.sqrt(d)
     if self.use_covariance:
-      centred = (q - ((q * use).sum(1, keepdims=True) / count[:, None])) * use
+      centred = (q - mean[:, None]) * use
       cov = jnp.einsum("bthi,bthj->bhij", centred, centred) / count[..., None]
       cov = jnp.einsum("bij,bhjk,blk->bhil", rotation, cov, rotation)
       logits += jnp.einsum("bhsi,bhij,bhsj->bhs", keys, cov, keys) / d / 2

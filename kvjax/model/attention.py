@@ -47,16 +47,26 @@ def attend(queries: jax.Array, keys: jax.Array, values: jax.Array, query_positio
   return (out, sums) if column_sums else out
 
 
-def _attend_block(queries, keys, values, query_positions, key_positions):
+def probabilities(queries: jax.Array, keys: jax.Array, query_positions: jax.Array,
+                  key_positions: jax.Array) -> jax.Array:
+  """[B, K, G, T, S] float32 causal softmax of queries [B, T, H, D] over keys [B, K, S, D].
+
+  Products in the input dtype, softmax in float32, as HF does (XLA:CPU has no
+  bf16 x bf16 -> f32 dot, and GPUs accumulate bf16 dots in f32 anyway). Invisible entries
+  are 0, so padding queries see nothing and count nothing.
+  """
   b, t, h, d = queries.shape
   k = keys.shape[1]
   grouped = queries.reshape(b, t, k, h // k, d)
-  # Products in the input dtype, softmax in float32, as HF does (XLA:CPU has no
-  # bf16 x bf16 -> f32 dot, and GPUs accumulate bf16 dots in f32 anyway).
   scores = jnp.einsum("btkgd,bksd->bkgts", grouped, keys).astype(jnp.float32) * (d ** -0.5)
   seen = visible(query_positions[:, None, None, :], key_positions[:, :, None, :])
   probs = jax.nn.softmax(jnp.where(seen, scores, MASK_VALUE), axis=-1)
-  probs = jnp.where(seen, probs, 0.0)  # padding queries see nothing and count nothing
+  return jnp.where(seen, probs, 0.0)
+
+
+def _attend_block(queries, keys, values, query_positions, key_positions):
+  b, t, h, d = queries.shape
+  probs = probabilities(queries, keys, query_positions, key_positions)
   out = jnp.einsum("bkgts,bksd->btkgd", probs.astype(values.dtype), values)
   return out.reshape(b, t, h, d).astype(queries.dtype), probs.sum(3).reshape(b, h, -1)
 
