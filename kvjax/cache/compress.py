@@ -32,6 +32,25 @@ class CompressionPlan:
   compress: bool = True
 
 
+@dataclasses.dataclass(frozen=True)
+class PlanSet:
+  """Several ways to compress one context that is prefilled once (a method/ratio sweep).
+
+  A forward call from an empty cache with a PlanSet attends over the chunk once (every
+  plan would see the same hidden states: compression only changes what is stored) and
+  returns one cache per entry: the uncompressed chunk for None, else the plan's
+  compression of it. Valid for a single prefill chunk only.
+  """
+  plans: tuple[CompressionPlan | None, ...]
+  room: int = 0  # empty slots per head appended to the uncompressed (None) caches
+
+  compress = True
+
+  @property
+  def needs_column_sums(self) -> bool:
+    return any(p is not None and p.method.needs_column_sums for p in self.plans)
+
+
 def candidates(layer: LayerCache, keys, values, positions) -> LayerCache:
   """The cache's slots followed by a new chunk (keys/values [B, K, T, D], positions [B, T])."""
   b, k, t, _ = keys.shape
@@ -135,10 +154,16 @@ def evict_and_insert(method: Method, layer: LayerCache, new_key, new_value, new_
                                   layer.capacity).astype(jnp.float32)
   prio = jnp.where(method.protected(layer.positions, lengths, layer.capacity), PROTECTED, prio)
   prio = jnp.where(layer.positions >= 0, prio, -jnp.inf)
-  victim = jnp.argmin(prio, axis=-1)                                      # [B, K]
+  # A masked token (position < 0: a row that already finished) changes nothing: its write
+  # goes out of bounds and is dropped, and the method state keeps its old values.
+  valid = new_position >= 0                                               # [B]
+  victim = jnp.where(valid[:, None], jnp.argmin(prio, axis=-1), layer.capacity)  # [B, K]
   b, k = victim.shape
   rows, heads = jnp.arange(b)[:, None], jnp.arange(k)[None, :]
-  put = lambda a, v: None if a is None else a.at[rows, heads, victim].set(v)
+  keep_old = lambda new, old: None if new is None else jnp.where(
+      valid.reshape((b,) + (1,) * (new.ndim - 1)), new, old)
+  scores, history = keep_old(scores, layer.scores), keep_old(history, layer.history)
+  put = lambda a, v: None if a is None else a.at[rows, heads, victim].set(v, mode="drop")
   return layer.replace(
       keys=put(layer.keys, new_key[:, :, 0].astype(layer.keys.dtype)),
       values=put(layer.values, new_value[:, :, 0].astype(layer.values.dtype)),

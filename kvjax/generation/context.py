@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.cache import cache_nbytes, full_cache_nbytes, init_cache
-from kvjax.cache.compress import CompressionPlan
+from kvjax.cache.compress import CompressionPlan, PlanSet
 from kvjax.errors import MethodError
 from kvjax.generation import engine
 
@@ -91,6 +91,41 @@ def prefill(model, tokens: np.ndarray, mask: np.ndarray, method, keep: int | Non
     context_bytes = full_cache_nbytes(model.config, rows, width)
   return PrefilledContext(logits=logits, cache=cache, context_cache_bytes=context_bytes,
                           decode_plan=decode_plan, budgets=budgets)
+
+
+def prefill_many(model, tokens: np.ndarray, mask: np.ndarray, variants, room: int,
+                 steps: engine.CompiledSteps = engine.STEPS) -> list[PrefilledContext]:
+  """Prefills a context once and compresses it several ways (a method/ratio sweep).
+
+  variants: a list of (method, keep); keep None (or a method that does not compress) gives
+  the uncompressed cache. Compression never changes the hidden states of a one-chunk
+  prefill, so each result equals `prefill(model, tokens, mask, method, keep, room)` while
+  the model runs once instead of len(variants) times.
+  """
+  rows, width = tokens.shape
+  context_length = int(mask.sum(1).max())
+  plans, budgets = [], []
+  for method, keep in variants:
+    if keep is None or not method.compresses:
+      plans.append(None)
+      budgets.append(None)
+      continue
+    layer_keep = layer_budgets(model, method, keep, context_length)
+    plans.append(CompressionPlan(method, layer_keep, room=0, compress=True))
+    budgets.append(layer_keep)
+  logits, caches = steps.prefill(model, jnp.asarray(tokens), jnp.asarray(mask),
+                                 init_cache(model.config, rows, 0), logits="last",
+                                 plan=PlanSet(tuple(plans), room=room))
+  results = []
+  for plan, layer_keep, cache in zip(plans, budgets, caches):
+    if plan is None:
+      results.append(PrefilledContext(logits, cache, full_cache_nbytes(model.config, rows, width),
+                                      None, None))
+      continue
+    results.append(PrefilledContext(
+        logits=logits, cache=steps.grow(cache, room), context_cache_bytes=cache_nbytes(cache),
+        decode_plan=dataclasses.replace(plan, compress=False), budgets=layer_keep))
+  return results
 
 
 def tile_rows(cache, copies: int):

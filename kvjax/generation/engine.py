@@ -20,9 +20,11 @@ def _prefill(params, tokens, token_mask, cache, *, graphdef, logits, plan):
   return transformer.forward(graphdef, params, tokens, token_mask, cache, logits, plan)
 
 
-def _decode(params, tokens, cache, key, temperature, top_p, *, graphdef, greedy, plan):
-  logits, cache = transformer.forward(graphdef, params, tokens[:, None],
-                                      jnp.ones((tokens.shape[0], 1), bool), cache, "last", plan)
+def _decode(params, tokens, active, cache, key, temperature, top_p, *, graphdef, greedy, plan):
+  # Inactive rows (finished ones, in a multi-turn conversation) write nothing a later token
+  # could see: their token is masked like padding.
+  logits, cache = transformer.forward(graphdef, params, tokens[:, None], active[:, None],
+                                      cache, "last", plan)
   next_tokens = sampling.sample(logits, key, temperature, top_p, greedy)
   return next_tokens, logits, cache
 
@@ -70,8 +72,12 @@ class CompiledSteps:
     return self._get("prefill", jitted,
                      dict(graphdef=model.graphdef, logits=logits, plan=plan), args)(*args)
 
-  def decode(self, model, tokens, cache, key, temperature, top_p, greedy, plan=None):
-    args = (model.params, tokens, cache, key, jnp.float32(temperature), jnp.float32(top_p))
+  def decode(self, model, tokens, cache, key, temperature, top_p, greedy, plan=None,
+             active=None):
+    """One token per row; `active` [B] bool (default all) masks rows that are done."""
+    active = jnp.ones(tokens.shape, bool) if active is None else jnp.asarray(active, bool)
+    args = (model.params, tokens, active, cache, key, jnp.float32(temperature),
+            jnp.float32(top_p))
     return self._get("decode", _decode_jit, dict(graphdef=model.graphdef, greedy=greedy,
                                                  plan=plan), args)(*args)
 

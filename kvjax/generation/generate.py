@@ -87,6 +87,97 @@ class _TextTracker:
     return bool(hit)
 
 
+@dataclasses.dataclass
+class Completion:
+  """What `complete` produced, and the cache it leaves for a following turn."""
+  texts: list[str]
+  token_ids: list[list[int]]    # generated tokens per row (EOS excluded)
+  cache: object                 # the cache after the last decode step
+  last_tokens: np.ndarray       # [B] each row's final sampled token, not yet in the cache
+  cache_bytes: int              # measured right after the question was prefilled
+  first_token_at: float         # perf_counter time when the first token was sampled
+  decode_steps: int
+  decode_seconds: float         # compile time excluded
+  compile_seconds: float        # compile time spent after the first token
+
+
+def complete(model, logits, cache, plan, question_tokens=None, question_mask=None, *,
+             max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+             stops: Sequence[str] = (), stream: Callable | None = None,
+             eos_token_ids: Sequence[int] | None = None,
+             steps: engine.CompiledSteps = engine.STEPS, mask_finished: bool = False
+             ) -> Completion:
+  """Prefills left-padded question tokens (if any) on top of a prefilled cache, then decodes.
+
+  logits [B, V]: the next-token logits after the cache's last token (ignored when there
+  are question tokens). mask_finished: rows that are done feed masked tokens from then on,
+  so the returned cache holds exactly each row's text (needed to continue a conversation).
+  """
+  if question_tokens is not None:
+    logits, cache = steps.prefill(model, jnp.asarray(question_tokens),
+                                  jnp.asarray(question_mask), cache, plan=plan)
+  rows = logits.shape[0]
+  greedy = temperature == 0
+  key = jax.random.key(seed)
+  next_tokens = _sample_jit(logits, jax.random.fold_in(key, 0), jnp.float32(temperature or 1),
+                            jnp.float32(top_p), greedy=greedy)
+  next_host = np.asarray(next_tokens)
+  first_token_at = time.perf_counter()
+  cache_bytes = cache_nbytes(cache)
+  compile_at_start = steps.compile_seconds
+
+  eos = set(eos_token_ids if eos_token_ids is not None else
+            (model.tokenizer.eos_token_ids if model.tokenizer is not None else ()))
+  tracker = _TextTracker(model.tokenizer, rows, list(stops), stream)
+  generated = [[] for _ in range(rows)]
+  last = np.array(next_host)
+  finished = np.zeros(rows, bool)
+  decode_steps, decode_seconds = 0, 0.0
+
+  def accept(tokens_host):
+    for r in range(rows):
+      if finished[r]:
+        continue
+      token = int(tokens_host[r])
+      last[r] = token
+      if token in eos:
+        finished[r] = True
+        continue
+      generated[r].append(token)
+      stopped = tracker.active and tracker.update(r, generated[r], final=False)
+      if stopped or len(generated[r]) >= max_new_tokens:
+        finished[r] = True
+
+  accept(next_host)
+  while not finished.all() and decode_steps < max_new_tokens - 1:
+    compile_before = steps.compile_seconds
+    step_start = time.perf_counter()
+    next_tokens, _, cache = steps.decode(model, next_tokens, cache,
+                                         jax.random.fold_in(key, decode_steps + 1),
+                                         temperature or 1.0, top_p, greedy, plan,
+                                         active=~finished if mask_finished else None)
+    next_host = np.asarray(next_tokens)
+    decode_seconds += (time.perf_counter() - step_start
+                       - (steps.compile_seconds - compile_before))
+    decode_steps += 1
+    accept(next_host)
+
+  texts = []
+  for r in range(rows):
+    if tracker.stopped_text[r] is not None:
+      texts.append(tracker.stopped_text[r])
+    elif model.tokenizer is not None:
+      if tracker.active:
+        tracker.update(r, generated[r], final=True)  # flush held-back stream text
+      texts.append(model.tokenizer.decode(generated[r]))
+    else:
+      texts.append("")
+  return Completion(texts=texts, token_ids=generated, cache=cache, last_tokens=last,
+                    cache_bytes=cache_bytes, first_token_at=first_token_at,
+                    decode_steps=decode_steps, decode_seconds=decode_seconds,
+                    compile_seconds=steps.compile_seconds - compile_at_start)
+
+
 def generate(model, prompts, questions=None, method=None, compression_ratio=None, budget=None,
              max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
              seed: int = 0, stop: str | Sequence[str] | None = None,
@@ -156,60 +247,13 @@ def generate(model, prompts, questions=None, method=None, compression_ratio=None
   logits, cache, plan = prefilled.logits, prefilled.cache, prefilled.decode_plan
   if shared_context:
     cache = context.tile_rows(cache, rows)
-  if question_tokens is not None:
-    logits, cache = steps.prefill(model, jnp.asarray(question_tokens),
-                                  jnp.asarray(question_mask), cache, plan=plan)
-  greedy = temperature == 0
-  key = jax.random.key(seed)
-  next_tokens = _sample_jit(logits, jax.random.fold_in(key, 0), jnp.float32(temperature or 1),
-                            jnp.float32(top_p), greedy=greedy)
-  next_host = np.asarray(next_tokens)
-  prefill_seconds = time.perf_counter() - start - (steps.compile_seconds - compile_before)
-  measured_cache_bytes = cache_nbytes(cache)
-
-  eos = set(eos_token_ids if eos_token_ids is not None else
-            (model.tokenizer.eos_token_ids if model.tokenizer is not None else ()))
-  tracker = _TextTracker(model.tokenizer, rows, stops, stream)
-  generated = [[] for _ in range(rows)]
-  finished = np.zeros(rows, bool)
-  decode_steps, decode_seconds = 0, 0.0
-
-  def accept(tokens_host):
-    for r in range(rows):
-      if finished[r]:
-        continue
-      token = int(tokens_host[r])
-      if token in eos:
-        finished[r] = True
-        continue
-      generated[r].append(token)
-      stopped = tracker.active and tracker.update(r, generated[r], final=False)
-      if stopped or len(generated[r]) >= max_new_tokens:
-        finished[r] = True
-
-  accept(next_host)
-  while not finished.all() and decode_steps < max_new_tokens - 1:
-    compile_before = steps.compile_seconds
-    step_start = time.perf_counter()
-    next_tokens, _, cache = steps.decode(model, next_tokens, cache,
-                                         jax.random.fold_in(key, decode_steps + 1),
-                                         temperature or 1.0, top_p, greedy, plan)
-    next_host = np.asarray(next_tokens)
-    decode_seconds += (time.perf_counter() - step_start
-                       - (steps.compile_seconds - compile_before))
-    decode_steps += 1
-    accept(next_host)
-
-  texts = []
-  for r in range(rows):
-    if tracker.stopped_text[r] is not None:
-      texts.append(tracker.stopped_text[r])
-    elif model.tokenizer is not None:
-      if tracker.active:
-        tracker.update(r, generated[r], final=True)  # flush held-back stream text
-      texts.append(model.tokenizer.decode(generated[r]))
-    else:
-      texts.append("")
+  done = complete(model, logits, cache, plan, question_tokens, question_mask,
+                  max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                  stops=stops, stream=stream, eos_token_ids=eos_token_ids, steps=steps)
+  prefill_seconds = (done.first_token_at - start
+                     - (steps.compile_seconds - compile_before - done.compile_seconds))
+  texts, generated, measured_cache_bytes = done.texts, done.token_ids, done.cache_bytes
+  decode_steps, decode_seconds = done.decode_steps, done.decode_seconds
   context_rows_count = len(context_rows)
   stats = {
       "method": method_obj.label,

@@ -61,7 +61,7 @@ class Attention(nnx.Module):
     q = rope.apply_rope(raw_q, positions, inv_freq)
     k = rope.apply_rope(self.k(x), positions, inv_freq).transpose(0, 2, 1, 3)  # [B, K, T, D]
     v = self.v(x).transpose(0, 2, 1, 3)
-    method = plan.method if plan is not None else None
+    method = getattr(plan, "method", None)  # a PlanSet (prefill only) has none
     decoding = x.shape[1] == 1
     if plan is not None and plan.compress:
       out, layer_cache = self._attend_and_compress(q, raw_q, k, v, positions, layer_cache,
@@ -98,13 +98,19 @@ class Attention(nnx.Module):
 
   def _attend_and_compress(self, q, raw_q, k, v, positions, layer_cache, layer_index, plan,
                            lengths):
-    """Attends over the kept slots plus this chunk, then compacts them to the layer budget."""
-    method = plan.method
+    """Attends over the kept slots plus this chunk, then compacts them to the layer budget.
+
+    With a PlanSet the attention runs once and each plan compacts its own copy: the layer
+    returns a tuple of caches, one per plan.
+    """
+    plans = plan.plans if isinstance(plan, compress.PlanSet) else (plan,)
+    needs_sums = (plan.needs_column_sums if isinstance(plan, compress.PlanSet)
+                  else plan.method.needs_column_sums)
     cand = compress.candidates(layer_cache, k, v, positions)
     out = attention.attend(q, cand.keys, cand.values, positions, cand.positions,
-                           column_sums=method.needs_column_sums)
+                           column_sums=needs_sums)
     sums = None
-    if method.needs_column_sums:
+    if needs_sums:
       out, sums = out
     b, kv, s = cand.positions.shape
     inputs = methods_base.LayerInputs(
@@ -114,12 +120,18 @@ class Attention(nnx.Module):
         slot_scores=(cand.scores if cand.scores is not None
                      else jnp.zeros((b, kv, s), jnp.float32)),
         slot_history=cand.history)
-    keep = plan.budgets[layer_index]
-    if method.headwise:
-      new = compress.compress_headwise(method, cand, inputs, keep, method.safeguard(keep))
-    else:
-      new = compress.compress_dense(method, cand, inputs, keep)
-    return out, kv_cache.append_room(new, plan.room)
+    caches = []
+    for p in plans:
+      if p is None:  # the uncompressed cache (a PlanSet's full-cache baseline)
+        caches.append(kv_cache.append_room(cand, plan.room))
+        continue
+      keep = p.budgets[layer_index]
+      if p.method.headwise:
+        new = compress.compress_headwise(p.method, cand, inputs, keep, p.method.safeguard(keep))
+      else:
+        new = compress.compress_dense(p.method, cand, inputs, keep)
+      caches.append(kv_cache.append_room(new, p.room))
+    return out, (tuple(caches) if isinstance(plan, compress.PlanSet) else caches[0])
 
 
 class MLP(nnx.Module):
@@ -203,6 +215,9 @@ class Transformer(nnx.Module):
            else self.lm_head(x).astype(jnp.float32))
     if logits == "last":
       out = out[:, 0]
+    if isinstance(plan, compress.PlanSet):  # one cache per plan
+      return out, tuple(kv_cache.Cache(layers=tuple(layer[i] for layer in new_layers),
+                                       lengths=lengths) for i in range(len(plan.plans)))
     return out, kv_cache.Cache(layers=tuple(new_layers), lengths=lengths)
 
 

@@ -1,0 +1,153 @@
+"""Multi-turn conversations over one compressed context, the cache reused between turns.
+
+The context is prefilled and compressed once. Each turn then appends its question to the
+cache that the previous turn left (context, earlier questions and answers), generates an
+answer, and keeps it in the cache for the next turn: nothing is ever re-prefilled. This is
+the long-conversation setting of EpiCache and LoopServe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+
+from kvjax import methods as methods_lib
+from kvjax.cache import cache_nbytes
+from kvjax.errors import GenerationError
+from kvjax.generation import context as context_lib
+from kvjax.generation import engine, inputs
+from kvjax.generation.generate import _validate_sampling, check_context_length, complete
+
+_USER, _ANSWER, _NEXT = "\x00kvjax-user\x00", "\x00kvjax-answer\x00", "\x00kvjax-next\x00"
+
+
+@dataclasses.dataclass
+class ConversationResult:
+  answers: list[list[str]]   # [row][turn]
+  stats: dict
+
+
+@dataclasses.dataclass
+class EncodedConversations:
+  contexts: list[list[int]]         # per row: the compressible context
+  turns: list[list[list[int]]]      # [turn][row]: tokens appended to ask that turn's
+                                    # question (later turns start by closing the answer)
+
+
+def _follow_up_template(tokenizer, chat_template: bool) -> tuple[str, str]:
+  """(text between an answer and the next question, text after a question)."""
+  if not chat_template:
+    return "\n", "\n"
+  rendered = tokenizer.apply_chat_template(
+      [{"role": "user", "content": _USER}, {"role": "assistant", "content": _ANSWER},
+       {"role": "user", "content": _NEXT}], add_generation_prompt=True)
+  between, suffix = rendered.split(_ANSWER)[1].split(_NEXT)
+  return between, suffix
+
+
+def encode_conversations(model, contexts: list[str], questions: list[list[str]],
+                         chat_template: bool | None = None) -> EncodedConversations:
+  """Token ids of each row's context and of every turn's question."""
+  if len(contexts) != len(questions):
+    raise GenerationError(f"got {len(contexts)} contexts and {len(questions)} question lists; "
+                          f"give one list of questions per context")
+  turns = {len(q) for q in questions}
+  if len(turns) != 1 or 0 in turns:
+    raise GenerationError(f"every conversation needs the same number (>= 1) of questions; got "
+                          f"{sorted(len(q) for q in questions)}")
+  if any(not isinstance(q, str) for row in questions for q in row):
+    raise GenerationError("questions must be strings")
+  first = inputs.encode(model, list(contexts), [q[0] for q in questions], chat_template)
+  tokenizer = model.tokenizer
+  use_template = (tokenizer.has_chat_template if chat_template is None else chat_template)
+  between, suffix = _follow_up_template(tokenizer, use_template)
+  later = [[tokenizer.encode(between + row[t] + suffix, add_special_tokens=False)
+            for row in questions] for t in range(1, turns.pop())]
+  return EncodedConversations(first.prompts, [first.questions] + later)
+
+
+def run_turns(model, prefilled: context_lib.PrefilledContext, turns: list[list[list[int]]],
+              max_new_tokens: int, room: int, stop=None, eos_token_ids=None,
+              steps=engine.STEPS) -> dict:
+  """Asks each turn's questions over a prefilled context, keeping every answer in the cache.
+
+  prefilled must have `room` empty slots per head (enough for the first turn's question
+  and answer); each later turn grows the cache by `room` again. Returns {"answers":
+  [row][turn], "token_ids": [row][turn], "turn_cache_bytes": [...], "decode_seconds",
+  "decode_steps"}.
+  """
+  stops = _validate_sampling(max_new_tokens, 0.0, 1.0, 0, stop)
+  eos = set(eos_token_ids if eos_token_ids is not None else
+            (model.tokenizer.eos_token_ids if model.tokenizer is not None else ()))
+  rows = len(turns[0])
+  pad = inputs.pad_id(model)
+  cache, logits, plan = prefilled.cache, prefilled.logits, prefilled.decode_plan
+  answers, token_ids = [[] for _ in range(rows)], [[] for _ in range(rows)]
+  turn_cache_bytes, decode_seconds, decode_steps = [], 0.0, 0
+  last = None
+  for t, questions in enumerate(turns):
+    if t > 0:
+      # The final sampled token of each answer is not in the cache yet; an end-of-turn
+      # token is left out because the template's own text closes the answer.
+      questions = [([int(last[r])] if int(last[r]) not in eos else []) + q
+                   for r, q in enumerate(questions)]
+      cache = steps.grow(cache, room)
+    tokens, mask = inputs.left_pad(questions, pad)
+    if tokens.shape[1] > room:
+      raise GenerationError(f"turn {t} needs {tokens.shape[1]} question slots but room is "
+                            f"{room}; raise room")
+    done = complete(model, logits, cache, plan, tokens, mask, max_new_tokens=max_new_tokens,
+                    stops=stops, eos_token_ids=sorted(eos), steps=steps, mask_finished=True)
+    cache, last = done.cache, done.last_tokens
+    turn_cache_bytes.append(cache_nbytes(cache))
+    decode_seconds += done.decode_seconds
+    decode_steps += done.decode_steps
+    for r in range(rows):
+      answers[r].append(done.texts[r])
+      token_ids[r].append(done.token_ids[r])
+  return {"answers": answers, "token_ids": token_ids, "turn_cache_bytes": turn_cache_bytes,
+          "decode_seconds": decode_seconds, "decode_steps": decode_steps}
+
+
+def turn_room(turns: list[list[list[int]]], max_new_tokens: int) -> int:
+  """Empty slots per head that any one turn needs: its widest question (plus the previous
+  answer's last token) and its answer, rounded up to 16."""
+  widest = max(len(q) for turn in turns for q in turn) + 1
+  return -(-(inputs.bucket(widest) + max_new_tokens) // 16) * 16
+
+
+def converse(model, contexts, questions, method=None, compression_ratio=None, budget=None,
+             max_new_tokens: int = 64, stop=None, chat_template: bool | None = None
+             ) -> ConversationResult:
+  """Answers questions[row][turn] one turn after another over each row's compressed context.
+
+  contexts: str or list[str]; questions: a list of questions (one conversation) or a list
+  of such lists (one per context, all of the same length). Greedy decoding.
+  """
+  if isinstance(contexts, str):
+    contexts, questions = [contexts], [questions]
+  if model.tokenizer is None:
+    raise GenerationError("converse needs a model with a tokenizer")
+  method_obj = methods_lib.get(method)
+  encoded = encode_conversations(model, list(contexts), [list(q) for q in questions],
+                                 chat_template)
+  room = turn_room(encoded.turns, max_new_tokens)
+  lengths = [len(c) for c in encoded.contexts]
+  for r, length in enumerate(lengths):
+    check_context_length(model, length + len(encoded.turns) * room,
+                         f"conversation {r} ({length} context tokens, {len(encoded.turns)} "
+                         f"turns of up to {room} tokens)")
+  keep = methods_lib.validate_compression(method_obj, lengths, compression_ratio, budget)
+  tokens, mask = inputs.left_pad(encoded.contexts, inputs.pad_id(model))
+  start = time.perf_counter()
+  prefilled = context_lib.prefill(model, tokens, mask, method_obj, keep, room)
+  out = run_turns(model, prefilled, encoded.turns, max_new_tokens, room, stop)
+  stats = {"method": method_obj.label, "compression_ratio": compression_ratio,
+           "budget": budget, "context_tokens": lengths, "turns": len(encoded.turns),
+           "context_cache_bytes": prefilled.context_cache_bytes,
+           "turn_cache_bytes": out["turn_cache_bytes"],
+           "decode_steps": out["decode_steps"], "decode_seconds": out["decode_seconds"],
+           "seconds": time.perf_counter() - start}
+  return ConversationResult(answers=out["answers"], stats=stats)
