@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import methods as methods_lib
+from kvjax.cache import FlatLayerCache
 from kvjax.errors import GenerationError
 from kvjax.generation import context as context_lib
 from kvjax.generation import engine, inputs
@@ -23,6 +24,85 @@ def _tokens(model, item, add_special: bool, what: str) -> list[int]:
   if not ids:
     raise GenerationError(f"{what} is empty after tokenization")
   return ids
+
+
+def right_pad(rows: list[list[int]], pad_id: int, length: int | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
+  """[B, length] tokens and mask with row i's tokens first (position j is its j-th token).
+
+  `length` defaults to the bucketed longest row, the width `continuation_log_probs` uses.
+  """
+  length = length or inputs.bucket(max(len(r) for r in rows))
+  tokens = np.full((len(rows), length), pad_id, np.int32)
+  mask = np.zeros((len(rows), length), bool)
+  for i, row in enumerate(rows):
+    tokens[i, :len(row)] = row
+    mask[i, :len(row)] = True
+  return tokens, mask
+
+
+def free_slots(cache) -> int:
+  """Tokens that can still be appended to every row, layer and head of `cache`."""
+  free = []
+  for layer in cache.layers:
+    if isinstance(layer, FlatLayerCache):
+      # Each head appends at the end of its own segment.
+      free.append(int(jnp.min(layer.offsets[:, 1:] - layer.next_slot)))
+    else:
+      free.append(layer.capacity - int(layer.end))
+  return min(free)
+
+
+@jax.jit
+def _predicting_log_probs(last_logits, cont_logits):
+  # Logits predicting continuation token j: the context's last for j = 0, else position j - 1.
+  predicting = jnp.concatenate([last_logits[:, None], cont_logits[:, :-1]], axis=1)
+  return jax.nn.log_softmax(predicting.astype(jnp.float32), axis=-1)
+
+
+def continuation_log_probs(model, prefilled: context_lib.PrefilledContext,
+                           continuation_ids: list[list[int]]) -> jax.Array:
+  """Next-token distributions over each continuation, read through a prefilled context.
+
+  The continuation is prefilled on top of `prefilled.cache` uncompressed (as a question or
+  generated text would be), with `prefilled.decode_plan`.
+
+  Args:
+    model: the model the context was prefilled with.
+    prefilled: the context, from `context.prefill(..., room=room)` with one row per
+      continuation and room >= T (below). Its cache is consumed: the forward step donates
+      its buffers, so prefill again to read another continuation.
+    continuation_ids: one non-empty list of token ids per row.
+
+  Returns:
+    [B, T, V] float32 log-softmax distributions; [i, j] predicts continuation_ids[i][j].
+    T = inputs.bucket(longest continuation) and rows are right-padded to it: only the first
+    len(continuation_ids[i]) positions of row i are meaningful.
+
+  Raises:
+    GenerationError: the rows do not match the cache's batch, a row is empty, or the cache
+      has fewer than T free slots.
+  """
+  rows = prefilled.cache.batch_size
+  if len(continuation_ids) != rows:
+    raise GenerationError(f"got {len(continuation_ids)} continuations for a prefilled "
+                          f"context of {rows} rows; they must pair up")
+  for i, row in enumerate(continuation_ids):
+    if len(row) == 0:
+      raise GenerationError(f"continuation_ids[{i}] is empty; each row needs >= 1 token")
+  tokens, mask = right_pad([list(r) for r in continuation_ids], inputs.pad_id(model))
+  width = tokens.shape[1]
+  room = free_slots(prefilled.cache)
+  if room < width:
+    # A full cache would silently clamp the write (dynamic_update_slice), so check here.
+    raise GenerationError(f"the prefilled cache has room for {room} more tokens but the "
+                          f"continuations need {width} (longest row "
+                          f"{max(len(r) for r in continuation_ids)}, bucketed); prefill with "
+                          f"room >= {width}")
+  cont_logits, _ = engine.STEPS.prefill(model, jnp.asarray(tokens), jnp.asarray(mask),
+                                        prefilled.cache, logits="all",
+                                        plan=prefilled.decode_plan)
+  return _predicting_log_probs(prefilled.logits, cont_logits)
 
 
 def score(model, context, continuation, method=None, compression_ratio=None, budget=None):
@@ -47,21 +127,10 @@ def score(model, context, continuation, method=None, compression_ratio=None, bud
 
   pad = inputs.pad_id(model)
   ctx_tokens, ctx_mask = inputs.left_pad(ctx_ids, pad)
-  # The continuation is right-padded so position j of every row is its j-th token.
-  width = inputs.bucket(max(len(c) for c in cont_ids))
-  cont_tokens = np.full((len(cont_ids), width), pad, np.int32)
-  cont_mask = np.zeros_like(cont_tokens, bool)
-  for i, row in enumerate(cont_ids):
-    cont_tokens[i, :len(row)] = row
-    cont_mask[i, :len(row)] = True
-  prefilled = context_lib.prefill(model, ctx_tokens, ctx_mask, method_obj, keep, room=width)
-  last_logits = prefilled.logits
-  cont_logits, _ = engine.STEPS.prefill(model, jnp.asarray(cont_tokens), jnp.asarray(cont_mask),
-                                        prefilled.cache, logits="all",
-                                        plan=prefilled.decode_plan)
-  # Logits predicting continuation token j: the context's last for j = 0, else position j - 1.
-  predicting = jnp.concatenate([last_logits[:, None], cont_logits[:, :-1]], axis=1)
-  logprobs = jax.nn.log_softmax(predicting.astype(jnp.float32), axis=-1)
+  cont_tokens, _ = right_pad(cont_ids, pad)
+  prefilled = context_lib.prefill(model, ctx_tokens, ctx_mask, method_obj, keep,
+                                  room=cont_tokens.shape[1])
+  logprobs = continuation_log_probs(model, prefilled, cont_ids)
   picked = np.asarray(jnp.take_along_axis(logprobs, jnp.asarray(cont_tokens)[..., None],
                                           axis=-1)[..., 0])
   out = [picked[i, :len(row)].astype(np.float32) for i, row in enumerate(cont_ids)]
