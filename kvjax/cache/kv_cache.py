@@ -94,6 +94,18 @@ def slots_per_head(config: ModelConfig, cache: Cache) -> int:
              for layer in cache.layers)
 
 
+def free_slots(cache: Cache) -> int:
+  """Tokens that can still be appended to every row, layer and head of `cache`."""
+  free = []
+  for layer in cache.layers:
+    if isinstance(layer, FlatLayerCache):
+      # Each head appends at the end of its own segment.
+      free.append(int(jnp.min(layer.offsets[:, 1:] - layer.next_slot)))
+    else:
+      free.append(layer.capacity - int(layer.end))
+  return min(free)
+
+
 def full_cache_nbytes(config: ModelConfig, batch: int, capacity: int, dtype=None) -> int:
   """Bytes of an uncompressed cache with `capacity` slots (without allocating it)."""
   shapes = jax.eval_shape(lambda: init_cache(config, batch, capacity, dtype))

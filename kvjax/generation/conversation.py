@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from kvjax import methods as methods_lib
-from kvjax.cache import cache_nbytes
+from kvjax.cache import cache_nbytes, free_slots
 from kvjax.errors import GenerationError
 from kvjax.generation import context as context_lib
 from kvjax.generation import engine, inputs
@@ -74,7 +74,7 @@ def run_turns(model, prefilled: context_lib.PrefilledContext, turns: list[list[l
   """Asks each turn's questions over a prefilled context, keeping every answer in the cache.
 
   prefilled must have `room` empty slots per head (enough for the first turn's question
-  and answer); each later turn grows the cache by `room` again. Returns {"answers":
+  and answer); each later turn grows the cache back to `room` free slots. Returns {"answers":
   [row][turn], "token_ids": [row][turn], "turn_cache_bytes": [...], "decode_seconds",
   "decode_steps"}.
   """
@@ -93,7 +93,8 @@ def run_turns(model, prefilled: context_lib.PrefilledContext, turns: list[list[l
       # token is left out because the template's own text closes the answer.
       questions = [([int(last[r])] if int(last[r]) not in eos else []) + q
                    for r, q in enumerate(questions)]
-      cache = steps.grow(cache, room)
+      # Room the previous turn left unused is used first.
+      cache = steps.grow(cache, max(0, room - free_slots(cache)))
     tokens, mask = inputs.left_pad(questions, pad)
     if tokens.shape[1] > room:
       raise GenerationError(f"turn {t} needs {tokens.shape[1]} question slots but room is "

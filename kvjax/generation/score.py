@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import methods as methods_lib
-from kvjax.cache import FlatLayerCache
+from kvjax.cache import free_slots
 from kvjax.errors import GenerationError
 from kvjax.generation import context as context_lib
 from kvjax.generation import engine, inputs
@@ -39,18 +39,6 @@ def right_pad(rows: list[list[int]], pad_id: int, length: int | None = None
     tokens[i, :len(row)] = row
     mask[i, :len(row)] = True
   return tokens, mask
-
-
-def free_slots(cache) -> int:
-  """Tokens that can still be appended to every row, layer and head of `cache`."""
-  free = []
-  for layer in cache.layers:
-    if isinstance(layer, FlatLayerCache):
-      # Each head appends at the end of its own segment.
-      free.append(int(jnp.min(layer.offsets[:, 1:] - layer.next_slot)))
-    else:
-      free.append(layer.capacity - int(layer.end))
-  return min(free)
 
 
 @jax.jit
