@@ -1,0 +1,1 @@
+"""Evaluation: RULER-style long-context tasks, multi-turn QA, fidelity, sweeps and reports."""

@@ -1,0 +1,460 @@
+"""Evaluation sweeps: model x methods x compression ratios x tasks x lengths x modes.
+
+Each batch of examples is prefilled once and compressed every way the sweep asks for
+(`context.prefill_many`: compression never changes a one-chunk prefill's hidden states), then
+each (method, ratio) generates its answers from its own cache. Every finished batch is
+appended to `examples.jsonl` at once, so an interrupted run loses only the batch it was in,
+and a rerun skips every (cell, example) already there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import time
+from typing import Callable
+
+import numpy as np
+
+from kvjax import methods as methods_lib
+from kvjax.cache import full_cache_nbytes
+from kvjax.errors import KvjaxError, MethodError
+from kvjax.evaluation import scoring, tasks as tasks_lib
+from kvjax.fileio import write_json_atomic
+from kvjax.generation import context, conversation, inputs
+from kvjax.generation.generate import complete
+
+MODES = ("query_agnostic", "question_aware")
+FIDELITY = "fidelity"
+# Answer lengths, as RULER sizes them per task family but shorter: SmolLM2-sized models
+# answer in a sentence, and every generated token costs a decode step per method and ratio.
+MAX_NEW_TOKENS = {"niah_multivalue": 64, "niah_multiquery": 64, "vt": 48, "cwe": 96,
+                  "fwe": 40}
+DEFAULT_MAX_NEW_TOKENS = 32
+
+
+class SweepError(KvjaxError):
+  """A sweep was asked for something it cannot run."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+  methods: tuple[str, ...]          # registry names; "full" is the uncompressed baseline
+  ratios: tuple[float, ...]         # compression ratios for every compressing method
+  tasks: tuple[str, ...]            # tasks.TASKS, tasks.CONVERSATION_TASKS and/or "fidelity"
+  lengths: tuple[int, ...]          # context lengths in model tokens
+  modes: tuple[str, ...] = ("query_agnostic",)
+  num_examples: int = 10
+  batch_size: int = 4
+  seed: int = 0
+  turns: int = 3                    # questions per multi-turn conversation
+  max_new_tokens: int | None = None  # None: per task (MAX_NEW_TOKENS)
+  continuation_tokens: int = 128    # fidelity: tokens scored after each context
+
+  def validate(self) -> None:
+    known = set(tasks_lib.TASKS) | set(tasks_lib.CONVERSATION_TASKS) | {FIDELITY}
+    for task in self.tasks:
+      if task not in known:
+        raise SweepError(f"unknown task {task!r}; available: {sorted(known)}")
+    for mode in self.modes:
+      if mode not in MODES:
+        raise SweepError(f"unknown mode {mode!r}; available: {list(MODES)}")
+    for name in self.methods:
+      methods_lib.get(name)
+    for ratio in self.ratios:
+      if not 0 < ratio < 1:
+        raise SweepError(f"compression ratio {ratio!r} must be in (0, 1); the full cache is "
+                         f"the method 'full'")
+    for what, value, low in (("num_examples", self.num_examples, 1),
+                             ("batch_size", self.batch_size, 1), ("turns", self.turns, 1),
+                             ("continuation_tokens", self.continuation_tokens, 1)):
+      if not isinstance(value, int) or value < low:
+        raise SweepError(f"{what}={value!r} must be an integer >= {low}")
+    if not self.tasks or not self.methods or not self.lengths or not self.modes:
+      raise SweepError("a sweep needs at least one task, method, length and mode")
+    for length in self.lengths:
+      if not isinstance(length, int) or length < 1:
+        raise SweepError(f"length {length!r} must be a positive number of tokens")
+
+  def room_answer_tokens(self) -> int:
+    """Answer slots reserved in every single-turn cache (the longest answer of the sweep)."""
+    return max(self.answer_tokens(t) for t in self.tasks)
+
+  def answer_tokens(self, task: str) -> int:
+    if self.max_new_tokens is not None:
+      return self.max_new_tokens
+    return MAX_NEW_TOKENS.get(task, DEFAULT_MAX_NEW_TOKENS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """One (method, ratio) column of a sweep; ratio 0.0 for the full cache."""
+  name: str
+  method: methods_lib.Method
+  ratio: float
+
+  @property
+  def label(self) -> str:
+    return self.method.label
+
+
+def variants(config: SweepConfig) -> list[Variant]:
+  out = []
+  for name in config.methods:
+    method = methods_lib.get(name)
+    if not method.compresses:
+      out.append(Variant(name, method, 0.0))
+      continue
+    out.extend(Variant(name, method, float(r)) for r in config.ratios)
+  return out
+
+
+def cell_key(model: str, task: str, length: int, mode: str, method: str, ratio: float
+             ) -> tuple:
+  return (model, task, int(length), mode, method, round(float(ratio), 6))
+
+
+def _fingerprint(config: SweepConfig, task: str) -> str:
+  """What an example's result depends on beyond its cell: a record made under other
+  settings is not reused."""
+  settings = {"seed": config.seed, "max_new_tokens": config.answer_tokens(task)}
+  if task in tasks_lib.CONVERSATION_TASKS:
+    settings["turns"] = config.turns
+  if task == FIDELITY:
+    settings["continuation_tokens"] = config.continuation_tokens
+  return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def read_records(path: pathlib.Path) -> list[dict]:
+  """Records of examples.jsonl; a torn last line (an interrupted write) is ignored."""
+  if not path.exists():
+    return []
+  records = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return records
+
+
+def _append_records(path: pathlib.Path, records: list[dict]) -> None:
+  with open(path, "a", encoding="utf-8") as f:
+    for record in records:
+      f.write(json.dumps(record) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _record_key(record: dict) -> tuple:
+  return cell_key(record["model"], record["task"], record["length"], record["mode"],
+                  record["method"], record["compression_ratio"]) + (
+                      record["example"], record["fingerprint"])
+
+
+def _keep(variant: Variant, nominal_length: int) -> int | None:
+  """Tokens kept per layer: the ratio applies to the cell's nominal context length.
+
+  Every example of a cell is generated to at most that length, so one budget (and so one
+  set of compiled cache shapes) serves every task and batch at that length; the fraction
+  really removed from each example is recorded beside it.
+  """
+  if not variant.method.compresses:
+    return None
+  return methods_lib.validate_compression(variant.method, [nominal_length], variant.ratio, None)
+
+
+# Question slots reserved in every cache: a fixed room keeps cache shapes (and compiled
+# steps) the same across tasks; wider questions get more.
+_QUESTION_ROOM = 64
+
+
+def _room(question_width: int, answer_tokens: int) -> int:
+  return -(-(max(question_width, _QUESTION_ROOM) + answer_tokens) // 16) * 16
+
+
+def _encode_single(model, examples, mode):
+  """Token ids of each example's compressed part and (query-agnostic) its question."""
+  if mode == "question_aware":
+    return inputs.encode(model, [e.prompt for e in examples], None, None)
+  return inputs.encode(model, [e.context for e in examples], [e.question for e in examples],
+                       None)
+
+
+def _single_turn(model, encoded, runnable, answer_tokens, nominal, room_answer):
+  """Generates every runnable variant's answers for one batch of encoded examples."""
+  question_tokens = question_mask = None
+  width = 0
+  if encoded.questions is not None:
+    question_tokens, question_mask = inputs.left_pad(encoded.questions, inputs.pad_id(model))
+    width = question_tokens.shape[1]
+  lengths = [len(p) for p in encoded.prompts]
+  tokens, mask = inputs.left_pad(encoded.prompts, inputs.pad_id(model))
+  room = _room(width, room_answer)
+  start = time.perf_counter()
+  prefilled = context.prefill_many(model, tokens, mask,
+                                   [(v.method, _keep(v, nominal)) for v in runnable], room)
+  shared = (time.perf_counter() - start) / len(runnable)
+  results = {}
+  for variant, pre in zip(runnable, prefilled):
+    start = time.perf_counter()
+    done = complete(model, pre.logits, pre.cache, pre.decode_plan, question_tokens,
+                    question_mask, max_new_tokens=answer_tokens)
+    results[variant] = dict(
+        predictions=[[t] for t in done.texts], context_tokens=lengths,
+        kept_tokens=float(np.mean(pre.budgets)) if pre.budgets else None,
+        context_cache_bytes=pre.context_cache_bytes / len(lengths),
+        seconds=(shared + time.perf_counter() - start) / len(lengths))
+  return results
+
+
+def _multi_turn(model, encoded, runnable, answer_tokens, nominal):
+  lengths = [len(p) for p in encoded.contexts]
+  tokens, mask = inputs.left_pad(encoded.contexts, inputs.pad_id(model))
+  room = conversation.turn_room(encoded.turns, answer_tokens)
+  start = time.perf_counter()
+  prefilled = context.prefill_many(model, tokens, mask,
+                                   [(v.method, _keep(v, nominal)) for v in runnable], room)
+  shared = (time.perf_counter() - start) / len(runnable)
+  results = {}
+  for variant, pre in zip(runnable, prefilled):
+    start = time.perf_counter()
+    out = conversation.run_turns(model, pre, encoded.turns, answer_tokens, room)
+    results[variant] = dict(
+        predictions=out["answers"], context_tokens=lengths,
+        kept_tokens=float(np.mean(pre.budgets)) if pre.budgets else None,
+        context_cache_bytes=pre.context_cache_bytes / len(lengths),
+        seconds=(shared + time.perf_counter() - start) / len(lengths))
+  return results
+
+
+def _removed(kept_tokens: float | None, context_tokens: int) -> float:
+  return 0.0 if kept_tokens is None else max(0.0, 1.0 - kept_tokens / context_tokens)
+
+
+def _score_predictions(item, predictions: list[str]) -> float:
+  if isinstance(item, tasks_lib.Conversation):
+    return float(np.mean([scoring.score(item.metric, p, a)
+                          for p, a in zip(predictions, item.answers)]))
+  return scoring.score(item.metric, predictions[0], item.answers)
+
+
+def _runnable(all_variants, nominal: int, lengths: list[int], skipped: dict, model,
+              where: str):
+  """Variants whose budget is valid for these contexts; the rest are reported as skipped."""
+  out = []
+  for v in all_variants:
+    try:
+      keep = _keep(v, nominal)
+      if keep is not None:
+        methods_lib.validate_compression(v.method, lengths, None, keep)
+        context.layer_budgets(model, v.method, keep, max(lengths))
+      out.append(v)
+    except MethodError as e:
+      skipped.setdefault(f"{v.label}@{v.ratio} {where}", str(e))
+  return out
+
+
+def run_sweep(model, model_name: str, config: SweepConfig, out_dir,
+              progress: Callable[[int, str], None] | None = None) -> dict:
+  """Runs (or resumes) a sweep; returns the summary written to out_dir/summary.json.
+
+  progress(done_units, description) is called after each unit of work (one batch of one
+  task/length/mode across every method and ratio); `units(config)` gives their number.
+  """
+  config.validate()
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  path = out_dir / "examples.jsonl"
+  done = {_record_key(r) for r in read_records(path)}
+  all_variants = variants(config)
+  skipped: dict[str, str] = {}
+  unit = 0
+  for task, length, mode in _task_grid(config):
+    fingerprint = _fingerprint(config, task)
+    answer_tokens = config.answer_tokens(task)
+    items = None
+    for first in range(0, config.num_examples, config.batch_size):
+      indices = range(first, min(first + config.batch_size, config.num_examples))
+      missing = [v for v in all_variants if any(
+          cell_key(model_name, task, length, mode, v.label, v.ratio) + (i, fingerprint)
+          not in done for i in indices)]
+      unit += 1
+      if missing:
+        if items is None:
+          items = _items(model, task, length, config)
+        batch = [items[i] for i in indices]
+        records = _run_batch(model, model_name, task, length, mode, indices, batch, missing,
+                             answer_tokens, fingerprint, config, skipped)
+        _append_records(path, records)
+        done.update(_record_key(r) for r in records)
+      if progress is not None:
+        progress(unit, f"{task} {length} {mode}")
+  summary = summarize(read_records(path), config, model_name)
+  summary["skipped"] = skipped
+  write_json_atomic(out_dir / "summary.json", summary, indent=1)
+  return summary
+
+
+def _task_grid(config: SweepConfig):
+  for task in config.tasks:
+    for length in config.lengths:
+      # Fidelity and conversations only exist query-agnostic: the text read after the
+      # context (continuation, later questions) is never compressed with it.
+      task_modes = (config.modes if task in tasks_lib.TASKS else
+                    (("query_agnostic",) if "query_agnostic" in config.modes else ()))
+      for mode in task_modes:
+        yield task, length, mode
+
+
+def units(config: SweepConfig) -> int:
+  per = -(-config.num_examples // config.batch_size)
+  return per * sum(1 for _ in _task_grid(config))
+
+
+def template_tokens(model) -> int:
+  """Tokens the chat template adds around a prompt: generators get length minus these, so
+  the prompt the model sees is `length` tokens long (and stays in its prefill bucket)."""
+  tokenizer = model.tokenizer
+  if not tokenizer.has_chat_template:
+    return 0
+  bare = len(tokenizer.encode("x", add_special_tokens=False))
+  return len(inputs.encode(model, ["x"], None, None).prompts[0]) - bare
+
+
+def _items(model, task: str, length: int, config: SweepConfig):
+  if task == FIDELITY:
+    from kvjax.evaluation import fidelity
+    return fidelity.essay_samples(model.tokenizer, length, config.continuation_tokens,
+                                  config.num_examples, config.seed)
+  if task in tasks_lib.CONVERSATION_TASKS:
+    return tasks_lib.generate_conversations(task, model.tokenizer, length - template_tokens(model),
+                                            config.num_examples, config.turns, config.seed)
+  return tasks_lib.generate_examples(task, model.tokenizer, length - template_tokens(model),
+                                     config.num_examples, config.seed)
+
+
+def _run_batch(model, model_name, task, length, mode, indices, batch, missing, answer_tokens,
+               fingerprint, config, skipped) -> list[dict]:
+  base = dict(model=model_name, task=task, length=length, mode=mode, fingerprint=fingerprint)
+  if task == FIDELITY:
+    return _fidelity_batch(model, dict(base, first=indices[0]), batch, missing, skipped)
+  if task in tasks_lib.CONVERSATION_TASKS:
+    encoded = conversation.encode_conversations(
+        model, [c.context for c in batch], [list(c.questions) for c in batch])
+    lengths = [len(p) for p in encoded.contexts]
+  else:
+    encoded = _encode_single(model, batch, mode)
+    lengths = [len(p) for p in encoded.prompts]
+  runnable = _runnable(missing, length, lengths, skipped, model, f"{task} {length} {mode}")
+  if not runnable:
+    return []
+  if task in tasks_lib.CONVERSATION_TASKS:
+    results = _multi_turn(model, encoded, runnable, answer_tokens, length)
+  else:
+    results = _single_turn(model, encoded, runnable, answer_tokens, length,
+                           config.room_answer_tokens())
+  records = []
+  for variant, result in results.items():
+    for row, item in enumerate(batch):
+      full_bytes = full_cache_nbytes(model.config, 1, result["context_tokens"][row])
+      predictions = result["predictions"][row]
+      answers = (item.answers if isinstance(item, tasks_lib.Conversation)
+                 else [item.answers])
+      records.append(dict(
+          base, method=variant.label, compression_ratio=variant.ratio, example=item.index,
+          score=100.0 * _score_predictions(item, predictions), predictions=predictions,
+          answers=[list(a) for a in answers], context_tokens=result["context_tokens"][row],
+          removed_fraction=_removed(result["kept_tokens"], result["context_tokens"][row]),
+          # The full cache's bytes without the prefill bucket's padding: what it needs.
+          context_cache_bytes=(result["context_cache_bytes"] if variant.method.compresses
+                               else full_bytes),
+          full_context_cache_bytes=full_bytes, seconds=result["seconds"]))
+  return records
+
+
+def _fidelity_batch(model, base, samples, missing, skipped) -> list[dict]:
+  """Perplexity, KL and top-1 against the full cache of one batch of essay samples."""
+  from kvjax.evaluation import fidelity
+  from kvjax.generation.score import continuation_log_probs
+  first = base.pop("first")
+  lengths = [len(s.context_ids) for s in samples]
+  runnable = _runnable(missing, base["length"], lengths, skipped, model,
+                       f"{base['task']} {base['length']}")
+  if not runnable:
+    return []
+  start = time.perf_counter()
+  ref = fidelity.reference(model, samples)
+  continuations = [list(s.continuation_ids) for s in samples]
+  tokens, mask = inputs.left_pad([list(s.context_ids) for s in samples], inputs.pad_id(model))
+  prefilled = context.prefill_many(
+      model, tokens, mask, [(v.method, _keep(v, base["length"])) for v in runnable],
+      ref.targets.shape[1])
+  per_variant = []
+  for pre in prefilled:
+    metrics = fidelity.token_metrics(ref.log_probs,
+                                     continuation_log_probs(model, pre, continuations),
+                                     ref.targets, ref.mask)
+    per_variant.append((pre, {k: np.asarray(v).tolist() for k, v in metrics.items()}))
+  seconds = (time.perf_counter() - start) / len(runnable) / len(samples)
+  records = []
+  for variant, (pre, metrics) in zip(runnable, per_variant):
+    kept = float(np.mean(pre.budgets)) if pre.budgets else None
+    for row, sample in enumerate(samples):
+      records.append(dict(
+          base, method=variant.label, compression_ratio=variant.ratio,
+          example=first + row, context_tokens=lengths[row],
+          removed_fraction=_removed(kept, lengths[row]),
+          context_cache_bytes=(pre.context_cache_bytes / len(samples)
+                               if variant.method.compresses
+                               else full_cache_nbytes(model.config, 1, lengths[row])),
+          full_context_cache_bytes=full_cache_nbytes(model.config, 1, lengths[row]),
+          seconds=seconds, **{k: v[row] for k, v in metrics.items()}))
+  return records
+
+
+def summarize(records: list[dict], config: SweepConfig, model_name: str) -> dict:
+  """One cell per (model, task, length, mode, method, ratio) of the current config."""
+  wanted = {v.label: v for v in variants(config)}
+  grouped: dict[tuple, list[dict]] = {}
+  for r in records:
+    if (r["model"] != model_name or r["task"] not in config.tasks
+        or r["length"] not in config.lengths or r["mode"] not in config.modes
+        or r["method"] not in wanted or r["example"] >= config.num_examples
+        or r["fingerprint"] != _fingerprint(config, r["task"])):
+      continue
+    if wanted[r["method"]].method.compresses and not any(
+        abs(r["compression_ratio"] - x) < 1e-9 for x in config.ratios):
+      continue
+    key = cell_key(r["model"], r["task"], r["length"], r["mode"], r["method"],
+                   r["compression_ratio"])
+    grouped.setdefault(key, {})[r["example"]] = r  # a rerun's duplicate replaces, never adds
+  cells = []
+  for key, by_example in grouped.items():
+    rs = list(by_example.values())
+    model_, task, length, mode, method, ratio = key
+    if task == FIDELITY:
+      tokens = sum(r["tokens"] for r in rs)
+      metrics = {"perplexity": float(np.exp(sum(r["nll_sum"] for r in rs) / tokens)),
+                 "kl": sum(r["kl_sum"] for r in rs) / tokens,
+                 "top1": sum(r["top1_agree"] for r in rs) / tokens}
+    else:
+      metrics = {"score": float(np.mean([r["score"] for r in rs]))}
+    cells.append(dict(
+        model=model_, task=task, length=length, mode=mode, method=method,
+        compression_ratio=ratio, examples=len(rs), metrics=metrics,
+        context_cache_bytes=float(np.mean([r["context_cache_bytes"] for r in rs])),
+        full_context_cache_bytes=float(np.mean([r["full_context_cache_bytes"] for r in rs])),
+        context_tokens=float(np.mean([r["context_tokens"] for r in rs])),
+        removed_fraction=float(np.mean([r["removed_fraction"] for r in rs])),
+        seconds=float(sum(r["seconds"] for r in rs))))
+  method_order = {v.label: i for i, v in enumerate(variants(config))}
+  cells.sort(key=lambda c: (config.tasks.index(c["task"]), c["length"],
+                            config.modes.index(c["mode"]), method_order[c["method"]],
+                            c["compression_ratio"]))
+  return {"model": model_name, "config": dataclasses.asdict(config), "cells": cells,
+          "complete": all(c["examples"] == config.num_examples for c in cells)}

@@ -1,0 +1,121 @@
+"""The evaluation sweep end to end on a tiny random model: files, resume, interruption."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from kvjax.evaluation import sweep
+from kvjax.generation import context
+from tiny import tiny_model
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = sweep.SweepConfig(methods=("full", "streaming_llm"), ratios=(0.5,),
+                           tasks=("niah_single_2", "multiturn_niah", "fidelity"),
+                           lengths=(384,), num_examples=2, batch_size=2, max_new_tokens=4,
+                           turns=2, continuation_tokens=16)
+
+
+@pytest.fixture(scope="module")
+def model(smollm2_gguf):
+  from kvjax.loading.tokenizer import Tokenizer
+  # SmolLM2's tokenizer (and chat template) on a tiny random model with its vocabulary.
+  return tiny_model(tokenizer=Tokenizer.from_gguf(smollm2_gguf), vocab_size=49152,
+                    max_position_embeddings=2048)
+
+
+def _spy_prefill_many(monkeypatch):
+  calls = []
+  real = context.prefill_many
+
+  def spy(*args, **kwargs):
+    calls.append(len(args[3]))
+    return real(*args, **kwargs)
+  monkeypatch.setattr(context, "prefill_many", spy)
+  return calls
+
+
+def _lines(path):
+  return path.read_text().splitlines()
+
+
+def test_sweep_writes_results_and_resumes(model, tmp_path, monkeypatch):
+  from kvjax.evaluation import report
+  calls = _spy_prefill_many(monkeypatch)
+  summary = sweep.run_sweep(model, "tiny", CONFIG, tmp_path)
+  # One prefill per batch (each task has one batch of 2), shared by both variants.
+  assert calls == [2, 2, 2]
+  cells = summary["cells"]
+  assert [(c["task"], c["method"], c["compression_ratio"]) for c in cells] == [
+      ("niah_single_2", "full", 0.0), ("niah_single_2", "streaming_llm", 0.5),
+      ("multiturn_niah", "full", 0.0), ("multiturn_niah", "streaming_llm", 0.5),
+      ("fidelity", "full", 0.0), ("fidelity", "streaming_llm", 0.5)]
+  assert all(c["examples"] == 2 for c in cells) and summary["complete"]
+  records = [json.loads(line) for line in _lines(tmp_path / "examples.jsonl")]
+  assert len(records) == 12
+  for r in records:
+    if r["task"] == "fidelity":
+      assert r["tokens"] == 16 and r["kl_sum"] >= 0
+    else:
+      assert 0 <= r["score"] <= 100 and len(r["predictions"]) == len(r["answers"])
+      assert len(r["predictions"]) == (2 if r["task"] == "multiturn_niah" else 1)
+  fidelity_cells = {c["method"]: c["metrics"] for c in cells if c["task"] == "fidelity"}
+  assert fidelity_cells["full"]["kl"] < 1e-6 and fidelity_cells["full"]["top1"] == 1.0
+  assert fidelity_cells["streaming_llm"]["kl"] > 0
+  compressed = [c for c in cells if c["method"] == "streaming_llm"]
+  assert all(c["context_cache_bytes"] < 0.6 * c["full_context_cache_bytes"] for c in compressed)
+  assert all(0.4 < c["removed_fraction"] < 0.6 for c in compressed)
+  assert json.loads((tmp_path / "summary.json").read_text())["cells"] == cells
+
+  paths = report.write_report(cells, tmp_path)
+  table = (tmp_path / "results.md").read_text()
+  assert "| streaming_llm | 0.5 |" in table and "niah_single_2" in table
+  assert (tmp_path / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert set(paths) >= {"results", "scores", "memory", "fidelity"}
+
+  # A second run finds every example done and computes nothing.
+  calls.clear()
+  again = sweep.run_sweep(model, "tiny", CONFIG, tmp_path)
+  assert calls == [] and again["cells"] == cells
+  assert len(_lines(tmp_path / "examples.jsonl")) == 12
+
+  # An interrupted run: the last batch's records are half written. Only that batch reruns.
+  lines = _lines(tmp_path / "examples.jsonl")
+  (tmp_path / "examples.jsonl").write_text("\n".join(lines[:-3]) + "\n" + lines[-3][:40])
+  resumed = sweep.run_sweep(model, "tiny", CONFIG, tmp_path)
+  assert calls == [2]   # the fidelity batch, for the variants it lacked
+  assert [c["examples"] for c in resumed["cells"]] == [2] * 6
+  for a, b in zip(resumed["cells"], cells):
+    assert a["metrics"] == pytest.approx(b["metrics"], rel=1e-5, abs=1e-6)
+
+
+def test_changed_settings_are_not_mixed_with_old_results(model, tmp_path, monkeypatch):
+  config = sweep.SweepConfig(methods=("full",), ratios=(0.5,), tasks=("niah_single_2",),
+                             lengths=(384,), num_examples=1, batch_size=1, max_new_tokens=3)
+  sweep.run_sweep(model, "tiny", config, tmp_path)
+  calls = _spy_prefill_many(monkeypatch)
+  longer = sweep.SweepConfig(**{**config.__dict__, "max_new_tokens": 5})
+  summary = sweep.run_sweep(model, "tiny", longer, tmp_path)
+  assert calls == [1] and summary["cells"][0]["examples"] == 1
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(tasks=("nope",)), "unknown task 'nope'"),
+    (dict(modes=("sideways",)), "unknown mode 'sideways'"),
+    (dict(ratios=(1.0,)), r"compression ratio 1.0 must be in \(0, 1\)"),
+    (dict(num_examples=0), "num_examples=0 must be an integer >= 1"),
+    (dict(methods=("magic",)), "unknown method 'magic'"),
+])
+def test_bad_sweeps_are_refused(overrides, match):
+  with pytest.raises(ValueError, match=match):
+    sweep.SweepConfig(**{**CONFIG.__dict__, **overrides}).validate()
+
+
+def test_evaluate_script_reports_bad_flags_in_one_line(tmp_path):
+  run = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"),
+                        f"--out_dir={tmp_path}", "--tasks=nope"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert run.returncode == 2
+  assert run.stderr.strip().splitlines()[-1].startswith("error: unknown task 'nope'")
