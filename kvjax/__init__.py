@@ -10,12 +10,12 @@ from kvjax import methods
 from kvjax.config import ModelConfig
 from kvjax.errors import (CheckpointError, ChecksumError, ConfigError, DownloadError,
                           GenerationError, KvjaxError, UnknownModelError)
-from kvjax.generation import GenerationResult, generate, score
+from kvjax.generation import ConversationResult, GenerationResult, converse, generate, score
 from kvjax.loading.load import available_models, load
 from kvjax.model import Model
 
 __version__ = "0.1.0"
 
-__all__ = ["CheckpointError", "ChecksumError", "ConfigError", "DownloadError",
-           "GenerationError", "GenerationResult", "KvjaxError", "Model", "ModelConfig",
-           "UnknownModelError", "available_models", "generate", "load", "methods", "score"]
+__all__ = ["CheckpointError", "ChecksumError", "ConfigError", "ConversationResult",
+           "DownloadError", "GenerationError", "GenerationResult", "KvjaxError", "Model", "ModelConfig",
+           "UnknownModelError", "available_models", "converse", "generate", "load", "methods", "score"]

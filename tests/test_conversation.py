@@ -112,3 +112,36 @@ def test_turns_reuse_the_cache_like_one_long_prompt(model):
       alone = kvjax.generate(model, prompt, max_new_tokens=8, eos_token_ids=[eos])
       assert alone.token_ids[0] == out["token_ids"][row][t], (row, t)
       history = prompt
+
+
+@pytest.fixture(scope="module")
+def chat_model(smollm2_gguf):
+  from kvjax.loading.tokenizer import Tokenizer
+  return tiny_model(tokenizer=Tokenizer.from_gguf(smollm2_gguf), vocab_size=49152,
+                    max_position_embeddings=2048)
+
+
+def test_converse_answers_every_turn_and_keeps_its_cache(chat_model):
+  context = " ".join(f"Fact {i}: the code word is word{i}." for i in range(40))
+  result = kvjax.converse(chat_model, [context, context[:300]],
+                          [["First?", "Second?", "Third?"], ["A?", "B?", "C?"]],
+                          method="snapkv", compression_ratio=0.5, max_new_tokens=6)
+  assert [len(row) for row in result.answers] == [3, 3]
+  assert all(isinstance(a, str) for row in result.answers for a in row)
+  stats = result.stats
+  assert stats["turns"] == 3 and stats["method"] == "snapkv"
+  # The compressed context is kept; turns only ever add slots for their own tokens.
+  assert stats["turn_cache_bytes"] == sorted(stats["turn_cache_bytes"])
+  full = kvjax.converse(chat_model, context, ["First?", "Second?"], max_new_tokens=6)
+  assert stats["context_cache_bytes"] < 0.6 * full.stats["context_cache_bytes"]
+
+
+@pytest.mark.parametrize("contexts, questions, match", [
+    (["a", "b"], [["q?"]], "2 contexts and 1 question lists"),
+    (["a", "b"], [["q?"], ["q?", "r?"]], "same number"),
+    (["a"], [[]], "same number"),
+    (["a"], [[3]], "questions must be strings"),
+])
+def test_converse_rejects_mismatched_turns(chat_model, contexts, questions, match):
+  with pytest.raises(kvjax.GenerationError, match=match):
+    kvjax.converse(chat_model, contexts, questions, max_new_tokens=2)

@@ -185,51 +185,49 @@ def _encode_single(model, examples, mode):
                        None)
 
 
+def _run_variants(model, context_ids, runnable, nominal: int, room: int, answer) -> dict:
+  """Prefills the contexts once, then answer(prefilled) -> [row] predictions per variant."""
+  lengths = [len(p) for p in context_ids]
+  tokens, mask = inputs.left_pad(context_ids, inputs.pad_id(model))
+  start = time.perf_counter()
+  prefilled = context.prefill_many(model, tokens, mask,
+                                   [(v.method, _keep(v, nominal)) for v in runnable], room)
+  shared = (time.perf_counter() - start) / len(runnable)
+  results = {}
+  for variant, pre in zip(runnable, prefilled):
+    start = time.perf_counter()
+    predictions = answer(pre)
+    results[variant] = dict(
+        predictions=predictions, context_tokens=lengths,
+        kept_tokens=float(np.mean(pre.budgets)) if pre.budgets else None,
+        context_cache_bytes=pre.context_cache_bytes / len(lengths),
+        seconds=(shared + time.perf_counter() - start) / len(lengths))
+  return results
+
+
 def _single_turn(model, encoded, runnable, answer_tokens, nominal, room_answer):
-  """Generates every runnable variant's answers for one batch of encoded examples."""
+  """Every runnable variant's answers to one batch of encoded examples."""
   question_tokens = question_mask = None
   width = 0
   if encoded.questions is not None:
     question_tokens, question_mask = inputs.left_pad(encoded.questions, inputs.pad_id(model))
     width = question_tokens.shape[1]
-  lengths = [len(p) for p in encoded.prompts]
-  tokens, mask = inputs.left_pad(encoded.prompts, inputs.pad_id(model))
-  room = _room(width, room_answer)
-  start = time.perf_counter()
-  prefilled = context.prefill_many(model, tokens, mask,
-                                   [(v.method, _keep(v, nominal)) for v in runnable], room)
-  shared = (time.perf_counter() - start) / len(runnable)
-  results = {}
-  for variant, pre in zip(runnable, prefilled):
-    start = time.perf_counter()
+
+  def answer(pre):
     done = complete(model, pre.logits, pre.cache, pre.decode_plan, question_tokens,
                     question_mask, max_new_tokens=answer_tokens)
-    results[variant] = dict(
-        predictions=[[t] for t in done.texts], context_tokens=lengths,
-        kept_tokens=float(np.mean(pre.budgets)) if pre.budgets else None,
-        context_cache_bytes=pre.context_cache_bytes / len(lengths),
-        seconds=(shared + time.perf_counter() - start) / len(lengths))
-  return results
+    return [[t] for t in done.texts]
+  return _run_variants(model, encoded.prompts, runnable, nominal, _room(width, room_answer),
+                       answer)
 
 
 def _multi_turn(model, encoded, runnable, answer_tokens, nominal):
-  lengths = [len(p) for p in encoded.contexts]
-  tokens, mask = inputs.left_pad(encoded.contexts, inputs.pad_id(model))
+  """Every runnable variant's answers to each turn of one batch of conversations."""
   room = conversation.turn_room(encoded.turns, answer_tokens)
-  start = time.perf_counter()
-  prefilled = context.prefill_many(model, tokens, mask,
-                                   [(v.method, _keep(v, nominal)) for v in runnable], room)
-  shared = (time.perf_counter() - start) / len(runnable)
-  results = {}
-  for variant, pre in zip(runnable, prefilled):
-    start = time.perf_counter()
-    out = conversation.run_turns(model, pre, encoded.turns, answer_tokens, room)
-    results[variant] = dict(
-        predictions=out["answers"], context_tokens=lengths,
-        kept_tokens=float(np.mean(pre.budgets)) if pre.budgets else None,
-        context_cache_bytes=pre.context_cache_bytes / len(lengths),
-        seconds=(shared + time.perf_counter() - start) / len(lengths))
-  return results
+
+  def answer(pre):
+    return conversation.run_turns(model, pre, encoded.turns, answer_tokens, room)["answers"]
+  return _run_variants(model, encoded.contexts, runnable, nominal, room, answer)
 
 
 def _removed(kept_tokens: float | None, context_tokens: int) -> float:
