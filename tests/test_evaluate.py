@@ -119,3 +119,17 @@ def test_evaluate_script_reports_bad_flags_in_one_line(tmp_path):
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
   assert run.returncode == 2
   assert run.stderr.strip().splitlines()[-1].startswith("error: unknown task 'nope'")
+
+
+def test_question_aware_mode_compresses_the_question_too(model, tmp_path):
+  config = sweep.SweepConfig(methods=("full", "knorm"), ratios=(0.5,), tasks=("niah_single_2",),
+                             lengths=(384,), modes=sweep.MODES, num_examples=1, batch_size=1,
+                             max_new_tokens=3)
+  cells = sweep.run_sweep(model, "tiny", config, tmp_path)["cells"]
+  assert [(c["mode"], c["method"]) for c in cells] == [
+      ("query_agnostic", "full"), ("query_agnostic", "knorm"),
+      ("question_aware", "full"), ("question_aware", "knorm")]
+  tokens = {c["mode"]: c["context_tokens"] for c in cells if c["method"] == "full"}
+  # Question-aware contexts hold the question (and the whole chat template) as well.
+  assert tokens["question_aware"] > tokens["query_agnostic"] + 10
+  assert 370 <= tokens["question_aware"] <= 384
