@@ -99,8 +99,9 @@ def prefill_many(model, tokens: np.ndarray, mask: np.ndarray, variants, room: in
 
   variants: a list of (method, keep); keep None (or a method that does not compress) gives
   the uncompressed cache. Compression never changes the hidden states of a one-chunk
-  prefill, so each result equals `prefill(model, tokens, mask, method, keep, room)` while
-  the model runs once instead of len(variants) times.
+  prefill, so each compressed result is bit-identical to `prefill(model, tokens, mask,
+  method, keep, room)` (the uncompressed one equal up to float rounding: its attention
+  skips the room's empty slots) while the model runs once instead of len(variants) times.
   """
   rows, width = tokens.shape
   context_length = int(mask.sum(1).max())
