@@ -73,8 +73,9 @@ def run_turns(model, prefilled: context_lib.PrefilledContext, turns: list[list[l
               steps=engine.STEPS) -> dict:
   """Asks each turn's questions over a prefilled context, keeping every answer in the cache.
 
-  prefilled must have `room` empty slots per head (enough for the first turn's question
-  and answer); each later turn grows the cache back to `room` free slots. Returns {"answers":
+  Every turn needs up to `room` slots per head (its question and answer); the cache is
+  grown once, before the first turn, to hold all of them, so every turn runs the same
+  compiled steps on the same cache shapes. Returns {"answers":
   [row][turn], "token_ids": [row][turn], "turn_cache_bytes": [...], "decode_seconds",
   "decode_steps"}.
   """
@@ -84,6 +85,7 @@ def run_turns(model, prefilled: context_lib.PrefilledContext, turns: list[list[l
   rows = len(turns[0])
   pad = inputs.pad_id(model)
   cache, logits, plan = prefilled.cache, prefilled.logits, prefilled.decode_plan
+  cache = steps.grow(cache, max(0, len(turns) * room - free_slots(cache)))
   answers, token_ids = [[] for _ in range(rows)], [[] for _ in range(rows)]
   turn_cache_bytes, decode_seconds, decode_steps = [], 0.0, 0
   last = None
@@ -93,8 +95,6 @@ def run_turns(model, prefilled: context_lib.PrefilledContext, turns: list[list[l
       # token is left out because the template's own text closes the answer.
       questions = [([int(last[r])] if int(last[r]) not in eos else []) + q
                    for r, q in enumerate(questions)]
-      # Room the previous turn left unused is used first.
-      cache = steps.grow(cache, max(0, room - free_slots(cache)))
     tokens, mask = inputs.left_pad(questions, pad)
     if tokens.shape[1] > room:
       raise GenerationError(f"turn {t} needs {tokens.shape[1]} question slots but room is "
