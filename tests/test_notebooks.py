@@ -19,3 +19,5 @@ def test_quickstart_notebook(smollm2):
   assert "Paris" in namespace["result"].texts[0]
   assert len(namespace["batch"].texts) == 2
   assert namespace["logprobs"].shape[0] >= 2 and (namespace["logprobs"] < 0).all()
+  assert namespace["example"].answers[0] in namespace["example"].context
+  assert {c["method"] for c in namespace["cells"]} >= {"full", "snapkv"}
