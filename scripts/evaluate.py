@@ -13,7 +13,7 @@ import time
 
 from absl import flags, logging
 
-from kvjax import cli
+from kvjax import benchmarking, cli
 from kvjax.evaluation import report, sweep, tasks
 
 FLAGS = flags.FLAGS
@@ -38,18 +38,18 @@ flags.DEFINE_integer("continuation_tokens", 128, "Fidelity: tokens scored after 
 flags.DEFINE_string("title", None, "Heading of results.md.")
 
 
-def _numbers(values, cast, what):
+def _ratios(values):
   try:
-    return tuple(cast(v) for v in values)
+    return tuple(float(v) for v in values)
   except ValueError:
-    raise sweep.SweepError(f"{what}={','.join(values)!r}: expected {cast.__name__}s") from None
+    raise sweep.SweepError(f"--ratios={','.join(values)!r}: expected numbers") from None
 
 
 def main(argv):
   del argv
   config = sweep.SweepConfig(
-      methods=tuple(FLAGS.methods), ratios=_numbers(FLAGS.ratios, float, "--ratios"),
-      tasks=tuple(FLAGS.tasks), lengths=_numbers(FLAGS.lengths, int, "--lengths"),
+      methods=tuple(FLAGS.methods), ratios=_ratios(FLAGS.ratios), tasks=tuple(FLAGS.tasks),
+      lengths=tuple(benchmarking.parse_sizes(FLAGS.lengths, "--lengths")),
       modes=tuple(FLAGS.modes), num_examples=FLAGS.num_examples, batch_size=FLAGS.batch_size,
       seed=FLAGS.seed, turns=FLAGS.turns, max_new_tokens=FLAGS.max_new_tokens,
       continuation_tokens=FLAGS.continuation_tokens)

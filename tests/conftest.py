@@ -18,6 +18,13 @@ def smollm2_gguf() -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_gguf):
+  """SmolLM2's tokenizer and chat template alone, read from its GGUF."""
+  from kvjax.loading.tokenizer import Tokenizer
+  return Tokenizer.from_gguf(smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
 def smollm2(smollm2_gguf):
   """SmolLM2 through kvjax.load's registry path (converted to a kvjax checkpoint once)."""
   import kvjax

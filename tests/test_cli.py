@@ -8,15 +8,14 @@ import sys
 import pytest
 
 from checkpoints_conversion import orbax_io
-from tiny import tiny_model
+from tiny import tiny_chat_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, smollm2_gguf):
-  from kvjax.loading.tokenizer import Tokenizer
-  model = tiny_model(tokenizer=Tokenizer.from_gguf(smollm2_gguf), vocab_size=49152)
+def checkpoint(tmp_path_factory, smollm2_tokenizer):
+  model = tiny_chat_model(smollm2_tokenizer)
   return orbax_io.save(model, tmp_path_factory.mktemp("cli") / "tiny")
 
 

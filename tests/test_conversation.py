@@ -6,7 +6,7 @@ import pytest
 
 import kvjax
 from kvjax.generation import context, conversation, engine, inputs
-from tiny import tiny_model
+from tiny import tiny_chat_model, tiny_model
 
 SWEEP = ["snapkv", "h2o", "adakv", "pyramidkv", "tova", "scissorhands", "knorm",
          "streaming_llm", "expected_attention"]
@@ -115,10 +115,8 @@ def test_turns_reuse_the_cache_like_one_long_prompt(model):
 
 
 @pytest.fixture(scope="module")
-def chat_model(smollm2_gguf):
-  from kvjax.loading.tokenizer import Tokenizer
-  return tiny_model(tokenizer=Tokenizer.from_gguf(smollm2_gguf), vocab_size=49152,
-                    max_position_embeddings=2048)
+def chat_model(smollm2_tokenizer):
+  return tiny_chat_model(smollm2_tokenizer, max_position_embeddings=2048)
 
 
 def test_converse_answers_every_turn_and_keeps_its_cache(chat_model):

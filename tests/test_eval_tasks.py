@@ -11,7 +11,6 @@ import pytest
 
 from kvjax.errors import KvjaxError
 from kvjax.evaluation import data, scoring, tasks
-from kvjax.loading.tokenizer import Tokenizer
 
 NUMBER = re.compile(r"^\d{7}$")
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
@@ -36,13 +35,8 @@ EXPECTED = {
 
 
 @pytest.fixture(scope="module")
-def tokenizer(smollm2_gguf):
-  """SmolLM2's tokenizer alone: from the converted checkpoint if there is one, else the GGUF."""
-  from kvjax.loading.load import converted_path
-  converted = converted_path("smollm2-135m")
-  if (converted / "tokenizer.json").is_file():
-    return Tokenizer.load(converted)
-  return Tokenizer.from_gguf(smollm2_gguf)
+def tokenizer(smollm2_tokenizer):
+  return smollm2_tokenizer
 
 
 def n_tokens(tokenizer, text):

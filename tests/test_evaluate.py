@@ -9,7 +9,7 @@ import pytest
 
 from kvjax.evaluation import sweep
 from kvjax.generation import context
-from tiny import tiny_model
+from tiny import tiny_chat_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = sweep.SweepConfig(methods=("full", "streaming_llm"), ratios=(0.5,),
@@ -19,11 +19,8 @@ CONFIG = sweep.SweepConfig(methods=("full", "streaming_llm"), ratios=(0.5,),
 
 
 @pytest.fixture(scope="module")
-def model(smollm2_gguf):
-  from kvjax.loading.tokenizer import Tokenizer
-  # SmolLM2's tokenizer (and chat template) on a tiny random model with its vocabulary.
-  return tiny_model(tokenizer=Tokenizer.from_gguf(smollm2_gguf), vocab_size=49152,
-                    max_position_embeddings=2048)
+def model(smollm2_tokenizer):
+  return tiny_chat_model(smollm2_tokenizer, max_position_embeddings=2048)
 
 
 def _spy_prefill_many(monkeypatch):

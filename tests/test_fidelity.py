@@ -203,9 +203,8 @@ def test_room_must_fit_the_continuation(model):
 
 
 @pytest.fixture(scope="module")
-def tokenizer(smollm2_gguf):
-  from kvjax.loading.tokenizer import Tokenizer
-  return Tokenizer.from_gguf(smollm2_gguf)
+def tokenizer(smollm2_tokenizer):
+  return smollm2_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 import kvjax
 from kvjax.cache import init_cache
 from kvjax.generation import engine, sampling
-from tiny import tiny_model
+from tiny import tiny_chat_model, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -124,10 +124,9 @@ def test_stats_measure_the_cache(model):
 
 
 @pytest.fixture(scope="module")
-def text_model(smollm2_gguf):
+def text_model(smollm2_tokenizer):
   """Tiny random weights with SmolLM2's real tokenizer and chat template."""
-  from kvjax.loading.tokenizer import Tokenizer
-  return tiny_model(tokenizer=Tokenizer.from_gguf(smollm2_gguf), vocab_size=49152)
+  return tiny_chat_model(smollm2_tokenizer)
 
 
 def test_stop_strings_and_streaming(text_model):

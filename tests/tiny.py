@@ -18,3 +18,8 @@ def tiny_model(seed: int = 0, tokenizer=None, **overrides):
   model = random_params(tiny_config(**overrides), seed=seed, tokenizer=tokenizer)
   model.params = jax.tree_util.tree_map(lambda x: x * 4 if x.ndim > 1 else x, model.params)
   return model
+
+
+def tiny_chat_model(tokenizer, **overrides):
+  """A tiny random model with a real tokenizer (and its chat template) and its vocabulary."""
+  return tiny_model(tokenizer=tokenizer, vocab_size=tokenizer.vocab_size, **overrides)

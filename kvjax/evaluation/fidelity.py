@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import numbers
 from typing import Sequence
@@ -37,12 +36,12 @@ import numpy as np
 
 from kvjax import methods as methods_lib
 from kvjax.errors import GenerationError
+from kvjax.evaluation import data
 from kvjax.generation import context as context_lib
 from kvjax.generation import inputs
 from kvjax.generation.generate import check_context_length
-from kvjax.generation.score import continuation_log_probs, right_pad
+from kvjax.generation.score import continuation_log_probs
 
-ESSAYS_FILE = "PaulGrahamEssays.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,18 +76,10 @@ def _positive_int(value, name: str) -> int:
   return int(value)
 
 
-@functools.lru_cache(maxsize=1)
-def _essay_text() -> str:
-  from kvjax.loading import assets  # imported late: fetching is only needed for essays
-  with open(assets.fetch("ruler-data") / ESSAYS_FILE, encoding="utf-8") as f:
-    text = json.load(f)["text"]
-  return " ".join(text.split())  # collapse the essays' runs of spaces and newlines
-
-
 @functools.lru_cache(maxsize=4)
 def _essay_tokens(tokenizer) -> np.ndarray:
   # Tokenizing the ~3 MB of essays takes seconds: once per tokenizer.
-  ids = np.asarray(tokenizer.encode(_essay_text(), add_special_tokens=False), np.int32)
+  ids = np.asarray(tokenizer.encode(data.essays_text(), add_special_tokens=False), np.int32)
   ids.flags.writeable = False
   return ids
 
@@ -257,7 +248,7 @@ def prefill_batch(model, samples: Sequence[Sample], method=None, compression_rat
 def _full_reference(model, samples: tuple[Sample, ...], room: int | None) -> Reference:
   conts = [list(s.continuation_ids) for s in samples]
   prefilled = prefill_batch(model, samples, room=room)
-  targets, mask = right_pad(conts, inputs.pad_id(model))
+  targets, mask = inputs.right_pad(conts, inputs.pad_id(model))
   return Reference(samples=samples, log_probs=continuation_log_probs(model, prefilled, conts),
                    targets=jnp.asarray(targets), mask=jnp.asarray(mask))
 

@@ -199,7 +199,7 @@ def _run_variants(model, context_ids, runnable, nominal: int, room: int, answer)
     predictions = answer(pre)
     results[variant] = dict(
         predictions=predictions, context_tokens=lengths,
-        kept_tokens=float(np.mean(pre.budgets)) if pre.budgets else None,
+        kept_tokens=_kept_tokens(pre),
         context_cache_bytes=pre.context_cache_bytes / len(lengths),
         seconds=(shared + time.perf_counter() - start) / len(lengths))
   return results
@@ -230,8 +230,21 @@ def _multi_turn(model, encoded, runnable, answer_tokens, nominal):
   return _run_variants(model, encoded.contexts, runnable, nominal, room, answer)
 
 
-def _removed(kept_tokens: float | None, context_tokens: int) -> float:
-  return 0.0 if kept_tokens is None else max(0.0, 1.0 - kept_tokens / context_tokens)
+def _cache_fields(model, variant: Variant, kept_tokens: float | None, row_bytes: float,
+                  context_tokens: int) -> dict:
+  """An example's context size, the fraction removed from it and its cache bytes: the
+  compressed cache's share of its batch, or the full cache without the prefill bucket's
+  padding (what it needs)."""
+  full_bytes = full_cache_nbytes(model.config, 1, context_tokens)
+  removed = 0.0 if kept_tokens is None else max(0.0, 1.0 - kept_tokens / context_tokens)
+  return dict(context_tokens=context_tokens, removed_fraction=removed,
+              context_cache_bytes=row_bytes if variant.method.compresses else full_bytes,
+              full_context_cache_bytes=full_bytes)
+
+
+def _kept_tokens(prefilled) -> float | None:
+  """Mean kept slots per layer (per head on average), None for the full cache."""
+  return float(np.mean(prefilled.budgets)) if prefilled.budgets else None
 
 
 def _score_predictions(item, predictions: list[str]) -> float:
@@ -340,7 +353,7 @@ def _run_batch(model, model_name, task, length, mode, indices, batch, missing, a
                fingerprint, config, skipped) -> list[dict]:
   base = dict(model=model_name, task=task, length=length, mode=mode, fingerprint=fingerprint)
   if task == FIDELITY:
-    return _fidelity_batch(model, dict(base, first=indices[0]), batch, missing, skipped)
+    return _fidelity_batch(model, base, indices[0], batch, missing, skipped)
   if task in tasks_lib.CONVERSATION_TASKS:
     encoded = conversation.encode_conversations(
         model, [c.context for c in batch], [list(c.questions) for c in batch])
@@ -359,27 +372,22 @@ def _run_batch(model, model_name, task, length, mode, indices, batch, missing, a
   records = []
   for variant, result in results.items():
     for row, item in enumerate(batch):
-      full_bytes = full_cache_nbytes(model.config, 1, result["context_tokens"][row])
       predictions = result["predictions"][row]
       answers = (item.answers if isinstance(item, tasks_lib.Conversation)
                  else [item.answers])
       records.append(dict(
           base, method=variant.label, compression_ratio=variant.ratio, example=item.index,
           score=100.0 * _score_predictions(item, predictions), predictions=predictions,
-          answers=[list(a) for a in answers], context_tokens=result["context_tokens"][row],
-          removed_fraction=_removed(result["kept_tokens"], result["context_tokens"][row]),
-          # The full cache's bytes without the prefill bucket's padding: what it needs.
-          context_cache_bytes=(result["context_cache_bytes"] if variant.method.compresses
-                               else full_bytes),
-          full_context_cache_bytes=full_bytes, seconds=result["seconds"]))
+          answers=[list(a) for a in answers], seconds=result["seconds"],
+          **_cache_fields(model, variant, result["kept_tokens"],
+                          result["context_cache_bytes"], result["context_tokens"][row])))
   return records
 
 
-def _fidelity_batch(model, base, samples, missing, skipped) -> list[dict]:
+def _fidelity_batch(model, base, first: int, samples, missing, skipped) -> list[dict]:
   """Perplexity, KL and top-1 against the full cache of one batch of essay samples."""
   from kvjax.evaluation import fidelity
   from kvjax.generation.score import continuation_log_probs
-  first = base.pop("first")
   lengths = [len(s.context_ids) for s in samples]
   runnable = _runnable(missing, base["length"], lengths, skipped, model,
                        f"{base['task']} {base['length']}")
@@ -401,17 +409,12 @@ def _fidelity_batch(model, base, samples, missing, skipped) -> list[dict]:
   seconds = (time.perf_counter() - start) / len(runnable) / len(samples)
   records = []
   for variant, (pre, metrics) in zip(runnable, per_variant):
-    kept = float(np.mean(pre.budgets)) if pre.budgets else None
-    for row, sample in enumerate(samples):
+    for row in range(len(samples)):
       records.append(dict(
-          base, method=variant.label, compression_ratio=variant.ratio,
-          example=first + row, context_tokens=lengths[row],
-          removed_fraction=_removed(kept, lengths[row]),
-          context_cache_bytes=(pre.context_cache_bytes / len(samples)
-                               if variant.method.compresses
-                               else full_cache_nbytes(model.config, 1, lengths[row])),
-          full_context_cache_bytes=full_cache_nbytes(model.config, 1, lengths[row]),
-          seconds=seconds, **{k: v[row] for k, v in metrics.items()}))
+          base, method=variant.label, compression_ratio=variant.ratio, example=first + row,
+          seconds=seconds, **{k: v[row] for k, v in metrics.items()},
+          **_cache_fields(model, variant, _kept_tokens(pre),
+                          pre.context_cache_bytes / len(samples), lengths[row])))
   return records
 
 

@@ -66,14 +66,11 @@ def prefill(model, tokens: np.ndarray, mask: np.ndarray, method, keep: int | Non
   if compressing and method.headwise and width > chunk:
     raise MethodError(f"method {method.label!r} stores head-wise budgets, which chunked "
                       f"prefill does not support yet; use prefill_chunk_size=None")
-  budgets = plan = decode_plan = None
   if compressing:
-    context_length = int(mask.sum(1).max())
-    budgets = layer_budgets(model, method, keep, context_length)
-    plan = CompressionPlan(method, budgets, room=0, compress=True)
-    decode_plan = CompressionPlan(method, budgets, room=0, compress=False)
+    plan = _compression_plan(model, method, keep, mask)
     cache = init_cache(model.config, rows, 0)
   else:
+    plan = None
     # The full cache is allocated at its final size at once: growing it afterwards would
     # briefly need two copies of the largest cache there is.
     cache = init_cache(model.config, rows, width + room)
@@ -84,13 +81,28 @@ def prefill(model, tokens: np.ndarray, mask: np.ndarray, method, keep: int | Non
       continue  # all padding (left padding of a chunked prompt): nothing to see or keep
     logits, cache = steps.prefill(model, jnp.asarray(tokens[:, piece]),
                                   jnp.asarray(mask[:, piece]), cache, logits="last", plan=plan)
-  if compressing:
-    context_bytes = cache_nbytes(cache)
-    cache = steps.grow(cache, room)
-  else:
-    context_bytes = full_cache_nbytes(model.config, rows, width)
-  return PrefilledContext(logits=logits, cache=cache, context_cache_bytes=context_bytes,
-                          decode_plan=decode_plan, budgets=budgets)
+  return _prefilled(model, logits, cache, plan, width, room, steps)
+
+
+def _compression_plan(model, method, keep: int, mask: np.ndarray) -> CompressionPlan:
+  """The plan that compresses a context (mask [B, T]) to the method's layer budgets."""
+  budgets = layer_budgets(model, method, keep, int(mask.sum(1).max()))
+  return CompressionPlan(method, budgets, room=0, compress=True)
+
+
+def _prefilled(model, logits, cache, plan: CompressionPlan | None, width: int, room: int,
+               steps: engine.CompiledSteps) -> PrefilledContext:
+  """A prefilled context: a compressed cache (plan) gets `room` appended now; an
+  uncompressed one (plan None) already has it and counts as its allocated width."""
+  if plan is None:
+    return PrefilledContext(logits=logits, cache=cache,
+                            context_cache_bytes=full_cache_nbytes(model.config,
+                                                                  cache.batch_size, width),
+                            decode_plan=None, budgets=None)
+  return PrefilledContext(logits=logits, cache=steps.grow(cache, room),
+                          context_cache_bytes=cache_nbytes(cache),
+                          decode_plan=dataclasses.replace(plan, compress=False),
+                          budgets=plan.budgets)
 
 
 def prefill_many(model, tokens: np.ndarray, mask: np.ndarray, variants, room: int,
@@ -104,29 +116,13 @@ def prefill_many(model, tokens: np.ndarray, mask: np.ndarray, variants, room: in
   skips the room's empty slots) while the model runs once instead of len(variants) times.
   """
   rows, width = tokens.shape
-  context_length = int(mask.sum(1).max())
-  plans, budgets = [], []
-  for method, keep in variants:
-    if keep is None or not method.compresses:
-      plans.append(None)
-      budgets.append(None)
-      continue
-    layer_keep = layer_budgets(model, method, keep, context_length)
-    plans.append(CompressionPlan(method, layer_keep, room=0, compress=True))
-    budgets.append(layer_keep)
+  plans = tuple(None if keep is None or not method.compresses
+                else _compression_plan(model, method, keep, mask) for method, keep in variants)
   logits, caches = steps.prefill(model, jnp.asarray(tokens), jnp.asarray(mask),
                                  init_cache(model.config, rows, 0), logits="last",
-                                 plan=PlanSet(tuple(plans), room=room))
-  results = []
-  for plan, layer_keep, cache in zip(plans, budgets, caches):
-    if plan is None:
-      results.append(PrefilledContext(logits, cache, full_cache_nbytes(model.config, rows, width),
-                                      None, None))
-      continue
-    results.append(PrefilledContext(
-        logits=logits, cache=steps.grow(cache, room), context_cache_bytes=cache_nbytes(cache),
-        decode_plan=dataclasses.replace(plan, compress=False), budgets=layer_keep))
-  return results
+                                 plan=PlanSet(plans, room=room))
+  return [_prefilled(model, logits, cache, plan, width, room, steps)
+          for plan, cache in zip(plans, caches)]
 
 
 def tile_rows(cache, copies: int):

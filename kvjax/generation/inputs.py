@@ -107,3 +107,18 @@ def left_pad(rows: list[list[int]], pad_id: int, length: int | None = None
       tokens[i, length - len(row):] = row
       mask[i, length - len(row):] = True
   return tokens, mask
+
+
+def right_pad(rows: list[list[int]], pad_id: int, length: int | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
+  """[B, length] tokens and mask with row i's tokens first (position j is its j-th token).
+
+  `length` defaults to the bucketed longest row, the width score.continuation_log_probs uses.
+  """
+  length = length or bucket(max(len(r) for r in rows))
+  tokens = np.full((len(rows), length), pad_id, np.int32)
+  mask = np.zeros((len(rows), length), bool)
+  for i, row in enumerate(rows):
+    tokens[i, :len(row)] = row
+    mask[i, :len(row)] = True
+  return tokens, mask

@@ -26,21 +26,6 @@ def _tokens(model, item, add_special: bool, what: str) -> list[int]:
   return ids
 
 
-def right_pad(rows: list[list[int]], pad_id: int, length: int | None = None
-              ) -> tuple[np.ndarray, np.ndarray]:
-  """[B, length] tokens and mask with row i's tokens first (position j is its j-th token).
-
-  `length` defaults to the bucketed longest row, the width `continuation_log_probs` uses.
-  """
-  length = length or inputs.bucket(max(len(r) for r in rows))
-  tokens = np.full((len(rows), length), pad_id, np.int32)
-  mask = np.zeros((len(rows), length), bool)
-  for i, row in enumerate(rows):
-    tokens[i, :len(row)] = row
-    mask[i, :len(row)] = True
-  return tokens, mask
-
-
 @jax.jit
 def _predicting_log_probs(last_logits, cont_logits):
   # Logits predicting continuation token j: the context's last for j = 0, else position j - 1.
@@ -78,7 +63,7 @@ def continuation_log_probs(model, prefilled: context_lib.PrefilledContext,
   for i, row in enumerate(continuation_ids):
     if len(row) == 0:
       raise GenerationError(f"continuation_ids[{i}] is empty; each row needs >= 1 token")
-  tokens, mask = right_pad([list(r) for r in continuation_ids], inputs.pad_id(model))
+  tokens, mask = inputs.right_pad([list(r) for r in continuation_ids], inputs.pad_id(model))
   width = tokens.shape[1]
   room = free_slots(prefilled.cache)
   if room < width:
@@ -115,7 +100,7 @@ def score(model, context, continuation, method=None, compression_ratio=None, bud
 
   pad = inputs.pad_id(model)
   ctx_tokens, ctx_mask = inputs.left_pad(ctx_ids, pad)
-  cont_tokens, _ = right_pad(cont_ids, pad)
+  cont_tokens, _ = inputs.right_pad(cont_ids, pad)
   prefilled = context_lib.prefill(model, ctx_tokens, ctx_mask, method_obj, keep,
                                   room=cont_tokens.shape[1])
   logprobs = continuation_log_probs(model, prefilled, cont_ids)
