@@ -649,11 +649,6 @@ def check_plan(config: ModelConfig, context_lengths: Sequence[int],
     for m in compressing:
       keep = methods_lib.validate_compression(m, c, compression_ratio, budget)
       context.layer_budgets(_ConfigOnly(config), m, keep, c)
-      if m.headwise and prefill_chunk_size is not None and c > prefill_chunk_size:
-        raise BenchmarkError(f"method {m.label!r} stores head-wise budgets, which chunked "
-                             f"prefill does not support: context_length={c} > "
-                             f"prefill_chunk_size={prefill_chunk_size}; drop "
-                             f"prefill_chunk_size or this method")
   return method_objs
 
 

@@ -4,5 +4,7 @@ Modules (import them directly; the functions share their modules' names):
   decode_attention: `decode_attention`, `decode_attention_flat`, `merge_partials`.
   window_scores: `window_scores` (observation-window attention statistics).
   compaction: `gather_slots`, `gather_slot_values`.
+  quantization: `quantize`, `dequantize`, `pack`, `unpack` (the KIVI format, in jnp),
+    `quantize_pack`, `quantized_decode_attention` (kernels).
   backend: per-platform interpret mode, compiler params and block sizes.
 """

@@ -66,20 +66,22 @@ def config(**overrides):
   return tiny_config(num_heads=H, num_kv_heads=K, head_dim=D, **overrides)
 
 
-def layer_arrays(data: Prefill, column_sums=None, slot_scores=None,
-                 slot_history=None) -> dict:
-  """The array fields of a `kvjax.methods.base.LayerInputs` (float32, int32, uint32)."""
-  if slot_scores is None:
-    slot_scores = np.zeros(data.kpos.shape)
+def layer_arrays(data: Prefill, column_sums=None, slot_state=None) -> dict:
+  """The array fields of a `kvjax.methods.base.LayerInputs` (float32, int32, uint32).
+
+  slot_state: a method's per-slot state of the candidates (float -> float32, integer
+  history -> uint32), or None for new slots.
+  """
   as32 = lambda a: jnp.asarray(np.asarray(a, np.float32))
+  if slot_state is not None:
+    slot_state = (jnp.asarray(np.asarray(slot_state, np.uint32))
+                  if np.issubdtype(np.asarray(slot_state).dtype, np.integer) else as32(slot_state))
   return dict(
       queries=as32(data.q), raw_queries=as32(data.raw_q), query_positions=jnp.asarray(data.qpos),
       keys=as32(data.k), values=as32(data.v), key_positions=jnp.asarray(data.kpos),
       lengths=jnp.asarray(data.lengths),
       column_sums=None if column_sums is None else as32(column_sums),
-      slot_scores=as32(slot_scores),
-      slot_history=(None if slot_history is None
-                    else jnp.asarray(np.asarray(slot_history, np.uint32))))
+      slot_state=slot_state)
 
 
 # ----------------------------------------------------------------------------- attention

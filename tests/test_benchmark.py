@@ -348,9 +348,10 @@ def test_bad_methods_name_the_value():
   with pytest.raises(ValueError, match="has no hyperparameters"):
     benchmarking.build_methods(["h2o", "knorm"], {"recent_ratio": 0.25})
   config = tiny_config()
-  with pytest.raises(benchmarking.BenchmarkError, match="head-wise budgets.*prefill_chunk_size=8"):
-    benchmarking.check_plan(config, [64], [1], 2, methods=["adakv"], compression_ratio=0.1,
-                            prefill_chunk_size=8)
+  # Head-wise budgets with chunked prefill are supported (no longer an error).
+  checked = benchmarking.check_plan(config, [64], [1], 2, methods=["adakv"],
+                                    compression_ratio=0.1, prefill_chunk_size=8)
+  assert [m.label for m in checked] == ["full", "adakv(snapkv)"]
 
 
 def test_script_compares_methods(tmp_path):

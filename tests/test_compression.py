@@ -206,11 +206,37 @@ def test_composition_objects(model):
     (dict(method="snapkv", budget=500), "larger than the context"),
     (dict(method="snapkv", budget=20), "always keeps 32 tokens"),
     (dict(method=SnapKV(window=8), budget=40, prefill_chunk_size=0), "prefill_chunk_size=0"),
-    (dict(method="adakv", compression_ratio=0.5, prefill_chunk_size=32), "chunked prefill"),
 ])
 def test_compression_errors(model, kwargs, match):
   with pytest.raises(kvjax.KvjaxError, match=match):
     kvjax.generate(model, PROMPTS, max_new_tokens=2, **kwargs)
+
+
+def test_adakv_chunked_prefill_keeps_headwise_budgets(model):
+  """Head-wise budgets across prefill chunks: each chunk is scored with the kept slots (a
+  flat cache read back per head), the layer total stays exact and heads stay uneven; with
+  a budget covering the context, chunking changes nothing."""
+  from kvjax.generation import context as ctx, inputs
+  tokens, mask = inputs.left_pad(PROMPTS, 0, 128)
+  method = AdaKV(press=SnapKV(window=8))
+  pre = ctx.prefill(model, tokens, mask, method, 40, room=0, chunk_size=32)
+  k = model.config.num_kv_heads
+  for layer in pre.cache.layers:
+    assert isinstance(layer, FlatLayerCache) and layer.capacity == k * 40
+    counts = np.diff(np.asarray(layer.offsets), axis=1)
+    assert (counts.sum(1) == k * 40).all() and (counts != 40).any()
+    assert (counts >= method.safeguard(40)).all()
+    # Every kept slot holds a real position of its row, each at most once per head.
+    positions, heads = np.asarray(layer.positions), np.asarray(layer.heads)
+    for row, n in enumerate(mask.sum(1)):
+      for head in range(k):
+        kept = positions[row][(heads[row] == head) & (positions[row] >= 0)]
+        assert len(set(kept.tolist())) == len(kept) and kept.max() < n
+  whole = kvjax.generate(model, PROMPTS, max_new_tokens=4)
+  chunked = kvjax.generate(model, PROMPTS, method=method, budget=min(len(p) for p in PROMPTS),
+                           prefill_chunk_size=32, max_new_tokens=4)
+  shortest = int(np.argmin([len(p) for p in PROMPTS]))
+  assert chunked.token_ids[shortest] == whole.token_ids[shortest]
 
 
 @pytest.mark.parametrize("build,match", [

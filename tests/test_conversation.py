@@ -67,19 +67,18 @@ def test_masked_decode_step_leaves_the_cache_unchanged(model, method):
 
 
 def _visible(layer, row):
-  """Every occupied slot of one row as (head, position, key, value, score, history)."""
+  """Every occupied slot of one row as (head, position, key, value, method state)."""
   positions = np.asarray(layer.positions)[row]
   if hasattr(layer, "heads"):  # head-wise flat layout: [N] slots tagged with their head
     heads = np.asarray(layer.heads)[row]
   else:
     heads = np.broadcast_to(np.arange(positions.shape[0])[:, None], positions.shape)
   keys, values = np.asarray(layer.keys)[row], np.asarray(layer.values)[row]
-  state = lambda a, i: None if a is None else np.asarray(a)[row][i].tolist()
+  state = [np.asarray(a)[row] for a in jax.tree_util.tree_leaves(layer.state)]
   out = []
   for index in zip(*np.nonzero(positions >= 0)):
     out.append((int(heads[index]), int(positions[index]), keys[index].tobytes(),
-                values[index].tobytes(), state(getattr(layer, "scores", None), index),
-                state(getattr(layer, "history", None), index)))
+                values[index].tobytes(), [s[index].tolist() for s in state]))
   return sorted(out)
 
 

@@ -15,9 +15,10 @@ import pytest
 import kvjax
 import method_inputs as mi
 from kvjax import methods
-from kvjax.cache import compress, kv_cache
-from kvjax.methods import base
-from kvjax.model import attention, rope
+from kvjax.cache import kv_cache
+from kvjax.methods import base, plan
+from kvjax.ops import rope
+from pallas_kernels import reference
 from tiny import tiny_model
 
 _EXECUTABLES = {}
@@ -38,16 +39,13 @@ def _run_compiled(fn, static: dict, args: tuple):
 def _compress_fn(arrays, *, method, keep, config, layer):
   x = base.LayerInputs(config=config, layer=layer, **arrays)
   cand = kv_cache.LayerCache(keys=x.keys, values=x.values, positions=x.key_positions,
-                             end=jnp.int32(x.keys.shape[2]))
-  if method.headwise:
-    out = compress.compress_headwise(method, cand, x, keep, method.safeguard(keep))
-  else:
-    out = compress.compress_dense(method, cand, x, keep)
-  return out, compress.priorities(method, x, keep)
+                             end=jnp.int32(x.keys.shape[2]), state=x.slot_state)
+  return method.compact(cand, x, keep), base.priorities(method, x, keep)
 
 
-def _evict_fn(layer, *args, method):
-  return compress.evict_and_insert(method, layer, *args)
+def _evict_fn(layer, new_key, new_value, new_position, probs, own, lengths, *, method):
+  new = kv_cache.NewTokens(keys=new_key, values=new_value, positions=new_position[:, None])
+  return plan.evict_and_insert(method, layer, new, probs, own, lengths, layer.capacity)
 
 
 def _compress(method, data, keep, cfg=None, layer=0, **state):
@@ -205,7 +203,7 @@ def test_default_method_matches_numpy_and_invariants(name, long_data):
   method = methods.get(name)
   data, keep = long_data, LONG_KEEP
   assert method.protected_tokens(keep) < keep
-  sums = mi.column_sums(data) if method.needs_column_sums else None
+  sums = mi.column_sums(data) if "column_sums" in method.needs else None
   out = _check(method, data, keep, _numpy_priorities(method, data, keep), column_sums=sums)
   kept = _kept_lists(out)
   protected = _protected_np(method, data.kpos, data.lengths, keep)
@@ -232,7 +230,7 @@ def test_default_method_matches_numpy_and_invariants(name, long_data):
 @pytest.mark.parametrize("name", ["snapkv", "h2o", "adakv"])
 def test_budget_above_slot_count_keeps_everything(name, long_data):
   method = methods.get(name)
-  sums = mi.column_sums(long_data) if method.needs_column_sums else None
+  sums = mi.column_sums(long_data) if "column_sums" in method.needs else None
   out, _ = _compress(method, long_data, 100, column_sums=sums)
   for row, n in enumerate(long_data.lengths):
     for head in range(mi.K):
@@ -259,7 +257,7 @@ def test_tova_keeps_one_set_per_layer(long_data):
 
 def test_attend_column_sums_match_numpy():
   data = mi.random_prefill(1)
-  fn = lambda q, k, v, qp, kp: attention.attend(q, k, v, qp, kp, column_sums=True)[1]
+  fn = lambda q, k, v, qp, kp: reference.attention(q, k, v, qp, kp, column_sums=True)[1]
   as32 = lambda a: jnp.asarray(np.asarray(a, np.float32))
   sums = _run_compiled(fn, {}, (as32(data.q), as32(data.k), as32(data.v),
                                 jnp.asarray(data.qpos), jnp.asarray(data.kpos)))
@@ -273,10 +271,10 @@ def test_h2o_prefill_with_accumulated_state():
   state = mi.f32(np.random.default_rng(20).uniform(0, 2, data.kpos.shape))
   prio = mi.h2o(data, keep, ratio, sums, state)
   out = _check(methods.H2O(recent_ratio=ratio), data, keep, prio, column_sums=sums,
-               slot_scores=state)
+               slot_state=state)
   # The kept slots carry their accumulated score into decode.
   accumulated = mi.group(sums, "sum") + state
-  np.testing.assert_allclose(np.asarray(out.scores),
+  np.testing.assert_allclose(np.asarray(out.state),
                              np.take_along_axis(accumulated, mi.select(prio, keep), -1),
                              rtol=1e-5, atol=1e-6)
 
@@ -391,7 +389,7 @@ def test_scissorhands_prefill_matches_numpy():
   method = methods.Scissorhands(history_window=w, recent=recent, sinks=sinks)
   out = _check(method, data, keep, prio)
   np.testing.assert_array_equal(
-      np.asarray(out.history),
+      np.asarray(out.state),
       np.take_along_axis(mi.scissorhands_history(data, w), mi.select(prio, keep), -1))
 
 
@@ -424,8 +422,8 @@ class _DecodeState:
     return kv_cache.LayerCache(
         keys=as32(self.keys), values=as32(self.values), positions=jnp.asarray(self.positions),
         end=jnp.int32(self.positions.shape[2]),
-        scores=as32(self.scores) if with_scores else None,
-        history=jnp.asarray(self.history) if with_history else None)
+        state=(as32(self.scores) if with_scores else
+               jnp.asarray(self.history) if with_history else None))
 
 
 def _run_decode(method, state, numpy_step, steps=7, with_scores=False, with_history=False):
@@ -477,9 +475,9 @@ def _run_decode(method, state, numpy_step, steps=7, with_scores=False, with_hist
     np.testing.assert_array_equal(np.asarray(layer.keys), state.keys.astype(np.float32))
     np.testing.assert_array_equal(np.asarray(layer.values), state.values.astype(np.float32))
     if with_scores:
-      np.testing.assert_allclose(np.asarray(layer.scores), state.scores, rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(np.asarray(layer.state), state.scores, rtol=1e-5, atol=1e-6)
     if with_history:
-      np.testing.assert_array_equal(np.asarray(layer.history), state.history)
+      np.testing.assert_array_equal(np.asarray(layer.state), state.history)
   return layer
 
 

@@ -1,20 +1,29 @@
-"""KV caches: full, compressed per layer, and compressed per head.
+"""KV caches: immutable pytrees of layer caches that all speak one small protocol.
 
-A layer's cache holds slots. Each slot has a post-RoPE key, a value and the original token
-position it came from (-1 = empty). Attention masks by these positions (valid and causal), so
-padding, compaction and reordering of slots need no other bookkeeping.
+A layer's cache holds slots. Each slot has a post-RoPE key, a value, the original token
+position it came from (-1 = empty) and, optionally, per-slot method state (an opaque pytree
+whose leaves have the slot axes of `positions`). Attention masks by positions (valid and
+causal), so padding, compaction and reordering of slots need no other bookkeeping.
 
-Two layouts, both sized to what they keep (no masked-but-allocated entries):
-- `LayerCache`: [batch, kv_heads, capacity, head_dim]. Every head of a layer keeps the same
-  number of slots; layers may differ (each layer is its own pytree), which covers the full
-  cache, uniform budgets and layer-wise schedules (PyramidKV).
-- `FlatLayerCache`: [batch, slots, head_dim] with all heads' slots in one axis. Head h owns
-  the contiguous segment [offsets[b, h], offsets[b, h + 1]); segment lengths differ per head
-  and per row, while their sum is fixed. This is the head-wise budget layout (AdaKV).
-Per-slot method state (accumulated attention, low-attention history) rides along.
+The layer-cache protocol (what the model and the compression policies call):
+  attend(queries, query_positions, pending, want) -> (out [B, T, H, D], Stats)
+      attention over the cache's slots plus `pending` new tokens not yet stored (None
+      when they were appended first); `want` names the statistics to return.
+  append(new: NewTokens) -> layer        store new tokens in free slots
+  candidates(new) -> LayerCache          the slots plus new tokens, dense (for scoring)
+  select(index [B, K, keep]) -> layer    keep the slots `index` (compaction)
+  grow(room) -> layer                    `room` more empty slots per head
+  free_slots() -> int, slots_per_head(num_kv_heads) -> int (host side)
+  nbytes, logical_axes()
+
+Layouts here: `LayerCache` (dense [B, K, S, D]: uniform and layer-wise budgets) and
+`FlatLayerCache` (all heads' slots in one axis: head-wise budgets). Quantized and other
+layouts implement the same protocol in their own modules.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,37 +31,293 @@ import numpy as np
 from flax import struct
 
 from kvjax.config import ModelConfig
+from kvjax.ops import attention as attention_ops
 
 EMPTY_POSITION = -1
 
 
 @struct.dataclass
+class NewTokens:
+  """A chunk's new keys/values (post-RoPE) and their positions (negative = padding)."""
+  keys: jax.Array        # [B, K, T, D]
+  values: jax.Array      # [B, K, T, D]
+  positions: jax.Array   # [B, T] int32
+
+  def head_positions(self) -> jax.Array:
+    b, k, t, _ = self.keys.shape
+    return jnp.broadcast_to(self.positions[:, None, :], (b, k, t)).astype(jnp.int32)
+
+
+@struct.dataclass
+class Stats:
+  """Attention statistics a layer cache returns when asked (None when not asked).
+
+  column_sums [B, H, S (+ T)]: each slot's probability summed over the queries (cache slots,
+    then the pending tokens when there are any).
+  probs [B, H, S]: decode only, the new query's probability of every cache slot.
+  pending_probs [B, H]: decode only, the new query's probability of its own (pending) token.
+  """
+  column_sums: jax.Array | None = None
+  probs: jax.Array | None = None
+  pending_probs: jax.Array | None = None
+
+
+COLUMN_SUMS, PROBS = "column_sums", "probs"
+
+
+def map_state(fn, state):
+  """Applies fn to every leaf of a per-slot state pytree (None stays None)."""
+  return None if state is None else jax.tree_util.tree_map(fn, state)
+
+
+def nbytes(tree) -> int:
+  """Bytes actually held by a pytree: the sum of its leaves' sizes."""
+  return int(sum(np.dtype(x.dtype).itemsize * int(np.prod(x.shape))
+                 for x in jax.tree_util.tree_leaves(tree)))
+
+
+@struct.dataclass
 class LayerCache:
+  """Dense layout: every KV head of a layer has `capacity` slots."""
   keys: jax.Array        # [batch, kv_heads, capacity, head_dim], post-RoPE
   values: jax.Array      # [batch, kv_heads, capacity, head_dim]
   positions: jax.Array   # [batch, kv_heads, capacity] int32, EMPTY_POSITION where unused
   end: jax.Array         # int32 scalar: next slot to append to (slots >= end are empty)
-  scores: jax.Array | None = None   # [batch, kv_heads, capacity] float32 method state
-  history: jax.Array | None = None  # [batch, kv_heads, capacity] uint32 bit history
+  state: Any = None      # per-slot method state, leaves [batch, kv_heads, capacity, ...]
 
   @property
   def capacity(self) -> int:
     return self.keys.shape[2]
 
+  @property
+  def nbytes(self) -> int:
+    return nbytes(self)
+
+  def slots_per_head(self, num_kv_heads: int) -> int:
+    del num_kv_heads
+    return self.capacity
+
+  def free_slots(self) -> int:
+    return self.capacity - int(self.end)
+
+  def logical_axes(self) -> dict:
+    slot = ("batch", "kv_heads", "slots")
+    return {"keys": slot + ("head_dim",), "values": slot + ("head_dim",),
+            "positions": slot, "end": (), "state": slot}
+
+  def append(self, new: NewTokens) -> "LayerCache":
+    """Writes the chunk at `end`. The caller guarantees end + T <= capacity (checked on the
+    host before jit, since dynamic_update_slice would silently clamp). New slots start
+    with zero state."""
+    keys = new.keys
+    start = (0, 0, self.end, 0)
+    put_state = lambda s: jax.lax.dynamic_update_slice(
+        s, jnp.zeros(keys.shape[:3] + s.shape[3:], s.dtype), start[:3] + (0,) * (s.ndim - 3))
+    return LayerCache(
+        keys=jax.lax.dynamic_update_slice(self.keys, keys.astype(self.keys.dtype), start),
+        values=jax.lax.dynamic_update_slice(self.values, new.values.astype(self.values.dtype),
+                                            start),
+        positions=jax.lax.dynamic_update_slice(self.positions, new.head_positions(),
+                                               start[:3]),
+        end=self.end + keys.shape[2], state=map_state(put_state, self.state))
+
+  def attend(self, queries, query_positions, pending: NewTokens | None = None,
+             want: frozenset = frozenset()):
+    if pending is None:
+      if queries.shape[1] == 1 and not want:
+        out, _ = attention_ops.decode(queries, self.keys, self.values, query_positions,
+                                      self.positions)
+        return out, Stats()
+      out = attention_ops.attend(queries, self.keys, self.values, query_positions,
+                                 self.positions, column_sums=COLUMN_SUMS in want)
+      return (out[0], Stats(column_sums=out[1])) if COLUMN_SUMS in want else (out, Stats())
+    if queries.shape[1] == 1:
+      # Decode with the new token held outside the cache: a decode-time method decides
+      # which slot it replaces after seeing these probabilities.
+      out, lse, probs = attention_ops.decode(queries, self.keys, self.values, query_positions,
+                                             self.positions, return_probs=True)
+      out, probs, own = attention_ops.with_pending_token(queries, out, lse, probs,
+                                                         pending.keys, pending.values)
+      return out, Stats(probs=probs, pending_probs=own)
+    cand = self.candidates(pending)
+    return cand.attend(queries, query_positions, None, want)
+
+  def candidates(self, new: NewTokens) -> "LayerCache":
+    """The cache's slots followed by the chunk; new slots get zero state."""
+    t = new.keys.shape[2]
+    extend = lambda s: jnp.concatenate(
+        [s, jnp.zeros(s.shape[:2] + (t,) + s.shape[3:], s.dtype)], axis=2)
+    return LayerCache(
+        keys=jnp.concatenate([self.keys, new.keys.astype(self.keys.dtype)], axis=2),
+        values=jnp.concatenate([self.values, new.values.astype(self.values.dtype)], axis=2),
+        positions=jnp.concatenate([self.positions, new.head_positions()], axis=2),
+        end=jnp.int32(self.capacity + t), state=map_state(extend, self.state))
+
+  def select(self, index: jax.Array) -> "LayerCache":
+    """Keeps slots `index` [B, K, keep] (in that order): capacity becomes keep."""
+    b, k, s, d = self.keys.shape
+    keep = index.shape[-1]
+    gather = lambda a: attention_ops.gather_slots(
+        a.reshape(b * k, s, a.shape[-1]), index.reshape(b * k, keep)).reshape(b, k, keep, -1)
+    take = lambda a: jnp.take_along_axis(a, index.reshape(index.shape + (1,) * (a.ndim - 3)),
+                                         axis=2)
+    return LayerCache(keys=gather(self.keys), values=gather(self.values),
+                      positions=take(self.positions), end=jnp.int32(keep),
+                      state=map_state(take, self.state))
+
+  def grow(self, room: int) -> "LayerCache":
+    if room == 0:
+      return self
+    pad = lambda x, value: jnp.pad(
+        x, [(0, 0), (0, 0), (0, room)] + [(0, 0)] * (x.ndim - 3), constant_values=value)
+    return self.replace(keys=pad(self.keys, 0), values=pad(self.values, 0),
+                        positions=pad(self.positions, EMPTY_POSITION),
+                        state=map_state(lambda s: pad(s, 0), self.state))
+
+  def overwrite(self, victim: jax.Array, new: NewTokens, new_state=None) -> "LayerCache":
+    """One decode token per row written over slot victim [B, K] of every head (an index of
+    `capacity` or more drops the write). new_state: the new slots' state, leaves [B, K]."""
+    b, k = victim.shape
+    rows, heads = jnp.arange(b)[:, None], jnp.arange(k)[None, :]
+    put = lambda a, v: a.at[rows, heads, victim].set(v.astype(a.dtype), mode="drop")
+    state = self.state
+    if state is not None:
+      fill = new_state if new_state is not None else map_state(
+          lambda s: jnp.zeros(s.shape[:2] + s.shape[3:], s.dtype), state)
+      state = jax.tree_util.tree_map(put, state, fill)
+    return self.replace(
+        keys=put(self.keys, new.keys[:, :, 0]), values=put(self.values, new.values[:, :, 0]),
+        positions=put(self.positions, jnp.broadcast_to(new.positions[:, :1], (b, k))),
+        state=state)
+
 
 @struct.dataclass
 class FlatLayerCache:
+  """Head-wise layout: [batch, slots, head_dim] with all heads' slots in one axis.
+
+  Head h owns the contiguous segment [offsets[b, h], offsets[b, h + 1]); segment lengths
+  differ per head and per row while their sum is fixed (AdaKV's head-wise budgets).
+  """
   keys: jax.Array        # [batch, slots, head_dim], post-RoPE
   values: jax.Array      # [batch, slots, head_dim]
   positions: jax.Array   # [batch, slots] int32, EMPTY_POSITION where unused
   heads: jax.Array       # [batch, slots] int32: the KV head owning each slot
   offsets: jax.Array     # [batch, kv_heads + 1] int32: segment bounds per head
   next_slot: jax.Array   # [batch, kv_heads] int32: where each head appends next
-  scores: jax.Array | None = None   # [batch, slots] float32 method state
+  state: Any = None      # per-slot method state, leaves [batch, slots, ...]
 
   @property
   def capacity(self) -> int:
     return self.keys.shape[1]
+
+  @property
+  def num_kv_heads(self) -> int:
+    return self.next_slot.shape[1]
+
+  @property
+  def nbytes(self) -> int:
+    return nbytes(self)
+
+  def slots_per_head(self, num_kv_heads: int) -> int:
+    return self.capacity // num_kv_heads
+
+  def free_slots(self) -> int:
+    # Each head appends at the end of its own segment.
+    return int(jnp.min(self.offsets[:, 1:] - self.next_slot))
+
+  def logical_axes(self) -> dict:
+    slot = ("batch", "slots")
+    return {"keys": slot + ("head_dim",), "values": slot + ("head_dim",), "positions": slot,
+            "heads": slot, "offsets": ("batch", None), "next_slot": ("batch", "kv_heads"),
+            "state": slot}
+
+  def append(self, new: NewTokens) -> "FlatLayerCache":
+    """Appends the chunk at the end of every head's segment (each has room: segments are
+    grown with the same spare slots for every head)."""
+    b, k, chunk, _ = new.keys.shape
+    slots = self.next_slot[:, :, None] + jnp.arange(chunk, dtype=jnp.int32)  # [B, K, chunk]
+    rows = jnp.arange(b)[:, None, None]
+    put_state = lambda s: s.at[rows, slots].set(0)
+    return self.replace(
+        keys=self.keys.at[rows, slots].set(new.keys.astype(self.keys.dtype)),
+        values=self.values.at[rows, slots].set(new.values.astype(self.values.dtype)),
+        positions=self.positions.at[rows, slots].set(new.head_positions()),
+        next_slot=self.next_slot + chunk, state=map_state(put_state, self.state))
+
+  def attend(self, queries, query_positions, pending: NewTokens | None = None,
+             want: frozenset = frozenset()):
+    if pending is not None:
+      return self.candidates(pending).attend(queries, query_positions, None, want)
+    if want:
+      raise NotImplementedError(f"the head-wise layout returns no statistics ({set(want)})")
+    return attention_ops.attend_flat(queries, self.keys, self.values, query_positions,
+                                     self.positions, self.heads, self.num_kv_heads), Stats()
+
+  def candidates(self, new: NewTokens) -> LayerCache:
+    """Dense [B, K, N + T] candidates: head h's segment right-aligned against the chunk
+    (so the chunk's first tokens neighbour the head's latest kept ones), empty slots
+    before it."""
+    b, n, _ = self.keys.shape
+    k = self.num_kv_heads
+    lengths = self.next_slot - self.offsets[:, :-1]                          # [B, K]
+    slot = jnp.arange(n, dtype=jnp.int32)[None, None, :]
+    source = self.offsets[:, :-1, None] + slot - (n - lengths[:, :, None])   # [B, K, N]
+    index = jnp.where(slot >= n - lengths[:, :, None], source, -1).reshape(b, k * n)
+    gather = lambda a: attention_ops.gather_slots(a, index).reshape(b, k, n, a.shape[-1])
+    take = lambda a, fill: jnp.where(
+        index.reshape(b, k, n, *(1,) * (a.ndim - 2)) >= 0,
+        jnp.take_along_axis(a, jnp.maximum(index, 0).reshape(
+            (b, k * n) + (1,) * (a.ndim - 2)), axis=1).reshape((b, k, n) + a.shape[2:]), fill)
+    dense = LayerCache(keys=gather(self.keys), values=gather(self.values),
+                       positions=take(self.positions, EMPTY_POSITION), end=jnp.int32(n),
+                       state=map_state(lambda s: take(s, 0), self.state))
+    return dense.candidates(new)
+
+  def select(self, index):
+    raise NotImplementedError("a head-wise cache is compacted through its dense candidates")
+
+  def grow(self, room: int) -> "FlatLayerCache":
+    """Each head's segment grows by `room` empty slots at its end."""
+    if room == 0:
+      return self
+    b, n, _ = self.keys.shape
+    k = self.num_kv_heads
+    new_offsets = self.offsets + room * jnp.arange(k + 1, dtype=jnp.int32)
+    dest = jnp.arange(n, dtype=jnp.int32)[None, :] + room * self.heads  # slot i of head h
+    rows = jnp.arange(b)[:, None]                                        # moves by room * h
+    new_n = n + room * k
+    move = lambda x, fill: jnp.full((b, new_n) + x.shape[2:], fill, x.dtype).at[
+        rows, dest].set(x)
+    return FlatLayerCache(
+        keys=move(self.keys, 0), values=move(self.values, 0),
+        positions=move(self.positions, EMPTY_POSITION),
+        heads=segment_heads(new_offsets, new_n), offsets=new_offsets,
+        next_slot=self.next_slot + room * jnp.arange(k, dtype=jnp.int32),
+        state=map_state(lambda s: move(s, 0), self.state))
+
+  @classmethod
+  def from_selection(cls, cand: LayerCache, selected: jax.Array,
+                     total: int) -> "FlatLayerCache":
+    """The selected slots [B, K, S] bool of dense candidates (exactly `total` per row),
+    head h's kept slots forming segment h in slot order."""
+    b, k, s, _ = cand.keys.shape
+    counts = selected.sum(-1, dtype=jnp.int32)                            # [B, K]
+    offsets = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), jnp.cumsum(counts, axis=1)], 1)
+    rank = jnp.cumsum(selected, axis=-1, dtype=jnp.int32) - 1             # order within head
+    dest = jnp.where(selected, offsets[:, :-1, None] + rank, total)       # [B, K, S]
+    source = jnp.arange(k * s, dtype=jnp.int32).reshape(1, k, s)
+    index = jnp.full((b, total), -1, jnp.int32).at[
+        jnp.arange(b)[:, None], dest.reshape(b, -1)].set(
+            jnp.broadcast_to(source, (b, k, s)).reshape(b, -1), mode="drop")
+    flat = lambda a: a.reshape((b, k * s) + a.shape[3:])
+    take = lambda a: jnp.take_along_axis(
+        flat(a), jnp.maximum(index, 0).reshape((b, total) + (1,) * (a.ndim - 3)), axis=1)
+    positions = take(cand.positions)
+    return cls(keys=attention_ops.gather_slots(flat(cand.keys), index),
+               values=attention_ops.gather_slots(flat(cand.values), index),
+               positions=jnp.where(index >= 0, positions, EMPTY_POSITION),
+               heads=segment_heads(offsets, total), offsets=offsets, next_slot=offsets[:, 1:],
+               state=map_state(take, cand.state))
 
 
 @struct.dataclass
@@ -84,102 +349,28 @@ def init_cache(config: ModelConfig, batch: int, capacity: int, dtype=None) -> Ca
 
 def cache_nbytes(cache) -> int:
   """Bytes actually held by a cache pytree: the sum of its leaves' sizes."""
-  return int(sum(np.dtype(x.dtype).itemsize * int(np.prod(x.shape))
-                 for x in jax.tree_util.tree_leaves(cache)))
+  return nbytes(cache)
 
 
 def slots_per_head(config: ModelConfig, cache: Cache) -> int:
-  """The largest layer capacity, in slots per KV head (a head-wise layer holds all heads)."""
-  return max(layer.capacity // (1 if isinstance(layer, LayerCache) else config.num_kv_heads)
-             for layer in cache.layers)
+  """The largest layer capacity, in slots per KV head."""
+  return max(layer.slots_per_head(config.num_kv_heads) for layer in cache.layers)
 
 
 def free_slots(cache: Cache) -> int:
   """Tokens that can still be appended to every row, layer and head of `cache`."""
-  free = []
-  for layer in cache.layers:
-    if isinstance(layer, FlatLayerCache):
-      # Each head appends at the end of its own segment.
-      free.append(int(jnp.min(layer.offsets[:, 1:] - layer.next_slot)))
-    else:
-      free.append(layer.capacity - int(layer.end))
-  return min(free)
+  return min(layer.free_slots() for layer in cache.layers)
+
+
+def grow(cache: Cache, room: int) -> Cache:
+  """The cache with `room` more empty slots per head in every layer."""
+  return cache.replace(layers=tuple(layer.grow(room) for layer in cache.layers))
 
 
 def full_cache_nbytes(config: ModelConfig, batch: int, capacity: int, dtype=None) -> int:
   """Bytes of an uncompressed cache with `capacity` slots (without allocating it)."""
   shapes = jax.eval_shape(lambda: init_cache(config, batch, capacity, dtype))
   return cache_nbytes(shapes)
-
-
-def write(layer: LayerCache, keys: jax.Array, values: jax.Array,
-          positions: jax.Array) -> LayerCache:
-  """Appends `chunk` new slots at `end`. keys/values: [B, K, chunk, D]; positions: [B, chunk].
-
-  The caller guarantees end + chunk <= capacity (checked on the host before jit, since
-  dynamic_update_slice would silently clamp). New slots start with zero method state.
-  """
-  start = (0, 0, layer.end, 0)
-  head_positions = jnp.broadcast_to(positions[:, None, :],
-                                    keys.shape[:3]).astype(jnp.int32)
-  update = lambda state: (None if state is None else jax.lax.dynamic_update_slice(
-      state, jnp.zeros(keys.shape[:3], state.dtype), start[:3]))
-  return LayerCache(
-      keys=jax.lax.dynamic_update_slice(layer.keys, keys.astype(layer.keys.dtype), start),
-      values=jax.lax.dynamic_update_slice(layer.values, values.astype(layer.values.dtype), start),
-      positions=jax.lax.dynamic_update_slice(layer.positions, head_positions, start[:3]),
-      end=layer.end + keys.shape[2], scores=update(layer.scores),
-      history=update(layer.history))
-
-
-def write_flat(layer: FlatLayerCache, keys: jax.Array, values: jax.Array,
-               positions: jax.Array) -> FlatLayerCache:
-  """Appends `chunk` tokens at the end of every head's segment.
-
-  keys/values [B, K, chunk, D]; positions [B, chunk]. The caller guarantees each segment has
-  room (segments are allocated with the same spare slots for every head).
-  """
-  b, k, chunk, _ = keys.shape
-  slots = layer.next_slot[:, :, None] + jnp.arange(chunk, dtype=jnp.int32)  # [B, K, chunk]
-  rows = jnp.arange(b)[:, None, None]
-  head_positions = jnp.broadcast_to(positions[:, None, :], (b, k, chunk)).astype(jnp.int32)
-  scores = layer.scores
-  if scores is not None:
-    scores = scores.at[rows, slots].set(0.0)
-  return layer.replace(
-      keys=layer.keys.at[rows, slots].set(keys.astype(layer.keys.dtype)),
-      values=layer.values.at[rows, slots].set(values.astype(layer.values.dtype)),
-      positions=layer.positions.at[rows, slots].set(head_positions),
-      next_slot=layer.next_slot + chunk, scores=scores)
-
-
-def append_room(layer, room: int):
-  """The same layer cache with `room` more empty slots per head for later tokens."""
-  if room == 0:
-    return layer
-  if isinstance(layer, LayerCache):
-    pad = lambda x, value: None if x is None else jnp.pad(
-        x, [(0, 0), (0, 0), (0, room)] + [(0, 0)] * (x.ndim - 3), constant_values=value)
-    return layer.replace(keys=pad(layer.keys, 0), values=pad(layer.values, 0),
-                         positions=pad(layer.positions, EMPTY_POSITION),
-                         scores=pad(layer.scores, 0), history=pad(layer.history, 0))
-  # Head-wise: each head's segment grows by `room` at its end.
-  b, n, _ = layer.keys.shape
-  k = layer.next_slot.shape[1]
-  new_offsets = layer.offsets + room * jnp.arange(k + 1, dtype=jnp.int32)
-  # Old slot i of head h moves right by room * h.
-  shift = room * layer.heads
-  dest = jnp.arange(n, dtype=jnp.int32)[None, :] + shift
-  rows = jnp.arange(b)[:, None]
-  new_n = n + room * k
-  move = lambda x, fill: None if x is None else jnp.full(
-      (b, new_n) + x.shape[2:], fill, x.dtype).at[rows, dest].set(x)
-  new_heads = segment_heads(new_offsets, new_n)
-  return FlatLayerCache(
-      keys=move(layer.keys, 0), values=move(layer.values, 0),
-      positions=move(layer.positions, EMPTY_POSITION), heads=new_heads, offsets=new_offsets,
-      next_slot=layer.next_slot + room * jnp.arange(k, dtype=jnp.int32),
-      scores=move(layer.scores, 0))
 
 
 def segment_heads(offsets: jax.Array, slots: int) -> jax.Array:

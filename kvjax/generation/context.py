@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.cache import cache_nbytes, full_cache_nbytes, init_cache
-from kvjax.cache.compress import CompressionPlan, PlanSet
+from kvjax.methods.plan import CompressionPlan, PlanSet
 from kvjax.errors import MethodError
 from kvjax.generation import engine
 
@@ -55,19 +55,21 @@ def check_chunk_size(chunk_size) -> None:
 
 def prefill(model, tokens: np.ndarray, mask: np.ndarray, method, keep: int | None,
             room: int, chunk_size: int | None = None,
-            steps: engine.CompiledSteps = engine.STEPS) -> PrefilledContext:
-  """Prefills left-padded `tokens` [B, T] (width a multiple of chunk_size when chunked)."""
+            steps: engine.CompiledSteps = engine.STEPS,
+            method_params=None) -> PrefilledContext:
+  """Prefills left-padded `tokens` [B, T] (width a multiple of chunk_size when chunked).
+
+  keep: tokens kept per layer and KV head (None: all of them; a method that needs no
+  budget, such as a quantizer, still stores the context its own way). method_params: the
+  method's parameter pytree (trained selectors), traced rather than compiled in.
+  """
   check_chunk_size(chunk_size)
   rows, width = tokens.shape
   chunk = width if chunk_size is None else chunk_size
   if width % chunk:
     raise ValueError(f"token width {width} is not a multiple of the chunk size {chunk}")
-  compressing = keep is not None and method.compresses
-  if compressing and method.headwise and width > chunk:
-    raise MethodError(f"method {method.label!r} stores head-wise budgets, which chunked "
-                      f"prefill does not support yet; use prefill_chunk_size=None")
-  if compressing:
-    plan = _compression_plan(model, method, keep, mask)
+  if method.compresses and (keep is not None or not method.needs_budget):
+    plan = _compression_plan(model, method, width if keep is None else keep, mask)
     cache = init_cache(model.config, rows, 0)
   else:
     plan = None
@@ -80,7 +82,8 @@ def prefill(model, tokens: np.ndarray, mask: np.ndarray, method, keep: int | Non
     if not mask[:, piece].any():
       continue  # all padding (left padding of a chunked prompt): nothing to see or keep
     logits, cache = steps.prefill(model, jnp.asarray(tokens[:, piece]),
-                                  jnp.asarray(mask[:, piece]), cache, logits="last", plan=plan)
+                                  jnp.asarray(mask[:, piece]), cache, logits="last", plan=plan,
+                                  method_params=method_params)
   return _prefilled(model, logits, cache, plan, width, room, steps)
 
 

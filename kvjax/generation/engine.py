@@ -13,18 +13,21 @@ import jax.numpy as jnp
 
 from kvjax.cache import kv_cache
 from kvjax.generation import sampling
-from kvjax.model import kernels, transformer
+from kvjax.model import transformer
+from kvjax.ops.dispatch import use_pallas
 
 
-def _prefill(params, tokens, token_mask, cache, *, graphdef, logits, plan):
-  return transformer.forward(graphdef, params, tokens, token_mask, cache, logits, plan)
+def _prefill(params, tokens, token_mask, cache, method_params, *, graphdef, logits, plan):
+  return transformer.forward(graphdef, params, tokens, token_mask, cache, logits, plan,
+                             method_params)
 
 
-def _decode(params, tokens, active, cache, key, temperature, top_p, *, graphdef, greedy, plan):
+def _decode(params, tokens, active, cache, key, temperature, top_p, method_params, *, graphdef,
+            greedy, plan):
   # Inactive rows (finished ones, in a multi-turn conversation) write nothing a later token
   # could see: their token is masked like padding.
   logits, cache = transformer.forward(graphdef, params, tokens[:, None], active[:, None],
-                                      cache, "last", plan)
+                                      cache, "last", plan, method_params)
   next_tokens = sampling.sample(logits, key, temperature, top_p, greedy)
   return next_tokens, logits, cache
 
@@ -37,11 +40,7 @@ _decode_jit = jax.jit(_decode, static_argnames=("graphdef", "greedy", "plan"),
                      donate_argnames=("cache",))
 
 
-def _grow(cache, room):
-  return cache.replace(layers=tuple(kv_cache.append_room(layer, room) for layer in cache.layers))
-
-
-_grow_jit = jax.jit(_grow, static_argnames=("room",))
+_grow_jit = jax.jit(kv_cache.grow, static_argnames=("room",))
 
 
 def _signature(tree):
@@ -59,25 +58,26 @@ class CompiledSteps:
   def _get(self, name, jitted, static, args):
     # Whether kernels are used is read while tracing, so it is part of the key.
     key = (name, tuple(sorted(static.items(), key=lambda kv: kv[0])), _signature(args),
-           kernels.use_pallas())
+           use_pallas())
     if key not in self._executables:
       start = time.perf_counter()
       self._executables[key] = jitted.lower(*args, **static).compile()
       self.compile_seconds += time.perf_counter() - start
     return self._executables[key]
 
-  def prefill(self, model, tokens, token_mask, cache, logits="last", plan=None):
-    args = (model.params, tokens, token_mask, cache)
+  def prefill(self, model, tokens, token_mask, cache, logits="last", plan=None,
+              method_params=None):
+    args = (model.params, tokens, token_mask, cache, method_params)
     jitted = _compress_jit if plan is not None and plan.compress else _prefill_jit
     return self._get("prefill", jitted,
                      dict(graphdef=model.graphdef, logits=logits, plan=plan), args)(*args)
 
   def decode(self, model, tokens, cache, key, temperature, top_p, greedy, plan=None,
-             active=None):
+             active=None, method_params=None):
     """One token per row; `active` [B] bool (default all) masks rows that are done."""
     active = jnp.ones(tokens.shape, bool) if active is None else jnp.asarray(active, bool)
     args = (model.params, tokens, active, cache, key, jnp.float32(temperature),
-            jnp.float32(top_p))
+            jnp.float32(top_p), method_params)
     return self._get("decode", _decode_jit, dict(graphdef=model.graphdef, greedy=greedy,
                                                  plan=plan), args)(*args)
 

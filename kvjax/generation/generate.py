@@ -183,7 +183,7 @@ def generate(model, prompts, questions=None, method=None, compression_ratio=None
              seed: int = 0, stop: str | Sequence[str] | None = None,
              stream: Callable[[int, str], None] | None = None,
              chat_template: bool | None = None, eos_token_ids: Sequence[int] | None = None,
-             prefill_chunk_size: int | None = None) -> GenerationResult:
+             prefill_chunk_size: int | None = None, method_params=None) -> GenerationResult:
   """Generates continuations of a prompt or a batch of prompts.
 
   prompts: str, list[str], or token ids (list[int] / list[list[int]]).
@@ -196,6 +196,8 @@ def generate(model, prompts, questions=None, method=None, compression_ratio=None
   prefill_chunk_size: prefill the prompt in chunks of this many tokens, compressing after
     each chunk, so the cache never holds more than budget + chunk tokens.
   stream: called as stream(row_index, new_text) as text becomes final.
+  method_params: the parameter pytree of a method with trained parts (traced: new values
+    do not recompile).
   chat_template: apply the tokenizer's chat template (default: when the model has one).
   """
   stops = _validate_sampling(max_new_tokens, temperature, top_p, seed, stop)
@@ -243,7 +245,7 @@ def generate(model, prompts, questions=None, method=None, compression_ratio=None
 
   start = time.perf_counter()
   prefilled = context.prefill(model, prompt_tokens, prompt_mask, method_obj, keep, room,
-                              prefill_chunk_size, steps)
+                              prefill_chunk_size, steps, method_params)
   logits, cache, plan = prefilled.logits, prefilled.cache, prefilled.decode_plan
   if shared_context:
     cache = context.tile_rows(cache, rows)

@@ -14,56 +14,29 @@ import numbers
 from typing import ClassVar
 
 from kvjax.errors import MethodError
+from kvjax.methods import registry
 from kvjax.methods.accumulated import H2O, TOVA, Scissorhands
 from kvjax.methods.base import LayerInputs, Method
 from kvjax.methods.key_statistics import ExpectedAttention, Knorm
 from kvjax.methods.positional import StreamingLLM
+from kvjax.methods.quantization import KIVI
 from kvjax.methods.window import PyramidKV, SnapKV
 from kvjax.methods.wrappers import AdaKV, PerLayer, SinksWindow
+from kvjax.methods.registry import available, get
 
 
+@registry.register
 @dataclasses.dataclass(frozen=True)
 class Full(Method):
   """The uncompressed cache: every token of every layer and head is kept."""
   name: ClassVar[str] = "full"
   compresses: ClassVar[bool] = False
+  needs_budget: ClassVar[bool] = False
 
 
-_REGISTRY: dict[str, type[Method]] = {
-    cls.name: cls for cls in (Full, StreamingLLM, H2O, TOVA, Knorm, SnapKV, PyramidKV, AdaKV,
-                              ExpectedAttention, Scissorhands, SinksWindow, PerLayer)}
-
-__all__ = ["AdaKV", "ExpectedAttention", "Full", "H2O", "Knorm", "LayerInputs", "Method",
+__all__ = ["AdaKV", "ExpectedAttention", "Full", "H2O", "KIVI", "Knorm", "LayerInputs", "Method",
            "PerLayer", "PyramidKV", "Scissorhands", "SinksWindow", "SnapKV", "StreamingLLM",
            "TOVA", "available", "get", "validate_compression"]
-
-
-def available() -> list[str]:
-  """Method names accepted by generate(method=...) and the command line."""
-  return sorted(_REGISTRY)
-
-
-def get(method=None, **hyperparameters) -> Method:
-  """A method object from None, a registry name, or an existing method object."""
-  if method is None:
-    method = "full"
-  if isinstance(method, Method):
-    if hyperparameters:
-      raise MethodError(f"hyperparameters {sorted(hyperparameters)} given together with "
-                        f"a method object {method!r}; set them on the object instead")
-    return method
-  if not isinstance(method, str) or method.lower() not in _REGISTRY:
-    raise MethodError(f"unknown method {method!r}; available: {available()}")
-  cls = _REGISTRY[method.lower()]
-  allowed = sorted(f.name for f in dataclasses.fields(cls))
-  unknown = sorted(set(hyperparameters) - set(allowed))
-  if unknown:
-    raise MethodError(f"method {cls.name!r} has no hyperparameters {unknown}; "
-                      f"allowed: {allowed}")
-  try:
-    return cls(**hyperparameters)
-  except TypeError as e:  # e.g. a value of the wrong type for a field
-    raise MethodError(f"method {cls.name!r}: {e}") from None
 
 
 def validate_compression(method: Method, context_lengths, compression_ratio=None,
@@ -96,13 +69,13 @@ def validate_compression(method: Method, context_lengths, compression_ratio=None
     raise MethodError(
         f"method {method.name!r} keeps the whole cache, so compression_ratio="
         f"{compression_ratio} / budget={budget} cannot apply; choose a compression method "
-        f"from {[m for m in available() if _REGISTRY[m].compresses]}")
-  if method.compresses and compression_ratio is None and budget is None:
+        f"from {registry.compressing()}")
+  if method.needs_budget and compression_ratio is None and budget is None:
     raise MethodError(f"method {method.label!r} needs compression_ratio (in [0, 1)) or "
                       f"budget (tokens kept per layer and KV head)")
   if budget is not None:
     keep = int(budget)
-  elif compression_ratio is not None and method.compresses:
+  elif compression_ratio is not None and method.needs_budget:
     keep = max(1, round(max(lengths) * (1 - compression_ratio)))
   else:
     return None

@@ -13,9 +13,11 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from kvjax.methods import base
+from kvjax.methods import base, registry
+from kvjax.ops import attention as attention_ops
 
 
+@registry.register
 @dataclasses.dataclass(frozen=True)
 class H2O(base.Method):
   """Heavy hitters: accumulated attention (summed over every query so far) plus recent tokens.
@@ -26,8 +28,7 @@ class H2O(base.Method):
   """
   name: ClassVar[str] = "h2o"
   decode_time: ClassVar[bool] = True
-  needs_column_sums: ClassVar[bool] = True
-  state: ClassVar[str] = "scores"
+  needs: ClassVar[frozenset] = frozenset({"column_sums"})
   recent_ratio: float = 0.5
 
   def __post_init__(self):
@@ -42,25 +43,31 @@ class H2O(base.Method):
   def protected(self, key_positions, lengths, keep):
     return base.window_mask(key_positions, lengths, self.recent(keep))
 
-  def accumulate(self, slot_scores, column_sums):
-    k = slot_scores.shape[1]
-    return slot_scores + base.reduce_groups(column_sums, k, "sum")
+  def init_state(self, shape):
+    return jnp.zeros(shape, jnp.float32)  # accumulated attention per slot
+
+  def accumulate(self, state, column_sums):
+    k = state.shape[1]
+    return state + base.reduce_groups(column_sums, k, "sum")
 
   def score(self, x):
-    return self.accumulate(x.slot_scores, x.column_sums)
+    state = x.slot_state if x.slot_state is not None else self.init_state(
+        x.key_positions.shape)
+    return self.accumulate(state, x.column_sums)
 
   def prefill_state(self, x):
-    return self.score(x), None
+    return self.score(x)
 
-  def decode_scores(self, scores, history, probs, own_prob, key_positions, lengths):
-    k = scores.shape[1]
+  def decode_scores(self, state, probs, own_prob, key_positions, lengths):
+    k = state.shape[1]
     new = base.reduce_groups(own_prob[..., None], k, "sum")[..., 0]
-    return self.accumulate(scores, probs), None, new, None
+    return self.accumulate(state, probs), new
 
-  def eviction_priority(self, scores, history, probs, key_positions, lengths, capacity):
-    return scores
+  def eviction_priority(self, state, probs, key_positions, lengths, budget):
+    return state
 
 
+@registry.register
 @dataclasses.dataclass(frozen=True)
 class TOVA(base.Method):
   """Token Omission Via Attention: drop the token the current query attends to least,
@@ -87,10 +94,10 @@ class TOVA(base.Method):
     probs = base.window_attention(x, 1)[:, :, 0]              # last query: [B, H, S]
     return self._layer_mean(probs, x.keys.shape[1])
 
-  def decode_scores(self, scores, history, probs, own_prob, key_positions, lengths):
-    return None, None, None, None
+  def decode_scores(self, state, probs, own_prob, key_positions, lengths):
+    return None, None
 
-  def eviction_priority(self, scores, history, probs, key_positions, lengths, capacity):
+  def eviction_priority(self, state, probs, key_positions, lengths, budget):
     return self._layer_mean(probs, key_positions.shape[1])
 
 
@@ -98,6 +105,7 @@ def _popcount(x: jax.Array) -> jax.Array:
   return jax.lax.population_count(x).astype(jnp.int32)
 
 
+@registry.register
 @dataclasses.dataclass(frozen=True)
 class Scissorhands(base.Method):
   """Persistence of importance: evict the tokens most often attended below uniform.
@@ -111,7 +119,6 @@ class Scissorhands(base.Method):
   """
   name: ClassVar[str] = "scissorhands"
   decode_time: ClassVar[bool] = True
-  state: ClassVar[str] = "history"
   history_window: int = 32
   recent: int = 32
   sinks: int = 4
@@ -133,30 +140,30 @@ class Scissorhands(base.Method):
 
   def _low_bits(self, x: base.LayerInputs) -> jax.Array:
     """[B, K, S] uint32 history bits from the chunk's last queries (newest = bit 0)."""
-    from kvjax.model import attention
     rows = min(self.history_window, x.queries.shape[1])
     probs = base.window_attention(x, rows)                    # [B, H, W, S]
     b, h, w, s = probs.shape
     k = x.keys.shape[1]
     qpos = x.query_positions[:, -rows:]
-    seen = attention.visible(qpos[:, None, :], x.key_positions[:, :1])[:, 0]  # [B, W, S]
+    seen = attention_ops.visible(qpos[:, None, :], x.key_positions[:, :1])[:, 0]  # [B, W, S]
     count = seen.sum(-1).astype(jnp.float32)                  # visible tokens per row
     group_mean = probs.reshape(b, k, h // k, w, s).mean(2)    # [B, K, W, S]
     low = (group_mean < 1.0 / jnp.maximum(count, 1)[:, None, :, None]) & seen[:, None]
     shifts = jnp.arange(w - 1, -1, -1, dtype=jnp.uint32)      # oldest row -> highest bit
     return (low.astype(jnp.uint32) << shifts[None, None, :, None]).sum(2).astype(jnp.uint32)
 
+  def init_state(self, shape):
+    return jnp.zeros(shape, jnp.uint32)  # low-attention bit history per slot
+
   def prefill_state(self, x):
     rows = min(self.history_window, x.queries.shape[1])
-    old = x.slot_history if x.slot_history is not None else jnp.zeros(
-        x.key_positions.shape, jnp.uint32)
-    history = ((old << jnp.uint32(rows)) | self._low_bits(x)) & self._mask()
-    return None, history
+    old = x.slot_state if x.slot_state is not None else self.init_state(x.key_positions.shape)
+    return ((old << jnp.uint32(rows)) | self._low_bits(x)) & self._mask()
 
   def score(self, x):
-    return -_popcount(self.prefill_state(x)[1]).astype(jnp.float32)
+    return -_popcount(self.prefill_state(x)).astype(jnp.float32)
 
-  def decode_scores(self, scores, history, probs, own_prob, key_positions, lengths):
+  def decode_scores(self, history, probs, own_prob, key_positions, lengths):
     b, h, s = probs.shape
     k = key_positions.shape[1]
     seen_count = (key_positions[:, :1] >= 0).sum(-1).astype(jnp.float32) + 1   # [B, 1]
@@ -165,7 +172,7 @@ class Scissorhands(base.Method):
     low = low & (key_positions >= 0)
     history = ((history << jnp.uint32(1)) | low.astype(jnp.uint32)) & self._mask()
     own_low = base.reduce_groups(own_prob[..., None], k, "mean")[..., 0] < threshold[..., 0]
-    return None, history, None, own_low.astype(jnp.uint32)
+    return history, own_low.astype(jnp.uint32)
 
-  def eviction_priority(self, scores, history, probs, key_positions, lengths, capacity):
+  def eviction_priority(self, history, probs, key_positions, lengths, budget):
     return -_popcount(history).astype(jnp.float32)

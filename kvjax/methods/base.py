@@ -11,7 +11,7 @@ and overwrite their lowest-priority slot with the new token, so the cache stays 
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +19,7 @@ import numpy as np
 
 from kvjax.config import ModelConfig
 from kvjax.errors import MethodError
+from kvjax.ops import attention as attention_ops
 
 PROTECTED = jnp.inf   # priority of slots that must be kept (sinks, recent window)
 
@@ -36,27 +37,28 @@ class LayerInputs:
   key_positions: jax.Array    # [B, K, S] int32, negative for empty slots
   lengths: jax.Array          # [B] tokens seen after this chunk
   column_sums: jax.Array | None = None  # [B, H, S] chunk attention summed over queries
-  slot_scores: jax.Array | None = None  # [B, K, S] accumulated method state (zeros for new)
-  slot_history: jax.Array | None = None  # [B, K, S] uint32 method state
+  slot_state: Any = None      # the method's per-slot state of the candidates (None: all new)
+  params: Any = None          # the method's parameters (a traced pytree), if it has any
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-  """Base of all methods.
+  """Base of all methods: a frozen, hashable dataclass of hyperparameters plus pure hooks.
 
   Class attributes say what the method needs and does:
     compresses: False only for the full cache.
+    needs_budget: a compression_ratio or budget is required (token-selecting methods).
     headwise: budgets are shared by the KV heads of a layer (flat per-head cache layout).
     decode_time: keeps evicting during decode so the cache never grows past its budget.
-    needs_column_sums: scoring reads the chunk's attention summed over its queries.
-    state: per-slot state carried in the cache: None, "scores" or "history".
+    needs: the attention statistics the method reads ("column_sums").
+  Per-slot state is the method's own pytree (`init_state`); kvjax moves it with the slots.
   """
   name: ClassVar[str] = ""
   compresses: ClassVar[bool] = True
+  needs_budget: ClassVar[bool] = True
   headwise: ClassVar[bool] = False
   decode_time: ClassVar[bool] = False
-  needs_column_sums: ClassVar[bool] = False
-  state: ClassVar[str | None] = None
+  needs: ClassVar[frozenset] = frozenset()
 
   def layer_budgets(self, config: ModelConfig, keep: int, context_length: int
                     ) -> tuple[int, ...]:
@@ -78,16 +80,37 @@ class Method:
     """[B, K, S] float32 priority: higher is kept. Empty slots are masked by the caller."""
     raise NotImplementedError(f"{type(self).__name__} does not score prefill slots")
 
-  def prefill_state(self, x: LayerInputs):
-    """(scores [B, K, S] float32 | None, history [B, K, S] uint32 | None): the per-slot
-    state to carry in the cache for the `state` this method declares."""
-    del x
-    return None, None
+  # Per-slot state.
+  def init_state(self, shape: tuple[int, ...]):
+    """The state of `shape` ([B, K, S]) new slots, or None when the method keeps none."""
+    del shape
+    return None
 
-  def accumulate(self, slot_scores, column_sums):
-    """Per-slot scores after more queries attended (needs_column_sums methods)."""
+  def prefill_state(self, x: LayerInputs):
+    """The candidates' state after this chunk (default: what they had)."""
+    return x.slot_state
+
+  def accumulate(self, state, column_sums):
+    """Per-slot state after more queries attended without compressing (question prefill)."""
     del column_sums
-    return slot_scores
+    return state
+
+  # Compaction.
+  def compact(self, cand, x: LayerInputs, keep: int):
+    """The layer cache that keeps `keep` slots per KV head of the candidates `cand`
+    (a dense LayerCache whose state is already this chunk's). Default: top-k of
+    `priorities` and a gather. Override to merge, quantize or project instead."""
+    from_index = cand.replace(state=self.prefill_state(x))
+    s = cand.capacity
+    if keep >= s:  # everything fits: keep it all, with empty slots up to the budget
+      return from_index.grow(keep - s).replace(end=jnp.int32(keep))
+    _, index = jax.lax.top_k(priorities(self, x, keep), keep)
+    return from_index.select(jnp.sort(index, axis=-1))
+
+  def cache_step(self, layers: tuple, lengths: jax.Array) -> tuple:
+    """A cache-wide step after the forward pass (cross-layer methods); default: none."""
+    del lengths
+    return layers
 
   def safeguard(self, keep: int) -> int:
     """Head-wise methods: slots every head keeps before the layer's shared top-k."""
@@ -100,18 +123,24 @@ class Method:
     return self.name
 
   # Decode-time hooks (decode_time methods only).
-  def decode_scores(self, scores, history, probs, own_prob, key_positions, lengths):
-    """Updates per-slot state after one decode step.
+  def decode_scores(self, state, probs, own_prob, key_positions, lengths):
+    """(state of the cached slots, state of the new token) after one decode step.
 
     probs [B, H, S]: the new query's attention over the cache slots; own_prob [B, H]: its
-    attention to itself. Returns (slot scores, slot history, new token's score, new token's
-    history); any of them may be None when the method keeps no such state.
+    attention to itself. Either may be None when the method keeps no state.
     """
     raise NotImplementedError
 
-  def eviction_priority(self, scores, history, probs, key_positions, lengths, capacity):
+  def eviction_priority(self, state, probs, key_positions, lengths, budget):
     """[B, K, S] priority of the cached slots for this step (lowest is overwritten)."""
     raise NotImplementedError
+
+
+def priorities(method: Method, x: LayerInputs, keep: int) -> jax.Array:
+  """[B, K, S] float32: method scores, protected slots +inf, empty slots -inf."""
+  prio = method.score(x).astype(jnp.float32)
+  prio = jnp.where(method.protected(x.key_positions, x.lengths, keep), PROTECTED, prio)
+  return jnp.where(x.key_positions >= 0, prio, -jnp.inf)
 
 
 def window_mask(key_positions: jax.Array, lengths: jax.Array, window: int) -> jax.Array:
@@ -160,10 +189,9 @@ def window_attention(x: LayerInputs, window: int) -> jax.Array:
 
   Only W x S, not T x S, in float32. Padding queries give all-zero rows.
   """
-  from kvjax.model import attention
   q = x.queries[:, -window:].astype(jnp.float32)
-  probs = attention.probabilities(q, x.keys.astype(jnp.float32), x.query_positions[:, -window:],
-                                  x.key_positions)                # [B, K, G, W, S]
+  probs = attention_ops.probabilities(q, x.keys.astype(jnp.float32),
+                                      x.query_positions[:, -window:], x.key_positions)
   b, k, g, w, s = probs.shape
   return probs.reshape(b, k * g, w, s)
 

@@ -9,9 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.methods import base
+from kvjax.methods import base, registry
+from kvjax.ops import rope
 
 
+@registry.register
 @dataclasses.dataclass(frozen=True)
 class Knorm(base.Method):
   """Keeps the keys with the smallest L2 norm (they tend to draw the most attention).
@@ -41,6 +43,7 @@ def average_rotation(inv_freq: np.ndarray, start: jax.Array, count: int) -> jax.
   return cos[:, :, None] * jnp.eye(2 * half) + sin[:, :, None] * rotate_half
 
 
+@registry.register
 @dataclasses.dataclass(frozen=True)
 class ExpectedAttention(base.Method):
   """Expected Attention (kvpress): the attention future queries are expected to pay.
@@ -68,7 +71,6 @@ class ExpectedAttention(base.Method):
     return base.sink_mask(key_positions, self.n_sink)
 
   def score(self, x):
-    from kvjax.model import attention, rope
     q = x.raw_queries.astype(jnp.float32)                            # [B, T, H, D]
     b, t, h, d = q.shape
     k = x.keys.shape[1]
@@ -87,7 +89,7 @@ class ExpectedAttention(base.Method):
       logits += jnp.einsum("bhsi,bhij,bhsj->bhs", keys, cov, keys) / d / 2
     candidates = (x.key_positions >= self.n_sink)
     candidates = jnp.repeat(candidates, h // k, axis=1)
-    probs = jax.nn.softmax(jnp.where(candidates, logits, attention.MASK_VALUE), axis=-1)
+    probs = jax.nn.softmax(jnp.where(candidates, logits, -1e30), axis=-1)
     scores = base.reduce_groups(jnp.where(candidates, probs, 0.0), k, "mean")
     if self.use_vnorm:
       scores = (scores + self.epsilon) * jnp.linalg.norm(x.values.astype(jnp.float32), axis=-1)

@@ -7,9 +7,10 @@ from typing import ClassVar
 
 import jax.numpy as jnp
 
-from kvjax.methods import base
+from kvjax.methods import base, registry
 
 
+@registry.register
 @dataclasses.dataclass(frozen=True)
 class StreamingLLM(base.Method):
   """Keeps the first `sinks` tokens and the most recent `budget - sinks` tokens.
@@ -33,8 +34,8 @@ class StreamingLLM(base.Method):
   def score(self, x):
     return x.key_positions.astype(jnp.float32)  # newest first
 
-  def decode_scores(self, scores, history, probs, own_prob, key_positions, lengths):
-    return None, None, None, None
+  def decode_scores(self, state, probs, own_prob, key_positions, lengths):
+    return None, None
 
-  def eviction_priority(self, scores, history, probs, key_positions, lengths, capacity):
+  def eviction_priority(self, state, probs, key_positions, lengths, budget):
     return key_positions.astype(jnp.float32)

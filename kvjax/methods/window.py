@@ -7,15 +7,16 @@ from typing import ClassVar
 
 import jax.numpy as jnp
 
-from kvjax.methods import base, budgets
+from kvjax.methods import base, budgets, registry
+from kvjax.ops import attention as attention_ops
 
 
 def window_votes(x: base.LayerInputs, window: int, kernel_size: int, pooling: str,
                  gqa: str) -> jnp.ndarray:
   """[B, K, S] SnapKV scores: the last `window` queries' attention summed per key, the window's
   own keys excluded (zeroed) before pooling per query head, then reduced over each group."""
-  from kvjax.model import kernels
-  sums = kernels.window_column_sums(x, window)                     # [B, H, S]
+  sums = attention_ops.window_column_sums(x.queries, x.keys, x.query_positions,
+                                         x.key_positions, window)  # [B, H, S]
   in_window = base.window_mask(x.key_positions, x.lengths, window)  # [B, K, S]
   group = sums.shape[1] // in_window.shape[1]
   sums = jnp.where(jnp.repeat(in_window, group, axis=1), 0.0, sums)
@@ -23,6 +24,7 @@ def window_votes(x: base.LayerInputs, window: int, kernel_size: int, pooling: st
   return base.reduce_groups(pooled, x.keys.shape[1], gqa)
 
 
+@registry.register
 @dataclasses.dataclass(frozen=True)
 class SnapKV(base.Method):
   """SnapKV: the last `window` prompt tokens vote for the earlier tokens each head keeps.
@@ -54,6 +56,7 @@ class SnapKV(base.Method):
     return window_votes(x, self.window, self.kernel_size, self.pooling, self.gqa)
 
 
+@registry.register
 @dataclasses.dataclass(frozen=True)
 class PyramidKV(SnapKV):
   """SnapKV selection with pyramid-shaped layer budgets (more in lower layers).

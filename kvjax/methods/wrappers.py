@@ -5,74 +5,54 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from kvjax.methods import base, budgets
+import jax
+import jax.numpy as jnp
 
-
-def _resolve(method):
-  """Wrappers accept a method object or a registry name (so the CLI can pass press=snapkv)."""
-  from kvjax import methods as registry
-  return registry.get(method)
+from kvjax.cache import FlatLayerCache
+from kvjax.methods import base, budgets, registry
 
 
 @dataclasses.dataclass(frozen=True)
 class Wrapper(base.Method):
-  """Delegates everything to `press` unless overridden."""
+  """Delegates every hook and capability to `press` unless a subclass overrides it."""
   press: base.Method | str = "snapkv"
 
   def __post_init__(self):
-    object.__setattr__(self, "press", _resolve(self.press))
+    # A method object or a registry name (so the CLI can pass press=snapkv).
+    object.__setattr__(self, "press", registry.get(self.press))
     if not self.press.compresses:
       raise base.MethodError(f"{self.name} needs a compression method to wrap, got "
                              f"{self.press.name!r}")
 
   @property
-  def decode_time(self):
-    return self.press.decode_time
-
-  @property
-  def needs_column_sums(self):
-    return self.press.needs_column_sums
-
-  @property
-  def state(self):
-    return self.press.state
-
-  @property
-  def headwise(self):
-    return self.press.headwise
-
-  @property
   def label(self) -> str:
     return f"{self.name}({getattr(self.press, 'label', self.press.name)})"
 
-  def layer_budgets(self, config, keep, context_length):
-    return self.press.layer_budgets(config, keep, context_length)
-
-  def protected_tokens(self, keep):
-    return self.press.protected_tokens(keep)
-
-  def protected(self, key_positions, lengths, keep):
-    return self.press.protected(key_positions, lengths, keep)
-
-  def score(self, x):
-    return self.press.score(x)
-
-  def prefill_state(self, x):
-    return self.press.prefill_state(x)
-
-  def accumulate(self, slot_scores, column_sums):
-    return self.press.accumulate(slot_scores, column_sums)
-
-  def safeguard(self, keep):
-    return self.press.safeguard(keep)
-
-  def decode_scores(self, *args):
-    return self.press.decode_scores(*args)
-
-  def eviction_priority(self, *args):
-    return self.press.eviction_priority(*args)
+  def compact(self, cand, x, keep):
+    # A press with its own compaction (merging, quantizing) keeps it; otherwise this
+    # wrapper's hooks (its protection, its scores) drive the default top-k.
+    if type(self.press).compact is not base.Method.compact:
+      return self.press.compact(cand, x, keep)
+    return base.Method.compact(self, cand, x, keep)
 
 
+def _forward(name):
+  def hook(self, *args, **kwargs):
+    return getattr(self.press, name)(*args, **kwargs)
+  hook.__name__ = name
+  return hook
+
+
+for _hook in ("layer_budgets", "protected_tokens", "protected", "score", "init_state",
+              "prefill_state", "accumulate", "cache_step", "safeguard", "decode_scores",
+              "eviction_priority"):
+  setattr(Wrapper, _hook, _forward(_hook))
+for _capability in ("decode_time", "needs", "headwise", "needs_budget"):
+  setattr(Wrapper, _capability, property(lambda self, _name=_capability: getattr(self.press,
+                                                                                  _name)))
+
+
+@registry.register
 @dataclasses.dataclass(frozen=True)
 class SinksWindow(Wrapper):
   """Also keeps the first `sinks` tokens and the last `window` tokens, whatever the scores."""
@@ -94,6 +74,7 @@ class SinksWindow(Wrapper):
             | base.window_mask(key_positions, lengths, self.window))
 
 
+@registry.register
 @dataclasses.dataclass(frozen=True)
 class AdaKV(Wrapper):
   """Head-wise budgets: the heads of a layer share its budget by a top-k over all of them.
@@ -124,7 +105,29 @@ class AdaKV(Wrapper):
   def safeguard(self, keep: int) -> int:
     return int(self.alpha_safeguard * keep)
 
+  def compact(self, cand, x, keep):
+    """The layer keeps num_kv_heads * keep slots, shared among heads by score: each head
+    first keeps its `safeguard` best slots, the rest go to the best priorities over all
+    heads. The result is flat: head h's kept slots form segment h, in slot order."""
+    b, k, s, _ = cand.keys.shape
+    cand = cand.replace(state=self.prefill_state(x))
+    prio = base.priorities(self, x, keep)
+    if keep >= s:
+      cand = cand.grow(keep - s)
+      prio = jnp.pad(prio, [(0, 0), (0, 0), (0, keep - s)], constant_values=-jnp.inf)
+      s = keep
+    safeguard = self.safeguard(keep)
+    if safeguard > 0:
+      _, best = jax.lax.top_k(prio, safeguard)
+      rows, heads = jnp.arange(b)[:, None, None], jnp.arange(k)[None, :, None]
+      prio = prio.at[rows, heads, best].max(base.PROTECTED)
+    total = k * keep
+    _, chosen = jax.lax.top_k(prio.reshape(b, k * s), total)
+    selected = jnp.zeros((b, k * s), bool).at[jnp.arange(b)[:, None], chosen].set(True)
+    return FlatLayerCache.from_selection(cand, selected.reshape(b, k, s), total)
 
+
+@registry.register
 @dataclasses.dataclass(frozen=True)
 class PerLayer(Wrapper):
   """A per-layer budget schedule: layer l keeps a share of the total proportional to

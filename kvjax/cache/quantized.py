@@ -1,0 +1,213 @@
+"""The quantized layer cache (KIVI): bit-packed codes plus a full-precision recent window.
+
+Slots are split in two parts, each sized to what it holds:
+  * quantized: keys quantized per channel in groups of `group` consecutive slots (outlier
+    channels keep their own scale), values per slot in groups of `group` channels; codes
+    of `bits` bits packed into uint32 words, plus a scale and a zero point per group;
+  * residual: the most recent tokens in full precision (a dense `LayerCache`), between
+    `window` and `window + group - 1` of them once the context is longer than `window`.
+Appending writes to the residual; whenever it holds `window + group` tokens, its oldest
+`group` are quantized and moved to the quantized part ("flushed group by group"), so the
+newest `window` tokens are always exact. Each slot keeps its original position, so the
+same causal masks apply and eviction can run before quantization (SnapKV + KIVI).
+Attention reads both parts and merges them by log-sum-exp (a dequantizing Pallas kernel
+on GPU/TPU, dequantize + the jnp reference on CPU).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from kvjax.cache.kv_cache import EMPTY_POSITION, LayerCache, NewTokens, Stats, nbytes
+from kvjax.ops import attention as attention_ops
+from kvjax.ops import quantization as quant_ops
+
+
+@struct.dataclass
+class QuantizedKV:
+  """The quantized part: S slots per KV head (S a multiple of `group`)."""
+  key_codes: jax.Array     # [B, K, S, D * bits // 32] uint32
+  key_scale: jax.Array     # [B, K, S // group, D]
+  key_zero: jax.Array      # [B, K, S // group, D]
+  value_codes: jax.Array   # [B, K, S, D * bits // 32] uint32
+  value_scale: jax.Array   # [B, K, S, D // group]
+  value_zero: jax.Array    # [B, K, S, D // group]
+  positions: jax.Array     # [B, K, S] int32, EMPTY_POSITION where unused
+
+  @property
+  def capacity(self) -> int:
+    return self.positions.shape[2]
+
+
+def quantize_slots(keys, values, positions, bits: int, group: int, scale_dtype) -> QuantizedKV:
+  """Quantizes dense slots [B, K, S, D] (S a multiple of group); empty slots do not widen
+  any group's range."""
+  valid = positions >= 0
+  kc, ks, kz = quant_ops.quantize(keys, bits=bits, group=group, axis="tokens", valid=valid,
+                                  scale_dtype=scale_dtype)
+  vc, vs, vz = quant_ops.quantize(values, bits=bits, group=group, axis="channels",
+                                  valid=valid, scale_dtype=scale_dtype)
+  return QuantizedKV(key_codes=kc, key_scale=ks, key_zero=kz, value_codes=vc, value_scale=vs,
+                     value_zero=vz, positions=positions.astype(jnp.int32))
+
+
+@struct.dataclass
+class QuantizedLayerCache:
+  quantized: QuantizedKV
+  end: jax.Array           # int32 scalar: quantized slots filled (a multiple of group)
+  residual: LayerCache     # the full-precision recent window
+  bits: int = struct.field(pytree_node=False, default=2)
+  group: int = struct.field(pytree_node=False, default=32)
+  window: int = struct.field(pytree_node=False, default=128)
+
+  @property
+  def state(self):  # per-slot method state is not kept for quantized slots
+    return None
+
+  @property
+  def capacity(self) -> int:
+    return self.quantized.capacity + self.residual.capacity
+
+  @property
+  def nbytes(self) -> int:
+    return nbytes(self)
+
+  def slots_per_head(self, num_kv_heads: int) -> int:
+    del num_kv_heads
+    return self.capacity
+
+  def free_slots(self) -> int:
+    # Flushing keeps the residual below window + group, so appends are bounded by the
+    # residual's free room and the quantized part's room for flushed groups.
+    quantized_free = self.quantized.capacity - int(self.end)
+    below_flush = max(0, self.window + self.group - 1 - int(self.residual.end))
+    return min(self.residual.free_slots(), quantized_free + below_flush)
+
+  def logical_axes(self) -> dict:
+    slot = ("batch", "kv_heads", "slots")
+    return {"quantized": {"key_codes": slot + ("packed",), "key_scale": slot + ("head_dim",),
+                          "key_zero": slot + ("head_dim",), "value_codes": slot + ("packed",),
+                          "value_scale": slot + ("groups",), "value_zero": slot + ("groups",),
+                          "positions": slot},
+            "end": (), "residual": self.residual.logical_axes()}
+
+  @classmethod
+  def from_dense(cls, dense: LayerCache, bits: int, group: int, window: int
+                 ) -> "QuantizedLayerCache":
+    """Quantizes all but the newest slots of a dense cache whose slots [0, capacity) are
+    filled in order (a prefilled or compacted cache): the oldest whole groups beyond the
+    `window` newest slots go to the quantized part."""
+    s = dense.capacity
+    n_quant = max(0, (s - window) // group * group)
+    dtype = dense.keys.dtype
+    part = quantize_slots(dense.keys[:, :, :n_quant], dense.values[:, :, :n_quant],
+                          dense.positions[:, :, :n_quant], bits, group, dtype)
+    residual = LayerCache(keys=dense.keys[:, :, n_quant:], values=dense.values[:, :, n_quant:],
+                          positions=dense.positions[:, :, n_quant:],
+                          end=jnp.int32(s - n_quant))
+    return cls(quantized=part, end=jnp.int32(n_quant), residual=residual, bits=bits,
+               group=group, window=window)
+
+  def dequantized(self) -> LayerCache:
+    """Both parts as one dense full-precision cache (quantized slots first)."""
+    q = self.quantized
+    dtype = self.residual.keys.dtype
+    keys = quant_ops.dequantize(q.key_codes, q.key_scale, q.key_zero, bits=self.bits,
+                                group=self.group, axis="tokens", dtype=dtype)
+    values = quant_ops.dequantize(q.value_codes, q.value_scale, q.value_zero, bits=self.bits,
+                                  group=self.group, axis="channels", dtype=dtype)
+    r = self.residual
+    return LayerCache(keys=jnp.concatenate([keys, r.keys], axis=2),
+                      values=jnp.concatenate([values, r.values], axis=2),
+                      positions=jnp.concatenate([q.positions, r.positions], axis=2),
+                      end=jnp.int32(self.capacity))
+
+  def attend(self, queries, query_positions, pending: NewTokens | None = None,
+             want: frozenset = frozenset()):
+    if pending is not None or want or queries.shape[1] > 1:
+      # Prefill chunks and statistics: attention over the dequantized slots.
+      return self.dequantized().attend(queries, query_positions, pending, want)
+    q = self.quantized
+    out_q, lse_q = quant_ops.decode_attention(
+        queries, q.key_codes, q.key_scale, q.key_zero, q.value_codes, q.value_scale,
+        q.value_zero, q.positions, query_positions, bits=self.bits, group=self.group)
+    r = self.residual
+    out_r, lse_r = attention_ops.decode(queries, r.keys, r.values, query_positions,
+                                        r.positions)
+    b, _, h, d = queries.shape
+    k = r.keys.shape[1]
+    shape = (b, k, h // k, d)
+    out, _ = attention_ops.merge_partials(out_q.reshape(shape).astype(jnp.float32), lse_q,
+                                          out_r.reshape(shape).astype(jnp.float32), lse_r)
+    return out.reshape(queries.shape).astype(queries.dtype), Stats()
+
+  def append(self, new: NewTokens) -> "QuantizedLayerCache":
+    """Writes to the residual, then flushes whole groups while it holds window + group."""
+    cache = self.replace(residual=self.residual.append(new))
+    limit = self.window + self.group
+
+    def flush(c):
+      r = c.residual
+      g = self.group
+      part = quantize_slots(r.keys[:, :, :g], r.values[:, :, :g], r.positions[:, :, :g],
+                            self.bits, g, c.quantized.key_scale.dtype)
+      q = c.quantized
+      quantized = QuantizedKV(
+          key_codes=jax.lax.dynamic_update_slice_in_dim(q.key_codes, part.key_codes, c.end, 2),
+          key_scale=jax.lax.dynamic_update_slice_in_dim(q.key_scale, part.key_scale,
+                                                         c.end // g, 2),
+          key_zero=jax.lax.dynamic_update_slice_in_dim(q.key_zero, part.key_zero, c.end // g, 2),
+          value_codes=jax.lax.dynamic_update_slice_in_dim(q.value_codes, part.value_codes,
+                                                           c.end, 2),
+          value_scale=jax.lax.dynamic_update_slice_in_dim(q.value_scale, part.value_scale,
+                                                           c.end, 2),
+          value_zero=jax.lax.dynamic_update_slice_in_dim(q.value_zero, part.value_zero,
+                                                          c.end, 2),
+          positions=jax.lax.dynamic_update_slice_in_dim(q.positions, part.positions, c.end, 2))
+      shift = lambda a, fill: jnp.concatenate(
+          [a[:, :, g:], jnp.full(a.shape[:2] + (g,) + a.shape[3:], fill, a.dtype)], axis=2)
+      residual = r.replace(keys=shift(r.keys, 0), values=shift(r.values, 0),
+                           positions=shift(r.positions, EMPTY_POSITION), end=r.end - g)
+      return c.replace(quantized=quantized, end=c.end + g, residual=residual)
+
+    return jax.lax.while_loop(lambda c: c.residual.end >= limit, flush, cache)
+
+  def candidates(self, new: NewTokens) -> LayerCache:
+    return self.dequantized().candidates(new)
+
+  def select(self, index):
+    raise NotImplementedError("a quantized cache is compacted through its dense candidates")
+
+  def grow(self, room: int) -> "QuantizedLayerCache":
+    """Room for `room` more tokens: in the residual (a chunk lands there first) and, for
+    the groups those tokens will push out, in the quantized part."""
+    if room == 0:
+      return self
+    g = self.group
+    groups = -(-room // g)
+    q = self.quantized
+    pad = lambda a, n, fill=0: jnp.pad(a, [(0, 0), (0, 0), (0, n)] + [(0, 0)] * (a.ndim - 3),
+                                       constant_values=fill)
+    quantized = QuantizedKV(
+        key_codes=pad(q.key_codes, groups * g), key_scale=pad(q.key_scale, groups),
+        key_zero=pad(q.key_zero, groups), value_codes=pad(q.value_codes, groups * g),
+        value_scale=pad(q.value_scale, groups * g), value_zero=pad(q.value_zero, groups * g),
+        positions=pad(q.positions, groups * g, EMPTY_POSITION))
+    # The residual may hold up to window + group - 1 tokens before a chunk is appended.
+    extra = max(0, self.window + g - 1 - self.residual.capacity) + room
+    return self.replace(quantized=quantized, residual=self.residual.grow(extra))
+
+
+def analytic_nbytes(batch: int, kv_heads: int, quantized_slots: int, residual_slots: int,
+                    head_dim: int, bits: int, group: int, dtype) -> int:
+  """What a quantized layer should hold: codes, scales and zeros, the residual window in
+  full precision, and one int32 position per slot and head (plus the fill counters)."""
+  itemsize = jnp.dtype(dtype).itemsize
+  slots = batch * kv_heads * quantized_slots
+  codes = 2 * slots * head_dim * bits // 8
+  params = 2 * (slots // group * head_dim + slots * (head_dim // group)) * itemsize
+  residual = batch * kv_heads * residual_slots * (2 * head_dim * itemsize + 4)
+  return codes + params + residual + 4 * slots + 2 * 4
+

@@ -1,0 +1,145 @@
+"""Compression policies: how a forward call applies a method to each layer's cache.
+
+A plan is hashable (a static jit argument) and implements the policy protocol of
+`kvjax.cache.policy` (prepare, update, finish), so the model runs any method without
+knowing it. Top-k and sorting run in XLA; moving kept keys and values is the cache
+layout's job (a gather kernel for the dense layouts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from kvjax.cache.kv_cache import COLUMN_SUMS, PROBS, Cache, LayerCache, NewTokens
+from kvjax.cache.policy import LayerStep
+from kvjax.methods.base import PROTECTED, LayerInputs, Method
+
+
+def _with_state(method: Method, layer_cache):
+  """The layer cache with the method's state (new, zero state when it had none)."""
+  if layer_cache.state is not None or method.init_state((1, 1, 1)) is None:
+    return layer_cache
+  return layer_cache.replace(state=method.init_state(layer_cache.positions.shape))
+
+
+def layer_inputs(layer: int, cand: LayerCache, step: LayerStep, column_sums) -> LayerInputs:
+  """What a scorer sees: the chunk's queries and every candidate slot."""
+  return LayerInputs(
+      config=step.config, layer=layer, queries=step.queries, raw_queries=step.raw_queries,
+      query_positions=step.new.positions, keys=cand.keys, values=cand.values,
+      key_positions=cand.positions, lengths=step.lengths, column_sums=column_sums,
+      slot_state=cand.state, params=step.params)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressionPlan:
+  """How a forward call treats the cache.
+
+  compress=True: each layer attends over its kept slots plus the chunk, then the method
+  compacts them to budgets[layer] slots per KV head and `room` empty slots per head are
+  added for later tokens. compress=False: tokens are appended (or, for decode-time
+  methods, each decode token overwrites a slot so the cache stays at its budget).
+  """
+  method: Method
+  budgets: tuple[int, ...]
+  room: int = 0
+  compress: bool = True
+
+  def _evicting(self, new: NewTokens) -> bool:
+    return not self.compress and self.method.decode_time and new.keys.shape[2] == 1
+
+  def prepare(self, layer: int, layer_cache, new: NewTokens):
+    if self.compress:
+      return _with_state(self.method, layer_cache), new, frozenset(self.method.needs)
+    if self._evicting(new):
+      return layer_cache, new, frozenset({PROBS})
+    # Appended queries keep accumulating the state of methods that count attention.
+    accumulate = COLUMN_SUMS in self.method.needs and layer_cache.state is not None
+    return layer_cache.append(new), None, frozenset({COLUMN_SUMS} if accumulate else ())
+
+  def update(self, layer: int, layer_cache, step: LayerStep, stats):
+    if self.compress:
+      cand = layer_cache.candidates(step.new)
+      x = layer_inputs(layer, cand, step, stats.column_sums)
+      return self.method.compact(cand, x, self.budgets[layer]).grow(self.room)
+    if self._evicting(step.new):
+      return evict_and_insert(self.method, layer_cache, step.new, stats.probs,
+                              stats.pending_probs, step.lengths, self.budgets[layer])
+    if stats.column_sums is not None:
+      return layer_cache.replace(state=self.method.accumulate(layer_cache.state,
+                                                              stats.column_sums))
+    return layer_cache
+
+  def finish(self, layers: tuple, lengths: jax.Array) -> Cache:
+    if self.compress:
+      layers = self.method.cache_step(tuple(layers), lengths)
+    return Cache(layers=tuple(layers), lengths=lengths)
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanSet:
+  """Several ways to compress one context that is prefilled once (a method/ratio sweep).
+
+  A forward call from an empty cache with a PlanSet attends over the chunk once (every
+  plan would see the same hidden states: compression only changes what is stored) and
+  returns one cache per entry: the uncompressed chunk for None, else the plan's
+  compression of it. Valid for a single prefill chunk only.
+  """
+  plans: tuple[CompressionPlan | None, ...]
+  room: int = 0  # empty slots per head appended to the uncompressed (None) caches
+
+  def prepare(self, layer: int, layer_cache, new: NewTokens):
+    del layer
+    needs = frozenset().union(*(p.method.needs for p in self.plans if p is not None))
+    return layer_cache, new, needs
+
+  def update(self, layer: int, layer_cache, step: LayerStep, stats):
+    caches = []
+    for plan in self.plans:
+      if plan is None:
+        caches.append(layer_cache.candidates(step.new).grow(self.room))
+        continue
+      own = _with_state(plan.method, layer_cache)
+      cand = own.candidates(step.new)
+      x = layer_inputs(layer, cand, step, stats.column_sums)
+      caches.append(plan.method.compact(cand, x, plan.budgets[layer]).grow(plan.room))
+    return tuple(caches)
+
+  def finish(self, layers: tuple, lengths: jax.Array) -> tuple[Cache, ...]:
+    out = []
+    for i, plan in enumerate(self.plans):
+      plan_layers = tuple(layer[i] for layer in layers)
+      if plan is not None:
+        plan_layers = plan.method.cache_step(plan_layers, lengths)
+      out.append(Cache(layers=plan_layers, lengths=lengths))
+    return tuple(out)
+
+
+def evict_and_insert(method: Method, layer: LayerCache, new: NewTokens, probs, own_prob,
+                     lengths, budget: int) -> LayerCache:
+  """One decode step of a decode-time method: the new token overwrites the lowest-priority
+  slot of each KV head (empty slots first), so the cache never grows.
+
+  new: one token per row (keys/values [B, K, 1, D], positions [B, 1]); probs [B, H, S] and
+  own_prob [B, H]: the new query's attention; lengths [B]: tokens seen including the new
+  one; budget: the layer's prefill budget (protected windows are sized from it, not from
+  the capacity, which also holds the question's room).
+  """
+  state, new_state = method.decode_scores(layer.state, probs, own_prob, layer.positions,
+                                          lengths)
+  prio = method.eviction_priority(state, probs, layer.positions, lengths,
+                                  budget).astype(jnp.float32)
+  prio = jnp.where(method.protected(layer.positions, lengths, budget), PROTECTED, prio)
+  prio = jnp.where(layer.positions >= 0, prio, -jnp.inf)
+  # A masked token (position < 0: a row that already finished) changes nothing: its write
+  # goes out of bounds and is dropped, and the method state keeps its old values.
+  valid = new.positions[:, 0] >= 0                                         # [B]
+  victim = jnp.where(valid[:, None], jnp.argmin(prio, axis=-1), layer.capacity)  # [B, K]
+  if state is not None:
+    keep_old = lambda new_s, old_s: jnp.where(
+        valid.reshape((-1,) + (1,) * (new_s.ndim - 1)), new_s, old_s)
+    state = jax.tree_util.tree_map(keep_old, state, layer.state)
+  return layer.replace(state=state).overwrite(victim, new, new_state)

@@ -1,0 +1,81 @@
+"""KV quantization methods: KIVI, alone or on top of any token-selecting method."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from kvjax.cache.quantized import QuantizedLayerCache
+from kvjax.methods import base, registry
+
+_BITS = (2, 4, 8)
+
+
+@registry.register
+@dataclasses.dataclass(frozen=True)
+class KIVI(base.Method):
+  """KIVI: keys quantized per channel (groups of `group_size` tokens), values per token
+  (groups of `group_size` channels), asymmetric `bits`-bit codes, the newest `residual`
+  tokens kept in full precision and flushed into the quantized part group by group.
+
+  Defaults from KIVI's LongBench setup: group 32, residual 128 (its example script uses
+  32); 2 bits is KIVI-2, 4 bits the README's choice for GQA models. Quantization is
+  post-RoPE. `press`: a token-selecting method applied first (SnapKV + KIVI keeps the
+  selected tokens, quantized), which then needs a compression_ratio or budget.
+  """
+  name: ClassVar[str] = "kivi"
+  bits: int = 2
+  group_size: int = 32
+  residual: int = 128
+  press: base.Method | str | None = None
+
+  def __post_init__(self):
+    base.check_choice("bits", self.bits, _BITS)
+    base.check_int("group_size", self.group_size, 1)
+    if self.group_size & (self.group_size - 1):
+      raise base.MethodError(f"group_size={self.group_size} must be a power of two")
+    base.check_int("residual", self.residual, 0)
+    if self.press is not None:
+      object.__setattr__(self, "press", registry.get(self.press))
+      inner = self.press
+      if not inner.compresses or inner.decode_time or inner.headwise:
+        raise base.MethodError(
+            f"kivi(press={inner.label!r}): the press must select tokens once at prefill "
+            f"(not {'the full cache' if not inner.compresses else 'a decode-time' if inner.decode_time else 'a head-wise'} "
+            f"method); e.g. snapkv, knorm, expected_attention, pyramidkv")
+
+  @property
+  def label(self) -> str:
+    inner = f",{self.press.label}" if self.press is not None else ""
+    return f"{self.name}{self.bits}({self.group_size},{self.residual}{inner})"
+
+  @property
+  def needs_budget(self):
+    return self.press is not None
+
+  @property
+  def needs(self):
+    return self.press.needs if self.press is not None else frozenset()
+
+  def layer_budgets(self, config, keep, context_length):
+    if self.press is None:
+      return super().layer_budgets(config, keep, context_length)
+    return self.press.layer_budgets(config, keep, context_length)
+
+  def protected_tokens(self, keep):
+    return self.press.protected_tokens(keep) if self.press is not None else 0
+
+  def compact(self, cand, x, keep):
+    """Selects with the press (if any), then quantizes all but the newest slots. Without a
+    press every candidate is kept, so chunked prefill re-quantizes the same groups (the
+    min/max of a dequantized group are its own scale and zero: the codes come back)."""
+    self.check_head_dim(cand.keys.shape[-1])
+    kept = (self.press.compact(cand, x, keep) if self.press is not None
+            else cand.replace(state=None))
+    return QuantizedLayerCache.from_dense(kept, self.bits, self.group_size, self.residual)
+
+  def check_head_dim(self, head_dim: int) -> None:
+    if head_dim % self.group_size or head_dim * self.bits % 32:
+      raise base.MethodError(f"kivi group_size={self.group_size}, bits={self.bits} need a "
+                             f"head_dim that is a multiple of the group and of "
+                             f"{32 // self.bits}; the model's head_dim is {head_dim}")

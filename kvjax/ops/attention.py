@@ -1,0 +1,120 @@
+"""Attention over slot caches: each function runs a Pallas kernel or its jnp reference.
+
+Shapes: queries [B, T, H, D] (post-RoPE); dense keys/values [B, K, S, D] with key
+positions [B, K, S]; flat (head-wise) keys/values [B, N, D] with positions and owner heads
+[B, N]. Negative positions are empty slots; a slot is visible to a query iff
+0 <= key position <= query position.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kvjax.ops.dispatch import use_pallas
+from pallas_kernels import compaction, reference, window_scores
+from pallas_kernels import decode_attention as decode_kernels
+from pallas_kernels.decode_attention import EMPTY_LSE, merge_partials
+
+__all__ = ["EMPTY_LSE", "attend", "attend_flat", "decode", "decode_flat", "gather_slots",
+           "merge_partials", "probabilities", "visible", "window_column_sums",
+           "with_pending_token"]
+
+visible = reference.visible
+probabilities = reference.probabilities
+
+
+def attend(queries, keys, values, query_positions, key_positions, column_sums=False):
+  """Causal attention of T queries over a dense cache -> out [B, T, H, D] (and, with
+  column_sums, each slot's probability summed over the queries, [B, H, S] float32)."""
+  return reference.attention(queries, keys, values, query_positions, key_positions,
+                             column_sums)
+
+
+def attend_flat(queries, keys, values, query_positions, key_positions, key_heads,
+                num_kv_heads):
+  """Causal attention of T queries over a flat (head-wise) cache -> [B, T, H, D]."""
+  if queries.shape[1] == 1 and use_pallas():
+    out, _ = decode_flat(queries, keys, values, query_positions, key_positions, key_heads,
+                         num_kv_heads)
+    return out
+  return reference.attention_flat(queries, keys, values, query_positions, key_positions,
+                                  key_heads, num_kv_heads)
+
+
+def _grouped(query, num_kv_heads):
+  b, _, h, d = query.shape
+  return query.reshape(b, num_kv_heads, h // num_kv_heads, d)
+
+
+def decode(query, keys, values, query_positions, key_positions, return_probs=False):
+  """One new token per row over a dense cache.
+
+  query [B, 1, H, D] -> (out [B, 1, H, D], lse [B, K, G]) and, with return_probs, the
+  probabilities [B, K, G, S] float32.
+  """
+  grouped = _grouped(query, keys.shape[1])
+  if use_pallas():
+    result = decode_kernels.decode_attention(grouped, keys, values, key_positions,
+                                             query_positions[:, 0], return_probs=return_probs)
+  else:
+    result = reference.decode_attention(grouped, keys, values, key_positions,
+                                        query_positions[:, 0], upcast=False)
+    result = result if return_probs else result[:2]
+  return (result[0].reshape(query.shape).astype(query.dtype),) + tuple(result[1:])
+
+
+def decode_flat(query, keys, values, query_positions, key_positions, key_heads,
+                num_kv_heads, return_probs=False):
+  """One new token per row over a flat (head-wise) cache; as `decode`."""
+  grouped = _grouped(query, num_kv_heads)
+  if use_pallas():
+    result = decode_kernels.decode_attention_flat(grouped, keys, values, key_positions,
+                                                  key_heads, query_positions[:, 0],
+                                                  return_probs=return_probs)
+  else:
+    result = reference.decode_attention_flat(grouped, keys, values, key_positions, key_heads,
+                                             query_positions[:, 0], upcast=False)
+    result = result if return_probs else result[:2]
+  return (result[0].reshape(query.shape).astype(query.dtype),) + tuple(result[1:])
+
+
+def with_pending_token(query, out, lse, probs, new_key, new_value):
+  """Adds a token held outside the cache (its own key and value) to a decode attention.
+
+  query [B, 1, H, D]; out [B, 1, H, D], lse [B, K, G] and probs [B, K, G, S] from `decode`
+  over the cache; new_key/new_value [B, K, 1, D]. Returns (out [B, 1, H, D], cache probs
+  [B, H, S], the new token's own probability [B, H]), merged by log-sum-exp.
+  """
+  b, _, h, d = query.shape
+  k = new_key.shape[1]
+  grouped = _grouped(query, k)
+  own_logit = jnp.einsum("bkgd,bkd->bkg", grouped.astype(jnp.float32),
+                         new_key[:, :, 0].astype(jnp.float32)) * (d ** -0.5)
+  own_out = jnp.broadcast_to(new_value[:, :, 0][:, :, None, :], grouped.shape)
+  merged, total = merge_partials(out.reshape(grouped.shape).astype(jnp.float32), lse,
+                                 own_out.astype(jnp.float32), own_logit)
+  cache_weight = jnp.exp(lse - total)
+  return (merged.reshape(b, 1, h, d).astype(query.dtype),
+          (probs * cache_weight[..., None]).reshape(b, h, -1),
+          jnp.exp(own_logit - total).reshape(b, h))
+
+
+def window_column_sums(queries, keys, query_positions, key_positions, window: int):
+  """[B, H, S]: attention of the last `window` queries summed per key slot."""
+  window = min(window, queries.shape[1])
+  q, qpos = queries[:, -window:], query_positions[:, -window:]
+  if use_pallas():
+    return window_scores.window_scores(jnp.swapaxes(q, 1, 2), keys, key_positions, qpos,
+                                       pooling="none").sums
+  probs = reference.probabilities(q.astype(jnp.float32), keys.astype(jnp.float32), qpos,
+                                  key_positions)                  # [B, K, G, W, S]
+  b, k, g, w, s = probs.shape
+  return probs.sum(3).reshape(b, k * g, s)
+
+
+def gather_slots(src: jax.Array, indices: jax.Array) -> jax.Array:
+  """src [R, M, D], indices [R, N] (negative = empty) -> [R, N, D]."""
+  if use_pallas():
+    return compaction.gather_slots(src, indices)
+  return reference.gather_slots(src, indices)

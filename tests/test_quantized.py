@@ -1,0 +1,202 @@
+"""KIVI's quantized cache: the layout's split and flushes against a numpy restatement,
+memory against the analytic size, every phase (chunked prefill, questions, score,
+conversations) through it, and the kernel path."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kvjax
+from kvjax.cache import LayerCache
+from kvjax.cache.quantized import QuantizedLayerCache, analytic_nbytes
+from kvjax.generation import context, engine, inputs
+from kvjax.methods import KIVI, SnapKV
+from tiny import tiny_model
+
+# head_dim 32 so group 32 and 2-bit packing (16 codes per word) fit the tiny model.
+D = 32
+
+
+@pytest.fixture(scope="module")
+def model():
+  return tiny_model(head_dim=D)
+
+
+def _prompts(lengths=(150, 200), seed=0):
+  rng = np.random.default_rng(seed)
+  return [rng.integers(0, 256, n).tolist() for n in lengths]
+
+
+def _np_quantize(x, valid, bits, group, axis):
+  """Numpy KIVI quantize -> dequantize of x [S, D] (valid [S]): asymmetric min/max per
+  group along tokens (per channel) or channels (per token); empty groups dequantize to 0."""
+  levels = 2 ** bits - 1
+  out = np.zeros_like(x)
+  if axis == "tokens":
+    blocks = [(slice(i, i + group), slice(None)) for i in range(0, x.shape[0], group)]
+    reduce_axis = 0
+  else:
+    blocks = [(slice(None), slice(j, j + group)) for j in range(0, x.shape[1], group)]
+    reduce_axis = 1
+  for rows, cols in blocks:
+    block = x[rows, cols]
+    mask = np.broadcast_to(valid[rows][:, None], block.shape)
+    if not mask.any():
+      continue
+    big = np.where(mask, block, np.inf).min(reduce_axis, keepdims=True)
+    small = np.where(mask, block, -np.inf).max(reduce_axis, keepdims=True)
+    lo = np.where(np.isfinite(big), big, 0.0)
+    hi = np.where(np.isfinite(small), small, 0.0)
+    scale = (hi - lo) / levels
+    safe = np.where(scale > 0, scale, 1.0)
+    codes = np.where(scale > 0, np.clip(np.floor((block - lo) / safe + 0.5), 0, levels), 0)
+    out[rows, cols] = codes * scale + lo
+  return out
+
+
+def _full_cache(model, prompts):
+  tokens, mask = inputs.left_pad(prompts, 0)
+  return context.prefill(model, tokens, mask, kvjax.methods.get("full"), None, room=0), mask
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_prefill_split_and_codes_match_numpy(model, bits):
+  prompts = _prompts()
+  full, mask = _full_cache(model, prompts)
+  tokens, _ = inputs.left_pad(prompts, 0)
+  method = KIVI(bits=bits, group_size=32, residual=64)
+  pre = context.prefill(model, tokens, mask, method, None, room=0)
+  width = tokens.shape[1]
+  n_quant = (width - 64) // 32 * 32
+  for layer, dense in zip(pre.cache.layers, full.cache.layers):
+    assert isinstance(layer, QuantizedLayerCache)
+    assert layer.quantized.capacity == n_quant and layer.residual.capacity == width - n_quant
+    got = layer.dequantized()
+    keys, values = np.asarray(dense.keys, np.float64), np.asarray(dense.values, np.float64)
+    positions = np.asarray(dense.positions)
+    np.testing.assert_array_equal(np.asarray(got.positions), positions)
+    # The residual window is exact; the quantized part is KIVI's quantize -> dequantize.
+    np.testing.assert_array_equal(np.asarray(got.keys)[:, :, n_quant:], keys[:, :, n_quant:])
+    for row in range(2):
+      for head in range(model.config.num_kv_heads):
+        valid = positions[row, head, :n_quant] >= 0
+        for got_x, x, axis in ((got.keys, keys, "tokens"), (got.values, values, "channels")):
+          want = _np_quantize(x[row, head, :n_quant], valid, bits, 32, axis)
+          have = np.asarray(got_x, np.float64)[row, head, :n_quant][valid]
+          np.testing.assert_allclose(have, want[valid], rtol=1e-5, atol=1e-5)
+
+
+def test_decode_flushes_group_by_group_and_loses_nothing(model):
+  prompts = _prompts((90, 100))
+  window, group = 32, 32
+  method = KIVI(bits=4, group_size=group, residual=window)
+  steps = 70
+  result = kvjax.generate(model, prompts, method=method, max_new_tokens=steps)
+  assert result.stats["generated_tokens"] == [steps, steps]
+  # Replay: prefill, then decode the same tokens, checking the layout after every step.
+  tokens, mask = inputs.left_pad(prompts, 0)
+  pre = context.prefill(model, tokens, mask, method, None, room=80)
+  cache, plan = pre.cache, pre.decode_plan
+  flushed_at = []
+  for t in range(steps - 1):
+    next_tokens = jnp.asarray([result.token_ids[r][t] for r in range(2)])
+    _, _, cache = engine.STEPS.decode(model, next_tokens, cache, jax.random.key(0), 1.0, 1.0,
+                                      True, plan)
+    layer = cache.layers[0]
+    fill, end = int(layer.residual.end), int(layer.end)
+    assert window <= fill < window + group and end % group == 0
+    flushed_at.append(end)
+    lengths = np.asarray(cache.lengths)
+    positions = np.concatenate([np.asarray(layer.quantized.positions),
+                                np.asarray(layer.residual.positions)], axis=2)
+    for row in range(2):
+      for head in range(model.config.num_kv_heads):
+        kept = positions[row, head][positions[row, head] >= 0]
+        assert sorted(kept.tolist()) == list(range(lengths[row])), "every token kept once"
+        newest = np.asarray(layer.residual.positions)[row, head][:fill]
+        assert newest.max() == lengths[row] - 1 and len(newest) >= window
+  assert len(set(flushed_at)) > 1, "decode must have flushed at least one group"
+
+
+def test_memory_matches_analytic_size():
+  """KIVI 2/4-bit and SnapKV + KIVI-4 at SmolLM2's KV shape (3 KV heads, head_dim 64), bf16,
+  4K context: the layout's bytes within 5% of codes + scales + zeros + residual + slot
+  positions, and the byte ratios against the full bf16 cache."""
+  b, k, s, d = 1, 3, 4096, 64
+  rng = np.random.default_rng(0)
+  dense = LayerCache(keys=jnp.asarray(rng.normal(size=(b, k, s, d)), jnp.bfloat16),
+                     values=jnp.asarray(rng.normal(size=(b, k, s, d)), jnp.bfloat16),
+                     positions=jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, k, s)),
+                     end=jnp.int32(s))
+  full = dense.nbytes
+  ratios = {}
+  for bits, kept in ((2, s), (4, s), (4, s // 2)):
+    layer = QuantizedLayerCache.from_dense(dense.select(jnp.broadcast_to(
+        jnp.arange(kept), (b, k, kept))), bits, 32, 128)
+    n_quant = (kept - 128) // 32 * 32
+    expected = analytic_nbytes(b, k, n_quant, kept - n_quant, d, bits, 32, jnp.bfloat16)
+    assert abs(layer.nbytes - expected) <= 0.05 * expected
+    ratios[(bits, kept)] = layer.nbytes / full
+  # 2-bit codes + bf16 scale and zero per 32 values = 3 bits per value, the 128-token
+  # window at 16 bits, 4 bytes of position per slot and head: 0.225 of bf16.
+  assert 0.20 < ratios[(2, s)] < 0.24
+  assert 0.33 < ratios[(4, s)] < 0.36
+  # SnapKV at 0.5 + KIVI-4: half the tokens at about a third of the bytes each.
+  assert 0.16 < ratios[(4, s // 2)] < 0.19
+
+
+def test_every_phase_reads_through_the_quantized_cache(model):
+  """Chunked prefill, query-agnostic questions, score and conversations with KIVI; 8-bit
+  codes stay close to the full cache."""
+  prompts = _prompts()
+  method = KIVI(bits=8, group_size=32, residual=32)
+  question = [[5, 6, 7, 8, 9], [10, 11, 12]]
+  full = kvjax.generate(model, prompts, questions=question, max_new_tokens=3)
+  for chunk in (None, 64):
+    got = kvjax.generate(model, prompts, questions=question, method=method,
+                         prefill_chunk_size=chunk, max_new_tokens=3)
+    assert got.token_ids == full.token_ids
+  exact = kvjax.score(model, prompts, [[1, 2, 3, 4]] * 2)
+  approx = kvjax.score(model, prompts, [[1, 2, 3, 4]] * 2, method=method)
+  for a, e in zip(approx, exact):
+    np.testing.assert_allclose(a, e, atol=0.05)
+  coarse = kvjax.score(model, prompts, [[1, 2, 3, 4]] * 2, method=KIVI(bits=2, residual=32))
+  assert max(np.abs(c - e).max() for c, e in zip(coarse, exact)) > max(
+      np.abs(a - e).max() for a, e in zip(approx, exact)), "2-bit must cost more than 8-bit"
+
+
+def test_snapkv_then_kivi_keeps_snapkv_tokens(model):
+  prompts = _prompts()
+  tokens, mask = inputs.left_pad(prompts, 0)
+  snap = context.prefill(model, tokens, mask, SnapKV(window=8), 100, room=0)
+  both = context.prefill(model, tokens, mask, KIVI(bits=4, residual=32, press=SnapKV(window=8)),
+                         100, room=0)
+  for a, b in zip(snap.cache.layers, both.cache.layers):
+    np.testing.assert_array_equal(np.asarray(b.dequantized().positions),
+                                  np.asarray(a.positions))
+  n_quant = (100 - 32) // 32 * 32
+  per_layer = analytic_nbytes(2, model.config.num_kv_heads, n_quant, 100 - n_quant, D, 4, 32,
+                              jnp.float32)
+  expected = per_layer * model.config.num_layers + 2 * 4   # + the cache's lengths
+  assert abs(both.context_cache_bytes - expected) <= 0.05 * expected
+  assert both.context_cache_bytes < 0.5 * snap.context_cache_bytes
+
+
+def test_kernel_path_generates_like_jnp(model, monkeypatch):
+  prompts = _prompts((70, 80))
+  method = KIVI(bits=4, group_size=32, residual=32)
+  want = kvjax.generate(model, prompts, method=method, max_new_tokens=4).token_ids
+  monkeypatch.setenv("KVJAX_PALLAS", "1")
+  assert kvjax.generate(model, prompts, method=method, max_new_tokens=4).token_ids == want
+
+
+@pytest.mark.parametrize("build,match", [
+    (lambda: KIVI(bits=3), r"bits=3"),
+    (lambda: KIVI(group_size=24), "power of two"),
+    (lambda: KIVI(press="h2o"), "decode-time"),
+    (lambda: KIVI(press="adakv"), "head-wise"),
+])
+def test_kivi_errors(build, match):
+  with pytest.raises(kvjax.KvjaxError, match=match):
+    build()
