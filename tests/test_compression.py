@@ -156,7 +156,7 @@ def test_chunked_prefill_compresses_between_chunks(model):
   capacities = []
   original = engine.STEPS.prefill
 
-  def spy(model_, tokens_, mask_, cache, logits="last", plan=None):
+  def spy(model_, tokens_, mask_, cache, logits="last", plan=None, method_params=None):
     capacities.append(max(layer.capacity for layer in cache.layers) + tokens_.shape[1])
     return original(model_, tokens_, mask_, cache, logits, plan)
 

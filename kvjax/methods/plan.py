@@ -91,6 +91,8 @@ class PlanSet:
   plans: tuple[CompressionPlan | None, ...]
   room: int = 0  # empty slots per head appended to the uncompressed (None) caches
 
+  compress = True  # a PlanSet always compresses (its input buffers cannot be donated)
+
   def prepare(self, layer: int, layer_cache, new: NewTokens):
     del layer
     needs = frozenset().union(*(p.method.needs for p in self.plans if p is not None))
