@@ -83,8 +83,17 @@ def test_run_report_fractions_and_table():
   assert "decode-attention kernel: not measured" in table
 
 
-def test_copy_bandwidth_is_positive():
-  assert benchmarking.measure_copy_bandwidth(nbytes=1 << 20, iterations=2, repeats=1) > 0
+def test_copy_bandwidth_is_bytes_moved_over_the_best_time(monkeypatch):
+  """With a scripted clock, the bandwidth is exactly 2 * nbytes (read + write) over the best
+  repeat's time per iteration."""
+  import types
+  # perf_counter pairs (start, end) per repeat: 8 ms, 3 ms and 5 ms for 4 iterations each.
+  ticks = iter([10.0, 10.008, 20.0, 20.003, 30.0, 30.005])
+  monkeypatch.setattr(benchmarking, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
+  nbytes = 1 << 20
+  got = benchmarking.measure_copy_bandwidth(nbytes=nbytes, iterations=4, repeats=3)
+  assert next(ticks, None) is None  # one start and one end per repeat, nothing else timed
+  assert got == pytest.approx(2 * nbytes / (0.003 / 4) / 1e9, rel=1e-9)  # 2.796 GB/s
 
 
 @pytest.mark.parametrize("name,params", [

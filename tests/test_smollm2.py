@@ -76,7 +76,32 @@ def test_chat_answers_batched_as_alone(smollm2):
   assert alone.token_ids[0] == result.token_ids[1]
 
 
-def test_registry_model_is_converted_once(smollm2):
+def _tree_stats(root):
+  """Every file under root with its size and modification time (ns)."""
+  return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+          for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_registry_model_is_converted_once(smollm2, monkeypatch):
+  """A second kvjax.load of a registry name reads the cached checkpoint: it neither fetches
+  nor converts the GGUF again, nor rewrites the cache entry."""
   from checkpoints_conversion import orbax_io
   from kvjax.loading import load as load_lib
-  assert orbax_io.is_checkpoint(load_lib.converted_path("smollm2-135m"))
+  converted = load_lib.converted_path("smollm2-135m")
+  assert orbax_io.is_checkpoint(converted)
+  before = _tree_stats(converted)
+  assert before
+
+  def forbidden(what):
+    def fail(*args, **kwargs):
+      raise AssertionError(f"{what} called: the registry model was converted again")
+    return fail
+
+  monkeypatch.setattr(load_lib, "load_gguf", forbidden("load_gguf"))
+  monkeypatch.setattr(load_lib.assets, "fetch", forbidden("assets.fetch"))
+  monkeypatch.setattr(orbax_io, "save", forbidden("orbax_io.save"))
+  again = kvjax.load("smollm2-135m")
+  assert _tree_stats(converted) == before
+  assert again.config == smollm2.config
+  np.testing.assert_array_equal(np.asarray(again.params["embed"]["embedding"]),
+                                np.asarray(smollm2.params["embed"]["embedding"]))

@@ -45,6 +45,13 @@ def validate_compression(method: Method, context_lengths, compression_ratio=None
 
   Returns the number of context tokens to keep per layer and KV head (None = keep all). A
   ratio applies to the longest context (the cache's size); a budget must fit the shortest.
+
+  Ratio -> budget follows kvpress (`ScorerPress.compress` in kvpress/presses/scorer_press.py:
+  `n_kept = int(k_len * (1 - compression_ratio))`): the kept count is truncated, not rounded,
+  and computed with the same float expression, so it equals kvpress's count bit for bit
+  (e.g. 2048 tokens at 0.9 keep int(204.799...) = 204, where round() would give 205). kvpress
+  has no lower bound (a tiny context at a high ratio keeps 0 tokens there); kvjax keeps at
+  least 1, since an empty cache has nothing to attend to.
   """
   lengths = [context_lengths] if isinstance(context_lengths, numbers.Integral) else list(
       context_lengths)
@@ -76,7 +83,8 @@ def validate_compression(method: Method, context_lengths, compression_ratio=None
   if budget is not None:
     keep = int(budget)
   elif compression_ratio is not None and method.needs_budget:
-    keep = max(1, round(max(lengths) * (1 - compression_ratio)))
+    # float(): the same IEEE double expression as kvpress's, whatever Real type was given.
+    keep = max(1, int(max(lengths) * (1 - float(compression_ratio))))
   else:
     return None
   protected = method.protected_tokens(keep)

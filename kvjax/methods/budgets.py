@@ -48,7 +48,9 @@ def pyramid(num_layers: int, keep: int, window: int, context_length: int,
   keep includes the window. With b = keep - window, the selected part goes from
   max = 2b - b/beta down to b/beta, capped at the context (then min = 2b - max); contexts
   shorter than 2b get a uniform budget. The integer budgets sum exactly to
-  num_layers * keep (PyramidKV's own integer division loses a few slots).
+  num_layers * keep (PyramidKV's own integer division loses a few slots), and every layer
+  selects at least one token besides its window (b/beta < 1 could otherwise round a layer
+  down to its window alone, a budget kvjax's protection check rejects).
   """
   b = keep - window
   if b <= 0 or context_length < 2 * b or num_layers == 1:
@@ -60,5 +62,35 @@ def pyramid(num_layers: int, keep: int, window: int, context_length: int,
     low = 2 * b - high
   steps = np.arange(num_layers)
   selected = high - steps * (high - low) / (num_layers - 1)
-  return tuple(v + window for v in distribute(num_layers * b, selected, 0,
+  return tuple(v + window for v in distribute(num_layers * b, selected, 1,
                                               context_length - window))
+
+
+def kvpress_pyramid(num_layers: int, keep: int, window: int, context_length: int,
+                    beta: float) -> tuple[int, ...]:
+  """kvpress's PyramidKV schedule: the pyramid spans the whole budget, window included.
+
+  kvpress (`PyramidKVPress.get_layer_budget`, kvpress/presses/pyramidkv_press.py), with
+  b = keep the mean budget per layer (window included) and n the context length: min = b/beta
+  and max = 2b - min; if max >= n - window then max = n - window and min = 2b - max. Unless
+  n >= max >= min >= window, every layer gets b (kvpress falls back to SnapKV); otherwise
+  layer l keeps max - l (max - min) / (L - 1) tokens, its window included.
+
+  kvpress rounds each layer separately, from b = n (1 - ratio) unrounded; here the integers
+  come from `distribute`, so they sum exactly to num_layers * keep, and every layer keeps at
+  least window + 1 tokens (kvpress can leave a layer exactly its window, e.g. at ratio 0.5
+  whenever the cap applies, which kvjax's protection rule does not allow).
+  """
+  b = keep
+  if num_layers == 1:
+    return (keep,)
+  low = b / beta
+  high = 2 * b - low
+  if high >= context_length - window:
+    high = context_length - window
+    low = 2 * b - high
+  if not context_length >= high >= low >= window:
+    return (keep,) * num_layers
+  steps = np.arange(num_layers)
+  totals = high - steps * (high - low) / (num_layers - 1)
+  return distribute(num_layers * keep, totals, window + 1, context_length)

@@ -31,6 +31,15 @@ class SnapKV(base.Method):
 
   The budget includes the window, which is always kept. GQA-aware: pooled scores are reduced
   over each group's query heads and every KV head selects its own tokens.
+
+  Defaults (window=32, kernel_size=7, pooling="max") are SnapKV's shipped LongBench configs
+  (FasterDecoding/SnapKV, `ablation_c{1024,2048,4096}_w32_k7_maxpool.json`); SnapKV's code
+  falls back to w=32, k=5, avg pooling when no config is given. kvpress's SnapKVPress
+  (kvpress/presses/snapkv_press.py) defaults to window_size=64, kernel_size=5, avg pooling
+  (torch avg_pool1d, zero padding counted) and averages the pooled scores over each GQA
+  group. To reproduce kvpress pass `SnapKV(window=64, kernel_size=5, pooling="avg",
+  gqa="mean")` with the same compression_ratio (kvpress takes the mean of the window's
+  attention where kvjax takes the sum: a constant factor, the same ranking).
   """
   name: ClassVar[str] = "snapkv"
   window: int = 32
@@ -61,16 +70,37 @@ class SnapKV(base.Method):
 class PyramidKV(SnapKV):
   """SnapKV selection with pyramid-shaped layer budgets (more in lower layers).
 
-  kvpress/KVCache-Factory defaults: window 64 in kvpress, beta 20. Budgets sum exactly to
-  num_layers x budget, so the memory equals a uniform budget's.
+  Budgets sum exactly to num_layers x budget, so the memory equals a uniform budget's.
+
+  `schedule` picks how the pyramid treats the observation window:
+  - "pyramidkv" (default), PyramidKV's own code (KVCache-Factory `PyramidKVCluster`): the
+    pyramid spreads budget - window selected tokens over the layers and every layer adds
+    its window back (`budgets.pyramid`).
+  - "kvpress", kvpress's `PyramidKVPress.get_layer_budget`
+    (kvpress/presses/pyramidkv_press.py): the pyramid spreads the whole budget, window
+    included, and falls back to a uniform (SnapKV) budget unless the smallest layer still
+    holds its window (`budgets.kvpress_pyramid`).
+
+  Window, kernel and pooling defaults are SnapKV's (window=32, kernel_size=7, max pooling:
+  SnapKV's shipped LongBench configs); beta=20 is PyramidKV's and kvpress's. KVCache-Factory's
+  LongBench script uses window 8, max pooling with kernel 7. kvpress's PyramidKVPress defaults
+  to window_size=64, kernel_size=5, avg pooling, beta=20; to reproduce it pass
+  `PyramidKV(window=64, kernel_size=5, pooling="avg", gqa="mean", schedule="kvpress")`. Layer
+  budgets then differ from kvpress's by at most a token or two per layer: kvpress rounds each
+  layer separately from the unrounded float budget (so its layers do not sum to an exact
+  total), and can leave its last layer exactly the window, where kvjax keeps at least one
+  more token.
   """
   name: ClassVar[str] = "pyramidkv"
   beta: float = 20.0
+  schedule: str = "pyramidkv"
 
   def __post_init__(self):
     super().__post_init__()
     if not isinstance(self.beta, (int, float)) or isinstance(self.beta, bool) or self.beta < 1:
       raise base.MethodError(f"beta={self.beta!r} must be a number >= 1")
+    base.check_choice("schedule", self.schedule, ("pyramidkv", "kvpress"))
 
   def layer_budgets(self, config, keep, context_length):
-    return budgets.pyramid(config.num_layers, keep, self.window, context_length, self.beta)
+    schedule = budgets.pyramid if self.schedule == "pyramidkv" else budgets.kvpress_pyramid
+    return schedule(config.num_layers, keep, self.window, context_length, self.beta)
