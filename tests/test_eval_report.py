@@ -82,13 +82,13 @@ def test_results_table_rows_columns_values_by_hand():
   text = report.results_table(score_cells())
   assert "#" not in text  # one (model, mode): no heading line
   assert table_lines(text) == [
-      "| method | ratio | niah_single_2 1K | niah_single_2 4K | vt 1K | vt 4K | avg |",
-      "|:--|:--|--:|--:|--:|--:|--:|",
-      "| full | 0 | 100.0 | 96.0 | 90.0 | 80.0 | 91.5 |",
-      "| snapkv | 0.25 | 87.5 | 90.0 | 85.0 | 70.0 | 83.1 |",
-      "| snapkv | 0.5 | 80.0 | 76.0 | 60.0 | 50.0 | 66.5 |",
-      "| knorm | 0.25 | 70.0 | 65.0 | 55.0 | 40.0 | 57.5 |",
-      "| knorm | 0.5 | 50.0 | 30.0 | 20.0 | – | 33.3* |",
+      "| method | ratio | niah_single_2 1K | niah_single_2 4K | vt 1K | vt 4K | avg | bytes |",
+      "|:--|:--|--:|--:|--:|--:|--:|--:|",
+      "| full | 0 | 100.0 | 96.0 | 90.0 | 80.0 | 91.5 | 1.000 |",
+      "| snapkv | 0.25 | 87.5 | 90.0 | 85.0 | 70.0 | 83.1 | 0.750 |",
+      "| snapkv | 0.5 | 80.0 | 76.0 | 60.0 | 50.0 | 66.5 | 0.500 |",
+      "| knorm | 0.25 | 70.0 | 65.0 | 55.0 | 40.0 | 57.5 | 0.750 |",
+      "| knorm | 0.5 | 50.0 | 30.0 | 20.0 | – | 33.3* | 0.500 |",
   ]
   assert "average over the columns present only" in text
 
@@ -104,7 +104,7 @@ def test_results_table_skips_fidelity_cells_and_other_metrics():
   text = report.results_table(score_cells() + fidelity_cells())
   assert "fidelity" not in text
   kl = report.results_table(fidelity_cells(), metric="kl")
-  assert "| snapkv | 0.5 | 0.0 | 0.1 | 0.0 |" in table_lines(kl)  # 1 decimal, like scores
+  assert "| snapkv | 0.5 | 0.0 | 0.1 | 0.0 | 0.500 |" in table_lines(kl)  # 1 decimal, like scores
 
 
 def test_results_table_groups_modes_and_borrows_the_full_baseline():
@@ -118,9 +118,9 @@ def test_results_table_groups_modes_and_borrows_the_full_baseline():
   assert "### smollm2-135m · question_aware" in text
   aware = text.split("question_aware")[1]
   assert table_lines(aware)[2:] == [
-      "| full | 0 | 100.0 | 96.0 | 90.0 | 80.0 | 91.5 |",
-      "| snapkv | 0.25 | 77.5 | 80.0 | 75.0 | 60.0 | 73.1 |",
-      "| snapkv | 0.5 | 70.0 | 66.0 | 50.0 | 40.0 | 56.5 |",
+      "| full | 0 | 100.0 | 96.0 | 90.0 | 80.0 | 91.5 | 1.000 |",
+      "| snapkv | 0.25 | 77.5 | 80.0 | 75.0 | 60.0 | 73.1 | 0.750 |",
+      "| snapkv | 0.5 | 70.0 | 66.0 | 50.0 | 40.0 | 56.5 | 0.500 |",
   ]
   only = report.results_table(cells, mode="question_aware")
   assert "###" not in only and table_lines(only) == table_lines(aware)

@@ -130,3 +130,23 @@ def test_question_aware_mode_compresses_the_question_too(model, tmp_path):
   # Question-aware contexts hold the question (and the whole chat template) as well.
   assert tokens["question_aware"] > tokens["query_agnostic"] + 10
   assert 370 <= tokens["question_aware"] <= 384
+
+
+def test_sweep_runs_configured_and_quantized_methods(model, tmp_path):
+  """Method specs with hyperparameters; a method that keeps every token (KIVI) is one
+  ratio-0 column; bytes are reported per cell."""
+  kivi = "kivi:bits=4:group_size=16:residual=16"
+  config = sweep.SweepConfig(methods=("full", kivi, kivi + ":press=snapkv"), ratios=(0.5,),
+                             tasks=("niah_single_2", "fidelity"), lengths=(384,),
+                             num_examples=2, batch_size=2, max_new_tokens=4,
+                             continuation_tokens=16)
+  cells = sweep.run_sweep(model, "tiny", config, tmp_path)["cells"]
+  labels = sorted({(c["method"], c["compression_ratio"]) for c in cells})
+  assert labels == [("full", 0.0), ("kivi4(16,16)", 0.0), ("kivi4(16,16,snapkv)", 0.5)]
+  share = {c["method"]: c["context_cache_bytes"] / c["full_context_cache_bytes"]
+           for c in cells if c["task"] == "niah_single_2"}
+  assert share["full"] == pytest.approx(1.0, abs=0.05)
+  assert 0.2 < share["kivi4(16,16)"] < 0.5       # 4-bit codes + 16-bit scales, 16-token window
+  assert share["kivi4(16,16,snapkv)"] < 0.6 * share["kivi4(16,16)"]
+  fid = {c["method"]: c["metrics"]["kl"] for c in cells if c["task"] == "fidelity"}
+  assert fid["full"] < 1e-6 < fid["kivi4(16,16)"]

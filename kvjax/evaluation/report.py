@@ -193,10 +193,24 @@ def format_seconds(seconds: float) -> str:
 # Tables.
 
 
+def _byte_ratios(cells: Sequence[dict]) -> dict:
+  """{(method, ratio): mean of context_cache_bytes / full_context_cache_bytes over its cells}:
+  what a row keeps, which for quantized caches is not 1 - ratio."""
+  ratios = {}
+  for c in cells:
+    full, kept = c.get("full_context_cache_bytes"), c.get("context_cache_bytes")
+    if full and kept is not None:
+      ratios.setdefault(_row_key(c) if c["method"] != FULL else (FULL, 0.0), []).append(
+          kept / full)
+  return {row: statistics.fmean(values) for row, values in ratios.items()}
+
+
 def _score_table(cells: Sequence[dict], metric: str) -> str:
   grid = _grid(cells, metric)
   rows, cols = _ordered_rows(cells), _ordered_cols(cells)
-  header = ["method", "ratio"] + [f"{t} {length_label(n)}" for t, n in cols] + ["avg"]
+  byte_ratios = _byte_ratios(cells)
+  header = (["method", "ratio"] + [f"{t} {length_label(n)}" for t, n in cols]
+            + ["avg", "bytes"])
   body, partial = [], False
   for row in rows:
     values = [grid.get((row, col)) for col in cols]
@@ -205,8 +219,11 @@ def _score_table(cells: Sequence[dict], metric: str) -> str:
     if present and len(present) < len(cols):
       avg += "*"  # averaged over fewer columns than other rows: not directly comparable.
       partial = True
-    body.append([row[0], ratio_label(row[1])] + [_fmt(v) for v in values] + [avg])
+    body.append([row[0], ratio_label(row[1])] + [_fmt(v) for v in values]
+                + [avg, _fmt(byte_ratios.get(row), "{:.3f}")])
   table = _markdown(header, body)
+  table += ("\n\nbytes: the context cache's bytes as a fraction of the full cache's (mean over "
+            "the row's cells).")
   if partial:
     table += f"\n\n\\* average over the columns present only (some cells are {MISSING})."
   return table

@@ -42,7 +42,8 @@ class SweepError(KvjaxError):
 
 @dataclasses.dataclass(frozen=True)
 class SweepConfig:
-  methods: tuple[str, ...]          # registry names; "full" is the uncompressed baseline
+  methods: tuple[str, ...]          # registry names, optionally with hyperparameters
+                                    # ("kivi:bits=4"); "full" is the uncompressed baseline
   ratios: tuple[float, ...]         # compression ratios for every compressing method
   tasks: tuple[str, ...]            # tasks.TASKS, tasks.CONVERSATION_TASKS and/or "fidelity"
   lengths: tuple[int, ...]          # context lengths in model tokens
@@ -105,7 +106,7 @@ def variants(config: SweepConfig) -> list[Variant]:
   out = []
   for name in config.methods:
     method = methods_lib.get(name)
-    if not method.compresses:
+    if not method.needs_budget:  # the full cache, or a method that keeps every token
       out.append(Variant(name, method, 0.0))
       continue
     out.extend(Variant(name, method, float(r)) for r in config.ratios)
@@ -428,7 +429,7 @@ def summarize(records: list[dict], config: SweepConfig, model_name: str) -> dict
         or r["method"] not in wanted or r["example"] >= config.num_examples
         or r["fingerprint"] != _fingerprint(config, r["task"])):
       continue
-    if wanted[r["method"]].method.compresses and not any(
+    if wanted[r["method"]].method.needs_budget and not any(
         abs(r["compression_ratio"] - x) < 1e-9 for x in config.ratios):
       continue
     key = cell_key(r["model"], r["task"], r["length"], r["mode"], r["method"],

@@ -119,8 +119,9 @@ def prefill_many(model, tokens: np.ndarray, mask: np.ndarray, variants, room: in
   skips the room's empty slots) while the model runs once instead of len(variants) times.
   """
   rows, width = tokens.shape
-  plans = tuple(None if keep is None or not method.compresses
-                else _compression_plan(model, method, keep, mask) for method, keep in variants)
+  plans = tuple(None if not method.compresses or (keep is None and method.needs_budget)
+                else _compression_plan(model, method, width if keep is None else keep, mask)
+                for method, keep in variants)
   logits, caches = steps.prefill(model, jnp.asarray(tokens), jnp.asarray(mask),
                                  init_cache(model.config, rows, 0), logits="last",
                                  plan=PlanSet(plans, room=room))

@@ -30,10 +30,44 @@ def compressing() -> list[str]:
   return [name for name in available() if _REGISTRY[name].compresses]
 
 
+def _value(text: str):
+  """A hyperparameter from text: int, float, true/false, none, or the string itself."""
+  for parse in (int, float):
+    try:
+      return parse(text)
+    except ValueError:
+      pass
+  lowered = text.lower()
+  return {"true": True, "false": False, "none": None}.get(lowered, text)
+
+
+def parse_spec(spec: str) -> tuple[str, dict]:
+  """'kivi:bits=4:press=snapkv' -> ('kivi', {'bits': 4, 'press': 'snapkv'}).
+
+  The form the command line and sweeps use to name a configured method in one word.
+  """
+  name, *items = spec.split(":")
+  hyperparameters = {}
+  for item in items:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+      raise MethodError(f"method spec {spec!r}: {item!r} must look like name=value "
+                        f"(e.g. 'kivi:bits=4:press=snapkv')")
+    hyperparameters[key] = _value(text)
+  return name, hyperparameters
+
+
 def get(method=None, **hyperparameters) -> Method:
-  """A method object from None, a registry name, or an existing method object."""
+  """A method object from None, a registry name (optionally with ':name=value'
+  hyperparameters, e.g. 'kivi:bits=4'), or an existing method object."""
   if method is None:
     method = "full"
+  if isinstance(method, str) and ":" in method:
+    method, parsed = parse_spec(method)
+    duplicated = sorted(set(parsed) & set(hyperparameters))
+    if duplicated:
+      raise MethodError(f"hyperparameters {duplicated} given twice")
+    hyperparameters = {**parsed, **hyperparameters}
   if isinstance(method, Method):
     if hyperparameters:
       raise MethodError(f"hyperparameters {sorted(hyperparameters)} given together with "
