@@ -171,9 +171,11 @@ def build_methods(methods, hyperparameters: dict | None = None,
     if isinstance(entry, methods_lib.Method):
       built.append(entry)
       continue
-    if not isinstance(entry, str) or entry.lower() not in methods_lib.available():
+    name = entry.split(":")[0] if isinstance(entry, str) else None
+    if name is None or name.lower() not in methods_lib.available():
       raise BenchmarkError(f"{what} entry {entry!r} is not a method; available: "
-                           f"{methods_lib.available()}")
+                           f"{methods_lib.available()} (hyperparameters as "
+                           f"'name:key=value', e.g. 'kivi:bits=4')")
     if entry.lower() == "full":
       built.append(methods_lib.get("full"))
     else:
@@ -648,7 +650,8 @@ def check_plan(config: ModelConfig, context_lengths: Sequence[int],
       methods_lib.validate_compression(method_objs[0], c, compression_ratio, budget)
     for m in compressing:
       keep = methods_lib.validate_compression(m, c, compression_ratio, budget)
-      context.layer_budgets(_ConfigOnly(config), m, keep, c)
+      if keep is not None:
+        context.layer_budgets(_ConfigOnly(config), m, keep, c)
   return method_objs
 
 
