@@ -39,7 +39,8 @@ def test_needle_prompts_are_sized_and_contain_the_answer(smollm2, needle_prompts
     assert prompt.index(needle) == 0 or prompt[prompt.index(needle) - 2] in ".!?\"')]"
 
 
-@pytest.mark.parametrize("method,ratio", [(None, None), ("snapkv", 0.5)])
+# KIVI-4 keeps every token at 4 bits (group 32, the newest 128 in full precision).
+@pytest.mark.parametrize("method,ratio", [(None, None), ("snapkv", 0.5), ("kivi:bits=4", None)])
 def test_smollm2_finds_the_needle(smollm2, needle_prompts, method, ratio):
   result = kvjax.generate(smollm2, [p for p, _ in needle_prompts], method=method,
                           compression_ratio=ratio, max_new_tokens=28)
