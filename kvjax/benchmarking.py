@@ -33,6 +33,8 @@ from kvjax.cache import cache_nbytes, full_cache_nbytes, slots_per_head
 from kvjax.config import ModelConfig, RopeScaling
 from kvjax.errors import KvjaxError
 from kvjax.generation import context, engine
+from pallas_kernels import decode_attention as decode_kernels
+from pallas_kernels import quantization as quant_kernels
 
 
 class BenchmarkError(KvjaxError):
@@ -427,15 +429,18 @@ def kernel_unmeasured_reason() -> str | None:
 
 def measure_decode_attention_kernel(config: ModelConfig, batch_size: int, slots: int,
                                     iterations: int = 10, repeats: int = 3, seed: int = 0,
-                                    interpret=None) -> dict:
+                                    interpret=None, bits: int | None = None,
+                                    group: int = 32) -> dict:
   """Times the jitted Pallas decode-attention kernel alone over one layer's dense cache.
 
   Shapes follow `config` (KV heads, query heads per KV head, head dim, dtype); every one of
   the `slots` slots is visible. Bytes read = keys + values + key positions; the time is the
   best mean over `repeats` rounds of `iterations` calls. interpret: passed to the kernel
   (None: compiled on GPU/TPU, interpreted on CPU, where the time means nothing).
+  bits: time the quantized (KIVI) kernel instead, over keys and values quantized to `bits`
+  with groups of `group` (slots rounded down to whole groups); bytes read are then the
+  packed codes, scales, zeros and positions, the bytes that kernel really streams.
   """
-  from pallas_kernels import decode_attention as kernel_lib  # written in parallel; lazy
   batch_size = _check_count(batch_size, "batch_size")
   slots = _check_count(slots, "slots")
   iterations = _check_count(iterations, "iterations")
@@ -449,10 +454,23 @@ def measure_decode_attention_kernel(config: ModelConfig, batch_size: int, slots:
   values = jax.random.normal(v_key, (b, k, slots, d), dtype)
   key_positions = jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32), (b, k, slots))
   query_positions = jnp.full((b,), slots, jnp.int32)
-  args = _block((q, keys, values, key_positions, query_positions))
+  if bits is None:
+    args = _block((q, keys, values, key_positions, query_positions))
+    streamed = (keys, values, key_positions)
 
-  def call():
-    return kernel_lib.decode_attention(*args, interpret=interpret)
+    def call():
+      return decode_kernels.decode_attention(*args, interpret=interpret)
+  else:
+    slots = slots // group * group
+    keys, values, key_positions = (x[:, :, :slots] for x in (keys, values, key_positions))
+    key_parts = quant_kernels.quantize(keys, bits=bits, group=group, axis="tokens")
+    value_parts = quant_kernels.quantize(values, bits=bits, group=group, axis="channels")
+    args = _block((q,) + key_parts + value_parts + (key_positions, query_positions))
+    streamed = key_parts + value_parts + (key_positions,)
+
+    def call():
+      return quant_kernels.quantized_decode_attention(*args, bits=bits, group=group,
+                                                      interpret=interpret)
 
   _block(call())  # compile
   best = float("inf")
@@ -462,15 +480,16 @@ def measure_decode_attention_kernel(config: ModelConfig, batch_size: int, slots:
       out = call()
     _block(out)
     best = min(best, (time.perf_counter() - start) / iterations)
-  nbytes = keys.nbytes + values.nbytes + key_positions.nbytes
+  nbytes = sum(x.nbytes for x in streamed)
   return {"batch_size": b, "slots": slots, "kv_heads": k, "query_heads_per_kv_head": g,
-          "head_dim": d, "dtype": str(dtype), "bytes_read": int(nbytes), "seconds": best,
-          "bandwidth_gbps": nbytes / best / 1e9}
+          "head_dim": d, "dtype": str(dtype), "bits": bits, "bytes_read": int(nbytes),
+          "seconds": best, "bandwidth_gbps": nbytes / best / 1e9}
 
 
 def _kernel_section(config, context_lengths, batch_sizes, keeps, copy_gbps, reference,
-                    log=None) -> dict:
-  """Kernel rows for every (context, batch) at the full and the compressed cache sizes."""
+                    log=None, quantized=()) -> dict:
+  """Kernel rows for every (context, batch) at the full and the compressed cache sizes, and
+  the quantized kernel at the full size for every (bits, group) in `quantized`."""
   reason = kernel_unmeasured_reason()
   rows = []
   if reason is None:
@@ -482,6 +501,14 @@ def _kernel_section(config, context_lengths, batch_sizes, keeps, copy_gbps, refe
               log(f"timing the decode-attention kernel: batch_size={b} slots={slots}")
             row = measure_decode_attention_kernel(config, b, slots)
             row.update(context_length=c, cache="full" if slots == c else "compressed",
+                       copy_fraction=row["bandwidth_gbps"] / copy_gbps,
+                       hbm_fraction=row["bandwidth_gbps"] / reference)
+            rows.append(row)
+          for bits, group in quantized:
+            if log:
+              log(f"timing the quantized decode kernel: bits={bits} batch_size={b} slots={c}")
+            row = measure_decode_attention_kernel(config, b, c, bits=bits, group=group)
+            row.update(context_length=c, cache=f"quantized {bits}-bit",
                        copy_fraction=row["bandwidth_gbps"] / copy_gbps,
                        hbm_fraction=row["bandwidth_gbps"] / reference)
             rows.append(row)
@@ -710,8 +737,10 @@ def run(model, context_lengths: Sequence[int], batch_sizes: Sequence[int],
         row["context_cache_ratio_to_full"] = (row["context_cache_bytes"]
                                               / baseline["context_cache_bytes"])
         results.append(row)
+  quantized = sorted({(m.bits, m.group_size) for m in method_objs
+                      if isinstance(m, methods_lib.KIVI)})
   kernel = _kernel_section(model.config, context_lengths, batch_sizes, keeps, copy_gbps,
-                           reference, log)
+                           reference, log, quantized)
   infos = [_method_info(m, compression_ratio, budget) for m in method_objs]
   report = {
       "device": device_info(),

@@ -312,10 +312,22 @@ def test_kernel_microbenchmark_runs_interpreted():
   assert (row["kv_heads"], row["query_heads_per_kv_head"], row["head_dim"]) == (2, 2, 16)
 
 
+def test_quantized_kernel_microbenchmark_counts_packed_bytes():
+  row = benchmarking.measure_decode_attention_kernel(tiny_config(), batch_size=2, slots=40,
+                                                     iterations=1, repeats=1, bits=4, group=16)
+  # 32 whole-group slots of [2, 2] heads: 4-bit codes (16 channels in 2 words per token),
+  # float32 scale + zero per 16 keys and channel and per token and 16 channels, positions.
+  slots = 2 * 2 * 32
+  assert row["slots"] == 32 and row["bits"] == 4
+  assert row["bytes_read"] == (2 * slots * 2 * 4 + 2 * (slots // 16 * 16 + slots) * 4
+                               + slots * 4)
+  assert row["seconds"] > 0 and row["bandwidth_gbps"] > 0
+
+
 def test_kernel_section_off_cpu_times_full_and_compressed_sizes(monkeypatch):
   calls = []
 
-  def fake(config, batch_size, slots):
+  def fake(config, batch_size, slots, **kwargs):
     calls.append((batch_size, slots))
     return {"batch_size": batch_size, "slots": slots, "bytes_read": 1000, "seconds": 1e-6,
             "bandwidth_gbps": 1.0}
