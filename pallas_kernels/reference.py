@@ -129,13 +129,18 @@ def _flat_seen(query_positions, key_positions, key_heads, num_kv_heads):
 
 
 def attention_flat(queries, keys, values, query_positions, key_positions, key_heads,
-                   num_kv_heads):
+                   num_kv_heads, column_sums=False):
   """Attention over a head-wise (flat) cache: keys/values [B, N, D], key_positions and
-  key_heads [B, N]. Query head group k sees only the slots its KV head owns."""
+  key_heads [B, N]. Query head group k sees only the slots its KV head owns. With
+  column_sums, also [B, H, N] float32: each slot's probability summed over the queries."""
   k = num_kv_heads
   seen = _flat_seen(query_positions, key_positions, key_heads, k)
-  out, _, _ = grouped_attention(_grouped(queries, k), keys, values, seen)
-  return _ungrouped(out).astype(queries.dtype)
+  out, _, probs = grouped_attention(_grouped(queries, k), keys, values, seen)
+  out = _ungrouped(out).astype(queries.dtype)
+  if not column_sums:
+    return out
+  b, _, g, _, n = probs.shape
+  return out, probs.sum(3).reshape(b, k * g, n)
 
 
 def decode_attention(q, keys, values, key_positions, query_positions, *, upcast=True):

@@ -186,7 +186,10 @@ def _kept_lists(out):
 
 # ----------------------------------------------------------------------------- every method
 
-COMPRESSING = [name for name in methods.available() if name != "full"]
+# Token-eviction methods (each must have a numpy restatement below); quantizing and
+# channel-pruning methods have their own test files.
+COMPRESSING = [name for name in methods.available()
+               if name != "full" and methods.get(name).family == "eviction"]
 LONG_KEEP = 48
 
 
@@ -590,3 +593,27 @@ def test_generate_without_compression_equals_full(name, e2e):
       n = _guaranteed(method, keep, len(prompt))
       assert n >= 2
       assert got.token_ids[row][:n] == full[batch][row][:n], (batch, row, got.token_ids[row])
+
+
+def test_h2o_decode_window_comes_from_the_prefill_budget():
+  """The recent window H2O protects while decoding is recent_ratio x the layer's prefill
+  budget, not x the capacity (which also holds the question's room)."""
+  b, capacity, budget = 1, 20, 12
+  positions = np.arange(capacity, dtype=np.int32)[None, None, :].repeat(mi.K, 1)
+  scores = np.full((b, mi.K, capacity), 5.0, np.float32)
+  scores[:, :, 12] = 0.0          # position 12: inside the last 10, outside the last 6
+  layer = kv_cache.LayerCache(
+      keys=jnp.ones((b, mi.K, capacity, mi.D)), values=jnp.ones((b, mi.K, capacity, mi.D)),
+      positions=jnp.asarray(positions), end=jnp.int32(capacity), state=jnp.asarray(scores))
+  new = kv_cache.NewTokens(keys=jnp.zeros((b, mi.K, 1, mi.D)),
+                           values=jnp.zeros((b, mi.K, 1, mi.D)),
+                           positions=jnp.full((b, 1), capacity, jnp.int32))
+  probs = jnp.zeros((b, mi.H, capacity))
+  own = jnp.zeros((b, mi.H))
+  lengths = jnp.full((b,), capacity + 1, jnp.int32)
+  method = methods.H2O(recent_ratio=0.5)
+  out = plan.evict_and_insert(method, layer, new, probs, own, lengths, budget)
+  kept = np.asarray(out.positions)[0, 0]
+  assert 12 not in kept and capacity in kept      # window round(0.5 * 12) = 6 protects 14..
+  wide = plan.evict_and_insert(method, layer, new, probs, own, lengths, capacity)
+  assert 12 in np.asarray(wide.positions)[0, 0]   # a window of 10 would have protected it

@@ -174,6 +174,18 @@ class LayerCache:
                         positions=pad(self.positions, EMPTY_POSITION),
                         state=map_state(lambda s: pad(s, 0), self.state))
 
+  def scoring_view(self):
+    """(positions [B, K, S], owned [B, K, S] bool or None): the slots as a decode-time
+    method scores them, per KV head."""
+    return self.positions, None
+
+  def state_view(self):
+    """The per-slot state with leaves [B, K, S, ...] (as `scoring_view` lays slots out)."""
+    return self.state
+
+  def with_state_view(self, state) -> "LayerCache":
+    return self.replace(state=state)
+
   def overwrite(self, victim: jax.Array, new: NewTokens, new_state=None) -> "LayerCache":
     """One decode token per row written over slot victim [B, K] of every head (an index of
     `capacity` or more drops the write). new_state: the new slots' state, leaves [B, K]."""
@@ -246,12 +258,60 @@ class FlatLayerCache:
 
   def attend(self, queries, query_positions, pending: NewTokens | None = None,
              want: frozenset = frozenset()):
+    k = self.num_kv_heads
+    if pending is not None and queries.shape[1] == 1:
+      # Decode with the new token held outside the cache (decode-time eviction).
+      out, lse, probs = attention_ops.decode_flat(queries, self.keys, self.values,
+                                                  query_positions, self.positions,
+                                                  self.heads, k, return_probs=True)
+      out, probs, own = attention_ops.with_pending_token(queries, out, lse, probs,
+                                                         pending.keys, pending.values)
+      return out, Stats(probs=probs, pending_probs=own)
     if pending is not None:
       return self.candidates(pending).attend(queries, query_positions, None, want)
-    if want:
-      raise NotImplementedError(f"the head-wise layout returns no statistics ({set(want)})")
+    if COLUMN_SUMS in want:
+      out, sums = attention_ops.attend_flat(queries, self.keys, self.values, query_positions,
+                                            self.positions, self.heads, k, column_sums=True)
+      return out, Stats(column_sums=sums)
     return attention_ops.attend_flat(queries, self.keys, self.values, query_positions,
-                                     self.positions, self.heads, self.num_kv_heads), Stats()
+                                     self.positions, self.heads, k), Stats()
+
+  def _owned(self) -> jax.Array:
+    """[B, K, N]: slot n belongs to KV head k."""
+    return self.heads[:, None, :] == jnp.arange(self.num_kv_heads, dtype=jnp.int32)[:, None]
+
+  def scoring_view(self):
+    """Every head sees all N slots, the other heads' as empty (position -1)."""
+    owned = self._owned()
+    return jnp.where(owned, self.positions[:, None, :], EMPTY_POSITION), owned
+
+  def state_view(self):
+    k = self.num_kv_heads
+    return map_state(lambda s: jnp.broadcast_to(s[:, None], (s.shape[0], k) + s.shape[1:]),
+                     self.state)
+
+  def with_state_view(self, state) -> "FlatLayerCache":
+    """Keeps each slot's owner-head row of a [B, K, N, ...] state."""
+    own = lambda s: jnp.take_along_axis(
+        s, self.heads.reshape(self.heads.shape[:1] + (1,) + self.heads.shape[1:]
+                              + (1,) * (s.ndim - 3)), axis=1)[:, 0]
+    return self.replace(state=map_state(own, state))
+
+  def overwrite(self, victim: jax.Array, new: NewTokens, new_state=None) -> "FlatLayerCache":
+    """One decode token per row and head written over flat slot victim [B, K] (each head's
+    victim lies in its own segment; an index of `capacity` or more drops the write)."""
+    b, k = victim.shape
+    rows = jnp.arange(b)[:, None]
+    put = lambda a, v: a.at[rows, victim].set(v.astype(a.dtype), mode="drop")
+    state = self.state
+    if state is not None:
+      fill = new_state if new_state is not None else map_state(
+          lambda s: jnp.zeros((b, k) + s.shape[2:], s.dtype), state)
+      state = jax.tree_util.tree_map(put, state, fill)
+    return self.replace(
+        keys=put(self.keys, new.keys[:, :, 0]), values=put(self.values, new.values[:, :, 0]),
+        positions=put(self.positions, jnp.broadcast_to(new.positions[:, :1], (b, k))),
+        state=state)
 
   def candidates(self, new: NewTokens) -> LayerCache:
     """Dense [B, K, N + T] candidates: head h's segment right-aligned against the chunk

@@ -164,9 +164,9 @@ class Scissorhands(base.Method):
     return -_popcount(self.prefill_state(x)).astype(jnp.float32)
 
   def decode_scores(self, history, probs, own_prob, key_positions, lengths):
-    b, h, s = probs.shape
     k = key_positions.shape[1]
-    seen_count = (key_positions[:, :1] >= 0).sum(-1).astype(jnp.float32) + 1   # [B, 1]
+    # Visible tokens per head (equal for every head of a dense layer; per head for AdaKV).
+    seen_count = (key_positions >= 0).sum(-1).astype(jnp.float32) + 1            # [B, K]
     threshold = (1.0 / seen_count)[:, :, None]
     low = base.reduce_groups(probs, k, "mean") < threshold
     low = low & (key_positions >= 0)

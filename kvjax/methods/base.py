@@ -51,6 +51,8 @@ class Method:
     headwise: budgets are shared by the KV heads of a layer (flat per-head cache layout).
     decode_time: keeps evicting during decode so the cache never grows past its budget.
     needs: the attention statistics the method reads ("column_sums").
+    family: what it does to the cache: "eviction" (drops tokens), "quantization" (fewer
+      bits per value), "channels" (fewer key channels), "mixed" (precision per token).
   Per-slot state is the method's own pytree (`init_state`); kvjax moves it with the slots.
   """
   name: ClassVar[str] = ""
@@ -59,6 +61,7 @@ class Method:
   headwise: ClassVar[bool] = False
   decode_time: ClassVar[bool] = False
   needs: ClassVar[frozenset] = frozenset()
+  family: ClassVar[str] = "eviction"
 
   def layer_budgets(self, config: ModelConfig, keep: int, context_length: int
                     ) -> tuple[int, ...]:

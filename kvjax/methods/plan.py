@@ -69,8 +69,8 @@ class CompressionPlan:
       return evict_and_insert(self.method, layer_cache, step.new, stats.probs,
                               stats.pending_probs, step.lengths, self.budgets[layer])
     if stats.column_sums is not None:
-      return layer_cache.replace(state=self.method.accumulate(layer_cache.state,
-                                                              stats.column_sums))
+      return layer_cache.with_state_view(self.method.accumulate(layer_cache.state_view(),
+                                                                stats.column_sums))
     return layer_cache
 
   def finish(self, layers: tuple, lengths: jax.Array) -> Cache:
@@ -120,22 +120,26 @@ class PlanSet:
     return tuple(out)
 
 
-def evict_and_insert(method: Method, layer: LayerCache, new: NewTokens, probs, own_prob,
-                     lengths, budget: int) -> LayerCache:
+def evict_and_insert(method: Method, layer, new: NewTokens, probs, own_prob, lengths,
+                     budget: int):
   """One decode step of a decode-time method: the new token overwrites the lowest-priority
   slot of each KV head (empty slots first), so the cache never grows.
 
   new: one token per row (keys/values [B, K, 1, D], positions [B, 1]); probs [B, H, S] and
   own_prob [B, H]: the new query's attention; lengths [B]: tokens seen including the new
   one; budget: the layer's prefill budget (protected windows are sized from it, not from
-  the capacity, which also holds the question's room).
+  the capacity, which also holds the question's room). The layer shows the method its slots
+  per KV head (`scoring_view`): a head-wise layer shows every head all slots, the other
+  heads' as empty and never chosen, so each head's segment keeps its size.
   """
-  state, new_state = method.decode_scores(layer.state, probs, own_prob, layer.positions,
-                                          lengths)
-  prio = method.eviction_priority(state, probs, layer.positions, lengths,
-                                  budget).astype(jnp.float32)
-  prio = jnp.where(method.protected(layer.positions, lengths, budget), PROTECTED, prio)
-  prio = jnp.where(layer.positions >= 0, prio, -jnp.inf)
+  positions, owned = layer.scoring_view()
+  old_state = layer.state_view()
+  state, new_state = method.decode_scores(old_state, probs, own_prob, positions, lengths)
+  prio = method.eviction_priority(state, probs, positions, lengths, budget).astype(jnp.float32)
+  prio = jnp.where(method.protected(positions, lengths, budget), PROTECTED, prio)
+  prio = jnp.where(positions >= 0, prio, -jnp.inf)
+  if owned is not None:  # another head's slot must lose even to a protected one
+    prio = jnp.where(owned, jnp.minimum(prio, jnp.finfo(jnp.float32).max), jnp.inf)
   # A masked token (position < 0: a row that already finished) changes nothing: its write
   # goes out of bounds and is dropped, and the method state keeps its old values.
   valid = new.positions[:, 0] >= 0                                         # [B]
@@ -143,5 +147,5 @@ def evict_and_insert(method: Method, layer: LayerCache, new: NewTokens, probs, o
   if state is not None:
     keep_old = lambda new_s, old_s: jnp.where(
         valid.reshape((-1,) + (1,) * (new_s.ndim - 1)), new_s, old_s)
-    state = jax.tree_util.tree_map(keep_old, state, layer.state)
-  return layer.replace(state=state).overwrite(victim, new, new_state)
+    state = jax.tree_util.tree_map(keep_old, state, old_state)
+  return layer.with_state_view(state).overwrite(victim, new, new_state)

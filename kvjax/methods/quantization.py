@@ -24,6 +24,7 @@ class KIVI(base.Method):
   selected tokens, quantized), which then needs a compression_ratio or budget.
   """
   name: ClassVar[str] = "kivi"
+  family: ClassVar[str] = "quantization"
   bits: int = 2
   group_size: int = 32
   residual: int = 128

@@ -47,7 +47,7 @@ for _hook in ("layer_budgets", "protected_tokens", "protected", "score", "init_s
               "prefill_state", "accumulate", "cache_step", "safeguard", "decode_scores",
               "eviction_priority"):
   setattr(Wrapper, _hook, _forward(_hook))
-for _capability in ("decode_time", "needs", "headwise", "needs_budget"):
+for _capability in ("decode_time", "needs", "headwise", "needs_budget", "family"):
   setattr(Wrapper, _capability, property(lambda self, _name=_capability: getattr(self.press,
                                                                                   _name)))
 
@@ -82,7 +82,10 @@ class AdaKV(Wrapper):
   Each head first keeps its best floor(alpha_safeguard x budget) tokens (and its protected
   ones); the remaining layer budget goes to the best scores across all heads (kvpress's
   safeguard form, which makes the layer's total exact). The cache is stored flat per head,
-  so heads with smaller budgets really take less memory.
+  so heads with smaller budgets really take less memory. Around a decode-time scorer (H2O,
+  TOVA, Scissorhands, StreamingLLM) each decode token overwrites the lowest-priority slot
+  of its own head's segment, so every head keeps its prefill share; TOVA's layer-wide mean
+  then averages each slot's probability over all heads, of which only its own group sees it.
   """
   name: ClassVar[str] = "adakv"
   alpha_safeguard: float = 0.2
@@ -90,17 +93,10 @@ class AdaKV(Wrapper):
   def __post_init__(self):
     super().__post_init__()
     base.check_fraction("alpha_safeguard", self.alpha_safeguard)
-    if self.press.decode_time:
-      raise base.MethodError(f"adakv wraps prefill scorers; {self.press.name!r} evicts during "
-                             f"decode, which the head-wise layout does not support yet")
 
   @property
   def headwise(self):
     return True
-
-  @property
-  def decode_time(self):
-    return False
 
   def safeguard(self, keep: int) -> int:
     return int(self.alpha_safeguard * keep)

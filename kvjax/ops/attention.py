@@ -32,14 +32,16 @@ def attend(queries, keys, values, query_positions, key_positions, column_sums=Fa
 
 
 def attend_flat(queries, keys, values, query_positions, key_positions, key_heads,
-                num_kv_heads):
-  """Causal attention of T queries over a flat (head-wise) cache -> [B, T, H, D]."""
-  if queries.shape[1] == 1 and use_pallas():
+                num_kv_heads, column_sums=False):
+  """Causal attention of T queries over a flat (head-wise) cache -> [B, T, H, D] (and, with
+  column_sums, [B, H, N]: each slot's probability summed over the queries; only the slot's
+  own head group sees it)."""
+  if queries.shape[1] == 1 and use_pallas() and not column_sums:
     out, _ = decode_flat(queries, keys, values, query_positions, key_positions, key_heads,
                          num_kv_heads)
     return out
   return reference.attention_flat(queries, keys, values, query_positions, key_positions,
-                                  key_heads, num_kv_heads)
+                                  key_heads, num_kv_heads, column_sums)
 
 
 def _grouped(query, num_kv_heads):
