@@ -142,6 +142,20 @@ def _finish(out_c, lse_c, logits, *, rows, dim, length, chunk_axis, dtype):
   return out, lse, probs
 
 
+def chunk_outputs(b, k, nc, rows, dim, padded, chunk, return_probs):
+  """(out_shape, out_specs) of a dense decode kernel on grid (B, K, chunks): per chunk the
+  normalised output [rows, dim] and lse [rows, 1], and with return_probs the masked logits
+  of the chunk's slots [rows, chunk] (float32)."""
+  out_shape = [jax.ShapeDtypeStruct((b, k, nc, rows, dim), jnp.float32),
+               jax.ShapeDtypeStruct((b, k, nc, rows, 1), jnp.float32)]
+  out_specs = [pl.BlockSpec((None, None, None, rows, dim), lambda i, j, t: (i, j, t, 0, 0)),
+               pl.BlockSpec((None, None, None, rows, 1), lambda i, j, t: (i, j, t, 0, 0))]
+  if return_probs:
+    out_shape.append(jax.ShapeDtypeStruct((b, k, rows, padded), jnp.float32))
+    out_specs.append(pl.BlockSpec((None, None, rows, chunk), lambda i, j, t: (i, j, 0, t)))
+  return out_shape, out_specs
+
+
 def _dense_impl(q, keys, values, key_positions, query_positions, *, target, return_probs,
                 block_k):
   b, k, g, d = q.shape
@@ -156,13 +170,7 @@ def _dense_impl(q, keys, values, key_positions, query_positions, *, target, retu
   kpos = backend.pad_axis(key_positions.astype(jnp.int32), 2, sp, -1)[:, :, None, :]
   qpos = query_positions.astype(jnp.int32).reshape(b, 1, 1)
 
-  out_shape = [jax.ShapeDtypeStruct((b, k, nc, rows, dp), jnp.float32),
-               jax.ShapeDtypeStruct((b, k, nc, rows, 1), jnp.float32)]
-  out_specs = [pl.BlockSpec((None, None, None, rows, dp), lambda i, j, t: (i, j, t, 0, 0)),
-               pl.BlockSpec((None, None, None, rows, 1), lambda i, j, t: (i, j, t, 0, 0))]
-  if return_probs:
-    out_shape.append(jax.ShapeDtypeStruct((b, k, rows, sp), jnp.float32))
-    out_specs.append(pl.BlockSpec((None, None, rows, c), lambda i, j, t: (i, j, 0, t)))
+  out_shape, out_specs = chunk_outputs(b, k, nc, rows, dp, sp, c, return_probs)
   kv_spec = pl.BlockSpec((None, None, c, dp), lambda i, j, t: (i, j, t, 0))
   results = pl.pallas_call(
       functools.partial(_attend_kernel, flat=False, return_logits=return_probs,

@@ -461,13 +461,7 @@ def _quant_attention_impl(q, kc, ks, kz, vc, vs, vz, key_positions, query_positi
   kpos = backend.pad_axis(key_positions.astype(jnp.int32), 2, sp, -1)[:, :, None, :]
   qpos = query_positions.astype(jnp.int32).reshape(b, 1, 1)
 
-  out_shape = [jax.ShapeDtypeStruct((b, k, nc, rows, d), jnp.float32),
-               jax.ShapeDtypeStruct((b, k, nc, rows, 1), jnp.float32)]
-  out_specs = [pl.BlockSpec((None, None, None, rows, d), lambda i, j, t: (i, j, t, 0, 0)),
-               pl.BlockSpec((None, None, None, rows, 1), lambda i, j, t: (i, j, t, 0, 0))]
-  if return_probs:
-    out_shape.append(jax.ShapeDtypeStruct((b, k, rows, sp), jnp.float32))
-    out_specs.append(pl.BlockSpec((None, None, rows, c), lambda i, j, t: (i, j, 0, t)))
+  out_shape, out_specs = da.chunk_outputs(b, k, nc, rows, d, sp, c, return_probs)
   codes_spec = pl.BlockSpec((None, None, c, w), lambda i, j, t: (i, j, t, 0))
   kparam_spec = pl.BlockSpec((None, None, c // group, d), lambda i, j, t: (i, j, t, 0))
   vparam_spec = pl.BlockSpec((None, None, c, d // group), lambda i, j, t: (i, j, t, 0))

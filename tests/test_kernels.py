@@ -12,34 +12,16 @@ from jax.experimental.pallas import tpu as pltpu
 import numpy as np
 import pytest
 
+import kernel_inputs
+from kernel_inputs import TOL, close, shuffled_positions
+
 from pallas_kernels import compaction
 from pallas_kernels import decode_attention as da
 from pallas_kernels import reference
 from pallas_kernels import window_scores as ws
 
-TOL = {jnp.float32: dict(rtol=1e-5, atol=1e-5), jnp.bfloat16: dict(rtol=1e-2, atol=1e-2)}
-
-
-def _rng(seed):
-  return np.random.default_rng(seed)
-
-
 def _normal(rng, shape, dtype):
   return jnp.asarray(rng.normal(size=shape), dtype)
-
-
-def _shuffled_positions(rng, shape, empty=0.2):
-  """Slots holding a random permutation of positions (not in order), some empty (-1)."""
-  s = shape[-1]
-  rows = [rng.permutation(s) for _ in range(int(np.prod(shape[:-1])))]
-  pos = np.stack(rows).reshape(shape).astype(np.int32)
-  pos[rng.random(shape) < empty] = -1
-  return pos
-
-
-def _close(actual, expected, dtype):
-  np.testing.assert_allclose(np.asarray(actual, np.float32), np.asarray(expected, np.float32),
-                             **TOL[dtype])
 
 
 # ---------------------------------------------------------------------------- decode
@@ -49,11 +31,11 @@ def _close(actual, expected, dtype):
     (1, jnp.float32, True), (3, jnp.float32, True), (4, jnp.bfloat16, True),
     (3, jnp.bfloat16, False)])
 def test_decode_attention_matches_reference(g, dtype, return_probs):
-  rng = _rng(g)
+  rng = kernel_inputs.rng(g)
   b, k, s, d = 3, 2, 100, 32
   q = _normal(rng, (b, k, g, d), dtype)
   keys, values = _normal(rng, (b, k, s, d), dtype), _normal(rng, (b, k, s, d), dtype)
-  pos = _shuffled_positions(rng, (b, k, s))
+  pos = shuffled_positions(rng, (b, k, s))
   pos[2, 1] = -1  # a head with no slot at all
   qpos = jnp.array([70, -1, 99], jnp.int32)  # row 1 is a padding query
   got = da.decode_attention(q, keys, values, jnp.asarray(pos), qpos,
@@ -63,7 +45,7 @@ def test_decode_attention_matches_reference(g, dtype, return_probs):
   assert len(got) == (3 if return_probs else 2)
   for a, e in zip(got, want):
     assert np.isfinite(np.asarray(a, np.float32)).all()
-    _close(a, e, dtype)
+    close(a, e, dtype)
   # Fully masked rows: zeros, EMPTY_LSE, zero probabilities.
   assert (np.asarray(got[0][1], np.float32) == 0).all() and (np.asarray(got[0][2, 1]) == 0).all()
   np.testing.assert_array_equal(got[1][1], np.float32(da.EMPTY_LSE))
@@ -73,21 +55,21 @@ def test_decode_attention_matches_reference(g, dtype, return_probs):
 
 def test_decode_attention_default_blocks_tpu_interpreter():
   """TPU semantics (block shapes, DMA) on the TPU interpreter with TPU block sizes."""
-  rng = _rng(7)
+  rng = kernel_inputs.rng(7)
   b, k, g, s, d = 1, 2, 4, 200, 32
   q, keys, values = (_normal(rng, sh, jnp.float32) for sh in
                      [(b, k, g, d), (b, k, s, d), (b, k, s, d)])
-  pos = jnp.asarray(_shuffled_positions(rng, (b, k, s)))
+  pos = jnp.asarray(shuffled_positions(rng, (b, k, s)))
   qpos = jnp.array([150], jnp.int32)
   got = da.decode_attention(q, keys, values, pos, qpos, return_probs=True,
                             interpret=pltpu.InterpretParams())
   for a, e in zip(got, reference.decode_attention(q, keys, values, pos, qpos)):
-    _close(a, e, jnp.float32)
+    close(a, e, jnp.float32)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_decode_attention_flat_uneven_segments(dtype):
-  rng = _rng(11)
+  rng = kernel_inputs.rng(11)
   b, k, g, d = 2, 3, 4, 32
   sizes = [(40, 5, 27), (12, 50, 3)]  # uneven per-head budgets per row
   n = max(sum(row) for row in sizes) + 7  # plus unowned slots
@@ -95,7 +77,7 @@ def test_decode_attention_flat_uneven_segments(dtype):
   for r, row in enumerate(sizes):
     heads[r, :sum(row)] = np.repeat(np.arange(k), row)
   heads[1] = heads[1, rng.permutation(n)]  # row 1: slots interleaved across heads
-  pos = _shuffled_positions(rng, (b, n), empty=0.1)
+  pos = shuffled_positions(rng, (b, n), empty=0.1)
   q = _normal(rng, (b, k, g, d), dtype)
   keys, values = _normal(rng, (b, n, d), dtype), _normal(rng, (b, n, d), dtype)
   qpos = jnp.array([60, 20], jnp.int32)
@@ -105,18 +87,18 @@ def test_decode_attention_flat_uneven_segments(dtype):
   assert got[2].shape == (b, k, g, n)
   for a, e in zip(got, want):
     assert np.isfinite(np.asarray(a, np.float32)).all()
-    _close(a, e, dtype)
+    close(a, e, dtype)
   other = heads[:, None, None, :] != np.arange(k)[None, :, None, None]
   assert (np.asarray(got[2])[np.broadcast_to(other, got[2].shape)] == 0).all()
 
 
 def test_merge_partials_equals_attention_over_concatenation():
   """Cache part through the kernel, the new token's key outside it, merged exactly."""
-  rng = _rng(3)
+  rng = kernel_inputs.rng(3)
   b, k, g, s, d = 3, 2, 3, 100, 32
   q = _normal(rng, (b, k, g, d), jnp.float32)
   keys, values = (_normal(rng, (b, k, s + 1, d), jnp.float32) for _ in range(2))
-  pos = _shuffled_positions(rng, (b, k, s + 1))
+  pos = shuffled_positions(rng, (b, k, s + 1))
   pos[..., s] = 100  # the new token
   pos[1, :, :s] = -1  # row 1: empty cache, only the new token
   qpos = jnp.array([100, 100, 100], jnp.int32)
@@ -128,13 +110,13 @@ def test_merge_partials_equals_attention_over_concatenation():
                                                pos[..., s:], qpos)
   out, lse = da.merge_partials(out_a, lse_a, out_b, lse_b)
   want_out, want_lse, _ = reference.decode_attention(q, keys, values, pos, qpos)
-  _close(out, want_out, jnp.float32)
-  _close(lse, want_lse, jnp.float32)
+  close(out, want_out, jnp.float32)
+  close(lse, want_lse, jnp.float32)
   # Merging with an empty side is the identity; two empty sides stay empty.
   empty = jnp.full_like(lse_a, da.EMPTY_LSE)
   same, same_lse = da.merge_partials(out_a, lse_a, jnp.zeros_like(out_a), empty)
-  _close(same, out_a, jnp.float32)
-  _close(same_lse, lse_a, jnp.float32)
+  close(same, out_a, jnp.float32)
+  close(same_lse, lse_a, jnp.float32)
   none, none_lse = da.merge_partials(jnp.zeros_like(out_a), empty, jnp.zeros_like(out_a), empty)
   assert (np.asarray(none) == 0).all()
   np.testing.assert_array_equal(none_lse, np.float32(da.EMPTY_LSE))
@@ -146,7 +128,7 @@ def test_merge_partials_equals_attention_over_concatenation():
 def _window_inputs(rng, b, k, g, w, s, d, dtype):
   q = _normal(rng, (b, k * g, w, d), dtype)
   keys = _normal(rng, (b, k, s, d), dtype)
-  pos = _shuffled_positions(rng, (b, k, s))
+  pos = shuffled_positions(rng, (b, k, s))
   qpos = np.stack([np.arange(s - w, s) for _ in range(b)]).astype(np.int32)
   qpos[0] -= 40  # causal mask inside the window
   qpos[-1, :3] = -1  # padding queries
@@ -160,7 +142,7 @@ def _window_inputs(rng, b, k, g, w, s, d, dtype):
     ("max", "sum", 4, 71, jnp.float32),  # halo wider than the CPU pooling block
 ])
 def test_window_scores_matches_reference(pooling, gqa, g, kernel_size, dtype):
-  rng = _rng(kernel_size + g)
+  rng = kernel_inputs.rng(kernel_size + g)
   args = _window_inputs(rng, 2, 2, g, 12, 100, 32, dtype)
   got = ws.window_scores(*args, pooling=pooling, kernel_size=kernel_size, gqa=gqa,
                          block_k=16)
@@ -170,18 +152,18 @@ def test_window_scores_matches_reference(pooling, gqa, g, kernel_size, dtype):
   for a, e in zip(got, want):
     assert np.isfinite(np.asarray(a)).all()
     # Scores are sums of probabilities (up to W per slot): compare relative to scale.
-    _close(a / max(float(jnp.max(e)), 1e-6), e / max(float(jnp.max(e)), 1e-6), dtype)
+    close(a / max(float(jnp.max(e)), 1e-6), e / max(float(jnp.max(e)), 1e-6), dtype)
 
 
 def test_window_scores_all_padding_rows_and_tpu_interpreter():
   """A batch row with only padding queries gives zeros; TPU block sizes on the interpreter."""
-  rng = _rng(5)
+  rng = kernel_inputs.rng(5)
   q, keys, pos, qpos = _window_inputs(rng, 2, 2, 2, 8, 200, 32, jnp.float32)
   qpos = qpos.at[1].set(-1)
   got = ws.window_scores(q, keys, pos, qpos, interpret=pltpu.InterpretParams())
   want = reference.window_scores(q, keys, pos, qpos)
   for a, e in zip(got, want):
-    _close(a, e, jnp.float32)
+    close(a, e, jnp.float32)
   assert all((np.asarray(x[1]) == 0).all() for x in got)
 
 
@@ -192,7 +174,7 @@ def test_window_scores_all_padding_rows_and_tpu_interpreter():
     (dict(kernel_size=0), "kernel_size must be an odd positive int, got 0"),
 ])
 def test_window_scores_rejects_bad_arguments(kwargs, match):
-  args = _window_inputs(_rng(0), 1, 1, 1, 4, 16, 16, jnp.float32)
+  args = _window_inputs(kernel_inputs.rng(0), 1, 1, 1, 4, 16, 16, jnp.float32)
   with pytest.raises(ValueError, match=match):
     ws.window_scores(*args, **kwargs)
 
@@ -202,7 +184,7 @@ def test_window_scores_rejects_bad_arguments(kwargs, match):
 
 @pytest.mark.parametrize("dtype,block_n", [(jnp.float32, None), (jnp.bfloat16, 16)])
 def test_gather_slots_exact(dtype, block_n):
-  rng = _rng(13)
+  rng = kernel_inputs.rng(13)
   r, m, n, d = 3, 300, 70, 24
   src = jnp.asarray(rng.normal(size=(r, m, d)) * 1e3, dtype)
   idx = np.stack([rng.permutation(m)[:n] for _ in range(r)]).astype(np.int32)
@@ -219,7 +201,7 @@ def test_gather_slots_exact(dtype, block_n):
 
 
 def test_gather_slots_tpu_interpreter():
-  rng = _rng(17)
+  rng = kernel_inputs.rng(17)
   src = jnp.asarray(rng.normal(size=(2, 300, 128)), jnp.bfloat16)
   idx = jnp.asarray(np.stack([rng.permutation(300)[:40] for _ in range(2)]), jnp.int32)
   got = compaction.gather_slots(src, idx, interpret=pltpu.InterpretParams())

@@ -13,36 +13,18 @@ from jax.experimental.pallas import tpu as pltpu
 import numpy as np
 import pytest
 
+import kernel_inputs
+from kernel_inputs import TOL, close, shuffled_positions
+
 from pallas_kernels import decode_attention as da
 from pallas_kernels import quantization as qz
 from pallas_kernels import reference
-
-TOL = {jnp.float32: dict(rtol=1e-5, atol=1e-5), jnp.bfloat16: dict(rtol=1e-2, atol=1e-2)}
-
-
-def _rng(seed):
-  return np.random.default_rng(seed)
-
 
 def _data(rng, shape, dtype=jnp.float32):
   """Normal values with a different offset and spread per channel (like real keys)."""
   d = shape[-1]
   x = rng.normal(size=shape) * rng.uniform(0.2, 3.0, d) + rng.normal(size=d)
   return jnp.asarray(x, dtype)
-
-
-def _shuffled_positions(rng, shape, empty=0.2):
-  """Slots holding a random permutation of positions (not in order), some empty (-1)."""
-  s = shape[-1]
-  rows = [rng.permutation(s) for _ in range(int(np.prod(shape[:-1])))]
-  pos = np.stack(rows).reshape(shape).astype(np.int32)
-  pos[rng.random(shape) < empty] = -1
-  return pos
-
-
-def _close(actual, expected, dtype):
-  np.testing.assert_allclose(np.asarray(actual, np.float32), np.asarray(expected, np.float32),
-                             **TOL[dtype])
 
 
 def _equal(actual, expected):
@@ -112,7 +94,7 @@ def _numpy_quantize(x, *, bits, group, axis, valid, scale_dtype):
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_pack_unpack_round_trip(bits):
-  rng = _rng(bits)
+  rng = kernel_inputs.rng(bits)
   codes = rng.integers(0, 2 ** bits, (3, 5, 64)).astype(np.int32)
   words = qz.pack(jnp.asarray(codes), bits)
   assert words.dtype == jnp.uint32 and words.shape == (3, 5, 64 * bits // 32)
@@ -134,7 +116,7 @@ def test_pack_unpack_round_trip(bits):
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("axis", ["tokens", "channels"])
 def test_quantize_error_within_half_a_step(axis, bits, masked):
-  rng = _rng(bits + 10 * masked)
+  rng = kernel_inputs.rng(bits + 10 * masked)
   x = _data(rng, (2, 3, 64, 32))
   valid = jnp.asarray(rng.random((2, 3, 64)) < 0.7) if masked else None
   codes, scale, zero = qz.quantize(x, bits=bits, group=16, axis=axis, valid=valid)
@@ -161,7 +143,7 @@ def test_quantize_error_within_half_a_step(axis, bits, masked):
 
 
 def test_quantize_bf16_error_bound():
-  rng = _rng(5)
+  rng = kernel_inputs.rng(5)
   x = _data(rng, (2, 64, 32), jnp.bfloat16)
   for axis in ("tokens", "channels"):
     codes, scale, zero = qz.quantize(x, bits=4, group=16, axis=axis)
@@ -176,7 +158,7 @@ def test_quantize_bf16_error_bound():
 
 @pytest.mark.parametrize("axis", ["tokens", "channels"])
 def test_quantize_constant_and_empty_groups(axis):
-  rng = _rng(3)
+  rng = kernel_inputs.rng(3)
   x = np.array(_data(rng, (1, 32, 32)))
   valid = np.ones((1, 32), bool)
   if axis == "tokens":
@@ -210,7 +192,7 @@ def test_quantize_constant_and_empty_groups(axis):
     ("tokens", 4, True, jnp.bfloat16), ("channels", 2, True, jnp.bfloat16),
     ("tokens", 8, False, np.float32)])
 def test_quantize_matches_numpy_restatement(axis, bits, masked, scale_dtype):
-  rng = _rng(bits + 3 * masked)
+  rng = kernel_inputs.rng(bits + 3 * masked)
   x = _data(rng, (2, 48, 32))
   valid = rng.random((2, 48)) < 0.6 if masked else None
   got = qz.quantize(x, bits=bits, group=16, axis=axis,
@@ -234,7 +216,7 @@ def test_quantize_matches_numpy_restatement(axis, bits, masked, scale_dtype):
     ("channels", 4, jnp.float32, False, None),
 ])
 def test_quantize_pack_matches_jnp(axis, bits, dtype, masked, block_s):
-  rng = _rng(bits * 7 + masked)
+  rng = kernel_inputs.rng(bits * 7 + masked)
   s = 48 if axis == "tokens" else 40
   x = _data(rng, (2, 3, s, 64), dtype)
   valid = jnp.asarray(rng.random((2, 3, s)) < 0.7) if masked else None
@@ -246,7 +228,7 @@ def test_quantize_pack_matches_jnp(axis, bits, dtype, masked, block_s):
 
 
 def test_quantize_pack_tpu_interpreter():
-  rng = _rng(23)
+  rng = kernel_inputs.rng(23)
   x = _data(rng, (2, 64, 128), jnp.bfloat16)
   valid = jnp.asarray(rng.random((2, 64)) < 0.8)
   for axis in ("tokens", "channels"):
@@ -271,11 +253,11 @@ def _quantized_cache(rng, b, k, s, d, *, bits, group, dtype):
     (1, 2, jnp.float32, True), (4, 4, jnp.float32, False),
     (4, 2, jnp.bfloat16, True), (1, 4, jnp.bfloat16, False)])
 def test_quantized_attention_matches_reference(g, bits, dtype, return_probs):
-  rng = _rng(g * 10 + bits)
+  rng = kernel_inputs.rng(g * 10 + bits)
   b, k, s, d, group = 3, 2, 96, 32, 16  # chunk 64 at block 16: S padded to 128
   q = _data(rng, (b, k, g, d), dtype)
   cache = _quantized_cache(rng, b, k, s, d, bits=bits, group=group, dtype=dtype)
-  pos = _shuffled_positions(rng, (b, k, s))
+  pos = shuffled_positions(rng, (b, k, s))
   pos[2, 1] = -1  # a head with no slot at all
   pos, qpos = jnp.asarray(pos), jnp.array([70, -1, 95], jnp.int32)  # row 1 sees nothing
   got = qz.quantized_decode_attention(q, *cache, pos, qpos, bits=bits, group=group,
@@ -285,7 +267,7 @@ def test_quantized_attention_matches_reference(g, bits, dtype, return_probs):
   assert len(got) == (3 if return_probs else 2)
   for a, e in zip(got, want):
     assert np.isfinite(np.asarray(a, np.float32)).all()
-    _close(a, e, dtype)
+    close(a, e, dtype)
   assert (np.asarray(got[0][1], np.float32) == 0).all()
   assert (np.asarray(got[0][2, 1], np.float32) == 0).all()
   np.testing.assert_array_equal(got[1][1], np.float32(da.EMPTY_LSE))
@@ -296,22 +278,22 @@ def test_quantized_attention_matches_reference(g, bits, dtype, return_probs):
 
 def test_quantized_attention_default_blocks_tpu_interpreter():
   """TPU semantics (block shapes, DMA) on the TPU interpreter with TPU block sizes."""
-  rng = _rng(29)
+  rng = kernel_inputs.rng(29)
   b, k, g, s, d, group = 1, 2, 4, 256, 32, 16
   q = _data(rng, (b, k, g, d), jnp.float32)
   cache = _quantized_cache(rng, b, k, s, d, bits=4, group=group, dtype=jnp.float32)
-  pos, qpos = jnp.asarray(_shuffled_positions(rng, (b, k, s))), jnp.array([180], jnp.int32)
+  pos, qpos = jnp.asarray(shuffled_positions(rng, (b, k, s))), jnp.array([180], jnp.int32)
   got = qz.quantized_decode_attention(q, *cache, pos, qpos, bits=4, group=group,
                                       return_probs=True, interpret=pltpu.InterpretParams())
   want = reference.quantized_decode_attention(q, *cache, pos, qpos, bits=4, group=group)
   for a, e in zip(got, want):
-    _close(a, e, jnp.float32)
+    close(a, e, jnp.float32)
 
 
 def test_quantized_part_merged_with_residual_window():
   """KIVI decode: quantized slots through this kernel, the full-precision residual window
   through `decode_attention`, merged by log-sum-exp == attention over both together."""
-  rng = _rng(31)
+  rng = kernel_inputs.rng(31)
   b, k, g, s, r, d, group = 3, 2, 4, 96, 24, 32, 16
   q = _data(rng, (b, k, g, d), jnp.float32)
   cache = _quantized_cache(rng, b, k, s, d, bits=2, group=group, dtype=jnp.float32)
@@ -331,8 +313,8 @@ def test_quantized_part_merged_with_residual_window():
   values = jnp.concatenate([qz.dequantize(*cache[3:], bits=2, group=group, axis="channels",
                                           dtype=jnp.float32), res_v], axis=2)
   want_out, want_lse, _ = reference.decode_attention(q, keys, values, pos, qpos)
-  _close(out, want_out, jnp.float32)
-  _close(lse, want_lse, jnp.float32)
+  close(out, want_out, jnp.float32)
+  close(lse, want_lse, jnp.float32)
 
 
 # -------------------------------------------------------------------- validation
@@ -365,7 +347,7 @@ def test_format_rejects_bad_arguments():
 
 
 def test_attention_rejects_bad_arguments():
-  rng = _rng(0)
+  rng = kernel_inputs.rng(0)
   b, k, g, s, d = 1, 2, 2, 32, 32
   q = _data(rng, (b, k, g, d))
   cache = _quantized_cache(rng, b, k, s, d, bits=4, group=16, dtype=jnp.float32)

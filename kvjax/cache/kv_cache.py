@@ -76,8 +76,20 @@ def nbytes(tree) -> int:
                  for x in jax.tree_util.tree_leaves(tree)))
 
 
+class PerHeadSlots:
+  """What layouts whose `capacity` counts slots per KV head share."""
+
+  @property
+  def nbytes(self) -> int:
+    return nbytes(self)
+
+  def slots_per_head(self, num_kv_heads: int) -> int:
+    del num_kv_heads
+    return self.capacity
+
+
 @struct.dataclass
-class LayerCache:
+class LayerCache(PerHeadSlots):
   """Dense layout: every KV head of a layer has `capacity` slots."""
   keys: jax.Array        # [batch, kv_heads, capacity, head_dim], post-RoPE
   values: jax.Array      # [batch, kv_heads, capacity, head_dim]
@@ -88,14 +100,6 @@ class LayerCache:
   @property
   def capacity(self) -> int:
     return self.keys.shape[2]
-
-  @property
-  def nbytes(self) -> int:
-    return nbytes(self)
-
-  def slots_per_head(self, num_kv_heads: int) -> int:
-    del num_kv_heads
-    return self.capacity
 
   def free_slots(self) -> int:
     return self.capacity - int(self.end)

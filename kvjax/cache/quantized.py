@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from kvjax.cache.kv_cache import EMPTY_POSITION, LayerCache, NewTokens, Stats, nbytes
+from kvjax.cache.kv_cache import EMPTY_POSITION, LayerCache, NewTokens, PerHeadSlots, Stats
 from kvjax.ops import attention as attention_ops
 from kvjax.ops import quantization as quant_ops
 
@@ -54,7 +54,7 @@ def quantize_slots(keys, values, positions, bits: int, group: int, scale_dtype) 
 
 
 @struct.dataclass
-class QuantizedLayerCache:
+class QuantizedLayerCache(PerHeadSlots):
   quantized: QuantizedKV
   end: jax.Array           # int32 scalar: quantized slots filled (a multiple of group)
   residual: LayerCache     # the full-precision recent window
@@ -69,14 +69,6 @@ class QuantizedLayerCache:
   @property
   def capacity(self) -> int:
     return self.quantized.capacity + self.residual.capacity
-
-  @property
-  def nbytes(self) -> int:
-    return nbytes(self)
-
-  def slots_per_head(self, num_kv_heads: int) -> int:
-    del num_kv_heads
-    return self.capacity
 
   def free_slots(self) -> int:
     # Flushing keeps the residual below window + group, so appends are bounded by the

@@ -1,0 +1,24 @@
+"""Random inputs and tolerances shared by the kernel tests."""
+
+import jax.numpy as jnp
+import numpy as np
+
+TOL = {jnp.float32: dict(rtol=1e-5, atol=1e-5), jnp.bfloat16: dict(rtol=1e-2, atol=1e-2)}
+
+
+def rng(seed):
+  return np.random.default_rng(seed)
+
+
+def shuffled_positions(generator, shape, empty=0.2):
+  """Slots holding a random permutation of positions (not in order), some empty (-1)."""
+  s = shape[-1]
+  rows = [generator.permutation(s) for _ in range(int(np.prod(shape[:-1])))]
+  pos = np.stack(rows).reshape(shape).astype(np.int32)
+  pos[generator.random(shape) < empty] = -1
+  return pos
+
+
+def close(actual, expected, dtype):
+  np.testing.assert_allclose(np.asarray(actual, np.float32), np.asarray(expected, np.float32),
+                             **TOL[dtype])
