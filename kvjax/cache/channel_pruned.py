@@ -74,12 +74,11 @@ class ChannelPrunedLayerCache:
     s = dense.capacity
     r = min(recent, s)
     order = jnp.argsort(dense.positions, axis=-1, stable=True).astype(jnp.int32)
-    old = dense.replace(state=None).select(order[..., :s - r])
+    old = _select(dense, order[..., :s - r])
     index = channels[:, :, None, :].astype(jnp.int32)
     return cls(channels=channels.astype(jnp.int32),
                keys=jnp.take_along_axis(old.keys, index, axis=-1), values=old.values,
-               positions=old.positions,
-               full=dense.replace(state=None).select(order[..., s - r:]))
+               positions=old.positions, full=_select(dense, order[..., s - r:]))
 
   def zero_filled(self) -> LayerCache:
     """Both parts as one dense full-width cache (pruned slots first), the dropped key
@@ -124,6 +123,14 @@ class ChannelPrunedLayerCache:
 
   def grow(self, room: int) -> "ChannelPrunedLayerCache":
     return self.replace(full=self.full.grow(room))
+
+
+def _select(dense: LayerCache, index: jax.Array) -> LayerCache:
+  """dense.select(index) without state; an empty index gives a cache with no slots."""
+  if index.shape[-1]:
+    return dense.replace(state=None).select(index)
+  return LayerCache(keys=dense.keys[:, :, :0], values=dense.values[:, :, :0],
+                    positions=dense.positions[:, :, :0], end=jnp.int32(0))
 
 
 def analytic_nbytes(batch: int, kv_heads: int, pruned_slots: int, full_slots: int,
