@@ -6,5 +6,6 @@ Modules (import them directly; the functions share their modules' names):
   compaction: `gather_slots`, `gather_slot_values`.
   quantization: `quantize`, `dequantize`, `pack`, `unpack` (the KIVI format, in jnp),
     `quantize_pack`, `quantized_decode_attention` (kernels).
+  channel_pruned: `channel_pruned_decode_attention` (ThinK's pruned key channels).
   backend: per-platform interpret mode, compiler params and block sizes.
 """

@@ -227,3 +227,31 @@ def quantized_decode_attention(q, key_codes, key_scale, key_zero, value_codes, v
   values = quantization.dequantize(value_codes, value_scale, value_zero, bits=bits,
                                    group=group, axis="channels", dtype=q.dtype)
   return decode_attention(q, keys, values, key_positions, query_positions, upcast=upcast)
+
+
+def channel_pruned_attention(q, channels, keys, values, seen, *, upcast=False):
+  """Attention over channel-pruned slots (ThinK): each KV head keeps the key channels
+  `channels [B, K, D']` (keys [B, K, S, D']) and full values [B, K, S, D].
+
+  q [B, K, G, T, D] full width; seen [B, K, G|1, T, S]. The query is gathered at the
+  kept channels and the logits scaled by the FULL head dim, D ** -0.5, so they equal the
+  logits of keys zero-filled back to D channels. Returns (out [B, K, G, T, D] float32,
+  lse [B, K, G, T], probs [B, K, G, T, S] float32), as `grouped_attention`.
+  """
+  index = channels[:, :, None, None, :].astype(jnp.int32)
+  kept = jnp.take_along_axis(q, index, axis=-1)
+  logits = _products("bkgtc,bksc->bkgts", kept, keys, upcast) * q.shape[-1] ** -0.5
+  probs, lse = _masked_softmax(logits, seen)
+  dtype = jnp.float32 if upcast else values.dtype
+  out = _products("bkgts,bksd->bkgtd", probs.astype(dtype), values, upcast)
+  return out, lse, probs
+
+
+def channel_pruned_decode_attention(q, channels, keys, values, key_positions,
+                                    query_positions, *, upcast=True):
+  """Reference of `channel_pruned_decode_attention(..., return_probs=True)`:
+  (out, lse, probs). q [B, K, G, D]; channels [B, K, D']; keys [B, K, S, D']."""
+  seen = visible(query_positions[:, None, None, None], key_positions[:, :, None, :])
+  out, lse, probs = channel_pruned_attention(q[:, :, :, None], channels, keys, values, seen,
+                                             upcast=upcast)
+  return out[:, :, :, 0].astype(q.dtype), lse[..., 0], probs[:, :, :, 0]

@@ -20,6 +20,7 @@ from kvjax.methods.base import LayerInputs, Method
 from kvjax.methods.key_statistics import ExpectedAttention, Knorm
 from kvjax.methods.positional import StreamingLLM
 from kvjax.methods.quantization import KIVI
+from kvjax.methods.think import ThinK
 from kvjax.methods.window import PyramidKV, SnapKV
 from kvjax.methods.wrappers import AdaKV, PerLayer, SinksWindow
 from kvjax.methods.registry import available, get
@@ -36,7 +37,7 @@ class Full(Method):
 
 __all__ = ["AdaKV", "ExpectedAttention", "Full", "H2O", "KIVI", "Knorm", "LayerInputs", "Method",
            "PerLayer", "PyramidKV", "Scissorhands", "SinksWindow", "SnapKV", "StreamingLLM",
-           "TOVA", "available", "get", "validate_compression"]
+           "ThinK", "TOVA", "available", "get", "validate_compression"]
 
 
 def validate_compression(method: Method, context_lengths, compression_ratio=None,
