@@ -56,6 +56,7 @@ class ThinK(base.Method):
   channels at every chunk over the kept slots (see `ChannelPrunedLayerCache.zero_filled`).
   """
   name: ClassVar[str] = "think"
+  family: ClassVar[str] = "channels"
   channel_ratio: float = 0.5
   window: int = 32
   recent: int = 32
