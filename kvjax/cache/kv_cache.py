@@ -265,9 +265,9 @@ class FlatLayerCache:
     k = self.num_kv_heads
     if pending is not None and queries.shape[1] == 1:
       # Decode with the new token held outside the cache (decode-time eviction).
-      out, lse, probs = attention_ops.decode_flat(queries, self.keys, self.values,
-                                                  query_positions, self.positions,
-                                                  self.heads, k, return_probs=True)
+      out, lse, probs = attention_ops.decode(queries, self.keys, self.values, query_positions,
+                                             self.positions, return_probs=True,
+                                             key_heads=self.heads, num_kv_heads=k)
       out, probs, own = attention_ops.with_pending_token(queries, out, lse, probs,
                                                          pending.keys, pending.values)
       return out, Stats(probs=probs, pending_probs=own)

@@ -16,7 +16,7 @@ from pallas_kernels import compaction, reference, window_scores
 from pallas_kernels import decode_attention as decode_kernels
 from pallas_kernels.decode_attention import EMPTY_LSE, merge_partials
 
-__all__ = ["EMPTY_LSE", "attend", "attend_flat", "decode", "decode_flat", "gather_slots",
+__all__ = ["EMPTY_LSE", "attend", "attend_flat", "decode", "gather_slots",
            "merge_partials", "probabilities", "visible", "window_column_sums",
            "with_pending_token"]
 
@@ -37,9 +37,8 @@ def attend_flat(queries, keys, values, query_positions, key_positions, key_heads
   column_sums, [B, H, N]: each slot's probability summed over the queries; only the slot's
   own head group sees it)."""
   if queries.shape[1] == 1 and use_pallas() and not column_sums:
-    out, _ = decode_flat(queries, keys, values, query_positions, key_positions, key_heads,
-                         num_kv_heads)
-    return out
+    return decode(queries, keys, values, query_positions, key_positions,
+                  key_heads=key_heads, num_kv_heads=num_kv_heads)[0]
   return reference.attention_flat(queries, keys, values, query_positions, key_positions,
                                   key_heads, num_kv_heads, column_sums)
 
@@ -49,34 +48,27 @@ def _grouped(query, num_kv_heads):
   return query.reshape(b, num_kv_heads, h // num_kv_heads, d)
 
 
-def decode(query, keys, values, query_positions, key_positions, return_probs=False):
-  """One new token per row over a dense cache.
+def decode(query, keys, values, query_positions, key_positions, return_probs=False,
+           key_heads=None, num_kv_heads=None):
+  """One new token per row over a dense cache (keys [B, K, S, D]) or, given key_heads
+  [B, N] and num_kv_heads, a flat head-wise one (keys [B, N, D]).
 
   query [B, 1, H, D] -> (out [B, 1, H, D], lse [B, K, G]) and, with return_probs, the
-  probabilities [B, K, G, S] float32.
+  probabilities [B, K, G, S] float32 (zero for slots of other heads).
   """
-  grouped = _grouped(query, keys.shape[1])
-  if use_pallas():
-    result = decode_kernels.decode_attention(grouped, keys, values, key_positions,
-                                             query_positions[:, 0], return_probs=return_probs)
+  k = keys.shape[1] if key_heads is None else num_kv_heads
+  grouped = _grouped(query, k)
+  qpos = query_positions[:, 0]
+  if key_heads is None:
+    args, kernel, ref = ((grouped, keys, values, key_positions, qpos),
+                         decode_kernels.decode_attention, reference.decode_attention)
   else:
-    result = reference.decode_attention(grouped, keys, values, key_positions,
-                                        query_positions[:, 0], upcast=False)
-    result = result if return_probs else result[:2]
-  return (result[0].reshape(query.shape).astype(query.dtype),) + tuple(result[1:])
-
-
-def decode_flat(query, keys, values, query_positions, key_positions, key_heads,
-                num_kv_heads, return_probs=False):
-  """One new token per row over a flat (head-wise) cache; as `decode`."""
-  grouped = _grouped(query, num_kv_heads)
+    args, kernel, ref = ((grouped, keys, values, key_positions, key_heads, qpos),
+                         decode_kernels.decode_attention_flat, reference.decode_attention_flat)
   if use_pallas():
-    result = decode_kernels.decode_attention_flat(grouped, keys, values, key_positions,
-                                                  key_heads, query_positions[:, 0],
-                                                  return_probs=return_probs)
+    result = kernel(*args, return_probs=return_probs)
   else:
-    result = reference.decode_attention_flat(grouped, keys, values, key_positions, key_heads,
-                                             query_positions[:, 0], upcast=False)
+    result = ref(*args, upcast=False)
     result = result if return_probs else result[:2]
   return (result[0].reshape(query.shape).astype(query.dtype),) + tuple(result[1:])
 
