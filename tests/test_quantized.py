@@ -10,7 +10,7 @@ import pytest
 import kvjax
 from kvjax.cache import LayerCache
 from kvjax.cache.quantized import QuantizedLayerCache, analytic_nbytes
-from kvjax.generation import context, engine, inputs
+from kvjax.generation import context, conversation, engine, inputs
 from kvjax.methods import KIVI, SnapKV
 from tiny import tiny_model
 
@@ -161,6 +161,17 @@ def test_every_phase_reads_through_the_quantized_cache(model):
   approx = kvjax.score(model, prompts, [[1, 2, 3, 4]] * 2, method=method)
   for a, e in zip(approx, exact):
     np.testing.assert_allclose(a, e, atol=0.05)
+  # A conversation reuses the quantized cache turn after turn (flushing as it grows).
+  turns = [[[5, 6, 7], [8, 9]], [[10, 11], [12, 13, 14]]]
+  pre = context.prefill(model, *inputs.left_pad(prompts, 0), method, None, room=0)
+  room = conversation.turn_room(turns, 40)
+  chat = conversation.run_turns(model, pre, turns, 40, room)
+  full_pre = context.prefill(model, *inputs.left_pad(prompts, 0), kvjax.methods.get("full"),
+                             None, room=2 * room)
+  full_chat = conversation.run_turns(model, full_pre, turns, 40, room)
+  assert [len(t) for row in chat["token_ids"] for t in row] == [40] * 4
+  for row in range(2):
+    assert chat["token_ids"][row][0][:3] == full_chat["token_ids"][row][0][:3]
   coarse = kvjax.score(model, prompts, [[1, 2, 3, 4]] * 2, method=KIVI(bits=2, residual=32))
   assert max(np.abs(c - e).max() for c, e in zip(coarse, exact)) > max(
       np.abs(a - e).max() for a, e in zip(approx, exact)), "2-bit must cost more than 8-bit"
