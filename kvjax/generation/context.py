@@ -28,6 +28,7 @@ class PrefilledContext:
                               # compressed arrays (the full cache's is its allocated size)
   decode_plan: CompressionPlan | None   # what later forward calls pass as `plan`
   budgets: tuple[int, ...] | None       # kept slots per layer (per head on average)
+  method_stats: dict = dataclasses.field(default_factory=dict)  # Method.cache_stats
 
 
 def layer_budgets(model, method, keep: int, context_length: int) -> tuple[int, ...]:
@@ -102,10 +103,12 @@ def _prefilled(model, logits, cache, plan: CompressionPlan | None, width: int, r
                             context_cache_bytes=full_cache_nbytes(model.config,
                                                                   cache.batch_size, width),
                             decode_plan=None, budgets=None)
+  # The method's host-side step (data-dependent re-packing) before bytes are measured.
+  cache = plan.method.finalize(cache)
   return PrefilledContext(logits=logits, cache=steps.grow(cache, room),
                           context_cache_bytes=cache_nbytes(cache),
                           decode_plan=dataclasses.replace(plan, compress=False),
-                          budgets=plan.budgets)
+                          budgets=plan.budgets, method_stats=plan.method.cache_stats(cache))
 
 
 def prefill_many(model, tokens: np.ndarray, mask: np.ndarray, variants, room: int,
