@@ -115,15 +115,17 @@ def prefill_many(model, tokens: np.ndarray, mask: np.ndarray, variants, room: in
                  steps: engine.CompiledSteps = engine.STEPS) -> list[PrefilledContext]:
   """Prefills a context once and compresses it several ways (a method/ratio sweep).
 
-  variants: a list of (method, keep); keep None (or a method that does not compress) gives
-  the uncompressed cache. Compression never changes the hidden states of a one-chunk
+  variants: a list of (method, keep); a method that does not compress, or keep None for one
+  that needs a budget, gives the uncompressed cache. Compression never changes the hidden states of a one-chunk
   prefill, so each compressed result is bit-identical to `prefill(model, tokens, mask,
   method, keep, room)` (the uncompressed one equal up to float rounding: its attention
   skips the room's empty slots) while the model runs once instead of len(variants) times.
   """
   rows, width = tokens.shape
-  plans = tuple(None if keep is None or not method.compresses
-                else _compression_plan(model, method, keep, mask) for method, keep in variants)
+  # As in `prefill`: a method that needs no budget (a quantizer) still compresses.
+  plans = tuple(None if not method.compresses or (keep is None and method.needs_budget)
+                else _compression_plan(model, method, width if keep is None else keep, mask)
+                for method, keep in variants)
   logits, caches = steps.prefill(model, jnp.asarray(tokens), jnp.asarray(mask),
                                  init_cache(model.config, rows, 0), logits="last",
                                  plan=PlanSet(plans, room=room))
