@@ -28,6 +28,7 @@ class PrefilledContext:
                               # compressed arrays (the full cache's is its allocated size)
   decode_plan: CompressionPlan | None   # what later forward calls pass as `plan`
   budgets: tuple[int, ...] | None       # kept slots per layer (per head on average)
+  method_stats: dict = dataclasses.field(default_factory=dict)  # Method.cache_stats
 
 
 def layer_budgets(model, method, keep: int, context_length: int) -> tuple[int, ...]:
@@ -102,23 +103,26 @@ def _prefilled(model, logits, cache, plan: CompressionPlan | None, width: int, r
                             context_cache_bytes=full_cache_nbytes(model.config,
                                                                   cache.batch_size, width),
                             decode_plan=None, budgets=None)
+  # The method's host-side step (data-dependent re-packing) before bytes are measured.
+  cache = plan.method.finalize(cache)
   return PrefilledContext(logits=logits, cache=steps.grow(cache, room),
                           context_cache_bytes=cache_nbytes(cache),
                           decode_plan=dataclasses.replace(plan, compress=False),
-                          budgets=plan.budgets)
+                          budgets=plan.budgets, method_stats=plan.method.cache_stats(cache))
 
 
 def prefill_many(model, tokens: np.ndarray, mask: np.ndarray, variants, room: int,
                  steps: engine.CompiledSteps = engine.STEPS) -> list[PrefilledContext]:
   """Prefills a context once and compresses it several ways (a method/ratio sweep).
 
-  variants: a list of (method, keep); keep None (or a method that does not compress) gives
-  the uncompressed cache. Compression never changes the hidden states of a one-chunk
+  variants: a list of (method, keep); a method that does not compress, or keep None for one
+  that needs a budget, gives the uncompressed cache. Compression never changes the hidden states of a one-chunk
   prefill, so each compressed result is bit-identical to `prefill(model, tokens, mask,
   method, keep, room)` (the uncompressed one equal up to float rounding: its attention
   skips the room's empty slots) while the model runs once instead of len(variants) times.
   """
   rows, width = tokens.shape
+  # As in `prefill`: a method that needs no budget (a quantizer) still compresses.
   plans = tuple(None if not method.compresses or (keep is None and method.needs_budget)
                 else _compression_plan(model, method, width if keep is None else keep, mask)
                 for method, keep in variants)

@@ -262,6 +262,7 @@ def generate(model, prompts, questions=None, method=None, compression_ratio=None
       "compression_ratio": compression_ratio,
       "budget": budget,
       "kept_tokens_per_layer": list(prefilled.budgets) if prefilled.budgets else None,
+      "method_stats": prefilled.method_stats,
       "batch_size": rows,
       "prompt_tokens": context_lengths,
       "question_tokens": question_lengths,

@@ -18,6 +18,7 @@ from kvjax.methods import registry
 from kvjax.methods.accumulated import H2O, TOVA, Scissorhands
 from kvjax.methods.base import LayerInputs, Method
 from kvjax.methods.key_statistics import ExpectedAttention, Knorm
+from kvjax.methods.mixed_precision import MiKV, ZipVL
 from kvjax.methods.positional import StreamingLLM
 from kvjax.methods.quantization import KIVI
 from kvjax.methods.think import ThinK
@@ -36,8 +37,9 @@ class Full(Method):
 
 
 __all__ = ["AdaKV", "ExpectedAttention", "Full", "H2O", "KIVI", "Knorm", "LayerInputs", "Method",
-           "PerLayer", "PyramidKV", "Scissorhands", "SinksWindow", "SnapKV", "StreamingLLM",
-           "ThinK", "TOVA", "available", "get", "validate_compression"]
+           "MiKV", "PerLayer", "PyramidKV", "Scissorhands", "SinksWindow", "SnapKV",
+           "StreamingLLM", "ThinK", "TOVA", "ZipVL", "available", "get",
+           "validate_compression"]
 
 
 def validate_compression(method: Method, context_lengths, compression_ratio=None,

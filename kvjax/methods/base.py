@@ -115,6 +115,19 @@ class Method:
     del lengths
     return layers
 
+  def finalize(self, cache):
+    """Host side, once after the last prefill chunk and outside jit: the cache decoding
+    starts from. May read array values and return other shapes (data-dependent sizes:
+    re-packing pools to what they hold, dropping state only prefill needed). Default:
+    unchanged."""
+    return cache
+
+  def cache_stats(self, cache) -> dict:
+    """Host side: method-specific facts about a finalized prefill cache, reported as
+    result.stats["method_stats"] (e.g. a per-layer chosen ratio). Default: none."""
+    del cache
+    return {}
+
   def safeguard(self, keep: int) -> int:
     """Head-wise methods: slots every head keeps before the layer's shared top-k."""
     del keep

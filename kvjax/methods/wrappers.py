@@ -44,8 +44,8 @@ def _forward(name):
 
 
 for _hook in ("layer_budgets", "protected_tokens", "protected", "score", "init_state",
-              "prefill_state", "accumulate", "cache_step", "safeguard", "decode_scores",
-              "eviction_priority"):
+              "prefill_state", "accumulate", "cache_step", "finalize", "cache_stats", "safeguard",
+              "decode_scores", "eviction_priority"):
   setattr(Wrapper, _hook, _forward(_hook))
 for _capability in ("decode_time", "needs", "headwise", "needs_budget", "family"):
   setattr(Wrapper, _capability, property(lambda self, _name=_capability: getattr(self.press,
