@@ -676,6 +676,8 @@ def check_plan(config: ModelConfig, context_lengths: Sequence[int],
     if not compressing:  # ratio/budget with only the full cache is an error, as in generate
       methods_lib.validate_compression(method_objs[0], c, compression_ratio, budget)
     for m in compressing:
+      if not m.needs_budget:
+        continue
       keep = methods_lib.validate_compression(m, c, compression_ratio, budget)
       if keep is not None:
         context.layer_budgets(_ConfigOnly(config), m, keep, c)
@@ -684,8 +686,8 @@ def check_plan(config: ModelConfig, context_lengths: Sequence[int],
 
 def _method_info(m, compression_ratio, budget) -> dict:
   return {"name": m.name, "label": m.label, "hyperparameters": dataclasses.asdict(m),
-          "compression_ratio": compression_ratio if m.compresses else None,
-          "budget": budget if m.compresses else None}
+          "compression_ratio": compression_ratio if m.needs_budget else None,
+          "budget": budget if m.needs_budget else None}
 
 
 def run(model, context_lengths: Sequence[int], batch_sizes: Sequence[int],
@@ -719,7 +721,8 @@ def run(model, context_lengths: Sequence[int], batch_sizes: Sequence[int],
       if log:
         log(f"measuring context_length={c} batch_size={b}: "
             f"{', '.join(m.label for m in method_objs)} (runs interleaved)")
-      cases = [(m, compression_ratio, budget) if m.compresses else (m, None, None)
+      # The ratio/budget applies to the methods that select tokens.
+      cases = [(m, compression_ratio, budget) if m.needs_budget else (m, None, None)
                for m in method_objs]
       rows = measure_methods(model, c, b, cases, decode_steps, repeats, warmup, seed,
                              prefill_chunk_size)

@@ -211,3 +211,8 @@ def test_kernel_path_generates_like_jnp(model, monkeypatch):
 def test_kivi_errors(build, match):
   with pytest.raises(kvjax.KvjaxError, match=match):
     build()
+
+
+def test_a_ratio_for_a_method_that_keeps_every_token_is_an_error(model):
+  with pytest.raises(kvjax.KvjaxError, match="keeps every token.*press"):
+    kvjax.generate(model, _prompts(), method="kivi", compression_ratio=0.5, max_new_tokens=2)
