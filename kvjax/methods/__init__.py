@@ -17,6 +17,7 @@ from kvjax.errors import MethodError
 from kvjax.methods import registry
 from kvjax.methods.accumulated import H2O, TOVA, Scissorhands
 from kvjax.methods.base import LayerInputs, Method
+from kvjax.methods.gear import GEAR
 from kvjax.methods.key_statistics import ExpectedAttention, Knorm
 from kvjax.methods.positional import StreamingLLM
 from kvjax.methods.quantization import KIVI
@@ -34,9 +35,9 @@ class Full(Method):
   needs_budget: ClassVar[bool] = False
 
 
-__all__ = ["AdaKV", "ExpectedAttention", "Full", "H2O", "KIVI", "Knorm", "LayerInputs", "Method",
-           "PerLayer", "PyramidKV", "Scissorhands", "SinksWindow", "SnapKV", "StreamingLLM",
-           "TOVA", "available", "get", "validate_compression"]
+__all__ = ["AdaKV", "ExpectedAttention", "Full", "GEAR", "H2O", "KIVI", "Knorm", "LayerInputs",
+           "Method", "PerLayer", "PyramidKV", "Scissorhands", "SinksWindow", "SnapKV",
+           "StreamingLLM", "TOVA", "available", "get", "validate_compression"]
 
 
 def validate_compression(method: Method, context_lengths, compression_ratio=None,
