@@ -41,18 +41,17 @@ def outlier_count(length: int, ratio: float) -> int:
   if ratio <= 0 or length <= 0:
     return 0
   # round() first: 0.02 * 100 / 2 must give 1, not ceil(1.0000000000000002) = 2.
-  return min(length // 2 if length > 1 else 1, math.ceil(round(ratio * length / 2, 9)))
+  return min(max(length // 2, 1), math.ceil(round(ratio * length / 2, 9)))
 
 
-def _vectors(x, valid, axis):
-  """x [..., n, d] as vectors on the last axis, and the validity of each entry."""
-  if axis == "tokens":   # per channel over tokens
-    return jnp.swapaxes(x, -1, -2), valid[..., None, :]
-  return x, valid[..., :, None]
+def _vectors(x, axis):
+  """x [..., n, d] as vectors on the last axis: channels over tokens, or tokens over channels."""
+  return jnp.swapaxes(x, -1, -2) if axis == "tokens" else x
 
 
-def _unvectors(v, axis):
-  return jnp.swapaxes(v, -1, -2) if axis == "tokens" else v
+def _entry_mask(valid, axis):
+  """[..., n] slot validity broadcastable against `_vectors`."""
+  return valid[..., None, :] if axis == "tokens" else valid[..., :, None]
 
 
 def extract_outliers(x, valid, count: int, axis: str):
@@ -75,8 +74,8 @@ def extract_outliers(x, valid, count: int, axis: str):
   """
   if axis not in AXES:
     raise ValueError(f"axis={axis!r}; allowed: {AXES}")
-  v, mask = _vectors(x.astype(jnp.float32), valid, axis)
-  mask = jnp.broadcast_to(mask, v.shape)
+  v = _vectors(x.astype(jnp.float32), axis)
+  mask = jnp.broadcast_to(_entry_mask(valid, axis), v.shape)
   if count == 0:
     empty = v.shape[:-1] + (0,)
     return x.astype(jnp.float32), jnp.zeros(empty, jnp.float32), jnp.zeros(empty, jnp.int32)
@@ -89,16 +88,16 @@ def extract_outliers(x, valid, count: int, axis: str):
   mean = jnp.where(mask, v, 0.0).sum(-1, keepdims=True) / jnp.maximum(n_valid, 1)
   filled = jnp.put_along_axis(v, index, jnp.broadcast_to(mean, index.shape), axis=-1,
                               inplace=False)
-  return _unvectors(filled, axis), values, index
+  return _vectors(filled, axis), values, index
 
 
 def put_outliers(x, values, indices, axis: str):
   """x [..., n, d] with the stored outliers put back at their indices (float32)."""
   if indices.shape[-1] == 0:
     return x.astype(jnp.float32)
-  v, _ = _vectors(x.astype(jnp.float32), jnp.zeros(x.shape[:-1], bool), axis)
-  v = jnp.put_along_axis(v, indices, values.astype(jnp.float32), axis=-1, inplace=False)
-  return _unvectors(v, axis)
+  v = jnp.put_along_axis(_vectors(x.astype(jnp.float32), axis), indices,
+                         values.astype(jnp.float32), axis=-1, inplace=False)
+  return _vectors(v, axis)
 
 
 def power_iteration(residual, rank: int, loops: int):
