@@ -17,6 +17,7 @@ from kvjax.errors import MethodError
 from kvjax.methods import registry
 from kvjax.methods.accumulated import H2O, TOVA, Scissorhands
 from kvjax.methods.base import LayerInputs, Method
+from kvjax.methods.gear import GEAR
 from kvjax.methods.key_statistics import ExpectedAttention, Knorm
 from kvjax.methods.mixed_precision import MiKV, ZipVL
 from kvjax.methods.positional import StreamingLLM
@@ -36,8 +37,8 @@ class Full(Method):
   needs_budget: ClassVar[bool] = False
 
 
-__all__ = ["AdaKV", "ExpectedAttention", "Full", "H2O", "KIVI", "Knorm", "LayerInputs", "Method",
-           "MiKV", "PerLayer", "PyramidKV", "Scissorhands", "SinksWindow", "SnapKV",
+__all__ = ["AdaKV", "ExpectedAttention", "Full", "GEAR", "H2O", "KIVI", "Knorm", "LayerInputs",
+           "Method", "MiKV", "PerLayer", "PyramidKV", "Scissorhands", "SinksWindow", "SnapKV",
            "StreamingLLM", "ThinK", "TOVA", "ZipVL", "available", "get",
            "validate_compression"]
 
