@@ -116,8 +116,8 @@ def prefill_many(model, tokens: np.ndarray, mask: np.ndarray, variants, room: in
   """Prefills a context once and compresses it several ways (a method/ratio sweep).
 
   variants: a list of (method, keep); a method that does not compress, or keep None for one
-  that needs a budget, gives the uncompressed cache. Compression never changes the hidden states of a one-chunk
-  prefill, so each compressed result is bit-identical to `prefill(model, tokens, mask,
+  that needs a budget, gives the uncompressed cache. Compression never changes the hidden
+  states of a one-chunk prefill, so each compressed result is bit-identical to `prefill(model, tokens, mask,
   method, keep, room)` (the uncompressed one equal up to float rounding: its attention
   skips the room's empty slots) while the model runs once instead of len(variants) times.
   """
