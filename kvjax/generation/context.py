@@ -117,9 +117,10 @@ def prefill_many(model, tokens: np.ndarray, mask: np.ndarray, variants, room: in
 
   variants: a list of (method, keep); a method that does not compress, or keep None for one
   that needs a budget, gives the uncompressed cache. Compression never changes the hidden
-  states of a one-chunk prefill, so each compressed result is bit-identical to `prefill(model, tokens, mask,
-  method, keep, room)` (the uncompressed one equal up to float rounding: its attention
-  skips the room's empty slots) while the model runs once instead of len(variants) times.
+  states of a one-chunk prefill, so each compressed result is bit-identical to
+  `prefill(model, tokens, mask, method, keep, room)` (the uncompressed one equal up to float
+  rounding: its attention skips the room's empty slots) while the model runs once instead of
+  len(variants) times.
   """
   rows, width = tokens.shape
   # As in `prefill`: a method that needs no budget (a quantizer) still compresses.

@@ -39,11 +39,12 @@ class KIVI(base.Method):
     if self.press is not None:
       object.__setattr__(self, "press", registry.get(self.press))
       inner = self.press
-      if not inner.compresses or inner.decode_time or inner.headwise:
+      kind = ("the full cache" if not inner.compresses else "a decode-time"
+              if inner.decode_time else "a head-wise" if inner.headwise else None)
+      if kind is not None:
         raise base.MethodError(
             f"kivi(press={inner.label!r}): the press must select tokens once at prefill "
-            f"(not {'the full cache' if not inner.compresses else 'a decode-time' if inner.decode_time else 'a head-wise'} "
-            f"method); e.g. snapkv, knorm, expected_attention, pyramidkv")
+            f"(not {kind} method); e.g. snapkv, knorm, expected_attention, pyramidkv")
 
   @property
   def label(self) -> str:
