@@ -142,11 +142,12 @@ def test_sweep_runs_configured_and_quantized_methods(model, tmp_path):
                              continuation_tokens=16)
   cells = sweep.run_sweep(model, "tiny", config, tmp_path)["cells"]
   labels = sorted({(c["method"], c["compression_ratio"]) for c in cells})
-  assert labels == [("full", 0.0), ("kivi4(16,16)", 0.0), ("kivi4(16,16,snapkv)", 0.5)]
+  spec = "kivi:bits=4:group_size=16:residual=16"
+  assert labels == [("full", 0.0), (spec, 0.0), (spec + ":press=snapkv", 0.5)]
   share = {c["method"]: c["context_cache_bytes"] / c["full_context_cache_bytes"]
            for c in cells if c["task"] == "niah_single_2"}
   assert share["full"] == pytest.approx(1.0, abs=0.05)
-  assert 0.2 < share["kivi4(16,16)"] < 0.5       # 4-bit codes + 16-bit scales, 16-token window
-  assert share["kivi4(16,16,snapkv)"] < 0.6 * share["kivi4(16,16)"]
+  assert 0.2 < share[spec] < 0.5       # 4-bit codes + 16-bit scales, 16-token window
+  assert share[spec + ":press=snapkv"] < 0.6 * share[spec]
   fid = {c["method"]: c["metrics"]["kl"] for c in cells if c["task"] == "fidelity"}
-  assert fid["full"] < 1e-6 < fid["kivi4(16,16)"]
+  assert fid["full"] < 1e-6 < fid[spec]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import kernel_inputs
-from kernel_inputs import TOL, close, shuffled_positions
+from kernel_inputs import close, shuffled_positions
 
 from pallas_kernels import compaction
 from pallas_kernels import decode_attention as da

@@ -13,7 +13,7 @@ import pytest
 
 from kvjax import methods
 from kvjax.errors import MethodError
-from kvjax.methods import Knorm, PyramidKV, SnapKV
+from kvjax.methods import Knorm, PyramidKV
 from tiny import tiny_config
 
 # (context length, compression ratio). Marked rows are where round() and int() disagree.
@@ -160,13 +160,3 @@ def test_schedule_is_validated():
     PyramidKV(schedule="kv")
   with pytest.raises(MethodError, match="schedule"):
     methods.get("pyramidkv", schedule="uniform")
-  assert methods.get("pyramidkv", schedule="kvpress").schedule == "kvpress"
-  assert PyramidKV().schedule == "pyramidkv"
-
-
-def test_kvpress_snapkv_settings_are_accepted():
-  """What the docstrings tell users to pass to reproduce kvpress's presses."""
-  snap = SnapKV(window=64, kernel_size=5, pooling="avg", gqa="mean")
-  pyr = PyramidKV(window=64, kernel_size=5, pooling="avg", gqa="mean", schedule="kvpress")
-  assert (snap.window, snap.kernel_size, snap.pooling) == (64, 5, "avg")
-  assert pyr.beta == 20

@@ -354,7 +354,8 @@ def test_converse_over_a_mixed_cache(smollm2_tokenizer):
                           method=MiKV(), compression_ratio=0.5, max_new_tokens=4)
   assert [len(row) for row in result.answers] == [2, 2]
   assert result.stats["turn_cache_bytes"] == sorted(result.stats["turn_cache_bytes"])
-  assert result.stats["method"] == "mikv8/2(h2o)"
+  assert result.stats["method"] == "mikv"   # defaults: press h2o, 8/2 bits
+  assert MiKV(high_bits=16, press="snapkv").label == "mikv:press=snapkv:high_bits=16"
 
 
 @pytest.mark.parametrize("method,ratio", [(MiKV(high_bits=16, low_bits=4), 0.5),

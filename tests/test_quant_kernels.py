@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import kernel_inputs
-from kernel_inputs import TOL, close, shuffled_positions
+from kernel_inputs import close, shuffled_positions
 
 from pallas_kernels import decode_attention as da
 from pallas_kernels import quantization as qz

@@ -398,7 +398,7 @@ def test_kernel_path_generates_like_jnp(model, monkeypatch):
     (lambda: ThinK(recent=2.5), r"recent=2.5"),
     (lambda: ThinK(press="h2o"), "decode-time"),
     (lambda: ThinK(press="adakv"), "head-wise"),
-    (lambda: ThinK(press="kivi"), "storage-changing"),
+    (lambda: ThinK(press="kivi"), "not a quantization method"),
     (lambda: ThinK(press="full"), "the full cache"),
     (lambda: ThinK(press="nope"), "unknown method 'nope'"),
     (lambda: kvjax.methods.get("think", ratio=0.5), r"no hyperparameters \['ratio'\]"),

@@ -82,10 +82,12 @@ def validate_compression(method: Method, context_lengths, compression_ratio=None
         f"{compression_ratio} / budget={budget} cannot apply; choose a compression method "
         f"from {registry.compressing()}")
   if compressing and method.compresses and not method.needs_budget:
+    has_press = "press" in {f.name for f in dataclasses.fields(method)}
     raise MethodError(
         f"method {method.label!r} keeps every token in its own storage, so compression_ratio="
-        f"{compression_ratio} / budget={budget} would be ignored; leave them unset, or give "
-        f"the method a token-selecting press (e.g. press='snapkv') for them to apply to")
+        f"{compression_ratio} / budget={budget} would be ignored; leave them unset"
+        + (", or give the method a token-selecting press (e.g. press='snapkv') for them to "
+           "apply to" if has_press else ""))
   if method.needs_budget and compression_ratio is None and budget is None:
     raise MethodError(f"method {method.label!r} needs compression_ratio (in [0, 1)) or "
                       f"budget (tokens kept per layer and KV head)")

@@ -152,6 +152,34 @@ class Method:
     raise NotImplementedError
 
 
+def check_prefill_press(owner: str, press: Method) -> None:
+  """A press a storage method (quantizer, channel pruner) applies first must select tokens
+  once at prefill: an eviction method, not decode-time, not head-wise."""
+  kind = ("the full cache" if not press.compresses else
+          f"a {press.family} method" if press.family != "eviction" else
+          "a decode-time method" if press.decode_time else
+          "a head-wise method" if press.headwise else None)
+  if kind is not None:
+    raise MethodError(f"{owner}(press={press.label!r}): the press must select tokens once at "
+                      f"prefill, not {kind}; e.g. snapkv, knorm, expected_attention, "
+                      f"pyramidkv, or sinks_window around one of them")
+
+
+def spec_label(method: Method) -> str:
+  """'name:key=value:...' with every hyperparameter that differs from its default (the
+  form `methods.get` accepts), so different configurations never share a label."""
+  parts = [method.name]
+  for field in dataclasses.fields(method):
+    value = getattr(method, field.name)
+    if field.default is not dataclasses.MISSING and value == field.default:
+      continue
+    shown = value.label if isinstance(value, Method) else value
+    if isinstance(field.default, str) and isinstance(value, Method) and shown == field.default:
+      continue
+    parts.append(f"{field.name}={shown}")
+  return ":".join(parts)
+
+
 def priorities(method: Method, x: LayerInputs, keep: int) -> jax.Array:
   """[B, K, S] float32: method scores, protected slots +inf, empty slots -inf."""
   prio = method.score(x).astype(jnp.float32)

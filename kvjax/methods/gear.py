@@ -80,19 +80,11 @@ class GEAR(base.Method):
     base.check_int("residual", self.residual, 0)
     if self.press is not None:
       object.__setattr__(self, "press", registry.get(self.press))
-      inner = self.press
-      if not inner.compresses or inner.decode_time or inner.headwise:
-        kind = ("the full cache" if not inner.compresses else
-                "a decode-time" if inner.decode_time else "a head-wise")
-        raise base.MethodError(
-            f"gear(press={inner.label!r}): the press must select tokens once at prefill "
-            f"(not {kind} method); e.g. snapkv, knorm, expected_attention, pyramidkv")
+      base.check_prefill_press("gear", self.press)
 
   @property
   def label(self) -> str:
-    inner = f",{self.press.label}" if self.press is not None else ""
-    return (f"{self.name}{self.bits}({self.group_size},r{self.rank}/{self.decode_rank},"
-            f"s{self.outlier_ratio:g},{self.residual}{inner})")
+    return base.spec_label(self)
 
   @property
   def needs_budget(self):

@@ -152,7 +152,7 @@ class MiKV(_MixedPrecision):
 
   @property
   def label(self) -> str:
-    return f"{self.name}{self.high_bits}/{self.low_bits}({self.press.label})"
+    return base.spec_label(self)
 
   @property
   def needs(self):
@@ -251,7 +251,7 @@ class ZipVL(_MixedPrecision):
 
   @property
   def label(self) -> str:
-    return f"{self.name}{self.high_bits}/{self.low_bits}(tau={self.tau})"
+    return base.spec_label(self)
 
   def probe_rows(self, x: base.LayerInputs) -> jax.Array:
     """[B, P] chunk rows used as probe queries: the last ceil(probe * T) rows, after

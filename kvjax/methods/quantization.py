@@ -38,18 +38,11 @@ class KIVI(base.Method):
     base.check_int("residual", self.residual, 0)
     if self.press is not None:
       object.__setattr__(self, "press", registry.get(self.press))
-      inner = self.press
-      kind = ("the full cache" if not inner.compresses else "a decode-time"
-              if inner.decode_time else "a head-wise" if inner.headwise else None)
-      if kind is not None:
-        raise base.MethodError(
-            f"kivi(press={inner.label!r}): the press must select tokens once at prefill "
-            f"(not {kind} method); e.g. snapkv, knorm, expected_attention, pyramidkv")
+      base.check_prefill_press("kivi", self.press)
 
   @property
   def label(self) -> str:
-    inner = f",{self.press.label}" if self.press is not None else ""
-    return f"{self.name}{self.bits}({self.group_size},{self.residual}{inner})"
+    return base.spec_label(self)
 
   @property
   def needs_budget(self):

@@ -11,7 +11,6 @@ import jax.numpy as jnp
 
 from kvjax.cache.channel_pruned import ChannelPrunedLayerCache
 from kvjax.methods import base, registry
-from kvjax.methods.quantization import KIVI
 
 
 def kept_channels(head_dim: int, channel_ratio: float) -> int:
@@ -72,19 +71,11 @@ class ThinK(base.Method):
     base.check_int("recent", self.recent, 0)
     if self.press is not None:
       object.__setattr__(self, "press", registry.get(self.press))
-      inner = self.press
-      kind = ("the full cache" if not inner.compresses else "a decode-time"
-              if inner.decode_time else "a head-wise" if inner.headwise
-              else "a storage-changing" if isinstance(inner, (KIVI, ThinK)) else None)
-      if kind is not None:
-        raise base.MethodError(
-            f"think(press={inner.label!r}): the press must select tokens once at prefill "
-            f"(not {kind} method); e.g. snapkv, knorm, expected_attention, pyramidkv")
+      base.check_prefill_press("think", self.press)
 
   @property
   def label(self) -> str:
-    inner = f",{self.press.label}" if self.press is not None else ""
-    return f"{self.name}({self.channel_ratio},{self.window},{self.recent}{inner})"
+    return base.spec_label(self)
 
   @property
   def needs_budget(self):

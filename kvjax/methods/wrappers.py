@@ -23,17 +23,16 @@ class Wrapper(base.Method):
     if not self.press.compresses:
       raise base.MethodError(f"{self.name} needs a compression method to wrap, got "
                              f"{self.press.name!r}")
+    if self.press.family != "eviction":
+      raise base.MethodError(
+          f"{self.name} wraps token-selecting methods; {self.press.label!r} is a "
+          f"{self.press.family} method, whose storage would ignore this wrapper. Wrap its "
+          f"press instead, e.g. kivi:press=... with press={self.name}(snapkv)")
 
   @property
   def label(self) -> str:
     return f"{self.name}({getattr(self.press, 'label', self.press.name)})"
 
-  def compact(self, cand, x, keep):
-    # A press with its own compaction (merging, quantizing) keeps it; otherwise this
-    # wrapper's hooks (its protection, its scores) drive the default top-k.
-    if type(self.press).compact is not base.Method.compact:
-      return self.press.compact(cand, x, keep)
-    return base.Method.compact(self, cand, x, keep)
 
 
 def _forward(name):

@@ -13,7 +13,8 @@ from pallas_kernels import reference
 
 def quantize(x, *, bits: int, group: int, axis: str, valid=None, scale_dtype=None):
   """x [..., S, D] -> (codes uint32 [..., S, D * bits // 32], scale, zero)."""
-  fn = kernels.quantize_pack if use_pallas() else kernels.quantize
+  # An empty part (a prompt shorter than the residual window) has nothing to launch.
+  fn = kernels.quantize_pack if use_pallas() and x.shape[-2] > 0 else kernels.quantize
   return fn(x, bits=bits, group=group, axis=axis, valid=valid, scale_dtype=scale_dtype)
 
 
