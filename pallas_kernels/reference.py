@@ -65,13 +65,13 @@ def grouped_attention(q, keys, values, seen, *, upcast=False):
   return out, lse, probs
 
 
-def _grouped(queries, num_kv_heads):
+def group_heads(queries, num_kv_heads):
   """[B, T, H, D] -> [B, K, G, T, D]."""
   b, t, h, d = queries.shape
   return jnp.moveaxis(queries.reshape(b, t, num_kv_heads, h // num_kv_heads, d), 1, 3)
 
 
-def _ungrouped(out):
+def ungroup_heads(out):
   """[B, K, G, T, D] -> [B, T, H, D]."""
   b, k, g, t, d = out.shape
   return jnp.moveaxis(out, 3, 1).reshape(b, t, k * g, d)
@@ -105,9 +105,9 @@ def attention(queries, keys, values, query_positions, key_positions, column_sums
 def _attention_block(queries, keys, values, query_positions, key_positions):
   k = keys.shape[1]
   seen = visible(query_positions[:, None, None, :], key_positions[:, :, None, :])
-  out, _, probs = grouped_attention(_grouped(queries, k), keys, values, seen)
+  out, _, probs = grouped_attention(group_heads(queries, k), keys, values, seen)
   b, _, g, t, s = probs.shape
-  return (_ungrouped(out).astype(queries.dtype),
+  return (ungroup_heads(out).astype(queries.dtype),
           probs.sum(3).reshape(b, k * g, s))
 
 
@@ -116,7 +116,7 @@ def probabilities(queries, keys, query_positions, key_positions, *, upcast=False
   k = keys.shape[1]
   seen = visible(query_positions[:, None, None, :], key_positions[:, :, None, :])
   d = queries.shape[-1]
-  logits = _products("bkgtd,bksd->bkgts", _grouped(queries, k), keys, upcast) * d ** -0.5
+  logits = _products("bkgtd,bksd->bkgts", group_heads(queries, k), keys, upcast) * d ** -0.5
   return _masked_softmax(logits, seen)[0]
 
 
@@ -135,8 +135,8 @@ def attention_flat(queries, keys, values, query_positions, key_positions, key_he
   column_sums, also [B, H, N] float32: each slot's probability summed over the queries."""
   k = num_kv_heads
   seen = _flat_seen(query_positions, key_positions, key_heads, k)
-  out, _, probs = grouped_attention(_grouped(queries, k), keys, values, seen)
-  out = _ungrouped(out).astype(queries.dtype)
+  out, _, probs = grouped_attention(group_heads(queries, k), keys, values, seen)
+  out = ungroup_heads(out).astype(queries.dtype)
   if not column_sums:
     return out
   b, _, g, _, n = probs.shape

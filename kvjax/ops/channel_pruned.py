@@ -20,12 +20,6 @@ from pallas_kernels import reference
 from pallas_kernels.decode_attention import merge_partials
 
 
-def _grouped(queries, num_kv_heads):
-  """[B, T, H, D] -> [B, K, G, T, D]."""
-  b, t, h, d = queries.shape
-  return jnp.moveaxis(queries.reshape(b, t, num_kv_heads, h // num_kv_heads, d), 1, 3)
-
-
 def decode(query, query_positions, channels, pruned_keys, pruned_values, pruned_positions,
            keys, values, positions):
   """One new token per row (query [B, 1, H, D]) over both parts -> out [B, 1, H, D].
@@ -81,7 +75,7 @@ def _attend_block(queries, query_positions, channels, pruned_keys, pruned_values
                   pruned_positions, keys, values, positions):
   b, t, h, d = queries.shape
   k = keys.shape[1]
-  q = _grouped(queries, k)
+  q = reference.group_heads(queries, k)
   seen = lambda kpos: reference.visible(query_positions[:, None, None, :], kpos[:, :, None, :])
   partials = []
   if pruned_keys.shape[2]:
