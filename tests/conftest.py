@@ -29,3 +29,18 @@ def smollm2(smollm2_gguf):
   """SmolLM2 through kvjax.load's registry path (converted to a kvjax checkpoint once)."""
   import kvjax
   return kvjax.load("smollm2-135m")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_steps(request):
+  """Each test module's compiled executables are freed when it ends: a whole-suite process
+  otherwise keeps hundreds of them (machine code) alive at once."""
+  yield
+  import gc
+
+  import jax
+  from kvjax.generation import engine
+  engine.STEPS.clear()
+  getattr(request.module, "_EXECUTABLES", {}).clear()
+  jax.clear_caches()
+  gc.collect()

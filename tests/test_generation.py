@@ -150,3 +150,23 @@ def test_chat_template_is_applied_by_default(text_model):
   rendered = tok.apply_chat_template([{"role": "user", "content": question}])
   assert chat.stats["prompt_tokens"] == [len(tok.encode(rendered, add_special_tokens=False))]
   assert plain.stats["prompt_tokens"] == [len(tok.encode(question))]
+
+
+def test_compiled_steps_evict_the_least_recently_used():
+  model = tiny_model()
+  steps = engine.CompiledSteps(max_executables=2)
+
+  def compiles(n) -> bool:
+    before = steps.compile_seconds
+    steps.prefill(model, jax.numpy.ones((1, n), "int32"), jax.numpy.ones((1, n), bool),
+                  init_cache(model.config, 1, 32))
+    return steps.compile_seconds > before
+
+  assert compiles(4) and compiles(8)
+  assert not compiles(4)          # cached; 4 is now the most recently used
+  assert compiles(16)             # a third shape: 8, the least recently used, goes
+  assert len(steps._executables) == 2
+  assert not compiles(4) and not compiles(16)
+  assert compiles(8)              # was evicted: compiled again
+  steps.clear()
+  assert not steps._executables

@@ -6,6 +6,7 @@ decode times, and the per-shape executables are reused across calls.
 
 from __future__ import annotations
 
+import collections
 import time
 
 import jax
@@ -49,21 +50,35 @@ def _signature(tree):
 
 
 class CompiledSteps:
-  """Caches compiled executables by argument shapes; records compile seconds."""
+  """Caches compiled executables by argument shapes; records compile seconds.
 
-  def __init__(self):
-    self._executables = {}
+  At most `max_executables` are kept, least recently used first out: a long sweep or
+  test session compiles hundreds of (method, shape) steps, and each executable holds its
+  machine code in memory for as long as it is cached.
+  """
+
+  def __init__(self, max_executables: int = 96):
+    self._executables = collections.OrderedDict()
+    self.max_executables = max_executables
     self.compile_seconds = 0.0
 
   def _get(self, name, jitted, static, args):
     # Whether kernels are used is read while tracing, so it is part of the key.
     key = (name, tuple(sorted(static.items(), key=lambda kv: kv[0])), _signature(args),
            use_pallas())
-    if key not in self._executables:
+    if key in self._executables:
+      self._executables.move_to_end(key)
+    else:
       start = time.perf_counter()
       self._executables[key] = jitted.lower(*args, **static).compile()
       self.compile_seconds += time.perf_counter() - start
+      while len(self._executables) > self.max_executables:
+        self._executables.popitem(last=False)
     return self._executables[key]
+
+  def clear(self) -> None:
+    """Drops every cached executable (compile seconds keep counting)."""
+    self._executables.clear()
 
   def prefill(self, model, tokens, token_mask, cache, logits="last", plan=None,
               method_params=None):
