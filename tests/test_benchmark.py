@@ -379,15 +379,21 @@ def test_script_compares_methods(tmp_path):
   shape = tmp_path / "tiny.json"
   shape.write_text(tiny_config().to_json())
   out = tmp_path / "bench.json"
-  proc = _script(f"--shape={shape}", "--methods=snapkv,h2o", "--compression_ratio=0.5",
+  kivi = "kivi:bits=4:group_size=16:residual=16"
+  proc = _script(f"--shape={shape}", f"--methods=snapkv,h2o,{kivi}", "--compression_ratio=0.5",
                  "--context_lengths=96", "--decode_steps=2", "--warmup=0", "--repeats=1",
                  "--copy_bandwidth_mib=1", f"--json_out={out}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "goals at the llama-3.1-8b shape" in proc.stdout and "speedup" in proc.stdout
   report = json.loads(out.read_text())
-  assert [r["method"] for r in report["results"]] == ["full", "snapkv", "h2o"]
-  assert report["config"]["methods"] == ["snapkv", "h2o"]
-  assert [r["keep_tokens"] for r in report["results"]] == [None, 48, 48]
+  assert [r["method"] for r in report["results"]] == ["full", "snapkv", "h2o", kivi]
+  assert report["config"]["methods"] == ["snapkv", "h2o", kivi]
+  assert [r["keep_tokens"] for r in report["results"]] == [None, 48, 48, None]
+  # The quantized cache is measured against the full one in the same run: its bytes (4-bit
+  # codes, f32 scale and zero per 16 values, a 16-token window) and its decode step time.
+  quantized = report["results"][3]
+  assert 0.2 < quantized["context_cache_ratio_to_full"] < 0.6
+  assert quantized["decode_step_seconds"] > 0 and quantized["decode_speedup"] > 0
   (bandwidth,) = [g for g in report["goals"] if g["name"] == "decode_attention_hbm_fraction"]
   assert bandwidth["met"] is None and "interpret mode" in bandwidth["reason"]
 
