@@ -291,7 +291,9 @@ def fidelity_table(cells) -> str:
 
 
 def _memory_points(cells: Sequence[dict]) -> dict:
-  """{ratio: {length: [MiB per cell]}}; ratio 0 is the full cache."""
+  """{ratio: {length: [MiB per cell]}}; ratio 0 is the full cache. Methods that keep every
+  token (quantizers: ratio 0 but compressed) are left out: the score tables' bytes column
+  reports them."""
   points = {}
   for c in cells:
     n = int(c["length"])
@@ -300,7 +302,7 @@ def _memory_points(cells: Sequence[dict]) -> dict:
       full = c.get("context_cache_bytes")
     if full is not None:
       points.setdefault(0.0, {}).setdefault(n, []).append(full / 2**20)
-    if c["method"] != FULL and c.get("context_cache_bytes") is not None:
+    if c["method"] != FULL and _ratio(c) > 0 and c.get("context_cache_bytes") is not None:
       points.setdefault(_ratio(c), {}).setdefault(n, []).append(c["context_cache_bytes"] / 2**20)
   return points
 
