@@ -50,13 +50,7 @@ def _pruned_impl(q, channels, keys, values, key_positions, query_positions, *, t
   kpos = backend.pad_axis(key_positions.astype(jnp.int32), 2, sp, -1)[:, :, None, :]
   qpos = query_positions.astype(jnp.int32).reshape(b, 1, 1)
 
-  out_shape = [jax.ShapeDtypeStruct((b, k, nc, rows, dvp), jnp.float32),
-               jax.ShapeDtypeStruct((b, k, nc, rows, 1), jnp.float32)]
-  out_specs = [pl.BlockSpec((None, None, None, rows, dvp), lambda i, j, t: (i, j, t, 0, 0)),
-               pl.BlockSpec((None, None, None, rows, 1), lambda i, j, t: (i, j, t, 0, 0))]
-  if return_probs:
-    out_shape.append(jax.ShapeDtypeStruct((b, k, rows, sp), jnp.float32))
-    out_specs.append(pl.BlockSpec((None, None, rows, c), lambda i, j, t: (i, j, 0, t)))
+  out_shape, out_specs = da.chunk_outputs(b, k, nc, rows, dvp, sp, c, return_probs)
   results = pl.pallas_call(
       functools.partial(da._attend_kernel, flat=False, return_logits=return_probs,
                         block_k=tiling.block, num_blocks=tiling.blocks_per_chunk,

@@ -19,7 +19,7 @@ from kvjax.generation import context, engine, inputs
 from kvjax.methods import GEAR, KIVI, SnapKV
 from kvjax.ops import gear as gear_ops
 from test_quantized import _np_quantize
-from tiny import tiny_chat_model, tiny_model
+from tiny import jnp_and_kernel_tokens, random_prompts, tiny_chat_model, tiny_model
 
 # head_dim 64: GEAR's group 64 and 2-bit packing fit, like SmolLM2's heads.
 D = 64
@@ -31,8 +31,7 @@ def model():
 
 
 def _prompts(lengths=(150, 200), seed=0):
-  rng = np.random.default_rng(seed)
-  return [rng.integers(0, 256, n).tolist() for n in lengths]
+  return random_prompts(lengths, seed)
 
 
 def _planted(rng, n, d, outliers=12):
@@ -419,9 +418,9 @@ def test_snapkv_then_gear_keeps_snapkv_tokens(model):
 def test_kernel_path_generates_like_jnp(model, monkeypatch):
   prompts = _prompts((70, 80))
   method = GEAR(bits=4, group_size=32, residual=16)
-  want = kvjax.generate(model, prompts, method=method, max_new_tokens=4).token_ids
-  monkeypatch.setenv("KVJAX_PALLAS", "1")
-  assert kvjax.generate(model, prompts, method=method, max_new_tokens=4).token_ids == want
+  want, got = jnp_and_kernel_tokens(model, prompts, monkeypatch, method=method,
+                                    max_new_tokens=4)
+  assert got == want
 
 
 # ----------------------------------------------------------------------------- errors

@@ -18,7 +18,7 @@ from kvjax.cache.mixed import (SLOT_BUCKET, MixedPrecisionLayerCache, dequantize
 from kvjax.generation import context, engine, inputs
 from kvjax.methods import H2O, MiKV, ZipVL, base
 from kvjax.methods.mixed_precision import balancer
-from tiny import tiny_chat_model, tiny_model
+from tiny import jnp_and_kernel_tokens, random_prompts, tiny_chat_model, tiny_model
 
 D = 32   # tiny model head_dim: 2-bit codes pack 16 per uint32 word
 
@@ -29,8 +29,7 @@ def model():
 
 
 def _prompts(lengths=(150, 200), seed=0):
-  rng = np.random.default_rng(seed)
-  return [rng.integers(0, 256, n).tolist() for n in lengths]
+  return random_prompts(lengths, seed)
 
 
 def _compact_fn(arrays, *, method, keep, layer):
@@ -362,11 +361,9 @@ def test_converse_over_a_mixed_cache(smollm2_tokenizer):
                                           (ZipVL(), None)], ids=["mikv16/4", "zipvl"])
 def test_kernel_path_generates_like_jnp(model, monkeypatch, method, ratio):
   prompts = _prompts((70, 80))
-  want = kvjax.generate(model, prompts, method=method, compression_ratio=ratio,
-                        max_new_tokens=4).token_ids
-  monkeypatch.setenv("KVJAX_PALLAS", "1")
-  assert kvjax.generate(model, prompts, method=method, compression_ratio=ratio,
-                        max_new_tokens=4).token_ids == want
+  want, got = jnp_and_kernel_tokens(model, prompts, monkeypatch, method=method,
+                                    compression_ratio=ratio, max_new_tokens=4)
+  assert got == want
 
 
 # ------------------------------------------------------------------ errors

@@ -12,7 +12,7 @@ from kvjax.cache import LayerCache
 from kvjax.cache.quantized import QuantizedLayerCache, analytic_nbytes
 from kvjax.generation import context, conversation, engine, inputs
 from kvjax.methods import KIVI, SnapKV
-from tiny import tiny_model
+from tiny import jnp_and_kernel_tokens, random_prompts, tiny_model
 
 # head_dim 32 so group 32 and 2-bit packing (16 codes per word) fit the tiny model.
 D = 32
@@ -24,8 +24,7 @@ def model():
 
 
 def _prompts(lengths=(150, 200), seed=0):
-  rng = np.random.default_rng(seed)
-  return [rng.integers(0, 256, n).tolist() for n in lengths]
+  return random_prompts(lengths, seed)
 
 
 def _np_quantize(x, valid, bits, group, axis):
@@ -216,9 +215,9 @@ def test_kernel_path_generates_like_jnp(model, monkeypatch, lengths):
   """Also with prompts shorter than the residual window (an empty quantized part)."""
   prompts = _prompts(lengths)
   method = KIVI(bits=4, group_size=32, residual=32)
-  want = kvjax.generate(model, prompts, method=method, max_new_tokens=4).token_ids
-  monkeypatch.setenv("KVJAX_PALLAS", "1")
-  assert kvjax.generate(model, prompts, method=method, max_new_tokens=4).token_ids == want
+  want, got = jnp_and_kernel_tokens(model, prompts, monkeypatch, method=method,
+                                    max_new_tokens=4)
+  assert got == want
 
 
 @pytest.mark.parametrize("build,match", [

@@ -21,7 +21,7 @@ from kvjax.generation import context, engine, inputs
 from kvjax.methods import SnapKV, ThinK, base
 from pallas_kernels import channel_pruned as cp
 from pallas_kernels import reference
-from tiny import tiny_model
+from tiny import jnp_and_kernel_tokens, random_prompts, tiny_model
 
 H, K, D, G = mi.H, mi.K, mi.D, mi.G
 
@@ -32,8 +32,7 @@ def model():
 
 
 def _prompts(lengths=(90, 120), seed=0):
-  rng = np.random.default_rng(seed)
-  return [rng.integers(0, 256, n).tolist() for n in lengths]
+  return random_prompts(lengths, seed)
 
 
 # ------------------------------------------------------------------ numpy restatement
@@ -383,9 +382,9 @@ def test_conversation_through_the_pruned_cache(smollm2_tokenizer):
 def test_kernel_path_generates_like_jnp(model, monkeypatch):
   prompts = _prompts((70, 80))
   method = ThinK(recent=16)
-  want = kvjax.generate(model, prompts, method=method, max_new_tokens=4).token_ids
-  monkeypatch.setenv("KVJAX_PALLAS", "1")
-  assert kvjax.generate(model, prompts, method=method, max_new_tokens=4).token_ids == want
+  want, got = jnp_and_kernel_tokens(model, prompts, monkeypatch, method=method,
+                                    max_new_tokens=4)
+  assert got == want
 
 
 @pytest.mark.parametrize("build,match", [

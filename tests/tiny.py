@@ -23,3 +23,18 @@ def tiny_model(seed: int = 0, tokenizer=None, **overrides):
 def tiny_chat_model(tokenizer, **overrides):
   """A tiny random model with a real tokenizer (and its chat template) and its vocabulary."""
   return tiny_model(tokenizer=tokenizer, vocab_size=tokenizer.vocab_size, **overrides)
+
+
+def random_prompts(lengths, seed: int = 0, vocab: int = 256) -> list[list[int]]:
+  """Token-id prompts of the given lengths (reproducible by seed)."""
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  return [rng.integers(0, vocab, n).tolist() for n in lengths]
+
+
+def jnp_and_kernel_tokens(model, prompts, monkeypatch, **generate_kwargs):
+  """(token ids on the jnp path, token ids with the Pallas kernels interpreted)."""
+  import kvjax
+  want = kvjax.generate(model, prompts, **generate_kwargs).token_ids
+  monkeypatch.setenv("KVJAX_PALLAS", "1")
+  return want, kvjax.generate(model, prompts, **generate_kwargs).token_ids

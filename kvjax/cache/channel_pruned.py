@@ -24,12 +24,12 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from kvjax.cache.kv_cache import COLUMN_SUMS, PROBS, LayerCache, NewTokens, Stats, nbytes
+from kvjax.cache.kv_cache import COLUMN_SUMS, PROBS, LayerCache, NewTokens, PerHeadSlots, Stats
 from kvjax.ops import channel_pruned as pruned_ops
 
 
 @struct.dataclass
-class ChannelPrunedLayerCache:
+class ChannelPrunedLayerCache(PerHeadSlots):
   channels: jax.Array    # [B, K, D'] int32: the key channels each KV head kept, ascending
   keys: jax.Array        # [B, K, S, D'] context keys (post-RoPE) at those channels
   values: jax.Array      # [B, K, S, D]
@@ -47,14 +47,6 @@ class ChannelPrunedLayerCache:
   @property
   def capacity(self) -> int:
     return self.pruned_capacity + self.full.capacity
-
-  @property
-  def nbytes(self) -> int:
-    return nbytes(self)
-
-  def slots_per_head(self, num_kv_heads: int) -> int:
-    del num_kv_heads
-    return self.capacity
 
   def free_slots(self) -> int:
     return self.full.free_slots()

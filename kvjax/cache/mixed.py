@@ -34,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from kvjax.cache.kv_cache import EMPTY_POSITION, LayerCache, NewTokens, Stats, map_state, nbytes
+from kvjax.cache.kv_cache import (EMPTY_POSITION, LayerCache, NewTokens, PerHeadSlots, Stats,
+                                  map_state)
 from kvjax.ops import attention as attention_ops
 from kvjax.ops import quantization as quant_ops
 
@@ -100,7 +101,7 @@ def dequantize_pool(pool: Pool, bits: int, group: int, dtype):
 
 
 @struct.dataclass
-class MixedPrecisionLayerCache:
+class MixedPrecisionLayerCache(PerHeadSlots):
   high: Pool               # important tokens (high_bits)
   low: Pool                # the other context tokens (low_bits)
   recent: LayerCache       # tokens appended after prefill, full precision
@@ -119,14 +120,6 @@ class MixedPrecisionLayerCache:
   def positions(self) -> jax.Array:
     return jnp.concatenate([self.high.positions, self.low.positions, self.recent.positions],
                            axis=2)
-
-  @property
-  def nbytes(self) -> int:
-    return nbytes(self)
-
-  def slots_per_head(self, num_kv_heads: int) -> int:
-    del num_kv_heads
-    return self.capacity
 
   def free_slots(self) -> int:
     return self.recent.free_slots()

@@ -8,7 +8,7 @@ import numbers
 from typing import ClassVar
 
 from kvjax.cache.gear import GearLayerCache
-from kvjax.methods import base, registry
+from kvjax.methods import base, registry, storage
 
 _BITS = (2, 4, 8)
 _MAX_OUTLIER_RATIO = 0.5
@@ -16,7 +16,7 @@ _MAX_OUTLIER_RATIO = 0.5
 
 @registry.register
 @dataclasses.dataclass(frozen=True)
-class GEAR(base.Method):
+class GEAR(storage.PressedStorage):
   """GEAR (Kang et al., 2024): X ~= put(deq(Q(X - S)), S) + A B^T for keys and values.
 
   Q is KIVI's quantizer (keys per channel in groups of `group_size` tokens, values per token
@@ -78,35 +78,12 @@ class GEAR(base.Method):
                              f"[0, {_MAX_OUTLIER_RATIO}] (the fraction of each vector kept "
                              f"as sparse outliers)")
     base.check_int("residual", self.residual, 0)
-    if self.press is not None:
-      object.__setattr__(self, "press", registry.get(self.press))
-      base.check_prefill_press("gear", self.press)
-
-  @property
-  def label(self) -> str:
-    return base.spec_label(self)
-
-  @property
-  def needs_budget(self):
-    return self.press is not None
-
-  @property
-  def needs(self):
-    return self.press.needs if self.press is not None else frozenset()
-
-  def layer_budgets(self, config, keep, context_length):
-    if self.press is None:
-      return super().layer_budgets(config, keep, context_length)
-    return self.press.layer_budgets(config, keep, context_length)
-
-  def protected_tokens(self, keep):
-    return self.press.protected_tokens(keep) if self.press is not None else 0
+    self.resolve_press()
 
   def compact(self, cand, x, keep):
     """Selects with the press (if any), then compresses all but the newest slots."""
     self.check_head_dim(cand.keys.shape[-1])
-    kept = (self.press.compact(cand, x, keep) if self.press is not None
-            else cand.replace(state=None))
+    kept = self.kept(cand, x, keep)
     return GearLayerCache.from_dense(
         kept, bits=self.bits, group=self.group_size, window=self.residual, rank=self.rank,
         decode_rank=self.decode_rank, loops=self.loops, outlier_ratio=self.outlier_ratio)

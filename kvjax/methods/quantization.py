@@ -6,14 +6,14 @@ import dataclasses
 from typing import ClassVar
 
 from kvjax.cache.quantized import QuantizedLayerCache
-from kvjax.methods import base, registry
+from kvjax.methods import base, registry, storage
 
 _BITS = (2, 4, 8)
 
 
 @registry.register
 @dataclasses.dataclass(frozen=True)
-class KIVI(base.Method):
+class KIVI(storage.PressedStorage):
   """KIVI: keys quantized per channel (groups of `group_size` tokens), values per token
   (groups of `group_size` channels), asymmetric `bits`-bit codes, the newest `residual`
   tokens kept in full precision and flushed into the quantized part group by group.
@@ -36,37 +36,14 @@ class KIVI(base.Method):
     if self.group_size & (self.group_size - 1):
       raise base.MethodError(f"group_size={self.group_size} must be a power of two")
     base.check_int("residual", self.residual, 0)
-    if self.press is not None:
-      object.__setattr__(self, "press", registry.get(self.press))
-      base.check_prefill_press("kivi", self.press)
-
-  @property
-  def label(self) -> str:
-    return base.spec_label(self)
-
-  @property
-  def needs_budget(self):
-    return self.press is not None
-
-  @property
-  def needs(self):
-    return self.press.needs if self.press is not None else frozenset()
-
-  def layer_budgets(self, config, keep, context_length):
-    if self.press is None:
-      return super().layer_budgets(config, keep, context_length)
-    return self.press.layer_budgets(config, keep, context_length)
-
-  def protected_tokens(self, keep):
-    return self.press.protected_tokens(keep) if self.press is not None else 0
+    self.resolve_press()
 
   def compact(self, cand, x, keep):
     """Selects with the press (if any), then quantizes all but the newest slots. Without a
     press every candidate is kept, so chunked prefill re-quantizes the same groups (the
     min/max of a dequantized group are its own scale and zero: the codes come back)."""
     self.check_head_dim(cand.keys.shape[-1])
-    kept = (self.press.compact(cand, x, keep) if self.press is not None
-            else cand.replace(state=None))
+    kept = self.kept(cand, x, keep)
     return QuantizedLayerCache.from_dense(kept, self.bits, self.group_size, self.residual)
 
   def check_head_dim(self, head_dim: int) -> None:

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.cache.channel_pruned import ChannelPrunedLayerCache
-from kvjax.methods import base, registry
+from kvjax.methods import base, registry, storage
 
 
 def kept_channels(head_dim: int, channel_ratio: float) -> int:
@@ -40,7 +40,7 @@ def channel_scores(queries, query_positions, keys, key_positions, window: int):
 
 @registry.register
 @dataclasses.dataclass(frozen=True)
-class ThinK(base.Method):
+class ThinK(storage.PressedStorage):
   """ThinK: per KV head, prune the `channel_ratio` fraction of key channels with the least
   query-key energy (scored with the last `window` queries of the prefill), storing the
   context keys at the kept channels only; the last `recent` context keys and every later
@@ -69,29 +69,7 @@ class ThinK(base.Method):
                              f"fraction of key channels pruned")
     base.check_int("window", self.window, 1)
     base.check_int("recent", self.recent, 0)
-    if self.press is not None:
-      object.__setattr__(self, "press", registry.get(self.press))
-      base.check_prefill_press("think", self.press)
-
-  @property
-  def label(self) -> str:
-    return base.spec_label(self)
-
-  @property
-  def needs_budget(self):
-    return self.press is not None
-
-  @property
-  def needs(self):
-    return self.press.needs if self.press is not None else frozenset()
-
-  def layer_budgets(self, config, keep, context_length):
-    if self.press is None:
-      return super().layer_budgets(config, keep, context_length)
-    return self.press.layer_budgets(config, keep, context_length)
-
-  def protected_tokens(self, keep):
-    return self.press.protected_tokens(keep) if self.press is not None else 0
+    self.resolve_press()
 
   def select_channels(self, x: base.LayerInputs, keys, key_positions) -> jax.Array:
     """[B, K, D'] int32 ascending: each KV head's top-D' channels by `channel_scores`."""
@@ -104,7 +82,6 @@ class ThinK(base.Method):
     """Selects tokens with the press (if any), scores the channels over the kept slots
     (ThinK scores after token eviction) and stores all but the `recent` newest slots at
     the chosen channels."""
-    kept = (self.press.compact(cand, x, keep) if self.press is not None
-            else cand.replace(state=None))
+    kept = self.kept(cand, x, keep)
     channels = self.select_channels(x, kept.keys, kept.positions)
     return ChannelPrunedLayerCache.from_dense(kept, channels, self.recent)
