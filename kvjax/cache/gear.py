@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from kvjax.cache import quantized
-from kvjax.cache.kv_cache import EMPTY_POSITION, LayerCache, NewTokens, nbytes
+from kvjax.cache.kv_cache import EMPTY_POSITION, LayerCache, NewTokens
 from kvjax.cache.quantized import QuantizedKV, quantize_slots
 from kvjax.ops import gear as gear_ops
 from kvjax.ops import quantization as quant_ops
@@ -170,7 +170,7 @@ def _pad(part: GearBlocks, groups: int, group: int) -> GearBlocks:
 
 
 @struct.dataclass
-class GearLayerCache:
+class GearLayerCache(quantized.ResidualWindow):
   prompt: GearBlocks       # the prefill context's compressed slots (one block)
   decode: GearBlocks       # flushed decode groups (one block each)
   end: jax.Array           # int32 scalar: decode slots filled (a multiple of group)
@@ -196,19 +196,8 @@ class GearLayerCache:
                             self.residual.positions], axis=2)
 
   @property
-  def nbytes(self) -> int:
-    return nbytes(self)
-
-  def slots_per_head(self, num_kv_heads: int) -> int:
-    del num_kv_heads
-    return self.capacity
-
-  def free_slots(self) -> int:
-    # As in KIVI's layout: the residual's free room, bounded by the decode part's room for
-    # the groups a chunk would flush.
-    decode_free = self.decode.capacity - int(self.end)
-    below_flush = max(0, self.window + self.group - 1 - int(self.residual.end))
-    return min(self.residual.free_slots(), decode_free + below_flush)
+  def flushed_capacity(self) -> int:
+    return self.decode.capacity
 
   def logical_axes(self) -> dict:
     slot = ("batch", "kv_heads", "slots")
@@ -260,25 +249,12 @@ class GearLayerCache:
     # Every phase reads the dense reconstruction (see the module docstring for why).
     return self.dequantized().attend(queries, query_positions, pending, want)
 
-  def append(self, new: NewTokens) -> "GearLayerCache":
-    """Writes to the residual, then compresses whole groups (decode rank) while it holds
-    window + group."""
-    cache = self.replace(residual=self.residual.append(new))
-    g = self.group
-
-    def flush(c):
-      r = c.residual
-      part = compress_block(r.keys[:, :, :g], r.values[:, :, :g], r.positions[:, :, :g],
-                            bits=self.bits, group=g, rank=self.decode_rank, loops=self.loops,
-                            outlier_ratio=self.outlier_ratio, dtype=r.keys.dtype)
-      shift = lambda a, fill: jnp.concatenate(
-          [a[:, :, g:], jnp.full(a.shape[:2] + (g,) + a.shape[3:], fill, a.dtype)], axis=2)
-      residual = r.replace(keys=shift(r.keys, 0), values=shift(r.values, 0),
-                           positions=shift(r.positions, EMPTY_POSITION), end=r.end - g)
-      return c.replace(decode=_write(c.decode, part, c.end, g), end=c.end + g,
-                       residual=residual)
-
-    return jax.lax.while_loop(lambda c: c.residual.end >= self.window + g, flush, cache)
+  def store_group(self, keys, values, positions) -> "GearLayerCache":
+    """One flushed group compressed (decode rank) into the decode part at `end`."""
+    part = compress_block(keys, values, positions, bits=self.bits, group=self.group,
+                          rank=self.decode_rank, loops=self.loops,
+                          outlier_ratio=self.outlier_ratio, dtype=keys.dtype)
+    return self.replace(decode=_write(self.decode, part, self.end, self.group))
 
   def candidates(self, new: NewTokens) -> LayerCache:
     return self.dequantized().candidates(new)
@@ -292,9 +268,8 @@ class GearLayerCache:
     if room == 0:
       return self
     g = self.group
-    extra = max(0, self.window + g - 1 - self.residual.capacity) + room
     return self.replace(decode=_pad(self.decode, -(-room // g), g),
-                        residual=self.residual.grow(extra))
+                        residual=self.grown_residual(room))
 
 
 def analytic_nbytes(batch: int, kv_heads: int, prompt_slots: int, decode_slots: int,

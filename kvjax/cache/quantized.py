@@ -53,8 +53,48 @@ def quantize_slots(keys, values, positions, bits: int, group: int, scale_dtype) 
                      value_zero=vz, positions=positions.astype(jnp.int32))
 
 
+class ResidualWindow(PerHeadSlots):
+  """A full-precision `residual` window in front of compressed storage (KIVI, GEAR).
+
+  Fields the layout has: `residual` (a dense LayerCache), `end` (compressed slots filled,
+  a multiple of `group`), static `window` and `group`; `flushed_capacity` is how many slots
+  the compressed storage for flushed groups holds, and `store_group(keys, values,
+  positions)` returns the layout with one more group stored at `end`.
+  """
+
+  def free_slots(self) -> int:
+    # Flushing keeps the residual below window + group, so appends are bounded by the
+    # residual's free room and the compressed storage's room for flushed groups.
+    flushed_free = self.flushed_capacity - int(self.end)
+    below_flush = max(0, self.window + self.group - 1 - int(self.residual.end))
+    return min(self.residual.free_slots(), flushed_free + below_flush)
+
+  def append(self, new: NewTokens):
+    """Writes to the residual, then flushes its oldest whole groups while it holds
+    window + group tokens."""
+    g = self.group
+
+    def flush(c):
+      r = c.residual
+      stored = c.store_group(r.keys[:, :, :g], r.values[:, :, :g], r.positions[:, :, :g])
+      shift = lambda a, fill: jnp.concatenate(
+          [a[:, :, g:], jnp.full(a.shape[:2] + (g,) + a.shape[3:], fill, a.dtype)], axis=2)
+      residual = r.replace(keys=shift(r.keys, 0), values=shift(r.values, 0),
+                           positions=shift(r.positions, EMPTY_POSITION), end=r.end - g)
+      return stored.replace(end=c.end + g, residual=residual)
+
+    cache = self.replace(residual=self.residual.append(new))
+    return jax.lax.while_loop(lambda c: c.residual.end >= self.window + g, flush, cache)
+
+  def grown_residual(self, room: int) -> LayerCache:
+    """The residual with room for a `room`-token chunk on top of the up to window + group
+    - 1 tokens it may hold before flushing."""
+    return self.residual.grow(max(0, self.window + self.group - 1 - self.residual.capacity)
+                              + room)
+
+
 @struct.dataclass
-class QuantizedLayerCache(PerHeadSlots):
+class QuantizedLayerCache(ResidualWindow):
   quantized: QuantizedKV
   end: jax.Array           # int32 scalar: quantized slots filled (a multiple of group)
   residual: LayerCache     # the full-precision recent window
@@ -70,12 +110,9 @@ class QuantizedLayerCache(PerHeadSlots):
   def capacity(self) -> int:
     return self.quantized.capacity + self.residual.capacity
 
-  def free_slots(self) -> int:
-    # Flushing keeps the residual below window + group, so appends are bounded by the
-    # residual's free room and the quantized part's room for flushed groups.
-    quantized_free = self.quantized.capacity - int(self.end)
-    below_flush = max(0, self.window + self.group - 1 - int(self.residual.end))
-    return min(self.residual.free_slots(), quantized_free + below_flush)
+  @property
+  def flushed_capacity(self) -> int:
+    return self.quantized.capacity
 
   def logical_axes(self) -> dict:
     slot = ("batch", "kv_heads", "slots")
@@ -135,36 +172,21 @@ class QuantizedLayerCache(PerHeadSlots):
                                           out_r.reshape(shape).astype(jnp.float32), lse_r)
     return out.reshape(queries.shape).astype(queries.dtype), Stats()
 
-  def append(self, new: NewTokens) -> "QuantizedLayerCache":
-    """Writes to the residual, then flushes whole groups while it holds window + group."""
-    cache = self.replace(residual=self.residual.append(new))
-    limit = self.window + self.group
-
-    def flush(c):
-      r = c.residual
-      g = self.group
-      part = quantize_slots(r.keys[:, :, :g], r.values[:, :, :g], r.positions[:, :, :g],
-                            self.bits, g, c.quantized.key_scale.dtype)
-      q = c.quantized
-      quantized = QuantizedKV(
-          key_codes=jax.lax.dynamic_update_slice_in_dim(q.key_codes, part.key_codes, c.end, 2),
-          key_scale=jax.lax.dynamic_update_slice_in_dim(q.key_scale, part.key_scale,
-                                                         c.end // g, 2),
-          key_zero=jax.lax.dynamic_update_slice_in_dim(q.key_zero, part.key_zero, c.end // g, 2),
-          value_codes=jax.lax.dynamic_update_slice_in_dim(q.value_codes, part.value_codes,
-                                                           c.end, 2),
-          value_scale=jax.lax.dynamic_update_slice_in_dim(q.value_scale, part.value_scale,
-                                                           c.end, 2),
-          value_zero=jax.lax.dynamic_update_slice_in_dim(q.value_zero, part.value_zero,
-                                                          c.end, 2),
-          positions=jax.lax.dynamic_update_slice_in_dim(q.positions, part.positions, c.end, 2))
-      shift = lambda a, fill: jnp.concatenate(
-          [a[:, :, g:], jnp.full(a.shape[:2] + (g,) + a.shape[3:], fill, a.dtype)], axis=2)
-      residual = r.replace(keys=shift(r.keys, 0), values=shift(r.values, 0),
-                           positions=shift(r.positions, EMPTY_POSITION), end=r.end - g)
-      return c.replace(quantized=quantized, end=c.end + g, residual=residual)
-
-    return jax.lax.while_loop(lambda c: c.residual.end >= limit, flush, cache)
+  def store_group(self, keys, values, positions) -> "QuantizedLayerCache":
+    """One flushed group of slots quantized into the quantized part at `end`."""
+    g = self.group
+    part = quantize_slots(keys, values, positions, self.bits, g,
+                          self.quantized.key_scale.dtype)
+    q = self.quantized
+    at = lambda old, new, start: jax.lax.dynamic_update_slice_in_dim(old, new, start, 2)
+    return self.replace(quantized=QuantizedKV(
+        key_codes=at(q.key_codes, part.key_codes, self.end),
+        key_scale=at(q.key_scale, part.key_scale, self.end // g),
+        key_zero=at(q.key_zero, part.key_zero, self.end // g),
+        value_codes=at(q.value_codes, part.value_codes, self.end),
+        value_scale=at(q.value_scale, part.value_scale, self.end),
+        value_zero=at(q.value_zero, part.value_zero, self.end),
+        positions=at(q.positions, part.positions, self.end)))
 
   def candidates(self, new: NewTokens) -> LayerCache:
     return self.dequantized().candidates(new)
@@ -187,9 +209,7 @@ class QuantizedLayerCache(PerHeadSlots):
         key_zero=pad(q.key_zero, groups), value_codes=pad(q.value_codes, groups * g),
         value_scale=pad(q.value_scale, groups * g), value_zero=pad(q.value_zero, groups * g),
         positions=pad(q.positions, groups * g, EMPTY_POSITION))
-    # The residual may hold up to window + group - 1 tokens before a chunk is appended.
-    extra = max(0, self.window + g - 1 - self.residual.capacity) + room
-    return self.replace(quantized=quantized, residual=self.residual.grow(extra))
+    return self.replace(quantized=quantized, residual=self.grown_residual(room))
 
 
 def analytic_nbytes(batch: int, kv_heads: int, quantized_slots: int, residual_slots: int,
