@@ -245,13 +245,13 @@ def _time_prefill_and_decode(model, tokens, mask, first_tokens, method, keep, ro
            "capacity": slots_per_head(model.config, cache), "budgets": pre.budgets}
 
   key = jax.random.key(0)  # greedy decoding ignores it
-  next_tokens = first_tokens
   compile_before = steps.compile_seconds
   start = time.perf_counter()
-  # Steps chain on device; one sync at the end, as a serving loop without host logic would.
-  for _ in range(decode_steps):
-    next_tokens, _, cache = steps.decode(model, next_tokens, cache, key, 1.0, 1.0, True,
-                                         plan=plan)
+  # All steps in one compiled loop (no EOS: random weights must not stop early), as
+  # generate decodes.
+  _, ran, cache, next_tokens, _ = steps.decode_loop(
+      model, first_tokens, cache, key, 1, decode_steps, 1.0, 1.0, True, [], decode_steps,
+      plan=plan)
   _block((next_tokens, cache))
   decode = time.perf_counter() - start - (steps.compile_seconds - compile_before)
   return prefill, decode, facts

@@ -20,6 +20,11 @@ from pallas_kernels.decode_attention import EMPTY_LSE
 _HI = lax.Precision.HIGHEST
 # Long query chunks are processed in blocks of this many queries: O(block * S) memory.
 QUERY_BLOCK = 512
+# `attention` runs chunks of more queries than this blockwise, in blocks of this size
+# (measured on 2 CPU cores at 2K tokens: 512 x 512 was 3x faster than the unblocked
+# attention, 256 x 256 2.3x).
+BLOCKED_MIN_QUERIES = 64
+BLOCK_Q, BLOCK_K = 512, 512
 
 
 def visible(query_positions, key_positions):
@@ -48,6 +53,23 @@ def _products(equation, a, b, upcast):
   return jnp.einsum(equation, a, b, precision=precision).astype(jnp.float32)
 
 
+def _one_query_logits(q, keys):
+  """Logits [B, K, G, 1, S] of one query per head (decode) as a product summed over D.
+
+  XLA:CPU lowers the equivalent dot as a transposed copy of the whole cache plus a
+  matrix-vector product; this reads each key once in one fused pass (about 2x faster).
+  Products and sums run in float32 whatever the cache dtype.
+  """
+  kv = keys[:, :, None, None] if keys.ndim == 4 else keys[:, None, None, None]
+  return jnp.sum(q[..., None, :].astype(jnp.float32) * kv.astype(jnp.float32), axis=-1)
+
+
+def _one_query_output(probs, values):
+  """sum_s probs[..., s] * values[s] for probs [B, K, G, 1, S] (decode), fused as above."""
+  v = values[:, :, None, None] if values.ndim == 4 else values[:, None, None, None]
+  return jnp.sum(probs[..., None] * v.astype(jnp.float32), axis=-2)
+
+
 def grouped_attention(q, keys, values, seen, *, upcast=False):
   """The one attention everything here is made of.
 
@@ -58,11 +80,112 @@ def grouped_attention(q, keys, values, seen, *, upcast=False):
   """
   d = q.shape[-1]
   kv = "bksd" if keys.ndim == 4 else "bsd"
-  logits = _products(f"bkgtd,{kv}->bkgts", q, keys, upcast) * d ** -0.5
+  if q.shape[3] == 1:
+    logits = _one_query_logits(q, keys) * d ** -0.5
+  else:
+    logits = _products(f"bkgtd,{kv}->bkgts", q, keys, upcast) * d ** -0.5
   probs, lse = _masked_softmax(logits, seen)
+  if q.shape[3] == 1:
+    return _one_query_output(probs, values), lse, probs
   dtype = jnp.float32 if upcast else values.dtype
   out = _products(f"bkgts,{kv}->bkgtd", probs.astype(dtype), values, upcast)
   return out, lse, probs
+
+
+def _pad_axis(x, axis, size, value):
+  if x.shape[axis] == size:
+    return x
+  pads = [(0, 0)] * x.ndim
+  pads[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, pads, constant_values=value)
+
+
+def blocked_attention(q, keys, values, query_positions, key_positions, *,
+                      column_sums=False, block_q=BLOCK_Q, block_k=BLOCK_K):
+  """Causal attention in blocks with an online softmax (flash attention in jnp).
+
+  q [B, K, G, T, D]; keys/values [B, K, S, D]; query_positions [B, T]; key_positions
+  [B, K, S]. Returns (out [B, K, G, T, D] float32, column sums [B, K, G, S] float32 or
+  None). Memory is O(block_q * block_k) per head instead of O(T * S), and a query block
+  visits key blocks only up to the last one holding a slot it can see: in a prefill, the
+  new chunk's future tokens and the empty room after it are skipped (about half the work
+  of a causal prompt). Column sums take a second pass over the same blocks, normalised by
+  each query's final log-sum-exp.
+  """
+  b, k, g, t, d = q.shape
+  s = keys.shape[2]
+  block_q, block_k = min(block_q, t), min(block_k, s)
+  nq, nk = -(-t // block_q), -(-s // block_k)
+  q = _pad_axis(q, 3, nq * block_q, 0)
+  query_positions = _pad_axis(query_positions, 1, nq * block_q, -1)
+  keys = _pad_axis(keys, 2, nk * block_k, 0)
+  values = _pad_axis(values, 2, nk * block_k, 0)
+  key_positions = _pad_axis(key_positions, 2, nk * block_k, -1)
+  # Key block j holds a slot that query block i sees only if its smallest position is at
+  # most the block's largest query position (over the batch: one loop serves all rows).
+  first = jnp.where(key_positions >= 0, key_positions, jnp.iinfo(jnp.int32).max)
+  first = first.reshape(b, k, nk, block_k).min(axis=(0, 1, 3))            # [nk]
+  last_query = query_positions.reshape(b, nq, block_q).max(axis=(0, 2))   # [nq]
+  reach = first[None, :] <= last_query[:, None]                            # [nq, nk]
+  visits = jnp.where(reach.any(1), nk - jnp.argmax(reach[:, ::-1], axis=1), 0)
+  # Key block j is clear for query block i when every query there sees every slot of it.
+  filled = jnp.all(key_positions.reshape(b, k, nk, block_k) >= 0, axis=(0, 1, 3))
+  lowest_query = jnp.where(query_positions >= 0, query_positions, -1).reshape(
+      b, nq, block_q).min(axis=(0, 2))
+  last_key = key_positions.reshape(b, k, nk, block_k).max(axis=(0, 1, 3))
+  clear = filled[None, :] & (last_key[None, :] <= lowest_query[:, None])  # [nq, nk]
+  scale = d ** -0.5
+
+  def key_block(j, qi, qpos, masked=True):
+    kj = lax.dynamic_slice_in_dim(keys, j * block_k, block_k, axis=2)
+    kpos = lax.dynamic_slice_in_dim(key_positions, j * block_k, block_k, axis=2)
+    logits = _products("bkgtd,bksd->bkgts", qi, kj, False) * scale
+    if not masked:
+      return logits, None
+    seen = visible(qpos[:, None, None, :], kpos[:, :, None, :])
+    return jnp.where(seen, logits, -jnp.inf), seen
+
+  def query_block(sums, i):
+    qi = lax.dynamic_slice_in_dim(q, i * block_q, block_q, axis=3)
+    qpos = lax.dynamic_slice_in_dim(query_positions, i * block_q, block_q, axis=1)
+
+    def accumulate(j, carry):
+      m, l, acc = carry
+      # Blocks every query of the block sees entirely (all but the diagonal ones of a
+      # prompt without padding) skip building and applying the mask.
+      logits = lax.cond(clear[i, j], lambda: key_block(j, qi, qpos, masked=False)[0],
+                        lambda: key_block(j, qi, qpos)[0])
+      m_new = jnp.maximum(m, logits.max(-1))
+      shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+      p = jnp.exp(logits - shift[..., None])
+      rescale = jnp.exp(m - shift)
+      vj = lax.dynamic_slice_in_dim(values, j * block_k, block_k, axis=2)
+      pv = _products("bkgts,bksd->bkgtd", p.astype(values.dtype), vj, False)
+      return m_new, l * rescale + p.sum(-1), acc * rescale[..., None] + pv
+
+    rows = qi.shape[:-1]
+    m, l, acc = lax.fori_loop(0, visits[i], accumulate,
+                              (jnp.full(rows, -jnp.inf), jnp.zeros(rows),
+                               jnp.zeros(qi.shape, jnp.float32)))
+    any_seen = l > 0  # the largest visible logit contributes exp(0) = 1
+    out = acc / jnp.where(any_seen, l, 1.0)[..., None]
+    if sums is None:
+      return None, out
+    lse = jnp.where(any_seen, m + jnp.log(jnp.where(any_seen, l, 1.0)), 0.0)
+
+    def add_column_sums(j, sums):
+      logits, seen = key_block(j, qi, qpos)
+      p = jnp.where(seen, jnp.exp(logits - lse[..., None]), 0.0).sum(3)   # [B, K, G, bk]
+      start = (0, 0, 0, j * block_k)
+      return lax.dynamic_update_slice(
+          sums, lax.dynamic_slice(sums, start, p.shape) + p, start)
+
+    return lax.fori_loop(0, visits[i], add_column_sums, sums), out
+
+  sums = jnp.zeros((b, k, g, nk * block_k), jnp.float32) if column_sums else None
+  sums, out = lax.scan(query_block, sums, jnp.arange(nq))
+  out = jnp.moveaxis(out, 0, 3).reshape(b, k, g, nq * block_q, d)[:, :, :, :t]
+  return out, (None if sums is None else sums[..., :s])
 
 
 def group_heads(queries, num_kv_heads):
@@ -81,34 +204,22 @@ def attention(queries, keys, values, query_positions, key_positions, column_sums
   """Causal attention by original positions (prefill and decode on CPU).
 
   queries [B, T, H, D]; keys/values [B, K, S, D]; query_positions [B, T];
-  key_positions [B, K, S] (negative = empty slot). Long query chunks run in blocks of
-  QUERY_BLOCK. With column_sums, also returns [B, H, S] float32: each key's attention
-  probability summed over the (non-padding) queries.
+  key_positions [B, K, S] (negative = empty slot). Chunks of more than BLOCKED_MIN_QUERIES
+  queries run `blocked_attention`. With column_sums, also returns [B, H, S] float32: each
+  key's attention probability summed over the (non-padding) queries.
   """
-  t = queries.shape[1]
-  if t <= QUERY_BLOCK or t % QUERY_BLOCK:
-    out, sums = _attention_block(queries, keys, values, query_positions, key_positions)
-    return (out, sums) if column_sums else out
-  blocks = t // QUERY_BLOCK
-  split = lambda x: jnp.moveaxis(x.reshape(x.shape[0], blocks, QUERY_BLOCK, *x.shape[2:]), 1, 0)
-
-  def block(carry, qp):
-    out, sums = _attention_block(qp[0], keys, values, qp[1], key_positions)
-    return carry + sums, out
-
-  zero = jnp.zeros((queries.shape[0], queries.shape[2], keys.shape[2]), jnp.float32)
-  sums, out = lax.scan(block, zero, (split(queries), split(query_positions)))
-  out = jnp.moveaxis(out, 0, 1).reshape(queries.shape)
-  return (out, sums) if column_sums else out
-
-
-def _attention_block(queries, keys, values, query_positions, key_positions):
+  b, t, h, _ = queries.shape
   k = keys.shape[1]
-  seen = visible(query_positions[:, None, None, :], key_positions[:, :, None, :])
-  out, _, probs = grouped_attention(group_heads(queries, k), keys, values, seen)
-  b, _, g, t, s = probs.shape
-  return (ungroup_heads(out).astype(queries.dtype),
-          probs.sum(3).reshape(b, k * g, s))
+  grouped = group_heads(queries, k)
+  if t > BLOCKED_MIN_QUERIES:
+    out, sums = blocked_attention(grouped, keys, values, query_positions, key_positions,
+                                  column_sums=column_sums)
+  else:
+    seen = visible(query_positions[:, None, None, :], key_positions[:, :, None, :])
+    out, _, probs = grouped_attention(grouped, keys, values, seen)
+    sums = probs.sum(3) if column_sums else None
+  out = ungroup_heads(out).astype(queries.dtype)
+  return (out, sums.reshape(b, h, -1)) if column_sums else out
 
 
 def probabilities(queries, keys, query_positions, key_positions, *, upcast=False):

@@ -10,7 +10,9 @@ import collections
 import time
 
 import jax
+from jax import lax
 import jax.numpy as jnp
+import numpy as np
 
 from kvjax.cache import kv_cache
 from kvjax.generation import sampling
@@ -33,12 +35,51 @@ def _decode(params, tokens, active, cache, key, temperature, top_p, method_param
   return next_tokens, logits, cache
 
 
+def _decode_loop(params, tokens, active, cache, key, first_step, limit, temperature, top_p,
+                 eos, method_params, *, graphdef, greedy, plan, chunk, mask_finished):
+  """Up to `limit` (<= chunk) decode steps in one call, stopping once every row is done.
+
+  A row is done when it samples a token of `eos` [E] (or was inactive on entry). With
+  mask_finished, done rows feed masked tokens, exactly as step-by-step decoding with
+  `active` does; otherwise every row keeps decoding, as the step-by-step loop without
+  `active`. Step i samples with `fold_in(key, first_step + i)`, the key the step-by-step
+  loop uses, so both give the same tokens. Returns (tokens [B, chunk] (-1 after the steps
+  run), steps run, cache, each row's last sampled token, active).
+  """
+  rows = tokens.shape[0]
+
+  def running(carry):
+    i, _, _, active, _ = carry
+    return (i < limit) & jnp.any(active)
+
+  def step(carry):
+    i, tokens, cache, active, out = carry
+    fed = active if mask_finished else jnp.ones_like(active)
+    logits, cache = transformer.forward(graphdef, params, tokens[:, None], fed[:, None],
+                                        cache, "last", plan, method_params)
+    next_tokens = sampling.sample(logits, jax.random.fold_in(key, first_step + i),
+                                  temperature, top_p, greedy)
+    # A done row's token is only a placeholder: keep its last real one.
+    next_tokens = jnp.where(active | ~mask_finished, next_tokens, tokens)
+    out = lax.dynamic_update_slice(out, next_tokens[:, None], (0, i))
+    active = active & ~jnp.any(next_tokens[:, None] == eos[None, :], axis=1)
+    return i + 1, next_tokens, cache, active, out
+
+  out = jnp.full((rows, chunk), -1, jnp.int32)
+  i, tokens, cache, active, out = lax.while_loop(
+      running, step, (jnp.int32(0), tokens.astype(jnp.int32), cache, active, out))
+  return out, i, cache, tokens, active
+
+
 _prefill_jit = jax.jit(_prefill, static_argnames=("graphdef", "logits", "plan"),
                       donate_argnames=("cache",))
 # Compressing changes the cache's shapes, so its input buffers could not be reused anyway.
 _compress_jit = jax.jit(_prefill, static_argnames=("graphdef", "logits", "plan"))
 _decode_jit = jax.jit(_decode, static_argnames=("graphdef", "greedy", "plan"),
                      donate_argnames=("cache",))
+_decode_loop_jit = jax.jit(_decode_loop, static_argnames=("graphdef", "greedy", "plan", "chunk",
+                                                       "mask_finished"),
+                           donate_argnames=("cache",))
 
 
 _grow_jit = jax.jit(kv_cache.grow, static_argnames=("room",))
@@ -95,6 +136,23 @@ class CompiledSteps:
             jnp.float32(top_p), method_params)
     return self._get("decode", _decode_jit, dict(graphdef=model.graphdef, greedy=greedy,
                                                  plan=plan), args)(*args)
+
+  def decode_loop(self, model, tokens, cache, key, first_step: int, limit: int, temperature,
+                  top_p, greedy, eos, chunk: int, plan=None, active=None,
+                  mask_finished: bool = False, method_params=None):
+    """Up to `limit` decode steps in one compiled call (see `_decode_loop`): returns
+    (tokens [B, chunk] as a host array, steps run, cache, last tokens, active)."""
+    if not 1 <= limit <= chunk:
+      raise ValueError(f"limit={limit} must be in [1, chunk={chunk}]")
+    active = jnp.ones(tokens.shape, bool) if active is None else jnp.asarray(active, bool)
+    eos = jnp.asarray(list(eos) or [-1], jnp.int32)
+    args = (model.params, tokens, active, cache, key, jnp.int32(first_step), jnp.int32(limit),
+            jnp.float32(temperature), jnp.float32(top_p), eos, method_params)
+    static = dict(graphdef=model.graphdef, greedy=greedy, plan=plan, chunk=chunk,
+                  mask_finished=mask_finished)
+    out, steps_run, cache, last, active = self._get("decode_loop", _decode_loop_jit, static,
+                                                    args)(*args)
+    return np.asarray(out), int(steps_run), cache, last, active
 
   def grow(self, cache, room: int):
     """The cache with `room` more empty slots per head (for question and generated tokens)."""

@@ -25,6 +25,9 @@ class GenerationResult:
   stats: dict
 
 
+# Decode steps per compiled call (one executable per shape serves any max_new_tokens).
+DECODE_CHUNK = 16
+
 _sample_jit = jax.jit(sampling.sample, static_argnames=("greedy",))
 
 
@@ -149,18 +152,23 @@ def complete(model, logits, cache, plan, question_tokens=None, question_mask=Non
         finished[r] = True
 
   accept(next_host)
+  # Steps run DECODE_CHUNK at a time in one compiled loop that stops at EOS. Stop strings
+  # are found here on the host, so a cache that must end exactly at each row's text
+  # (mask_finished) is decoded one step per call when there are any.
+  one_by_one = mask_finished and tracker.active and bool(tracker.stops)
   while not finished.all() and decode_steps < max_new_tokens - 1:
+    limit = 1 if one_by_one else min(DECODE_CHUNK, max_new_tokens - 1 - decode_steps)
     compile_before = steps.compile_seconds
     step_start = time.perf_counter()
-    next_tokens, _, cache = steps.decode(model, next_tokens, cache,
-                                         jax.random.fold_in(key, decode_steps + 1),
-                                         temperature or 1.0, top_p, greedy, plan,
-                                         active=~finished if mask_finished else None)
-    next_host = np.asarray(next_tokens)
+    tokens_host, ran, cache, next_tokens, _ = steps.decode_loop(
+        model, next_tokens, cache, key, decode_steps + 1, limit, temperature or 1.0, top_p,
+        greedy, sorted(eos), DECODE_CHUNK, plan, active=~finished,
+        mask_finished=mask_finished)
     decode_seconds += (time.perf_counter() - step_start
                        - (steps.compile_seconds - compile_before))
-    decode_steps += 1
-    accept(next_host)
+    decode_steps += ran
+    for i in range(ran):
+      accept(tokens_host[:, i])
 
   texts = []
   for r in range(rows):
