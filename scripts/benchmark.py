@@ -4,17 +4,22 @@
   python scripts/benchmark.py --model=smollm2-135m --methods=snapkv,h2o --compression_ratio=0.5
   python scripts/benchmark.py --shape=llama-3.1-8b --context_lengths=32768 --batch_sizes=8 \
       --methods=snapkv,knorm --compression_ratio=0.9 --json_out=/tmp/bench.json
+  python scripts/benchmark.py --model=smollm2-135m --baseline=transformers \
+      --context_lengths=512,2048 --batch_sizes=1 --plot_out=/tmp/side_by_side.png
 
 Per method, context length and batch size: prefill seconds (compression included) and its
 overhead over the full cache's, decode ms/step and tokens/s, context cache bytes and their
 ratio to the full cache's, and the decode-step speedup. On GPU/TPU the Pallas decode-attention
 kernel is also timed alone. The report ends with the issue's goals next to the measurements.
 --shape benchmarks random weights at a real model's shapes (or a JSON ModelConfig file).
+--baseline=transformers times Hugging Face transformers on the same weights next to kvjax
+(float32, interleaved repeats, paired ratios, identical greedy tokens checked): see
+kvjax/benchmarking_baseline.py.
 """
 
 from absl import flags
 
-from kvjax import benchmarking, cli
+from kvjax import benchmarking, benchmarking_baseline, cli
 from kvjax.model import random_params
 
 FLAGS = flags.FLAGS
@@ -35,6 +40,13 @@ flags.DEFINE_float("hbm_bandwidth_gbps", None, "The device's peak or measured me
                    "bandwidth in GB/s, for hbm_fraction (default: the measured copy bandwidth).")
 flags.DEFINE_integer("copy_bandwidth_mib", 256, "Array size for the copy-bandwidth measurement.")
 flags.DEFINE_integer("seed", 0, "Seed of the random prompts and random weights.")
+flags.DEFINE_string("baseline", None, f"Also time this library on the same weights, side by "
+                    f"side: {list(benchmarking_baseline.BASELINES)} (needs torch and "
+                    f"transformers; --model only, float32).")
+flags.DEFINE_integer("torch_threads", None, "With --baseline: torch's threads (default "
+                     "os.cpu_count(), the cores XLA uses); reported in the JSON.")
+flags.DEFINE_string("plot_out", None, "With --baseline: write a PNG of prefill seconds and "
+                    "decode ms/step against context length here.")
 flags.DEFINE_string("json_out", None, "Write {device, jax_version, model, method, methods, "
                     "results, decode_attention_kernel, goals, config} here.")
 
@@ -47,6 +59,10 @@ def main(argv):
       what="--methods" if FLAGS.methods is not None else "--method")
   context_lengths = benchmarking.parse_sizes(FLAGS.context_lengths, "--context_lengths")
   batch_sizes = benchmarking.parse_sizes(FLAGS.batch_sizes, "--batch_sizes")
+  benchmarking_baseline.check_flags(FLAGS.baseline, [
+      name for name in benchmarking_baseline.MODE_FLAGS if FLAGS[name].present])
+  if FLAGS.baseline is not None:
+    return side_by_side(context_lengths, batch_sizes, methods)
   plan = dict(decode_steps=FLAGS.decode_steps, hbm_bandwidth_gbps=FLAGS.hbm_bandwidth_gbps,
               methods=methods, compression_ratio=FLAGS.compression_ratio, budget=FLAGS.budget,
               prefill_chunk_size=FLAGS.prefill_chunk_size)
@@ -65,6 +81,20 @@ def main(argv):
       copy_bandwidth_bytes=FLAGS.copy_bandwidth_mib << 20, seed=FLAGS.seed, source=source,
       log=lambda line: print(f"[kvjax] {line}", flush=True), **plan)
   print(benchmarking.format_table(report))
+  if FLAGS.json_out:
+    cli.write_json(FLAGS.json_out, {**report, "config": cli.run_config()})
+
+
+def side_by_side(context_lengths, batch_sizes, methods):
+  report = benchmarking_baseline.run(
+      FLAGS.baseline, FLAGS.model, context_lengths, batch_sizes,
+      decode_steps=FLAGS.decode_steps, repeats=FLAGS.repeats, warmup=FLAGS.warmup,
+      methods=methods, compression_ratio=FLAGS.compression_ratio, budget=FLAGS.budget,
+      seed=FLAGS.seed, torch_threads=FLAGS.torch_threads, dtype=FLAGS.dtype,
+      log=lambda line: print(f"[kvjax] {line}", flush=True))
+  print(benchmarking_baseline.format_table(report))
+  if FLAGS.plot_out:
+    benchmarking_baseline.write_plot(report, FLAGS.plot_out)
   if FLAGS.json_out:
     cli.write_json(FLAGS.json_out, {**report, "config": cli.run_config()})
 

@@ -150,7 +150,10 @@ def test_bad_inputs_name_the_value():
 
 
 def _script(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  # This checkout's kvjax first, whatever the environment installed (an editable install of
+  # another checkout would otherwise run instead).
+  path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path)
   return subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), *args],
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
