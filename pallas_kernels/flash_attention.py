@@ -129,11 +129,12 @@ def _impl(queries, keys, values, query_positions, key_positions, *, target, bloc
   # Power-of-two tiles (Triton), at least 16 rows (Triton dots need M >= 16).
   r = block_q or min(_BLOCK_Q[kind], max(backend.next_power_of_2(rows), 16))
   bk = block_k or min(_BLOCK_K[kind], max(backend.next_power_of_2(s), floor))
-  if key_chunk is None:
-    per_chunk = _CHUNK_BLOCKS[kind]
-    chunk = bk * per_chunk if per_chunk else backend.cdiv(s, bk) * bk
-  else:
+  blocks = backend.cdiv(s, bk)
+  if key_chunk is not None:
     chunk = key_chunk
+  else:
+    # Short caches get one chunk of their own size (no padding up to a full chunk).
+    chunk = bk * min(_CHUNK_BLOCKS[kind] or blocks, blocks)
   sp = backend.cdiv(s, chunk) * chunk
   nc, nr = sp // chunk, backend.cdiv(rows, r)
   rp, dp = nr * r, backend.lane_dim(target, d)
