@@ -2,6 +2,8 @@
 
 Modules (import them directly; the functions share their modules' names):
   decode_attention: `decode_attention`, `decode_attention_flat`, `merge_partials`.
+  flash_attention: `flash_attention` (prefill: T queries over a dense cache, causal by
+    positions, key blocks no query of a tile sees are skipped).
   window_scores: `window_scores` (observation-window attention statistics).
   compaction: `gather_slots`, `gather_slot_values`.
   quantization: `quantize`, `dequantize`, `pack`, `unpack` (the KIVI format, in jnp),

@@ -103,7 +103,7 @@ def _attend_kernel(*refs, flat, return_logits, block_k, num_blocks, scale):
   lse_ref[...] = jnp.where(seen, m + jnp.log(l_safe), EMPTY_LSE)
 
 
-def _merge_stacked(outs, lses, axis):
+def merge_stacked(outs, lses, axis):
   """Exact merge of partials stacked along `axis` of lses [.., n, ..]; outs add a last D."""
   m = jnp.max(lses, axis=axis, keepdims=True)
   w = jnp.exp(lses - m)
@@ -127,13 +127,13 @@ def merge_partials(out_a, lse_a, out_b, lse_b):
   """
   outs = jnp.stack([out_a.astype(jnp.float32), out_b.astype(jnp.float32)], axis=-2)
   lses = jnp.stack([lse_a, lse_b], axis=-1).astype(jnp.float32)
-  out, lse = _merge_stacked(outs, lses, axis=lses.ndim - 1)
+  out, lse = merge_stacked(outs, lses, axis=lses.ndim - 1)
   return out.astype(out_a.dtype), lse
 
 
 def _finish(out_c, lse_c, logits, *, rows, dim, length, chunk_axis, dtype):
   """XLA epilogue: merge chunks, slice padding off, probabilities from logits."""
-  out, lse = _merge_stacked(out_c, lse_c[..., 0], axis=chunk_axis)
+  out, lse = merge_stacked(out_c, lse_c[..., 0], axis=chunk_axis)
   out = out[..., :rows, :dim].astype(dtype)
   lse = lse[..., :rows]
   if logits is None:

@@ -17,6 +17,7 @@ from kernel_inputs import close, shuffled_positions
 
 from pallas_kernels import compaction
 from pallas_kernels import decode_attention as da
+from pallas_kernels import flash_attention as fa
 from pallas_kernels import reference
 from pallas_kernels import window_scores as ws
 
@@ -220,6 +221,9 @@ _DENSE = (_SD((B, K, G, D), _BF), _SD((B, K, S, D), _BF), _SD((B, K, S, D), _BF)
 _N = K * S // 2
 _FLAT = (_SD((B, K, G, D), _BF), _SD((B, _N, D), _BF), _SD((B, _N, D), _BF),
          _SD((B, _N), _I32), _SD((B, _N), _I32), _SD((B,), _I32))
+# Prefill: a chunk of S/2 queries over a cache of S slots.
+_FLASH = (_SD((B, S // 2, K * G, D), _BF), _SD((B, K, S, D), _BF), _SD((B, K, S, D), _BF),
+          _SD((B, S // 2), _I32), _SD((B, K, S), _I32))
 _WINDOW = (_SD((B, K * G, W, D), _BF), _SD((B, K, S, D), _BF), _SD((B, K, S), _I32),
            _SD((B, W), _I32))
 
@@ -228,6 +232,7 @@ EXPORTS = {
     "decode_probs": (functools.partial(da.decode_attention, return_probs=True), _DENSE),
     "decode_flat_probs": (functools.partial(da.decode_attention_flat, return_probs=True),
                           _FLAT),
+    "flash": (fa.flash_attention, _FLASH),
     "window_max_mean": (ws.window_scores, _WINDOW),
     "window_avg_max": (functools.partial(ws.window_scores, pooling="avg", gqa="max"),
                        _WINDOW),

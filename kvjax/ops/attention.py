@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.ops.dispatch import use_pallas
-from pallas_kernels import compaction, reference, window_scores
+from pallas_kernels import compaction, flash_attention, reference, window_scores
 from pallas_kernels import decode_attention as decode_kernels
 from pallas_kernels.decode_attention import EMPTY_LSE, merge_partials
 
@@ -27,6 +27,9 @@ probabilities = reference.probabilities
 def attend(queries, keys, values, query_positions, key_positions, column_sums=False):
   """Causal attention of T queries over a dense cache -> out [B, T, H, D] (and, with
   column_sums, each slot's probability summed over the queries, [B, H, S] float32)."""
+  if use_pallas() and not column_sums:
+    return flash_attention.flash_attention(queries, keys, values, query_positions,
+                                           key_positions)
   return reference.attention(queries, keys, values, query_positions, key_positions,
                              column_sums)
 
