@@ -151,11 +151,10 @@ class Run:
 
 def run_kvjax(model, tokens: np.ndarray, mask: np.ndarray, method, keep, room: int,
               decode_steps: int, steps: engine.CompiledSteps = engine.STEPS):
-  """(Run, facts) of kvjax: `context.prefill` then `steps.decode`, as `generate` does.
+  """(Run, facts) of kvjax: `context.prefill` then `steps.decode_loop`, as `generate` does.
 
-  Compilation (tracked by `steps`) is subtracted from every span. The decode steps chain on
-  device and sync once at the end. The only kvjax timing in this module: switch the decode
-  loop here (e.g. to a multi-step call) and every row follows.
+  Compilation (tracked by `steps`) is subtracted from every span. The only kvjax timing in
+  this module.
   """
   compile_start = steps.compile_seconds
   start = time.perf_counter()
@@ -165,19 +164,16 @@ def run_kvjax(model, tokens: np.ndarray, mask: np.ndarray, method, keep, room: i
   compiled = steps.compile_seconds - compile_start
   first = np.asarray(pre.logits).argmax(-1)  # on the host: no small jit compiled here
   first_end = time.perf_counter()
-  cache, plan = pre.cache, pre.decode_plan
   key = jax.random.key(0)  # greedy decoding ignores it
-  next_tokens, generated = jnp.asarray(first, jnp.int32), []
-  for _ in range(decode_steps):
-    next_tokens, _, cache = steps.decode(model, next_tokens, cache, key, 1.0, 1.0, True,
-                                         plan=plan)
-    generated.append(next_tokens)
-  jax.block_until_ready((generated, cache))
+  # One compiled loop of all the steps, as generate decodes (no EOS: nothing stops early).
+  generated, _, cache, _, _ = steps.decode_loop(
+      model, jnp.asarray(first, jnp.int32), pre.cache, key, 1, decode_steps, 1.0, 1.0, True,
+      [], decode_steps, plan=pre.decode_plan)
   end = time.perf_counter()
   total_compiled = steps.compile_seconds - compile_start
   run = Run(prefill=prefill_end - start - compiled, first_token=first_end - start - compiled,
             total=end - start - total_compiled,
-            tokens=np.stack([first] + [np.asarray(t) for t in generated], axis=1))
+            tokens=np.concatenate([first[:, None], generated], axis=1))
   facts = {"cache_bytes": cache_nbytes(cache), "context_cache_bytes": pre.context_cache_bytes,
            "compile_seconds": total_compiled}
   return run, facts

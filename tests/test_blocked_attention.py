@@ -1,0 +1,112 @@
+"""The blocked (flash) jnp attention against the one-matrix attention it replaces on CPU."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import reference
+
+# (batch, queries, heads, kv heads, head dim, old slots, empty room, left padding per row,
+#  block_q, block_k)
+CASES = [
+    (2, 200, 6, 2, 16, 0, 10, (0, 37), 64, 48),
+    (1, 300, 4, 4, 8, 50, 7, (5,), 128, 64),
+    (2, 129, 2, 1, 8, 0, 0, (0, 0), 512, 512),
+    (3, 100, 6, 3, 8, 20, 40, (99, 3, 0), 32, 32),
+]
+
+
+def _inputs(batch, t, h, k, d, old, room, pads, seed=1):
+  """A prefill chunk after `old` slots (arbitrary earlier positions) with `room` empty
+  slots after it; row r left-padded by pads[r]."""
+  rng = np.random.default_rng(seed)
+  s = old + t + room
+  q = rng.standard_normal((batch, t, h, d)).astype(np.float32)
+  keys = rng.standard_normal((batch, k, s, d)).astype(np.float32)
+  values = rng.standard_normal((batch, k, s, d)).astype(np.float32)
+  qpos = np.zeros((batch, t), np.int32)
+  kpos = np.full((batch, k, s), -1, np.int32)
+  for r in range(batch):
+    kpos[r, :, :old] = rng.permutation(old)
+    pos = np.where(np.arange(t) >= pads[r], old + np.arange(t) - pads[r], -1)
+    qpos[r] = pos
+    kpos[r, :, old:old + t] = pos
+  return q, keys, values, qpos, kpos
+
+
+def _unblocked(q, keys, values, qpos, kpos):
+  grouped = reference.group_heads(jnp.asarray(q), keys.shape[1])
+  seen = reference.visible(jnp.asarray(qpos)[:, None, None, :], jnp.asarray(kpos)[:, :, None, :])
+  return reference.grouped_attention(grouped, jnp.asarray(keys), jnp.asarray(values), seen)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_blocked_equals_unblocked(case):
+  *shape, block_q, block_k = case
+  q, keys, values, qpos, kpos = _inputs(*shape)
+  want_out, want_lse, want_probs = _unblocked(q, keys, values, qpos, kpos)
+  out, lse, sums = reference.blocked_attention(
+      reference.group_heads(jnp.asarray(q), keys.shape[1]), jnp.asarray(keys),
+      jnp.asarray(values), jnp.asarray(qpos), jnp.asarray(kpos), column_sums=True,
+      block_q=block_q, block_k=block_k)
+  np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=2e-6)
+  np.testing.assert_allclose(lse, want_lse, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(sums, want_probs.sum(3), rtol=1e-5, atol=2e-6)
+
+
+def test_padding_queries_see_nothing():
+  q, keys, values, qpos, kpos = _inputs(2, 200, 6, 2, 16, 0, 10, (0, 37))
+  out, lse, _ = reference.blocked_attention(
+      reference.group_heads(jnp.asarray(q), 2), jnp.asarray(keys), jnp.asarray(values),
+      jnp.asarray(qpos), jnp.asarray(kpos), block_q=64, block_k=48)
+  np.testing.assert_array_equal(np.asarray(out)[1, :, :, :37], 0.0)
+  np.testing.assert_array_equal(np.asarray(lse)[1, :, :, :37], np.float32(reference.EMPTY_LSE))
+
+
+def test_blocks_past_the_last_visible_one_are_never_read():
+  """Key blocks after the causal diagonal and the empty room are skipped, not masked: NaN
+  there would otherwise poison the online softmax."""
+  t, block = 256, 64
+  q, keys, values, qpos, kpos = _inputs(1, t, 4, 2, 8, 0, 3 * block, (0,))
+  want_out = _unblocked(q, keys, values, qpos, kpos)[0]
+  poisoned_k, poisoned_v = keys.copy(), values.copy()
+  poisoned_k[:, :, t:] = np.nan
+  poisoned_v[:, :, t:] = np.nan
+  out, _, _ = reference.blocked_attention(
+      reference.group_heads(jnp.asarray(q), 2), jnp.asarray(poisoned_k),
+      jnp.asarray(poisoned_v), jnp.asarray(qpos), jnp.asarray(kpos), block_q=block,
+      block_k=block)
+  np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=2e-6)
+
+
+def test_attention_takes_the_blocked_path_for_long_chunks():
+  """`attention` (what the model calls on CPU) equals the unblocked attention either side
+  of BLOCKED_MIN_QUERIES."""
+  for t in (reference.BLOCKED_MIN_QUERIES, reference.BLOCKED_MIN_QUERIES + 70):
+    q, keys, values, qpos, kpos = _inputs(2, t, 6, 3, 8, 5, 9, (3, 0))
+    out, sums = reference.attention(jnp.asarray(q), jnp.asarray(keys), jnp.asarray(values),
+                                    jnp.asarray(qpos), jnp.asarray(kpos), column_sums=True)
+    want_out, _, want_probs = _unblocked(q, keys, values, qpos, kpos)
+    np.testing.assert_allclose(out, reference.ungroup_heads(want_out), rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(sums, want_probs.sum(3).reshape(2, 6, -1), rtol=1e-5,
+                               atol=2e-6)
+
+
+def test_decode_products_equal_the_dot_at_highest_precision():
+  """One query per head runs as fused products (no dot); it must equal the dot."""
+  rng = np.random.default_rng(4)
+  q = jnp.asarray(rng.standard_normal((2, 3, 2, 16)), jnp.float32)
+  keys = jnp.asarray(rng.standard_normal((2, 3, 40, 16)), jnp.float32)
+  values = jnp.asarray(rng.standard_normal((2, 3, 40, 16)), jnp.float32)
+  kpos = jnp.asarray(np.where(np.arange(40) < 33, np.arange(40), -1)[None, None].repeat(3, 1)
+                     .repeat(2, 0))
+  qpos = jnp.asarray([32, 20])
+  out, lse, probs = reference.decode_attention(q, keys, values, kpos, qpos, upcast=False)
+  seen = reference.visible(qpos[:, None, None, None], kpos[:, :, None, :])
+  q5 = q[:, :, :, None]
+  logits = jnp.einsum("bkgtd,bksd->bkgts", q5, keys, precision="highest") * 16 ** -0.5
+  want_probs = np.where(seen, np.exp(logits - logits.max(-1, keepdims=True)), 0)
+  want_probs = want_probs / want_probs.sum(-1, keepdims=True)
+  np.testing.assert_allclose(probs, want_probs[:, :, :, 0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out, np.einsum("bkgs,bksd->bkgd", want_probs[:, :, :, 0], values),
+                             rtol=1e-5, atol=1e-5)
