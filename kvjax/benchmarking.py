@@ -235,6 +235,7 @@ def _time_prefill_and_decode(model, tokens, mask, first_tokens, method, keep, ro
   steps = engine.STEPS
   chunk_size = None if chunk is None or chunk == tokens.shape[1] else chunk
   compile_before = steps.compile_seconds
+  rss_reset = reset_peak_rss()
   start = time.perf_counter()
   pre = context.prefill(model, tokens, mask, method, keep, room, chunk_size=chunk_size,
                         steps=steps)
@@ -242,7 +243,8 @@ def _time_prefill_and_decode(model, tokens, mask, first_tokens, method, keep, ro
   prefill = time.perf_counter() - start - (steps.compile_seconds - compile_before)
   cache, plan = pre.cache, pre.decode_plan
   facts = {"cache_bytes": cache_nbytes(cache), "context_cache_bytes": pre.context_cache_bytes,
-           "capacity": slots_per_head(model.config, cache), "budgets": pre.budgets}
+           "capacity": slots_per_head(model.config, cache), "budgets": pre.budgets,
+           "prefill_peak_rss_bytes": peak_rss() if rss_reset else None}
 
   key = jax.random.key(0)  # greedy decoding ignores it
   compile_before = steps.compile_seconds
@@ -351,6 +353,8 @@ def measure_methods(model, context_length: int, batch_size: int, methods, decode
         "decode_bandwidth_gbps_best": step_bytes / min(case.decode_times) / 1e9,
         "compile_seconds": case.compile_seconds,
         "device_peak_bytes_in_use": peak,
+        # Process peak RSS during the last timed prefill (weights included; CPU memory).
+        "prefill_peak_rss_bytes": facts["prefill_peak_rss_bytes"],
     })
   return rows
 
@@ -373,6 +377,31 @@ def measure(model, context_length: int, batch_size: int, decode_steps: int = 32,
                            [(method, compression_ratio, budget)], decode_steps, repeats,
                            warmup, seed, prefill_chunk_size)
   return row
+
+
+def reset_peak_rss() -> bool:
+  """Resets this process's resident-set high-water mark (Linux /proc/self/clear_refs);
+  False where that is not possible."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
+
+
+def peak_rss() -> int | None:
+  """This process's resident-set high-water mark in bytes since start or the last
+  `reset_peak_rss` (VmHWM), None where /proc is missing. It includes the weights and
+  everything else alive, so it bounds what a step needs from above."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
 
 
 def _peak_bytes_in_use() -> int | None:
@@ -798,6 +827,10 @@ def format_goals(report: dict) -> str:
   return "\n".join(lines)
 
 
+def _mib(nbytes):
+  return None if nbytes is None else nbytes / (1 << 20)
+
+
 def format_table(report: dict) -> str:
   """Fixed-width tables of a run() report: per-method rows, the kernel, then the goals."""
   mib = 1 << 20
@@ -820,7 +853,7 @@ def format_table(report: dict) -> str:
   header = (f"{'method':<18} {'context':>7} {'batch':>5} {'prefill s':>9} "
             f"{'prefill tok/s':>13} {'overhead':>8} {'decode ms/step':>14} "
             f"{'decode tok/s':>12} {'speedup':>7} {'ctx cache MiB':>13} {'ratio':>6} "
-            f"{'GB/s':>7} {'frac':>6}")
+            f"{'GB/s':>7} {'frac':>6} {'peak RSS MiB':>12}")
   lines += [header, "-" * len(header)]
   for r in report["results"]:
     lines.append(
@@ -831,10 +864,12 @@ def format_table(report: dict) -> str:
         f"{_fmt(r.get('decode_speedup'), '.2f', 6)}x "
         f"{r.get('context_cache_bytes', r['cache_bytes']) / mib:>13.2f} "
         f"{_fmt(r.get('context_cache_ratio_to_full'), '.3f', 6)} "
-        f"{r['decode_bandwidth_gbps']:>7.1f} {r['hbm_fraction']:>6.3f}")
+        f"{r['decode_bandwidth_gbps']:>7.1f} {r['hbm_fraction']:>6.3f} "
+        f"{_fmt(_mib(r.get('prefill_peak_rss_bytes')), '.0f', 12)}")
   lines.append("overhead: extra prefill time vs the full cache; speedup: full decode step "
                "time / this one; ratio: context cache bytes / the full cache's; frac: "
-               f"decode bytes per step / time vs {report['hbm_fraction_reference']}")
+               f"decode bytes per step / time vs {report['hbm_fraction_reference']}; peak "
+               "RSS: the process's resident memory peak during prefill (weights included)")
   kernel = report.get("decode_attention_kernel")
   if kernel is not None:
     if not kernel["measured"]:

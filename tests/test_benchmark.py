@@ -56,6 +56,18 @@ def test_measure_reports_sizes_and_timings(dtype, itemsize, tied):
   assert np.isclose(row["decode_tokens_per_second"], 2 / row["decode_step_seconds"])
   assert np.isclose(row["decode_bandwidth_gbps"],
                     row["decode_bytes_per_step"] / row["decode_step_seconds"] / 1e9)
+  # The process held the weights and the cache while prefilling, so its peak resident
+  # memory (Linux) covers both.
+  assert row["prefill_peak_rss_bytes"] >= row["weight_bytes"] + row["cache_bytes"]
+
+
+def test_peak_rss_sees_a_new_allocation():
+  if not benchmarking.reset_peak_rss():
+    pytest.skip("no /proc/self/clear_refs (not Linux)")
+  before = benchmarking.peak_rss()
+  block = np.ones(64 << 20, np.uint8)  # 64 MiB, touched
+  assert benchmarking.peak_rss() >= before + block.nbytes * 0.9
+  del block
 
 
 @pytest.mark.parametrize("dtype,itemsize", [("float32", 4), ("bfloat16", 2)])

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import kvjax
+from kvjax.cache import full_cache_nbytes
 from kvjax.generation import context, conversation, engine, inputs
 from tiny import tiny_chat_model, tiny_model
 
@@ -43,6 +44,33 @@ def test_prefill_many_equals_one_prefill_per_method(model):
       for a, b in zip(_leaves(got.cache), _leaves(alone.cache)):
         np.testing.assert_array_equal(a, b, err_msg=method.label)
     np.testing.assert_allclose(np.asarray(got.logits), np.asarray(alone.logits), atol=1e-5)
+
+
+def test_prefill_many_splits_variants_over_a_cache_byte_limit(model, monkeypatch):
+  """Under a byte limit the variants are prefilled in groups (one forward pass each) whose
+  caches fit it; every result equals the one-pass result."""
+  tokens, mask = inputs.left_pad(_rows(0, (170, 150)), 0)
+  variants = [(kvjax.methods.get(n), keep) for n in SWEEP[:2] for keep in (40, 60, 80)]
+  one_pass = context.prefill_many(model, tokens, mask, variants, room=16)
+  sizes = [full_cache_nbytes(model.config, 2, keep + 16) for _, keep in variants]
+  limit = sizes[0] + sizes[1]  # the first two fit together, then at most two at a time
+  calls = []
+  real = engine.STEPS.prefill
+  monkeypatch.setattr(engine.STEPS, "prefill",
+                      lambda *a, **k: calls.append(len(k["plan"].plans)) or real(*a, **k))
+  grouped = context.prefill_many(model, tokens, mask, variants, room=16,
+                                 max_cache_bytes=limit)
+  assert calls == [len(g) for g in context._groups(sizes, limit)]
+  assert len(calls) > 1 and all(
+      sum(sizes[i] for i in g) <= limit for g in context._groups(sizes, limit))
+  for a, b in zip(one_pass, grouped):
+    for x, y in zip(_leaves(a.cache), _leaves(b.cache)):
+      np.testing.assert_array_equal(x, y)
+
+
+def test_groups_never_exceed_the_limit_and_keep_order():
+  assert context._groups([3, 3, 3, 5, 1], 6) == [[0, 1], [2], [3, 4]]
+  assert context._groups([9, 1], 4) == [[0], [1]]  # an item over the limit stands alone
 
 
 @pytest.mark.parametrize("method", [None, "h2o", "scissorhands", "adakv"])

@@ -24,13 +24,14 @@ def model(smollm2_tokenizer):
 
 
 def _spy_prefill_many(monkeypatch):
+  """Counts the variants of each shared prefill (prefill_many goes through the iterator)."""
   calls = []
-  real = context.prefill_many
+  real = context.iter_prefill_many
 
   def spy(*args, **kwargs):
     calls.append(len(args[3]))
     return real(*args, **kwargs)
-  monkeypatch.setattr(context, "prefill_many", spy)
+  monkeypatch.setattr(context, "iter_prefill_many", spy)
   return calls
 
 

@@ -190,20 +190,27 @@ def _run_variants(model, context_ids, runnable, nominal: int, room: int, answer)
   """Prefills the contexts once, then answer(prefilled) -> [row] predictions per variant."""
   lengths = [len(p) for p in context_ids]
   tokens, mask = inputs.left_pad(context_ids, inputs.pad_id(model))
-  start = time.perf_counter()
-  prefilled = context.prefill_many(model, tokens, mask,
-                                   [(v.method, _keep(v, nominal)) for v in runnable], room)
-  shared = (time.perf_counter() - start) / len(runnable)
-  results = {}
-  for variant, pre in zip(runnable, prefilled):
+  # Each variant's cache is answered from and dropped before the next one is taken, so
+  # memory holds one group of caches at a time (see context.iter_prefill_many).
+  prefilled = context.iter_prefill_many(model, tokens, mask,
+                                        [(v.method, _keep(v, nominal)) for v in runnable],
+                                        room)
+  prefill_seconds, answered = 0.0, []
+  for variant in runnable:
+    start = time.perf_counter()
+    pre = next(prefilled)
+    prefill_seconds += time.perf_counter() - start
     start = time.perf_counter()
     predictions = answer(pre)
-    results[variant] = dict(
-        predictions=predictions, context_tokens=lengths,
-        kept_tokens=_kept_tokens(pre),
-        context_cache_bytes=pre.context_cache_bytes / len(lengths),
-        seconds=(shared + time.perf_counter() - start) / len(lengths))
-  return results
+    answered.append((variant, dict(
+        predictions=predictions, context_tokens=lengths, kept_tokens=_kept_tokens(pre),
+        context_cache_bytes=pre.context_cache_bytes / len(lengths)),
+        time.perf_counter() - start))
+    del pre
+  # The shared prefill's time is split evenly over the variants, as before.
+  shared = prefill_seconds / len(runnable)
+  return {variant: dict(record, seconds=(shared + seconds) / len(lengths))
+          for variant, record, seconds in answered}
 
 
 def _single_turn(model, encoded, runnable, answer_tokens, nominal, room_answer):

@@ -111,27 +111,63 @@ def _prefilled(model, logits, cache, plan: CompressionPlan | None, width: int, r
                           budgets=plan.budgets, method_stats=plan.method.cache_stats(cache))
 
 
+# prefill_many keeps the caches of one prefill's variants under this many bytes (at most):
+# every variant's cache is alive at once at the end of the shared forward pass.
+MANY_CACHE_BYTES = 2 << 30
+
+
 def prefill_many(model, tokens: np.ndarray, mask: np.ndarray, variants, room: int,
-                 steps: engine.CompiledSteps = engine.STEPS) -> list[PrefilledContext]:
-  """Prefills a context once and compresses it several ways (a method/ratio sweep).
+                 steps: engine.CompiledSteps = engine.STEPS,
+                 max_cache_bytes: int = MANY_CACHE_BYTES) -> list[PrefilledContext]:
+  """Every result of `iter_prefill_many` in a list (all caches alive at once)."""
+  return list(iter_prefill_many(model, tokens, mask, variants, room, steps, max_cache_bytes))
+
+
+def iter_prefill_many(model, tokens: np.ndarray, mask: np.ndarray, variants, room: int,
+                      steps: engine.CompiledSteps = engine.STEPS,
+                      max_cache_bytes: int = MANY_CACHE_BYTES):
+  """Prefills a context once and compresses it several ways (a method/ratio sweep),
+  yielding one PrefilledContext per variant, in order.
 
   variants: a list of (method, keep); a method that does not compress, or keep None for one
   that needs a budget, gives the uncompressed cache. Compression never changes the hidden
   states of a one-chunk prefill, so each compressed result is bit-identical to
   `prefill(model, tokens, mask, method, keep, room)` (the uncompressed one equal up to float
   rounding: its attention skips the room's empty slots) while the model runs once instead of
-  len(variants) times.
+  len(variants) times. Variants whose caches together would exceed max_cache_bytes (an
+  upper bound: the dense size of each one's budget plus room) are split over several
+  prefills; a caller that drops each result before asking for the next holds one group's
+  caches at a time, so memory stays bounded however many variants a sweep has.
   """
   rows, width = tokens.shape
   # As in `prefill`: a method that needs no budget (a quantizer) still compresses.
   plans = tuple(None if not method.compresses or (keep is None and method.needs_budget)
                 else _compression_plan(model, method, width if keep is None else keep, mask)
                 for method, keep in variants)
-  logits, caches = steps.prefill(model, jnp.asarray(tokens), jnp.asarray(mask),
-                                 init_cache(model.config, rows, 0), logits="last",
-                                 plan=PlanSet(plans, room=room))
-  return [_prefilled(model, logits, cache, plan, width, room, steps)
-          for plan, cache in zip(plans, caches)]
+  sizes = [full_cache_nbytes(model.config, rows,
+                             (width if plan is None else max(plan.budgets)) + room)
+           for plan in plans]
+  for group in _groups(sizes, max_cache_bytes):
+    group_plans = tuple(plans[i] for i in group)
+    logits, caches = steps.prefill(model, jnp.asarray(tokens), jnp.asarray(mask),
+                                   init_cache(model.config, rows, 0), logits="last",
+                                   plan=PlanSet(group_plans, room=room))
+    caches = list(caches)
+    del group  # the group's caches are released one by one as they are handed out
+    for plan in group_plans:
+      yield _prefilled(model, logits, caches.pop(0), plan, width, room, steps)
+
+
+def _groups(sizes: list[int], limit: int) -> list[list[int]]:
+  """Consecutive index groups whose sizes sum to at most `limit` (one item at least)."""
+  groups, total = [[]], 0
+  for i, size in enumerate(sizes):
+    if groups[-1] and total + size > limit:
+      groups.append([])
+      total = 0
+    groups[-1].append(i)
+    total += size
+  return groups
 
 
 def tile_rows(cache, copies: int):
