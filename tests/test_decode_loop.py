@@ -13,7 +13,7 @@ import pytest
 import kvjax
 from kvjax import methods as methods_lib
 from kvjax.generation import context, engine, inputs
-from tests.tiny import random_prompts, tiny_model
+from tests.tiny import random_prompts, tiny_chat_model, tiny_model
 
 # The module (kvjax.generation.generate is also the name of its function).
 generate_lib = importlib.import_module("kvjax.generation.generate")
@@ -140,3 +140,23 @@ def test_generate_with_eos_and_stop_strings_matches_step_by_step(model, method, 
   one_by_one = kvjax.generate(model, prompts, **kwargs)
   assert chunked.token_ids == one_by_one.token_ids
   assert len(chunked.token_ids[1]) == 4 and chunked.token_ids[1] == free[1][:4]
+
+
+@pytest.mark.parametrize("method", ["full", "tova"])
+def test_stop_strings_give_the_same_text_chunked_and_one_by_one(smollm2_tokenizer, method,
+                                                                 monkeypatch):
+  """Stop strings are found on the host after each chunk; chunked decoding must cut every
+  row where one-step-per-call decoding does."""
+  chat = tiny_chat_model(smollm2_tokenizer)
+  prompts = ["The river ran", "Numbers: one two", "Once upon a"]
+  kwargs = dict(method=method, compression_ratio=None if method == "full" else 0.3,
+                max_new_tokens=24, chat_template=False)
+  free = kvjax.generate(chat, prompts, **kwargs).texts
+  stop = free[0][len(free[0]) // 2:][:3]
+  assert stop.strip(), free
+  chunked = kvjax.generate(chat, prompts, stop=stop, **kwargs)
+  monkeypatch.setattr(generate_lib, "DECODE_CHUNK", 1)
+  one_by_one = kvjax.generate(chat, prompts, stop=stop, **kwargs)
+  assert chunked.texts == one_by_one.texts
+  assert chunked.token_ids == one_by_one.token_ids
+  assert stop not in chunked.texts[0] and len(chunked.texts[0]) < len(free[0])
