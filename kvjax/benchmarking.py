@@ -256,6 +256,8 @@ def _time_prefill_and_decode(model, tokens, mask, first_tokens, method, keep, ro
       plan=plan)
   _block((next_tokens, cache))
   decode = time.perf_counter() - start - (steps.compile_seconds - compile_before)
+  if ran != decode_steps:
+    raise RuntimeError(f"the decode loop ran {ran} of {decode_steps} steps")
   return prefill, decode, facts
 
 

@@ -11,14 +11,16 @@ bf16 x bf16 -> f32 dot); `upcast=True` computes them in float32 at the highest p
 which is how the kernels' results are checked.
 """
 
+import jax
 from jax import lax
 import jax.numpy as jnp
 
-from pallas_kernels import quantization
+from pallas_kernels import backend, quantization
 from pallas_kernels.decode_attention import EMPTY_LSE
 
 _HI = lax.Precision.HIGHEST
-# Long query chunks are processed in blocks of this many queries: O(block * S) memory.
+# The channel-pruned attention (kvjax.ops.channel_pruned) processes long query chunks in
+# blocks of this many queries: O(block * S) memory.
 QUERY_BLOCK = 512
 # `attention` runs chunks of more queries than this blockwise. Block sizes, measured on 2
 # CPU cores (SmolLM2's 9 heads): at 512-1024 queries 256 x 128 blocks (logits that fit in
@@ -82,24 +84,18 @@ def grouped_attention(q, keys, values, seen, *, upcast=False):
   """
   d = q.shape[-1]
   kv = "bksd" if keys.ndim == 4 else "bsd"
-  if q.shape[3] == 1:
+  # One query per head on CPU: fused products (accelerators keep the dot's matrix units).
+  one_query = q.shape[3] == 1 and jax.default_backend() == "cpu"
+  if one_query:
     logits = _one_query_logits(q, keys) * d ** -0.5
   else:
     logits = _products(f"bkgtd,{kv}->bkgts", q, keys, upcast) * d ** -0.5
   probs, lse = _masked_softmax(logits, seen)
-  if q.shape[3] == 1:
+  if one_query:
     return _one_query_output(probs, values), lse, probs
   dtype = jnp.float32 if upcast else values.dtype
   out = _products(f"bkgts,{kv}->bkgtd", probs.astype(dtype), values, upcast)
   return out, lse, probs
-
-
-def _pad_axis(x, axis, size, value):
-  if x.shape[axis] == size:
-    return x
-  pads = [(0, 0)] * x.ndim
-  pads[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, pads, constant_values=value)
 
 
 def blocked_attention(q, keys, values, query_positions, key_positions, *,
@@ -118,11 +114,11 @@ def blocked_attention(q, keys, values, query_positions, key_positions, *,
   s = keys.shape[2]
   block_q, block_k = min(block_q, t), min(block_k, s)
   nq, nk = -(-t // block_q), -(-s // block_k)
-  q = _pad_axis(q, 3, nq * block_q, 0)
-  query_positions = _pad_axis(query_positions, 1, nq * block_q, -1)
-  keys = _pad_axis(keys, 2, nk * block_k, 0)
-  values = _pad_axis(values, 2, nk * block_k, 0)
-  key_positions = _pad_axis(key_positions, 2, nk * block_k, -1)
+  q = backend.pad_axis(q, 3, nq * block_q, 0)
+  query_positions = backend.pad_axis(query_positions, 1, nq * block_q, -1)
+  keys = backend.pad_axis(keys, 2, nk * block_k, 0)
+  values = backend.pad_axis(values, 2, nk * block_k, 0)
+  key_positions = backend.pad_axis(key_positions, 2, nk * block_k, -1)
   # Key block j holds a slot that query block i sees only if its smallest position is at
   # most the block's largest query position (over the batch: one loop serves all rows).
   first = jnp.where(key_positions >= 0, key_positions, jnp.iinfo(jnp.int32).max)

@@ -4,6 +4,9 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests compile hundreds of tiny steps: keep them out of the user's on-disk XLA cache
+# (tests/test_compilation_cache.py turns it on in subprocesses with temporary directories).
+os.environ.setdefault("KVJAX_COMPILATION_CACHE", "0")
 
 import pathlib  # noqa: E402
 

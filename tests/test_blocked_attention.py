@@ -79,10 +79,15 @@ def test_blocks_past_the_last_visible_one_are_never_read():
   np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=2e-6)
 
 
-def test_attention_takes_the_blocked_path_for_long_chunks():
-  """`attention` (what the model calls on CPU) equals the unblocked attention either side
-  of BLOCKED_MIN_QUERIES."""
-  for t in (reference.BLOCKED_MIN_QUERIES, reference.BLOCKED_MIN_QUERIES + 70):
+def test_attention_takes_the_blocked_path_for_long_chunks(monkeypatch):
+  """`attention` (what the model calls on CPU) runs blocked above BLOCKED_MIN_QUERIES and
+  equals the unblocked attention either side of it."""
+  calls = []
+  real = reference.blocked_attention
+  monkeypatch.setattr(reference, "blocked_attention",
+                      lambda *a, **k: calls.append(a[0].shape[3]) or real(*a, **k))
+  short, long = reference.BLOCKED_MIN_QUERIES, reference.BLOCKED_MIN_QUERIES + 70
+  for t in (short, long):
     q, keys, values, qpos, kpos = _inputs(2, t, 6, 3, 8, 5, 9, (3, 0))
     out, sums = reference.attention(jnp.asarray(q), jnp.asarray(keys), jnp.asarray(values),
                                     jnp.asarray(qpos), jnp.asarray(kpos), column_sums=True)
@@ -90,6 +95,7 @@ def test_attention_takes_the_blocked_path_for_long_chunks():
     np.testing.assert_allclose(out, reference.ungroup_heads(want_out), rtol=1e-5, atol=2e-6)
     np.testing.assert_allclose(sums, want_probs.sum(3).reshape(2, 6, -1), rtol=1e-5,
                                atol=2e-6)
+  assert calls == [long]
 
 
 def test_decode_products_equal_the_dot_at_highest_precision():

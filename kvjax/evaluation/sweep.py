@@ -405,24 +405,25 @@ def _fidelity_batch(model, base, first: int, samples, missing, skipped) -> list[
   ref = fidelity.reference(model, samples)
   continuations = [list(s.continuation_ids) for s in samples]
   tokens, mask = inputs.left_pad([list(s.context_ids) for s in samples], inputs.pad_id(model))
-  prefilled = context.prefill_many(
+  prefilled = context.iter_prefill_many(
       model, tokens, mask, [(v.method, _keep(v, base["length"])) for v in runnable],
       ref.targets.shape[1])
   per_variant = []
-  for pre in prefilled:
+  for pre in prefilled:  # each cache is scored and dropped before the next one
     metrics = fidelity.token_metrics(ref.log_probs,
                                      continuation_log_probs(model, pre, continuations),
                                      ref.targets, ref.mask)
-    per_variant.append((pre, {k: np.asarray(v).tolist() for k, v in metrics.items()}))
+    per_variant.append((_kept_tokens(pre), pre.context_cache_bytes,
+                        {k: np.asarray(v).tolist() for k, v in metrics.items()}))
+    del pre
   seconds = (time.perf_counter() - start) / len(runnable) / len(samples)
   records = []
-  for variant, (pre, metrics) in zip(runnable, per_variant):
+  for variant, (kept, cache_bytes, metrics) in zip(runnable, per_variant):
     for row in range(len(samples)):
       records.append(dict(
           base, method=variant.label, compression_ratio=variant.ratio, example=first + row,
           seconds=seconds, **{k: v[row] for k, v in metrics.items()},
-          **_cache_fields(model, variant, _kept_tokens(pre),
-                          pre.context_cache_bytes / len(samples), lengths[row])))
+          **_cache_fields(model, variant, kept, cache_bytes / len(samples), lengths[row])))
   return records
 
 

@@ -134,9 +134,9 @@ def iter_prefill_many(model, tokens: np.ndarray, mask: np.ndarray, variants, roo
   states of a one-chunk prefill, so each compressed result is bit-identical to
   `prefill(model, tokens, mask, method, keep, room)` (the uncompressed one equal up to float
   rounding: its attention skips the room's empty slots) while the model runs once instead of
-  len(variants) times. Variants whose caches together would exceed max_cache_bytes (an
-  upper bound: the dense size of each one's budget plus room) are split over several
-  prefills; a caller that drops each result before asking for the next holds one group's
+  len(variants) times. Variants whose caches together would exceed max_cache_bytes (as
+  estimated by the dense size of each one's largest layer budget plus room, method state
+  not counted) are split over several prefills; a caller that drops each result before asking for the next holds one group's
   caches at a time, so memory stays bounded however many variants a sweep has.
   """
   rows, width = tokens.shape
@@ -152,8 +152,8 @@ def iter_prefill_many(model, tokens: np.ndarray, mask: np.ndarray, variants, roo
     logits, caches = steps.prefill(model, jnp.asarray(tokens), jnp.asarray(mask),
                                    init_cache(model.config, rows, 0), logits="last",
                                    plan=PlanSet(group_plans, room=room))
+    # Handed out one by one, so a cache the caller has dropped is not held here.
     caches = list(caches)
-    del group  # the group's caches are released one by one as they are handed out
     for plan in group_plans:
       yield _prefilled(model, logits, caches.pop(0), plan, width, room, steps)
 

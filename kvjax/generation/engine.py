@@ -94,6 +94,7 @@ def _signature(tree):
 
 
 _CACHE_ENV = "KVJAX_COMPILATION_CACHE"
+COMPILATION_CACHE_BYTES = 2 << 30  # least recently used entries go first beyond this
 
 
 def enable_compilation_cache() -> str | None:
@@ -112,8 +113,12 @@ def enable_compilation_cache() -> str | None:
     return None
   directory = pathlib.Path(choice).expanduser() if choice else assets.cache_dir() / "xla"
   jax.config.update("jax_compilation_cache_dir", str(directory))
-  # kvjax's steps take 0.3-5 s to compile; JAX's default keeps only those over 1 s.
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+  # Only JAX's own defaults are changed, never a value the user set: kvjax's steps take
+  # 0.3-5 s to compile (JAX keeps only those over 1 s), and the directory is bounded.
+  if jax.config.jax_persistent_cache_min_compile_time_secs == 1.0:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+  if jax.config.jax_compilation_cache_max_size == -1:
+    jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_BYTES)
   return str(directory)
 
 

@@ -154,8 +154,9 @@ def complete(model, logits, cache, plan, question_tokens=None, question_mask=Non
   accept(next_host)
   # Steps run DECODE_CHUNK at a time in one compiled loop that stops at EOS. Stop strings
   # are found here on the host, so a cache that must end exactly at each row's text
-  # (mask_finished) is decoded one step per call when there are any.
-  one_by_one = mask_finished and tracker.active and bool(tracker.stops)
+  # (mask_finished) is decoded one step per call when there are any; so is a streamed
+  # one, whose text arrives token by token.
+  one_by_one = tracker.active and (stream is not None or (mask_finished and bool(stops)))
   while not finished.all() and decode_steps < max_new_tokens - 1:
     limit = 1 if one_by_one else min(DECODE_CHUNK, max_new_tokens - 1 - decode_steps)
     compile_before = steps.compile_seconds
