@@ -10,8 +10,9 @@ What runs where:
     and computes, per row tile, the range [lo, hi) of key blocks that hold a slot some row
     of the tile can see: a block's smallest non-empty position against the tile's largest
     query position, made monotone with a prefix/suffix min. Causal prefill over slots in
-    position order thus skips every block above the diagonal, and left padding and empty
-    slots at the end cost nothing.
+    position order thus skips the compute of every block above the diagonal and of left
+    padding and empty slots at the end (on TPU a program's whole key chunk is still
+    copied into VMEM, so skipped blocks there cost their transfer).
   * The kernel, grid (B, K, row tiles, key chunks), runs the online softmax over the key
     blocks of [lo, hi) that fall in its chunk (a `fori_loop` with those bounds read as
     scalars: SMEM on TPU, a scalar load on Triton) and writes the normalised output and
