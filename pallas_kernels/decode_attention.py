@@ -70,7 +70,6 @@ def _attend_kernel(*refs, flat, return_logits, block_k, num_blocks, scale):
   precision = _precision(q.dtype)
 
   def body(i, carry):
-    m, l, acc = carry
     start = pl.multiple_of(i * block_k, block_k)
     keys = k_ref[pl.ds(start, block_k), :]
     vals = v_ref[pl.ds(start, block_k), :]
@@ -84,23 +83,42 @@ def _attend_kernel(*refs, flat, return_logits, block_k, num_blocks, scale):
       visible = visible & (khead == rowhead_ref[...])
     if return_logits:
       out_refs[2][:, pl.ds(start, block_k)] = jnp.where(visible, s, -jnp.inf)
-    s = jnp.where(visible, s, _NEG)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
-    p = jnp.where(visible, jnp.exp(s - m_new), 0.0)
-    alpha = jnp.exp(m - m_new)
-    l = alpha * l + jnp.sum(p, axis=1, keepdims=True)
-    acc = alpha * acc + lax.dot_general(
-        p.astype(vals.dtype), vals, (((1,), (0,)), ((), ())), precision=precision,
-        preferred_element_type=jnp.float32)
-    return m_new, l, acc
+    return online_softmax_step(carry, s, visible, vals, precision)
 
-  init = (jnp.full((rows, 1), _NEG, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
-          jnp.zeros((rows, v_ref.shape[-1]), jnp.float32))
-  m, l, acc = lax.fori_loop(0, num_blocks, body, init)
+  m, l, acc = lax.fori_loop(0, num_blocks, body, online_softmax_start(rows, v_ref.shape[-1]))
+  out, lse = online_softmax_result(m, l, acc)
+  o_ref[...] = out
+  lse_ref[...] = lse
+
+
+def online_softmax_start(rows: int, dim: int):
+  """(running max, running sum, output accumulator) before any key block (in a kernel)."""
+  return (jnp.full((rows, 1), _NEG, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
+          jnp.zeros((rows, dim), jnp.float32))
+
+
+def online_softmax_step(carry, s, visible, vals, precision):
+  """One key block of a kernel's online softmax: logits s [R, C] f32 (visible [R, C] bool)
+  and values vals [C, D] folded into (max [R, 1], sum [R, 1], acc [R, D])."""
+  m, l, acc = carry
+  s = jnp.where(visible, s, _NEG)
+  m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+  p = jnp.where(visible, jnp.exp(s - m_new), 0.0)
+  alpha = jnp.exp(m - m_new)
+  l = alpha * l + jnp.sum(p, axis=1, keepdims=True)
+  acc = alpha * acc + lax.dot_general(
+      p.astype(vals.dtype), vals, (((1,), (0,)), ((), ())), precision=precision,
+      preferred_element_type=jnp.float32)
+  return m_new, l, acc
+
+
+def online_softmax_result(m, l, acc):
+  """(normalised output [R, D] f32, lse [R, 1]) of a finished online softmax; rows that
+  saw no key get 0 and EMPTY_LSE."""
   seen = l > 0
   l_safe = jnp.where(seen, l, 1.0)
-  o_ref[...] = jnp.where(seen, acc / l_safe, 0.0)
-  lse_ref[...] = jnp.where(seen, m + jnp.log(l_safe), EMPTY_LSE)
+  return (jnp.where(seen, acc / l_safe, 0.0),
+          jnp.where(seen, m + jnp.log(l_safe), EMPTY_LSE))
 
 
 def merge_stacked(outs, lses, axis):

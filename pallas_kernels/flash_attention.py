@@ -31,7 +31,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import backend
-from pallas_kernels.decode_attention import EMPTY_LSE, merge_stacked
+from pallas_kernels.decode_attention import (merge_stacked, online_softmax_result,
+                                             online_softmax_start, online_softmax_step)
 
 # Rows ((query, head) pairs) per program and keys per inner-loop step. GPU: 128 x 64 tiles
 # (the usual Triton flash tile at D = 128); TPU: MXU-sized tiles.
@@ -42,8 +43,6 @@ _BLOCK_K = {"tpu": 512, "gpu": 64, "cpu": 32}
 _CHUNK_BLOCKS = {"tpu": 4, "gpu": None, "cpu": None}
 _NUM_WARPS = 8
 _NUM_STAGES = 2
-# Running-max start and masked logit (finite, so exp(m - m_new) never sees inf - inf).
-_NEG = -1e30
 # Stands for "no visible slot" in a block's minimum position.
 _NO_SLOT = jnp.iinfo(jnp.int32).max
 
@@ -70,7 +69,6 @@ def _flash_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, kpos_ref, qpos_ref, o_ref
   qpos = qpos_ref[...]
 
   def body(i, carry):
-    m, l, acc = carry
     start = pl.multiple_of(i * block_k, block_k)
     keys = k_ref[pl.ds(start, block_k), :]
     vals = v_ref[pl.ds(start, block_k), :]
@@ -79,23 +77,12 @@ def _flash_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, kpos_ref, qpos_ref, o_ref
     # Full-tile int masks: Mosaic and Triton both want same-shape operands.
     kpos = jnp.broadcast_to(kpos_ref[:, pl.ds(start, block_k)], s.shape)
     visible = (kpos >= 0) & (kpos <= jnp.broadcast_to(qpos, s.shape))
-    s = jnp.where(visible, s, _NEG)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
-    p = jnp.where(visible, jnp.exp(s - m_new), 0.0)
-    alpha = jnp.exp(m - m_new)
-    l = alpha * l + jnp.sum(p, axis=1, keepdims=True)
-    acc = alpha * acc + lax.dot_general(
-        p.astype(vals.dtype), vals, (((1,), (0,)), ((), ())), precision=precision,
-        preferred_element_type=jnp.float32)
-    return m_new, l, acc
+    return online_softmax_step(carry, s, visible, vals, precision)
 
-  init = (jnp.full((rows, 1), _NEG, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
-          jnp.zeros((rows, v_ref.shape[-1]), jnp.float32))
-  m, l, acc = lax.fori_loop(lo, hi, body, init)
-  seen = l > 0
-  l_safe = jnp.where(seen, l, 1.0)
-  o_ref[...] = jnp.where(seen, acc / l_safe, 0.0).astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(seen, m + jnp.log(l_safe), EMPTY_LSE)
+  m, l, acc = lax.fori_loop(lo, hi, body, online_softmax_start(rows, v_ref.shape[-1]))
+  out, lse = online_softmax_result(m, l, acc)
+  o_ref[...] = out.astype(o_ref.dtype)
+  lse_ref[...] = lse
 
 
 def block_ranges(row_positions, key_positions, block_rows, block_k):
