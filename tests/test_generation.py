@@ -170,3 +170,15 @@ def test_compiled_steps_evict_the_least_recently_used():
   assert compiles(8)              # was evicted: compiled again
   steps.clear()
   assert not steps._executables
+
+
+def test_a_different_max_new_tokens_reuses_the_compiled_steps(model):
+  """Room is rounded to a multiple, so a new max_new_tokens (within it) compiles nothing."""
+  prompt = [list(range(1, 40))]
+  kvjax.generate(model, prompt, max_new_tokens=5)
+  compiled = engine.STEPS.compile_seconds
+  result = kvjax.generate(model, prompt, max_new_tokens=30)
+  assert engine.STEPS.compile_seconds == compiled
+  assert len(result.token_ids[0]) == 30
+  assert kvjax.generate(model, prompt, max_new_tokens=5).token_ids == \
+      [result.token_ids[0][:5]]
