@@ -253,7 +253,10 @@ def generate(model, prompts, questions=None, method=None, compression_ratio=None
   question_width = 0 if question_tokens is None else question_tokens.shape[1]
   # Decode-time methods stay at their budget while generating, so they need no room for it.
   generated_room = 0 if (keep is not None and method_obj.decode_time) else max_new_tokens
-  room = -(-(question_width + generated_room) // ROOM_MULTIPLE) * ROOM_MULTIPLE
+  # A decode-time cache only needs its question's room: every empty slot there would be
+  # filled before the method evicts, so it is rounded to 16 (its budget stays near exact).
+  multiple = ROOM_MULTIPLE if generated_room else 16
+  room = -(-(question_width + generated_room) // multiple) * multiple
   steps = engine.STEPS
   compile_at_start = compile_before = steps.compile_seconds
 
