@@ -262,17 +262,33 @@ def _time_prefill_and_decode(model, tokens, mask, first_tokens, method, keep, ro
 
 
 @dataclasses.dataclass
-class _Case:
-  """One method's setup at one (context length, batch size), and its timings so far."""
+class MethodCase:
+  """One method's setup at one context length (and, in subclasses, its timings so far)."""
   method: methods_lib.Method
   compression_ratio: float | None
   budget: int | None
   keep: int | None
   room: int
-  prefill_times: list = dataclasses.field(default_factory=list)
-  decode_times: list = dataclasses.field(default_factory=list)
   compile_seconds: float = 0.0
   facts: dict | None = None
+
+  @classmethod
+  def build(cls, method, context_length: int, decode_steps: int, compression_ratio, budget):
+    """The validated budget (keep) and the room for decode_steps generated tokens: none
+    for a decode-time method, which evicts as it decodes. The ratio and budget are kept
+    only where they apply (keep is None for the full cache)."""
+    method = methods_lib.get(method)
+    keep = methods_lib.validate_compression(method, context_length, compression_ratio,
+                                            budget)
+    room = 0 if keep is not None and method.decode_time else decode_steps
+    return cls(method, compression_ratio if keep is not None else None,
+               budget if keep is not None else None, keep, room)
+
+
+@dataclasses.dataclass
+class _Case(MethodCase):
+  prefill_times: list = dataclasses.field(default_factory=list)
+  decode_times: list = dataclasses.field(default_factory=list)
 
 
 def measure_methods(model, context_length: int, batch_size: int, methods, decode_steps: int = 32,
@@ -290,15 +306,9 @@ def measure_methods(model, context_length: int, batch_size: int, methods, decode
   check_lengths(config, context_length, batch_size, decode_steps)
   repeats = _check_count(repeats, "repeats")
   warmup = _check_count(warmup, "warmup", minimum=0)
-  cases = []
-  for method, compression_ratio, budget in methods:
-    method_obj = methods_lib.get(method)
-    context.check_chunk_size(prefill_chunk_size)
-    keep = methods_lib.validate_compression(method_obj, context_length, compression_ratio,
-                                            budget)
-    room = 0 if keep is not None and method_obj.decode_time else decode_steps
-    cases.append(_Case(method_obj, compression_ratio if keep is not None else None,
-                       budget if keep is not None else None, keep, room))
+  context.check_chunk_size(prefill_chunk_size)
+  cases = [_Case.build(method, context_length, decode_steps, compression_ratio, budget)
+           for method, compression_ratio, budget in methods]
   tokens, mask, first_tokens = _prompt(config, context_length, batch_size,
                                        prefill_chunk_size, seed)
 

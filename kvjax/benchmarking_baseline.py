@@ -33,9 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax import methods as methods_lib
-from kvjax.benchmarking import (BenchmarkError, _check_count, _method_info, _prompt,
-                                check_plan, device_info)
+from kvjax.benchmarking import (BenchmarkError, MethodCase, _check_count, _method_info,
+                                _prompt, check_plan, device_info)
 from kvjax.cache import cache_nbytes
 from kvjax.evaluation import report as report_lib
 from kvjax.generation import context, engine
@@ -262,27 +261,15 @@ def paired_ratios(ours: dict, theirs: dict) -> tuple[dict, dict]:
 
 
 @dataclasses.dataclass
-class _Case:
-  method: methods_lib.Method
-  compression_ratio: float | None
-  budget: int | None
-  keep: int | None
-  room: int
+class _Case(MethodCase):
   runs: list = dataclasses.field(default_factory=list)
-  facts: dict | None = None
-  compile_seconds: float = 0.0
 
 
 def _cases(method_objs, context_length, decode_steps, compression_ratio, budget):
-  cases = []
-  for m in method_objs:
-    ratio, tokens = (compression_ratio, budget) if m.needs_budget else (None, None)
-    keep = methods_lib.validate_compression(m, context_length, ratio, tokens)
-    # A decode-time method evicts as it decodes: it needs no empty slots.
-    room = 0 if keep is not None and m.decode_time else decode_steps
-    cases.append(_Case(m, ratio if keep is not None else None,
-                       tokens if keep is not None else None, keep, room))
-  return cases
+  # The shared ratio/budget goes only to methods that take one (a quantizer keeps all).
+  return [_Case.build(m, context_length, decode_steps,
+                      *((compression_ratio, budget) if m.needs_budget else (None, None)))
+          for m in method_objs]
 
 
 def measure_shape(model, hf_model, context_length: int, batch_size: int, method_objs,

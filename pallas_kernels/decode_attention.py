@@ -71,12 +71,7 @@ def _attend_kernel(*refs, flat, return_logits, block_k, num_blocks, scale):
 
   def body(i, carry):
     start = pl.multiple_of(i * block_k, block_k)
-    keys = k_ref[pl.ds(start, block_k), :]
-    vals = v_ref[pl.ds(start, block_k), :]
-    s = lax.dot_general(q, keys, (((1,), (1,)), ((), ())), precision=precision,
-                        preferred_element_type=jnp.float32) * scale
-    # Broadcast the int positions first so every mask is built at full tile shape.
-    kpos = jnp.broadcast_to(kpos_ref[:, pl.ds(start, block_k)], s.shape)
+    s, kpos, vals = key_block(q, k_ref, v_ref, kpos_ref, start, block_k, scale, precision)
     visible = (kpos >= 0) & (kpos <= qpos)
     if flat:
       khead = jnp.broadcast_to(khead_ref[:, pl.ds(start, block_k)], s.shape)
@@ -89,6 +84,17 @@ def _attend_kernel(*refs, flat, return_logits, block_k, num_blocks, scale):
   out, lse = online_softmax_result(m, l, acc)
   o_ref[...] = out
   lse_ref[...] = lse
+
+
+def key_block(q, k_ref, v_ref, kpos_ref, start, block_k: int, scale: float, precision):
+  """A kernel's key block at slot `start`: (logits [R, C] float32 of q [R, D], the key
+  positions broadcast to [R, C], values [C, D]). The int positions are broadcast first so
+  every mask is built at full tile shape (Mosaic and Triton want same-shape operands)."""
+  keys = k_ref[pl.ds(start, block_k), :]
+  vals = v_ref[pl.ds(start, block_k), :]
+  s = lax.dot_general(q, keys, (((1,), (1,)), ((), ())), precision=precision,
+                      preferred_element_type=jnp.float32) * scale
+  return s, jnp.broadcast_to(kpos_ref[:, pl.ds(start, block_k)], s.shape), vals
 
 
 def online_softmax_start(rows: int, dim: int):

@@ -31,7 +31,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import backend
-from pallas_kernels.decode_attention import (merge_stacked, online_softmax_result,
+from pallas_kernels.decode_attention import (key_block, merge_stacked, online_softmax_result,
                                              online_softmax_start, online_softmax_step)
 
 # Rows ((query, head) pairs) per program and keys per inner-loop step. GPU: 128 x 64 tiles
@@ -70,12 +70,7 @@ def _flash_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, kpos_ref, qpos_ref, o_ref
 
   def body(i, carry):
     start = pl.multiple_of(i * block_k, block_k)
-    keys = k_ref[pl.ds(start, block_k), :]
-    vals = v_ref[pl.ds(start, block_k), :]
-    s = lax.dot_general(q, keys, (((1,), (1,)), ((), ())), precision=precision,
-                        preferred_element_type=jnp.float32) * scale
-    # Full-tile int masks: Mosaic and Triton both want same-shape operands.
-    kpos = jnp.broadcast_to(kpos_ref[:, pl.ds(start, block_k)], s.shape)
+    s, kpos, vals = key_block(q, k_ref, v_ref, kpos_ref, start, block_k, scale, precision)
     visible = (kpos >= 0) & (kpos <= jnp.broadcast_to(qpos, s.shape))
     return online_softmax_step(carry, s, visible, vals, precision)
 
