@@ -118,11 +118,12 @@ def blocked_attention(q, keys, values, query_positions, key_positions, *,
 
   q [B, K, G, T, D]; keys/values [B, K, S, D]; query_positions [B, T]; key_positions
   [B, K, S]. Returns (out [B, K, G, T, D] float32, lse [B, K, G, T] (EMPTY_LSE for a
-  query that sees nothing), column sums [B, K, G, S] float32 or None). Memory is O(block_q * block_k) per head instead of O(T * S), and a query block
-  visits key blocks only up to the last one holding a slot it can see: in a prefill, the
-  new chunk's future tokens and the empty room after it are skipped (about half the work
-  of a causal prompt). Column sums take a second pass over the same blocks, normalised by
-  each query's final log-sum-exp.
+  query that sees nothing), column sums [B, K, G, S] float32 or None). Memory is
+  O(block_q * block_k) per head instead of O(T * S), and a query block visits key blocks
+  only up to the last one holding a slot it can see: in a prefill, the new chunk's future
+  tokens and the empty room after it are skipped (about half the work of a causal
+  prompt). Column sums take a second pass over the same blocks, normalised by each
+  query's final log-sum-exp.
   """
   b, k, g, t, d = q.shape
   s = keys.shape[2]

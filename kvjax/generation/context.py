@@ -111,7 +111,7 @@ def _prefilled(model, logits, cache, plan: CompressionPlan | None, width: int, r
                           budgets=plan.budgets, method_stats=plan.method.cache_stats(cache))
 
 
-# prefill_many keeps the caches of one prefill's variants under this many bytes (at most):
+# prefill_many keeps the caches of one prefill's variants under about this many bytes:
 # every variant's cache is alive at once at the end of the shared forward pass.
 MANY_CACHE_BYTES = 2 << 30
 
@@ -136,8 +136,9 @@ def iter_prefill_many(model, tokens: np.ndarray, mask: np.ndarray, variants, roo
   rounding: its attention skips the room's empty slots) while the model runs once instead of
   len(variants) times. Variants whose caches together would exceed max_cache_bytes (as
   estimated by the dense size of each one's largest layer budget plus room, method state
-  not counted) are split over several prefills; a caller that drops each result before asking for the next holds one group's
-  caches at a time, so memory stays bounded however many variants a sweep has.
+  not counted) are split over several prefills; a caller that drops each result before
+  asking for the next holds one group's caches at a time, so memory stays bounded however
+  many variants a sweep has.
   """
   rows, width = tokens.shape
   # As in `prefill`: a method that needs no budget (a quantizer) still compresses.
@@ -147,11 +148,11 @@ def iter_prefill_many(model, tokens: np.ndarray, mask: np.ndarray, variants, roo
   sizes = [full_cache_nbytes(model.config, rows,
                              (width if plan is None else max(plan.budgets)) + room)
            for plan in plans]
+  tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
   for group in _groups(sizes, max_cache_bytes):
     group_plans = tuple(plans[i] for i in group)
-    logits, caches = steps.prefill(model, jnp.asarray(tokens), jnp.asarray(mask),
-                                   init_cache(model.config, rows, 0), logits="last",
-                                   plan=PlanSet(group_plans, room=room))
+    logits, caches = steps.prefill(model, tokens, mask, init_cache(model.config, rows, 0),
+                                   logits="last", plan=PlanSet(group_plans, room=room))
     # Handed out one by one, so a cache the caller has dropped is not held here.
     caches = list(caches)
     for plan in group_plans:
