@@ -14,6 +14,7 @@ from safetensors import SafetensorError, safe_open
 
 from checkpoints_conversion.layout import canonical_params, expected_shapes  # noqa: F401
 from kvjax.config import ModelConfig, RopeScaling
+from kvjax import validation
 from kvjax.errors import CheckpointError, ConfigError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -36,16 +37,36 @@ def _required(hf_config: dict, key: str) -> Any:
   return value
 
 
+def _count(hf_config: dict, key: str, default: int | None = None) -> int:
+  """A positive int field (a float or a string there is an error, never truncated)."""
+  value = hf_config.get(key)
+  if value is None and default is not None:
+    return default
+  return validation.integer(key, _required(hf_config, key), 1, validation.INT32_MAX,
+                            error=ConfigError)
+
+
+def _flag(hf_config: dict, key: str) -> bool:
+  """A true/false field, false when absent (the string "false" is an error, not true)."""
+  value = hf_config.get(key)
+  return False if value is None else validation.boolean(key, value, error=ConfigError)
+
+
 def _rope_parameters(hf_config: dict) -> tuple[float, dict]:
   """(rope_theta, scaling parameters) from a transformers-5 or an older config.json."""
   params = hf_config.get("rope_parameters")
   if params is not None:  # transformers >= 5
+    if not isinstance(params, dict):
+      raise ConfigError(f"rope_parameters={validation.show(params)} must be an object")
     if any(isinstance(v, dict) for v in params.values()):
       raise ConfigError(f"per-layer-type rope_parameters {sorted(params)} are not supported; "
                         f"expected one flat dict")
     theta = params.get("rope_theta", hf_config.get("rope_theta", 10000.0))
-    return float(theta), dict(params)
-  return float(hf_config.get("rope_theta", 10000.0)), dict(hf_config.get("rope_scaling") or {})
+    return theta, dict(params)
+  scaling = hf_config.get("rope_scaling") or {}
+  if not isinstance(scaling, dict):
+    raise ConfigError(f"rope_scaling={validation.show(scaling)} must be null or an object")
+  return hf_config.get("rope_theta", 10000.0), dict(scaling)
 
 
 def _rope_scaling(params: dict) -> RopeScaling | None:
@@ -58,11 +79,7 @@ def _rope_scaling(params: dict) -> RopeScaling | None:
   missing = [k for k in _LLAMA3_KEYS if params.get(k) is None]
   if missing:
     raise ConfigError(f"llama3 rope scaling is missing {missing}; it needs {_LLAMA3_KEYS}")
-  return RopeScaling(factor=float(params["factor"]),
-                     low_freq_factor=float(params["low_freq_factor"]),
-                     high_freq_factor=float(params["high_freq_factor"]),
-                     original_max_position_embeddings=int(
-                         params["original_max_position_embeddings"]))
+  return RopeScaling(**{k: params[k] for k in _LLAMA3_KEYS})  # which checks their types
 
 
 def _check_full_attention(hf_config: dict, model_type: str, max_positions: int) -> None:
@@ -73,8 +90,10 @@ def _check_full_attention(hf_config: dict, model_type: str, max_positions: int) 
     raise ConfigError(f"layer_types={sorted(set(layer_types))}: sliding-window layers are "
                       f"not supported; kvjax needs all 'full_attention'")
   window = hf_config.get("sliding_window")
-  uses_window = hf_config.get("use_sliding_window", model_type == "mistral")
-  if uses_window and window is not None and window < max_positions:
+  uses_window = (_flag(hf_config, "use_sliding_window") if "use_sliding_window" in hf_config
+                 else model_type == "mistral")
+  if uses_window and window is not None and validation.integer(
+      "sliding_window", window, 1, error=ConfigError) < max_positions:
     raise ConfigError(f"sliding_window={window} is smaller than max_position_embeddings="
                       f"{max_positions}; sliding-window attention is not supported "
                       f"(expected sliding_window null or >= the context)")
@@ -83,7 +102,7 @@ def _check_full_attention(hf_config: dict, model_type: str, max_positions: int) 
 def _check_llama_extras(hf_config: dict) -> None:
   # Llama's attention_bias also adds an o_proj bias, which the kvjax layout lacks.
   for key in ("attention_bias", "mlp_bias"):
-    if hf_config.get(key):
+    if _flag(hf_config, key):
       raise ConfigError(f"{key}=true is not supported for model_type "
                         f"{hf_config.get('model_type')!r}; expected false")
 
@@ -115,28 +134,28 @@ def config_from_hf(hf_config: dict, *, dtype: str | None = None, name: str = "")
     raise ConfigError(f"hidden_act={act!r} is not supported; expected 'silu'")
   if model_type != "qwen2":
     _check_llama_extras(hf_config)
-  max_positions = int(_required(hf_config, "max_position_embeddings"))
+  max_positions = _count(hf_config, "max_position_embeddings")
   _check_full_attention(hf_config, model_type, max_positions)
-  hidden = int(_required(hf_config, "hidden_size"))
-  heads = int(_required(hf_config, "num_attention_heads"))
+  hidden = _count(hf_config, "hidden_size")
+  heads = _count(hf_config, "num_attention_heads")
   if hf_config.get("head_dim") is None and hidden % heads:
     raise ConfigError(f"hidden_size={hidden} is not divisible by num_attention_heads={heads} "
                       f"and config.json has no head_dim")
   theta, rope_params = _rope_parameters(hf_config)
   return ModelConfig(
       architecture=_ARCHITECTURE[model_type],
-      vocab_size=int(_required(hf_config, "vocab_size")),
+      vocab_size=_count(hf_config, "vocab_size"),
       hidden_size=hidden,
-      intermediate_size=int(_required(hf_config, "intermediate_size")),
-      num_layers=int(_required(hf_config, "num_hidden_layers")),
+      intermediate_size=_count(hf_config, "intermediate_size"),
+      num_layers=_count(hf_config, "num_hidden_layers"),
       num_heads=heads,
-      num_kv_heads=int(hf_config.get("num_key_value_heads") or heads),
-      head_dim=int(hf_config.get("head_dim") or hidden // heads),
+      num_kv_heads=_count(hf_config, "num_key_value_heads", heads),
+      head_dim=_count(hf_config, "head_dim", hidden // heads),
       max_position_embeddings=max_positions,
       rope_theta=theta,
       rope_scaling=_rope_scaling(rope_params),
-      rms_norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
-      tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
+      rms_norm_eps=hf_config.get("rms_norm_eps", 1e-6),
+      tie_embeddings=_flag(hf_config, "tie_word_embeddings"),
       qkv_bias=model_type == "qwen2",
       dtype=_resolve_dtype(dtype, hf_config),
       name=name)
@@ -239,8 +258,15 @@ def read_hf_config(directory: str, *, dtype: str | None = None) -> ModelConfig:
   except OSError as e:
     raise CheckpointError(f"{path}: cannot read the Hugging Face config ({e})") from None
   except ValueError as e:
-    raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-  return config_from_hf(hf_config, dtype=dtype, name=os.path.basename(os.path.normpath(directory)))
+    raise ConfigError(f"{path}: not valid JSON ({e})") from None
+  if not isinstance(hf_config, dict):
+    raise ConfigError(f"{path}: must be a JSON object of fields; got "
+                      f"{type(hf_config).__name__}")
+  try:
+    return config_from_hf(hf_config, dtype=dtype,
+                          name=os.path.basename(os.path.normpath(directory)))
+  except ConfigError as e:  # name the file the bad field is in
+    raise ConfigError(f"{path}: {e}") from None
 
 
 def read_hf_checkpoint(directory: str, *,

@@ -76,7 +76,8 @@ def load(directory, *, dtype: str | None = None):
     raise CheckpointError(f"{directory} is not a kvjax checkpoint (needs {CONFIG_FILE} and "
                           f"{PARAMS_DIR}/)")
   try:
-    config = ModelConfig.from_json((directory / CONFIG_FILE).read_text())
+    config = ModelConfig.from_json((directory / CONFIG_FILE).read_text(),
+                                   source=directory / CONFIG_FILE)
   except (ValueError, TypeError) as e:
     if isinstance(e, ConfigError):
       raise

@@ -84,7 +84,7 @@ def named_shape(name: str, dtype: str | None = None) -> ModelConfig:
     if not path.is_file():
       raise BenchmarkError(f"unknown shape {text!r}; allowed: {available_shapes()} or a path "
                            f"to a JSON ModelConfig file")
-    config = ModelConfig.from_json(path.read_text())
+    config = ModelConfig.from_json(path.read_text(), source=path)
     if dtype is not None:
       config = config.replace(dtype=dtype)
     if not config.name:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Any
 
+from kvjax import validation
 from kvjax.errors import ConfigError
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
@@ -19,6 +21,15 @@ class RopeScaling:
   low_freq_factor: float = 1.0
   high_freq_factor: float = 4.0
   original_max_position_embeddings: int = 8192
+
+  def __post_init__(self):
+    # Only finite: the GGUF reader builds candidates from fitted values before verifying them.
+    for field in ("factor", "low_freq_factor", "high_freq_factor"):
+      object.__setattr__(self, field, validation.number(
+          f"rope_scaling.{field}", getattr(self, field), error=ConfigError))
+    object.__setattr__(self, "original_max_position_embeddings", validation.integer(
+        "rope_scaling.original_max_position_embeddings", self.original_max_position_embeddings,
+        1, validation.INT32_MAX, error=ConfigError))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,11 +58,22 @@ class ModelConfig:
                         f"allowed: {SUPPORTED_ARCHITECTURES}")
     if self.dtype not in SUPPORTED_DTYPES:
       raise ConfigError(f"dtype={self.dtype!r} is not supported; allowed: {SUPPORTED_DTYPES}")
+    # Checked, then stored as plain Python values (a numpy scalar would not serialize).
     for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                   "num_kv_heads", "head_dim", "max_position_embeddings"):
-      value = getattr(self, field)
-      if not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{field}={value!r} must be a positive integer")
+      object.__setattr__(self, field, validation.integer(
+          field, getattr(self, field), 1, validation.INT32_MAX, error=ConfigError))
+    for field in ("rope_theta", "rms_norm_eps"):
+      object.__setattr__(self, field, validation.number(
+          field, getattr(self, field), 0, low_open=True, error=ConfigError))
+    for field in ("tie_embeddings", "qkv_bias"):
+      object.__setattr__(self, field, validation.boolean(field, getattr(self, field),
+                                                         error=ConfigError))
+    if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+      raise ConfigError(f"rope_scaling={validation.show(self.rope_scaling)} must be None or "
+                        f"a RopeScaling")
+    if not isinstance(self.name, str):
+      raise ConfigError(f"name={validation.show(self.name)} must be a str")
     if self.num_heads % self.num_kv_heads:
       raise ConfigError(f"num_heads={self.num_heads} must be a multiple of "
                         f"num_kv_heads={self.num_kv_heads}")
@@ -70,21 +92,39 @@ class ModelConfig:
 
   @classmethod
   def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+    if not isinstance(data, dict):
+      raise ConfigError(f"a kvjax config must be a JSON object of fields; got "
+                        f"{type(data).__name__} {validation.show(data)}")
     data = dict(data)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
       raise ConfigError(f"unknown kvjax config fields {unknown}; allowed: {sorted(known)}")
-    if data.get("rope_scaling") is not None:
-      data["rope_scaling"] = RopeScaling(**data["rope_scaling"])
-    try:
-      return cls(**data)
-    except TypeError as e:
-      raise ConfigError(f"incomplete kvjax config: {e}") from None
+    missing = sorted(f.name for f in dataclasses.fields(cls)
+                     if f.name not in data and f.default is dataclasses.MISSING)
+    if missing:
+      raise ConfigError(f"incomplete kvjax config: missing fields {missing}")
+    scaling = data.get("rope_scaling")
+    if scaling is not None:
+      allowed = sorted(f.name for f in dataclasses.fields(RopeScaling))
+      if not isinstance(scaling, dict) or set(scaling) - set(allowed):
+        raise ConfigError(f"rope_scaling={validation.show(scaling)} must be null or an "
+                          f"object with fields from {allowed}")
+      data["rope_scaling"] = RopeScaling(**scaling)
+    return cls(**data)
 
   def to_json(self) -> str:
     return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
   @classmethod
-  def from_json(cls, text: str) -> "ModelConfig":
-    return cls.from_dict(json.loads(text))
+  def from_json(cls, text: str, source: str | os.PathLike = "") -> "ModelConfig":
+    """The config in JSON `text`; errors name `source` (the file it came from), if given."""
+    where = f"{os.fspath(source)}: " if source else ""
+    try:
+      data = json.loads(text)
+    except ValueError as e:
+      raise ConfigError(f"{where}not valid JSON ({e})") from None
+    try:
+      return cls.from_dict(data)
+    except ConfigError as e:
+      raise ConfigError(f"{where}{e}") from None

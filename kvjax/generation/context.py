@@ -8,12 +8,12 @@ peak cache memory is budget + chunk however long the context is.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax import validation
 from kvjax.cache import cache_nbytes, full_cache_nbytes, init_cache
 from kvjax.methods.plan import CompressionPlan, PlanSet
 from kvjax.errors import MethodError
@@ -46,12 +46,9 @@ def layer_budgets(model, method, keep: int, context_length: int) -> tuple[int, .
 
 
 def check_chunk_size(chunk_size) -> None:
-  if chunk_size is None:
-    return
-  if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) \
-      or chunk_size < 1:
-    raise MethodError(f"prefill_chunk_size={chunk_size!r} must be a positive integer "
-                      f"(tokens per prefill chunk) or None")
+  if chunk_size is not None:
+    validation.integer("prefill_chunk_size", chunk_size, 1, error=MethodError,
+                       what="tokens per prefill chunk, or None")
 
 
 def prefill(model, tokens: np.ndarray, mask: np.ndarray, method, keep: int | None,

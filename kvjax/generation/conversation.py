@@ -11,14 +11,15 @@ from __future__ import annotations
 import dataclasses
 import time
 
-import numpy as np
 
 from kvjax import methods as methods_lib
+from kvjax import validation
 from kvjax.cache import cache_nbytes, free_slots
 from kvjax.errors import GenerationError
 from kvjax.generation import context as context_lib
 from kvjax.generation import engine, inputs
-from kvjax.generation.generate import _validate_sampling, check_context_length, complete
+from kvjax.generation.generate import (_validate_sampling, check_context_length, complete,
+                                       eos_ids)
 
 _USER, _ANSWER, _NEXT = "\x00kvjax-user\x00", "\x00kvjax-answer\x00", "\x00kvjax-next\x00"
 
@@ -47,6 +48,32 @@ def _follow_up_template(tokenizer, chat_template: bool) -> tuple[str, str]:
   return between, suffix
 
 
+def conversations(contexts, questions) -> tuple[list[str], list[list[str]]]:
+  """(contexts, questions[row][turn]) from what converse accepts: one context (a str) with
+  one question (a str) or a list of them, or a list of contexts with one list of questions
+  each."""
+  if isinstance(contexts, str):
+    contexts = [contexts]
+    questions = [[questions] if isinstance(questions, str) else questions]
+  elif not isinstance(contexts, (list, tuple)) or not contexts or not all(
+      isinstance(c, str) for c in contexts):
+    raise GenerationError(f"contexts={validation.show(contexts)} must be a str or a non-empty "
+                          f"list of str")
+  elif isinstance(questions, str) or (isinstance(questions, (list, tuple)) and questions
+                                      and all(isinstance(q, str) for q in questions)):
+    raise GenerationError(
+        f"questions={validation.show(questions)} is not one list per context for "
+        f"{len(contexts)} contexts; give a list of question lists, e.g. [[q] for q in "
+        f"questions] (one question each) or [questions] * {len(contexts)} (the same "
+        f"conversation on every context)")
+  if not isinstance(questions, (list, tuple)) or not all(
+      isinstance(row, (list, tuple)) for row in questions):
+    raise GenerationError(f"questions={validation.show(questions)} must be a str or a list "
+                          f"of str (one conversation), or a list of such lists (one per "
+                          f"context)")
+  return list(contexts), [list(row) for row in questions]
+
+
 def encode_conversations(model, contexts: list[str], questions: list[list[str]],
                          chat_template: bool | None = None) -> EncodedConversations:
   """Token ids of each row's context and of every turn's question."""
@@ -57,14 +84,19 @@ def encode_conversations(model, contexts: list[str], questions: list[list[str]],
   if len(turns) != 1 or 0 in turns:
     raise GenerationError(f"every conversation needs the same number (>= 1) of questions; got "
                           f"{sorted(len(q) for q in questions)}")
-  if any(not isinstance(q, str) for row in questions for q in row):
-    raise GenerationError("questions must be strings")
+  for r, row in enumerate(questions):
+    for t, q in enumerate(row):
+      if not isinstance(q, str):
+        raise GenerationError(f"questions must be strings; questions[{r}][{t}] is "
+                              f"{validation.show(q)}")
+      validation.text(f"questions[{r}][{t}]", q, error=GenerationError)
   first = inputs.encode(model, list(contexts), [q[0] for q in questions], chat_template)
   tokenizer = model.tokenizer
-  use_template = (tokenizer.has_chat_template if chat_template is None else chat_template)
-  between, suffix = _follow_up_template(tokenizer, use_template)
-  later = [[tokenizer.encode(between + row[t] + suffix, add_special_tokens=False)
-            for row in questions] for t in range(1, turns.pop())]
+  between, suffix = _follow_up_template(tokenizer, inputs.use_chat_template(model, chat_template))
+  later = [[inputs.tokenizer_ids(tokenizer.encode(between + row[t] + suffix,
+                                                 add_special_tokens=False),
+                                model.config.vocab_size, f"questions[{r}][{t}]")
+            for r, row in enumerate(questions)] for t in range(1, turns.pop())]
   return EncodedConversations(first.prompts, [first.questions] + later)
 
 
@@ -80,8 +112,7 @@ def run_turns(model, prefilled: context_lib.PrefilledContext, turns: list[list[l
   "decode_steps"}.
   """
   stops = _validate_sampling(max_new_tokens, 0.0, 1.0, 0, stop)
-  eos = set(eos_token_ids if eos_token_ids is not None else
-            (model.tokenizer.eos_token_ids if model.tokenizer is not None else ()))
+  eos = eos_ids(model, eos_token_ids)
   rows = len(turns[0])
   pad = inputs.pad_id(model)
   cache, logits, plan = prefilled.cache, prefilled.logits, prefilled.decode_plan
@@ -124,16 +155,16 @@ def converse(model, contexts, questions, method=None, compression_ratio=None, bu
              ) -> ConversationResult:
   """Answers questions[row][turn] one turn after another over each row's compressed context.
 
-  contexts: str or list[str]; questions: a list of questions (one conversation) or a list
-  of such lists (one per context, all of the same length). Greedy decoding.
+  contexts: a str with questions a str (one question) or a list of str (one conversation);
+  or a list of str with questions a list of such lists (one per context, all of the same
+  length). Greedy decoding.
   """
-  if isinstance(contexts, str):
-    contexts, questions = [contexts], [questions]
+  contexts, questions = conversations(contexts, questions)
+  _validate_sampling(max_new_tokens, 0.0, 1.0, 0, stop)
   if model.tokenizer is None:
     raise GenerationError("converse needs a model with a tokenizer")
   method_obj = methods_lib.get(method)
-  encoded = encode_conversations(model, list(contexts), [list(q) for q in questions],
-                                 chat_template)
+  encoded = encode_conversations(model, contexts, questions, chat_template)
   room = turn_room(encoded.turns, max_new_tokens)
   lengths = [len(c) for c in encoded.contexts]
   for r, length in enumerate(lengths):

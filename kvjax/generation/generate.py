@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 import time
 from typing import Callable, Sequence
 
@@ -13,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import methods as methods_lib
+from kvjax import validation
 from kvjax.cache import cache_nbytes, full_cache_nbytes, slots_per_head
 from kvjax.errors import GenerationError
 from kvjax.generation import context, engine, inputs, sampling
@@ -36,22 +35,24 @@ ROOM_MULTIPLE = 64
 _sample_jit = jax.jit(sampling.sample, static_argnames=("greedy",))
 
 
-def _validate_sampling(max_new_tokens, temperature, top_p, seed, stop):
-  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) \
-      or max_new_tokens < 1:
-    raise GenerationError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
-  if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
-      or not math.isfinite(temperature) or temperature < 0:
-    raise GenerationError(f"temperature={temperature!r} must be a finite number >= 0 "
-                          f"(0 = greedy)")
-  if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1:
-    raise GenerationError(f"top_p={top_p!r} must be a number in (0, 1]")
-  if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-    raise GenerationError(f"seed={seed!r} must be an integer")
-  stops = [stop] if isinstance(stop, str) else list(stop or [])
-  if any(not isinstance(s, str) or not s for s in stops):
-    raise GenerationError(f"stop={stop!r} must be a non-empty string or a list of them")
-  return stops
+def _validate_sampling(max_new_tokens, temperature, top_p, seed, stop) -> list[str]:
+  """Checks the sampling arguments; returns the stop strings as a list."""
+  validation.integer("max_new_tokens", max_new_tokens, 1, error=GenerationError)
+  validation.number("temperature", temperature, 0, error=GenerationError, what="0 = greedy")
+  validation.number("top_p", top_p, 0, 1, low_open=True, error=GenerationError)
+  # jax.random.key takes a 64-bit signed seed.
+  validation.integer("seed", seed, validation.INT64_MIN, validation.INT64_MAX,
+                     error=GenerationError)
+  return validation.strings("stop", stop, error=GenerationError)
+
+
+def eos_ids(model, eos_token_ids) -> set[int]:
+  """The token ids that end a row: `eos_token_ids` (an id or a list) if given, else the
+  tokenizer's."""
+  if eos_token_ids is None:
+    return set(model.tokenizer.eos_token_ids if model.tokenizer is not None else ())
+  return set(validation.token_id_set("eos_token_ids", eos_token_ids, model.config.vocab_size,
+                                     error=GenerationError))
 
 
 def check_context_length(model, total: int, what: str) -> None:
@@ -122,8 +123,12 @@ def complete(model, logits, cache, plan, question_tokens=None, question_mask=Non
   so the returned cache holds exactly each row's text (needed to continue a conversation).
   """
   if question_tokens is not None:
-    logits, cache = steps.prefill(model, jnp.asarray(question_tokens),
-                                  jnp.asarray(question_mask), cache, plan=plan)
+    asked = np.asarray(question_mask).any(axis=1)
+    question_logits, cache = steps.prefill(model, jnp.asarray(question_tokens),
+                                           jnp.asarray(question_mask), cache, plan=plan)
+    # A row without question tokens (its question was "") continues from its context.
+    logits = question_logits if asked.all() else jnp.where(
+        jnp.asarray(asked)[:, None], question_logits, logits)
   rows = logits.shape[0]
   greedy = temperature == 0
   key = jax.random.key(seed)
@@ -134,8 +139,7 @@ def complete(model, logits, cache, plan, question_tokens=None, question_mask=Non
   cache_bytes = cache_nbytes(cache)
   compile_at_start = steps.compile_seconds
 
-  eos = set(eos_token_ids if eos_token_ids is not None else
-            (model.tokenizer.eos_token_ids if model.tokenizer is not None else ()))
+  eos = eos_ids(model, eos_token_ids)
   tracker = _TextTracker(model.tokenizer, rows, list(stops), stream)
   generated = [[] for _ in range(rows)]
   last = np.array(next_host)
@@ -212,11 +216,18 @@ def generate(model, prompts, questions=None, method=None, compression_ratio=None
   stream: called as stream(row_index, new_text) as text becomes final.
   method_params: the parameter pytree of a method with trained parts (traced: new values
     do not recompile).
-  chat_template: apply the tokenizer's chat template (default: when the model has one).
+  chat_template: True or False: apply the tokenizer's chat template (default None: when
+    the model has one).
+  eos_token_ids: a token id or a list of them that end a row (default: the tokenizer's).
+  An empty question ("") adds nothing: that row is generated as if it had no question.
+  Every argument is checked before anything runs; bad values raise a GenerationError (a
+  kvjax.KvjaxError) naming the argument and what is allowed.
   """
   stops = _validate_sampling(max_new_tokens, temperature, top_p, seed, stop)
   if stream is not None and not callable(stream):
-    raise GenerationError(f"stream={stream!r} must be callable as stream(row, text)")
+    raise GenerationError(f"stream={validation.show(stream)} must be callable as "
+                          f"stream(row, text)")
+  eos = sorted(eos_ids(model, eos_token_ids))
   method_obj = methods_lib.get(method)
   context.check_chunk_size(prefill_chunk_size)
   prompt_list, _ = inputs.as_batch(prompts, "prompts")
@@ -232,6 +243,9 @@ def generate(model, prompts, questions=None, method=None, compression_ratio=None
                             f"prompts; give one question per prompt")
   batch = inputs.encode(model, prompt_list, question_list, chat_template)
   rows = len(batch.prompts)
+  # An empty question leaves its row's context as if it had none (with a chat template,
+  # that context differs from the others'), so the rows may no longer share one.
+  shared_context = shared_context and all(p == batch.prompts[0] for p in batch.prompts)
   context_lengths = [len(p) for p in batch.prompts]
   question_lengths = [len(q) for q in batch.questions] if batch.questions else [0] * rows
   for i in range(rows):
@@ -248,7 +262,7 @@ def generate(model, prompts, questions=None, method=None, compression_ratio=None
     width = -(-width // prefill_chunk_size) * prefill_chunk_size
   prompt_tokens, prompt_mask = inputs.left_pad(context_rows, pad, width)
   question_tokens = question_mask = None
-  if batch.questions:
+  if batch.questions and any(batch.questions):
     question_tokens, question_mask = inputs.left_pad(batch.questions, pad)
   question_width = 0 if question_tokens is None else question_tokens.shape[1]
   # Decode-time methods stay at their budget while generating, so they need no room for it.
@@ -266,9 +280,10 @@ def generate(model, prompts, questions=None, method=None, compression_ratio=None
   logits, cache, plan = prefilled.logits, prefilled.cache, prefilled.decode_plan
   if shared_context:
     cache = context.tile_rows(cache, rows)
+    logits = jnp.repeat(logits, rows, axis=0)  # rows whose question is "" continue from it
   done = complete(model, logits, cache, plan, question_tokens, question_mask,
                   max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                  stops=stops, stream=stream, eos_token_ids=eos_token_ids, steps=steps)
+                  stops=stops, stream=stream, eos_token_ids=eos, steps=steps)
   prefill_seconds = (done.first_token_at - start
                      - (steps.compile_seconds - compile_before - done.compile_seconds))
   texts, generated, measured_cache_bytes = done.texts, done.token_ids, done.cache_bytes

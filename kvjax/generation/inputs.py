@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 import dataclasses
-import numbers
 
 import numpy as np
 
+from kvjax import validation
 from kvjax.errors import GenerationError
 
-_MARKER = "\x00kvjax-question\x00"
+# Where the prompt ends in a rendered chat template: a private-use character that the
+# prompt does not contain (so no prompt text can be mistaken for it).
+_MARKER_CODES = range(0xF0000, 0xFFFFE)
 
 
 @dataclasses.dataclass
 class EncodedBatch:
   prompts: list[list[int]]           # the compressible context of each row
-  questions: list[list[int]] | None  # appended after compression, never compressed
+  questions: list[list[int]] | None  # appended after compression, never compressed; a row
+                                     # whose question is "" has none ([])
 
 
 def is_token_ids(x) -> bool:
   return isinstance(x, (list, tuple, np.ndarray)) and len(x) > 0 and all(
-      isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in x)
+      validation.is_integer(t) for t in x)
 
 
 def as_batch(values, what: str) -> tuple[list, bool]:
@@ -29,25 +32,67 @@ def as_batch(values, what: str) -> tuple[list, bool]:
     return [values], True
   if not isinstance(values, (list, tuple)) or not values:
     raise GenerationError(f"{what} must be a non-empty str, a list of str, or token ids; "
-                          f"got {type(values).__name__} {values!r:.80}")
+                          f"got {type(values).__name__} {validation.show(values)}")
   for i, v in enumerate(values):
     if not (isinstance(v, str) or is_token_ids(v)):
       raise GenerationError(f"{what}[{i}] must be a str or a non-empty list of token ids; "
-                            f"got {v!r:.80}")
+                            f"got {validation.show(v)}")
   return list(values), False
+
+
+def use_chat_template(model, chat_template: bool | None) -> bool:
+  """Whether to apply the tokenizer's chat template (None: when the model has one)."""
+  tokenizer = model.tokenizer
+  has_template = tokenizer is not None and tokenizer.has_chat_template
+  if chat_template is None:
+    return has_template
+  chat_template = validation.boolean("chat_template", chat_template, error=GenerationError)
+  if chat_template and not has_template:
+    raise GenerationError("chat_template=True but the model's tokenizer has no chat template")
+  return chat_template
+
+
+def render_chat(tokenizer, prompt: str) -> tuple[str, str]:
+  """(the chat template rendered up to the end of the user's prompt, the rest: what opens
+  the assistant's turn). A question goes between the two."""
+  marker = next((chr(c) for c in _MARKER_CODES if chr(c) not in prompt), None)
+  if marker is None:
+    raise GenerationError("the prompt uses every private-use character U+F0000..U+FFFFD; "
+                          "kvjax needs one of them free to place a question")
+  rendered = tokenizer.apply_chat_template([{"role": "user", "content": prompt + marker}],
+                                           add_generation_prompt=True)
+  if rendered.count(marker) != 1:
+    raise GenerationError(f"the chat template renders the prompt {rendered.count(marker)} "
+                          f"times, so a question cannot be placed after it; pass "
+                          f"chat_template=False and format the prompt yourself")
+  before, _, after = rendered.partition(marker)
+  return before, after
+
+
+def tokenizer_ids(ids: list[int], vocab_size: int, what: str) -> list[int]:
+  """Token ids a tokenizer produced, checked against the model's embedding table."""
+  if ids and not 0 <= max(ids) < vocab_size:
+    raise GenerationError(f"the tokenizer gave token id {max(ids)} for {what}, outside the "
+                          f"model's vocabulary [0, {vocab_size}): the tokenizer does not "
+                          f"match the model")
+  return ids
 
 
 def encode(model, prompts: list, questions: list | None, chat_template: bool | None
            ) -> EncodedBatch:
+  """Token ids of each prompt and question; every id checked against the vocabulary.
+
+  An empty question string adds nothing: its row is encoded as if it had no question (with
+  a chat template, the whole rendered prompt is then its context), as kvpress's question=""
+  does.
+  """
   tokenizer = model.tokenizer
+  vocab = model.config.vocab_size
   text_items = [p for p in prompts + (questions or []) if isinstance(p, str)]
   if text_items and tokenizer is None:
     raise GenerationError(f"model {model.name or '(unnamed)'} has no tokenizer: pass prompts "
                           f"as lists of token ids")
-  if chat_template is None:
-    chat_template = tokenizer is not None and tokenizer.has_chat_template
-  if chat_template and (tokenizer is None or not tokenizer.has_chat_template):
-    raise GenerationError("chat_template=True but the model's tokenizer has no chat template")
+  chat_template = use_chat_template(model, chat_template)
   encoded_prompts, encoded_questions = [], [] if questions is not None else None
   for i, prompt in enumerate(prompts):
     question = questions[i] if questions is not None else None
@@ -55,26 +100,33 @@ def encode(model, prompts: list, questions: list | None, chat_template: bool | N
       if question is not None and isinstance(question, str):
         raise GenerationError(f"prompts[{i}] is token ids but questions[{i}] is text; give both "
                               f"as text or both as token ids")
-      encoded_prompts.append([int(t) for t in prompt])
+      encoded_prompts.append(validation.token_ids(f"prompts[{i}]", prompt, vocab,
+                                                  error=GenerationError))
       if question is not None:
-        encoded_questions.append([int(t) for t in question])
+        encoded_questions.append(validation.token_ids(f"questions[{i}]", question, vocab,
+                                                      error=GenerationError))
       continue
     if question is not None and not isinstance(question, str):
       raise GenerationError(f"prompts[{i}] is text but questions[{i}] is token ids")
-    context_text, question_text = prompt, question
-    if chat_template:
-      rendered = tokenizer.apply_chat_template(
-          [{"role": "user", "content": prompt + (_MARKER if question is not None else "")}],
-          add_generation_prompt=True)
-      if question is None:
-        context_text = rendered
-      else:
-        context_text, suffix = rendered.split(_MARKER)
-        question_text = question + suffix
-    # A rendered template already carries its special tokens (e.g. BOS) as text.
-    encoded_prompts.append(tokenizer.encode(context_text, add_special_tokens=not chat_template))
+    validation.text(f"prompts[{i}]", prompt, error=GenerationError)
     if question is not None:
-      encoded_questions.append(tokenizer.encode(question_text, add_special_tokens=False))
+      validation.text(f"questions[{i}]", question, error=GenerationError)
+    asked = bool(question)
+    context_text, question_text = prompt, question
+    if chat_template and asked:
+      context_text, suffix = render_chat(tokenizer, prompt)
+      question_text = question + suffix
+    elif chat_template:
+      context_text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                   add_generation_prompt=True)
+    # A rendered template already carries its special tokens (e.g. BOS) as text.
+    encoded_prompts.append(tokenizer_ids(
+        tokenizer.encode(context_text, add_special_tokens=not chat_template), vocab,
+        f"prompts[{i}]"))
+    if questions is not None:
+      encoded_questions.append(tokenizer_ids(
+          tokenizer.encode(question_text, add_special_tokens=False), vocab,
+          f"questions[{i}]") if asked else [])
   for i, p in enumerate(encoded_prompts):
     if not p:
       raise GenerationError(f"prompts[{i}] is empty after tokenization")

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import methods as methods_lib
+from kvjax import validation
 from kvjax.cache import free_slots
 from kvjax.errors import GenerationError
 from kvjax.generation import context as context_lib
@@ -15,12 +16,15 @@ from kvjax.generation.generate import check_context_length
 
 
 def _tokens(model, item, add_special: bool, what: str) -> list[int]:
+  vocab = model.config.vocab_size
   if isinstance(item, str):
     if model.tokenizer is None:
       raise GenerationError(f"model has no tokenizer: pass {what} as token ids")
-    ids = model.tokenizer.encode(item, add_special_tokens=add_special)
+    validation.text(what, item, error=GenerationError)
+    ids = inputs.tokenizer_ids(model.tokenizer.encode(item, add_special_tokens=add_special),
+                               vocab, what)
   else:
-    ids = [int(t) for t in item]
+    ids = validation.token_ids(what, item, vocab, error=GenerationError)
   if not ids:
     raise GenerationError(f"{what} is empty after tokenization")
   return ids

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 
@@ -72,12 +71,11 @@ def load_gguf(path, *, dtype: str | None = None, name: str = ""):
 
 
 def load_hf_directory(path, *, dtype: str | None = None):
-  from checkpoints_conversion.hf import config_from_hf, params_from_safetensors
+  from checkpoints_conversion.hf import params_from_safetensors, read_hf_config
   from kvjax.loading.tokenizer import Tokenizer
   from kvjax.model import from_flat_params
   path = pathlib.Path(path)
-  config = config_from_hf(json.loads((path / "config.json").read_text()), dtype=dtype,
-                          name=path.name)
+  config = read_hf_config(path, dtype=dtype)  # errors name config.json and the field
   flat = params_from_safetensors(path, config)
   return from_flat_params(config, flat, tokenizer=Tokenizer.from_hf_directory(path),
                           source=str(path))

@@ -9,10 +9,10 @@ command line's --method accept; objects can be built directly for composition, e
 from __future__ import annotations
 
 import dataclasses
-import math
 import numbers
 from typing import ClassVar
 
+from kvjax import validation
 from kvjax.errors import MethodError
 from kvjax.methods import registry
 from kvjax.methods.accumulated import H2O, TOVA, Scissorhands
@@ -64,14 +64,11 @@ def validate_compression(method: Method, context_lengths, compression_ratio=None
     raise MethodError(f"give compression_ratio ({compression_ratio}) or budget ({budget}), "
                       f"not both")
   if compression_ratio is not None:
-    if (isinstance(compression_ratio, bool) or not isinstance(compression_ratio, numbers.Real)
-        or not math.isfinite(compression_ratio) or not 0 <= compression_ratio < 1):
-      raise MethodError(f"compression_ratio={compression_ratio!r} must be a number in "
-                        f"[0, 1): the fraction of the prompt cache removed")
+    validation.number("compression_ratio", compression_ratio, 0, 1, high_open=True,
+                      error=MethodError, what="the fraction of the prompt cache removed")
   if budget is not None:
-    if isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or budget < 1:
-      raise MethodError(f"budget={budget!r} must be a positive integer (tokens kept per "
-                        f"layer and KV head)")
+    validation.integer("budget", budget, 1, error=MethodError,
+                       what="tokens kept per layer and KV head")
     if budget > context_length:
       raise MethodError(f"budget={budget} is larger than the context ({context_length} "
                         f"tokens); allowed: 1..{context_length}")

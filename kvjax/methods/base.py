@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax import validation
 from kvjax.config import ModelConfig
 from kvjax.errors import MethodError
 from kvjax.ops import attention as attention_ops
@@ -62,6 +63,24 @@ class Method:
   decode_time: ClassVar[bool] = False
   needs: ClassVar[frozenset] = frozenset()
   family: ClassVar[str] = "eviction"
+
+  def __post_init__(self):
+    check_fields(self)
+
+  def __init_subclass__(cls, **kwargs):
+    """A subclass's own __post_init__ (its specific checks and conversions) is followed by
+    `check_fields`, so no method or wrapper accepts a NaN, an infinity or a wrongly typed
+    hyperparameter even where its own checks forget one."""
+    super().__init_subclass__(**kwargs)
+    own = cls.__dict__.get("__post_init__")
+    if own is None:
+      return
+
+    def __post_init__(self):
+      own(self)
+      check_fields(self)
+
+    cls.__post_init__ = __post_init__
 
   def layer_budgets(self, config: ModelConfig, keep: int, context_length: int
                     ) -> tuple[int, ...]:
@@ -241,21 +260,37 @@ def window_attention(x: LayerInputs, window: int) -> jax.Array:
 
 
 def check_choice(name: str, value, allowed) -> None:
-  if value not in allowed:
-    raise MethodError(f"{name}={value!r}; allowed: {list(allowed)}")
+  validation.choice(name, value, allowed, error=MethodError)
 
 
 def check_fraction(name: str, value, low_open: bool = False) -> None:
-  ok = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool) and (
-      (0 < value <= 1) if low_open else (0 <= value <= 1))
-  if not ok:
-    raise MethodError(f"{name}={value!r} must be a number in {'(0, 1]' if low_open else '[0, 1]'}")
+  validation.number(name, value, 0, 1, low_open=low_open, error=MethodError)
+
+
+def check_number(name: str, value, low: float | None = None, high: float | None = None, *,
+                 high_open: bool = False, what: str = "") -> None:
+  validation.number(name, value, low, high, high_open=high_open, error=MethodError, what=what)
 
 
 def check_int(name: str, value, low: int, high: int | None = None) -> None:
-  ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= low
-  if ok and high is not None:
-    ok = value <= high
-  if not ok:
-    bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-    raise MethodError(f"{name}={value!r} must be an integer {bound}")
+  validation.integer(name, value, low, high, error=MethodError)
+
+
+def check_fields(method: Method) -> None:
+  """What every hyperparameter must satisfy, whatever the method: a field whose default is
+  a float holds a finite number, one whose default is an int an integer that fits int32,
+  one whose default is a bool True or False; numbers inside a tuple field are finite.
+  Runs after each method's own __post_init__ (see Method.__init_subclass__)."""
+  for field in dataclasses.fields(method):
+    name, value, default = field.name, getattr(method, field.name), field.default
+    if isinstance(default, bool):
+      validation.boolean(name, value, error=MethodError)
+    elif isinstance(default, float) or isinstance(value, (float, np.floating)):
+      validation.number(name, value, error=MethodError)
+    elif isinstance(default, int):
+      validation.integer(name, value, -validation.INT32_MAX, validation.INT32_MAX,
+                         error=MethodError)
+    elif isinstance(value, tuple):
+      for i, item in enumerate(value):
+        if validation.is_number(item):
+          validation.number(f"{name}[{i}]", item, error=MethodError)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from typing import ClassVar
 
 from kvjax.cache.gear import GearLayerCache
@@ -71,12 +69,8 @@ class GEAR(storage.PressedStorage):
     base.check_int("rank", self.rank, 0)
     base.check_int("decode_rank", self.decode_rank, 0, self.group_size)
     base.check_int("loops", self.loops, 1)
-    ratio = self.outlier_ratio
-    if (isinstance(ratio, bool) or not isinstance(ratio, numbers.Real)
-        or not math.isfinite(ratio) or not 0 <= ratio <= _MAX_OUTLIER_RATIO):
-      raise base.MethodError(f"outlier_ratio={ratio!r} must be a number in "
-                             f"[0, {_MAX_OUTLIER_RATIO}] (the fraction of each vector kept "
-                             f"as sparse outliers)")
+    base.check_number("outlier_ratio", self.outlier_ratio, 0, _MAX_OUTLIER_RATIO,
+                      what="the fraction of each vector kept as sparse outliers")
     base.check_int("residual", self.residual, 0)
     self.resolve_press()
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from typing import ClassVar
 
 import jax
@@ -62,11 +61,8 @@ class ThinK(storage.PressedStorage):
   press: base.Method | str | None = None
 
   def __post_init__(self):
-    ratio = self.channel_ratio
-    if (isinstance(ratio, bool) or not isinstance(ratio, numbers.Real)
-        or not 0 <= ratio < 1):
-      raise base.MethodError(f"channel_ratio={ratio!r} must be a number in [0, 1): the "
-                             f"fraction of key channels pruned")
+    base.check_number("channel_ratio", self.channel_ratio, 0, 1, high_open=True,
+                      what="the fraction of key channels pruned")
     base.check_int("window", self.window, 1)
     base.check_int("recent", self.recent, 0)
     self.resolve_press()

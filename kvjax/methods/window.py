@@ -97,8 +97,7 @@ class PyramidKV(SnapKV):
 
   def __post_init__(self):
     super().__post_init__()
-    if not isinstance(self.beta, (int, float)) or isinstance(self.beta, bool) or self.beta < 1:
-      raise base.MethodError(f"beta={self.beta!r} must be a number >= 1")
+    base.check_number("beta", self.beta, 1)
     base.check_choice("schedule", self.schedule, ("pyramidkv", "kvpress"))
 
   def layer_budgets(self, config, keep, context_length):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
+from kvjax import validation
 from kvjax.cache import FlatLayerCache
 from kvjax.methods import base, budgets, registry
 
@@ -132,10 +134,22 @@ class PerLayer(Wrapper):
 
   def __post_init__(self):
     super().__post_init__()
-    if isinstance(self.weights, str):  # from the command line: "1,2,3"
-      object.__setattr__(self, "weights",
-                         tuple(float(w) for w in self.weights.split(",") if w.strip()))
-    object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+    weights = self.weights
+    if isinstance(weights, str):  # from the command line: "1,2,3"
+      weights = [w.strip() for w in weights.split(",") if w.strip()]
+    try:
+      weights = tuple(float(w) if isinstance(w, str) or validation.is_number(w) else None
+                      for w in weights)
+      ok = None not in weights and all(math.isfinite(w) and w >= 0 for w in weights) and (
+          not weights or sum(weights) > 0)
+    except (TypeError, ValueError):  # not iterable, or a string that is not a number
+      ok = False
+    if not ok:
+      raise base.MethodError(
+          f"per_layer weights={validation.show(self.weights)} must be a list of finite "
+          f"numbers >= 0 with a positive sum, one per layer (or a string like '1,2,3'); "
+          f"empty = uniform")
+    object.__setattr__(self, "weights", weights)
 
   def layer_budgets(self, config, keep, context_length):
     if not self.weights:
