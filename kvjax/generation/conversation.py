@@ -52,9 +52,16 @@ def conversations(contexts, questions) -> tuple[list[str], list[list[str]]]:
   """(contexts, questions[row][turn]) from what converse accepts: one context (a str) with
   one question (a str) or a list of them, or a list of contexts with one list of questions
   each."""
+  malformed = GenerationError(
+      f"questions={validation.show(questions)} must be a str or a list of str (one "
+      f"conversation), or a list of such lists (one per context)")
   if isinstance(contexts, str):
     contexts = [contexts]
-    questions = [[questions] if isinstance(questions, str) else questions]
+    if isinstance(questions, str):
+      questions = [questions]
+    if not isinstance(questions, (list, tuple)):
+      raise malformed
+    questions = [questions]
   elif not isinstance(contexts, (list, tuple)) or not contexts or not all(
       isinstance(c, str) for c in contexts):
     raise GenerationError(f"contexts={validation.show(contexts)} must be a str or a non-empty "
@@ -68,9 +75,9 @@ def conversations(contexts, questions) -> tuple[list[str], list[list[str]]]:
         f"conversation on every context)")
   if not isinstance(questions, (list, tuple)) or not all(
       isinstance(row, (list, tuple)) for row in questions):
-    raise GenerationError(f"questions={validation.show(questions)} must be a str or a list "
-                          f"of str (one conversation), or a list of such lists (one per "
-                          f"context)")
+    raise malformed
+  for i, context in enumerate(contexts):
+    validation.text(f"contexts[{i}]", context, error=GenerationError)
   return list(contexts), [list(row) for row in questions]
 
 

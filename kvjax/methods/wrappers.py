@@ -133,7 +133,6 @@ class PerLayer(Wrapper):
   weights: tuple = ()
 
   def __post_init__(self):
-    super().__post_init__()
     weights = self.weights
     if isinstance(weights, str):  # from the command line: "1,2,3"
       weights = [w.strip() for w in weights.split(",") if w.strip()]
@@ -150,6 +149,7 @@ class PerLayer(Wrapper):
           f"numbers >= 0 with a positive sum, one per layer (or a string like '1,2,3'); "
           f"empty = uniform")
     object.__setattr__(self, "weights", weights)
+    super().__post_init__()
 
   def layer_budgets(self, config, keep, context_length):
     if not self.weights:
