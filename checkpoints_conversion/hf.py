@@ -13,8 +13,8 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from checkpoints_conversion.layout import canonical_params, expected_shapes  # noqa: F401
-from kvjax.config import ModelConfig, RopeScaling
 from kvjax import validation
+from kvjax.config import ModelConfig, RopeScaling
 from kvjax.errors import CheckpointError, ConfigError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")

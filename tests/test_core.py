@@ -172,7 +172,9 @@ def _imports(path: pathlib.Path) -> list[tuple[str, bool]]:
   def visit(node, in_function):
     for child in ast.iter_child_nodes(node):
       nested = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
-      if isinstance(child, ast.ImportFrom) and child.module:
+      if isinstance(child, ast.ImportFrom) and child.module in ("kvjax", "pallas_kernels"):
+        found.extend((f"{child.module}.{alias.name}", nested) for alias in child.names)
+      elif isinstance(child, ast.ImportFrom) and child.module:
         found.append((child.module, nested))
       elif isinstance(child, ast.Import):
         found.extend((alias.name, nested) for alias in child.names)
