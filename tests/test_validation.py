@@ -212,6 +212,31 @@ def test_property_bad_generate_arguments(model, case):
   rejected(lambda: kvjax.generate(model, list(range(1, 11)), **{name: value}), name)
 
 
+# Values that are neither text nor token ids, nor lists of them.
+MALFORMED = st.one_of(st.none(), st.integers(), st.floats(), st.booleans(), st.just([]),
+                      st.lists(st.none(), min_size=1, max_size=2),
+                      st.lists(st.floats(), min_size=1, max_size=2),
+                      st.dictionaries(st.text(max_size=2), st.text(max_size=2), max_size=2))
+
+
+@PROPERTY
+@given(case=st.one_of(st.tuples(MALFORMED, st.just([7, 8])), st.tuples(st.just([7, 8]), MALFORMED)))
+def test_property_bad_score_inputs(model, case):
+  context, continuation = case
+  message = rejected(lambda: kvjax.score(model, context, continuation))
+  assert "context" in message or "continuation" in message, message
+
+
+@PROPERTY
+@given(case=st.one_of(st.tuples(MALFORMED, st.just(["Why?"])),
+                      st.tuples(st.just("Hi"), MALFORMED),
+                      st.tuples(st.just(["Hi", "Ho"]), MALFORMED)))
+def test_property_bad_converse_inputs(chat_model, case):
+  contexts, questions = case
+  message = rejected(lambda: kvjax.converse(chat_model, contexts, questions, max_new_tokens=2))
+  assert "contexts" in message or "questions" in message, message
+
+
 # ------------------------------------------------------------------ text
 
 
