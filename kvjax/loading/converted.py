@@ -87,6 +87,8 @@ def ensure(entry, gguf_path: Callable[[], pathlib.Path], name: str,
   `gguf_path` is called only when a conversion is needed (it may download).
   """
   entry = pathlib.Path(entry)
+  if problem(entry) is None:  # The common case takes no lock (a read-only cache works).
+    return entry
   with fileio.locked(lock_path(entry)):
     for leftover in fileio.remove_leftovers(entry.parent, f".{entry.name}{_STAGING}*"):
       logging.warning("removed %s, left by a conversion that was killed", leftover)
