@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Iterator
 
 import gguf
 import numpy as np
 
-from checkpoints_conversion.layout import canonical_params
+from checkpoints_conversion.layout import iter_canonical_params
 from kvjax.config import ModelConfig, RopeScaling
 from kvjax.errors import CheckpointError, ConfigError
 
@@ -50,6 +51,7 @@ _LAYER_NAMES = {
 _HF_GLOBAL = {v: k for k, v in _GLOBAL_NAMES.items()}
 _HF_LAYER = {v: k for k, v in _LAYER_NAMES.items()}
 _MISSING = object()
+_SLAB_BYTES = 32 << 20  # dequantize this much float32 output at a time
 
 
 # ----------------------------------------------------------------------------- names
@@ -120,19 +122,28 @@ def _logical_shape(tensor) -> tuple[int, ...]:
 
 
 def _dequantize(tensor, path: str) -> np.ndarray:
-  """A GGUF tensor as float32 in its logical shape, owning its memory."""
+  """A GGUF tensor as float32 in its logical shape, owning its memory.
+
+  Quantized tensors are dequantized a slab of rows at a time into the output, so the
+  dequantizer's temporaries stay near _SLAB_BYTES instead of several times the tensor.
+  """
   shape = _logical_shape(tensor)
   block, type_size = gguf.GGML_QUANT_SIZES[tensor.tensor_type]
   if tensor.data.nbytes != math.prod(shape) // block * type_size:
     raise CheckpointError(f"{path}: tensor {tensor.name} holds {tensor.data.nbytes} bytes; "
                           f"expected {math.prod(shape) // block * type_size} (truncated file?)")
+  data = tensor.data.reshape(shape[0], -1) if len(shape) > 1 else tensor.data.reshape(1, -1)
+  out = np.empty((data.shape[0], math.prod(shape) // data.shape[0]), np.float32)
+  rows = max(1, _SLAB_BYTES // max(1, out.shape[1] * 4))
   try:
-    values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    for start in range(0, data.shape[0], rows):
+      # F32 comes back as a view of the memory-mapped file; assigning copies it.
+      out[start:start + rows] = gguf.quants.dequantize(data[start:start + rows],
+                                                      tensor.tensor_type)
   except NotImplementedError:
     raise CheckpointError(f"{path}: tensor {tensor.name} has type {tensor.tensor_type.name}, "
                           f"which gguf cannot dequantize") from None
-  # F32 comes back as a view of the memory-mapped file; copy so the result outlives it.
-  return np.array(values, dtype=np.float32, copy=True).reshape(shape)
+  return out.reshape(shape)
 
 
 def unpermute_rows(weight: np.ndarray, heads: int) -> np.ndarray:
@@ -267,6 +278,17 @@ def read_gguf(path: str, *, dtype: str | None = None) -> tuple[ModelConfig, dict
 
   dtype: None -> float32, or "bfloat16".
   """
+  config, tensors = iter_gguf(path, dtype=dtype)
+  return config, dict(tensors)
+
+
+def iter_gguf(path: str, *, dtype: str | None = None
+              ) -> tuple[ModelConfig, Iterator[tuple[str, np.ndarray]]]:
+  """(config, canonical tensors one at a time) of a llama or qwen2 GGUF file.
+
+  The file stays memory-mapped while the iterator runs; each tensor is dequantized only
+  when the iterator reaches it, so a consumer that writes it away holds one tensor.
+  """
   path = os.fspath(path)
   reader = _open(path)
   arch = _meta(reader, "general.architecture", path)
@@ -285,5 +307,4 @@ def read_gguf(path: str, *, dtype: str | None = None) -> tuple[ModelConfig, dict
       return unpermute_rows(weight, config.num_kv_heads)
     return weight
 
-  params = canonical_params(get, by_hf_name, config, source=path, shown=_gguf_name)
-  return config, params
+  return config, iter_canonical_params(get, by_hf_name, config, source=path, shown=_gguf_name)

@@ -8,7 +8,7 @@ kvjax kernels are input-major (`x @ kernel`) with heads split out; Hugging Face 
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import ml_dtypes
 import numpy as np
@@ -115,21 +115,30 @@ def _convert(array: np.ndarray, rule: Rule, canonical_shape: tuple[int, ...],
   return np.ascontiguousarray(array.reshape(canonical_shape)).astype(dtype, copy=False)
 
 
-def canonical_params(get: Callable[[str], np.ndarray], names: Iterable[str],
-                     config: ModelConfig, *, source: str,
-                     shown: Callable[[str], str] = str) -> dict[str, np.ndarray]:
-  """Validates Hugging Face-layout tensors and converts them to kvjax's canonical dict.
+def canonical_specs(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """Canonical name -> (shape, dtype), in the order `iter_canonical_params` yields them."""
+  shapes, dtype = expected_shapes(config), numpy_dtype(config.dtype)
+  return {rule.canonical: (shapes[rule.canonical], dtype) for rule in hf_rules(config).values()}
 
-  `get(name)` returns one tensor (read lazily, so only one source tensor is in memory
-  beyond the result); `names` are all tensors the source holds; `shown` renames a
-  Hugging Face name into the source's own naming for error messages.
+
+def iter_canonical_params(get: Callable[[str], np.ndarray], names: Iterable[str],
+                          config: ModelConfig, *, source: str,
+                          shown: Callable[[str], str] = str
+                          ) -> Iterator[tuple[str, np.ndarray]]:
+  """Validates Hugging Face-layout tensors and yields kvjax's canonical ones, one at a time.
+
+  `get(name)` returns one tensor, read lazily, so a consumer that writes each tensor away
+  before asking for the next holds one tensor in memory, never the model. `names` are all
+  tensors the source holds; `shown` renames a Hugging Face name into the source's own
+  naming for error messages. Names are checked before the first tensor is read.
   """
   available = set(names)
   rules = hf_rules(config)
   _check_names(available, rules, config, source, shown)
+  if config.tie_embeddings and "lm_head.weight" in available:
+    _check_tied_head(get("lm_head.weight"), get("model.embed_tokens.weight"), source, shown)
   shapes = expected_shapes(config)
   dtype = numpy_dtype(config.dtype)
-  params = {}
   for name, rule in rules.items():
     array = get(name)
     if not np.issubdtype(array.dtype, np.floating) and array.dtype != ml_dtypes.bfloat16:
@@ -139,10 +148,17 @@ def canonical_params(get: Callable[[str], np.ndarray], names: Iterable[str],
     if tuple(array.shape) != rule.hf_shape:
       raise CheckpointError(f"{source}: tensor {shown(name)} has shape {tuple(array.shape)}; "
                             f"expected {rule.hf_shape} from the config")
-    params[rule.canonical] = _convert(array, rule, shapes[rule.canonical], dtype)
-  if config.tie_embeddings and "lm_head.weight" in available:
-    _check_tied_head(get("lm_head.weight"), get("model.embed_tokens.weight"), source, shown)
-  return params
+    converted = _convert(array, rule, shapes[rule.canonical], dtype)
+    del array  # Release the source tensor before the consumer sees the converted one,
+    yield rule.canonical, converted
+    del converted  # and the converted one before the next tensor is read.
+
+
+def canonical_params(get: Callable[[str], np.ndarray], names: Iterable[str],
+                     config: ModelConfig, *, source: str,
+                     shown: Callable[[str], str] = str) -> dict[str, np.ndarray]:
+  """Every canonical tensor at once (see `iter_canonical_params`)."""
+  return dict(iter_canonical_params(get, names, config, source=source, shown=shown))
 
 
 def _check_tied_head(head: np.ndarray, embedding: np.ndarray, source: str,

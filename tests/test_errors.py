@@ -77,13 +77,13 @@ def test_unknown_config_field(checkpoint):
 
 
 def test_failed_conversion_leaves_no_cache_entry(tmp_path, monkeypatch, smollm2_gguf):
-  from kvjax.loading import assets, load as load_lib
+  from kvjax.loading import assets, converted, load as load_lib
   monkeypatch.setattr(assets, "fetch", lambda name, cache=None: smollm2_gguf)
 
-  def failing_conversion(path, name=""):
+  def failing_conversion(path, dtype=None):
     raise kvjax.CheckpointError("conversion failed half-way")
 
-  monkeypatch.setattr(load_lib, "load_gguf", failing_conversion)
+  monkeypatch.setattr(converted, "iter_gguf", failing_conversion)
   with pytest.raises(kvjax.CheckpointError, match="half-way"):
     kvjax.load("smollm2-135m", cache=tmp_path)
   assert not load_lib.converted_path("smollm2-135m", tmp_path).exists()

@@ -335,7 +335,7 @@ def test_decode_flushes_group_by_group_and_loses_nothing(model):
       assert np.abs(np.asarray(got.key_factors.a)).max() > 0   # a low-rank term is stored
     flushed_at.append(end)
     lengths = np.asarray(cache.lengths)
-    positions = np.asarray(layer.positions)
+    positions = np.asarray(layer.slot_positions())
     for row in range(2):
       for head in range(model.config.num_kv_heads):
         kept = positions[row, head][positions[row, head] >= 0]
@@ -406,7 +406,7 @@ def test_snapkv_then_gear_keeps_snapkv_tokens(model):
   assert method.needs_budget and method.needs == SnapKV().needs
   both = context.prefill(model, tokens, mask, method, 100, room=0)
   for a, b in zip(snap.cache.layers, both.cache.layers):
-    np.testing.assert_array_equal(np.asarray(b.positions), np.asarray(a.positions))
+    np.testing.assert_array_equal(np.asarray(b.slot_positions()), np.asarray(a.positions))
   k = model.config.num_kv_heads
   per_layer = analytic_nbytes(2, k, 64, 0, 36, D, bits=2, group=32, rank=4, decode_rank=2,
                               outlier_ratio=0.02, dtype=jnp.float32)

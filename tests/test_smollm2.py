@@ -85,10 +85,10 @@ def _tree_stats(root):
 def test_registry_model_is_converted_once(smollm2, monkeypatch):
   """A second kvjax.load of a registry name reads the cached checkpoint: it neither fetches
   nor converts the GGUF again, nor rewrites the cache entry."""
-  from checkpoints_conversion import orbax_io
+  from kvjax.loading import converted as converted_lib
   from kvjax.loading import load as load_lib
   converted = load_lib.converted_path("smollm2-135m")
-  assert orbax_io.is_checkpoint(converted)
+  assert converted_lib.problem(converted) is None
   before = _tree_stats(converted)
   assert before
 
@@ -97,9 +97,9 @@ def test_registry_model_is_converted_once(smollm2, monkeypatch):
       raise AssertionError(f"{what} called: the registry model was converted again")
     return fail
 
-  monkeypatch.setattr(load_lib, "load_gguf", forbidden("load_gguf"))
+  monkeypatch.setattr(converted_lib, "iter_gguf", forbidden("iter_gguf"))
   monkeypatch.setattr(load_lib.assets, "fetch", forbidden("assets.fetch"))
-  monkeypatch.setattr(orbax_io, "save", forbidden("orbax_io.save"))
+  monkeypatch.setattr(converted_lib, "build", forbidden("converted.build"))
   again = kvjax.load("smollm2-135m")
   assert _tree_stats(converted) == before
   assert again.config == smollm2.config

@@ -51,6 +51,10 @@ class ChannelPrunedLayerCache(PerHeadSlots):
   def free_slots(self) -> int:
     return self.full.free_slots()
 
+  def slot_positions(self) -> jax.Array:
+    """Pruned slots first, then the full-width ones (`positions` holds only the former)."""
+    return jnp.concatenate([self.positions, self.full.positions], axis=2)
+
   def logical_axes(self) -> dict:
     slot = ("batch", "kv_heads", "slots")
     return {"channels": ("batch", "kv_heads", "kept_channels"),
@@ -84,7 +88,7 @@ class ChannelPrunedLayerCache(PerHeadSlots):
     f = self.full
     return LayerCache(keys=jnp.concatenate([keys, f.keys], axis=2),
                       values=jnp.concatenate([self.values, f.values], axis=2),
-                      positions=jnp.concatenate([self.positions, f.positions], axis=2),
+                      positions=self.slot_positions(),
                       end=jnp.int32(self.capacity))
 
   def attend(self, queries, query_positions, pending: NewTokens | None = None,

@@ -190,8 +190,7 @@ class GearLayerCache(quantized.ResidualWindow):
   def capacity(self) -> int:
     return self.prompt.capacity + self.decode.capacity + self.residual.capacity
 
-  @property
-  def positions(self) -> jax.Array:
+  def slot_positions(self) -> jax.Array:
     return jnp.concatenate([self.prompt.quantized.positions, self.decode.quantized.positions,
                             self.residual.positions], axis=2)
 
@@ -242,7 +241,7 @@ class GearLayerCache(quantized.ResidualWindow):
     dk, dv = reconstruct(self.decode, **fmt)
     return LayerCache(keys=jnp.concatenate([pk, dk, r.keys], axis=2),
                       values=jnp.concatenate([pv, dv, r.values], axis=2),
-                      positions=self.positions, end=jnp.int32(self.capacity))
+                      positions=self.slot_positions(), end=jnp.int32(self.capacity))
 
   def attend(self, queries, query_positions, pending: NewTokens | None = None,
              want: frozenset = frozenset()):

@@ -14,6 +14,8 @@ The layer-cache protocol (what the model and the compression policies call):
   select(index [B, K, keep]) -> layer    keep the slots `index` (compaction)
   grow(room) -> layer                    `room` more empty slots per head
   free_slots() -> int, slots_per_head(num_kv_heads) -> int (host side)
+  slot_positions() -> int32 [B, K, S] (flat: [B, N])  every slot's original token position
+      (EMPTY_POSITION where empty), in the slot order of `candidates` / `dequantized`
   nbytes, logical_axes()
 
 Layouts here: `LayerCache` (dense [B, K, S, D]: uniform and layer-wise budgets) and
@@ -101,6 +103,9 @@ class LayerCache(PerHeadSlots):
   @property
   def capacity(self) -> int:
     return self.keys.shape[2]
+
+  def slot_positions(self) -> jax.Array:
+    return self.positions
 
   def free_slots(self) -> int:
     return self.capacity - int(self.end)
@@ -230,6 +235,9 @@ class FlatLayerCache:
   @property
   def num_kv_heads(self) -> int:
     return self.next_slot.shape[1]
+
+  def slot_positions(self) -> jax.Array:
+    return self.positions
 
   @property
   def nbytes(self) -> int:

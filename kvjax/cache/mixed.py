@@ -116,8 +116,7 @@ class MixedPrecisionLayerCache(PerHeadSlots):
   def capacity(self) -> int:
     return self.high.capacity + self.low.capacity + self.recent.capacity
 
-  @property
-  def positions(self) -> jax.Array:
+  def slot_positions(self) -> jax.Array:
     return jnp.concatenate([self.high.positions, self.low.positions, self.recent.positions],
                            axis=2)
 
@@ -155,7 +154,7 @@ class MixedPrecisionLayerCache(PerHeadSlots):
     r = self.recent
     return LayerCache(keys=jnp.concatenate([hk, lk, r.keys], axis=2),
                       values=jnp.concatenate([hv, lv, r.values], axis=2),
-                      positions=self.positions, end=jnp.int32(self.capacity),
+                      positions=self.slot_positions(), end=jnp.int32(self.capacity),
                       state=self.state)
 
   def attend(self, queries, query_positions, pending: NewTokens | None = None,

@@ -114,6 +114,9 @@ class QuantizedLayerCache(ResidualWindow):
   def flushed_capacity(self) -> int:
     return self.quantized.capacity
 
+  def slot_positions(self) -> jax.Array:
+    return jnp.concatenate([self.quantized.positions, self.residual.positions], axis=2)
+
   def logical_axes(self) -> dict:
     slot = ("batch", "kv_heads", "slots")
     return {"quantized": {"key_codes": slot + ("packed",), "key_scale": slot + ("head_dim",),
@@ -150,8 +153,7 @@ class QuantizedLayerCache(ResidualWindow):
     r = self.residual
     return LayerCache(keys=jnp.concatenate([keys, r.keys], axis=2),
                       values=jnp.concatenate([values, r.values], axis=2),
-                      positions=jnp.concatenate([q.positions, r.positions], axis=2),
-                      end=jnp.int32(self.capacity))
+                      positions=self.slot_positions(), end=jnp.int32(self.capacity))
 
   def attend(self, queries, query_positions, pending: NewTokens | None = None,
              want: frozenset = frozenset()):

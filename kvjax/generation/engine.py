@@ -119,7 +119,29 @@ def enable_compilation_cache() -> str | None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
   if jax.config.jax_compilation_cache_max_size == -1:
     jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_BYTES)
+  if jax.config.jax_compilation_cache_max_size > 0:
+    _restore_access_times(directory)
   return str(directory)
+
+
+def _restore_access_times(directory: pathlib.Path) -> None:
+  """Gives every entry of a bounded JAX cache its access-time file.
+
+  JAX's bounded cache writes an entry, then its `-atime` file, and reads every entry's
+  access time before each write; an entry left without one (a process killed between the
+  two writes) makes every later write fail in every process. Marking such entries used
+  now is safe against concurrent writers (they write the same kind of file).
+  """
+  if not directory.is_dir():
+    return
+  now = time.time_ns().to_bytes(8, "little")
+  for entry in directory.glob("*-cache"):
+    atime = entry.with_name(entry.name[:-len("-cache")] + "-atime")
+    if not atime.exists():
+      try:
+        atime.write_bytes(now)
+      except OSError:   # a read-only cache is used as it is
+        pass
 
 
 class CompiledSteps:

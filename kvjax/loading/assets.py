@@ -8,8 +8,11 @@ atomically, so a fresh machine needs nothing done by hand.
 Cache layout: `<cache>/<asset name>/<asset filename>` (a file, or a directory for
 `kind="directory"` assets), plus for files a `<filename>.sha256` marker written after a full
 verification. Work happens in a unique temporary directory beside the final path and ends in
-`os.replace`, so a failure (or a second process fetching at the same time) never leaves a
-partial file where a finished one is expected.
+`os.replace`, so a failure never leaves a partial file where a finished one is expected.
+A fetch holds `.<filename>.lock` (fcntl.flock) from its cache check to its rename: a second
+process fetching the same asset waits and then finds it cached (one download, not two),
+and temporary directories found while holding the lock were left by killed processes and
+are deleted. Downloads show a progress bar in bytes (pip's own byte counts).
 
 Corrupt cache policy: a cached asset whose size (checked on every call) or sha256 (checked
 once, then remembered in the marker) is wrong is logged and fetched again (`repair=True`,
@@ -18,17 +21,17 @@ the default). With `repair=False` it raises ChecksumError naming the path to del
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import fnmatch
 import hashlib
-import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import zipfile
 from typing import Callable
 
@@ -36,15 +39,17 @@ from absl import logging
 
 from kvjax import fileio
 from kvjax.errors import ChecksumError, DownloadError, KvjaxError, UnknownModelError
+from kvjax.loading import progress
 
 _CHUNK = 1 << 20
 _TMP_PREFIX = ".tmp-"
-_STALE_TMP_SECONDS = 24 * 3600  # Older temp dirs belong to killed processes.
+_PIP_PROGRESS = re.compile(r"Progress (\d+) of (\d+)")  # pip --progress-bar=raw
 _MANIFEST = ".kvjax-manifest.json"  # Inside directory assets: per-file size and sha256.
 _KINDS = ("file", "directory")
 
 PathLike = str | os.PathLike
 Downloader = Callable[[str, str, pathlib.Path], pathlib.Path]
+OnBytes = Callable[[int, int], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,42 +173,81 @@ def fetch(name: str, *, cache: PathLike | None = None,
 def fetch_asset(asset: Asset, *, cache: PathLike | None = None,
                 downloader: Downloader | None = None, repair: bool = True) -> pathlib.Path:
   """Like `fetch`, for any Asset (tests pass assets with their own hashes)."""
-  downloader = downloader or pip_download
+  downloader = downloader or pip_download_with_progress
   final = asset_path(asset, cache)
-  if _cached_ok(asset, final, repair):
+  if _cached_ok(asset, final, repair):  # The common case takes no lock.
     logging.info("Asset %s: cached at %s", asset.name, final)
     return final
-  final.parent.mkdir(parents=True, exist_ok=True)
-  _sweep_stale_tmp(final.parent)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=final.parent))
-  try:
-    built = _build(asset, tmp, downloader)
-    _install(asset, built, final, tmp)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+  with fileio.locked(final.with_name(f".{final.name}.lock")):
+    if _cached_ok(asset, final, repair):  # Another process fetched it while we waited.
+      logging.info("Asset %s: cached at %s", asset.name, final)
+      return final
+    for leftover in fileio.remove_leftovers(final.parent, _TMP_PREFIX + "*"):
+      logging.warning("Asset %s: removed %s, left by a fetch that was killed", asset.name,
+                      leftover)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=final.parent))
+    try:
+      built = _build(asset, tmp, downloader)
+      _install(asset, built, final, tmp)
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)
   logging.info("Asset %s: ready at %s", asset.name, final)
   return final
 
 
-def pip_download(package: str, version: str, dest: PathLike) -> pathlib.Path:
-  """Downloads one wheel (no dependencies) into the empty directory `dest`; returns it."""
+def pip_download(package: str, version: str, dest: PathLike,
+                 on_bytes: OnBytes | None = None) -> pathlib.Path:
+  """Downloads one wheel (no dependencies) into the empty directory `dest`; returns it.
+
+  `on_bytes(done, total)` follows the download (pip reports nothing for a cached wheel).
+  """
   dest = pathlib.Path(dest)
   dest.mkdir(parents=True, exist_ok=True)
   cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-         "--disable-pip-version-check", f"{package}=={version}", "-d", str(dest)]
+         "--disable-pip-version-check", "--progress-bar=raw", f"{package}=={version}",
+         "-d", str(dest)]
   try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    returncode, output = run_reporting_bytes(cmd, on_bytes)
+    if returncode != 0 and "--progress-bar" in output:  # a pip older than 24.1: no "raw"
+      returncode, output = run_reporting_bytes(
+          [c for c in cmd if c != "--progress-bar=raw"], on_bytes)
   except OSError as e:
     raise DownloadError(f"could not run pip to download {package}=={version}: {e}") from e
-  if proc.returncode != 0:
-    tail = (proc.stderr or proc.stdout or "").strip()[-2000:]
+  if returncode != 0:
+    tail = output.strip()[-2000:]
     raise DownloadError(
-        f"pip download {package}=={version} failed (exit {proc.returncode}):\n{tail}")
+        f"pip download {package}=={version} failed (exit {returncode}):\n{tail}")
   wheels = sorted(dest.glob("*.whl"))
   if len(wheels) != 1:
     raise DownloadError(f"pip download {package}=={version} left {len(wheels)} wheels in "
                         f"{dest}, expected exactly 1: {[w.name for w in wheels]}")
   return wheels[0]
+
+
+def pip_download_with_progress(package: str, version: str, dest: PathLike) -> pathlib.Path:
+  """`pip_download` with a progress bar in bytes (the default downloader)."""
+  bar = progress.DownloadProgress(f"kvjax: downloading {package}=={version}")
+  try:
+    return pip_download(package, version, dest, on_bytes=bar)
+  finally:
+    bar.close()
+
+
+def run_reporting_bytes(cmd: list[str], on_bytes: OnBytes | None) -> tuple[int, str]:
+  """Runs `cmd`, passing its "Progress N of M" lines to `on_bytes(N, M)`.
+
+  Returns (exit status, every other line of stdout and stderr, for error messages).
+  """
+  kept = collections.deque(maxlen=200)
+  with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                        errors="replace") as proc:
+    for line in proc.stdout:
+      match = _PIP_PROGRESS.fullmatch(line.strip())
+      if match is None:
+        kept.append(line)
+      elif on_bytes is not None:
+        on_bytes(int(match[1]), int(match[2]))
+  return proc.returncode, "".join(kept)
 
 
 def file_sha256(path: PathLike) -> str:
@@ -257,13 +301,6 @@ def _marker_for(asset: Asset, final: pathlib.Path) -> dict:
   return {"sha256": asset.sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def _read_json(path: pathlib.Path) -> dict | None:
-  try:
-    return json.loads(path.read_text())
-  except (OSError, ValueError):
-    return None
-
-
 def _write_json_atomic(path: pathlib.Path, data: dict) -> None:
   fileio.write_json_atomic(path, data, indent=1, sort_keys=True)
 
@@ -274,7 +311,7 @@ def _check_cached_file(asset: Asset, final: pathlib.Path) -> None:
   if not final.is_file():
     raise ChecksumError(f"{final}: expected a file, found a directory")
   verify_file(final, None, asset.size)
-  if _read_json(_marker_path(final)) == _marker_for(asset, final):
+  if fileio.read_json(_marker_path(final)) == _marker_for(asset, final):
     return
   logging.info("Asset %s: hashing cached %s once", asset.name, final)
   verify_file(final, asset.sha256, asset.size)
@@ -288,7 +325,7 @@ def _parts_record(asset: Asset) -> list:
 def _check_cached_dir(asset: Asset, final: pathlib.Path) -> None:
   # The manifest was written from pinned wheels; check sizes every call, and re-hash
   # only files whose mtime changed since extraction.
-  manifest = _read_json(final / _MANIFEST)
+  manifest = fileio.read_json(final / _MANIFEST)
   if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
     raise ChecksumError(f"{final}: no readable {_MANIFEST}; cannot verify it")
   if manifest.get("parts") != [list(p) for p in _parts_record(asset)]:
@@ -451,14 +488,3 @@ def _dir_ok(asset: Asset, final: pathlib.Path) -> bool:
     return True
   except ChecksumError:
     return False
-
-
-def _sweep_stale_tmp(parent: pathlib.Path) -> None:
-  # Only processes killed outright leave temp dirs; old ones are safe to remove.
-  cutoff = time.time() - _STALE_TMP_SECONDS
-  for p in parent.glob(_TMP_PREFIX + "*"):
-    try:
-      if p.stat().st_mtime < cutoff:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-    except OSError:
-      pass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pathlib
 
+import jax
 from absl import logging
 
 from kvjax.config import SUPPORTED_DTYPES
@@ -17,7 +18,8 @@ MODELS = {
     "qwen2.5-0.5b": "qwen2.5-0.5b",
 }
 # Bump when the converted layout changes, so old cache entries are not reused.
-CONVERSION_VERSION = 1
+# 2: streamed params.safetensors + kvjax_entry.json manifest (1 was an orbax checkpoint).
+CONVERSION_VERSION = 2
 
 
 def available_models() -> list[str]:
@@ -61,12 +63,14 @@ def load(source, *, dtype: str | None = None, cache=None):
 
 
 def load_gguf(path, *, dtype: str | None = None, name: str = ""):
-  from checkpoints_conversion.gguf_reader import read_gguf
+  from checkpoints_conversion.gguf_reader import iter_gguf
   from kvjax.loading.tokenizer import Tokenizer
   from kvjax.model import from_flat_params
-  config, flat = read_gguf(path, dtype=dtype)
+  config, tensors = iter_gguf(path, dtype=dtype)
   if name:
     config = config.replace(name=name)
+  # One dequantized tensor at a time goes to the device: peak is the model plus one tensor.
+  flat = {tensor_name: jax.device_put(array) for tensor_name, array in tensors}
   return from_flat_params(config, flat, tokenizer=Tokenizer.from_gguf(path), source=str(path))
 
 
@@ -82,11 +86,13 @@ def load_hf_directory(path, *, dtype: str | None = None):
 
 
 def _load_registry(name: str, dtype, cache):
-  from checkpoints_conversion import orbax_io
-  converted = converted_path(name, cache)
-  if not orbax_io.is_checkpoint(converted):
-    gguf_path = assets.fetch(MODELS[name], cache=cache)
-    logging.info("converting %s (%s) to a kvjax checkpoint at %s", name, gguf_path, converted)
-    model = load_gguf(gguf_path, name=name)
-    orbax_io.save(model, converted, overwrite=True)  # atomic: no half-written entry
-  return orbax_io.load(converted, dtype=dtype)
+  from kvjax.loading import converted
+  entry = converted_path(name, cache)
+
+  def gguf_path():
+    path = assets.fetch(MODELS[name], cache=cache)
+    logging.info("converting %s (%s) into the cache at %s", name, path, entry)
+    return path
+
+  converted.ensure(entry, gguf_path, name)  # whole, or converted again, under a lock
+  return converted.load(entry, dtype=dtype)

@@ -22,7 +22,7 @@ def _with_state(method: Method, layer_cache):
   """The layer cache with the method's state (new, zero state when it had none)."""
   if layer_cache.state is not None or method.init_state((1, 1, 1)) is None:
     return layer_cache
-  return layer_cache.replace(state=method.init_state(layer_cache.positions.shape))
+  return layer_cache.replace(state=method.init_state(layer_cache.slot_positions().shape))
 
 
 def layer_inputs(layer: int, cand: LayerCache, step: LayerStep, column_sums) -> LayerInputs:
