@@ -21,13 +21,15 @@ drops the repeats from the key sum.
 What runs where:
   * XLA, `key_outlier_logits`: the key outlier sum above, as a [B, K, G, S] float32 logit
     correction (a gather of the base at the picks and a scatter-add of 2c * D products
-    per block: O(picks)). It cannot move into the kernel without a quadratic cost: a key
-    tile would have to test every pick of every channel of its block against its slots
-    (a channel's picks land anywhere in the block, and a kernel can neither scatter nor
-    sort them into tiles: no scatter, top-k or sort lowers in Mosaic or Triton), i.e.
-    2c * D * tile work per tile, O(ratio * n^2 * D) per step for a prompt block of n
-    slots: at 4K tokens and ratio 0.02 (41 + 41 picks per channel) 80 times the work of
-    dequantizing the block.
+    per block: O(picks)). The kernel reads it as G' = pow2(G) float32 rows per slot (at
+    least 8 on TPU): at D = 128 and G = 4, 16 bytes per slot next to the 64 of the 2-bit
+    key and value codes (32 on TPU). It cannot move into the kernel without a quadratic
+    cost: a key tile would have to test every pick of every channel of its block against
+    its slots (a channel's picks land anywhere in the block, and a kernel can neither
+    scatter nor sort them into tiles: no scatter, top-k or sort lowers in Mosaic or
+    Triton), i.e. 2c * D * tile work per tile, O(ratio * n^2 * D) per step for a prompt
+    block of n slots: at 4K tokens and ratio 0.02 (41 + 41 picks per channel) about 80
+    times the work of dequantizing the block.
   * the kernel, `gear_decode_attention`: per tile of T slots it unpacks and dequantizes
     the keys, adds the tile's low-rank keys A_tile B^T, takes q . k, adds the logit
     correction, then dequantizes the values, puts the value outliers in (a select per
@@ -39,17 +41,20 @@ What runs where:
 Low rank per tile: when blocks are smaller than a tile (a decode part's one-group
 blocks), the tile's A [T, r] is spread block-diagonally to [T, L], L = (T / n) * rp, and
 the tile's blocks' B^T stacked to [L, D], so one dot gives A_tile B^T for every block of
-the tile. rp is r, or 16 on GPU (Triton dots need K >= 16): the wrapper stacks B^T with
-zero rows (a per-block copy, small), and A is widened inside the kernel (no per-slot
-copy). A rank that is not a power of two (or 0) is padded to one with zero columns in
-XLA, and so is a value pick count (with index -1, which matches no channel).
+the tile. Keys and values share one rank r (GEAR's), rp = r, or at least 16 on GPU
+(Triton dots need K >= 16): the wrapper stacks B^T with zero rows (a per-block copy,
+small), and A is widened inside the kernel (no per-slot copy). A rank that is not a power
+of two (or 0) is padded to one with zero columns of A and B in XLA (a per-slot copy), and
+so is a value pick count (index -1, which matches no channel).
 
 Lowering notes: as `pallas_kernels.quantization` (int32 codes, tile-and-shift unpack,
 repeats of group parameters by broadcast and minor-dim reshape); the spread of A is the
-same tile-and-mask pattern, the logit correction's G rows are repeated to the kernel's
-query rows the same way. Value picks are read as [T, 1] columns of the picks' ref. Exports
-for "tpu" and "cuda" run in tests/test_gear_kernel.py; what Mosaic's layout pass and a
-Triton compile make of the kernel is first seen on a real TPU or GPU.
+same tile-and-mask pattern; the logit correction's G' rows are repeated to the kernel's
+query rows by a broadcast and a major-dim reshape; block-index arithmetic uses shifts
+(Mosaic lowers signed // and % only with a TPU attached). Value picks are read as
+[T, 1] columns of the picks' ref. Exports for "tpu" and "cuda" run in
+tests/test_gear_kernel.py; what Mosaic's layout pass and a Triton compile make of the
+kernel is first seen on a real TPU or GPU (none was available when it was written).
 """
 
 import functools

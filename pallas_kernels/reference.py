@@ -378,7 +378,8 @@ def _put_picks(x, values, indices):
   (a select per pick, so XLA fuses it into whatever reads x)."""
   channel = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
   for j in range(indices.shape[-1]):
-    x = jnp.where(channel == indices[..., j:j + 1], values[..., j:j + 1].astype(jnp.float32), x)
+    x = jnp.where(channel == indices[..., j:j + 1],
+                  values[..., j:j + 1].astype(jnp.float32), x)
   return x
 
 
@@ -389,10 +390,11 @@ def gear_decode_attention(q, part, key_positions, query_positions, *, bits, grou
     logits = q . deq(Qk) + the key outliers' correction (`gear.key_outlier_logits`)
              + (q Bk) Ak^T per block,
     out = p . put(deq(Qv), Sv) + (p Av) Bv^T per block,
-  all in float32 at the highest precision, so no reconstructed key or value of the part
-  is formed: the dequantization and the value outliers' selects are elementwise
-  producers of the two products, which XLA fuses into them on CPU (as in
-  `_one_query_logits`), and the low-rank terms are small products through the rank.
+  all in float32 at the highest precision. The keys' reconstruction is never formed, and
+  of the values' only the base with its outliers put in: the dequantization and the
+  outliers' selects are elementwise producers of the two products (on CPU: XLA writes
+  the dequantized base once, as KIVI's CPU path does, and reads it in one fused pass, as
+  `_one_query_logits` does); the low-rank terms are small products through the rank.
   """
   gear.check_args(q, part, key_positions, query_positions, bits, group)
   b, k, g, d = q.shape

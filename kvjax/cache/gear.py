@@ -19,7 +19,8 @@ attention (out, log-sum-exp) straight from its stored pieces (`kvjax.ops.gear.
 decode_attention`: logits q . deq(Qk) + the key outliers' exact correction (the base holds
 the vector mean where an outlier is put back, so the correction is value - base there) +
 (q Bk) Ak^T; output p . put(deq(Qv), Sv) + (p Av) Bv^T; a fused Pallas kernel on GPU/TPU,
-its jnp reference on CPU), the residual window gives one through the dense decode
+its jnp reference on CPU, which dequantizes the base codes as KIVI's CPU path does, but
+forms no low-rank term per slot), the residual window gives one through the dense decode
 attention, and the partials are merged by log-sum-exp, which is exactly one softmax over
 every slot. Prefill chunks, questions and statistics read the dense reconstruction
 put(deq(Q), S) + A B^T of every slot (`dequantized`), through the dense layout's attention.
