@@ -9,5 +9,7 @@ Modules (import them directly; the functions share their modules' names):
   quantization: `quantize`, `dequantize`, `pack`, `unpack` (the KIVI format, in jnp),
     `quantize_pack`, `quantized_decode_attention` (kernels).
   channel_pruned: `channel_pruned_decode_attention` (ThinK's pruned key channels).
+  gear: `gear_decode_attention` (GEAR's codes + outliers + low-rank factors, rebuilt
+    tile by tile), `GearPart`, `key_outlier_logits`.
   backend: per-platform interpret mode, compiler params and block sizes.
 """

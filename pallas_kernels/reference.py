@@ -15,7 +15,7 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-from pallas_kernels import backend, quantization
+from pallas_kernels import backend, gear, quantization
 from pallas_kernels.decode_attention import EMPTY_LSE
 
 _HI = lax.Precision.HIGHEST
@@ -371,3 +371,62 @@ def channel_pruned_decode_attention(q, channels, keys, values, key_positions,
   out, lse, probs = channel_pruned_attention(q[:, :, :, None], channels, keys, values, seen,
                                              upcast=upcast)
   return out[:, :, :, 0].astype(q.dtype), lse[..., 0], probs[:, :, :, 0]
+
+
+def _put_picks(x, values, indices):
+  """x [..., D] float32 with x[..., indices[..., j]] = values[..., j] for every pick j
+  (a select per pick, so XLA fuses it into whatever reads x)."""
+  channel = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+  for j in range(indices.shape[-1]):
+    x = jnp.where(channel == indices[..., j:j + 1],
+                  values[..., j:j + 1].astype(jnp.float32), x)
+  return x
+
+
+def gear_decode_attention(q, part, key_positions, query_positions, *, bits, group):
+  """Reference of `gear.gear_decode_attention` and kvjax's CPU path: (out, lse).
+
+  q [B, K, G, D] (one query per row) over a `gear.GearPart` of S slots in blocks of n:
+    logits = q . deq(Qk) + the key outliers' correction (`gear.key_outlier_logits`)
+             + (q Bk) Ak^T per block,
+    out = p . put(deq(Qv), Sv) + (p Av) Bv^T per block,
+  all in float32 at the highest precision. The keys' reconstruction is never formed, and
+  of the values' only the base with its outliers put in: the dequantization and the
+  outliers' selects are elementwise producers of the two products (on CPU: XLA writes
+  the dequantized base once, as KIVI's CPU path does, and reads it in one fused pass, as
+  `_one_query_logits` does); the low-rank terms are small products through the rank.
+  """
+  gear.check_args(q, part, key_positions, query_positions, bits, group)
+  b, k, g, d = q.shape
+  s, nb = part.slots, part.blocks
+  if s == 0:
+    return jnp.zeros(q.shape, q.dtype), jnp.full((b, k, g), EMPTY_LSE, jnp.float32)
+  n = s // nb
+  f32 = lambda x: x.astype(jnp.float32)
+  q32 = f32(q)
+  keys = quantization.dequantize(part.key_codes, part.key_scale, part.key_zero, bits=bits,
+                                 group=group, axis="tokens", dtype=jnp.float32)
+  values = _put_picks(
+      quantization.dequantize(part.value_codes, part.value_scale, part.value_zero,
+                              bits=bits, group=group, axis="channels", dtype=jnp.float32),
+      part.value_outlier_values, part.value_outlier_indices)
+  one_query = jax.default_backend() == "cpu"
+  if one_query:
+    logits = _one_query_logits(q32[:, :, :, None], keys)[:, :, :, 0]
+  else:
+    logits = _products("bkgd,bksd->bkgs", q32, keys, True)
+  by_block = lambda a: f32(a).reshape(b, k, nb, n, a.shape[-1])
+  q_b = jnp.einsum("bkgd,bkjdr->bkgjr", q32, f32(part.key_b), precision=_HI)
+  low_rank = jnp.einsum("bkgjr,bkjnr->bkgjn", q_b, by_block(part.key_a), precision=_HI)
+  logits = logits + low_rank.reshape(b, k, g, s)
+  logits = (logits + gear.key_outlier_logits(q, part, bits=bits, group=group)) * d ** -0.5
+  seen = visible(query_positions[:, None, None, None], key_positions[:, :, None, :])
+  probs, lse = _masked_softmax(logits[:, :, :, None], seen)
+  if one_query:
+    out = _one_query_output(probs, values)[:, :, :, 0]
+  else:
+    out = _products("bkgs,bksd->bkgd", probs[:, :, :, 0], values, True)
+  p_a = jnp.einsum("bkgjn,bkjnr->bkgjr", probs.reshape(b, k, g, nb, n),
+                   by_block(part.value_a), precision=_HI)
+  out = out + jnp.einsum("bkgjr,bkjdr->bkgd", p_a, f32(part.value_b), precision=_HI)
+  return out.astype(q.dtype), lse[..., 0]

@@ -14,13 +14,16 @@ per channel over the block's tokens; values: per token over channels; values + i
 indices) and the rank-r factors A [n, r], B [d, r] of the remaining residual, for keys and
 for values. Every one of them is an array of the pytree, so `nbytes` counts them all.
 
-Attention reads a dense reconstruction put(deq(Q), S) + A B^T of every slot, through the
-dense layout's attention (a Pallas decode kernel on GPU/TPU, jnp on CPU). The dequantizing
-kernel of KIVI's layout cannot be reused for the base: the outliers and the low-rank term
-change the logits inside the softmax, and that kernel returns only the base's normalized
-output and log-sum-exp, so adding corrections afterwards would not be exact. A fused GEAR
-kernel (quantized + low-rank + sparse matmuls in one pass) would save rebuilding the
-dense keys and values on every decode step; it does not exist yet.
+Decode attention never rebuilds the cache: each compressed part gives a partial
+attention (out, log-sum-exp) straight from its stored pieces (`kvjax.ops.gear.
+decode_attention`: logits q . deq(Qk) + the key outliers' exact correction (the base holds
+the vector mean where an outlier is put back, so the correction is value - base there) +
+(q Bk) Ak^T; output p . put(deq(Qv), Sv) + (p Av) Bv^T; a fused Pallas kernel on GPU/TPU,
+its jnp reference on CPU, which dequantizes the base codes as KIVI's CPU path does, but
+forms no low-rank term per slot), the residual window gives one through the dense decode
+attention, and the partials are merged by log-sum-exp, which is exactly one softmax over
+every slot. Prefill chunks, questions and statistics read the dense reconstruction
+put(deq(Q), S) + A B^T of every slot (`dequantized`), through the dense layout's attention.
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ import jax.numpy as jnp
 from flax import struct
 
 from kvjax.cache import quantized
-from kvjax.cache.kv_cache import EMPTY_POSITION, LayerCache, NewTokens
+from kvjax.cache.kv_cache import EMPTY_POSITION, LayerCache, NewTokens, Stats
 from kvjax.cache.quantized import QuantizedKV, quantize_slots
+from kvjax.ops import attention as attention_ops
 from kvjax.ops import gear as gear_ops
 from kvjax.ops import quantization as quant_ops
 
@@ -152,6 +156,20 @@ def reconstruct(part: GearBlocks, *, bits: int, group: int, dtype):
   return tuple(out)
 
 
+def kernel_part(part: GearBlocks) -> gear_ops.GearPart:
+  """The arrays of a part as the GEAR decode attention takes them."""
+  q = part.quantized
+  return gear_ops.GearPart(
+      key_codes=q.key_codes, key_scale=q.key_scale, key_zero=q.key_zero,
+      value_codes=q.value_codes, value_scale=q.value_scale, value_zero=q.value_zero,
+      key_outlier_values=part.key_outliers.values,
+      key_outlier_indices=part.key_outliers.indices,
+      value_outlier_values=part.value_outliers.values,
+      value_outlier_indices=part.value_outliers.indices,
+      key_a=part.key_factors.a, key_b=part.key_factors.b,
+      value_a=part.value_factors.a, value_b=part.value_factors.b)
+
+
 def _write(full: GearBlocks, part: GearBlocks, start, group: int) -> GearBlocks:
   """`part` (one block of `group` slots) written at slot `start` of `full`."""
   put = lambda per_slot, f, p: jax.lax.dynamic_update_slice_in_dim(
@@ -245,8 +263,24 @@ class GearLayerCache(quantized.ResidualWindow):
 
   def attend(self, queries, query_positions, pending: NewTokens | None = None,
              want: frozenset = frozenset()):
-    # Every phase reads the dense reconstruction (see the module docstring for why).
-    return self.dequantized().attend(queries, query_positions, pending, want)
+    if pending is not None or want or queries.shape[1] > 1:
+      # Prefill chunks, questions and statistics: the dense reconstruction.
+      return self.dequantized().attend(queries, query_positions, pending, want)
+    # Decode: one partial attention per part, merged by log-sum-exp (one softmax).
+    parts = [gear_ops.decode_attention(queries, kernel_part(part), part.quantized.positions,
+                                       query_positions, bits=self.bits, group=self.group)
+             for part in (self.prompt, self.decode) if part.capacity]
+    r = self.residual
+    if r.capacity:
+      parts.append(attention_ops.decode(queries, r.keys, r.values, query_positions,
+                                        r.positions))
+    b, _, h, d = queries.shape
+    shape = (b, r.keys.shape[1], h // r.keys.shape[1], d)
+    out, lse = parts[0][0].reshape(shape).astype(jnp.float32), parts[0][1]
+    for part_out, part_lse in parts[1:]:
+      out, lse = attention_ops.merge_partials(
+          out, lse, part_out.reshape(shape).astype(jnp.float32), part_lse)
+    return out.reshape(queries.shape).astype(queries.dtype), Stats()
 
   def store_group(self, keys, values, positions) -> "GearLayerCache":
     """One flushed group compressed (decode rank) into the decode part at `end`."""

@@ -12,9 +12,11 @@ Generative Inference of LLM") stores a block X [n tokens, d channels] of one KV 
   * A [n, r], B [d, r]: a rank-r fit of the residual D = X - put(deq(Q(X')), S) by power
     iteration (`power_iteration`); D is exactly 0 at the outliers.
 Empty slots (valid False) take no part: they are never outliers, do not enter a vector's
-mean, and their rows of D (and of A) are zero. Nothing here is a Pallas kernel: top-k and
-QR do not lower inside kernels (TOOLCHAIN.md), and compression runs once per prompt or per
-flushed group, off the decode hot path.
+mean, and their rows of D (and of A) are zero. Compression is pure jnp: top-k and QR do
+not lower inside kernels (TOOLCHAIN.md), and it runs once per prompt or per flushed
+group, off the decode hot path. Decode attention over compressed blocks
+(`decode_attention`) never rebuilds X: it runs the fused Pallas kernel
+`pallas_kernels.gear.gear_decode_attention` on GPU/TPU and its jnp reference on CPU.
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ import math
 
 import jax
 import jax.numpy as jnp
+
+from kvjax.ops.dispatch import use_pallas
+from pallas_kernels import gear as kernels
+from pallas_kernels import reference
+from pallas_kernels.gear import GearPart
 
 AXES = ("tokens", "channels")
 # The power iteration's start matrix: uniform [0, 1) like GEAR's torch.rand, but drawn from
@@ -140,3 +147,16 @@ def low_rank(a, b):
   """A B^T of factors a [..., n, r], b [..., d, r] in float32 -> [..., n, d]."""
   return jnp.matmul(a.astype(jnp.float32), jnp.swapaxes(b, -1, -2).astype(jnp.float32),
                     precision=_HIGHEST)
+
+
+def decode_attention(query, part: GearPart, key_positions, query_positions, *, bits: int,
+                     group: int):
+  """One query token per row (query [B, 1, H, D]) over one GEAR part of S > 0 slots
+  [B, K, S]: (out [B, 1, H, D], lse [B, K, G]) of attention over its reconstruction
+  put(deq(Q), S) + A B^T, computed without forming it (the fused kernel on GPU/TPU)."""
+  b, _, h, d = query.shape
+  k = key_positions.shape[1]
+  grouped = query.reshape(b, k, h // k, d)
+  fn = kernels.gear_decode_attention if use_pallas() else reference.gear_decode_attention
+  out, lse = fn(grouped, part, key_positions, query_positions[:, 0], bits=bits, group=group)
+  return out.reshape(query.shape).astype(query.dtype), lse
