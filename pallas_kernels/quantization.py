@@ -31,9 +31,12 @@ Kernels:
     chunks; min/max, codes and packing of a [T, D] tile in one program).
   * `quantized_decode_attention`: decode attention over the quantized part of a cache,
     dequantizing tiles inside the kernel (same contract and chunking as
-    `decode_attention.decode_attention`; the XLA epilogue is shared). The full-precision
-    residual window of a KIVI cache is not part of it: run `decode_attention` over the
-    window and combine both with `decode_attention.merge_partials`.
+    `decode_attention.decode_attention`; the XLA epilogue is shared). Keys are grouped
+    per channel over tokens (KIVI, `key_axis="tokens"`) or per token over channels like
+    the values (`key_axis="channels"`: the pools of scattered tokens of a
+    mixed-precision cache). The full-precision residual window of a KIVI cache is not
+    part of it: run `decode_attention` over the window and combine both with
+    `decode_attention.merge_partials`.
 
 Lowering notes. Everything in the kernel bodies is elementwise work, integer shifts and
 masks, reductions, `dot_general` with f32 accumulation, and 3-D broadcasts/reshapes that
@@ -381,29 +384,35 @@ def quantize_pack(x, *, bits, group, axis, valid=None, scale_dtype=None, block_s
 
 
 def _quant_attend_kernel(q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, kpos_ref,
-                         qpos_ref, *out_refs, bits, group, return_logits, block_k,
+                         qpos_ref, *out_refs, bits, group, key_axis, return_logits, block_k,
                          num_blocks, scale):
   """Online softmax over one chunk of quantized keys/values for a tile of query rows.
 
   Refs (2-D after squeezing): q [R, D], key codes [C, W] int32, key scale/zero
-  [C // group, D], value codes [C, W] int32, value scale/zero [C, D // group],
-  kpos [1, C], qpos [1, 1]; outputs out [R, D] f32, lse [R, 1] f32, (logits [R, C]).
+  [C // group, D] (key_axis="tokens") or [C, D // group] ("channels"), value codes
+  [C, W] int32, value scale/zero [C, D // group], kpos [1, C], qpos [1, 1]; outputs
+  out [R, D] f32, lse [R, 1] f32, (logits [R, C]).
   """
   o_ref, lse_ref = out_refs[:2]
   q = q_ref[...]
   rows, dim = q.shape
   qpos = qpos_ref[...]
   precision = da._precision(q.dtype)
-  groups = block_k // group  # key-scale rows per block
+  groups = block_k // group  # key-scale rows per block (key_axis="tokens")
 
   def body(i, carry):
     m, l, acc = carry
     start = pl.multiple_of(i * block_k, block_k)
-    gstart = pl.multiple_of(i * groups, groups)
-    # Keys: per-channel scales of each token group, repeated over the group's tokens.
     codes = _unpack_tile(kc_ref[pl.ds(start, block_k), :], bits=bits, dim=dim)
-    k_scale = _repeat_rows(ks_ref[pl.ds(gstart, groups), :].astype(jnp.float32), group)
-    k_zero = _repeat_rows(kz_ref[pl.ds(gstart, groups), :].astype(jnp.float32), group)
+    if key_axis == "tokens":
+      # Per-channel scales of each token group, repeated over the group's tokens.
+      gstart = pl.multiple_of(i * groups, groups)
+      k_scale = _repeat_rows(ks_ref[pl.ds(gstart, groups), :].astype(jnp.float32), group)
+      k_zero = _repeat_rows(kz_ref[pl.ds(gstart, groups), :].astype(jnp.float32), group)
+    else:
+      # Per-token scales of each channel group, as for the values below.
+      k_scale = _repeat_lanes(ks_ref[pl.ds(start, block_k), :].astype(jnp.float32), group)
+      k_zero = _repeat_lanes(kz_ref[pl.ds(start, block_k), :].astype(jnp.float32), group)
     keys = (codes * k_scale + k_zero).astype(q.dtype)
     s = lax.dot_general(q, keys, (((1,), (1,)), ((), ())), precision=precision,
                         preferred_element_type=jnp.float32) * scale
@@ -435,9 +444,11 @@ def _quant_attend_kernel(q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, 
   lse_ref[...] = jnp.where(seen, m + jnp.log(l_safe), da.EMPTY_LSE)
 
 
-def _attention_tiling(target, length, group, block_k):
+def _attention_tiling(target, length, group, key_axis, block_k):
   tiling = backend.tile_keys(target, length, block_k, default_block=_DEFAULT_BLOCK,
                              chunk_blocks=_CHUNK_BLOCKS)
+  if key_axis != "tokens":  # every scale is per token: any block will do
+    return tiling
   block = max(tiling.block, group)  # whole token groups per inner step
   chunk = max(tiling.chunk, block)
   if target.is_tpu:
@@ -448,25 +459,27 @@ def _attention_tiling(target, length, group, block_k):
 
 
 def _quant_attention_impl(q, kc, ks, kz, vc, vs, vz, key_positions, query_positions, *,
-                          target, bits, group, return_probs, block_k):
+                          target, bits, group, key_axis, return_probs, block_k):
   b, k, g, d = q.shape
   s, w = kc.shape[2:]
-  tiling = _attention_tiling(target, s, group, block_k)
+  tiling = _attention_tiling(target, s, group, key_axis, block_k)
   rows = da._query_rows(g)
   sp, c, nc = tiling.padded, tiling.chunk, tiling.num_chunks
   qp = backend.pad_axis(q, 2, rows)
   kc, vc = (backend.pad_axis(lax.bitcast_convert_type(x, jnp.int32), 2, sp) for x in (kc, vc))
-  ks, kz = (backend.pad_axis(x, 2, sp // group) for x in (ks, kz))
+  key_rows = sp // group if key_axis == "tokens" else sp
+  ks, kz = (backend.pad_axis(x, 2, key_rows) for x in (ks, kz))
   vs, vz = (backend.pad_axis(x, 2, sp) for x in (vs, vz))
   kpos = backend.pad_axis(key_positions.astype(jnp.int32), 2, sp, -1)[:, :, None, :]
   qpos = query_positions.astype(jnp.int32).reshape(b, 1, 1)
 
   out_shape, out_specs = da.chunk_outputs(b, k, nc, rows, d, sp, c, return_probs)
   codes_spec = pl.BlockSpec((None, None, c, w), lambda i, j, t: (i, j, t, 0))
-  kparam_spec = pl.BlockSpec((None, None, c // group, d), lambda i, j, t: (i, j, t, 0))
+  kparam_block = (c // group, d) if key_axis == "tokens" else (c, d // group)
+  kparam_spec = pl.BlockSpec((None, None) + kparam_block, lambda i, j, t: (i, j, t, 0))
   vparam_spec = pl.BlockSpec((None, None, c, d // group), lambda i, j, t: (i, j, t, 0))
   results = pl.pallas_call(
-      functools.partial(_quant_attend_kernel, bits=bits, group=group,
+      functools.partial(_quant_attend_kernel, bits=bits, group=group, key_axis=key_axis,
                         return_logits=return_probs, block_k=tiling.block,
                         num_blocks=tiling.blocks_per_chunk, scale=d ** -0.5),
       out_shape=out_shape,
@@ -488,8 +501,8 @@ def _quant_attention_impl(q, kc, ks, kz, vc, vs, vz, key_positions, query_positi
 
 
 def _check_attention_args(q, key_codes, key_scale, key_zero, value_codes, value_scale,
-                          value_zero, key_positions, query_positions, bits, group):
-  _check_format(bits, group)
+                          value_zero, key_positions, query_positions, bits, group, key_axis):
+  _check_format(bits, group, key_axis)
   _check(group & (group - 1) == 0, f"the kernels need group to be a power of two, got {group}.")
   _check(q.ndim == 4, f"q must be 4-D [B, K, G, D], got shape {tuple(q.shape)}.")
   b, k, _, d = q.shape
@@ -502,12 +515,14 @@ def _check_attention_args(q, key_codes, key_scale, key_zero, value_codes, value_
            f"{(b, k, s, w)} for q {tuple(q.shape)} and bits={bits}, got {tuple(x.shape)}.")
     _check(x.dtype in (jnp.uint32, jnp.int32), f"{name} must be uint32 packed words, got "
            f"dtype {x.dtype}.")
-  _check(s % group == 0, f"keys are grouped over {group} tokens: S must be a multiple of "
-         f"group={group}, got S={s}.")
+  if key_axis == "tokens":
+    _check(s % group == 0, f"keys are grouped over {group} tokens: S must be a multiple of "
+           f"group={group}, got S={s}.")
   _check(d % group == 0, f"values are grouped over {group} channels: D must be a multiple "
          f"of group={group}, got D={d}.")
-  for name, x, want in (("key_scale", key_scale, (b, k, s // group, d)),
-                        ("key_zero", key_zero, (b, k, s // group, d)),
+  key_params = (b, k, s // group, d) if key_axis == "tokens" else (b, k, s, d // group)
+  for name, x, want in (("key_scale", key_scale, key_params),
+                        ("key_zero", key_zero, key_params),
                         ("value_scale", value_scale, (b, k, s, d // group)),
                         ("value_zero", value_zero, (b, k, s, d // group)),
                         ("key_positions", key_positions, (b, k, s)),
@@ -515,11 +530,12 @@ def _check_attention_args(q, key_codes, key_scale, key_zero, value_codes, value_
     _check(tuple(x.shape) == want, f"{name} must have shape {want}, got {tuple(x.shape)}.")
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "group", "return_probs", "block_k",
-                                             "interpret"))
+@functools.partial(jax.jit, static_argnames=("bits", "group", "key_axis", "return_probs",
+                                             "block_k", "interpret"))
 def quantized_decode_attention(q, key_codes, key_scale, key_zero, value_codes, value_scale,
                                value_zero, key_positions, query_positions, *, bits, group,
-                               return_probs=False, block_k=None, interpret=None):
+                               key_axis="tokens", return_probs=False, block_k=None,
+                               interpret=None):
   """Decode attention over KIVI-quantized slots, dequantized tile by tile in the kernel.
 
   Same contract as `decode_attention.decode_attention` over the dequantized cache: a slot
@@ -527,27 +543,30 @@ def quantized_decode_attention(q, key_codes, key_scale, key_zero, value_codes, v
 
   Args:
     q: [B, K, G, D] (float32 or bfloat16), query head `k*G + g` reads KV head `k`.
-    key_codes: [B, K, S, D*bits//32] uint32, keys quantized with axis="tokens".
-    key_scale, key_zero: [B, K, S // group, D].
+    key_codes: [B, K, S, D*bits//32] uint32, keys quantized with axis=`key_axis`.
+    key_scale, key_zero: [B, K, S // group, D] (key_axis="tokens") or
+      [B, K, S, D // group] (key_axis="channels").
     value_codes: [B, K, S, D*bits//32] uint32, values quantized with axis="channels".
     value_scale, value_zero: [B, K, S, D // group].
     key_positions: [B, K, S] int32, negative = empty slot.
     query_positions: [B] int32.
     bits: 2, 4 or 8. group: the group size of both groupings (a power of two).
+    key_axis: "tokens" (KIVI keys: per channel over `group` consecutive tokens, S a
+      multiple of `group`) or "channels" (per token, as the values).
     return_probs: also return each slot's softmax probability.
-    block_k: keys per inner-loop step (power of two, raised to `group`); None picks per
-      platform. Slots are padded to a multiple of the per-program chunk.
+    block_k: keys per inner-loop step (power of two, raised to `group` for
+      key_axis="tokens"); None picks per platform. Slots are padded to a multiple of the per-program chunk.
     interpret: see `backend.dispatch`.
   Returns:
     out [B, K, G, D] in q.dtype, lse [B, K, G] float32 (`EMPTY_LSE`, out 0 for a query
     that sees nothing), and with `return_probs` probs [B, K, G, S] float32.
   """
   _check_attention_args(q, key_codes, key_scale, key_zero, value_codes, value_scale,
-                        value_zero, key_positions, query_positions, bits, group)
+                        value_zero, key_positions, query_positions, bits, group, key_axis)
 
   def build(target):
     return functools.partial(_quant_attention_impl, target=target, bits=bits, group=group,
-                             return_probs=return_probs, block_k=block_k)
+                             key_axis=key_axis, return_probs=return_probs, block_k=block_k)
 
   return backend.dispatch(build, q, key_codes, key_scale, key_zero, value_codes, value_scale,
                           value_zero, key_positions, query_positions, interpret=interpret)

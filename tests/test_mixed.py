@@ -357,6 +357,60 @@ def test_converse_over_a_mixed_cache(smollm2_tokenizer):
   assert MiKV(high_bits=16, press="snapkv").label == "mikv:press=snapkv:high_bits=16"
 
 
+def _random_mixed_layer(seed, *, high_bits, low_bits, group, dtype, b=2, k=2, s=48, d=D,
+                        n_high=16, room=4):
+  """A mixed layer split from random dense slots (shuffled positions), with empty pool
+  slots, a balance far from 1, and two decode tokens already in its recent part."""
+  rng = np.random.default_rng(seed)
+  spread = rng.uniform(0.2, 3.0, d)   # channels of different ranges, like real keys
+  dense = lambda shape: jnp.asarray(rng.normal(size=shape) * spread, dtype)
+  positions = np.stack([rng.permutation(s) for _ in range(b * k)]).reshape(b, k, s)
+  cand = LayerCache(keys=dense((b, k, s, d)), values=dense((b, k, s, d)),
+                    positions=jnp.asarray(positions, jnp.int32), end=jnp.int32(s))
+  order = np.stack([rng.permutation(s) for _ in range(b * k)]).reshape(b, k, s)
+  high, low = np.sort(order[..., :n_high], -1), order[..., n_high:].copy()
+  high[0, 1, -5:] = -1     # empty slots in each pool
+  low[1, 0, :7] = -1
+  low[0, 0, :] = -1        # a (row, head) whose low pool is empty
+  balance = jnp.asarray(rng.uniform(0.25, 4.0, (b, k, d)), jnp.float32)
+  layer = MixedPrecisionLayerCache.from_split(
+      cand, jnp.asarray(high, jnp.int32), jnp.asarray(low, jnp.int32), balance,
+      jnp.full((b, k), n_high, jnp.int32), high_bits=high_bits, low_bits=low_bits,
+      group=group).grow(room)
+  new = kv_cache.NewTokens(keys=dense((b, k, 2, d)), values=dense((b, k, 2, d)),
+                           positions=jnp.asarray([[s, s + 1]] * b, jnp.int32))
+  return layer.append(new)
+
+
+@pytest.mark.parametrize("high_bits,low_bits,group,dtype", [
+    (16, 2, D, jnp.float32), (8, 4, 16, jnp.float32), (8, 2, D, jnp.float32),
+    (4, 2, 8, jnp.float32), (16, 8, 16, jnp.float32), (4, 2, D, jnp.bfloat16)])
+@pytest.mark.parametrize("kernels", [False, True], ids=["jnp", "kernel"])
+def test_decode_equals_dequantize_then_attend(monkeypatch, high_bits, low_bits, group, dtype,
+                                              kernels):
+  """The decode path (one softmax over the pools read in place, the balance folded into
+  the query) equals dense attention over the dequantized slots: GQA groups of 3, two
+  rows, empty slots, every bit width, one group or several per token, a query position
+  that hides part of the cache; on the jnp path and through the kernels."""
+  layer = _random_mixed_layer(high_bits * 10 + low_bits, high_bits=high_bits,
+                              low_bits=low_bits, group=group, dtype=dtype)
+  b, k, d = layer.balance.shape
+  rng = np.random.default_rng(1)
+  queries = jnp.asarray(rng.normal(size=(b, 1, 3 * k, d)), dtype)
+  query_positions = jnp.asarray([[49], [30]], jnp.int32)   # row 1 sees part of the cache
+  decode = lambda c, q: c.attend(q, query_positions)[0]
+  dense = lambda c, q: c.dequantized().attend(q, query_positions)[0]
+  want = jax.jit(dense)(layer, queries)                     # jnp, before any monkeypatch
+  if kernels:
+    monkeypatch.setenv("KVJAX_PALLAS", "1")
+  got = jax.jit(decode)(layer, queries)
+  assert got.shape == queries.shape and got.dtype == dtype
+  assert np.isfinite(np.asarray(got, np.float32)).all()
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                             rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("method,ratio", [(MiKV(high_bits=16, low_bits=4), 0.5),
                                           (ZipVL(), None)], ids=["mikv16/4", "zipvl"])
 def test_kernel_path_generates_like_jnp(model, monkeypatch, method, ratio):

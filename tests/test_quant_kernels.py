@@ -242,9 +242,9 @@ def test_quantize_pack_tpu_interpreter():
 # --------------------------------------------------------- quantized attention
 
 
-def _quantized_cache(rng, b, k, s, d, *, bits, group, dtype):
+def _quantized_cache(rng, b, k, s, d, *, bits, group, dtype, key_axis="tokens"):
   keys, values = _data(rng, (b, k, s, d), dtype), _data(rng, (b, k, s, d), dtype)
-  kq = qz.quantize(keys, bits=bits, group=group, axis="tokens")
+  kq = qz.quantize(keys, bits=bits, group=group, axis=key_axis)
   vq = qz.quantize(values, bits=bits, group=group, axis="channels")
   return kq + vq
 
@@ -276,16 +276,52 @@ def test_quantized_attention_matches_reference(g, bits, dtype, return_probs):
     assert (np.asarray(got[2])[np.asarray(pos)[:, :, None, :].repeat(g, 2) < 0] == 0).all()
 
 
-def test_quantized_attention_default_blocks_tpu_interpreter():
+@pytest.mark.parametrize("g,bits,dtype,group,return_probs", [
+    (3, 8, jnp.float32, 32, True), (4, 2, jnp.float32, 8, False),
+    (1, 4, jnp.bfloat16, 16, True), (3, 2, jnp.bfloat16, 32, False)])
+def test_per_token_keys_match_reference(g, bits, dtype, group, return_probs):
+  """key_axis="channels" (the mixed-precision pools): keys grouped per token like the
+  values; S need not be a multiple of the group (90 slots, groups of up to 32 channels)."""
+  rng = kernel_inputs.rng(g * 100 + bits)
+  b, k, s, d = 3, 2, 90, 32
+  q = _data(rng, (b, k, g, d), dtype)
+  cache = _quantized_cache(rng, b, k, s, d, bits=bits, group=group, dtype=dtype,
+                           key_axis="channels")
+  pos = shuffled_positions(rng, (b, k, s))
+  pos[0, 1] = -1  # a head with no slot at all
+  pos, qpos = jnp.asarray(pos), jnp.array([89, 40, -1], jnp.int32)  # row 2 sees nothing
+  got = qz.quantized_decode_attention(q, *cache, pos, qpos, bits=bits, group=group,
+                                      key_axis="channels", return_probs=return_probs,
+                                      block_k=16)
+  want = reference.quantized_decode_attention(q, *cache, pos, qpos, bits=bits, group=group,
+                                              key_axis="channels")
+  assert got[0].shape == (b, k, g, d) and got[0].dtype == dtype
+  for a, e in zip(got, want):
+    assert np.isfinite(np.asarray(a, np.float32)).all()
+    close(a, e, dtype)
+  assert (np.asarray(got[0][0, 1], np.float32) == 0).all()
+  np.testing.assert_array_equal(got[1][2], np.float32(da.EMPTY_LSE))
+  # The reference itself: per-token keys dequantized, then dense attention.
+  keys = qz.dequantize(*cache[:3], bits=bits, group=group, axis="channels", dtype=dtype)
+  assert keys.shape == (b, k, s, d)
+  close(want[0], reference.decode_attention(q, keys, qz.dequantize(
+      *cache[3:], bits=bits, group=group, axis="channels", dtype=dtype), pos, qpos)[0], dtype)
+
+
+@pytest.mark.parametrize("key_axis", qz.AXES)
+def test_quantized_attention_default_blocks_tpu_interpreter(key_axis):
   """TPU semantics (block shapes, DMA) on the TPU interpreter with TPU block sizes."""
   rng = kernel_inputs.rng(29)
   b, k, g, s, d, group = 1, 2, 4, 256, 32, 16
   q = _data(rng, (b, k, g, d), jnp.float32)
-  cache = _quantized_cache(rng, b, k, s, d, bits=4, group=group, dtype=jnp.float32)
+  cache = _quantized_cache(rng, b, k, s, d, bits=4, group=group, dtype=jnp.float32,
+                           key_axis=key_axis)
   pos, qpos = jnp.asarray(shuffled_positions(rng, (b, k, s))), jnp.array([180], jnp.int32)
   got = qz.quantized_decode_attention(q, *cache, pos, qpos, bits=4, group=group,
-                                      return_probs=True, interpret=pltpu.InterpretParams())
-  want = reference.quantized_decode_attention(q, *cache, pos, qpos, bits=4, group=group)
+                                      key_axis=key_axis, return_probs=True,
+                                      interpret=pltpu.InterpretParams())
+  want = reference.quantized_decode_attention(q, *cache, pos, qpos, bits=4, group=group,
+                                              key_axis=key_axis)
   for a, e in zip(got, want):
     close(a, e, jnp.float32)
 
@@ -367,6 +403,11 @@ def test_attention_rejects_bad_arguments():
   bad = (cache[0].astype(jnp.float32),) + cache[1:]
   with pytest.raises(ValueError, match="key_codes must be uint32 packed words"):
     call(*bad, pos, qpos, bits=4, group=16)
+  with pytest.raises(ValueError, match="axis must be one of .* got 'heads'"):
+    call(*cache, pos, qpos, bits=4, group=16, key_axis="heads")
+  # Per-token keys want the values' [B, K, S, D // group] scales.
+  with pytest.raises(ValueError, match=r"key_scale must have shape \(1, 2, 32, 2\)"):
+    call(*cache, pos, qpos, bits=4, group=16, key_axis="channels")
 
 
 # ---------------------------------------------------------------------- exports
@@ -386,6 +427,14 @@ def _attention_structs(bits):
           _SD((B, K, S), jnp.int32), _SD((B,), jnp.int32))
 
 
+def _per_token_structs(bits):
+  """Keys and values quantized per token over the whole head (MiKV/ZipVL's default)."""
+  w, params = D * bits // 32, _SD((B, K, S, 1), _BF)
+  return (_SD((B, K, G, D), _BF), _SD((B, K, S, w), jnp.uint32), params, params,
+          _SD((B, K, S, w), jnp.uint32), params, params, _SD((B, K, S), jnp.int32),
+          _SD((B,), jnp.int32))
+
+
 EXPORTS = {}
 for _bits in (2, 4):
   EXPORTS[f"attention_bits{_bits}"] = (
@@ -395,6 +444,11 @@ for _bits in (2, 4):
     EXPORTS[f"quantize_{_axis}_bits{_bits}"] = (
         functools.partial(qz.quantize_pack, bits=_bits, group=GROUP, axis=_axis),
         (_SD((B, K, S, D), _BF), _SD((B, K, S), jnp.bool_)))
+for _bits in qz.BITS:
+  EXPORTS[f"attention_per_token_keys_bits{_bits}"] = (
+      functools.partial(qz.quantized_decode_attention, bits=_bits, group=D,
+                        key_axis="channels"),
+      _per_token_structs(_bits))
 EXPORTS["attention_probs_bits2"] = (
     functools.partial(qz.quantized_decode_attention, bits=2, group=GROUP, return_probs=True),
     _attention_structs(2))

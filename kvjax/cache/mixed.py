@@ -15,11 +15,12 @@ queries `q / balance`: q.k is unchanged while the outlier channels are flattened
     prefill; later tokens have no importance yet and are few, so they stay exact instead
     of being quantized one by one (KIVI's group flushes would need consecutive tokens).
 Each slot keeps its original position, so attention masks exactly as the dense layout
-does. Decode attends to each part separately and merges the partial attentions by their
-log-sum-exp (one softmax over the union); prefill chunks, questions and statistics
-attend over the dequantized slots. The quantized pools are dequantized in jnp (the
-dequantizing decode kernel of KIVI groups keys per channel over consecutive tokens, which
-these pools do not have) and then read by the dense decode kernel on GPU/TPU.
+does. Decode reads the parts as one softmax over their union
+(`quant_ops.union_decode_attention`), the balance folded into the query once: on GPU/TPU
+each quantized pool goes through the dequantizing decode kernel (per-token key codes) and
+the dense parts through the dense one, merged by log-sum-exp; on CPU the pools are
+dequantized and all logits come from dot products. Prefill chunks, questions and
+statistics attend over the dequantized slots.
 
 Per-slot method state (a press's accumulated scores during chunked prefill) spans
 [high, low, recent] in that order, the order of `dequantized()` and `candidates()`.
@@ -36,10 +37,9 @@ from flax import struct
 
 from kvjax.cache.kv_cache import (EMPTY_POSITION, LayerCache, NewTokens, PerHeadSlots, Stats,
                                   map_state)
-from kvjax.ops import attention as attention_ops
 from kvjax.ops import quantization as quant_ops
 
-FULL_PRECISION = 16
+FULL_PRECISION = quant_ops.FULL_PRECISION  # "bits" of slots kept in the model's dtype
 SLOT_BUCKET = 16   # pools are trimmed to a multiple of this many slots (fewer recompiles)
 
 
@@ -161,27 +161,19 @@ class MixedPrecisionLayerCache(PerHeadSlots):
              want: frozenset = frozenset()):
     if pending is not None or want or queries.shape[1] > 1:
       return self.dequantized().attend(queries, query_positions, pending, want)
-    # Decode: one partial attention per part, merged by log-sum-exp (one softmax).
+    # Decode: one softmax over the union of the parts, no dense copy of a pool.
     b, _, h, d = queries.shape
     k = self.balance.shape[1]
-    shape = (b, k, h // k, d)
-    dtype = self.recent.keys.dtype
-    scaled = (queries.astype(jnp.float32)
-              / jnp.repeat(self.balance, h // k, axis=1)[:, None]).astype(queries.dtype)
-    parts = []
-    for pool, bits in ((self.high, self.high_bits), (self.low, self.low_bits)):
-      if pool.capacity:
-        keys, values = self._pool_kv(pool, bits, dtype, False)
-        q = queries if bits == FULL_PRECISION else scaled
-        parts.append(attention_ops.decode(q, keys, values, query_positions, pool.positions))
-    if self.recent.capacity:
-      r = self.recent
-      parts.append(attention_ops.decode(queries, r.keys, r.values, query_positions,
-                                        r.positions))
-    out, lse = parts[0][0].reshape(shape).astype(jnp.float32), parts[0][1]
-    for part_out, part_lse in parts[1:]:
-      out, lse = attention_ops.merge_partials(out, lse, part_out.reshape(shape).astype(
-          jnp.float32), part_lse)
+    q = queries.astype(jnp.float32).reshape(b, k, h // k, d)
+    balanced = q / self.balance[:, :, None, :]   # quantized keys are stored times balance
+    parts = [quant_ops.DecodePart(q if bits == FULL_PRECISION else balanced, pool.keys,
+                                  pool.values, pool.positions, bits, self.group,
+                                  pool.key_scale, pool.key_zero, pool.value_scale,
+                                  pool.value_zero)
+             for pool, bits in ((self.high, self.high_bits), (self.low, self.low_bits))]
+    r = self.recent
+    parts.append(quant_ops.DecodePart(q, r.keys, r.values, r.positions))
+    out, _ = quant_ops.union_decode_attention(parts, query_positions[:, 0], queries.dtype)
     return out.reshape(queries.shape).astype(queries.dtype), Stats()
 
   def append(self, new: NewTokens) -> "MixedPrecisionLayerCache":
