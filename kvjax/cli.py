@@ -164,16 +164,25 @@ def _jsonable(x):
 
 
 def format_stats(stats: dict) -> str:
+  """What a generate call cost, in three lines: tokens, cache bytes (the context's cache
+  against the full cache of that context, then the whole allocation: prompt padding,
+  question and room for the answer included), and times."""
   mib = 1 << 20
-  context = (f"[kvjax] compressed context {stats['context_cache_bytes'] / mib:.2f} MiB of "
-             f"{stats['full_context_cache_bytes'] / mib:.2f} MiB full "
-             f"({stats['context_cache_bytes'] / stats['full_context_cache_bytes']:.1%})\n"
-             if stats["method"] != "full" else "")
-  return (f"[kvjax] method={stats['method']} batch={stats['batch_size']} "
-          f"prompt_tokens={stats['prompt_tokens']} generated={stats['generated_tokens']}\n"
-          f"{context}[kvjax] cache {stats['cache_bytes'] / mib:.2f} MiB "
-          f"(full {stats['full_cache_bytes'] / mib:.2f} MiB, "
-          f"{stats['cache_capacity_tokens']} slots/layer) | prefill "
-          f"{stats['prefill_seconds']:.3f} s ({stats['prefill_tokens_per_second']:.0f} tok/s) | "
-          f"decode {stats['decode_tokens_per_second']:.1f} tok/s | "
-          f"compile {stats['compile_seconds']:.1f} s")
+  context, full_context = stats["context_cache_bytes"], stats["full_context_cache_bytes"]
+  lines = [f"[kvjax] method={stats['method']} batch={stats['batch_size']} "
+           f"prompt_tokens={stats['prompt_tokens']} generated={stats['generated_tokens']}",
+           f"[kvjax] context cache {context / mib:.2f} MiB of {full_context / mib:.2f} MiB "
+           f"full ({context / full_context:.1%}) | allocated {stats['cache_bytes'] / mib:.2f} "
+           f"MiB (full {stats['full_cache_bytes'] / mib:.2f} MiB): "
+           f"{stats['cache_capacity_tokens']} slots/layer, padding and room included",
+           f"[kvjax] prefill {stats['prefill_seconds']:.3f} s "
+           f"({stats['prefill_tokens_per_second']:.0f} tok/s) | decode "
+           f"{stats['decode_tokens_per_second']:.1f} tok/s | compile "
+           f"{stats['compile_seconds']:.1f} s"]
+  configured, used = stats.get("protected_tokens_configured"), stats.get("protected_tokens")
+  if configured is not None and used != configured:
+    kept = stats["kept_tokens_per_layer"]
+    lines.insert(2, f"[kvjax] the method's {configured} protected tokens (sinks + recent "
+                    f"window) shrank to {used} to fit a budget of "
+                    f"{sum(kept) // len(kept)} tokens per layer")
+  return "\n".join(lines)
