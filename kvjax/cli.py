@@ -164,9 +164,9 @@ def _jsonable(x):
 
 
 def format_stats(stats: dict) -> str:
-  """What a generate call cost, in three lines: tokens, cache bytes (the context's cache
-  against the full cache of that context, then the whole allocation: prompt padding,
-  question and room for the answer included), and times."""
+  """What a generate call cost: tokens; cache bytes (the context's cache against the full
+  cache of that context, then the whole allocation: prompt padding, question and room for
+  the answer included); a line when protected tokens shrank to fit; times."""
   mib = 1 << 20
   context, full_context = stats["context_cache_bytes"], stats["full_context_cache_bytes"]
   lines = [f"[kvjax] method={stats['method']} batch={stats['batch_size']} "

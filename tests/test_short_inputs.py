@@ -136,11 +136,10 @@ def test_short_prompt_ratio_is_honoured_by_shrinking_the_window(model):
 @pytest.mark.parametrize("method", ["streaming_llm", "scissorhands", "expected_attention",
                                     "pyramidkv", "adakv", "sinks_window", "per_layer", "h2o",
                                     "tova", "mikv"])
-def test_every_method_takes_a_tiny_budget(model, method):
-  for keep in (1, 3):
-    result = kvjax.generate(model, SHORT[:8], method=method, budget=keep, max_new_tokens=2)
-    assert result.stats["kept_tokens_per_layer"] == [keep] * model.config.num_layers
-    assert result.stats["protected_tokens"] <= keep
+def test_every_method_takes_a_budget_of_one(model, method):
+  result = kvjax.generate(model, SHORT[:8], method=method, budget=1, max_new_tokens=2)
+  assert result.stats["kept_tokens_per_layer"] == [1] * model.config.num_layers
+  assert result.stats["protected_tokens"] <= 1
 
 
 def test_score_and_converse_on_one_short_sentence(smollm2_tokenizer):

@@ -30,8 +30,9 @@ class PrefilledContext:
   decode_plan: CompressionPlan | None   # what later forward calls pass as `plan`
   budgets: tuple[int, ...] | None       # kept slots per layer (per head on average)
   method_stats: dict = dataclasses.field(default_factory=dict)  # Method.cache_stats
-  context_cache_allocated_bytes: int = 0  # the same as allocated: the full cache's padded
-                                          # prompt width; a compressed one's arrays again
+  context_cache_allocated_bytes: int = 0  # the context's cache as allocated: the full
+                                          # cache's padded prompt width; for a compressed
+                                          # one the same as context_cache_bytes
 
 
 def layer_budgets(model, method, keep: int, context_length: int) -> tuple[int, ...]:
