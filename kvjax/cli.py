@@ -2,25 +2,99 @@
 
 from __future__ import annotations
 
+import os
+import pathlib
+import re
 import sys
 
 from absl import app, flags
 
 from kvjax import fileio
-from kvjax.errors import GenerationError, KvjaxError
+from kvjax.errors import GenerationError, KvjaxError, OutputPathError
 
 FLAGS = flags.FLAGS
 
+# Flags that name something a script writes, checked before any work is done (a bad path
+# found after an hour's sweep, or after loading a model, wastes all of it).
+OUTPUT_FILE_FLAGS = ("json_out", "plot_out")
+OUTPUT_DIR_FLAGS = ("out_dir", "dst")
+USAGE_ERROR = 2
+
+
+def fail(message: str) -> None:
+  """Ends the program with one `error:` line on stderr and exit status 2."""
+  sys.stderr.write(f"error: {' '.join(str(message).split())}\n")
+  sys.exit(USAGE_ERROR)
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, but a bad flag ends like any other bad input: one line, exit 2."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    fail(f"{e} (--helpfull lists every flag)")
+
 
 def run(main) -> None:
-  """app.run, but bad input ends with one readable line and exit code 2, not a traceback."""
+  """app.run, but bad input ends with one readable line and exit code 2, not a traceback:
+  unparsable flags, stray positional arguments, output paths that cannot be written
+  (checked before main runs) and every KvjaxError main raises."""
   def guarded(argv):
     try:
+      if len(argv) > 1:
+        raise KvjaxError(f"unexpected argument(s) {argv[1:]}; every input is a --flag "
+                         f"(quote values with spaces, e.g. --prompt=\"...\")")
+      check_output_flags()
       return main(argv)
     except KvjaxError as e:
-      sys.stderr.write(f"error: {e}\n")
-      sys.exit(2)
-  app.run(guarded)
+      fail(str(e))
+  app.run(guarded, flags_parser=_parse_flags)
+
+
+def check_output_flags() -> None:
+  """Every output flag a script defines (OUTPUT_FILE_FLAGS, OUTPUT_DIR_FLAGS) that is set
+  names a path that can be written."""
+  for names, is_dir in ((OUTPUT_FILE_FLAGS, False), (OUTPUT_DIR_FLAGS, True)):
+    for name in names:
+      if name in FLAGS and FLAGS[name].value is not None:
+        check_output_path(f"--{name}", FLAGS[name].value, is_dir)
+
+
+def check_output_path(what: str, path, is_dir: bool) -> None:
+  """Raises OutputPathError unless `path` can be created or written: a file's parent
+  folders (made on the way) and a folder itself must not be files, and the nearest
+  existing folder must be writable."""
+  if str(path).strip() == "":
+    raise OutputPathError(f"{what}={str(path)!r} is empty; give a path")
+  path = pathlib.Path(path).expanduser().absolute()
+  if path.exists():
+    if not is_dir and path.is_dir():
+      raise OutputPathError(f"{what}={str(path)!r} is a directory; give a file path")
+    if is_dir and not path.is_dir():
+      raise OutputPathError(f"{what}={str(path)!r} is a file; give a directory")
+  folder = path if is_dir else path.parent
+  existing = folder
+  while not existing.exists():
+    existing = existing.parent
+  if not existing.is_dir():
+    raise OutputPathError(f"{what}={str(path)!r} cannot be created: {str(existing)!r} is a "
+                          f"file, not a directory")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise OutputPathError(f"{what}={str(path)!r} cannot be written: no write permission in "
+                          f"{str(existing)!r}")
+
+
+_ESCAPE = re.compile(r"\\(\\|n|t|r|x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4})")
+_SIMPLE_ESCAPES = {"\\": "\\", "n": "\n", "t": "\t", "r": "\r"}
+
+
+def unescape(text: str) -> str:
+  """Backslash escapes typed on a command line: \\n, \\t, \\r, \\\\, \\xHH, \\uXXXX (so
+  --stop="\\n" is a newline, as in Python). Other backslashes stay as they are."""
+  def one(match):
+    code = match.group(1)
+    return _SIMPLE_ESCAPES.get(code) or chr(int(code[1:], 16))
+  return _ESCAPE.sub(one, text)
 
 
 def define_model_flags():
@@ -90,16 +164,25 @@ def _jsonable(x):
 
 
 def format_stats(stats: dict) -> str:
+  """What a generate call cost: tokens; cache bytes (the context's cache against the full
+  cache of that context, then the whole allocation: prompt padding, question and room for
+  the answer included); a line when protected tokens shrank to fit; times."""
   mib = 1 << 20
-  context = (f"[kvjax] compressed context {stats['context_cache_bytes'] / mib:.2f} MiB of "
-             f"{stats['full_context_cache_bytes'] / mib:.2f} MiB full "
-             f"({stats['context_cache_bytes'] / stats['full_context_cache_bytes']:.1%})\n"
-             if stats["method"] != "full" else "")
-  return (f"[kvjax] method={stats['method']} batch={stats['batch_size']} "
-          f"prompt_tokens={stats['prompt_tokens']} generated={stats['generated_tokens']}\n"
-          f"{context}[kvjax] cache {stats['cache_bytes'] / mib:.2f} MiB "
-          f"(full {stats['full_cache_bytes'] / mib:.2f} MiB, "
-          f"{stats['cache_capacity_tokens']} slots/layer) | prefill "
-          f"{stats['prefill_seconds']:.3f} s ({stats['prefill_tokens_per_second']:.0f} tok/s) | "
-          f"decode {stats['decode_tokens_per_second']:.1f} tok/s | "
-          f"compile {stats['compile_seconds']:.1f} s")
+  context, full_context = stats["context_cache_bytes"], stats["full_context_cache_bytes"]
+  lines = [f"[kvjax] method={stats['method']} batch={stats['batch_size']} "
+           f"prompt_tokens={stats['prompt_tokens']} generated={stats['generated_tokens']}",
+           f"[kvjax] context cache {context / mib:.2f} MiB of {full_context / mib:.2f} MiB "
+           f"full ({context / full_context:.1%}) | allocated {stats['cache_bytes'] / mib:.2f} "
+           f"MiB (full {stats['full_cache_bytes'] / mib:.2f} MiB): "
+           f"{stats['cache_capacity_tokens']} slots/layer, padding and room included",
+           f"[kvjax] prefill {stats['prefill_seconds']:.3f} s "
+           f"({stats['prefill_tokens_per_second']:.0f} tok/s) | decode "
+           f"{stats['decode_tokens_per_second']:.1f} tok/s | compile "
+           f"{stats['compile_seconds']:.1f} s"]
+  configured, used = stats.get("protected_tokens_configured"), stats.get("protected_tokens")
+  if configured is not None and used != configured:
+    kept = stats["kept_tokens_per_layer"]
+    lines.insert(2, f"[kvjax] the method's {configured} protected tokens (sinks + recent "
+                    f"window) shrank to {used} to fit a budget of "
+                    f"{sum(kept) // len(kept)} tokens per layer")
+  return "\n".join(lines)

@@ -31,3 +31,8 @@ class GenerationError(KvjaxError):
 
 class MethodError(GenerationError):
   """A compression method's name, hyperparameters or budget are invalid."""
+
+
+class OutputPathError(KvjaxError):
+  """An output path cannot be written: under a file, in a read-only folder, or a folder
+  where a file belongs."""

@@ -22,7 +22,9 @@ flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt.")
 flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 = greedy.")
 flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass in (0, 1].")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.DEFINE_multi_string("stop", None, "Stop string(s).")
+flags.DEFINE_multi_string("stop", None, "Stop string(s), repeatable. Backslash escapes are "
+                          "read as in Python: --stop=\"\\n\" stops at a newline (\\t a tab, "
+                          "\\\\ a backslash, \\xHH and \\uXXXX a character).")
 flags.DEFINE_enum("chat_template", "auto", ["auto", "on", "off"],
                   "Apply the model's chat template (auto: when it has one).")
 flags.DEFINE_bool("stream", True, "Print text as it is generated (single prompt only).")
@@ -43,7 +45,8 @@ def main(argv):
       method=cli.method_from_flags(), compression_ratio=FLAGS.compression_ratio,
       budget=FLAGS.budget, prefill_chunk_size=FLAGS.prefill_chunk_size,
       max_new_tokens=FLAGS.max_new_tokens,
-      temperature=FLAGS.temperature, top_p=FLAGS.top_p, seed=FLAGS.seed, stop=FLAGS.stop,
+      temperature=FLAGS.temperature, top_p=FLAGS.top_p, seed=FLAGS.seed,
+      stop=[cli.unescape(s) for s in FLAGS.stop] if FLAGS.stop else None,
       stream=stream, chat_template={"auto": None, "on": True, "off": False}[FLAGS.chat_template])
   if stream is not None:
     print()

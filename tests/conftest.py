@@ -28,6 +28,17 @@ def smollm2_tokenizer(smollm2_gguf):
 
 
 @pytest.fixture(scope="session")
+def smollm2_transformers(smollm2_gguf):
+  """The same GGUF through Hugging Face transformers' own loader (float32, eval mode): the
+  independent reference of the real-weight tests, dequantized once for the session (about
+  20 s) instead of once per test module."""
+  import torch
+  import transformers
+  return transformers.AutoModelForCausalLM.from_pretrained(
+      smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
 def smollm2(smollm2_gguf):
   """SmolLM2 through kvjax.load's registry path (converted to a kvjax checkpoint once)."""
   import kvjax

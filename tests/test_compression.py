@@ -204,8 +204,6 @@ def test_composition_objects(model):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(method="snapkv"), "needs compression_ratio"),
     (dict(method="snapkv", compression_ratio=1.0), r"\[0, 1\)"),
-    (dict(method="snapkv", budget=500), "larger than the context"),
-    (dict(method="snapkv", budget=20), "always keeps 32 tokens"),
     (dict(method=SnapKV(window=8), budget=40, prefill_chunk_size=0), "prefill_chunk_size=0"),
 ])
 def test_compression_errors(model, kwargs, match):

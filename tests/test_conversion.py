@@ -355,6 +355,7 @@ def smollm2_read(smollm2_gguf_file):
   return read_gguf(smollm2_gguf_file)
 
 
+@pytest.mark.slow  # reads and dequantizes every SmolLM2 weight
 def test_smollm2_gguf_config(smollm2_read):
   config, params = smollm2_read
   assert (config.architecture, config.num_layers, config.hidden_size, config.num_heads,
@@ -366,11 +367,11 @@ def test_smollm2_gguf_config(smollm2_read):
   assert all(p.dtype == np.float32 for p in params.values())
 
 
-def test_smollm2_gguf_matches_transformers_loader(smollm2_gguf_file, smollm2_read):
+@pytest.mark.slow  # and transformers' copy of them
+def test_smollm2_gguf_matches_transformers_loader(smollm2_transformers, smollm2_read):
   """transformers' own GGUF loader (independent un-permutation) gives the same weights."""
   config, params = smollm2_read
-  model = transformers.AutoModelForCausalLM.from_pretrained(
-      smollm2_gguf_file.parent, gguf_file=smollm2_gguf_file.name, dtype=torch.float32)
+  model = smollm2_transformers
   sd = _state_dict(model)
   assert model.config.num_key_value_heads == config.num_kv_heads
   _assert_params_equal(params, sd, config, atol=1e-6)

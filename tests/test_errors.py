@@ -125,7 +125,6 @@ def test_prompt_plus_new_tokens_longer_than_context(model):
     (dict(compression_ratio=1.0), r"compression_ratio=1.0.*\[0, 1\)"),
     (dict(compression_ratio=-0.1), r"compression_ratio=-0.1"),
     (dict(budget=0), "budget=0"),
-    (dict(budget=100), r"budget=100 is larger than the context \(10 tokens\)"),
     (dict(budget=5, compression_ratio=0.5), "not both"),
     (dict(compression_ratio=0.5), "method 'full' keeps the whole cache"),
 ])

@@ -115,12 +115,30 @@ def test_stats_measure_the_cache(model):
                              + 2 * cfg.num_kv_heads * slots * 4 + 4)
   slots = stats["cache_capacity_tokens"]
   assert stats["cache_bytes"] == cfg.num_layers * per_layer(slots) + 2 * 4
-  room = stats["room_tokens"]
-  assert room >= 4 and slots >= 30 + room
-  # The full-cache reference holds exactly the 30 prompt tokens (no bucket padding) + room.
-  assert stats["full_cache_bytes"] == cfg.num_layers * per_layer(30 + room) + 2 * 4
-  assert stats["full_context_cache_bytes"] == cfg.num_layers * per_layer(30) + 2 * 4
+  room, width = stats["room_tokens"], stats["prompt_width_tokens"]
+  assert room >= 4 and width >= 30 and slots == width + room
+  # A full run: the allocation (prompt bucket padding and room included) is the full
+  # cache's allocation, and the context's cache is exactly the full cache of 30 tokens.
+  assert stats["full_cache_bytes"] == stats["cache_bytes"]
+  assert stats["context_cache_bytes"] == stats["full_context_cache_bytes"] == (
+      cfg.num_layers * per_layer(30) + 2 * 4)
+  assert stats["context_cache_allocated_bytes"] == cfg.num_layers * per_layer(width) + 2 * 4
   assert stats["prefill_seconds"] > 0 and stats["decode_tokens_per_second"] > 0
+
+
+def test_stats_of_a_compressed_run_name_padding_and_room(model):
+  stats = kvjax.generate(model, [list(range(1, 31))] * 2, method="snapkv", budget=10,
+                         max_new_tokens=4).stats
+  cfg = model.config
+  per_layer = lambda slots: (2 * 2 * cfg.num_kv_heads * slots * cfg.head_dim * 4
+                             + 2 * cfg.num_kv_heads * slots * 4 + 4)
+  assert stats["context_cache_bytes"] == stats["context_cache_allocated_bytes"] == (
+      cfg.num_layers * per_layer(10) + 2 * 4)
+  assert stats["full_context_cache_bytes"] == cfg.num_layers * per_layer(30) + 2 * 4
+  room = stats["room_tokens"]
+  assert stats["cache_bytes"] == cfg.num_layers * per_layer(10 + room) + 2 * 4
+  assert stats["full_cache_bytes"] == cfg.num_layers * per_layer(
+      stats["prompt_width_tokens"] + room) + 2 * 4
 
 
 @pytest.fixture(scope="module")

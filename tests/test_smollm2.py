@@ -21,14 +21,14 @@ TEXT = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars i
         "global cultural icon of France.")
 
 
+pytestmark = pytest.mark.slow  # the real SmolLM2 weights, here and in transformers
+
+
 @pytest.fixture(scope="module")
-def hf_logprobs(smollm2_gguf, smollm2):
-  import transformers
+def hf_logprobs(smollm2_transformers, smollm2):
   tokens = smollm2.tokenizer.encode(TEXT)
-  reference = transformers.AutoModelForCausalLM.from_pretrained(
-      smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32).eval()
   with torch.no_grad():
-    logits = reference(torch.tensor([tokens])).logits[0].double()
+    logits = smollm2_transformers(torch.tensor([tokens])).logits[0].double()
   return tokens, torch.log_softmax(logits, -1).numpy()
 
 

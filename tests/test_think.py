@@ -379,7 +379,8 @@ def test_conversation_through_the_pruned_cache(smollm2_tokenizer):
   assert same.answers == full.answers
   half = kvjax.converse(chat, text, turns, method="think", max_new_tokens=4)
   assert len(half.answers[0]) == 2
-  assert half.stats["context_cache_bytes"] < 0.8 * full.stats["context_cache_bytes"]
+  # ThinK stores every slot of the padded prompt: compare with the full cache's allocation.
+  assert half.stats["context_cache_bytes"] < 0.8 * full.stats["context_cache_allocated_bytes"]
 
 
 def test_kernel_path_generates_like_jnp(model, monkeypatch):

@@ -230,7 +230,7 @@ def prefill_batch(model, samples: Sequence[Sample], method=None, compression_rat
   """The samples' contexts prefilled (and compressed) as one batch, as kvjax.score does.
 
   Contexts are left-padded; `compression_ratio` applies to the longest context of the batch
-  and `budget` must fit the shortest (methods.validate_compression). `room` defaults to the
+  and `budget` is a cap (methods.validate_compression). `room` defaults to the
   bucketed longest continuation. The result serves one `continuation_log_probs` call.
   """
   samples = _check_samples(samples)

@@ -74,6 +74,10 @@ class SweepConfig:
                              ("continuation_tokens", self.continuation_tokens, 1)):
       if not isinstance(value, int) or value < low:
         raise SweepError(f"{what}={value!r} must be an integer >= {low}")
+    if self.max_new_tokens is not None and (not isinstance(self.max_new_tokens, int)
+                                            or self.max_new_tokens < 1):
+      raise SweepError(f"max_new_tokens={self.max_new_tokens!r} must be an integer >= 1 "
+                       f"(answer length), or None for each task's own")
     if not self.tasks or not self.methods or not self.lengths or not self.modes:
       raise SweepError("a sweep needs at least one task, method, length and mode")
     for length in self.lengths:

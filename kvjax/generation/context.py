@@ -25,21 +25,27 @@ class PrefilledContext:
   logits: object              # [B, V] next-token logits after the context
   cache: object               # the cache, with `room` empty slots per head appended
   context_cache_bytes: int    # bytes of the context's cache before room: measured from the
-                              # compressed arrays (the full cache's is its allocated size)
+                              # compressed arrays; for the full cache, what its longest
+                              # context holds (the prompt bucket's padding left out)
   decode_plan: CompressionPlan | None   # what later forward calls pass as `plan`
   budgets: tuple[int, ...] | None       # kept slots per layer (per head on average)
   method_stats: dict = dataclasses.field(default_factory=dict)  # Method.cache_stats
+  context_cache_allocated_bytes: int = 0  # the context's cache as allocated: the full
+                                          # cache's padded prompt width; for a compressed
+                                          # one the same as context_cache_bytes
 
 
 def layer_budgets(model, method, keep: int, context_length: int) -> tuple[int, ...]:
-  """The method's per-layer budgets for a mean budget `keep`, checked against protection."""
+  """The per-layer budgets of the method fitted to a mean budget `keep` (its protected
+  tokens shrunk to fit, `Method.fitted`), checked against its protection."""
+  method = method.fitted(keep)
   budgets = tuple(int(b) for b in method.layer_budgets(model.config, keep, context_length))
   if len(budgets) != model.config.num_layers:
     raise MethodError(f"method {method.label!r} gave {len(budgets)} layer budgets for a model "
                       f"with {model.config.num_layers} layers")
   for layer, b in enumerate(budgets):
     protected = method.protected_tokens(b)
-    if b < 1 or protected >= b:
+    if b < 1 or protected > b:
       raise MethodError(f"layer {layer} of method {method.label!r} gets a budget of {b} "
                         f"tokens but always keeps {protected}; raise the budget")
   return budgets
@@ -82,28 +88,32 @@ def prefill(model, tokens: np.ndarray, mask: np.ndarray, method, keep: int | Non
     logits, cache = steps.prefill(model, jnp.asarray(tokens[:, piece]),
                                   jnp.asarray(mask[:, piece]), cache, logits="last", plan=plan,
                                   method_params=method_params)
-  return _prefilled(model, logits, cache, plan, width, room, steps)
+  return _prefilled(model, logits, cache, plan, mask, room, steps)
 
 
 def _compression_plan(model, method, keep: int, mask: np.ndarray) -> CompressionPlan:
-  """The plan that compresses a context (mask [B, T]) to the method's layer budgets."""
+  """The plan that compresses a context (mask [B, T]) to the layer budgets of the method
+  fitted to `keep` (protected tokens shrunk where they would not fit)."""
   budgets = layer_budgets(model, method, keep, int(mask.sum(1).max()))
-  return CompressionPlan(method, budgets, room=0, compress=True)
+  return CompressionPlan(method.fitted(keep), budgets, room=0, compress=True)
 
 
-def _prefilled(model, logits, cache, plan: CompressionPlan | None, width: int, room: int,
-               steps: engine.CompiledSteps) -> PrefilledContext:
+def _prefilled(model, logits, cache, plan: CompressionPlan | None, mask: np.ndarray,
+               room: int, steps: engine.CompiledSteps) -> PrefilledContext:
   """A prefilled context: a compressed cache (plan) gets `room` appended now; an
-  uncompressed one (plan None) already has it and counts as its allocated width."""
+  uncompressed one (plan None) already has it. The full cache's context bytes are those
+  of its longest context (mask [B, T]), its allocation those of the padded width T."""
   if plan is None:
-    return PrefilledContext(logits=logits, cache=cache,
-                            context_cache_bytes=full_cache_nbytes(model.config,
-                                                                  cache.batch_size, width),
-                            decode_plan=None, budgets=None)
+    rows, width = mask.shape
+    return PrefilledContext(
+        logits=logits, cache=cache, decode_plan=None, budgets=None,
+        context_cache_bytes=full_cache_nbytes(model.config, rows, int(mask.sum(1).max())),
+        context_cache_allocated_bytes=full_cache_nbytes(model.config, rows, width))
   # The method's host-side step (data-dependent re-packing) before bytes are measured.
   cache = plan.method.finalize(cache)
+  measured = cache_nbytes(cache)
   return PrefilledContext(logits=logits, cache=steps.grow(cache, room),
-                          context_cache_bytes=cache_nbytes(cache),
+                          context_cache_bytes=measured, context_cache_allocated_bytes=measured,
                           decode_plan=dataclasses.replace(plan, compress=False),
                           budgets=plan.budgets, method_stats=plan.method.cache_stats(cache))
 
@@ -145,6 +155,7 @@ def iter_prefill_many(model, tokens: np.ndarray, mask: np.ndarray, variants, roo
   sizes = [full_cache_nbytes(model.config, rows,
                              (width if plan is None else max(plan.budgets)) + room)
            for plan in plans]
+  host_mask = np.asarray(mask)
   tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
   for group in _groups(sizes, max_cache_bytes):
     group_plans = tuple(plans[i] for i in group)
@@ -153,7 +164,7 @@ def iter_prefill_many(model, tokens: np.ndarray, mask: np.ndarray, variants, roo
     # Handed out one by one, so a cache the caller has dropped is not held here.
     caches = list(caches)
     for plan in group_plans:
-      yield _prefilled(model, logits, caches.pop(0), plan, width, room, steps)
+      yield _prefilled(model, logits, caches.pop(0), plan, host_mask, room, steps)
 
 
 def _groups(sizes: list[int], limit: int) -> list[list[int]]:

@@ -196,6 +196,14 @@ def complete(model, logits, cache, plan, question_tokens=None, question_mask=Non
                     compile_seconds=steps.compile_seconds - compile_at_start)
 
 
+def protected_tokens(method, plan, keep: int | None) -> tuple[int | None, int | None]:
+  """(configured, used) protected tokens per layer and KV head at the mean budget `keep`:
+  the method's own, and its fitted copy's in the decode plan; (None, None) uncompressed."""
+  if keep is None or plan is None:
+    return None, None
+  return method.protected_tokens(keep), plan.method.protected_tokens(keep)
+
+
 def generate(model, prompts, questions=None, method=None, compression_ratio=None, budget=None,
              max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
              seed: int = 0, stop: str | Sequence[str] | None = None,
@@ -210,7 +218,10 @@ def generate(model, prompts, questions=None, method=None, compression_ratio=None
     single prompt with several questions is prefilled and compressed once, then its cache
     is shared by every question.
   method / compression_ratio / budget: a registry name or method object; the fraction of
-    the prompt cache removed, or the tokens kept per layer (per KV head).
+    the prompt cache removed, or the most tokens kept per layer (per KV head): a cap, so a
+    prompt not longer than it is kept whole. When the budget is smaller than the tokens
+    the method protects (sinks, recent window), those shrink to fit
+    (stats["protected_tokens"] against stats["protected_tokens_configured"]).
   prefill_chunk_size: prefill the prompt in chunks of this many tokens, compressing after
     each chunk, so the cache never holds more than budget + chunk tokens.
   stream: called as stream(row_index, new_text) as text becomes final.
@@ -265,11 +276,14 @@ def generate(model, prompts, questions=None, method=None, compression_ratio=None
   if batch.questions and any(batch.questions):
     question_tokens, question_mask = inputs.left_pad(batch.questions, pad)
   question_width = 0 if question_tokens is None else question_tokens.shape[1]
-  # Decode-time methods stay at their budget while generating, so they need no room for it.
-  generated_room = 0 if (keep is not None and method_obj.decode_time) else max_new_tokens
-  # A decode-time cache only needs its question's room: every empty slot there would be
-  # filled before the method evicts, so it is rounded to 16 (its budget stays near exact).
-  multiple = ROOM_MULTIPLE if generated_room else 16
+  # Decode-time methods stay at their budget while generating, so they need no room for it,
+  # except the part of a budget (a cap) that the context did not fill: empty slots are
+  # filled before the method evicts, so the cache grows to the budget first.
+  evicting = keep is not None and method_obj.decode_time
+  generated_room = (max_new_tokens if not evicting else
+                    0 if budget is None else min(max_new_tokens, budget - keep))
+  # A decode-time cache's room is rounded to 16 only, so it stays near its budget.
+  multiple = 16 if evicting else ROOM_MULTIPLE
   room = -(-(question_width + generated_room) // multiple) * multiple
   steps = engine.STEPS
   compile_at_start = compile_before = steps.compile_seconds
@@ -289,11 +303,16 @@ def generate(model, prompts, questions=None, method=None, compression_ratio=None
   texts, generated, measured_cache_bytes = done.texts, done.token_ids, done.cache_bytes
   decode_steps, decode_seconds = done.decode_steps, done.decode_seconds
   context_rows_count = len(context_rows)
+  protected = protected_tokens(method_obj, plan, keep)
   stats = {
       "method": method_obj.label,
       "compression_ratio": compression_ratio,
       "budget": budget,
       "kept_tokens_per_layer": list(prefilled.budgets) if prefilled.budgets else None,
+      # Sinks + recent window per layer and KV head at the mean budget, as configured and
+      # as used: a budget smaller than the configured protection shrinks it (Method.fitted).
+      "protected_tokens": protected[1],
+      "protected_tokens_configured": protected[0],
       "method_stats": prefilled.method_stats,
       "batch_size": rows,
       "prompt_tokens": context_lengths,
@@ -302,13 +321,19 @@ def generate(model, prompts, questions=None, method=None, compression_ratio=None
       "prefill_chunk_size": prefill_chunk_size,
       "room_tokens": room,
       "cache_capacity_tokens": slots_per_head(model.config, cache),
-      # Measured from the cache's arrays: the compressed context alone, and the whole cache
-      # after prefill (question and room for generated tokens included).
+      "prompt_width_tokens": width,
+      # The context's cache: what it holds (a compressed one measured from its arrays; the
+      # full one the longest context's tokens, its prompt bucket's padding left out), next
+      # to what the full cache of that context holds, and what it allocates (padding in).
       "context_cache_bytes": prefilled.context_cache_bytes,
       "full_context_cache_bytes": full_cache_nbytes(model.config, context_rows_count,
                                                     max(context_lengths)),
+      "context_cache_allocated_bytes": prefilled.context_cache_allocated_bytes,
+      # The whole cache as allocated after prefill, measured (padding, question and room
+      # for generated tokens included), next to the full cache's allocation for this call
+      # (the same padded width and room): equal for the full method.
       "cache_bytes": measured_cache_bytes,
-      "full_cache_bytes": full_cache_nbytes(model.config, rows, max(context_lengths) + room),
+      "full_cache_bytes": full_cache_nbytes(model.config, rows, width + room),
       "prefill_seconds": prefill_seconds,
       "prefill_tokens_per_second": sum(context_lengths + question_lengths) / prefill_seconds,
       "decode_steps": decode_steps,

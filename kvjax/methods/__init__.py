@@ -48,7 +48,14 @@ def validate_compression(method: Method, context_lengths, compression_ratio=None
   """Checks compression_ratio/budget against the method and the contexts of a batch.
 
   Returns the number of context tokens to keep per layer and KV head (None = keep all). A
-  ratio applies to the longest context (the cache's size); a budget must fit the shortest.
+  ratio applies to the longest context (the cache's size). A budget is a cap: rows whose
+  context is not longer than it keep every token, and a budget above the longest context
+  keeps everything (the returned count is then that context's length, so no cache is
+  larger than the full one).
+
+  Protected tokens (sinks, recent windows) never refuse a budget: where they would not
+  leave a slot to the method's scores they shrink to fit (`Method.fitted`), so a short
+  prompt's ratio is honoured.
 
   Ratio -> budget follows kvpress (`ScorerPress.compress` in kvpress/presses/scorer_press.py:
   `n_kept = int(k_len * (1 - compression_ratio))`): the kept count is truncated, not rounded,
@@ -59,7 +66,6 @@ def validate_compression(method: Method, context_lengths, compression_ratio=None
   """
   lengths = [context_lengths] if isinstance(context_lengths, numbers.Integral) else list(
       context_lengths)
-  context_length = min(lengths)
   if compression_ratio is not None and budget is not None:
     raise MethodError(f"give compression_ratio ({compression_ratio}) or budget ({budget}), "
                       f"not both")
@@ -68,10 +74,8 @@ def validate_compression(method: Method, context_lengths, compression_ratio=None
                       error=MethodError, what="the fraction of the prompt cache removed")
   if budget is not None:
     validation.integer("budget", budget, 1, error=MethodError,
-                       what="tokens kept per layer and KV head")
-    if budget > context_length:
-      raise MethodError(f"budget={budget} is larger than the context ({context_length} "
-                        f"tokens); allowed: 1..{context_length}")
+                       what="tokens kept per layer and KV head (a cap: shorter rows keep "
+                            "every token)")
   compressing = bool(compression_ratio) or budget is not None
   if compressing and not method.compresses:
     raise MethodError(
@@ -89,15 +93,15 @@ def validate_compression(method: Method, context_lengths, compression_ratio=None
     raise MethodError(f"method {method.label!r} needs compression_ratio (in [0, 1)) or "
                       f"budget (tokens kept per layer and KV head)")
   if budget is not None:
-    keep = int(budget)
+    keep = min(int(budget), max(lengths))
   elif compression_ratio is not None and method.needs_budget:
     # float(): the same IEEE double expression as kvpress's, whatever Real type was given.
     keep = max(1, int(max(lengths) * (1 - float(compression_ratio))))
   else:
     return None
-  protected = method.protected_tokens(keep)
-  if protected >= keep:
+  protected = method.fitted(keep).protected_tokens(keep)
+  if protected > keep:  # only a method whose protection cannot shrink (its own `fitted`)
     raise MethodError(f"method {method.label!r} always keeps {protected} tokens (sinks and "
                       f"recent window) but the budget is {keep} tokens per layer; raise the "
-                      f"budget above {protected} or shrink the method's window")
+                      f"budget to {protected} or shrink the method's window")
   return keep

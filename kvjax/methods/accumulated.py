@@ -131,6 +131,12 @@ class Scissorhands(base.Method):
   def protected_tokens(self, keep):
     return self.recent + self.sinks
 
+  def fitted(self, keep):
+    """Under a budget of at most recent + sinks, both shrink in proportion to budget - 1
+    (at least 1 recent token)."""
+    shrunk = base.shrink_protection(keep, sinks=(self.sinks, 0), recent=(self.recent, 1))
+    return dataclasses.replace(self, **shrunk) if shrunk else self
+
   def protected(self, key_positions, lengths, keep):
     return (base.window_mask(key_positions, lengths, self.recent)
             | base.sink_mask(key_positions, self.sinks))

@@ -20,6 +20,7 @@ import numpy as np
 from kvjax import validation
 from kvjax.config import ModelConfig
 from kvjax.errors import MethodError
+from kvjax.methods import budgets
 from kvjax.ops import attention as attention_ops
 
 PROTECTED = jnp.inf   # priority of slots that must be kept (sinks, recent window)
@@ -92,6 +93,22 @@ class Method:
     """How many slots per head the method always keeps (sinks + window); must be <= keep."""
     del keep
     return 0
+
+  def fitted(self, keep: int) -> "Method":
+    """The method as it runs with a budget of `keep` slots per layer and KV head.
+
+    A budget is honoured even when it is smaller than the tokens the method protects
+    (sinks, recent window; e.g. SnapKV's 32-token window under a short prompt's ratio): the
+    protected counts shrink, in proportion, until they leave at least one slot to the
+    method's scores (`shrink_protection`). Methods whose protection fits are returned
+    unchanged (the same object), so nothing that worked before changes or recompiles.
+    Default: a `press` the method wraps is fitted; otherwise unchanged.
+    """
+    press = getattr(self, "press", None)
+    if not isinstance(press, Method):
+      return self
+    fitted_press = press.fitted(keep)
+    return self if fitted_press is press else dataclasses.replace(self, press=fitted_press)
 
   def protected(self, key_positions: jax.Array, lengths: jax.Array, keep: int) -> jax.Array:
     """[B, K, S] bool: slots kept regardless of score."""
@@ -182,6 +199,30 @@ def check_prefill_press(owner: str, press: Method) -> None:
     raise MethodError(f"{owner}(press={press.label!r}): the press must select tokens once at "
                       f"prefill, not {kind}; e.g. snapkv, knorm, expected_attention, "
                       f"pyramidkv, or sinks_window around one of them")
+
+
+def shrink_protection(keep: int, **counts: tuple[int, int]) -> dict[str, int]:
+  """Protected-token hyperparameters scaled down to fit a budget of `keep` slots.
+
+  counts: name -> (count, minimum), e.g. sinks=(4, 0), window=(32, 1). Returns {} when
+  their sum already leaves a slot to the scores (sum < keep); otherwise new counts, in
+  proportion to the old ones (largest remainder), summing to keep - 1, or to the minimums'
+  sum where that is larger (a SnapKV window never goes below 1 query).
+  """
+  names = list(counts)
+  total = sum(counts[n][0] for n in names)
+  minimums = {n: counts[n][1] for n in names}
+  room = max(keep - 1, sum(minimums.values()))
+  if total <= room:
+    return {}
+  shares = dict(zip(names, budgets.distribute(room, [counts[n][0] for n in names], 0,
+                                              max(counts[n][0] for n in names))))
+  for name in names:
+    while shares[name] < minimums[name]:  # lend from the largest count above its minimum
+      donor = max((n for n in names if shares[n] > minimums[n]), key=shares.get)
+      shares[donor] -= 1
+      shares[name] += 1
+  return shares
 
 
 def spec_label(method: Method) -> str:

@@ -82,8 +82,8 @@ def kvpress_pyramid(num_layers: int, keep: int, window: int, context_length: int
   whenever the cap applies, which kvjax's protection rule does not allow).
   """
   b = keep
-  if num_layers == 1:
-    return (keep,)
+  if num_layers == 1 or keep <= window:  # no layer could keep more than its window
+    return (keep,) * num_layers
   low = b / beta
   high = 2 * b - low
   if high >= context_length - window:

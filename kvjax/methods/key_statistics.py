@@ -67,6 +67,11 @@ class ExpectedAttention(base.Method):
   def protected_tokens(self, keep):
     return self.n_sink
 
+  def fitted(self, keep):
+    """Under a budget of at most n_sink, the sinks shrink to budget - 1."""
+    shrunk = base.shrink_protection(keep, n_sink=(self.n_sink, 0))
+    return dataclasses.replace(self, **shrunk) if shrunk else self
+
   def protected(self, key_positions, lengths, keep):
     return base.sink_mask(key_positions, self.n_sink)
 

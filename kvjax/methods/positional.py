@@ -28,6 +28,12 @@ class StreamingLLM(base.Method):
   def protected_tokens(self, keep):
     return self.sinks
 
+  def fitted(self, keep):
+    """Under a budget of at most `sinks`, the sinks shrink to budget - 1 (the newest token
+    keeps the last slot)."""
+    shrunk = base.shrink_protection(keep, sinks=(self.sinks, 0))
+    return dataclasses.replace(self, **shrunk) if shrunk else self
+
   def protected(self, key_positions, lengths, keep):
     return base.sink_mask(key_positions, self.sinks)
 

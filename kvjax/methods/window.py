@@ -58,6 +58,12 @@ class SnapKV(base.Method):
   def protected_tokens(self, keep):
     return self.window
 
+  def fitted(self, keep):
+    """Under a budget of at most the window, the window (its votes and its protection)
+    shrinks to budget - 1 tokens, so one slot still goes to the votes (1 at a budget of 1)."""
+    shrunk = base.shrink_protection(keep, window=(self.window, 1))
+    return dataclasses.replace(self, **shrunk) if shrunk else self
+
   def protected(self, key_positions, lengths, keep):
     return base.window_mask(key_positions, lengths, self.window)
 

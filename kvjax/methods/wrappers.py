@@ -69,6 +69,12 @@ class SinksWindow(Wrapper):
   def protected_tokens(self, keep):
     return max(self.press.protected_tokens(keep), self.sinks + self.window)
 
+  def fitted(self, keep):
+    """The press fitted, and sinks + window shrunk in proportion to budget - 1."""
+    outer = super().fitted(keep)
+    shrunk = base.shrink_protection(keep, sinks=(self.sinks, 0), window=(self.window, 0))
+    return dataclasses.replace(outer, **shrunk) if shrunk else outer
+
   def protected(self, key_positions, lengths, keep):
     return (self.press.protected(key_positions, lengths, keep)
             | base.sink_mask(key_positions, self.sinks)
@@ -157,6 +163,7 @@ class PerLayer(Wrapper):
     if len(self.weights) != config.num_layers:
       raise base.MethodError(f"per_layer weights has {len(self.weights)} entries; the model "
                              f"has {config.num_layers} layers")
-    low = self.press.protected_tokens(keep) + 1  # a layer must keep more than its window
+    # A layer must keep more than its window (all its budget when that is all there is).
+    low = min(self.press.protected_tokens(keep) + 1, keep)
     return budgets.distribute(keep * config.num_layers, self.weights, low,
                               max(context_length, low))
