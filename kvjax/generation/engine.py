@@ -93,26 +93,6 @@ def _signature(tree):
                for x in jax.tree_util.tree_leaves(tree)), jax.tree_util.tree_structure(tree)
 
 
-_ASYNC_DISPATCH_ENV = "KVJAX_CPU_ASYNC_DISPATCH"
-
-
-def prefer_inline_cpu_dispatch() -> None:
-  """Runs CPU computations inline unless the user chose otherwise.
-
-  With JAX's asynchronous CPU dispatch, long evaluation sweeps (while-loop decode programs
-  over donated caches, many caches alive) hung for good now and then: the host waited on
-  a buffer that never became ready while every XLA thread sat idle (jax-ml/jax#25861).
-  kvjax waits for each prefill and each decode chunk's tokens anyway, so dispatching inline
-  costs it nothing. Takes effect only if JAX has not created its CPU backend yet;
-  $KVJAX_CPU_ASYNC_DISPATCH=1 keeps JAX's asynchronous dispatch.
-  """
-  keep = os.environ.get(_ASYNC_DISPATCH_ENV, "").strip().lower() in ("1", "true", "yes", "on")
-  if not keep:
-    jax.config.update("jax_cpu_enable_async_dispatch", False)
-
-
-prefer_inline_cpu_dispatch()
-
 _CACHE_ENV = "KVJAX_COMPILATION_CACHE"
 COMPILATION_CACHE_BYTES = 2 << 30  # least recently used entries go first beyond this
 
