@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import time
 
-import numpy as np
 
 from kvjax import methods as methods_lib
 from kvjax.cache import cache_nbytes, free_slots
