@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import time
 
-
 from kvjax import methods as methods_lib
 from kvjax.cache import cache_nbytes, free_slots
 from kvjax.errors import GenerationError
