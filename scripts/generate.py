@@ -3,7 +3,6 @@
   python scripts/generate.py --model=smollm2-135m --prompt="The capital of France is"
 """
 
-import json
 import sys
 
 from absl import flags
