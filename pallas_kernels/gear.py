@@ -312,7 +312,8 @@ def _gear_impl(q, part: GearPart, key_positions, query_positions, *, target, bit
   s, nb = part.slots, part.blocks
   n = s // nb
   multi = nb > 1
-  tiling = qz._attention_tiling(target, s, max(group, n) if multi else group, block_k)
+  tiling = qz._attention_tiling(target, s, max(group, n) if multi else group, "tokens",
+                                  block_k)
   rows = da._query_rows(g)
   sp, c, nc = tiling.padded, tiling.chunk, tiling.num_chunks
   # The logit correction's rows: a power of two dividing `rows` (8, one f32 tile, on TPU).
