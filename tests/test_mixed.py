@@ -329,8 +329,48 @@ def test_chunked_prefill_and_questions(model):
       for head in range(model.config.num_kv_heads):
         kept = positions[row, head][positions[row, head] >= 0]
         assert sorted(kept.tolist()) == list(range(n))
-  with pytest.raises(kvjax.KvjaxError, match="chunked prefill"):
-    kvjax.generate(model, prompts, method=ZipVL(), prefill_chunk_size=64, max_new_tokens=1)
+
+
+def test_zipvl_chunked_prefill(model):
+  """ZipVL re-splits stored tokens plus each chunk; the host trims its pools between
+  chunks, so capacities stay near the context length instead of compounding (each jit
+  split allocates ceil(max_ratio * S) high and S low slots: x1.6 per chunk untrimmed)."""
+  prompts = _prompts()
+  question = [[5, 6, 7, 8, 9], [10, 11, 12]]
+  full = kvjax.generate(model, prompts, questions=question, max_new_tokens=3)
+  near_full = ZipVL(high_bits=16, low_bits=8)
+  got = kvjax.generate(model, prompts, questions=question, method=near_full,
+                       prefill_chunk_size=64, max_new_tokens=3)
+  assert got.token_ids == full.token_ids
+  tokens, mask = inputs.left_pad(prompts, 0, 256)
+  seen = []   # the slots per head each chunk's compiled step receives
+
+  class Spy:
+    def prefill(self, model, tokens, mask, cache, **kw):
+      seen.append(max((layer.capacity for layer in cache.layers), default=0))
+      return engine.STEPS.prefill(model, tokens, mask, cache, **kw)
+
+    def grow(self, cache, room):
+      return engine.STEPS.grow(cache, room)
+
+  pre = context.prefill(model, tokens, mask, ZipVL(), None, room=0, chunk_size=64,
+                        steps=Spy())
+  assert len(seen) == 4 and max(seen) <= 200 + 2 * SLOT_BUCKET, seen
+  one = context.prefill(model, tokens, mask, ZipVL(), None, room=0)
+  for layer, whole in zip(pre.cache.layers, one.cache.layers):
+    assert layer.high.capacity + layer.low.capacity <= 200 + 2 * SLOT_BUCKET
+    assert layer.high.capacity <= whole.high.capacity + SLOT_BUCKET
+    positions = _all_positions(layer)
+    for row, n in enumerate((150, 200)):
+      for head in range(model.config.num_kv_heads):
+        kept = positions[row, head][positions[row, head] >= 0]
+        assert sorted(kept.tolist()) == list(range(n)), "every token once"
+        assert 1 <= int(layer.important[row, head]) <= math.floor(0.6 * n), "max_ratio cap"
+    assert layer.high.capacity <= -(-math.floor(0.6 * 200) // SLOT_BUCKET) * SLOT_BUCKET
+  chosen = pre.method_stats["important_ratio_per_layer"]
+  stored = pre.method_stats["high_precision_ratio_per_layer"]
+  assert len(chosen) == model.config.num_layers and 0 < min(chosen) and max(chosen) <= 0.6
+  assert all(c <= s for c, s in zip(chosen, stored)), "the tau-set is stored at high bits"
 
 
 def test_score_mikv_closer_to_full_than_dropping(model):

@@ -85,6 +85,8 @@ def prefill(model, tokens: np.ndarray, mask: np.ndarray, method, keep: int | Non
     piece = slice(start, start + chunk)
     if not mask[:, piece].any():
       continue  # all padding (left padding of a chunked prompt): nothing to see or keep
+    if logits is not None and plan is not None:
+      cache = plan.method.between_chunks(cache)
     logits, cache = steps.prefill(model, jnp.asarray(tokens[:, piece]),
                                   jnp.asarray(mask[:, piece]), cache, logits="last", plan=plan,
                                   method_params=method_params)

@@ -151,6 +151,13 @@ class Method:
     del lengths
     return layers
 
+  def between_chunks(self, cache):
+    """Host side, after each prefill chunk but the last, outside jit: like `finalize`, may
+    re-pack to data-dependent shapes so that worst-case capacities chosen under jit do not
+    compound from chunk to chunk; must keep what the next chunk reads (per-slot state).
+    Default: unchanged."""
+    return cache
+
   def finalize(self, cache):
     """Host side, once after the last prefill chunk and outside jit: the cache decoding
     starts from. May read array values and return other shapes (data-dependent sizes:

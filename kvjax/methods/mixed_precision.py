@@ -225,7 +225,13 @@ class ZipVL(_MixedPrecision):
   exact (the paper also uses the set for sparse prefill attention, a speed-up only);
   (4) decode tokens are appended at full precision and never re-compressed (ZipCache
   re-compresses every 100 tokens); (5) the max_ratio cap and bucketing are kvjax's.
-  Chunked prefill is not supported: the probes include the end of the prompt.
+
+  Chunked prefill (kvjax's extension; the paper prefills at once): each chunk re-splits
+  the stored tokens (dequantized) plus the chunk, with probes drawn from the chunk as
+  above, so the last chunk's probes -- the end of the prompt, as in the paper -- choose
+  the final sets; a token promoted from the low pool keeps its low-precision rounding.
+  Between chunks the host trims the pools (`between_chunks`), so the worst-case
+  capacities do not compound.
   """
   name: ClassVar[str] = "zipvl"
   family: ClassVar[str] = "mixed"
@@ -294,14 +300,12 @@ class ZipVL(_MixedPrecision):
     cap = jnp.maximum(1, jnp.floor(self.max_ratio * n).astype(jnp.int32))
     return jnp.clip(p, 1, cap).astype(jnp.int32)
 
+  def between_chunks(self, cache: Cache) -> Cache:
+    return self.finalize(cache)  # no per-slot state to keep: trim as after the last chunk
+
   def compact(self, cand, x, keep):
     del keep  # the important set is adaptive
     s = cand.capacity
-    if s != x.queries.shape[1]:
-      raise base.MethodError(
-          f"zipvl does not support chunked prefill (its probes include the end of the "
-          f"prompt); got a chunk of {x.queries.shape[1]} tokens after {s - x.queries.shape[1]} "
-          f"stored ones: use prefill_chunk_size=None")
     valid = cand.positions >= 0
     score = self.importance(x)
     counts = self.important_counts(score, cand.positions)
