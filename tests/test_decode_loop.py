@@ -160,21 +160,3 @@ def test_stop_strings_give_the_same_text_chunked_and_one_by_one(smollm2_tokenize
   assert chunked.texts == one_by_one.texts
   assert chunked.token_ids == one_by_one.token_ids
   assert stop not in chunked.texts[0] and len(chunked.texts[0]) < len(free[0])
-
-
-@pytest.mark.parametrize("donate", [True, False])
-def test_steps_donate_the_cache_only_when_asked(model, donate):
-  """Donating steps consume the cache they are given (its buffers become the new cache's);
-  undonated ones leave it usable, with the same tokens."""
-  steps = engine.CompiledSteps(donate_caches=donate)
-  pre = _prefilled(model, "full", rows=2)
-  first = jax.numpy.argmax(pre.logits, -1).astype(jax.numpy.int32)
-  leaves = jax.tree_util.tree_leaves(pre.cache.layers[0])
-  got, _, cache, *_ = steps.decode_loop(model, first, pre.cache, jax.random.key(7), 1, 4,
-                                        1.0, 1.0, True, [], 8, pre.decode_plan)
-  assert all(leaf.is_deleted() for leaf in leaves) == donate
-  assert not any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(cache))
-  reference = _prefilled(model, "full", rows=2)
-  want, *_ = engine.STEPS.decode_loop(model, first, reference.cache, jax.random.key(7), 1, 4,
-                                      1.0, 1.0, True, [], 8, reference.decode_plan)
-  np.testing.assert_array_equal(got, want)

@@ -17,7 +17,6 @@ import pathlib
 import time
 from typing import Callable
 
-import jax
 import numpy as np
 
 from kvjax import methods as methods_lib
@@ -25,7 +24,7 @@ from kvjax.cache import full_cache_nbytes
 from kvjax.errors import KvjaxError, MethodError
 from kvjax.evaluation import scoring, tasks as tasks_lib
 from kvjax.fileio import write_json_atomic
-from kvjax.generation import context, conversation, engine, inputs
+from kvjax.generation import context, conversation, inputs
 from kvjax.generation.generate import complete
 
 MODES = ("query_agnostic", "question_aware")
@@ -294,20 +293,6 @@ def run_sweep(model, model_name: str, config: SweepConfig, out_dir,
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   path = out_dir / "examples.jsonl"
-  # On XLA:CPU (jax 0.10.2) a sweep whose steps donate their caches stalls for good: after
-  # a batch of donating question prefills and decode loops, the next batch's shared
-  # prefill never completes (inputs ready, every XLA thread idle; 4 of 4 runs of GEAR on
-  # qa_squad at 1K stalled at the second batch, none without donation). Undonated steps
-  # copy the cache once per call instead of reusing its buffers.
-  donating = engine.STEPS.donate_caches
-  engine.STEPS.donate_caches = donating and jax.default_backend() != "cpu"
-  try:
-    return _run_sweep(model, model_name, config, out_dir, path, progress)
-  finally:
-    engine.STEPS.donate_caches = donating
-
-
-def _run_sweep(model, model_name, config, out_dir, path, progress) -> dict:
   done = {_record_key(r) for r in read_records(path)}
   all_variants = variants(config)
   skipped: dict[str, str] = {}

@@ -74,20 +74,15 @@ def _decode_loop(params, tokens, active, cache, key, first_step, limit, temperat
   return out, i, cache, tokens, active
 
 
-def _donating(fn, static_argnames):
-  """{donate: jit} for fn: with donation the step writes the new cache into the old one's
-  buffers; without, XLA copies the cache once per call (see CompiledSteps.donate_caches)."""
-  return {donate: jax.jit(fn, static_argnames=static_argnames,
-                          donate_argnames=("cache",) if donate else ())
-          for donate in (True, False)}
-
-
-_prefill_jit = _donating(_prefill, ("graphdef", "logits", "plan"))
+_prefill_jit = jax.jit(_prefill, static_argnames=("graphdef", "logits", "plan"),
+                      donate_argnames=("cache",))
 # Compressing changes the cache's shapes, so its input buffers could not be reused anyway.
 _compress_jit = jax.jit(_prefill, static_argnames=("graphdef", "logits", "plan"))
-_decode_jit = _donating(_decode, ("graphdef", "greedy", "plan"))
-_decode_loop_jit = _donating(_decode_loop, ("graphdef", "greedy", "plan", "chunk",
-                                            "mask_finished"))
+_decode_jit = jax.jit(_decode, static_argnames=("graphdef", "greedy", "plan"),
+                     donate_argnames=("cache",))
+_decode_loop_jit = jax.jit(_decode_loop, static_argnames=("graphdef", "greedy", "plan", "chunk",
+                                                       "mask_finished"),
+                           donate_argnames=("cache",))
 
 
 _grow_jit = jax.jit(kv_cache.grow, static_argnames=("room",))
@@ -157,23 +152,16 @@ class CompiledSteps:
   machine code in memory for as long as it is cached.
   """
 
-  def __init__(self, max_executables: int = 96, donate_caches: bool = True):
+  def __init__(self, max_executables: int = 96):
     self._executables = collections.OrderedDict()
     self.max_executables = max_executables
-    # Whether prefill and decode steps donate the cache they are given. The evaluation
-    # sweep turns this off on CPU: with donation, its prefill-once-compress-many loop
-    # stalls for good on XLA:CPU (jax 0.10.2), the next batch's prefill never completing
-    # while every XLA thread idles (see kvjax.evaluation.sweep.run_sweep).
-    self.donate_caches = donate_caches
     self.compile_seconds = 0.0
     self._disk_cache_checked = False
 
   def _get(self, name, jitted, static, args):
     # Whether kernels are used is read while tracing, so it is part of the key.
-    if isinstance(jitted, dict):
-      jitted = jitted[self.donate_caches]
     key = (name, tuple(sorted(static.items(), key=lambda kv: kv[0])), _signature(args),
-           use_pallas(), jitted)
+           use_pallas())
     if key in self._executables:
       self._executables.move_to_end(key)
     else:
