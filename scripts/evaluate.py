@@ -14,7 +14,7 @@ import time
 from absl import flags, logging
 
 from kvjax import benchmarking, cli
-from kvjax.evaluation import report, sweep, tasks
+from kvjax.evaluation import report, stall, sweep, tasks
 
 FLAGS = flags.FLAGS
 cli.define_model_flags()
@@ -36,6 +36,10 @@ flags.DEFINE_integer("turns", 3, "Questions per multi-turn conversation.")
 flags.DEFINE_integer("max_new_tokens", None, "Answer length (default: per task).")
 flags.DEFINE_integer("continuation_tokens", 128, "Fidelity: tokens scored after the context.")
 flags.DEFINE_string("title", None, "Heading of results.md.")
+flags.DEFINE_integer("restart_on_stall_seconds", 300,
+                     "Re-execute this command (resuming from the finished batches) when the "
+                     "process has used no CPU for this long: a workaround for XLA:CPU stalls "
+                     "(kvjax.evaluation.stall). 0: off.", lower_bound=0)
 
 
 def _ratios(values):
@@ -56,6 +60,9 @@ def main(argv):
   config.validate()  # before the model loads
   model = cli.load_model()
   from tqdm import tqdm
+  if stall.restarts():
+    logging.warning("restarted %d times after stalls; resuming", stall.restarts())
+  stall.restart_on_stall(FLAGS.restart_on_stall_seconds)
   start = time.perf_counter()
   with tqdm(total=sweep.units(config), unit="batch", dynamic_ncols=True) as bar:
     def progress(done, description):
