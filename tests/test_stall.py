@@ -63,14 +63,16 @@ def test_a_stalled_script_is_re_executed_with_its_arguments(tmp_path):
       import sys, threading
       from kvjax.evaluation import stall
       if stall.restarts():
-        print("resumed", stall.restarts(), sys.argv[1:])
+        print("resumed", stall.restarts(), sys.argv[1:], sys.flags.utf8_mode)
         sys.exit(0)
       stall.restart_on_stall(0.5, check_every=0.1)
       threading.Event().wait()
   """))
   env = dict(os.environ)
   env.pop(stall.RESTARTS_ENV, None)
-  done = subprocess.run([sys.executable, str(script), "--flag=1"], capture_output=True,
+  env.pop("PYTHONUTF8", None)   # utf8 mode must come from the -X option alone
+  done = subprocess.run([sys.executable, "-X", "utf8", str(script), "--flag=1"],
+                        capture_output=True,
                         text=True, timeout=120, env=env, cwd=os.getcwd())
   assert done.returncode == 0, done.stderr
-  assert "resumed 1 ['--flag=1']" in done.stdout
+  assert "resumed 1 ['--flag=1'] 1" in done.stdout   # interpreter options kept too

@@ -7,10 +7,10 @@ ready). Seen in sweeps of several families, at the second or a later batch of on
 the same batch finishes in a new process. Still seen with cache donation off, async
 dispatch off, single-threaded Eigen, the persistent compilation cache off and a freshly
 allocated initial cache, each tried on a reproducer (GEAR, qa_squad, 1K) that stalls
-at its second batch in most runs. Sweeps append their records batch
-by batch and resume from them, so the workaround is a watchdog: when the process has used
-no CPU for `stall_seconds`, it re-executes itself with the same command line and carries on
-from the last finished batch.
+at its second batch in most runs. Sweeps append their records batch by batch and resume
+from them, so the workaround is a watchdog: when the process has used no CPU for
+`stall_seconds`, it re-executes itself with the same command line and carries on from the
+last finished batch.
 """
 
 from __future__ import annotations
@@ -94,4 +94,5 @@ def restart_on_stall(stall_seconds: float, max_restarts: int = 20, *,
 def _exec_self() -> None:
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execv(sys.executable, [sys.executable] + sys.argv)
+  # orig_argv keeps what argv drops: interpreter options (-X, -W) and `-m module`.
+  os.execv(sys.executable, [sys.executable] + sys.orig_argv[1:])
