@@ -15,7 +15,7 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-from pallas_kernels import backend, gear, quantization
+from pallas_kernels import backend, gear, merge, quantization
 from pallas_kernels.decode_attention import EMPTY_LSE
 
 _HI = lax.Precision.HIGHEST
@@ -459,3 +459,32 @@ def gear_decode_attention(q, part, key_positions, query_positions, *, bits, grou
                    by_block(part.value_a), precision=_HI)
   out = out + jnp.einsum("bkgjr,bkjdr->bkgd", p_a, f32(part.value_b), precision=_HI)
   return out.astype(q.dtype), lse[..., 0]
+
+
+def assign_to_centres(src_keys, centre_keys, centre_valid):
+  """Reference of `merge.assign_to_centres`: (target [R, E] int32, similarity [R, E])."""
+  sims = jnp.einsum("red,rmd->rem", merge.unit_rows(src_keys), merge.unit_rows(centre_keys),
+                    precision=_HI)
+  sims = jnp.where(centre_valid[:, None, :], sims, -jnp.inf)
+  target = jnp.argmax(sims, axis=-1).astype(jnp.int32)   # lowest index on ties
+  found = centre_valid.any(-1, keepdims=True)
+  best = jnp.take_along_axis(sims, target[..., None], axis=-1)[..., 0]
+  return jnp.where(found, target, -1), jnp.where(found, best, 0.0)
+
+
+def scatter_mean(centre_keys, centre_values, centre_weights, src_keys, src_values,
+                 src_weights, targets):
+  """Reference of `merge.scatter_mean`: (keys, values, weights) of the merged centres."""
+  m = centre_keys.shape[1]
+  share = jnp.where(targets[..., None] == jnp.arange(m), src_weights[..., None], 0.0)
+  share = share.astype(jnp.float32)                                       # [R, E, M]
+  own = centre_weights.astype(jnp.float32)
+  total = own + share.sum(1)
+
+  def mean(centre, src):
+    summed = own[..., None] * centre.astype(jnp.float32) + jnp.einsum(
+        "rem,red->rmd", share, src.astype(jnp.float32), precision=_HI)
+    merged = summed / jnp.where(total > 0, total, 1.0)[..., None]
+    return jnp.where((total > 0)[..., None], merged, centre).astype(centre.dtype)
+
+  return mean(centre_keys, src_keys), mean(centre_values, src_values), total

@@ -19,6 +19,7 @@ from kvjax.methods.accumulated import H2O, TOVA, Scissorhands
 from kvjax.methods.base import LayerInputs, Method
 from kvjax.methods.gear import GEAR
 from kvjax.methods.key_statistics import ExpectedAttention, Knorm
+from kvjax.methods.merging import EMS, ElasticCache, KVMerger
 from kvjax.methods.mixed_precision import MiKV, ZipVL
 from kvjax.methods.positional import StreamingLLM
 from kvjax.methods.quantization import KIVI
@@ -37,7 +38,7 @@ class Full(Method):
   needs_budget: ClassVar[bool] = False
 
 
-__all__ = ["AdaKV", "ExpectedAttention", "Full", "GEAR", "H2O", "KIVI", "Knorm", "LayerInputs",
+__all__ = ["AdaKV", "EMS", "ElasticCache", "ExpectedAttention", "Full", "GEAR", "H2O", "KIVI", "Knorm", "KVMerger", "LayerInputs",
            "Method", "MiKV", "PerLayer", "PyramidKV", "Scissorhands", "SinksWindow", "SnapKV",
            "StreamingLLM", "ThinK", "TOVA", "ZipVL", "available", "get",
            "validate_compression"]

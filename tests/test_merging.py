@@ -1,0 +1,430 @@
+"""Merging methods (EMS, Elastic Cache, KVMerger) and the merge kernels: each method's kept
+and merged slots against a float64 numpy restatement, the kernels against their jnp
+references (interpreted) and numpy, the slot-weight invariants, and every phase (chunked
+prefill, questions, score, conversations, the kernel path) through a merged cache."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas import tpu as pltpu
+import numpy as np
+import pytest
+
+import kvjax
+import method_inputs as mi
+from kvjax.cache import LayerCache
+from kvjax.generation import context, inputs
+from kvjax.methods import EMS, ElasticCache, KVMerger, base
+from pallas_kernels import merge, reference
+from tiny import jnp_and_kernel_tokens, random_prompts, tiny_model
+
+K, G = mi.K, mi.G
+
+
+@pytest.fixture(scope="module")
+def model():
+  return tiny_model()
+
+
+# ------------------------------------------------------------------------------ kernels
+
+
+def _np_assign(src, centres, valid):
+  """float64 cosine argmax (lowest index on ties) and its similarity; -1 / 0 if none."""
+  unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+  sims = np.einsum("red,rmd->rem", unit(src), unit(centres))
+  target = np.full(src.shape[:2], -1)
+  best = np.zeros(src.shape[:2])
+  for r in range(src.shape[0]):
+    if not valid[r].any():
+      continue
+    masked = np.where(valid[r][None, :], sims[r], -np.inf)
+    target[r] = masked.argmax(-1)
+    best[r] = masked.max(-1)
+  return target, best
+
+
+def _np_scatter_mean(ck, cv, cw, sk, sv, sw, targets):
+  keys, values, weights = ck.copy(), cv.copy(), cw.copy()
+  for r in range(ck.shape[0]):
+    for m in range(ck.shape[1]):
+      members = (targets[r] == m) & (sw[r] > 0)
+      total = cw[r, m] + sw[r][members].sum()
+      weights[r, m] = total
+      if total > 0:
+        keys[r, m] = (cw[r, m] * ck[r, m] + (sw[r][members, None] * sk[r][members]).sum(0)) / total
+        values[r, m] = (cw[r, m] * cv[r, m] + (sw[r][members, None] * sv[r][members]).sum(0)) / total
+  return keys, values, weights
+
+
+def _kernel_inputs(seed, r=3, e=100, m=37, d=16, dtype=jnp.float32):
+  rng = np.random.default_rng(seed)
+  sk, sv = rng.normal(size=(r, e, d)), rng.normal(size=(r, e, d))
+  ck, cv = rng.normal(size=(r, m, d)), rng.normal(size=(r, m, d))
+  valid = rng.random((r, m)) < 0.7
+  valid[-1] = False                                  # a row with no centre at all
+  cw = np.where(valid, rng.integers(1, 4, (r, m)), 0).astype(np.float64)
+  sw = rng.integers(0, 3, (r, e)).astype(np.float64)  # 0: not merged
+  as_j = lambda a: jnp.asarray(a, dtype)
+  return (as_j(sk), as_j(sv), as_j(ck), as_j(cv), jnp.asarray(valid), jnp.asarray(cw, jnp.float32),
+          jnp.asarray(sw, jnp.float32))
+
+
+@pytest.mark.parametrize("seed,dtype,block", [(0, jnp.float32, 16), (1, jnp.float32, None),
+                                              (2, jnp.bfloat16, 32)])
+def test_merge_kernels_match_reference_and_numpy(seed, dtype, block):
+  sk, sv, ck, cv, valid, cw, sw = _kernel_inputs(seed, dtype=dtype)
+  f64 = lambda a: np.asarray(a, np.float64)
+  target, sim = merge.assign_to_centres(sk, ck, valid, block_e=block, block_m=block)
+  want_t, want_s = reference.assign_to_centres(sk, ck, valid)
+  np_t, np_s = _np_assign(f64(sk), f64(ck), np.asarray(valid))
+  np.testing.assert_array_equal(np.asarray(target), np.asarray(want_t))
+  np.testing.assert_array_equal(np.asarray(target), np_t)
+  assert (np_t[-1] == -1).all() and (np_t[0] >= 0).all()
+  np.testing.assert_allclose(np.asarray(sim), np_s, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(want_s), np_s, atol=1e-5)
+
+  got = merge.scatter_mean(ck, cv, cw, sk, sv, sw, target, block_e=block, block_m=block)
+  ref = reference.scatter_mean(ck, cv, cw, sk, sv, sw, target)
+  np_out = _np_scatter_mean(f64(ck), f64(cv), f64(cw), f64(sk), f64(sv), f64(sw), np_t)
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  for a, b, c in zip(got, ref, np_out):
+    assert a.dtype == b.dtype
+    np.testing.assert_allclose(f64(a), f64(b), atol=tol, rtol=tol)
+    np.testing.assert_allclose(f64(a), c, atol=tol, rtol=tol)
+  # Weights are token counts: every merged source and every centre is counted once.
+  merged_sources = np.where(np_t >= 0, f64(sw), 0).sum()
+  np.testing.assert_allclose(f64(got[2]).sum(), f64(cw).sum() + merged_sources)
+
+
+def test_merge_kernels_tpu_interpreter():
+  sk, sv, ck, cv, valid, cw, sw = _kernel_inputs(5, r=2, e=200, m=150, d=64)
+  interp = pltpu.InterpretParams()
+  target, sim = merge.assign_to_centres(sk, ck, valid, interpret=interp)
+  want_t, want_s = reference.assign_to_centres(sk, ck, valid)
+  np.testing.assert_array_equal(np.asarray(target), np.asarray(want_t))
+  np.testing.assert_allclose(np.asarray(sim), np.asarray(want_s), atol=1e-5)
+  got = merge.scatter_mean(ck, cv, cw, sk, sv, sw, target, interpret=interp)
+  for a, b in zip(got, reference.scatter_mean(ck, cv, cw, sk, sv, sw, target)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+
+
+_SD = jax.ShapeDtypeStruct
+_TRITON = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+_R, _E, _M, _D = 6, 2000, 2048, 64
+_ASSIGN = (_SD((_R, _E, _D), jnp.bfloat16), _SD((_R, _M, _D), jnp.bfloat16),
+           _SD((_R, _M), jnp.bool_))
+_SCATTER = (_SD((_R, _M, _D), jnp.bfloat16), _SD((_R, _M, _D), jnp.bfloat16),
+            _SD((_R, _M), jnp.float32), _SD((_R, _E, _D), jnp.bfloat16),
+            _SD((_R, _E, _D), jnp.bfloat16), _SD((_R, _E), jnp.float32),
+            _SD((_R, _E), jnp.int32))
+
+
+@pytest.mark.parametrize("fn,args", [(merge.assign_to_centres, _ASSIGN),
+                                     (merge.scatter_mean, _SCATTER)])
+@pytest.mark.parametrize("platform,marker", [("tpu", "tpu_custom_call"),
+                                             ("cuda", "xla.gpu.triton")])
+def test_merge_kernels_export(fn, args, platform, marker):
+  exported = jax.export.export(jax.jit(fn), platforms=[platform],
+                               disabled_checks=[_TRITON])(*args)
+  assert marker in exported.mlir_module()
+
+
+def test_merge_kernel_errors():
+  sk, sv, ck, cv, valid, cw, sw = _kernel_inputs(0)
+  with pytest.raises(ValueError, match="centre_valid must be"):
+    merge.assign_to_centres(sk, ck, valid[:, :5])
+  with pytest.raises(ValueError, match="block_e must be a positive power of two"):
+    merge.assign_to_centres(sk, ck, valid, block_e=12)
+  with pytest.raises(ValueError, match="sources must be"):
+    merge.scatter_mean(ck, cv, cw, sk, sv, sw[:, :3], sw.astype(jnp.int32))
+
+
+# ----------------------------------------------------------------- numpy restatements
+
+
+@functools.partial(jax.jit, static_argnames=("method", "keep"))
+def _compact(arrays, method, keep):
+  x = base.LayerInputs(config=mi.config(), layer=0, **arrays)
+  cand = LayerCache(keys=x.keys, values=x.values, positions=x.key_positions,
+                    end=jnp.int32(x.keys.shape[2]), state=x.slot_state)
+  return method.compact(cand, x, keep)
+
+
+def _merged_slots(data, kept, targets, merged, weights=None):
+  """Per row and head: {kept position: (key, value, tokens)} after averaging each merged
+  leaving slot into its target (weights: per-slot token counts, default 1)."""
+  b, k, s = data.kpos.shape
+  weights = np.ones((b, k, s)) if weights is None else weights
+  out = []
+  for row in range(b):
+    heads = []
+    for kv in range(k):
+      acc = {i: [weights[row, kv, i] * data.k[row, kv, i], weights[row, kv, i] * data.v[row, kv, i],
+                 weights[row, kv, i]] for i in kept[row, kv] if data.kpos[row, kv, i] >= 0}
+      for e, t in targets[row][kv].items():
+        if merged[row][kv][e]:
+          acc[t][0] = acc[t][0] + weights[row, kv, e] * data.k[row, kv, e]
+          acc[t][1] = acc[t][1] + weights[row, kv, e] * data.v[row, kv, e]
+          acc[t][2] += weights[row, kv, e]
+      heads.append({int(data.kpos[row, kv, i]): (a[0] / a[2], a[1] / a[2], a[2])
+                    for i, a in acc.items()})
+    out.append(heads)
+  return out
+
+
+def _assert_layer_matches(layer, expected, atol=1e-5):
+  keys, values = np.asarray(layer.keys, np.float64), np.asarray(layer.values, np.float64)
+  positions, state = np.asarray(layer.positions), np.asarray(layer.state)
+  for row, heads in enumerate(expected):
+    for kv, slots in enumerate(heads):
+      real = positions[row, kv] >= 0
+      assert sorted(positions[row, kv][real]) == sorted(slots), (row, kv)
+      for i in np.flatnonzero(real):
+        key, value, tokens = slots[int(positions[row, kv, i])]
+        np.testing.assert_allclose(keys[row, kv, i], key, atol=atol)
+        np.testing.assert_allclose(values[row, kv, i], value, atol=atol)
+        assert state[row, kv, i] == tokens - 1
+      assert (state[row, kv][~real] == 0).all()
+
+
+def _np_ems(data, keep, window, threshold):
+  sums = mi.column_sums(data)                                           # [B, H, S]
+  qpos = data.qpos[:, None, None, :]
+  kpos = data.kpos[..., None]
+  seen_by = ((qpos >= 0) & (qpos >= kpos) & (kpos >= 0)).sum(-1)        # [B, K, S]
+  glob = sums / np.maximum(np.repeat(seen_by, G, axis=1), 1)
+  local = mi.attention(data.q[:, -window:], data.k, data.qpos[:, -window:], data.kpos).sum(2)
+  by_max = lambda x: x / np.where(x.max(-1, keepdims=True) > 0, x.max(-1, keepdims=True), 1)
+  score = mi.group(by_max(glob) + by_max(local), "mean")
+  prio = mi.priorities(score, mi.window_protected(data, window), data.kpos)
+  mi.assert_separated(prio, keep)
+  kept = mi.select(prio, keep)
+  targets, merged = [], []
+  unit = lambda x: x / np.linalg.norm(x)
+  for row in range(data.k.shape[0]):
+    t_row, m_row = [], []
+    for kv in range(K):
+      centres = [i for i in kept[row, kv] if data.kpos[row, kv, i] >= 0]
+      t, m = {}, {}
+      for e in range(data.k.shape[2]):
+        if e in kept[row, kv] or data.kpos[row, kv, e] < 0:
+          continue
+        sims = np.array([unit(data.k[row, kv, e]) @ unit(data.k[row, kv, c]) for c in centres])
+        order = np.sort(sims)
+        assert order[-1] - order[-2] > 1e-6 and abs(order[-1] - threshold) > 1e-6
+        t[e], m[e] = centres[int(sims.argmax())], sims.max() >= threshold
+      t_row.append(t)
+      m_row.append(m)
+    targets.append(t_row)
+    merged.append(m_row)
+  return kept, targets, merged
+
+
+@pytest.mark.parametrize("seed,keep,window,threshold", [
+    (0, 20, 8, 0.5), (1, 12, 4, 0.2), (2, 30, 16, 0.7), (3, 20, 8, -1.0)])
+def test_ems_matches_numpy(seed, keep, window, threshold):
+  data = mi.random_prefill(seed)
+  method = EMS(window=window, threshold=threshold)
+  arrays = mi.layer_arrays(data, column_sums=mi.column_sums(data),
+                           slot_state=np.zeros(data.kpos.shape))
+  layer = _compact(arrays, method, keep)
+  kept, targets, merged = _np_ems(data, keep, window, threshold)
+  expected = _merged_slots(data, kept, targets, merged)
+  _assert_layer_matches(layer, expected)
+  n_merged = sum(v for row in merged for head in row for v in head.values())
+  assert n_merged > 0 and (threshold == -1.0 or n_merged < sum(
+      len(head) for row in merged for head in row)), "both classes should occur"
+
+
+def _np_elastic(data, keep, sinks, sums):
+  score = np.broadcast_to(sums.mean(1, keepdims=True), data.kpos.shape)
+  protected = mi.sinks_protected(data.kpos, sinks) | mi.window_protected(data, 1)
+  prio = mi.priorities(score, protected, data.kpos)
+  mi.assert_separated(prio, keep)
+  kept = mi.select(prio, keep)
+  targets, merged = [], []
+  for row in range(data.k.shape[0]):
+    t_row, m_row = [], []
+    for kv in range(K):
+      anchors = [i for i in kept[row, kv] if data.kpos[row, kv, i] >= 0]
+      t, m = {}, {}
+      for e in range(data.k.shape[2]):
+        if e in kept[row, kv] or data.kpos[row, kv, e] < 0:
+          continue
+        gaps = [abs(int(data.kpos[row, kv, e]) - int(data.kpos[row, kv, a])) for a in anchors]
+        t[e], m[e] = anchors[int(np.argmin(gaps))], True
+      t_row.append(t)
+      m_row.append(m)
+    targets.append(t_row)
+    merged.append(m_row)
+  return kept, targets, merged
+
+
+@pytest.mark.parametrize("seed,keep,sinks", [(0, 20, 4), (1, 9, 1), (2, 30, 0)])
+def test_elastic_cache_matches_numpy(seed, keep, sinks):
+  data = mi.random_prefill(seed)
+  sums = mi.column_sums(data)
+  # Earlier merges: some slots already stand for several tokens (a later prefill chunk).
+  tokens = np.random.default_rng(seed).integers(1, 4, data.kpos.shape).astype(np.float64)
+  arrays = mi.layer_arrays(data, column_sums=sums, slot_state=tokens - 1)
+  layer = _compact(arrays, ElasticCache(sinks=sinks), keep)
+  kept, targets, merged = _np_elastic(data, keep, sinks, sums)
+  _assert_layer_matches(layer, _merged_slots(data, kept, targets, merged, weights=tokens))
+  # Every token is merged somewhere: the kept slots stand for all of them.
+  state = np.asarray(layer.state)
+  real = np.asarray(layer.positions) >= 0
+  for row, n in enumerate(data.lengths):
+    for kv in range(K):
+      assert (1 + state[row, kv][real[row, kv]]).sum() == tokens[row, kv][
+          data.kpos[row, kv] >= 0].sum()
+
+
+def _runs_prefill(seed):
+  """Keys in runs of near-identical directions (what KVMerger merges)."""
+  data = mi.random_prefill(seed)
+  rng = np.random.default_rng(seed + 100)
+  b, k, s, d = data.k.shape
+  keys = data.k.copy()
+  for row in range(b):
+    for kv in range(k):
+      i = 0
+      while i < s:
+        n = int(rng.integers(1, 6))
+        direction = rng.normal(size=d)
+        for j in range(i, min(i + n, s)):
+          keys[row, kv, j] = direction * rng.uniform(0.5, 2.0) + 0.2 * rng.normal(size=d)
+        i += n
+  data.k = mi.f32(keys)
+  return data
+
+
+def _np_kvmerger(data, keep, similarity, sinks, window, sums):
+  score = mi.group(sums, "sum")
+  protected = mi.sinks_protected(data.kpos, sinks) | mi.window_protected(data, window)
+  unit = lambda x: x / np.linalg.norm(x)
+  out = []
+  for row in range(data.k.shape[0]):
+    heads = []
+    for kv in range(K):
+      pos, keys, values = data.kpos[row, kv], data.k[row, kv], data.v[row, kv]
+      free = (pos >= 0) & ~protected[row, kv]
+      sets, current = [], [0]
+      for i in range(1, len(pos)):
+        cos = unit(keys[i - 1]) @ unit(keys[i]) if free[i] and free[i - 1] else -2
+        assert abs(cos - similarity) > 1e-6
+        if cos >= similarity:
+          current.append(i)
+        else:
+          sets.append(current)
+          current = [i]
+      sets.append(current)
+      entries = []   # (priority, pivot position, key, value, tokens)
+      for members in sets:
+        if pos[members[0]] < 0:
+          continue
+        pivot = members[int(np.argmax(score[row, kv, members]))]
+        d2 = np.array([((keys[pivot] - keys[i]) ** 2).sum() for i in members])
+        spread = d2.mean()
+        w = np.exp(-d2 / (2 * spread)) if spread > 0 else np.ones(len(members))
+        w = w / w.sum()
+        prio = np.inf if protected[row, kv, pivot] else score[row, kv, pivot]
+        entries.append((prio, pos[pivot], (w[:, None] * keys[members]).sum(0),
+                        (w[:, None] * values[members]).sum(0), len(members)))
+      ranked = sorted(entries, key=lambda e: -e[0])
+      if len(ranked) > keep:
+        assert ranked[keep - 1][0] - ranked[keep][0] > 1e-6
+      heads.append({int(e[1]): e[2:] for e in ranked[:keep]})
+    out.append(heads)
+  return out
+
+
+@pytest.mark.parametrize("seed,keep,similarity,sinks,window", [
+    (0, 20, 0.75, 4, 8), (1, 12, 0.5, 2, 4), (2, 40, 0.9, 0, 0)])
+def test_kvmerger_matches_numpy(seed, keep, similarity, sinks, window):
+  data = _runs_prefill(seed)
+  sums = mi.column_sums(data)
+  arrays = mi.layer_arrays(data, column_sums=sums, slot_state=np.zeros(data.kpos.shape))
+  layer = _compact(arrays, KVMerger(similarity=similarity, sinks=sinks, window=window), keep)
+  expected = _np_kvmerger(data, keep, similarity, sinks, window, sums)
+  _assert_layer_matches(layer, expected, atol=2e-5)
+  assert (np.asarray(layer.state) > 0).any(), "some sets should have merged"
+
+
+# --------------------------------------------------------------------------- the model
+
+_METHODS = [EMS(window=8), ElasticCache(), KVMerger(window=8)]
+
+
+@pytest.mark.parametrize("method", _METHODS, ids=lambda m: m.name)
+def test_budget_above_the_context_is_the_full_cache(model, method):
+  prompts = random_prompts((90, 120))
+  full = kvjax.generate(model, prompts, max_new_tokens=5)
+  got = kvjax.generate(model, prompts, method=method, budget=500, max_new_tokens=5)
+  assert got.token_ids == full.token_ids
+
+
+@pytest.mark.parametrize("method", _METHODS, ids=lambda m: m.name)
+def test_chunked_prefill_counts_every_token(model, method):
+  """After chunked prefill each kept slot's count of tokens is consistent: never more
+  tokens than the context had, exactly all of them for Elastic Cache (it drops nothing),
+  and the cache holds the budget."""
+  prompts = random_prompts((90, 120))
+  tokens, mask = inputs.left_pad(prompts, 0)
+  pre = context.prefill(model, tokens, mask, method, 40, room=0, chunk_size=32)
+  for layer in pre.cache.layers:
+    assert layer.capacity == 40
+    real = np.asarray(layer.positions) >= 0
+    counted = np.where(real, 1 + np.asarray(layer.state), 0).sum(-1)      # [B, K]
+    for row, n in enumerate((90, 120)):
+      if isinstance(method, ElasticCache):
+        assert (counted[row] == n).all(), counted[row]
+      else:
+        assert (counted[row] <= n).all() and (counted[row] >= 40).all()
+  got = kvjax.generate(model, prompts, method=method, budget=40, prefill_chunk_size=32,
+                       max_new_tokens=3)
+  assert len(got.token_ids[0]) == 3
+
+
+@pytest.mark.parametrize("method", _METHODS, ids=lambda m: m.name)
+def test_questions_score_and_kernel_path(model, method, monkeypatch):
+  prompts = random_prompts((70, 80))
+  got = kvjax.generate(model, prompts, questions=[[5, 6, 7], [8, 9]], method=method,
+                       compression_ratio=0.5, max_new_tokens=3)
+  assert len(got.token_ids[1]) == 3
+  assert got.stats["context_cache_bytes"] < 0.6 * got.stats["full_context_cache_bytes"]
+  scores = kvjax.score(model, prompts, [[1, 2, 3]] * 2, method=method, compression_ratio=0.5)
+  assert all(np.isfinite(s).all() for s in scores)
+  want, kernel = jnp_and_kernel_tokens(model, prompts, monkeypatch, method=method,
+                                       compression_ratio=0.5, max_new_tokens=4)
+  assert kernel == want
+
+
+def test_conversation_reuses_the_merged_cache(smollm2_tokenizer):
+  from tiny import tiny_chat_model
+  chat = tiny_chat_model(smollm2_tokenizer, max_position_embeddings=2048)
+  text = " ".join(f"Fact {i}: the code word is word{i}." for i in range(12))
+  turns = ["First?", "Second?"]
+  full = kvjax.converse(chat, text, turns, max_new_tokens=4)
+  for method in _METHODS:
+    same = kvjax.converse(chat, text, turns, method=method, budget=10_000, max_new_tokens=4)
+    assert same.answers == full.answers
+    half = kvjax.converse(chat, text, turns, method=method, compression_ratio=0.5,
+                          max_new_tokens=4)
+    assert len(half.answers[0]) == 2
+    assert half.stats["context_cache_bytes"] < 0.6 * full.stats["context_cache_bytes"]
+
+
+@pytest.mark.parametrize("build,match", [
+    (lambda: EMS(threshold=1.5), r"threshold=1.5"),
+    (lambda: EMS(window=0), r"window=0 must be an integer >= 1"),
+    (lambda: ElasticCache(sinks=-1), r"sinks=-1 must be an integer >= 0"),
+    (lambda: KVMerger(similarity=float("nan")), r"similarity=nan"),
+    (lambda: KVMerger(window=-2), r"window=-2"),
+    (lambda: kvjax.methods.get("adakv", press="ems"), "merging method"),
+    (lambda: kvjax.methods.get("kivi", press="kvmerger"), "not a merging method"),
+])
+def test_merging_errors(build, match):
+  with pytest.raises(kvjax.KvjaxError, match=match):
+    build()
