@@ -428,3 +428,68 @@ def test_conversation_reuses_the_merged_cache(smollm2_tokenizer):
 def test_merging_errors(build, match):
   with pytest.raises(kvjax.KvjaxError, match=match):
     build()
+
+
+# ------------------------------------------------------------------------------ KVCrush
+
+
+def _np_kvcrush(data, keep, share, anchor, window=8):
+  prio = mi.snapkv(data, keep, window, 7, "max", "mean")
+  crushed = max(0, min(int(share * keep), keep - window - 1))
+  b, k, s = prio.shape
+  scores = mi.snapkv_scores(data, window, 7, "max", "mean")
+  bits = np.zeros((b, s, k), bool)
+  for row in range(b):
+    for kv in range(k):
+      valid = np.flatnonzero(data.kpos[row, kv] >= 0)
+      ranked = valid[np.lexsort((valid, -scores[row, kv, valid]))]
+      bits[row, ranked[:len(valid) // 2], kv] = True
+  kept = []
+  for row in range(b):
+    a = {"mean": bits[row].mean(0) >= 0.5, "alternate": np.arange(k) % 2 == 0,
+         "zeros": np.zeros(k, bool)}[anchor]
+    distance = (bits[row] != a).sum(-1)
+    heads = []
+    for kv in range(k):
+      important = set(mi.top(prio[row, kv], keep - crushed).tolist())
+      cands = [i for i in range(s) if data.kpos[row, kv, i] >= 0 and i not in important]
+      cands.sort(key=lambda i: (distance[i], i))
+      n = len(cands)
+      reps = {cands[(i * n) // crushed] for i in range(crushed) if (i * n) // crushed < n}
+      heads.append(sorted(int(data.kpos[row, kv, i]) for i in important | reps))
+    kept.append(heads)
+  return kept
+
+
+@pytest.mark.parametrize("seed,keep,share,anchor", [
+    (0, 20, 0.3, "mean"), (1, 16, 0.5, "alternate"), (2, 30, 0.1, "zeros"), (3, 12, 0.9, "mean")])
+def test_kvcrush_matches_numpy(seed, keep, share, anchor):
+  from kvjax.methods import KVCrush, SnapKV
+  data = mi.random_prefill(seed)
+  method = KVCrush(press=SnapKV(window=8), share=share, anchor=anchor)
+  layer = _compact(mi.layer_arrays(data), method, keep)
+  want = _np_kvcrush(data, keep, share, anchor)
+  positions = np.asarray(layer.positions)
+  for row in range(2):
+    for kv in range(K):
+      assert sorted(p for p in positions[row, kv] if p >= 0) == want[row][kv], (row, kv)
+  snap = _compact(mi.layer_arrays(data), SnapKV(window=8), keep)
+  assert (np.sort(np.asarray(snap.positions), -1) != np.sort(positions, -1)).any(), \
+      "representatives should replace some of SnapKV's own choices"
+
+
+def test_kvcrush_errors_and_composition(model):
+  from kvjax.methods import KVCrush
+  with pytest.raises(kvjax.KvjaxError, match="decode-time"):
+    KVCrush(press="h2o")
+  with pytest.raises(kvjax.KvjaxError, match=r"anchor='x'"):
+    KVCrush(anchor="x")
+  with pytest.raises(kvjax.KvjaxError, match=r"share=1.0"):
+    KVCrush(share=1.0)
+  prompts = random_prompts((90, 120))
+  # Composes under a quantizer (eviction family); the random anchor is seeded.
+  a = kvjax.generate(model, prompts, method="kivi:bits=4:group_size=8:press=kvcrush", compression_ratio=0.5,
+                     max_new_tokens=4)
+  b = kvjax.generate(model, prompts, method="kivi:bits=4:group_size=8:press=kvcrush", compression_ratio=0.5,
+                     max_new_tokens=4)
+  assert a.token_ids == b.token_ids

@@ -19,6 +19,7 @@ from kvjax.methods.accumulated import H2O, TOVA, Scissorhands
 from kvjax.methods.base import LayerInputs, Method
 from kvjax.methods.gear import GEAR
 from kvjax.methods.key_statistics import ExpectedAttention, Knorm
+from kvjax.methods.kvcrush import KVCrush
 from kvjax.methods.merging import EMS, ElasticCache, KVMerger
 from kvjax.methods.mixed_precision import MiKV, ZipVL
 from kvjax.methods.positional import StreamingLLM
@@ -38,7 +39,7 @@ class Full(Method):
   needs_budget: ClassVar[bool] = False
 
 
-__all__ = ["AdaKV", "EMS", "ElasticCache", "ExpectedAttention", "Full", "GEAR", "H2O", "KIVI", "Knorm", "KVMerger", "LayerInputs",
+__all__ = ["AdaKV", "EMS", "ElasticCache", "ExpectedAttention", "Full", "GEAR", "H2O", "KIVI", "Knorm", "KVCrush", "KVMerger", "LayerInputs",
            "Method", "MiKV", "PerLayer", "PyramidKV", "Scissorhands", "SinksWindow", "SnapKV",
            "StreamingLLM", "ThinK", "TOVA", "ZipVL", "available", "get",
            "validate_compression"]
