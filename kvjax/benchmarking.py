@@ -307,7 +307,8 @@ def measure_methods(model, context_length: int, batch_size: int, methods, decode
   repeats = _check_count(repeats, "repeats")
   warmup = _check_count(warmup, "warmup", minimum=0)
   context.check_chunk_size(prefill_chunk_size)
-  cases = [_Case.build(method, context_length, decode_steps, compression_ratio, budget)
+  cases = [_Case.build(methods_lib.bind(method, model), context_length, decode_steps,
+                       compression_ratio, budget)
            for method, compression_ratio, budget in methods]
   tokens, mask, first_tokens = _prompt(config, context_length, batch_size,
                                        prefill_chunk_size, seed)

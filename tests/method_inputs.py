@@ -358,3 +358,34 @@ def decode_probs(q_new, keys, kpos, new_key, new_pos):
       probs[row, head] = e / (e.sum() + e_own)
       own[row, head] = e_own / (e.sum() + e_own)
   return probs, own
+
+
+def kvcrush(data: Prefill, keep: int, share: float, anchor, press_prio: np.ndarray,
+            press_scores: np.ndarray, press_protected: int) -> np.ndarray:
+  """KVCrush priorities: +inf where the press protects, 2 for the press's top
+  (keep - representatives), 1 for one representative per bucket of the other tokens sorted
+  by (Hamming distance of their signature to `anchor`, slot), 0 otherwise, -inf if empty.
+  Signature bit k of a token: it is in the top half of KV head k's press scores.
+  anchor: [K] bool, or "mean" (the majority bit per head)."""
+  crushed = max(0, min(int(share * keep), keep - press_protected - 1))
+  b, k, s = press_prio.shape
+  bits = np.zeros((b, s, k), bool)
+  for row in range(b):
+    for kv in range(k):
+      valid = np.flatnonzero(data.kpos[row, kv] >= 0)
+      ranked = valid[np.lexsort((valid, -press_scores[row, kv, valid]))]
+      bits[row, ranked[:len(valid) // 2], kv] = True
+  tiers = np.zeros((b, k, s))
+  for row in range(b):
+    a = bits[row].mean(0) >= 0.5 if isinstance(anchor, str) else np.asarray(anchor)
+    distance = (bits[row] != a).sum(-1)
+    for kv in range(k):
+      important = set(top(press_prio[row, kv], keep - crushed).tolist())
+      cands = [i for i in range(s) if data.kpos[row, kv, i] >= 0 and i not in important]
+      cands.sort(key=lambda i: (distance[i], i))
+      n = len(cands)
+      reps = {cands[(i * n) // crushed] for i in range(crushed) if (i * n) // crushed < n}
+      tiers[row, kv, list(important)] = 2
+      tiers[row, kv, list(reps)] = 1
+  tiers = np.where(np.isposinf(press_prio), np.inf, tiers)
+  return np.where(data.kpos >= 0, tiers, -np.inf)

@@ -435,30 +435,13 @@ def test_merging_errors(build, match):
 
 def _np_kvcrush(data, keep, share, anchor, window=8):
   prio = mi.snapkv(data, keep, window, 7, "max", "mean")
-  crushed = max(0, min(int(share * keep), keep - window - 1))
-  b, k, s = prio.shape
   scores = mi.snapkv_scores(data, window, 7, "max", "mean")
-  bits = np.zeros((b, s, k), bool)
-  for row in range(b):
-    for kv in range(k):
-      valid = np.flatnonzero(data.kpos[row, kv] >= 0)
-      ranked = valid[np.lexsort((valid, -scores[row, kv, valid]))]
-      bits[row, ranked[:len(valid) // 2], kv] = True
-  kept = []
-  for row in range(b):
-    a = {"mean": bits[row].mean(0) >= 0.5, "alternate": np.arange(k) % 2 == 0,
-         "zeros": np.zeros(k, bool)}[anchor]
-    distance = (bits[row] != a).sum(-1)
-    heads = []
-    for kv in range(k):
-      important = set(mi.top(prio[row, kv], keep - crushed).tolist())
-      cands = [i for i in range(s) if data.kpos[row, kv, i] >= 0 and i not in important]
-      cands.sort(key=lambda i: (distance[i], i))
-      n = len(cands)
-      reps = {cands[(i * n) // crushed] for i in range(crushed) if (i * n) // crushed < n}
-      heads.append(sorted(int(data.kpos[row, kv, i]) for i in important | reps))
-    kept.append(heads)
-  return kept
+  fixed = {"alternate": np.arange(K) % 2 == 0, "zeros": np.zeros(K, bool)}
+  tiers = mi.kvcrush(data, keep, share, fixed.get(anchor, anchor), prio, scores, window)
+  mi.assert_separated(tiers, keep)
+  kept = mi.select(tiers, keep)
+  return [[sorted(int(p) for p in data.kpos[row, kv, kept[row, kv]] if p >= 0)
+           for kv in range(K)] for row in range(data.k.shape[0])]
 
 
 @pytest.mark.parametrize("seed,keep,share,anchor", [

@@ -130,6 +130,14 @@ def _numpy_priorities(method, data, keep, cfg=None):
     extra = (mi.window_protected(data, method.window)
              | mi.sinks_protected(data.kpos, method.sinks))
     return mi.priorities(np.where(extra, np.inf, inner), extra, data.kpos)
+  if name == "kvcrush":
+    press = method.press
+    press_prio = _numpy_priorities(press, data, keep, cfg)
+    scores = mi.snapkv_scores(data, press.window, press.kernel_size, press.pooling, press.gqa)
+    # The default anchor: seeded random bits, one per KV head.
+    anchor = np.asarray(jax.random.bernoulli(jax.random.key(method.seed), 0.5, (mi.K,)))
+    return mi.kvcrush(data, keep, method.share, anchor, press_prio, scores,
+                      press.protected_tokens(keep))
   if name == "streaming_llm":
     return mi.streaming_llm(data, keep, method.sinks)
   if name == "h2o":

@@ -237,7 +237,7 @@ def prefill_batch(model, samples: Sequence[Sample], method=None, compression_rat
   for i, s in enumerate(samples):
     check_context_length(model, len(s.context_ids) + len(s.continuation_ids),
                          f"sample {i} (context + continuation)")
-  method_obj = methods_lib.get(method)
+  method_obj = methods_lib.bind(method, model)
   contexts = [list(s.context_ids) for s in samples]
   keep = methods_lib.validate_compression(method_obj, [len(c) for c in contexts],
                                           compression_ratio, budget)
@@ -318,7 +318,7 @@ def evaluate(model, samples: Sequence[Sample], method=None, compression_ratio=No
                           f"budget={budget!r}: give one or the other")
   if prefilled is None:
     # Validate every batch first so a bad ratio or budget fails before any forward pass.
-    method = methods_lib.get(method)
+    method = methods_lib.bind(method, model)
     for group in groups:
       methods_lib.validate_compression(method, [len(s.context_ids) for s in group],
                                        compression_ratio, budget)

@@ -294,7 +294,9 @@ def run_sweep(model, model_name: str, config: SweepConfig, out_dir,
   out_dir.mkdir(parents=True, exist_ok=True)
   path = out_dir / "examples.jsonl"
   done = {_record_key(r) for r in read_records(path)}
-  all_variants = variants(config)
+  # Methods with per-model parts (calibrated heads) are made ready for this model once.
+  all_variants = [dataclasses.replace(v, method=methods_lib.bind(v.method, model))
+                  for v in variants(config)]
   skipped: dict[str, str] = {}
   unit = 0
   for task, length, mode in _task_grid(config):

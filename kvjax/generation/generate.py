@@ -239,7 +239,7 @@ def generate(model, prompts, questions=None, method=None, compression_ratio=None
     raise GenerationError(f"stream={validation.show(stream)} must be callable as "
                           f"stream(row, text)")
   eos = sorted(eos_ids(model, eos_token_ids))
-  method_obj = methods_lib.get(method)
+  method_obj = methods_lib.bind(method, model)
   context.check_chunk_size(prefill_chunk_size)
   prompt_list, _ = inputs.as_batch(prompts, "prompts")
   question_list = None

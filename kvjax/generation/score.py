@@ -89,7 +89,7 @@ def score(model, context, continuation, method=None, compression_ratio=None, bud
   of the compressed cache (uncompressed, as a question or generated text would be). Returns a
   float32 array [len(continuation tokens)] for single inputs, or a list of them for a batch.
   """
-  method_obj = methods_lib.get(method)
+  method_obj = methods_lib.bind(method, model)
   contexts, single = inputs.as_batch(context, "context")
   continuations, _ = inputs.as_batch(continuation, "continuation")
   if len(contexts) != len(continuations):

@@ -27,7 +27,8 @@ from kvjax.methods.quantization import KIVI
 from kvjax.methods.think import ThinK
 from kvjax.methods.window import PyramidKV, SnapKV
 from kvjax.methods.wrappers import AdaKV, PerLayer, SinksWindow
-from kvjax.methods.registry import available, get
+from kvjax.methods.razor import RazorAttention
+from kvjax.methods.registry import available, bind, get
 
 
 @registry.register
@@ -40,8 +41,8 @@ class Full(Method):
 
 
 __all__ = ["AdaKV", "EMS", "ElasticCache", "ExpectedAttention", "Full", "GEAR", "H2O", "KIVI", "Knorm", "KVCrush", "KVMerger", "LayerInputs",
-           "Method", "MiKV", "PerLayer", "PyramidKV", "Scissorhands", "SinksWindow", "SnapKV",
-           "StreamingLLM", "ThinK", "TOVA", "ZipVL", "available", "get",
+           "Method", "MiKV", "PerLayer", "PyramidKV", "RazorAttention", "Scissorhands", "SinksWindow", "SnapKV",
+           "StreamingLLM", "ThinK", "TOVA", "ZipVL", "available", "bind", "get",
            "validate_compression"]
 
 

@@ -41,6 +41,7 @@ class LayerInputs:
   column_sums: jax.Array | None = None  # [B, H, S] chunk attention summed over queries
   slot_state: Any = None      # the method's per-slot state of the candidates (None: all new)
   params: Any = None          # the method's parameters (a traced pytree), if it has any
+  keep: int | None = None     # the budget being compacted to (set by `priorities`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +110,17 @@ class Method:
       return self
     fitted_press = press.fitted(keep)
     return self if fitted_press is press else dataclasses.replace(self, press=fitted_press)
+
+  def for_model(self, model) -> "Method":
+    """The method as it runs on `model`: methods with per-model parts found offline
+    (calibrated heads) fill them in here, outside jit; `kvjax.methods.bind` calls it
+    wherever a method meets a model. Default: a `press` the method wraps is bound;
+    otherwise unchanged."""
+    press = getattr(self, "press", None)
+    if not isinstance(press, Method):
+      return self
+    bound = press.for_model(model)
+    return self if bound is press else dataclasses.replace(self, press=bound)
 
   def protected(self, key_positions: jax.Array, lengths: jax.Array, keep: int) -> jax.Array:
     """[B, K, S] bool: slots kept regardless of score."""
@@ -248,7 +260,10 @@ def spec_label(method: Method) -> str:
 
 
 def priorities(method: Method, x: LayerInputs, keep: int) -> jax.Array:
-  """[B, K, S] float32: method scores, protected slots +inf, empty slots -inf."""
+  """[B, K, S] float32: method scores, protected slots +inf, empty slots -inf. The
+  scorer sees the budget as `x.keep` (KVCrush's tiers depend on it)."""
+  if x.keep != keep:
+    x = dataclasses.replace(x, keep=keep)
   prio = method.score(x).astype(jnp.float32)
   prio = jnp.where(method.protected(x.key_positions, x.lengths, keep), PROTECTED, prio)
   return jnp.where(x.key_positions >= 0, prio, -jnp.inf)

@@ -93,9 +93,13 @@ class KVCrush(Wrapper):
     room = keep - self.press.protected_tokens(keep) - 1
     return max(0, min(int(self.share * keep), room))
 
-  def tiers(self, x: base.LayerInputs, keep: int) -> jax.Array:
-    """[B, K, S] priority: +inf for the press's protected slots, 2 for the rest of its top
-    (budget - representatives), 1 for representatives, 0 for the others, -inf if empty."""
+  def score(self, x):
+    """Tiers of the budget `x.keep`: 2 for the press's top (budget - representatives),
+    1 for the representatives, 0 for the rest (the press's protected slots are +inf
+    through `protected`, empty slots -inf through `base.priorities`)."""
+    keep = x.keep
+    if keep is None:
+      raise base.MethodError("kvcrush scores a budget: call it through base.priorities")
     press_prio = base.priorities(self.press, x, keep)
     crushed = self.crushed(keep)
     _, top = jax.lax.top_k(press_prio, keep - crushed)
@@ -108,12 +112,4 @@ class KVCrush(Wrapper):
     distance = (bits != anchor[:, None, :]).sum(-1).astype(jnp.int32)    # [B, S]
     distance = jnp.broadcast_to(distance[:, None, :], (b, k, s))
     reps = representatives(distance, valid & ~important, crushed)
-    tier = jnp.where(important, 2.0, jnp.where(reps, 1.0, 0.0))
-    return jnp.where(valid, jnp.where(press_prio == base.PROTECTED, base.PROTECTED, tier),
-                     -jnp.inf)
-
-  def compact(self, cand, x, keep):
-    if keep >= cand.capacity:
-      return base.Method.compact(self, cand, x, keep)
-    _, index = jax.lax.top_k(self.tiers(x, keep), keep)
-    return cand.replace(state=self.prefill_state(x)).select(jnp.sort(index, axis=-1))
+    return jnp.where(important, 2.0, jnp.where(reps, 1.0, 0.0))
