@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kvjax import calibration
 from kvjax import methods as methods_lib
 from kvjax.cache import cache_nbytes, full_cache_nbytes, slots_per_head
 from kvjax.config import ModelConfig, RopeScaling
@@ -307,7 +308,7 @@ def measure_methods(model, context_length: int, batch_size: int, methods, decode
   repeats = _check_count(repeats, "repeats")
   warmup = _check_count(warmup, "warmup", minimum=0)
   context.check_chunk_size(prefill_chunk_size)
-  cases = [_Case.build(methods_lib.bind(method, model), context_length, decode_steps,
+  cases = [_Case.build(calibration.bind(method, model), context_length, decode_steps,
                        compression_ratio, budget)
            for method, compression_ratio, budget in methods]
   tokens, mask, first_tokens = _prompt(config, context_length, batch_size,

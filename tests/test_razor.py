@@ -14,6 +14,7 @@ import method_inputs as mi
 from kvjax.cache import LayerCache
 from kvjax.cache.kv_cache import FlatLayerCache
 from kvjax.generation import context, inputs
+from kvjax import calibration
 from kvjax.methods import RazorAttention, base, razor
 from tiny import random_prompts, tiny_model
 
@@ -55,7 +56,7 @@ def test_head_scores_match_numpy(t, period, block):
   rng = np.random.default_rng(t)
   q = mi.f32(rng.normal(size=(1, t, mi.H, mi.D)) * 1.5)
   k = mi.f32(rng.normal(size=(1, K, t, mi.D)))
-  got = razor.head_scores(jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32), period,
+  got = calibration.head_scores(jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32), period,
                           block)
   np.testing.assert_allclose(np.asarray(got), _np_head_scores(q, k, period), rtol=1e-4,
                              atol=1e-7)
@@ -75,18 +76,18 @@ def test_retrieval_heads_rank_all_pairs():
 
 
 def test_calibration_is_stored_and_reused(model, monkeypatch, tmp_path):
-  first = razor.calibration(model, period=30)
+  first = calibration.calibration(model, period=30)
   assert len(first["echo"]) == model.config.num_layers
   assert np.isfinite(first["echo"]).all() and first["period"] == 30
   files = list((tmp_path / "razor").glob("*.json"))
   assert len(files) == 1
-  monkeypatch.setattr(razor, "calibrate", lambda *a, **k: pytest.fail("recalibrated"))
-  assert razor.calibration(model, period=30) == first
+  monkeypatch.setattr(calibration, "calibrate", lambda *a, **k: pytest.fail("recalibrated"))
+  assert calibration.calibration(model, period=30) == first
   # Other weights are another model: calibrated again.
   monkeypatch.undo()
   monkeypatch.setenv("KVJAX_CACHE", str(tmp_path))
   other = tiny_model(seed=1)
-  assert razor.calibration(other, period=30)["echo"] != first["echo"]
+  assert calibration.calibration(other, period=30)["echo"] != first["echo"]
   assert len(list((tmp_path / "razor").glob("*.json"))) == 2
 
 
@@ -104,7 +105,7 @@ def test_an_induction_head_is_found():
   k = rng.normal(size=(1, K, t, mi.D)) * 0.1
   q[0, :, 3] = one_hot * 30.0        # query head 3 (KV head 1): "my token"
   k[0, 1] = previous * 1.0           # KV head 1's keys: "the token before me"
-  scores = np.asarray(razor.head_scores(jnp.asarray(q, jnp.float32),
+  scores = np.asarray(calibration.head_scores(jnp.asarray(q, jnp.float32),
                                         jnp.asarray(k, jnp.float32), period, 16))
   # Attention splits over the earlier copies, so a perfect head scores about 1/copies.
   assert scores[1, 1] > 0.15 and scores[1, 1] > 4 * scores[1, 0]
@@ -176,7 +177,7 @@ def test_layout_matches_numpy(seed, mask, local, sinks):
 def test_registry_name_calibrates_and_generates(model):
   prompts = random_prompts((90, 120))
   by_name = kvjax.generate(model, prompts, method="razor:local_capacity=24", max_new_tokens=5)
-  bound = kvjax.methods.bind("razor:local_capacity=24", model)
+  bound = calibration.bind("razor:local_capacity=24", model)
   assert bound.heads and len(bound.heads) == model.config.num_layers
   explicit = kvjax.generate(model, prompts, method=bound, max_new_tokens=5)
   assert by_name.token_ids == explicit.token_ids

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax import calibration
 from kvjax import methods as methods_lib
 from kvjax.errors import GenerationError
 from kvjax.evaluation import data
@@ -237,7 +238,7 @@ def prefill_batch(model, samples: Sequence[Sample], method=None, compression_rat
   for i, s in enumerate(samples):
     check_context_length(model, len(s.context_ids) + len(s.continuation_ids),
                          f"sample {i} (context + continuation)")
-  method_obj = methods_lib.bind(method, model)
+  method_obj = calibration.bind(method, model)
   contexts = [list(s.context_ids) for s in samples]
   keep = methods_lib.validate_compression(method_obj, [len(c) for c in contexts],
                                           compression_ratio, budget)
@@ -318,7 +319,7 @@ def evaluate(model, samples: Sequence[Sample], method=None, compression_ratio=No
                           f"budget={budget!r}: give one or the other")
   if prefilled is None:
     # Validate every batch first so a bad ratio or budget fails before any forward pass.
-    method = methods_lib.bind(method, model)
+    method = calibration.bind(method, model)
     for group in groups:
       methods_lib.validate_compression(method, [len(s.context_ids) for s in group],
                                        compression_ratio, budget)

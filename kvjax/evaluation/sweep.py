@@ -19,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 
+from kvjax import calibration
 from kvjax import methods as methods_lib
 from kvjax.cache import full_cache_nbytes
 from kvjax.errors import KvjaxError, MethodError
@@ -295,7 +296,7 @@ def run_sweep(model, model_name: str, config: SweepConfig, out_dir,
   path = out_dir / "examples.jsonl"
   done = {_record_key(r) for r in read_records(path)}
   # Methods with per-model parts (calibrated heads) are made ready for this model once.
-  all_variants = [dataclasses.replace(v, method=methods_lib.bind(v.method, model))
+  all_variants = [dataclasses.replace(v, method=calibration.bind(v.method, model))
                   for v in variants(config)]
   skipped: dict[str, str] = {}
   unit = 0

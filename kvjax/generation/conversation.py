@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from kvjax import calibration
 from kvjax import methods as methods_lib
 from kvjax import validation
 from kvjax.cache import cache_nbytes, free_slots
@@ -169,7 +170,7 @@ def converse(model, contexts, questions, method=None, compression_ratio=None, bu
   _validate_sampling(max_new_tokens, 0.0, 1.0, 0, stop)
   if model.tokenizer is None:
     raise GenerationError("converse needs a model with a tokenizer")
-  method_obj = methods_lib.bind(method, model)
+  method_obj = calibration.bind(method, model)
   encoded = encode_conversations(model, contexts, questions, chat_template)
   room = turn_room(encoded.turns, max_new_tokens)
   lengths = [len(c) for c in encoded.contexts]

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax import calibration
 from kvjax import methods as methods_lib
 from kvjax import validation
 from kvjax.cache import cache_nbytes, full_cache_nbytes, slots_per_head
@@ -239,7 +240,7 @@ def generate(model, prompts, questions=None, method=None, compression_ratio=None
     raise GenerationError(f"stream={validation.show(stream)} must be callable as "
                           f"stream(row, text)")
   eos = sorted(eos_ids(model, eos_token_ids))
-  method_obj = methods_lib.bind(method, model)
+  method_obj = calibration.bind(method, model)
   context.check_chunk_size(prefill_chunk_size)
   prompt_list, _ = inputs.as_batch(prompts, "prompts")
   question_list = None

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax import calibration
 from kvjax import methods as methods_lib
 from kvjax import validation
 from kvjax.cache import free_slots
@@ -89,7 +90,7 @@ def score(model, context, continuation, method=None, compression_ratio=None, bud
   of the compressed cache (uncompressed, as a question or generated text would be). Returns a
   float32 array [len(continuation tokens)] for single inputs, or a list of them for a batch.
   """
-  method_obj = methods_lib.bind(method, model)
+  method_obj = calibration.bind(method, model)
   contexts, single = inputs.as_batch(context, "context")
   continuations, _ = inputs.as_batch(continuation, "continuation")
   if len(contexts) != len(continuations):

@@ -21,6 +21,7 @@ from kvjax.methods.gear import GEAR
 from kvjax.methods.key_statistics import ExpectedAttention, Knorm
 from kvjax.methods.kvcrush import KVCrush
 from kvjax.methods.merging import EMS, ElasticCache, KVMerger
+from kvjax.methods.minicache import MiniCache
 from kvjax.methods.mixed_precision import MiKV, ZipVL
 from kvjax.methods.positional import StreamingLLM
 from kvjax.methods.quantization import KIVI
@@ -28,7 +29,7 @@ from kvjax.methods.think import ThinK
 from kvjax.methods.window import PyramidKV, SnapKV
 from kvjax.methods.wrappers import AdaKV, PerLayer, SinksWindow
 from kvjax.methods.razor import RazorAttention
-from kvjax.methods.registry import available, bind, get
+from kvjax.methods.registry import available, get
 
 
 @registry.register
@@ -41,8 +42,8 @@ class Full(Method):
 
 
 __all__ = ["AdaKV", "EMS", "ElasticCache", "ExpectedAttention", "Full", "GEAR", "H2O", "KIVI", "Knorm", "KVCrush", "KVMerger", "LayerInputs",
-           "Method", "MiKV", "PerLayer", "PyramidKV", "RazorAttention", "Scissorhands", "SinksWindow", "SnapKV",
-           "StreamingLLM", "ThinK", "TOVA", "ZipVL", "available", "bind", "get",
+           "Method", "MiKV", "MiniCache", "PerLayer", "PyramidKV", "RazorAttention", "Scissorhands", "SinksWindow", "SnapKV",
+           "StreamingLLM", "ThinK", "TOVA", "ZipVL", "available", "get",
            "validate_compression"]
 
 

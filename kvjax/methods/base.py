@@ -55,7 +55,11 @@ class Method:
     decode_time: keeps evicting during decode so the cache never grows past its budget.
     needs: the attention statistics the method reads ("column_sums").
     family: what it does to the cache: "eviction" (drops tokens), "quantization" (fewer
-      bits per value), "channels" (fewer key channels), "mixed" (precision per token).
+      bits per value), "channels" (fewer key channels), "mixed" (precision per token),
+      "merging" (averages leaving tokens into kept ones), "cross_layer" (layers share
+      storage).
+    calibration: what the method needs computed once from the model (a name known to
+      `kvjax.calibration`, e.g. RazorAttention's "echo_induction"), or None.
   Per-slot state is the method's own pytree (`init_state`); kvjax moves it with the slots.
   """
   name: ClassVar[str] = ""
@@ -65,6 +69,7 @@ class Method:
   decode_time: ClassVar[bool] = False
   needs: ClassVar[frozenset] = frozenset()
   family: ClassVar[str] = "eviction"
+  calibration: ClassVar[str | None] = None
 
   def __post_init__(self):
     check_fields(self)
@@ -111,16 +116,16 @@ class Method:
     fitted_press = press.fitted(keep)
     return self if fitted_press is press else dataclasses.replace(self, press=fitted_press)
 
-  def for_model(self, model) -> "Method":
-    """The method as it runs on `model`: methods with per-model parts found offline
-    (calibrated heads) fill them in here, outside jit; `kvjax.methods.bind` calls it
-    wherever a method meets a model. Default: a `press` the method wraps is bound;
-    otherwise unchanged."""
-    press = getattr(self, "press", None)
-    if not isinstance(press, Method):
-      return self
-    bound = press.for_model(model)
-    return self if bound is press else dataclasses.replace(self, press=bound)
+  def needs_calibration(self) -> bool:
+    """Whether `calibrated` still has to be called (a `calibration` is declared and its
+    result not yet given)."""
+    return self.calibration is not None
+
+  def calibrated(self, result) -> "Method":
+    """The method with its calibration's result (computed from the model, outside jit,
+    by `kvjax.calibration`) filled in."""
+    del result
+    return self
 
   def protected(self, key_positions: jax.Array, lengths: jax.Array, keep: int) -> jax.Array:
     """[B, K, S] bool: slots kept regardless of score."""

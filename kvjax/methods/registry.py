@@ -86,8 +86,3 @@ def get(method=None, **hyperparameters) -> Method:
   except TypeError as e:  # e.g. a value of the wrong type for a field
     raise MethodError(f"method {cls.name!r}: {e}") from None
 
-
-def bind(method, model) -> Method:
-  """`get(method)` made ready to run on `model` (`Method.for_model`: e.g. RazorAttention's
-  retrieval heads, calibrated once per model and cached on disk)."""
-  return get(method).for_model(model)

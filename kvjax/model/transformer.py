@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kvjax.cache.kv_cache import EMPTY_POSITION, Cache, NewTokens
+from kvjax.cache.cross_layer import own_layer, view_layer
 from kvjax.cache.policy import APPEND, LayerStep
 from kvjax.config import ModelConfig
 from kvjax.ops import rope
@@ -139,10 +140,12 @@ class Transformer(nnx.Module):
     lengths = cache.lengths + token_mask.sum(axis=1, dtype=jnp.int32)
     x = self.embed(tokens)
     new_layers = []
-    for index, (block, layer_cache) in enumerate(zip(self.layers, cache.layers)):
-      x, layer_cache = block(x, positions, layer_cache, inv_freq, index, policy, lengths,
-                             method_params)
-      new_layers.append(layer_cache)
+    for index, block in enumerate(self.layers):
+      # Layers may share storage across layers (MiniCache): each attends through its view
+      # and stores back only what it owns.
+      x, layer_cache = block(x, positions, view_layer(cache.layers, index), inv_freq, index,
+                             policy, lengths, method_params)
+      new_layers.append(own_layer(layer_cache))
     if logits == "last":
       last = x.shape[1] - 1 - jnp.argmax(token_mask[:, ::-1], axis=1)
       x = jnp.take_along_axis(x, last[:, None, None], axis=1)
