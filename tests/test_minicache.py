@@ -68,7 +68,7 @@ def _np_rebuilt(x, other, pos, t, retain, first):
 def test_merged_pair_matches_numpy(seed, t, retain):
   a, b = _dense(np.random.default_rng(seed))
   la, lb = merge_pair(a, b, t=t, retain=retain, first=3)
-  assert la.source == -1 and lb.source == 3 and lb.directions is None
+  assert la.source == -1 and lb.source == 3 and lb.shared is None
   lb = lb.borrow((None, None, None, la))
   pos = np.asarray(a.positions)
   for layer, x, other, first in ((la, a, b, True), (lb, b, a, False)):
@@ -124,7 +124,7 @@ def test_generation_through_merged_layers(model):
   pre = context.prefill(model, tokens, mask, MiniCache(start=0.0), None, room=3)
   layers = pre.cache.layers
   assert all(isinstance(layer, MergedLayerCache) for layer in layers)
-  assert [layer.directions is None for layer in layers] == [False, True, False, True]
+  assert [layer.shared is None for layer in layers] == [False, True, False, True]
   assert layers[1].free_slots() == 3
   assert merged_pairs(4, 0.5) == [(2, 3)] and merged_pairs(5, 0.0) == [(0, 1), (2, 3)]
 

@@ -1,17 +1,16 @@
-"""Layers that share storage (MiniCache): a pair of adjacent layers stores one unit
-direction per token and head, each layer its own magnitudes and the originals of its few
-outlier tokens.
+"""Layers that share storage across layers: MiniCache (a pair of adjacent layers stores one
+unit direction per token and head, each layer its own magnitudes and the originals of its
+few outlier tokens) and xKV (a group of adjacent layers shares one low-rank token basis,
+each layer its own coefficients).
 
-The first layer of a pair owns the shared directions; the second holds none and borrows
-them while it attends. The model asks the cache for each layer's view (`view_layer`:
+The first layer of a pair or group owns the shared part; the others hold none and borrow
+it while they attend. The model asks the cache for each layer's view (`view_layer`:
 `borrow`) and hands back what the layer owns (`own_layer`: `release`), so the directions
 exist once in the cache pytree: that is where the memory goes. Tokens appended after the
 merge (questions, generated text) go to each layer's own dense `tail`.
 
-A slot's key is rebuilt as magnitude * direction (the direction is unit length), except at
-the retained slots, whose original key is stored; values likewise, with their own
-magnitudes and retained slots. Attention reads the rebuilt keys and values like a dense
-cache (merged slots first, then the tail).
+Attention reads each layer's rebuilt keys and values like a dense cache (the shared slots
+first, then the tail).
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from kvjax.cache.kv_cache import LayerCache, NewTokens, PerHeadSlots, map_state
+from kvjax.ops import rope
 
 
 def view_layer(layers: tuple, index: int):
@@ -61,51 +61,43 @@ def rebuild(norms: jax.Array, directions: jax.Array, retained: Retained, dtype) 
   return out.at[rows, heads, slot].set(retained.vectors.astype(dtype), mode="drop")
 
 
-@struct.dataclass
-class MergedLayerCache(PerHeadSlots):
-  """One layer of a merged pair: its magnitudes, retained outliers and tail; the pair's
-  directions when it owns them (or while it borrows them to attend)."""
-  key_norms: jax.Array      # [B, K, S]
-  value_norms: jax.Array    # [B, K, S]
-  positions: jax.Array      # [B, K, S] int32
-  retained_keys: Retained
-  retained_values: Retained
-  tail: LayerCache          # tokens appended after the merge
-  directions: Directions | None = None
-  source: int = struct.field(pytree_node=False, default=-1)  # owner's layer index; -1: self
+class SharesLayers(PerHeadSlots):
+  """What layers with a shared part have in common: `shared` (owned when `source` < 0,
+  else borrowed from layer `source` while attending), the slots rebuilt by `rebuilt`
+  ([B, K, S, D] keys and values) at `positions`, and a dense `tail` for later tokens."""
 
   @property
-  def merged_slots(self) -> int:
+  def shared_slots(self) -> int:
     return self.positions.shape[2]
 
   @property
   def capacity(self) -> int:
-    return self.merged_slots + self.tail.capacity
+    return self.shared_slots + self.tail.capacity
 
-  def borrow(self, layers: tuple) -> "MergedLayerCache":
+  def borrow(self, layers: tuple):
     if self.source < 0:
       return self
-    return self.replace(directions=layers[self.source].directions)
+    return self.replace(shared=layers[self.source].shared)
 
-  def release(self) -> "MergedLayerCache":
-    return self if self.source < 0 else self.replace(directions=None)
+  def release(self):
+    return self if self.source < 0 else self.replace(shared=None)
 
   def dense(self) -> LayerCache:
-    """The rebuilt keys and values of the merged slots followed by the tail (one dense
-    layer: what attention reads)."""
-    if self.directions is None:
-      raise ValueError("a merged layer that borrows its directions must attend through "
-                       "its cache view (kv_cache.Cache.layer_view)")
-    dtype = self.tail.keys.dtype
-    keys = rebuild(self.key_norms, self.directions.keys, self.retained_keys, dtype)
-    values = rebuild(self.value_norms, self.directions.values, self.retained_values, dtype)
+    """The rebuilt slots followed by the tail (one dense layer: what attention reads)."""
+    if self.shared is None:
+      raise ValueError("a layer that borrows its shared part must attend through its cache "
+                       "view (cross_layer.view_layer)")
+    keys, values = self.rebuilt()
+    n = self.shared_slots
     state = None if self.tail.state is None else map_state(
-        lambda s: jnp.concatenate([jnp.zeros(s.shape[:2] + (self.merged_slots,) + s.shape[3:],
-                                             s.dtype), s], axis=2), self.tail.state)
-    return LayerCache(keys=jnp.concatenate([keys, self.tail.keys], axis=2),
-                      values=jnp.concatenate([values, self.tail.values], axis=2),
+        lambda s: jnp.concatenate([jnp.zeros(s.shape[:2] + (n,) + s.shape[3:], s.dtype), s],
+                                  axis=2), self.tail.state)
+    return LayerCache(keys=jnp.concatenate([keys.astype(self.tail.keys.dtype), self.tail.keys],
+                                           axis=2),
+                      values=jnp.concatenate([values.astype(self.tail.values.dtype),
+                                              self.tail.values], axis=2),
                       positions=jnp.concatenate([self.positions, self.tail.positions], axis=2),
-                      end=self.tail.end + self.merged_slots, state=state)
+                      end=self.tail.end + n, state=state)
 
   def slot_positions(self) -> jax.Array:
     return jnp.concatenate([self.positions, self.tail.positions], axis=2)
@@ -113,18 +105,10 @@ class MergedLayerCache(PerHeadSlots):
   def free_slots(self) -> int:
     return self.tail.free_slots()
 
-  def logical_axes(self) -> dict:
-    slot = ("batch", "kv_heads", "slots")
-    retained = {"index": slot, "vectors": slot + ("head_dim",)}
-    return {"key_norms": slot, "value_norms": slot, "positions": slot,
-            "retained_keys": retained, "retained_values": retained,
-            "tail": self.tail.logical_axes(),
-            "directions": {"keys": slot + ("head_dim",), "values": slot + ("head_dim",)}}
-
-  def append(self, new: NewTokens) -> "MergedLayerCache":
+  def append(self, new: NewTokens):
     return self.replace(tail=self.tail.append(new))
 
-  def grow(self, room: int) -> "MergedLayerCache":
+  def grow(self, room: int):
     return self.replace(tail=self.tail.grow(room))
 
   def attend(self, queries, query_positions, pending=None, want=frozenset()):
@@ -132,3 +116,81 @@ class MergedLayerCache(PerHeadSlots):
 
   def candidates(self, new: NewTokens) -> LayerCache:
     return self.dense().candidates(new)
+
+
+@struct.dataclass
+class MergedLayerCache(SharesLayers):
+  """One layer of a MiniCache pair: its magnitudes and retained outliers; the pair's unit
+  directions (`shared`) when it owns them. A slot's key is its norm times the direction,
+  except at retained slots, whose original key is stored; values likewise, with their own
+  norms and retained slots."""
+  key_norms: jax.Array      # [B, K, S]
+  value_norms: jax.Array    # [B, K, S]
+  positions: jax.Array      # [B, K, S] int32
+  retained_keys: Retained
+  retained_values: Retained
+  tail: LayerCache          # tokens appended after the merge
+  shared: Directions | None = None
+  source: int = struct.field(pytree_node=False, default=-1)  # owner's layer index; -1: self
+
+  def rebuilt(self):
+    dtype = self.tail.keys.dtype
+    return (rebuild(self.key_norms, self.shared.keys, self.retained_keys, dtype),
+            rebuild(self.value_norms, self.shared.values, self.retained_values, dtype))
+
+  def logical_axes(self) -> dict:
+    slot = ("batch", "kv_heads", "slots")
+    retained = {"index": slot, "vectors": slot + ("head_dim",)}
+    return {"key_norms": slot, "value_norms": slot, "positions": slot,
+            "retained_keys": retained, "retained_values": retained,
+            "tail": self.tail.logical_axes(),
+            "shared": {"keys": slot + ("head_dim",), "values": slot + ("head_dim",)}}
+
+
+@struct.dataclass
+class Basis:
+  """xKV's token-side factors shared by a group of layers: keys [B, S, r_k] and values
+  [B, S, r_v] (U * Sigma of the group's truncated SVD)."""
+  keys: jax.Array
+  values: jax.Array
+
+
+def undo_rope(x: jax.Array, positions: jax.Array, inv_freq) -> jax.Array:
+  """Pre-RoPE keys from post-RoPE x [B, K, S, D] at positions [B, K, S] (the inverse
+  rotation; RoPE is orthogonal, so this is exact up to float error)."""
+  return rope.apply_rope(x.transpose(0, 2, 1, 3), positions[:, 0], inv_freq,
+                         inverse=True).transpose(0, 2, 1, 3)
+
+
+@struct.dataclass
+class LowRankLayerCache(SharesLayers):
+  """One layer of an xKV group: its coefficients ([B, r, K * D] slices of the group's
+  right factors) for pre-RoPE keys and for values; keys are rotated back to their
+  positions when rebuilt. The group's basis (`shared`) when it owns it."""
+  key_coefficients: jax.Array    # [B, r_k, K * D]
+  value_coefficients: jax.Array  # [B, r_v, K * D]
+  positions: jax.Array           # [B, K, S] int32 (the same for every head)
+  tail: LayerCache
+  shared: Basis | None = None
+  source: int = struct.field(pytree_node=False, default=-1)
+  inv_freq: tuple = struct.field(pytree_node=False, default=())
+
+  def rebuilt(self):
+    b, k, s = self.positions.shape
+    expand = lambda basis, coefficients: jnp.einsum(
+        "bsr,brc->bsc", basis.astype(jnp.float32), coefficients.astype(jnp.float32)
+    ).reshape(b, s, k, -1)
+    keys = rope.apply_rope(expand(self.shared.keys, self.key_coefficients),
+                           self.positions[:, 0], jnp.asarray(self.inv_freq, jnp.float32))
+    values = expand(self.shared.values, self.value_coefficients)
+    valid = (self.positions >= 0)[..., None]
+    return (jnp.where(valid, keys.transpose(0, 2, 1, 3), 0),
+            jnp.where(valid, values.transpose(0, 2, 1, 3), 0))
+
+  def logical_axes(self) -> dict:
+    slot = ("batch", "kv_heads", "slots")
+    return {"key_coefficients": ("batch", "rank", "kv_heads_head_dim"),
+            "value_coefficients": ("batch", "rank", "kv_heads_head_dim"),
+            "positions": slot, "tail": self.tail.logical_axes(),
+            "shared": {"keys": ("batch", "slots", "rank"),
+                       "values": ("batch", "slots", "rank")}}

@@ -112,7 +112,7 @@ def _prefilled(model, logits, cache, plan: CompressionPlan | None, mask: np.ndar
         context_cache_bytes=full_cache_nbytes(model.config, rows, int(mask.sum(1).max())),
         context_cache_allocated_bytes=full_cache_nbytes(model.config, rows, width))
   # The method's host-side step (data-dependent re-packing) before bytes are measured.
-  cache = plan.method.finalize(cache)
+  cache = plan.method.finalize(cache, model.config)
   measured = cache_nbytes(cache)
   return PrefilledContext(logits=logits, cache=steps.grow(cache, room),
                           context_cache_bytes=measured, context_cache_allocated_bytes=measured,

@@ -27,6 +27,7 @@ from kvjax.methods.positional import StreamingLLM
 from kvjax.methods.quantization import KIVI
 from kvjax.methods.think import ThinK
 from kvjax.methods.window import PyramidKV, SnapKV
+from kvjax.methods.xkv import XKV
 from kvjax.methods.wrappers import AdaKV, PerLayer, SinksWindow
 from kvjax.methods.razor import RazorAttention
 from kvjax.methods.registry import available, get
@@ -43,7 +44,7 @@ class Full(Method):
 
 __all__ = ["AdaKV", "EMS", "ElasticCache", "ExpectedAttention", "Full", "GEAR", "H2O", "KIVI", "Knorm", "KVCrush", "KVMerger", "LayerInputs",
            "Method", "MiKV", "MiniCache", "PerLayer", "PyramidKV", "RazorAttention", "Scissorhands", "SinksWindow", "SnapKV",
-           "StreamingLLM", "ThinK", "TOVA", "ZipVL", "available", "get",
+           "StreamingLLM", "ThinK", "TOVA", "XKV", "ZipVL", "available", "get",
            "validate_compression"]
 
 

@@ -175,11 +175,12 @@ class Method:
     Default: unchanged."""
     return cache
 
-  def finalize(self, cache):
+  def finalize(self, cache, config: ModelConfig | None = None):
     """Host side, once after the last prefill chunk and outside jit: the cache decoding
     starts from. May read array values and return other shapes (data-dependent sizes:
-    re-packing pools to what they hold, dropping state only prefill needed). Default:
-    unchanged."""
+    re-packing pools to what they hold, dropping state only prefill needed; cross-layer
+    storage). `config`: the model's (xKV needs its RoPE). Default: unchanged."""
+    del config
     return cache
 
   def cache_stats(self, cache) -> dict:

@@ -60,7 +60,7 @@ def merge_pair(a: LayerCache, b: LayerCache, *, t: float, retain: int, first: in
         key_norms=norm(x.keys), value_norms=norm(x.values), positions=x.positions,
         retained_keys=_retained(x.keys, key_angle, valid, retain),
         retained_values=_retained(x.values, value_angle, valid, retain),
-        tail=empty_tail, directions=directions if owns else None,
+        tail=empty_tail, shared=directions if owns else None,
         source=-1 if owns else first)
 
   return layer(a, True), layer(b, False)
@@ -107,7 +107,8 @@ class MiniCache(base.Method):
     holds every real token (only empty slots lose)."""
     return jnp.zeros(x.key_positions.shape, jnp.float32)
 
-  def finalize(self, cache: Cache) -> Cache:
+  def finalize(self, cache: Cache, config=None) -> Cache:
+    del config
     layers = list(cache.layers)
     for first, second in merged_pairs(len(layers), self.start):
       a, b = layers[first], layers[second]

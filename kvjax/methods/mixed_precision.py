@@ -83,7 +83,8 @@ class _MixedPrecision(base.Method):
         cand, high_index, low_index, self._balance(x), important, high_bits=self.high_bits,
         low_bits=self.low_bits, group=self.group(cand.keys.shape[-1]), state=state)
 
-  def finalize(self, cache: Cache) -> Cache:
+  def finalize(self, cache: Cache, config=None) -> Cache:
+    del config
     return cache.replace(layers=tuple(
         layer.trimmed() if isinstance(layer, MixedPrecisionLayerCache) else layer
         for layer in cache.layers))

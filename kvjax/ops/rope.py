@@ -33,11 +33,15 @@ def _llama3_scale(inv_freq: np.ndarray, s: RopeScaling) -> np.ndarray:
   return np.where(medium, blended, scaled)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-  """Rotates x [B, T, heads, D] by positions [B, T] (negative positions are padding)."""
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray,
+               inverse: bool = False) -> jax.Array:
+  """Rotates x [B, T, heads, D] by positions [B, T] (negative positions are padding);
+  inverse=True undoes that rotation."""
   angles = jnp.maximum(positions, 0).astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
   cos = jnp.cos(angles)[:, :, None, :]
   sin = jnp.sin(angles)[:, :, None, :]
+  if inverse:
+    sin = -sin
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return rotated.astype(x.dtype)
