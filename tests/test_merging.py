@@ -476,3 +476,170 @@ def test_kvcrush_errors_and_composition(model):
   b = kvjax.generate(model, prompts, method="kivi:bits=4:group_size=8:press=kvcrush", compression_ratio=0.5,
                      max_new_tokens=4)
   assert a.token_ids == b.token_ids
+
+
+# ---------------------------------------------------------------------------------- D2O
+
+
+def _np_cos(a, b):
+  return a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+
+
+def _d2o_layer(seed, b=2, k=2, s=40, d=16):
+  """A prefilled dense layer with D2O's state: accumulated scores, no merges yet."""
+  rng = np.random.default_rng(seed)
+  pos = np.broadcast_to(np.arange(s, dtype=np.int32), (b, k, s)).copy()
+  pos[1, :, :6] = -1
+  pos[1, :, 6:] -= 6
+  keys, values = rng.normal(size=(b, k, s, d)), rng.normal(size=(b, k, s, d))
+  keys[pos < 0], values[pos < 0] = 0, 0
+  score = np.where(pos >= 0, rng.random((b, k, s)), 0)
+  lengths = np.array([s, s - 6], np.int32)
+  return keys, values, pos, score, lengths
+
+
+def _np_d2o_compact(keys, values, pos, score, lengths, keep, recent, sinks):
+  """{(row, head): {position: (key, value, tokens)}} and tau per row."""
+  b, k, s, _ = keys.shape
+  protected = ((pos >= 0) & (pos < sinks)) | ((pos >= 0) & (pos >= lengths[:, None, None] - recent))
+  prio = np.where(pos >= 0, np.where(protected, np.inf, score), -np.inf)
+  out, taus = {}, []
+  for row in range(b):
+    best_sims, plans = [], {}
+    for kv in range(k):
+      kept = [i for i in mi.top(prio[row, kv], keep) if pos[row, kv, i] >= 0]
+      leaving = [i for i in range(s) if pos[row, kv, i] >= 0 and i not in kept]
+      assign = {}
+      for e in leaving:
+        sims = [_np_cos(keys[row, kv, e], keys[row, kv, c]) for c in kept]
+        assign[e] = (kept[int(np.argmax(sims))], max(sims))
+        best_sims.append(max(sims))
+      plans[kv] = (kept, assign)
+    tau = np.mean(best_sims) if best_sims else 0.0
+    taus.append(tau)
+    for kv, (kept, assign) in plans.items():
+      acc = {c: [keys[row, kv, c].copy(), values[row, kv, c].copy(), 1.0] for c in kept}
+      for e, (t, m) in assign.items():
+        assert abs(m - tau) > 1e-6, "near tie with tau: change the seed"
+        if m >= tau:
+          acc[t][0] += keys[row, kv, e]
+          acc[t][1] += values[row, kv, e]
+          acc[t][2] += 1
+      out[row, kv] = {int(pos[row, kv, c]): (a[0] / a[2], a[1] / a[2], a[2])
+                      for c, a in acc.items()}
+  return out, np.array(taus)
+
+
+@pytest.mark.parametrize("seed,keep,recent,sinks", [(0, 12, 3, 4), (1, 20, 5, 0), (2, 8, 2, 2)])
+def test_d2o_first_eviction_matches_numpy(seed, keep, recent, sinks):
+  from kvjax.methods.merging import _d2o_compact, decode_tau
+  keys, values, pos, score, lengths = _d2o_layer(seed)
+  zero = jnp.zeros(pos.shape, jnp.float32)
+  layer = LayerCache(keys=jnp.asarray(keys, jnp.float32), values=jnp.asarray(values, jnp.float32),
+                     positions=jnp.asarray(pos), end=jnp.int32(pos.shape[2]),
+                     state={"score": jnp.asarray(score, jnp.float32), "absorbed": zero,
+                            "tau": zero})
+  got = _d2o_compact(layer, jnp.asarray(lengths), jnp.int32(keep), capacity=keep,
+                     recent=recent, sinks=sinks)
+  want, tau = _np_d2o_compact(keys, values, pos, score, lengths, keep, recent, sinks)
+  assert got.capacity == keep
+  np.testing.assert_allclose(np.asarray(decode_tau(got.state["tau"])), tau, atol=1e-5)
+  gk, gv, gp = (np.asarray(a, np.float64) for a in (got.keys, got.values, got.positions))
+  absorbed = np.asarray(got.state["absorbed"])
+  for (row, kv), slots in want.items():
+    real = gp[row, kv] >= 0
+    assert sorted(gp[row, kv][real].astype(int)) == sorted(slots)
+    for i in np.flatnonzero(real):
+      key, value, n = slots[int(gp[row, kv, i])]
+      np.testing.assert_allclose(gk[row, kv, i], key, atol=1e-5)
+      np.testing.assert_allclose(gv[row, kv, i], value, atol=1e-5)
+      assert absorbed[row, kv, i] == n - 1
+
+
+def test_d2o_layer_budgets_favour_flat_attention():
+  from kvjax.methods.merging import d2o_layer_budgets
+  rng = np.random.default_rng(0)
+  flat = np.full((1, 2, 100), 1.0) + 0.01 * rng.random((1, 2, 100))
+  peaked = np.zeros((1, 2, 100))
+  peaked[..., :3] = 30.0
+  valid = [np.ones((1, 2, 100), bool)] * 3
+  budgets = d2o_layer_budgets([flat, peaked, (flat + peaked) / 2], valid, 20,
+                              np.array([100]), 5)
+  assert budgets[0] > budgets[2] > budgets[1] >= 5
+  # softmax(-v) * L * rho of the longest context, v min-max normalised over all heads.
+  v = np.array([np.var(x[0], axis=-1).mean() for x in (flat, peaked, (flat + peaked) / 2)])
+  v = (v - v.min()) / (v.max() - v.min())
+  share = np.clip(np.exp(-v) / np.exp(-v).sum() * 3 * 0.2, 0.01, 1)
+  assert budgets == [max(5, round(r * 100)) for r in share]
+
+
+def test_d2o_decode_step_merges_the_victim(model):
+  """One decode step: the least-scored unprotected slot is overwritten by the new token
+  after being averaged into its most similar slot when the similarity reaches tau; tau
+  moves by alpha/beta."""
+  from kvjax.cache.kv_cache import NewTokens
+  from kvjax.methods import D2O
+  from kvjax.methods.merging import decode_tau, encode_tau
+  from kvjax.methods.plan import evict_and_insert
+  keys, values, pos, score, lengths = _d2o_layer(3, s=16)
+  b, k, s, d = keys.shape
+  tau0 = np.array([-0.2, 0.1])
+  state = {"score": jnp.asarray(score, jnp.float32), "absorbed": jnp.zeros(pos.shape),
+           "tau": jnp.broadcast_to(jnp.asarray(encode_tau(tau0), jnp.float32)[:, None, None],
+                                   pos.shape)}
+  layer = LayerCache(keys=jnp.asarray(keys, jnp.float32), values=jnp.asarray(values, jnp.float32),
+                     positions=jnp.asarray(pos), end=jnp.int32(s), state=state)
+  rng = np.random.default_rng(9)
+  new = NewTokens(keys=jnp.asarray(rng.normal(size=(b, k, 1, d)), jnp.float32),
+                  values=jnp.asarray(rng.normal(size=(b, k, 1, d)), jnp.float32),
+                  positions=jnp.asarray(lengths[:, None]))
+  probs = jnp.zeros((b, 4, s))          # no attention this step: scores stay as they are
+  method = D2O(sinks=2, alpha=0.5, beta=0.5)
+  got = evict_and_insert(method, layer, new, probs, jnp.zeros((b, 4)),
+                         jnp.asarray(lengths + 1), 10)
+  recent = method.recent(10)
+  best = []
+  for row in range(b):
+    row_best = []
+    for kv in range(k):
+      p = pos[row, kv]
+      protected = (p >= 0) & ((p < 2) | (p >= lengths[row] + 1 - recent))
+      prio = np.where(p >= 0, np.where(protected, np.inf, score[row, kv]), -np.inf)
+      victim = int(np.argmin(prio)) if (p < 0).sum() == 0 else int(np.flatnonzero(p < 0)[0])
+      others = [i for i in range(s) if p[i] >= 0 and i != victim]
+      if p[victim] < 0:     # an empty slot takes the new token: nothing leaves
+        np.testing.assert_allclose(np.asarray(got.keys)[row, kv, others], keys[row, kv, others],
+                                   atol=1e-6)
+        continue
+      sims = [_np_cos(keys[row, kv, victim], keys[row, kv, i]) for i in others]
+      target = others[int(np.argmax(sims))]
+      row_best.append(max(sims))
+      merged = max(sims) >= tau0[row]
+      want_key = (keys[row, kv, target] + keys[row, kv, victim]) / 2 if merged else keys[row, kv, target]
+      np.testing.assert_allclose(np.asarray(got.keys)[row, kv, target], want_key, atol=1e-5)
+      np.testing.assert_allclose(np.asarray(got.keys)[row, kv, victim],
+                                 np.asarray(new.keys)[row, kv, 0], atol=1e-6)
+      assert np.asarray(got.state["absorbed"])[row, kv, target] == (1 if merged else 0)
+    best.append(0.5 * tau0[row] + 0.5 * np.mean(row_best) if row_best else tau0[row])
+  np.testing.assert_allclose(np.asarray(decode_tau(got.state["tau"])), best, atol=1e-5)
+
+
+def test_d2o_through_every_phase(model, smollm2_tokenizer):
+  from kvjax.methods import D2O
+  prompts = random_prompts((90, 120))
+  got = kvjax.generate(model, prompts, method="d2o", compression_ratio=0.5, max_new_tokens=8)
+  budgets = got.stats["method_stats"]["layer_budgets"]
+  assert len(set(budgets)) > 1, "layers get different budgets"
+  chunked = kvjax.generate(model, prompts, questions=[[5, 6, 7], [8, 9]], method="d2o",
+                           compression_ratio=0.5, prefill_chunk_size=32, max_new_tokens=4)
+  assert len(chunked.token_ids[0]) == 4
+  scores = kvjax.score(model, prompts, [[1, 2, 3]] * 2, method="d2o", compression_ratio=0.5)
+  assert all(np.isfinite(s).all() for s in scores)
+  from tiny import tiny_chat_model
+  chat = tiny_chat_model(smollm2_tokenizer, max_position_embeddings=2048)
+  text = " ".join(f"Fact {i}: the code word is word{i}." for i in range(12))
+  talk = kvjax.converse(chat, text, ["First?", "Second?"], method=D2O(), compression_ratio=0.5,
+                        max_new_tokens=4)
+  assert len(talk.answers[0]) == 2
+  with pytest.raises(kvjax.KvjaxError, match=r"hh_ratio=0.0 \+ recent_ratio=0.0"):
+    D2O(hh_ratio=0.0, recent_ratio=0.0)

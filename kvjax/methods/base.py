@@ -212,6 +212,13 @@ class Method:
     """[B, K, S] priority of the cached slots for this step (lowest is overwritten)."""
     raise NotImplementedError
 
+  def absorb(self, layer, victim, valid, new_state):
+    """Before slot victim [B, K] is overwritten by the new token (rows where valid [B]):
+    merging methods fold the victim into the slots that stay. Returns (layer, the new
+    token's state). Default: nothing kept of the victim."""
+    del victim, valid
+    return layer, new_state
+
 
 def check_prefill_press(owner: str, press: Method) -> None:
   """A press a storage method (quantizer, channel pruner) applies first must select tokens

@@ -13,10 +13,12 @@ rotation and its place in the causal mask. Attention reads a merged slot like an
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kvjax.cache.kv_cache import LayerCache
 from kvjax.methods import base, registry
@@ -306,3 +308,228 @@ def _per_set_rows(vectors: jax.Array, set_id: jax.Array) -> jax.Array:
   rows, heads = jnp.arange(b)[:, None, None], jnp.arange(k)[None, :, None]
   table = jnp.zeros((b, k, s, d), vectors.dtype).at[rows, heads, set_id].add(vectors)
   return jnp.take_along_axis(table, set_id[..., None], axis=2)
+
+
+def d2o_layer_budgets(scores: list[np.ndarray], valid: list[np.ndarray], keep: int,
+                      lengths: np.ndarray, low: int) -> list[int]:
+  """D2O's layer budgets from the variance of each head's accumulated attention.
+
+  scores/valid: per layer [B, K, S] accumulated attention and real slots. Per head the
+  variance over its real slots, averaged over the batch; min-max normalised over all
+  heads of all layers; v_l the mean over the layer's heads; the layer's share of the
+  cache softmax(-v)_l * L * rho with rho = keep / (longest context), clipped to
+  [0.01, 1] (D2O's formula: flatter attention, more budget). Budgets are that share of
+  the longest context, at least `low`, at most its length.
+  """
+  variances = []
+  for s, ok in zip(scores, valid):
+    count = np.maximum(ok.sum(-1), 1)
+    mean = np.where(ok, s, 0).sum(-1) / count
+    variances.append((np.where(ok, (s - mean[..., None]) ** 2, 0).sum(-1) / count).mean(0))
+  v = np.stack(variances)                                                  # [L, K]
+  spread = v.max() - v.min()
+  v = (v - v.min()) / (spread if spread > 0 else 1.0)
+  v_layer = v.mean(1)
+  weights = np.exp(-v_layer - (-v_layer).max())
+  weights = weights / weights.sum()
+  n = int(lengths.max())
+  rho = keep / n
+  share = np.clip(weights * len(scores) * rho, 0.01, 1.0)
+  return [int(min(n, max(low, round(r * n)))) for r in share]
+
+
+@functools.partial(jax.jit, static_argnames=("capacity", "recent"))
+def _d2o_compact(layer: LayerCache, lengths, keep, *, capacity: int, recent: int, sinks: int):
+  """One layer's first D2O eviction: the `keep` (traced) highest accumulated-attention
+  slots per head (sinks and the `recent` newest protected), in the first `capacity` slots;
+  every other real token averaged into its most cosine-similar kept one when that reaches
+  the mean best similarity (tau's first value, per row). Returns (layer, tau [B])."""
+  state = layer.state
+  prio = jnp.where(base.sink_mask(layer.positions, sinks)
+                   | base.window_mask(layer.positions, lengths, recent), base.PROTECTED,
+                   state["score"])
+  prio = jnp.where(layer.positions >= 0, prio, -jnp.inf)
+  s = layer.capacity
+  _, order = jax.lax.top_k(prio, s)
+  rank = jnp.argsort(order, axis=-1)
+  stays = (rank < keep) & (layer.positions >= 0)
+  cand = layer.replace(state=state["absorbed"])
+  kept = cand.select(order[..., :capacity])
+  kept = kept.replace(positions=jnp.where(jnp.take_along_axis(stays, order[..., :capacity], -1),
+                                          kept.positions, -1))
+  leaving_index = jnp.argsort(stays.astype(jnp.int8), axis=-1, stable=True)  # leaving first
+  leaving = cand.select(leaving_index)
+  leaving = leaving.replace(positions=jnp.where(
+      jnp.take_along_axis(stays, leaving_index, -1), -1, leaving.positions))
+  targets, similarity = merge_ops.assign_to_centres(leaving.keys, kept.keys,
+                                                    kept.positions >= 0)
+  real = (leaving.positions >= 0) & (targets >= 0)
+  tau = (jnp.where(real, similarity, 0).sum((1, 2))
+         / jnp.maximum(real.sum((1, 2)), 1))                                # [B]
+  merged = merge_into(kept, leaving, targets, similarity >= tau[:, None, None])
+  score = jnp.where(merged.positions >= 0,
+                    jnp.take_along_axis(state["score"], order[..., :capacity], -1), 0.0)
+  b, k = merged.positions.shape[:2]
+  return merged.replace(keys=jnp.where((merged.positions >= 0)[..., None], merged.keys, 0),
+                        values=jnp.where((merged.positions >= 0)[..., None], merged.values, 0),
+                        state={"score": score, "absorbed": merged.state,
+                               "tau": jnp.broadcast_to(encode_tau(tau)[:, None, None],
+                                                       (b, k, capacity))})
+
+
+# tau is a per-row scalar kept in every slot of the per-slot state; slots appended later
+# start at 0, so it is stored shifted to be positive (a cosine is >= -1) and read as the max.
+def encode_tau(tau):
+  return tau + 2.0
+
+
+def decode_tau(stored):
+  return stored.max(-1).max(-1) - 2.0
+
+
+@registry.register
+@dataclasses.dataclass(frozen=True)
+class D2O(MergingMethod):
+  """D2O (Wan et al., 2024; AIoT-MLSys-Lab/D2O): H2O-style eviction with layer budgets from
+  the attention's flatness, where an evicted token is merged into its most similar kept
+  token when that similarity clears a threshold tau tracked as a moving average.
+
+  Prefill stores every token with its accumulated attention (summed over each KV head's
+  query heads, across chunks). Once the context is in (`finalize`), the layer budgets come
+  from the variance of each head's accumulated attention (`d2o_layer_budgets`) and every
+  layer is compacted to its own budget: the highest accumulated attention, `sinks` (4) and
+  a recent window (`recent_ratio / (hh_ratio + recent_ratio)` of the budget, D2O's
+  heavy/recent split of 0.1/0.1) kept; each evicted token averaged into its most
+  cosine-similar kept token if the similarity reaches tau, which starts as the mean best
+  similarity. Each decode step then evicts the slot with the least accumulated attention,
+  merges it the same way, and moves tau <- alpha tau + beta mean(best similarity)
+  (alpha = beta = 0.5).
+
+  Readings and departures: per KV head (the code hard-codes MHA and filters merges by the
+  head-mean similarity); the merge is a token-count-weighted mean (the code scales the
+  merged token by its similarity without renormalising: not a convex combination); the
+  first eviction uses the prefill's attention only (the code adds the first decode step's);
+  the code's uncompressed layers 0, 1 and L-1 are not special here. Layer budgets are data
+  dependent, so the cache's size differs from the uniform budget's (reported as
+  `method_stats["layer_budgets"]`).
+  """
+  name: ClassVar[str] = "d2o"
+  decode_time: ClassVar[bool] = True
+  needs: ClassVar[frozenset] = frozenset({"column_sums"})
+  hh_ratio: float = 0.1
+  recent_ratio: float = 0.1
+  alpha: float = 0.5
+  beta: float = 0.5
+  sinks: int = 4
+  keep: int = 0   # the mean budget, set by `fitted` (finalize sizes the layers from it)
+
+  def __post_init__(self):
+    base.check_int("keep", self.keep, 0)
+    base.check_fraction("hh_ratio", self.hh_ratio)
+    base.check_fraction("recent_ratio", self.recent_ratio)
+    if self.hh_ratio + self.recent_ratio <= 0:
+      raise base.MethodError(f"d2o hh_ratio={self.hh_ratio} + recent_ratio="
+                             f"{self.recent_ratio} must be > 0 (they split the budget)")
+    base.check_fraction("alpha", self.alpha)
+    base.check_fraction("beta", self.beta)
+    base.check_int("sinks", self.sinks, 0)
+
+  def recent(self, keep: int) -> int:
+    return int(round(keep * self.recent_ratio / (self.hh_ratio + self.recent_ratio)))
+
+  def protected_tokens(self, keep):
+    return self.sinks + self.recent(keep)
+
+  def fitted(self, keep):
+    """Sinks shrunk to fit, and the budget remembered for `finalize`."""
+    shrunk = base.shrink_protection(keep, sinks=(self.sinks, 0))
+    fitted = dataclasses.replace(self, **shrunk) if shrunk else self
+    return fitted if fitted.keep == keep else dataclasses.replace(fitted, keep=keep)
+
+  def protected(self, key_positions, lengths, keep):
+    return base.sink_mask(key_positions, self.sinks) | base.window_mask(
+        key_positions, lengths, self.recent(keep))
+
+  def init_state(self, shape):
+    zero = jnp.zeros(shape, jnp.float32)
+    return {"score": zero, "absorbed": zero, "tau": zero}
+
+  def score(self, x):
+    return jnp.zeros(x.key_positions.shape, jnp.float32)   # prefill keeps every token
+
+  def compact(self, cand, x, keep):
+    """Prefill keeps every token (eviction starts once the context is in), accumulating
+    its attention."""
+    if cand.state is None:
+      cand = cand.replace(state=self.init_state(cand.positions.shape))
+    k = cand.keys.shape[1]
+    sums = base.reduce_groups(x.column_sums, k, "sum")
+    state = dict(cand.state, score=cand.state["score"] + sums)
+    return cand.replace(state=state, end=jnp.int32(cand.capacity))
+
+  def accumulate(self, state, column_sums):
+    k = state["score"].shape[1]
+    return dict(state, score=state["score"] + base.reduce_groups(column_sums, k, "sum"))
+
+  def finalize(self, cache, config=None):
+    del config
+    layers = cache.layers
+    lengths = np.asarray(cache.lengths)
+    scores = [np.asarray(layer.state["score"]) for layer in layers]
+    valid = [np.asarray(layer.positions) >= 0 for layer in layers]
+    if self.keep < 1:
+      raise base.MethodError("d2o needs its budget: run it through a plan (fitted(keep))")
+    keep = self.keep
+    budgets = d2o_layer_budgets(scores, valid, keep, lengths, self.protected_tokens(keep) + 1)
+    out = []
+    for layer, budget in zip(layers, budgets):
+      compacted = _d2o_compact(layer, cache.lengths, jnp.int32(budget), capacity=budget,
+                               recent=self.recent(budget), sinks=self.sinks)
+      out.append(compacted)
+    return cache.replace(layers=tuple(out))
+
+  def cache_stats(self, cache):
+    return {"layer_budgets": [int(layer.capacity) for layer in cache.layers]}
+
+  # Decode: evict the least accumulated attention, merge it, move tau.
+  def decode_scores(self, state, probs, own_prob, key_positions, lengths):
+    k = state["score"].shape[1]
+    new_score = base.reduce_groups(own_prob[..., None], k, "sum")[..., 0]
+    state = dict(state, score=state["score"] + base.reduce_groups(probs, k, "sum"))
+    zero = jnp.zeros_like(new_score)
+    return state, {"score": new_score, "absorbed": zero, "tau": zero}
+
+  def eviction_priority(self, state, probs, key_positions, lengths, budget):
+    return state["score"]
+
+  def absorb(self, layer, victim, valid, new_state):
+    """Before the victim slot [B, K] is overwritten: merge it into its most similar other
+    slot if the similarity reaches tau; tau moves; the new slot inherits it."""
+    b, k = victim.shape
+    s = layer.capacity
+    state = layer.state
+    take = lambda a: jnp.take_along_axis(a, jnp.minimum(victim, s - 1)[..., None, None],
+                                         axis=2)                           # [B, K, 1, D]
+    own = jnp.arange(s)[None, None, :] == victim[..., None]
+    targets, similarity = merge_ops.assign_to_centres(
+        take(layer.keys), layer.keys, (layer.positions >= 0) & ~own)
+    tau = decode_tau(state["tau"])                                         # [B]
+    victim_real = jnp.take_along_axis(layer.positions, jnp.minimum(victim, s - 1)[..., None],
+                                      -1)[..., 0] >= 0
+    merge = (similarity[..., 0] >= tau[:, None]) & valid[:, None] & (victim < s) & victim_real
+    weights = jnp.where(layer.positions >= 0, 1.0 + state["absorbed"], 0.0)
+    source_weight = jnp.take_along_axis(weights, jnp.minimum(victim, s - 1)[..., None], -1)
+    keys, values, total = merge_ops.scatter_mean(
+        layer.keys, layer.values, weights, take(layer.keys), take(layer.values),
+        jnp.where(merge[..., None], source_weight, 0.0), targets)
+    # Only a real token leaving moves tau (an empty slot filled is no eviction).
+    victim_real = jnp.take_along_axis(layer.positions, jnp.minimum(victim, s - 1)[..., None],
+                                      -1)[..., 0] >= 0
+    found = (targets[..., 0] >= 0) & victim_real & (victim < s)
+    mean_best = jnp.where(found, similarity[..., 0], 0).sum(1) / jnp.maximum(found.sum(1), 1)
+    new_tau = jnp.where(valid & found.any(1), self.alpha * tau + self.beta * mean_best, tau)
+    tau_all = jnp.broadcast_to(encode_tau(new_tau)[:, None, None], state["tau"].shape)
+    state = dict(state, absorbed=jnp.where(layer.positions >= 0, total - 1.0, 0.0),
+                 tau=tau_all)
+    new_state = dict(new_state, tau=jnp.broadcast_to(encode_tau(new_tau)[:, None], (b, k)))
+    return layer.replace(keys=keys, values=values, state=state), new_state

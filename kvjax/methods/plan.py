@@ -148,4 +148,5 @@ def evict_and_insert(method: Method, layer, new: NewTokens, probs, own_prob, len
     keep_old = lambda new_s, old_s: jnp.where(
         valid.reshape((-1,) + (1,) * (new_s.ndim - 1)), new_s, old_s)
     state = jax.tree_util.tree_map(keep_old, state, old_state)
-  return layer.with_state_view(state).overwrite(victim, new, new_state)
+  layer, new_state = method.absorb(layer.with_state_view(state), victim, valid, new_state)
+  return layer.overwrite(victim, new, new_state)
