@@ -23,6 +23,11 @@ Two kernels without dynamic indexing, each parallel over its output:
     accumulates `one_hot(target == m) * weight @ sources` in float32 (the gather kernel of
     `compaction`, transposed), then divides once.
 Keys are unit-normalised in XLA before the assignment (one pass over [R, E + M, D]).
+
+Limitation: each program holds a row's whole centre set (assignment) or source set
+(scatter) in its block; on TPU that must fit VMEM (about E * D * 2 * 2 bytes for bf16 keys
+and values: fine for prefill chunks of thousands of tokens, not for an unchunked 32K
+prompt). Tiling those axes over the grid, as `compaction` does, is left to do.
 """
 
 import functools
@@ -36,10 +41,6 @@ from pallas_kernels import backend
 
 _BLOCK = {"tpu": 128, "gpu": 64, "cpu": 64}
 _NO_CENTRE = -1e30   # logit of an invalid centre: below any cosine
-
-
-def _precision(dtype):
-  return lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
 def _assign_kernel(src_ref, centre_ref, valid_ref, target_ref, sim_ref, *, block_m,
@@ -79,9 +80,8 @@ def _scatter_kernel(ck_ref, cv_ref, cw_ref, sk_ref, sv_ref, sw_ref, target_ref, 
   mb = ck_ref.shape[0]
   m = pl.program_id(1)
   rows = lax.broadcasted_iota(jnp.int32, (mb, block_e), 0) + m * mb
-  dtype = sk_ref.dtype if sk_ref.dtype == jnp.bfloat16 else jnp.float32
-  precision = _precision(dtype)
-  dot = lambda a, b: lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=precision,
+  dot = lambda a, b: lax.dot_general(a, b, (((1,), (0,)), ((), ())),
+                                     precision=lax.Precision.HIGHEST,
                                      preferred_element_type=jnp.float32)
 
   def body(i, carry):
@@ -91,9 +91,10 @@ def _scatter_kernel(ck_ref, cv_ref, cw_ref, sk_ref, sv_ref, sw_ref, target_ref, 
     weight = sw_ref[:, pl.ds(start, block_e)].astype(jnp.float32)        # [1, Eb]
     share = jnp.where(rows == target, weight, 0.0)                       # [Mb, Eb]
     acc_w = acc_w + share.sum(axis=1, keepdims=True)
-    share = share.astype(dtype)
-    acc_k = acc_k + dot(share, sk_ref[pl.ds(start, block_e), :].astype(dtype))
-    acc_v = acc_v + dot(share, sv_ref[pl.ds(start, block_e), :].astype(dtype))
+    # Token counts stay float32 (a bf16 share would round counts above 256 in the sums
+    # but not in acc_w); the sources are widened to meet them.
+    acc_k = acc_k + dot(share, sk_ref[pl.ds(start, block_e), :].astype(jnp.float32))
+    acc_v = acc_v + dot(share, sv_ref[pl.ds(start, block_e), :].astype(jnp.float32))
     return acc_k, acc_v, acc_w
 
   init = (jnp.zeros(ck_ref.shape, jnp.float32), jnp.zeros(cv_ref.shape, jnp.float32),

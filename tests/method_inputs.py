@@ -366,7 +366,7 @@ def kvcrush(data: Prefill, keep: int, share: float, anchor, press_prio: np.ndarr
   (keep - representatives), 1 for one representative per bucket of the other tokens sorted
   by (Hamming distance of their signature to `anchor`, slot), 0 otherwise, -inf if empty.
   Signature bit k of a token: it is in the top half of KV head k's press scores.
-  anchor: [K] bool, or "mean" (the majority bit per head)."""
+  anchor: [K] bool, or "mean" (per head the majority bit over the tokens some head drops)."""
   crushed = max(0, min(int(share * keep), keep - press_protected - 1))
   b, k, s = press_prio.shape
   bits = np.zeros((b, s, k), bool)
@@ -377,15 +377,22 @@ def kvcrush(data: Prefill, keep: int, share: float, anchor, press_prio: np.ndarr
       bits[row, ranked[:len(valid) // 2], kv] = True
   tiers = np.zeros((b, k, s))
   for row in range(b):
-    a = bits[row].mean(0) >= 0.5 if isinstance(anchor, str) else np.asarray(anchor)
+    important = [set(top(press_prio[row, kv], keep - crushed).tolist()) for kv in range(k)]
+    if isinstance(anchor, str):   # "mean": per head, the majority over dropped tokens
+      dropped = [t for t in range(s) if any(data.kpos[row, kv, t] >= 0 and t not in important[kv]
+                                            for kv in range(k))]
+      a = np.array([2 * sum(bits[row, t, kv] for t in dropped) >= max(len(dropped), 1)
+                    for kv in range(k)])
+    else:
+      a = np.asarray(anchor)
     distance = (bits[row] != a).sum(-1)
     for kv in range(k):
-      important = set(top(press_prio[row, kv], keep - crushed).tolist())
-      cands = [i for i in range(s) if data.kpos[row, kv, i] >= 0 and i not in important]
+      important_kv = important[kv]
+      cands = [i for i in range(s) if data.kpos[row, kv, i] >= 0 and i not in important_kv]
       cands.sort(key=lambda i: (distance[i], i))
       n = len(cands)
       reps = {cands[(i * n) // crushed] for i in range(crushed) if (i * n) // crushed < n}
-      tiers[row, kv, list(important)] = 2
+      tiers[row, kv, list(important_kv)] = 2
       tiers[row, kv, list(reps)] = 1
   tiers = np.where(np.isposinf(press_prio), np.inf, tiers)
   return np.where(data.kpos >= 0, tiers, -np.inf)

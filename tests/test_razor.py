@@ -192,8 +192,11 @@ def test_every_phase_runs_through_razor(model):
   prompts = random_prompts((90, 120))
   method = RazorAttention(heads=(1, 2), local_capacity=24)
   tokens, mask = inputs.left_pad(prompts, 0)
-  pre = context.prefill(model, tokens, mask, method, None, room=0, chunk_size=32)
+  pre = context.prefill(model, tokens, mask, method, None, room=0, chunk_size=16)
   for layer, bits in zip(pre.cache.layers, (1, 2)):
+    # One retrieval head (120 tokens at most) and one local head (24): capacities do not
+    # compound from chunk to chunk.
+    assert layer.capacity == 120 + 24, layer.capacity
     pos, heads, state = (np.asarray(a) for a in (layer.positions, layer.heads, layer.state))
     for row, n in enumerate((90, 120)):
       for kv in range(2):
@@ -226,7 +229,7 @@ def test_conversation_through_razor(smollm2_tokenizer, monkeypatch, tmp_path):
     (lambda: RazorAttention(heads=(1, -2)), "per-layer bitmasks"),
     (lambda: RazorAttention(heads="x"), "per-layer bitmasks"),
     (lambda: kvjax.methods.get("razor:heads=3,1"), None),
-    (lambda: RazorAttention(local_capacity=5, sinks=4), "local_capacity=5 must be an integer >= 6"),
+    (lambda: RazorAttention(local_capacity=5, sinks=4), r"local_capacity=5 must be an integer >= sinks \+ 2 = 6"),
     (lambda: RazorAttention(echo_ratio=2.0), "echo_ratio=2.0"),
 ])
 def test_razor_errors(build, match):
@@ -243,4 +246,7 @@ def test_heads_from_another_model_are_refused(model):
                    max_new_tokens=1)
   with pytest.raises(kvjax.KvjaxError, match="calibrated for another model"):
     kvjax.generate(model, random_prompts((50,)), method=RazorAttention(heads=(8, 1)),
+                   max_new_tokens=1)
+  with pytest.raises(kvjax.KvjaxError, match="calibrated for another model"):
+    kvjax.generate(model, random_prompts((50,)), method=RazorAttention(heads=(1, 1, 1)),
                    max_new_tokens=1)

@@ -368,6 +368,35 @@ class FlatLayerCache:
         next_slot=self.next_slot + room * jnp.arange(k, dtype=jnp.int32),
         state=map_state(lambda s: move(s, 0), self.state))
 
+  def trimmed(self) -> "FlatLayerCache":
+    """Host side: each head's segment shrunk to the most tokens that head holds in any row
+    (its real slots first, in slot order): what a data-dependent selection, sized for the
+    worst case under jit, really needs."""
+    pos, heads = np.asarray(self.positions), np.asarray(self.heads)
+    b, k = pos.shape[0], self.num_kv_heads
+    real = [[np.flatnonzero((heads[row] == h) & (pos[row] >= 0)) for h in range(k)]
+            for row in range(b)]
+    size = np.array([max(len(real[row][h]) for row in range(b)) for h in range(k)])
+    offsets = np.concatenate([[0], np.cumsum(size)]).astype(np.int32)
+    total = int(offsets[-1])
+    index = np.full((b, total), -1, np.int32)
+    counts = np.zeros((b, k), np.int32)
+    for row in range(b):
+      for h in range(k):
+        index[row, offsets[h]:offsets[h] + len(real[row][h])] = real[row][h]
+        counts[row, h] = len(real[row][h])
+    index = jnp.asarray(index)
+    take = lambda a, fill: jnp.where(
+        index.reshape(index.shape + (1,) * (a.ndim - 2)) >= 0,
+        jnp.take_along_axis(a, jnp.maximum(index, 0).reshape(index.shape + (1,) * (a.ndim - 2)),
+                            axis=1), jnp.asarray(fill, a.dtype))
+    offsets = jnp.broadcast_to(jnp.asarray(offsets), (b, k + 1))
+    return FlatLayerCache(
+        keys=take(self.keys, 0), values=take(self.values, 0),
+        positions=take(self.positions, EMPTY_POSITION), heads=segment_heads(offsets, total),
+        offsets=offsets, next_slot=offsets[:, :-1] + jnp.asarray(counts),
+        state=map_state(lambda st: take(st, 0), self.state))
+
   @classmethod
   def from_selection(cls, cand: LayerCache, selected: jax.Array,
                      total: int) -> "FlatLayerCache":

@@ -108,8 +108,9 @@ def model_fingerprint(model) -> str:
   files made for other weights are never reused."""
   digest = hashlib.sha256(repr(model.config).encode())
   for leaf in jax.tree_util.tree_leaves(model.params):
-    flat = np.asarray(leaf).reshape(-1)
-    digest.update(np.ascontiguousarray(flat[::max(1, flat.size // 4096)]).tobytes())
+    flat = jnp.ravel(leaf)
+    sample = np.asarray(flat[::max(1, flat.size // 4096)])  # strided on the device
+    digest.update(np.ascontiguousarray(sample).tobytes())
   return digest.hexdigest()[:16]
 
 

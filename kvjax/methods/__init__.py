@@ -90,8 +90,10 @@ def validate_compression(method: Method, context_lengths, compression_ratio=None
   if compressing and method.compresses and not method.needs_budget:
     has_press = "press" in {f.name for f in dataclasses.fields(method)}
     raise MethodError(
-        f"method {method.label!r} keeps every token in its own storage, so compression_ratio="
-        f"{compression_ratio} / budget={budget} would be ignored; leave them unset"
+        f"method {method.label!r} sizes its cache by its own hyperparameters (it keeps every "
+        f"token in its own storage, or, like razor, by a capacity such as local_capacity), so "
+        f"compression_ratio={compression_ratio} / budget={budget} would be ignored; leave "
+        f"them unset"
         + (", or give the method a token-selecting press (e.g. press='snapkv') for them to "
            "apply to" if has_press else ""))
   if method.needs_budget and compression_ratio is None and budget is None:

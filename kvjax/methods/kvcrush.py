@@ -26,8 +26,10 @@ def signature_bits(scores: jax.Array, valid: jax.Array) -> jax.Array:
   return jnp.moveaxis((rank < half) & valid, 1, 2)
 
 
-def anchor_bits(mode: str, bits: jax.Array, seed: int) -> jax.Array:
-  """[B, K] bool anchor signature for [B, S, K] token signatures."""
+def anchor_bits(mode: str, bits: jax.Array, seed: int, candidates: jax.Array) -> jax.Array:
+  """[B, K] bool anchor signature for [B, S, K] token signatures; "mean" takes each head's
+  majority bit over the row's candidate tokens (candidates [B, S]: tokens some head would
+  drop)."""
   b, _, k = bits.shape
   if mode == "random":
     return jnp.broadcast_to(jax.random.bernoulli(jax.random.key(seed), 0.5, (k,)), (b, k))
@@ -37,7 +39,8 @@ def anchor_bits(mode: str, bits: jax.Array, seed: int) -> jax.Array:
     return jnp.ones((b, k), bool)
   if mode == "alternate":
     return jnp.broadcast_to(jnp.arange(k) % 2 == 0, (b, k))
-  return bits.mean(1) >= 0.5      # "mean": the majority bit of every head
+  count = jnp.maximum(candidates.sum(1, keepdims=True), 1)
+  return (bits & candidates[..., None]).sum(1) * 2 >= count    # "mean": the majority
 
 
 def representatives(distance: jax.Array, candidate: jax.Array, count: int) -> jax.Array:
@@ -71,7 +74,7 @@ class KVCrush(Wrapper):
   it (`share`, kvjax's default 0.1) so the cache stays at the budget like every method.
   GQA: scores per KV head, signature bits over KV heads (the paper's token-level form).
   anchor: "random" (seeded by `seed`, OpenVINO's default), "zeros", "ones", "alternate",
-  "mean" (the majority bit per head). The press selects once at prefill: decode-time and
+  "mean" (per head the majority bit over the tokens some head would drop). The press selects once at prefill: decode-time and
   head-wise presses are refused.
   """
   name: ClassVar[str] = "kvcrush"
@@ -108,7 +111,8 @@ class KVCrush(Wrapper):
     important = jnp.zeros((b, k, s), bool).at[rows, heads, top].set(True)
     valid = x.key_positions >= 0
     bits = signature_bits(self.press.score(x), valid)                     # [B, S, K]
-    anchor = anchor_bits(self.anchor, bits, self.seed)                    # [B, K]
+    anchor = anchor_bits(self.anchor, bits, self.seed,
+                         (valid & ~important).any(1))                     # [B, K]
     distance = (bits != anchor[:, None, :]).sum(-1).astype(jnp.int32)    # [B, S]
     distance = jnp.broadcast_to(distance[:, None, :], (b, k, s))
     reps = representatives(distance, valid & ~important, crushed)

@@ -119,9 +119,9 @@ class EMS(MergingMethod):
     local L_j: attention from the last `window` queries (SnapKV's observation window);
     score S_j = G_j / max G + L_j / max L per query head, averaged over each KV head's
       group; the last `window` tokens are always kept.
-  `threshold` 0.5 is kvjax's choice (the paper's value is not known to us); 1.0 merges
-  nothing but exact duplicates (EMS then reduces to Global-Local eviction), -1.0 merges
-  every leaving token.
+  `threshold` 0.5 is kvjax's choice (the paper's value is not known to us); above 1.0 is
+  not allowed, 1.0 merges only keys parallel to a kept key (to float32 rounding; EMS is
+  then Global-Local eviction), -1.0 merges every leaving token.
   """
   name: ClassVar[str] = "ems"
   needs: ClassVar[frozenset] = frozenset({"column_sums"})
@@ -441,9 +441,10 @@ class D2O(MergingMethod):
     return self.sinks + self.recent(keep)
 
   def fitted(self, keep):
-    """Sinks shrunk to fit, and the budget remembered for `finalize`."""
-    shrunk = base.shrink_protection(keep, sinks=(self.sinks, 0))
-    fitted = dataclasses.replace(self, **shrunk) if shrunk else self
+    """Sinks shrunk to leave a slot beside the recent window, and the budget remembered
+    for `finalize`."""
+    sinks = min(self.sinks, max(0, keep - 1 - self.recent(keep)))
+    fitted = self if sinks == self.sinks else dataclasses.replace(self, sinks=sinks)
     return fitted if fitted.keep == keep else dataclasses.replace(fitted, keep=keep)
 
   def protected(self, key_positions, lengths, keep):

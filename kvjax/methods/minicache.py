@@ -24,6 +24,9 @@ def slerp(a: jax.Array, b: jax.Array, t: float):
   ua, ub = merge_ops.unit_rows(a), merge_ops.unit_rows(b)
   angle = jnp.arccos(jnp.clip((ua * ub).sum(-1), -1.0, 1.0))
   sin = jnp.sin(angle)[..., None]
+  # sin ~ 0 at angle ~ 0 (parallel: linear interpolation is exact) and at angle ~ pi
+  # (opposite: SLERP is undefined and the linear mix cancels toward zero; such a token has
+  # the largest angle of all, so the `retain` outliers keep it whenever they can).
   parallel = sin < 1e-6
   safe = jnp.where(parallel, 1.0, sin)
   curved = (jnp.sin((1 - t) * angle)[..., None] * ua + jnp.sin(t * angle)[..., None] * ub) / safe

@@ -56,8 +56,10 @@ class CompressionPlan:
       return _with_state(self.method, layer_cache), new, frozenset(self.method.needs)
     if self._evicting(new):
       return layer_cache, new, frozenset({PROBS})
-    # Appended queries keep accumulating the state of methods that count attention.
-    accumulate = COLUMN_SUMS in self.method.needs and layer_cache.state is not None
+    # Appended queries keep accumulating the state of methods that count attention (those
+    # that override `accumulate`; merging methods keep state but count no attention).
+    accumulate = (COLUMN_SUMS in self.method.needs and layer_cache.state is not None
+                  and type(self.method).accumulate is not Method.accumulate)
     return layer_cache.append(new), None, frozenset({COLUMN_SUMS} if accumulate else ())
 
   def update(self, layer: int, layer_cache, step: LayerStep, stats):

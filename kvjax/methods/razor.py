@@ -82,7 +82,10 @@ class RazorAttention(MergingMethod):
                         f"(ints >= 0) of retrieval KV heads, or () to calibrate")
     object.__setattr__(self, "heads", tuple(int(h) for h in heads))
     base.check_int("sinks", self.sinks, 0)
-    base.check_int("local_capacity", self.local_capacity, self.sinks + 2)
+    if not isinstance(self.local_capacity, int) or self.local_capacity < self.sinks + 2:
+      raise MethodError(f"razor local_capacity={self.local_capacity!r} must be an integer >= "
+                        f"sinks + 2 = {self.sinks + 2} (the sinks, the compensation token and "
+                        f"at least one recent token)")
     base.check_fraction("echo_ratio", self.echo_ratio)
     base.check_fraction("induction_ratio", self.induction_ratio)
 
@@ -92,6 +95,17 @@ class RazorAttention(MergingMethod):
   def calibrated(self, scores: dict) -> "RazorAttention":
     return dataclasses.replace(
         self, heads=retrieval_heads(scores, self.echo_ratio, self.induction_ratio))
+
+  def between_chunks(self, cache):
+    """Retrieval heads select every candidate slot under jit (empty ones too, the
+    worst case); trimmed here so capacities do not compound from chunk to chunk."""
+    return cache.replace(layers=tuple(layer.trimmed() for layer in cache.layers))
+
+  def finalize(self, cache, config=None):
+    if config is not None and len(self.heads) != config.num_layers:
+      raise MethodError(f"razor heads has {len(self.heads)} layer masks; the model has "
+                        f"{config.num_layers} layers: calibrated for another model?")
+    return self.between_chunks(cache)
 
   def layer_heads(self, layer: int, num_kv_heads: int) -> np.ndarray:
     if not self.heads:
