@@ -17,7 +17,7 @@ from kvjax.cache import LayerCache
 from kvjax.generation import context, inputs
 from kvjax.methods import EMS, ElasticCache, KVMerger, base
 from pallas_kernels import merge, reference
-from tiny import jnp_and_kernel_tokens, random_prompts, tiny_model
+from tiny import jnp_and_kernel_tokens, random_prompts, tiny_config, tiny_model
 
 K, G = mi.K, mi.G
 
@@ -643,3 +643,23 @@ def test_d2o_through_every_phase(model, smollm2_tokenizer):
   assert len(talk.answers[0]) == 2
   with pytest.raises(kvjax.KvjaxError, match=r"hh_ratio=0.0 \+ recent_ratio=0.0"):
     D2O(hh_ratio=0.0, recent_ratio=0.0)
+
+
+def test_merged_layer_bytes_match_the_analytic_size():
+  """A merging method's layer: the kept slots plus a float32 token count per slot (SmolLM2's
+  KV shape, bf16, 4K tokens at ratio 0.5)."""
+  b, k, s, d = 1, 3, 4096, 64
+  rng = np.random.default_rng(0)
+  arrays = dict(keys=jnp.asarray(rng.normal(size=(b, k, s, d)), jnp.bfloat16),
+                values=jnp.asarray(rng.normal(size=(b, k, s, d)), jnp.bfloat16),
+                positions=jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, k, s)))
+  cand = LayerCache(**arrays, end=jnp.int32(s), state=jnp.zeros((b, k, s), jnp.float32))
+  x = base.LayerInputs(config=tiny_config(num_heads=9, num_kv_heads=3, head_dim=d), layer=0,
+                       queries=None, raw_queries=None, query_positions=None, keys=cand.keys,
+                       values=cand.values, key_positions=cand.positions,
+                       lengths=jnp.asarray([s]),
+                       column_sums=jnp.asarray(rng.random((b, 9, s)), jnp.float32))
+  kept = ElasticCache().merge(cand, x, s // 2)
+  by_hand = k * (s // 2) * (2 * d * 2 + 4 + 4) + 4
+  assert abs(kept.nbytes - by_hand) <= 0.05 * by_hand
+  assert 0.5 < kept.nbytes / (2 * k * s * d * 2) < 0.52

@@ -16,7 +16,7 @@ from kvjax.cache.kv_cache import FlatLayerCache
 from kvjax.generation import context, inputs
 from kvjax import calibration
 from kvjax.methods import RazorAttention, base, razor
-from tiny import random_prompts, tiny_model
+from tiny import random_prompts, tiny_config, tiny_model
 
 K, G = mi.K, mi.G
 
@@ -250,3 +250,26 @@ def test_heads_from_another_model_are_refused(model):
   with pytest.raises(kvjax.KvjaxError, match="calibrated for another model"):
     kvjax.generate(model, random_prompts((50,)), method=RazorAttention(heads=(1, 1, 1)),
                    max_new_tokens=1)
+
+
+def test_bytes_match_the_analytic_size():
+  """SmolLM2's KV shape (3 KV heads, head_dim 64), bf16, 4K tokens, one retrieval head:
+  the layout's bytes within 5% of the slots it must hold."""
+  b, k, s, d = 1, 3, 4096, 64
+  rng = np.random.default_rng(0)
+  cand = LayerCache(keys=jnp.asarray(rng.normal(size=(b, k, s, d)), jnp.bfloat16),
+                    values=jnp.asarray(rng.normal(size=(b, k, s, d)), jnp.bfloat16),
+                    positions=jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, k, s)),
+                    end=jnp.int32(s), state=jnp.zeros((b, k, s), jnp.float32))
+  x = base.LayerInputs(config=tiny_config(num_heads=9, num_kv_heads=3, head_dim=d), layer=0,
+                       queries=None, raw_queries=None, query_positions=None, keys=cand.keys,
+                       values=cand.values, key_positions=cand.positions,
+                       lengths=jnp.asarray([s]))
+  layer = RazorAttention(heads=(2,)).compact(cand, x, s)
+  slots = s + 2 * 256
+  # By hand: per slot a bf16 key and value, an int32 position and owner head, a float32
+  # token count; offsets and next-slot counters per head.
+  by_hand = slots * (2 * d * 2 + 4 + 4 + 4) + (k + 1) * 4 + k * 4
+  assert abs(layer.nbytes - by_hand) <= 0.05 * by_hand, (layer.nbytes, by_hand)
+  full = 2 * k * s * d * 2
+  assert layer.nbytes / full < 0.42   # a third of the heads whole, the rest 256 of 4096
