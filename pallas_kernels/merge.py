@@ -16,18 +16,16 @@ merged slot's weight is the number of tokens it represents; a source with weight
 merged, or padding) changes nothing.
 
 Two kernels without dynamic indexing, each parallel over its output:
-  `assign_to_centres`: grid (R, source blocks); a program loops over centre blocks keeping
-    a running max and its lowest index (max, then min over the iota where equal: no
-    argmax primitive, which Triton lacks).
-  `scatter_mean`: grid (R, centre blocks); a program loops over source blocks and
-    accumulates `one_hot(target == m) * weight @ sources` in float32 (the gather kernel of
-    `compaction`, transposed), then divides once.
-Keys are unit-normalised in XLA before the assignment (one pass over [R, E + M, D]).
-
-Limitation: each program holds a row's whole centre set (assignment) or source set
-(scatter) in its block; on TPU that must fit VMEM (about E * D * 2 * 2 bytes for bf16 keys
-and values: fine for prefill chunks of thousands of tokens, not for an unchunked 32K
-prompt). Tiling those axes over the grid, as `compaction` does, is left to do.
+  `assign_to_centres`: grid (R, source blocks, centre chunks); a program loops over the
+    centre blocks of its chunk keeping a running max and its lowest index (max, then min
+    over the iota where equal: no argmax primitive, which Triton lacks), and the chunks
+    update the output's best in turn.
+  `scatter_mean`: grid (R, centre blocks, source chunks); a program loops over the source
+    blocks of its chunk accumulating `one_hot(target == m) * weight @ sources` in float32
+    (the gather kernel of `compaction`, transposed) into float32 sums; XLA divides once.
+On TPU the looped axis is split into chunks (bounded VMEM whatever the prompt length); on
+GPU it is one chunk (see `_CHUNK_BLOCKS`). Keys are unit-normalised in XLA before the
+assignment (one pass over [R, E + M, D]).
 """
 
 import functools
@@ -40,15 +38,23 @@ from jax.experimental import pallas as pl
 from pallas_kernels import backend
 
 _BLOCK = {"tpu": 128, "gpu": 64, "cpu": 64}
+# Blocks of the looped-over axis per chunk: on TPU that axis is split into chunks over an
+# "arbitrary" grid axis (bounded VMEM: 4096 rows, 1 MiB of bf16 keys at D = 128) whose
+# programs update the same output block in turn; on GPU it is one chunk, because Triton
+# programs run concurrently and must not update a shared output. CPU (interpret) uses
+# small chunks so tests cover the chunked path.
+_CHUNK_BLOCKS = {"tpu": 32, "gpu": None, "cpu": 2}
 _NO_CENTRE = -1e30   # logit of an invalid centre: below any cosine
 
 
 def _assign_kernel(src_ref, centre_ref, valid_ref, target_ref, sim_ref, *, block_m,
                    num_blocks):
-  """Refs: src [Eb, D] (unit rows), centre [Mp, D] (unit rows), valid [1, Mp] int32;
-  out target [Eb, 1] int32, sim [Eb, 1] float32."""
+  """Refs: src [Eb, D] (unit rows), centre [C, D] (one chunk of unit rows), valid [1, C]
+  int32; out target [Eb, 1] int32, sim [Eb, 1] float32 (the running best over chunks)."""
+  c = pl.program_id(2)
   src = src_ref[...].astype(jnp.float32)
   eb = src.shape[0]
+  offset = c * (num_blocks * block_m)
 
   def body(i, carry):
     best, arg = carry
@@ -60,7 +66,7 @@ def _assign_kernel(src_ref, centre_ref, valid_ref, target_ref, sim_ref, *, block
                            preferred_element_type=jnp.float32)          # [Eb, Mb]
     sims = jnp.where(valid > 0, sims, _NO_CENTRE)
     block_best = jnp.max(sims, axis=1, keepdims=True)                    # [Eb, 1]
-    iota = lax.broadcasted_iota(jnp.int32, sims.shape, 1) + start
+    iota = lax.broadcasted_iota(jnp.int32, sims.shape, 1) + start + offset
     block_arg = jnp.min(jnp.where(sims == block_best, iota, jnp.iinfo(jnp.int32).max),
                         axis=1, keepdims=True)
     better = block_best > best                       # strict: an earlier block wins ties
@@ -68,18 +74,28 @@ def _assign_kernel(src_ref, centre_ref, valid_ref, target_ref, sim_ref, *, block
 
   init = (jnp.full((eb, 1), _NO_CENTRE, jnp.float32), jnp.full((eb, 1), -1, jnp.int32))
   best, arg = lax.fori_loop(0, num_blocks, body, init)
-  found = best > _NO_CENTRE / 2
-  target_ref[...] = jnp.where(found, arg, -1)
-  sim_ref[...] = jnp.where(found, best, 0.0)
+
+  @pl.when(c == 0)
+  def _():
+    sim_ref[...] = best
+    target_ref[...] = arg
+
+  @pl.when(c > 0)
+  def _():
+    better = best > sim_ref[...]                     # strict: an earlier chunk wins ties
+    sim_ref[...] = jnp.where(better, best, sim_ref[...])
+    target_ref[...] = jnp.where(better, arg, target_ref[...])
 
 
-def _scatter_kernel(ck_ref, cv_ref, cw_ref, sk_ref, sv_ref, sw_ref, target_ref, ok_ref,
-                    ov_ref, ow_ref, *, block_e, num_blocks):
-  """Refs: centre keys/values [Mb, D], centre weights [Mb, 1]; sources [Ep, D], source
-  weights and targets [1, Ep]; out keys/values [Mb, D], weights [Mb, 1]."""
-  mb = ck_ref.shape[0]
-  m = pl.program_id(1)
+def _scatter_kernel(sk_ref, sv_ref, sw_ref, target_ref, ok_ref, ov_ref, ow_ref, *, block_e,
+                    num_blocks):
+  """Refs: sources [C, D] (one chunk), source weights and targets [1, C]; out float32 sums
+  of weight * key and weight * value [Mb, D] and of weights [Mb, 1] for a block of
+  centres, accumulated over the chunks."""
+  mb = ok_ref.shape[0]
+  m, c = pl.program_id(1), pl.program_id(2)
   rows = lax.broadcasted_iota(jnp.int32, (mb, block_e), 0) + m * mb
+  # Token counts stay float32 (bf16 would round counts above 256); sources are widened.
   dot = lambda a, b: lax.dot_general(a, b, (((1,), (0,)), ((), ())),
                                      precision=lax.Precision.HIGHEST,
                                      preferred_element_type=jnp.float32)
@@ -91,35 +107,41 @@ def _scatter_kernel(ck_ref, cv_ref, cw_ref, sk_ref, sv_ref, sw_ref, target_ref, 
     weight = sw_ref[:, pl.ds(start, block_e)].astype(jnp.float32)        # [1, Eb]
     share = jnp.where(rows == target, weight, 0.0)                       # [Mb, Eb]
     acc_w = acc_w + share.sum(axis=1, keepdims=True)
-    # Token counts stay float32 (a bf16 share would round counts above 256 in the sums
-    # but not in acc_w); the sources are widened to meet them.
     acc_k = acc_k + dot(share, sk_ref[pl.ds(start, block_e), :].astype(jnp.float32))
     acc_v = acc_v + dot(share, sv_ref[pl.ds(start, block_e), :].astype(jnp.float32))
     return acc_k, acc_v, acc_w
 
-  init = (jnp.zeros(ck_ref.shape, jnp.float32), jnp.zeros(cv_ref.shape, jnp.float32),
+  init = (jnp.zeros(ok_ref.shape, jnp.float32), jnp.zeros(ov_ref.shape, jnp.float32),
           jnp.zeros((mb, 1), jnp.float32))
   acc_k, acc_v, acc_w = lax.fori_loop(0, num_blocks, body, init)
-  own = cw_ref[...].astype(jnp.float32)
-  total = own + acc_w
-  keep = total > 0
-  scale = jnp.where(keep, 1.0 / jnp.where(keep, total, 1.0), 0.0)
-  ck, cv = ck_ref[...].astype(jnp.float32), cv_ref[...].astype(jnp.float32)
-  ok_ref[...] = jnp.where(keep, (own * ck + acc_k) * scale, ck).astype(ok_ref.dtype)
-  ov_ref[...] = jnp.where(keep, (own * cv + acc_v) * scale, cv).astype(ov_ref.dtype)
-  ow_ref[...] = total
+
+  @pl.when(c == 0)
+  def _():
+    ok_ref[...], ov_ref[...], ow_ref[...] = acc_k, acc_v, acc_w
+
+  @pl.when(c > 0)
+  def _():
+    ok_ref[...] += acc_k
+    ov_ref[...] += acc_v
+    ow_ref[...] += acc_w
 
 
-def _blocks(target, n, block):
-  """(block, padded n): GPU pads to a power of two (Triton block shapes must be)."""
+def _tiling(target, n, block, looped: bool):
+  """(block, padded n, chunk, chunks) of an axis; `looped`: the axis a program loops over
+  (split into chunks on TPU). GPU pads to a power of two (Triton block shapes must be)."""
   kind = target.pick(tpu="tpu", gpu="gpu", cpu="cpu")
   block = block or min(_BLOCK[kind], max(backend.next_power_of_2(n), 8))
   if target.is_tpu:
     block = max(block, 128)     # lane-dim slices of [1, n] refs
-  padded = backend.cdiv(n, block) * block
+  blocks = backend.cdiv(n, block)
+  per_chunk = blocks if (not looped or _CHUNK_BLOCKS[kind] is None) else min(
+      _CHUNK_BLOCKS[kind], blocks)
+  chunk = per_chunk * block
+  padded = backend.cdiv(n, chunk) * chunk
   if target.is_gpu:
     padded = max(backend.next_power_of_2(padded), block)
-  return block, padded
+    chunk = padded if looped else chunk
+  return block, padded, chunk, padded // chunk
 
 
 def unit_rows(x):
@@ -129,31 +151,38 @@ def unit_rows(x):
   return x / jnp.maximum(norm, 1e-12)
 
 
+def _compiler_params(target):
+  return backend.compiler_params(
+      target, dimension_semantics=("parallel", "parallel", "arbitrary"), num_warps=4,
+      num_stages=2)
+
+
 def _assign_impl(src_unit, centre_unit, valid, *, target, block_e, block_m):
   r, e, d = src_unit.shape
   m = centre_unit.shape[1]
-  block_e, ep = _blocks(target, e, block_e)
-  block_m, mp = _blocks(target, m, block_m)
+  block_e, ep, _, _ = _tiling(target, e, block_e, looped=False)
+  block_m, mp, chunk, chunks = _tiling(target, m, block_m, looped=True)
   dp = backend.lane_dim(target, d)
   src = backend.pad_axis(backend.pad_axis(src_unit, 2, dp), 1, ep)
   centres = backend.pad_axis(backend.pad_axis(centre_unit, 2, dp), 1, mp)
   valid = backend.pad_axis(valid.astype(jnp.int32), 1, mp)[:, None, :]
-  out_spec = pl.BlockSpec((None, block_e, 1), lambda i, j: (i, j, 0))
+  out_spec = pl.BlockSpec((None, block_e, 1), lambda i, j, c: (i, j, 0))
   target_out, sim = pl.pallas_call(
-      functools.partial(_assign_kernel, block_m=block_m, num_blocks=mp // block_m),
+      functools.partial(_assign_kernel, block_m=block_m, num_blocks=chunk // block_m),
       out_shape=(jax.ShapeDtypeStruct((r, ep, 1), jnp.int32),
                  jax.ShapeDtypeStruct((r, ep, 1), jnp.float32)),
-      grid=(r, ep // block_e),
-      in_specs=[pl.BlockSpec((None, block_e, dp), lambda i, j: (i, j, 0)),
-                pl.BlockSpec((None, mp, dp), lambda i, j: (i, 0, 0)),
-                pl.BlockSpec((None, 1, mp), lambda i, j: (i, 0, 0))],
+      grid=(r, ep // block_e, chunks),
+      in_specs=[pl.BlockSpec((None, block_e, dp), lambda i, j, c: (i, j, 0)),
+                pl.BlockSpec((None, chunk, dp), lambda i, j, c: (i, c, 0)),
+                pl.BlockSpec((None, 1, chunk), lambda i, j, c: (i, 0, c))],
       out_specs=(out_spec, out_spec),
       interpret=target.interpret,
-      compiler_params=backend.compiler_params(
-          target, dimension_semantics=("parallel", "parallel"), num_warps=4, num_stages=2),
+      compiler_params=_compiler_params(target),
       name="assign_to_centres",
   )(src, centres, valid)
-  return target_out[:, :e, 0], sim[:, :e, 0]
+  target_out, sim = target_out[:, :e, 0], sim[:, :e, 0]
+  found = sim > _NO_CENTRE / 2
+  return jnp.where(found, target_out, -1), jnp.where(found, sim, 0.0)
 
 
 def _check(cond, message):
@@ -196,34 +225,37 @@ def _scatter_impl(centre_keys, centre_values, centre_weights, src_keys, src_valu
                   src_weights, targets, *, target, block_e, block_m):
   r, m, d = centre_keys.shape
   e = src_keys.shape[1]
-  block_e, ep = _blocks(target, e, block_e)
-  block_m, mp = _blocks(target, m, block_m)
+  block_e, ep, chunk, chunks = _tiling(target, e, block_e, looped=True)
+  block_m, mp, _, _ = _tiling(target, m, block_m, looped=False)
   dp = backend.lane_dim(target, d)
   pad = lambda x, n: backend.pad_axis(backend.pad_axis(x, 2, dp), 1, n)
-  cw = backend.pad_axis(centre_weights.astype(jnp.float32), 1, mp)[:, :, None]
   sw = backend.pad_axis(src_weights.astype(jnp.float32), 1, ep)[:, None, :]
   tg = backend.pad_axis(targets.astype(jnp.int32), 1, ep, -1)[:, None, :]
-  centre_spec = pl.BlockSpec((None, block_m, dp), lambda i, j: (i, j, 0))
-  weight_spec = pl.BlockSpec((None, block_m, 1), lambda i, j: (i, j, 0))
-  src_spec = pl.BlockSpec((None, ep, dp), lambda i, j: (i, 0, 0))
-  lane_spec = pl.BlockSpec((None, 1, ep), lambda i, j: (i, 0, 0))
-  keys, values, weights = pl.pallas_call(
-      functools.partial(_scatter_kernel, block_e=block_e, num_blocks=ep // block_e),
-      out_shape=(jax.ShapeDtypeStruct((r, mp, dp), centre_keys.dtype),
-                 jax.ShapeDtypeStruct((r, mp, dp), centre_values.dtype),
+  sums_spec = pl.BlockSpec((None, block_m, dp), lambda i, j, c: (i, j, 0))
+  weight_spec = pl.BlockSpec((None, block_m, 1), lambda i, j, c: (i, j, 0))
+  src_spec = pl.BlockSpec((None, chunk, dp), lambda i, j, c: (i, c, 0))
+  lane_spec = pl.BlockSpec((None, 1, chunk), lambda i, j, c: (i, 0, c))
+  sum_k, sum_v, sum_w = pl.pallas_call(
+      functools.partial(_scatter_kernel, block_e=block_e, num_blocks=chunk // block_e),
+      out_shape=(jax.ShapeDtypeStruct((r, mp, dp), jnp.float32),
+                 jax.ShapeDtypeStruct((r, mp, dp), jnp.float32),
                  jax.ShapeDtypeStruct((r, mp, 1), jnp.float32)),
-      grid=(r, mp // block_m),
-      in_specs=[centre_spec, centre_spec, weight_spec, src_spec, src_spec, lane_spec,
-                lane_spec],
-      out_specs=(centre_spec, centre_spec, weight_spec),
+      grid=(r, mp // block_m, chunks),
+      in_specs=[src_spec, src_spec, lane_spec, lane_spec],
+      out_specs=(sums_spec, sums_spec, weight_spec),
       interpret=target.interpret,
-      compiler_params=backend.compiler_params(
-          target, dimension_semantics=("parallel", "parallel"), num_warps=4, num_stages=2),
+      compiler_params=_compiler_params(target),
       name="scatter_mean",
-  )(pad(centre_keys, mp), pad(centre_values, mp), cw, pad(src_keys.astype(centre_keys.dtype),
-                                                          ep),
-    pad(src_values.astype(centre_values.dtype), ep), sw, tg)
-  return keys[:, :m, :d], values[:, :m, :d], weights[:, :m, 0]
+  )(pad(src_keys, ep), pad(src_values, ep), sw, tg)
+  # The division in XLA: one elementwise pass over the centres.
+  own = centre_weights.astype(jnp.float32)
+  total = own + sum_w[:, :m, 0]
+  keep = (total > 0)[..., None]
+  scale = jnp.where(keep, 1.0 / jnp.where(keep, total[..., None], 1.0), 0.0)
+  mean = lambda centre, summed: jnp.where(
+      keep, (own[..., None] * centre.astype(jnp.float32) + summed[:, :m, :d]) * scale,
+      centre).astype(centre.dtype)
+  return mean(centre_keys, sum_k), mean(centre_values, sum_v), total
 
 
 @functools.partial(jax.jit, static_argnames=("block_e", "block_m", "interpret"))
