@@ -175,6 +175,17 @@ class LayerCache(PerHeadSlots):
                       positions=take(self.positions), end=jnp.int32(keep),
                       state=map_state(take, self.state))
 
+  def trimmed(self) -> "LayerCache":
+    """Host side: capacity cut to the most real tokens any row and head holds (each head's
+    real slots first, in slot order): a prompt padded to a bucket width stores no padding
+    slots after this."""
+    real = self.positions >= 0
+    n = int(jnp.max(real.sum(-1)))
+    if n == self.capacity:
+      return self
+    order = jnp.argsort(~real, axis=-1, stable=True)[..., :n]
+    return self.select(order)
+
   def grow(self, room: int) -> "LayerCache":
     if room == 0:
       return self

@@ -112,7 +112,9 @@ class MiniCache(base.Method):
 
   def finalize(self, cache: Cache, config=None) -> Cache:
     del config
-    layers = list(cache.layers)
+    # Bucket padding out first: a pair's layers hold the same tokens in the same slots.
+    layers = [layer.trimmed() if isinstance(layer, LayerCache) else layer
+              for layer in cache.layers]
     for first, second in merged_pairs(len(layers), self.start):
       a, b = layers[first], layers[second]
       if not (isinstance(a, LayerCache) and isinstance(b, LayerCache)):

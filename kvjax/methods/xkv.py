@@ -104,7 +104,9 @@ class XKV(base.Method):
   def finalize(self, cache: Cache, config=None) -> Cache:
     if config is None:
       raise MethodError("xkv needs the model's config to undo RoPE (finalize(cache, config))")
-    layers = list(cache.layers)
+    # Bucket padding out first (every layer holds the same tokens in the same slots).
+    layers = [layer.trimmed() if isinstance(layer, LayerCache) else layer
+              for layer in cache.layers]
     first_layer = layers[0]
     if not isinstance(first_layer, LayerCache):
       raise MethodError(f"xkv factors dense full caches, got {type(first_layer).__name__}")
