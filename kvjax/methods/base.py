@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import validation
+from kvjax.cache.kv_cache import LayerCache
 from kvjax.config import ModelConfig
 from kvjax.errors import MethodError
 from kvjax.methods import budgets
@@ -218,6 +219,28 @@ class Method:
     token's state). Default: nothing kept of the victim."""
     del victim, valid
     return layer, new_state
+
+
+class CrossLayer(Method):
+  """Methods that keep every token through prefill and restructure the dense layers once
+  the context is in (`finalize`): MiniCache, xKV. Under chunked prefill the budget is the
+  padded width, which holds every real token (only empty slots lose)."""
+  family: ClassVar[str] = "cross_layer"
+  needs_budget: ClassVar[bool] = False
+
+  def score(self, x: LayerInputs) -> jax.Array:
+    return jnp.zeros(x.key_positions.shape, jnp.float32)
+
+  def dense_layers(self, cache) -> list:
+    """The cache's layers, each a dense full layer with the prompt's bucket padding cut
+    (every layer holds the same tokens in the same slots)."""
+    layers = []
+    for index, layer in enumerate(cache.layers):
+      if not isinstance(layer, LayerCache):
+        raise MethodError(f"{self.name} restructures dense full caches; layer {index} is "
+                          f"{type(layer).__name__}")
+      layers.append(layer.trimmed())
+    return layers
 
 
 def check_prefill_press(owner: str, press: Method) -> None:

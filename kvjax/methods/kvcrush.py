@@ -18,7 +18,6 @@ ANCHORS = ("random", "zeros", "ones", "alternate", "mean")
 def signature_bits(scores: jax.Array, valid: jax.Array) -> jax.Array:
   """[B, K, S] scores of every KV head -> [B, S, K] bool: token t is in the top half of
   head k's scores (among its valid slots; ties to the lower slot)."""
-  s = scores.shape[-1]
   ranked = jnp.where(valid, scores, -jnp.inf)
   order = jnp.argsort(-ranked, axis=-1, stable=True)
   rank = jnp.argsort(order, axis=-1, stable=True)                          # [B, K, S]

@@ -12,7 +12,6 @@ import jax.numpy as jnp
 
 from kvjax.cache.cross_layer import Directions, MergedLayerCache, Retained
 from kvjax.cache.kv_cache import Cache, LayerCache, init_layer_cache
-from kvjax.errors import MethodError
 from kvjax.methods import base, registry
 from kvjax.ops import merge as merge_ops
 
@@ -77,7 +76,7 @@ def merged_pairs(num_layers: int, start: float) -> list[tuple[int, int]]:
 
 @registry.register
 @dataclasses.dataclass(frozen=True)
-class MiniCache(base.Method):
+class MiniCache(base.CrossLayer):
   """MiniCache (Liu et al., NeurIPS 2024): from the middle depth up, each pair of adjacent
   layers (l, l + 1) stores one direction per token and KV head, the SLERP (at `t`) of the
   two layers' unit keys (and, separately, values), plus each layer's own magnitudes; the
@@ -93,8 +92,6 @@ class MiniCache(base.Method):
   retain=0.05, pairs from L/2 (the paper's).
   """
   name: ClassVar[str] = "minicache"
-  family: ClassVar[str] = "cross_layer"
-  needs_budget: ClassVar[bool] = False
   t: float = 0.6
   retain: float = 0.05
   start: float = 0.5
@@ -105,21 +102,11 @@ class MiniCache(base.Method):
     base.check_number("start", self.start, 0, 1, high_open=True,
                       what="the fraction of the depth where merging starts")
 
-  def score(self, x):
-    """Every token is kept: under chunked prefill the budget is the padded width, which
-    holds every real token (only empty slots lose)."""
-    return jnp.zeros(x.key_positions.shape, jnp.float32)
-
   def finalize(self, cache: Cache, config=None) -> Cache:
     del config
-    # Bucket padding out first: a pair's layers hold the same tokens in the same slots.
-    layers = [layer.trimmed() if isinstance(layer, LayerCache) else layer
-              for layer in cache.layers]
+    layers = self.dense_layers(cache)
     for first, second in merged_pairs(len(layers), self.start):
       a, b = layers[first], layers[second]
-      if not (isinstance(a, LayerCache) and isinstance(b, LayerCache)):
-        raise MethodError(f"minicache merges dense full caches; layer {first} is "
-                          f"{type(a).__name__}")
       retain = math.ceil(self.retain * a.capacity)
       layers[first], layers[second] = merge_pair(a, b, t=self.t, retain=retain, first=first)
     return cache.replace(layers=tuple(layers))

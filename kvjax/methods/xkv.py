@@ -58,7 +58,7 @@ def layer_groups(num_layers: int, group: int) -> list[tuple[int, ...]]:
 
 @registry.register
 @dataclasses.dataclass(frozen=True)
-class XKV(base.Method):
+class XKV(base.CrossLayer):
   """xKV (Chang et al., 2025; abdelfattah-lab/xKV): every `group` adjacent layers
   concatenate their pre-RoPE keys along the feature axis ([S, G * K * D], heads flattened)
   and take one truncated SVD; the token-side factor U_r Sigma_r [S, r] is stored once for
@@ -78,8 +78,6 @@ class XKV(base.Method):
   absorbing the coefficients into the query for values, is left to do.
   """
   name: ClassVar[str] = "xkv"
-  family: ClassVar[str] = "cross_layer"
-  needs_budget: ClassVar[bool] = False
   group: int = 4
   key_rank: float = 0.125
   value_rank: float = 0.1875
@@ -97,19 +95,10 @@ class XKV(base.Method):
     rank = lambda fraction: max(1, min(top, round(fraction * columns)))
     return rank(self.key_rank), rank(self.value_rank)
 
-  def score(self, x):
-    """Every token is kept (under chunked prefill only empty slots lose)."""
-    return jnp.zeros(x.key_positions.shape, jnp.float32)
-
   def finalize(self, cache: Cache, config=None) -> Cache:
     if config is None:
       raise MethodError("xkv needs the model's config to undo RoPE (finalize(cache, config))")
-    # Bucket padding out first (every layer holds the same tokens in the same slots).
-    layers = [layer.trimmed() if isinstance(layer, LayerCache) else layer
-              for layer in cache.layers]
-    first_layer = layers[0]
-    if not isinstance(first_layer, LayerCache):
-      raise MethodError(f"xkv factors dense full caches, got {type(first_layer).__name__}")
+    layers = self.dense_layers(cache)
     inv_freq = tuple(float(f) for f in rope.inverse_frequencies(config))
     for members in layer_groups(len(layers), self.group):
       b, k, s, d = layers[members[0]].keys.shape
