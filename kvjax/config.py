@@ -51,6 +51,10 @@ class ModelConfig:
   qkv_bias: bool = False
   dtype: str = "float32"
   name: str = ""
+  # More value heads than key heads (Sigma's DiffQKV; None = num_kv_heads): num_kv_heads
+  # is then the key heads, the cache's head axis, and each stores the values of
+  # num_value_heads / num_kv_heads heads side by side.
+  num_value_heads: int | None = None
 
   def __post_init__(self):
     if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -77,12 +81,28 @@ class ModelConfig:
     if self.num_heads % self.num_kv_heads:
       raise ConfigError(f"num_heads={self.num_heads} must be a multiple of "
                         f"num_kv_heads={self.num_kv_heads}")
+    if self.num_value_heads is not None:
+      object.__setattr__(self, "num_value_heads", validation.integer(
+          "num_value_heads", self.num_value_heads, 1, validation.INT32_MAX, error=ConfigError))
+      if self.num_value_heads % self.num_kv_heads or self.num_heads % self.num_value_heads:
+        raise ConfigError(f"num_value_heads={self.num_value_heads} must be a multiple of "
+                          f"num_kv_heads={self.num_kv_heads} (the key heads) and divide "
+                          f"num_heads={self.num_heads}")
     if self.head_dim % 2:
       raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
 
   @property
   def group_size(self) -> int:
     return self.num_heads // self.num_kv_heads
+
+  @property
+  def value_heads(self) -> int:
+    return self.num_kv_heads if self.num_value_heads is None else self.num_value_heads
+
+  @property
+  def values_per_key_head(self) -> int:
+    """Value heads stored beside each key head (1 unless DiffQKV)."""
+    return self.value_heads // self.num_kv_heads
 
   def replace(self, **changes) -> "ModelConfig":
     return dataclasses.replace(self, **changes)

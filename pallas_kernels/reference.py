@@ -88,6 +88,37 @@ def _one_query_output(probs, values):
   return jnp.sum(probs[..., None] * v.astype(jnp.float32), axis=-2)
 
 
+def value_groups(values, head_dim: int) -> int:
+  """r: value heads stored side by side in each slot (values [..., r * head_dim]), more
+  than one only for DiffQKV models (fewer key heads than value heads)."""
+  return values.shape[-1] // head_dim
+
+
+def _split_value_heads(probs, values, head_dim):
+  """probs [B, K, G, ..., S] -> [B, K * r, G / r, ..., S] and values [B, K, S, r * D] (or
+  flat [B, S, r * D]) -> [B, K * r, S, D]: query head g of key head k reads value head
+  g // (G / r) of its r (Sigma's group sharing)."""
+  r = value_groups(values, head_dim)
+  b, k, g = probs.shape[:3]
+  probs = probs.reshape((b, k * r, g // r) + probs.shape[3:])
+  s = values.shape[-2]
+  values = jnp.moveaxis(values.reshape(values.shape[:-1] + (r, head_dim)), -2, -3)
+  if values.ndim == 4:   # flat [B, r, S, D]: every key head's slots hold r value heads
+    values = jnp.broadcast_to(values[:, None], (b, k, r, s, head_dim))
+  return probs, values.reshape(b, k * r, s, head_dim)
+
+
+def weighted_values(probs, values, head_dim, combine):
+  """combine(probs, values) -> [B, K, G, ..., D] for values one head wide; for DiffQKV
+  values (r heads per slot) each query group reads its own value head."""
+  r = value_groups(values, head_dim)
+  if r == 1:
+    return combine(probs, values)
+  b, k, g = probs.shape[:3]
+  out = combine(*_split_value_heads(probs, values, head_dim))
+  return out.reshape((b, k, g) + out.shape[3:])
+
+
 def grouped_attention(q, keys, values, seen, *, upcast=False):
   """The one attention everything here is made of.
 
@@ -106,9 +137,10 @@ def grouped_attention(q, keys, values, seen, *, upcast=False):
     logits = _products(f"bkgtd,{kv}->bkgts", q, keys, upcast) * d ** -0.5
   probs, lse = _masked_softmax(logits, seen)
   if one_query:
-    return _one_query_output(probs, values), lse, probs
+    return weighted_values(probs, values, d, _one_query_output), lse, probs
   dtype = jnp.float32 if upcast else values.dtype
-  out = _products(f"bkgts,{kv}->bkgtd", probs.astype(dtype), values, upcast)
+  out = weighted_values(probs.astype(dtype), values, d, lambda p, v: _products(
+      f"bkgts,{'bksd' if v.ndim == 4 else 'bsd'}->bkgtd", p, v, upcast))
   return out, lse, probs
 
 
@@ -162,7 +194,8 @@ def blocked_attention(q, keys, values, query_positions, key_positions, *,
       p = jnp.exp(logits - shift[..., None])
       rescale = jnp.exp(m - shift)
       vj = lax.dynamic_slice_in_dim(values, j * block_k, block_k, axis=2)
-      pv = _products("bkgts,bksd->bkgtd", p.astype(values.dtype), vj, False)
+      pv = weighted_values(p.astype(values.dtype), vj, d,
+                           lambda p, v: _products("bkgts,bksd->bkgtd", p, v, False))
       return m_new, l * rescale + p.sum(-1), acc * rescale[..., None] + pv
 
     rows = qi.shape[:-1]

@@ -6,7 +6,9 @@ With --kv_head_group=N every N adjacent KV heads are merged into one by PCA of c
 caches (Yu et al.; `kvjax.calibration.kv_heads`): the checkpoint is an ordinary GQA model
 with N times fewer KV heads, hence an N times smaller cache. Calibration reads the first
 --calibration_tokens tokens of RULER's essays; the perplexity of both models on later
-essay windows is printed.
+essay windows is printed. Adding --key_heads_only merges the key heads alone and keeps every
+value head (Sigma's DiffQKV, adapted training-free): the cache stores N times fewer keys and
+all the values.
 """
 
 import pathlib
@@ -30,10 +32,16 @@ flags.DEFINE_bool("overwrite", False, "Replace an existing checkpoint at --dst."
 flags.DEFINE_integer("kv_head_group", None, "Merge every N adjacent KV heads into one (PCA "
                      "of calibration caches); N must divide the model's KV heads.",
                      lower_bound=1)
+flags.DEFINE_bool("key_heads_only", False, "With --kv_head_group: merge the key heads only "
+                  "and keep every value head (DiffQKV).")
 flags.DEFINE_integer("calibration_tokens", 8192, "Essay tokens the KV-head PCA reads.",
                      lower_bound=512)
 flags.DEFINE_integer("eval_windows", 8, "Held-out 512-token essay windows for the "
                      "perplexity report.", lower_bound=0)
+flags.register_multi_flags_validator(
+    ["key_heads_only", "kv_head_group"],
+    lambda f: not f["key_heads_only"] or f["kv_head_group"] is not None,
+    "--key_heads_only says which heads --kv_head_group merges; pass --kv_head_group too")
 
 CHUNK = 512
 
@@ -59,12 +67,14 @@ def merged_heads(model):
   count = FLAGS.calibration_tokens // CHUNK
   chunks = essay_chunks(model.tokenizer, 0, count)
   batches = [(chunks[i:i + 4], np.ones_like(chunks[i:i + 4], bool)) for i in range(0, count, 4)]
-  merged = kv_heads.compress_kv_heads(model, batches, FLAGS.kv_head_group)
+  merged = kv_heads.compress_kv_heads(model, batches, FLAGS.kv_head_group,
+                                      values=not FLAGS.key_heads_only)
   if FLAGS.eval_windows:
     held_out = essay_chunks(model.tokenizer, count * CHUNK, FLAGS.eval_windows)
+    heads = lambda cfg: f"{cfg.num_kv_heads} key / {cfg.value_heads} value heads"
     print(f"perplexity on {FLAGS.eval_windows} held-out essay windows: "
-          f"{perplexity(model, held_out):.3f} with {model.config.num_kv_heads} KV heads, "
-          f"{perplexity(merged, held_out):.3f} with {merged.config.num_kv_heads}")
+          f"{perplexity(model, held_out):.3f} with {heads(model.config)}, "
+          f"{perplexity(merged, held_out):.3f} with {heads(merged.config)}")
   return merged
 
 

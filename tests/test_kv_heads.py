@@ -143,3 +143,42 @@ def test_checkpoint_round_trip_and_methods_on_top(model, tmp_path):
 def test_group_must_divide_the_kv_heads(model):
   with pytest.raises(kvjax.KvjaxError, match="group=3 must divide num_kv_heads=4"):
     kv_heads.compress_kv_heads(model, _batches(), 3)
+
+
+def _turned_key_twins(model):
+  """The model with KV heads 1 and 3 given the keys of heads 0 and 2 turned by a fixed
+  phase per RoPE pair (values untouched: every value head stays distinct)."""
+  flat = {k: np.array(v) for k, v in to_flat_params(model).items()}
+  half = model.config.head_dim // 2
+  alpha = np.random.default_rng(1).uniform(0, 2 * np.pi, half)
+  turned = lambda x: np.concatenate([
+      x[..., :half] * np.cos(alpha) - x[..., half:] * np.sin(alpha),
+      x[..., half:] * np.cos(alpha) + x[..., :half] * np.sin(alpha)], -1)
+  for layer in range(model.config.num_layers):
+    wk, bk = flat[f"layers.{layer}.attn.k.kernel"], flat[f"layers.{layer}.attn.k.bias"]
+    wk[:, 1], wk[:, 3], bk[1], bk[3] = turned(wk[:, 0]), turned(wk[:, 2]), turned(bk[0]), \
+        turned(bk[2])
+  return from_flat_params(model.config, {k: jnp.asarray(v) for k, v in flat.items()})
+
+
+def test_key_heads_only_merge_keeps_every_value_head(model, tmp_path):
+  """DiffQKV from a pretrained model: key heads merged, value heads and the output
+  projection untouched; exact where the key PCA loses nothing; the checkpoint reloads."""
+  twins = _turned_key_twins(model)
+  merged = kv_heads.compress_kv_heads(twins, _batches(), 2, values=False)
+  cfg = merged.config
+  assert (cfg.num_kv_heads, cfg.num_value_heads, cfg.num_heads) == (2, 4, 4)
+  before, after = to_flat_params(twins), to_flat_params(merged)
+  for name in ("layers.1.attn.v.kernel", "layers.1.attn.v.bias", "layers.1.attn.o.kernel"):
+    np.testing.assert_array_equal(after[name], before[name])
+  assert after["layers.1.attn.k.kernel"].shape == (cfg.hidden_size, 2, cfg.head_dim)
+  np.testing.assert_allclose(_continuation_logprobs(merged), _continuation_logprobs(twins),
+                             atol=1e-4)
+  lossy = kv_heads.compress_kv_heads(model, _batches(), 2, values=False)
+  assert np.abs(_continuation_logprobs(lossy) - _continuation_logprobs(model)).max() > 1e-3
+  loaded = kvjax.load(str(orbax_io.save(lossy, tmp_path / "k2v4")))
+  assert loaded.config == lossy.config
+  np.testing.assert_allclose(_continuation_logprobs(loaded), _continuation_logprobs(lossy),
+                             atol=1e-5)
+  with pytest.raises(kvjax.KvjaxError, match="already has num_value_heads=4"):
+    kv_heads.compress_kv_heads(loaded, _batches(), 2)

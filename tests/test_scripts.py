@@ -69,6 +69,11 @@ def test_convert_refuses_existing_destination_before_converting(tmp_path):
                       "already exists", "--overwrite")
 
 
+def test_convert_key_heads_only_needs_a_group(tmp_path):
+  _assert_usage_error(_script("convert.py", f"--src={NO_MODEL}", f"--dst={tmp_path}/out",
+                              "--key_heads_only"), "--key_heads_only", "--kv_head_group")
+
+
 def test_unwritable_folder(tmp_path, monkeypatch):
   """os.access says what the process may write (as root, every folder is writable, so
   the refusal itself is checked with os.access answering no for one folder)."""

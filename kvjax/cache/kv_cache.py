@@ -444,10 +444,12 @@ class Cache:
 
 
 def init_layer_cache(batch: int, kv_heads: int, capacity: int, head_dim: int,
-                     dtype) -> LayerCache:
+                     dtype, value_dim: int | None = None) -> LayerCache:
+  """An empty dense layer; values are `value_dim` wide (DiffQKV: r value heads side by
+  side), `head_dim` by default."""
   return LayerCache(
       keys=jnp.zeros((batch, kv_heads, capacity, head_dim), dtype),
-      values=jnp.zeros((batch, kv_heads, capacity, head_dim), dtype),
+      values=jnp.zeros((batch, kv_heads, capacity, value_dim or head_dim), dtype),
       positions=jnp.full((batch, kv_heads, capacity), EMPTY_POSITION, jnp.int32),
       end=jnp.zeros((), jnp.int32))
 
@@ -462,7 +464,8 @@ def _init_cache(config: ModelConfig, batch: int, capacity: int, dtype) -> Cache:
   # One compiled call fills every layer: eager jnp.zeros per leaf costs a dispatch each
   # (about 0.1 s for 30 layers, a fifth of a 512-token prefill).
   dtype = dtype or jnp.dtype(config.dtype)
-  layer = lambda: init_layer_cache(batch, config.num_kv_heads, capacity, config.head_dim, dtype)
+  layer = lambda: init_layer_cache(batch, config.num_kv_heads, capacity, config.head_dim, dtype,
+                                   config.values_per_key_head * config.head_dim)
   return Cache(layers=tuple(layer() for _ in range(config.num_layers)),
                lengths=jnp.zeros((batch,), jnp.int32))
 

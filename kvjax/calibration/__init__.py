@@ -155,9 +155,11 @@ CALIBRATIONS = {"echo_induction": calibration}
 
 
 def bind(method, model) -> base.Method:
-  """`methods.get(method)` ready to run on `model`: every calibration it (or the press it
-  wraps) declares is computed once per model (then read from disk) and handed to it."""
+  """`methods.get(method)` ready to run on `model` (refused if its layout cannot store the
+  model's heads): every calibration it (or the press it wraps) declares is computed once
+  per model (then read from disk) and handed to it."""
   method = registry.get(method)
+  base.check_model(method, model.config)
   press = getattr(method, "press", None)
   if isinstance(press, base.Method):
     bound = bind(press, model)

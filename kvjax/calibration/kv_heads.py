@@ -18,6 +18,13 @@ Per layer, each group of `group` adjacent KV heads becomes one head:
     Re((q conj(c_i)) conj(z')) (strategy (b) of methods_B.md §9, the "same frequency pair"
     restriction). The paper's LoRA fine-tuning after conversion is not done here.
 The softmax scale (1/sqrt(d)) is unchanged: the head dim is.
+
+Sigma's DiffQKV (Lin et al., 2025, arXiv 2501.13629), adapted to pretrained models: Sigma
+pre-trains with fewer key heads than value heads, its ablations finding keys much less
+sensitive to compression than values. Here `values=False` merges the key heads as above
+and keeps every value head: the cache stores K/g keys and K values per token (query head i
+reads key head i*(K/g)/H and value head i*K/H, Sigma's group sharing). Not adapted: no
+training, no augmented Q, no smaller key head dim, no selective value fetching at decode.
 """
 
 from __future__ import annotations
@@ -81,6 +88,10 @@ def check_group(config, group: int) -> None:
   if not isinstance(group, int) or isinstance(group, bool) or group < 1 or k % group:
     raise ConfigError(f"group={group!r} must divide num_kv_heads={k} (merging {group} KV "
                       f"heads into one)")
+  if config.values_per_key_head > 1:
+    raise ConfigError(f"the model already has num_value_heads={config.num_value_heads} over "
+                      f"num_kv_heads={k} key heads; merge heads of a model with one value "
+                      f"head per key head")
 
 
 def calibration_grams(model, token_batches, group: int) -> list[tuple[np.ndarray, ...]]:
@@ -103,9 +114,10 @@ def _top_vectors(gram: np.ndarray, count: int) -> np.ndarray:
   return vectors[:, np.argsort(-eigenvalues)[:count]]
 
 
-def merge_kv_heads(model, grams, group: int):
+def merge_kv_heads(model, grams, group: int, values: bool = True):
   """The model with every `group` adjacent KV heads merged into one (see the module
-  docstring), from `calibration_grams`' statistics."""
+  docstring), from `calibration_grams`' statistics. values=False merges the key heads
+  only (Sigma's DiffQKV adapted): the model keeps every value head, `group` per key head."""
   cfg = model.config
   check_group(cfg, group)
   k, h, d = cfg.num_kv_heads, cfg.num_heads, cfg.head_dim
@@ -124,11 +136,12 @@ def merge_kv_heads(model, grams, group: int):
     bq = None if bq is None else bq.copy()
     for j in range(k // group):
       heads = range(j * group, (j + 1) * group)
-      u = _top_vectors(value_gram[j], d)                                   # [g*d, d]
-      blocks = [u[i * d:(i + 1) * d] for i in range(group)]                # U_i: [d, d]
-      new_wv[:, j] = sum(wv[:, kv] @ blocks[i] for i, kv in enumerate(heads))
-      if bv is not None:
-        new_bv[j] = sum(bv[kv] @ blocks[i] for i, kv in enumerate(heads))
+      if values:
+        u = _top_vectors(value_gram[j], d)                                 # [g*d, d]
+        blocks = [u[i * d:(i + 1) * d] for i in range(group)]              # U_i: [d, d]
+        new_wv[:, j] = sum(wv[:, kv] @ blocks[i] for i, kv in enumerate(heads))
+        if bv is not None:
+          new_bv[j] = sum(bv[kv] @ blocks[i] for i, kv in enumerate(heads))
       coefficients = np.stack([_top_vectors(key_gram[j, f], 1)[:, 0] for f in range(half)])
       # coefficients [d/2, g]: c for every frequency pair.
       for i, kv in enumerate(heads):
@@ -139,7 +152,8 @@ def merge_kv_heads(model, grams, group: int):
           new_bk[j, :half] += a * bk[kv, :half] + b * bk[kv, half:]
           new_bk[j, half:] += a * bk[kv, half:] - b * bk[kv, :half]
         for q_head in range(kv * per_kv, (kv + 1) * per_kv):
-          wo[q_head] = blocks[i].T @ wo[q_head]
+          if values:
+            wo[q_head] = blocks[i].T @ wo[q_head]
           q1, q2 = wq[:, q_head, :half].copy(), wq[:, q_head, half:].copy()
           wq[:, q_head, :half] = a * q1 + b * q2          # q conj(c_i)
           wq[:, q_head, half:] = a * q2 - b * q1
@@ -147,18 +161,22 @@ def merge_kv_heads(model, grams, group: int):
             b1, b2 = bq[q_head, :half].copy(), bq[q_head, half:].copy()
             bq[q_head, :half] = a * b1 + b * b2
             bq[q_head, half:] = a * b2 - b * b1
-    flat.update({p + "q.kernel": wq, p + "k.kernel": new_wk, p + "v.kernel": new_wv,
-                 p + "o.kernel": wo})
-    for name, value in (("q.bias", bq), ("k.bias", new_bk), ("v.bias", new_bv)):
+    flat.update({p + "q.kernel": wq, p + "k.kernel": new_wk, p + "o.kernel": wo})
+    merged_biases = [("q.bias", bq), ("k.bias", new_bk)]
+    if values:
+      flat[p + "v.kernel"] = new_wv
+      merged_biases.append(("v.bias", new_bv))
+    for name, value in merged_biases:
       if value is not None:
         flat[p + name] = value
-  new_cfg = cfg.replace(num_kv_heads=k // group, name=f"{cfg.name}-kv{k // group}"
-                        if cfg.name else "")
+  suffix = f"-kv{k // group}" if values else f"-k{k // group}v{k}"
+  new_cfg = cfg.replace(num_kv_heads=k // group, name=f"{cfg.name}{suffix}" if cfg.name else "",
+                        num_value_heads=None if values or group == 1 else k)
   dtype = np.dtype(jnp.dtype(cfg.dtype))
   return from_flat_params(new_cfg, {n: jnp.asarray(v, dtype) for n, v in flat.items()},
                           tokenizer=model.tokenizer, source="merge_kv_heads")
 
 
-def compress_kv_heads(model, token_batches, group: int):
+def compress_kv_heads(model, token_batches, group: int, values: bool = True):
   """`merge_kv_heads` with Gram matrices measured on `token_batches`."""
-  return merge_kv_heads(model, calibration_grams(model, token_batches, group), group)
+  return merge_kv_heads(model, calibration_grams(model, token_batches, group), group, values)

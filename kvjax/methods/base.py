@@ -243,6 +243,20 @@ class CrossLayer(Method):
     return layers
 
 
+# Families whose storage is the dense or head-wise layout, whose values may hold several
+# value heads per key head (DiffQKV models); the others pack one value head per slot.
+WIDE_VALUE_FAMILIES = frozenset({"eviction", "merging"})
+
+
+def check_model(method: Method, config: ModelConfig) -> None:
+  """Refuses a method whose cache layout cannot store `config`'s heads."""
+  if config.values_per_key_head > 1 and method.family not in WIDE_VALUE_FAMILIES:
+    raise MethodError(f"{method.label} ({method.family}) stores one value head per key head; "
+                      f"this model has num_value_heads={config.num_value_heads} over "
+                      f"num_kv_heads={config.num_kv_heads} (DiffQKV): use the full cache or "
+                      f"a method of the families {sorted(WIDE_VALUE_FAMILIES)}")
+
+
 def check_prefill_press(owner: str, press: Method) -> None:
   """A press a storage method (quantizer, channel pruner) applies first must select tokens
   once at prefill: an eviction method, not decode-time, not head-wise."""

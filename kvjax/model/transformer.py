@@ -50,10 +50,11 @@ class Attention(nnx.Module):
   def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
     self.config = cfg
     d, h, k, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    v = cfg.value_heads
     bias = lambda heads: (heads, hd) if cfg.qkv_bias else None
     self.q = Dense("btd,dhk->bthk", (d, h, hd), bias_shape=bias(h), dtype=dtype, rngs=rngs)
     self.k = Dense("btd,dhk->bthk", (d, k, hd), bias_shape=bias(k), dtype=dtype, rngs=rngs)
-    self.v = Dense("btd,dhk->bthk", (d, k, hd), bias_shape=bias(k), dtype=dtype, rngs=rngs)
+    self.v = Dense("btd,dhk->bthk", (d, v, hd), bias_shape=bias(v), dtype=dtype, rngs=rngs)
     self.o = Dense("bthk,hkd->btd", (h, hd, d), dtype=dtype, rngs=rngs)
 
   def __call__(self, x, positions, layer_cache, inv_freq, layer_index: int, policy,
@@ -62,7 +63,10 @@ class Attention(nnx.Module):
     raw_q = self.q(x)
     q = rope.apply_rope(raw_q, positions, inv_freq)
     k = rope.apply_rope(self.k(x), positions, inv_freq).transpose(0, 2, 1, 3)  # [B, K, T, D]
-    new = NewTokens(keys=k, values=self.v(x).transpose(0, 2, 1, 3), positions=positions)
+    v = self.v(x)
+    # DiffQKV: the value heads of key head j (j*r ... j*r + r-1) stored side by side.
+    v = v.reshape(v.shape[:2] + (k.shape[1], -1)).transpose(0, 2, 1, 3)  # [B, K, T, r * D]
+    new = NewTokens(keys=k, values=v, positions=positions)
     layer_cache, pending, want = policy.prepare(layer_index, layer_cache, new)
     out, stats = layer_cache.attend(q, positions, pending, want)
     step = LayerStep(config=self.config, queries=q, raw_queries=raw_q, new=new,

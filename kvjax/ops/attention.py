@@ -3,7 +3,9 @@
 Shapes: queries [B, T, H, D] (post-RoPE); dense keys/values [B, K, S, D] with key
 positions [B, K, S]; flat (head-wise) keys/values [B, N, D] with positions and owner heads
 [B, N]. Negative positions are empty slots; a slot is visible to a query iff
-0 <= key position <= query position.
+0 <= key position <= query position. DiffQKV models store r value heads per key head,
+values [..., r * D]; the kernels take one value head per key head, so those run the jnp
+references.
 """
 
 from __future__ import annotations
@@ -24,10 +26,15 @@ visible = reference.visible
 probabilities = reference.probabilities
 
 
+def _kernels_for(queries, values) -> bool:
+  """Whether the Pallas kernels serve these shapes (one value head per key head)."""
+  return use_pallas() and values.shape[-1] == queries.shape[-1]
+
+
 def attend(queries, keys, values, query_positions, key_positions, column_sums=False):
   """Causal attention of T queries over a dense cache -> out [B, T, H, D] (and, with
   column_sums, each slot's probability summed over the queries, [B, H, S] float32)."""
-  if use_pallas() and not column_sums:
+  if _kernels_for(queries, values) and not column_sums:
     return flash_attention.flash_attention(queries, keys, values, query_positions,
                                            key_positions)
   return reference.attention(queries, keys, values, query_positions, key_positions,
@@ -39,7 +46,7 @@ def attend_flat(queries, keys, values, query_positions, key_positions, key_heads
   """Causal attention of T queries over a flat (head-wise) cache -> [B, T, H, D] (and, with
   column_sums, [B, H, N]: each slot's probability summed over the queries; only the slot's
   own head group sees it)."""
-  if queries.shape[1] == 1 and use_pallas() and not column_sums:
+  if queries.shape[1] == 1 and _kernels_for(queries, values) and not column_sums:
     return decode(queries, keys, values, query_positions, key_positions,
                   key_heads=key_heads, num_kv_heads=num_kv_heads)[0]
   return reference.attention_flat(queries, keys, values, query_positions, key_positions,
@@ -68,7 +75,7 @@ def decode(query, keys, values, query_positions, key_positions, return_probs=Fal
   else:
     args, kernel, ref = ((grouped, keys, values, key_positions, key_heads, qpos),
                          decode_kernels.decode_attention_flat, reference.decode_attention_flat)
-  if use_pallas():
+  if _kernels_for(query, values):
     result = kernel(*args, return_probs=return_probs)
   else:
     result = ref(*args, upcast=False)
@@ -88,7 +95,8 @@ def with_pending_token(query, out, lse, probs, new_key, new_value):
   grouped = _grouped(query, k)
   own_logit = jnp.einsum("bkgd,bkd->bkg", grouped.astype(jnp.float32),
                          new_key[:, :, 0].astype(jnp.float32)) * (d ** -0.5)
-  own_out = jnp.broadcast_to(new_value[:, :, 0][:, :, None, :], grouped.shape)
+  own_out = reference.weighted_values(jnp.ones(grouped.shape[:3] + (1,), jnp.float32),
+                                      new_value, d, lambda p, v: p * v[:, :, None, 0])
   merged, total = merge_partials(out.reshape(grouped.shape).astype(jnp.float32), lse,
                                  own_out.astype(jnp.float32), own_logit)
   cache_weight = jnp.exp(lse - total)
