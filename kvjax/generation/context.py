@@ -17,7 +17,7 @@ from kvjax import validation
 from kvjax.cache import cache_nbytes, full_cache_nbytes, init_cache
 from kvjax.methods.plan import CompressionPlan, PlanSet
 from kvjax.errors import MethodError
-from kvjax.generation import engine
+from kvjax.generation import engine, inputs
 
 
 @dataclasses.dataclass
@@ -72,7 +72,12 @@ def prefill(model, tokens: np.ndarray, mask: np.ndarray, method, keep: int | Non
   chunk = width if chunk_size is None else chunk_size
   if width % chunk:
     raise ValueError(f"token width {width} is not a multiple of the chunk size {chunk}")
-  if method.compresses and (keep is not None or not method.needs_budget):
+  rescoring = method.rescores and keep is not None
+  if rescoring:
+    # Prefilled uncompressed, then scored over that cache and compressed once (KVzip).
+    final_plan = _compression_plan(model, method, keep, mask)
+    plan, cache = None, init_cache(model.config, rows, width)
+  elif method.compresses and (keep is not None or not method.needs_budget):
     plan = _compression_plan(model, method, width if keep is None else keep, mask)
     cache = init_cache(model.config, rows, 0)
   else:
@@ -90,7 +95,25 @@ def prefill(model, tokens: np.ndarray, mask: np.ndarray, method, keep: int | Non
     logits, cache = steps.prefill(model, jnp.asarray(tokens[:, piece]),
                                   jnp.asarray(mask[:, piece]), cache, logits="last", plan=plan,
                                   method_params=method_params)
+  if rescoring:
+    cache = _rescored(model, final_plan, tokens, mask, cache, steps)
+    return _prefilled(model, logits, cache, final_plan, mask, room, steps)
   return _prefilled(model, logits, cache, plan, mask, room, steps)
+
+
+def _rescored(model, plan: CompressionPlan, tokens: np.ndarray, mask: np.ndarray, cache,
+              steps: engine.CompiledSteps):
+  """The full `cache` of a context compressed by a rescoring method's passes over it."""
+  method = plan.method
+  policy = method.rescoring_policy()
+  scores = []
+  for rows, params in method.rescoring_passes(model.tokenizer, tokens, mask):
+    ids, ids_mask = inputs.left_pad(rows, 0)
+    _, layer_scores = steps.prefill(model, jnp.asarray(ids), jnp.asarray(ids_mask), cache,
+                                    logits="last", plan=policy,
+                                    method_params=jax.tree_util.tree_map(jnp.asarray, params))
+    scores.append(layer_scores)
+  return method.rescored(cache, scores, plan.budgets)
 
 
 def _compression_plan(model, method, keep: int, mask: np.ndarray) -> CompressionPlan:
@@ -149,6 +172,11 @@ def iter_prefill_many(model, tokens: np.ndarray, mask: np.ndarray, variants, roo
   asking for the next holds one group's caches at a time, so memory stays bounded however
   many variants a sweep has.
   """
+  if any(method.rescores and keep is not None for method, keep in variants):
+    # Their compression needs more forward passes over each one's cache: one by one.
+    for method, keep in variants:
+      yield prefill(model, tokens, mask, method, keep, room, steps=steps)
+    return
   rows, width = tokens.shape
   # As in `prefill`: a method that needs no budget (a quantizer) still compresses.
   plans = tuple(None if not method.compresses or (keep is None and method.needs_budget)

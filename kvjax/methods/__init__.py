@@ -20,6 +20,7 @@ from kvjax.methods.base import LayerInputs, Method
 from kvjax.methods.gear import GEAR
 from kvjax.methods.key_statistics import ExpectedAttention, Knorm
 from kvjax.methods.kvcrush import KVCrush
+from kvjax.methods.kvzip import KVzip
 from kvjax.methods.merging import D2O, EMS, ElasticCache, KVMerger
 from kvjax.methods.minicache import MiniCache
 from kvjax.methods.mixed_precision import MiKV, ZipVL
@@ -42,7 +43,7 @@ class Full(Method):
   needs_budget: ClassVar[bool] = False
 
 
-__all__ = ["AdaKV", "D2O", "EMS", "ElasticCache", "ExpectedAttention", "Full", "GEAR", "H2O", "KIVI", "Knorm", "KVCrush", "KVMerger", "LayerInputs",
+__all__ = ["AdaKV", "D2O", "EMS", "ElasticCache", "ExpectedAttention", "Full", "GEAR", "H2O", "KIVI", "Knorm", "KVCrush", "KVMerger", "KVzip", "LayerInputs",
            "Method", "MiKV", "MiniCache", "PerLayer", "PyramidKV", "RazorAttention", "Scissorhands", "SinksWindow", "SnapKV",
            "StreamingLLM", "ThinK", "TOVA", "XKV", "ZipVL", "available", "get",
            "validate_compression"]

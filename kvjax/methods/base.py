@@ -61,6 +61,9 @@ class Method:
       storage).
     calibration: what the method needs computed once from the model (a name known to
       `kvjax.calibration`, e.g. RazorAttention's "echo_induction"), or None.
+    rescores: the context is prefilled uncompressed, then scored by more forward passes over
+      that cache (`rescoring_passes` with the cache policy `rescoring_policy`, e.g. KVzip's
+      context reconstruction) and compressed once from their scores (`rescored`).
   Per-slot state is the method's own pytree (`init_state`); kvjax moves it with the slots.
   """
   name: ClassVar[str] = ""
@@ -71,6 +74,7 @@ class Method:
   needs: ClassVar[frozenset] = frozenset()
   family: ClassVar[str] = "eviction"
   calibration: ClassVar[str | None] = None
+  rescores: ClassVar[bool] = False
 
   def __post_init__(self):
     check_fields(self)

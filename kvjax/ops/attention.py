@@ -18,12 +18,13 @@ from pallas_kernels import compaction, flash_attention, reference, window_scores
 from pallas_kernels import decode_attention as decode_kernels
 from pallas_kernels.decode_attention import EMPTY_LSE, merge_partials
 
-__all__ = ["EMPTY_LSE", "attend", "attend_flat", "decode", "gather_slots",
+__all__ = ["EMPTY_LSE", "attend", "attend_flat", "decode", "gather_slots", "group_heads",
            "merge_partials", "probabilities", "visible", "window_column_sums",
            "with_pending_token"]
 
 visible = reference.visible
 probabilities = reference.probabilities
+group_heads = reference.group_heads
 
 
 def _kernels_for(queries, values) -> bool:

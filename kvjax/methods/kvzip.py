@@ -1,0 +1,201 @@
+"""KVzip: query-agnostic eviction scored by context reconstruction (Kim et al., NeurIPS 2025,
+arXiv 2505.23416; official code snu-mllab/KVzip, and kvpress's KVzipPress).
+
+After the context is prefilled (every token kept), the model reads a prompt asking it to
+repeat the context, followed by the context itself, over that cache. A cached KV pair
+matters as much as the most any repeat query attends to it: score = max over the query
+heads of its KV group and over the repeat tokens of the softmax probability, where each
+repeat chunk's softmax runs over the `sinks` first tokens, the chunk's own slots and the
+repeat tokens before it (KVzip's subsampled attention). Contexts longer than `chunk_size`
+are repeated chunk by chunk; later chunks' prompts end with the previous chunk's last 8
+tokens. The first `sinks` tokens score 1.
+
+Selection (KVzip's default, `layerwise=False`): one ranking of every (layer, KV head, token)
+of a row; the row keeps its `num_layers * num_kv_heads * keep` best, so layers and heads
+keep different counts (head-wise flat layout, real savings). A batch shares each layer's
+slot count: a layer keeps the most any row's ranking gives it, and rows that got fewer keep
+their next best in that layer. `layerwise=True`: every layer keeps `num_kv_heads * keep`,
+shared among its heads by score.
+
+Reading of the paper and the code, where kvjax differs: kvpress excludes the chat-template
+prefix from the repeated chunks (its tokens after the sinks score 0); kvjax does not know
+where a template ends, so every context token is repeated. Ties in the ranking go to the
+earlier layer, head and slot (kvpress prunes every score at or below a threshold).
+The repeat prompt ends with the chat template's assistant turn when the tokenizer has one,
+else with a newline, as in kvpress. Cost: one more forward pass over the context (and the
+repeat prompt), the price the paper states for query-agnostic scores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax.cache.kv_cache import FlatLayerCache, LayerCache
+from kvjax.errors import MethodError
+from kvjax.methods import base, registry
+from kvjax.ops.attention import group_heads
+
+REPEAT_FIRST = "\n\nRepeat the previous context exactly."
+REPEAT_NEXT = "\n\nRepeat the part of the previous context exactly, starting with"
+PREVIOUS_TOKENS = 8   # the previous chunk's tail a later chunk's prompt ends with
+SINK_SCORE = 1.0
+
+
+def reconstruction_scores(queries, keys, key_positions, new_keys, query_positions, start, end,
+                          sinks: int, block: int = 256):
+  """[B, K, S] float32: the most any real query attends to each cached slot.
+
+  queries [B, T, H, D] (post-RoPE) of the repeat tokens; keys [B, K, S, D] and
+  key_positions [B, K, S] of the cache; new_keys [B, K, T, D] the repeat tokens' own keys,
+  at query_positions [B, T] (negative = padding). Each query's softmax runs over the
+  cached slots at positions below `sinks` or in [start, end) (per row) and the repeat tokens
+  up to itself. Queries are taken `block` at a time (memory O(block * (S + T))).
+  """
+  b, t, h, d = queries.shape
+  k = keys.shape[1]
+  scale = d ** -0.5
+  allowed = (key_positions >= 0) & ((key_positions < sinks) | (
+      (key_positions >= start[:, None, None]) & (key_positions < end[:, None, None])))
+  block = min(block, t)
+  blocks = -(-t // block)
+  pad = blocks * block - t
+  q = jnp.pad(group_heads(queries, k).astype(jnp.float32),
+              [(0, 0)] * 3 + [(0, pad), (0, 0)])                          # [B, K, G, T', D]
+  qpos = jnp.pad(query_positions, [(0, 0), (0, pad)], constant_values=-1)
+  keys32, new32 = keys.astype(jnp.float32), new_keys.astype(jnp.float32)
+  hi = jax.lax.Precision.HIGHEST
+
+  def step(best, i):
+    qi = jax.lax.dynamic_slice_in_dim(q, i * block, block, axis=3)
+    pi = jax.lax.dynamic_slice_in_dim(qpos, i * block, block, axis=1)  # [B, bq]
+    cached = jnp.einsum("bkgtd,bksd->bkgts", qi, keys32, precision=hi) * scale
+    cached = jnp.where(allowed[:, :, None, None, :], cached, -jnp.inf)
+    own = jnp.einsum("bkgtd,bkud->bkgtu", qi, new32, precision=hi) * scale
+    seen = (query_positions[:, None, :] >= 0) & (
+        query_positions[:, None, :] <= pi[:, :, None])                  # [B, bq, T]
+    own = jnp.where(seen[:, None, None], own, -jnp.inf)
+    lse = jnp.logaddexp(jax.nn.logsumexp(cached, -1), jax.nn.logsumexp(own, -1))
+    real = (pi >= 0)[:, None, None, :, None]
+    probs = jnp.where(real, jnp.exp(cached - lse[..., None]), 0.0)
+    return jnp.maximum(best, probs.max(axis=(2, 3))), None
+
+  best, _ = jax.lax.scan(step, jnp.zeros(keys.shape[:3], jnp.float32), jnp.arange(blocks))
+  return best
+
+
+@dataclasses.dataclass(frozen=True)
+class ReconstructionProbe:
+  """A cache policy for the repeat pass: attends over the cache plus the repeat tokens
+  without storing them, and returns each layer's `reconstruction_scores` in place of its
+  cache. Its traced parameters are {"start": [B], "end": [B]} (the chunk's positions)."""
+  sinks: int
+  compress: bool = True   # what it returns is not the cache: never donate the cache to it
+
+  def prepare(self, layer, layer_cache, new):
+    del layer
+    return layer_cache, new, frozenset()
+
+  def update(self, layer, layer_cache, step, stats):
+    del layer, stats
+    if not isinstance(layer_cache, LayerCache):
+      raise MethodError(f"kvzip scores a dense full cache; got {type(layer_cache).__name__}")
+    return reconstruction_scores(step.queries, layer_cache.keys, layer_cache.positions,
+                                 step.new.keys, step.new.positions, step.params["start"],
+                                 step.params["end"], self.sinks)
+
+  def finish(self, layers, lengths):
+    del lengths
+    return tuple(layers)
+
+
+def repeat_suffix(tokenizer) -> list[int]:
+  """The tokens between the repeat instruction and the repeated text: the chat template's
+  end of the user turn and start of the assistant's when there is a template, else '\\n'."""
+  if not tokenizer.has_chat_template:
+    return tokenizer.encode("\n", add_special_tokens=False)
+  marker = "\n" + "#" * 13
+  text = tokenizer.apply_chat_template([{"role": "user", "content": "dummy context" + marker}],
+                                       add_generation_prompt=True)
+  return tokenizer.encode(text.split(marker)[-1], add_special_tokens=False)
+
+
+@registry.register
+@dataclasses.dataclass(frozen=True)
+class KVzip(base.Method):
+  """Context-reconstruction scores (see the module docstring); defaults as the paper's
+  code: 4 sinks, 2048-token repeat chunks, one ranking over all layers and heads."""
+  name: ClassVar[str] = "kvzip"
+  headwise: ClassVar[bool] = True
+  rescores: ClassVar[bool] = True
+  sinks: int = 4
+  chunk_size: int = 2048
+  layerwise: bool = False
+
+  def __post_init__(self):
+    base.check_int("sinks", self.sinks, 0)
+    base.check_int("chunk_size", self.chunk_size, PREVIOUS_TOKENS + 1)
+    if not isinstance(self.layerwise, bool):
+      raise MethodError(f"kvzip layerwise={self.layerwise!r} must be True or False")
+
+  def score(self, x):
+    raise MethodError("kvzip scores the whole prefilled context by reconstruction; it has no "
+                      "per-chunk score (use it as the method itself, not as a press)")
+
+  def rescoring_policy(self) -> ReconstructionProbe:
+    return ReconstructionProbe(self.sinks)
+
+  def rescoring_passes(self, tokenizer, tokens: np.ndarray, mask: np.ndarray):
+    """[(rows: token ids per row, {"start": [B], "end": [B]} int32)] one repeat pass per
+    chunk of the longest context; a row whose context is shorter has an empty row."""
+    if tokenizer is None:
+      raise MethodError("kvzip builds its repeat prompt with the model's tokenizer; this "
+                        "model has none")
+    contexts = [np.asarray(t)[np.asarray(m, bool)].tolist() for t, m in zip(tokens, mask)]
+    suffix = repeat_suffix(tokenizer)
+    first = tokenizer.encode(REPEAT_FIRST, add_special_tokens=False)
+    later = tokenizer.encode(REPEAT_NEXT, add_special_tokens=False)
+    c = self.chunk_size
+    passes = []
+    for i in range(math.ceil(max(len(row) for row in contexts) / c)):
+      rows, start, end = [], [], []
+      for row in contexts:
+        chunk = row[i * c:(i + 1) * c]
+        prompt = first if i == 0 else later + row[i * c - PREVIOUS_TOKENS:i * c]
+        rows.append(prompt + suffix + chunk if chunk else [])
+        start.append(i * c)
+        end.append(i * c + len(chunk))
+      passes.append((rows, {"start": np.asarray(start, np.int32),
+                            "end": np.asarray(end, np.int32)}))
+    return passes
+
+  def rescored(self, cache, scores, budgets):
+    """The cache compressed by the passes' scores (a list, per pass, of per-layer [B, K, S])."""
+    layers = cache.layers
+    k = layers[0].keys.shape[1]
+    positions = np.stack([np.asarray(layer.positions) for layer in layers])   # [L, B, K, S]
+    best = np.max(np.stack([np.stack([np.asarray(s) for s in passes]) for passes in scores]),
+                  axis=0)
+    best = np.where(positions < self.sinks, SINK_SCORE, best)
+    best = np.where(positions >= 0, best, -np.inf)
+    if self.layerwise:
+      totals = [min(k * keep, positions.shape[-1] * k) for keep in budgets]
+    else:
+      n, b = best.shape[:2]
+      ranked = best.transpose(1, 0, 2, 3).reshape(b, -1)
+      chosen = np.argsort(-ranked, axis=1, kind="stable")[:, :k * sum(budgets)]
+      per_layer = np.stack([np.bincount(c // (ranked.shape[1] // n), minlength=n)
+                            for c in chosen])                               # [B, L]
+      totals = [int(t) for t in per_layer.max(0)]
+    out = []
+    for layer, prio, total in zip(layers, best, totals):
+      b, k, s = prio.shape
+      _, top = jax.lax.top_k(jnp.asarray(prio.reshape(b, k * s)), total)
+      selected = jnp.zeros((b, k * s), bool).at[jnp.arange(b)[:, None], top].set(True)
+      out.append(FlatLayerCache.from_selection(layer, selected.reshape(b, k, s), total))
+    return cache.replace(layers=tuple(out))

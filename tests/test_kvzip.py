@@ -1,0 +1,183 @@
+"""KVzip: the reconstruction scores against a numpy restatement, the repeat prompts and their
+chunks, the global ranking against numpy, and the method end to end (real savings, budget >=
+length equals the full cache, chunked prefill, conversation, the sweep's path, errors)."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kvjax
+from kvjax.errors import MethodError
+from kvjax.generation import context, inputs
+from kvjax.methods import kvzip
+from kvjax.methods.kvzip import KVzip
+from tiny import random_prompts, tiny_chat_model, tiny_model
+
+
+def _softmax_scores(q, keys, kpos, new_keys, qpos, start, end, sinks):
+  """Straight from the definition: per row, KV head and slot, the largest probability any
+  real query of the group gives it, each softmax over the allowed slots and the causal
+  repeat tokens."""
+  b, t, h, d = q.shape
+  k, s = keys.shape[1], keys.shape[2]
+  g = h // k
+  out = np.zeros((b, k, s))
+  for row in range(b):
+    for head in range(h):
+      kv = head // g
+      allowed = [j for j in range(s) if kpos[row, kv, j] >= 0 and (
+          kpos[row, kv, j] < sinks or start[row] <= kpos[row, kv, j] < end[row])]
+      for i in range(t):
+        if qpos[row, i] < 0:
+          continue
+        own = [u for u in range(t) if 0 <= qpos[row, u] <= qpos[row, i]]
+        logits = np.array([q[row, i, head] @ keys[row, kv, j] for j in allowed] +
+                          [q[row, i, head] @ new_keys[row, kv, u] for u in own]) / np.sqrt(d)
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        for n, j in enumerate(allowed):
+          out[row, kv, j] = max(out[row, kv, j], p[n])
+  return out
+
+
+def test_reconstruction_scores_match_numpy():
+  rng = np.random.default_rng(0)
+  b, t, h, k, s, d = 2, 11, 4, 2, 13, 8
+  q = rng.normal(size=(b, t, h, d)).astype(np.float32)
+  keys = rng.normal(size=(b, k, s, d)).astype(np.float32)
+  new_keys = rng.normal(size=(b, k, t, d)).astype(np.float32)
+  kpos = np.broadcast_to(np.arange(s), (b, k, s)).copy()
+  kpos[1, :, :3] = -1                                  # row 1: empty slots
+  qpos = np.broadcast_to(np.arange(s, s + t), (b, t)).copy()
+  qpos[0, :2] = -1                                     # row 0: left padding
+  start, end, sinks = np.array([5, 3]), np.array([11, 13]), 2
+  got = kvzip.reconstruction_scores(jnp.asarray(q), jnp.asarray(keys), jnp.asarray(kpos),
+                                    jnp.asarray(new_keys), jnp.asarray(qpos),
+                                    jnp.asarray(start), jnp.asarray(end), sinks, block=4)
+  want = _softmax_scores(q, keys, kpos, new_keys, qpos, start, end, sinks)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+  assert (want[:, :, 2:5][0] == 0).all() and (want[0, :, 11:] == 0).all()
+
+
+def test_repeat_passes_chunk_the_context(smollm2_tokenizer):
+  tok = smollm2_tokenizer
+  long, short = list(range(100, 140)), list(range(200, 210))
+  tokens, mask = inputs.left_pad([long, short], 0, 48)
+  passes = KVzip(chunk_size=16).rescoring_passes(tok, tokens, mask)
+  assert len(passes) == 3
+  suffix = kvzip.repeat_suffix(tok)
+  first = tok.encode(kvzip.REPEAT_FIRST, add_special_tokens=False)
+  later = tok.encode(kvzip.REPEAT_NEXT, add_special_tokens=False)
+  assert "assistant" in tok.decode(suffix, skip_special_tokens=False)
+  rows, params = passes[0]
+  assert rows == [first + suffix + long[:16], first + suffix + short]
+  np.testing.assert_array_equal(params["start"], [0, 0])
+  np.testing.assert_array_equal(params["end"], [16, 10])
+  rows, params = passes[2]
+  assert rows == [later + long[24:32] + suffix + long[32:], []]
+  np.testing.assert_array_equal(params["start"], [32, 32])
+  np.testing.assert_array_equal(params["end"], [40, 32])
+
+
+def _dense_layer(positions, k=2, d=4, seed=0):
+  from kvjax.cache.kv_cache import LayerCache
+  b, s = positions.shape
+  rng = np.random.default_rng(seed)
+  pos = np.broadcast_to(positions[:, None, :], (b, k, s)).astype(np.int32)
+  return LayerCache(keys=jnp.asarray(rng.normal(size=(b, k, s, d)), jnp.float32),
+                    values=jnp.asarray(rng.normal(size=(b, k, s, d)), jnp.float32),
+                    positions=jnp.asarray(pos), end=jnp.int32(s))
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_ranking_matches_numpy(layerwise):
+  """Kept (layer, head, position) sets from given scores, against a direct ranking."""
+  from kvjax.cache.kv_cache import Cache
+  rng = np.random.default_rng(1)
+  n, b, k, s, keep, sinks = 3, 2, 2, 10, 3, 1
+  positions = np.broadcast_to(np.arange(s), (b, s)).copy()
+  positions[1, :4] = -1                                 # row 1 is shorter
+  cache = Cache(layers=tuple(_dense_layer(positions, k, seed=i) for i in range(n)),
+                lengths=jnp.asarray([s, s - 4], jnp.int32))
+  scores = [tuple(jnp.asarray(rng.uniform(size=(b, k, s)), jnp.float32) for _ in range(n))
+            for _ in range(2)]
+  method = KVzip(sinks=sinks, layerwise=layerwise)
+  out = method.rescored(cache, scores, (keep,) * n)
+  best = np.max([[np.asarray(x) for x in p] for p in scores], axis=0)      # [L, B, K, S]
+  pos = np.broadcast_to(positions[None, :, None, :], best.shape)
+  best = np.where(pos < sinks, 1.0, best)
+  best = np.where(pos >= 0, best, -np.inf)
+  layer_counts = []                      # per row: how many of the row's top entries each layer got
+  for row in range(b):
+    entries = sorted((-best[l, row, h, j], l, h, j) for l in range(n) for h in range(k)
+                     for j in range(s) if positions[row, j] >= 0)
+    top = entries[:n * k * keep]
+    layer_counts.append([sum(e[1] == l for e in top) for l in range(n)])
+  totals = [k * keep] * n if layerwise else list(np.max(layer_counts, axis=0))
+  for l, layer in enumerate(out.layers):
+    assert layer.positions.shape[1] == totals[l]
+    for row in range(b):
+      # The layer's slots hold the row's best entries of that layer, as many as it holds.
+      ranked = sorted((-best[l, row, h, j], h, j) for h in range(k) for j in range(s)
+                      if positions[row, j] >= 0)
+      want = {(h, int(positions[row, j])) for _, h, j in ranked[:totals[l]]}
+      heads, slot_pos = np.asarray(layer.heads[row]), np.asarray(layer.positions[row])
+      got = {(int(h_), int(p)) for h_, p in zip(heads, slot_pos) if p >= 0}
+      assert got == want, (l, row)
+  if not layerwise:
+    assert min(map(sum, layer_counts)) == n * k * keep and len(set(map(tuple, layer_counts))) > 1
+  assert sum(layer.positions.shape[1] for layer in out.layers) <= n * k * s
+
+
+@pytest.fixture(scope="module")
+def chat(smollm2_tokenizer):
+  return tiny_chat_model(smollm2_tokenizer, max_position_embeddings=4096)
+
+
+TEXTS = [" ".join(f"Fact {i}: the code word is word{i}." for i in range(n)) for n in (12, 30)]
+
+
+def test_kvzip_end_to_end(chat):
+  full = kvjax.generate(chat, TEXTS, max_new_tokens=4)
+  half = kvjax.generate(chat, TEXTS, method="kvzip", compression_ratio=0.5, max_new_tokens=4)
+  assert [len(t) for t in half.token_ids] == [4, 4]
+  assert half.stats["context_cache_bytes"] < 0.65 * full.stats["context_cache_bytes"]
+  everything = kvjax.generate(chat, TEXTS, method="kvzip", budget=4000, max_new_tokens=4)
+  assert everything.token_ids == full.token_ids
+  chunked = kvjax.generate(chat, TEXTS, method="kvzip:chunk_size=64", compression_ratio=0.5,
+                           max_new_tokens=4, prefill_chunk_size=128)
+  assert [len(t) for t in chunked.token_ids] == [4, 4]
+  layerwise = kvjax.generate(chat, TEXTS[1], method=KVzip(layerwise=True),
+                             compression_ratio=0.5, max_new_tokens=2)
+  assert layerwise.stats["context_cache_bytes"] < 0.65 * kvjax.generate(
+      chat, TEXTS[1], max_new_tokens=2).stats["context_cache_bytes"]
+
+
+def test_sweep_path_prefills_kvzip_on_its_own(chat):
+  tokens, mask = inputs.left_pad([chat.tokenizer.encode(t) for t in TEXTS], 0)
+  method = kvjax.methods.get("kvzip")
+  many = context.prefill_many(chat, tokens, mask, [(method, 40), (kvjax.methods.get("full"),
+                                                                  None)], room=4)
+  alone = context.prefill(chat, tokens, mask, method, 40, room=4)
+  np.testing.assert_array_equal(many[0].logits, alone.logits)
+  assert many[0].context_cache_bytes == alone.context_cache_bytes
+  for a, b in zip(many[0].cache.layers, alone.cache.layers):
+    np.testing.assert_array_equal(a.positions, b.positions)
+
+
+def test_conversation_over_a_kvzip_cache(chat):
+  out = kvjax.converse(chat, TEXTS[1], ["First?", "Second?"], method="kvzip",
+                       compression_ratio=0.5, max_new_tokens=3)
+  assert len(out.answers[0]) == 2
+
+
+def test_errors():
+  with pytest.raises(MethodError, match="tokenizer"):
+    kvjax.generate(tiny_model(), random_prompts((30,)), method="kvzip", compression_ratio=0.5,
+                   max_new_tokens=2)
+  with pytest.raises(MethodError, match="chunk_size=4"):
+    KVzip(chunk_size=4)
+  with pytest.raises(MethodError, match="sinks=-1"):
+    KVzip(sinks=-1)
+  with pytest.raises(kvjax.KvjaxError):
+    kvjax.methods.get("kvzip", layerwise="yes")
