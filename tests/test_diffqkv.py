@@ -12,16 +12,17 @@ from kvjax.config import ModelConfig
 from kvjax.errors import ConfigError, MethodError
 from kvjax.methods import base, registry
 from kvjax.model import from_flat_params, to_flat_params
-from tiny import jnp_and_kernel_tokens, random_prompts, tiny_config, tiny_model
+from tiny import jnp_and_kernel_tokens, random_prompts, tiny_chat_model, tiny_config
 
 PROMPTS = random_prompts((30, 50, 27), seed=1)
 
 
 @pytest.fixture(scope="module")
-def pair():
+def pair(smollm2_tokenizer):
   """(GQA model with 4 KV heads where heads 2j and 2j+1 have the same key projection, the
-  DiffQKV model storing those 2 key heads once beside the 4 value heads)."""
-  gqa = tiny_model(num_heads=8, num_kv_heads=4, qkv_bias=True)
+  DiffQKV model storing those 2 key heads once beside the 4 value heads). A real tokenizer:
+  KVzip writes its repeat prompt with it."""
+  gqa = tiny_chat_model(smollm2_tokenizer, num_heads=8, num_kv_heads=4, qkv_bias=True)
   flat = {k: np.array(v) for k, v in to_flat_params(gqa).items()}
   shared, diff = dict(flat), dict(flat)
   for layer in range(gqa.config.num_layers):
@@ -31,8 +32,9 @@ def pair():
       shared[f"layers.{layer}.attn.{name}"] = np.repeat(keys, 2, axis=axis)
       diff[f"layers.{layer}.attn.{name}"] = keys
   as_jnp = lambda d: {k: jnp.asarray(v) for k, v in d.items()}
-  return (from_flat_params(gqa.config, as_jnp(shared)),
-          from_flat_params(gqa.config.replace(num_kv_heads=2, num_value_heads=4), as_jnp(diff)))
+  return (from_flat_params(gqa.config, as_jnp(shared), tokenizer=gqa.tokenizer),
+          from_flat_params(gqa.config.replace(num_kv_heads=2, num_value_heads=4), as_jnp(diff),
+                           tokenizer=gqa.tokenizer))
 
 
 def test_config_checks_and_round_trip():
@@ -96,7 +98,6 @@ def test_every_method_runs_or_refuses(pair, name):
 
 
 def test_conversation_reuses_a_diffqkv_cache(smollm2_tokenizer):
-  from tiny import tiny_chat_model
   chat = tiny_chat_model(smollm2_tokenizer, num_heads=8, num_kv_heads=2, num_value_heads=4,
                          max_position_embeddings=2048)
   text = " ".join(f"Fact {i}: the code word is word{i}." for i in range(12))

@@ -142,6 +142,8 @@ def test_kvzip_end_to_end(chat):
   half = kvjax.generate(chat, TEXTS, method="kvzip", compression_ratio=0.5, max_new_tokens=4)
   assert [len(t) for t in half.token_ids] == [4, 4]
   assert half.stats["context_cache_bytes"] < 0.65 * full.stats["context_cache_bytes"]
+  slots = half.stats["method_stats"]["slots_per_layer"]
+  assert len(slots) == chat.config.num_layers and len(set(slots)) > 1
   everything = kvjax.generate(chat, TEXTS, method="kvzip", budget=4000, max_new_tokens=4)
   assert everything.token_ids == full.token_ids
   chunked = kvjax.generate(chat, TEXTS, method="kvzip:chunk_size=64", compression_ratio=0.5,
@@ -181,3 +183,10 @@ def test_errors():
     KVzip(sinks=-1)
   with pytest.raises(kvjax.KvjaxError):
     kvjax.methods.get("kvzip", layerwise="yes")
+
+
+def test_kernel_path_gives_the_same_tokens(chat, monkeypatch):
+  from tiny import jnp_and_kernel_tokens
+  want, got = jnp_and_kernel_tokens(chat, TEXTS, monkeypatch, method="kvzip",
+                                    compression_ratio=0.5, max_new_tokens=3)
+  assert got == want

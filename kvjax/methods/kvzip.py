@@ -174,6 +174,10 @@ class KVzip(base.Method):
                             "end": np.asarray(end, np.int32)}))
     return passes
 
+  def cache_stats(self, cache) -> dict:
+    """Slots each layer holds over all its KV heads (KVzip's layers keep different counts)."""
+    return {"slots_per_layer": [int(layer.positions.shape[1]) for layer in cache.layers]}
+
   def rescored(self, cache, scores, budgets):
     """The cache compressed by the passes' scores (a list, per pass, of per-layer [B, K, S])."""
     layers = cache.layers
