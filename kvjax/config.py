@@ -88,6 +88,8 @@ class ModelConfig:
         raise ConfigError(f"num_value_heads={self.num_value_heads} must be a multiple of "
                           f"num_kv_heads={self.num_kv_heads} (the key heads) and divide "
                           f"num_heads={self.num_heads}")
+      if self.num_value_heads == self.num_kv_heads:   # one spelling per architecture
+        object.__setattr__(self, "num_value_heads", None)
     if self.head_dim % 2:
       raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
 

@@ -91,6 +91,9 @@ def _one_query_output(probs, values):
 def value_groups(values, head_dim: int) -> int:
   """r: value heads stored side by side in each slot (values [..., r * head_dim]), more
   than one only for DiffQKV models (fewer key heads than value heads)."""
+  if values.shape[-1] % head_dim:
+    raise ValueError(f"values of width {values.shape[-1]} are not whole heads of "
+                     f"head_dim={head_dim}")
   return values.shape[-1] // head_dim
 
 

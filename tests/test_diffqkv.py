@@ -42,6 +42,7 @@ def test_config_checks_and_round_trip():
   assert (cfg.value_heads, cfg.values_per_key_head) == (4, 2)
   assert ModelConfig.from_json(cfg.to_json()) == cfg
   assert tiny_config().value_heads == 2 and tiny_config().values_per_key_head == 1
+  assert tiny_config(num_value_heads=2) == tiny_config()    # the same model, one spelling
   with pytest.raises(ConfigError, match="num_value_heads=3 must be a multiple of "
                                         "num_kv_heads=2"):
     tiny_config(num_heads=8, num_kv_heads=2, num_value_heads=3)
@@ -63,8 +64,12 @@ def test_group_sharing_matches_shared_key_gqa(pair):
           == kvjax.generate(gqa, PROMPTS, max_new_tokens=8).token_ids)
 
 
-def test_kernel_path_falls_back_to_the_same_tokens(pair, monkeypatch):
-  want, got = jnp_and_kernel_tokens(pair[1], PROMPTS, monkeypatch, max_new_tokens=6)
+@pytest.mark.parametrize("method", ["full", "ems", "d2o", "elastic_cache", "adakv", "kvzip"])
+def test_kernel_path_gives_the_same_tokens(pair, method, monkeypatch):
+  """With the kernels on (interpreted), attention and merging fall back to the references
+  where values are wider than keys."""
+  kwargs = {} if method == "full" else {"method": method, "compression_ratio": 0.5}
+  want, got = jnp_and_kernel_tokens(pair[1], PROMPTS, monkeypatch, max_new_tokens=4, **kwargs)
   assert got == want
 
 

@@ -91,42 +91,45 @@ def _dense_layer(positions, k=2, d=4, seed=0):
 
 @pytest.mark.parametrize("layerwise", [False, True])
 def test_ranking_matches_numpy(layerwise):
-  """Kept (layer, head, position) sets from given scores, against a direct ranking."""
+  """Kept (layer, head, position) sets from given scores, against a direct ranking; a row
+  keeps what it would keep alone, whatever its batch mates (a shorter row, a row with fewer
+  real entries than its quota)."""
   from kvjax.cache.kv_cache import Cache
   rng = np.random.default_rng(1)
-  n, b, k, s, keep, sinks = 3, 2, 2, 10, 3, 1
+  n, b, k, s, keep, sinks = 3, 3, 2, 10, 3, 1
   positions = np.broadcast_to(np.arange(s), (b, s)).copy()
   positions[1, :4] = -1                                 # row 1 is shorter
+  positions[2, :8] = -1                                 # row 2: 12 entries, quota 18
+  positions[1:] = np.where(positions[1:] >= 0, positions[1:] - positions[1:].min(
+      axis=1, where=positions[1:] >= 0, initial=s)[:, None], -1)
   cache = Cache(layers=tuple(_dense_layer(positions, k, seed=i) for i in range(n)),
-                lengths=jnp.asarray([s, s - 4], jnp.int32))
+                lengths=jnp.asarray((positions >= 0).sum(1), jnp.int32))
   scores = [tuple(jnp.asarray(rng.uniform(size=(b, k, s)), jnp.float32) for _ in range(n))
             for _ in range(2)]
-  method = KVzip(sinks=sinks, layerwise=layerwise)
-  out = method.rescored(cache, scores, (keep,) * n)
+  out = KVzip(sinks=sinks, layerwise=layerwise).rescored(cache, scores, (keep,) * n)
   best = np.max([[np.asarray(x) for x in p] for p in scores], axis=0)      # [L, B, K, S]
   pos = np.broadcast_to(positions[None, :, None, :], best.shape)
   best = np.where(pos < sinks, 1.0, best)
-  best = np.where(pos >= 0, best, -np.inf)
-  layer_counts = []                      # per row: how many of the row's top entries each layer got
+  kept = {}                                             # (row, layer) -> {(head, position)}
   for row in range(b):
-    entries = sorted((-best[l, row, h, j], l, h, j) for l in range(n) for h in range(k)
-                     for j in range(s) if positions[row, j] >= 0)
-    top = entries[:n * k * keep]
-    layer_counts.append([sum(e[1] == l for e in top) for l in range(n)])
-  totals = [k * keep] * n if layerwise else list(np.max(layer_counts, axis=0))
+    real = [(-best[l, row, h, j], l, h, j) for l in range(n) for h in range(k)
+            for j in range(s) if positions[row, j] >= 0]
+    for l in range(n):
+      in_layer = sorted(e for e in real if e[1] == l)
+      picked = in_layer[:k * keep] if layerwise else [
+          e for e in sorted(real)[:n * k * keep] if e[1] == l]
+      kept[row, l] = {(h, int(positions[row, j])) for _, _, h, j in picked}
   for l, layer in enumerate(out.layers):
-    assert layer.positions.shape[1] == totals[l]
+    want_slots = k * keep if layerwise else max(len(kept[row, l]) for row in range(b))
+    assert layer.positions.shape[1] == want_slots
     for row in range(b):
-      # The layer's slots hold the row's best entries of that layer, as many as it holds.
-      ranked = sorted((-best[l, row, h, j], h, j) for h in range(k) for j in range(s)
-                      if positions[row, j] >= 0)
-      want = {(h, int(positions[row, j])) for _, h, j in ranked[:totals[l]]}
       heads, slot_pos = np.asarray(layer.heads[row]), np.asarray(layer.positions[row])
       got = {(int(h_), int(p)) for h_, p in zip(heads, slot_pos) if p >= 0}
-      assert got == want, (l, row)
+      assert got == kept[row, l], (l, row)
   if not layerwise:
-    assert min(map(sum, layer_counts)) == n * k * keep and len(set(map(tuple, layer_counts))) > 1
-  assert sum(layer.positions.shape[1] for layer in out.layers) <= n * k * s
+    counts = [[len(kept[row, l]) for l in range(n)] for row in range(b)]
+    assert sum(counts[2]) == 12 and sum(counts[0]) == n * k * keep
+    assert len({tuple(c) for c in counts}) > 1
 
 
 @pytest.fixture(scope="module")

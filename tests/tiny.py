@@ -35,6 +35,12 @@ def random_prompts(lengths, seed: int = 0, vocab: int = 256) -> list[list[int]]:
 def jnp_and_kernel_tokens(model, prompts, monkeypatch, **generate_kwargs):
   """(token ids on the jnp path, token ids with the Pallas kernels interpreted)."""
   import kvjax
+  import jax
   want = kvjax.generate(model, prompts, **generate_kwargs).token_ids
   monkeypatch.setenv("KVJAX_PALLAS", "1")
-  return want, kvjax.generate(model, prompts, **generate_kwargs).token_ids
+  # jit reuses a function's trace for the same argument shapes whatever the environment
+  # says: without this, the "kernel" run could replay the jnp path's trace.
+  jax.clear_caches()
+  got = kvjax.generate(model, prompts, **generate_kwargs).token_ids
+  jax.clear_caches()
+  return want, got

@@ -2,7 +2,8 @@
 
 Shared by generate, score and the benchmark. With a compression method each chunk is
 attended together with the slots kept so far and then compacted to the layer budgets, so
-peak cache memory is budget + chunk however long the context is.
+peak cache memory is budget + chunk however long the context is; a rescoring method
+(KVzip) holds the full context's cache until its passes have scored it.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def prefill(model, tokens: np.ndarray, mask: np.ndarray, method, keep: int | Non
   if rescoring:
     # Prefilled uncompressed, then scored over that cache and compressed once (KVzip).
     final_plan = _compression_plan(model, method, keep, mask)
+    passes = final_plan.method.rescoring_passes(model.tokenizer, tokens, mask)  # errors first
     plan, cache = None, init_cache(model.config, rows, width)
   elif method.compresses and (keep is not None or not method.needs_budget):
     plan = _compression_plan(model, method, width if keep is None else keep, mask)
@@ -96,18 +98,17 @@ def prefill(model, tokens: np.ndarray, mask: np.ndarray, method, keep: int | Non
                                   jnp.asarray(mask[:, piece]), cache, logits="last", plan=plan,
                                   method_params=method_params)
   if rescoring:
-    cache = _rescored(model, final_plan, tokens, mask, cache, steps)
+    cache = _rescored(model, final_plan, passes, cache, steps)
     return _prefilled(model, logits, cache, final_plan, mask, room, steps)
   return _prefilled(model, logits, cache, plan, mask, room, steps)
 
 
-def _rescored(model, plan: CompressionPlan, tokens: np.ndarray, mask: np.ndarray, cache,
-              steps: engine.CompiledSteps):
-  """The full `cache` of a context compressed by a rescoring method's passes over it."""
+def _rescored(model, plan: CompressionPlan, passes, cache, steps: engine.CompiledSteps):
+  """The full `cache` of a context compressed by a rescoring method's `passes` over it."""
   method = plan.method
   policy = method.rescoring_policy()
   scores = []
-  for rows, params in method.rescoring_passes(model.tokenizer, tokens, mask):
+  for rows, params in passes:
     ids, ids_mask = inputs.left_pad(rows, 0)
     _, layer_scores = steps.prefill(model, jnp.asarray(ids), jnp.asarray(ids_mask), cache,
                                     logits="last", plan=policy,

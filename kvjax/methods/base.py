@@ -204,6 +204,19 @@ class Method:
     """Name shown in results, e.g. adakv(snapkv)."""
     return self.name
 
+  # Rescoring hooks (methods with `rescores` only; see kvjax/methods/kvzip.py).
+  def rescoring_passes(self, tokenizer, tokens, mask):
+    """[(token id rows, traced parameters)]: the forward passes that score the context."""
+    raise NotImplementedError(f"{type(self).__name__} declares no rescoring passes")
+
+  def rescoring_policy(self):
+    """The cache policy of those passes: returns per-layer scores, not a cache."""
+    raise NotImplementedError(f"{type(self).__name__} declares no rescoring policy")
+
+  def rescored(self, cache, scores, budgets):
+    """The context's full cache compressed from the passes' scores."""
+    raise NotImplementedError(f"{type(self).__name__} declares no rescored cache")
+
   # Decode-time hooks (decode_time methods only).
   def decode_scores(self, state, probs, own_prob, key_positions, lengths):
     """(state of the cached slots, state of the new token) after one decode step.

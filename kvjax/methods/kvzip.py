@@ -13,9 +13,9 @@ tokens. The first `sinks` tokens score 1.
 Selection (KVzip's default, `layerwise=False`): one ranking of every (layer, KV head, token)
 of a row; the row keeps its `num_layers * num_kv_heads * keep` best, so layers and heads
 keep different counts (head-wise flat layout, real savings). A batch shares each layer's
-slot count: a layer keeps the most any row's ranking gives it, and rows that got fewer keep
-their next best in that layer. `layerwise=True`: every layer keeps `num_kv_heads * keep`,
-shared among its heads by score.
+slot count: a layer holds the most any row's ranking gives it, and rows that got fewer have
+empty slots there, so every row keeps what it would keep alone. `layerwise=True`: every
+layer keeps `num_kv_heads * keep`, shared among its heads by score.
 
 Reading of the paper and the code, where kvjax differs: kvpress excludes the chat-template
 prefix from the repeated chunks (its tokens after the sinks score 0); kvjax does not know
@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.cache.kv_cache import FlatLayerCache, LayerCache
+from kvjax.cache.kv_cache import EMPTY_POSITION, FlatLayerCache, LayerCache
 from kvjax.errors import MethodError
 from kvjax.methods import base, registry
 from kvjax.ops.attention import group_heads
@@ -95,7 +95,8 @@ class ReconstructionProbe:
   without storing them, and returns each layer's `reconstruction_scores` in place of its
   cache. Its traced parameters are {"start": [B], "end": [B]} (the chunk's positions)."""
   sinks: int
-  compress: bool = True   # what it returns is not the cache: never donate the cache to it
+  # What it returns is not the cache: the engine must not donate the cache to it.
+  compress = True
 
   def prepare(self, layer, layer_cache, new):
     del layer
@@ -187,19 +188,33 @@ class KVzip(base.Method):
                   axis=0)
     best = np.where(positions < self.sinks, SINK_SCORE, best)
     best = np.where(positions >= 0, best, -np.inf)
+    n, b = best.shape[:2]
     if self.layerwise:
       totals = [min(k * keep, positions.shape[-1] * k) for keep in budgets]
+      kept = [None] * n
     else:
-      n, b = best.shape[:2]
       ranked = best.transpose(1, 0, 2, 3).reshape(b, -1)
       chosen = np.argsort(-ranked, axis=1, kind="stable")[:, :k * sum(budgets)]
-      per_layer = np.stack([np.bincount(c // (ranked.shape[1] // n), minlength=n)
-                            for c in chosen])                               # [B, L]
-      totals = [int(t) for t in per_layer.max(0)]
+      # Only real entries count: a row shorter than its quota keeps all it has.
+      kept = np.zeros(ranked.shape, bool)
+      for row, (c, r) in enumerate(zip(chosen, ranked)):
+        kept[row, c[np.isfinite(r[c])]] = True
+      kept = kept.reshape((b, n) + best.shape[2:]).transpose(1, 0, 2, 3)  # [L, B, K, S]
+      totals = [max(1, int(t)) for t in kept.sum((2, 3)).max(1)]  # no layer of size 0
     out = []
-    for layer, prio, total in zip(layers, best, totals):
+    for layer, prio, row_kept, total in zip(layers, best, kept, totals):
       b, k, s = prio.shape
+      if row_kept is not None:
+        # The row's own picks first; a layer that keeps more for another row of the batch
+        # pads this row with empty slots, so a row keeps what it would keep alone.
+        prio = np.where(row_kept, np.inf, prio)
       _, top = jax.lax.top_k(jnp.asarray(prio.reshape(b, k * s)), total)
       selected = jnp.zeros((b, k * s), bool).at[jnp.arange(b)[:, None], top].set(True)
-      out.append(FlatLayerCache.from_selection(layer, selected.reshape(b, k, s), total))
+      flat = FlatLayerCache.from_selection(
+          layer.replace(state=None if row_kept is None else jnp.asarray(row_kept)),
+          selected.reshape(b, k, s), total)
+      if row_kept is not None:
+        flat = flat.replace(positions=jnp.where(flat.state, flat.positions, EMPTY_POSITION),
+                            state=None)
+      out.append(flat)
     return cache.replace(layers=tuple(out))

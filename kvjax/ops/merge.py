@@ -31,7 +31,9 @@ def scatter_mean(centre_keys, centre_values, centre_weights, src_keys, src_value
   [B, K, E, D] (targets [B, K, E]; weights are token counts, 0 = not merged) ->
   (keys, values [B, K, M, D], weights [B, K, M] float32)."""
   b, k, m = centre_weights.shape
-  fn = kernels.scatter_mean if use_pallas() else reference.scatter_mean
+  # The kernel takes values as wide as keys (not a DiffQKV model's r value heads per slot).
+  same_width = centre_values.shape[-1] == centre_keys.shape[-1]
+  fn = kernels.scatter_mean if use_pallas() and same_width else reference.scatter_mean
   keys, values, weights = fn(*(_rows(a) for a in (centre_keys, centre_values, centre_weights,
                                                    src_keys, src_values, src_weights,
                                                    targets)))
