@@ -409,6 +409,16 @@ class FlatLayerCache:
         state=map_state(lambda st: take(st, 0), self.state))
 
   @classmethod
+  def from_priorities(cls, cand: LayerCache, priorities: jax.Array,
+                      total: int) -> "FlatLayerCache":
+    """The `total` slots of highest priorities [B, K, S] over all heads of a row (ties to the
+    lower head and slot), as `from_selection` lays them out."""
+    b, k, s = priorities.shape
+    _, chosen = jax.lax.top_k(priorities.reshape(b, k * s), total)
+    selected = jnp.zeros((b, k * s), bool).at[jnp.arange(b)[:, None], chosen].set(True)
+    return cls.from_selection(cand, selected.reshape(b, k, s), total)
+
+  @classmethod
   def from_selection(cls, cand: LayerCache, selected: jax.Array,
                      total: int) -> "FlatLayerCache":
     """The selected slots [B, K, S] bool of dense candidates (exactly `total` per row),

@@ -203,16 +203,13 @@ class KVzip(base.Method):
       totals = [max(1, int(t)) for t in kept.sum((2, 3)).max(1)]  # no layer of size 0
     out = []
     for layer, prio, row_kept, total in zip(layers, best, kept, totals):
-      b, k, s = prio.shape
       if row_kept is not None:
         # The row's own picks first; a layer that keeps more for another row of the batch
         # pads this row with empty slots, so a row keeps what it would keep alone.
         prio = np.where(row_kept, np.inf, prio)
-      _, top = jax.lax.top_k(jnp.asarray(prio.reshape(b, k * s)), total)
-      selected = jnp.zeros((b, k * s), bool).at[jnp.arange(b)[:, None], top].set(True)
-      flat = FlatLayerCache.from_selection(
+      flat = FlatLayerCache.from_priorities(
           layer.replace(state=None if row_kept is None else jnp.asarray(row_kept)),
-          selected.reshape(b, k, s), total)
+          jnp.asarray(prio), total)
       if row_kept is not None:
         flat = flat.replace(positions=jnp.where(flat.state, flat.positions, EMPTY_POSITION),
                             state=None)

@@ -125,10 +125,7 @@ class AdaKV(Wrapper):
       _, best = jax.lax.top_k(prio, safeguard)
       rows, heads = jnp.arange(b)[:, None, None], jnp.arange(k)[None, :, None]
       prio = prio.at[rows, heads, best].max(base.PROTECTED)
-    total = k * keep
-    _, chosen = jax.lax.top_k(prio.reshape(b, k * s), total)
-    selected = jnp.zeros((b, k * s), bool).at[jnp.arange(b)[:, None], chosen].set(True)
-    return FlatLayerCache.from_selection(cand, selected.reshape(b, k, s), total)
+    return FlatLayerCache.from_priorities(cand, prio, k * keep)
 
 
 @registry.register
