@@ -197,9 +197,10 @@ def _kept_lists(out):
 # Token-eviction methods (each must have a numpy restatement below); quantizing and
 # channel-pruning methods have their own test files.
 # Methods that compress chunk by chunk (KVzip's scores need the whole context and another
-# forward pass: tests/test_kvzip.py restates it).
+# forward pass: tests/test_kvzip.py restates it; CAKE settles its budgets after the last
+# layer: tests/test_cake.py).
 COMPRESSING = [name for name in methods.available()
-               if name != "full" and methods.get(name).family == "eviction"
+               if name not in ("full", "cake") and methods.get(name).family == "eviction"
                and not methods.get(name).rescores]
 LONG_KEEP = 48
 

@@ -141,7 +141,8 @@ def _prefilled(model, logits, cache, plan: CompressionPlan | None, mask: np.ndar
   return PrefilledContext(logits=logits, cache=steps.grow(cache, room),
                           context_cache_bytes=measured, context_cache_allocated_bytes=measured,
                           decode_plan=dataclasses.replace(plan, compress=False),
-                          budgets=plan.budgets, method_stats=plan.method.cache_stats(cache))
+                          budgets=plan.method.kept_budgets(cache, plan.budgets),
+                          method_stats=plan.method.cache_stats(cache))
 
 
 # prefill_many keeps the caches of one prefill's variants under about this many bytes:

@@ -17,6 +17,7 @@ from kvjax.errors import MethodError
 from kvjax.methods import registry
 from kvjax.methods.accumulated import H2O, TOVA, Scissorhands
 from kvjax.methods.base import LayerInputs, Method
+from kvjax.methods.cake import CAKE
 from kvjax.methods.gear import GEAR
 from kvjax.methods.key_statistics import ExpectedAttention, Knorm
 from kvjax.methods.kvcrush import KVCrush
@@ -43,7 +44,7 @@ class Full(Method):
   needs_budget: ClassVar[bool] = False
 
 
-__all__ = ["AdaKV", "D2O", "EMS", "ElasticCache", "ExpectedAttention", "Full", "GEAR", "H2O", "KIVI", "Knorm", "KVCrush", "KVMerger", "KVzip", "LayerInputs",
+__all__ = ["AdaKV", "CAKE", "D2O", "EMS", "ElasticCache", "ExpectedAttention", "Full", "GEAR", "H2O", "KIVI", "Knorm", "KVCrush", "KVMerger", "KVzip", "LayerInputs",
            "Method", "MiKV", "MiniCache", "PerLayer", "PyramidKV", "RazorAttention", "Scissorhands", "SinksWindow", "SnapKV",
            "StreamingLLM", "ThinK", "TOVA", "XKV", "ZipVL", "available", "get",
            "validate_compression"]

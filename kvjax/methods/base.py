@@ -188,6 +188,13 @@ class Method:
     del config
     return cache
 
+  def kept_budgets(self, cache, budgets: tuple[int, ...]) -> tuple[int, ...]:
+    """Host side, after `finalize`: the slots per KV head each layer really keeps, reported
+    as the run's budgets (methods that settle budgets in `finalize`, e.g. CAKE). Default:
+    the plan's budgets."""
+    del cache
+    return budgets
+
   def cache_stats(self, cache) -> dict:
     """Host side: method-specific facts about a finalized prefill cache, reported as
     result.stats["method_stats"] (e.g. a per-layer chosen ratio). Default: none."""

@@ -1,0 +1,245 @@
+"""CAKE: cascading and adaptive KV-cache eviction (Qin et al., ICLR 2025, arXiv 2503.12491;
+official code antgroup/cakekv).
+
+Each layer's last `window` prompt queries attend over the context (A, SnapKV's window
+attention). Restricted to the keys before the window (A'), they give the layer's
+preference P = H^(1/tau1) * V^(1/tau2): H the entropy of A' (spatial dispersion) and V its
+variance over the window's queries (temporal shift), both summed over heads and keys. Each
+key before the window gets the eviction indicator mean(A) + gamma * var(A) over the window's
+queries, average-pooled (kernel 5, zero padding counted) along the keys and averaged over
+each KV head's query heads.
+
+Budgets: the context keeps (budget - window) * num_layers indicator-chosen tokens in all,
+plus every layer's window. Cascading (the default, the paper's scheme): after each layer m
+is prefilled, the total is shared among layers 0..m in proportion to their preferences
+(`adjust_budgets`: capped at the tokens before the window, the excess spread evenly), and
+every layer seen so far is re-evicted to its share by top-k of its stored indicator. A layer
+never gets back what it lost, so its final budget is the least of its shares from its own
+step to the last; that is how memory stays within the total while layers are prefilled.
+`cascading=False` allocates once, after the last layer. Decode: each step the new query's
+attention to the tokens before the window, pooled and group-averaged, picks the slot the new
+token replaces, so every layer stays at its budget.
+
+How kvjax runs it: the forward pass keeps every layer's chunk with its per-slot indicator and
+preference terms; the cascade's budgets and the evictions are settled on the host once the
+context is in (`finalize`; under chunked prefill also between chunks, so memory stays
+bounded by the budgets plus one chunk). Layers then really hold different numbers of slots.
+Where kvjax differs from the code: preferences are per batch row (the code sums them over the
+batch); a context no longer than budget + window is still compressed to the budget (the code
+leaves it whole); kept slots stay in position order (the code's top-k leaves them in score
+order, so its decode-time pooling mixes neighbours in score order); a layer whose share
+rises later does not regrow during decode. Defaults are the code's: window 32, gamma 200,
+kernel 5, tau1 = tau2 = 1 (its fallback for models without tuned values in model2tau.json,
+which SmolLM2 and Qwen2.5 lack). The code's LongBench script runs cascading only with
+--cascading; kvjax defaults to it, as the paper presents it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax.cache.kv_cache import EMPTY_POSITION, LayerCache
+from kvjax.errors import MethodError
+from kvjax.methods import base, registry
+
+ENTROPY_EPSILON = 1e-10
+INDICATOR, DISPERSION, SHIFT = 0, 1, 2   # the per-slot state's last axis
+
+
+def adjust_budgets(shares, total: int, cap: int) -> np.ndarray:
+  """CAKE's integer budgets from float `shares`: truncated, capped at `cap` with the excess
+  spread evenly over the layers below the cap (the first ones get the remainder), then the
+  sum moved to `total` the same way (raised only below the cap, lowered only above 1)."""
+  budget = np.asarray(shares, np.float64).astype(np.int64)
+  excess = int(np.maximum(budget - cap, 0).sum())
+  budget = np.minimum(budget, cap)
+
+  def spread(amount: int, where: np.ndarray, sign: int) -> None:
+    index = np.flatnonzero(where)
+    if amount and len(index):
+      budget[index] += sign * (amount // len(index))
+      budget[index[:amount % len(index)]] += sign
+
+  spread(excess, budget < cap, 1)
+  diff = total - int(budget.sum())
+  if diff > 0:
+    spread(diff, budget < cap, 1)
+  elif diff < 0:
+    spread(-diff, budget > 1, -1)
+  return budget
+
+
+def cascade_budgets(preferences, total: int, cap: int, cascading: bool = True) -> np.ndarray:
+  """Selected tokens (window excluded) each layer keeps: with `cascading`, the least of
+  its shares over the steps from its own layer to the last, never above `cap`."""
+  preferences = np.asarray(preferences, np.float64)
+  n = len(preferences)
+  final = np.full(n, max(cap, 0), np.int64)
+  for m in range(n) if cascading else [n - 1]:
+    seen = preferences[:m + 1]
+    weights = seen / seen.sum() if np.isfinite(seen).all() and seen.sum() > 0 else (
+        np.full(m + 1, 1.0 / (m + 1)))
+    final[:m + 1] = np.minimum(final[:m + 1], adjust_budgets(weights * total, total, cap))
+  return np.maximum(final, 0)
+
+
+@registry.register
+@dataclasses.dataclass(frozen=True)
+class CAKE(base.Method):
+  """Layer budgets from attention dispersion and shift, settled by a cascade; eviction by
+  mean + gamma * variance of the window's attention; decode-time eviction to each layer's
+  budget (see the module docstring). `mean_budget` is set by `fitted` (the compression
+  ratio's budget per layer and KV head, window included)."""
+  name: ClassVar[str] = "cake"
+  decode_time: ClassVar[bool] = True
+  window: int = 32
+  kernel_size: int = 5
+  gamma: float = 200.0
+  tau1: float = 1.0
+  tau2: float = 1.0
+  cascading: bool = True
+  mean_budget: int = 0
+
+  def __post_init__(self):
+    base.check_int("window", self.window, 1)
+    base.check_int("kernel_size", self.kernel_size, 1)
+    if self.kernel_size % 2 == 0:
+      raise MethodError(f"kernel_size={self.kernel_size} must be odd (centred pooling)")
+    base.check_number("gamma", self.gamma, 0)
+    for name in ("tau1", "tau2"):
+      value = getattr(self, name)
+      base.check_number(name, value, 0)
+      if value == 0:
+        raise MethodError(f"cake {name}={value!r} must be > 0 (preferences take the 1/{name} "
+                          f"power)")
+    if not isinstance(self.cascading, bool):
+      raise MethodError(f"cake cascading={self.cascading!r} must be True or False")
+    base.check_int("mean_budget", self.mean_budget, 0)
+
+  def fitted(self, keep):
+    """The budget recorded (the cascade shares it out after the forward pass); under a
+    budget of at most the window, the window shrinks to budget - 1 (at least 1 query: one
+    query's variance is 0, so its layers share the budget evenly)."""
+    shrunk = base.shrink_protection(keep, window=(self.window, 1))
+    if keep == self.mean_budget and not shrunk:
+      return self
+    return dataclasses.replace(self, mean_budget=keep, **shrunk)
+
+  def layer_budgets(self, config, keep, context_length):
+    # Prefill keeps every token; `finalize` settles the cascade's budgets.
+    return (max(keep, context_length),) * config.num_layers
+
+  def protected_tokens(self, keep):
+    return min(self.window, keep)
+
+  def protected(self, key_positions, lengths, keep):
+    return base.window_mask(key_positions, lengths, self.window)
+
+  def init_state(self, shape):
+    return jnp.zeros(tuple(shape) + (3,), jnp.float32)
+
+  def prefill_state(self, x: base.LayerInputs):
+    """[B, K, S, 3]: indicator, dispersion (entropy) and shift (variance) of each slot from
+    this chunk's window; the two preference terms are zero in the window and on empty slots
+    (A' leaves the window's keys out)."""
+    w = min(self.window, x.queries.shape[1])
+    probs = base.window_attention(x, w)                              # [B, H, W, S]
+    real = (x.query_positions[:, -w:] >= 0)[:, None, :, None]        # [B, 1, W, 1]
+    count = real.sum(2, keepdims=True).astype(jnp.float32)           # [B, 1, 1, 1]
+    mean = probs.sum(2, keepdims=True) / jnp.maximum(count, 1)
+    deviation = jnp.where(real, probs - mean, 0.0)
+    variance = (deviation ** 2).sum(2) / jnp.maximum(count[:, :, 0] - 1, 1)   # unbiased
+    entropy = -(probs * jnp.log(probs + ENTROPY_EPSILON)).sum(2)     # [B, H, S]
+    k = x.keys.shape[1]
+    before = (x.key_positions >= 0) & ~base.window_mask(x.key_positions, x.lengths, w)
+    before_h = jnp.repeat(before, x.queries.shape[2] // k, axis=1)   # [B, H, S]
+    indicator = jnp.where(before_h, mean[:, :, 0] + self.gamma * variance, 0.0)
+    indicator = base.reduce_groups(base.pool1d(indicator, self.kernel_size, "avg"), k, "mean")
+    dispersion = base.reduce_groups(jnp.where(before_h, entropy, 0.0), k, "sum")
+    shift = base.reduce_groups(jnp.where(before_h, variance, 0.0), k, "sum")
+    return jnp.stack([indicator, dispersion, shift], -1)
+
+  def score(self, x):
+    return self.prefill_state(x)[..., INDICATOR]
+
+  def compact(self, cand, x, keep):
+    """Every candidate is kept with its state: the budgets depend on later layers."""
+    del keep
+    return cand.replace(state=self.prefill_state(x))
+
+  def between_chunks(self, cache):
+    return self._evicted(cache)
+
+  def finalize(self, cache, config=None):
+    del config
+    return self._evicted(cache)
+
+  def layer_token_budgets(self, cache) -> np.ndarray:
+    """[L, B] selected tokens (window excluded) each layer keeps for each row."""
+    lengths = np.asarray(cache.lengths)
+    window = np.minimum(self.window, lengths)
+    state = [np.asarray(layer.state, np.float64) for layer in cache.layers]
+    dispersion = np.stack([s[..., DISPERSION].sum((1, 2)) for s in state])   # [L, B]
+    shift = np.stack([s[..., SHIFT].sum((1, 2)) for s in state])
+    preference = dispersion ** (1 / self.tau1) * shift ** (1 / self.tau2)
+    n = len(state)
+    selected = max(self.mean_budget - self.window, 0) * n
+    return np.stack([cascade_budgets(preference[:, row], selected,
+                                     int(lengths[row] - window[row]), self.cascading)
+                     for row in range(len(lengths))], axis=1)
+
+  def _evicted(self, cache):
+    """Each layer cut to its cascade budget per row: the window plus the top of the
+    indicator; a layer holds the most any row keeps, other rows' extra slots empty."""
+    if not self.mean_budget:
+      raise MethodError("cake must be fitted to a budget first (method.fitted(keep))")
+    budgets = self.layer_token_budgets(cache)
+    lengths = np.asarray(cache.lengths)
+    out = []
+    for layer, row_budgets in zip(cache.layers, budgets):
+      if not isinstance(layer, LayerCache) or layer.state is None:
+        raise MethodError(f"cake evicts dense layers carrying its state; got "
+                          f"{type(layer).__name__}")
+      positions = np.asarray(layer.positions)
+      indicator = np.asarray(layer.state[..., INDICATOR], np.float64)
+      in_window = (positions >= 0) & (
+          positions >= (lengths - np.minimum(self.window, lengths))[:, None, None])
+      before = (positions >= 0) & ~in_window
+      prio = np.where(before, indicator, -np.inf)
+      kept = in_window.copy()
+      for row, budget in enumerate(row_budgets):
+        order = np.argsort(-prio[row], axis=-1, kind="stable")[:, :budget]   # [K, budget]
+        np.put_along_axis(kept[row], order, True, axis=-1)
+      kept &= positions >= 0
+      capacity = max(1, int(kept.sum(-1).max()))
+      # Kept slots first, in slot (position) order; then filler slots, emptied below.
+      index = np.argsort(~kept, axis=-1, kind="stable")[..., :capacity]
+      chosen = layer.replace(state=None).select(jnp.asarray(index, jnp.int32))
+      real = np.take_along_axis(kept, index, axis=-1)
+      out.append(chosen.replace(positions=jnp.where(jnp.asarray(real), chosen.positions,
+                                                    EMPTY_POSITION)))
+    return cache.replace(layers=tuple(out))
+
+  def kept_budgets(self, cache, budgets):
+    del budgets
+    return tuple(int(layer.capacity) for layer in cache.layers)
+
+  def cache_stats(self, cache) -> dict:
+    """Slots each layer holds per KV head (CAKE's layers keep different counts)."""
+    return {"slots_per_layer": [int(layer.capacity) for layer in cache.layers]}
+
+  # Decode: the new query's attention picks the slot to replace; no per-slot state.
+  def decode_scores(self, state, probs, own_prob, key_positions, lengths):
+    return None, None
+
+  def eviction_priority(self, state, probs, key_positions, lengths, budget):
+    k = key_positions.shape[1]
+    before = (key_positions >= 0) & ~base.window_mask(key_positions, lengths, self.window)
+    before_h = jnp.repeat(before, probs.shape[1] // k, axis=1)
+    pooled = base.pool1d(jnp.where(before_h, probs, 0.0), self.kernel_size, "avg")
+    return base.reduce_groups(pooled, k, "mean")
