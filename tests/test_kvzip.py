@@ -147,6 +147,8 @@ def test_kvzip_end_to_end(chat):
   assert half.stats["context_cache_bytes"] < 0.65 * full.stats["context_cache_bytes"]
   slots = half.stats["method_stats"]["slots_per_layer"]
   assert len(slots) == chat.config.num_layers and len(set(slots)) > 1
+  k = chat.config.num_kv_heads
+  assert half.stats["kept_tokens_per_layer"] == [n // k for n in slots]
   everything = kvjax.generate(chat, TEXTS, method="kvzip", budget=4000, max_new_tokens=4)
   assert everything.token_ids == full.token_ids
   chunked = kvjax.generate(chat, TEXTS, method="kvzip:chunk_size=64", compression_ratio=0.5,

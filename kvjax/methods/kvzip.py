@@ -175,6 +175,11 @@ class KVzip(base.Method):
                             "end": np.asarray(end, np.int32)}))
     return passes
 
+  def kept_budgets(self, cache, budgets):
+    """Slots per KV head each layer holds on average (its flat slots over its heads)."""
+    del budgets
+    return tuple(layer.slots_per_head(layer.num_kv_heads) for layer in cache.layers)
+
   def cache_stats(self, cache) -> dict:
     """Slots each layer holds over all its KV heads (KVzip's layers keep different counts)."""
     return {"slots_per_layer": [int(layer.positions.shape[1]) for layer in cache.layers]}
