@@ -200,7 +200,9 @@ def _kept_lists(out):
 # forward pass: tests/test_kvzip.py restates it; CAKE settles its budgets after the last
 # layer: tests/test_cake.py).
 COMPRESSING = [name for name in methods.available()
-               if name not in ("full", "cake") and methods.get(name).family == "eviction"
+               # lazy_eviction: restated in tests/test_lazy_eviction.py.
+               if name not in ("full", "cake", "lazy_eviction")
+               and methods.get(name).family == "eviction"
                and not methods.get(name).rescores]
 LONG_KEEP = 48
 

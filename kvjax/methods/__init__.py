@@ -22,10 +22,12 @@ from kvjax.methods.gear import GEAR
 from kvjax.methods.key_statistics import ExpectedAttention, Knorm
 from kvjax.methods.kvcrush import KVCrush
 from kvjax.methods.kvzip import KVzip
+from kvjax.methods.lazy_eviction import LazyEviction
 from kvjax.methods.merging import D2O, EMS, ElasticCache, KVMerger
 from kvjax.methods.minicache import MiniCache
 from kvjax.methods.mixed_precision import MiKV, ZipVL
 from kvjax.methods.positional import StreamingLLM
+from kvjax.methods.quest import Quest
 from kvjax.methods.quantization import KIVI
 from kvjax.methods.think import ThinK
 from kvjax.methods.window import PyramidKV, SnapKV
@@ -44,7 +46,7 @@ class Full(Method):
   needs_budget: ClassVar[bool] = False
 
 
-__all__ = ["AdaKV", "CAKE", "D2O", "EMS", "ElasticCache", "ExpectedAttention", "Full", "GEAR", "H2O", "KIVI", "Knorm", "KVCrush", "KVMerger", "KVzip", "LayerInputs",
+__all__ = ["AdaKV", "CAKE", "D2O", "EMS", "ElasticCache", "ExpectedAttention", "Full", "GEAR", "H2O", "KIVI", "Knorm", "KVCrush", "KVMerger", "KVzip", "LayerInputs", "Quest", "LazyEviction",
            "Method", "MiKV", "MiniCache", "PerLayer", "PyramidKV", "RazorAttention", "Scissorhands", "SinksWindow", "SnapKV",
            "StreamingLLM", "ThinK", "TOVA", "XKV", "ZipVL", "available", "get",
            "validate_compression"]

@@ -1,0 +1,84 @@
+"""Quest: query-aware page selection at decode (Tang et al., ICML 2024, arXiv 2406.10774;
+official code mit-han-lab/Quest).
+
+The context is kept whole, in pages of `page_size` (16) slots with each page's element-wise
+key max and min (`kvjax.cache.paged`). Each decode step bounds every page's logit for the
+new query (sum over channels of max(q * max, q * min)) and attends over the tokens of the
+top pages only: max(`min_pages`, ceil(budget / page_size)) of them, budget = the
+compression ratio's token budget (the eval code's `max(3, token_budget // chunk_size)`, rounded
+up here so that a budget of the whole context reads all of it), including the page of
+the newest token (Quest's serving code always keeps the last page; its eval code does not).
+The first `skip_layers` (2) layers stay dense, as Quest's `_quest_skip_layer`. Prefill and
+appended questions attend densely.
+
+Memory is not reduced (bounds add 2 / page_size of the keys in float32): the saving is what
+a decode step reads. The offloaded tier (pages in host memory, only the selected ones moved
+to the device) is not built yet: `context_cache_bytes` is the device cache, all of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax.numpy as jnp
+
+from kvjax.cache.paged import GQA_MODES, PagedLayerCache
+from kvjax.methods import base, registry
+
+
+@registry.register
+@dataclasses.dataclass(frozen=True)
+class Quest(base.Method):
+  """Decode attends over the top pages by key-bound (see the module docstring)."""
+  name: ClassVar[str] = "quest"
+  family: ClassVar[str] = "paging"
+  page_size: int = 16
+  min_pages: int = 3
+  skip_layers: int = 2
+  gqa: str = "query"
+
+  def __post_init__(self):
+    base.check_int("page_size", self.page_size, 1)
+    base.check_int("min_pages", self.min_pages, 1)
+    base.check_int("skip_layers", self.skip_layers, 0)
+    base.check_choice("gqa", self.gqa, GQA_MODES)
+
+  def pages(self, keep: int) -> int:
+    """Pages a decode step reads for a token budget of `keep`: whole pages covering it
+    (a budget of the whole context reads all of it), at least `min_pages`."""
+    return max(self.min_pages, -(-keep // self.page_size))
+
+  def score(self, x):
+    return jnp.zeros(x.key_positions.shape, jnp.float32)   # nothing is evicted
+
+  def compact(self, cand, x, keep):
+    """Every candidate is kept; layers from `skip_layers` on are paged."""
+    if x.layer < self.skip_layers:
+      return cand.replace(state=None)
+    return PagedLayerCache.from_dense(cand, self.page_size, self.pages(keep), self.gqa)
+
+  def finalize(self, cache, config=None):
+    """The prompt's bucket padding cut (each row's tokens from slot 0), pages rebuilt."""
+    del config
+    layers = []
+    for layer in cache.layers:
+      if isinstance(layer, PagedLayerCache):
+        layer = PagedLayerCache.from_dense(layer.dense.trimmed(), layer.page_size, layer.pages,
+                                           layer.gqa)
+      else:
+        layer = layer.trimmed()
+      layers.append(layer)
+    return cache.replace(layers=tuple(layers))
+
+  def kept_budgets(self, cache, budgets):
+    del budgets
+    return tuple(int((layer.slot_positions() >= 0).sum(-1).max()) for layer in cache.layers)
+
+  def cache_stats(self, cache) -> dict:
+    paged = [layer for layer in cache.layers if isinstance(layer, PagedLayerCache)]
+    if not paged:
+      return {}
+    return {"pages_per_step": paged[0].pages, "page_size": self.page_size,
+            "tokens_read_per_step": paged[0].pages * self.page_size,
+            "dense_layers": len(cache.layers) - len(paged)}

@@ -1,0 +1,166 @@
+"""Quest: the page bounds and the decode over the chosen pages against numpy, bounds kept
+up to date by appends, the layout's bytes against arithmetic, and the method end to end (a
+budget of the whole context gives the full cache's tokens, dense first layers, errors)."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kvjax
+from kvjax.cache.kv_cache import LayerCache, NewTokens, cache_nbytes
+from kvjax.cache.paged import PagedLayerCache, analytic_nbytes, logit_bounds, page_bounds
+from kvjax.errors import MethodError
+from kvjax.generation import context, inputs
+from tiny import random_prompts, tiny_model
+
+B, K, G, D, PS = 2, 2, 3, 8, 4
+
+
+def _dense(seed, s=22, empty_front=(0, 5)):
+  rng = np.random.default_rng(seed)
+  pos = np.broadcast_to(np.arange(s), (B, K, s)).astype(np.int32).copy()
+  for row, n in enumerate(empty_front):
+    pos[row, :, :n] = -1
+  keys = rng.normal(size=(B, K, s, D)).astype(np.float32)
+  values = rng.normal(size=(B, K, s, D)).astype(np.float32)
+  return LayerCache(keys=jnp.asarray(keys), values=jnp.asarray(values),
+                    positions=jnp.asarray(pos), end=jnp.int32(s)), keys, values, pos
+
+
+def _decode_numpy(q, keys, values, pos, pages, newest_page, gqa):
+  """out [B, H, D]: per query head (or KV head, reduced by `gqa`), the `pages` pages with
+  the highest sum_c max(q_c max_c, q_c min_c) / sqrt(D) (ties to the lower page, the newest
+  page always in), then softmax attention over their non-empty slots."""
+  s = keys.shape[2]
+  n_pages = -(-s // PS)
+  out = np.zeros((B, K * G, D))
+  for row in range(B):
+    for kv in range(K):
+      bounds = np.full((G, n_pages), -np.inf)
+      for p in range(n_pages):
+        sl = slice(p * PS, (p + 1) * PS)
+        real = pos[row, kv, sl] >= 0
+        if not real.any():
+          continue
+        hi, lo = keys[row, kv, sl][real].max(0), keys[row, kv, sl][real].min(0)
+        for g in range(G):
+          qq = q[row, kv * G + g]
+          bounds[g, p] = np.maximum(qq * hi, qq * lo).sum() / np.sqrt(D)
+      if gqa != "query":
+        bounds = np.broadcast_to(bounds.max(0) if gqa == "max" else bounds.sum(0),
+                                 bounds.shape)
+      for g in range(G):
+        b = bounds[g].copy()
+        b[newest_page] = np.inf
+        chosen = np.lexsort((np.arange(n_pages), -b))[:pages]
+        slots = np.concatenate([np.arange(p * PS, min((p + 1) * PS, s)) for p in chosen])
+        slots = slots[pos[row, kv, slots] >= 0]
+        logits = keys[row, kv, slots] @ q[row, kv * G + g] / np.sqrt(D)
+        w = np.exp(logits - logits.max())
+        out[row, kv * G + g] = (w / w.sum()) @ values[row, kv, slots]
+  return out
+
+
+def test_bounds_bound_every_logit_and_match_numpy():
+  dense, keys, _, pos = _dense(0, s=24)
+  hi, lo = page_bounds(dense.keys, dense.positions, PS)
+  rng = np.random.default_rng(1)
+  q = rng.normal(size=(B, 1, K * G, D)).astype(np.float32)
+  bound = np.asarray(logit_bounds(jnp.asarray(q), hi, lo))              # [B, K, G, P]
+  for row in range(B):
+    for kv in range(K):
+      for p in range(24 // PS):
+        real = pos[row, kv, p * PS:(p + 1) * PS] >= 0
+        for g in range(G):
+          if not real.any():
+            assert bound[row, kv, g, p] == -np.inf
+            continue
+          logits = keys[row, kv, p * PS:(p + 1) * PS][real] @ q[row, 0, kv * G + g] / np.sqrt(D)
+          assert bound[row, kv, g, p] >= logits.max() - 1e-5
+          if real.sum() == 1:
+            np.testing.assert_allclose(bound[row, kv, g, p], logits.max(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("gqa", ["query", "max", "sum"])
+@pytest.mark.parametrize("pages", [1, 2, 4])
+def test_decode_over_chosen_pages_matches_numpy(gqa, pages):
+  dense, keys, values, pos = _dense(2)
+  paged = PagedLayerCache.from_dense(dense, PS, pages, gqa)
+  assert paged.capacity == 24 and int(paged.dense.end) == 22
+  rng = np.random.default_rng(3)
+  q = rng.normal(size=(B, 1, K * G, D)).astype(np.float32)
+  out, _ = paged.attend(jnp.asarray(q), jnp.full((B, 1), 30, jnp.int32))
+  pad = lambda a, v: np.concatenate([a, np.full(a.shape[:2] + (2,) + a.shape[3:], v, a.dtype)],
+                                    axis=2)
+  want = _decode_numpy(q[:, 0], pad(keys, 0), pad(values, 0), pad(pos, -1), pages, 21 // PS,
+                       gqa)
+  np.testing.assert_allclose(np.asarray(out)[:, 0], want, rtol=1e-4, atol=1e-5)
+
+
+def test_all_pages_is_dense_attention():
+  dense, *_ = _dense(4)
+  q = jnp.asarray(np.random.default_rng(5).normal(size=(B, 1, K * G, D)), jnp.float32)
+  qpos = jnp.full((B, 1), 30, jnp.int32)
+  want, _ = dense.attend(q, qpos)
+  got, _ = PagedLayerCache.from_dense(dense, PS, 6).attend(q, qpos)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_appends_keep_the_bounds_of_a_fresh_build():
+  dense, *_ = _dense(6, s=10)
+  paged = PagedLayerCache.from_dense(dense, PS, 2).grow(9)
+  assert paged.capacity % PS == 0 and paged.capacity >= 19
+  rng = np.random.default_rng(7)
+  for t, first in [(3, 10), (1, 13), (1, 14)]:
+    new = NewTokens(keys=jnp.asarray(rng.normal(size=(B, K, t, D)), jnp.float32),
+                    values=jnp.asarray(rng.normal(size=(B, K, t, D)), jnp.float32),
+                    positions=jnp.asarray(np.tile(np.arange(first, first + t), (B, 1)),
+                                          jnp.int32))
+    paged = paged.append(new)
+  hi, lo = page_bounds(paged.dense.keys, paged.dense.positions, PS)
+  np.testing.assert_array_equal(np.asarray(paged.page_max), np.asarray(hi))
+  np.testing.assert_array_equal(np.asarray(paged.page_min), np.asarray(lo))
+  assert int(paged.dense.end) == 15
+
+
+@pytest.fixture(scope="module")
+def model():
+  return tiny_model(seed=0, num_layers=4)
+
+
+PROMPTS = random_prompts([150, 120], seed=1)
+
+
+def test_budget_of_the_whole_context_is_the_full_cache(model):
+  full = kvjax.generate(model, PROMPTS, max_new_tokens=8)
+  out = kvjax.generate(model, PROMPTS, method="quest", budget=1000, max_new_tokens=8)
+  assert out.token_ids == full.token_ids
+  half = kvjax.generate(model, PROMPTS, method="quest", compression_ratio=0.5, max_new_tokens=8)
+  stats = half.stats["method_stats"]
+  assert stats == {"pages_per_step": 5, "page_size": 16, "tokens_read_per_step": 80,
+                   "dense_layers": 2}
+  assert half.stats["kept_tokens_per_layer"] == [150] * 4   # nothing is evicted
+
+
+def test_bytes_are_the_dense_cache_plus_bounds(model):
+  tokens, mask = inputs.left_pad(PROMPTS, 0)
+  pre = context.prefill(model, tokens, mask, kvjax.methods.get("quest"), 75, 0)
+  layers = pre.cache.layers
+  assert [type(layer).__name__ for layer in layers] == ["LayerCache"] * 2 + [
+      "PagedLayerCache"] * 2
+  cfg = model.config
+  dense = [np.asarray(layer.positions).shape[-1] for layer in layers[:2]]
+  assert dense == [150, 150]                    # the prompt's bucket padding is cut
+  want = sum(analytic_nbytes(2, cfg.num_kv_heads, 160, cfg.head_dim, 16, jnp.float32)
+             for _ in layers[2:])
+  got = sum(layer.nbytes for layer in layers[2:])
+  assert got == want
+  assert cache_nbytes(pre.cache) == pre.context_cache_bytes
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("quest:page_size=0", "page_size"), ("quest:min_pages=0", "min_pages"),
+    ("quest:gqa=mean", "gqa"), ("quest:skip_layers=-1", "skip_layers")])
+def test_bad_hyperparameters(spec, match):
+  with pytest.raises(MethodError, match=match):
+    kvjax.methods.get(spec)
