@@ -9,12 +9,19 @@ step reads pages * page_size keys and values however long the context is. Memory
 dense cache's plus the bounds (2 / page_size of the keys): Quest saves bandwidth, not memory.
 Prefill chunks and appended questions attend densely, as in Quest.
 
+MPCache's hierarchical selection (`ClusterSelection`) reads the same bounds two levels deep:
+clusters of `pages_per_cluster` pages scored by the linear similarity
+sum_c q_c (alpha max_c + (1 - alpha) min_c), the best `clusters` of them (and the first and
+the newest) let their pages compete by the same similarity for the `pages` read.
+
 `gqa`: "query" picks pages per query head, as Quest's code does after `repeat_kv` (a KV head
 may then be read for several page sets); "max" or "sum" reduce the bounds over each KV head's
 query heads, so each KV head reads one page set.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +55,33 @@ def logit_bounds(queries: jax.Array, page_max: jax.Array, page_min: jax.Array) -
   return jnp.where(empty[:, :, None], -jnp.inf, bound)
 
 
+def _finite(bound: jax.Array) -> jax.Array:
+  return jnp.where(jnp.isfinite(bound), bound, 0.0)
+
+
+def similarity(q: jax.Array, page_max: jax.Array, page_min: jax.Array, alpha: float):
+  """[B, K, G, P] MPCache's sum_c q_c (alpha max_c + (1 - alpha) min_c) for q [B, K, G, D];
+  -inf for empty pages."""
+  empty = ~jnp.isfinite(page_max).all(-1)
+  mix = alpha * _finite(page_max) + (1 - alpha) * _finite(page_min)          # [B, K, P, D]
+  sim = jnp.einsum("bkgd,bkpd->bkgp", q, mix, precision=jax.lax.Precision.HIGHEST)
+  return jnp.where(empty[:, :, None], -jnp.inf, sim)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterSelection:
+  """MPCache's two levels: `clusters` clusters of `pages_per_cluster` pages kept at the
+  first level (besides the first and the newest), scored with weight `alpha` on the max."""
+  alpha: float
+  clusters: int
+  pages_per_cluster: int = 2
+
+
+# Disallowed second-level pages rank below every allowed one but above empty ones (MPCache
+# adds the dtype's lowest value to them).
+DISALLOWED = -1e30
+
+
 @struct.dataclass
 class PagedLayerCache(PerHeadSlots):
   dense: LayerCache            # every token; capacity a multiple of page_size
@@ -56,6 +90,7 @@ class PagedLayerCache(PerHeadSlots):
   page_size: int = struct.field(pytree_node=False, default=16)
   pages: int = struct.field(pytree_node=False, default=1)   # pages attended per decode step
   gqa: str = struct.field(pytree_node=False, default="query")
+  clustering: ClusterSelection | None = struct.field(pytree_node=False, default=None)
 
   @property
   def state(self):
@@ -80,16 +115,23 @@ class PagedLayerCache(PerHeadSlots):
     return {"dense": self.dense.logical_axes(), "page_max": page, "page_min": page}
 
   @classmethod
-  def from_dense(cls, dense: LayerCache, page_size: int, pages: int,
-                 gqa: str = "query") -> "PagedLayerCache":
-    """Pages over `dense` (padded with empty slots to a whole number of pages)."""
+  def from_dense(cls, dense: LayerCache, page_size: int, pages: int, gqa: str = "query",
+                 clustering: ClusterSelection | None = None) -> "PagedLayerCache":
+    """Pages over `dense` (padded with empty slots to a whole number of pages, or of
+    clusters)."""
     dense = dense.replace(state=None)
-    short = -dense.capacity % page_size
+    unit = page_size * (clustering.pages_per_cluster if clustering else 1)
     end = dense.end
-    dense = dense.grow(short).replace(end=end)
+    dense = dense.grow(-dense.capacity % unit).replace(end=end)
     page_max, page_min = page_bounds(dense.keys, dense.positions, page_size)
     return cls(dense=dense, page_max=page_max, page_min=page_min, page_size=page_size,
-               pages=pages, gqa=gqa)
+               pages=pages, gqa=gqa, clustering=clustering)
+
+  def _reduced(self, score: jax.Array) -> jax.Array:
+    """[B, K, G, P] -> per query head, or one row per KV head (`gqa`)."""
+    if self.gqa == "query":
+      return score
+    return score.max(2, keepdims=True) if self.gqa == "max" else score.sum(2, keepdims=True)
 
   def attend(self, queries, query_positions, pending: NewTokens | None = None,
              want: frozenset = frozenset()):
@@ -99,15 +141,35 @@ class PagedLayerCache(PerHeadSlots):
 
   def selected_slots(self, queries) -> jax.Array:
     """[B, K, G or 1, pages * page_size] slots the decode query reads: the top pages by
-    `logit_bounds` and the page of the newest token."""
-    bound = logit_bounds(queries, self.page_max, self.page_min)              # [B, K, G, P]
-    if self.gqa != "query":
-      bound = bound.max(2, keepdims=True) if self.gqa == "max" else bound.sum(2, keepdims=True)
+    `logit_bounds` and the page of the newest token (or MPCache's `_cluster_pages`)."""
     newest = (self.dense.end - 1) // self.page_size
-    bound = bound.at[..., newest].set(jnp.inf)
-    _, top = jax.lax.top_k(bound, self.pages)                                 # [B, K, g, n]
+    if self.clustering is not None:
+      top = self._cluster_pages(queries, newest)
+    else:
+      bound = self._reduced(logit_bounds(queries, self.page_max, self.page_min))
+      _, top = jax.lax.top_k(bound.at[..., newest].set(jnp.inf), self.pages)  # [B, K, g, n]
     slots = top[..., None] * self.page_size + jnp.arange(self.page_size)
     return slots.reshape(top.shape[:-1] + (-1,))
+
+  def _cluster_pages(self, queries, newest) -> jax.Array:
+    """[B, K, g, pages] MPCache: the first level keeps the first cluster, the newest one and
+    the `clusters` most similar; their pages, the first page and the newest compete for
+    `pages` slots by the same similarity."""
+    c, alpha = self.clustering.pages_per_cluster, self.clustering.alpha
+    b, k, p, d = self.page_max.shape
+    q = attention_ops.group_heads(queries, k)[:, :, :, 0].astype(jnp.float32)   # [B, K, G, D]
+    coarse = self._reduced(similarity(
+        q, self.page_max.reshape(b, k, p // c, c, d).max(3),
+        self.page_min.reshape(b, k, p // c, c, d).min(3), alpha))            # [B, K, g, C]
+    coarse = coarse.at[..., 0].set(jnp.inf).at[..., newest // c].set(jnp.inf)
+    _, chosen = jax.lax.top_k(coarse, min(self.clustering.clusters + 2, p // c))
+    parent = jnp.arange(p) // c
+    allowed = (chosen[..., :, None] == parent).any(-2)                       # [B, K, g, P]
+    fine = self._reduced(similarity(q, self.page_max, self.page_min, alpha))
+    fine = jnp.where(allowed | (fine == -jnp.inf), fine, DISALLOWED)
+    _, top = jax.lax.top_k(fine.at[..., 0].set(jnp.inf).at[..., newest].set(jnp.inf),
+                           self.pages)
+    return top
 
   def decode(self, queries, query_positions):
     """One new token per row over the selected pages (dense when they cover every page)."""
@@ -151,7 +213,8 @@ class PagedLayerCache(PerHeadSlots):
     return self
 
   def grow(self, room: int) -> "PagedLayerCache":
-    room += -(self.capacity + room) % self.page_size    # whole pages
+    unit = self.page_size * (self.clustering.pages_per_cluster if self.clustering else 1)
+    room += -(self.capacity + room) % unit    # whole pages (clusters)
     if room == 0:
       return self
     more = room // self.page_size

@@ -26,6 +26,7 @@ from kvjax.methods.lazy_eviction import LazyEviction
 from kvjax.methods.merging import D2O, EMS, ElasticCache, KVMerger
 from kvjax.methods.minicache import MiniCache
 from kvjax.methods.mixed_precision import MiKV, ZipVL
+from kvjax.methods.mpcache import MPCache
 from kvjax.methods.positional import StreamingLLM
 from kvjax.methods.quest import Quest
 from kvjax.methods.quantization import KIVI
@@ -46,7 +47,7 @@ class Full(Method):
   needs_budget: ClassVar[bool] = False
 
 
-__all__ = ["AdaKV", "CAKE", "D2O", "EMS", "ElasticCache", "ExpectedAttention", "Full", "GEAR", "H2O", "KIVI", "Knorm", "KVCrush", "KVMerger", "KVzip", "LayerInputs", "Quest", "LazyEviction",
+__all__ = ["AdaKV", "CAKE", "D2O", "EMS", "ElasticCache", "ExpectedAttention", "Full", "GEAR", "H2O", "KIVI", "Knorm", "KVCrush", "KVMerger", "KVzip", "LayerInputs", "MPCache", "Quest", "LazyEviction",
            "Method", "MiKV", "MiniCache", "PerLayer", "PyramidKV", "RazorAttention", "Scissorhands", "SinksWindow", "SnapKV",
            "StreamingLLM", "ThinK", "TOVA", "XKV", "ZipVL", "available", "get",
            "validate_compression"]
