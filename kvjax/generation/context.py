@@ -16,9 +16,11 @@ import numpy as np
 
 from kvjax import validation
 from kvjax.cache import cache_nbytes, full_cache_nbytes, init_cache
+from kvjax.cache.kv_cache import EMPTY_POSITION
 from kvjax.methods.plan import CompressionPlan, PlanSet
 from kvjax.errors import MethodError
 from kvjax.generation import engine, inputs
+from kvjax.model.model import truncated
 
 
 @dataclasses.dataclass
@@ -77,7 +79,8 @@ def prefill(model, tokens: np.ndarray, mask: np.ndarray, method, keep: int | Non
   if rescoring:
     # Prefilled uncompressed, then scored over that cache and compressed once (KVzip).
     final_plan = _compression_plan(model, method, keep, mask)
-    passes = final_plan.method.rescoring_passes(model.tokenizer, tokens, mask)  # errors first
+    passes = final_plan.method.rescoring_passes(model.tokenizer, tokens, mask,
+                                                draft_fn(model, final_plan.method, steps))
     plan, cache = None, init_cache(model.config, rows, width)
   elif method.compresses and (keep is not None or not method.needs_budget):
     plan = _compression_plan(model, method, width if keep is None else keep, mask)
@@ -110,11 +113,45 @@ def _rescored(model, plan: CompressionPlan, passes, cache, steps: engine.Compile
   scores = []
   for rows, params in passes:
     ids, ids_mask = inputs.left_pad(rows, 0)
-    _, layer_scores = steps.prefill(model, jnp.asarray(ids), jnp.asarray(ids_mask), cache,
+    at = cache if "rewind" not in params else rewound(cache, params["rewind"])
+    _, layer_scores = steps.prefill(model, jnp.asarray(ids), jnp.asarray(ids_mask), at,
                                     logits="last", plan=policy,
                                     method_params=jax.tree_util.tree_map(jnp.asarray, params))
     scores.append(layer_scores)
   return method.rescored(cache, scores, plan.budgets)
+
+
+def rewound(cache, rewind):
+  """The full `cache` without each row's last rewind [B] tokens (their slots read as empty),
+  so a pass that re-reads them puts them back at their positions, seen once."""
+  lengths = cache.lengths - jnp.asarray(rewind, jnp.int32)
+  forget = lambda layer: layer.replace(positions=jnp.where(
+      layer.positions >= lengths[:, None, None], EMPTY_POSITION, layer.positions))
+  return cache.replace(layers=tuple(forget(layer) for layer in cache.layers), lengths=lengths)
+
+
+def draft_fn(model, method, steps: engine.CompiledSteps = engine.STEPS):
+  """`draft(rows, n)` for a method with a draft model (its `draft_layers` of the target),
+  else None: each token row's greedy continuation of n tokens by the draft."""
+  layers = method.draft_layers(model.config.num_layers)
+  if layers is None:
+    return None
+  draft = truncated(model, layers)
+
+  def continuations(rows, n: int) -> list[list[int]]:
+    ids, ids_mask = inputs.left_pad(rows, 0)
+    logits, cache = steps.prefill(draft, jnp.asarray(ids), jnp.asarray(ids_mask),
+                                  init_cache(draft.config, len(rows), ids.shape[1] + n),
+                                  logits="last")
+    token = jnp.argmax(logits, -1).astype(jnp.int32)
+    out = [np.asarray(token)]
+    for _ in range(n - 1):
+      token, logits, cache = steps.decode(draft, token, cache, jax.random.key(0), 1.0, 1.0,
+                                          True)
+      out.append(np.asarray(token))
+    return np.stack(out, 1).tolist()
+
+  return continuations
 
 
 def _compression_plan(model, method, keep: int, mask: np.ndarray) -> CompressionPlan:

@@ -212,9 +212,19 @@ class Method:
     return self.name
 
   # Rescoring hooks (methods with `rescores` only; see kvjax/methods/kvzip.py).
-  def rescoring_passes(self, tokenizer, tokens, mask):
-    """[(token id rows, traced parameters)]: the forward passes that score the context."""
+  def rescoring_passes(self, tokenizer, tokens, mask, draft=None):
+    """[(token id rows, traced parameters)]: the forward passes that score the context.
+    Their parameters may hold "rewind" [B]: the pass then re-reads each row's last rewind
+    tokens, which the cache forgets for it, at their positions. `draft(rows, n)`: the greedy
+    continuations (n tokens) of token rows by the method's draft model, for methods whose
+    `draft_layers` is set."""
     raise NotImplementedError(f"{type(self).__name__} declares no rescoring passes")
+
+  def draft_layers(self, num_layers: int) -> int | None:
+    """Layers of the target a rescoring method's draft model keeps (a truncated-layer
+    draft), or None for no draft."""
+    del num_layers
+    return None
 
   def rescoring_policy(self):
     """The cache policy of those passes: returns per-layer scores, not a cache."""

@@ -57,11 +57,19 @@ def reconstruction_scores(queries, keys, key_positions, new_keys, query_position
   cached slots at positions below `sinks` or in [start, end) (per row) and the repeat tokens
   up to itself. Queries are taken `block` at a time (memory O(block * (S + T))).
   """
+  allowed = (key_positions >= 0) & ((key_positions < sinks) | (
+      (key_positions >= start[:, None, None]) & (key_positions < end[:, None, None])))
+  return max_probabilities(queries, keys, allowed, new_keys, query_positions, block)
+
+
+def max_probabilities(queries, keys, allowed, new_keys, query_positions, block: int = 256):
+  """[B, K, S] float32: the largest softmax probability any real query of a KV head's group
+  gives each cached slot, each query's softmax running over the `allowed` [B, K, S] cached
+  slots and its own tokens (new_keys [B, K, T, D] at query_positions [B, T]) up to itself;
+  zero for the other slots. Queries are taken `block` at a time."""
   b, t, h, d = queries.shape
   k = keys.shape[1]
   scale = d ** -0.5
-  allowed = (key_positions >= 0) & ((key_positions < sinks) | (
-      (key_positions >= start[:, None, None]) & (key_positions < end[:, None, None])))
   block = min(block, t)
   blocks = -(-t // block)
   pad = blocks * block - t
@@ -151,9 +159,10 @@ class KVzip(base.Method):
   def rescoring_policy(self) -> ReconstructionProbe:
     return ReconstructionProbe(self.sinks)
 
-  def rescoring_passes(self, tokenizer, tokens: np.ndarray, mask: np.ndarray):
+  def rescoring_passes(self, tokenizer, tokens: np.ndarray, mask: np.ndarray, draft=None):
     """[(rows: token ids per row, {"start": [B], "end": [B]} int32)] one repeat pass per
     chunk of the longest context; a row whose context is shorter has an empty row."""
+    del draft
     if tokenizer is None:
       raise MethodError("kvzip builds its repeat prompt with the model's tokenizer; this "
                         "model has none")

@@ -94,3 +94,15 @@ def random_params(config: ModelConfig, seed: int = 0, tokenizer=None) -> Model:
 
   return Model(config=config, graphdef=graphdef, params=init(jax.random.key(seed)),
                tokenizer=tokenizer)
+
+
+def truncated(model: Model, num_layers: int) -> Model:
+  """The model's first `num_layers` layers with its embedding, final norm and head: a
+  draft that shares the target's tokenizer and weights (no copy)."""
+  if not 1 <= num_layers <= model.config.num_layers:
+    raise ValueError(f"num_layers={num_layers} must be in [1, {model.config.num_layers}]")
+  flat = {name: value for name, value in to_flat_params(model).items()
+          if not name.startswith("layers.") or int(name.split(".")[1]) < num_layers}
+  config = dataclasses.replace(model.config, num_layers=num_layers,
+                               name=f"{model.config.name}[:{num_layers}]")
+  return from_flat_params(config, flat, model.tokenizer, source="truncated draft")
