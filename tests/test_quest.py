@@ -2,12 +2,13 @@
 up to date by appends, the layout's bytes against arithmetic, and the method end to end (a
 budget of the whole context gives the full cache's tokens, dense first layers, errors)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import kvjax
-from kvjax.cache.kv_cache import LayerCache, NewTokens, cache_nbytes
+from kvjax.cache.kv_cache import LayerCache, NewTokens, cache_nbytes, host_nbytes
 from kvjax.cache.paged import PagedLayerCache, analytic_nbytes, logit_bounds, page_bounds
 from kvjax.errors import MethodError
 from kvjax.generation import context, inputs
@@ -137,14 +138,22 @@ def test_budget_of_the_whole_context_is_the_full_cache(model):
   assert out.token_ids == full.token_ids
   half = kvjax.generate(model, PROMPTS, method="quest", compression_ratio=0.5, max_new_tokens=8)
   stats = half.stats["method_stats"]
+  cfg = model.config
+  offloaded = 2 * 2 * cfg.num_kv_heads * 160 * cfg.head_dim * 4 * 2   # layers, rows, K and V
   assert stats == {"pages_per_step": 5, "page_size": 16, "tokens_read_per_step": 80,
-                   "dense_layers": 2}
+                   "dense_layers": 2, "host_bytes": offloaded}
   assert half.stats["kept_tokens_per_layer"] == [150] * 4   # nothing is evicted
+  on_device = kvjax.generate(model, PROMPTS, method="quest:offload=False",
+                             compression_ratio=0.5, max_new_tokens=8)
+  assert on_device.token_ids == half.token_ids
+  assert on_device.stats["method_stats"]["host_bytes"] == 0
+  assert (on_device.stats["context_cache_bytes"] - half.stats["context_cache_bytes"]
+          == offloaded)
 
 
 def test_bytes_are_the_dense_cache_plus_bounds(model):
   tokens, mask = inputs.left_pad(PROMPTS, 0)
-  pre = context.prefill(model, tokens, mask, kvjax.methods.get("quest"), 75, 0)
+  pre = context.prefill(model, tokens, mask, kvjax.methods.get("quest:offload=False"), 75, 0)
   layers = pre.cache.layers
   assert [type(layer).__name__ for layer in layers] == ["LayerCache"] * 2 + [
       "PagedLayerCache"] * 2
@@ -164,3 +173,29 @@ def test_bytes_are_the_dense_cache_plus_bounds(model):
 def test_bad_hyperparameters(spec, match):
   with pytest.raises(MethodError, match=match):
     kvjax.methods.get(spec)
+
+
+def test_offloaded_pages_live_on_the_host_and_decode_alike():
+  dense, *_ = _dense(8, s=40)
+  paged = PagedLayerCache.from_dense(dense, PS, 3, "max")
+  moved = paged.offload()
+  assert moved.dense.keys.sharding.memory_kind == "pinned_host"
+  assert moved.dense.positions.sharding.memory_kind == "device"
+  kv = 2 * B * K * 40 * D * 4
+  assert host_nbytes(moved) == kv and moved.nbytes == paged.nbytes - kv
+  rng = np.random.default_rng(9)
+  new = NewTokens(keys=jnp.asarray(rng.normal(size=(B, K, 1, D)), jnp.float32),
+                  values=jnp.asarray(rng.normal(size=(B, K, 1, D)), jnp.float32),
+                  positions=jnp.full((B, 1), 40, jnp.int32))
+  q = jnp.asarray(rng.normal(size=(B, 1, K * G, D)), jnp.float32)
+
+  @jax.jit
+  def step(cache, new, q):
+    cache = cache.grow(4).append(new)
+    return cache, cache.attend(q, jnp.full((B, 1), 40, jnp.int32))[0]
+
+  c1, want = step(paged, new, q)
+  c2, got = step(moved, new, q)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert c2.dense.keys.sharding.memory_kind == "pinned_host"
+  np.testing.assert_array_equal(np.asarray(c2.dense.keys), np.asarray(c1.dense.keys))

@@ -73,10 +73,25 @@ def map_state(fn, state):
   return None if state is None else jax.tree_util.tree_map(fn, state)
 
 
+HOST_MEMORY_KINDS = ("pinned_host", "unpinned_host")
+
+
+def _on_host(x) -> bool:
+  sharding = getattr(x, "sharding", None)
+  return getattr(sharding, "memory_kind", None) in HOST_MEMORY_KINDS
+
+
 def nbytes(tree) -> int:
-  """Bytes actually held by a pytree: the sum of its leaves' sizes."""
+  """Device bytes held by a pytree: the sum of its leaves' sizes, leaves offloaded to host
+  memory left out (`host_nbytes` counts those)."""
   return int(sum(np.dtype(x.dtype).itemsize * int(np.prod(x.shape))
-                 for x in jax.tree_util.tree_leaves(tree)))
+                 for x in jax.tree_util.tree_leaves(tree) if not _on_host(x)))
+
+
+def host_nbytes(tree) -> int:
+  """Bytes of a pytree's leaves that live in host memory (offloaded pages)."""
+  return int(sum(np.dtype(x.dtype).itemsize * int(np.prod(x.shape))
+                 for x in jax.tree_util.tree_leaves(tree) if _on_host(x)))
 
 
 class PerHeadSlots:

@@ -9,6 +9,14 @@ step reads pages * page_size keys and values however long the context is. Memory
 dense cache's plus the bounds (2 / page_size of the keys): Quest saves bandwidth, not memory.
 Prefill chunks and appended questions attend densely, as in Quest.
 
+Offloaded (`offload()`): the dense keys and values live in host memory and only the pages a
+decode step selects are copied to the device (one dynamic slice per page, head and row:
+XLA reads host memory by dynamic slice, not by gather); bounds and positions stay on the
+device, so the device holds 2 / page_size of the keys plus 4 bytes per slot, and a step
+moves pages * page_size keys and values. New tokens are written to host memory where they
+belong; dense attention (prefill chunks, questions) brings the whole layer over for that
+call. `kvjax.cache.kv_cache.nbytes` counts device bytes, `host_nbytes` the offloaded ones.
+
 MPCache's hierarchical selection (`ClusterSelection`) reads the same bounds two levels deep:
 clusters of `pages_per_cluster` pages scored by the linear similarity
 sum_c q_c (alpha max_c + (1 - alpha) min_c), the best `clusters` of them (and the first and
@@ -31,6 +39,7 @@ from kvjax.cache.kv_cache import LayerCache, NewTokens, PerHeadSlots, Stats
 from kvjax.ops import attention as attention_ops
 
 GQA_MODES = ("query", "max", "sum")
+HOST, DEVICE = jax.memory.Space.Host, jax.memory.Space.Device
 
 
 def page_bounds(keys: jax.Array, positions: jax.Array, page_size: int):
@@ -91,6 +100,7 @@ class PagedLayerCache(PerHeadSlots):
   pages: int = struct.field(pytree_node=False, default=1)   # pages attended per decode step
   gqa: str = struct.field(pytree_node=False, default="query")
   clustering: ClusterSelection | None = struct.field(pytree_node=False, default=None)
+  offloaded: bool = struct.field(pytree_node=False, default=False)
 
   @property
   def state(self):
@@ -133,10 +143,24 @@ class PagedLayerCache(PerHeadSlots):
       return score
     return score.max(2, keepdims=True) if self.gqa == "max" else score.sum(2, keepdims=True)
 
+  def offload(self) -> "PagedLayerCache":
+    """Host side: the keys and values moved to host memory."""
+    d = self.dense
+    return self.replace(dense=d.replace(keys=jax.device_put(d.keys, HOST),
+                                        values=jax.device_put(d.values, HOST)),
+                        offloaded=True)
+
+  def on_device(self) -> LayerCache:
+    """The dense layer with its keys and values on the device (a copy when offloaded)."""
+    d = self.dense
+    if not self.offloaded:
+      return d
+    return d.replace(keys=jax.device_put(d.keys, DEVICE), values=jax.device_put(d.values, DEVICE))
+
   def attend(self, queries, query_positions, pending: NewTokens | None = None,
              want: frozenset = frozenset()):
     if queries.shape[1] != 1 or pending is not None or want:
-      return self.dense.attend(queries, query_positions, pending, want)
+      return self.on_device().attend(queries, query_positions, pending, want)
     return self.decode(queries, query_positions), Stats()
 
   def selected_slots(self, queries) -> jax.Array:
@@ -173,17 +197,22 @@ class PagedLayerCache(PerHeadSlots):
 
   def decode(self, queries, query_positions):
     """One new token per row over the selected pages (dense when they cover every page)."""
-    d = self.dense
-    if self.pages * self.page_size >= d.capacity:
+    if self.pages * self.page_size >= self.capacity:
+      d = self.on_device()
       out, _ = attention_ops.decode(queries, d.keys, d.values, query_positions, d.positions)
       return out
+    d = self.dense
     b, k, _, dim = d.keys.shape
     slots = self.selected_slots(queries)                                      # [B, K, g, n]
     g, n = slots.shape[2], slots.shape[3]
     flat = slots.reshape(b, k, g * n)
     take = lambda a: jnp.take_along_axis(a, flat.reshape(b, k, g * n, *([1] * (a.ndim - 3))),
                                          axis=2)
-    keys, values, positions = take(d.keys), take(d.values), take(d.positions)
+    positions = take(d.positions)
+    if self.offloaded:
+      keys, values = self._read_pages(slots[..., ::self.page_size] // self.page_size)
+    else:
+      keys, values = take(d.keys), take(d.values)
     # Each query head (or group) is its own "KV head" over its pages.
     keys = keys.reshape(b, k * g, n, dim)
     values = values.reshape(b, k * g, n, values.shape[-1])
@@ -191,20 +220,47 @@ class PagedLayerCache(PerHeadSlots):
     out, _ = attention_ops.decode(queries, keys, values, query_positions, positions)
     return out
 
+  def _read_pages(self, pages: jax.Array):
+    """(keys, values) [B, K, g * n * page_size, D] on the device: the pages [B, K, g, n] of
+    each row and KV head copied out of host memory one dynamic slice at a time."""
+    d, ps = self.dense, self.page_size
+    b, k, g, n = pages.shape
+    flat = pages.reshape(b, k, g * n)
+
+    def read(array):
+      out = jnp.zeros((b, k, g * n * ps, array.shape[-1]), array.dtype)
+
+      def body(i, out):
+        row, head, j = i // (k * g * n), (i // (g * n)) % k, i % (g * n)
+        page = jax.lax.dynamic_slice(array, (row, head, flat[row, head, j] * ps, 0),
+                                     (1, 1, ps, array.shape[-1]))
+        return jax.lax.dynamic_update_slice(out, jax.device_put(page, DEVICE),
+                                            (row, head, j * ps, 0))
+
+      return jax.lax.fori_loop(0, b * k * g * n, body, out)
+
+    return read(d.keys), read(d.values)
+
   def append(self, new: NewTokens) -> "PagedLayerCache":
-    """Writes the tokens at `end` and raises/lowers their pages' bounds."""
+    """Writes the tokens at `end` (in host memory when offloaded) and raises/lowers their
+    pages' bounds."""
     t = new.keys.shape[2]
     pages = (self.dense.end + jnp.arange(t)) // self.page_size                 # [T]
     valid = (new.head_positions() >= 0)[..., None]                            # [B, K, T, 1]
     keys = new.keys.astype(jnp.float32)
+    stored = new
+    if self.offloaded:
+      put = lambda a, like: jax.device_put(a.astype(like.dtype), HOST)
+      stored = NewTokens(keys=put(new.keys, self.dense.keys),
+                         values=put(new.values, self.dense.values), positions=new.positions)
     return self.replace(
-        dense=self.dense.append(new),
+        dense=self.dense.append(stored),
         page_max=self.page_max.at[:, :, pages].max(jnp.where(valid, keys, -jnp.inf)),
         page_min=self.page_min.at[:, :, pages].min(jnp.where(valid, keys, jnp.inf)))
 
   def candidates(self, new: NewTokens) -> LayerCache:
     """Dense candidates for the next prefill chunk (paged again by the method)."""
-    return self.dense.candidates(new)
+    return self.on_device().candidates(new)
 
   def select(self, index):
     raise NotImplementedError("a paged cache is compacted through its dense candidates")
@@ -220,7 +276,11 @@ class PagedLayerCache(PerHeadSlots):
     more = room // self.page_size
     pad = lambda a, value: jnp.pad(a, [(0, 0), (0, 0), (0, more), (0, 0)],
                                    constant_values=value)
-    return self.replace(dense=self.dense.grow(room), page_max=pad(self.page_max, -jnp.inf),
+    dense = self.on_device().grow(room)
+    if self.offloaded:
+      dense = dense.replace(keys=jax.device_put(dense.keys, HOST),
+                            values=jax.device_put(dense.values, HOST))
+    return self.replace(dense=dense, page_max=pad(self.page_max, -jnp.inf),
                         page_min=pad(self.page_min, jnp.inf))
 
 

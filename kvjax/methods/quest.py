@@ -11,9 +11,12 @@ the newest token (Quest's serving code always keeps the last page; its eval code
 The first `skip_layers` (2) layers stay dense, as Quest's `_quest_skip_layer`. Prefill and
 appended questions attend densely.
 
-Memory is not reduced (bounds add 2 / page_size of the keys in float32): the saving is what
-a decode step reads. The offloaded tier (pages in host memory, only the selected ones moved
-to the device) is not built yet: `context_cache_bytes` is the device cache, all of it.
+Offloaded (`offload`, the default): the paged layers' keys and values live in host memory
+and a decode step copies only its pages to the device, so the device holds the dense first
+layers, the page bounds (2 / page_size of the keys, float32) and positions;
+`context_cache_bytes` counts device bytes and `method_stats["host_bytes"]` the offloaded
+ones. `offload=False` keeps everything on the device (Quest's own setting: memory is not
+reduced, only what a step reads).
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from typing import ClassVar
 
 import jax.numpy as jnp
 
+from kvjax.cache.kv_cache import host_nbytes
 from kvjax.cache.paged import GQA_MODES, PagedLayerCache
+from kvjax.errors import MethodError
 from kvjax.methods import base, registry
 
 
@@ -37,12 +42,15 @@ class Quest(base.Method):
   min_pages: int = 3
   skip_layers: int = 2
   gqa: str = "query"
+  offload: bool = True
 
   def __post_init__(self):
     base.check_int("page_size", self.page_size, 1)
     base.check_int("min_pages", self.min_pages, 1)
     base.check_int("skip_layers", self.skip_layers, 0)
     base.check_choice("gqa", self.gqa, GQA_MODES)
+    if not isinstance(self.offload, bool):
+      raise MethodError(f"quest offload={self.offload!r} must be True or False")
 
   def pages(self, keep: int) -> int:
     """Pages a decode step reads for a token budget of `keep`: whole pages covering it
@@ -66,6 +74,7 @@ class Quest(base.Method):
       if isinstance(layer, PagedLayerCache):
         layer = PagedLayerCache.from_dense(layer.dense.trimmed(), layer.page_size, layer.pages,
                                            layer.gqa)
+        layer = layer.offload() if self.offload else layer
       else:
         layer = layer.trimmed()
       layers.append(layer)
@@ -81,4 +90,5 @@ class Quest(base.Method):
       return {}
     return {"pages_per_step": paged[0].pages, "page_size": self.page_size,
             "tokens_read_per_step": paged[0].pages * self.page_size,
-            "dense_layers": len(cache.layers) - len(paged)}
+            "dense_layers": len(cache.layers) - len(paged),
+            "host_bytes": host_nbytes(cache)}
