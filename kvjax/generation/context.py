@@ -76,7 +76,13 @@ def prefill(model, tokens: np.ndarray, mask: np.ndarray, method, keep: int | Non
   if width % chunk:
     raise ValueError(f"token width {width} is not a multiple of the chunk size {chunk}")
   rescoring = method.rescores and keep is not None
-  if rescoring:
+  if method.compresses_prompt and keep is not None:
+    # The target reads only the tokens a draft chose (SpecPC), into a full cache.
+    tokens, mask = compressed_prompt(model, method, tokens, mask, keep, chunk_size, steps)
+    rows, width = tokens.shape
+    chunk = width if chunk_size is None else chunk_size
+    plan, cache = None, init_cache(model.config, rows, width + room)
+  elif rescoring:
     # Prefilled uncompressed, then scored over that cache and compressed once (KVzip).
     final_plan = _compression_plan(model, method, keep, mask)
     passes = final_plan.method.rescoring_passes(model.tokenizer, tokens, mask,
@@ -154,6 +160,33 @@ def draft_fn(model, method, steps: engine.CompiledSteps = engine.STEPS):
   return continuations
 
 
+def compressed_prompt(model, method, tokens: np.ndarray, mask: np.ndarray, keep: int,
+                      chunk_size: int | None = None,
+                      steps: engine.CompiledSteps = engine.STEPS):
+  """(tokens, mask) left-padded: each row's `keep` tokens chosen by a prompt-compressing
+  method from its draft's recorded attention over the prompt and `lookahead` - 1 decode
+  steps (the width a multiple of chunk_size when chunked)."""
+  method = method.fitted(keep)
+  draft = truncated(model, method.draft_layers(model.config.num_layers))
+  recorder = method.recorder(draft.config.num_layers)
+  rows, width = tokens.shape
+  logits, (cache, recorded) = steps.prefill(
+      draft, jnp.asarray(tokens), jnp.asarray(mask),
+      init_cache(draft.config, rows, width + method.lookahead), logits="last", plan=recorder)
+  prompt = np.asarray(cache.layers[0].positions)[:, 0]   # before decode donates the cache
+  passes = [recorded]
+  token = jnp.argmax(logits, -1).astype(jnp.int32)
+  for step in range(method.lookahead - 1):
+    token, _, (cache, recorded) = steps.decode(draft, token, cache, jax.random.key(step), 1.0,
+                                               1.0, True, plan=recorder)
+    passes.append(recorded)
+  contexts = [np.asarray(t)[np.asarray(m, bool)].tolist() for t, m in zip(tokens, mask)]
+  kept = method.compressed_rows(contexts, method.prompt_scores(passes, prompt), keep)
+  longest = max(len(row) for row in kept)
+  multiple = chunk_size or 1
+  return inputs.left_pad(kept, 0, -(-longest // multiple) * multiple)
+
+
 def _compression_plan(model, method, keep: int, mask: np.ndarray) -> CompressionPlan:
   """The plan that compresses a context (mask [B, T]) to the layer budgets of the method
   fitted to `keep` (protected tokens shrunk where they would not fit)."""
@@ -211,7 +244,8 @@ def iter_prefill_many(model, tokens: np.ndarray, mask: np.ndarray, variants, roo
   asking for the next holds one group's caches at a time, so memory stays bounded however
   many variants a sweep has.
   """
-  if any(method.rescores and keep is not None for method, keep in variants):
+  if any((method.rescores or method.compresses_prompt) and keep is not None
+         for method, keep in variants):
     # Their compression needs more forward passes over each one's cache: one by one.
     for method, keep in variants:
       yield prefill(model, tokens, mask, method, keep, room, steps=steps)

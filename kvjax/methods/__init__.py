@@ -35,6 +35,7 @@ from kvjax.methods.window import PyramidKV, SnapKV
 from kvjax.methods.xkv import XKV
 from kvjax.methods.wrappers import AdaKV, PerLayer, SinksWindow
 from kvjax.methods.razor import RazorAttention
+from kvjax.methods.specpc import SpecPC
 from kvjax.methods.speckv import SpecKV
 from kvjax.methods.registry import available, get
 
@@ -48,7 +49,7 @@ class Full(Method):
   needs_budget: ClassVar[bool] = False
 
 
-__all__ = ["AdaKV", "CAKE", "D2O", "EMS", "ElasticCache", "ExpectedAttention", "Full", "GEAR", "H2O", "KIVI", "Knorm", "KVCrush", "KVMerger", "KVzip", "LayerInputs", "MPCache", "Quest", "SpecKV", "LazyEviction",
+__all__ = ["AdaKV", "CAKE", "D2O", "EMS", "ElasticCache", "ExpectedAttention", "Full", "GEAR", "H2O", "KIVI", "Knorm", "KVCrush", "KVMerger", "KVzip", "LayerInputs", "MPCache", "Quest", "SpecKV", "SpecPC", "LazyEviction",
            "Method", "MiKV", "MiniCache", "PerLayer", "PyramidKV", "RazorAttention", "Scissorhands", "SinksWindow", "SnapKV",
            "StreamingLLM", "ThinK", "TOVA", "XKV", "ZipVL", "available", "get",
            "validate_compression"]

@@ -64,6 +64,9 @@ class Method:
     rescores: the context is prefilled uncompressed, then scored by more forward passes over
       that cache (`rescoring_passes` with the cache policy `rescoring_policy`, e.g. KVzip's
       context reconstruction) and compressed once from their scores (`rescored`).
+    compresses_prompt: the prompt's tokens are chosen before the target reads them (SpecPC:
+      `recorder` scores them on a draft, `compressed_rows` keeps the budget); the target's
+      cache is then the full cache of the shorter prompt, positions renumbered.
   Per-slot state is the method's own pytree (`init_state`); kvjax moves it with the slots.
   """
   name: ClassVar[str] = ""
@@ -75,6 +78,7 @@ class Method:
   family: ClassVar[str] = "eviction"
   calibration: ClassVar[str | None] = None
   rescores: ClassVar[bool] = False
+  compresses_prompt: ClassVar[bool] = False
 
   def __post_init__(self):
     check_fields(self)
@@ -279,7 +283,7 @@ class CrossLayer(Method):
 
 # Families whose storage is the dense or head-wise layout, whose values may hold several
 # value heads per key head (DiffQKV models); the others pack one value head per slot.
-WIDE_VALUE_FAMILIES = frozenset({"eviction", "merging"})
+WIDE_VALUE_FAMILIES = frozenset({"eviction", "merging", "prompt"})
 
 
 def check_model(method: Method, config: ModelConfig) -> None:
