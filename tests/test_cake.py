@@ -103,15 +103,18 @@ def _code_cascade(preferences, indicators, total, cap, cascading=True):
 
 
 @pytest.mark.parametrize("cascading", [True, False])
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(8))
 def test_cascade_matches_the_codes_re_eviction(seed, cascading):
   rng = np.random.default_rng(seed)
   n, cap = 6, 40
   preferences = rng.gamma(0.7, size=n) * 100
   indicators = [rng.random(cap) for _ in range(n)]
-  total = int(rng.integers(n, 3 * cap))
-  want = _code_cascade(preferences, indicators, total, cap, cascading)
+  total = int(rng.integers(n, n * cap + 10))
   budgets = cascade_budgets(preferences, total, cap, cascading)
+  if total >= n * cap:   # the row fits its budget (the code would not evict either)
+    assert budgets.tolist() == [cap] * n
+    return
+  want = _code_cascade(preferences, indicators, total, cap, cascading)
   assert budgets.tolist() == [len(w) for w in want]
   if not cascading:
     assert budgets.sum() == total or (budgets == cap).any()
@@ -183,8 +186,30 @@ def test_generate_saves_memory_with_layer_budgets(model):
   ratio = out.stats["context_cache_bytes"] / full.stats["context_cache_bytes"]
   assert 0.45 < ratio < 0.55
   slots = out.stats["method_stats"]["slots_per_layer"]
-  assert out.stats["kept_tokens_per_layer"] == slots and slots[0] != slots[1]
   assert [len(t) for t in out.token_ids] == [4, 4]
+  tokens, mask = inputs.left_pad(prompts, 0)
+  pre = context.prefill(model, tokens, mask, kvjax.methods.get("cake"), 45, 0)
+  real = [(np.asarray(layer.positions)[:, 0] >= 0).sum(1) for layer in pre.cache.layers]
+  assert slots == [int(r.max()) for r in real] and slots[0] != slots[1]
+  assert out.stats["kept_tokens_per_layer"] == [int(round(r.mean())) for r in real]
+
+
+def test_budget_of_the_whole_context_is_the_full_cache(model):
+  prompts = random_prompts([90, 70], seed=4)
+  full = kvjax.generate(model, prompts, max_new_tokens=6)
+  for budget in (90, 1000):
+    out = kvjax.generate(model, prompts, method="cake", budget=budget, max_new_tokens=6)
+    assert out.token_ids == full.token_ids
+
+
+def test_batched_decode_equals_each_row_alone(model):
+  """Rows keep different counts per layer; a row's reserved slots stay unwritten, so its
+  decode-time evictions are the ones it makes alone."""
+  prompts = random_prompts([120, 120, 90], seed=5)
+  both = kvjax.generate(model, prompts, method="cake", budget=48, max_new_tokens=14)
+  for row, prompt in enumerate(prompts):
+    alone = kvjax.generate(model, [prompt], method="cake", budget=48, max_new_tokens=14)
+    assert both.token_ids[row] == alone.token_ids[0]
 
 
 def test_a_row_keeps_what_it_keeps_alone(model):

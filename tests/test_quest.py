@@ -136,12 +136,19 @@ def test_budget_of_the_whole_context_is_the_full_cache(model):
   full = kvjax.generate(model, PROMPTS, max_new_tokens=8)
   out = kvjax.generate(model, PROMPTS, method="quest", budget=1000, max_new_tokens=8)
   assert out.token_ids == full.token_ids
+  # Whole pages of context, and decoding well past them.
+  prompts = random_prompts([64, 64], seed=2)
+  full = kvjax.generate(model, prompts, max_new_tokens=24)
+  for budget in (64, 1000):
+    out = kvjax.generate(model, prompts, method="quest", budget=budget, max_new_tokens=24)
+    assert out.token_ids == full.token_ids
   half = kvjax.generate(model, PROMPTS, method="quest", compression_ratio=0.5, max_new_tokens=8)
   stats = half.stats["method_stats"]
   cfg = model.config
   offloaded = 2 * 2 * cfg.num_kv_heads * 160 * cfg.head_dim * 4 * 2   # layers, rows, K and V
   assert stats == {"pages_per_step": 5, "page_size": 16, "tokens_read_per_step": 80,
                    "dense_layers": 2, "host_bytes": offloaded}
+  assert half.stats["context_cache_host_bytes"] == offloaded
   assert half.stats["kept_tokens_per_layer"] == [150] * 4   # nothing is evicted
   on_device = kvjax.generate(model, PROMPTS, method="quest:offload=False",
                              compression_ratio=0.5, max_new_tokens=8)

@@ -37,6 +37,9 @@ from kvjax.config import ModelConfig
 from kvjax.ops import attention as attention_ops
 
 EMPTY_POSITION = -1
+# An empty slot no decode-time eviction writes: a row's filler in a layer whose slot count
+# a batch shares (its row keeps fewer there), so the row stays at its own budget.
+RESERVED_POSITION = -2
 
 
 @struct.dataclass

@@ -209,7 +209,8 @@ def _run_variants(model, context_ids, runnable, nominal: int, room: int, answer)
     predictions = answer(pre)
     answered.append((variant, dict(
         predictions=predictions, context_tokens=lengths, kept_tokens=_kept_tokens(pre),
-        context_cache_bytes=pre.context_cache_bytes / len(lengths)),
+        context_cache_bytes=pre.context_cache_bytes / len(lengths),
+        context_cache_host_bytes=pre.context_cache_host_bytes / len(lengths)),
         time.perf_counter() - start))
     del pre
   # The shared prefill's time is split evenly over the variants, as before.
@@ -394,6 +395,7 @@ def _run_batch(model, model_name, task, length, mode, indices, batch, missing, a
           base, method=variant.label, compression_ratio=variant.ratio, example=item.index,
           score=100.0 * _score_predictions(item, predictions), predictions=predictions,
           answers=[list(a) for a in answers], seconds=result["seconds"],
+          context_cache_host_bytes=result.get("context_cache_host_bytes", 0.0),
           **_cache_fields(model, variant, result["kept_tokens"],
                           result["context_cache_bytes"], result["context_tokens"][row])))
   return records

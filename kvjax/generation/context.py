@@ -16,7 +16,7 @@ import numpy as np
 
 from kvjax import validation
 from kvjax.cache import cache_nbytes, full_cache_nbytes, init_cache
-from kvjax.cache.kv_cache import EMPTY_POSITION
+from kvjax.cache.kv_cache import EMPTY_POSITION, host_nbytes
 from kvjax.methods.plan import CompressionPlan, PlanSet
 from kvjax.errors import MethodError
 from kvjax.generation import engine, inputs
@@ -36,6 +36,8 @@ class PrefilledContext:
   context_cache_allocated_bytes: int = 0  # the context's cache as allocated: the full
                                           # cache's padded prompt width; for a compressed
                                           # one the same as context_cache_bytes
+  context_cache_host_bytes: int = 0       # what an offloaded layout keeps in host memory
+                                          # (context_cache_bytes counts device bytes)
 
 
 def layer_budgets(model, method, keep: int, context_length: int) -> tuple[int, ...]:
@@ -210,6 +212,7 @@ def _prefilled(model, logits, cache, plan: CompressionPlan | None, mask: np.ndar
   measured = cache_nbytes(cache)
   return PrefilledContext(logits=logits, cache=steps.grow(cache, room),
                           context_cache_bytes=measured, context_cache_allocated_bytes=measured,
+                          context_cache_host_bytes=host_nbytes(cache),
                           decode_plan=dataclasses.replace(plan, compress=False),
                           budgets=plan.method.kept_budgets(cache, plan.budgets),
                           method_stats=plan.method.cache_stats(cache))

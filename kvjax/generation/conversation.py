@@ -187,6 +187,7 @@ def converse(model, contexts, questions, method=None, compression_ratio=None, bu
            "budget": budget, "context_tokens": lengths, "turns": len(encoded.turns),
            "context_cache_bytes": prefilled.context_cache_bytes,
            "context_cache_allocated_bytes": prefilled.context_cache_allocated_bytes,
+           "context_cache_host_bytes": prefilled.context_cache_host_bytes,
            "turn_cache_bytes": out["turn_cache_bytes"],
            "decode_steps": out["decode_steps"], "decode_seconds": out["decode_seconds"],
            "seconds": time.perf_counter() - start}

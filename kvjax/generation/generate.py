@@ -330,6 +330,7 @@ def generate(model, prompts, questions=None, method=None, compression_ratio=None
       "full_context_cache_bytes": full_cache_nbytes(model.config, context_rows_count,
                                                     max(context_lengths)),
       "context_cache_allocated_bytes": prefilled.context_cache_allocated_bytes,
+      "context_cache_host_bytes": prefilled.context_cache_host_bytes,
       # The whole cache as allocated after prefill, measured (padding, question and room
       # for generated tokens included), next to the full cache's allocation for this call
       # (the same padded width and room): equal for the full method.

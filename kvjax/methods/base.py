@@ -259,6 +259,23 @@ class Method:
     return layer, new_state
 
 
+class RecentWindow:
+  """Hooks of methods that always keep each row's last `window` tokens (a field of theirs)."""
+  window: int
+
+  def protected_tokens(self, keep):
+    return self.window
+
+  def fitted(self, keep):
+    """Under a budget of at most the window, the window (its votes and its protection)
+    shrinks to budget - 1 tokens, so one slot still goes to the scores (1 at a budget of 1)."""
+    shrunk = shrink_protection(keep, window=(self.window, 1))
+    return dataclasses.replace(self, **shrunk) if shrunk else self
+
+  def protected(self, key_positions, lengths, keep):
+    return window_mask(key_positions, lengths, self.window)
+
+
 class CrossLayer(Method):
   """Methods that keep every token through prefill and restructure the dense layers once
   the context is in (`finalize`): MiniCache, xKV. Under chunked prefill the budget is the

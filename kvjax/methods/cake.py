@@ -26,9 +26,11 @@ context is in (`finalize`; under chunked prefill also between chunks, so memory 
 bounded by the budgets plus one chunk). Layers then really hold different numbers of slots.
 Where kvjax differs from the code: preferences are per batch row (the code sums them over the
 batch); a context no longer than budget + window is still compressed to the budget (the code
-leaves it whole); kept slots stay in position order (the code's top-k leaves them in score
-order, so its decode-time pooling mixes neighbours in score order); a layer whose share
-rises later does not regrow during decode. Defaults are the code's: window 32, gamma 200,
+leaves it whole up to budget + window; a context within the budget is kept whole); kept
+slots stay in position order (the code's top-k leaves them in score order, so its
+decode-time pooling mixes neighbours in score order; kvjax pools in slot order too, which
+after chunked prefill or decode-time overwrites also joins tokens that are not adjacent); a
+layer whose share rises later does not regrow during decode. Defaults are the code's: window 32, gamma 200,
 kernel 5, tau1 = tau2 = 1 (its fallback for models without tuned values in model2tau.json,
 which SmolLM2 and Qwen2.5 lack). The code's LongBench script runs cascading only with
 --cascading; kvjax defaults to it, as the paper presents it.
@@ -42,7 +44,7 @@ from typing import ClassVar
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.cache.kv_cache import EMPTY_POSITION, LayerCache
+from kvjax.cache.kv_cache import EMPTY_POSITION, RESERVED_POSITION, LayerCache
 from kvjax.errors import MethodError
 from kvjax.methods import base, registry
 
@@ -79,6 +81,8 @@ def cascade_budgets(preferences, total: int, cap: int, cascading: bool = True) -
   preferences = np.asarray(preferences, np.float64)
   n = len(preferences)
   final = np.full(n, max(cap, 0), np.int64)
+  if total >= n * cap:   # the row fits its budget: every layer keeps it all
+    return final
   for m in range(n) if cascading else [n - 1]:
     seen = preferences[:m + 1]
     weights = seen / seen.sum() if np.isfinite(seen).all() and seen.sum() > 0 else (
@@ -194,7 +198,9 @@ class CAKE(base.Method):
 
   def _evicted(self, cache):
     """Each layer cut to its cascade budget per row: the window plus the top of the
-    indicator; a layer holds the most any row keeps, other rows' extra slots empty."""
+    indicator; a layer holds the most any row keeps, other rows' extra slots reserved
+    (`RESERVED_POSITION`: empty, and never written by decode, so each row stays at its own
+    budget), except, for a row shorter than the budget, the slots up to the budget."""
     if not self.mean_budget:
       raise MethodError("cake must be fitted to a budget first (method.fitted(keep))")
     budgets = self.layer_token_budgets(cache)
@@ -220,13 +226,22 @@ class CAKE(base.Method):
       index = np.argsort(~kept, axis=-1, kind="stable")[..., :capacity]
       chosen = layer.replace(state=None).select(jnp.asarray(index, jnp.int32))
       real = np.take_along_axis(kept, index, axis=-1)
+      # A row within its budget may still grow into its filler up to the budget (as alone,
+      # where the rest of its budget is room); beyond that, and for evicted rows, filler is
+      # reserved.
+      growth = np.maximum(self.mean_budget - lengths, 0)[:, None, None]
+      filler = np.arange(capacity) - real.sum(-1, keepdims=True)
+      fill = np.where(filler < growth, EMPTY_POSITION, RESERVED_POSITION)
       out.append(chosen.replace(positions=jnp.where(jnp.asarray(real), chosen.positions,
-                                                    EMPTY_POSITION)))
+                                                    jnp.asarray(fill, jnp.int32))))
     return cache.replace(layers=tuple(out))
 
   def kept_budgets(self, cache, budgets):
+    """Real slots per KV head each layer keeps, averaged over the rows (a layer's slot
+    count is the most any row keeps there; the other rows' extra slots are reserved)."""
     del budgets
-    return tuple(int(layer.capacity) for layer in cache.layers)
+    return tuple(int(round(float(np.mean(np.asarray(layer.positions)[:, 0] >= 0, axis=0).sum())))
+                 for layer in cache.layers)
 
   def cache_stats(self, cache) -> dict:
     """Slots each layer holds per KV head (CAKE's layers keep different counts)."""

@@ -97,14 +97,13 @@ def max_probabilities(queries, keys, allowed, new_keys, query_positions, block: 
   return best
 
 
-@dataclasses.dataclass(frozen=True)
-class ReconstructionProbe:
-  """A cache policy for the repeat pass: attends over the cache plus the repeat tokens
-  without storing them, and returns each layer's `reconstruction_scores` in place of its
-  cache. Its traced parameters are {"start": [B], "end": [B]} (the chunk's positions)."""
-  sinks: int
-  # What it returns is not the cache: the engine must not donate the cache to it.
+class ScoringProbe:
+  """A cache policy for a rescoring pass: attends over the (dense, full) cache plus the
+  pass's tokens without storing them, and returns each layer's `scores` in place of its
+  cache. What it returns is not the cache, so the engine must not donate the cache to it
+  (`compress`)."""
   compress = True
+  label = "this method"
 
   def prepare(self, layer, layer_cache, new):
     del layer
@@ -113,14 +112,29 @@ class ReconstructionProbe:
   def update(self, layer, layer_cache, step, stats):
     del layer, stats
     if not isinstance(layer_cache, LayerCache):
-      raise MethodError(f"kvzip scores a dense full cache; got {type(layer_cache).__name__}")
-    return reconstruction_scores(step.queries, layer_cache.keys, layer_cache.positions,
-                                 step.new.keys, step.new.positions, step.params["start"],
-                                 step.params["end"], self.sinks)
+      raise MethodError(f"{self.label} scores a dense full cache; got "
+                        f"{type(layer_cache).__name__}")
+    return self.scores(layer_cache, step)
+
+  def scores(self, layer_cache: LayerCache, step):
+    raise NotImplementedError
 
   def finish(self, layers, lengths):
     del lengths
     return tuple(layers)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReconstructionProbe(ScoringProbe):
+  """KVzip's repeat pass: each layer's `reconstruction_scores`. Its traced parameters are
+  {"start": [B], "end": [B]} (the chunk's positions)."""
+  sinks: int
+  label = "kvzip"
+
+  def scores(self, layer_cache, step):
+    return reconstruction_scores(step.queries, layer_cache.keys, layer_cache.positions,
+                                 step.new.keys, step.new.positions, step.params["start"],
+                                 step.params["end"], self.sinks)
 
 
 def repeat_suffix(tokenizer) -> list[int]:

@@ -105,7 +105,7 @@ def _by_max(x: jax.Array) -> jax.Array:
 
 @registry.register
 @dataclasses.dataclass(frozen=True)
-class EMS(MergingMethod):
+class EMS(base.RecentWindow, MergingMethod):
   """EMS (Li et al., 2024, arXiv 2412.08521): a Global-Local score picks the tokens each KV
   head keeps; every other token joins the kept token whose key is most cosine-similar
   (averaged into it) when that similarity reaches `threshold`, and is evicted otherwise
@@ -132,16 +132,6 @@ class EMS(MergingMethod):
     base.check_int("window", self.window, 1)
     base.check_number("threshold", self.threshold, -1, 1,
                       what="the cosine similarity a leaving token needs to be merged")
-
-  def protected_tokens(self, keep):
-    return self.window
-
-  def fitted(self, keep):
-    shrunk = base.shrink_protection(keep, window=(self.window, 1))
-    return dataclasses.replace(self, **shrunk) if shrunk else self
-
-  def protected(self, key_positions, lengths, keep):
-    return base.window_mask(key_positions, lengths, self.window)
 
   def score(self, x):
     local = attention_ops.window_column_sums(x.queries, x.keys, x.query_positions,

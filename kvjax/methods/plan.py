@@ -13,7 +13,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from kvjax.cache.kv_cache import COLUMN_SUMS, PROBS, Cache, LayerCache, NewTokens
+from kvjax.cache.kv_cache import (COLUMN_SUMS, PROBS, RESERVED_POSITION, Cache, LayerCache,
+                                  NewTokens)
 from kvjax.cache.policy import LayerStep
 from kvjax.methods.base import PROTECTED, LayerInputs, Method
 
@@ -139,7 +140,9 @@ def evict_and_insert(method: Method, layer, new: NewTokens, probs, own_prob, len
   state, new_state = method.decode_scores(old_state, probs, own_prob, positions, lengths)
   prio = method.eviction_priority(state, probs, positions, lengths, budget).astype(jnp.float32)
   prio = jnp.where(method.protected(positions, lengths, budget), PROTECTED, prio)
-  prio = jnp.where(positions >= 0, prio, -jnp.inf)
+  # Empty slots are filled first; reserved ones (another row's share) never.
+  prio = jnp.where(positions >= 0, jnp.minimum(prio, jnp.finfo(jnp.float32).max),
+                   jnp.where(positions == RESERVED_POSITION, jnp.inf, -jnp.inf))
   if owned is not None:  # another head's slot must lose even to a protected one
     prio = jnp.where(owned, jnp.minimum(prio, jnp.finfo(jnp.float32).max), jnp.inf)
   # A masked token (position < 0: a row that already finished) changes nothing: its write

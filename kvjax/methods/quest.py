@@ -67,14 +67,19 @@ class Quest(base.Method):
     return PagedLayerCache.from_dense(cand, self.page_size, self.pages(keep), self.gqa)
 
   def finalize(self, cache, config=None):
-    """The prompt's bucket padding cut (each row's tokens from slot 0), pages rebuilt."""
+    """The prompt's bucket padding cut (each row's tokens from slot 0), pages rebuilt; a
+    layer whose budget covers its whole context stays dense (reads all of it, as the full
+    cache, however many tokens decoding adds)."""
     del config
     layers = []
     for layer in cache.layers:
-      if isinstance(layer, PagedLayerCache):
+      if isinstance(layer, PagedLayerCache) and layer.pages * self.page_size < (
+          layer.dense.trimmed().capacity):
         layer = PagedLayerCache.from_dense(layer.dense.trimmed(), layer.page_size, layer.pages,
                                            layer.gqa)
         layer = layer.offload() if self.offload else layer
+      elif isinstance(layer, PagedLayerCache):   # the budget reads the whole context: dense
+        layer = layer.dense.trimmed()
       else:
         layer = layer.trimmed()
       layers.append(layer)

@@ -32,38 +32,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.cache.kv_cache import LayerCache
 from kvjax.errors import MethodError
 from kvjax.methods import base, registry
-from kvjax.methods.kvzip import max_probabilities
+from kvjax.methods.kvzip import ScoringProbe, max_probabilities
 
 
 @dataclasses.dataclass(frozen=True)
-class LookaheadProbe:
-  """A cache policy for the lookahead pass: attends over the cache (which has forgotten the
-  window, `kvjax.generation.context.rewound`) plus its own tokens (window then draft),
-  stores nothing, and returns each layer's `max_probabilities`."""
-  compress = True   # what it returns is not the cache: the engine must not donate it
+class LookaheadProbe(ScoringProbe):
+  """The lookahead pass over the cache (which has forgotten the window,
+  `kvjax.generation.context.rewound`) plus its own tokens (window then draft): each layer's
+  `max_probabilities`."""
+  label = "speckv"
 
-  def prepare(self, layer, layer_cache, new):
-    del layer
-    return layer_cache, new, frozenset()
-
-  def update(self, layer, layer_cache, step, stats):
-    del layer, stats
-    if not isinstance(layer_cache, LayerCache):
-      raise MethodError(f"speckv scores a dense full cache; got {type(layer_cache).__name__}")
+  def scores(self, layer_cache, step):
     return max_probabilities(step.queries, layer_cache.keys, layer_cache.positions >= 0,
                              step.new.keys, step.new.positions)
-
-  def finish(self, layers, lengths):
-    del lengths
-    return tuple(layers)
 
 
 @registry.register
 @dataclasses.dataclass(frozen=True)
-class SpecKV(base.Method):
+class SpecKV(base.RecentWindow, base.Method):
   """The draft's lookahead votes for the prompt tokens each KV head keeps (see the module
   docstring); defaults: window 32 (the paper's configs), max-pool 7, lookahead 32, a draft
   of the target's first half."""
@@ -81,16 +69,6 @@ class SpecKV(base.Method):
     if self.kernel_size % 2 == 0:
       raise MethodError(f"kernel_size={self.kernel_size} must be odd (centred pooling)")
     base.check_fraction("draft_fraction", self.draft_fraction, low_open=True)
-
-  def protected_tokens(self, keep):
-    return self.window
-
-  def fitted(self, keep):
-    shrunk = base.shrink_protection(keep, window=(self.window, 1))
-    return dataclasses.replace(self, **shrunk) if shrunk else self
-
-  def protected(self, key_positions, lengths, keep):
-    return base.window_mask(key_positions, lengths, self.window)
 
   def score(self, x):
     raise MethodError("speckv scores the prefilled prompt with a draft's lookahead; it has "

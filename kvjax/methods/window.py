@@ -26,7 +26,7 @@ def window_votes(x: base.LayerInputs, window: int, kernel_size: int, pooling: st
 
 @registry.register
 @dataclasses.dataclass(frozen=True)
-class SnapKV(base.Method):
+class SnapKV(base.RecentWindow, base.Method):
   """SnapKV: the last `window` prompt tokens vote for the earlier tokens each head keeps.
 
   The budget includes the window, which is always kept. GQA-aware: pooled scores are reduced
@@ -54,18 +54,6 @@ class SnapKV(base.Method):
       raise base.MethodError(f"kernel_size={self.kernel_size} must be odd (centred pooling)")
     base.check_choice("pooling", self.pooling, ("max", "avg", "none"))
     base.check_choice("gqa", self.gqa, ("mean", "max", "sum"))
-
-  def protected_tokens(self, keep):
-    return self.window
-
-  def fitted(self, keep):
-    """Under a budget of at most the window, the window (its votes and its protection)
-    shrinks to budget - 1 tokens, so one slot still goes to the votes (1 at a budget of 1)."""
-    shrunk = base.shrink_protection(keep, window=(self.window, 1))
-    return dataclasses.replace(self, **shrunk) if shrunk else self
-
-  def protected(self, key_positions, lengths, keep):
-    return base.window_mask(key_positions, lengths, self.window)
 
   def score(self, x):
     return window_votes(x, self.window, self.kernel_size, self.pooling, self.gqa)
