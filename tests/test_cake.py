@@ -243,6 +243,13 @@ def test_bad_hyperparameters(spec, match):
     kvjax.methods.get(spec)
 
 
+@pytest.mark.parametrize("wrapper", ["adakv", "per_layer", "sinks_window"])
+@pytest.mark.parametrize("press", ["cake", "kvzip", "speckv", "specpc"])
+def test_wrappers_refuse_methods_that_select_otherwise(wrapper, press):
+  with pytest.raises(MethodError, match=f"{press}.*(on its own|prompt method)"):
+    kvjax.methods.get(f"{wrapper}:press={press}")
+
+
 def test_unfitted_finalize_refuses():
   with pytest.raises(MethodError, match="fitted"):
     CAKE().finalize(_synthetic_cache(1, (24,)))

@@ -79,6 +79,8 @@ class Method:
   calibration: ClassVar[str | None] = None
   rescores: ClassVar[bool] = False
   compresses_prompt: ClassVar[bool] = False
+  wrappable: ClassVar[bool] = True   # False: its selection is not a per-chunk score that
+                                     # AdaKV, PerLayer or SinksWindow could re-budget
 
   def __post_init__(self):
     check_fields(self)

@@ -100,6 +100,7 @@ class CAKE(base.Method):
   ratio's budget per layer and KV head, window included)."""
   name: ClassVar[str] = "cake"
   decode_time: ClassVar[bool] = True
+  wrappable: ClassVar[bool] = False   # its budgets are settled after the forward pass
   window: int = 32
   kernel_size: int = 5
   gamma: float = 200.0

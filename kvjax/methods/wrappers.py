@@ -31,6 +31,11 @@ class Wrapper(base.Method):
           f"{self.press.family} method, whose storage would ignore this wrapper. Wrap its "
           f"press instead, e.g. kivi:press=... with press={self.name}(snapkv)")
 
+    if not self.press.wrappable or self.press.rescores or self.press.compresses_prompt:
+      raise base.MethodError(
+          f"{self.name} re-budgets a press's per-chunk scores; {self.press.label!r} selects "
+          f"otherwise (its own budgets, passes or prompt choice): use it on its own")
+
   @property
   def label(self) -> str:
     return f"{self.name}({getattr(self.press, 'label', self.press.name)})"
