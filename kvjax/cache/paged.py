@@ -51,21 +51,21 @@ def page_bounds(keys: jax.Array, positions: jax.Array, page_size: int):
   return (jnp.where(valid, pages, -jnp.inf).max(3), jnp.where(valid, pages, jnp.inf).min(3))
 
 
+def _finite(bound: jax.Array) -> jax.Array:
+  """A page bound with the empty pages' infinities set to 0 (they are masked after)."""
+  return jnp.where(jnp.isfinite(bound), bound, 0.0)
+
+
 def logit_bounds(queries: jax.Array, page_max: jax.Array, page_min: jax.Array) -> jax.Array:
   """[B, K, G, P] upper bound of q . k / sqrt(D) over each page's keys; -inf for empty pages.
   queries [B, 1, H, D] (one decode token)."""
   k = page_max.shape[1]
   q = attention_ops.group_heads(queries, k)[:, :, :, 0].astype(jnp.float32)   # [B, K, G, D]
   empty = ~jnp.isfinite(page_max).all(-1)                                      # [B, K, P]
-  hi = jnp.where(jnp.isfinite(page_max), page_max, 0.0)[:, :, None]          # [B, K, 1, P, D]
-  lo = jnp.where(jnp.isfinite(page_min), page_min, 0.0)[:, :, None]
   qe = q[:, :, :, None, :]
+  hi, lo = _finite(page_max)[:, :, None], _finite(page_min)[:, :, None]       # [B, K, 1, P, D]
   bound = jnp.maximum(qe * hi, qe * lo).sum(-1) * queries.shape[-1] ** -0.5
   return jnp.where(empty[:, :, None], -jnp.inf, bound)
-
-
-def _finite(bound: jax.Array) -> jax.Array:
-  return jnp.where(jnp.isfinite(bound), bound, 0.0)
 
 
 def similarity(q: jax.Array, page_max: jax.Array, page_min: jax.Array, alpha: float):
@@ -89,6 +89,17 @@ class ClusterSelection:
 # Disallowed second-level pages rank below every allowed one but above empty ones (MPCache
 # adds the dtype's lowest value to them).
 DISALLOWED = -1e30
+
+
+def _unit(page_size: int, clustering: ClusterSelection | None) -> int:
+  """Slots a paged layer's capacity is a multiple of: whole pages, or whole clusters."""
+  return page_size * (clustering.pages_per_cluster if clustering else 1)
+
+
+def _moved(dense: LayerCache, space) -> LayerCache:
+  """The layer with its keys and values in memory `space` (positions stay on the device)."""
+  return dense.replace(keys=jax.device_put(dense.keys, space),
+                       values=jax.device_put(dense.values, space))
 
 
 @struct.dataclass
@@ -130,9 +141,8 @@ class PagedLayerCache(PerHeadSlots):
     """Pages over `dense` (padded with empty slots to a whole number of pages, or of
     clusters)."""
     dense = dense.replace(state=None)
-    unit = page_size * (clustering.pages_per_cluster if clustering else 1)
     end = dense.end
-    dense = dense.grow(-dense.capacity % unit).replace(end=end)
+    dense = dense.grow(-dense.capacity % _unit(page_size, clustering)).replace(end=end)
     page_max, page_min = page_bounds(dense.keys, dense.positions, page_size)
     return cls(dense=dense, page_max=page_max, page_min=page_min, page_size=page_size,
                pages=pages, gqa=gqa, clustering=clustering)
@@ -145,17 +155,11 @@ class PagedLayerCache(PerHeadSlots):
 
   def offload(self) -> "PagedLayerCache":
     """Host side: the keys and values moved to host memory."""
-    d = self.dense
-    return self.replace(dense=d.replace(keys=jax.device_put(d.keys, HOST),
-                                        values=jax.device_put(d.values, HOST)),
-                        offloaded=True)
+    return self.replace(dense=_moved(self.dense, HOST), offloaded=True)
 
   def on_device(self) -> LayerCache:
     """The dense layer with its keys and values on the device (a copy when offloaded)."""
-    d = self.dense
-    if not self.offloaded:
-      return d
-    return d.replace(keys=jax.device_put(d.keys, DEVICE), values=jax.device_put(d.values, DEVICE))
+    return _moved(self.dense, DEVICE) if self.offloaded else self.dense
 
   def attend(self, queries, query_positions, pending: NewTokens | None = None,
              want: frozenset = frozenset()):
@@ -269,19 +273,24 @@ class PagedLayerCache(PerHeadSlots):
     return self
 
   def grow(self, room: int) -> "PagedLayerCache":
-    unit = self.page_size * (self.clustering.pages_per_cluster if self.clustering else 1)
-    room += -(self.capacity + room) % unit    # whole pages (clusters)
+    room += -(self.capacity + room) % _unit(self.page_size, self.clustering)
     if room == 0:
       return self
     more = room // self.page_size
     pad = lambda a, value: jnp.pad(a, [(0, 0), (0, 0), (0, more), (0, 0)],
                                    constant_values=value)
     dense = self.on_device().grow(room)
-    if self.offloaded:
-      dense = dense.replace(keys=jax.device_put(dense.keys, HOST),
-                            values=jax.device_put(dense.values, HOST))
-    return self.replace(dense=dense, page_max=pad(self.page_max, -jnp.inf),
+    return self.replace(dense=_moved(dense, HOST) if self.offloaded else dense, page_max=pad(self.page_max, -jnp.inf),
                         page_min=pad(self.page_min, jnp.inf))
+
+
+def repaged(cache, page):
+  """Host side, after prefill: every layer's prompt bucket padding cut (`trimmed`), each
+  paged layer rebuilt by `page(dense, layer)` from its trimmed dense layer (a method's final
+  page counts; it may return the dense layer itself)."""
+  return cache.replace(layers=tuple(
+      page(layer.dense.trimmed(), layer) if isinstance(layer, PagedLayerCache)
+      else layer.trimmed() for layer in cache.layers))
 
 
 def analytic_nbytes(batch: int, kv_heads: int, slots: int, head_dim: int, page_size: int,

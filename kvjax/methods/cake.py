@@ -91,6 +91,12 @@ def cascade_budgets(preferences, total: int, cap: int, cascading: bool = True) -
   return np.maximum(final, 0)
 
 
+def _before_window(key_positions, lengths, window: int, num_heads: int):
+  """[B, H, S] the non-empty slots before each row's last `window` tokens, per query head."""
+  before = (key_positions >= 0) & ~base.window_mask(key_positions, lengths, window)
+  return jnp.repeat(before, num_heads // key_positions.shape[1], axis=1)
+
+
 @registry.register
 @dataclasses.dataclass(frozen=True)
 class CAKE(base.Method):
@@ -121,8 +127,6 @@ class CAKE(base.Method):
       if value == 0:
         raise MethodError(f"cake {name}={value!r} must be > 0 (preferences take the 1/{name} "
                           f"power)")
-    if not isinstance(self.cascading, bool):
-      raise MethodError(f"cake cascading={self.cascading!r} must be True or False")
     base.check_int("mean_budget", self.mean_budget, 0)
 
   def fitted(self, keep):
@@ -160,8 +164,7 @@ class CAKE(base.Method):
     variance = (deviation ** 2).sum(2) / jnp.maximum(count[:, :, 0] - 1, 1)   # unbiased
     entropy = -(probs * jnp.log(probs + ENTROPY_EPSILON)).sum(2)     # [B, H, S]
     k = x.keys.shape[1]
-    before = (x.key_positions >= 0) & ~base.window_mask(x.key_positions, x.lengths, w)
-    before_h = jnp.repeat(before, x.queries.shape[2] // k, axis=1)   # [B, H, S]
+    before_h = _before_window(x.key_positions, x.lengths, w, x.queries.shape[2])  # [B, H, S]
     indicator = jnp.where(before_h, mean[:, :, 0] + self.gamma * variance, 0.0)
     indicator = base.reduce_groups(base.pool1d(indicator, self.kernel_size, "avg"), k, "mean")
     dispersion = base.reduce_groups(jnp.where(before_h, entropy, 0.0), k, "sum")
@@ -254,7 +257,6 @@ class CAKE(base.Method):
 
   def eviction_priority(self, state, probs, key_positions, lengths, budget):
     k = key_positions.shape[1]
-    before = (key_positions >= 0) & ~base.window_mask(key_positions, lengths, self.window)
-    before_h = jnp.repeat(before, probs.shape[1] // k, axis=1)
+    before_h = _before_window(key_positions, lengths, self.window, probs.shape[1])
     pooled = base.pool1d(jnp.where(before_h, probs, 0.0), self.kernel_size, "avg")
     return base.reduce_groups(pooled, k, "mean")

@@ -163,8 +163,6 @@ class KVzip(base.Method):
   def __post_init__(self):
     base.check_int("sinks", self.sinks, 0)
     base.check_int("chunk_size", self.chunk_size, PREVIOUS_TOKENS + 1)
-    if not isinstance(self.layerwise, bool):
-      raise MethodError(f"kvzip layerwise={self.layerwise!r} must be True or False")
 
   def score(self, x):
     raise MethodError("kvzip scores the whole prefilled context by reconstruction; it has no "

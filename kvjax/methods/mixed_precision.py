@@ -59,8 +59,6 @@ class _MixedPrecision(base.Method):
       if self.group_size & (self.group_size - 1):
         raise base.MethodError(f"group_size={self.group_size} must be a power of two "
                                f"(or None: the whole head)")
-    if not isinstance(self.balance, bool):
-      raise base.MethodError(f"balance={self.balance!r} must be True or False")
 
   def group(self, head_dim: int) -> int:
     """Channels per scale/zero group for `head_dim`, checked against the packing."""

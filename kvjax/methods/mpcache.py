@@ -33,7 +33,7 @@ from typing import ClassVar
 
 import jax.numpy as jnp
 
-from kvjax.cache.paged import GQA_MODES, ClusterSelection, PagedLayerCache
+from kvjax.cache.paged import GQA_MODES, ClusterSelection, PagedLayerCache, repaged
 from kvjax.errors import MethodError
 from kvjax.methods import base, registry
 
@@ -95,16 +95,13 @@ class MPCache(base.Method):
   def finalize(self, cache, config=None):
     """Bucket padding cut; the counts of clusters and halves set from the kept context."""
     del config
-    layers = []
-    for layer in cache.layers:
-      if isinstance(layer, PagedLayerCache):
-        dense = layer.dense.trimmed()
-        pages, clustering = self.selection(dense.capacity)
-        layer = PagedLayerCache.from_dense(dense, self.page_size, pages, self.gqa, clustering)
-      else:
-        layer = layer.trimmed()
-      layers.append(layer)
-    return cache.replace(layers=tuple(layers))
+
+    def page(dense, layer):
+      del layer
+      pages, clustering = self.selection(dense.capacity)
+      return PagedLayerCache.from_dense(dense, self.page_size, pages, self.gqa, clustering)
+
+    return repaged(cache, page)
 
   def cache_stats(self, cache) -> dict:
     paged = [layer for layer in cache.layers if isinstance(layer, PagedLayerCache)]

@@ -144,7 +144,7 @@ def evict_and_insert(method: Method, layer, new: NewTokens, probs, own_prob, len
   prio = jnp.where(positions >= 0, jnp.minimum(prio, jnp.finfo(jnp.float32).max),
                    jnp.where(positions == RESERVED_POSITION, jnp.inf, -jnp.inf))
   if owned is not None:  # another head's slot must lose even to a protected one
-    prio = jnp.where(owned, jnp.minimum(prio, jnp.finfo(jnp.float32).max), jnp.inf)
+    prio = jnp.where(owned, prio, jnp.inf)
   # A masked token (position < 0: a row that already finished) changes nothing: its write
   # goes out of bounds and is dropped, and the method state keeps its old values.
   valid = new.positions[:, 0] >= 0                                         # [B]

@@ -27,8 +27,7 @@ from typing import ClassVar
 import jax.numpy as jnp
 
 from kvjax.cache.kv_cache import host_nbytes
-from kvjax.cache.paged import GQA_MODES, PagedLayerCache
-from kvjax.errors import MethodError
+from kvjax.cache.paged import GQA_MODES, PagedLayerCache, repaged
 from kvjax.methods import base, registry
 
 
@@ -49,8 +48,6 @@ class Quest(base.Method):
     base.check_int("min_pages", self.min_pages, 1)
     base.check_int("skip_layers", self.skip_layers, 0)
     base.check_choice("gqa", self.gqa, GQA_MODES)
-    if not isinstance(self.offload, bool):
-      raise MethodError(f"quest offload={self.offload!r} must be True or False")
 
   def pages(self, keep: int) -> int:
     """Pages a decode step reads for a token budget of `keep`: whole pages covering it
@@ -71,19 +68,14 @@ class Quest(base.Method):
     layer whose budget covers its whole context stays dense (reads all of it, as the full
     cache, however many tokens decoding adds)."""
     del config
-    layers = []
-    for layer in cache.layers:
-      if isinstance(layer, PagedLayerCache) and layer.pages * self.page_size < (
-          layer.dense.trimmed().capacity):
-        layer = PagedLayerCache.from_dense(layer.dense.trimmed(), layer.page_size, layer.pages,
-                                           layer.gqa)
-        layer = layer.offload() if self.offload else layer
-      elif isinstance(layer, PagedLayerCache):   # the budget reads the whole context: dense
-        layer = layer.dense.trimmed()
-      else:
-        layer = layer.trimmed()
-      layers.append(layer)
-    return cache.replace(layers=tuple(layers))
+
+    def page(dense, layer):
+      if layer.pages * self.page_size >= dense.capacity:   # reads the whole context: dense
+        return dense
+      paged = PagedLayerCache.from_dense(dense, layer.page_size, layer.pages, layer.gqa)
+      return paged.offload() if self.offload else paged
+
+    return repaged(cache, page)
 
   def kept_budgets(self, cache, budgets):
     del budgets

@@ -108,8 +108,6 @@ class SpecPC(base.Method):
     base.check_int("neighbor_tokens", self.neighbor_tokens, 0)
     base.check_int("starting_layer", self.starting_layer, 0)
     base.check_fraction("draft_fraction", self.draft_fraction, low_open=True)
-    if not isinstance(self.weighted, bool):
-      raise MethodError(f"specpc weighted={self.weighted!r} must be True or False")
 
   def protected_tokens(self, keep):
     return min(self.window, keep)
