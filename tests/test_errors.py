@@ -1,7 +1,6 @@
 """Every public entry point rejects bad input with an error naming the value and the range."""
 
 import json
-import pathlib
 
 import pytest
 

@@ -200,8 +200,9 @@ def _kept_lists(out):
 # forward pass: tests/test_kvzip.py restates it; CAKE settles its budgets after the last
 # layer: tests/test_cake.py).
 COMPRESSING = [name for name in methods.available()
-               # lazy_eviction: restated in tests/test_lazy_eviction.py.
-               if name not in ("full", "cake", "lazy_eviction")
+               # lazy_eviction, compresskv (calibrated per model): restated in their own
+               # test files.
+               if name not in ("full", "cake", "lazy_eviction", "compresskv")
                and methods.get(name).family == "eviction"
                and not methods.get(name).rescores]
 LONG_KEEP = 48

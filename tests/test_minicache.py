@@ -10,7 +10,7 @@ import pytest
 
 import kvjax
 from kvjax.cache import LayerCache
-from kvjax.cache.cross_layer import MergedLayerCache, rebuild
+from kvjax.cache.cross_layer import MergedLayerCache
 from kvjax.generation import context, inputs
 from kvjax.methods import MiniCache
 from kvjax.methods.minicache import merge_pair, merged_pairs

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 import kvjax
-import method_inputs as mi
 from kvjax.cache import LayerCache
 from kvjax.cache.cross_layer import LowRankLayerCache, view_layer
 from kvjax.generation import context, inputs

@@ -62,13 +62,16 @@ class Stats:
     then the pending tokens when there are any).
   probs [B, H, S]: decode only, the new query's probability of every cache slot.
   pending_probs [B, H]: decode only, the new query's probability of its own (pending) token.
+  queries: (queries [B, T, H, D], positions [B, T]) appended without compressing (decode,
+    questions): the step's own queries, for methods that keep them (LoopServe).
   """
   column_sums: jax.Array | None = None
   probs: jax.Array | None = None
   pending_probs: jax.Array | None = None
+  queries: tuple | None = None
 
 
-COLUMN_SUMS, PROBS = "column_sums", "probs"
+COLUMN_SUMS, PROBS, QUERIES = "column_sums", "probs", "queries"
 
 
 def map_state(fn, state):
@@ -152,7 +155,7 @@ class LayerCache(PerHeadSlots):
   def attend(self, queries, query_positions, pending: NewTokens | None = None,
              want: frozenset = frozenset()):
     if pending is None:
-      if queries.shape[1] == 1 and not want:
+      if queries.shape[1] == 1 and COLUMN_SUMS not in want:
         out, _ = attention_ops.decode(queries, self.keys, self.values, query_positions,
                                       self.positions)
         return out, Stats()

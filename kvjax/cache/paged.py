@@ -102,6 +102,23 @@ def _moved(dense: LayerCache, space) -> LayerCache:
                        values=jax.device_put(dense.values, space))
 
 
+def to_host(dense: LayerCache) -> LayerCache:
+  """Host side: the dense layer with its keys and values offloaded (positions on the device)."""
+  return _moved(dense, HOST)
+
+
+def to_device(dense: LayerCache) -> LayerCache:
+  """The dense layer with its keys and values on the device (a copy when offloaded)."""
+  return _moved(dense, DEVICE)
+
+
+def read_slots(array: jax.Array, start, size: int, offloaded: bool) -> jax.Array:
+  """Slots [start, start + size) of keys or values [B, K, S, D] on the device: one dynamic
+  slice (XLA reads host memory by slice, not gather), copied over when `offloaded`."""
+  piece = jax.lax.dynamic_slice_in_dim(array, start, size, axis=2)
+  return jax.device_put(piece, DEVICE) if offloaded else piece
+
+
 @struct.dataclass
 class PagedLayerCache(PerHeadSlots):
   dense: LayerCache            # every token; capacity a multiple of page_size
@@ -302,3 +319,20 @@ def analytic_nbytes(batch: int, kv_heads: int, slots: int, head_dim: int, page_s
   return heads * slots * (2 * head_dim * itemsize + 4) + heads * (
       slots // page_size) * 2 * head_dim * 4 + 4
 
+
+
+def read_blocks(array: jax.Array, starts: jax.Array, size: int) -> jax.Array:
+  """[B, K, M * size, D] on the device: for each row, head and start [B, K, M], the `size`
+  slots of keys or values [B, K, S, D] from that slot on (start + size <= S: a slice past
+  the end would be moved back), copied out of host memory one dynamic slice at a time
+  (XLA reads host memory by dynamic slice, not by gather). SentenceKV's sentence reads."""
+  b, k, m = starts.shape
+  dim = array.shape[-1]
+
+  def body(i, out):
+    row, head, j = i // (k * m), (i // m) % k, i % m
+    block = jax.lax.dynamic_slice(array, (row, head, starts[row, head, j], 0), (1, 1, size, dim))
+    return jax.lax.dynamic_update_slice(out, jax.device_put(block, DEVICE),
+                                        (row, head, j * size, 0))
+
+  return jax.lax.fori_loop(0, b * k * m, body, jnp.zeros((b, k, m * size, dim), array.dtype))

@@ -20,6 +20,7 @@ import numpy as np
 
 from kvjax import fileio
 from kvjax.cache.kv_cache import Cache, init_cache
+from kvjax.calibration import compresskv
 from kvjax.errors import MethodError
 from kvjax.loading import assets
 from kvjax.methods import base, registry
@@ -151,7 +152,11 @@ def calibration(model, period: int = 2500, repeats: int = 4, seed: int = 0) -> d
 
 
 
-CALIBRATIONS = {"echo_induction": calibration}
+CALIBRATIONS = {
+    "echo_induction": calibration,
+    # CompressKV's file is keyed and checked by the fingerprint computed here.
+    "compresskv": lambda model: compresskv.calibration(model, model_fingerprint(model)),
+}
 
 
 def bind(method, model) -> base.Method:

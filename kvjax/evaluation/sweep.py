@@ -25,7 +25,7 @@ from kvjax.cache import full_cache_nbytes
 from kvjax.errors import KvjaxError, MethodError
 from kvjax.evaluation import scoring, tasks as tasks_lib
 from kvjax.fileio import write_json_atomic
-from kvjax.generation import context, conversation, inputs
+from kvjax.generation import context, conversation, episodes, inputs
 from kvjax.generation.generate import complete
 
 MODES = ("query_agnostic", "question_aware")
@@ -235,13 +235,47 @@ def _single_turn(model, encoded, runnable, answer_tokens, nominal, room_answer):
                        answer)
 
 
-def _multi_turn(model, encoded, runnable, answer_tokens, nominal):
+def _multi_turn(model, encoded, runnable, answer_tokens, nominal, batch):
   """Every runnable variant's answers to each turn of one batch of conversations."""
   room = conversation.turn_room(encoded.turns, answer_tokens)
+  shared = [v for v in runnable if not _episodic(v)]
 
   def answer(pre):
     return conversation.run_turns(model, pre, encoded.turns, answer_tokens, room)["answers"]
-  return _run_variants(model, encoded.contexts, runnable, nominal, room, answer)
+  results = (_run_variants(model, encoded.contexts, shared, nominal, room, answer)
+             if shared else {})
+  for variant in runnable:
+    if _episodic(variant):
+      results[variant] = _episode_variant(model, variant, batch, encoded, answer_tokens,
+                                          nominal)
+  return results
+
+
+def _episodic(variant: Variant) -> bool:
+  """EpiCache: one cache per episode of each conversation, each question routed to one."""
+  return isinstance(variant.method, methods_lib.EpiCache)
+
+
+def _episode_variant(model, variant: Variant, batch, encoded, answer_tokens, nominal) -> dict:
+  """EpiCache's answers to a batch of conversations, one conversation at a time: each
+  question is answered from its routed episode's cache on its own (EpiCache's protocol;
+  earlier answers are not in the cache). Bytes: the device holds one episode's cache at a
+  time, the host all of them."""
+  keep = _keep(variant, nominal)
+  start = time.perf_counter()
+  predictions, device_bytes, host_bytes, kept = [], 0.0, 0.0, []
+  for item in batch:
+    ep = episodes.prefill_episodes(model, item.context, variant.method, budget=keep)
+    predictions.append([episodes.answer(model, ep, q, answer_tokens).text
+                        for q in item.questions])
+    device_bytes += ep.device_bytes
+    host_bytes += ep.host_bytes
+    kept.append(float(np.mean(ep.budgets)))
+  rows = len(batch)
+  return dict(predictions=predictions, context_tokens=[len(c) for c in encoded.contexts],
+              kept_tokens=float(np.mean(kept)), context_cache_bytes=device_bytes / rows,
+              context_cache_host_bytes=host_bytes / rows,
+              seconds=(time.perf_counter() - start) / rows)
 
 
 def _cache_fields(model, variant: Variant, kept_tokens: float | None, row_bytes: float,
@@ -381,8 +415,15 @@ def _run_batch(model, model_name, task, length, mode, indices, batch, missing, a
   if not runnable:
     return []
   if task in tasks_lib.CONVERSATION_TASKS:
-    results = _multi_turn(model, encoded, runnable, answer_tokens, length)
+    results = _multi_turn(model, encoded, runnable, answer_tokens, length, batch)
   else:
+    for v in [v for v in runnable if _episodic(v)]:
+      runnable.remove(v)
+      skipped.setdefault(f"{v.label}@{v.ratio} {task} {length} {mode}",
+                         f"{v.label} answers conversations (its episodes need the "
+                         f"conversation's turns); it runs on {tasks_lib.CONVERSATION_TASKS}")
+    if not runnable:
+      return []
     results = _single_turn(model, encoded, runnable, answer_tokens, length,
                            config.room_answer_tokens())
   records = []

@@ -93,6 +93,10 @@ def prefill(model, tokens: np.ndarray, mask: np.ndarray, method, keep: int | Non
   elif method.compresses and (keep is not None or not method.needs_budget):
     plan = _compression_plan(model, method, width if keep is None else keep, mask)
     cache = init_cache(model.config, rows, 0)
+    if method.reads_context and method_params is None:
+      # Read from the whole context once; every chunk's policy sees them (SentenceKV).
+      method_params = jax.tree_util.tree_map(
+          jnp.asarray, plan.method.context_params(model.tokenizer, tokens, mask))
   else:
     plan = None
     # The full cache is allocated at its final size at once: growing it afterwards would
@@ -247,9 +251,11 @@ def iter_prefill_many(model, tokens: np.ndarray, mask: np.ndarray, variants, roo
   asking for the next holds one group's caches at a time, so memory stays bounded however
   many variants a sweep has.
   """
-  if any((method.rescores or method.compresses_prompt) and keep is not None
+  if any((method.rescores or method.compresses_prompt or method.reads_context)
+         and keep is not None
          for method, keep in variants):
-    # Their compression needs more forward passes over each one's cache: one by one.
+    # Their compression needs more forward passes over each one's cache, or the context's
+    # token ids as parameters of its own: one by one.
     for method, keep in variants:
       yield prefill(model, tokens, mask, method, keep, room, steps=steps)
     return

@@ -18,11 +18,14 @@ from kvjax.methods import registry
 from kvjax.methods.accumulated import H2O, TOVA, Scissorhands
 from kvjax.methods.base import LayerInputs, Method
 from kvjax.methods.cake import CAKE
+from kvjax.methods.compresskv import CompressKV
+from kvjax.methods.epicache import EpiCache
 from kvjax.methods.gear import GEAR
 from kvjax.methods.key_statistics import ExpectedAttention, Knorm
 from kvjax.methods.kvcrush import KVCrush
 from kvjax.methods.kvzip import KVzip
 from kvjax.methods.lazy_eviction import LazyEviction
+from kvjax.methods.loopserve import LoopServe
 from kvjax.methods.merging import D2O, EMS, ElasticCache, KVMerger
 from kvjax.methods.minicache import MiniCache
 from kvjax.methods.mixed_precision import MiKV, ZipVL
@@ -30,6 +33,7 @@ from kvjax.methods.mpcache import MPCache
 from kvjax.methods.positional import StreamingLLM
 from kvjax.methods.quest import Quest
 from kvjax.methods.quantization import KIVI
+from kvjax.methods.sentencekv import SentenceKV
 from kvjax.methods.think import ThinK
 from kvjax.methods.window import PyramidKV, SnapKV
 from kvjax.methods.xkv import XKV
@@ -49,7 +53,7 @@ class Full(Method):
   needs_budget: ClassVar[bool] = False
 
 
-__all__ = ["AdaKV", "CAKE", "D2O", "EMS", "ElasticCache", "ExpectedAttention", "Full", "GEAR", "H2O", "KIVI", "Knorm", "KVCrush", "KVMerger", "KVzip", "LayerInputs", "MPCache", "Quest", "SpecKV", "SpecPC", "LazyEviction",
+__all__ = ["AdaKV", "CAKE", "CompressKV", "D2O", "EMS", "ElasticCache", "EpiCache", "ExpectedAttention", "Full", "GEAR", "H2O", "KIVI", "Knorm", "KVCrush", "KVMerger", "KVzip", "LayerInputs", "LoopServe", "MPCache", "Quest", "SentenceKV", "SpecKV", "SpecPC", "LazyEviction",
            "Method", "MiKV", "MiniCache", "PerLayer", "PyramidKV", "RazorAttention", "Scissorhands", "SinksWindow", "SnapKV",
            "StreamingLLM", "ThinK", "TOVA", "XKV", "ZipVL", "available", "get",
            "validate_compression"]

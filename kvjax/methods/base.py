@@ -67,6 +67,8 @@ class Method:
     compresses_prompt: the prompt's tokens are chosen before the target reads them (SpecPC:
       `recorder` scores them on a draft, `compressed_rows` keeps the budget); the target's
       cache is then the full cache of the shorter prompt, positions renumbered.
+    reads_context: its prefill reads the context's token ids (SentenceKV's sentence
+      boundaries), handed to the policy as traced parameters by `context_params`.
   Per-slot state is the method's own pytree (`init_state`); kvjax moves it with the slots.
   """
   name: ClassVar[str] = ""
@@ -79,6 +81,7 @@ class Method:
   calibration: ClassVar[str | None] = None
   rescores: ClassVar[bool] = False
   compresses_prompt: ClassVar[bool] = False
+  reads_context: ClassVar[bool] = False
   wrappable: ClassVar[bool] = True   # False: its selection is not a per-chunk score that
                                      # AdaKV, PerLayer or SinksWindow could re-budget
 
@@ -162,6 +165,12 @@ class Method:
     del column_sums
     return state
 
+  def observe_queries(self, state, queries, query_positions):
+    """Methods that need QUERIES: per-slot state after queries [B, T, H, D] at positions
+    [B, T] were appended without compressing (LoopServe keeps the latest ones)."""
+    del queries, query_positions
+    return state
+
   # Compaction.
   def compact(self, cand, x: LayerInputs, keep: int):
     """The layer cache that keeps `keep` slots per KV head of the candidates `cand`
@@ -216,6 +225,12 @@ class Method:
   def label(self) -> str:
     """Name shown in results, e.g. adakv(snapkv)."""
     return self.name
+
+  def context_params(self, tokenizer, tokens, mask):
+    """Methods with `reads_context`: the traced parameters (`LayerInputs.params`) its prefill
+    reads, from the left-padded context token ids `tokens` and `mask` [B, T] (numpy) and
+    the model's tokenizer (None for a model without one)."""
+    raise NotImplementedError(f"{type(self).__name__} reads no context token ids")
 
   # Rescoring hooks (methods with `rescores` only; see kvjax/methods/kvzip.py).
   def rescoring_passes(self, tokenizer, tokens, mask, draft=None):

@@ -13,7 +13,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from kvjax.cache.kv_cache import (COLUMN_SUMS, PROBS, RESERVED_POSITION, Cache, LayerCache,
+from kvjax.cache.kv_cache import (COLUMN_SUMS, PROBS, QUERIES, RESERVED_POSITION, Cache, LayerCache,
                                   NewTokens)
 from kvjax.cache.policy import LayerStep
 from kvjax.methods.base import PROTECTED, LayerInputs, Method
@@ -61,7 +61,8 @@ class CompressionPlan:
     # that override `accumulate`; merging methods keep state but count no attention).
     accumulate = (COLUMN_SUMS in self.method.needs and layer_cache.state is not None
                   and type(self.method).accumulate is not Method.accumulate)
-    return layer_cache.append(new), None, frozenset({COLUMN_SUMS} if accumulate else ())
+    want = ({COLUMN_SUMS} if accumulate else set()) | (self.method.needs & {QUERIES})
+    return layer_cache.append(new), None, frozenset(want)
 
   def update(self, layer: int, layer_cache, step: LayerStep, stats):
     if self.compress:
@@ -72,8 +73,11 @@ class CompressionPlan:
       return evict_and_insert(self.method, layer_cache, step.new, stats.probs,
                               stats.pending_probs, step.lengths, self.budgets[layer])
     if stats.column_sums is not None:
-      return layer_cache.with_state_view(self.method.accumulate(layer_cache.state_view(),
-                                                                stats.column_sums))
+      layer_cache = layer_cache.with_state_view(
+          self.method.accumulate(layer_cache.state_view(), stats.column_sums))
+    if stats.queries is not None:
+      layer_cache = layer_cache.with_state_view(
+          self.method.observe_queries(layer_cache.state_view(), *stats.queries))
     return layer_cache
 
   def finish(self, layers: tuple, lengths: jax.Array) -> Cache:

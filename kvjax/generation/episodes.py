@@ -1,0 +1,380 @@
+"""EpiCache's episodes: one compressed cache per topic of a long context, a question routed
+to the nearest (see kvjax/methods/epicache.py for the method and its reading of the paper).
+
+1. Windows: the context split into sentences (text ending in . ! or ? and whitespace), `c`
+   consecutive sentences per window (EpiCache's windows of c utterances; a dialogue with one
+   utterance per sentence is the same thing).
+2. Embeddings: no sentence encoder is available offline, so a window (and a question) is
+   embedded by the served model itself: its final hidden states (after the final norm),
+   mean-pooled over the text's tokens, L2-normalised. The official code uses MiniLM or
+   Qwen3-Embedding.
+3. K-means (Euclidean, on the normalised embeddings, as sklearn on them in the official
+   code) with E clusters, initialised deterministically at E chronologically evenly spaced
+   windows (the official runs sklearn's k-means++ with 10 restarts, random_state 42); E is
+   capped at the number of windows. Per cluster the M_med windows closest in cosine to the
+   centroid, in chronological order, are the episode's text P_e.
+4. Per episode, block-wise prefill of the whole context with eviction after every block,
+   scored by the patched prompt [instruction + assistant opening + P_e] (`block_prefill`):
+   peak cache slots per head are at most the layer budget plus one block.
+5. The episodes' caches wait in host memory (the official offloads them to the CPU): device
+   memory holds one episode's cache while a question is answered. `answer`: argmax over
+   episodes of <embed(question), centroid>; the question is answered from a device copy of
+   that episode's cache, so later questions find it unchanged (EpiCache's protocol: each
+   question is answered on its own, earlier answers are not kept).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kvjax import methods as methods_lib
+from kvjax import validation
+from kvjax.cache import cache_nbytes, init_cache
+from kvjax.cache.kv_cache import EMPTY_POSITION, Cache, LayerCache, host_nbytes
+from kvjax.cache.policy import APPEND
+from kvjax.errors import GenerationError, MethodError
+from kvjax.generation import context as context_lib
+from kvjax.generation import conversation, engine, inputs
+from kvjax.generation.generate import check_context_length
+from kvjax.methods import epicache
+from kvjax.methods.kvzip import repeat_suffix
+from kvjax.ops import rope
+
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+KMEANS_ITERATIONS = 300   # sklearn's default max_iter
+EMBED_BATCH = 16          # windows embedded per forward pass
+
+
+# ---------------------------------------------------------------------------- windows and
+# embeddings
+
+
+def split_windows(text: str, window: int) -> list[str]:
+  """The text's sentences, `window` per window, in order (the last may hold fewer)."""
+  sentences = [s for s in SENTENCE_END.split(text.strip()) if s]
+  return [" ".join(sentences[i:i + window]) for i in range(0, len(sentences), window)]
+
+
+def _pooled_hidden(params, tokens, mask, *, graphdef):
+  """[B, D] float32: final hidden states (after the final norm) averaged over each row's
+  real tokens. The model's own layers, run as its forward pass runs them, stopping before
+  the output head (the forward pass returns logits only)."""
+  net = nnx.merge(graphdef, params)
+  mask = mask.astype(bool)
+  positions = jnp.where(mask, jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, EMPTY_POSITION)
+  lengths = mask.sum(axis=1, dtype=jnp.int32)
+  cache = init_cache(net.config, tokens.shape[0], tokens.shape[1])
+  inv_freq = rope.inverse_frequencies(net.config)
+  x = net.embed(tokens)
+  for index, block in enumerate(net.layers):
+    x, _ = block(x, positions, cache.layers[index], inv_freq, index, APPEND, lengths)
+  x = net.final_norm(x).astype(jnp.float32)
+  return (x * mask[..., None]).sum(1) / jnp.maximum(lengths, 1)[:, None]
+
+
+_pooled_hidden_jit = jax.jit(_pooled_hidden, static_argnames=("graphdef",))
+
+
+def embed(model, texts: list[str]) -> np.ndarray:
+  """[N, D] float32: each text's mean-pooled final hidden state, L2-normalised."""
+  if model.tokenizer is None:
+    raise GenerationError("epicache embeds text with the model's tokenizer; this model has none")
+  rows = [model.tokenizer.encode(t, add_special_tokens=False) or [inputs.pad_id(model)]
+          for t in texts]
+  out = []
+  for start in range(0, len(rows), EMBED_BATCH):
+    group = rows[start:start + EMBED_BATCH]
+    tokens, mask = inputs.left_pad(group, inputs.pad_id(model),
+                                   inputs.bucket(max(len(r) for r in group)))
+    out.append(np.asarray(_pooled_hidden_jit(model.params, jnp.asarray(tokens),
+                                             jnp.asarray(mask), graphdef=model.graphdef)))
+  vectors = np.concatenate(out)
+  return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+
+# ---------------------------------------------------------------------------- clustering
+
+
+def kmeans(x: np.ndarray, k: int, iterations: int = KMEANS_ITERATIONS
+           ) -> tuple[np.ndarray, np.ndarray]:
+  """(centroids [k', D], labels [N]) of Lloyd's k-means on x [N, D], k' = min(k, N), started
+  at the rows floor(i * N / k'); a cluster left empty keeps its centroid; ties go to the
+  lower cluster. Stops when no label changes."""
+  x = np.asarray(x, np.float64)
+  k = min(k, len(x))
+  centroids = x[(np.arange(k) * len(x)) // k].copy()
+  labels = None
+  for _ in range(iterations):
+    distances = ((x[:, None, :] - centroids[None]) ** 2).sum(-1)
+    new = distances.argmin(1)
+    if labels is not None and (new == labels).all():
+      break
+    labels = new
+    for c in range(k):
+      if (labels == c).any():
+        centroids[c] = x[labels == c].mean(0)
+  return centroids, labels
+
+
+def medoid_windows(x: np.ndarray, labels: np.ndarray, centroids: np.ndarray, count: int
+                   ) -> list[list[int]]:
+  """Per cluster, its `count` windows of highest cosine similarity to the centroid (ties to
+  the earlier window), in chronological order."""
+  x = np.asarray(x, np.float64)
+  unit = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+  out = []
+  for c, centroid in enumerate(np.asarray(centroids, np.float64)):
+    members = np.flatnonzero(labels == c)
+    cosine = unit[members] @ (centroid / max(np.linalg.norm(centroid), 1e-12))
+    best = members[np.argsort(-cosine, kind="stable")[:count]]
+    out.append(sorted(best.tolist()))
+  return out
+
+
+def route(question: np.ndarray, centroids: np.ndarray) -> int:
+  """The episode whose centroid has the largest inner product with the (normalised) question
+  embedding (the official router; ties to the lower episode)."""
+  return int(np.argmax(np.asarray(centroids, np.float64) @ np.asarray(question, np.float64)))
+
+
+# ---------------------------------------------------------------------------- block prefill
+
+
+@dataclasses.dataclass
+class BlockPrefill:
+  logits: jax.Array     # [1, V] next-token logits after the context
+  cache: object         # the compressed cache (no free slots)
+  peak_slots: int       # most slots per head any layer held (after a block was appended)
+
+
+@functools.partial(jax.jit, static_argnames=("budgets", "system_tokens"))
+def _evict(cache, scores, budgets, system_tokens):
+  layers = tuple(epicache.evicted(layer, s, keep, system_tokens)
+                 for layer, s, keep in zip(cache.layers, scores, budgets))
+  return cache.replace(layers=layers)
+
+
+def block_prefill(model, tokens, patched, budgets: tuple[int, ...], block_size: int,
+                  system_tokens: int = 0, steps: engine.CompiledSteps = engine.STEPS
+                  ) -> BlockPrefill:
+  """One row's context `tokens` prefilled `block_size` tokens at a time; after each block,
+  where a layer holds more than its budget, the `patched` prompt token ids are run over the
+  cache (not stored) and every layer keeps its budget of the best-scored slots per KV head
+  (`epicache.evicted`; positions below system_tokens are never evicted)."""
+  config = model.config
+  validation.integer("block_size", block_size, 1, error=MethodError)
+  if not len(tokens) or not len(patched):
+    raise GenerationError(f"block_prefill needs a context ({len(tokens)} tokens) and a "
+                          f"patched prompt ({len(patched)} tokens)")
+  if len(budgets) != config.num_layers or min(budgets) <= system_tokens:
+    raise MethodError(f"budgets {budgets} must give each of the {config.num_layers} layers "
+                      f"more than the {system_tokens} system tokens it never evicts")
+  tokens = np.asarray(tokens, np.int32)[None]
+  probe = jnp.asarray(np.asarray(patched, np.int32)[None])
+  cache, peak, logits = init_cache(config, 1, 0), 0, None
+  for start in range(0, tokens.shape[1], block_size):
+    piece = tokens[:, start:start + block_size]
+    cache = steps.grow(cache, piece.shape[1])
+    logits, cache = steps.prefill(model, jnp.asarray(piece), jnp.ones(piece.shape, bool), cache)
+    peak = max(peak, max(layer.capacity for layer in cache.layers))
+    if any(layer.capacity > keep for layer, keep in zip(cache.layers, budgets)):
+      _, scores = steps.prefill(model, probe, jnp.ones(probe.shape, bool), cache,
+                                plan=epicache.PatchedPromptProbe())
+      cache = _evict(cache, scores, tuple(budgets), system_tokens)
+  return BlockPrefill(logits=logits, cache=cache, peak_slots=peak)
+
+
+# ---------------------------------------------------------------------------- layer
+# sensitivity (offline, once per model)
+
+PROFILE_BLOCK, PROFILE_SINKS, PROFILE_OVERLAP, PROFILE_WINDOW = 4096, 128, 0.5, 100
+
+
+def block_masked_keys(model, tokens, block: int = PROFILE_BLOCK, sinks: int = PROFILE_SINKS,
+                      overlap: float = PROFILE_OVERLAP,
+                      steps: engine.CompiledSteps = engine.STEPS):
+  """(full, masked): each layer's keys [K, N, D] of one row of `tokens` under full causal
+  attention, and under the official profile's block mask: a token of block j attends to
+  the first `sinks` tokens, its own block causally and the last int(block * overlap) tokens
+  of block j - 1. The mask is run block by block: block j is prefilled over a cache holding
+  only those sink and overlap slots (as computed when their own block was prefilled), which
+  is exactly what one masked forward pass computes for it."""
+  config = model.config
+  validation.integer("block", block, 1, error=MethodError)
+  validation.integer("sinks", sinks, 0, error=MethodError)
+  validation.number("overlap", overlap, 0, 1, error=MethodError)
+  tokens = np.asarray(tokens, np.int32)[None]
+  n = tokens.shape[1]
+  _, cache = steps.prefill(model, jnp.asarray(tokens), jnp.ones(tokens.shape, bool),
+                           init_cache(config, 1, n))
+  full = [np.asarray(layer.keys[0]) for layer in cache.layers]
+  keys = [np.zeros_like(k) for k in full]
+  values = [np.zeros(np.asarray(layer.values[0]).shape, k.dtype)
+            for layer, k in zip(cache.layers, full)]
+  width = int(block * overlap)
+  for start in range(0, n, block):
+    end = min(start + block, n)
+    seen = sorted(set(range(min(sinks, start))) | set(range(max(0, start - width), start)))
+    index = np.asarray(seen, np.int32)
+    positions = jnp.asarray(np.broadcast_to(index, (1, config.num_kv_heads, len(index))))
+    layers = tuple(LayerCache(keys=jnp.asarray(k[None][:, :, index]),
+                              values=jnp.asarray(v[None][:, :, index]), positions=positions,
+                              end=jnp.int32(len(index))).grow(end - start)
+                   for k, v in zip(keys, values))
+    view = Cache(layers=layers, lengths=jnp.asarray([start], jnp.int32))
+    _, view = steps.prefill(model, jnp.asarray(tokens[:, start:end]),
+                            jnp.ones((1, end - start), bool), view)
+    for k, v, layer in zip(keys, values, view.layers):
+      k[:, start:end] = np.asarray(layer.keys[0, :, len(index):])
+      v[:, start:end] = np.asarray(layer.values[0, :, len(index):])
+  return full, keys
+
+
+def windowed_key_similarity(full, masked, window: int = PROFILE_WINDOW) -> tuple[float, ...]:
+  """Per layer: the cosine of the flattened keys of each `window` consecutive tokens of
+  each KV head, full vs masked ([K, N, D] per layer), averaged over heads and windows."""
+  out = []
+  for a, b in zip(full, masked):
+    heads, n, _ = a.shape
+    sims = []
+    for h in range(heads):
+      for start in range(0, n, window):
+        x = np.asarray(a[h, start:start + window], np.float64).ravel()
+        y = np.asarray(b[h, start:start + window], np.float64).ravel()
+        sims.append(float(x @ y / max(np.linalg.norm(x) * np.linalg.norm(y), 1e-8)))
+    out.append(float(np.mean(sims)))
+  return tuple(out)
+
+
+def layer_sensitivity(model, tokens, block: int = PROFILE_BLOCK, sinks: int = PROFILE_SINKS,
+                      overlap: float = PROFILE_OVERLAP, window: int = PROFILE_WINDOW,
+                      steps: engine.CompiledSteps = engine.STEPS) -> tuple[float, ...]:
+  """EpiCache's offline layer profile (official data/layer_scores/layer_profile.py; the
+  paper profiles one 16K BookSum sample): per layer, how similar its keys stay when the
+  context is read block-wise. Pass the result as EpiCache(sensitivity=...)."""
+  return windowed_key_similarity(*block_masked_keys(model, tokens, block, sinks, overlap,
+                                                    steps), window)
+
+
+# ---------------------------------------------------------------------------- episodes
+
+
+HOST, DEVICE = jax.memory.Space.Host, jax.memory.Space.Device
+
+
+@dataclasses.dataclass
+class Episodes:
+  prefilled: list                    # per episode: a PrefilledContext (no room), its cache
+                                     # in host memory
+  centroids: np.ndarray              # [E, D]
+  windows: list[str]                 # the context's windows
+  members: list[list[int]]           # per episode: its medoid windows (P_e), in order
+  budgets: tuple[int, ...]           # kept slots per layer (per KV head)
+  peak_slots: int                    # most slots per head held during any block prefill
+  chat_template: bool
+
+  @property
+  def device_bytes(self) -> int:
+    """Device bytes while a question is answered: the largest episode cache."""
+    return max(p.context_cache_bytes for p in self.prefilled)
+
+  @property
+  def host_bytes(self) -> int:
+    """Bytes of every episode's cache waiting in host memory."""
+    return sum(p.context_cache_host_bytes for p in self.prefilled)
+
+
+def system_prefix_tokens(model, context_ids: list[int], chat_template: bool) -> int:
+  """How many leading tokens of an encoded context are the chat template's prefix (system
+  prompt and user header): never evicted. 0 without a template."""
+  if not chat_template:
+    return 0
+  before, _ = inputs.render_chat(model.tokenizer, "x")
+  prefix = model.tokenizer.encode(before[:-1], add_special_tokens=False)
+  n = 0
+  while n < min(len(prefix), len(context_ids)) and prefix[n] == context_ids[n]:
+    n += 1
+  return n
+
+
+def patched_prompt(tokenizer, text: str) -> list[int]:
+  """[instruction + the template's opening of the assistant turn + P_e] token ids."""
+  return (tokenizer.encode(epicache.INSTRUCTION, add_special_tokens=False)
+          + repeat_suffix(tokenizer) + tokenizer.encode(text, add_special_tokens=False))
+
+
+def prefill_episodes(model, context: str, method="epicache", compression_ratio=None,
+                     budget=None, chat_template: bool | None = None,
+                     steps: engine.CompiledSteps = engine.STEPS) -> Episodes:
+  """EpiCache over one context: its windows clustered into episodes, and one compressed
+  cache per episode (block-wise prefill scored by the episode's patched prompt).
+
+  method: "epicache" (optionally with ':name=value' hyperparameters) or an EpiCache.
+  compression_ratio / budget: as for generate (one of them; budget = slots per layer and KV
+  head, which every episode's cache keeps).
+  """
+  method = methods_lib.get(method)
+  if not isinstance(method, epicache.EpiCache):
+    raise MethodError(f"prefill_episodes runs epicache; got {method.label!r}")
+  if model.tokenizer is None:
+    raise GenerationError("epicache needs a model with a tokenizer (windows and questions "
+                          "are text)")
+  validation.text("context", context, error=GenerationError)
+  chat = inputs.use_chat_template(model, chat_template)
+  ids = inputs.encode(model, [context], ["?"], chat).prompts[0]
+  keep = methods_lib.validate_compression(method, [len(ids)], compression_ratio, budget)
+  budgets = context_lib.layer_budgets(model, method, keep, len(ids))
+  system = system_prefix_tokens(model, ids, chat)
+  if min(budgets) <= system:
+    raise MethodError(f"the budget ({min(budgets)} slots in the smallest layer) must exceed "
+                      f"the {system} chat-template prefix tokens that epicache never evicts")
+  windows = split_windows(context, method.window)
+  if not windows:
+    raise GenerationError("the context has no sentences to cluster into episodes")
+  vectors = embed(model, windows)
+  centroids, labels = kmeans(vectors, method.episodes)
+  members = medoid_windows(vectors, labels, centroids, method.medoids)
+  prefilled, peak = [], 0
+  for chosen in members:
+    patched = patched_prompt(model.tokenizer, "\n".join(windows[i] for i in chosen))
+    done = block_prefill(model, ids, patched, budgets, method.block_size, system, steps)
+    peak = max(peak, done.peak_slots)
+    measured = cache_nbytes(done.cache)
+    offloaded = jax.device_put(done.cache, HOST)
+    prefilled.append(context_lib.PrefilledContext(
+        logits=done.logits, cache=offloaded, context_cache_bytes=measured,
+        context_cache_allocated_bytes=measured, decode_plan=None, budgets=budgets,
+        context_cache_host_bytes=host_nbytes(offloaded)))
+  return Episodes(prefilled=prefilled, centroids=centroids, windows=windows, members=members,
+                  budgets=budgets, peak_slots=peak, chat_template=chat)
+
+
+@dataclasses.dataclass
+class Answer:
+  text: str
+  episode: int          # the episode whose cache answered
+  token_ids: list[int]
+
+
+def answer(model, episodes: Episodes, question: str, max_new_tokens: int = 64,
+           steps: engine.CompiledSteps = engine.STEPS) -> Answer:
+  """Greedy answer to `question` from the cache of its nearest episode, copied from host
+  memory to the device (so the episode's cache serves later questions unchanged)."""
+  validation.text("question", question, error=GenerationError)
+  episode = route(embed(model, [question])[0], episodes.centroids)
+  question_ids = inputs.encode(model, ["x"], [question], episodes.chat_template).questions[0]
+  turns = [[question_ids]]
+  room = conversation.turn_room(turns, max_new_tokens)
+  prefilled = episodes.prefilled[episode]
+  prefilled = dataclasses.replace(prefilled, cache=jax.device_put(prefilled.cache, DEVICE))
+  check_context_length(model, int(prefilled.cache.lengths[0]) + room,
+                       f"the context and question ({len(question_ids)} tokens)")
+  out = conversation.run_turns(model, prefilled, turns, max_new_tokens, room, steps=steps)
+  return Answer(text=out["answers"][0][0], episode=episode, token_ids=out["token_ids"][0][0])

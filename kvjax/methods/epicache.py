@@ -1,0 +1,171 @@
+"""EpiCache: episodic KV caches for long conversations under a fixed budget (Kim et al., 2025,
+arXiv 2509.17396; official code apple/ml-epicache).
+
+The conversation is clustered into E episodes; each episode gets its own compressed cache,
+built by block-wise prefill: after every block of the context is appended, an uncached
+forward pass of the episode's "patched prompt" (an instruction to extract the facts, the
+chat template's opening of the assistant turn, then P_e: the episode's most central windows)
+reads the cache, and every cached slot scores the largest softmax probability any patched
+query of its KV group gives it (softmax over the cached slots only, as the official
+`_get_score_flatten`). Each layer then keeps its budget of the best slots per KV head; the
+chat template's system prefix is never evicted. At question time the question goes to the
+episode whose centroid is nearest (`kvjax.generation.episodes`). This module holds the
+method's hyperparameters, the scoring pass, the eviction step and the sensitivity-based
+layer allocation; the episode clustering and the block loop live in
+`kvjax.generation.episodes`.
+
+Reading of the official code, and where kvjax differs:
+- Eviction level: "uniform" (top-M_l per KV head, dense layout). The official default,
+  "pair" (one top-(M_l * H_kv) over the layer's heads, ragged heads), is not implemented.
+- The system prefix counts inside the layer budget here (the official keeps it on top of it),
+  so a cache never holds more than its budget per head.
+- The patched prompt's positions continue the cache (`lengths` onward); the official starts
+  them one earlier (at the block's last position).
+- Layer budgets: `sensitivity` holds the offline per-layer key similarities s_l (official
+  `layer_profile.py`: full causal vs block-masked prefill); budgets then follow the official
+  `allocate_layer_budget` (M_l = int(L*M*w_l/sum w), w_l = (1 - minmax(s)_l)^alpha, floored
+  at max(1, M // 4); uniform when all s_l are equal). Compute it once per model with
+  `kvjax.generation.episodes.layer_sensitivity` (official defaults: 4096-token blocks, 128
+  sinks, 50% overlap, 100-token windows) on a long text; kvjax stores no profile (the paper's
+  comes from a 16K BookSum sample), so the default empty `sensitivity` gives every layer M.
+- Episodes are embedded with the served model's own mean-pooled final hidden states (no
+  sentence encoder offline; the official uses MiniLM or Qwen3-Embedding), and K-means starts
+  deterministically (see kvjax/generation/episodes.py).
+- The method runs through `kvjax.generation.episodes` (it needs the conversation's windows
+  and an extra pass per block); it has no per-chunk score, so generate/converse refuse it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax.cache.kv_cache import LayerCache
+from kvjax.errors import MethodError
+from kvjax.methods import base, registry
+from kvjax.methods.kvzip import ScoringProbe
+from kvjax.ops.attention import group_heads
+
+# The official "clustering" scorer's instruction (model/wrapper.py, token_scoring).
+INSTRUCTION = ("\n\nExtract essential information from this conversation segment. Identify "
+               "speaker names, personas, key events with dates/times, personal details, "
+               "commitments, opinions, relationships, emotional moments, and unique "
+               "experiences.")
+
+
+def patched_scores(queries, keys, key_positions, query_positions, block: int = 256):
+  """[B, K, S] float32: the largest probability any real patched query of a KV head's group
+  gives each cached slot, each query's softmax running over the real cached slots only (the
+  patched tokens' own keys are not candidates). queries [B, T, H, D] post-RoPE, keys
+  [B, K, S, D], key_positions [B, K, S] (negative = empty, scores 0), query_positions [B, T]
+  (negative = padding). Queries are taken `block` at a time (memory O(block * S))."""
+  b, t, h, d = queries.shape
+  block = min(block, t)
+  blocks = -(-t // block)
+  pad = blocks * block - t
+  q = jnp.pad(group_heads(queries, keys.shape[1]).astype(jnp.float32),
+              [(0, 0)] * 3 + [(0, pad), (0, 0)])                        # [B, K, G, T', D]
+  qpos = jnp.pad(query_positions, [(0, 0), (0, pad)], constant_values=-1)
+  keys32 = keys.astype(jnp.float32)
+  real_keys = (key_positions >= 0)[:, :, None, None, :]
+
+  def step(best, i):
+    qi = jax.lax.dynamic_slice_in_dim(q, i * block, block, axis=3)
+    pi = jax.lax.dynamic_slice_in_dim(qpos, i * block, block, axis=1)
+    logits = jnp.einsum("bkgtd,bksd->bkgts", qi, keys32,
+                        precision=jax.lax.Precision.HIGHEST) * d ** -0.5
+    probs = jax.nn.softmax(jnp.where(real_keys, logits, -jnp.inf), axis=-1)
+    probs = jnp.where(real_keys & (pi >= 0)[:, None, None, :, None], probs, 0.0)
+    return jnp.maximum(best, probs.max(axis=(2, 3))), None
+
+  best, _ = jax.lax.scan(step, jnp.zeros(keys.shape[:3], jnp.float32), jnp.arange(blocks))
+  return best
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchedPromptProbe(ScoringProbe):
+  """The scoring pass: the patched prompt attends over the cache (and itself) without being
+  stored; each layer returns its `patched_scores` in place of its cache."""
+  label = "epicache"
+
+  def scores(self, layer_cache, step):
+    return patched_scores(step.queries, layer_cache.keys, layer_cache.positions,
+                          step.new.positions)
+
+
+def evicted(layer: LayerCache, scores: jax.Array, keep: int, system_tokens: int) -> LayerCache:
+  """The layer keeping each KV head's `keep` best slots by `scores` [B, K, S] (slots at
+  positions below system_tokens always, empty slots last), in slot order; unchanged when it
+  holds no more than `keep` slots."""
+  if layer.capacity <= keep:
+    return layer
+  prio = jnp.where(layer.positions < system_tokens, base.PROTECTED, scores)
+  prio = jnp.where(layer.positions >= 0, prio, -jnp.inf)
+  _, index = jax.lax.top_k(prio, keep)
+  return layer.select(jnp.sort(index, axis=-1))
+
+
+def allocate_layer_budgets(sensitivity, keep: int, alpha: float) -> tuple[int, ...]:
+  """Per-layer budgets from key similarities s_l (official `allocate_layer_budget`): layers
+  whose keys change most under block-wise prefill (low s_l) get more. M_l = int(L*keep*w_l /
+  sum(w)) with w_l = (1 - minmax(s)_l)^alpha, each at least max(1, keep // 4); the floor can
+  push the total above L*keep (as in the official code). Uniform when all s_l are equal."""
+  s = np.asarray(sensitivity, np.float64)
+  if s.max() == s.min():
+    return (keep,) * len(s)
+  weights = (1.0 - (s - s.min()) / (s.max() - s.min())) ** alpha
+  budgets = (weights * (keep * len(s)) / weights.sum()).astype(np.int64)
+  return tuple(int(b) for b in np.maximum(budgets, max(1, keep // 4)))
+
+
+@registry.register
+@dataclasses.dataclass(frozen=True)
+class EpiCache(base.Method):
+  """Episodic caches (see the module docstring). Defaults as the official scripts: E=4
+  episodes, M_med=8 medoid windows per episode, windows of c=4 utterances (sentences for
+  plain text), 2048-token prefill blocks, alpha=1.1, no sensitivity profile (uniform)."""
+  name: ClassVar[str] = "epicache"
+  family: ClassVar[str] = "episodes"
+  wrappable: ClassVar[bool] = False
+  episodes: int = 4
+  medoids: int = 8
+  window: int = 4
+  block_size: int = 2048
+  alpha: float = 1.1
+  sensitivity: tuple = ()
+
+  def __post_init__(self):
+    base.check_int("episodes", self.episodes, 1)
+    base.check_int("medoids", self.medoids, 1)
+    base.check_int("window", self.window, 1)
+    base.check_int("block_size", self.block_size, 1)
+    base.check_number("alpha", self.alpha, 0, what="the allocation's exponent (0 = uniform)")
+    if not isinstance(self.sensitivity, tuple):
+      raise MethodError(f"sensitivity={self.sensitivity!r} must be a tuple of per-layer key "
+                        f"similarities in [-1, 1] (empty for uniform budgets)")
+    for i, s in enumerate(self.sensitivity):
+      base.check_number(f"sensitivity[{i}]", s, -1, 1, what="a cosine similarity")
+
+  @property
+  def label(self) -> str:
+    """'epicache' with every hyperparameter that differs from its default, so sweeps over
+    them keep their results apart."""
+    return base.spec_label(self)
+
+  def layer_budgets(self, config, keep, context_length):
+    del context_length
+    if not self.sensitivity or self.alpha == 0:
+      return (keep,) * config.num_layers
+    if len(self.sensitivity) != config.num_layers:
+      raise MethodError(f"epicache sensitivity has {len(self.sensitivity)} values; the model "
+                        f"has {config.num_layers} layers")
+    return allocate_layer_budgets(self.sensitivity, keep, self.alpha)
+
+  def score(self, x):
+    raise MethodError("epicache builds one cache per episode of a conversation; run it with "
+                      "kvjax.generation.episodes (prefill_episodes, then answer), not as a "
+                      "per-chunk scorer in generate or converse")

@@ -1,0 +1,331 @@
+"""SentenceKV: segmentation, the SnapKV pre-filter, the sentence table and each decode
+step's sentence choice against slow numpy restatements; offloaded reads against the same
+selection on the device; bytes against arithmetic; the method end to end and its errors."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kvjax
+import method_inputs as mi
+from kvjax.cache.kv_cache import LayerCache, NewTokens, host_nbytes
+from kvjax.errors import MethodError
+from kvjax.methods import base
+from kvjax.methods.sentencekv import PUNCTUATION, SentenceKV, SentenceLayerCache
+from tiny import random_prompts, tiny_model
+
+ENDS = (1, 5, 9, 14)     # sentence-end ids of the random token rows (about one token in five)
+VOCAB = 20
+
+
+def np_sentences(ids, ends):
+  """The sentence of every token: a sentence ends after each token whose id is an end."""
+  out, sentence = [], 0
+  for token in ids:
+    out.append(sentence)
+    if token in ends:
+      sentence += 1
+  return out
+
+
+def np_pool_max(x, kernel):
+  half = kernel // 2
+  return np.array([x[max(0, i - half):i + half + 1].max() for i in range(len(x))])
+
+
+def np_prefilter(data, stored, window, kernel, gqa):
+  """{(row, kv head): sorted kept positions}: SnapKV over the row's real tokens (the last
+  `window` queries' attention summed, window keys zeroed, max-pooled per query head, reduced
+  over the group), the window plus the best stored - window others (ties: lower slot)."""
+  b, t, h, d = data.q.shape
+  k = data.k.shape[1]
+  g = h // k
+  kept = {}
+  for row in range(b):
+    n = data.lengths[row]
+    s = data.k.shape[2]
+    first = s - n                                   # rows are right-aligned
+    window_slots = range(s - window, s)
+    pooled = np.zeros((h, s))
+    for head in range(h):
+      kv = head // g
+      sums = np.zeros(s)
+      for i in window_slots:
+        logits = np.array([data.k[row, kv, j] @ data.q[row, i, head] / np.sqrt(d)
+                           if first <= j <= i else -np.inf for j in range(s)])
+        p = np.exp(logits - logits.max())
+        sums += p / p.sum()
+      sums[s - window:] = 0.0
+      pooled[head] = np_pool_max(sums, kernel)
+    for kv in range(k):
+      group = pooled[kv * g:(kv + 1) * g]
+      score = group.mean(0) if gqa == "mean" else group.max(0)
+      others = sorted(range(first, s - window), key=lambda j: (-score[j], j))
+      chosen = list(window_slots) + others[:max(stored - window, 0)]
+      kept[row, kv] = sorted(int(data.kpos[row, kv, j]) for j in chosen)
+  return kept
+
+
+def np_table(keys_by_slot, sentences):
+  """[(sentence, first slot, slot count, mean key)] of the stored slots in slot order."""
+  table = []
+  for i, sentence in enumerate(sentences):
+    if table and table[-1][0] == sentence:
+      table[-1][2].append(i)
+    else:
+      table.append((sentence, i, [i]))
+  return [(s, first, len(slots), keys_by_slot[slots].mean(0)) for s, first, slots in table]
+
+
+def np_chosen_slots(q, keys_by_slot, sentences, budget, start, recent, gqa):
+  """Stored slots one KV head's decode step reads: the first `start`, the last `recent`, and
+  whole sentences by similarity of q [G, D] to their mean key (ties: earlier sentence),
+  their slots in [start, n - recent), until budget - start - recent are taken."""
+  n = len(sentences)
+  low, high = start, n - recent
+  ranked = []
+  for index, (_, first, count, mean) in enumerate(np_table(keys_by_slot, sentences)):
+    sims = [float(qq @ mean) for qq in q]
+    sim = np.mean(sims) if gqa == "mean" else max(sims)
+    inside = [i for i in range(first, first + count) if low <= i < high]
+    if inside:
+      ranked.append((-sim, index, inside))
+  gathered = []
+  for _, _, inside in sorted(ranked):
+    for i in inside:
+      if len(gathered) < budget - start - recent:
+        gathered.append(i)
+  return set(range(min(start, n))) | set(range(max(n - recent, 0), n)) | set(gathered)
+
+
+def np_attend(q, keys, values):
+  logits = keys @ q / np.sqrt(q.shape[-1])
+  w = np.exp(logits - logits.max())
+  return (w / w.sum()) @ values
+
+
+METHOD = SentenceKV(semantic_factor=2.0, window=4, kernel_size=5, start_budget=2,
+                    recent_budget=3, boundary_ids=ENDS, offload=False)
+KEEP = 10    # 20 stored per head, 5 gathered
+
+
+def _prefill(seed, gqa="mean", lengths=(48, 33)):
+  """(data, token rows, x, the compacted layer) of one random prefill chunk."""
+  data = mi.random_prefill(seed, lengths=lengths)
+  rng = np.random.default_rng(seed + 100)
+  s = data.k.shape[2]
+  tokens = rng.integers(0, VOCAB, (len(lengths), s))
+  sentence = np.zeros((len(lengths), s), np.int32)
+  for row, n in enumerate(lengths):
+    sentence[row, :n] = np_sentences(tokens[row, s - n:], ENDS)
+  method = dataclasses.replace(METHOD, gqa=gqa)
+  x = base.LayerInputs(config=mi.config(), layer=0, **mi.layer_arrays(data),
+                       params={"sentence": jnp.asarray(sentence)})
+  cand = LayerCache(keys=x.keys, values=x.values, positions=x.key_positions, end=jnp.int32(s))
+  return data, tokens, sentence, method, method.compact(cand, x, KEEP)
+
+
+def test_sentence_ids_match_numpy():
+  rng = np.random.default_rng(0)
+  lengths = [30, 17, 1]
+  tokens = np.zeros((3, 32), np.int64)
+  mask = np.zeros((3, 32), bool)
+  for row, n in enumerate(lengths):
+    tokens[row, 32 - n:] = rng.integers(0, VOCAB, n)
+    mask[row, 32 - n:] = True
+  got = METHOD.context_params(None, tokens, mask)["sentence"]
+  for row, n in enumerate(lengths):
+    assert got[row, :n].tolist() == np_sentences(tokens[row, 32 - n:].tolist(), ENDS)
+
+
+@pytest.mark.parametrize("gqa", ["mean", "max"])
+def test_prefilter_keeps_snapkv_tokens_with_their_sentences(gqa):
+  data, _, sentence, method, layer = _prefill(1, gqa)
+  want = np_prefilter(data, method.stored(KEEP), method.window, method.kernel_size, gqa)
+  positions = np.asarray(layer.context.positions)
+  ids = np.asarray(layer.context.state)
+  for (row, kv), kept in want.items():
+    real = positions[row, kv] >= 0
+    assert positions[row, kv][real].tolist() == kept
+    assert ids[row, kv][real].tolist() == [int(sentence[row, p]) for p in kept]
+
+
+def test_sentence_table_matches_numpy():
+  data, _, sentence, _, layer = _prefill(2)
+  final = layer.finalized(offload=False)
+  assert isinstance(final, SentenceLayerCache) and final.context.state is None
+  for row in range(2):
+    n = data.lengths[row]
+    for kv in range(mi.K):
+      pos = np.asarray(final.context.positions[row, kv])
+      keys = data.k[row, kv, pos - n + data.k.shape[2]]       # slot of each stored position
+      table = np_table(keys, [int(sentence[row, p]) for p in pos])
+      count = len(table)
+      np.testing.assert_array_equal(np.asarray(final.starts[row, kv, :count]),
+                                    [first for _, first, _, _ in table])
+      np.testing.assert_array_equal(np.asarray(final.lengths[row, kv, :count]),
+                                    [c for _, _, c, _ in table])
+      np.testing.assert_allclose(np.asarray(final.means[row, kv, :count]),
+                                 np.stack([m for *_, m in table]), rtol=1e-5, atol=1e-6)
+      assert not np.asarray(final.lengths[row, kv, count:]).any()   # padding sentences
+
+
+@pytest.mark.parametrize("gqa", ["mean", "max"])
+@pytest.mark.parametrize("seed", [3, 4, 5])
+def test_decode_choice_and_output_match_numpy(gqa, seed):
+  data, _, sentence, method, layer = _prefill(seed, gqa)
+  final = layer.finalized(offload=False)
+  rng = np.random.default_rng(seed + 50)
+  q = mi.f32(rng.normal(size=(2, 1, mi.H, mi.D)) * 2)
+  qpos = jnp.asarray(data.lengths[:, None])
+  slots, valid = final.selected_slots(jnp.asarray(q, jnp.float32))
+  out, _ = final.replace(run=jnp.int32(2)).attend(jnp.asarray(q, jnp.float32), qpos)
+  dense, _ = final.replace(run=jnp.int32(1)).attend(jnp.asarray(q, jnp.float32), qpos)
+  for row in range(2):
+    for kv in range(mi.K):
+      pos = np.asarray(final.context.positions[row, kv])
+      keys = data.k[row, kv, pos - data.lengths[row] + data.k.shape[2]]
+      values = data.v[row, kv, pos - data.lengths[row] + data.k.shape[2]]
+      qg = q[row, 0, kv * mi.G:(kv + 1) * mi.G]
+      want = np_chosen_slots(qg, keys, [int(sentence[row, p]) for p in pos], KEEP,
+                             method.start_budget, method.recent_budget, gqa)
+      got = np.asarray(slots[row, kv])[np.asarray(valid[row, kv])].tolist()
+      assert len(got) == len(set(got)) and set(got) == want
+      chosen = sorted(want)
+      for g in range(mi.G):
+        head = kv * mi.G + g
+        np.testing.assert_allclose(np.asarray(out[row, 0, head]),
+                                   np_attend(q[row, 0, head], keys[chosen], values[chosen]),
+                                   rtol=1e-4, atol=1e-5)
+        # A partial sentence of one token attends to every stored token.
+        np.testing.assert_allclose(np.asarray(dense[row, 0, head]),
+                                   np_attend(q[row, 0, head], keys, values),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_offloaded_reads_equal_the_on_device_selection():
+  _, _, _, _, layer = _prefill(6)
+  here, moved = layer.finalized(offload=False), layer.finalized(offload=True)
+  assert moved.context.keys.sharding.memory_kind == "pinned_host"
+  assert moved.means.sharding.memory_kind == "device"
+  kv = 2 * 2 * mi.K * 20 * mi.D * 4
+  assert host_nbytes(moved) == kv and moved.nbytes == here.nbytes - kv
+  rng = np.random.default_rng(7)
+  steps = [(NewTokens(keys=jnp.asarray(rng.normal(size=(2, mi.K, 1, mi.D)), jnp.float32),
+                      values=jnp.asarray(rng.normal(size=(2, mi.K, 1, mi.D)), jnp.float32),
+                      positions=jnp.full((2, 1), position, jnp.int32)),
+            jnp.asarray(rng.normal(size=(2, 1, mi.H, mi.D)), jnp.float32))
+           for position in (48, 49, 50)]
+
+  @jax.jit
+  def step(cache, new, q):
+    cache = cache.append(new)
+    return cache, cache.attend(q, new.positions)[0]
+
+  here, moved = here.grow(4), moved.grow(4)
+  for new, q in steps:      # the first step attends to all, the others select
+    here, want = step(here, new, q)
+    moved, got = step(moved, new, q)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert int(moved.run) == 3 and moved.context.keys.sharding.memory_kind == "pinned_host"
+  question = NewTokens(keys=jnp.ones((2, mi.K, 2, mi.D)), values=jnp.ones((2, mi.K, 2, mi.D)),
+                       positions=jnp.full((2, 2), 60, jnp.int32))
+  assert int(moved.grow(2).append(question).run) == 0      # a question starts a sentence
+  # Those steps read fewer tokens than the whole cache holds: the answer differs.
+  q, qpos = steps[-1][1], jnp.full((2, 1), 50, jnp.int32)
+  full, _ = here.on_device().attend(q, qpos)
+  assert not np.allclose(np.asarray(full), np.asarray(want))
+
+
+@pytest.fixture(scope="module")
+def model():
+  return tiny_model(seed=0, num_layers=2)
+
+
+TINY = SentenceKV(boundary_ids=(3, 7, 11, 13, 17, 19, 23), start_budget=4, recent_budget=4,
+                  window=8)
+
+
+def test_budget_covering_the_stored_tokens_is_the_full_cache(model):
+  prompts = random_prompts([150, 120], seed=1)
+  full = kvjax.generate(model, prompts, max_new_tokens=8)
+  out = kvjax.generate(model, prompts, method=TINY, budget=150, max_new_tokens=8)
+  assert out.token_ids == full.token_ids
+  assert out.stats["method_stats"] == {}            # every layer stayed dense
+
+
+def _layer_bytes(rows, kv, stored, sentences, dim):
+  """Device bytes of an offloaded layer: positions per stored slot, the sentence table
+  (float32 mean key, int32 start and length) and three int32 counters."""
+  return rows * kv * (stored * 4 + sentences * (dim * 4 + 8)) + 3 * 4
+
+
+def test_device_bytes_follow_the_budget(model):
+  cfg = model.config
+  for length in (200, 400):
+    prompts = random_prompts([length, length - 30], seed=2)
+    out = kvjax.generate(model, prompts, method=TINY, budget=24, max_new_tokens=4)
+    stats = out.stats["method_stats"]
+    assert stats["stored_tokens"] == [72, 72] and stats["tokens_read_per_step"] == 24
+    host = 2 * 2 * cfg.num_kv_heads * 72 * cfg.head_dim * 4 * 2   # layers, rows, K and V
+    assert stats["host_bytes"] == out.stats["context_cache_host_bytes"] == host
+    device = sum(_layer_bytes(2, cfg.num_kv_heads, 72, n, cfg.head_dim)
+                 for n in stats["sentences"])
+    assert out.stats["context_cache_bytes"] == device + 2 * 4     # and the rows' lengths
+    # However long the context, at most one sentence per stored token.
+    assert device <= 2 * _layer_bytes(2, cfg.num_kv_heads, 72, 72, cfg.head_dim)
+    on_device = kvjax.generate(model, prompts, method=dataclasses.replace(TINY, offload=False),
+                               budget=24, max_new_tokens=4)
+    assert on_device.token_ids == out.token_ids
+    assert on_device.stats["context_cache_bytes"] == device + 2 * 4 + host
+    assert on_device.stats["context_cache_host_bytes"] == 0
+
+
+def test_chunked_prefill_stores_the_same_budget(model):
+  prompts = random_prompts([300, 250], seed=4)
+  out = kvjax.generate(model, prompts, method=TINY, budget=24, max_new_tokens=3,
+                       prefill_chunk_size=64)
+  assert out.stats["method_stats"]["stored_tokens"] == [72, 72]
+  assert [len(t) for t in out.token_ids] == [3, 3]
+
+
+def test_a_model_without_tokenizer_needs_boundary_ids(model):
+  with pytest.raises(MethodError, match="boundary_ids"):
+    kvjax.generate(model, random_prompts([100], seed=3), method="sentencekv", budget=40,
+                   max_new_tokens=2)
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("sentencekv:semantic_factor=0.5", "semantic_factor"), ("sentencekv:window=0", "window"),
+    ("sentencekv:kernel_size=4", "kernel_size"), ("sentencekv:pooling=mean", "pooling"),
+    ("sentencekv:start_budget=-1", "start_budget"),
+    ("sentencekv:recent_budget=-1", "recent_budget"),
+    ("sentencekv:length_threshold=-1", "length_threshold"), ("sentencekv:gqa=sum", "gqa"),
+    ("sentencekv:offload=2", "offload")])
+def test_bad_hyperparameters(spec, match):
+  with pytest.raises(MethodError, match=match):
+    kvjax.methods.get(spec)
+
+
+@pytest.mark.parametrize("ids", [(-1,), [1, 2], (1.5,)])
+def test_bad_boundary_ids(ids):
+  with pytest.raises(MethodError, match="boundary_ids"):
+    SentenceKV(boundary_ids=ids)
+
+
+@pytest.mark.slow
+def test_real_tokenizer_cuts_at_its_punctuation(smollm2_tokenizer):
+  tok = smollm2_tokenizer
+  text = "It rained. Did it stop? No!\n\nThen... we waited.\nDone"
+  ids = tok.encode(text, add_special_tokens=False)
+  ends = SentenceKV().boundaries(tok)
+  assert tok.encode(".", add_special_tokens=False)[0] in ends
+  pieces = [tok.decode([i]) for i in ids]
+  # Restated from the token texts: a sentence ends after a token that is punctuation.
+  want = np_sentences(list(range(len(ids))),
+                      {i for i, piece in enumerate(pieces) if piece in PUNCTUATION})
+  got = SentenceKV().context_params(tok, np.asarray([ids]), np.ones((1, len(ids)), bool))
+  assert got["sentence"][0].tolist() == want and max(want) >= 4
