@@ -170,6 +170,9 @@ def test_layer_budgets_cap_and_fallback():
   assert list(capped) == _np_budgets(u, 64, 32, 100)[0]
   assert max(capped) == 100 and sum(capped) == 8 * 64
   assert method.layer_budgets(cfg, 20, 1000) == (20,) * 8   # below min_budget: uniform
+  # A budget at or above the context keeps it whole in every layer (no impossible split).
+  assert method.layer_budgets(cfg, 64, 50) == (64,) * 8
+  assert method.layer_budgets(cfg, 64, 64) == (64,) * 8
 
 
 def test_top_heads():
@@ -182,7 +185,7 @@ def test_top_heads():
 
 @pytest.mark.parametrize("kwargs", [
     dict(window=0), dict(kernel_size=4), dict(pooling="mean"), dict(first_k=0),
-    dict(min_budget=0), dict(max_factor=0.5), dict(max_factor=float("nan")),
+    dict(min_budget=0), dict(min_budget=7), dict(window=33), dict(max_factor=0.5), dict(max_factor=float("nan")),
     dict(heads=(3, -1), layer_weights=UNIFORM2), dict(heads=(3, 0), layer_weights=UNIFORM2),
     dict(heads="a,b", layer_weights=UNIFORM2), dict(heads=(1.5, 2), layer_weights=UNIFORM2),
     dict(heads=((0,), (1,)), layer_weights=UNIFORM2),

@@ -199,7 +199,9 @@ class LayerCache(PerHeadSlots):
   def trimmed(self) -> "LayerCache":
     """Host side: capacity cut to the most real tokens any row and head holds (each head's
     real slots first, in slot order): a prompt padded to a bucket width stores no padding
-    slots after this."""
+    slots after this. Unchanged when some row and head fills the capacity: shorter rows
+    may then still hold padding slots before their real ones (sort them if that matters,
+    as SentenceKV does)."""
     real = self.positions >= 0
     n = int(jnp.max(real.sum(-1)))
     if n == self.capacity:

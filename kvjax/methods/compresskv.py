@@ -136,6 +136,10 @@ class CompressKV(base.RecentWindow, base.Method):
     base.check_choice("pooling", self.pooling, ("avg", "max"))
     base.check_int("first_k", self.first_k, 1)
     base.check_int("min_budget", self.min_budget, 1)
+    if self.min_budget < self.window:
+      # A layer can get min_budget slots, and every layer keeps its window.
+      raise MethodError(f"compresskv min_budget={self.min_budget} must be at least "
+                        f"window={self.window}: every layer keeps its last window tokens")
     base.check_number("max_factor", self.max_factor, 1, what="the largest layer budget as "
                       "a multiple of the mean budget")
     heads = _parse(self.heads, _mask)
@@ -174,6 +178,9 @@ class CompressKV(base.RecentWindow, base.Method):
   def layer_budgets(self, config, keep, context_length):
     self._check_model(config.num_layers, config.num_heads)
     n = config.num_layers
+    if keep >= context_length:
+      # Every layer keeps its whole context (the cap below would leave no room for L x keep).
+      return (keep,) * n
     low = min(self.min_budget, keep)
     high = max(low, min(int(self.max_factor * keep), context_length))
     return error_aware_budgets(self.layer_weights, n * keep, low, high)
