@@ -242,3 +242,21 @@ def test_imports_flow_one_way():
         assert LAYERS[parts[1]] < level, f"kvjax/{package}/{path.name} imports {module}"
   source = (ROOT / "kvjax" / "model" / "transformer.py").read_text()
   assert "isinstance" not in source and "method" not in source.replace("method_params", "")
+
+
+def test_trimmed_puts_each_heads_real_slots_first():
+  """A left-padded short row next to a row that fills the capacity: after `trimmed` the
+  short row's real slots come first in slot order (sinks read by slot index are real),
+  and each slot keeps its own key, value and state."""
+  positions = jnp.array([[[0, 1, 2, 3]], [[-1, -1, 0, 1]]], jnp.int32)   # [B=2, K=1, S=4]
+  keys = jnp.arange(2 * 4 * 2, dtype=jnp.float32).reshape(2, 1, 4, 2)
+  layer = LayerCache(keys=keys, values=-keys, positions=positions, end=jnp.int32(4),
+                     state=keys[..., 0])
+  out = layer.trimmed()
+  np.testing.assert_array_equal(out.positions, [[[0, 1, 2, 3]], [[0, 1, -1, -1]]])
+  np.testing.assert_array_equal(out.keys[1, 0, :2], keys[1, 0, 2:])
+  np.testing.assert_array_equal(out.values[1, 0, :2], -keys[1, 0, 2:])
+  np.testing.assert_array_equal(out.state[1, 0, :2], keys[1, 0, 2:, 0])
+  np.testing.assert_array_equal(out.keys[0], keys[0])
+  # Already in order: the same object back (no copy on the common path).
+  assert out.trimmed() is out

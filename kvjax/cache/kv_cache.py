@@ -197,14 +197,14 @@ class LayerCache(PerHeadSlots):
                       state=map_state(take, self.state))
 
   def trimmed(self) -> "LayerCache":
-    """Host side: capacity cut to the most real tokens any row and head holds (each head's
-    real slots first, in slot order): a prompt padded to a bucket width stores no padding
-    slots after this. Unchanged when some row and head fills the capacity: shorter rows
-    may then still hold padding slots before their real ones (sort them if that matters,
-    as SentenceKV does)."""
+    """Host side: capacity cut to the most real tokens any row and head holds, each head's
+    real slots first, in slot order: a prompt padded to a bucket width stores no padding
+    slots after this, and a shorter row of a left-padded batch never has padding before
+    its real slots (methods that keep the first slots as sinks read real tokens)."""
     real = self.positions >= 0
     n = int(jnp.max(real.sum(-1)))
-    if n == self.capacity:
+    # Real slots already first everywhere (no empty slot before a real one): nothing to do.
+    if n == self.capacity and not bool(jnp.any(~real[..., :-1] & real[..., 1:])):
       return self
     order = jnp.argsort(~real, axis=-1, stable=True)[..., :n]
     return self.select(order)

@@ -191,12 +191,8 @@ class SentenceLayerCache(PerHeadSlots):
   def finalized(self, offload: bool):
     """Host side: the padding cut, the sentence table built, K/V offloaded; a layer whose
     budget covers its stored tokens stays a dense LayerCache."""
-    # Each head's real slots first (slot ranges below count from slot 0): `trimmed` leaves
-    # the order as it is when one row fills the capacity, and a shorter left-padded row's
-    # stored set then starts with empty slots.
-    real = self.context.positions >= 0
-    n = int(jnp.max(real.sum(-1)))
-    dense = self.context.select(jnp.argsort(~real, axis=-1, stable=True)[..., :n])
+    # Each head's real slots first: the slot ranges below count from slot 0.
+    dense = self.context.trimmed()
     if self.budget >= dense.capacity:
       return dense.replace(state=None)
     runs = sentence_runs(dense.positions, dense.state)
