@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import kvjax
-from kvjax.cache import cache_nbytes, full_cache_nbytes, init_cache
+from kvjax.cache import FlatLayerCache, cache_nbytes, full_cache_nbytes, init_cache
 from kvjax.evaluation import sweep
 from kvjax.errors import GenerationError, MethodError, KvjaxError
 from kvjax.generation import engine, episodes, inputs
@@ -171,7 +171,7 @@ class _Queries:
     return tuple(layers)
 
 
-def _block_prefill_np(model, tokens, patched, budgets, block, system):
+def _block_prefill_np(model, tokens, patched, budgets, block, system, level="uniform"):
   """The block loop with its selection in numpy: the model appends each block and gives the
   patched prompt's queries; numpy scores every cached slot (max softmax over the group and
   the patched queries, softmax over the cache) and keeps each head's budget best, the system
@@ -196,6 +196,16 @@ def _block_prefill_np(model, tokens, patched, budgets, block, system):
       pos = np.asarray(layer.positions)
       scores = _scores_np(np.asarray(q, np.float64), np.asarray(layer.keys, np.float64), pos,
                           qpos)
+      if level == "pair":   # one ranking over (head, slot); evicted slots emptied in place
+        heads, slots = pos.shape[1:]
+        real = [(h, j) for h in range(heads) for j in range(slots) if pos[0, h, j] >= 0]
+        order = sorted(real, key=lambda hj: (not pos[0, hj[0], hj[1]] < system,
+                                             -scores[0, hj[0], hj[1]], hj[0], hj[1]))
+        kept = np.full(pos.shape, -1, np.int32)
+        for h, j in order[:keep * heads]:
+          kept[0, h, j] = pos[0, h, j]
+        layers.append(layer.replace(positions=jnp.asarray(kept)))
+        continue
       index = np.zeros((1, pos.shape[1], keep), np.int32)
       for head in range(pos.shape[1]):
         order = sorted(range(pos.shape[2]), key=lambda j: (
@@ -205,6 +215,15 @@ def _block_prefill_np(model, tokens, patched, budgets, block, system):
     cache = cache.replace(layers=tuple(layers))
     kept_history.append([np.asarray(layer.positions)[0] for layer in cache.layers])
   return kept_history[-1]
+
+
+def _kept_per_head(layer, num_kv_heads):
+  """Each KV head's stored positions, sorted (dense or head-wise layer of one row)."""
+  pos = np.asarray(layer.positions)[0]
+  heads = (np.asarray(layer.heads)[0] if hasattr(layer, "heads")
+           else np.repeat(np.arange(num_kv_heads)[:, None], pos.shape[-1], 1))
+  pos, heads = pos.ravel(), heads.ravel()
+  return [sorted(int(p) for p in pos[(heads == h) & (pos >= 0)]) for h in range(num_kv_heads)]
 
 
 @pytest.fixture(scope="module")
@@ -228,6 +247,31 @@ def test_block_prefill_keeps_the_numpy_sets(random_model, budgets, block, system
   if budgets[0] == budgets[1]:   # a dense cache of exactly the budget: real savings
     assert cache_nbytes(got.cache) == full_cache_nbytes(model.config, 1, budgets[0])
     assert cache_nbytes(got.cache) < 0.3 * full_cache_nbytes(model.config, 1, len(tokens))
+
+
+@pytest.mark.parametrize("budgets, block, system", [((20, 20), 16, 3), ((14, 26), 24, 0)])
+def test_pair_level_keeps_the_numpy_sets_head_wise(random_model, budgets, block, system):
+  """The official "pair" level: one ranking over all heads of a layer, heads ragged, the
+  finished cache stored head-wise with exactly budget x KV heads slots per layer."""
+  model = random_model
+  k = model.config.num_kv_heads
+  tokens, patched = random_prompts([75, 11], seed=8)
+  got = episodes.block_prefill(model, tokens, patched, budgets, block, system, level="pair")
+  want = _block_prefill_np(model, tokens, patched, budgets, block, system, level="pair")
+  ragged = False
+  for layer, keep, kept in zip(got.cache.layers, budgets, want):
+    per_head = _kept_per_head(layer, k)
+    assert per_head == [sorted(int(p) for p in row if p >= 0) for row in kept]
+    assert sum(map(len, per_head)) == keep * k
+    assert all(row[:system] == list(range(system)) for row in per_head), "system kept"
+    ragged |= len({len(row) for row in per_head}) > 1
+    if len({len(row) for row in per_head}) > 1:
+      assert isinstance(layer, FlatLayerCache), "ragged heads are stored head-wise"
+  assert ragged, "random scores should give some layer heads of different lengths"
+  dense = episodes.block_prefill(model, tokens, patched, budgets, block, system)
+  # The same slots as the uniform level plus the head-wise layout's per-slot head ids.
+  assert cache_nbytes(dense.cache) <= cache_nbytes(got.cache) <= 1.05 * cache_nbytes(
+      dense.cache)
 
 
 def test_block_prefill_within_budget_keeps_everything(random_model):
@@ -360,6 +404,17 @@ def test_episodes_end_to_end(chat):
   assert again.token_ids == first.token_ids, "an episode's cache serves every question"
 
 
+def test_pair_level_answers_from_head_wise_caches(chat):
+  method = EpiCache(block_size=64, medoids=2, window=3, level="pair")
+  ep = episodes.prefill_episodes(chat, TEXT, method, budget=56)
+  one = full_cache_nbytes(chat.config, 1, 56)
+  for pre in ep.prefilled:
+    assert one <= pre.context_cache_bytes <= 1.05 * one
+  got = episodes.answer(chat, ep, "What is the code word for item 4?", max_new_tokens=3)
+  assert len(got.token_ids) == 3
+  assert method.label == "epicache:medoids=2:window=3:block_size=64:level=pair"
+
+
 def test_a_budget_above_the_context_answers_as_the_full_cache(chat):
   ep = episodes.prefill_episodes(chat, TEXT, EpiCache(block_size=128), budget=4000)
   question = "What is the code word for item 7?"
@@ -393,7 +448,8 @@ def test_sweep_runs_epicache_on_conversations_only(chat, tmp_path):
     (dict(episodes=0), "episodes"), (dict(medoids=0), "medoids"), (dict(window=-1), "window"),
     (dict(block_size=0), "block_size"), (dict(alpha=-0.5), "alpha"),
     (dict(alpha=float("nan")), "alpha"), (dict(sensitivity=(0.5, 2.0)), r"sensitivity\[1\]"),
-    (dict(sensitivity=[0.5]), "tuple"), (dict(episodes=2.5), "episodes")])
+    (dict(sensitivity=[0.5]), "tuple"), (dict(episodes=2.5), "episodes"),
+    (dict(level="global"), "level")])
 def test_bad_hyperparameters_raise(kwargs, match):
   with pytest.raises(MethodError, match=match):
     EpiCache(**kwargs)

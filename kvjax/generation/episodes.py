@@ -15,7 +15,8 @@ to the nearest (see kvjax/methods/epicache.py for the method and its reading of 
    centroid, in chronological order, are the episode's text P_e.
 4. Per episode, block-wise prefill of the whole context with eviction after every block,
    scored by the patched prompt [instruction + assistant opening + P_e] (`block_prefill`):
-   peak cache slots per head are at most the layer budget plus one block.
+   peak cache slots per head are at most the layer budget plus one block (level "uniform";
+   "pair" lets one head hold up to the budget times the KV heads).
 5. The episodes' caches wait in host memory (the official offloads them to the CPU): device
    memory holds one episode's cache while a question is answered. `answer`: argmax over
    episodes of <embed(question), centroid>; the question is answered from a device copy of
@@ -37,7 +38,7 @@ from flax import nnx
 from kvjax import methods as methods_lib
 from kvjax import validation
 from kvjax.cache import cache_nbytes, init_cache
-from kvjax.cache.kv_cache import EMPTY_POSITION, Cache, LayerCache, host_nbytes
+from kvjax.cache.kv_cache import EMPTY_POSITION, Cache, FlatLayerCache, LayerCache, host_nbytes
 from kvjax.cache.policy import APPEND
 from kvjax.errors import GenerationError, MethodError
 from kvjax.generation import context as context_lib
@@ -154,22 +155,35 @@ class BlockPrefill:
   peak_slots: int       # most slots per head any layer held (after a block was appended)
 
 
-@functools.partial(jax.jit, static_argnames=("budgets", "system_tokens"))
-def _evict(cache, scores, budgets, system_tokens):
-  layers = tuple(epicache.evicted(layer, s, keep, system_tokens)
+@functools.partial(jax.jit, static_argnames=("budgets", "system_tokens", "level"))
+def _evict(cache, scores, budgets, system_tokens, level):
+  evict = epicache.evicted if level == "uniform" else epicache.evicted_pair
+  layers = tuple(evict(layer, s, keep, system_tokens)
                  for layer, s, keep in zip(cache.layers, scores, budgets))
   return cache.replace(layers=layers)
 
 
+def _head_wise(layer: LayerCache):
+  """A "pair"-level layer whose heads hold different numbers of slots, stored head-wise
+  (each head exactly its own slots); a layer with no emptied slot stays dense."""
+  real = layer.positions >= 0
+  if bool(real.all()):
+    return layer
+  return FlatLayerCache.from_selection(layer, real, int(real.sum()))
+
+
 def block_prefill(model, tokens, patched, budgets: tuple[int, ...], block_size: int,
-                  system_tokens: int = 0, steps: engine.CompiledSteps = engine.STEPS
-                  ) -> BlockPrefill:
+                  system_tokens: int = 0, steps: engine.CompiledSteps = engine.STEPS,
+                  level: str = "uniform") -> BlockPrefill:
   """One row's context `tokens` prefilled `block_size` tokens at a time; after each block,
   where a layer holds more than its budget, the `patched` prompt token ids are run over the
   cache (not stored) and every layer keeps its budget of the best-scored slots per KV head
-  (`epicache.evicted`; positions below system_tokens are never evicted)."""
+  (level "uniform", `epicache.evicted`) or budget x KV heads over all its heads (level
+  "pair", `epicache.evicted_pair`; the finished layer is stored head-wise). Positions below
+  system_tokens are never evicted."""
   config = model.config
   validation.integer("block_size", block_size, 1, error=MethodError)
+  validation.choice("level", level, epicache.LEVELS, error=MethodError)
   if not len(tokens) or not len(patched):
     raise GenerationError(f"block_prefill needs a context ({len(tokens)} tokens) and a "
                           f"patched prompt ({len(patched)} tokens)")
@@ -187,7 +201,11 @@ def block_prefill(model, tokens, patched, budgets: tuple[int, ...], block_size: 
     if any(layer.capacity > keep for layer, keep in zip(cache.layers, budgets)):
       _, scores = steps.prefill(model, probe, jnp.ones(probe.shape, bool), cache,
                                 plan=epicache.PatchedPromptProbe())
-      cache = _evict(cache, scores, tuple(budgets), system_tokens)
+      cache = _evict(cache, scores, tuple(budgets), system_tokens, level)
+      if level == "pair":   # each layer cut to its fullest head (host side)
+        cache = cache.replace(layers=tuple(layer.trimmed() for layer in cache.layers))
+  if level == "pair":
+    cache = cache.replace(layers=tuple(_head_wise(layer) for layer in cache.layers))
   return BlockPrefill(logits=logits, cache=cache, peak_slots=peak)
 
 
@@ -344,7 +362,8 @@ def prefill_episodes(model, context: str, method="epicache", compression_ratio=N
   prefilled, peak = [], 0
   for chosen in members:
     patched = patched_prompt(model.tokenizer, "\n".join(windows[i] for i in chosen))
-    done = block_prefill(model, ids, patched, budgets, method.block_size, system, steps)
+    done = block_prefill(model, ids, patched, budgets, method.block_size, system, steps,
+                         method.level)
     peak = max(peak, done.peak_slots)
     measured = cache_nbytes(done.cache)
     offloaded = jax.device_put(done.cache, HOST)

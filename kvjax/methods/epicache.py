@@ -15,8 +15,13 @@ layer allocation; the episode clustering and the block loop live in
 `kvjax.generation.episodes`.
 
 Reading of the official code, and where kvjax differs:
-- Eviction level: "uniform" (top-M_l per KV head, dense layout). The official default,
-  "pair" (one top-(M_l * H_kv) over the layer's heads, ragged heads), is not implemented.
+- Eviction level: `level="uniform"` keeps the top-M_l slots of each KV head (a dense
+  layer). `level="pair"`, the official default, keeps one top-(M_l * H_kv) over all the
+  layer's heads, so heads hold different numbers of slots: between blocks the layer stays
+  dense with each head's evicted slots emptied (capacity = the fullest head, so peak memory
+  can exceed the uniform level's), and the finished cache is stored head-wise (the flat
+  layout: exactly M_l * H_kv slots per layer, as the official varlen storage). kvjax's
+  default stays "uniform" so that the committed results keep their meaning.
 - The system prefix counts inside the layer budget here (the official keeps it on top of it),
   so a cache never holds more than its budget per head.
 - The patched prompt's positions continue the cache (`lengths` onward); the official starts
@@ -44,11 +49,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.cache.kv_cache import LayerCache
+from kvjax.cache.kv_cache import EMPTY_POSITION, LayerCache
 from kvjax.errors import MethodError
 from kvjax.methods import base, registry
 from kvjax.methods.kvzip import ScoringProbe
 from kvjax.ops.attention import group_heads
+
+LEVELS = ("uniform", "pair")   # top-M_l per KV head; one top-(M_l * H_kv) per layer
 
 # The official "clustering" scorer's instruction (model/wrapper.py, token_scoring).
 INSTRUCTION = ("\n\nExtract essential information from this conversation segment. Identify "
@@ -109,6 +116,23 @@ def evicted(layer: LayerCache, scores: jax.Array, keep: int, system_tokens: int)
   return layer.select(jnp.sort(index, axis=-1))
 
 
+def evicted_pair(layer: LayerCache, scores: jax.Array, keep: int,
+                 system_tokens: int) -> LayerCache:
+  """The "pair" level: the layer keeping its `keep * K` best slots over all KV heads by
+  `scores` [B, K, S] (ties to the lower head, then slot; positions below system_tokens
+  always). Shapes stay [B, K, S] (jit): evicted slots are emptied, `LayerCache.trimmed`
+  cuts the capacity on the host. Unchanged when it holds no more than `keep` per head."""
+  if layer.capacity <= keep:
+    return layer
+  b, k, s = scores.shape
+  prio = jnp.where(layer.positions < system_tokens, base.PROTECTED, scores)
+  prio = jnp.where(layer.positions >= 0, prio, -jnp.inf).reshape(b, k * s)
+  _, index = jax.lax.top_k(prio, keep * k)
+  chosen = jnp.zeros((b, k * s), bool).at[jnp.arange(b)[:, None], index].set(True)
+  chosen = chosen.reshape(b, k, s) & (layer.positions >= 0)
+  return layer.replace(positions=jnp.where(chosen, layer.positions, EMPTY_POSITION))
+
+
 def allocate_layer_budgets(sensitivity, keep: int, alpha: float) -> tuple[int, ...]:
   """Per-layer budgets from key similarities s_l (official `allocate_layer_budget`): layers
   whose keys change most under block-wise prefill (low s_l) get more. M_l = int(L*keep*w_l /
@@ -127,7 +151,8 @@ def allocate_layer_budgets(sensitivity, keep: int, alpha: float) -> tuple[int, .
 class EpiCache(base.Method):
   """Episodic caches (see the module docstring). Defaults as the official scripts: E=4
   episodes, M_med=8 medoid windows per episode, windows of c=4 utterances (sentences for
-  plain text), 2048-token prefill blocks, alpha=1.1, no sensitivity profile (uniform)."""
+  plain text), 2048-token prefill blocks, alpha=1.1, no sensitivity profile (uniform);
+  the eviction level is kvjax's "uniform" (the official "pair": `level="pair"`)."""
   name: ClassVar[str] = "epicache"
   family: ClassVar[str] = "episodes"
   wrappable: ClassVar[bool] = False
@@ -137,6 +162,7 @@ class EpiCache(base.Method):
   block_size: int = 2048
   alpha: float = 1.1
   sensitivity: tuple = ()
+  level: str = "uniform"
 
   def __post_init__(self):
     base.check_int("episodes", self.episodes, 1)
@@ -147,6 +173,7 @@ class EpiCache(base.Method):
     if not isinstance(self.sensitivity, tuple):
       raise MethodError(f"sensitivity={self.sensitivity!r} must be a tuple of per-layer key "
                         f"similarities in [-1, 1] (empty for uniform budgets)")
+    base.check_choice("level", self.level, LEVELS)
     for i, s in enumerate(self.sensitivity):
       base.check_number(f"sensitivity[{i}]", s, -1, 1, what="a cosine similarity")
 
