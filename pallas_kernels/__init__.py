@@ -11,5 +11,8 @@ Modules (import them directly; the functions share their modules' names):
   channel_pruned: `channel_pruned_decode_attention` (ThinK's pruned key channels).
   gear: `gear_decode_attention` (GEAR's codes + outliers + low-rank factors, rebuilt
     tile by tile), `GearPart`, `key_outlier_logits`.
+  cross_layer: `lowrank_decode_attention` (xKV: key tiles rebuilt from the group's basis
+    and rotated in the kernel, value coefficients absorbed), `merged_decode_attention`
+    (MiniCache: norm x direction tiles; retained slots attended beside them).
   backend: per-platform interpret mode, compiler params and block sizes.
 """

@@ -15,7 +15,7 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-from pallas_kernels import backend, gear, merge, quantization
+from pallas_kernels import backend, cross_layer, gear, merge, quantization
 from pallas_kernels.decode_attention import EMPTY_LSE
 
 _HI = lax.Precision.HIGHEST
@@ -524,3 +524,75 @@ def scatter_mean(centre_keys, centre_values, centre_weights, src_keys, src_value
     return jnp.where((total > 0)[..., None], merged, centre).astype(centre.dtype)
 
   return mean(centre_keys, src_keys), mean(centre_values, src_values), total
+
+
+def lowrank_decode_attention(q, slots, key_positions, inv_freq, query_positions):
+  """Reference of `cross_layer.lowrank_decode_attention` and kvjax's CPU path: (out, lse).
+
+  q [B, K, G, D] (one query per row) over an xKV layer's `cross_layer.LowRankSlots`: the
+  keys rebuilt as Uk Ck [B, S, K, D] and rotated to key_positions [B, S] (rotate-half
+  RoPE, the slot's position times inv_freq [D // 2]); the values never rebuilt, their
+  coefficients absorbed: out = (p Uv) Cv. float32 at the highest precision.
+  """
+  cross_layer.check_lowrank_args(q, slots, key_positions, inv_freq, query_positions)
+  b, k, g, d = q.shape
+  s = slots.key_basis.shape[1]
+  f32 = lambda x: x.astype(jnp.float32)
+  keys = jnp.einsum("bsr,brc->bsc", f32(slots.key_basis), f32(slots.key_coefficients),
+                    precision=_HI).reshape(b, s, k, d)
+  angles = f32(jnp.maximum(key_positions, 0))[..., None] * f32(inv_freq)   # [B, S, D/2]
+  cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+  x1, x2 = keys[..., :d // 2], keys[..., d // 2:]
+  keys = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  logits = jnp.einsum("bkgd,bskd->bkgs", f32(q), keys, precision=_HI) * d ** -0.5
+  seen = visible(query_positions[:, None, None, None], key_positions[:, None, None, :])
+  probs, lse = _masked_softmax(logits[:, :, :, None], seen)
+  absorbed = jnp.einsum("bkgs,bsr->bkgr", probs[:, :, :, 0], f32(slots.value_basis),
+                        precision=_HI)
+  rv = slots.value_basis.shape[-1]
+  out = jnp.einsum("bkgr,brkd->bkgd", absorbed,
+                   f32(slots.value_coefficients).reshape(b, rv, k, d), precision=_HI)
+  return out.astype(q.dtype), lse[..., 0]
+
+
+def merged_decode_attention(q, slots, key_positions, query_positions):
+  """Reference of `cross_layer.merged_decode_attention` and kvjax's CPU path: (out, lse).
+
+  q [B, K, G, D] (one query per row) over a MiniCache layer's `cross_layer.MergedSlots`,
+  without forming its keys or values: logits |k_t| (q . dir_k[t]) (the norm scales the
+  logit), the logits of retained key slots SET to q . k_t of the stored key; output
+  sum_t p_t |v_t| dir_v[t] plus, at each retained value slot, p_t (v_t - |v_t| dir_v[t]).
+  float32 at the highest precision.
+  """
+  cross_layer.check_merged_args(q, slots, key_positions, query_positions)
+  b, k, g, d = q.shape
+  s = key_positions.shape[-1]
+  f32 = lambda x: x.astype(jnp.float32)
+  q32 = f32(q)
+  one_query = jax.default_backend() == "cpu"   # fused products on CPU, as above
+  if one_query:
+    logits = _one_query_logits(q32[:, :, :, None], slots.key_directions)[:, :, :, 0]
+  else:
+    logits = _products("bkgd,bksd->bkgs", q32, slots.key_directions, True)
+  logits = logits * f32(slots.key_norms)[:, :, None, :]
+  own = _products("bkgd,bkrd->bkgr", q32, slots.key_vectors, True)
+  index = slots.key_index
+  slot = jnp.where(index >= 0, index, s)[:, :, None, :]        # -1: dropped
+  rows, heads = jnp.arange(b)[:, None, None, None], jnp.arange(k)[None, :, None, None]
+  logits = logits.at[rows, heads, jnp.arange(g)[None, None, :, None], slot].set(
+      own, mode="drop") * d ** -0.5
+  seen = visible(query_positions[:, None, None, None], key_positions[:, :, None, :])
+  probs, lse = _masked_softmax(logits[:, :, :, None], seen)   # [B, K, G, 1, S]
+  weighted = probs * f32(slots.value_norms)[:, :, None, None, :]
+  if one_query:
+    out = _one_query_output(weighted, slots.value_directions)[:, :, :, 0]
+  else:
+    out = _products("bkgs,bksd->bkgd", weighted[:, :, :, 0], slots.value_directions, True)
+  index = slots.value_index
+  at = jnp.maximum(index, 0)
+  p_at = jnp.where((index >= 0)[:, :, None, :],
+                   jnp.take_along_axis(probs[:, :, :, 0], at[:, :, None, :], axis=3), 0.0)
+  rebuilt = (jnp.take_along_axis(f32(slots.value_norms), at, axis=2)[..., None]
+             * jnp.take_along_axis(f32(slots.value_directions), at[..., None], axis=2))
+  out = out + _products("bkgr,bkrd->bkgd", p_at, f32(slots.value_vectors) - rebuilt, True)
+  return out.astype(q.dtype), lse[..., 0]

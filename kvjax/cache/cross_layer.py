@@ -9,8 +9,13 @@ it while they attend. The model asks the cache for each layer's view (`view_laye
 exist once in the cache pytree: that is where the memory goes. Tokens appended after the
 merge (questions, generated text) go to each layer's own dense `tail`.
 
-Attention reads each layer's rebuilt keys and values like a dense cache (the shared slots
-first, then the tail).
+Decode (one query per row, no statistics that need every slot's probability) never
+rebuilds a layer: the shared slots go through a fused attention (`kvjax.ops.cross_layer`:
+xKV rebuilds key tiles inside the kernel and absorbs the value coefficients; MiniCache
+rebuilds norm x direction tiles and attends its retained slots exactly beside them), the
+tail through the dense decode attention, and the two partials merge by log-sum-exp: one
+softmax over every slot. Prefill chunks, questions and statistics read the rebuilt keys and
+values like a dense cache (`dense`: the shared slots first, then the tail).
 """
 
 from __future__ import annotations
@@ -19,8 +24,14 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from kvjax.cache.kv_cache import LayerCache, NewTokens, PerHeadSlots, map_state
+from kvjax.cache.kv_cache import (COLUMN_SUMS, PROBS, LayerCache, NewTokens, PerHeadSlots,
+                                  Stats, map_state)
+from kvjax.ops import attention as attention_ops
+from kvjax.ops import cross_layer as cross_layer_ops
 from kvjax.ops import rope
+
+# Statistics only the rebuilt dense slots give (every slot's probability).
+_DENSE_STATS = frozenset({COLUMN_SUMS, PROBS})
 
 
 def view_layer(layers: tuple, index: int):
@@ -82,11 +93,14 @@ class SharesLayers(PerHeadSlots):
   def release(self):
     return self if self.source < 0 else self.replace(shared=None)
 
-  def dense(self) -> LayerCache:
-    """The rebuilt slots followed by the tail (one dense layer: what attention reads)."""
+  def _check_shared(self):
     if self.shared is None:
       raise ValueError("a layer that borrows its shared part must attend through its cache "
                        "view (cross_layer.view_layer)")
+
+  def dense(self) -> LayerCache:
+    """The rebuilt slots followed by the tail (one dense layer: what prefill reads)."""
+    self._check_shared()
     keys, values = self.rebuilt()
     n = self.shared_slots
     state = None if self.tail.state is None else map_state(
@@ -112,7 +126,21 @@ class SharesLayers(PerHeadSlots):
     return self.replace(tail=self.tail.grow(room))
 
   def attend(self, queries, query_positions, pending=None, want=frozenset()):
-    return self.dense().attend(queries, query_positions, pending, want)
+    if (pending is not None or queries.shape[1] > 1 or want & _DENSE_STATS
+        or not self.shared_slots):
+      return self.dense().attend(queries, query_positions, pending, want)
+    # Decode: the shared slots fused (`decode_shared`), the tail dense, merged by lse.
+    self._check_shared()
+    out, lse = self.decode_shared(queries, query_positions)
+    tail = self.tail
+    if tail.capacity:
+      grouped = (queries.shape[0], tail.keys.shape[1], -1, queries.shape[-1])
+      tail_out, tail_lse = attention_ops.decode(queries, tail.keys, tail.values,
+                                                query_positions, tail.positions)
+      out, _ = attention_ops.merge_partials(out.reshape(grouped).astype(jnp.float32), lse,
+                                            tail_out.reshape(grouped).astype(jnp.float32),
+                                            tail_lse)
+    return out.reshape(queries.shape).astype(queries.dtype), Stats()
 
   def candidates(self, new: NewTokens) -> LayerCache:
     return self.dense().candidates(new)
@@ -137,6 +165,15 @@ class MergedLayerCache(SharesLayers):
     dtype = self.tail.keys.dtype
     return (rebuild(self.key_norms, self.shared.keys, self.retained_keys, dtype),
             rebuild(self.value_norms, self.shared.values, self.retained_values, dtype))
+
+  def decode_shared(self, queries, query_positions):
+    """(out [B, 1, H, D], lse [B, K, G]) of one query per row over the shared slots."""
+    slots = cross_layer_ops.MergedSlots(
+        key_norms=self.key_norms, value_norms=self.value_norms,
+        key_directions=self.shared.keys, value_directions=self.shared.values,
+        key_index=self.retained_keys.index, key_vectors=self.retained_keys.vectors,
+        value_index=self.retained_values.index, value_vectors=self.retained_values.vectors)
+    return cross_layer_ops.merged_decode(queries, slots, self.positions, query_positions)
 
   def logical_axes(self) -> dict:
     slot = ("batch", "kv_heads", "slots")
@@ -186,6 +223,15 @@ class LowRankLayerCache(SharesLayers):
     valid = (self.positions >= 0)[..., None]
     return (jnp.where(valid, keys.transpose(0, 2, 1, 3), 0),
             jnp.where(valid, values.transpose(0, 2, 1, 3), 0))
+
+  def decode_shared(self, queries, query_positions):
+    """(out [B, 1, H, D], lse [B, K, G]) of one query per row over the shared slots (a
+    basis row is one token: its position is the same for every head)."""
+    slots = cross_layer_ops.LowRankSlots(
+        key_basis=self.shared.keys, value_basis=self.shared.values,
+        key_coefficients=self.key_coefficients, value_coefficients=self.value_coefficients)
+    return cross_layer_ops.lowrank_decode(queries, slots, self.positions[:, 0],
+                                          self.inv_freq, query_positions)
 
   def logical_axes(self) -> dict:
     slot = ("batch", "kv_heads", "slots")

@@ -72,10 +72,9 @@ class XKV(base.CrossLayer):
   0.1875 are the paper's xKV-4 setting for Llama-3.1-8B (r_k 512, r_v 768 of 4096 columns)
   with its `group` of 4. Exact SVD in float32 (jnp.linalg.svd) once after the whole context
   (`finalize`), so chunked prefill and conversations work unchanged. Every token is kept.
-  Cost: every decode step rebuilds each layer's [S, K * D] keys and values from the
-  factors (an S x r x K * D product plus RoPE) before attending, several times the work of
-  the attention itself; a fused kernel that rebuilds tiles inside the attention, or
-  absorbing the coefficients into the query for values, is left to do.
+  Decode never rebuilds a layer (`pallas_kernels.cross_layer.lowrank_decode_attention`):
+  key tiles are rebuilt and rotated inside the attention, and the value coefficients are
+  absorbed (out = (p U_v) C_v). Prefill chunks and questions read the rebuilt layer.
   """
   name: ClassVar[str] = "xkv"
   group: int = 4

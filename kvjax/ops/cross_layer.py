@@ -1,0 +1,43 @@
+"""Decode attention over layers that share storage (xKV's low-rank groups, MiniCache's
+merged pairs): the fused Pallas kernels of `pallas_kernels.cross_layer` on GPU/TPU, their
+jnp references elsewhere. Neither forms a layer's [S, D] keys and values (xKV's CPU path
+rebuilds the keys, which RoPE needs, but absorbs the value coefficients).
+
+Shapes: query [B, 1, H, D] (post-RoPE, one token per row), query positions [B, 1]; the
+results are (out [B, 1, H, D], lse [B, K, G]) for a log-sum-exp merge with the layer's
+dense tail (`attention.merge_partials`).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from kvjax.ops.dispatch import use_pallas
+from pallas_kernels import cross_layer as kernels
+from pallas_kernels import reference
+from pallas_kernels.cross_layer import LowRankSlots, MergedSlots
+
+__all__ = ["LowRankSlots", "MergedSlots", "lowrank_decode", "merged_decode"]
+
+
+def _grouped(query, num_kv_heads: int):
+  b, _, h, d = query.shape
+  return query.reshape(b, num_kv_heads, h // num_kv_heads, d)
+
+
+def lowrank_decode(query, slots: LowRankSlots, key_positions, inv_freq, query_positions):
+  """One xKV layer's S > 0 shared slots (key_positions [B, S]: one per token, for every
+  head; inv_freq [D // 2] the model's RoPE frequencies)."""
+  k = slots.key_coefficients.shape[-1] // query.shape[-1]
+  fn = kernels.lowrank_decode_attention if use_pallas() else reference.lowrank_decode_attention
+  out, lse = fn(_grouped(query, k), slots, key_positions, jnp.asarray(inv_freq, jnp.float32),
+                query_positions[:, 0])
+  return out.reshape(query.shape).astype(query.dtype), lse
+
+
+def merged_decode(query, slots: MergedSlots, key_positions, query_positions):
+  """One MiniCache layer's S > 0 shared slots (key_positions [B, K, S])."""
+  fn = kernels.merged_decode_attention if use_pallas() else reference.merged_decode_attention
+  out, lse = fn(_grouped(query, key_positions.shape[1]), slots, key_positions,
+                query_positions[:, 0])
+  return out.reshape(query.shape).astype(query.dtype), lse
