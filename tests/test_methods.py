@@ -200,9 +200,9 @@ def _kept_lists(out):
 # forward pass: tests/test_kvzip.py restates it; CAKE settles its budgets after the last
 # layer: tests/test_cake.py).
 COMPRESSING = [name for name in methods.available()
-               # lazy_eviction, compresskv (calibrated per model): restated in their own
-               # test files.
-               if name not in ("full", "cake", "lazy_eviction", "compresskv")
+               # lazy_eviction, compresskv (calibrated per model), locret (trained heads):
+               # restated in their own test files.
+               if name not in ("full", "cake", "lazy_eviction", "compresskv", "locret")
                and methods.get(name).family == "eviction"
                and not methods.get(name).rescores]
 LONG_KEEP = 48

@@ -156,6 +156,8 @@ CALIBRATIONS = {
     "echo_induction": calibration,
     # CompressKV's file is keyed and checked by the fingerprint computed here.
     "compresskv": lambda model: compresskv.calibration(model, model_fingerprint(model)),
+    # Trained components check that they were trained for this model and these weights.
+    "weights_fingerprint": lambda model: (model.config, model_fingerprint(model)),
 }
 
 

@@ -25,6 +25,7 @@ from kvjax.methods.key_statistics import ExpectedAttention, Knorm
 from kvjax.methods.kvcrush import KVCrush
 from kvjax.methods.kvzip import KVzip
 from kvjax.methods.lazy_eviction import LazyEviction
+from kvjax.methods.locret import Locret
 from kvjax.methods.loopserve import LoopServe
 from kvjax.methods.merging import D2O, EMS, ElasticCache, KVMerger
 from kvjax.methods.minicache import MiniCache

@@ -1,0 +1,130 @@
+"""Trained components on disk: how a method reads back what `kvjax.training` saved.
+
+A training run's directory is an orbax CheckpointManager root: one folder per saved step,
+each holding the items named below. A method needs two of them: `PARAMS`, its parameter
+pytree, and `META`, a JSON object saying what was trained for which model:
+  {"kind": "locret", "hyperparameters": {...}, "model": model_identity(config),
+   "model_hash": identity_hash(...), "weights_fingerprint": "...", "step": N}
+The other items (optimiser state, data position, RNG, loss history) only resume training.
+Parameters trained for another model are refused by its architecture and name
+(`check_model`, always) and by its weights (`check_fingerprint`, wherever the method meets
+a model: `kvjax.calibration.bind` hands it the model's fingerprint).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import pathlib
+
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+from kvjax.config import ModelConfig
+from kvjax.errors import MethodError
+
+PARAMS = "params"          # the trained parameter pytree (orbax StandardSave)
+META = "meta"              # what was trained for which model (JSON)
+COMMIT_MARKER = "commit_success.txt"   # orbax writes it last: the step folder is complete
+
+# The fields that make parameters fit a model: its name and every shape they depend on.
+IDENTITY_FIELDS = ("name", "architecture", "vocab_size", "hidden_size", "num_layers",
+                   "num_heads", "num_kv_heads", "head_dim", "num_value_heads", "rope_theta")
+
+
+@contextlib.contextmanager
+def quiet():
+  """Orbax logs every read and write at INFO through absl: keep user output readable."""
+  level = logging.get_verbosity()
+  logging.set_verbosity(min(level, logging.WARNING))
+  try:
+    yield
+  finally:
+    logging.set_verbosity(level)
+
+
+def model_identity(config: ModelConfig) -> dict:
+  """The model facts trained parameters are tied to (JSON-ready)."""
+  return {field: getattr(config, field) for field in IDENTITY_FIELDS}
+
+
+def identity_hash(identity: dict) -> str:
+  """A short hash of `model_identity`: the "model hash" stored beside the parameters."""
+  text = json.dumps(identity, sort_keys=True)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def check_model(meta: dict, config: ModelConfig, where: str = "") -> None:
+  """Refuses parameters trained for a model other than `config`, naming what differs."""
+  stored = meta.get("model") or {}
+  mine = model_identity(config)
+  differ = [f"{field}: trained for {stored.get(field)!r}, this model has {mine[field]!r}"
+            for field in IDENTITY_FIELDS if stored.get(field) != mine[field]]
+  if differ:
+    raise MethodError(f"{meta.get('kind', 'trained')} parameters{where} were trained for "
+                      f"another model ({stored.get('name') or 'unnamed'!s}, model hash "
+                      f"{meta.get('model_hash')}; this one is {config.name or 'unnamed'!s}, "
+                      f"model hash {identity_hash(mine)}): " + "; ".join(differ)
+                      + ". Train them for this model (scripts/train.py --model=...)")
+
+
+def check_fingerprint(meta: dict, fingerprint: str, where: str = "") -> None:
+  """Refuses parameters trained on other weights (same architecture and name, e.g. a
+  fine-tune), by the weights fingerprint of `kvjax.calibration.model_fingerprint`."""
+  stored = meta.get("weights_fingerprint")
+  if stored != fingerprint:
+    raise MethodError(f"{meta.get('kind', 'trained')} parameters{where} were trained on "
+                      f"weights with fingerprint {stored}, not on this model's "
+                      f"({fingerprint}): train them for these weights")
+
+
+def steps(root: pathlib.Path) -> list[int]:
+  """The completed step folders of a run directory, in order."""
+  found = []
+  for child in root.iterdir() if root.is_dir() else ():
+    if child.name.isdigit() and (child / COMMIT_MARKER).is_file():
+      found.append(int(child.name))
+  return sorted(found)
+
+
+def step_dir(path) -> pathlib.Path:
+  """The step folder `path` names: itself, or a run directory's latest completed step."""
+  try:
+    path = pathlib.Path(path).expanduser().absolute()
+    if (path / META).is_dir() and (path / PARAMS).is_dir():
+      return path
+    done = steps(path)
+  except (OSError, ValueError) as e:   # e.g. a NUL byte, a name too long
+    raise MethodError(f"cannot read trained parameters at {str(path)!r}: {e}") from None
+  if not done:
+    raise MethodError(f"no trained parameters at {path}: expected a training run directory "
+                      f"(scripts/train.py --workdir) with a completed step, or one of its "
+                      f"step folders (holding {PARAMS}/ and {META}/)")
+  return path / str(done[-1])
+
+
+def read(path) -> tuple[dict, dict]:
+  """(parameters as numpy arrays, metadata) of the step folder `path` names (see
+  `step_dir`)."""
+  return _read(str(step_dir(path)))
+
+
+@functools.lru_cache(maxsize=2)   # a model's heads can be hundreds of MB
+def _read(folder: str) -> tuple[dict, dict]:
+  # Cached by step folder: a committed step never changes.
+  folder = pathlib.Path(folder)
+  try:
+    with quiet(), ocp.CheckpointManager(folder.parent, item_names=(PARAMS, META)) as manager:
+      restored = manager.restore(int(folder.name), args=ocp.args.Composite(**{
+          PARAMS: ocp.args.StandardRestore(), META: ocp.args.JsonRestore()}))
+  except Exception as e:  # orbax raises many types for truncated or foreign folders
+    raise MethodError(f"cannot read trained parameters from {folder}: "
+                      f"{type(e).__name__}: {e}") from None
+  meta = restored[META]
+  if not isinstance(meta, dict) or "kind" not in meta:
+    raise MethodError(f"{folder / META} holds no trained-component metadata")
+  params = {name: np.asarray(value) for name, value in restored[PARAMS].items()}
+  return params, meta

@@ -1,0 +1,36 @@
+"""Training of trainable compression components on a frozen backbone.
+
+  loop        the generic loop (Task, train): jitted value_and_grad step, gradient
+              accumulation, progress bar, lossless resumable checkpoints
+  optim       optax AdamW, warmup + cosine/linear schedules, clipping
+  checkpoint  the run directory's orbax checkpoints
+  data        deterministic examples from the RULER essays and SQuAD
+  locret      Locret's retaining heads: labels, loss, task
+`scripts/train.py` is the command line; `load_method` reads a trained component back for
+a model, checking it was trained for that model's weights.
+"""
+
+from __future__ import annotations
+
+from kvjax import calibration
+from kvjax.errors import KvjaxError
+from kvjax.methods.locret import Locret
+from kvjax.training.loop import LoopSettings, RunResult, Task, train
+from kvjax.training.optim import OptimizerSettings
+
+METHODS = {"locret": Locret}
+
+
+def load_method(path, model, method: str = "locret", **hyperparameters):
+  """The trained method saved at `path` (a run directory or a step folder), refused unless
+  it was trained for `model`: its architecture and name, and its weights' fingerprint."""
+  if method not in METHODS:
+    raise KvjaxError(f"method={method!r} has no trained parameters to load; trainable: "
+                     f"{sorted(METHODS)}")
+  loaded = METHODS[method].from_checkpoint(
+      path, fingerprint=calibration.model_fingerprint(model), **hyperparameters)
+  loaded.check_model(model.config)
+  return loaded
+
+
+__all__ = ["LoopSettings", "OptimizerSettings", "RunResult", "Task", "load_method", "train"]
