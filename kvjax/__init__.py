@@ -6,7 +6,12 @@
     print(result.texts[0], result.stats["cache_bytes"])
 """
 
-from kvjax import methods
+# First, before anything can start JAX's CPU backend (see kvjax/xla_cpu.py).
+from kvjax import xla_cpu
+
+xla_cpu.apply_defaults()
+
+from kvjax import methods  # noqa: E402
 from kvjax.config import ModelConfig
 from kvjax.errors import (CheckpointError, ChecksumError, ConfigError, DownloadError,
                           GenerationError, KvjaxError, UnknownModelError)
