@@ -31,3 +31,40 @@ def test_quickstart_notebook(smollm2, monkeypatch):
   assert namespace["logprobs"].shape[0] >= 2 and (namespace["logprobs"] < 0).all()
   assert namespace["example"].answers[0] in namespace["example"].context
   assert {c["method"] for c in namespace["cells"]} >= {"full", "snapkv"}
+
+
+@pytest.mark.slow  # the real SmolLM2: a few training steps and five chunked prefills
+def test_train_locret_notebook(smollm2, monkeypatch, tmp_path):
+  # The notebook's "ci" preset (tiny heads, 64-token examples, 8 steps) into a fresh run
+  # directory, on the session's model; matplotlib draws off screen.
+  monkeypatch.setenv("KVJAX_LOCRET_SIZE", "ci")
+  monkeypatch.setenv("KVJAX_LOCRET_RUN", str(tmp_path / "run"))
+  monkeypatch.setenv("MPLBACKEND", "Agg")
+  load = kvjax.load
+  monkeypatch.setattr(kvjax, "load", lambda source, **kwargs: smollm2 if (
+      source == "smollm2-135m" and kwargs in ({}, {"dtype": "float32"}))
+      else load(source, **kwargs))
+  namespace = _run_notebook(ROOT / "notebooks/train_locret.ipynb")
+  assert namespace["model"] is smollm2
+  cfg, history = namespace["cfg"], namespace["history"]
+  # Trained for the preset's steps, the loss fell, and the run directory holds the last step.
+  assert [r["step"] for r in history] == list(range(1, cfg.steps + 1))
+  assert namespace["last_loss"] < namespace["first_loss"]
+  run = tmp_path / "run"
+  assert (run / str(cfg.steps) / "commit_success.txt").is_file()
+  assert namespace["methods"]["locret"].checkpoint == str(run / str(cfg.steps))
+  # The table: every method, the full cache exact against itself, the others compressed.
+  table = {row["method"]: row for row in namespace["table"]}
+  assert list(table) == ["full", "streaming_llm", "snapkv", "locret (untrained)", "locret"]
+  assert table["full"]["kl"] < 1e-5 and table["full"]["top1"] == 1.0
+  expected_tokens = cfg.eval_samples * cfg.continuation_tokens
+  for name, row in table.items():
+    assert row["tokens"] == expected_tokens
+    assert row["perplexity"] > 1 and row["kl"] >= 0
+    if name != "full":
+      assert row["cache"] < 0.75 and row["kl"] > 0
+  # Examples the run never read: the trained heads fit their labels better than the initial.
+  assert namespace["held_out_loss"]["trained"] < namespace["held_out_loss"]["initial"]
+  assert set(namespace["held_out_overlap"]) == {"initial", "trained"}
+  assert namespace["figure_path"].is_file()
+  namespace["plt"].close("all")
