@@ -7,7 +7,10 @@ ready). Seen in sweeps of several families, at the second or a later batch of on
 the same batch finishes in a new process. Still seen with cache donation off, async
 dispatch off, single-threaded Eigen, the persistent compilation cache off and a freshly
 allocated initial cache, each tried on a reproducer (GEAR, qa_squad, 1K) that stalls
-at its second batch in most runs. Sweeps append their records batch by batch and resume
+at its second batch in most runs. With XLA:CPU's concurrency-optimized scheduler off
+(which `import kvjax` now sets, kvjax/xla_cpu.py) the GEAR sweep that had stalled 15 times
+in 8 batches ran 22 batches without one; the watchdog stays as a safety net. Sweeps append
+their records batch by batch and resume
 from them, so the workaround is a watchdog: when the process has used no CPU for
 `stall_seconds`, it re-executes itself with the same command line and carries on from the
 last finished batch.
