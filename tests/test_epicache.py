@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import kvjax
-from kvjax.cache import FlatLayerCache, cache_nbytes, full_cache_nbytes, init_cache
+from kvjax.cache import (FlatLayerCache, LayerCache, cache_nbytes, full_cache_nbytes,
+                         init_cache)
 from kvjax.evaluation import sweep
 from kvjax.errors import GenerationError, MethodError, KvjaxError
 from kvjax.generation import engine, episodes, inputs
@@ -471,3 +472,24 @@ def test_misuse_raises(chat, random_model):
     episodes.prefill_episodes(chat, "", "epicache", budget=40)
   with pytest.raises(KvjaxError, match="kvjax.generation.episodes"):
     kvjax.generate(chat, TEXT, method="epicache", budget=40, max_new_tokens=2)
+
+
+def test_head_wise_storage_attends_as_the_ragged_dense_layer():
+  """A "pair" layer stored head-wise (`_head_wise`) attends exactly as the dense layer with
+  each head's evicted slots emptied: every head reads its own slots, no other head's."""
+  rng = np.random.default_rng(3)
+  b, k, s, d, g = 1, 2, 12, 8, 2
+  keys = jnp.asarray(rng.standard_normal((b, k, s, d)), jnp.float32)
+  values = jnp.asarray(rng.standard_normal((b, k, s, d)), jnp.float32)
+  positions = np.broadcast_to(np.arange(s, dtype=np.int32), (b, k, s)).copy()
+  positions[0, 0, [1, 4, 5, 9]] = -1          # head 0 keeps 8, head 1 keeps 11
+  positions[0, 1, [7]] = -1
+  dense = LayerCache(keys=keys, values=values, positions=jnp.asarray(positions),
+                     end=jnp.int32(s))
+  flat = episodes._head_wise(dense)
+  assert isinstance(flat, FlatLayerCache) and flat.capacity == 19
+  query = jnp.asarray(rng.standard_normal((b, 1, k * g, d)), jnp.float32)
+  qpos = jnp.asarray([[s]], jnp.int32)
+  want, _ = dense.attend(query, qpos)
+  got, _ = flat.attend(query, qpos)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)

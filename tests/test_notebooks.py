@@ -63,6 +63,8 @@ def test_train_locret_notebook(smollm2, monkeypatch, tmp_path):
     assert row["perplexity"] > 1 and row["kl"] >= 0
     if name != "full":
       assert row["cache"] < 0.75 and row["kl"] > 0
+  # The untrained row really ran other heads (they reach the method as parameters).
+  assert table["locret (untrained)"]["kl"] != table["locret"]["kl"]
   # Examples the run never read: the trained heads fit their labels better than the initial.
   assert namespace["held_out_loss"]["trained"] < namespace["held_out_loss"]["initial"]
   assert set(namespace["held_out_overlap"]) == {"initial", "trained"}

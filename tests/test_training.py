@@ -4,11 +4,14 @@ import dataclasses
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -143,6 +146,31 @@ def test_kill_and_resume_equals_the_uninterrupted_run(task, tmp_path):
   assert again.resumed_from == 9 and again.history == whole.history
 
 
+def _noisy_task(width: int = 3):
+  """A toy task whose loss draws noise from its key: a resume that lost the RNG state (the
+  loop splits it every step) would log other losses."""
+  def loss(params, frozen, batch, key):
+    del frozen
+    noise = jax.random.normal(key, (width,))
+    return jnp.mean((params["w"] - batch["x"] + noise) ** 2), {}
+  return training.Task(
+      init_params=lambda key: {"w": jnp.zeros(width)}, loss=loss, frozen=None,
+      batch=lambda position, count: {"x": (np.arange(count * width, dtype=np.float32)
+                                           .reshape(count, width) + position) % 5},
+      meta={"kind": "toy", "width": width})
+
+
+def test_resume_restores_the_random_state(tmp_path):
+  task = _noisy_task()
+  opt = optim.OptimizerSettings(learning_rate=1e-1, total_steps=6)
+  whole = training.train(task, tmp_path / "whole", 6, opt, QUIET)
+  training.train(task, tmp_path / "cut", 6, opt, QUIET, stop_after=4)
+  resumed = training.train(task, tmp_path / "cut", 6, opt, QUIET)
+  assert resumed.resumed_from == 3
+  assert resumed.history == whole.history
+  assert _params_equal(resumed.params, whole.params)
+
+
 def test_resuming_with_other_settings_is_refused(task, tmp_path):
   opt = optim.OptimizerSettings(learning_rate=1e-2, total_steps=3)
   training.train(task, tmp_path / "run", 3, opt, QUIET)
@@ -150,6 +178,27 @@ def test_resuming_with_other_settings_is_refused(task, tmp_path):
                                             r".*learning_rate.*0.01"):
     training.train(task, tmp_path / "run", 3, dataclasses.replace(opt, learning_rate=0.02),
                    QUIET)
+  # Other parameter shapes: refused by the settings, before orbax reads arrays that do not fit.
+  toy = tmp_path / "toy"
+  training.train(_noisy_task(3), toy, 3, opt, QUIET)
+  with pytest.raises(CheckpointError, match=r"other settings \(width: stored 3, now 5\)"):
+    training.train(_noisy_task(5), toy, 3, opt, QUIET)
+
+
+def test_a_run_trained_again_in_the_same_directory_is_read_afresh(tmp_path):
+  """The reader caches by step folder; a deleted and retrained run writes the same folder
+  names with other weights, which must not come back from the cache."""
+  opt = optim.OptimizerSettings(learning_rate=1e-1, total_steps=3)
+  training.train(_noisy_task(), tmp_path / "run", 3, opt, QUIET)
+  first, _ = trained.read(tmp_path / "run")
+  assert not first["w"].flags.writeable, "shared cached arrays are read-only"
+  shutil.rmtree(tmp_path / "run")
+  time.sleep(0.01)
+  training.train(_noisy_task(), tmp_path / "run", 3,
+                 dataclasses.replace(opt, learning_rate=0.5), QUIET)
+  second, meta = trained.read(tmp_path / "run")
+  assert meta["training"]["optimizer"]["learning_rate"] == 0.5
+  assert not np.array_equal(first["w"], second["w"])
 
 
 def test_accumulation_averages_micro_batches(task, tmp_path):

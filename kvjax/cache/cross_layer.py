@@ -9,10 +9,11 @@ it while they attend. The model asks the cache for each layer's view (`view_laye
 exist once in the cache pytree: that is where the memory goes. Tokens appended after the
 merge (questions, generated text) go to each layer's own dense `tail`.
 
-Decode (one query per row, no statistics that need every slot's probability) never
-rebuilds a layer: the shared slots go through a fused attention (`kvjax.ops.cross_layer`:
-xKV rebuilds key tiles inside the kernel and absorbs the value coefficients; MiniCache
-rebuilds norm x direction tiles and attends its retained slots exactly beside them), the
+Decode (one query per row, no statistics that need every slot's probability) does not
+rebuild the layer's dense cache: the shared slots go through a fused attention
+(`kvjax.ops.cross_layer`: xKV absorbs the value coefficients, and its Pallas kernel rebuilds
+key tiles inside the attention where the jnp path rebuilds the keys; MiniCache scales
+logits and outputs by the norms and attends its retained slots exactly beside them), the
 tail through the dense decode attention, and the two partials merge by log-sum-exp: one
 softmax over every slot. Prefill chunks, questions and statistics read the rebuilt keys and
 values like a dense cache (`dense`: the shared slots first, then the tail).

@@ -14,6 +14,7 @@ a model: `kvjax.calibration.bind` hands it the model's fingerprint).
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import hashlib
 import json
@@ -108,13 +109,19 @@ def step_dir(path) -> pathlib.Path:
 
 def read(path) -> tuple[dict, dict]:
   """(parameters as numpy arrays, metadata) of the step folder `path` names (see
-  `step_dir`)."""
-  return _read(str(step_dir(path)))
+  `step_dir`). The arrays are read-only: they are shared by every later read."""
+  folder = step_dir(path)
+  # Keyed by the commit marker's identity too: a run directory deleted and trained again
+  # writes the same step folder names with other weights.
+  marker = folder / COMMIT_MARKER
+  stamp = (marker if marker.exists() else folder / META).stat()
+  params, meta = _read(str(folder), stamp.st_ino, stamp.st_mtime_ns)
+  return params, copy.deepcopy(meta)
 
 
 @functools.lru_cache(maxsize=2)   # a model's heads can be hundreds of MB
-def _read(folder: str) -> tuple[dict, dict]:
-  # Cached by step folder: a committed step never changes.
+def _read(folder: str, marker_inode: int, marker_mtime_ns: int) -> tuple[dict, dict]:
+  del marker_inode, marker_mtime_ns   # cache key only
   folder = pathlib.Path(folder)
   try:
     with quiet(), ocp.CheckpointManager(folder.parent, item_names=(PARAMS, META)) as manager:
@@ -126,5 +133,7 @@ def _read(folder: str) -> tuple[dict, dict]:
   meta = restored[META]
   if not isinstance(meta, dict) or "kind" not in meta:
     raise MethodError(f"{folder / META} holds no trained-component metadata")
-  params = {name: np.asarray(value) for name, value in restored[PARAMS].items()}
+  params = {name: np.array(value) for name, value in restored[PARAMS].items()}
+  for value in params.values():
+    value.setflags(write=False)
   return params, meta

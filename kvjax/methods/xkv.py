@@ -72,9 +72,10 @@ class XKV(base.CrossLayer):
   0.1875 are the paper's xKV-4 setting for Llama-3.1-8B (r_k 512, r_v 768 of 4096 columns)
   with its `group` of 4. Exact SVD in float32 (jnp.linalg.svd) once after the whole context
   (`finalize`), so chunked prefill and conversations work unchanged. Every token is kept.
-  Decode never rebuilds a layer (`pallas_kernels.cross_layer.lowrank_decode_attention`):
-  key tiles are rebuilt and rotated inside the attention, and the value coefficients are
-  absorbed (out = (p U_v) C_v). Prefill chunks and questions read the rebuilt layer.
+  Decode absorbs the value coefficients (out = (p U_v) C_v, values never rebuilt); the
+  Pallas kernel (`pallas_kernels.cross_layer.lowrank_decode_attention`, GPU/TPU) also
+  rebuilds and rotates keys tile by tile inside the attention, while the jnp path (CPU)
+  rebuilds the layer's keys each step. Prefill chunks and questions read the rebuilt layer.
   """
   name: ClassVar[str] = "xkv"
   group: int = 4

@@ -66,6 +66,17 @@ class RunCheckpoints:
           PROGRESS: ocp.args.JsonSave(progress)}))
       self.manager.wait_until_finished()
 
+  def meta(self, step: int) -> dict:
+    """Step `step`'s metadata alone (JSON): what a resume checks before it reads arrays
+    whose shapes may not fit."""
+    try:
+      with trained.quiet():
+        return self.manager.restore(step, args=ocp.args.Composite(**{
+            trained.META: ocp.args.JsonRestore()}))[trained.META]
+    except Exception as e:  # orbax raises many types for a foreign or damaged folder
+      raise CheckpointError(f"cannot read the metadata of step {step} of {self.directory}: "
+                            f"{type(e).__name__}: {e}") from None
+
   def restore(self, step: int, params, opt_state, rng):
     """(params, opt_state, rng, progress, meta) of step `step`, shaped like the given
     fresh ones (their values are not used)."""

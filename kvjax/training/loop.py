@@ -151,9 +151,11 @@ def train(task: Task, workdir, steps: int, optimizer_settings: optim.OptimizerSe
   start, examples, history = 0, 0, []
   resumed_from = checkpoints.latest_step()
   if resumed_from is not None:
-    params, opt_state, rng, progress, stored = checkpoints.restore(resumed_from, params,
-                                                                   opt_state, rng)
+    # Settings first: another model's or width's arrays would fail inside orbax.
+    stored = checkpoints.meta(resumed_from)
     _check_resumable({k: v for k, v in stored.items() if k != "step"}, meta, workdir)
+    params, opt_state, rng, progress, _ = checkpoints.restore(resumed_from, params,
+                                                              opt_state, rng)
     start, examples, history = progress["step"], progress["examples"], progress["history"]
     logging.info("resuming %s from step %d (%d examples seen)", workdir, start, examples)
   per_step = settings.batch_size * optimizer_settings.accumulation
