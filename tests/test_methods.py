@@ -200,9 +200,10 @@ def _kept_lists(out):
 # forward pass: tests/test_kvzip.py restates it; CAKE settles its budgets after the last
 # layer: tests/test_cake.py).
 COMPRESSING = [name for name in methods.available()
-               # lazy_eviction, compresskv (calibrated per model), locret (trained heads):
-               # restated in their own test files.
-               if name not in ("full", "cake", "lazy_eviction", "compresskv", "locret")
+               # lazy_eviction, compresskv (calibrated per model), locret and
+               # attention_gate (trained weights): restated in their own test files.
+               if name not in ("full", "cake", "lazy_eviction", "compresskv", "locret",
+                               "attention_gate")
                and methods.get(name).family == "eviction"
                and not methods.get(name).rescores]
 LONG_KEEP = 48

@@ -16,6 +16,7 @@ from kvjax import validation
 from kvjax.errors import MethodError
 from kvjax.methods import registry
 from kvjax.methods.accumulated import H2O, TOVA, Scissorhands
+from kvjax.methods.attention_gate import AttentionGate
 from kvjax.methods.base import LayerInputs, Method
 from kvjax.methods.cake import CAKE
 from kvjax.methods.compresskv import CompressKV

@@ -6,6 +6,7 @@
   checkpoint  the run directory's orbax checkpoints
   data        deterministic examples from the RULER essays and SQuAD
   locret      Locret's retaining heads: labels, loss, task
+  attention_gate  Attention-Gate's gates: the in-context masked forward pass, loss, task
 `scripts/train.py` is the command line; `load_method` reads a trained component back for
 a model, checking it was trained for that model's weights.
 """
@@ -14,11 +15,12 @@ from __future__ import annotations
 
 from kvjax import calibration
 from kvjax.errors import KvjaxError
+from kvjax.methods.attention_gate import AttentionGate
 from kvjax.methods.locret import Locret
 from kvjax.training.loop import LoopSettings, RunResult, Task, train
 from kvjax.training.optim import OptimizerSettings
 
-METHODS = {"locret": Locret}
+METHODS = {"locret": Locret, "attention_gate": AttentionGate}
 
 
 def load_method(path, model, method: str = "locret", **hyperparameters):
