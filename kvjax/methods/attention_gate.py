@@ -213,7 +213,7 @@ def kept_counts(layer) -> np.ndarray:
 
 @registry.register
 @dataclasses.dataclass(frozen=True)
-class AttentionGate(base.Method):
+class AttentionGate(trained.TrainedWeights, base.Method):
   """Attention-Gate (arXiv 2410.12876): per layer, a trained gate (a small causal MHA' over
   the layer's pre-RoPE [q; k; v], then one sigmoid per KV head) flags each context token
   kept or evicted per KV head; a head's evicted tokens never enter the cache, which is
@@ -229,7 +229,11 @@ class AttentionGate(base.Method):
   name: ClassVar[str] = "attention_gate"
   needs_budget: ClassVar[bool] = False
   headwise: ClassVar[bool] = True
-  calibration: ClassVar[str | None] = "weights_fingerprint"
+  KIND: ClassVar[str] = KIND
+  WEIGHTS_FIELD: ClassVar[str] = "gates"
+  WEIGHTS_TYPE: ClassVar[type] = GateWeights
+  MISSING: ClassVar[str] = "trained gates"
+  check_shapes = staticmethod(check_gates)
   reads_context: ClassVar[bool] = True   # its weights, as traced parameters
   wrappable: ClassVar[bool] = False      # the gate, not a budget, decides what is kept
   threshold: Any = None
@@ -244,61 +248,7 @@ class AttentionGate(base.Method):
                              "trained one)")
     if self.sinks is not None:
       base.check_int("sinks", self.sinks, 0)
-    if not isinstance(self.checkpoint, str):
-      raise MethodError(f"attention_gate checkpoint={self.checkpoint!r} must be a path (str)")
-    if self.gates is not None and not isinstance(self.gates, GateWeights):
-      raise MethodError(f"attention_gate gates={type(self.gates).__name__} must be a "
-                        f"GateWeights (or None, with a checkpoint)")
-    if self.checkpoint and self.gates is not None:
-      raise MethodError("attention_gate takes its weights from checkpoint or gates, not both")
-    if self.checkpoint:
-      # Pinned to one step folder: a run that trains on does not change what this means.
-      folder = trained.step_dir(self.checkpoint)
-      _, meta = trained.read(folder)
-      if meta.get("kind") != KIND:
-        raise MethodError(f"{folder} holds {meta.get('kind')!r} parameters, not "
-                          f"attention_gate's")
-      object.__setattr__(self, "checkpoint", str(folder))
-
-  @classmethod
-  def from_checkpoint(cls, path, fingerprint: str | None = None, **hyperparameters
-                      ) -> "AttentionGate":
-    """AttentionGate with the gates a training run saved at `path` (its latest step, or
-    the step folder given). fingerprint: the model's weights fingerprint, checked against
-    the one trained on when given; the architecture and name are checked whenever the
-    method meets a model."""
-    method = cls(checkpoint=str(path), **hyperparameters)
-    if fingerprint is not None:
-      trained.check_fingerprint(method.metadata(), fingerprint, f" ({method.checkpoint})")
-    return method
-
-  def needs_calibration(self) -> bool:
-    return bool((self.metadata() or {}).get("weights_fingerprint"))
-
-  def calibrated(self, result) -> "AttentionGate":
-    """`result`: (the model's config, its weights fingerprint); refused unless the gates
-    were trained for this architecture and on these weights."""
-    config, fingerprint = result
-    self.check_model(config)
-    where = f" ({self.checkpoint})" if self.checkpoint else ""
-    trained.check_fingerprint(self.metadata(), fingerprint, where)
-    return self
-
-  def metadata(self) -> dict | None:
-    if self.checkpoint:
-      return trained.read(self.checkpoint)[1]
-    return None if self.gates is None else self.gates.meta
-
-  def weights(self) -> dict:
-    """The gates' parameters (numpy): wq/wk/wv [L, F, G, E], wo [L, G, E, K], bias [L, K]."""
-    if self.checkpoint:
-      return trained.read(self.checkpoint)[0]
-    if self.gates is None:
-      raise MethodError("attention_gate has no trained gates: give "
-                        "AttentionGate.from_checkpoint(path) (a run of scripts/train.py "
-                        "--method=attention_gate), method='attention_gate:checkpoint=PATH', "
-                        "or AttentionGate(gates=GateWeights(params))")
-    return self.gates.params
+    self.check_weights_source()
 
   def _trained(self, name: str, default):
     """A hyperparameter the gates were trained with (`default` without metadata)."""
@@ -314,14 +264,6 @@ class AttentionGate(base.Method):
   def gate_sinks(self) -> int:
     """The first tokens always kept: the field, else the training run's, else 4."""
     return int(self.sinks if self.sinks is not None else self._trained("sinks", DEFAULT_SINKS))
-
-  def check_model(self, config: ModelConfig) -> None:
-    """Refuses weights trained for another model (name, architecture, shapes)."""
-    meta = self.metadata()
-    where = f" ({self.checkpoint})" if self.checkpoint else ""
-    if meta is not None:
-      trained.check_model(meta, config, where)
-    check_gates(self.weights(), config)
 
   def layer_budgets(self, config, keep, context_length):
     del context_length

@@ -136,7 +136,7 @@ def recent_candidates(key_positions, count: int):
 
 @registry.register
 @dataclasses.dataclass(frozen=True)
-class Locret(base.Method):
+class Locret(trained.TrainedWeights, base.Method):
   """Locret (huangyuxiang03/Locret): per layer, trained retaining heads score each token
   once from its own pre-RoPE q, k, v; after every prefill chunk each KV head keeps its top
   budget - `local` candidates by score (the `stabilizers` most recent candidates kept
@@ -148,9 +148,11 @@ class Locret(base.Method):
   docstring for what differs from the official loop.
   """
   name: ClassVar[str] = "locret"
-  # Where it meets a model (kvjax.calibration.bind), the weights it was trained on are
-  # checked by fingerprint (`calibrated`).
-  calibration: ClassVar[str | None] = "weights_fingerprint"
+  KIND: ClassVar[str] = KIND
+  WEIGHTS_FIELD: ClassVar[str] = "heads"
+  WEIGHTS_TYPE: ClassVar[type] = RetainingHeads
+  MISSING: ClassVar[str] = "trained retaining heads"
+  check_shapes = staticmethod(check_heads)
   reads_context: ClassVar[bool] = True   # its weights and the context length, as parameters
   wrappable: ClassVar[bool] = False      # its own budget split (B + local) and stabilizers
   stabilizers: int = 2500
@@ -161,71 +163,7 @@ class Locret(base.Method):
   def __post_init__(self):
     base.check_int("stabilizers", self.stabilizers, 0)
     base.check_int("local", self.local, 0)
-    if not isinstance(self.checkpoint, str):
-      raise MethodError(f"locret checkpoint={self.checkpoint!r} must be a path (str)")
-    if self.heads is not None and not isinstance(self.heads, RetainingHeads):
-      raise MethodError(f"locret heads={type(self.heads).__name__} must be a RetainingHeads "
-                        f"(or None, with a checkpoint)")
-    if self.checkpoint and self.heads is not None:
-      raise MethodError("locret takes its weights from checkpoint or heads, not both")
-    if self.checkpoint:
-      # Pinned to one step folder: a run that trains on does not change what this means.
-      folder = trained.step_dir(self.checkpoint)
-      _, meta = trained.read(folder)
-      if meta.get("kind") != KIND:
-        raise MethodError(f"{folder} holds {meta.get('kind')!r} parameters, not locret's")
-      object.__setattr__(self, "checkpoint", str(folder))
-
-  @classmethod
-  def from_checkpoint(cls, path, fingerprint: str | None = None, **hyperparameters
-                      ) -> "Locret":
-    """Locret with the retaining heads a training run saved at `path` (its latest step, or
-    the step folder given). fingerprint: the model's weights fingerprint
-    (`kvjax.calibration.model_fingerprint`), checked against the one trained on when
-    given; the architecture and model name are checked whenever the method meets a model.
-    """
-    method = cls(checkpoint=str(path), **hyperparameters)
-    if fingerprint is not None:
-      trained.check_fingerprint(method.metadata(), fingerprint, f" ({method.checkpoint})")
-    return method
-
-  def needs_calibration(self) -> bool:
-    """Whether there is a training fingerprint to check against the model's weights."""
-    return bool((self.metadata() or {}).get("weights_fingerprint"))
-
-  def calibrated(self, result) -> "Locret":
-    """`result`: (the model's config, its weights fingerprint); refused unless the heads
-    were trained for this architecture and on these weights."""
-    config, fingerprint = result
-    self.check_model(config)
-    where = f" ({self.checkpoint})" if self.checkpoint else ""
-    trained.check_fingerprint(self.metadata(), fingerprint, where)
-    return self
-
-  def metadata(self) -> dict | None:
-    """What the weights were trained for (None for in-memory weights without it)."""
-    if self.checkpoint:
-      return trained.read(self.checkpoint)[1]
-    return None if self.heads is None else self.heads.meta
-
-  def weights(self) -> dict:
-    """The retaining heads' parameters (numpy): {"w1": [L, F, h], "w2": [L, h, K]}."""
-    if self.checkpoint:
-      return trained.read(self.checkpoint)[0]
-    if self.heads is None:
-      raise MethodError("locret has no trained retaining heads: give "
-                        "Locret.from_checkpoint(path) (a run of scripts/train.py "
-                        "--method=locret), method='locret:checkpoint=PATH', or "
-                        "Locret(heads=RetainingHeads(params))")
-    return self.heads.params
-
-  def check_model(self, config: ModelConfig) -> None:
-    """Refuses weights trained for another model (name, architecture, shapes)."""
-    meta = self.metadata()
-    where = f" ({self.checkpoint})" if self.checkpoint else ""
-    if meta is not None:
-      trained.check_model(meta, config, where)
-    check_heads(self.weights(), config)
+    self.check_weights_source()
 
   def protected_tokens(self, keep):
     del keep

@@ -19,6 +19,7 @@ import functools
 import hashlib
 import json
 import pathlib
+from typing import ClassVar
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -137,3 +138,93 @@ def _read(folder: str, marker_inode: int, marker_mtime_ns: int) -> tuple[dict, d
   for value in params.values():
     value.setflags(write=False)
   return params, meta
+
+
+class TrainedWeights:
+  """What a method whose weights come from a training run shares (Locret, Attention-Gate).
+
+  A mixin for a frozen method dataclass with a `checkpoint: str` field (a run directory or
+  step folder) and an in-memory weights field named by WEIGHTS_FIELD (an object with
+  `params` and `meta`, of type WEIGHTS_TYPE); at most one of the two is given. KIND is the
+  "kind" its training writes into the metadata; `check_shapes(params, config)` refuses
+  weights of the wrong shapes. Where the method meets a model (`kvjax.calibration.bind`,
+  calibration "weights_fingerprint"), the architecture, name and weights are checked.
+  """
+  KIND: ClassVar[str]
+  WEIGHTS_FIELD: ClassVar[str]
+  WEIGHTS_TYPE: ClassVar[type]
+  MISSING: ClassVar[str]         # what is missing without weights, e.g. "trained gates"
+  calibration: ClassVar[str | None] = "weights_fingerprint"
+
+  def check_weights_source(self) -> None:
+    """__post_init__'s part: a path or weights of the right type, not both; a checkpoint is
+    pinned to one step folder (a run that trains on does not change what this means)."""
+    weights = getattr(self, self.WEIGHTS_FIELD)
+    if not isinstance(self.checkpoint, str):
+      raise MethodError(f"{self.KIND} checkpoint={self.checkpoint!r} must be a path (str)")
+    if weights is not None and not isinstance(weights, self.WEIGHTS_TYPE):
+      raise MethodError(f"{self.KIND} {self.WEIGHTS_FIELD}={type(weights).__name__} must be "
+                        f"a {self.WEIGHTS_TYPE.__name__} (or None, with a checkpoint)")
+    if self.checkpoint and weights is not None:
+      raise MethodError(f"{self.KIND} takes its weights from checkpoint or "
+                        f"{self.WEIGHTS_FIELD}, not both")
+    if self.checkpoint:
+      folder = step_dir(self.checkpoint)
+      _, meta = read(folder)
+      if meta.get("kind") != self.KIND:
+        raise MethodError(f"{folder} holds {meta.get('kind')!r} parameters, not "
+                          f"{self.KIND}'s")
+      object.__setattr__(self, "checkpoint", str(folder))
+
+  @classmethod
+  def from_checkpoint(cls, path, fingerprint: str | None = None, **hyperparameters):
+    """The method with the weights a training run saved at `path` (its latest step, or the
+    step folder given). fingerprint: the model's weights fingerprint
+    (`kvjax.calibration.model_fingerprint`), checked now when given; the architecture,
+    name and fingerprint are checked whenever the method meets a model."""
+    method = cls(checkpoint=str(path), **hyperparameters)
+    if fingerprint is not None:
+      check_fingerprint(method.metadata(), fingerprint, method.where())
+    return method
+
+  def where(self) -> str:
+    return f" ({self.checkpoint})" if self.checkpoint else ""
+
+  def metadata(self) -> dict | None:
+    """What the weights were trained for (None for in-memory weights without it)."""
+    if self.checkpoint:
+      return read(self.checkpoint)[1]
+    weights = getattr(self, self.WEIGHTS_FIELD)
+    return None if weights is None else weights.meta
+
+  def weights(self) -> dict:
+    """The trained parameters (numpy, read-only when read from a run)."""
+    if self.checkpoint:
+      return read(self.checkpoint)[0]
+    weights = getattr(self, self.WEIGHTS_FIELD)
+    if weights is None:
+      raise MethodError(
+          f"{self.KIND} has no {self.MISSING}: give {type(self).__name__}.from_checkpoint(path)"
+          f" (a run of scripts/train.py --method={self.KIND}), method='{self.KIND}:"
+          f"checkpoint=PATH', or {type(self).__name__}({self.WEIGHTS_FIELD}="
+          f"{self.WEIGHTS_TYPE.__name__}(params))")
+    return weights.params
+
+  def check_model(self, config: ModelConfig) -> None:
+    """Refuses weights trained for another model (name, architecture, shapes)."""
+    meta = self.metadata()
+    if meta is not None:
+      check_model(meta, config, self.where())
+    self.check_shapes(self.weights(), config)
+
+  def needs_calibration(self) -> bool:
+    """Whether there is a training fingerprint to check against the model's weights."""
+    return bool((self.metadata() or {}).get("weights_fingerprint"))
+
+  def calibrated(self, result):
+    """`result`: (the model's config, its weights fingerprint); refused unless the weights
+    were trained for this architecture and on these weights."""
+    config, fingerprint = result
+    self.check_model(config)
+    check_fingerprint(self.metadata(), fingerprint, self.where())
+    return self
