@@ -117,6 +117,18 @@ def test_lowrank_reference_equals_the_dense_path(name):
   assert np.abs(np.asarray(unrotated[0]) - np.asarray(want[0])).max() > 1e-2
 
 
+def _check_kernel_output(got, want, q, dtype):
+  """A kernel's (out, lse) against its reference's: shape, dtype, finite, close; a row
+  whose query sits at position -1 (row 2, when there is one) sees nothing."""
+  assert got[0].shape == q.shape and got[0].dtype == dtype
+  for a, e in zip(got, want):
+    assert np.isfinite(np.asarray(a, np.float32)).all()
+    _close(a, e, dtype)
+  if q.shape[0] > 2:   # row 2 queries at -1
+    np.testing.assert_array_equal(np.asarray(got[0][2], np.float32), 0.0)
+    np.testing.assert_array_equal(np.asarray(got[1][2]), np.float32(da.EMPTY_LSE))
+
+
 @pytest.mark.parametrize("name,dtype", [("gqa", jnp.float32), ("mha", jnp.float32),
                                         ("wide", jnp.float32), ("gqa", jnp.bfloat16)])
 def test_lowrank_kernel_matches_reference(name, dtype):
@@ -126,13 +138,7 @@ def test_lowrank_kernel_matches_reference(name, dtype):
   # block_k 16, chunks of 64: S = 100 or 70 is padded and spans two chunks.
   got = cl.lowrank_decode_attention(q, slots, pos, inv_freq, qpos, block_k=16)
   want = _lowrank_reference(q, slots, pos, inv_freq, qpos)
-  assert got[0].shape == q.shape and got[0].dtype == dtype
-  for a, e in zip(got, want):
-    assert np.isfinite(np.asarray(a, np.float32)).all()
-    _close(a, e, dtype)
-  if q.shape[0] > 2:   # row 2 queries at -1
-    np.testing.assert_array_equal(np.asarray(got[0][2], np.float32), 0.0)
-    np.testing.assert_array_equal(np.asarray(got[1][2]), np.float32(da.EMPTY_LSE))
+  _check_kernel_output(got, want, q, dtype)
 
 
 def test_lowrank_kernel_tpu_interpreter():
@@ -242,13 +248,7 @@ def test_merged_kernel_matches_reference(name, dtype):
   q, slots, pos, qpos = _merged(rng, name, dtype)
   got = cl.merged_decode_attention(q, slots, pos, qpos, block_k=16)
   want = _merged_reference(q, slots, pos, qpos)
-  assert got[0].shape == q.shape and got[0].dtype == dtype
-  for a, e in zip(got, want):
-    assert np.isfinite(np.asarray(a, np.float32)).all()
-    _close(a, e, dtype)
-  if q.shape[0] > 2:   # row 2 queries at -1
-    np.testing.assert_array_equal(np.asarray(got[0][2], np.float32), 0.0)
-    np.testing.assert_array_equal(np.asarray(got[1][2]), np.float32(da.EMPTY_LSE))
+  _check_kernel_output(got, want, q, dtype)
 
 
 def test_retained_slots_are_each_attended_once():
