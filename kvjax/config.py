@@ -32,6 +32,51 @@ class RopeScaling:
         1, validation.INT32_MAX, error=ConfigError))
 
 
+LATENT_ROPE_MODES = ("decoupled", "rebuilt")
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentAttention:
+  """Multi-head latent attention (MLA, as X-EcoMLA upcycles a GQA model into): each token
+  caches one latent of `kv_rank` numbers per layer instead of its K key and value heads.
+
+  rope="decoupled" (DeepSeek's, X-EcoMLA's): a head's query and key split into
+  head_dim - rope_dim position-free dimensions, whose keys are up-projected from the latent
+  (so the up-projection folds into the query: decode reads only the latent), and rope_dim
+  rotary ones, whose key is one extra vector shared by every head and cached beside the
+  latent: kv_rank + rope_dim numbers per token.
+  rope="rebuilt" (rope_dim 0): every head's key is up-projected from the latent, then
+  rotated as in the original model, so nothing folds into the query: attention rebuilds
+  the keys from the cached latents (exact at full rank, kv_rank = 2 K head_dim).
+  query_rank: a low-rank query projection (None: the full one)."""
+  kv_rank: int
+  rope_dim: int = 0
+  rope: str = "decoupled"
+  query_rank: int | None = None
+
+  def __post_init__(self):
+    object.__setattr__(self, "kv_rank", validation.integer(
+        "latent.kv_rank", self.kv_rank, 1, validation.INT32_MAX, error=ConfigError))
+    object.__setattr__(self, "rope_dim", validation.integer(
+        "latent.rope_dim", self.rope_dim, 0, validation.INT32_MAX, error=ConfigError))
+    if self.rope not in LATENT_ROPE_MODES:
+      raise ConfigError(f"latent.rope={self.rope!r}; allowed: {LATENT_ROPE_MODES}")
+    if self.query_rank is not None:
+      object.__setattr__(self, "query_rank", validation.integer(
+          "latent.query_rank", self.query_rank, 1, validation.INT32_MAX, error=ConfigError))
+    if self.rope == "rebuilt" and self.rope_dim:
+      raise ConfigError(f"latent.rope_dim={self.rope_dim} must be 0 with rope='rebuilt' "
+                        f"(every key dimension is rotated)")
+    if self.rope == "decoupled" and (self.rope_dim < 2 or self.rope_dim % 2):
+      raise ConfigError(f"latent.rope_dim={self.rope_dim} must be even and >= 2 with "
+                        f"rope='decoupled' (rotary embeddings rotate pairs)")
+
+  @property
+  def cached_width(self) -> int:
+    """Numbers cached per token and layer."""
+    return self.kv_rank + self.rope_dim
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Architecture of a Llama-family or Qwen2 decoder."""
@@ -55,6 +100,8 @@ class ModelConfig:
   # is then the key heads, the cache's head axis, and each stores the values of
   # num_value_heads / num_kv_heads heads side by side.
   num_value_heads: int | None = None
+  # Multi-head latent attention (an X-EcoMLA student; None = the attention above).
+  latent: LatentAttention | None = None
 
   def __post_init__(self):
     if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -92,6 +139,16 @@ class ModelConfig:
         object.__setattr__(self, "num_value_heads", None)
     if self.head_dim % 2:
       raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+    if self.latent is not None:
+      if not isinstance(self.latent, LatentAttention):
+        raise ConfigError(f"latent={validation.show(self.latent)} must be None or a "
+                          f"LatentAttention")
+      if self.latent.rope_dim >= self.head_dim:
+        raise ConfigError(f"latent.rope_dim={self.latent.rope_dim} must be below "
+                          f"head_dim={self.head_dim} (the rest are position-free)")
+      if self.num_value_heads is not None:
+        raise ConfigError("latent attention upcycles one value head per key head; this "
+                          f"config has num_value_heads={self.num_value_heads}")
 
   @property
   def group_size(self) -> int:
@@ -133,6 +190,13 @@ class ModelConfig:
         raise ConfigError(f"rope_scaling={validation.show(scaling)} must be null or an "
                           f"object with fields from {allowed}")
       data["rope_scaling"] = RopeScaling(**scaling)
+    latent = data.get("latent")
+    if latent is not None:
+      allowed = sorted(f.name for f in dataclasses.fields(LatentAttention))
+      if not isinstance(latent, dict) or set(latent) - set(allowed):
+        raise ConfigError(f"latent={validation.show(latent)} must be null or an object "
+                          f"with fields from {allowed}")
+      data["latent"] = LatentAttention(**latent)
     return cls(**data)
 
   def to_json(self) -> str:

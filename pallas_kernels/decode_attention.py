@@ -180,8 +180,14 @@ def chunk_outputs(b, k, nc, rows, dim, padded, chunk, return_probs):
   return out_shape, out_specs
 
 
+def _shared_values_kernel(q_ref, k_ref, *refs, **kwargs):
+  """`_attend_kernel` whose values are its keys (one tile read serves both)."""
+  _attend_kernel(q_ref, k_ref, k_ref, *refs, **kwargs)
+
+
 def _dense_impl(q, keys, values, key_positions, query_positions, *, target, return_probs,
                 block_k):
+  """values None: the keys are the values too (one input, read once)."""
   b, k, g, d = q.shape
   s = keys.shape[2]
   tiling = backend.tile_keys(target, s, block_k, default_block=_DEFAULT_BLOCK,
@@ -190,28 +196,30 @@ def _dense_impl(q, keys, values, key_positions, query_positions, *, target, retu
   sp, c, nc = tiling.padded, tiling.chunk, tiling.num_chunks
   qp = backend.pad_axis(backend.pad_axis(q, 3, dp), 2, rows)
   kp = backend.pad_axis(backend.pad_axis(keys, 3, dp), 2, sp)
-  vp = backend.pad_axis(backend.pad_axis(values, 3, dp), 2, sp)
+  slabs = [kp] if values is None else [
+      kp, backend.pad_axis(backend.pad_axis(values, 3, dp), 2, sp)]
   kpos = backend.pad_axis(key_positions.astype(jnp.int32), 2, sp, -1)[:, :, None, :]
   qpos = query_positions.astype(jnp.int32).reshape(b, 1, 1)
 
   out_shape, out_specs = chunk_outputs(b, k, nc, rows, dp, sp, c, return_probs)
   kv_spec = pl.BlockSpec((None, None, c, dp), lambda i, j, t: (i, j, t, 0))
   results = pl.pallas_call(
-      functools.partial(_attend_kernel, flat=False, return_logits=return_probs,
+      functools.partial(_attend_kernel if values is not None else _shared_values_kernel,
+                        flat=False, return_logits=return_probs,
                         block_k=tiling.block, num_blocks=tiling.blocks_per_chunk,
                         scale=d ** -0.5),
       out_shape=out_shape,
       grid=(b, k, nc),
-      in_specs=[pl.BlockSpec((None, None, rows, dp), lambda i, j, t: (i, j, 0, 0)),
-                kv_spec, kv_spec,
-                pl.BlockSpec((None, None, 1, c), lambda i, j, t: (i, j, 0, t)),
-                pl.BlockSpec((None, 1, 1), lambda i, j, t: (i, 0, 0))],
+      in_specs=[pl.BlockSpec((None, None, rows, dp), lambda i, j, t: (i, j, 0, 0))]
+               + [kv_spec] * len(slabs)
+               + [pl.BlockSpec((None, None, 1, c), lambda i, j, t: (i, j, 0, t)),
+                  pl.BlockSpec((None, 1, 1), lambda i, j, t: (i, 0, 0))],
       out_specs=out_specs,
       interpret=target.interpret,
       compiler_params=backend.compiler_params(
           target, dimension_semantics=("parallel",) * 3, num_warps=4, num_stages=2),
-      name="decode_attention",
-  )(qp, kp, vp, kpos, qpos)
+      name="decode_attention" if values is not None else "decode_attention_shared",
+  )(qp, *slabs, kpos, qpos)
   logits = results[2] if return_probs else None
   return _finish(results[0], results[1], logits, rows=g, dim=d, length=s, chunk_axis=2,
                  dtype=q.dtype)
@@ -314,6 +322,38 @@ def decode_attention(q, keys, values, key_positions, query_positions, *,
                              block_k=block_k)
 
   return backend.dispatch(build, q, keys, values, key_positions, query_positions,
+                          interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("return_probs", "block_k", "interpret"))
+def decode_attention_shared(q, keys, key_positions, query_positions, *, return_probs=False,
+                            block_k=None, interpret=None):
+  """`decode_attention` whose keys are also its values: a multi-head latent attention
+  (MLA) cache, where every query head reads one latent per slot [c; k_rope] both to score
+  the slot (the key up-projection folded into the query) and as its value (the value
+  up-projection applied to the output afterwards). Each tile of the cache is read once.
+
+  Args: q [B, K, G, D]; keys [B, K, S, D] (K = 1 for MLA: G = all query heads);
+  key_positions, query_positions, return_probs, block_k, interpret as in
+  `decode_attention`. Returns as `decode_attention` (out [B, K, G, D]: the probability-
+  weighted latents; the caller keeps the columns its value up-projection reads).
+  """
+  _check(q.ndim == 4 and keys.ndim == 4, f"q and keys must be 4-D [B, K, G|S, D], got "
+         f"{q.shape} and {keys.shape}")
+  b, k, _, d = q.shape
+  s = keys.shape[2]
+  _check(keys.shape == (b, k, s, d), f"keys must be [B, K, S, D] = [{b}, {k}, S, {d}], got "
+         f"{keys.shape}")
+  _check(key_positions.shape == (b, k, s),
+         f"key_positions must be {(b, k, s)}, got {key_positions.shape}")
+  _check(query_positions.shape == (b,),
+         f"query_positions must be {(b,)}, got {query_positions.shape}")
+
+  def build(target):
+    return lambda q, keys, kpos, qpos: _dense_impl(
+        q, keys, None, kpos, qpos, target=target, return_probs=return_probs, block_k=block_k)
+
+  return backend.dispatch(build, q, keys, key_positions, query_positions,
                           interpret=interpret)
 
 

@@ -18,8 +18,9 @@ The layer-cache protocol (what the model and the compression policies call):
       (EMPTY_POSITION where empty), in the slot order of `candidates` / `dequantized`
   nbytes, logical_axes()
 
-Layouts here: `LayerCache` (dense [B, K, S, D]: uniform and layer-wise budgets) and
-`FlatLayerCache` (all heads' slots in one axis: head-wise budgets). Quantized and other
+Layouts here: `LayerCache` (dense [B, K, S, D]: uniform and layer-wise budgets),
+`FlatLayerCache` (all heads' slots in one axis: head-wise budgets) and `LatentLayerCache`
+(one latent per token: multi-head latent attention). Quantized and other
 layouts implement the same protocol in their own modules.
 """
 
@@ -35,6 +36,7 @@ from flax import struct
 
 from kvjax.config import ModelConfig
 from kvjax.ops import attention as attention_ops
+from kvjax.ops import rope
 
 EMPTY_POSITION = -1
 # An empty slot no decode-time eviction writes: a row's filler in a layer whose slot count
@@ -466,6 +468,97 @@ class FlatLayerCache:
                state=map_state(take, cand.state))
 
 
+# The latent cache of multi-head latent attention (MLA, an X-EcoMLA student,
+# `ModelConfig.latent`). Per layer a token caches one vector instead of its K key and value
+# heads: the latent c = W_down x (kv_rank numbers) and, with decoupled RoPE, the rotated
+# shared key k_rope (rope_dim numbers) beside it. With decoupled RoPE every query head folds
+# its key up-projection into its query (q' = [W_uk^T q_nope; q_rope]) and attends over the
+# latents themselves, which serve as keys and as values (the value up-projection is applied
+# to the output): multi-query attention of width kv_rank + rope_dim over one slot axis.
+# With rebuilt RoPE (`rebuilt`) the keys are up-projected per KV head and rotated before
+# attention, as in the original model. The layout is the dense one with one head and
+# values that ARE the keys: every protocol step runs on that view; only the latent is
+# stored.
+
+
+@struct.dataclass
+class LatentLayerCache(PerHeadSlots):
+  """One layer's cached latents: [batch, 1, capacity, width] (width = kv_rank + rope_dim;
+  the axis of one is the dense layout's head axis)."""
+  latent: jax.Array      # [batch, 1, capacity, width]
+  positions: jax.Array   # [batch, 1, capacity] int32, EMPTY_POSITION where unused
+  end: jax.Array         # int32 scalar: next slot to append to
+  state: Any = None      # per-slot method state, leaves [batch, 1, capacity, ...]
+
+  @classmethod
+  def empty(cls, batch: int, capacity: int, width: int, dtype) -> "LatentLayerCache":
+    return cls(latent=jnp.zeros((batch, 1, capacity, width), dtype),
+               positions=jnp.full((batch, 1, capacity), EMPTY_POSITION, jnp.int32),
+               end=jnp.zeros((), jnp.int32))
+
+  @property
+  def capacity(self) -> int:
+    return self.latent.shape[2]
+
+  def dense(self) -> LayerCache:
+    """The dense one-head view: keys and values are the latents."""
+    return LayerCache(keys=self.latent, values=self.latent, positions=self.positions,
+                      end=self.end, state=self.state)
+
+  @classmethod
+  def of(cls, view: LayerCache) -> "LatentLayerCache":
+    return cls(latent=view.keys, positions=view.positions, end=view.end, state=view.state)
+
+  def slot_positions(self) -> jax.Array:
+    return self.positions
+
+  def free_slots(self) -> int:
+    return self.capacity - int(self.end)
+
+  def logical_axes(self) -> dict:
+    slot = ("batch", None, "slots")
+    return {"latent": slot + ("latent",), "positions": slot, "end": (), "state": slot}
+
+  def append(self, new: NewTokens) -> "LatentLayerCache":
+    return self.of(self.dense().append(new))
+
+  def candidates(self, new: NewTokens) -> LayerCache:
+    return self.dense().candidates(new)
+
+  def select(self, index: jax.Array) -> "LatentLayerCache":
+    return self.of(self.dense().select(index))
+
+  def grow(self, room: int) -> "LatentLayerCache":
+    return self.of(self.dense().grow(room))
+
+  def trimmed(self) -> "LatentLayerCache":
+    return self.of(self.dense().trimmed())
+
+  def attend(self, queries, query_positions, pending: NewTokens | None = None,
+             want: frozenset = frozenset()):
+    """queries [B, T, H, width] (absorbed, see the module docstring) -> (the probability-
+    weighted latents [B, T, H, width], Stats). One decode token reads each latent once
+    (`decode_attention_shared`); everything else attends through the dense view."""
+    if pending is None and queries.shape[1] == 1 and COLUMN_SUMS not in want:
+      out, _ = attention_ops.decode_shared(queries, self.latent, query_positions,
+                                           self.positions)
+      return out, Stats()
+    return self.dense().attend(queries, query_positions, pending, want)
+
+  def rebuilt(self, key_up, key_bias, value_up, value_bias, inv_freq) -> LayerCache:
+    """Rebuilt RoPE: the dense layer of every KV head's keys RoPE(c W_uk + b_k), rotated to
+    the slots' positions, and values c W_uv + b_v (key_up/value_up [r, K, D], biases
+    [K, D] or None); exact at full rank. Rebuilt per call (as xKV's CPU path)."""
+    c = self.latent[:, 0]                                                   # [B, S, r]
+    keys = jnp.einsum("bsr,rkd->bskd", c, key_up)
+    values = jnp.einsum("bsr,rkd->bskd", c, value_up)
+    keys = keys if key_bias is None else keys + key_bias
+    values = values if value_bias is None else values + value_bias
+    keys = jnp.swapaxes(rope.apply_rope(keys, self.positions[:, 0], inv_freq), 1, 2)
+    return LayerCache(keys=keys, values=jnp.swapaxes(values, 1, 2),
+                      positions=jnp.broadcast_to(self.positions, keys.shape[:3]), end=self.end)
+
+
 @struct.dataclass
 class Cache:
   layers: tuple
@@ -499,6 +592,8 @@ def _init_cache(config: ModelConfig, batch: int, capacity: int, dtype) -> Cache:
   dtype = dtype or jnp.dtype(config.dtype)
   layer = lambda: init_layer_cache(batch, config.num_kv_heads, capacity, config.head_dim, dtype,
                                    config.values_per_key_head * config.head_dim)
+  if config.latent is not None:  # multi-head latent attention: one latent per token
+    layer = lambda: LatentLayerCache.empty(batch, capacity, config.latent.cached_width, dtype)
   return Cache(layers=tuple(layer() for _ in range(config.num_layers)),
                lengths=jnp.zeros((batch,), jnp.int32))
 

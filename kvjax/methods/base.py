@@ -322,6 +322,10 @@ WIDE_VALUE_FAMILIES = frozenset({"eviction", "merging", "prompt"})
 
 def check_model(method: Method, config: ModelConfig) -> None:
   """Refuses a method whose cache layout cannot store `config`'s heads."""
+  if config.latent is not None and method.compresses:
+    raise MethodError(f"{method.label} compresses per-head key/value caches; this model "
+                      f"({config.name or 'unnamed'}) caches one latent per token (latent "
+                      f"attention, an X-EcoMLA student): use its full cache (method=None)")
   if config.values_per_key_head > 1 and method.family not in WIDE_VALUE_FAMILIES:
     raise MethodError(f"{method.label} ({method.family}) stores one value head per key head; "
                       f"this model has num_value_heads={config.num_value_heads} over "

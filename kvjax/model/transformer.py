@@ -74,6 +74,95 @@ class Attention(nnx.Module):
     return self.o(out), policy.update(layer_index, layer_cache, step, stats)
 
 
+class LatentAttentionLayer(nnx.Module):
+  """Multi-head latent attention (an X-EcoMLA student; `ModelConfig.latent`): the layer
+  caches one latent per token (kvjax.cache.latent). Parameters:
+    q [d, H, D] (or q_down [d, r_q] and q_up [r_q, H, D] with a query rank), kv_down
+    [d, r + d_r], key_up [r, H, D - d_r] (decoupled) or [r, K, D] (rebuilt), value_up
+    [r, H or K, D], o [H, D, d]. Biases (Qwen2): on the query, on the shared rotary key
+    (kv_down's last d_r), on value_up, and on key_up when rebuilt; a decoupled head's
+    position-free key bias would add the same logit to every key of a query (softmax-
+    invariant), so it has none.
+  Decoupled: query head h scores a slot by q_h,nope . W_uk,h c + RoPE(q_h,rope) .
+  RoPE(k_rope), the first folded into the query (W_uk,h^T q_h,nope), scaled by D^-1/2 as
+  the original; its output is W_uv,h sum_t p_t c_t + b_v,h. RoPE here rotates d_r
+  dimensions with their own frequencies (theta^(-2i/d_r), as DeepSeek's MLA)."""
+
+  def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+    self.config = cfg
+    spec = cfg.latent
+    d, h, k, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    r, dr = spec.kv_rank, spec.rope_dim
+    decoupled = spec.rope == "decoupled"
+    up = h if decoupled else k
+    bias = lambda shape: shape if cfg.qkv_bias else None
+    if spec.query_rank is None:
+      self.q = Dense("btd,dhk->bthk", (d, h, hd), bias_shape=bias((h, hd)), dtype=dtype,
+                     rngs=rngs)
+    else:
+      self.q_down = Dense("btd,dr->btr", (d, spec.query_rank), dtype=dtype, rngs=rngs)
+      self.q_up = Dense("btr,rhk->bthk", (spec.query_rank, h, hd), bias_shape=bias((h, hd)),
+                        dtype=dtype, rngs=rngs)
+    self.kv_down = Dense("btd,dr->btr", (d, r + dr), bias_shape=bias((r + dr,)), dtype=dtype,
+                         rngs=rngs)
+    self.key_up = Dense("btr,rhk->bthk", (r, up, hd - dr),
+                        bias_shape=None if decoupled else bias((k, hd)), dtype=dtype,
+                        rngs=rngs)
+    self.value_up = Dense("bthr,rhk->bthk", (r, up, hd), bias_shape=bias((up, hd)), dtype=dtype,
+                          rngs=rngs)
+    self.o = Dense("bthk,hkd->btd", (h, hd, d), dtype=dtype, rngs=rngs)
+
+  def _queries(self, x):
+    if self.config.latent.query_rank is None:
+      return self.q(x)
+    return self.q_up(self.q_down(x))
+
+  def __call__(self, x, positions, layer_cache, inv_freq, layer_index: int, policy,
+               lengths, method_params=None):
+    spec, hd = self.config.latent, self.config.head_dim
+    raw_q = self._queries(x)
+    latent = self.kv_down(x)                                              # [B, T, r + d_r]
+    if spec.rope == "rebuilt":
+      q = rope.apply_rope(raw_q, positions, inv_freq)
+      new = NewTokens(keys=latent[:, None], values=latent[:, None], positions=positions)
+      layer_cache, pending, want = policy.prepare(layer_index, layer_cache, new)
+      check_latent_policy(pending)
+      view = layer_cache.rebuilt(self.key_up.kernel[...], _value(self.key_up.bias),
+                                 self.value_up.kernel[...], _value(self.value_up.bias),
+                                 inv_freq)
+      out, stats = view.attend(q, positions, None, want)
+    else:
+      rope_freq = rope.inverse_frequencies(self.config, spec.rope_dim)
+      r = spec.kv_rank
+      q_rope = rope.apply_rope(raw_q[..., hd - spec.rope_dim:], positions, rope_freq)
+      k_rope = rope.apply_rope(latent[:, :, None, r:], positions, rope_freq)[:, :, 0]
+      folded = jnp.einsum("bthn,rhn->bthr", raw_q[..., :hd - spec.rope_dim],
+                          self.key_up.kernel[...])
+      # The cache scales logits by width^-1/2; the original model by D^-1/2.
+      q = jnp.concatenate([folded, q_rope], axis=-1) * ((r + spec.rope_dim) / hd) ** 0.5
+      stored = jnp.concatenate([latent[..., :r], k_rope], axis=-1)[:, None]
+      new = NewTokens(keys=stored, values=stored, positions=positions)
+      layer_cache, pending, want = policy.prepare(layer_index, layer_cache, new)
+      check_latent_policy(pending)
+      weighted, stats = layer_cache.attend(q.astype(x.dtype), positions, None, want)
+      out = self.value_up(weighted[..., :r])
+    step = LayerStep(config=self.config, queries=q, raw_queries=raw_q, new=new,
+                     lengths=lengths, params=method_params)
+    return self.o(out), policy.update(layer_index, layer_cache, step, stats)
+
+
+def _value(param):
+  return None if param is None else param[...]
+
+
+def check_latent_policy(pending) -> None:
+  """Latent layers store every token before attending (the uncompressed cache policy)."""
+  if pending is not None:
+    raise NotImplementedError("a latent-attention (X-EcoMLA) model runs the full latent "
+                              "cache; compression policies that hold new tokens outside "
+                              "the cache are not supported on it")
+
+
 class MLP(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
@@ -90,7 +179,8 @@ class Block(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
     self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-    self.attn = Attention(cfg, dtype, rngs)
+    self.attn = (Attention(cfg, dtype, rngs) if cfg.latent is None
+                 else LatentAttentionLayer(cfg, dtype, rngs))
     self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
     self.mlp = MLP(cfg, dtype, rngs)
 

@@ -18,7 +18,7 @@ from pallas_kernels import compaction, flash_attention, reference, window_scores
 from pallas_kernels import decode_attention as decode_kernels
 from pallas_kernels.decode_attention import EMPTY_LSE, merge_partials
 
-__all__ = ["EMPTY_LSE", "attend", "attend_flat", "decode", "gather_slots", "group_heads",
+__all__ = ["EMPTY_LSE", "attend", "attend_flat", "decode", "decode_shared", "gather_slots", "group_heads",
            "merge_partials", "probabilities", "visible", "window_column_sums",
            "with_pending_token"]
 
@@ -82,6 +82,20 @@ def decode(query, keys, values, query_positions, key_positions, return_probs=Fal
     result = ref(*args, upcast=False)
     result = result if return_probs else result[:2]
   return (result[0].reshape(query.shape).astype(query.dtype),) + tuple(result[1:])
+
+
+def decode_shared(query, keys, query_positions, key_positions):
+  """`decode` whose keys are also its values (MLA latents, keys [B, K, S, D]): the Pallas
+  kernel reads each slot once; the reference attends with values = keys.
+  -> (out [B, 1, H, D], lse [B, K, G])."""
+  grouped = _grouped(query, keys.shape[1])
+  qpos = query_positions[:, 0]
+  if use_pallas():
+    out, lse = decode_kernels.decode_attention_shared(grouped, keys, key_positions, qpos)
+  else:
+    out, lse = reference.decode_attention(grouped, keys, keys, key_positions, qpos,
+                                          upcast=False)[:2]
+  return out.reshape(query.shape).astype(query.dtype), lse
 
 
 def with_pending_token(query, out, lse, probs, new_key, new_value):

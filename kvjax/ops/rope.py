@@ -11,9 +11,10 @@ import numpy as np
 from kvjax.config import ModelConfig, RopeScaling
 
 
-def inverse_frequencies(config: ModelConfig) -> np.ndarray:
-  """[head_dim // 2] float32 inverse frequencies, with Llama-3.1 scaling if configured."""
-  dim = config.head_dim
+def inverse_frequencies(config: ModelConfig, dim: int | None = None) -> np.ndarray:
+  """[dim // 2] float32 inverse frequencies of `dim` rotated dimensions (head_dim by
+  default), with Llama-3.1 scaling if configured."""
+  dim = config.head_dim if dim is None else dim
   inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
   if config.rope_scaling is not None:
     inv_freq = _llama3_scale(inv_freq, config.rope_scaling)
