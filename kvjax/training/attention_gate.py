@@ -43,6 +43,7 @@ from kvjax.methods import trained
 from kvjax.model import transformer
 from kvjax.ops import attention as attention_ops
 from kvjax.training import data as data_lib
+from kvjax.training import evaluation
 from kvjax.training.loop import Task
 from pallas_kernels import reference
 
@@ -183,9 +184,11 @@ def full_loss(gates, backbone, batch, graphdef, config: ModelConfig,
 
 
 def task(model, settings: AttentionGateSettings = AttentionGateSettings(),
-         data_settings: data_lib.DataSettings = data_lib.DataSettings()) -> Task:
+         data_settings: data_lib.DataSettings = data_lib.DataSettings(),
+         eval_settings: evaluation.EvalSettings | None = None) -> Task:
   """The Attention-Gate training task of `model` (its weights frozen): continual
-  pretraining on the data's token rows (every real token is an LM target)."""
+  pretraining on the data's token rows (every real token is an LM target). With
+  `eval_settings`, it evaluates the gates on held-out essays (they set their own ratio)."""
   config = model.config
 
   def batch(position, count):
@@ -207,4 +210,8 @@ def task(model, settings: AttentionGateSettings = AttentionGateSettings(),
           "loss": dataclasses.asdict(settings), "data": dataclasses.asdict(data_settings),
           "model": identity, "model_hash": trained.identity_hash(identity),
           "weights_fingerprint": calibration.model_fingerprint(model)}
-  return Task(init_params=init_params, loss=loss, frozen=model.params, batch=batch, meta=meta)
+  evaluate = None if eval_settings is None else evaluation.method_evaluator(
+      model, lambda gates: gate_method.AttentionGate(gates=gate_method.GateWeights(gates, meta)),
+      eval_settings, with_ratio=False)
+  return Task(init_params=init_params, loss=loss, frozen=model.params, batch=batch, meta=meta,
+              evaluate=evaluate)

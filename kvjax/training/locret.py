@@ -34,6 +34,7 @@ from kvjax.methods import locret as locret_method
 from kvjax.methods import trained
 from kvjax.model import transformer
 from kvjax.training import data as data_lib
+from kvjax.training import evaluation
 from kvjax.training.loop import Task
 
 
@@ -151,8 +152,10 @@ def full_loss(heads, backbone, batch, graphdef, config, settings: LocretSettings
 
 
 def task(model, settings: LocretSettings = LocretSettings(),
-         data_settings: data_lib.DataSettings = data_lib.DataSettings()) -> Task:
-  """The Locret training task of `model` (its weights frozen)."""
+         data_settings: data_lib.DataSettings = data_lib.DataSettings(),
+         eval_settings: evaluation.EvalSettings | None = None) -> Task:
+  """The Locret training task of `model` (its weights frozen); with `eval_settings`, it
+  evaluates Locret with the current heads on held-out essays at their ratio."""
   config = model.config
   vocab = config.vocab_size
 
@@ -168,5 +171,8 @@ def task(model, settings: LocretSettings = LocretSettings(),
           "loss": dataclasses.asdict(settings), "data": dataclasses.asdict(data_settings),
           "model": identity, "model_hash": trained.identity_hash(identity),
           "weights_fingerprint": calibration.model_fingerprint(model)}
+  evaluate = None if eval_settings is None else evaluation.method_evaluator(
+      model, lambda heads: locret_method.Locret(heads=locret_method.RetainingHeads(heads, meta)),
+      eval_settings)
   return Task(init_params=lambda key: locret_method.init_heads(config, settings.hidden, key),
-              loss=loss, frozen=model.params, batch=batch, meta=meta)
+              loss=loss, frozen=model.params, batch=batch, meta=meta, evaluate=evaluate)

@@ -45,12 +45,15 @@ class Task:
     position + count - 1, a pure function of its arguments.
   meta: JSON-ready description saved with every checkpoint (kind, hyperparameters, model
     identity and fingerprint); a run directory refuses to resume under another one.
+  evaluate(params) -> {name: float}: held-out metrics (kvjax.training.evaluation), run
+    every `LoopSettings.eval_every` steps and logged as "eval_<name>"; None: none.
   """
   init_params: Callable[[jax.Array], Any]
   loss: Callable[..., tuple[jax.Array, dict]]
   frozen: Any
   batch: Callable[[int, int], dict]
   meta: dict
+  evaluate: Callable[[Any], dict] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,9 +64,11 @@ class LoopSettings:
   log_every: int = 10
   seed: int = 0
   progress_bar: bool = True
+  eval_every: int = 0            # steps between evaluations (and at the last step); 0: none
 
   def __post_init__(self):
     validation.integer("batch_size", self.batch_size, 1, error=KvjaxError)
+    validation.integer("eval_every", self.eval_every, 0, error=KvjaxError)
     validation.integer("checkpoint_every", self.checkpoint_every, 1, error=KvjaxError)
     validation.integer("keep_checkpoints", self.keep_checkpoints, 1, error=KvjaxError)
     validation.integer("log_every", self.log_every, 1, error=KvjaxError)
@@ -109,6 +114,12 @@ def make_train_step(loss: Callable, optimizer: optax.GradientTransformation,
     return params, opt_state, rng, values.mean(), metrics
 
   return step_fn
+
+
+def _evaluation_due(task: Task, settings: LoopSettings, step: int, steps: int) -> bool:
+  if task.evaluate is None or not settings.eval_every:
+    return False
+  return step % settings.eval_every == 0 or step == steps
 
 
 def _micro_batches(batch: dict, accumulation: int) -> dict:
@@ -176,6 +187,9 @@ def train(task: Task, workdir, steps: int, optimizer_settings: optim.OptimizerSe
       if not np.isfinite(record["loss"]):
         raise KvjaxError(f"the loss is {record['loss']} at step {step + 1}; lower the "
                          f"learning rate or clip harder")
+      if _evaluation_due(task, settings, step + 1, steps):
+        record.update({f"eval_{name}": float(value)
+                       for name, value in task.evaluate(params).items()})
       bar.update(1)
       bar.set_postfix(loss=f"{record['loss']:.4f}")
       if (step + 1) % settings.log_every == 0 or step + 1 == steps:

@@ -33,6 +33,7 @@ from kvjax.methods import trained
 from kvjax.model import model as model_lib
 from kvjax.model import transformer, upcycle
 from kvjax.training import data as data_lib
+from kvjax.training import evaluation
 from kvjax.training.attention_gate import lm_loss
 from kvjax.training.loop import Task
 
@@ -118,8 +119,10 @@ def distillation_loss(trainable, frozen, batch, teacher_model, student_graphdef,
 
 
 def task(model, settings: XEcoMLASettings = XEcoMLASettings(),
-         data_settings: data_lib.DataSettings = data_lib.DataSettings()) -> Task:
-  """The distillation task of `model`'s latent-attention upcycling (the teacher frozen)."""
+         data_settings: data_lib.DataSettings = data_lib.DataSettings(),
+         eval_settings: evaluation.EvalSettings | None = None) -> Task:
+  """The distillation task of `model`'s latent-attention upcycling (the teacher frozen);
+  with `eval_settings`, it evaluates the student against the teacher on held-out essays."""
   student = settings.upcycle(model)
   train, rest = split_student(student, settings.trainable)
   graphdef, student_shape = model_lib.abstract_params(student.config)
@@ -138,13 +141,22 @@ def task(model, settings: XEcoMLASettings = XEcoMLASettings(),
     del key   # the SVD initialisation is deterministic
     return dict(train)
 
+  def student_of(params):
+    state = merge_student(student_shape, {**rest, **params})
+    return model_lib.Model(config=student.config, graphdef=graphdef, params=state,
+                           tokenizer=model.tokenizer)
+
+  evaluate = None if eval_settings is None else evaluation.student_evaluator(
+      model, student_of, lambda m, tokens, mask: full_logits(m.graphdef, m.params, m.config,
+                                                              tokens, mask), eval_settings)
   identity = trained.model_identity(model.config)
   meta = {"kind": KIND, "hyperparameters": dataclasses.asdict(settings),
           "data": dataclasses.asdict(data_settings), "model": identity,
           "model_hash": trained.identity_hash(identity),
           "weights_fingerprint": calibration.model_fingerprint(model),
           "student": student.config.to_dict()}
-  return Task(init_params=init_params, loss=loss, frozen=frozen, batch=batch, meta=meta)
+  return Task(init_params=init_params, loss=loss, frozen=frozen, batch=batch, meta=meta,
+              evaluate=evaluate)
 
 
 def student(path, model):

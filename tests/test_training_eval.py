@@ -1,0 +1,87 @@
+"""Periodic evaluation during training: when it runs, and that it measures the method or
+student being trained (kvjax.training.evaluation)."""
+
+import dataclasses
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from kvjax import training
+from kvjax.errors import KvjaxError
+from kvjax.training import attention_gate as gate_training
+from kvjax.training import data as data_lib
+from kvjax.training import evaluation
+from kvjax.training import locret as locret_training
+from kvjax.training import xecomla
+from tests.tiny import tiny_chat_model
+
+EVAL = evaluation.EvalSettings(samples=2, context_tokens=48, continuation_tokens=12,
+                               compression_ratio=0.5, batch_size=2)
+DATA = data_lib.DataSettings(sequence_length=32, answer_tokens=4, sources=("random",))
+
+
+@pytest.fixture(scope="module")
+def model(smollm2_tokenizer):
+  return tiny_chat_model(smollm2_tokenizer)
+
+
+def _train(task, workdir, steps, eval_every):
+  optimizer = training.OptimizerSettings(learning_rate=1e-3, warmup_steps=0,
+                                         total_steps=steps, schedule="constant")
+  return training.train(task, workdir, steps, optimizer,
+                        training.LoopSettings(checkpoint_every=steps, eval_every=eval_every,
+                                              progress_bar=False))
+
+
+def test_evaluation_runs_every_n_steps_and_at_the_last(model, tmp_path):
+  task = locret_training.task(model, locret_training.LocretSettings(hidden=8), DATA, EVAL)
+  result = _train(task, tmp_path / "run", 5, eval_every=2)
+  evaluated = [h["step"] for h in result.history if "eval_kl" in h]
+  assert evaluated == [2, 4, 5]
+  for record in result.history:
+    if "eval_kl" in record:
+      assert record["eval_kl"] > 0 and 0 <= record["eval_top1"] <= 1
+      assert math.isfinite(record["eval_perplexity"])
+  quiet = _train(dataclasses.replace(task, evaluate=None), tmp_path / "quiet", 2, eval_every=1)
+  assert not any("eval_kl" in h for h in quiet.history)
+
+
+def test_method_evaluation_measures_the_compression(model):
+  """Keeping every token costs nothing; keeping a tenth costs KL."""
+  task = locret_training.task(model, locret_training.LocretSettings(hidden=8), DATA, EVAL)
+  heads = task.init_params(jax.random.key(0))
+  lossless = locret_training.task(model, locret_training.LocretSettings(hidden=8), DATA,
+                                  dataclasses.replace(EVAL, compression_ratio=0.0))
+  full = lossless.evaluate(heads)
+  assert full["kl"] == pytest.approx(0.0, abs=1e-6) and full["top1"] == 1.0
+  harsh = locret_training.task(model, locret_training.LocretSettings(hidden=8), DATA,
+                               dataclasses.replace(EVAL, compression_ratio=0.9)).evaluate(heads)
+  assert harsh["kl"] > 1e-3 and harsh["perplexity"] != full["perplexity"]
+
+
+def test_gates_are_evaluated_without_a_ratio(model):
+  settings = gate_training.AttentionGateSettings(gate_heads=2, gate_dim=8)
+  task = gate_training.task(model, settings, DATA, EVAL)
+  gates = task.init_params(jax.random.key(0))
+  metrics = task.evaluate(gates)   # gates that keep everything at first
+  assert metrics["kl"] == pytest.approx(0.0, abs=1e-6) and metrics["top1"] == 1.0
+
+
+def test_student_evaluation_against_the_teacher(model):
+  cfg = model.config
+  exact = xecomla.task(model, xecomla.XEcoMLASettings(
+      kv_rank=2 * cfg.num_kv_heads * cfg.head_dim, rope_dim=0, rope="rebuilt"), DATA, EVAL)
+  same = exact.evaluate(exact.init_params(None))
+  assert same["kl"] == pytest.approx(0.0, abs=1e-5) and same["top1"] == 1.0
+  low = xecomla.task(model, xecomla.XEcoMLASettings(kv_rank=8, rope_dim=4), DATA, EVAL)
+  worse = low.evaluate(low.init_params(None))
+  assert worse["kl"] > 1e-3 and np.isfinite(worse["perplexity"])
+
+
+def test_bad_evaluation_settings():
+  with pytest.raises(KvjaxError, match=r"eval_every"):
+    training.LoopSettings(eval_every=-1)
+  with pytest.raises(KvjaxError, match=r"eval compression_ratio"):
+    evaluation.EvalSettings(compression_ratio=1.0)
