@@ -147,6 +147,14 @@ def grouped_attention(q, keys, values, seen, *, upcast=False):
   return out, lse, probs
 
 
+def _visit(count, bound: int, body, carry):
+  """body(j, carry) for j < count (traced, at most the static `bound`): a loop of static
+  length whose skipped iterations do nothing, so reverse-mode differentiation (training
+  through the model's attention) works where a loop of traced length would not."""
+  return lax.fori_loop(0, bound, lambda j, c: lax.cond(j < count, body, lambda _, c: c, j, c),
+                       carry)
+
+
 def blocked_attention(q, keys, values, query_positions, key_positions, *,
                       column_sums=False, block_q=BLOCK_Q, block_k=BLOCK_K):
   """Causal attention in blocks with an online softmax (flash attention in jnp).
@@ -202,9 +210,9 @@ def blocked_attention(q, keys, values, query_positions, key_positions, *,
       return m_new, l * rescale + p.sum(-1), acc * rescale[..., None] + pv
 
     rows = qi.shape[:-1]
-    m, l, acc = lax.fori_loop(0, visits[i], accumulate,
-                              (jnp.full(rows, -jnp.inf), jnp.zeros(rows),
-                               jnp.zeros(qi.shape, jnp.float32)))
+    m, l, acc = _visit(visits[i], nk, accumulate,
+                       (jnp.full(rows, -jnp.inf), jnp.zeros(rows),
+                        jnp.zeros(qi.shape, jnp.float32)))
     any_seen = l > 0  # the largest visible logit contributes exp(0) = 1
     out = acc / jnp.where(any_seen, l, 1.0)[..., None]
     lse = jnp.where(any_seen, m + jnp.log(jnp.where(any_seen, l, 1.0)), EMPTY_LSE)
@@ -218,7 +226,7 @@ def blocked_attention(q, keys, values, query_positions, key_positions, *,
       return lax.dynamic_update_slice(
           sums, lax.dynamic_slice(sums, start, p.shape) + p, start)
 
-    return lax.fori_loop(0, visits[i], add_column_sums, sums), (out, lse)
+    return _visit(visits[i], nk, add_column_sums, sums), (out, lse)
 
   sums = jnp.zeros((b, k, g, nk * block_k), jnp.float32) if column_sums else None
   sums, (out, lse) = lax.scan(query_block, sums, jnp.arange(nq))

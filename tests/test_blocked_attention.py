@@ -1,5 +1,6 @@
 """The blocked (flash) jnp attention against the one-matrix attention it replaces on CPU."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -116,3 +117,27 @@ def test_decode_products_equal_the_dot_at_highest_precision():
   np.testing.assert_allclose(probs, want_probs[:, :, :, 0], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(out, np.einsum("bkgs,bksd->bkgd", want_probs[:, :, :, 0], values),
                              rtol=1e-5, atol=1e-5)
+
+
+def test_blocked_attention_is_differentiable_like_the_unblocked():
+  """Training runs through the model's attention (X-EcoMLA distillation, LoCoCo): the
+  blocked path's gradients equal the one-matrix attention's, skipped blocks included."""
+  q, keys, values, qpos, kpos = _inputs(*CASES[0][:8])
+  weights = np.random.default_rng(2).standard_normal(q.shape).astype(np.float32)
+
+  def loss(q, keys, values, blocked):
+    if blocked:
+      out = reference.blocked_attention(reference.group_heads(q, keys.shape[1]), keys, values,
+                                        jnp.asarray(qpos), jnp.asarray(kpos), block_q=64,
+                                        block_k=48)[0]
+    else:
+      out = _unblocked(q, keys, values, qpos, kpos)[0]
+    out = jnp.where(jnp.asarray(qpos)[:, None, None, :, None] >= 0, out, 0.0)
+    return jnp.sum(reference.ungroup_heads(out) * weights)
+
+  args = tuple(jnp.asarray(x) for x in (q, keys, values))
+  got = jax.grad(loss, argnums=(0, 1, 2))(*args, True)
+  want = jax.grad(loss, argnums=(0, 1, 2))(*args, False)
+  for g, w in zip(got, want):
+    assert np.abs(np.asarray(w)).max() > 0
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=1e-4)
