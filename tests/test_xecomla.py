@@ -364,3 +364,22 @@ def test_bad_settings():
     xecomla.XEcoMLASettings(trainable="mlp")
   with pytest.raises(KvjaxError, match=r"rope='x'"):
     xecomla.XEcoMLASettings(rope="x")
+
+
+def test_train_script_distils_and_exports_the_student(model, tmp_path):
+  from checkpoints_conversion import orbax_io
+  from tests.test_training import ROOT, _env
+  model_dir = orbax_io.save(model, tmp_path / "model")
+  out = subprocess.run(
+      [sys.executable, str(ROOT / "scripts" / "train.py"), f"--model={model_dir}",
+       "--method=xecomla", f"--workdir={tmp_path / 'run'}", "--steps=3", "--sources=random",
+       "--sequence_length=24", "--answer_tokens=4", "--kv_rank=16", "--rope_dim=4",
+       "--learning_rate=0.003", f"--export_model={tmp_path / 'student'}", "--noprogress_bar"],
+      env=_env(), capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "xecomla: 3 steps" in out.stdout and "--model=" in out.stdout
+  loaded = kvjax.load(tmp_path / "student")
+  assert loaded.config.latent == LatentAttention(kv_rank=16, rope_dim=4)
+  want = xecomla.student(tmp_path / "run", kvjax.load(model_dir))
+  tokens = random_prompts([9], seed=12)[0]
+  np.testing.assert_array_equal(_logits(loaded, tokens), _logits(want, tokens))
