@@ -85,7 +85,8 @@ def test_cache_stores_each_key_once(pair):
       gqa, PROMPTS, max_new_tokens=2).stats["context_cache_bytes"]
 
 
-UNTRAINED = {"locret": "no trained retaining heads", "attention_gate": "no trained gates"}
+UNTRAINED = {"locret": "no trained retaining heads", "attention_gate": "no trained gates",
+             "lococo": "no trained compressors"}
 
 
 @pytest.mark.parametrize("name", registry.available())

@@ -27,6 +27,7 @@ from kvjax.methods.kvcrush import KVCrush
 from kvjax.methods.kvzip import KVzip
 from kvjax.methods.lazy_eviction import LazyEviction
 from kvjax.methods.locret import Locret
+from kvjax.methods.lococo import LoCoCo
 from kvjax.methods.loopserve import LoopServe
 from kvjax.methods.merging import D2O, EMS, ElasticCache, KVMerger
 from kvjax.methods.minicache import MiniCache
@@ -55,7 +56,7 @@ class Full(Method):
   needs_budget: ClassVar[bool] = False
 
 
-__all__ = ["AdaKV", "CAKE", "CompressKV", "D2O", "EMS", "ElasticCache", "EpiCache", "ExpectedAttention", "Full", "GEAR", "H2O", "KIVI", "Knorm", "KVCrush", "KVMerger", "KVzip", "LayerInputs", "LoopServe", "MPCache", "Quest", "SentenceKV", "SpecKV", "SpecPC", "LazyEviction",
+__all__ = ["AdaKV", "CAKE", "CompressKV", "D2O", "EMS", "ElasticCache", "EpiCache", "ExpectedAttention", "Full", "GEAR", "H2O", "KIVI", "Knorm", "KVCrush", "KVMerger", "KVzip", "LayerInputs", "LoCoCo", "LoopServe", "MPCache", "Quest", "SentenceKV", "SpecKV", "SpecPC", "LazyEviction",
            "Method", "MiKV", "MiniCache", "PerLayer", "PyramidKV", "RazorAttention", "Scissorhands", "SinksWindow", "SnapKV",
            "StreamingLLM", "ThinK", "TOVA", "XKV", "ZipVL", "available", "get",
            "validate_compression"]

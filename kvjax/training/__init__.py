@@ -7,6 +7,7 @@
   data        deterministic examples from the RULER essays and SQuAD
   locret      Locret's retaining heads: labels, loss, task
   attention_gate  Attention-Gate's gates: the in-context masked forward pass, loss, task
+  lococo      LoCoCo's fusing convolutions: the chunked forward through a fused memory
 `scripts/train.py` is the command line; `load_method` reads a trained component back for
 a model, checking it was trained for that model's weights.
 """
@@ -17,10 +18,11 @@ from kvjax import calibration
 from kvjax.errors import KvjaxError
 from kvjax.methods.attention_gate import AttentionGate
 from kvjax.methods.locret import Locret
+from kvjax.methods.lococo import LoCoCo
 from kvjax.training.loop import LoopSettings, RunResult, Task, train
 from kvjax.training.optim import OptimizerSettings
 
-METHODS = {"locret": Locret, "attention_gate": AttentionGate}
+METHODS = {"locret": Locret, "attention_gate": AttentionGate, "lococo": LoCoCo}
 
 
 def load_method(path, model, method: str = "locret", **hyperparameters):
