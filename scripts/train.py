@@ -81,7 +81,8 @@ flags.DEFINE_integer("eval_every", 0, "Steps between held-out evaluations (0: no
 flags.DEFINE_integer("eval_samples", 4, "Held-out essay windows per evaluation.")
 flags.DEFINE_integer("eval_context", 512, "Context tokens of an evaluation window.")
 flags.DEFINE_integer("eval_continuation", 64, "Scored continuation tokens of a window.")
-flags.DEFINE_float("eval_ratio", 0.5, "Compression ratio of the evaluated method.")
+flags.DEFINE_float("eval_ratio", 0.5, "Compression ratio of the evaluated method (lococo "
+                   "runs at --memory_size in chunks of --block_size).")
 flags.DEFINE_integer("checkpoint_every", 50, "Steps between checkpoints.")
 flags.DEFINE_integer("keep_checkpoints", 2, "Checkpoints kept.")
 flags.DEFINE_integer("log_every", 10, "Steps between log lines.")
@@ -113,7 +114,7 @@ def main(argv):
     task = lococo_training.task(model, lococo_training.LoCoCoSettings(
         memory_size=FLAGS.memory_size, block_size=FLAGS.block_size,
         hh_keep_rate=FLAGS.hh_keep_rate, kernel_size=FLAGS.kernel_size,
-        local=FLAGS.local_tokens), data)
+        local=FLAGS.local_tokens), data, evaluate)
   else:
     task = locret_training.task(model, locret_training.LocretSettings(hidden=FLAGS.hidden),
                                 data, evaluate)

@@ -85,3 +85,17 @@ def test_bad_evaluation_settings():
     training.LoopSettings(eval_every=-1)
   with pytest.raises(KvjaxError, match=r"eval compression_ratio"):
     evaluation.EvalSettings(compression_ratio=1.0)
+
+
+def test_lococo_is_evaluated_at_its_memory_size_in_chunks(model):
+  """The weights fix LoCoCo's budget: a memory larger than the windows' contexts keeps
+  them whole (KL 0); a smaller one, read in chunks of the block size, costs KL."""
+  from kvjax.training import lococo as lococo_training
+  roomy = lococo_training.task(model, lococo_training.LoCoCoSettings(
+      memory_size=64, block_size=16, kernel_size=3), DATA, EVAL)
+  whole = roomy.evaluate(roomy.init_params(jax.random.key(0)))
+  assert whole["kl"] == pytest.approx(0.0, abs=1e-6) and whole["top1"] == 1.0
+  tight = lococo_training.task(model, lococo_training.LoCoCoSettings(
+      memory_size=16, block_size=16, kernel_size=3), DATA, EVAL)
+  fused = tight.evaluate(tight.init_params(jax.random.key(0)))
+  assert fused["kl"] > 1e-3

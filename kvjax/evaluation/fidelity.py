@@ -227,12 +227,15 @@ def _width(samples: Sequence[Sample], room: int | None) -> int:
 
 
 def prefill_batch(model, samples: Sequence[Sample], method=None, compression_ratio=None,
-                  budget=None, room: int | None = None) -> context_lib.PrefilledContext:
+                  budget=None, room: int | None = None,
+                  prefill_chunk_size: int | None = None) -> context_lib.PrefilledContext:
   """The samples' contexts prefilled (and compressed) as one batch, as kvjax.score does.
 
   Contexts are left-padded; `compression_ratio` applies to the longest context of the batch
   and `budget` is a cap (methods.validate_compression). `room` defaults to the
-  bucketed longest continuation. The result serves one `continuation_log_probs` call.
+  bucketed longest continuation. prefill_chunk_size: read the contexts in chunks of that
+  many tokens (compressing after each, for methods that do), as kvjax.score's. The result
+  serves one `continuation_log_probs` call.
   """
   samples = _check_samples(samples)
   for i, s in enumerate(samples):
@@ -242,8 +245,13 @@ def prefill_batch(model, samples: Sequence[Sample], method=None, compression_rat
   contexts = [list(s.context_ids) for s in samples]
   keep = methods_lib.validate_compression(method_obj, [len(c) for c in contexts],
                                           compression_ratio, budget)
-  tokens, mask = inputs.left_pad(contexts, inputs.pad_id(model))
-  return context_lib.prefill(model, tokens, mask, method_obj, keep, room=_width(samples, room))
+  context_lib.check_chunk_size(prefill_chunk_size)
+  width = inputs.bucket(max(len(c) for c in contexts))
+  if prefill_chunk_size is not None:
+    width = -(-width // prefill_chunk_size) * prefill_chunk_size
+  tokens, mask = inputs.left_pad(contexts, inputs.pad_id(model), width)
+  return context_lib.prefill(model, tokens, mask, method_obj, keep, room=_width(samples, room),
+                             chunk_size=prefill_chunk_size)
 
 
 def _full_reference(model, samples: tuple[Sample, ...], room: int | None) -> Reference:
@@ -283,7 +291,8 @@ def _per_batch(values, groups, name: str, kind: type, builder: str) -> list:
 
 def evaluate(model, samples: Sequence[Sample], method=None, compression_ratio=None,
              budget=None, batch_size: int = 4, reference: Sequence[Reference] | None = None,
-             prefilled: Sequence[context_lib.PrefilledContext] | None = None) -> dict:
+             prefilled: Sequence[context_lib.PrefilledContext] | None = None,
+             prefill_chunk_size: int | None = None) -> dict:
   """Perplexity, KL and top-1 agreement of a (compressed) cache against the full cache.
 
   Samples run in consecutive batches of `batch_size` (see `batches`). Per batch the full
@@ -295,7 +304,8 @@ def evaluate(model, samples: Sequence[Sample], method=None, compression_ratio=No
   Args:
     model: the model.
     samples: Samples (e.g. from `essay_samples`).
-    method, compression_ratio, budget: as in kvjax.score; None/None/None is the full cache.
+    method, compression_ratio, budget, prefill_chunk_size: as in kvjax.score;
+      None/None/None is the full cache.
     batch_size: samples per batch.
     reference: optional, one `reference(model, batch)` per batch (each must be for exactly
       that batch's samples): lets a sweep compute the full cache once for many methods.
@@ -333,7 +343,8 @@ def evaluate(model, samples: Sequence[Sample], method=None, compression_ratio=No
     if ref is None:
       ref = _full_reference(model, group, None)
     if pre is None:
-      pre = prefill_batch(model, group, method, compression_ratio, budget)
+      pre = prefill_batch(model, group, method, compression_ratio, budget,
+                          prefill_chunk_size=prefill_chunk_size)
     log_probs = continuation_log_probs(model, pre, [list(s.continuation_ids) for s in group])
     sums = _token_metrics(ref.log_probs, log_probs, ref.targets, ref.mask)
     totals += [np.asarray(sums[k], np.float64).sum()

@@ -53,12 +53,14 @@ def _metrics(result: dict) -> dict:
 
 
 def method_evaluator(model, method_of: Callable[[Any], Any],
-                     settings: EvalSettings = EvalSettings(),
-                     with_ratio: bool = True) -> Callable[[Any], dict]:
+                     settings: EvalSettings = EvalSettings(), with_ratio: bool = True,
+                     budget: int | None = None,
+                     prefill_chunk_size: int | None = None) -> Callable[[Any], dict]:
   """evaluate(params) -> {"perplexity", "kl", "top1"} of the method `method_of(params)`
-  at the settings' ratio (without one: a method that sets its own, e.g. gates) against
-  the full cache, on held-out essay windows."""
-  ratio = settings.compression_ratio if with_ratio else None
+  against the full cache, on held-out essay windows, compressing at the settings' ratio,
+  or at `budget` when given (weights that fix their budget: LoCoCo), or as the method
+  decides (with_ratio=False: gates); contexts read in chunks of `prefill_chunk_size`."""
+  ratio = settings.compression_ratio if with_ratio and budget is None else None
   samples = settings.draw(model.tokenizer)
   references = []
 
@@ -66,8 +68,9 @@ def method_evaluator(model, method_of: Callable[[Any], Any],
     if not references:   # once per run, at the first evaluation
       references.extend(fidelity.reference(model, batch)
                         for batch in fidelity.batches(samples, settings.batch_size))
-    return _metrics(fidelity.evaluate(model, samples, method_of(params), ratio,
-                                      batch_size=settings.batch_size, reference=references))
+    return _metrics(fidelity.evaluate(model, samples, method_of(params), ratio, budget,
+                                      batch_size=settings.batch_size, reference=references,
+                                      prefill_chunk_size=prefill_chunk_size))
 
   return evaluate
 

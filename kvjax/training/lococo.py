@@ -41,6 +41,7 @@ from kvjax.methods import lococo as lococo_method
 from kvjax.methods import trained
 from kvjax.model import transformer
 from kvjax.training import data as data_lib
+from kvjax.training import evaluation
 from kvjax.training.loop import Task
 from pallas_kernels import reference
 
@@ -210,9 +211,12 @@ def full_loss(compressors, backbone, batch, graphdef, config: ModelConfig,
 
 
 def task(model, settings: LoCoCoSettings = LoCoCoSettings(),
-         data_settings: data_lib.DataSettings = data_lib.DataSettings()) -> Task:
+         data_settings: data_lib.DataSettings = data_lib.DataSettings(),
+         eval_settings: evaluation.EvalSettings | None = None) -> Task:
   """The LoCoCo training task of `model` (its weights frozen): language modelling through
-  the compressed memory on the data's token rows (every real token is a target)."""
+  the compressed memory on the data's token rows (every real token is a target). With
+  `eval_settings`, it evaluates LoCoCo with the current weights on held-out essays at its
+  memory size, reading them in chunks of its block size (the ratio is not used)."""
   config = model.config
   if data_settings.sequence_length <= settings.block_size:
     raise KvjaxError(f"sequence_length={data_settings.sequence_length} fits one chunk of "
@@ -240,4 +244,9 @@ def task(model, settings: LoCoCoSettings = LoCoCoSettings(),
           "loss": dataclasses.asdict(settings), "data": dataclasses.asdict(data_settings),
           "model": identity, "model_hash": trained.identity_hash(identity),
           "weights_fingerprint": calibration.model_fingerprint(model)}
-  return Task(init_params=init_params, loss=loss, frozen=model.params, batch=batch, meta=meta)
+  evaluate = None if eval_settings is None else evaluation.method_evaluator(
+      model, lambda weights: lococo_method.LoCoCo(
+          compressors=lococo_method.Compressors(weights, meta)),
+      eval_settings, budget=settings.memory_size, prefill_chunk_size=settings.block_size)
+  return Task(init_params=init_params, loss=loss, frozen=model.params, batch=batch, meta=meta,
+              evaluate=evaluate)
