@@ -11,6 +11,7 @@ import optax
 import pytest
 
 import kvjax
+import training_runs
 from kvjax import calibration, training
 from kvjax.cache import init_cache
 from kvjax.cache.kv_cache import FlatLayerCache
@@ -446,12 +447,7 @@ def test_the_threshold_trades_tokens(model):
 def _save_run(tmp_path, model, step=3, settings=SMALL):
   """A run directory with one step of gates for `model`, as training writes it."""
   task = gate_training.task(model, settings)
-  params = task.init_params(jax.random.key(0))
-  run = checkpoint_lib.RunCheckpoints(tmp_path / "run", every=1)
-  run.save(step, params, optax.adamw(1e-3).init(params), jax.random.key(0),
-           {"step": step, "examples": 0, "history": []}, {**task.meta, "step": step})
-  run.close()
-  return tmp_path / "run", params
+  return training_runs.save_initial_step(task, tmp_path / "run", step)
 
 
 def test_from_checkpoint_loads_the_trained_gates(model, tmp_path):

@@ -5,10 +5,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import kvjax
+import training_runs
 from kvjax import calibration, training
 from kvjax.cache import init_cache
 from kvjax.errors import KvjaxError, MethodError
@@ -17,7 +17,6 @@ from kvjax.generation import inputs
 from kvjax.methods import base, lococo
 from kvjax.methods.lococo import Compressors, LoCoCo
 from kvjax.model import transformer
-from kvjax.training import checkpoint as checkpoint_lib
 from kvjax.training import data as data_lib
 from kvjax.training import lococo as lococo_training
 from tests.tiny import random_prompts, tiny_model
@@ -377,12 +376,7 @@ def _save_run(tmp_path, model, step=2):
   """A run directory with one step of LoCoCo compressors for `model`, as training writes."""
   task = lococo_training.task(model, SETTINGS, data_lib.DataSettings(
       sequence_length=64, answer_tokens=8, sources=("random",)))
-  params = task.init_params(jax.random.key(0))
-  run = checkpoint_lib.RunCheckpoints(tmp_path / "run", every=1)
-  run.save(step, params, optax.adamw(1e-3).init(params), jax.random.key(0),
-           {"step": step, "examples": 0, "history": []}, {**task.meta, "step": step})
-  run.close()
-  return tmp_path / "run", params
+  return training_runs.save_initial_step(task, tmp_path / "run", step)
 
 
 def test_from_checkpoint_loads_the_trained_compressors(model, tmp_path):

@@ -5,10 +5,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import kvjax
+import training_runs
 from kvjax import calibration, training
 from kvjax.cache.kv_cache import init_cache
 from kvjax.errors import MethodError
@@ -18,7 +18,6 @@ from kvjax.methods import locret
 from kvjax.methods.locret import Locret, RetainingHeads
 from kvjax.model import to_flat_params, transformer
 from kvjax.ops import rope
-from kvjax.training import checkpoint as checkpoint_lib
 from kvjax.training import locret as locret_training
 from tests.tiny import random_prompts, tiny_model
 
@@ -305,12 +304,7 @@ def test_scores_are_computed_once_per_token(model):
 def _save_run(tmp_path, model, hidden=16, step=3):
   """A run directory with one step of Locret heads for `model`, as training writes it."""
   task = locret_training.task(model, locret_training.LocretSettings(hidden=hidden))
-  params = task.init_params(jax.random.key(0))
-  run = checkpoint_lib.RunCheckpoints(tmp_path / "run", every=1)
-  run.save(step, params, optax.adamw(1e-3).init(params), jax.random.key(0), {"step": step, "examples": 0, "history": []},
-           {**task.meta, "step": step})
-  run.close()
-  return tmp_path / "run", params
+  return training_runs.save_initial_step(task, tmp_path / "run", step)
 
 
 def test_from_checkpoint_loads_the_trained_heads(model, tmp_path):
