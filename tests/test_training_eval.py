@@ -2,19 +2,25 @@
 student being trained (kvjax.training.evaluation)."""
 
 import dataclasses
+import json
 import math
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
+from checkpoints_conversion import orbax_io
 from kvjax import training
 from kvjax.errors import KvjaxError
 from kvjax.training import attention_gate as gate_training
 from kvjax.training import data as data_lib
 from kvjax.training import evaluation
 from kvjax.training import locret as locret_training
+from kvjax.training import lococo as lococo_training
 from kvjax.training import xecomla
+from tests.test_training import ROOT, _env
 from tests.tiny import tiny_chat_model
 
 EVAL = evaluation.EvalSettings(samples=2, context_tokens=48, continuation_tokens=12,
@@ -90,7 +96,6 @@ def test_bad_evaluation_settings():
 def test_lococo_is_evaluated_at_its_memory_size_in_chunks(model):
   """The weights fix LoCoCo's budget: a memory larger than the windows' contexts keeps
   them whole (KL 0); a smaller one, read in chunks of the block size, costs KL."""
-  from kvjax.training import lococo as lococo_training
   roomy = lococo_training.task(model, lococo_training.LoCoCoSettings(
       memory_size=64, block_size=16, kernel_size=3), DATA, EVAL)
   whole = roomy.evaluate(roomy.init_params(jax.random.key(0)))
@@ -99,3 +104,21 @@ def test_lococo_is_evaluated_at_its_memory_size_in_chunks(model):
       memory_size=16, block_size=16, kernel_size=3), DATA, EVAL)
   fused = tight.evaluate(tight.init_params(jax.random.key(0)))
   assert fused["kl"] > 1e-3
+
+
+def test_compare_trained_script(model, tmp_path):
+  """scripts/compare_trained.py: every method at one budget on the same windows, the full
+  cache first (KL 0), JSON written."""
+  model_dir = orbax_io.save(model, tmp_path / "model")
+  out = subprocess.run(
+      [sys.executable, str(ROOT / "scripts" / "compare_trained.py"), f"--model={model_dir}",
+       "--methods=streaming_llm,snapkv", "--budget=16", "--prefill_chunk_size=16",
+       "--samples=2", "--context=48", "--continuation=8", "--batch_size=2",
+       f"--out={tmp_path / 'out.json'}"],
+      env=_env(), capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  results = json.loads((tmp_path / "out.json").read_text())["results"]
+  assert list(results) == ["full", "streaming_llm", "snapkv"]
+  assert results["full"]["kl"] == pytest.approx(0.0, abs=1e-6)
+  assert results["snapkv"]["kl"] > 0 and results["streaming_llm"]["kl"] > 0
+  assert results["snapkv"]["context_cache_bytes"] < results["full"]["context_cache_bytes"]
