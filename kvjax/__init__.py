@@ -12,6 +12,7 @@ from kvjax import xla_cpu
 xla_cpu.apply_defaults()
 
 from kvjax import methods  # noqa: E402
+from kvjax import sharding
 from kvjax.config import ModelConfig
 from kvjax.errors import (CheckpointError, ChecksumError, ConfigError, DownloadError,
                           GenerationError, KvjaxError, UnknownModelError)
@@ -23,4 +24,5 @@ __version__ = "0.1.0"
 
 __all__ = ["CheckpointError", "ChecksumError", "ConfigError", "ConversationResult",
            "DownloadError", "GenerationError", "GenerationResult", "KvjaxError", "Model", "ModelConfig",
-           "UnknownModelError", "available_models", "converse", "generate", "load", "methods", "score"]
+           "UnknownModelError", "available_models", "converse", "generate", "load", "methods", "score",
+           "sharding"]

@@ -101,6 +101,9 @@ def define_model_flags():
   flags.DEFINE_string("model", "smollm2-135m",
                       "Registry name, Hugging Face directory, .gguf file or kvjax checkpoint.")
   flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Parameter dtype (default float32).")
+  flags.DEFINE_string("mesh", None, "Shard the model over a device mesh, e.g. data:2,model:4 "
+                      "(axes data, model, fsdp; the sizes' product divides the device count; "
+                      "default: one device). See kvjax.sharding.")
 
 
 def define_method_flags():
@@ -116,9 +119,16 @@ def define_method_flags():
                        "tokens, compressing after each (peak cache = budget + chunk).")
 
 
+def mesh_from_flags():
+  """The mesh --mesh asks for (None when not set); a bad spec raises a ShardingError."""
+  from kvjax import sharding
+  spec = FLAGS.mesh if "mesh" in FLAGS else None
+  return None if spec is None else sharding.make_mesh(spec)
+
+
 def load_model():
   import kvjax
-  return kvjax.load(FLAGS.model, dtype=FLAGS.dtype)
+  return kvjax.load(FLAGS.model, dtype=FLAGS.dtype, mesh=mesh_from_flags())
 
 
 def parse_value(text: str):

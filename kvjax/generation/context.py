@@ -214,7 +214,7 @@ def _prefilled(model, logits, cache, plan: CompressionPlan | None, mask: np.ndar
   # The method's host-side step (data-dependent re-packing) before bytes are measured.
   cache = plan.method.finalize(cache, model.config)
   measured = cache_nbytes(cache)
-  return PrefilledContext(logits=logits, cache=steps.grow(cache, room),
+  return PrefilledContext(logits=logits, cache=steps.grow(cache, room, model.placement),
                           context_cache_bytes=measured, context_cache_allocated_bytes=measured,
                           context_cache_host_bytes=host_nbytes(cache),
                           decode_plan=dataclasses.replace(plan, compress=False),

@@ -123,7 +123,8 @@ def run_turns(model, prefilled: context_lib.PrefilledContext, turns: list[list[l
   rows = len(turns[0])
   pad = inputs.pad_id(model)
   cache, logits, plan = prefilled.cache, prefilled.logits, prefilled.decode_plan
-  cache = steps.grow(cache, max(0, len(turns) * room - free_slots(cache)))
+  cache = steps.grow(cache, max(0, len(turns) * room - free_slots(cache)),
+                     model.placement)
   answers, token_ids = [[] for _ in range(rows)], [[] for _ in range(rows)]
   turn_cache_bytes, decode_seconds, decode_steps = [], 0.0, 0
   last = None

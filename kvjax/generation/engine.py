@@ -23,23 +23,31 @@ from kvjax.model import transformer
 from kvjax.ops.dispatch import use_pallas
 
 
-def _prefill(params, tokens, token_mask, cache, method_params, *, graphdef, logits, plan):
-  return transformer.forward(graphdef, params, tokens, token_mask, cache, logits, plan,
-                             method_params)
+def _constrained(cache, placement):
+  # A sharded model's steps return the cache in its rules' layout (kvjax.sharding).
+  return cache if placement is None else placement.constrain_cache(cache)
+
+
+def _prefill(params, tokens, token_mask, cache, method_params, *, graphdef, logits, plan,
+             placement=None):
+  logits, cache = transformer.forward(graphdef, params, tokens, token_mask, cache, logits,
+                                      plan, method_params)
+  return logits, _constrained(cache, placement)
 
 
 def _decode(params, tokens, active, cache, key, temperature, top_p, method_params, *, graphdef,
-            greedy, plan):
+            greedy, plan, placement=None):
   # Inactive rows (finished ones, in a multi-turn conversation) write nothing a later token
   # could see: their token is masked like padding.
   logits, cache = transformer.forward(graphdef, params, tokens[:, None], active[:, None],
                                       cache, "last", plan, method_params)
   next_tokens = sampling.sample(logits, key, temperature, top_p, greedy)
-  return next_tokens, logits, cache
+  return next_tokens, logits, _constrained(cache, placement)
 
 
 def _decode_loop(params, tokens, active, cache, key, first_step, limit, temperature, top_p,
-                 eos, method_params, *, graphdef, greedy, plan, chunk, mask_finished):
+                 eos, method_params, *, graphdef, greedy, plan, chunk, mask_finished,
+                 placement=None):
   """Up to `limit` (<= chunk) decode steps in one call, stopping once every row is done.
 
   A row is done when it samples a token of `eos` [E] (or was inactive on entry). With
@@ -60,6 +68,7 @@ def _decode_loop(params, tokens, active, cache, key, first_step, limit, temperat
     fed = active if mask_finished else jnp.ones_like(active)
     logits, cache = transformer.forward(graphdef, params, tokens[:, None], fed[:, None],
                                         cache, "last", plan, method_params)
+    cache = _constrained(cache, placement)
     next_tokens = sampling.sample(logits, jax.random.fold_in(key, first_step + i),
                                   temperature, top_p, greedy)
     # A done row's token is only a placeholder: keep its last real one.
@@ -74,18 +83,38 @@ def _decode_loop(params, tokens, active, cache, key, first_step, limit, temperat
   return out, i, cache, tokens, active
 
 
-_prefill_jit = jax.jit(_prefill, static_argnames=("graphdef", "logits", "plan"),
+_prefill_jit = jax.jit(_prefill, static_argnames=("graphdef", "logits", "plan", "placement"),
                       donate_argnames=("cache",))
 # Compressing changes the cache's shapes, so its input buffers could not be reused anyway.
-_compress_jit = jax.jit(_prefill, static_argnames=("graphdef", "logits", "plan"))
-_decode_jit = jax.jit(_decode, static_argnames=("graphdef", "greedy", "plan"),
+_compress_jit = jax.jit(_prefill, static_argnames=("graphdef", "logits", "plan", "placement"))
+_decode_jit = jax.jit(_decode, static_argnames=("graphdef", "greedy", "plan", "placement"),
                      donate_argnames=("cache",))
 _decode_loop_jit = jax.jit(_decode_loop, static_argnames=("graphdef", "greedy", "plan", "chunk",
-                                                       "mask_finished"),
+                                                       "mask_finished", "placement"),
                            donate_argnames=("cache",))
 
 
-_grow_jit = jax.jit(kv_cache.grow, static_argnames=("room",))
+def _grow(cache, *, room, placement=None):
+  return _constrained(kv_cache.grow(cache, room), placement)
+
+
+_grow_jit = jax.jit(_grow, static_argnames=("room", "placement"))
+
+
+def _placed(model, args, rows=(), cache=None):
+  """A sharded model's step arguments on its mesh (kvjax.sharding): `rows` (indices of
+  batch-first arrays) over the batch axis, the cache at index `cache` by its layout's
+  logical axes, any other array not yet there replicated. Unsharded: as they are."""
+  placement = getattr(model, "placement", None)
+  if placement is None:
+    return args
+  placed = list(placement.put_replicated(
+      tuple(None if i in rows or i == cache else a for i, a in enumerate(args))))
+  for i in rows:
+    placed[i] = placement.put_rows(args[i])
+  if cache is not None:
+    placed[cache] = placement.put_cache(args[cache])
+  return tuple(placed)
 
 
 def _signature(tree):
@@ -181,19 +210,22 @@ class CompiledSteps:
 
   def prefill(self, model, tokens, token_mask, cache, logits="last", plan=None,
               method_params=None):
-    args = (model.params, tokens, token_mask, cache, method_params)
+    args = _placed(model, (model.params, tokens, token_mask, cache, method_params),
+                   rows=(1, 2), cache=3)
     jitted = _compress_jit if plan is not None and plan.compress else _prefill_jit
-    return self._get("prefill", jitted,
-                     dict(graphdef=model.graphdef, logits=logits, plan=plan), args)(*args)
+    static = dict(graphdef=model.graphdef, logits=logits, plan=plan,
+                  placement=getattr(model, "placement", None))
+    return self._get("prefill", jitted, static, args)(*args)
 
   def decode(self, model, tokens, cache, key, temperature, top_p, greedy, plan=None,
              active=None, method_params=None):
     """One token per row; `active` [B] bool (default all) masks rows that are done."""
     active = jnp.ones(tokens.shape, bool) if active is None else jnp.asarray(active, bool)
-    args = (model.params, tokens, active, cache, key, jnp.float32(temperature),
-            jnp.float32(top_p), method_params)
-    return self._get("decode", _decode_jit, dict(graphdef=model.graphdef, greedy=greedy,
-                                                 plan=plan), args)(*args)
+    args = _placed(model, (model.params, tokens, active, cache, key, jnp.float32(temperature),
+                           jnp.float32(top_p), method_params), rows=(1, 2), cache=3)
+    static = dict(graphdef=model.graphdef, greedy=greedy, plan=plan,
+                  placement=getattr(model, "placement", None))
+    return self._get("decode", _decode_jit, static, args)(*args)
 
   def decode_loop(self, model, tokens, cache, key, first_step: int, limit: int, temperature,
                   top_p, greedy, eos, chunk: int, plan=None, active=None,
@@ -204,19 +236,24 @@ class CompiledSteps:
       raise ValueError(f"limit={limit} must be in [1, chunk={chunk}]")
     active = jnp.ones(tokens.shape, bool) if active is None else jnp.asarray(active, bool)
     eos = jnp.asarray(list(eos) or [-1], jnp.int32)
-    args = (model.params, tokens, active, cache, key, jnp.int32(first_step), jnp.int32(limit),
-            jnp.float32(temperature), jnp.float32(top_p), eos, method_params)
+    args = _placed(model, (model.params, tokens, active, cache, key, jnp.int32(first_step),
+                           jnp.int32(limit), jnp.float32(temperature), jnp.float32(top_p), eos,
+                           method_params), rows=(1, 2), cache=3)
     static = dict(graphdef=model.graphdef, greedy=greedy, plan=plan, chunk=chunk,
-                  mask_finished=mask_finished)
+                  mask_finished=mask_finished, placement=getattr(model, "placement", None))
     out, steps_run, cache, last, active = self._get("decode_loop", _decode_loop_jit, static,
                                                     args)(*args)
     return np.asarray(out), int(steps_run), cache, last, active
 
-  def grow(self, cache, room: int):
-    """The cache with `room` more empty slots per head (for question and generated tokens)."""
+  def grow(self, cache, room: int, placement=None):
+    """The cache with `room` more empty slots per head (for question and generated tokens);
+    on a sharded model's mesh when `placement` (kvjax.sharding.Placement) is given."""
     if room == 0:
       return cache
-    return self._get("grow", _grow_jit, dict(room=room), (cache,))(cache)
+    if placement is not None:
+      cache = placement.put_cache(cache)
+    return self._get("grow", _grow_jit, dict(room=room, placement=placement),
+                     (cache,))(cache)
 
 
 # One process-wide cache of executables; keys include the model's graph definition.

@@ -195,7 +195,7 @@ def block_prefill(model, tokens, patched, budgets: tuple[int, ...], block_size: 
   cache, peak, logits = init_cache(config, 1, 0), 0, None
   for start in range(0, tokens.shape[1], block_size):
     piece = tokens[:, start:start + block_size]
-    cache = steps.grow(cache, piece.shape[1])
+    cache = steps.grow(cache, piece.shape[1], model.placement)
     logits, cache = steps.prefill(model, jnp.asarray(piece), jnp.ones(piece.shape, bool), cache)
     peak = max(peak, max(layer.capacity for layer in cache.layers))
     if any(layer.capacity > keep for layer, keep in zip(cache.layers, budgets)):

@@ -12,6 +12,7 @@ import numpy as np
 
 from kvjax import calibration
 from kvjax import methods as methods_lib
+from kvjax import sharding
 from kvjax import validation
 from kvjax.cache import cache_nbytes, full_cache_nbytes, slots_per_head
 from kvjax.errors import GenerationError
@@ -255,6 +256,7 @@ def generate(model, prompts, questions=None, method=None, compression_ratio=None
                             f"prompts; give one question per prompt")
   batch = inputs.encode(model, prompt_list, question_list, chat_template)
   rows = len(batch.prompts)
+  sharding.check_batch(model, rows, "the batch")
   # An empty question leaves its row's context as if it had none (with a chat template,
   # that context differs from the others'), so the rows may no longer share one.
   shared_context = shared_context and all(p == batch.prompts[0] for p in batch.prompts)

@@ -8,6 +8,7 @@ import numpy as np
 
 from kvjax import calibration
 from kvjax import methods as methods_lib
+from kvjax import sharding
 from kvjax import validation
 from kvjax.cache import free_slots
 from kvjax.errors import GenerationError
@@ -98,6 +99,7 @@ def score(model, context, continuation, method=None, compression_ratio=None, bud
                           f"continuations; they must pair up")
   ctx_ids = [_tokens(model, c, True, f"context[{i}]") for i, c in enumerate(contexts)]
   cont_ids = [_tokens(model, c, False, f"continuation[{i}]") for i, c in enumerate(continuations)]
+  sharding.check_batch(model, len(ctx_ids), "the batch")
   for i, (a, b) in enumerate(zip(ctx_ids, cont_ids)):
     check_context_length(model, len(a) + len(b), f"context {i} + continuation")
   keep = methods_lib.validate_compression(method_obj, [len(c) for c in ctx_ids],

