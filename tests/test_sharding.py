@@ -233,3 +233,24 @@ def test_generate_script_runs_on_a_mesh(smollm2_tokenizer, tmp_path):
                        timeout=300)
   assert bad.returncode == 2 and "error: mesh spec 'data:3' needs 3 devices" in bad.stderr
   assert "Traceback" not in bad.stderr
+
+
+def test_training_on_a_sharded_model_matches_one_device(tmp_path):
+  """`scripts/train.py --mesh`: the frozen backbone sharded by the rules, the trainable
+  parameters replicated; the loss curve is the one-device run's (float tolerance)."""
+  from kvjax import training
+  from kvjax.training import data as data_lib
+  from kvjax.training import locret as locret_training
+  model = tiny_model(seed=4)
+  data = data_lib.DataSettings(sequence_length=32, answer_tokens=4, sources=("random",))
+  optimizer = training.OptimizerSettings(learning_rate=1e-3, warmup_steps=0, total_steps=3,
+                                         schedule="constant")
+  curves = []
+  for name, m in (("one", model), ("mesh", sharding.shard_model(model, _mesh(2, 2)))):
+    task = locret_training.task(m, locret_training.LocretSettings(hidden=8), data)
+    result = training.train(task, tmp_path / name, 3, optimizer,
+                            training.LoopSettings(batch_size=2, checkpoint_every=3,
+                                                  progress_bar=False))
+    curves.append([h["loss"] for h in result.history])
+  assert any("model" in tuple(_spec(leaf)) for leaf in jax.tree_util.tree_leaves(task.frozen))
+  np.testing.assert_allclose(curves[1], curves[0], rtol=1e-5)
