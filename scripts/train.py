@@ -17,24 +17,28 @@ budget=--memory_size). --method=xecomla upcycles the model into latent attention
 loads with kvjax.training.xecomla.student(workdir, model); --export_model writes it as a
 kvjax checkpoint that kvjax.load and --model= read). --eval_every evaluates on held-out
 essays during training (the method at --eval_ratio against the full cache; the student
-against its teacher).
+against its teacher). --method=distill --student=PATH distils --model into any saved model of
+its vocabulary, e.g. fewer KV heads from scripts/convert.py --kv_head_group (the student's
+attention trained; --export_model writes it).
 """
 
 from absl import flags, logging
 
 from checkpoints_conversion import orbax_io
 from kvjax import cli, training
+from kvjax.errors import KvjaxError
 from kvjax.training import attention_gate as gate_training
 from kvjax.training import data as data_lib
 from kvjax.training import locret as locret_training
-from kvjax.training import evaluation
+from kvjax.training import distillation, evaluation
 from kvjax.training import lococo as lococo_training
 from kvjax.training import xecomla
 
 FLAGS = flags.FLAGS
 cli.define_model_flags()
-flags.DEFINE_enum("method", "locret", ["locret", "attention_gate", "lococo", "xecomla"],
-                  "The trainable method.")
+flags.DEFINE_enum("method", "locret",
+                  ["locret", "attention_gate", "lococo", "xecomla", "distill"],
+                  "The trainable method (distill: --model distilled into --student).")
 flags.DEFINE_string("workdir", None, "Run directory (checkpoints, history.json).",
                     required=True)
 flags.DEFINE_integer("steps", 200, "Optimiser steps.")
@@ -76,7 +80,10 @@ flags.DEFINE_integer("query_rank", 0, "Low-rank query projection r_q, 0: full (x
 flags.DEFINE_enum("trainable", "attention", ["attention", "all"], "Student parameters "
                   "trained (xecomla).")
 flags.DEFINE_string("export_model", None, "Write the trained student there as a kvjax "
-                    "checkpoint (xecomla).")
+                    "checkpoint (xecomla, distill).")
+flags.DEFINE_string("student", None, "The student to distil --model into: any --model "
+                    "source of the same vocabulary, e.g. scripts/convert.py --kv_head_group "
+                    "output (distill).")
 flags.DEFINE_integer("eval_every", 0, "Steps between held-out evaluations (0: none).")
 flags.DEFINE_integer("eval_samples", 4, "Held-out essay windows per evaluation.")
 flags.DEFINE_integer("eval_context", 512, "Context tokens of an evaluation window.")
@@ -106,6 +113,11 @@ def main(argv):
         gate_heads=FLAGS.gate_heads, gate_dim=FLAGS.gate_dim,
         target_eviction=FLAGS.target_eviction, eviction_weight=FLAGS.eviction_weight), data,
         evaluate)
+  elif FLAGS.method == "distill":
+    if not FLAGS.student:
+      raise KvjaxError("--method=distill needs --student=PATH (the model to train)")
+    task = distillation.saved_student_task(model, FLAGS.student, FLAGS.trainable, data,
+                                           evaluate)
   elif FLAGS.method == "xecomla":
     task = xecomla.task(model, xecomla.XEcoMLASettings(
         kv_rank=FLAGS.kv_rank, rope_dim=FLAGS.rope_dim, rope=FLAGS.rope,
@@ -140,11 +152,11 @@ def main(argv):
            if "eviction_rate" in done else "")
         + (f"; held out: perplexity {done['eval_perplexity']:.3f}, KL {done['eval_kl']:.4f}, "
            f"top-1 {done['eval_top1']:.3f}" if "eval_kl" in done else ""))
-  if FLAGS.method == "xecomla" and FLAGS.export_model:
-    path = orbax_io.save(xecomla.student(FLAGS.workdir, model), FLAGS.export_model,
-                         overwrite=True)
-    print(f"[kvjax] the student ({model.config.name} upcycled) is at {path}: "
-          f"--model={path}")
+  if FLAGS.method in ("xecomla", "distill") and FLAGS.export_model:
+    student = (xecomla.student(FLAGS.workdir, model) if FLAGS.method == "xecomla" else
+               distillation.saved_student(FLAGS.workdir, model))
+    path = orbax_io.save(student, FLAGS.export_model, overwrite=True)
+    print(f"[kvjax] the student ({student.config.name}) is at {path}: --model={path}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from kvjax.errors import ConfigError, KvjaxError, MethodError
 from kvjax.model import to_flat_params, transformer, upcycle
 from kvjax.ops import rope
 from kvjax.training import data as data_lib
-from kvjax.training import xecomla
+from kvjax.training import distillation, xecomla
 from pallas_kernels import decode_attention as da
 from pallas_kernels import reference
 from tests.test_attention_gate import _rms_norm, _rotate, _sigmoid, _softmax
@@ -320,7 +320,7 @@ def test_kl_matches_numpy():
   mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
   log = lambda z: z - np.log(np.exp(z).sum(-1, keepdims=True))
   kl = (np.exp(log(t)) * (log(t) - log(s))).sum(-1)
-  got = xecomla.kl_to_teacher(jnp.asarray(t), jnp.asarray(s), jnp.asarray(mask))
+  got = distillation.kl_to_teacher(jnp.asarray(t), jnp.asarray(s), jnp.asarray(mask))
   np.testing.assert_allclose(float(got), kl[mask].mean(), rtol=1e-5)
 
 
@@ -383,3 +383,35 @@ def test_train_script_distils_and_exports_the_student(model, tmp_path):
   want = xecomla.student(tmp_path / "run", kvjax.load(model_dir))
   tokens = random_prompts([9], seed=12)[0]
   np.testing.assert_array_equal(_logits(loaded, tokens), _logits(want, tokens))
+
+
+def test_a_saved_student_with_fewer_kv_heads_is_distilled(model, tmp_path):
+  """--method=distill: any saved student (here the model's KV heads merged 2 -> 1 by PCA)
+  learns from the teacher; the run's student loads, and another initial student is refused."""
+  from checkpoints_conversion import orbax_io
+  from kvjax.calibration import kv_heads
+  tokens = np.asarray(random_prompts([64, 64], seed=13), np.int32)
+  calibration_batch = [(tokens, np.ones(tokens.shape, bool))]
+  merged = kv_heads.compress_kv_heads(model, calibration_batch, 2)
+  assert merged.config.num_kv_heads == 1
+  path = orbax_io.save(merged, tmp_path / "student")
+  task = distillation.saved_student_task(model, path, data_settings=DATA)
+  fixed = task.batch(0, 2)
+  task = dataclasses.replace(task, batch=lambda position, count: fixed)
+  optimizer = training.OptimizerSettings(learning_rate=3e-3, warmup_steps=0, total_steps=12,
+                                         schedule="constant")
+  result = training.train(task, tmp_path / "run", 12, optimizer,
+                          training.LoopSettings(batch_size=2, checkpoint_every=12,
+                                                progress_bar=False))
+  losses = [h["loss"] for h in result.history]
+  assert losses[-1] < 0.5 * losses[0], losses
+  student = distillation.saved_student(tmp_path / "run", model)
+  assert student.config.num_kv_heads == 1
+  np.testing.assert_array_equal(np.asarray(to_flat_params(student)["layers.0.attn.k.kernel"]),
+                                np.asarray(result.params["layers.0.attn.k.kernel"]))
+  other = orbax_io.save(kv_heads.compress_kv_heads(model, calibration_batch, 2, values=False),
+                        tmp_path / "other")
+  with pytest.raises(KvjaxError, match=r"distilled another student"):
+    distillation.saved_student(tmp_path / "run", model, student_path=other)
+  with pytest.raises(KvjaxError, match=r"trained 'distill', not 'xecomla'"):
+    xecomla.student(tmp_path / "run", model)
