@@ -12,7 +12,7 @@ from kvjax import xla_cpu
 xla_cpu.apply_defaults()
 
 from kvjax import methods  # noqa: E402
-from kvjax import sharding
+from kvjax import sharding  # noqa: E402
 from kvjax.config import ModelConfig
 from kvjax.errors import (CheckpointError, ChecksumError, ConfigError, DownloadError,
                           GenerationError, KvjaxError, UnknownModelError)

@@ -234,7 +234,8 @@ def prefill_batch(model, samples: Sequence[Sample], method=None, compression_rat
   Contexts are left-padded; `compression_ratio` applies to the longest context of the batch
   and `budget` is a cap (methods.validate_compression). `room` defaults to the
   bucketed longest continuation. prefill_chunk_size: read the contexts in chunks of that
-  many tokens (compressing after each, for methods that do), as kvjax.score's. The result
+  many tokens (compressing after each, for methods that do), as kvjax.generate does. The
+  result
   serves one `continuation_log_probs` call.
   """
   samples = _check_samples(samples)
@@ -246,9 +247,7 @@ def prefill_batch(model, samples: Sequence[Sample], method=None, compression_rat
   keep = methods_lib.validate_compression(method_obj, [len(c) for c in contexts],
                                           compression_ratio, budget)
   context_lib.check_chunk_size(prefill_chunk_size)
-  width = inputs.bucket(max(len(c) for c in contexts))
-  if prefill_chunk_size is not None:
-    width = -(-width // prefill_chunk_size) * prefill_chunk_size
+  width = inputs.context_width(max(len(c) for c in contexts), prefill_chunk_size)
   tokens, mask = inputs.left_pad(contexts, inputs.pad_id(model), width)
   return context_lib.prefill(model, tokens, mask, method_obj, keep, room=_width(samples, room),
                              chunk_size=prefill_chunk_size)
@@ -304,8 +303,8 @@ def evaluate(model, samples: Sequence[Sample], method=None, compression_ratio=No
   Args:
     model: the model.
     samples: Samples (e.g. from `essay_samples`).
-    method, compression_ratio, budget, prefill_chunk_size: as in kvjax.score;
-      None/None/None is the full cache.
+    method, compression_ratio, budget: as in kvjax.score; None/None/None is the full
+      cache. prefill_chunk_size: as in kvjax.generate.
     batch_size: samples per batch.
     reference: optional, one `reference(model, batch)` per batch (each must be for exactly
       that batch's samples): lets a sweep compute the full cache once for many methods.

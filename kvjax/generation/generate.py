@@ -271,9 +271,7 @@ def generate(model, prompts, questions=None, method=None, compression_ratio=None
 
   pad = inputs.pad_id(model)
   context_rows = batch.prompts[:1] if shared_context else batch.prompts
-  width = inputs.bucket(max(context_lengths))
-  if prefill_chunk_size is not None:
-    width = -(-width // prefill_chunk_size) * prefill_chunk_size
+  width = inputs.context_width(max(context_lengths), prefill_chunk_size)
   prompt_tokens, prompt_mask = inputs.left_pad(context_rows, pad, width)
   question_tokens = question_mask = None
   if batch.questions and any(batch.questions):

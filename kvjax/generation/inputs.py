@@ -148,6 +148,13 @@ def bucket(length: int) -> int:
   return -(-length // 512) * 512
 
 
+def context_width(longest: int, chunk_size: int | None = None) -> int:
+  """The padded width of contexts up to `longest` tokens: its bucket, rounded up to a
+  multiple of `chunk_size` when prefilled in chunks."""
+  width = bucket(longest)
+  return width if chunk_size is None else -(-width // chunk_size) * chunk_size
+
+
 def left_pad(rows: list[list[int]], pad_id: int, length: int | None = None
              ) -> tuple[np.ndarray, np.ndarray]:
   """[B, length] tokens and mask, real tokens right-aligned so every row ends together."""

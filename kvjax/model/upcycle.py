@@ -104,7 +104,8 @@ def upcycle(model: Model, kv_rank: int, rope_dim: int = 0, rope: str = "decouple
             query_rank: int | None = None) -> Model:
   """The model with every attention layer replaced by latent attention initialised from
   its weights (the module docstring says how); MLPs, norms, embeddings and o_proj are
-  copied. The config's name gets an "-mla" suffix with the ranks."""
+  copied. The config's name gets an "-mla" suffix with the ranks. The student is on one
+  device: place it with kvjax.sharding.shard_model for a mesh."""
   spec = LatentAttention(kv_rank=kv_rank, rope_dim=rope_dim, rope=rope,
                          query_rank=query_rank)
   config = model.config

@@ -18,7 +18,8 @@ from pallas_kernels import compaction, flash_attention, reference, window_scores
 from pallas_kernels import decode_attention as decode_kernels
 from pallas_kernels.decode_attention import EMPTY_LSE, merge_partials
 
-__all__ = ["EMPTY_LSE", "attend", "attend_flat", "decode", "decode_shared", "gather_slots", "group_heads",
+__all__ = ["EMPTY_LSE", "attend", "attend_flat", "decode", "decode_shared",
+           "gather_slots", "group_heads",
            "merge_partials", "probabilities", "visible", "window_column_sums",
            "with_pending_token"]
 

@@ -13,6 +13,7 @@ e.g. "layers.0.attn.kv_down.kernel").
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 from typing import Callable
 
@@ -70,6 +71,7 @@ def kl_to_teacher(teacher_logits, student_logits, mask):
   return (kl * real).sum() / jnp.maximum(real.sum(), 1.0)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "config"))
 def full_logits(graphdef, params, config, tokens, mask):
   """Logits [B, T, V] of token rows read from the start."""
   cache = init_cache(config, tokens.shape[0], tokens.shape[1])

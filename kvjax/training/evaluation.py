@@ -81,6 +81,9 @@ def student_evaluator(teacher, student_of: Callable[[Any], Any], logits_of: Call
   on the continuations of held-out essay windows against `teacher` (full caches both);
   logits_of(model, tokens, mask) -> [B, T, V] reads whole rows."""
   samples = settings.draw(teacher.tokenizer)
+  if len({len(s.context_ids) for s in samples}) != 1:   # essay windows all have one length
+    raise KvjaxError("student evaluation reads windows of one context length; got "
+                     f"{sorted({len(s.context_ids) for s in samples})}")
   rows = [list(s.context_ids) + list(s.continuation_ids) for s in samples]
   tokens = jnp.asarray(np.array(rows, np.int32))
   mask = jnp.ones(tokens.shape, bool)
