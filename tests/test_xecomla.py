@@ -310,6 +310,17 @@ def _task(model, settings=SMALL):
   return xecomla.task(model, settings, DATA)
 
 
+def _train_on_one_batch(task, workdir, steps):
+  """`steps` constant-rate steps on the task's first two examples, again and again."""
+  fixed = task.batch(0, 2)
+  task = dataclasses.replace(task, batch=lambda position, count: fixed)
+  optimizer = training.OptimizerSettings(learning_rate=3e-3, warmup_steps=0,
+                                         total_steps=steps, schedule="constant")
+  return training.train(task, workdir, steps, optimizer,
+                        training.LoopSettings(batch_size=2, checkpoint_every=steps,
+                                              progress_bar=False))
+
+
 def test_only_the_attention_is_trained_and_it_gets_gradients(model):
   task = _task(model)
   params = task.init_params(jax.random.key(0))
@@ -336,14 +347,7 @@ def test_kl_matches_numpy():
 
 
 def test_distillation_reduces_the_kl_on_a_fixed_batch(model, tmp_path):
-  task = _task(model)
-  fixed = task.batch(0, 2)
-  task = dataclasses.replace(task, batch=lambda position, count: fixed)
-  optimizer = training.OptimizerSettings(learning_rate=3e-3, warmup_steps=0, total_steps=15,
-                                         schedule="constant")
-  result = training.train(task, tmp_path / "run", 15, optimizer,
-                          training.LoopSettings(batch_size=2, checkpoint_every=15,
-                                                progress_bar=False))
+  result = _train_on_one_batch(_task(model), tmp_path / "run", 15)
   losses = [h["loss"] for h in result.history]
   assert losses[0] > 0.05                      # the upcycled student is not the teacher
   assert losses[-1] < 0.5 * losses[0], losses
@@ -407,13 +411,7 @@ def test_a_saved_student_with_fewer_kv_heads_is_distilled(model, tmp_path):
   assert merged.config.num_kv_heads == 1
   path = orbax_io.save(merged, tmp_path / "student")
   task = distillation.saved_student_task(model, path, data_settings=DATA)
-  fixed = task.batch(0, 2)
-  task = dataclasses.replace(task, batch=lambda position, count: fixed)
-  optimizer = training.OptimizerSettings(learning_rate=3e-3, warmup_steps=0, total_steps=12,
-                                         schedule="constant")
-  result = training.train(task, tmp_path / "run", 12, optimizer,
-                          training.LoopSettings(batch_size=2, checkpoint_every=12,
-                                                progress_bar=False))
+  result = _train_on_one_batch(task, tmp_path / "run", 12)
   losses = [h["loss"] for h in result.history]
   assert losses[-1] < 0.5 * losses[0], losses
   student = distillation.saved_student(tmp_path / "run", model)
