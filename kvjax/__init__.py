@@ -13,6 +13,7 @@ xla_cpu.apply_defaults()
 
 from kvjax import methods  # noqa: E402
 from kvjax import sharding  # noqa: E402
+from kvjax import systems  # noqa: E402
 from kvjax.config import ModelConfig
 from kvjax.errors import (CheckpointError, ChecksumError, ConfigError, DownloadError,
                           GenerationError, KvjaxError, UnknownModelError)
@@ -25,4 +26,4 @@ __version__ = "0.1.0"
 __all__ = ["CheckpointError", "ChecksumError", "ConfigError", "ConversationResult",
            "DownloadError", "GenerationError", "GenerationResult", "KvjaxError", "Model", "ModelConfig",
            "UnknownModelError", "available_models", "converse", "generate", "load", "methods", "score",
-           "sharding"]
+           "sharding", "systems"]

@@ -15,12 +15,18 @@ kernel is also timed alone. The report ends with the issue's goals next to the m
 --baseline=transformers times Hugging Face transformers on the same weights next to kvjax
 (float32, interleaved repeats, paired ratios, identical greedy tokens checked): see
 kvjax/benchmarking_baseline.py.
+--prefix_sharing times BatchLLM prefix sharing (kvjax.systems.generate_shared) against
+kvjax.generate on the same offline SQuAD batch (--sharing_documents paragraphs x
+--sharing_questions questions, --decode_steps new tokens each):
+  python scripts/benchmark.py --prefix_sharing --json_out=/tmp/sharing.json \
+      --plot_out=/tmp/sharing.png
 """
 
 from absl import flags
 
 from kvjax import benchmarking, benchmarking_baseline, cli
 from kvjax.model import random_params
+from kvjax.systems import sharing_benchmark
 
 FLAGS = flags.FLAGS
 cli.define_model_flags()
@@ -47,12 +53,22 @@ flags.DEFINE_integer("torch_threads", None, "With --baseline: torch's threads (d
                      "os.cpu_count(), the cores XLA uses); reported in the JSON.")
 flags.DEFINE_string("plot_out", None, "With --baseline: write a PNG of prefill seconds and "
                     "decode ms/step against context length here.")
+flags.DEFINE_bool("prefix_sharing", False, "Time prefix sharing (BatchLLM) against unshared "
+                  "generation of one offline SQuAD batch instead.")
+flags.DEFINE_integer("sharing_documents", 4, "With --prefix_sharing: SQuAD paragraphs.")
+flags.DEFINE_integer("sharing_questions", 8, "With --prefix_sharing: questions per paragraph.")
+flags.DEFINE_integer("rows_per_prefix", 8, "With --prefix_sharing: rows decoded against one "
+                     "prefix copy.")
+flags.DEFINE_integer("memory_budget_mib", None, "With --prefix_sharing: the most MiB a wave's "
+                     "cache may allocate (default: no bound).")
 flags.DEFINE_string("json_out", None, "Write {device, jax_version, model, method, methods, "
                     "results, decode_attention_kernel, goals, config} here.")
 
 
 def main(argv):
   del argv
+  if FLAGS.prefix_sharing:
+    return prefix_sharing()
   methods = benchmarking.build_methods(
       FLAGS.methods if FLAGS.methods is not None else FLAGS.method,
       benchmarking.parse_method_args(FLAGS.method_arg),
@@ -95,6 +111,27 @@ def side_by_side(context_lengths, batch_sizes, methods):
   print(benchmarking_baseline.format_table(report))
   if FLAGS.plot_out:
     benchmarking_baseline.write_plot(report, FLAGS.plot_out)
+  if FLAGS.json_out:
+    cli.write_json(FLAGS.json_out, {**report, "config": cli.run_config()})
+
+
+def prefix_sharing():
+  log = lambda line: print(f"[kvjax] {line}", flush=True)
+  model = cli.load_model()
+  prompts = sharing_benchmark.squad_prompts(FLAGS.sharing_documents, FLAGS.sharing_questions)
+  budget = None if FLAGS.memory_budget_mib is None else FLAGS.memory_budget_mib << 20
+  report = sharing_benchmark.compare(model, prompts, FLAGS.decode_steps, FLAGS.rows_per_prefix,
+                                     budget, repeats=FLAGS.repeats, log=log)
+  report = {"model": FLAGS.model, "device": benchmarking.device_info(), **report}
+  log(f"{report['prompts']} prompts: shared {report['shared_tokens_per_second']:.2f} tok/s, "
+      f"unshared {report['unshared_tokens_per_second']:.2f} tok/s "
+      f"({report['throughput_ratio']:.2f}x); prefill saved "
+      f"{report['prefill_saved_fraction']:.0%}; peak cache "
+      f"{report['shared_peak_cache_bytes'] / 2 ** 20:.1f} vs "
+      f"{report['unshared_peak_cache_bytes'] / 2 ** 20:.1f} MiB; same tokens: "
+      f"{report['same_tokens']}")
+  if FLAGS.plot_out:
+    sharing_benchmark.write_plot(report, FLAGS.plot_out)
   if FLAGS.json_out:
     cli.write_json(FLAGS.json_out, {**report, "config": cli.run_config()})
 

@@ -18,7 +18,7 @@ from pallas_kernels import compaction, flash_attention, reference, window_scores
 from pallas_kernels import decode_attention as decode_kernels
 from pallas_kernels.decode_attention import EMPTY_LSE, merge_partials
 
-__all__ = ["EMPTY_LSE", "attend", "attend_flat", "decode", "decode_shared",
+__all__ = ["EMPTY_LSE", "attend", "attend_flat", "decode", "decode_over_prefix", "decode_shared",
            "gather_slots", "group_heads",
            "merge_partials", "probabilities", "visible", "window_column_sums",
            "with_pending_token"]
@@ -97,6 +97,36 @@ def decode_shared(query, keys, query_positions, key_positions):
     out, lse = reference.decode_attention(grouped, keys, keys, key_positions, qpos,
                                           upcast=False)[:2]
   return out.reshape(query.shape).astype(query.dtype), lse
+
+
+# A query position every slot of a shared prefix precedes: the suffix's tokens come after it.
+_AFTER_EVERY_PREFIX = 2 ** 30
+
+
+def decode_over_prefix(query, keys, values, key_positions):
+  """One new token per row over a prefix that groups of R rows share (BatchLLM).
+
+  query [G * R, 1, H, D] (rows g * R .. g * R + R - 1 share prefix g); keys/values
+  [G, K, P, D], key_positions [G, K, P]. The group's R rows become R times the query
+  heads of one row, so each prefix is read once for the whole group by the decode
+  kernel. No causal mask: every prefix slot precedes the rows' tokens.
+  -> (out [G * R, K, H // K, D] float32, lse [G * R, K, H // K]), ready for
+  `merge_partials` with the rows' own attention.
+  """
+  rows, _, h, d = query.shape
+  g, k = keys.shape[:2]
+  r, per_kv = rows // g, h // k
+  folded = query.reshape(g, r, k, per_kv, d).transpose(0, 2, 1, 3, 4).reshape(
+      g, k, r * per_kv, d)
+  after = jnp.full((g,), _AFTER_EVERY_PREFIX, jnp.int32)
+  if _kernels_for(query, values):
+    out, lse = decode_kernels.decode_attention(folded, keys, values, key_positions, after)
+  else:
+    out, lse = reference.decode_attention(folded, keys, values, key_positions, after,
+                                          upcast=False)[:2]
+  unfold = lambda x: jnp.swapaxes(x.reshape((g, k, r, per_kv) + x.shape[3:]), 1, 2).reshape(
+      (rows, k, per_kv) + x.shape[3:])
+  return unfold(out.astype(jnp.float32)), unfold(lse)
 
 
 def with_pending_token(query, out, lse, probs, new_key, new_value):

@@ -1,0 +1,316 @@
+"""Continuous batching of generation requests under a bound on device cache memory.
+
+    server = kvjax.systems.Server(model, max_prompt_tokens=1024, max_new_tokens=64,
+                                  memory_budget_bytes=256 << 20, method="snapkv", budget=128)
+    ids = [server.submit(p) for p in prompts]
+    done = server.run()            # one ServedRequest per id, in submission order
+
+The server keeps one batch cache of `rows` rows. A row's size is fixed by the server's
+limits (its prompt's kept tokens, at most `max_prompt_tokens` or the method's budget, plus
+`max_new_tokens` and one decode chunk of slack), so admission is by cache bytes: `rows` is
+the most rows whose cache fits `memory_budget_bytes`, and compression, by shrinking a row,
+admits more of them. Waiting requests are prefilled together (compressed by the method)
+whenever rows are free and written into those rows; decoding runs DECODE_CHUNK steps per
+compiled call for every row at once; a finished row takes the next request at once.
+
+Rows append at one shared slot index, so a row that joins late leaves empty slots behind
+it; when the shared index nears the end, every row's live slots are moved to the front
+(one fixed-shape compiled step). Greedy tokens equal `kvjax.generate` of each prompt alone.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax import calibration
+from kvjax import methods as methods_lib
+from kvjax import validation
+from kvjax.cache import kv_cache
+from kvjax.cache.kv_cache import Cache, LayerCache
+from kvjax.errors import GenerationError
+from kvjax.generation import context, engine, inputs, sampling
+from kvjax.generation.generate import (DECODE_CHUNK, _validate_sampling, check_context_length,
+                                       eos_ids)
+
+
+@dataclasses.dataclass
+class ServedRequest:
+  id: int
+  text: str
+  token_ids: list[int]            # generated, EOS excluded
+  prompt_tokens: int
+  queued_seconds: float           # submission to admission (prefill start)
+  latency_seconds: float          # submission to its last token
+
+
+@dataclasses.dataclass
+class _Row:
+  request: int
+  generated: list
+  done: bool = False
+
+
+def _layer_bytes(config, capacities: Sequence[int], rows: int, dtype) -> int:
+  shapes = jax.eval_shape(lambda: _empty_cache(config, rows, tuple(capacities), dtype))
+  return kv_cache.nbytes(shapes)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _empty_cache(config, rows: int, capacities: tuple, dtype) -> Cache:
+  layers = tuple(kv_cache.init_layer_cache(rows, config.num_kv_heads, c, config.head_dim, dtype,
+                                           config.values_per_key_head * config.head_dim)
+                 for c in capacities)
+  return Cache(layers=layers, lengths=jnp.zeros((rows,), jnp.int32))
+
+
+def _live_first(layer: LayerCache) -> tuple[LayerCache, jax.Array]:
+  """Every row's and head's live slots moved to the front, in slot order (same shape), and
+  the most live slots any row and head holds."""
+  live = layer.positions >= 0
+  order = jnp.argsort(~live, axis=-1, stable=True)
+  moved = layer.select(order).replace(state=None)
+  return moved, jnp.max(live.sum(-1)).astype(jnp.int32)
+
+
+@jax.jit
+def _compacted(cache: Cache) -> Cache:
+  layers = []
+  for layer in cache.layers:
+    moved, count = _live_first(layer)
+    layers.append(moved.replace(end=count))
+  return cache.replace(layers=tuple(layers))
+
+
+@functools.partial(jax.jit, static_argnames=("capacities",))
+def _fitted_rows(cache: Cache, *, capacities: tuple) -> tuple[Cache, jax.Array]:
+  """A prefilled cache's rows with each layer at `capacities` slots: live slots first, then
+  cut or padded (and whether any row held more live slots than its layer's capacity)."""
+  layers, over = [], jnp.bool_(False)
+  for layer, capacity in zip(cache.layers, capacities):
+    moved, count = _live_first(layer)
+    over = over | (count > capacity)
+    moved = moved.grow(max(0, capacity - moved.capacity)) if moved.capacity < capacity else \
+        moved.select(jnp.broadcast_to(jnp.arange(capacity), moved.positions.shape[:2] +
+                                      (capacity,)))
+    layers.append(moved.replace(end=count))
+  return cache.replace(layers=tuple(layers)), over
+
+
+@jax.jit
+def _inserted(batch: Cache, rows: Cache, targets: jax.Array) -> Cache:
+  """`rows` (n rows) written over rows `targets` [n] of `batch`; each layer's shared append
+  index becomes the larger of the two."""
+  put = lambda big, small: big.at[targets].set(small.astype(big.dtype))
+  layers = tuple(b.replace(keys=put(b.keys, r.keys), values=put(b.values, r.values),
+                           positions=put(b.positions, r.positions),
+                           end=jnp.maximum(b.end, r.end))
+                 for b, r in zip(batch.layers, rows.layers))
+  return Cache(layers=layers, lengths=put(batch.lengths, rows.lengths))
+
+
+class Server:
+  """Continuous batching under a cache-memory bound (see the module docstring)."""
+
+  def __init__(self, model, *, max_prompt_tokens: int, max_new_tokens: int = 64,
+               memory_budget_bytes: int | None = None, max_rows: int | None = None,
+               method=None, budget: int | None = None, temperature: float = 0.0,
+               top_p: float = 1.0, seed: int = 0, eos_token_ids=None,
+               chat_template: bool | None = None,
+               steps: engine.CompiledSteps = engine.STEPS):
+    _validate_sampling(max_new_tokens, temperature, top_p, seed, None)
+    validation.integer("max_prompt_tokens", max_prompt_tokens, 1, error=GenerationError,
+                       what="the longest prompt the server admits, in tokens")
+    if memory_budget_bytes is None and max_rows is None:
+      raise GenerationError("give memory_budget_bytes (the batch cache's bound) or max_rows")
+    if memory_budget_bytes is not None:
+      validation.integer("memory_budget_bytes", memory_budget_bytes, 1, error=GenerationError,
+                         what="bytes the batch cache may allocate")
+    if max_rows is not None:
+      validation.integer("max_rows", max_rows, 1, error=GenerationError,
+                         what="rows decoded together")
+    if getattr(model, "placement", None) is not None:
+      raise GenerationError("the server runs on one device; load the model without a mesh")
+    check_context_length(model, max_prompt_tokens + max_new_tokens,
+                         f"max_prompt_tokens={max_prompt_tokens} with max_new_tokens="
+                         f"{max_new_tokens}")
+    self.model, self.steps = model, steps
+    self.method = calibration.bind(method, model)
+    if self.method.decode_time or self.method.rescores or self.method.compresses_prompt:
+      raise GenerationError(f"method {self.method.label!r} compresses during decoding or "
+                            f"re-reads the prompt; the server takes methods that compress "
+                            f"a prompt once at prefill")
+    if self.method.needs_budget and budget is None:
+      raise GenerationError(f"method {self.method.label!r} needs budget= (tokens kept per "
+                            f"layer): a row's size must not depend on its prompt")
+    self.keep = methods_lib.validate_compression(self.method, [max_prompt_tokens], None,
+                                                 budget)
+    if self.method.compresses and self.keep is not None:
+      kept = context.layer_budgets(model, self.method, self.keep, max_prompt_tokens)
+    else:
+      kept = (inputs.bucket(max_prompt_tokens),) * model.config.num_layers
+    self.max_prompt_tokens, self.max_new_tokens = max_prompt_tokens, max_new_tokens
+    # Overshoot: rows decode whole chunks, so one may run up to a chunk past its end.
+    self.capacities = tuple(k + max_new_tokens + DECODE_CHUNK for k in kept)
+    dtype = jnp.dtype(model.config.dtype)
+    one = _layer_bytes(model.config, self.capacities, 1, dtype)
+    self.row_bytes = _layer_bytes(model.config, self.capacities, 2, dtype) - one
+    fixed = one - self.row_bytes
+    rows = max_rows or 1 << 30
+    if memory_budget_bytes is not None:
+      rows = min(rows, (memory_budget_bytes - fixed) // self.row_bytes)
+      if rows < 1:
+        raise GenerationError(
+            f"memory_budget_bytes={memory_budget_bytes} cannot hold one row: a row takes "
+            f"{self.row_bytes} bytes ({self.method.label}, {max_prompt_tokens} prompt and "
+            f"{max_new_tokens} new tokens); raise the budget or compress")
+    self.rows = int(rows)
+    self.memory_budget_bytes = memory_budget_bytes
+    self.sampling = dict(temperature=temperature, top_p=top_p, greedy=temperature == 0)
+    self.key = jax.random.key(seed)
+    self.eos = sorted(eos_ids(model, eos_token_ids))
+    self.chat_template = chat_template
+    self._queue: collections.deque = collections.deque()
+    self._requests: list = []       # (tokens, max_new_tokens, submitted_at)
+    self._results: dict = {}
+    self.stats: dict = {}
+
+  def submit(self, prompt, max_new_tokens: int | None = None) -> int:
+    """Queues a prompt (text or token ids); returns its id."""
+    max_new = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+    validation.integer("max_new_tokens", max_new, 1, self.max_new_tokens,
+                       error=GenerationError, what="tokens to generate, up to the server's")
+    tokens = inputs.encode(self.model, [prompt], None, self.chat_template).prompts[0]
+    if len(tokens) > self.max_prompt_tokens:
+      raise GenerationError(f"prompt of {len(tokens)} tokens is longer than the server's "
+                            f"max_prompt_tokens={self.max_prompt_tokens}")
+    request = len(self._requests)
+    self._requests.append((list(tokens), max_new, time.perf_counter()))
+    self._queue.append(request)
+    return request
+
+  def _admit(self, cache, rows: list, free: list, clock: float):
+    """Prefills waiting requests into free rows (together, compressed by the method)."""
+    take = [self._queue.popleft() for _ in range(min(len(free), len(self._queue)))]
+    targets = free[:len(take)]
+    prompts = [self._requests[r][0] for r in take]
+    tokens, mask = inputs.left_pad(prompts, inputs.pad_id(self.model))
+    prefilled = context.prefill(self.model, tokens, mask, self.method,
+                                self.keep if self.method.compresses else None, room=0,
+                                steps=self.steps)
+    for index, layer in enumerate(prefilled.cache.layers):
+      if not isinstance(layer, LayerCache):
+        raise GenerationError(f"method {self.method.label!r} stores layer {index} as a "
+                              f"{type(layer).__name__}; the server batches dense layers")
+    fitted, over = _fitted_rows(prefilled.cache, capacities=self.capacities)
+    if bool(over):
+      raise GenerationError("a prompt kept more slots than the server sized its rows for; "
+                            "this method's layer budgets grow for shorter prompts")
+    cache = _inserted(cache, fitted, jnp.asarray(targets, jnp.int32))
+    first = np.asarray(sampling.sample(prefilled.logits, jax.random.fold_in(self.key, clock),
+                                       jnp.float32(self.sampling["temperature"] or 1),
+                                       jnp.float32(self.sampling["top_p"]),
+                                       self.sampling["greedy"]))
+    now = time.perf_counter()
+    for request, row, token in zip(take, targets, first):
+      rows[row] = _Row(request=request, generated=[])
+      self._results[request] = {"admitted_at": now}
+      self._accept(rows[row], int(token))
+    return cache, first, targets
+
+  def _accept(self, row: _Row, token: int) -> None:
+    if row.done:
+      return
+    if token in self.eos:
+      row.done = True
+      return
+    row.generated.append(token)
+    if len(row.generated) >= self._requests[row.request][1]:
+      row.done = True
+
+  def _finish(self, row: _Row) -> None:
+    tokens, _, submitted = self._requests[row.request]
+    tokenizer = self.model.tokenizer
+    now = time.perf_counter()
+    admitted = self._results[row.request]["admitted_at"]
+    self._results[row.request] = ServedRequest(
+        id=row.request, text=tokenizer.decode(row.generated) if tokenizer else "",
+        token_ids=row.generated, prompt_tokens=len(tokens),
+        queued_seconds=admitted - submitted, latency_seconds=now - submitted)
+
+  def run(self) -> list[ServedRequest]:
+    """Serves every queued request; returns all served so far, in submission order."""
+    steps = self.steps
+    compile_before = steps.compile_seconds
+    start = time.perf_counter()
+    cache = _empty_cache(self.model.config, self.rows, self.capacities,
+                         jnp.dtype(self.model.config.dtype))
+    rows: list = [None] * self.rows
+    last = np.zeros(self.rows, np.int32)
+    decode_calls = compactions = admissions = generated = 0
+    peak_rows = 0
+    clock = 0
+    while self._queue or any(r is not None for r in rows):
+      for i, row in enumerate(rows):
+        if row is not None and row.done:
+          self._finish(row)
+          generated += len(row.generated)
+          rows[i] = None
+      free = [i for i, r in enumerate(rows) if r is None]
+      if free and self._queue:
+        cache, first, targets = self._admit(cache, rows, free, clock)
+        last[targets] = first
+        admissions += 1
+        continue  # a request may finish with its first token
+      if not any(r is not None for r in rows):
+        break
+      peak_rows = max(peak_rows, sum(r is not None for r in rows))
+      room = min(c - int(layer.end) for c, layer in zip(self.capacities, cache.layers))
+      if room < DECODE_CHUNK:
+        cache = _compacted(cache)
+        compactions += 1
+        room = min(c - int(layer.end) for c, layer in zip(self.capacities, cache.layers))
+      active = np.array([r is not None and not r.done for r in rows])
+      limit = min(DECODE_CHUNK, room, max(self._requests[r.request][1] - len(r.generated)
+                                          for r in rows if r is not None and not r.done))
+      clock += 1
+      tokens, ran, cache, next_tokens, _ = steps.decode_loop(
+          self.model, jnp.asarray(last), cache, jax.random.fold_in(self.key, clock), 0, limit,
+          self.sampling["temperature"] or 1.0, self.sampling["top_p"],
+          self.sampling["greedy"], self.eos, DECODE_CHUNK, active=active, mask_finished=True)
+      decode_calls += 1
+      last = np.array(next_tokens)
+      for i, row in enumerate(rows):
+        if row is not None:
+          for step in range(ran):
+            self._accept(row, int(tokens[i, step]))
+    seconds = time.perf_counter() - start - (steps.compile_seconds - compile_before)
+    self.stats = {
+        "rows": self.rows, "row_bytes": self.row_bytes,
+        "cache_bytes": kv_cache.nbytes(cache), "memory_budget_bytes": self.memory_budget_bytes,
+        "method": self.method.label, "budget": self.keep if self.method.compresses else None,
+        "requests": len(self._results), "generated_tokens": generated,
+        "seconds": seconds, "tokens_per_second": generated / seconds if seconds > 0 else None,
+        "decode_calls": decode_calls, "admissions": admissions, "compactions": compactions,
+        "peak_active_rows": peak_rows,
+        "compile_seconds": steps.compile_seconds - compile_before}
+    return [self._results[i] for i in sorted(self._results)
+            if isinstance(self._results[i], ServedRequest)]
+
+
+def serve(model, prompts, *, max_new_tokens: int = 64, **server_args):
+  """Every prompt through one `Server` (max_prompt_tokens: the longest prompt's)."""
+  prompt_list, _ = inputs.as_batch(prompts, "prompts")
+  encoded = inputs.encode(model, prompt_list, None, server_args.get("chat_template"))
+  server_args.setdefault("max_prompt_tokens", max(len(p) for p in encoded.prompts))
+  server = Server(model, max_new_tokens=max_new_tokens, **server_args)
+  for tokens in encoded.prompts:
+    server.submit(list(tokens))
+  return server.run(), server.stats

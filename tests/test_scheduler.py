@@ -1,0 +1,76 @@
+"""Continuous batching under a cache-memory bound (kvjax.systems.scheduler)."""
+
+import jax.numpy as jnp
+import pytest
+
+import kvjax
+from kvjax.cache import kv_cache
+from kvjax.errors import GenerationError
+from kvjax.systems import scheduler
+from tiny import random_prompts, tiny_model
+
+LENGTHS = [5, 30, 12, 70, 3, 44, 9, 20, 60, 17, 33, 8]
+NEW = [6, 20, 3, 11, 20, 1, 8, 15, 5, 20, 12, 20]
+
+
+def _served(model, copies=1, **server_args):
+  server = scheduler.Server(model, max_prompt_tokens=max(LENGTHS), max_new_tokens=20,
+                            **server_args)
+  prompts = random_prompts(LENGTHS * copies, seed=1)
+  ids = [server.submit(p, n) for p, n in zip(prompts, NEW * copies)]
+  assert ids == list(range(len(prompts)))
+  return prompts, server.run(), server
+
+
+def test_continuous_batching_equals_generating_each_prompt_alone():
+  model = tiny_model()
+  prompts, served, server = _served(model, copies=2, max_rows=2)
+  assert [s.id for s in served] == list(range(len(prompts)))
+  for s, prompt, n in zip(served, prompts, NEW * 2):
+    want = kvjax.generate(model, [prompt], max_new_tokens=n).token_ids[0]
+    assert s.token_ids == want
+    assert s.prompt_tokens == len(prompt) and s.latency_seconds >= s.queued_seconds >= 0
+  stats = server.stats
+  # Two rows for 24 requests: rows are refilled, and the shared append index wraps
+  # round through the live-slot compaction.
+  assert stats["rows"] == 2 and stats["admissions"] > 2 and stats["compactions"] > 0
+  assert stats["generated_tokens"] == sum(len(s.token_ids) for s in served)
+
+
+def test_admission_by_cache_bytes_and_compression_admits_more_rows():
+  model = tiny_model()
+  full = scheduler.Server(model, max_prompt_tokens=70, max_new_tokens=20, max_rows=1)
+  budget = 3 * full.row_bytes + full.row_bytes // 2
+  _, served_full, server_full = _served(model, memory_budget_bytes=budget)
+  assert server_full.rows == 3
+  assert server_full.stats["cache_bytes"] <= budget
+  # The row's bytes are what one more row of the batch cache measures.
+  one_layer = kv_cache.init_layer_cache(1, 2, server_full.capacities[0], 16, jnp.float32)
+  assert server_full.row_bytes == model.config.num_layers * (
+      one_layer.keys.nbytes + one_layer.values.nbytes + one_layer.positions.nbytes) + 4
+  prompts, served, server = _served(model, memory_budget_bytes=budget, method="snapkv",
+                                    budget=16)
+  assert server.rows > server_full.rows
+  assert server.stats["cache_bytes"] <= budget
+  for s, prompt, n in zip(served, prompts, NEW):
+    want = kvjax.generate(model, [prompt], max_new_tokens=n, method="snapkv",
+                          budget=16).token_ids[0]
+    assert s.token_ids == want
+  assert len(served_full) == len(served) == len(LENGTHS)
+
+
+def test_bad_requests_and_limits_are_refused():
+  model = tiny_model()
+  with pytest.raises(GenerationError, match="memory_budget_bytes=100 cannot hold one row"):
+    scheduler.Server(model, max_prompt_tokens=64, memory_budget_bytes=100)
+  with pytest.raises(GenerationError, match="memory_budget_bytes"):
+    scheduler.Server(model, max_prompt_tokens=64)
+  with pytest.raises(GenerationError, match="needs budget="):
+    scheduler.Server(model, max_prompt_tokens=64, max_rows=2, method="snapkv")
+  with pytest.raises(GenerationError, match="compresses during decoding"):
+    scheduler.Server(model, max_prompt_tokens=64, max_rows=2, method="h2o", budget=16)
+  server = scheduler.Server(model, max_prompt_tokens=8, max_new_tokens=4, max_rows=2)
+  with pytest.raises(GenerationError, match="longer than the server's max_prompt_tokens=8"):
+    server.submit(list(range(9)))
+  with pytest.raises(GenerationError, match="max_new_tokens=5"):
+    server.submit([1, 2], max_new_tokens=5)
