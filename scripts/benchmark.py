@@ -20,13 +20,16 @@ kvjax.generate on the same offline SQuAD batch (--sharing_documents paragraphs x
 --sharing_questions questions, --decode_steps new tokens each):
   python scripts/benchmark.py --prefix_sharing --json_out=/tmp/sharing.json \
       --plot_out=/tmp/sharing.png
+--serving times the continuous-batching server with the full cache against --method at
+--budget, both under --memory_budget_mib of batch cache (compression admits more rows):
+  python scripts/benchmark.py --serving --method=snapkv --budget=128 --memory_budget_mib=64
 """
 
 from absl import flags
 
 from kvjax import benchmarking, benchmarking_baseline, cli
 from kvjax.model import random_params
-from kvjax.systems import sharing_benchmark
+from kvjax.systems import benchmarks
 
 FLAGS = flags.FLAGS
 cli.define_model_flags()
@@ -60,7 +63,11 @@ flags.DEFINE_integer("sharing_questions", 8, "With --prefix_sharing: questions p
 flags.DEFINE_integer("rows_per_prefix", 8, "With --prefix_sharing: rows decoded against one "
                      "prefix copy.")
 flags.DEFINE_integer("memory_budget_mib", None, "With --prefix_sharing: the most MiB a wave's "
-                     "cache may allocate (default: no bound).")
+                     "cache may allocate (default: no bound); with --serving: the server's "
+                     "batch cache bound (required).")
+flags.DEFINE_bool("serving", False, "Time the continuous-batching server (kvjax.systems.Server) "
+                  "with the full cache against --method at --budget under --memory_budget_mib, "
+                  "on the same SQuAD requests, instead.")
 flags.DEFINE_string("json_out", None, "Write {device, jax_version, model, method, methods, "
                     "results, decode_attention_kernel, goals, config} here.")
 
@@ -69,6 +76,8 @@ def main(argv):
   del argv
   if FLAGS.prefix_sharing:
     return prefix_sharing()
+  if FLAGS.serving:
+    return serving()
   methods = benchmarking.build_methods(
       FLAGS.methods if FLAGS.methods is not None else FLAGS.method,
       benchmarking.parse_method_args(FLAGS.method_arg),
@@ -118,9 +127,9 @@ def side_by_side(context_lengths, batch_sizes, methods):
 def prefix_sharing():
   log = lambda line: print(f"[kvjax] {line}", flush=True)
   model = cli.load_model()
-  prompts = sharing_benchmark.squad_prompts(FLAGS.sharing_documents, FLAGS.sharing_questions)
+  prompts = benchmarks.squad_prompts(FLAGS.sharing_documents, FLAGS.sharing_questions)
   budget = None if FLAGS.memory_budget_mib is None else FLAGS.memory_budget_mib << 20
-  report = sharing_benchmark.compare(model, prompts, FLAGS.decode_steps, FLAGS.rows_per_prefix,
+  report = benchmarks.compare_sharing(model, prompts, FLAGS.decode_steps, FLAGS.rows_per_prefix,
                                      budget, repeats=FLAGS.repeats, log=log)
   report = {"model": FLAGS.model, "device": benchmarking.device_info(), **report}
   log(f"{report['prompts']} prompts: shared {report['shared_tokens_per_second']:.2f} tok/s, "
@@ -131,7 +140,29 @@ def prefix_sharing():
       f"{report['unshared_peak_cache_bytes'] / 2 ** 20:.1f} MiB; same tokens: "
       f"{report['same_tokens']}")
   if FLAGS.plot_out:
-    sharing_benchmark.write_plot(report, FLAGS.plot_out)
+    benchmarks.write_sharing_plot(report, FLAGS.plot_out)
+  if FLAGS.json_out:
+    cli.write_json(FLAGS.json_out, {**report, "config": cli.run_config()})
+
+
+def serving():
+  if FLAGS.memory_budget_mib is None or FLAGS.budget is None or FLAGS.method == "full":
+    raise benchmarking.BenchmarkError("--serving needs --memory_budget_mib, a compressing "
+                                      "--method and its --budget")
+  log = lambda line: print(f"[kvjax] {line}", flush=True)
+  model = cli.load_model()
+  prompts = benchmarks.squad_prompts(FLAGS.sharing_documents, FLAGS.sharing_questions)
+  report = benchmarks.compare_serving(model, prompts, FLAGS.memory_budget_mib << 20,
+                                      FLAGS.method, FLAGS.budget, FLAGS.decode_steps,
+                                      repeats=FLAGS.repeats, log=log)
+  report = {"model": FLAGS.model, "device": benchmarking.device_info(), **report}
+  log(f"{report['prompts']} requests: {report['method']} {report['budget']} "
+      f"{report['compressed']['tokens_per_second']:.2f} tok/s in "
+      f"{report['compressed']['rows']} rows, full "
+      f"{report['full']['tokens_per_second']:.2f} tok/s in {report['full']['rows']} rows "
+      f"({report['throughput_ratio']:.2f}x)")
+  if FLAGS.plot_out:
+    benchmarks.write_serving_plot(report, FLAGS.plot_out)
   if FLAGS.json_out:
     cli.write_json(FLAGS.json_out, {**report, "config": cli.run_config()})
 

@@ -182,11 +182,11 @@ def test_bad_arguments_are_refused():
 
 
 def test_sharing_benchmark_reports_one_run_of_each(tmp_path):
-  from kvjax.systems import sharing_benchmark
+  from kvjax.systems import benchmarks
   model = tiny_model()
   prompts = _shared_prompts()
   lines = []
-  report = sharing_benchmark.compare(model, prompts, max_new_tokens=4, repeats=1,
+  report = benchmarks.compare_sharing(model, prompts, max_new_tokens=4, repeats=1,
                                      log=lines.append)
   assert report["same_tokens"] and report["rows_with_same_tokens"] == len(prompts)
   assert len(report["shared_seconds"]) == len(report["unshared_seconds"]) == 1 == len(lines)
@@ -194,5 +194,5 @@ def test_sharing_benchmark_reports_one_run_of_each(tmp_path):
       report["unshared_seconds"][0] / report["shared_seconds"][0])
   assert report["shared_prefilled_tokens"] < report["prompt_tokens_total"]
   assert report["unshared_batch_size"] == max(w["rows"] for w in report["waves"])
-  path = sharing_benchmark.write_plot(report, tmp_path / "sharing.png")
+  path = benchmarks.write_sharing_plot(report, tmp_path / "sharing.png")
   assert (tmp_path / "sharing.png").stat().st_size > 1000 and str(path).endswith(".png")

@@ -74,3 +74,23 @@ def test_bad_requests_and_limits_are_refused():
     server.submit(list(range(9)))
   with pytest.raises(GenerationError, match="max_new_tokens=5"):
     server.submit([1, 2], max_new_tokens=5)
+
+
+def test_serving_benchmark_compares_under_one_bound(tmp_path):
+  from kvjax.systems import benchmarks
+  model = tiny_model()
+  full = scheduler.Server(model, max_prompt_tokens=70, max_new_tokens=4, max_rows=1)
+  budget = 2 * full.row_bytes + 100
+  lines = []
+  report = benchmarks.compare_serving(model, random_prompts(LENGTHS[:6], seed=2), budget,
+                                      "snapkv", 16, max_new_tokens=4, repeats=1,
+                                      log=lines.append)
+  assert len(lines) == 1 and report["full"]["rows"] == 2
+  assert report["compressed"]["rows"] > report["full"]["rows"]
+  assert report["compressed"]["cache_bytes"] <= budget >= report["full"]["cache_bytes"]
+  assert report["throughput_ratio"] == pytest.approx(
+      (report["compressed"]["generated_tokens"] / report["compressed"]["seconds"][0])
+      / (report["full"]["generated_tokens"] / report["full"]["seconds"][0]))
+  assert 0 <= report["rows_with_same_tokens_as_full"] <= 6
+  benchmarks.write_serving_plot(report, tmp_path / "serving.png")
+  assert (tmp_path / "serving.png").stat().st_size > 1000

@@ -1,4 +1,8 @@
-"""Throughput of prefix sharing (BatchLLM) against the same batch without it, in one run.
+"""Benchmarks of the serving systems, each a ratio measured in one run.
+
+- `compare_sharing`: prefix sharing (BatchLLM) against the same batch without it.
+- `compare_serving`: the continuous-batching server, full cache against a compressing
+  method, under one cache-memory bound.
 
 The workload is offline question answering over SQuAD: every prompt is the same
 instruction with a few solved examples, then one paragraph, then one of that
@@ -12,9 +16,10 @@ import statistics
 import time
 
 from kvjax.evaluation import data
-from kvjax.generation import engine
+from kvjax.generation import engine, inputs
 from kvjax.generation.generate import generate
 from kvjax.systems.prefix_sharing import generate_shared
+from kvjax.systems.scheduler import Server
 
 INSTRUCTION = ("Answer each question with a short phrase copied from its paragraph.\n\n")
 
@@ -38,7 +43,7 @@ def squad_prompts(documents: int, questions_per_document: int, examples: int = 3
           for item in items[:questions_per_document]]
 
 
-def compare(model, prompts, max_new_tokens: int = 16, rows_per_prefix: int = 8,
+def compare_sharing(model, prompts, max_new_tokens: int = 16, rows_per_prefix: int = 8,
             memory_budget_bytes: int | None = None, batch_size: int | None = None,
             repeats: int = 3, log=print) -> dict:
   """Shared against unshared generation of `prompts`, interleaved: one untimed run of each
@@ -96,22 +101,80 @@ def compare(model, prompts, max_new_tokens: int = 16, rows_per_prefix: int = 8,
 
 
 
-def write_plot(report: dict, path) -> str:
+def _bars(path, title: str, names, panels) -> str:
+  """PNG of one bar panel per (title, values), a bar per name."""
+  from kvjax.evaluation import report as report_lib
+  fig, axes = report_lib._figure(1, len(panels), width=3.4, height=3.2)  # headless, atomic
+  for ax, (panel, values) in zip(axes.flat, panels):
+    ax.bar(names, values, color=["tab:gray", "tab:blue"])
+    ax.set_title(panel, fontsize=10)
+    ax.grid(True, axis="y", alpha=0.3)
+  fig.suptitle(title, fontsize=10)
+  return report_lib._save(fig, path)
+
+
+def write_sharing_plot(report: dict, path) -> str:
   """PNG: generated tokens per second, peak cache MiB and prefilled tokens, shared against
   unshared."""
-  from kvjax.evaluation import report as report_lib
-  fig, axes = report_lib._figure(1, 3, width=3.4, height=3.2)  # headless, saved atomically
-  names = ("unshared", "shared")
-  panels = (("tokens/s", [report["unshared_tokens_per_second"],
-                          report["shared_tokens_per_second"]]),
-            ("peak cache (MiB)", [report["unshared_peak_cache_bytes"] / 2 ** 20,
-                                  report["shared_peak_cache_bytes"] / 2 ** 20]),
-            ("prefilled tokens", [report["prompt_tokens_total"],
-                                  report["shared_prefilled_tokens"]]))
-  for ax, (title, values) in zip(axes.flat, panels):
-    ax.bar(names, values, color=["tab:gray", "tab:blue"])
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, axis="y", alpha=0.3)
-  fig.suptitle(f"{report.get('model', '')}: {report['prompts']} prompts, prefix sharing "
-               f"{report['throughput_ratio']:.2f}x throughput", fontsize=10)
-  return report_lib._save(fig, path)
+  return _bars(path, f"{report.get('model', '')}: {report['prompts']} prompts, prefix "
+                     f"sharing {report['throughput_ratio']:.2f}x throughput",
+               ("unshared", "shared"),
+               (("tokens/s", [report["unshared_tokens_per_second"],
+                              report["shared_tokens_per_second"]]),
+                ("peak cache (MiB)", [report["unshared_peak_cache_bytes"] / 2 ** 20,
+                                      report["shared_peak_cache_bytes"] / 2 ** 20]),
+                ("prefilled tokens", [report["prompt_tokens_total"],
+                                      report["shared_prefilled_tokens"]])))
+
+
+def write_serving_plot(report: dict, path) -> str:
+  """PNG: tokens per second and rows admitted, full cache against the method."""
+  full, compressed = report["full"], report["compressed"]
+  return _bars(path, f"{report.get('model', '')}: {report['prompts']} requests under "
+                     f"{report['memory_budget_bytes'] / 2 ** 20:.0f} MiB of cache",
+               ("full", f"{report['method']} {report['budget']}"),
+               (("tokens/s", [full["tokens_per_second"], compressed["tokens_per_second"]]),
+                ("rows admitted", [full["rows"], compressed["rows"]])))
+
+
+def compare_serving(model, prompts, memory_budget_bytes: int, method: str, budget: int,
+                    max_new_tokens: int = 16, repeats: int = 3, log=print) -> dict:
+  """The server with the full cache against `method` at `budget` tokens, both under
+  `memory_budget_bytes` of batch cache, interleaved: one untimed run each (compiles), then
+  `repeats` timed runs of each in turn. Compression makes a row smaller, so the same bound
+  admits more rows. Also counts the rows whose greedy tokens equal the full cache's."""
+  max_prompt = max(len(p) for p in inputs.encode(model, list(prompts), None, None).prompts)
+
+  def run(method_name, method_budget):
+    server = Server(model, max_prompt_tokens=max_prompt, max_new_tokens=max_new_tokens,
+                    memory_budget_bytes=memory_budget_bytes, method=method_name,
+                    budget=method_budget)
+    for p in prompts:
+      server.submit(p)
+    return server.run(), server.stats
+
+  full, full_stats = run(None, None)
+  compressed, compressed_stats = run(method, budget)
+  seconds = {"full": [], method: []}
+  for i in range(repeats):
+    for name, b in ((None, None), (method, budget)):
+      _, stats = run(name, b)
+      seconds[name or "full"].append(stats["seconds"])
+    log(f"repeat {i}: full {seconds['full'][-1]:.2f} s, {method} {seconds[method][-1]:.2f} s")
+  full_median = statistics.median(seconds["full"])
+  compressed_median = statistics.median(seconds[method])
+  keys = ("rows", "row_bytes", "cache_bytes", "generated_tokens", "decode_calls",
+          "admissions", "compactions", "peak_active_rows")
+  return {
+      "prompts": len(prompts), "max_new_tokens": max_new_tokens,
+      "memory_budget_bytes": memory_budget_bytes, "method": method, "budget": budget,
+      "full": {**{k: full_stats[k] for k in keys}, "seconds": seconds["full"],
+               "tokens_per_second": full_stats["generated_tokens"] / full_median},
+      "compressed": {**{k: compressed_stats[k] for k in keys}, "seconds": seconds[method],
+                     "tokens_per_second": compressed_stats["generated_tokens"]
+                     / compressed_median},
+      "throughput_ratio": (compressed_stats["generated_tokens"] / compressed_median)
+                          / (full_stats["generated_tokens"] / full_median),
+      "rows_with_same_tokens_as_full": sum(a.token_ids == b.token_ids
+                                           for a, b in zip(full, compressed)),
+  }
