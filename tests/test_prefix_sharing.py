@@ -99,9 +99,10 @@ def test_decode_over_prefix_equals_per_row_decode(monkeypatch):
   jax.clear_caches()
 
 
-@pytest.mark.parametrize("pallas", ["0", "1"])
-def test_shared_prefix_decoding_equals_unshared(monkeypatch, pallas):
-  model = tiny_model()
+@pytest.mark.parametrize("pallas,value_heads", [("0", None), ("1", None), ("0", 4)])
+def test_shared_prefix_decoding_equals_unshared(monkeypatch, pallas, value_heads):
+  # value_heads=4: DiffQKV, two value heads per key head (read per row, not folded).
+  model = tiny_model(num_value_heads=value_heads)
   prompts = _shared_prompts()
   monkeypatch.setenv("KVJAX_PALLAS", pallas)
   jax.clear_caches()
@@ -111,9 +112,12 @@ def test_shared_prefix_decoding_equals_unshared(monkeypatch, pallas):
   jax.clear_caches()
   assert got.token_ids == want.token_ids
   stats = got.stats
-  assert stats["prefilled_tokens"] == sum(map(len, prompts)) - (4 * 40 + 25)
   first = stats["waves"][0]
   assert first["prefixes_prefilled"] == 2 and first["slices"] == 4
+  # Slices of 2 rows: the five-request group's third slice and the pair pad to 2 rows, the
+  # odd one out repeating its first request's suffix (computed, so counted).
+  padding = len(prompts[4]) - 40
+  assert stats["prefilled_tokens"] == sum(map(len, prompts)) - (4 * 40 + 25) + padding
   assert all(w["cache_bytes"] == w["planned_cache_bytes"] for w in stats["waves"])
 
 
@@ -147,8 +151,7 @@ def test_planned_waves_fit_the_budget_and_cover_every_request(seed):
   assert covered == list(range(len(prompts)))
   for w in waves:
     assert w.cache_bytes <= budget
-    assert w.cache_bytes == prefix_sharing.wave_cache_bytes(
-        config, len(w.slices), w.rows_per_prefix, w.prefix_width, w.suffix_width + 16)
+    assert all(len(members) <= w.rows_per_prefix for _, members in w.slices)
     # Requests that share nothing never ride in a wave with shared prefixes.
     assert len({p == 0 for p, _ in w.slices}) == 1
 
@@ -162,13 +165,42 @@ def test_a_compressed_shared_prefix_is_stored_once_at_its_budget():
   assert kept_whole.token_ids == full.token_ids
   small = prefix_sharing.generate_shared(model, prompts, max_new_tokens=4, method="snapkv",
                                          budget=16)
+  # One row per prefix copy reads the same compressed prefix without folding rows.
+  unfolded = prefix_sharing.generate_shared(model, prompts, max_new_tokens=4, method="snapkv",
+                                            budget=16, rows_per_prefix=1)
+  assert small.token_ids == unfolded.token_ids
   wave, = small.stats["waves"]
   assert wave["compressed_prefixes"]
   prefix_layer_bytes = lambda slots: kv_cache.full_cache_nbytes(model.config, 1, slots)
   # One prefix of 16 slots instead of the 64-wide bucket: the cache shrinks by the difference.
   assert (full.stats["peak_cache_bytes"] - wave["cache_bytes"]
           == prefix_layer_bytes(64) - prefix_layer_bytes(16))
-  assert all(len(t) == 4 for t in small.token_ids)
+
+
+def test_edge_cases_equal_unshared_generation():
+  """Identical prompts (a one-token suffix), a one-token prompt, more unrelated prompts
+  than rows per prefix, one new token, and EOS mid-generation."""
+  model = tiny_model()
+  rng = np.random.default_rng(5)
+  same = rng.integers(0, 256, 20).tolist()
+  prompts = [same, same, [17]] + [rng.integers(0, 256, int(n)).tolist() for n in (3, 8, 5)]
+  for max_new in (1, 9):
+    want = kvjax.generate(model, prompts, max_new_tokens=max_new)
+    got = prefix_sharing.generate_shared(model, prompts, max_new_tokens=max_new,
+                                         rows_per_prefix=2)
+    assert got.token_ids == want.token_ids
+  eos = want.token_ids[3][4]   # ends row 3 early (and any row that emits it)
+  want = kvjax.generate(model, prompts, max_new_tokens=9, eos_token_ids=[eos])
+  got = prefix_sharing.generate_shared(model, prompts, max_new_tokens=9, rows_per_prefix=2,
+                                       eos_token_ids=[eos])
+  assert got.token_ids == want.token_ids and len(got.token_ids[3]) <= 4
+
+
+def test_methods_a_shared_prefix_cannot_hold_are_refused_before_any_work():
+  model = tiny_model()
+  for method in ("h2o", "adakv"):
+    with pytest.raises(kvjax.KvjaxError, match="generate_shared"):
+      prefix_sharing.generate_shared(model, _shared_prompts(), method=method, budget=16)
 
 
 def test_bad_arguments_are_refused():
@@ -179,6 +211,8 @@ def test_bad_arguments_are_refused():
     prefix_sharing.generate_shared(model, [[1, 2, 3]], memory_budget_bytes=-5)
   with pytest.raises(kvjax.KvjaxError, match="compression_ratio"):
     prefix_sharing.generate_shared(model, [[1, 2, 3]], method="snapkv", compression_ratio=1.5)
+  with pytest.raises(ValueError, match="prompt 1 must be a non-empty sequence of integer"):
+    group_by_prefix([[1, 2], [1.5, 2]])
 
 
 def test_sharing_benchmark_reports_one_run_of_each(tmp_path):

@@ -78,14 +78,14 @@ class SharedPrefixLayerCache:
     if queries.shape[1] > 1:
       # A prompt's suffix: prefilled once per row through the materialised prefix.
       return self.dense().attend(queries, query_positions)
-    b, _, h, d = queries.shape
+    b, _, h, _ = queries.shape
     prefix_out, prefix_lse = attention_ops.decode_over_prefix(
         queries, self.prefix.keys, self.prefix.values, self.prefix.positions)
     own_out, own_lse = attention_ops.decode(queries, self.suffix.keys, self.suffix.values,
                                             query_positions, self.suffix.positions)
     out, _ = attention_ops.merge_partials(prefix_out, prefix_lse,
                                           own_out.reshape(prefix_out.shape), own_lse)
-    return out.reshape(b, 1, h, d).astype(queries.dtype), Stats()
+    return out.reshape(b, 1, h, -1).astype(queries.dtype), Stats()
 
   def candidates(self, new: NewTokens):
     raise MethodError("compression policies do not act on a shared-prefix cache")

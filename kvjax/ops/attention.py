@@ -110,19 +110,27 @@ def decode_over_prefix(query, keys, values, key_positions):
   [G, K, P, D], key_positions [G, K, P]. The group's R rows become R times the query
   heads of one row, so each prefix is read once for the whole group by the decode
   kernel. No causal mask: every prefix slot precedes the rows' tokens.
-  -> (out [G * R, K, H // K, D] float32, lse [G * R, K, H // K]), ready for
-  `merge_partials` with the rows' own attention.
+  -> (out [G * R, K, H // K, D] float32 (D: the values' width), lse [G * R, K, H // K]),
+  ready for `merge_partials` with the rows' own attention. DiffQKV values (several value
+  heads per key head) are read once per row.
   """
   rows, _, h, d = query.shape
   g, k = keys.shape[:2]
   r, per_kv = rows // g, h // k
+  after = jnp.full((rows,), _AFTER_EVERY_PREFIX, jnp.int32)
+  if values.shape[-1] != d:
+    # DiffQKV (several value heads per key head): the reference maps query heads to value
+    # heads by their order, which folding rows would break; attend per row instead.
+    repeat = lambda x: jnp.repeat(x, r, axis=0)
+    out, lse = reference.decode_attention(_grouped(query, k), repeat(keys), repeat(values),
+                                          repeat(key_positions), after, upcast=False)[:2]
+    return out.astype(jnp.float32), lse
   folded = query.reshape(g, r, k, per_kv, d).transpose(0, 2, 1, 3, 4).reshape(
       g, k, r * per_kv, d)
-  after = jnp.full((g,), _AFTER_EVERY_PREFIX, jnp.int32)
   if _kernels_for(query, values):
-    out, lse = decode_kernels.decode_attention(folded, keys, values, key_positions, after)
+    out, lse = decode_kernels.decode_attention(folded, keys, values, key_positions, after[:g])
   else:
-    out, lse = reference.decode_attention(folded, keys, values, key_positions, after,
+    out, lse = reference.decode_attention(folded, keys, values, key_positions, after[:g],
                                           upcast=False)[:2]
   unfold = lambda x: jnp.swapaxes(x.reshape((g, k, r, per_kv) + x.shape[3:]), 1, 2).reshape(
       (rows, k, per_kv) + x.shape[3:])

@@ -1,6 +1,10 @@
-"""Serving systems around the cache: prefix sharing across an offline batch (BatchLLM)."""
+"""Serving systems around the cache: prefix sharing across an offline batch (BatchLLM),
+continuous batching under a cache-memory bound, and paging policies for an offload tier."""
 
+from kvjax.systems import paging
 from kvjax.systems.prefix_sharing import generate_shared
 from kvjax.systems.prefix_tree import PrefixGroup, group_by_prefix
+from kvjax.systems.scheduler import ServedRequest, Server
 
-__all__ = ["PrefixGroup", "generate_shared", "group_by_prefix"]
+__all__ = ["PrefixGroup", "ServedRequest", "Server", "generate_shared", "group_by_prefix",
+           "paging"]

@@ -291,7 +291,10 @@ def marker(trace: Sequence[Hashable], k: int, seed: int = 0) -> PagingResult:
 
 def follow_discard_predictions(trace: Sequence[Hashable], bits: Sequence[int],
                                k: int) -> PagingResult:
-  """The discard-predictions algorithm of Paging with Succinct Predictions.
+  """An algorithm for the discard predictions of Paging with Succinct Predictions.
+
+  Reconstructed from the paper's stated guarantee (its text was not at hand): the bound
+  below is proved here and tested, but the rule may differ from the paper's algorithm.
 
   `bits[t]` predicts whether request t's page is safe to evict: whether FitF evicts it
   before its next request (`belady_discard_bits` gives the perfect bits). Each resident
@@ -316,6 +319,9 @@ def robust_discard_predictions(trace: Sequence[Hashable], bits: Sequence[int], k
                                seed: int = 0, margin: int | None = None,
                                fallback: str = "marker") -> PagingResult:
   """`follow_discard_predictions` made robust by combination with randomized marking.
+
+  The combiner is ours (a lazy follow-the-better switch), not the paper's robustification,
+  which keeps its consistency at 1; this one's is a constant factor.
 
   Both policies are simulated on the trace; we follow the predictions first and switch
   to the other policy whenever the followed one's fault count exceeds the other's by more

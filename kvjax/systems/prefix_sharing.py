@@ -33,11 +33,23 @@ from kvjax.cache import kv_cache
 from kvjax.cache.shared_prefix import shared_prefix_cache
 from kvjax.errors import GenerationError
 from kvjax.generation import context, engine, inputs
+from kvjax.methods import base
 from kvjax.generation.generate import (GenerationResult, _validate_sampling,
                                        check_context_length, complete, eos_ids)
 from kvjax.systems.prefix_tree import PrefixGroup, group_by_prefix
 
 FULL = methods_lib.get("full")
+
+
+def check_prefill_method(owner: str, method) -> None:
+  """`method` compresses a prompt once at prefill into dense layers (or is the full
+  cache): what a shared prefix or a server row can hold."""
+  if not method.compresses:
+    return
+  base.check_prefill_press(owner, method)
+  if method.rescores or method.compresses_prompt or method.reads_context:
+    raise GenerationError(f"{owner}: method {method.label!r} re-reads the prompt to compress "
+                          f"it; use one that selects tokens in one prefill, e.g. snapkv")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +137,7 @@ def _slice_rows(prefixes, index: np.ndarray):
 
 def _run_wave(model, wave: Wave, encoded, method, keep_for, max_new_tokens, sampling_args,
               steps) -> tuple[dict, dict]:
+  """Prefills a wave's prefixes once and its rows' suffixes, then decodes every row."""
   pad = inputs.pad_id(model)
   unique = sorted({(p, members[0]) for p, members in wave.slices})
   # One prefill per distinct prefix in the wave, whatever the number of its slices.
@@ -144,6 +157,7 @@ def _run_wave(model, wave: Wave, encoded, method, keep_for, max_new_tokens, samp
                               room=0, steps=steps)
   index = np.array([prefix_of[tuple(encoded[m[0]][:p])] for p, m in wave.slices])
   prefixes = _slice_rows(prefilled.cache, index)
+  del prefilled  # only the slices' copies stay
   cache = shared_prefix_cache(prefixes, wave.rows_per_prefix,
                               wave.suffix_width + max_new_tokens)
   members = [m[i] if i < len(m) else m[0] for _, m in wave.slices
@@ -164,8 +178,8 @@ def _run_wave(model, wave: Wave, encoded, method, keep_for, max_new_tokens, samp
                 "suffix_width": wave.suffix_width, "planned_cache_bytes": wave.cache_bytes,
                 "cache_bytes": cache_bytes, "prefixes_prefilled": len(rows),
                 "prefix_tokens_prefilled": sum(lengths),
-                "suffix_tokens_prefilled": int(sum(len(encoded[r]) - p for p, m in wave.slices
-                                                   for r in m)),
+                # Padding rows (repeats of a slice's first request) are computed too.
+                "suffix_tokens_prefilled": int(sum(map(len, suffixes))),
                 "compressed_prefixes": compressed}
   return out, wave_stats
 
@@ -182,12 +196,15 @@ def generate_shared(model, prompts, max_new_tokens: int = 64, *, method=None,
   compress each shared prefix once (kvjax.generate's meaning; suffixes stay whole).
   memory_budget_bytes: the most bytes a wave's cache may allocate (None: no bound).
   rows_per_prefix: the most rows decoded against one prefix copy (a larger group is cut
-  into several slices that share one prefill). Stop strings and streaming are not offered
+  into several slices that share one prefill; a wave pads every slice to its largest
+  with repeated rows, whose work is counted in the stats). Stop strings and streaming are not offered
   here; rows end at EOS or max_new_tokens. Sampling keys follow the wave's row order, so
   only greedy decoding (temperature 0) gives the same tokens as `kvjax.generate`.
   stats: prompt tokens, the tokens prefilled (and saved) by sharing, per-wave cache bytes
   (planned and measured), seconds and generated tokens per second.
   """
+  compile_before = steps.compile_seconds
+  start = time.perf_counter()   # grouping and planning are part of the time
   _validate_sampling(max_new_tokens, temperature, top_p, seed, None)
   validation.integer("rows_per_prefix", rows_per_prefix, 1, error=GenerationError,
                      what="rows decoded against one prefix copy")
@@ -203,6 +220,7 @@ def generate_shared(model, prompts, max_new_tokens: int = 64, *, method=None,
                          f"prompt {i} ({len(tokens)} tokens) with max_new_tokens="
                          f"{max_new_tokens}")
   method_obj = calibration.bind(method, model)
+  check_prefill_method("generate_shared", method_obj)
   keep_for = lambda lengths: methods_lib.validate_compression(method_obj, lengths,
                                                               compression_ratio, budget)
   lengths = [len(t) for t in encoded]
@@ -210,12 +228,12 @@ def generate_shared(model, prompts, max_new_tokens: int = 64, *, method=None,
   groups = group_by_prefix(encoded)
   waves = plan_waves(model.config, groups, lengths, max_new_tokens, rows_per_prefix,
                      memory_budget_bytes)
-  sampling_args = dict(temperature=temperature, top_p=top_p, seed=seed,
-                       eos_token_ids=sorted(eos_ids(model, eos_token_ids)))
+  eos = sorted(eos_ids(model, eos_token_ids))
   results, wave_stats = {}, []
-  compile_before = steps.compile_seconds
-  start = time.perf_counter()
-  for wave in waves:
+  for index, wave in enumerate(waves):
+    # Each wave samples with its own key: row i of two waves must not draw the same noise.
+    sampling_args = dict(temperature=temperature, top_p=top_p, eos_token_ids=eos,
+                         seed=hash((seed, index)) & 0x7FFFFFFF)
     out, stats = _run_wave(model, wave, encoded, method_obj, keep_for, max_new_tokens,
                            sampling_args, steps)
     results.update(out)

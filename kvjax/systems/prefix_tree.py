@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+import numpy as np
+
 
 @dataclasses.dataclass(frozen=True)
 class PrefixGroup:
@@ -80,7 +82,12 @@ def group_by_prefix(token_ids: Sequence[Sequence[int]]) -> list[PrefixGroup]:
   every joiner below save v's depth). Ties keep the shallower group: fewer, larger groups.
   Requests that share nothing form one group with an empty prefix.
   """
-  seqs = [tuple(int(t) for t in ids)[:-1] for ids in token_ids]
+  seqs = []
+  for i, ids in enumerate(token_ids):
+    if len(ids) == 0 or not all(isinstance(t, (int, np.integer)) for t in ids):
+      raise ValueError(f"prompt {i} must be a non-empty sequence of integer token ids, got "
+                       f"{list(ids)[:8]}")
+    seqs.append(tuple(int(t) for t in ids)[:-1])
   if not seqs:
     return []
   root = _radix_tree(seqs)

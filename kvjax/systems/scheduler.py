@@ -39,6 +39,7 @@ from kvjax.errors import GenerationError
 from kvjax.generation import context, engine, inputs, sampling
 from kvjax.generation.generate import (DECODE_CHUNK, _validate_sampling, check_context_length,
                                        eos_ids)
+from kvjax.systems.prefix_sharing import check_prefill_method
 
 
 @dataclasses.dataclass
@@ -80,7 +81,8 @@ def _live_first(layer: LayerCache) -> tuple[LayerCache, jax.Array]:
   return moved, jnp.max(live.sum(-1)).astype(jnp.int32)
 
 
-@jax.jit
+# The batch cache is donated: an admission or compaction never holds two copies of it.
+@functools.partial(jax.jit, donate_argnums=(0,))
 def _compacted(cache: Cache) -> Cache:
   layers = []
   for layer in cache.layers:
@@ -89,14 +91,14 @@ def _compacted(cache: Cache) -> Cache:
   return cache.replace(layers=tuple(layers))
 
 
-@functools.partial(jax.jit, static_argnames=("capacities",))
-def _fitted_rows(cache: Cache, *, capacities: tuple) -> tuple[Cache, jax.Array]:
+@functools.partial(jax.jit, static_argnames=("capacities", "kept"))
+def _fitted_rows(cache: Cache, *, capacities: tuple, kept: tuple) -> tuple[Cache, jax.Array]:
   """A prefilled cache's rows with each layer at `capacities` slots: live slots first, then
-  cut or padded (and whether any row held more live slots than its layer's capacity)."""
+  cut or padded (and whether any row kept more slots than its layer was sized for)."""
   layers, over = [], jnp.bool_(False)
-  for layer, capacity in zip(cache.layers, capacities):
+  for layer, capacity, most in zip(cache.layers, capacities, kept):
     moved, count = _live_first(layer)
-    over = over | (count > capacity)
+    over = over | (count > most)
     moved = moved.grow(max(0, capacity - moved.capacity)) if moved.capacity < capacity else \
         moved.select(jnp.broadcast_to(jnp.arange(capacity), moved.positions.shape[:2] +
                                       (capacity,)))
@@ -104,16 +106,31 @@ def _fitted_rows(cache: Cache, *, capacities: tuple) -> tuple[Cache, jax.Array]:
   return cache.replace(layers=tuple(layers)), over
 
 
-@jax.jit
+@functools.partial(jax.jit, donate_argnums=(0,))
 def _inserted(batch: Cache, rows: Cache, targets: jax.Array) -> Cache:
-  """`rows` (n rows) written over rows `targets` [n] of `batch`; each layer's shared append
-  index becomes the larger of the two."""
-  put = lambda big, small: big.at[targets].set(small.astype(big.dtype))
+  """`rows` (n rows) written over rows `targets` [n] of `batch` (a target past the last row
+  drops its row: admissions are padded to few shapes); each layer's shared append index
+  becomes the larger of the two."""
+  put = lambda big, small: big.at[targets].set(small.astype(big.dtype), mode="drop")
   layers = tuple(b.replace(keys=put(b.keys, r.keys), values=put(b.values, r.values),
                            positions=put(b.positions, r.positions),
                            end=jnp.maximum(b.end, r.end))
                  for b, r in zip(batch.layers, rows.layers))
   return Cache(layers=layers, lengths=put(batch.lengths, rows.lengths))
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _released(cache: Cache, freed: jax.Array) -> Cache:
+  """Rows `freed` [B] bool emptied: their slots no longer count as live for compaction."""
+  empty = lambda p: jnp.where(freed[:, None, None], kv_cache.EMPTY_POSITION, p)
+  return cache.replace(layers=tuple(layer.replace(positions=empty(layer.positions))
+                                    for layer in cache.layers))
+
+
+def _padded_count(n: int, limit: int) -> int:
+  """Admissions are prefilled at a power-of-two row count (at most `limit`), so a server
+  compiles a few prefill shapes, not one per count."""
+  return min(1 << (n - 1).bit_length(), max(limit, n))
 
 
 class Server:
@@ -143,10 +160,7 @@ class Server:
                          f"{max_new_tokens}")
     self.model, self.steps = model, steps
     self.method = calibration.bind(method, model)
-    if self.method.decode_time or self.method.rescores or self.method.compresses_prompt:
-      raise GenerationError(f"method {self.method.label!r} compresses during decoding or "
-                            f"re-reads the prompt; the server takes methods that compress "
-                            f"a prompt once at prefill")
+    check_prefill_method("Server", self.method)
     if self.method.needs_budget and budget is None:
       raise GenerationError(f"method {self.method.label!r} needs budget= (tokens kept per "
                             f"layer): a row's size must not depend on its prompt")
@@ -155,7 +169,9 @@ class Server:
     if self.method.compresses and self.keep is not None:
       kept = context.layer_budgets(model, self.method, self.keep, max_prompt_tokens)
     else:
-      kept = (inputs.bucket(max_prompt_tokens),) * model.config.num_layers
+      # Live slots are moved to the front of a row: padding of the prompt bucket is cut.
+      kept = (max_prompt_tokens,) * model.config.num_layers
+    self.kept = tuple(int(k) for k in kept)
     self.max_prompt_tokens, self.max_new_tokens = max_prompt_tokens, max_new_tokens
     # Overshoot: rows decode whole chunks, so one may run up to a chunk past its end.
     self.capacities = tuple(k + max_new_tokens + DECODE_CHUNK for k in kept)
@@ -173,8 +189,14 @@ class Server:
             f"{max_new_tokens} new tokens); raise the budget or compress")
     self.rows = int(rows)
     self.memory_budget_bytes = memory_budget_bytes
+    # A prefill holds its prompts' uncompressed cache until it is compressed: admit at
+    # most as many prompts at once as the budget holds uncompressed.
+    prompt_bytes = kv_cache.full_cache_nbytes(model.config, 1, inputs.bucket(max_prompt_tokens))
+    self.admit_rows = self.rows if memory_budget_bytes is None else max(
+        1, min(self.rows, memory_budget_bytes // prompt_bytes))
     self.sampling = dict(temperature=temperature, top_p=top_p, greedy=temperature == 0)
     self.key = jax.random.key(seed)
+    self._draws = 0   # every sampling call folds in a new count: no key is used twice
     self.eos = sorted(eos_ids(model, eos_token_ids))
     self.chat_template = chat_template
     self._queue: collections.deque = collections.deque()
@@ -196,30 +218,43 @@ class Server:
     self._queue.append(request)
     return request
 
-  def _admit(self, cache, rows: list, free: list, clock: float):
+  def _next_key(self):
+    self._draws += 1
+    return jax.random.fold_in(self.key, self._draws)
+
+  def _admit(self, cache, rows: list, free: list):
     """Prefills waiting requests into free rows (together, compressed by the method)."""
-    take = [self._queue.popleft() for _ in range(min(len(free), len(self._queue)))]
+    take = [self._queue.popleft()
+            for _ in range(min(len(free), len(self._queue), self.admit_rows))]
     targets = free[:len(take)]
     prompts = [self._requests[r][0] for r in take]
+    padded = _padded_count(len(take), self.admit_rows)
+    # Padding rows repeat the first prompt; their targets are past the last row (dropped).
+    prompts += [prompts[0]] * (padded - len(take))
     tokens, mask = inputs.left_pad(prompts, inputs.pad_id(self.model))
     prefilled = context.prefill(self.model, tokens, mask, self.method,
                                 self.keep if self.method.compresses else None, room=0,
                                 steps=self.steps)
-    for index, layer in enumerate(prefilled.cache.layers):
+    logits, prompt_cache = prefilled.logits, prefilled.cache
+    del prefilled  # the prompts' cache goes as soon as its rows are in the batch cache
+    for index, layer in enumerate(prompt_cache.layers):
       if not isinstance(layer, LayerCache):
         raise GenerationError(f"method {self.method.label!r} stores layer {index} as a "
                               f"{type(layer).__name__}; the server batches dense layers")
-    fitted, over = _fitted_rows(prefilled.cache, capacities=self.capacities)
+    fitted, over = _fitted_rows(prompt_cache, capacities=self.capacities, kept=self.kept)
+    del prompt_cache
     if bool(over):
-      raise GenerationError("a prompt kept more slots than the server sized its rows for; "
-                            "this method's layer budgets grow for shorter prompts")
-    cache = _inserted(cache, fitted, jnp.asarray(targets, jnp.int32))
-    first = np.asarray(sampling.sample(prefilled.logits, jax.random.fold_in(self.key, clock),
+      raise GenerationError(f"a prompt kept more slots than the server sized its rows for "
+                            f"({self.kept}): method {self.method.label!r} keeps more of a "
+                            f"shorter prompt")
+    cache = _inserted(cache, fitted, jnp.asarray(targets + [self.rows] * (padded - len(take)),
+                                                 jnp.int32))
+    first = np.asarray(sampling.sample(logits, self._next_key(),
                                        jnp.float32(self.sampling["temperature"] or 1),
                                        jnp.float32(self.sampling["top_p"]),
                                        self.sampling["greedy"]))
     now = time.perf_counter()
-    for request, row, token in zip(take, targets, first):
+    for request, row, token in zip(take, targets, first[:len(take)]):
       rows[row] = _Row(request=request, generated=[])
       self._results[request] = {"admitted_at": now}
       self._accept(rows[row], int(token))
@@ -256,17 +291,18 @@ class Server:
     last = np.zeros(self.rows, np.int32)
     decode_calls = compactions = admissions = generated = 0
     peak_rows = 0
-    clock = 0
     while self._queue or any(r is not None for r in rows):
-      for i, row in enumerate(rows):
-        if row is not None and row.done:
-          self._finish(row)
-          generated += len(row.generated)
+      freed = np.array([r is not None and r.done for r in rows])
+      if freed.any():
+        for i in np.flatnonzero(freed):
+          self._finish(rows[i])
+          generated += len(rows[i].generated)
           rows[i] = None
+        cache = _released(cache, jnp.asarray(freed))
       free = [i for i, r in enumerate(rows) if r is None]
       if free and self._queue:
-        cache, first, targets = self._admit(cache, rows, free, clock)
-        last[targets] = first
+        cache, first, targets = self._admit(cache, rows, free)
+        last[targets] = first[:len(targets)]
         admissions += 1
         continue  # a request may finish with its first token
       if not any(r is not None for r in rows):
@@ -280,9 +316,8 @@ class Server:
       active = np.array([r is not None and not r.done for r in rows])
       limit = min(DECODE_CHUNK, room, max(self._requests[r.request][1] - len(r.generated)
                                           for r in rows if r is not None and not r.done))
-      clock += 1
       tokens, ran, cache, next_tokens, _ = steps.decode_loop(
-          self.model, jnp.asarray(last), cache, jax.random.fold_in(self.key, clock), 0, limit,
+          self.model, jnp.asarray(last), cache, self._next_key(), 0, limit,
           self.sampling["temperature"] or 1.0, self.sampling["top_p"],
           self.sampling["greedy"], self.eos, DECODE_CHUNK, active=active, mask_finished=True)
       decode_calls += 1
@@ -304,13 +339,3 @@ class Server:
     return [self._results[i] for i in sorted(self._results)
             if isinstance(self._results[i], ServedRequest)]
 
-
-def serve(model, prompts, *, max_new_tokens: int = 64, **server_args):
-  """Every prompt through one `Server` (max_prompt_tokens: the longest prompt's)."""
-  prompt_list, _ = inputs.as_batch(prompts, "prompts")
-  encoded = inputs.encode(model, prompt_list, None, server_args.get("chat_template"))
-  server_args.setdefault("max_prompt_tokens", max(len(p) for p in encoded.prompts))
-  server = Server(model, max_new_tokens=max_new_tokens, **server_args)
-  for tokens in encoded.prompts:
-    server.submit(list(tokens))
-  return server.run(), server.stats
