@@ -35,6 +35,7 @@ from typing import Hashable, Mapping, Sequence
 
 import numpy as np
 
+from kvjax import validation
 from kvjax.errors import KvjaxError
 
 
@@ -70,9 +71,7 @@ class PagingResult:
 
 
 def _check_capacity(k) -> int:
-  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-    raise PagingError(f"cache capacity k must be an integer >= 1, got {k!r}")
-  return int(k)
+  return validation.integer("k", k, 1, error=PagingError, what="pages the fast tier holds")
 
 
 def _check_bits(bits, trace: Sequence) -> tuple:
@@ -88,9 +87,7 @@ def _check_bits(bits, trace: Sequence) -> tuple:
 
 
 def _check_count(name: str, value, low: int) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-    raise PagingError(f"{name} must be an integer >= {low}, got {value!r}")
-  return int(value)
+  return validation.integer(name, value, low, error=PagingError)
 
 
 # ------------------------------------------------------------------ the offline optimum
@@ -367,9 +364,8 @@ def hybrid_lsm(trace: Sequence[int], k: int, static_importance, weight: float,
   k = _check_capacity(k)
   victim_capacity = _check_count("victim_capacity", victim_capacity, 0)
   window = _check_count("window", window, 1)
-  if not (isinstance(weight, (int, float, np.floating, np.integer))
-          and math.isfinite(weight) and 0.0 <= weight <= 1.0):
-    raise PagingError(f"weight must be a number in [0, 1], got {weight!r}")
+  weight = validation.number("weight", weight, 0, 1, error=PagingError,
+                             what="the static prior's share of the score")
   prior = _check_importance(static_importance, trace)
 
   device = collections.OrderedDict()          # least recently used first

@@ -19,6 +19,7 @@ prefix and suffix is merged by log-sum-exp instead of one softmax).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Sequence
 
@@ -67,6 +68,7 @@ class Wave:
     return len(self.slices) * self.rows_per_prefix
 
 
+@functools.lru_cache(maxsize=4096)
 def wave_cache_bytes(config, slices: int, rows_per_prefix: int, prefix_width: int,
                      suffix_capacity: int) -> int:
   """Bytes of a wave's uncompressed shared-prefix cache (traced, nothing allocated)."""
