@@ -139,10 +139,7 @@ def prefix_sharing():
       f"{report['shared_peak_cache_bytes'] / 2 ** 20:.1f} vs "
       f"{report['unshared_peak_cache_bytes'] / 2 ** 20:.1f} MiB; same tokens: "
       f"{report['same_tokens']}")
-  if FLAGS.plot_out:
-    benchmarks.write_sharing_plot(report, FLAGS.plot_out)
-  if FLAGS.json_out:
-    cli.write_json(FLAGS.json_out, {**report, "config": cli.run_config()})
+  _write_systems_report(report, benchmarks.write_sharing_plot)
 
 
 def serving():
@@ -161,8 +158,12 @@ def serving():
       f"{report['compressed']['rows']} rows, full "
       f"{report['full']['tokens_per_second']:.2f} tok/s in {report['full']['rows']} rows "
       f"({report['throughput_ratio']:.2f}x)")
+  _write_systems_report(report, benchmarks.write_serving_plot)
+
+
+def _write_systems_report(report: dict, write_plot) -> None:
   if FLAGS.plot_out:
-    benchmarks.write_serving_plot(report, FLAGS.plot_out)
+    write_plot(report, FLAGS.plot_out)
   if FLAGS.json_out:
     cli.write_json(FLAGS.json_out, {**report, "config": cli.run_config()})
 
