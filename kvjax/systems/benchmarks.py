@@ -138,17 +138,20 @@ def write_serving_plot(report: dict, path) -> str:
 
 
 def compare_serving(model, prompts, memory_budget_bytes: int, method: str, budget: int,
-                    max_new_tokens: int = 16, repeats: int = 3, log=print) -> dict:
+                    max_new_tokens: int = 16, repeats: int = 3, ignore_eos: bool = True,
+                    log=print) -> dict:
   """The server with the full cache against `method` at `budget` tokens, both under
   `memory_budget_bytes` of batch cache, interleaved: one untimed run each (compiles), then
   `repeats` timed runs of each in turn. Compression makes a row smaller, so the same bound
-  admits more rows. Also counts the rows whose greedy tokens equal the full cache's."""
+  admits more rows. With ignore_eos every request generates max_new_tokens tokens, so both
+  do the same work (compression changes where EOS falls, which would change the work).
+  Also counts the rows whose greedy tokens equal the full cache's."""
   max_prompt = max(len(p) for p in inputs.encode(model, list(prompts), None, None).prompts)
 
   def run(method_name, method_budget):
     server = Server(model, max_prompt_tokens=max_prompt, max_new_tokens=max_new_tokens,
                     memory_budget_bytes=memory_budget_bytes, method=method_name,
-                    budget=method_budget)
+                    budget=method_budget, eos_token_ids=[] if ignore_eos else None)
     for p in prompts:
       server.submit(p)
     return server.run(), server.stats
@@ -168,6 +171,7 @@ def compare_serving(model, prompts, memory_budget_bytes: int, method: str, budge
   return {
       "prompts": len(prompts), "max_new_tokens": max_new_tokens,
       "memory_budget_bytes": memory_budget_bytes, "method": method, "budget": budget,
+      "ignore_eos": ignore_eos,
       "full": {**{k: full_stats[k] for k in keys}, "seconds": seconds["full"],
                "tokens_per_second": full_stats["generated_tokens"] / full_median},
       "compressed": {**{k: compressed_stats[k] for k in keys}, "seconds": seconds[method],
