@@ -15,13 +15,14 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from kvjax.cache.kv_cache import Cache, LayerCache, NewTokens, Stats, init_layer_cache, nbytes
+from kvjax.cache.kv_cache import (Cache, LayerCache, NewTokens, PerHeadSlots, Stats,
+                                  init_layer_cache)
 from kvjax.errors import MethodError
 from kvjax.ops import attention as attention_ops
 
 
 @struct.dataclass
-class SharedPrefixLayerCache:
+class SharedPrefixLayerCache(PerHeadSlots):
   prefix: LayerCache     # [G, K, P, D]: one prefix per group
   suffix: LayerCache     # [G * R, K, S, D]: every row's own tokens
 
@@ -32,14 +33,6 @@ class SharedPrefixLayerCache:
   @property
   def capacity(self) -> int:
     return self.prefix.capacity + self.suffix.capacity
-
-  @property
-  def nbytes(self) -> int:
-    return nbytes(self)
-
-  def slots_per_head(self, num_kv_heads: int) -> int:
-    del num_kv_heads
-    return self.capacity
 
   def free_slots(self) -> int:
     return self.suffix.free_slots()
