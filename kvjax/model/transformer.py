@@ -217,18 +217,21 @@ class Transformer(nnx.Module):
                           rngs=rngs))
 
   def __call__(self, tokens, token_mask, cache: Cache, logits: str = "all", policy=None,
-               method_params=None):
+               method_params=None, positions=None):
     """tokens/token_mask [B, T] -> (logits, new cache).
 
     Masked-out tokens (padding) take no position and are stored as empty slots. New
-    tokens continue each sequence at cache.lengths. logits="all" gives [B, T, V];
-    "last" gives [B, V] at each row's last real token. `policy` (static; None = store
-    everything) decides what each layer's cache keeps (see kvjax.cache.policy);
+    tokens continue each sequence at cache.lengths, unless `positions` [B, T] int32 places
+    them (tokens filling holes of a reassembled cache, kvjax.systems.chunk_cache; the
+    cache then counts them as seen, lengths + their number). logits="all" gives
+    [B, T, V]; "last" gives [B, V] at each row's last real token. `policy` (static; None =
+    store everything) decides what each layer's cache keeps (see kvjax.cache.policy);
     `method_params` is its traced parameter pytree, if it has one.
     """
     policy = APPEND if policy is None else policy
     token_mask = token_mask.astype(bool)
-    positions = cache.lengths[:, None] + jnp.cumsum(token_mask, axis=1, dtype=jnp.int32) - 1
+    if positions is None:
+      positions = cache.lengths[:, None] + jnp.cumsum(token_mask, axis=1, dtype=jnp.int32) - 1
     positions = jnp.where(token_mask, positions, EMPTY_POSITION)
     inv_freq = rope.inverse_frequencies(self.config)
     lengths = cache.lengths + token_mask.sum(axis=1, dtype=jnp.int32)
@@ -254,7 +257,7 @@ class Transformer(nnx.Module):
 
 
 def forward(graphdef, params, tokens, token_mask, cache, logits: str = "all", policy=None,
-            method_params=None):
+            method_params=None, positions=None):
   """Pure forward pass: (params, tokens, cache) -> (logits, cache)."""
   return nnx.merge(graphdef, params)(tokens, token_mask, cache, logits, policy,
-                                     method_params)
+                                     method_params, positions)

@@ -39,8 +39,20 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray,
   """Rotates x [B, T, heads, D] by positions [B, T] (negative positions are padding);
   inverse=True undoes that rotation."""
   angles = jnp.maximum(positions, 0).astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
-  cos = jnp.cos(angles)[:, :, None, :]
-  sin = jnp.sin(angles)[:, :, None, :]
+  return _rotate(x, angles[:, :, None, :], inverse)
+
+
+def shift_rope(x: jax.Array, offsets: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+  """Moves already-rotated keys x [..., D] by `offsets` positions (broadcastable to
+  x.shape[:-1], any sign): a key rotated for position p becomes the key for p + offset,
+  since rotations by angles a and b compose to a + b."""
+  angles = jnp.asarray(offsets, jnp.float32)[..., None] * inv_freq
+  return _rotate(x, angles, inverse=False)
+
+
+def _rotate(x: jax.Array, angles: jax.Array, inverse: bool) -> jax.Array:
+  """The rotate-half rotation of x [..., D] by angles [..., D/2] (broadcast)."""
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
   if inverse:
     sin = -sin
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
