@@ -23,6 +23,10 @@ kvjax.generate on the same offline SQuAD batch (--sharing_documents paragraphs x
 --serving times the continuous-batching server with the full cache against --method at
 --budget, both under --memory_budget_mib of batch cache (compression admits more rows):
   python scripts/benchmark.py --serving --method=snapkv --budget=128 --memory_budget_mib=64
+--chunk_reuse assembles retrieval-augmented prompts from cached document chunks
+(Cache-Craft, kvjax.systems.generate_from_chunks) and compares them with full recompute
+(--rag_dataset, --rag_questions, --rag_distractors, --decode_steps new tokens):
+  python scripts/benchmark.py --chunk_reuse --rag_dataset=hotpotqa --json_out=/tmp/rag.json
 """
 
 from absl import flags
@@ -65,6 +69,13 @@ flags.DEFINE_integer("rows_per_prefix", 8, "With --prefix_sharing: rows decoded 
 flags.DEFINE_integer("memory_budget_mib", None, "With --prefix_sharing: the most MiB a wave's "
                      "cache may allocate (default: no bound); with --serving: the server's "
                      "batch cache bound (required).")
+flags.DEFINE_bool("chunk_reuse", False, "Compare prompts assembled from cached chunks "
+                  "(Cache-Craft) with full recompute instead.")
+flags.DEFINE_enum("rag_dataset", "hotpotqa", ["hotpotqa", "squad"], "With --chunk_reuse: "
+                  "where the questions and their documents come from.")
+flags.DEFINE_integer("rag_questions", 16, "With --chunk_reuse: questions (each asked twice).")
+flags.DEFINE_integer("rag_distractors", 2, "With --chunk_reuse: other questions' documents "
+                     "added to each prompt.")
 flags.DEFINE_bool("serving", False, "Time the continuous-batching server (kvjax.systems.Server) "
                   "with the full cache against --method at --budget under --memory_budget_mib, "
                   "on the same SQuAD requests, instead.")
@@ -78,6 +89,8 @@ def main(argv):
     return prefix_sharing()
   if FLAGS.serving:
     return serving()
+  if FLAGS.chunk_reuse:
+    return chunk_reuse()
   methods = benchmarking.build_methods(
       FLAGS.methods if FLAGS.methods is not None else FLAGS.method,
       benchmarking.parse_method_args(FLAGS.method_arg),
@@ -159,6 +172,23 @@ def serving():
       f"{report['full']['tokens_per_second']:.2f} tok/s in {report['full']['rows']} rows "
       f"({report['throughput_ratio']:.2f}x)")
   _write_systems_report(report, benchmarks.write_serving_plot)
+
+
+def chunk_reuse():
+  model = cli.load_model()
+  workload = benchmarks.rag_workload(FLAGS.rag_dataset, FLAGS.rag_questions,
+                                     FLAGS.rag_distractors, FLAGS.seed)
+  report = benchmarks.compare_chunk_reuse(model, workload, FLAGS.decode_steps,
+                                          repeats=FLAGS.repeats)
+  report.update(model=FLAGS.model, dataset=FLAGS.rag_dataset,
+                distractors=FLAGS.rag_distractors)
+  for name, v in report["variants"].items():
+    print(f"{name:>14}: prefill saved {v['prefill_saved_fraction']:.0%}, answers equal to "
+          f"full {v['answers_equal_to_full']}/{report['prompts']} (word F1 "
+          f"{v['word_f1_to_full']:.2f}), gold found "
+          f"{v['gold_found']:.0%}, prefill {v['prefill_seconds_median']:.3f} s "
+          f"({v['prefill_speedup']:.2f}x)")
+  _write_systems_report(report, benchmarks.write_chunk_reuse_plot)
 
 
 def _write_systems_report(report: dict, write_plot) -> None:

@@ -338,6 +338,15 @@ def test_string_match_all():
   assert scoring.string_match_all("quiet-HARBOR, Amber", ["Quiet-Harbor", "amber"]) == 1.0
 
 
+def test_word_f1_counts_shared_words_without_case_punctuation_or_articles():
+  assert scoring.word_f1("The Eiffel Tower.", "eiffel tower") == 1.0
+  # 2 of 3 predicted words are in the 4-word reference: P 2/3, R 1/2, F1 4/7.
+  assert scoring.word_f1("Paris in France", "a city, Paris of France") == pytest.approx(4 / 7)
+  assert scoring.word_f1("red red", "red") == pytest.approx(2 / 3)   # counts are clipped
+  assert scoring.word_f1("blue", "red") == 0.0
+  assert scoring.word_f1("", "the") == 1.0 and scoring.word_f1("x", "") == 0.0
+
+
 def test_string_match_part():
   assert scoring.string_match_part("It was in FRANCE.", ["France", "French Republic"]) == 1.0
   assert scoring.string_match_part("Germany", ["France", "French Republic"]) == 0.0

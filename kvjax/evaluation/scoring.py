@@ -42,6 +42,24 @@ def string_match_part(prediction: str, answers: Iterable[str]) -> float:
   return 1.0 if any(_found(prediction, answers)) else 0.0
 
 
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = re.compile(r"[^\w\s]")
+
+
+def word_f1(prediction: str, reference: str) -> float:
+  """SQuAD's F1 of two texts' word multisets (lowercase, punctuation and articles removed);
+  1.0 when both have no words."""
+  words = lambda text: _ARTICLES.sub(" ", _PUNCTUATION.sub(" ", normalize(text).lower())).split()
+  got, want = words(prediction), words(reference)
+  if not got or not want:
+    return float(got == want)
+  common = sum(min(got.count(w), want.count(w)) for w in set(got))
+  if common == 0:
+    return 0.0
+  precision, recall = common / len(got), common / len(want)
+  return 2 * precision * recall / (precision + recall)
+
+
 def score(metric: str, prediction: str, answers: Iterable[str]) -> float:
   """Scores one prediction with `metric`: "all" (string_match_all) or "part"."""
   if metric == "all":

@@ -3,6 +3,8 @@
 - `compare_sharing`: prefix sharing (BatchLLM) against the same batch without it.
 - `compare_serving`: the continuous-batching server, full cache against a compressing
   method, under one cache-memory bound.
+- `compare_chunk_reuse`: retrieval-augmented prompts assembled from cached chunks
+  (Cache-Craft) against full recompute: prefill saved, answers, prefill seconds.
 
 The workload is offline question answering over SQuAD: every prompt is the same
 instruction with a few solved examples, then one paragraph, then one of that
@@ -12,12 +14,15 @@ with the other questions on their paragraph.
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 
 from kvjax.evaluation import data
 from kvjax.generation import engine, inputs
 from kvjax.generation.generate import generate
+from kvjax.evaluation import scoring
+from kvjax.systems import chunk_cache
 from kvjax.systems.prefix_sharing import generate_shared
 from kvjax.systems.scheduler import Server
 
@@ -106,7 +111,10 @@ def _bars(path, title: str, names, panels) -> str:
   from kvjax.evaluation import report as report_lib
   fig, axes = report_lib._figure(1, len(panels), width=3.4, height=3.2)  # headless, atomic
   for ax, (panel, values) in zip(axes.flat, panels):
-    ax.bar(names, values, color=["tab:gray", "tab:blue"])
+    ax.bar(names, values, color=["tab:gray", "tab:blue", "tab:orange", "tab:green",
+                                 "tab:red"][:len(names)])
+    if len(names) > 2:
+      ax.tick_params(axis="x", labelrotation=30, labelsize=8)
     ax.set_title(panel, fontsize=10)
     ax.grid(True, axis="y", alpha=0.3)
   fig.suptitle(title, fontsize=10)
@@ -182,3 +190,112 @@ def compare_serving(model, prompts, memory_budget_bytes: int, method: str, budge
       "rows_with_same_tokens_as_full": sum(a.token_ids == b.token_ids
                                            for a, b in zip(full, compressed)),
   }
+
+
+RAG_PREAMBLE = "Answer the question with a short phrase copied from the documents.\n\n"
+
+
+def rag_workload(dataset: str, questions: int, distractors: int, seed: int = 0):
+  """Two passes over the same questions of `dataset` ("hotpotqa" or "squad"), each prompt
+  [preamble, documents..., ] + question: the question's own documents and `distractors`
+  documents of the other questions, shuffled; the second pass draws other distractors
+  and another order. Returns (first, second): lists of (chunks, question, answers)."""
+  items = {"hotpotqa": data.hotpotqa, "squad": data.squad}[dataset]()
+  chosen, seen = [], set()
+  for item in items:
+    if not seen & set(item.documents):
+      chosen.append(item)
+      seen |= set(item.documents)
+    if len(chosen) == questions:
+      break
+  pool = [d for item in chosen for d in item.documents]
+  if len(chosen) < questions or len(pool) - 2 < distractors:
+    raise ValueError(f"{dataset} gives {len(chosen)} questions with distinct documents; "
+                     f"{questions} with {distractors} distractors asked for")
+  rng = random.Random(seed)
+
+  def prompt(item):
+    others = [d for d in pool if d not in item.documents]
+    docs = list(item.documents) + rng.sample(others, distractors)
+    rng.shuffle(docs)
+    return ([RAG_PREAMBLE] + [f"Document: {d}\n\n" for d in docs],
+            f"Question: {item.question}\nAnswer:", item.answers)
+
+  return [prompt(i) for i in chosen], [prompt(i) for i in chosen]
+
+
+def compare_chunk_reuse(model, workload, max_new_tokens: int = 16,
+                        fractions=(0.0, 0.15), repeats: int = 1, log=print) -> dict:
+  """Cache-Craft against full recompute on `rag_workload`'s two passes. The first pass
+  fills a chunk store (the chunks each prompt reuses from earlier prompts of the pass are
+  reused already). On the second, each prompt runs, interleaved: a full prefill
+  (kvjax.generate of the same tokens), Cache-Craft's CFO recompute, and reuse with each
+  fixed recompute fraction in `fractions` (0.0: positions fixed, nothing recomputed),
+  all reading the same store. One untimed round compiles; `repeats` timed rounds follow.
+  Greedy. Reports per variant: the share of prompt tokens not prefilled, answers equal to
+  the full prefill's, gold answers found, and prefill seconds with their ratio to full."""
+  store = chunk_cache.ChunkStore(model, max_bytes=8 << 30)
+  first, second = workload
+  creation = [chunk_cache.generate_from_chunks(model, store, c, q, max_new_tokens).stats
+              for c, q, _ in first]
+  log(f"first pass: {len(store)} chunk variants, {store.bytes / 2 ** 20:.1f} MiB")
+  variants = [("cache-craft", None)] + [(f"fraction {f:g}", f) for f in fractions]
+  names = ["full"] + [n for n, _ in variants]
+  out = {n: {"texts": [], "token_ids": [], "saved": [], "seconds": []} for n in names}
+  for round_ in range(1 + repeats):
+    timed = round_ > 0
+    for chunks, question, _ in second:
+      ids, q = chunk_cache._chunk_ids(model, chunks, question)
+      full = generate(model, [[t for c in ids for t in c] + q], max_new_tokens=max_new_tokens)
+      runs = [("full", full.token_ids[0], full.texts[0], 0.0, full.stats["prefill_seconds"])]
+      for name, fraction in variants:
+        r = chunk_cache.generate_from_chunks(model, store, ids, q, max_new_tokens,
+                                             recompute_fraction=fraction, update_store=False)
+        runs.append((name, r.token_ids[0], r.texts[0], r.stats["prefill_saved_fraction"],
+                     r.stats["prefill_seconds"]))
+      for name, tokens, text, saved, seconds in runs:
+        if timed:
+          out[name]["seconds"].append(seconds)
+        if round_ == 1 or not repeats:
+          out[name]["token_ids"].append(tokens)
+          out[name]["texts"].append(text)
+          out[name]["saved"].append(saved)
+    log(f"round {round_}: " + ", ".join(
+        f"{n} {sum(out[n]['seconds'][-len(second):]):.2f} s" for n in names if timed))
+  answers = [a for _, _, a in second]
+  full_seconds = statistics.median(out["full"]["seconds"] or [float("nan")])
+  report = {"prompts": len(second), "max_new_tokens": max_new_tokens,
+            "chunk_variants": len(store), "store_bytes": store.bytes,
+            "first_pass_prefill_saved_fraction": statistics.mean(
+                s["prefill_saved_fraction"] for s in creation),
+            "prompt_tokens_mean": statistics.mean(s["prompt_tokens"] for s in creation),
+            "variants": {}}
+  for name in names:
+    o = out[name]
+    seconds = statistics.median(o["seconds"]) if o["seconds"] else None
+    report["variants"][name] = {
+        "prefill_saved_fraction": statistics.mean(o["saved"]),
+        "answers_equal_to_full": sum(a == b for a, b in zip(o["token_ids"],
+                                                            out["full"]["token_ids"])),
+        "gold_found": statistics.mean(scoring.string_match_part(t, a)
+                                      for t, a in zip(o["texts"], answers)),
+        "word_f1_to_full": statistics.mean(scoring.word_f1(t, f) for t, f in
+                                           zip(o["texts"], out["full"]["texts"])),
+        "prefill_seconds_median": seconds,
+        "prefill_speedup": full_seconds / seconds if seconds else None,
+        "texts": o["texts"]}
+  return report
+
+
+def write_chunk_reuse_plot(report: dict, path) -> str:
+  """PNG: prefill saved, answers equal to full recompute and gold found, per variant."""
+  names = list(report["variants"])
+  v = report["variants"]
+  n = report["prompts"]
+  return _bars(path, f"{report.get('model', '')}: {n} RAG prompts from cached chunks",
+               names,
+               (("prefill saved (%)", [100 * v[k]["prefill_saved_fraction"] for k in names]),
+                ("answers = full (%)", [100 * v[k]["answers_equal_to_full"] / n
+                                        for k in names]),
+                ("word F1 to full (%)", [100 * v[k]["word_f1_to_full"] for k in names]),
+                ("gold found (%)", [100 * v[k]["gold_found"] for k in names])))

@@ -392,9 +392,10 @@ def _segment_bounds(plans: list[ChunkPlan]) -> np.ndarray:
 
 def prefill_chunks(model, store: ChunkStore, chunk_ids: Sequence[Sequence[int]],
                    question_ids: Sequence[int], *, recompute_fraction: float | None = None,
-                   alpha: float = 1.0, room: int = 0):
+                   alpha: float = 1.0, room: int = 0, update_store: bool = True):
   """Prefills chunks + question reusing stored chunks: (logits [1, V] after the last
-  token, cache in position order with `room` empty slots, stats)."""
+  token, cache in position order with `room` empty slots, stats). update_store=False
+  leaves the store as it was (nothing stored, no use recorded)."""
   cfg = model.config
   plans = plan_chunks(store, chunk_ids, recompute_fraction, alpha)
   prompt = [t for ids in chunk_ids for t in ids] + list(question_ids)
@@ -430,7 +431,7 @@ def prefill_chunks(model, store: ChunkStore, chunk_ids: Sequence[Sequence[int]],
     values[:, :, :n_kept] = np.concatenate(kept_values, axis=2)
     positions[:n_kept] = np.concatenate(kept_positions)
     shift[:n_kept] = np.concatenate(offsets)
-  record = any(p.whole for p in plans)
+  record = update_store and any(p.whole for p in plans)
   segments = _segment_bounds(plans)
   capacity = kept_width + fresh_width
   cache = _reused_cache(jnp.asarray(keys), jnp.asarray(values), jnp.asarray(positions),
@@ -446,7 +447,7 @@ def prefill_chunks(model, store: ChunkStore, chunk_ids: Sequence[Sequence[int]],
                               jnp.asarray(fresh_positions), cache, jnp.asarray(segments),
                               graphdef=model.graphdef, record=record)
   stored = _store_new_chunks(store, plans, cache, kept_width, fresh_index) if record else 0
-  for p in reused:
+  for p in reused if update_store else ():
     if not p.whole:   # a chunk recomputed whole used nothing stored
       store.touch(p.chunk, p.variant)
   cache = engine.STEPS.grow(_in_position_order(cache, min(capacity, inputs.bucket(total))),
@@ -526,7 +527,8 @@ def _chunk_ids(model, chunks, question) -> tuple[list[list[int]], list[int]]:
 
 def generate_from_chunks(model, store: ChunkStore, chunks, question="", max_new_tokens: int = 64,
                          *, recompute_fraction: float | None = None, alpha: float = 1.0,
-                         temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                         update_store: bool = True, temperature: float = 0.0,
+                         top_p: float = 1.0, seed: int = 0,
                          eos_token_ids: Sequence[int] | None = None,
                          steps: engine.CompiledSteps = engine.STEPS) -> GenerationResult:
   """Generates after a prompt made of `chunks` then `question`, reusing the chunk caches
@@ -535,7 +537,8 @@ def generate_from_chunks(model, store: ChunkStore, chunks, question="", max_new_
   chunks: texts or token-id lists, each tokenized alone (the first with the tokenizer's
   special tokens). recompute_fraction: None recomputes each reused chunk's CFO share of
   tokens; a number in [0, 1] recomputes that share of every reused chunk (1.0 = a full
-  prefill of the prompt). alpha scales CFO. stats: the plan of every chunk, the tokens
+  prefill of the prompt). alpha scales CFO. update_store=False only reads the store.
+  stats: the plan of every chunk, the tokens
   prefilled and saved, seconds.
   """
   start = time.perf_counter()
@@ -561,7 +564,7 @@ def generate_from_chunks(model, store: ChunkStore, chunks, question="", max_new_
   room = -(-(max_new_tokens + DECODE_CHUNK) // 64) * 64
   logits, cache, stats = prefill_chunks(model, store, chunk_ids, question_ids,
                                         recompute_fraction=recompute_fraction, alpha=alpha,
-                                        room=room)
+                                        room=room, update_store=update_store)
   prefill_seconds = time.perf_counter() - start
   done = complete(model, logits, cache, None, max_new_tokens=max_new_tokens,
                   temperature=temperature, top_p=top_p, seed=seed,
