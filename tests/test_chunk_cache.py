@@ -5,6 +5,7 @@ model's prompt assembled from cached HotpotQA documents."""
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -149,6 +150,22 @@ def test_creation_statistics_match_a_numpy_restatement_of_layer0():
       assert v.predecessor_attention.shape == (i,)
       assert (v.predecessor_attention > 0).all()
     np.testing.assert_allclose(own[:, :i + 1].sum(1), 1, atol=1e-9)  # causal: sums to one
+
+
+def test_recording_in_query_blocks_equals_one_block(monkeypatch):
+  model = tiny_model()
+  chunks = _chunks(9, (20, 25, 15))
+  whole = cc.ChunkStore(model)
+  cc.prefill_chunks(model, whole, chunks, [3])
+  monkeypatch.setattr(cc, "QUERY_BLOCK", 16)
+  jax.clear_caches()   # the recording is traced again with the smaller block
+  blocked = cc.ChunkStore(model)
+  cc.prefill_chunks(model, blocked, chunks, [3])
+  jax.clear_caches()
+  for c in chunks:
+    (a,), (b,) = whole.variants(cc.chunk_hash(c)), blocked.variants(cc.chunk_hash(c))
+    for field in ("inter", "intra", "token_inter", "predecessor_attention"):
+      np.testing.assert_allclose(getattr(a, field), getattr(b, field), rtol=1e-5, atol=1e-7)
 
 
 # ----------------------------------------------------------------- prompts and reuse

@@ -225,7 +225,7 @@ def rag_workload(dataset: str, questions: int, distractors: int, seed: int = 0):
 
 
 def compare_chunk_reuse(model, workload, max_new_tokens: int = 16,
-                        fractions=(0.0, 0.15), repeats: int = 1, log=print) -> dict:
+                        fractions=(0.0, 0.15, 1.0), repeats: int = 1, log=print) -> dict:
   """Cache-Craft against full recompute on `rag_workload`'s two passes. The first pass
   fills a chunk store (the chunks each prompt reuses from earlier prompts of the pass are
   reused already). On the second, each prompt runs, interleaved: a full prefill

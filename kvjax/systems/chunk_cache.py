@@ -282,15 +282,23 @@ class RecordSegments:
   def update(self, layer: int, layer_cache, step, stats):
     del layer, stats
     bounds = step.params
-    probs = attention_ops.probabilities(step.queries, layer_cache.keys, step.new.positions,
-                                        layer_cache.positions, upcast=True)  # [B,K,G,T,S]
-    mean = probs.mean(axis=(1, 2))                                            # [B, T, S]
     slot_positions = layer_cache.positions[:, 0]                              # [B, S]
     segment = (slot_positions[..., None] >= bounds[:, None, :]).sum(-1) - 1   # [B, S]
-    one_hot = (segment[..., None] == jnp.arange(bounds.shape[1] - 1)) & (
-        slot_positions[..., None] >= 0)
-    rows = jnp.einsum("bts,bsn->btn", mean, one_hot.astype(jnp.float32),
-                      precision=jax.lax.Precision.HIGHEST)
+    one_hot = ((segment[..., None] == jnp.arange(bounds.shape[1] - 1))
+               & (slot_positions[..., None] >= 0)).astype(jnp.float32)        # [B, S, n]
+
+    def block(args):
+      queries, positions = args
+      probs = attention_ops.probabilities(queries, layer_cache.keys, positions,
+                                          layer_cache.positions, upcast=True)  # [B,K,G,t,S]
+      return jnp.einsum("bts,bsn->btn", probs.mean(axis=(1, 2)), one_hot,
+                        precision=jax.lax.Precision.HIGHEST)
+    # Queries in blocks, so the probabilities of a long prompt are never held at once.
+    b, t, h, d = step.queries.shape
+    size = min(t, QUERY_BLOCK)
+    blocks = (step.queries.reshape(b, t // size, size, h, d).swapaxes(0, 1),
+              step.new.positions.reshape(b, t // size, size).swapaxes(0, 1))
+    rows = jax.lax.map(block, blocks).swapaxes(0, 1).reshape(b, t, -1)       # [B, T, n]
     k, t = layer_cache.keys.shape[1], rows.shape[1]
     put = jnp.broadcast_to(rows[:, None], (rows.shape[0], k) + rows.shape[1:])
     state = jax.lax.dynamic_update_slice(layer_cache.state, put.astype(jnp.float32),
@@ -302,6 +310,7 @@ class RecordSegments:
 
 
 RECORD = RecordSegments()
+QUERY_BLOCK = 512   # fresh widths are powers of two up to 512, then multiples of it
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "record"))
@@ -557,6 +566,9 @@ def generate_from_chunks(model, store: ChunkStore, chunks, question="", max_new_
   if getattr(model, "placement", None) is not None:
     raise GenerationError("generate_from_chunks runs on one device; load the model without "
                           "a mesh")
+  if model.config.latent is not None:
+    raise GenerationError("generate_from_chunks stores dense keys and values; a latent-"
+                          "attention (X-EcoMLA) model caches latents")
   chunk_ids, question_ids = _chunk_ids(model, chunks, question)
   total = sum(map(len, chunk_ids)) + len(question_ids)
   check_context_length(model, total + max_new_tokens,
