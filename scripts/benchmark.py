@@ -27,6 +27,10 @@ kvjax.generate on the same offline SQuAD batch (--sharing_documents paragraphs x
 (Cache-Craft, kvjax.systems.generate_from_chunks) and compares them with full recompute
 (--rag_dataset, --rag_questions, --rag_distractors, --decode_steps new tokens):
   python scripts/benchmark.py --chunk_reuse --rag_dataset=hotpotqa --json_out=/tmp/rag.json
+--offload decodes one --offload_context-token essay prompt through Quest (--budget tokens
+read per step) all on the device, offloaded to host memory, and offloaded behind a device
+page buffer of --device_pages frames per eviction policy (kvjax.systems.offload):
+  python scripts/benchmark.py --offload --budget=64 --device_pages=24 --decode_steps=16
 """
 
 from absl import flags
@@ -76,6 +80,12 @@ flags.DEFINE_enum("rag_dataset", "hotpotqa", ["hotpotqa", "squad"], "With --chun
 flags.DEFINE_integer("rag_questions", 16, "With --chunk_reuse: questions (each asked twice).")
 flags.DEFINE_integer("rag_distractors", 2, "With --chunk_reuse: other questions' documents "
                      "added to each prompt.")
+flags.DEFINE_bool("offload", False, "Compare Quest decoding on the device, offloaded, and "
+                  "offloaded behind a page buffer per eviction policy instead.")
+flags.DEFINE_integer("offload_context", 512, "With --offload: prompt tokens.")
+flags.DEFINE_integer("device_pages", 24, "With --offload: buffer frames per row and KV head.")
+flags.DEFINE_list("offload_policies", ["lru", "predictions", "hybrid"], "With --offload: "
+                  "eviction policies of the buffer.")
 flags.DEFINE_bool("serving", False, "Time the continuous-batching server (kvjax.systems.Server) "
                   "with the full cache against --method at --budget under --memory_budget_mib, "
                   "on the same SQuAD requests, instead.")
@@ -91,6 +101,8 @@ def main(argv):
     return serving()
   if FLAGS.chunk_reuse:
     return chunk_reuse()
+  if FLAGS.offload:
+    return offload_tier()
   methods = benchmarking.build_methods(
       FLAGS.methods if FLAGS.methods is not None else FLAGS.method,
       benchmarking.parse_method_args(FLAGS.method_arg),
@@ -189,6 +201,24 @@ def chunk_reuse():
           f"{v['gold_found']:.0%}, prefill {v['prefill_seconds_median']:.3f} s "
           f"({v['prefill_speedup']:.2f}x)")
   _write_systems_report(report, benchmarks.write_chunk_reuse_plot)
+
+
+def offload_tier():
+  from kvjax.evaluation import data
+  from kvjax.systems import offload
+  model = cli.load_model()
+  prompt = model.tokenizer.encode(data.essays_text())[:FLAGS.offload_context]
+  report = offload.compare_offload(model, [prompt], FLAGS.decode_steps, budget=FLAGS.budget,
+                                   device_pages=FLAGS.device_pages,
+                                   policies=FLAGS.offload_policies, repeats=FLAGS.repeats,
+                                   chat_template=False)
+  report.update(model=FLAGS.model, prompt_tokens=len(prompt))
+  for name, v in report["variants"].items():
+    print(f"{name:>20}: device {v['device_bytes'] / 2 ** 20:.1f} MiB, host "
+          f"{v['host_bytes'] / 2 ** 20:.1f} MiB, fault rate {v['fault_rate']:.3f}, "
+          f"{v['decode_tokens_per_second']:.1f} tok/s ({v['speed_vs_on_device']:.2f}x), "
+          f"same tokens {v['tokens_identical']}")
+  _write_systems_report(report, benchmarks.write_offload_plot)
 
 
 def _write_systems_report(report: dict, write_plot) -> None:

@@ -66,11 +66,14 @@ class Stats:
   pending_probs [B, H]: decode only, the new query's probability of its own (pending) token.
   queries: (queries [B, T, H, D], positions [B, T]) appended without compressing (decode,
     questions): the step's own queries, for methods that keep them (LoopServe).
+  layer: the layer cache as it stands after attending, when attending changed it (an
+    offload tier's page buffer, kvjax.cache.page_buffer): every policy keeps it.
   """
   column_sums: jax.Array | None = None
   probs: jax.Array | None = None
   pending_probs: jax.Array | None = None
   queries: tuple | None = None
+  layer: Any = None
 
 
 COLUMN_SUMS, PROBS, QUERIES = "column_sums", "probs", "queries"

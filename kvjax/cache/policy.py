@@ -40,8 +40,9 @@ class Append:
     return layer_cache.append(new), None, frozenset()
 
   def update(self, layer: int, layer_cache, step: LayerStep, stats):
-    del layer, step, stats
-    return layer_cache
+    del layer, step
+    # A layer that changed while attending (an offload tier's buffer) is kept.
+    return layer_cache if stats.layer is None else stats.layer
 
   def finish(self, layers: tuple, lengths: jax.Array) -> Cache:
     return Cache(layers=tuple(layers), lengths=lengths)

@@ -65,6 +65,8 @@ class CompressionPlan:
     return layer_cache.append(new), None, frozenset(want)
 
   def update(self, layer: int, layer_cache, step: LayerStep, stats):
+    if stats.layer is not None:   # attending stepped the layer (an offload tier's buffer)
+      layer_cache = stats.layer
     if self.compress:
       cand = layer_cache.candidates(step.new)
       x = layer_inputs(layer, cand, step, stats.column_sums)

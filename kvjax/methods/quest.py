@@ -17,6 +17,15 @@ layers, the page bounds (2 / page_size of the keys, float32) and positions;
 `context_cache_bytes` counts device bytes and `method_stats["host_bytes"]` the offloaded
 ones. `offload=False` keeps everything on the device (Quest's own setting: memory is not
 reduced, only what a step reads).
+
+Offload tier (`device_pages` > 0, offloaded only): each paged layer keeps `device_pages`
+device frames per row and KV head holding copies of host pages (`kvjax.cache.page_buffer`):
+a decode step reads resident pages from their frames and copies only the others from host
+memory, evicting by `eviction` ("lru", "predictions": a 1-bit discard prediction with an
+LRU fallback, "hybrid": LSM-GNN's static prior plus recency), with `victim_pages` victim
+frames and `prefetch` pages prefetched per step. The tokens are those of the unbuffered
+cache; `method_stats` adds the buffer's settings and bytes, and
+`kvjax.cache.page_buffer.buffer_counts(cache)` its hits, faults and prefetches.
 """
 
 from __future__ import annotations
@@ -26,8 +35,10 @@ from typing import ClassVar
 
 import jax.numpy as jnp
 
-from kvjax.cache.kv_cache import host_nbytes
+from kvjax.cache.kv_cache import host_nbytes, nbytes
+from kvjax.cache.page_buffer import POLICIES, BufferConfig, BufferedPagedLayerCache, buffered
 from kvjax.cache.paged import GQA_MODES, PagedLayerCache, repaged
+from kvjax.errors import MethodError
 from kvjax.methods import base, registry
 
 
@@ -42,12 +53,30 @@ class Quest(base.Method):
   skip_layers: int = 2
   gqa: str = "query"
   offload: bool = True
+  device_pages: int = 0       # the offload tier's frames per row and KV head (0: none)
+  eviction: str = "lru"
+  prefetch: int = 0
+  victim_pages: int = 0
 
   def __post_init__(self):
     base.check_int("page_size", self.page_size, 1)
     base.check_int("min_pages", self.min_pages, 1)
     base.check_int("skip_layers", self.skip_layers, 0)
     base.check_choice("gqa", self.gqa, GQA_MODES)
+    base.check_int("device_pages", self.device_pages, 0)
+    base.check_choice("eviction", self.eviction, POLICIES)
+    base.check_int("prefetch", self.prefetch, 0)
+    base.check_int("victim_pages", self.victim_pages, 0)
+    if self.device_pages and not self.offload:
+      raise MethodError(f"device_pages={self.device_pages} buffers offloaded pages: it needs "
+                        "offload=True (or device_pages=0)")
+
+  def buffer_config(self) -> BufferConfig | None:
+    """The offload tier's settings, None without one."""
+    if not self.device_pages:
+      return None
+    return BufferConfig(device_pages=self.device_pages, policy=self.eviction,
+                        prefetch=self.prefetch, victim_pages=self.victim_pages)
 
   def pages(self, keep: int) -> int:
     """Pages a decode step reads for a token budget of `keep`: whole pages covering it
@@ -67,13 +96,15 @@ class Quest(base.Method):
     """The prompt's bucket padding cut (each row's tokens from slot 0), pages rebuilt; a
     layer whose budget covers its whole context stays dense (reads all of it, as the full
     cache, however many tokens decoding adds)."""
-    del config
+    groups = config.num_heads // config.num_kv_heads if config is not None else 1
+    tier = self.buffer_config()
 
     def page(dense, layer):
       if layer.pages * self.page_size >= dense.capacity:   # reads the whole context: dense
         return dense
       paged = PagedLayerCache.from_dense(dense, layer.page_size, layer.pages, layer.gqa)
-      return paged.offload() if self.offload else paged
+      paged = paged.offload() if self.offload else paged
+      return paged if tier is None else buffered(paged, tier, groups)
 
     return repaged(cache, page)
 
@@ -88,4 +119,13 @@ class Quest(base.Method):
     return {"pages_per_step": paged[0].pages, "page_size": self.page_size,
             "tokens_read_per_step": paged[0].pages * self.page_size,
             "dense_layers": len(cache.layers) - len(paged),
-            "host_bytes": host_nbytes(cache)}
+            "host_bytes": host_nbytes(cache),
+            **self._tier_stats(paged)}
+
+  def _tier_stats(self, paged) -> dict:
+    buffers = [layer.buffer for layer in paged if isinstance(layer, BufferedPagedLayerCache)]
+    if not buffers:
+      return {}
+    return {"device_pages": self.device_pages, "eviction": self.eviction,
+            "prefetch": self.prefetch, "victim_pages": self.victim_pages,
+            "buffer_bytes": sum(nbytes(b) for b in buffers)}

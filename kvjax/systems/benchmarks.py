@@ -112,7 +112,7 @@ def _bars(path, title: str, names, panels) -> str:
   fig, axes = report_lib._figure(1, len(panels), width=3.4, height=3.2)  # headless, atomic
   for ax, (panel, values) in zip(axes.flat, panels):
     ax.bar(names, values, color=["tab:gray", "tab:blue", "tab:orange", "tab:green",
-                                 "tab:red"][:len(names)])
+                                 "tab:red", "tab:purple", "tab:brown", "tab:pink"][:len(names)])
     if len(names) > 2:
       ax.tick_params(axis="x", labelrotation=30, labelsize=8)
     ax.set_title(panel, fontsize=10)
@@ -225,7 +225,8 @@ def rag_workload(dataset: str, questions: int, distractors: int, seed: int = 0):
 
 
 def compare_chunk_reuse(model, workload, max_new_tokens: int = 16,
-                        fractions=(0.0, 0.15, 1.0), repeats: int = 1, log=print) -> dict:
+                        fractions=(0.0, 0.15, 0.3, 0.5, 1.0), repeats: int = 1,
+                        log=print) -> dict:
   """Cache-Craft against full recompute on `rag_workload`'s two passes. The first pass
   fills a chunk store (the chunks each prompt reuses from earlier prompts of the pass are
   reused already). On the second, each prompt runs, interleaved: a full prefill
@@ -299,3 +300,15 @@ def write_chunk_reuse_plot(report: dict, path) -> str:
                                         for k in names]),
                 ("word F1 to full (%)", [100 * v[k]["word_f1_to_full"] for k in names]),
                 ("gold found (%)", [100 * v[k]["gold_found"] for k in names])))
+
+
+def write_offload_plot(report: dict, path) -> str:
+  """PNG: device MiB, fault rate and decode tokens per second, per offload variant."""
+  v = report["variants"]
+  names = list(v)
+  return _bars(path, f"{report.get('model', '')}: Quest decoding, {report.get('prompt_tokens')}"
+                     f"-token prompt, budget {report['config']['budget']}",
+               names,
+               (("device MiB", [v[k]["device_bytes"] / 2 ** 20 for k in names]),
+                ("fault rate", [v[k]["fault_rate"] for k in names]),
+                ("decode tok/s", [v[k]["decode_tokens_per_second"] for k in names])))

@@ -577,6 +577,7 @@ def generate_from_chunks(model, store: ChunkStore, chunks, question="", max_new_
   logits, cache, stats = prefill_chunks(model, store, chunk_ids, question_ids,
                                         recompute_fraction=recompute_fraction, alpha=alpha,
                                         room=room, update_store=update_store)
+  jax.block_until_ready(logits)   # dispatch is asynchronous: time the work, not its launch
   prefill_seconds = time.perf_counter() - start
   done = complete(model, logits, cache, None, max_new_tokens=max_new_tokens,
                   temperature=temperature, top_p=top_p, seed=seed,

@@ -1,0 +1,175 @@
+"""The offload tier end to end: Quest decoding with cold pages in host memory and a device
+page buffer in front of them (`kvjax.cache.page_buffer`), and its benchmark against the
+all-on-device Quest cache.
+
+`offloaded_generate` decodes prompts through Quest with the tier configured by keyword
+(the same as `kvjax.generate(model, prompts, method="quest:device_pages=64:eviction=
+predictions:prefetch=2", ...)`, which gives the same tokens) and also returns the final
+cache's buffer counters (hits, faults, prefetches, fault rate), which `kvjax.generate`
+does not expose.
+
+`compare_offload` decodes the same prompts with (a) the Quest cache all on the device,
+(b) offloaded without a buffer (every selected page copied every step), (c) offloaded with
+the buffer under each eviction policy, repeats interleaved (a, b, c..., a, b, c...), and
+reports device and host bytes, the fault rate, prefetch counts, decode tokens/s (median)
+and the median of per-repeat speed ratios against (a), and whether every variant's tokens
+equal (a)'s. On CPU nothing is overlapped (see page_buffer's docstring): the buffer saves
+host-to-device copies, whose cost on CPU is a memcpy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+
+from kvjax import validation
+from kvjax.cache.page_buffer import POLICIES, buffer_counts
+from kvjax.errors import KvjaxError
+from kvjax.generation import context, inputs
+from kvjax.generation.generate import check_context_length, complete, eos_ids
+from kvjax.methods import validate_compression
+from kvjax.methods.quest import Quest
+
+ROOM_MULTIPLE = 64
+
+
+class OffloadError(KvjaxError):
+  """Invalid arguments to the offload entry points."""
+
+
+@dataclasses.dataclass
+class OffloadResult:
+  token_ids: list[list[int]]
+  texts: list[str]
+  stats: dict     # device_bytes, host_bytes, buffer counters, decode speed, ...
+
+
+def quest_method(device_pages: int = 0, policy: str = "lru", prefetch: int = 0,
+                 victim_pages: int = 0, offload: bool = True, page_size: int = 16,
+                 min_pages: int = 3, skip_layers: int = 2, gqa: str = "query") -> Quest:
+  """The Quest method with an offload tier of `device_pages` frames (0: none) evicting by
+  `policy` (a MethodError names a bad value)."""
+  return Quest(page_size=page_size, min_pages=min_pages, skip_layers=skip_layers, gqa=gqa,
+               offload=offload, device_pages=device_pages, eviction=policy, prefetch=prefetch,
+               victim_pages=victim_pages)
+
+
+def _decode(model, prompts, method: Quest, max_new_tokens: int, compression_ratio, budget,
+            chat_template) -> OffloadResult:
+  prompt_list, _ = inputs.as_batch(prompts, "prompts")
+  batch = inputs.encode(model, prompt_list, None, chat_template)
+  lengths = [len(p) for p in batch.prompts]
+  for i, n in enumerate(lengths):
+    check_context_length(model, n + max_new_tokens,
+                         f"prompt {i} ({n} tokens) with max_new_tokens={max_new_tokens}")
+  keep = validate_compression(method, lengths, compression_ratio, budget)
+  tokens, mask = inputs.left_pad(batch.prompts, inputs.pad_id(model),
+                                 inputs.context_width(max(lengths)))
+  room = -(-max_new_tokens // ROOM_MULTIPLE) * ROOM_MULTIPLE
+  pre = context.prefill(model, tokens, mask, method, keep, room)
+  done = complete(model, pre.logits, pre.cache, pre.decode_plan,
+                  max_new_tokens=max_new_tokens, eos_token_ids=sorted(eos_ids(model, None)))
+  steps = done.decode_steps
+  stats = {
+      "method": method.label,
+      "device_bytes": pre.context_cache_bytes,
+      "host_bytes": pre.context_cache_host_bytes,
+      "buffer_bytes": (pre.method_stats or {}).get("buffer_bytes", 0),
+      "method_stats": pre.method_stats,
+      "decode_steps": steps,
+      "decode_seconds": done.decode_seconds,
+      "decode_tokens_per_second": (steps * len(lengths) / done.decode_seconds
+                                   if done.decode_seconds > 0 else float("nan")),
+      **buffer_counts(done.cache)}
+  return OffloadResult(token_ids=done.token_ids, texts=done.texts, stats=stats)
+
+
+def _check_common(max_new_tokens, policy=None):
+  validation.integer("max_new_tokens", max_new_tokens, 1, validation.INT32_MAX,
+                     error=OffloadError, what="tokens generated per prompt")
+  if policy is not None:
+    validation.choice("policy", policy, POLICIES, error=OffloadError)
+
+
+def offloaded_generate(model, prompts, max_new_tokens: int = 64, *, compression_ratio=None,
+                       budget=None, device_pages: int = 64, policy: str = "lru",
+                       prefetch: int = 0, victim_pages: int = 0, page_size: int = 16,
+                       min_pages: int = 3, skip_layers: int = 2, gqa: str = "query",
+                       chat_template: bool | None = None) -> OffloadResult:
+  """Greedy Quest decoding with the paged layers' keys and values in host memory and
+  `device_pages` device frames per row and KV head in front of them (0: no buffer, every
+  selected page copied every step). compression_ratio / budget: Quest's token budget per
+  step (pages read = max(min_pages, ceil(budget / page_size))). Returns the tokens and
+  stats: device_bytes, host_bytes, buffer_bytes, hits, faults, victim_hits, prefetches,
+  prefetch_hits, regrets, fallbacks, requests, fault_rate, decode_tokens_per_second."""
+  _check_common(max_new_tokens, policy)
+  method = quest_method(device_pages, policy, prefetch, victim_pages, True, page_size,
+                        min_pages, skip_layers, gqa)
+  return _decode(model, prompts, method, max_new_tokens, compression_ratio, budget,
+                 chat_template)
+
+
+def compare_offload(model, prompts, max_new_tokens: int = 32, *, compression_ratio=None,
+                    budget=None, device_pages: int = 64, policies=POLICIES,
+                    prefetch: int = 2, victim_pages: int = 4, page_size: int = 16,
+                    min_pages: int = 3, skip_layers: int = 2, gqa: str = "query",
+                    repeats: int = 3, chat_template: bool | None = None) -> dict:
+  """Decodes `prompts` with (a) "on_device": Quest all on the device, (b) "offloaded": host
+  pages without a buffer, (c) "buffer_<policy>" for each policy (`device_pages` frames,
+  `prefetch`, and `victim_pages` victim frames for "hybrid"). One untimed warm-up run per
+  variant (compilation), then `repeats` rounds, each running every variant once in turn.
+
+  Returns {"config": ..., "variants": {name: {device_bytes, host_bytes, buffer_bytes,
+  hits, faults, prefetches, prefetch_hits, victim_hits, fault_rate, host_pages_read
+  (demand faults + prefetches; every request for "offloaded"), decode_tokens_per_second
+  (median over repeats), speed_vs_on_device (median of per-repeat ratios),
+  tokens_identical (to on_device)}}, "all_tokens_identical": bool}."""
+  _check_common(max_new_tokens)
+  validation.integer("repeats", repeats, 1, 1000, error=OffloadError, what="timed rounds")
+  if isinstance(policies, str) or not isinstance(policies, (list, tuple)) or not policies:
+    raise OffloadError(f"policies={validation.show(policies)} must be a non-empty list of "
+                       f"{list(POLICIES)}")
+  for p in policies:
+    validation.choice("policies item", p, POLICIES, error=OffloadError)
+  common = dict(page_size=page_size, min_pages=min_pages, skip_layers=skip_layers, gqa=gqa)
+  variants = {"on_device": quest_method(offload=False, **common),
+              "offloaded": quest_method(offload=True, **common)}
+  for p in policies:
+    variants[f"buffer_{p}"] = quest_method(device_pages, p, prefetch,
+                                           victim_pages if p == "hybrid" else 0, True,
+                                           **common)
+  run = lambda method: _decode(model, prompts, method, max_new_tokens, compression_ratio,
+                               budget, chat_template)
+  first = {name: run(method) for name, method in variants.items()}   # warm-up, compiles
+  speeds = {name: [] for name in variants}
+  for _ in range(repeats):
+    for name, method in variants.items():
+      speeds[name].append(run(method).stats["decode_tokens_per_second"])
+  reference = first["on_device"].token_ids
+  requests = max((r.stats["requests"] for r in first.values()), default=0)
+  report = {}
+  for name, result in first.items():
+    s = result.stats
+    buffered = name.startswith("buffer_")
+    report[name] = {
+        "device_bytes": s["device_bytes"], "host_bytes": s["host_bytes"],
+        "buffer_bytes": s["buffer_bytes"],
+        **{key: s[key] for key in ("hits", "faults", "victim_hits", "prefetches",
+                                   "prefetch_hits", "regrets", "fallbacks", "requests",
+                                   "fault_rate")},
+        "host_pages_read": (s["faults"] + s["prefetches"] if buffered
+                            else requests if name == "offloaded" else 0),
+        "decode_steps": s["decode_steps"],
+        "decode_tokens_per_second": statistics.median(speeds[name]),
+        "speed_vs_on_device": statistics.median(
+            a / b for a, b in zip(speeds[name], speeds["on_device"])),
+        "tokens_identical": result.token_ids == reference}
+  if "offloaded" in report:   # every request of the unbuffered tier is a host read
+    report["offloaded"].update(requests=requests, faults=requests,
+                               fault_rate=1.0 if requests else 0.0)
+  return {"config": dict(max_new_tokens=max_new_tokens, compression_ratio=compression_ratio,
+                         budget=budget, device_pages=device_pages, policies=list(policies),
+                         prefetch=prefetch, victim_pages=victim_pages, repeats=repeats,
+                         rows=len(reference), **common),
+          "variants": report,
+          "all_tokens_identical": all(v["tokens_identical"] for v in report.values())}
