@@ -78,6 +78,8 @@ flags.DEFINE_bool("chunk_reuse", False, "Compare prompts assembled from cached c
 flags.DEFINE_enum("rag_dataset", "hotpotqa", ["hotpotqa", "squad"], "With --chunk_reuse: "
                   "where the questions and their documents come from.")
 flags.DEFINE_integer("rag_questions", 16, "With --chunk_reuse: questions (each asked twice).")
+flags.DEFINE_list("rag_fractions", ["0", "0.15", "0.3", "0.5", "1"], "With --chunk_reuse: "
+                  "fixed recompute fractions compared with Cache-Craft's CFO.")
 flags.DEFINE_integer("rag_distractors", 2, "With --chunk_reuse: other questions' documents "
                      "added to each prompt.")
 flags.DEFINE_bool("offload", False, "Compare Quest decoding on the device, offloaded, and "
@@ -190,8 +192,17 @@ def chunk_reuse():
   model = cli.load_model()
   workload = benchmarks.rag_workload(FLAGS.rag_dataset, FLAGS.rag_questions,
                                      FLAGS.rag_distractors, FLAGS.seed)
+  fractions = []
+  for f in FLAGS.rag_fractions:
+    try:
+      fractions.append(float(f))
+    except ValueError:
+      fractions.append(-1.0)
+    if not 0 <= fractions[-1] <= 1:
+      raise benchmarking.BenchmarkError(f"--rag_fractions entry {f!r} must be a number in "
+                                        f"[0, 1]")
   report = benchmarks.compare_chunk_reuse(model, workload, FLAGS.decode_steps,
-                                          repeats=FLAGS.repeats)
+                                          fractions=fractions, repeats=FLAGS.repeats)
   report.update(model=FLAGS.model, dataset=FLAGS.rag_dataset,
                 distractors=FLAGS.rag_distractors)
   for name, v in report["variants"].items():
