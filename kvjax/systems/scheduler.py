@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import threading
 import time
 from typing import Sequence
 
@@ -140,8 +141,11 @@ class Server:
                memory_budget_bytes: int | None = None, max_rows: int | None = None,
                method=None, budget: int | None = None, temperature: float = 0.0,
                top_p: float = 1.0, seed: int = 0, eos_token_ids=None,
-               chat_template: bool | None = None,
+               chat_template: bool | None = None, on_finish=None,
                steps: engine.CompiledSteps = engine.STEPS):
+    """on_finish: called with each ServedRequest as soon as it is done (from the thread
+    that runs `run`); `submit` may be called from other threads meanwhile, and a request
+    submitted while `run` is serving is admitted by that run."""
     _validate_sampling(max_new_tokens, temperature, top_p, seed, None)
     validation.integer("max_prompt_tokens", max_prompt_tokens, 1, error=GenerationError,
                        what="the longest prompt the server admits, in tokens")
@@ -201,7 +205,9 @@ class Server:
     self.chat_template = chat_template
     self._queue: collections.deque = collections.deque()
     self._requests: list = []       # (tokens, max_new_tokens, submitted_at)
+    self._lock = threading.Lock()
     self._results: dict = {}
+    self.on_finish = on_finish
     self.stats: dict = {}
 
   def submit(self, prompt, max_new_tokens: int | None = None) -> int:
@@ -213,8 +219,9 @@ class Server:
     if len(tokens) > self.max_prompt_tokens:
       raise GenerationError(f"prompt of {len(tokens)} tokens is longer than the server's "
                             f"max_prompt_tokens={self.max_prompt_tokens}")
-    request = len(self._requests)
-    self._requests.append((list(tokens), max_new, time.perf_counter()))
+    with self._lock:   # ids stay unique when several threads submit
+      request = len(self._requests)
+      self._requests.append((list(tokens), max_new, time.perf_counter()))
     self._queue.append(request)
     return request
 
@@ -279,6 +286,8 @@ class Server:
         id=row.request, text=tokenizer.decode(row.generated) if tokenizer else "",
         token_ids=row.generated, prompt_tokens=len(tokens),
         queued_seconds=admitted - submitted, latency_seconds=now - submitted)
+    if self.on_finish is not None:
+      self.on_finish(self._results[row.request])
 
   def run(self) -> list[ServedRequest]:
     """Serves every queued request; returns all served so far, in submission order."""
