@@ -366,7 +366,7 @@ def test_smollm2_prompt_from_cached_hotpotqa_documents(smollm2):
   store = cc.ChunkStore(smollm2)
   cc.generate_from_chunks(smollm2, store, [preamble] + docs, question, max_new_tokens=1)
   reordered = [preamble] + docs[::-1]
-  ids, q = cc._chunk_ids(smollm2, reordered, question)
+  ids, q = cc.encode_chunks(smollm2, reordered, question)
   want = _full(smollm2, ids, q, 12)
   craft = cc.generate_from_chunks(smollm2, store, reordered, question, max_new_tokens=12)
   # The documents that lost predecessors recompute a share; the rest is reused.

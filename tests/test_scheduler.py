@@ -110,3 +110,36 @@ def test_serving_benchmark_compares_under_one_bound(tmp_path):
       / (report["full"]["generated_tokens"] / report["full"]["seconds"][0]))
   benchmarks.write_serving_plot(report, tmp_path / "serving.png")
   assert (tmp_path / "serving.png").stat().st_size > 1000
+
+
+def test_prompts_of_cached_chunks_join_the_batch():
+  """Cache-Craft requests (prefilled alone from a chunk store) and plain prompts decode in
+  one batch; each gives generate_from_chunks' (resp. generate's) tokens."""
+  from kvjax.systems import chunk_cache
+  model = tiny_model()
+  chunks = random_prompts([14, 22, 9, 30], seed=3)
+  store = chunk_cache.ChunkStore(model)
+  chunk_cache.prefill_chunks(model, store, chunks, [5])      # fills the store
+  orders = [[0, 1, 2, 3], [2, 0, 3, 1], [3, 2, 1, 0]]
+  plain = random_prompts([25, 7], seed=4)
+  server = scheduler.Server(model, max_prompt_tokens=90, max_new_tokens=10, max_rows=2)
+  ids = []
+  for k, order in enumerate(orders):
+    ids.append(server.submit_chunks(store, [chunks[i] for i in order], [7, 8 + k], 10,
+                                    update_store=False))
+    if k < len(plain):
+      ids.append(server.submit(plain[k], 10))
+  served = {s.id: s for s in server.run()}
+  for k, order in enumerate(orders):
+    want = chunk_cache.generate_from_chunks(model, store, [chunks[i] for i in order],
+                                            [7, 8 + k], 10, update_store=False)
+    assert served[ids[2 * k]].token_ids == want.token_ids[0]
+    assert server.chunk_stats[ids[2 * k]]["prefilled_tokens"] < 75   # chunks were reused
+  for k, prompt in enumerate(plain):
+    want = kvjax.generate(model, [prompt], max_new_tokens=10).token_ids[0]
+    assert served[ids[2 * k + 1]].token_ids == want
+  with pytest.raises(GenerationError, match="full cache"):
+    scheduler.Server(model, max_prompt_tokens=90, max_new_tokens=10, max_rows=2,
+                     method="snapkv", budget=16).submit_chunks(store, chunks)
+  with pytest.raises(GenerationError, match="max_prompt_tokens"):
+    server.submit_chunks(store, chunks + chunks)

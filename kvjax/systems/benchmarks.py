@@ -246,7 +246,7 @@ def compare_chunk_reuse(model, workload, max_new_tokens: int = 16,
   for round_ in range(1 + repeats):
     timed = round_ > 0
     for chunks, question, _ in second:
-      ids, q = chunk_cache._chunk_ids(model, chunks, question)
+      ids, q = chunk_cache.encode_chunks(model, chunks, question)
       full = generate(model, [[t for c in ids for t in c] + q], max_new_tokens=max_new_tokens)
       runs = [("full", full.token_ids[0], full.texts[0], 0.0, full.stats["prefill_seconds"])]
       for name, fraction in variants:

@@ -506,7 +506,7 @@ def _store_new_chunks(store: ChunkStore, plans: list[ChunkPlan], cache: Cache,
   return stored
 
 
-def _chunk_ids(model, chunks, question) -> tuple[list[list[int]], list[int]]:
+def encode_chunks(model, chunks, question) -> tuple[list[list[int]], list[int]]:
   """Token ids of each chunk (tokenized alone) and of the question."""
   if isinstance(chunks, (str, bytes)) or not isinstance(chunks, Sequence) or not chunks:
     raise GenerationError(f"chunks must be a non-empty list of texts or token-id lists; "
@@ -534,6 +534,16 @@ def _chunk_ids(model, chunks, question) -> tuple[list[list[int]], list[int]]:
   return out, q
 
 
+def check_store(model, store) -> None:
+  """`store` is a ChunkStore made for `model`'s weights."""
+  if not isinstance(store, ChunkStore):
+    raise GenerationError(f"store must be a kvjax.systems.ChunkStore; got "
+                          f"{validation.show(store)}")
+  if store.fingerprint != calibration.model_fingerprint(model):
+    raise GenerationError("store holds chunks of another model (fingerprint "
+                          f"{store.fingerprint}); make a ChunkStore for this model")
+
+
 def generate_from_chunks(model, store: ChunkStore, chunks, question="", max_new_tokens: int = 64,
                          *, recompute_fraction: float | None = None, alpha: float = 1.0,
                          update_store: bool = True, temperature: float = 0.0,
@@ -553,12 +563,7 @@ def generate_from_chunks(model, store: ChunkStore, chunks, question="", max_new_
   start = time.perf_counter()
   compile_before = steps.compile_seconds
   _validate_sampling(max_new_tokens, temperature, top_p, seed, None)
-  if not isinstance(store, ChunkStore):
-    raise GenerationError(f"store must be a kvjax.systems.ChunkStore; got "
-                          f"{validation.show(store)}")
-  if store.fingerprint != calibration.model_fingerprint(model):
-    raise GenerationError("store holds chunks of another model (fingerprint "
-                          f"{store.fingerprint}); make a ChunkStore for this model")
+  check_store(model, store)
   if recompute_fraction is not None:
     validation.number("recompute_fraction", recompute_fraction, 0, 1, error=GenerationError,
                       what="share of each reused chunk recomputed, or None for CFO")
@@ -569,7 +574,7 @@ def generate_from_chunks(model, store: ChunkStore, chunks, question="", max_new_
   if model.config.latent is not None:
     raise GenerationError("generate_from_chunks stores dense keys and values; a latent-"
                           "attention (X-EcoMLA) model caches latents")
-  chunk_ids, question_ids = _chunk_ids(model, chunks, question)
+  chunk_ids, question_ids = encode_chunks(model, chunks, question)
   total = sum(map(len, chunk_ids)) + len(question_ids)
   check_context_length(model, total + max_new_tokens,
                        f"the prompt ({total} tokens) with max_new_tokens={max_new_tokens}")

@@ -207,6 +207,8 @@ class Server:
     self._requests: list = []       # (tokens, max_new_tokens, submitted_at)
     self._lock = threading.Lock()
     self._results: dict = {}
+    self._chunked: dict = {}        # request -> (store, chunk ids, question ids, options)
+    self.chunk_stats: dict = {}     # request -> prefill_chunks' stats
     self.on_finish = on_finish
     self.stats: dict = {}
 
@@ -229,11 +231,71 @@ class Server:
     self._draws += 1
     return jax.random.fold_in(self.key, self._draws)
 
+  def submit_chunks(self, store, chunks, question="", max_new_tokens: int | None = None, *,
+                    recompute_fraction: float | None = None, alpha: float = 1.0,
+                    update_store: bool = True) -> int:
+    """Queues a retrieval-augmented prompt made of cached chunks (Cache-Craft, see
+    `kvjax.systems.generate_from_chunks`): it is prefilled alone when admitted, reusing
+    `store`'s chunk caches, and decoded with the batch. Needs the server's full cache (a
+    row sized for a compressed prompt cannot hold an assembled one)."""
+    from kvjax.systems import chunk_cache
+    if self.method.compresses:
+      raise GenerationError(f"submit_chunks needs a server with the full cache; this one "
+                            f"compresses with {self.method.label!r}")
+    chunk_cache.check_store(self.model, store)
+    if recompute_fraction is not None:
+      validation.number("recompute_fraction", recompute_fraction, 0, 1, error=GenerationError,
+                        what="share of each reused chunk recomputed, or None for CFO")
+    validation.number("alpha", alpha, 0, error=GenerationError, what="CFO scale")
+    ids, question_ids = chunk_cache.encode_chunks(self.model, chunks, question)
+    tokens = [t for c in ids for t in c] + question_ids
+    request = self.submit(tokens, max_new_tokens)
+    self._chunked[request] = (store, ids, question_ids,
+                              dict(recompute_fraction=recompute_fraction, alpha=alpha,
+                                   update_store=update_store))
+    return request
+
   def _admit(self, cache, rows: list, free: list):
-    """Prefills waiting requests into free rows (together, compressed by the method)."""
+    """Prefills waiting requests into free rows: plain prompts together (compressed by the
+    method), prompts of cached chunks one by one."""
     take = [self._queue.popleft()
             for _ in range(min(len(free), len(self._queue), self.admit_rows))]
     targets = free[:len(take)]
+    plain = [(r, t) for r, t in zip(take, targets) if r not in self._chunked]
+    first = {}
+    if plain:
+      cache, tokens = self._prefill_prompts(cache, [r for r, _ in plain],
+                                            [t for _, t in plain])
+      first.update(zip([r for r, _ in plain], tokens))
+    for request, target in zip(take, targets):
+      if request in self._chunked:
+        cache, first[request] = self._prefill_chunks(cache, request, target)
+    now = time.perf_counter()
+    for request, row in zip(take, targets):
+      rows[row] = _Row(request=request, generated=[])
+      self._results[request] = {"admitted_at": now}
+      self._accept(rows[row], int(first[request]))
+    return cache, np.array([first[r] for r in take], np.int32), targets
+
+  def _first_tokens(self, logits) -> np.ndarray:
+    return np.asarray(sampling.sample(logits, self._next_key(),
+                                      jnp.float32(self.sampling["temperature"] or 1),
+                                      jnp.float32(self.sampling["top_p"]),
+                                      self.sampling["greedy"]))
+
+  def _fitted(self, prompt_cache) -> Cache:
+    for index, layer in enumerate(prompt_cache.layers):
+      if not isinstance(layer, LayerCache):
+        raise GenerationError(f"method {self.method.label!r} stores layer {index} as a "
+                              f"{type(layer).__name__}; the server batches dense layers")
+    fitted, over = _fitted_rows(prompt_cache, capacities=self.capacities, kept=self.kept)
+    if bool(over):
+      raise GenerationError(f"a prompt kept more slots than the server sized its rows for "
+                            f"({self.kept}): method {self.method.label!r} keeps more of a "
+                            f"shorter prompt")
+    return fitted
+
+  def _prefill_prompts(self, cache, take: list, targets: list):
     prompts = [self._requests[r][0] for r in take]
     padded = _padded_count(len(take), self.admit_rows)
     # Padding rows repeat the first prompt; their targets are past the last row (dropped).
@@ -244,28 +306,20 @@ class Server:
                                 steps=self.steps)
     logits, prompt_cache = prefilled.logits, prefilled.cache
     del prefilled  # the prompts' cache goes as soon as its rows are in the batch cache
-    for index, layer in enumerate(prompt_cache.layers):
-      if not isinstance(layer, LayerCache):
-        raise GenerationError(f"method {self.method.label!r} stores layer {index} as a "
-                              f"{type(layer).__name__}; the server batches dense layers")
-    fitted, over = _fitted_rows(prompt_cache, capacities=self.capacities, kept=self.kept)
+    fitted = self._fitted(prompt_cache)
     del prompt_cache
-    if bool(over):
-      raise GenerationError(f"a prompt kept more slots than the server sized its rows for "
-                            f"({self.kept}): method {self.method.label!r} keeps more of a "
-                            f"shorter prompt")
     cache = _inserted(cache, fitted, jnp.asarray(targets + [self.rows] * (padded - len(take)),
                                                  jnp.int32))
-    first = np.asarray(sampling.sample(logits, self._next_key(),
-                                       jnp.float32(self.sampling["temperature"] or 1),
-                                       jnp.float32(self.sampling["top_p"]),
-                                       self.sampling["greedy"]))
-    now = time.perf_counter()
-    for request, row, token in zip(take, targets, first[:len(take)]):
-      rows[row] = _Row(request=request, generated=[])
-      self._results[request] = {"admitted_at": now}
-      self._accept(rows[row], int(token))
-    return cache, first, targets
+    return cache, self._first_tokens(logits)[:len(take)]
+
+  def _prefill_chunks(self, cache, request: int, target: int):
+    from kvjax.systems import chunk_cache
+    store, ids, question_ids, options = self._chunked.pop(request)
+    logits, prompt_cache, stats = chunk_cache.prefill_chunks(self.model, store, ids,
+                                                             question_ids, **options)
+    self.chunk_stats[request] = stats
+    cache = _inserted(cache, self._fitted(prompt_cache), jnp.asarray([target], jnp.int32))
+    return cache, int(self._first_tokens(logits)[0])
 
   def _accept(self, row: _Row, token: int) -> None:
     if row.done:
