@@ -97,6 +97,10 @@ def test_models_and_bad_requests(endpoint):
       ("POST", "/v1/completions", {"prompt": "x", "max_tokens": 99}, None, 400, "max_tokens=99"),
       ("POST", "/v1/completions", {"prompt": "x", "temperature": 0.7}, None, 400,
        "temperature=0.7"),
+      ("POST", "/v1/completions", {"prompt": "x", "temperature": "hot"}, None, 400,
+       "temperature='hot'"),
+      ("POST", "/v1/completions", {"prompt": "x", "stop": ["\n"]}, None, 400, "stop="),
+      ("POST", "/v1/completions", {"prompt": "x", "stream": True}, None, 400, "stream="),
       ("POST", "/v1/completions", {"prompt": ""}, None, 400, "prompt must be"),
       ("POST", "/v1/completions", {"prompt": "word " * 200}, None, 400, "max_prompt_tokens"),
       ("POST", "/v1/chat/completions", {"messages": "hi"}, None, 400, "messages must be"),
@@ -110,3 +114,37 @@ def test_models_and_bad_requests(endpoint):
   # The endpoint still serves after refusing.
   status, _ = _call(endpoint, "POST", "/v1/completions", {"prompt": "ok", "max_tokens": 1})
   assert status == 200
+
+
+def test_a_failing_run_fails_its_requests_and_the_endpoint_recovers(endpoint, model,
+                                                                    monkeypatch):
+  real_run, calls = endpoint.server.run, []
+
+  def fail_once():
+    calls.append(1)
+    if len(calls) == 1:
+      raise RuntimeError("device lost")
+    return real_run()
+
+  monkeypatch.setattr(endpoint.server, "run", fail_once)
+  status, reply = _call(endpoint, "POST", "/v1/completions", {"prompt": "a", "max_tokens": 2})
+  assert status == 500 and "device lost" in reply["error"]["message"]
+  status, reply = _call(endpoint, "POST", "/v1/completions",
+                        {"prompt": PROMPTS[2], "max_tokens": 3})
+  assert status == 200 and reply["choices"][0]["text"] == _want(model, PROMPTS[2], 3)
+  assert len(calls) == 2   # the failed request was not retried
+
+
+def test_finish_reason_stop_and_requests_after_close(model):
+  eos = kvjax.generate(model, PROMPTS[0], max_new_tokens=1, chat_template=False,
+                       eos_token_ids=[]).token_ids[0][0]
+  server = Server(model, max_prompt_tokens=64, max_new_tokens=8, max_rows=2,
+                  eos_token_ids=[eos])
+  with serve_http(server, port=0) as running:
+    status, reply = _call(running, "POST", "/v1/completions",
+                          {"prompt": PROMPTS[0], "max_tokens": 8})
+    assert status == 200 and reply["choices"][0]["finish_reason"] == "stop"
+    assert reply["usage"]["completion_tokens"] == 0
+  from kvjax.systems.endpoint import Closing
+  with pytest.raises(Closing):
+    running.generate([1, 2, 3], 2)

@@ -67,7 +67,8 @@ class Stats:
   queries: (queries [B, T, H, D], positions [B, T]) appended without compressing (decode,
     questions): the step's own queries, for methods that keep them (LoopServe).
   layer: the layer cache as it stands after attending, when attending changed it (an
-    offload tier's page buffer, kvjax.cache.page_buffer): every policy keeps it.
+    offload tier's page buffer, kvjax.cache.page_buffer): the append policy and
+    compression plans keep it (the policies a buffered Quest layer decodes under).
   """
   column_sums: jax.Array | None = None
   probs: jax.Array | None = None

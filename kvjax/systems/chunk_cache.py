@@ -180,7 +180,10 @@ class ChunkStore:
     if key in self._entries:
       self._entries.move_to_end(key)
       if self.directory is not None:
-        os.utime(self._path(key), None)
+        try:
+          os.utime(self._path(key), None)
+        except OSError:   # another store on the folder removed it: this copy stays
+          self.stats["unwritable"] += 1
 
   def put(self, chunk: str, variant: ChunkVariant) -> bool:
     """Stores a variant (replacing one made in the same context); False when it alone is
@@ -190,25 +193,32 @@ class ChunkStore:
       return False
     key = (chunk, variant.key)
     if key in self._entries:
-      self._drop(key)
+      self._drop(key, replaced=True)
     self._entries[key] = variant
     self.bytes += variant.nbytes
     self.stats["stored"] += 1
-    if self.directory is not None:
-      self._save(key, variant)
-    same = [k for k in self._entries if k[0] == chunk]
-    for old in same[:max(0, len(same) - self.max_variants)]:
-      self._drop(old)
-    while self.bytes > self.max_bytes:
-      self._drop(next(iter(self._entries)))
+    try:
+      if self.directory is not None:
+        self._save(key, variant)
+    except OSError:   # a full or read-only disk costs persistence, not the generation
+      self.stats["unwritable"] += 1
+    finally:
+      same = [k for k in self._entries if k[0] == chunk]
+      for old in same[:max(0, len(same) - self.max_variants)]:
+        self._drop(old)
+      while self.bytes > self.max_bytes:
+        self._drop(next(iter(self._entries)))
     return True
 
-  def _drop(self, key) -> None:
+  def _drop(self, key, replaced: bool = False) -> None:
     variant = self._entries.pop(key)
     self.bytes -= variant.nbytes
-    self.stats["evicted"] += 1
+    self.stats["replaced" if replaced else "evicted"] += 1
     if self.directory is not None:
-      self._path(key).unlink(missing_ok=True)
+      try:
+        self._path(key).unlink(missing_ok=True)
+      except OSError:
+        self.stats["unwritable"] += 1
 
   def _path(self, key) -> pathlib.Path:
     return self.directory / f"{key[0]}-{key[1]}.npz"
@@ -223,12 +233,16 @@ class ChunkStore:
                  predecessors=np.asarray(variant.predecessors, dtype="<U64"),
                  predecessor_attention=variant.predecessor_attention, inter=variant.inter,
                  intra=variant.intra, token_inter=variant.token_inter)
+        f.flush()
+        os.fsync(f.fileno())   # renamed only once its bytes are on disk
       os.replace(tmp, path)
     except BaseException:
       pathlib.Path(tmp).unlink(missing_ok=True)
       raise
 
   def _load(self) -> None:
+    for leftover in self.directory.glob(".*.tmp-*"):   # a writer killed mid-file
+      leftover.unlink(missing_ok=True)
     files = sorted(self.directory.glob("*.npz"), key=lambda p: p.stat().st_mtime)
     for path in files:
       try:
@@ -242,11 +256,9 @@ class ChunkStore:
               predecessor_attention=f["predecessor_attention"], inter=f["inter"],
               intra=f["intra"], token_inter=f["token_inter"])
           chunk = str(f["chunk"])
-      except (OSError, ValueError, KeyError) as err:
-        # A cache file that cannot be read is only lost work: it is recomputed.
+      except Exception:   # noqa: BLE001 - any unreadable file is only lost work
         self.stats["unreadable"] += 1
         path.unlink(missing_ok=True)
-        del err
         continue
       key = (chunk, variant.key)
       self._entries[key] = variant
@@ -413,7 +425,7 @@ def prefill_chunks(model, store: ChunkStore, chunk_ids: Sequence[Sequence[int]],
   for p in plans:
     fresh[p.start + p.recompute] = True
   fresh[plans[-1].start + plans[-1].length:] = True
-  fresh[-1] = True   # its logits start decoding
+  fresh[-1] = True   # its logits start decoding (counted in prefilled, not recomputed)
   reused = [p for p in plans if p.variant is not None]
 
   # The reused tokens, moved to their new positions, fill the first slots.

@@ -32,6 +32,18 @@ class RequestError(KvjaxError):
   """A request the endpoint refuses (HTTP 400)."""
 
 
+class ServerFailure(Exception):
+  """The server failed while serving a request (HTTP 500); `cause` says why."""
+
+  def __init__(self, cause: BaseException):
+    super().__init__(f"{type(cause).__name__}: {cause}")
+    self.cause = cause
+
+
+class Closing(Exception):
+  """The endpoint is shutting down (HTTP 503)."""
+
+
 class Endpoint:
   """The running endpoint: `url`, `close()`; a context manager."""
 
@@ -70,29 +82,43 @@ class Endpoint:
       t.join(timeout=60)
 
   def _work(self) -> None:
-    """Runs the server whenever requests wait; the errors of a run go to its requests."""
+    """Runs the server whenever requests wait; a failed run fails every request waiting
+    (and takes them out of the queue, so it is not retried forever)."""
     while True:
       with self._wake:
         while not self.server._queue and not self._closing:
           self._wake.wait()
         if self._closing:
+          self._fail_waiting(Closing("the endpoint is shutting down"))
           return
       try:
         self.server.run()
       except Exception as err:   # every waiting request learns why, none hangs
         with self._wake:
-          for request in list(self._waiting):
-            self._done.setdefault(request, err)
-          self._wake.notify_all()
+          self._fail_waiting(ServerFailure(err))
+
+  def _fail_waiting(self, error: Exception) -> None:
+    """(Holding the lock.) Every waiting request ends with `error`."""
+    failed = set(self._waiting) - set(self._done)
+    for request in failed:
+      self._done[request] = error
+    queue = self.server._queue
+    keep = [r for r in queue if r not in failed]
+    queue.clear()
+    queue.extend(keep)
+    self._wake.notify_all()
 
   def _finished(self, served) -> None:
     with self._wake:
-      self._done[served.id] = served
-      self._wake.notify_all()
+      if served.id in self._waiting and served.id not in self._done:
+        self._done[served.id] = served
+        self._wake.notify_all()
 
   def generate(self, prompt, max_tokens: int):
     """Submits a prompt and waits for it (called on a handler thread)."""
     with self._wake:
+      if self._closing:
+        raise Closing("the endpoint is shutting down")
       request = self.server.submit(prompt, max_tokens)
       self._waiting[request] = True
       self._wake.notify_all()
@@ -111,15 +137,30 @@ def serve_http(server: Server, host: str = "127.0.0.1", port: int = 8000) -> End
   return Endpoint(server, host, port)
 
 
+# OpenAI parameters this endpoint does not implement, with the value that means "unused".
+UNSUPPORTED = {"n": 1, "stream": False, "stop": None, "seed": None, "logprobs": None,
+               "top_logprobs": None, "echo": False, "best_of": 1, "logit_bias": None,
+               "presence_penalty": 0, "frequency_penalty": 0, "suffix": None, "tools": None,
+               "response_format": None}
+
+
 def _sampling_check(body: dict, server: Server) -> None:
-  """Refuses sampling settings the server does not use."""
+  """Refuses sampling settings the server does not use and parameters it does not
+  implement (rather than serving the request differently from what it asked)."""
   fixed = {"temperature": server.sampling["temperature"], "top_p": server.sampling["top_p"]}
   for name, value in fixed.items():
-    if name in body and body[name] is not None and float(body[name]) != float(value):
-      raise RequestError(f"{name}={body[name]!r}: this server samples with {name}={value} "
+    if body.get(name) is None:
+      continue
+    given = body[name]
+    if isinstance(given, bool) or not isinstance(given, (int, float)) or \
+        float(given) != float(value):
+      raise RequestError(f"{name}={given!r}: this server samples with {name}={value} "
                          f"(set when it was started)")
-  if body.get("n", 1) != 1 or body.get("stream"):
-    raise RequestError("n > 1 and stream are not supported")
+  for name, unused in UNSUPPORTED.items():
+    value = body.get(name)
+    if value is None or value is False or value in ([], {}) or value == unused:
+      continue
+    raise RequestError(f"{name}={value!r} is not supported by this endpoint")
 
 
 def _max_tokens(body: dict, server: Server) -> int:
@@ -218,9 +259,15 @@ def _handler(endpoint: Endpoint):
 
     def do_POST(self):
       route = ROUTES.get(self.path.rstrip("/"))
-      length = int(self.headers.get("Content-Length") or 0)
-      if length > MAX_BODY_BYTES:
-        return self._error(413, f"body of {length} bytes; at most {MAX_BODY_BYTES}")
+      try:
+        length = int(self.headers.get("Content-Length") or 0)
+      except ValueError:
+        length = -1
+      if not 0 <= length <= MAX_BODY_BYTES:
+        self.close_connection = True   # the unread body must not be read as a request
+        return self._error(413 if length > 0 else 400,
+                           f"Content-Length {self.headers.get('Content-Length')!r}: give "
+                           f"the body's size, at most {MAX_BODY_BYTES} bytes")
       raw = self.rfile.read(length)
       if route is None:
         return self._error(404, f"no route POST {self.path}")
@@ -232,6 +279,10 @@ def _handler(endpoint: Endpoint):
         return self._error(400, f"invalid JSON: {err}")
       try:
         self._reply(200, route(endpoint, body))
+      except Closing as err:
+        self._error(503, str(err), "server_error")
+      except ServerFailure as err:
+        self._error(500, str(err), "server_error")
       except KvjaxError as err:   # bad input the library names (RequestError included)
         self._error(400, str(err))
       except Exception as err:

@@ -214,6 +214,12 @@ class Server:
 
   def submit(self, prompt, max_new_tokens: int | None = None) -> int:
     """Queues a prompt (text or token ids); returns its id."""
+    request = self._register(prompt, max_new_tokens)
+    self._queue.append(request)
+    return request
+
+  def _register(self, prompt, max_new_tokens: int | None) -> int:
+    """A new request's id, checked and recorded but not yet queued."""
     max_new = self.max_new_tokens if max_new_tokens is None else max_new_tokens
     validation.integer("max_new_tokens", max_new, 1, self.max_new_tokens,
                        error=GenerationError, what="tokens to generate, up to the server's")
@@ -224,7 +230,6 @@ class Server:
     with self._lock:   # ids stay unique when several threads submit
       request = len(self._requests)
       self._requests.append((list(tokens), max_new, time.perf_counter()))
-    self._queue.append(request)
     return request
 
   def _next_key(self):
@@ -247,12 +252,16 @@ class Server:
       validation.number("recompute_fraction", recompute_fraction, 0, 1, error=GenerationError,
                         what="share of each reused chunk recomputed, or None for CFO")
     validation.number("alpha", alpha, 0, error=GenerationError, what="CFO scale")
+    if self.model.config.latent is not None:
+      raise GenerationError("submit_chunks stores dense keys and values; a latent-attention "
+                            "(X-EcoMLA) model caches latents")
     ids, question_ids = chunk_cache.encode_chunks(self.model, chunks, question)
-    tokens = [t for c in ids for t in c] + question_ids
-    request = self.submit(tokens, max_new_tokens)
+    request = self._register([t for c in ids for t in c] + question_ids, max_new_tokens)
+    # Known as chunked before it is queued: a running `run` may admit it at once.
     self._chunked[request] = (store, ids, question_ids,
                               dict(recompute_fraction=recompute_fraction, alpha=alpha,
                                    update_store=update_store))
+    self._queue.append(request)
     return request
 
   def _admit(self, cache, rows: list, free: list):
