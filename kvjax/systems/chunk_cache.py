@@ -569,8 +569,8 @@ def generate_from_chunks(model, store: ChunkStore, chunks, question="", max_new_
   special tokens). recompute_fraction: None recomputes each reused chunk's CFO share of
   tokens; a number in [0, 1] recomputes that share of every reused chunk (1.0 = a full
   prefill of the prompt). alpha scales CFO. update_store=False only reads the store.
-  stats: the plan of every chunk, the tokens
-  prefilled and saved, seconds.
+  stats: the plan of every chunk, the tokens prefilled and saved, seconds
+  (prefill_seconds includes compiling a new prompt shape's prefill the first time).
   """
   start = time.perf_counter()
   compile_before = steps.compile_seconds
