@@ -20,19 +20,27 @@ def read_json(path) -> dict | None:
   return data if isinstance(data, dict) else None
 
 
-def write_json_atomic(path, data, **dump_options) -> None:
-  """Writes JSON to a temp file beside `path`, then renames it into place."""
+def write_bytes_atomic(path, data: bytes) -> None:
+  """Writes bytes to a temp file beside `path` (".<name>.tmp-*"), flushed to disk, then
+  renames it into place: readers see the old file or the whole new one."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
   try:
     os.fchmod(fd, 0o644)  # mkstemp makes 0600; others sharing a cache must read it.
-    with os.fdopen(fd, "w") as f:
-      json.dump(data, f, **dump_options)
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())   # renamed only once its bytes are on disk
     os.replace(tmp, path)
   except BaseException:
     pathlib.Path(tmp).unlink(missing_ok=True)
     raise
+
+
+def write_json_atomic(path, data, **dump_options) -> None:
+  """Writes JSON to a temp file beside `path`, then renames it into place."""
+  write_bytes_atomic(path, json.dumps(data, **dump_options).encode())
 
 
 @contextlib.contextmanager

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import pathlib
 import re
 import statistics
-import tempfile
 from typing import Iterable, Sequence
 
+from kvjax import fileio
 from kvjax.errors import KvjaxError
 
 FULL = "full"
@@ -361,7 +360,7 @@ def _grid_shape(count: int, max_cols: int = 3) -> tuple[int, int]:
 def _save(fig, path) -> str:
   buffer = io.BytesIO()
   fig.savefig(buffer, format="png")
-  _write_atomic(path, buffer.getvalue())
+  fileio.write_bytes_atomic(path, buffer.getvalue())
   return str(path)
 
 
@@ -633,21 +632,6 @@ def _draw_series(ax, grid, rows, cols, styles, prefix: str) -> None:
 # Files.
 
 
-def _write_atomic(path, data: bytes) -> None:
-  """Writes bytes to a temp file beside `path`, then renames it into place."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-  try:
-    os.fchmod(fd, 0o644)  # mkstemp makes 0600; a report is meant to be read by others.
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
-
-
 def _file_stem(base: str, key: tuple[str, str], varying: Sequence[bool]) -> str:
   """'scores', or 'scores_<model>_<mode>' with only the parts that vary, made file-safe."""
   parts = [base] + [part for part, v in zip(key, varying) if v]
@@ -715,5 +699,5 @@ def write_report(cells, out_dir, title: str = "kvjax evaluation") -> dict[str, s
 
   lines += [_totals_line(cells), ""]
   results = out_dir / "results.md"
-  _write_atomic(results, "\n".join(lines).encode())
+  fileio.write_bytes_atomic(results, "\n".join(lines).encode())
   return {"results": str(results), **written}

@@ -37,10 +37,10 @@ import collections
 import dataclasses
 import functools
 import hashlib
+import io
 import math
 import os
 import pathlib
-import tempfile
 import time
 from typing import Sequence
 
@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from kvjax import calibration, validation
+from kvjax import calibration, fileio, validation
 from kvjax.cache import kv_cache
 from kvjax.cache.kv_cache import EMPTY_POSITION, Cache
 from kvjax.errors import GenerationError
@@ -224,21 +224,13 @@ class ChunkStore:
     return self.directory / f"{key[0]}-{key[1]}.npz"
 
   def _save(self, key, variant: ChunkVariant) -> None:
-    path = self._path(key)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=self.directory)
-    try:
-      with os.fdopen(fd, "wb") as f:
-        np.savez(f, format=FORMAT, chunk=key[0], dtype=str(variant.keys.dtype),
-                 keys=_raw(variant.keys), values=_raw(variant.values), start=variant.start,
-                 predecessors=np.asarray(variant.predecessors, dtype="<U64"),
-                 predecessor_attention=variant.predecessor_attention, inter=variant.inter,
-                 intra=variant.intra, token_inter=variant.token_inter)
-        f.flush()
-        os.fsync(f.fileno())   # renamed only once its bytes are on disk
-      os.replace(tmp, path)
-    except BaseException:
-      pathlib.Path(tmp).unlink(missing_ok=True)
-      raise
+    buffer = io.BytesIO()
+    np.savez(buffer, format=FORMAT, chunk=key[0], dtype=str(variant.keys.dtype),
+             keys=_raw(variant.keys), values=_raw(variant.values), start=variant.start,
+             predecessors=np.asarray(variant.predecessors, dtype="<U64"),
+             predecessor_attention=variant.predecessor_attention, inter=variant.inter,
+             intra=variant.intra, token_inter=variant.token_inter)
+    fileio.write_bytes_atomic(self._path(key), buffer.getvalue())
 
   def _load(self) -> None:
     for leftover in self.directory.glob(".*.tmp-*"):   # a writer killed mid-file
