@@ -18,10 +18,9 @@ import random
 import statistics
 import time
 
-from kvjax.evaluation import data
+from kvjax.evaluation import data, scoring
 from kvjax.generation import engine, inputs
 from kvjax.generation.generate import generate
-from kvjax.evaluation import scoring
 from kvjax.systems import chunk_cache
 from kvjax.systems.prefix_sharing import generate_shared
 from kvjax.systems.scheduler import Server

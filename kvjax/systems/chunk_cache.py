@@ -54,7 +54,8 @@ from kvjax.cache import kv_cache
 from kvjax.cache.kv_cache import EMPTY_POSITION, Cache
 from kvjax.errors import GenerationError
 from kvjax.generation import engine, inputs
-from kvjax.generation.generate import (DECODE_CHUNK, GenerationResult, _validate_sampling,
+from kvjax.generation.generate import (DECODE_CHUNK, ROOM_MULTIPLE, GenerationResult,
+                                       _validate_sampling,
                                        check_context_length, complete, eos_ids)
 from kvjax.model import transformer
 from kvjax.ops import attention as attention_ops
@@ -538,14 +539,22 @@ def encode_chunks(model, chunks, question) -> tuple[list[list[int]], list[int]]:
   return out, q
 
 
-def check_store(model, store) -> None:
-  """`store` is a ChunkStore made for `model`'s weights."""
+def check_request(owner: str, model, store, recompute_fraction, alpha) -> None:
+  """The model can assemble prompts from `store` (a ChunkStore made for its weights) with
+  these recompute settings."""
   if not isinstance(store, ChunkStore):
     raise GenerationError(f"store must be a kvjax.systems.ChunkStore; got "
                           f"{validation.show(store)}")
   if store.fingerprint != calibration.model_fingerprint(model):
     raise GenerationError("store holds chunks of another model (fingerprint "
                           f"{store.fingerprint}); make a ChunkStore for this model")
+  if recompute_fraction is not None:
+    validation.number("recompute_fraction", recompute_fraction, 0, 1, error=GenerationError,
+                      what="share of each reused chunk recomputed, or None for CFO")
+  validation.number("alpha", alpha, 0, error=GenerationError, what="CFO scale")
+  if model.config.latent is not None:
+    raise GenerationError(f"{owner} stores dense keys and values; a latent-attention "
+                          f"(X-EcoMLA) model caches latents")
 
 
 def generate_from_chunks(model, store: ChunkStore, chunks, question="", max_new_tokens: int = 64,
@@ -567,22 +576,15 @@ def generate_from_chunks(model, store: ChunkStore, chunks, question="", max_new_
   start = time.perf_counter()
   compile_before = steps.compile_seconds
   _validate_sampling(max_new_tokens, temperature, top_p, seed, None)
-  check_store(model, store)
-  if recompute_fraction is not None:
-    validation.number("recompute_fraction", recompute_fraction, 0, 1, error=GenerationError,
-                      what="share of each reused chunk recomputed, or None for CFO")
-  validation.number("alpha", alpha, 0, error=GenerationError, what="CFO scale")
+  check_request("generate_from_chunks", model, store, recompute_fraction, alpha)
   if getattr(model, "placement", None) is not None:
     raise GenerationError("generate_from_chunks runs on one device; load the model without "
                           "a mesh")
-  if model.config.latent is not None:
-    raise GenerationError("generate_from_chunks stores dense keys and values; a latent-"
-                          "attention (X-EcoMLA) model caches latents")
   chunk_ids, question_ids = encode_chunks(model, chunks, question)
   total = sum(map(len, chunk_ids)) + len(question_ids)
   check_context_length(model, total + max_new_tokens,
                        f"the prompt ({total} tokens) with max_new_tokens={max_new_tokens}")
-  room = -(-(max_new_tokens + DECODE_CHUNK) // 64) * 64
+  room = -(-(max_new_tokens + DECODE_CHUNK) // ROOM_MULTIPLE) * ROOM_MULTIPLE
   logits, cache, stats = prefill_chunks(model, store, chunk_ids, question_ids,
                                         recompute_fraction=recompute_fraction, alpha=alpha,
                                         room=room, update_store=update_store)

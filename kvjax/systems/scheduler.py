@@ -40,6 +40,7 @@ from kvjax.errors import GenerationError
 from kvjax.generation import context, engine, inputs, sampling
 from kvjax.generation.generate import (DECODE_CHUNK, _validate_sampling, check_context_length,
                                        eos_ids)
+from kvjax.systems import chunk_cache
 from kvjax.systems.prefix_sharing import check_prefill_method
 
 
@@ -243,18 +244,10 @@ class Server:
     `kvjax.systems.generate_from_chunks`): it is prefilled alone when admitted, reusing
     `store`'s chunk caches, and decoded with the batch. Needs the server's full cache (a
     row sized for a compressed prompt cannot hold an assembled one)."""
-    from kvjax.systems import chunk_cache
     if self.method.compresses:
       raise GenerationError(f"submit_chunks needs a server with the full cache; this one "
                             f"compresses with {self.method.label!r}")
-    chunk_cache.check_store(self.model, store)
-    if recompute_fraction is not None:
-      validation.number("recompute_fraction", recompute_fraction, 0, 1, error=GenerationError,
-                        what="share of each reused chunk recomputed, or None for CFO")
-    validation.number("alpha", alpha, 0, error=GenerationError, what="CFO scale")
-    if self.model.config.latent is not None:
-      raise GenerationError("submit_chunks stores dense keys and values; a latent-attention "
-                            "(X-EcoMLA) model caches latents")
+    chunk_cache.check_request("submit_chunks", self.model, store, recompute_fraction, alpha)
     ids, question_ids = chunk_cache.encode_chunks(self.model, chunks, question)
     request = self._register([t for c in ids for t in c] + question_ids, max_new_tokens)
     # Known as chunked before it is queued: a running `run` may admit it at once.
@@ -322,7 +315,6 @@ class Server:
     return cache, self._first_tokens(logits)[:len(take)]
 
   def _prefill_chunks(self, cache, request: int, target: int):
-    from kvjax.systems import chunk_cache
     store, ids, question_ids, options = self._chunked.pop(request)
     logits, prompt_cache, stats = chunk_cache.prefill_chunks(self.model, store, ids,
                                                              question_ids, **options)
