@@ -26,11 +26,9 @@ from kvjax import validation
 from kvjax.cache.page_buffer import POLICIES, buffer_counts
 from kvjax.errors import KvjaxError
 from kvjax.generation import context, inputs
-from kvjax.generation.generate import check_context_length, complete, eos_ids
+from kvjax.generation.generate import ROOM_MULTIPLE, check_context_length, complete, eos_ids
 from kvjax.methods import validate_compression
 from kvjax.methods.quest import Quest
-
-ROOM_MULTIPLE = 64
 
 
 class OffloadError(KvjaxError):
