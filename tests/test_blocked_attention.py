@@ -55,6 +55,22 @@ def test_blocked_equals_unblocked(case):
   np.testing.assert_allclose(sums, want_probs.sum(3), rtol=1e-5, atol=2e-6)
 
 
+def test_blocks_seen_whole_skip_only_the_mask():
+  """Blocks every query of which sees every slot skip the mask; a block with one empty
+  slot (an evicted token), one padding query or one later position in any row must not."""
+  q, keys, values, qpos, kpos = _inputs(2, 256, 4, 2, 8, 128, 0, (0, 0), seed=3)
+  kpos[0, 1, 5] = -1                 # a hole in row 0's first old block, one head only
+  qpos[1, 64] = kpos[1, :, 128 + 64] = -1   # a padding query inside row 1's prompt
+  kpos[1, 0, 70] = 200               # a slot seen by no query before position 200
+  want_out, want_lse, want_probs = _unblocked(q, keys, values, qpos, kpos)
+  out, lse, sums = reference.blocked_attention(
+      reference.group_heads(jnp.asarray(q), 2), jnp.asarray(keys), jnp.asarray(values),
+      jnp.asarray(qpos), jnp.asarray(kpos), column_sums=True, block_q=32, block_k=32)
+  np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=2e-6)
+  np.testing.assert_allclose(lse, want_lse, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(sums, want_probs.sum(3), rtol=1e-5, atol=2e-6)
+
+
 def test_padding_queries_see_nothing():
   q, keys, values, qpos, kpos = _inputs(2, 200, 6, 2, 16, 0, 10, (0, 37))
   out, lse, _ = reference.blocked_attention(
