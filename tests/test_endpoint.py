@@ -77,6 +77,8 @@ def test_concurrent_requests_share_the_batch_and_keep_their_tokens(endpoint, mod
     assert status == 200, reply
     assert reply["choices"][0]["text"] == _want(model, prompt, 8)
   assert len({r["id"] for _, r in replies}) == len(PROMPTS)
+  # A long-lived endpoint keeps nothing of the requests it has answered.
+  assert endpoint.server._requests == {} and endpoint.server._results == {}
 
 
 def test_chat_completion_uses_the_chat_template(endpoint, model):
@@ -133,6 +135,7 @@ def test_a_failing_run_fails_its_requests_and_the_endpoint_recovers(endpoint, mo
                         {"prompt": PROMPTS[2], "max_tokens": 3})
   assert status == 200 and reply["choices"][0]["text"] == _want(model, PROMPTS[2], 3)
   assert len(calls) == 2   # the failed request was not retried
+  assert endpoint.server._requests == {} and endpoint.server._results == {}
 
 
 def test_finish_reason_stop_and_requests_after_close(model):

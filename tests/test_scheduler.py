@@ -93,6 +93,27 @@ def test_bad_requests_and_limits_are_refused():
     server.submit([1, 2], max_new_tokens=5)
 
 
+def test_forgotten_requests_leave_nothing_behind():
+  """A long-lived server forgets answered requests: ids stay unique, the next run serves
+  only what is new, and a queued request cannot be forgotten."""
+  model = tiny_model()
+  prompts = random_prompts([5, 9, 7], seed=4)
+  server = scheduler.Server(model, max_prompt_tokens=16, max_new_tokens=4, max_rows=2)
+  first = [server.submit(p, 3) for p in prompts[:2]]
+  assert [s.id for s in server.run()] == first
+  for request in first:
+    server.forget(request)
+  third = server.submit(prompts[2], 3)
+  assert third == 2
+  with pytest.raises(GenerationError, match="request 2 is still queued"):
+    server.forget(third)
+  (served,) = server.run()
+  assert served.id == third and server.stats["requests"] == 1
+  assert served.token_ids == kvjax.generate(model, [prompts[2]], max_new_tokens=3).token_ids[0]
+  server.forget(third)
+  assert server._requests == {} and server._results == {} and server.run() == []
+
+
 def test_serving_benchmark_compares_under_one_bound(tmp_path):
   from kvjax.systems import benchmarks
   model = tiny_model()

@@ -106,9 +106,13 @@ class Endpoint:
     keep = [r for r in queue if r not in failed]
     queue.clear()
     queue.extend(keep)
+    for request in failed:
+      self.server.forget(request)
     self._wake.notify_all()
 
   def _finished(self, served) -> None:
+    # The answer is handed to its waiting handler; the server keeps nothing of it.
+    self.server.forget(served.id)
     with self._wake:
       if served.id in self._waiting and served.id not in self._done:
         self._done[served.id] = served

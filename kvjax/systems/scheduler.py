@@ -205,7 +205,8 @@ class Server:
     self.eos = sorted(eos_ids(model, eos_token_ids))
     self.chat_template = chat_template
     self._queue: collections.deque = collections.deque()
-    self._requests: list = []       # (tokens, max_new_tokens, submitted_at)
+    self._requests: dict = {}       # request -> (tokens, max_new_tokens, submitted_at)
+    self._next_request = 0
     self._lock = threading.Lock()
     self._results: dict = {}
     self._chunked: dict = {}        # request -> (store, chunk ids, question ids, options)
@@ -229,9 +230,25 @@ class Server:
       raise GenerationError(f"prompt of {len(tokens)} tokens is longer than the server's "
                             f"max_prompt_tokens={self.max_prompt_tokens}")
     with self._lock:   # ids stay unique when several threads submit
-      request = len(self._requests)
-      self._requests.append((list(tokens), max_new, time.perf_counter()))
+      request = self._next_request
+      self._next_request += 1
+      self._requests[request] = (list(tokens), max_new, time.perf_counter())
     return request
+
+  def forget(self, request: int) -> None:
+    """Drops what the server keeps of a request that is not waiting: its prompt, its
+    result (`run` no longer returns it) and its chunk statistics. A long-lived server
+    (the HTTP endpoint) forgets each request once its answer is handed out, so its memory
+    does not grow with the requests it has served. Call it between runs or from
+    `on_finish`."""
+    if request in self._queue:
+      raise GenerationError(f"request {request} is still queued; only a request that is "
+                            f"not waiting can be forgotten")
+    with self._lock:
+      self._requests.pop(request, None)
+    self._results.pop(request, None)
+    self._chunked.pop(request, None)
+    self.chunk_stats.pop(request, None)
 
   def _next_key(self):
     self._draws += 1
@@ -345,7 +362,8 @@ class Server:
       self.on_finish(self._results[row.request])
 
   def run(self) -> list[ServedRequest]:
-    """Serves every queued request; returns all served so far, in submission order."""
+    """Serves every queued request; returns all served so far (and not forgotten), in
+    submission order."""
     steps = self.steps
     compile_before = steps.compile_seconds
     start = time.perf_counter()
@@ -353,7 +371,7 @@ class Server:
                          jnp.dtype(self.model.config.dtype))
     rows: list = [None] * self.rows
     last = np.zeros(self.rows, np.int32)
-    decode_calls = compactions = admissions = generated = 0
+    decode_calls = compactions = admissions = generated = served = 0
     peak_rows = 0
     while self._queue or any(r is not None for r in rows):
       freed = np.array([r is not None and r.done for r in rows])
@@ -361,6 +379,7 @@ class Server:
         for i in np.flatnonzero(freed):
           self._finish(rows[i])
           generated += len(rows[i].generated)
+          served += 1
           rows[i] = None
         cache = _released(cache, jnp.asarray(freed))
       free = [i for i, r in enumerate(rows) if r is None]
@@ -395,7 +414,7 @@ class Server:
         "rows": self.rows, "row_bytes": self.row_bytes,
         "cache_bytes": kv_cache.nbytes(cache), "memory_budget_bytes": self.memory_budget_bytes,
         "method": self.method.label, "budget": self.keep if self.method.compresses else None,
-        "requests": len(self._results), "generated_tokens": generated,
+        "requests": served, "generated_tokens": generated,
         "seconds": seconds, "tokens_per_second": generated / seconds if seconds > 0 else None,
         "decode_calls": decode_calls, "admissions": admissions, "compactions": compactions,
         "peak_active_rows": peak_rows,
