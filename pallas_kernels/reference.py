@@ -11,8 +11,6 @@ bf16 x bf16 -> f32 dot); `upcast=True` computes them in float32 at the highest p
 which is how the kernels' results are checked.
 """
 
-import functools
-
 import jax
 from jax import lax
 import jax.numpy as jnp
@@ -149,12 +147,12 @@ def grouped_attention(q, keys, values, seen, *, upcast=False):
   return out, lse, probs
 
 
-def _visit(count, bound: int, body, carry):
-  """body(j, carry) for j < count (traced, at most the static `bound`): a loop of static
-  length whose skipped iterations do nothing, so reverse-mode differentiation (training
-  through the model's attention) works where a loop of traced length would not."""
-  return lax.fori_loop(0, bound, lambda j, c: lax.cond(j < count, body, lambda _, c: c, j, c),
-                       carry)
+def _visit(active, body, carry):
+  """body(j, carry) for each j where `active[j]` (traced): a loop of static length whose
+  skipped iterations do nothing, so reverse-mode differentiation (training through the
+  model's attention) works where a loop of traced length would not."""
+  return lax.fori_loop(0, active.shape[0],
+                       lambda j, c: lax.cond(active[j], body, lambda _, c: c, j, c), carry)
 
 
 def blocked_attention(q, keys, values, query_positions, key_positions, *,
@@ -164,11 +162,10 @@ def blocked_attention(q, keys, values, query_positions, key_positions, *,
   q [B, K, G, T, D]; keys/values [B, K, S, D]; query_positions [B, T]; key_positions
   [B, K, S]. Returns (out [B, K, G, T, D] float32, lse [B, K, G, T] (EMPTY_LSE for a
   query that sees nothing), column sums [B, K, G, S] float32 or None). Memory is
-  O(block_q * block_k) per head instead of O(T * S), and a query block visits key blocks
-  only up to the last one holding a slot it can see: in a prefill, the new chunk's future
-  tokens and the empty room after it are skipped (about half the work of a causal
-  prompt). Column sums take a second pass over the same blocks, normalised by each
-  query's final log-sum-exp.
+  O(block_q * block_k) per head instead of O(T * S), and a query block visits only the key
+  blocks holding a slot it can see: in a prefill, the new chunk's future tokens and empty
+  slots are skipped (about half the work of a causal prompt). Column sums take a second
+  pass over the same blocks, normalised by each query's final log-sum-exp.
   """
   b, k, g, t, d = q.shape
   s = keys.shape[2]
@@ -181,30 +178,23 @@ def blocked_attention(q, keys, values, query_positions, key_positions, *,
   key_positions = backend.pad_axis(key_positions, 2, nk * block_k, -1)
   # Key block j holds a slot that query block i sees only if its smallest position is at
   # most the block's largest query position (over the batch: one loop serves all rows).
+  # Other blocks are skipped: the chunk's future, the empty room after it, and the empty
+  # slots before it when a compressing prefill attends over the cache and the new chunk.
   key_blocks = key_positions.reshape(b, k, nk, block_k)
   query_blocks = query_positions.reshape(b, nq, block_q)
   first = jnp.where(key_blocks >= 0, key_blocks, jnp.iinfo(jnp.int32).max)
   first = first.min(axis=(0, 1, 3))                                        # [nk]
   reach = first[None, :] <= query_blocks.max(axis=(0, 2))[:, None]         # [nq, nk]
-  visits = jnp.where(reach.any(1), nk - jnp.argmax(reach[:, ::-1], axis=1), 0)
-  # Block (i, j) is seen whole when, in every row, each slot is filled and at or before
-  # every query of the block: most blocks of a causal prefill, which then skip the mask
-  # (about 10% of the attention's time on CPU).
-  whole = ((key_blocks.min(axis=(1, 3))[:, None, :] >= 0)
-           & (key_blocks.max(axis=(1, 3))[:, None, :] <= query_blocks.min(axis=2)[:, :, None])
-           ).all(0)                                                       # [nq, nk]
   scale = d ** -0.5
   if q.dtype == jnp.float32:
     # Scaled once per query rather than once per (query, slot) logit.
     q, scale = q * scale, 1.0
 
-  def key_block(j, qi, qpos, masked=True):
+  def key_block(j, qi, qpos):
     kj = lax.dynamic_slice_in_dim(keys, j * block_k, block_k, axis=2)
     logits = _products("bkgtd,bksd->bkgts", qi, kj, False)
     if scale != 1.0:
       logits = logits * scale
-    if not masked:
-      return logits, None
     kpos = lax.dynamic_slice_in_dim(key_positions, j * block_k, block_k, axis=2)
     seen = visible(qpos[:, None, None, :], kpos[:, :, None, :])
     return jnp.where(seen, logits, -jnp.inf), seen
@@ -213,11 +203,11 @@ def blocked_attention(q, keys, values, query_positions, key_positions, *,
     qi = lax.dynamic_slice_in_dim(q, i * block_q, block_q, axis=3)
     qpos = lax.dynamic_slice_in_dim(query_positions, i * block_q, block_q, axis=1)
 
-    def accumulate(masked, j, carry):
+    def accumulate(j, carry):
       m, l, acc = carry
-      logits, _ = key_block(j, qi, qpos, masked)
+      logits, _ = key_block(j, qi, qpos)
       m_new = jnp.maximum(m, logits.max(-1))
-      shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0) if masked else m_new
+      shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
       p = jnp.exp(logits - shift[..., None])
       rescale = jnp.exp(m - shift)
       vj = lax.dynamic_slice_in_dim(values, j * block_k, block_k, axis=2)
@@ -225,12 +215,8 @@ def blocked_attention(q, keys, values, query_positions, key_positions, *,
                            lambda p, v: _products("bkgts,bksd->bkgtd", p, v, False))
       return m_new, l * rescale + p.sum(-1), acc * rescale[..., None] + pv
 
-    def step(j, carry):
-      return lax.cond(whole[i, j], functools.partial(accumulate, False),
-                      functools.partial(accumulate, True), j, carry)
-
     rows = qi.shape[:-1]
-    m, l, acc = _visit(visits[i], nk, step,
+    m, l, acc = _visit(reach[i], accumulate,
                        (jnp.full(rows, -jnp.inf), jnp.zeros(rows),
                         jnp.zeros(qi.shape, jnp.float32)))
     any_seen = l > 0  # the largest visible logit contributes exp(0) = 1
@@ -246,7 +232,7 @@ def blocked_attention(q, keys, values, query_positions, key_positions, *,
       return lax.dynamic_update_slice(
           sums, lax.dynamic_slice(sums, start, p.shape) + p, start)
 
-    return _visit(visits[i], nk, add_column_sums, sums), (out, lse)
+    return _visit(reach[i], add_column_sums, sums), (out, lse)
 
   sums = jnp.zeros((b, k, g, nk * block_k), jnp.float32) if column_sums else None
   sums, (out, lse) = lax.scan(query_block, sums, jnp.arange(nq))

@@ -96,6 +96,21 @@ def test_blocks_past_the_last_visible_one_are_never_read():
   np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=2e-6)
 
 
+def test_empty_blocks_before_the_chunk_are_never_read():
+  """A compressing prefill attends over the cache's empty slots followed by the chunk: key
+  blocks with no filled slot are skipped wherever they are (NaN there would poison)."""
+  t, empty, block = 96, 64, 32
+  q, keys, values, qpos, kpos = _inputs(1, t, 4, 2, 8, 0, 0, (0,), seed=5)
+  want_out = _unblocked(q, keys, values, qpos, kpos)[0]
+  pad = lambda x, value: np.concatenate(
+      [np.full(x.shape[:2] + (empty,) + x.shape[3:], value, x.dtype), x], axis=2)
+  out, _, _ = reference.blocked_attention(
+      reference.group_heads(jnp.asarray(q), 2), jnp.asarray(pad(keys, np.nan)),
+      jnp.asarray(pad(values, np.nan)), jnp.asarray(qpos), jnp.asarray(pad(kpos, -1)),
+      block_q=block, block_k=block)
+  np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=2e-6)
+
+
 def test_attention_takes_the_blocked_path_for_long_chunks(monkeypatch):
   """`attention` (what the model calls on CPU) runs blocked above BLOCKED_MIN_QUERIES and
   equals the unblocked attention either side of it."""
