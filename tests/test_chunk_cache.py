@@ -383,3 +383,29 @@ def test_smollm2_prompt_from_cached_hotpotqa_documents(smollm2):
   # Recomputed whole, the chunks are stored for this order: it is now reused exactly.
   again = cc.generate_from_chunks(smollm2, store, reordered, question, max_new_tokens=12)
   assert again.stats["recomputed_tokens"] == 0 and again.token_ids[0] == want
+
+
+def test_the_model_fingerprint_is_hashed_once_per_params_object(monkeypatch):
+  """Every chunk request checks the store's model: the weights are hashed once per params
+  object, and other weights or another config still give another fingerprint."""
+  import dataclasses
+  import gc
+  from kvjax import calibration
+  model = tiny_model(seed=5)
+  first = calibration.model_fingerprint(model)
+  hashed = []
+  real_ravel = calibration.jnp.ravel
+  monkeypatch.setattr(calibration.jnp, "ravel", lambda x: hashed.append(1) or real_ravel(x))
+  assert calibration.model_fingerprint(model) == first and not hashed
+  assert calibration.model_fingerprint(dataclasses.replace(model)) == first and not hashed
+  renamed = dataclasses.replace(model, config=dataclasses.replace(model.config, name="other"))
+  assert calibration.model_fingerprint(renamed) != first and hashed
+  copied = dataclasses.replace(model, params=jax.tree.map(jnp.copy, model.params))
+  hashed.clear()
+  assert calibration.model_fingerprint(copied) == first and hashed   # same weights, hashed
+  other = tiny_model(seed=6)
+  assert calibration.model_fingerprint(other) != first
+  key = id(other.params)
+  del other
+  gc.collect()
+  assert key not in calibration._FINGERPRINTS    # forgotten with its params

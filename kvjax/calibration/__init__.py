@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -104,15 +105,33 @@ def calibration_tokens(config, period: int, repeats: int, seed: int = 0,
   return np.concatenate([[bos], np.tile(ids, repeats)]).astype(np.int32)[None]
 
 
+# id(params) -> (weak reference to those params, config repr, fingerprint): hashing reads
+# every weight tensor, and chunk caches check the model on every request.
+_FINGERPRINTS: dict = {}
+
+
 def model_fingerprint(model) -> str:
   """A short hash of the model's config and a strided sample of every weight: calibration
-  files made for other weights are never reused."""
-  digest = hashlib.sha256(repr(model.config).encode())
-  for leaf in jax.tree_util.tree_leaves(model.params):
+  files made for other weights are never reused. Remembered per params object while it
+  lives (params are immutable pytrees: new weights are a new object)."""
+  config = repr(model.config)
+  params = model.params
+  known = _FINGERPRINTS.get(id(params))
+  if known is not None and known[0]() is params and known[1] == config:
+    return known[2]
+  digest = hashlib.sha256(config.encode())
+  for leaf in jax.tree_util.tree_leaves(params):
     flat = jnp.ravel(leaf)
     sample = np.asarray(flat[::max(1, flat.size // 4096)])  # strided on the device
     digest.update(np.ascontiguousarray(sample).tobytes())
-  return digest.hexdigest()[:16]
+  fingerprint = digest.hexdigest()[:16]
+  try:
+    key = id(params)
+    ref = weakref.ref(params, lambda _: _FINGERPRINTS.pop(key, None))
+  except TypeError:   # params that cannot be weakly referenced are hashed every time
+    return fingerprint
+  _FINGERPRINTS[key] = (ref, config, fingerprint)
+  return fingerprint
 
 
 def calibrate(model, period: int = 2500, repeats: int = 4, seed: int = 0) -> dict:
