@@ -262,6 +262,14 @@ def test_the_method_option_gives_the_same_tokens_and_reports_the_tier(model, on_
   assert out.stats["context_cache_bytes"] - plain.stats["context_cache_bytes"] == stats[
       "buffer_bytes"]
   assert out.stats["context_cache_host_bytes"] == plain.stats["context_cache_host_bytes"]
+  # generate reports the tier's counters after decoding, as offloaded_generate does.
+  counters = out.stats["decode_method_stats"]
+  assert counters["requests"] > 0 and counters["prefetches"] > 0
+  assert counters["hits"] + counters["faults"] + counters["victim_hits"] == counters["requests"]
+  same = offload.offloaded_generate(model, PROMPTS, NEW, compression_ratio=0.5, device_pages=4,
+                                    policy="predictions", prefetch=1)
+  assert {k: same.stats[k] for k in counters} == counters
+  assert plain.stats["decode_method_stats"]["requests"] == 0     # no buffer, nothing counted
 
 
 def test_compare_offload_reports_every_variant(model):

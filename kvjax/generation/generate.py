@@ -315,6 +315,7 @@ def generate(model, prompts, questions=None, method=None, compression_ratio=None
       "protected_tokens": protected[1],
       "protected_tokens_configured": protected[0],
       "method_stats": prefilled.method_stats,
+      "decode_method_stats": method_obj.decode_stats(done.cache),
       "batch_size": rows,
       "prompt_tokens": context_lengths,
       "question_tokens": question_lengths,

@@ -216,6 +216,13 @@ class Method:
     del cache
     return {}
 
+  def decode_stats(self, cache) -> dict:
+    """Host side: method-specific facts about the cache after decoding, reported as
+    result.stats["decode_method_stats"] (e.g. an offload tier's hit and fault counters).
+    Default: none."""
+    del cache
+    return {}
+
   def safeguard(self, keep: int) -> int:
     """Head-wise methods: slots every head keeps before the layer's shared top-k."""
     del keep

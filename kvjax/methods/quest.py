@@ -24,8 +24,8 @@ a decode step reads resident pages from their frames and copies only the others 
 memory, evicting by `eviction` ("lru", "predictions": a 1-bit discard prediction with an
 LRU fallback, "hybrid": LSM-GNN's static prior plus recency), with `victim_pages` victim
 frames and `prefetch` pages prefetched per step. The tokens are those of the unbuffered
-cache; `method_stats` adds the buffer's settings and bytes, and
-`kvjax.cache.page_buffer.buffer_counts(cache)` its hits, faults and prefetches.
+cache; `method_stats` adds the buffer's settings and bytes, and `decode_method_stats`
+its hits, faults and prefetches after decoding (`page_buffer.buffer_counts`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ from typing import ClassVar
 import jax.numpy as jnp
 
 from kvjax.cache.kv_cache import host_nbytes, nbytes
-from kvjax.cache.page_buffer import POLICIES, BufferConfig, BufferedPagedLayerCache, buffered
+from kvjax.cache.page_buffer import (POLICIES, BufferConfig, BufferedPagedLayerCache,
+                                     buffer_counts, buffered)
 from kvjax.cache.paged import GQA_MODES, PagedLayerCache, repaged
 from kvjax.errors import MethodError
 from kvjax.methods import base, registry
@@ -121,6 +122,11 @@ class Quest(base.Method):
             "dense_layers": len(cache.layers) - len(paged),
             "host_bytes": host_nbytes(cache),
             **self._tier_stats(paged)}
+
+  def decode_stats(self, cache) -> dict:
+    """The offload tier's counters summed over layers (page_buffer.buffer_counts; all zero
+    where no layer has a buffer)."""
+    return buffer_counts(cache)
 
   def _tier_stats(self, paged) -> dict:
     buffers = [layer.buffer for layer in paged if isinstance(layer, BufferedPagedLayerCache)]

@@ -2,11 +2,10 @@
 page buffer in front of them (`kvjax.cache.page_buffer`), and its benchmark against the
 all-on-device Quest cache.
 
-`offloaded_generate` decodes prompts through Quest with the tier configured by keyword
-(the same as `kvjax.generate(model, prompts, method="quest:device_pages=64:eviction=
-predictions:prefetch=2", ...)`, which gives the same tokens) and also returns the final
-cache's buffer counters (hits, faults, prefetches, fault rate), which `kvjax.generate`
-does not expose.
+`offloaded_generate` decodes prompts through Quest with the tier configured by keyword:
+`kvjax.generate(model, prompts, method="quest:device_pages=64:eviction=predictions:
+prefetch=2", ...)` underneath, its stats["decode_method_stats"] (the final cache's buffer
+counters: hits, faults, prefetches, fault rate) flattened into the result's stats.
 
 `compare_offload` decodes the same prompts with (a) the Quest cache all on the device,
 (b) offloaded without a buffer (every selected page copied every step), (c) offloaded with
@@ -23,11 +22,9 @@ import dataclasses
 import statistics
 
 from kvjax import validation
-from kvjax.cache.page_buffer import POLICIES, buffer_counts
+from kvjax.cache.page_buffer import POLICIES
 from kvjax.errors import KvjaxError
-from kvjax.generation import context, inputs
-from kvjax.generation.generate import ROOM_MULTIPLE, check_context_length, complete, eos_ids
-from kvjax.methods import validate_compression
+from kvjax.generation.generate import generate
 from kvjax.methods.quest import Quest
 
 
@@ -54,32 +51,20 @@ def quest_method(device_pages: int = 0, policy: str = "lru", prefetch: int = 0,
 
 def _decode(model, prompts, method: Quest, max_new_tokens: int, compression_ratio, budget,
             chat_template) -> OffloadResult:
-  prompt_list, _ = inputs.as_batch(prompts, "prompts")
-  batch = inputs.encode(model, prompt_list, None, chat_template)
-  lengths = [len(p) for p in batch.prompts]
-  for i, n in enumerate(lengths):
-    check_context_length(model, n + max_new_tokens,
-                         f"prompt {i} ({n} tokens) with max_new_tokens={max_new_tokens}")
-  keep = validate_compression(method, lengths, compression_ratio, budget)
-  tokens, mask = inputs.left_pad(batch.prompts, inputs.pad_id(model),
-                                 inputs.context_width(max(lengths)))
-  room = -(-max_new_tokens // ROOM_MULTIPLE) * ROOM_MULTIPLE
-  pre = context.prefill(model, tokens, mask, method, keep, room)
-  done = complete(model, pre.logits, pre.cache, pre.decode_plan,
-                  max_new_tokens=max_new_tokens, eos_token_ids=sorted(eos_ids(model, None)))
-  steps = done.decode_steps
+  result = generate(model, prompts, method=method, compression_ratio=compression_ratio,
+                    budget=budget, max_new_tokens=max_new_tokens, chat_template=chat_template)
+  s = result.stats
   stats = {
-      "method": method.label,
-      "device_bytes": pre.context_cache_bytes,
-      "host_bytes": pre.context_cache_host_bytes,
-      "buffer_bytes": (pre.method_stats or {}).get("buffer_bytes", 0),
-      "method_stats": pre.method_stats,
-      "decode_steps": steps,
-      "decode_seconds": done.decode_seconds,
-      "decode_tokens_per_second": (steps * len(lengths) / done.decode_seconds
-                                   if done.decode_seconds > 0 else float("nan")),
-      **buffer_counts(done.cache)}
-  return OffloadResult(token_ids=done.token_ids, texts=done.texts, stats=stats)
+      "method": s["method"],
+      "device_bytes": s["context_cache_bytes"],
+      "host_bytes": s["context_cache_host_bytes"],
+      "buffer_bytes": s["method_stats"].get("buffer_bytes", 0),
+      "method_stats": s["method_stats"],
+      "decode_steps": s["decode_steps"],
+      "decode_seconds": s["decode_seconds"],
+      "decode_tokens_per_second": s["decode_tokens_per_second"],
+      **s["decode_method_stats"]}
+  return OffloadResult(token_ids=result.token_ids, texts=result.texts, stats=stats)
 
 
 def _check_common(max_new_tokens, policy=None):
