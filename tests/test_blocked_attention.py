@@ -55,9 +55,9 @@ def test_blocked_equals_unblocked(case):
   np.testing.assert_allclose(sums, want_probs.sum(3), rtol=1e-5, atol=2e-6)
 
 
-def test_blocks_seen_whole_skip_only_the_mask():
-  """Blocks every query of which sees every slot skip the mask; a block with one empty
-  slot (an evicted token), one padding query or one later position in any row must not."""
+def test_holes_padding_and_later_positions_inside_blocks():
+  """Blocks where every query sees almost every slot: one empty slot (an evicted token),
+  one padding query or one later position in a row must still be masked there."""
   q, keys, values, qpos, kpos = _inputs(2, 256, 4, 2, 8, 128, 0, (0, 0), seed=3)
   kpos[0, 1, 5] = -1                 # a hole in row 0's first old block, one head only
   qpos[1, 64] = kpos[1, :, 128 + 64] = -1   # a padding query inside row 1's prompt

@@ -402,6 +402,14 @@ def test_the_model_fingerprint_is_hashed_once_per_params_object(monkeypatch):
   assert calibration.model_fingerprint(renamed) != first and hashed
   copied = dataclasses.replace(model, params=jax.tree.map(jnp.copy, model.params))
   hashed.clear()
+  # The same State updated in place (one array replaced) is hashed again.
+  updated = tiny_model(seed=5)
+  before = calibration.model_fingerprint(updated)
+  scale = updated.params["final_norm"]["scale"]
+  scale.set_value(scale[...] * 2)
+  hashed.clear()
+  assert calibration.model_fingerprint(updated) != before and hashed
+  hashed.clear()
   assert calibration.model_fingerprint(copied) == first and hashed   # same weights, hashed
   other = tiny_model(seed=6)
   assert calibration.model_fingerprint(other) != first

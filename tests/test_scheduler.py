@@ -114,6 +114,38 @@ def test_forgotten_requests_leave_nothing_behind():
   assert server._requests == {} and server._results == {} and server.run() == []
 
 
+def test_a_request_still_decoding_cannot_be_forgotten(monkeypatch):
+  """From on_finish a finished request may be forgotten, one still decoding may not; after
+  a failed run its requests can be."""
+  model = tiny_model()
+  prompts = random_prompts([5, 9], seed=6)
+  server = scheduler.Server(model, max_prompt_tokens=16, max_new_tokens=4, max_rows=2)
+  short, long = server.submit(prompts[0], 1), server.submit(prompts[1], 4)
+  refused = []
+
+  def on_finish(served):
+    if served.id == short:
+      with pytest.raises(GenerationError, match="request 1 is still queued or decoding"):
+        server.forget(long)
+      refused.append(short)
+    server.forget(served.id)
+
+  server.on_finish = on_finish
+  assert server.run() == [] and refused == [short]
+  assert server._requests == {} and server._decoding == set()
+  server.on_finish = None
+  failing = server.submit(prompts[1], 4)
+
+  def boom(*args, **kwargs):
+    raise RuntimeError("device lost")
+
+  monkeypatch.setattr(server.steps, "decode_loop", boom)
+  with pytest.raises(RuntimeError, match="device lost"):
+    server.run()
+  server.forget(failing)     # admitted into a row of the failed run: gone with it
+  assert server._requests == {} and server._results == {}
+
+
 def test_serving_benchmark_compares_under_one_bound(tmp_path):
   from kvjax.systems import benchmarks
   model = tiny_model()

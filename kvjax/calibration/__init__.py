@@ -105,22 +105,25 @@ def calibration_tokens(config, period: int, repeats: int, seed: int = 0,
   return np.concatenate([[bos], np.tile(ids, repeats)]).astype(np.int32)[None]
 
 
-# id(params) -> (weak reference to those params, config repr, fingerprint): hashing reads
-# every weight tensor, and chunk caches check the model on every request.
+# id(params) -> (weak reference to those params, config repr, their leaves, fingerprint):
+# hashing reads every weight tensor, and chunk caches check the model on every request.
 _FINGERPRINTS: dict = {}
 
 
 def model_fingerprint(model) -> str:
   """A short hash of the model's config and a strided sample of every weight: calibration
   files made for other weights are never reused. Remembered per params object while it
-  lives (params are immutable pytrees: new weights are a new object)."""
+  lives and holds the same weight arrays (an nnx State can be updated in place: a
+  replaced array is hashed again)."""
   config = repr(model.config)
   params = model.params
+  leaves = jax.tree_util.tree_leaves(params)
   known = _FINGERPRINTS.get(id(params))
-  if known is not None and known[0]() is params and known[1] == config:
-    return known[2]
+  if (known is not None and known[0]() is params and known[1] == config
+      and len(known[2]) == len(leaves) and all(a is b for a, b in zip(known[2], leaves))):
+    return known[3]
   digest = hashlib.sha256(config.encode())
-  for leaf in jax.tree_util.tree_leaves(params):
+  for leaf in leaves:
     flat = jnp.ravel(leaf)
     sample = np.asarray(flat[::max(1, flat.size // 4096)])  # strided on the device
     digest.update(np.ascontiguousarray(sample).tobytes())
@@ -130,7 +133,7 @@ def model_fingerprint(model) -> str:
     ref = weakref.ref(params, lambda _: _FINGERPRINTS.pop(key, None))
   except TypeError:   # params that cannot be weakly referenced are hashed every time
     return fingerprint
-  _FINGERPRINTS[key] = (ref, config, fingerprint)
+  _FINGERPRINTS[key] = (ref, config, tuple(leaves), fingerprint)
   return fingerprint
 
 

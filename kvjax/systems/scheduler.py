@@ -209,6 +209,7 @@ class Server:
     self._next_request = 0
     self._lock = threading.Lock()
     self._results: dict = {}
+    self._decoding: set = set()     # requests in a row of the running `run`
     self._chunked: dict = {}        # request -> (store, chunk ids, question ids, options)
     self.chunk_stats: dict = {}     # request -> prefill_chunks' stats
     self.on_finish = on_finish
@@ -241,14 +242,14 @@ class Server:
     (the HTTP endpoint) forgets each request once its answer is handed out, so its memory
     does not grow with the requests it has served. Call it between runs or from
     `on_finish`."""
-    if request in self._queue:
-      raise GenerationError(f"request {request} is still queued; only a request that is "
-                            f"not waiting can be forgotten")
     with self._lock:
+      if request in self._queue or request in self._decoding:
+        raise GenerationError(f"request {request} is still queued or decoding; only a "
+                              f"request that is not waiting can be forgotten")
       self._requests.pop(request, None)
-    self._results.pop(request, None)
-    self._chunked.pop(request, None)
-    self.chunk_stats.pop(request, None)
+      self._results.pop(request, None)
+      self._chunked.pop(request, None)
+      self.chunk_stats.pop(request, None)
 
   def _next_key(self):
     self._draws += 1
@@ -291,6 +292,7 @@ class Server:
         cache, first[request] = self._prefill_chunks(cache, request, target)
     now = time.perf_counter()
     for request, row in zip(take, targets):
+      self._decoding.add(request)
       rows[row] = _Row(request=request, generated=[])
       self._results[request] = {"admitted_at": now}
       self._accept(rows[row], int(first[request]))
@@ -364,6 +366,12 @@ class Server:
   def run(self) -> list[ServedRequest]:
     """Serves every queued request; returns all served so far (and not forgotten), in
     submission order."""
+    try:
+      return self._serve()
+    finally:   # a failed run's rows are gone: their requests can be forgotten
+      self._decoding.clear()
+
+  def _serve(self) -> list[ServedRequest]:
     steps = self.steps
     compile_before = steps.compile_seconds
     start = time.perf_counter()
@@ -377,6 +385,7 @@ class Server:
       freed = np.array([r is not None and r.done for r in rows])
       if freed.any():
         for i in np.flatnonzero(freed):
+          self._decoding.discard(rows[i].request)
           self._finish(rows[i])
           generated += len(rows[i].generated)
           served += 1
