@@ -29,8 +29,8 @@ QUERY_BLOCK = 512
 BLOCKED_MIN_QUERIES = 64
 BLOCK_Q, BLOCK_K = 512, 512
 SHORT_CHUNK, SHORT_BLOCK_Q, SHORT_BLOCK_K = 1024, 256, 128
-# Blocks shrink until one block's float32 logits over the heads (of one row: `attention`
-# runs a batch row by row) fit this: 38 MB of logits per block (4 rows of 512 x 512)
+# Blocks shrink until one block's float32 logits over the heads (of one row: on CPU
+# `attention` runs a batch row by row) fit this: 38 MB of logits per block (4 rows of 512 x 512)
 # spilled every cache level and ran 1.3x slower than 256 x 256.
 BLOCK_LOGITS_BYTES = 10 << 20
 
@@ -180,11 +180,10 @@ def blocked_attention(q, keys, values, query_positions, key_positions, *,
   # most the block's largest query position (over the batch: one loop serves all rows).
   # Other blocks are skipped: the chunk's future, the empty room after it, and the empty
   # slots before it when a compressing prefill attends over the cache and the new chunk.
-  key_blocks = key_positions.reshape(b, k, nk, block_k)
-  query_blocks = query_positions.reshape(b, nq, block_q)
-  first = jnp.where(key_blocks >= 0, key_blocks, jnp.iinfo(jnp.int32).max)
-  first = first.min(axis=(0, 1, 3))                                        # [nk]
-  reach = first[None, :] <= query_blocks.max(axis=(0, 2))[:, None]         # [nq, nk]
+  first = jnp.where(key_positions >= 0, key_positions, jnp.iinfo(jnp.int32).max)
+  first = first.reshape(b, k, nk, block_k).min(axis=(0, 1, 3))            # [nk]
+  last_query = query_positions.reshape(b, nq, block_q).max(axis=(0, 2))   # [nq]
+  reach = first[None, :] <= last_query[:, None]                            # [nq, nk]
   scale = d ** -0.5
   if q.dtype == jnp.float32:
     # Scaled once per query rather than once per (query, slot) logit.
