@@ -75,17 +75,24 @@ def _products(equation, a, b, upcast):
 
 def _one_query_logits(q, keys):
   """Logits [B, K, G, 1, S] of one query per head (decode), float32 whatever the cache
-  dtype: keys times queries ([S, G] per head), then swapped, as `union_decode_attention`.
-  On XLA:CPU (jax 0.10.2, 2 cores, 3 KV heads x 3 queries, D = 64) the whole one-query
-  attention this way took 0.19 ms at 2K slots, batch 1 (4.0 ms at batch 8), against 0.30
-  (4.4) with a [G, S] dot and 0.62 (10.8) with the product summed over D it used to be."""
+  dtype. XLA:CPU (jax 0.10.2, 2 cores, SmolLM2's 30 layers, 16-step decode loop) is
+  fastest with a product summed over D at batch 1 (49 vs 54 ms per step at 2K slots) and
+  with dots from batch 2 on, keys times queries ([S, G] per head) then swapped, as
+  `union_decode_attention` (2K x 8: 129 vs 214 ms; 512 x 4: 53 vs 68; 2K x 2: 56 vs 68)."""
+  if q.shape[0] == 1:
+    kv = keys[:, :, None, None] if keys.ndim == 4 else keys[:, None, None, None]
+    return jnp.sum(q[..., None, :].astype(jnp.float32) * kv.astype(jnp.float32), axis=-1)
   kv = "bksd" if keys.ndim == 4 else "bsd"
   logits = _products(f"{kv},bkgd->bksg", keys, q[:, :, :, 0], True)
   return jnp.swapaxes(logits, 2, 3)[:, :, :, None]
 
 
 def _one_query_output(probs, values):
-  """sum_s probs[..., s] * values[s] for probs [B, K, G, 1, S] (decode): a float32 dot."""
+  """sum_s probs[..., s] * values[s] for probs [B, K, G, 1, S] (decode), float32: a
+  product summed over S at batch 1, a dot from batch 2 on (see `_one_query_logits`)."""
+  if probs.shape[0] == 1:
+    v = values[:, :, None, None] if values.ndim == 4 else values[:, None, None, None]
+    return jnp.sum(probs[..., None] * v.astype(jnp.float32), axis=-2)
   kv = "bksd" if values.ndim == 4 else "bsd"
   return _products(f"bkgs,{kv}->bkgd", probs[:, :, :, 0], values, True)[:, :, :, None]
 
@@ -134,7 +141,7 @@ def grouped_attention(q, keys, values, seen, *, upcast=False):
   """
   d = q.shape[-1]
   kv = "bksd" if keys.ndim == 4 else "bsd"
-  # One query per head on CPU: the dots XLA:CPU runs fastest (`_one_query_logits`).
+  # One query per head on CPU: the forms XLA:CPU runs fastest (`_one_query_logits`).
   one_query = q.shape[3] == 1 and jax.default_backend() == "cpu"
   if one_query:
     logits = _one_query_logits(q, keys) * d ** -0.5
@@ -195,6 +202,10 @@ def blocked_attention(q, keys, values, query_positions, key_positions, *,
   def block_start(j):
     return jnp.minimum(j * block_k, s - block_k)  # the ragged last block ends at s
 
+  def own_slots(j):
+    # [block_k] the slots of block j's window that are its own (not the block before's).
+    return block_start(j) + jnp.arange(block_k) >= j * block_k
+
   def key_block(j, qi, qpos):
     start = block_start(j)
     kj = lax.dynamic_slice_in_dim(keys, start, block_k, axis=2)
@@ -203,7 +214,7 @@ def blocked_attention(q, keys, values, query_positions, key_positions, *,
       logits = logits * scale
     kpos = lax.dynamic_slice_in_dim(key_positions, start, block_k, axis=2)
     if s % block_k:
-      kpos = jnp.where(start + jnp.arange(block_k) >= j * block_k, kpos, -1)
+      kpos = jnp.where(own_slots(j), kpos, -1)
     seen = visible(qpos[:, None, None, :], kpos[:, :, None, :])
     return jnp.where(seen, logits, -jnp.inf), seen
 
@@ -219,6 +230,9 @@ def blocked_attention(q, keys, values, query_positions, key_positions, *,
       p = jnp.exp(logits - shift[..., None])
       rescale = jnp.exp(m - shift)
       vj = lax.dynamic_slice_in_dim(values, block_start(j), block_k, axis=2)
+      if s % block_k:
+        # The overlap may be a block the loop skipped (NaN there would poison p . v).
+        vj = jnp.where(own_slots(j)[:, None], vj, 0)
       pv = weighted_values(p.astype(values.dtype), vj, d,
                            lambda p, v: _products("bkgts,bksd->bkgtd", p, v, False))
       return m_new, l * rescale + p.sum(-1), acc * rescale[..., None] + pv
@@ -428,8 +442,8 @@ def union_decode_attention(qs, keys, values, key_positions, query_positions):
   Products are float32 dots at the highest precision, keys times queries ([S, G] per
   head, then swapped): on 2 CPU cores (jax 0.10.2; 1024 slots, 3 KV heads x 3 queries,
   D = 64) the logits took 24 us this way, 46 us as a [G, S] dot (XLA:CPU copies the keys
-  transposed first) and 245 us as `decode_attention`'s fused products, which XLA also
-  fuses with a pool's dequantization. Returns (out [B, K, G, D] float32, lse [B, K, G]);
+  transposed first) and 245 us as a product summed over D. Returns (out [B, K, G, D]
+  float32, lse [B, K, G]);
   a query that sees no slot gets 0 and `EMPTY_LSE`.
   """
   d = qs[0].shape[-1]
@@ -520,7 +534,7 @@ def gear_decode_attention(q, part, key_positions, query_positions, *, bits, grou
   logits = (logits + gear.key_outlier_logits(q, part, bits=bits, group=group)) * d ** -0.5
   seen = visible(query_positions[:, None, None, None], key_positions[:, :, None, :])
   probs, lse = _masked_softmax(logits[:, :, :, None], seen)
-  out = _products("bkgs,bksd->bkgd", probs[:, :, :, 0], values, True)
+  out = _one_query_output(probs, values)[:, :, :, 0]
   p_a = jnp.einsum("bkgjn,bkjnr->bkgjr", probs.reshape(b, k, g, nb, n),
                    by_block(part.value_a), precision=_HI)
   out = out + jnp.einsum("bkgjr,bkjdr->bkgd", p_a, f32(part.value_b), precision=_HI)
@@ -610,7 +624,7 @@ def merged_decode_attention(q, slots, key_positions, query_positions):
   seen = visible(query_positions[:, None, None, None], key_positions[:, :, None, :])
   probs, lse = _masked_softmax(logits[:, :, :, None], seen)   # [B, K, G, 1, S]
   weighted = probs * f32(slots.value_norms)[:, :, None, None, :]
-  out = _products("bkgs,bksd->bkgd", weighted[:, :, :, 0], slots.value_directions, True)
+  out = _one_query_output(weighted, slots.value_directions)[:, :, :, 0]
   index = slots.value_index
   at = jnp.maximum(index, 0)
   p_at = jnp.where((index >= 0)[:, :, None, :],

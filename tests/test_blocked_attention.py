@@ -96,6 +96,25 @@ def test_blocks_past_the_last_visible_one_are_never_read():
   np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=2e-6)
 
 
+def test_a_ragged_last_block_reads_nothing_of_a_skipped_block():
+  """The last key block of a cache that is not a whole number of blocks starts early,
+  overlapping the block before it: when that block was skipped (empty), its slots must
+  not reach the output (NaN there would poison p . v even at probability 0)."""
+  t, empty, block = 20, 64, 32           # slots 0-63 empty, the chunk at 64-83: 84 slots
+  q, keys, values, qpos, kpos = _inputs(1, t, 4, 2, 8, 0, 0, (0,), seed=6)
+  want_out, _, want_probs = _unblocked(q, keys, values, qpos, kpos)
+  pad = lambda x, value: np.concatenate(
+      [np.full(x.shape[:2] + (empty,) + x.shape[3:], value, x.dtype), x], axis=2)
+  out, _, sums = reference.blocked_attention(
+      reference.group_heads(jnp.asarray(q), 2), jnp.asarray(pad(keys, np.nan)),
+      jnp.asarray(pad(values, np.nan)), jnp.asarray(qpos), jnp.asarray(pad(kpos, -1)),
+      column_sums=True, block_q=block, block_k=block)
+  np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=2e-6)
+  np.testing.assert_allclose(np.asarray(sums)[..., empty:], want_probs.sum(3), rtol=1e-5,
+                             atol=2e-6)
+  np.testing.assert_array_equal(np.asarray(sums)[..., :empty], 0.0)
+
+
 def test_empty_blocks_before_the_chunk_are_never_read():
   """A compressing prefill attends over the cache's empty slots followed by the chunk: key
   blocks with no filled slot are skipped wherever they are (NaN there would poison)."""
@@ -114,6 +133,7 @@ def test_empty_blocks_before_the_chunk_are_never_read():
 def test_attention_takes_the_blocked_path_for_long_chunks(monkeypatch):
   """`attention` (what the model calls on CPU) runs blocked above BLOCKED_MIN_QUERIES and
   equals the unblocked attention either side of it."""
+  jax.clear_caches()  # `attention` is jitted: a cached trace would not call the spy
   calls = []
   real = reference.blocked_attention
   monkeypatch.setattr(reference, "blocked_attention",
@@ -130,8 +150,11 @@ def test_attention_takes_the_blocked_path_for_long_chunks(monkeypatch):
   assert calls == [long]
 
 
-def test_decode_products_equal_the_dot_at_highest_precision():
-  """One query per head runs as fused products (no dot); it must equal the dot."""
+@pytest.mark.parametrize("rows", [1, 2])
+def test_decode_products_equal_the_dot_at_highest_precision(rows):
+  """One query per head runs as fused products at batch 1 and as dots (keys x queries,
+  swapped) from batch 2 on; both must equal the plain einsum and numpy's softmax-weighted
+  values."""
   rng = np.random.default_rng(4)
   q = jnp.asarray(rng.standard_normal((2, 3, 2, 16)), jnp.float32)
   keys = jnp.asarray(rng.standard_normal((2, 3, 40, 16)), jnp.float32)
@@ -139,6 +162,7 @@ def test_decode_products_equal_the_dot_at_highest_precision():
   kpos = jnp.asarray(np.where(np.arange(40) < 33, np.arange(40), -1)[None, None].repeat(3, 1)
                      .repeat(2, 0))
   qpos = jnp.asarray([32, 20])
+  q, keys, values, kpos, qpos = q[:rows], keys[:rows], values[:rows], kpos[:rows], qpos[:rows]
   out, lse, probs = reference.decode_attention(q, keys, values, kpos, qpos, upcast=False)
   seen = reference.visible(qpos[:, None, None, None], kpos[:, :, None, :])
   q5 = q[:, :, :, None]
