@@ -73,13 +73,18 @@ def _products(equation, a, b, upcast):
   return jnp.einsum(equation, a, b, precision=precision).astype(jnp.float32)
 
 
+def _fused_one_query(q) -> bool:
+  return q.shape[0] == 1 and jax.default_backend() == "cpu"
+
+
 def _one_query_logits(q, keys):
   """Logits [B, K, G, 1, S] of one query per head (decode), float32 whatever the cache
   dtype. XLA:CPU (jax 0.10.2, 2 cores, SmolLM2's 30 layers, 16-step decode loop) is
   fastest with a product summed over D at batch 1 (49 vs 54 ms per step at 2K slots) and
   with dots from batch 2 on, keys times queries ([S, G] per head) then swapped, as
-  `union_decode_attention` (2K x 8: 129 vs 214 ms; 512 x 4: 53 vs 68; 2K x 2: 56 vs 68)."""
-  if q.shape[0] == 1:
+  `union_decode_attention` (2K x 8: 129 vs 214 ms; 512 x 4: 53 vs 68; 2K x 2: 56 vs 68).
+  Accelerators always take the dots (their matrix units)."""
+  if _fused_one_query(q):
     kv = keys[:, :, None, None] if keys.ndim == 4 else keys[:, None, None, None]
     return jnp.sum(q[..., None, :].astype(jnp.float32) * kv.astype(jnp.float32), axis=-1)
   kv = "bksd" if keys.ndim == 4 else "bsd"
@@ -90,7 +95,7 @@ def _one_query_logits(q, keys):
 def _one_query_output(probs, values):
   """sum_s probs[..., s] * values[s] for probs [B, K, G, 1, S] (decode), float32: a
   product summed over S at batch 1, a dot from batch 2 on (see `_one_query_logits`)."""
-  if probs.shape[0] == 1:
+  if _fused_one_query(probs):
     v = values[:, :, None, None] if values.ndim == 4 else values[:, None, None, None]
     return jnp.sum(probs[..., None] * v.astype(jnp.float32), axis=-2)
   kv = "bksd" if values.ndim == 4 else "bsd"
