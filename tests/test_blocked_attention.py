@@ -41,6 +41,12 @@ def _unblocked(q, keys, values, qpos, kpos):
   return reference.grouped_attention(grouped, jnp.asarray(keys), jnp.asarray(values), seen)
 
 
+def _empty_first(x, empty, value):
+  """x [B, K, S, ...] after `empty` slots holding `value` (empty cache slots before a chunk)."""
+  return np.concatenate([np.full(x.shape[:2] + (empty,) + x.shape[3:], value, x.dtype), x],
+                        axis=2)
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_blocked_equals_unblocked(case):
   *shape, block_q, block_k = case
@@ -103,11 +109,10 @@ def test_a_ragged_last_block_reads_nothing_of_a_skipped_block():
   t, empty, block = 20, 64, 32           # slots 0-63 empty, the chunk at 64-83: 84 slots
   q, keys, values, qpos, kpos = _inputs(1, t, 4, 2, 8, 0, 0, (0,), seed=6)
   want_out, _, want_probs = _unblocked(q, keys, values, qpos, kpos)
-  pad = lambda x, value: np.concatenate(
-      [np.full(x.shape[:2] + (empty,) + x.shape[3:], value, x.dtype), x], axis=2)
   out, _, sums = reference.blocked_attention(
-      reference.group_heads(jnp.asarray(q), 2), jnp.asarray(pad(keys, np.nan)),
-      jnp.asarray(pad(values, np.nan)), jnp.asarray(qpos), jnp.asarray(pad(kpos, -1)),
+      reference.group_heads(jnp.asarray(q), 2), jnp.asarray(_empty_first(keys, empty, np.nan)),
+      jnp.asarray(_empty_first(values, empty, np.nan)), jnp.asarray(qpos),
+      jnp.asarray(_empty_first(kpos, empty, -1)),
       column_sums=True, block_q=block, block_k=block)
   np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=2e-6)
   np.testing.assert_allclose(np.asarray(sums)[..., empty:], want_probs.sum(3), rtol=1e-5,
@@ -121,11 +126,10 @@ def test_empty_blocks_before_the_chunk_are_never_read():
   t, empty, block = 96, 64, 32
   q, keys, values, qpos, kpos = _inputs(1, t, 4, 2, 8, 0, 0, (0,), seed=5)
   want_out = _unblocked(q, keys, values, qpos, kpos)[0]
-  pad = lambda x, value: np.concatenate(
-      [np.full(x.shape[:2] + (empty,) + x.shape[3:], value, x.dtype), x], axis=2)
   out, _, _ = reference.blocked_attention(
-      reference.group_heads(jnp.asarray(q), 2), jnp.asarray(pad(keys, np.nan)),
-      jnp.asarray(pad(values, np.nan)), jnp.asarray(qpos), jnp.asarray(pad(kpos, -1)),
+      reference.group_heads(jnp.asarray(q), 2), jnp.asarray(_empty_first(keys, empty, np.nan)),
+      jnp.asarray(_empty_first(values, empty, np.nan)), jnp.asarray(qpos),
+      jnp.asarray(_empty_first(kpos, empty, -1)),
       block_q=block, block_k=block)
   np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=2e-6)
 
