@@ -67,6 +67,21 @@ def save(model, directory, *, overwrite: bool = False) -> pathlib.Path:
   return directory
 
 
+def _whole_on_every_process(checkpointer, path):
+  """None (orbax's own placement) in a one-process run. Several processes (one mesh,
+  kvjax.sharding.distributed) each read the whole of every tensor, replicated over all
+  devices: orbax refuses to restore a one-process checkpoint there without a target."""
+  import jax
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  if jax.process_count() == 1:
+    return None
+  everywhere = NamedSharding(Mesh(jax.devices(), ("all",)), PartitionSpec())
+  metadata = checkpointer.metadata(path)
+  return jax.tree_util.tree_map(
+      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=everywhere),
+      getattr(metadata, "item_metadata", metadata))
+
+
 def load(directory, *, dtype: str | None = None):
   """Restores a Model saved by `save`, validating every tensor against the config."""
   from kvjax.loading.tokenizer import Tokenizer
@@ -86,7 +101,8 @@ def load(directory, *, dtype: str | None = None):
     config = config.replace(dtype=dtype)
   try:
     with _quiet(), ocp.StandardCheckpointer() as checkpointer:
-      flat = checkpointer.restore(directory / PARAMS_DIR)
+      flat = checkpointer.restore(directory / PARAMS_DIR, _whole_on_every_process(
+          checkpointer, directory / PARAMS_DIR))
   except Exception as e:  # orbax raises many types for truncated/corrupt files
     raise CheckpointError(f"cannot restore parameters from {directory / PARAMS_DIR}: "
                           f"{type(e).__name__}: {e}") from None

@@ -104,6 +104,15 @@ def define_model_flags():
   flags.DEFINE_string("mesh", None, "Shard the model over a device mesh, e.g. data:2,model:4 "
                       "(axes data, model, fsdp; the sizes' product divides the device count; "
                       "default: one device). See kvjax.sharding.")
+  flags.DEFINE_string("coordinator_address", None,
+                      "Run as one of several processes sharing one mesh: host:port of process "
+                      "0 (or 'auto' on Cloud TPU / SLURM / Open MPI, which say it). Default: "
+                      "$KVJAX_COORDINATOR_ADDRESS, else one process. Every process runs the "
+                      "same command; only process 0 writes --json_out.")
+  flags.DEFINE_integer("num_processes", None, "With --coordinator_address: how many processes "
+                       "(default $KVJAX_NUM_PROCESSES).")
+  flags.DEFINE_integer("process_id", None, "With --coordinator_address: this process's index, "
+                       "0 to num_processes - 1 (default $KVJAX_PROCESS_ID).")
 
 
 def define_method_flags():
@@ -119,6 +128,15 @@ def define_method_flags():
                        "tokens, compressing after each (peak cache = budget + chunk).")
 
 
+def join_processes_from_flags() -> bool:
+  """Joins the multi-process run the flags (or KVJAX_* variables) name; False when there is
+  none. Before anything touches a device: the mesh then spans every process's devices."""
+  from kvjax.sharding import distributed
+  value = lambda name: FLAGS[name].value if name in FLAGS else None
+  return distributed.initialize(value("coordinator_address"), value("num_processes"),
+                                value("process_id"))
+
+
 def mesh_from_flags():
   """The mesh --mesh asks for (None when not set); a bad spec raises a ShardingError."""
   from kvjax import sharding
@@ -128,7 +146,13 @@ def mesh_from_flags():
 
 def load_model():
   import kvjax
-  return kvjax.load(FLAGS.model, dtype=FLAGS.dtype, mesh=mesh_from_flags())
+  from kvjax import sharding
+  joined = join_processes_from_flags()
+  mesh = mesh_from_flags()
+  if joined and mesh is None:
+    raise sharding.ShardingError("a run of several processes shares one mesh: give --mesh "
+                                 "(e.g. data:2,model:4 over all processes' devices)")
+  return kvjax.load(FLAGS.model, dtype=FLAGS.dtype, mesh=mesh)
 
 
 def parse_value(text: str):
@@ -163,7 +187,11 @@ def run_config() -> dict:
 
 
 def write_json(path, data) -> None:
-  """Writes JSON atomically (temp file + rename): a crash never leaves half a file."""
+  """Writes JSON atomically (temp file + rename): a crash never leaves half a file. In a
+  multi-process run only process 0 writes (every process holds the same results)."""
+  from kvjax.sharding.distributed import is_primary
+  if not is_primary():
+    return
   fileio.write_json_atomic(path, data, indent=2, default=_jsonable)
 
 

@@ -14,12 +14,12 @@ import time
 import jax
 from jax import lax
 import jax.numpy as jnp
-import numpy as np
 
 from kvjax.cache import kv_cache
 from kvjax.generation import sampling
 from kvjax.loading import assets
 from kvjax.model import transformer
+from kvjax.sharding.distributed import host_array
 from kvjax.ops.dispatch import use_pallas
 
 
@@ -243,7 +243,7 @@ class CompiledSteps:
                   mask_finished=mask_finished, placement=getattr(model, "placement", None))
     out, steps_run, cache, last, active = self._get("decode_loop", _decode_loop_jit, static,
                                                     args)(*args)
-    return np.asarray(out), int(steps_run), cache, last, active
+    return host_array(out), int(steps_run), cache, last, active
 
   def grow(self, cache, room: int, placement=None):
     """The cache with `room` more empty slots per head (for question and generated tokens);

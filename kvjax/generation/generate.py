@@ -17,6 +17,7 @@ from kvjax import validation
 from kvjax.cache import cache_nbytes, full_cache_nbytes, slots_per_head
 from kvjax.errors import GenerationError
 from kvjax.generation import context, engine, inputs, sampling
+from kvjax.sharding.distributed import host_array
 
 
 @dataclasses.dataclass
@@ -136,7 +137,7 @@ def complete(model, logits, cache, plan, question_tokens=None, question_mask=Non
   key = jax.random.key(seed)
   next_tokens = _sample_jit(logits, jax.random.fold_in(key, 0), jnp.float32(temperature or 1),
                             jnp.float32(top_p), greedy=greedy)
-  next_host = np.asarray(next_tokens)
+  next_host = host_array(next_tokens)
   first_token_at = time.perf_counter()
   cache_bytes = cache_nbytes(cache)
   compile_at_start = steps.compile_seconds

@@ -15,6 +15,7 @@ from kvjax.errors import GenerationError
 from kvjax.generation import context as context_lib
 from kvjax.generation import engine, inputs
 from kvjax.generation.generate import check_context_length
+from kvjax.sharding.distributed import host_array
 
 
 def _tokens(model, item, add_special: bool, what: str) -> list[int]:
@@ -111,7 +112,7 @@ def score(model, context, continuation, method=None, compression_ratio=None, bud
   prefilled = context_lib.prefill(model, ctx_tokens, ctx_mask, method_obj, keep,
                                   room=cont_tokens.shape[1])
   logprobs = continuation_log_probs(model, prefilled, cont_ids)
-  picked = np.asarray(jnp.take_along_axis(logprobs, jnp.asarray(cont_tokens)[..., None],
+  picked = host_array(jnp.take_along_axis(logprobs, jnp.asarray(cont_tokens)[..., None],
                                           axis=-1)[..., 0])
   out = [picked[i, :len(row)].astype(np.float32) for i, row in enumerate(cont_ids)]
   return out[0] if single else out

@@ -4,10 +4,14 @@ to a mesh ("data", "model", optionally "fsdp"), and placement of a model on it.
     model = kvjax.load("smollm2-135m", mesh="data:2,model:4")
     print(kvjax.sharding.describe(model))   # what is sharded, what is replicated and why
 
-Not done yet: multi-host meshes, Pallas kernels under jax.shard_map (the jnp path runs
-sharded; KVJAX_PALLAS=1 on a sharded model is not supported), sharded checkpoints.
+Several processes (hosts) share one mesh after `initialize` (kvjax.sharding.distributed;
+the CLIs' --coordinator_address/--num_processes/--process_id): `generate` and `score` give
+the one-process tokens and scores. Not done yet: Pallas kernels under jax.shard_map (the
+jnp path runs sharded; KVJAX_PALLAS=1 on a sharded model is not supported), sharded
+checkpoints, the evaluation sweep and training across processes.
 """
 
+from kvjax.sharding.distributed import host_array, initialize, is_primary
 from kvjax.sharding.mesh import auto_axes, make_mesh, parse_mesh_spec
 from kvjax.sharding.params import PARAM_AXES, param_axes, params_logical_axes
 from kvjax.sharding.placement import (Placement, check_batch, describe, placement_of,
@@ -17,5 +21,6 @@ from kvjax.sharding.rules import (DEFAULT_RULES, MESH_AXES, AxisPlacement, Shard
 
 __all__ = ["DEFAULT_RULES", "MESH_AXES", "PARAM_AXES", "AxisPlacement", "Placement",
            "ShardingError", "ShardingRules", "auto_axes", "check_batch", "describe",
-           "make_mesh", "param_axes", "params_logical_axes", "parse_mesh_spec",
-           "partition_spec", "placement_of", "resolve", "shard_model"]
+           "host_array", "initialize", "is_primary", "make_mesh", "param_axes",
+           "params_logical_axes", "parse_mesh_spec", "partition_spec", "placement_of",
+           "resolve", "shard_model"]

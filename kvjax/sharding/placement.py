@@ -14,6 +14,7 @@ import dataclasses
 import re
 
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from kvjax.cache.kv_cache import Cache, init_cache
@@ -60,12 +61,12 @@ class Placement:
     return self.sharding(("batch",), shape)
 
   def put_rows(self, x):
-    return jax.device_put(x, self.rows_sharding(x.shape))
+    return _device_put(x, self.rows_sharding(x.shape))
 
   def put_cache(self, cache):
     if not isinstance(cache, Cache):
       return self.put_replicated(cache)
-    return jax.device_put(cache, self.cache_shardings(cache))
+    return _device_put(cache, self.cache_shardings(cache))
 
   def constrain_cache(self, cache):
     """Inside jit: the cache pinned to its rules' layout (anything else left to XLA)."""
@@ -81,9 +82,29 @@ class Placement:
       sharding = getattr(x, "sharding", None)
       if isinstance(sharding, NamedSharding) and sharding.mesh == self.mesh:
         return x
-      return jax.device_put(x, replicated)
+      return _device_put(x, replicated)
 
     return jax.tree_util.tree_map(put, tree)
+
+
+def _device_put(tree, shardings):
+  """jax.device_put, also onto a mesh that spans processes. There JAX splits only host data
+  (or uncommitted arrays) over devices it does not hold: an array this process holds
+  whole (every process holds the same value, kvjax.sharding.distributed) goes through
+  its host copy."""
+  if jax.process_count() == 1:
+    return jax.device_put(tree, shardings)
+
+  def put(x, sharding):
+    if not (isinstance(x, jax.Array) and x.is_fully_addressable
+            and not sharding.is_fully_addressable):
+      return jax.device_put(x, sharding)
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      data = jax.device_put(np.asarray(jax.random.key_data(x)), sharding)
+      return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    return jax.device_put(np.asarray(x), sharding)
+
+  return jax.tree_util.tree_map(put, tree, shardings)
 
 
 def _axes_at(axes, path) -> tuple:
@@ -107,7 +128,7 @@ def shard_model(model, mesh, rules: ShardingRules | None = None):
   if rules is not None and not isinstance(rules, ShardingRules):
     raise ShardingError(f"rules={rules!r:.80} must be a kvjax.sharding.ShardingRules")
   placement = Placement(mesh_lib.make_mesh(mesh), rules or DEFAULT_RULES)
-  params = jax.device_put(model.params, placement.param_shardings(model.params))
+  params = _device_put(model.params, placement.param_shardings(model.params))
   return dataclasses.replace(model, params=params, placement=placement)
 
 

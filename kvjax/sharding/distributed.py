@@ -1,0 +1,111 @@
+"""Several processes, one mesh: joining JAX's multi-process runtime and reading arrays that
+span processes.
+
+Every process runs the same program on the same inputs (SPMD, multi-controller): each loads
+the weights and tokenizes the prompts, `jax.device_put` keeps the shards its own devices
+hold, and jit runs one program over the global mesh (collectives between processes go
+through JAX's distributed runtime; Gloo on CPU). Host-side logic (EOS, stop strings) reads
+values through `host_array`, which gathers what other processes hold, so every process
+takes the same decisions and ends with the same tokens. Only the primary process (index
+0) should write results.
+
+    kvjax.sharding.initialize("10.0.0.1:1234", num_processes=2, process_id=0)  # first
+    model = kvjax.load("smollm2-135m", mesh="data:4,model:2")   # over all processes' devices
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from kvjax.sharding.rules import ShardingError
+
+# Read when initialize() is not given the values (e.g. set per process by a launcher).
+ENV_COORDINATOR = "KVJAX_COORDINATOR_ADDRESS"
+ENV_NUM_PROCESSES = "KVJAX_NUM_PROCESSES"
+ENV_PROCESS_ID = "KVJAX_PROCESS_ID"
+# jax.distributed.initialize() without arguments: the cluster (Cloud TPU, SLURM, Open MPI)
+# says who the coordinator is and how many processes there are.
+AUTO = "auto"
+
+_joined = None  # the (coordinator, num_processes, process_id) this process joined with
+
+
+def _env_int(name: str):
+  text = os.environ.get(name)
+  if text is None or not text.strip():
+    return None
+  try:
+    return int(text)
+  except ValueError:
+    raise ShardingError(f"{name}={text!r} must be an integer") from None
+
+
+def _check_address(address: str) -> None:
+  host, sep, port = address.rpartition(":")
+  if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+    raise ShardingError(f"coordinator address {address!r} must be host:port with a port in "
+                        f"[1, 65535] (e.g. '10.0.0.1:1234'), or {AUTO!r} to let the "
+                        f"cluster tell")
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> bool:
+  """Joins this process to a multi-process run (`jax.distributed.initialize`) and returns
+  True, or returns False when no coordinator is given (argument or KVJAX_COORDINATOR_ADDRESS):
+  one process, nothing to do. Call it before anything touches a device. Calling it again
+  with the same values is a no-op; with other values it is an error."""
+  coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR) or None
+  if num_processes is None:
+    num_processes = _env_int(ENV_NUM_PROCESSES)
+  if process_id is None:
+    process_id = _env_int(ENV_PROCESS_ID)
+  if coordinator_address is None:
+    if num_processes not in (None, 1) or process_id not in (None, 0):
+      raise ShardingError(f"num_processes={num_processes} and process_id={process_id} need a "
+                          f"coordinator address (host:port of process 0, or {AUTO!r})")
+    return False
+  auto = coordinator_address == AUTO
+  if not auto:
+    _check_address(coordinator_address)
+    if num_processes is None or process_id is None:
+      raise ShardingError(f"coordinator {coordinator_address!r} needs num_processes and "
+                          f"process_id (got {num_processes} and {process_id})")
+  if num_processes is not None and (isinstance(num_processes, bool) or num_processes < 1):
+    raise ShardingError(f"num_processes={num_processes!r} must be a positive integer")
+  if process_id is not None and (isinstance(process_id, bool) or process_id < 0 or (
+      num_processes is not None and process_id >= num_processes)):
+    raise ShardingError(f"process_id={process_id!r} must be in [0, {num_processes})")
+  global _joined
+  wanted = (coordinator_address, num_processes, process_id)
+  if _joined is not None:
+    if _joined != wanted:
+      raise ShardingError(f"this process already joined {_joined[0]!r} as process "
+                          f"{_joined[2]} of {_joined[1]}; it cannot join {wanted}")
+    return True
+  try:
+    if auto:
+      jax.distributed.initialize()
+    else:
+      jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  except RuntimeError as error:
+    raise ShardingError(f"joining the multi-process run at {coordinator_address!r} failed: "
+                        f"{error} (initialize must come before any JAX computation)") from error
+  _joined = wanted
+  return True
+
+
+def is_primary() -> bool:
+  """True on the process that writes results (index 0; the only one in a one-process run)."""
+  return jax.process_index() == 0
+
+
+def host_array(x) -> np.ndarray:
+  """x as a numpy array on this host, gathered from the other processes when some of its
+  shards live there (every process must call this for the same array, in the same order)."""
+  if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)

@@ -1,0 +1,29 @@
+"""One process of tests/test_multiprocess.py's two-process run: joins the run, shards a
+tiny model over the mesh of both processes' devices and writes what generate and score
+give (argv: coordinator address, number of processes, this process's index, output file)."""
+
+import json
+import pathlib
+import sys
+
+from kvjax import sharding
+
+
+def main(address: str, processes: int, index: int, out: str) -> None:
+  sharding.initialize(address, processes, index)   # before anything touches a device
+  import jax
+  import kvjax
+  from multiprocess_cases import CASES, MESH, PROMPTS, CONTINUATIONS
+  from tiny import tiny_model
+  sharded = sharding.shard_model(tiny_model(), MESH)
+  got = {"process_count": jax.process_count(), "device_count": jax.device_count(),
+         "local_device_count": jax.local_device_count(), "primary": sharding.is_primary()}
+  for name, (method, kwargs) in CASES.items():
+    got[name] = kvjax.generate(sharded, PROMPTS, method=method, max_new_tokens=6,
+                               **kwargs).token_ids
+  got["score"] = [x.tolist() for x in kvjax.score(sharded, PROMPTS, CONTINUATIONS)]
+  pathlib.Path(out).write_text(json.dumps(got))
+
+
+if __name__ == "__main__":
+  main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])

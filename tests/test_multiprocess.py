@@ -1,0 +1,169 @@
+"""Several processes, one mesh (kvjax.sharding.distributed): two local processes with two
+CPU devices each, talking over localhost, give the tokens and scores of one process; the
+CLIs join such a run from flags, and only process 0 writes; bad settings are refused by
+name before anything is started."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import kvjax
+from kvjax import sharding
+from kvjax.sharding import distributed
+from multiprocess_cases import CASES, CONTINUATIONS, PROMPTS
+from tiny import tiny_model
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+ENV_NAMES = (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES,
+             distributed.ENV_PROCESS_ID)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _env(devices_per_process: int = 2) -> dict:
+  env = {k: v for k, v in os.environ.items() if k not in ENV_NAMES}
+  env.update(JAX_PLATFORMS="cpu", KVJAX_COMPILATION_CACHE="0",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
+             PYTHONPATH=os.pathsep.join([ROOT, TESTS, env.get("PYTHONPATH", "")]))
+  return env
+
+
+def _run_processes(commands, timeout=420):
+  """Starts every command at once (they wait for each other at the coordinator) and
+  returns their CompletedProcess-like (returncode, stderr) pairs."""
+  procs = [subprocess.Popen(c, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for c in commands]
+  try:
+    outs = [p.communicate(timeout=timeout) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  return [(p.returncode, err) for p, (_, err) in zip(procs, outs)]
+
+
+def test_two_processes_generate_and_score_like_one(tmp_path):
+  model = tiny_model()
+  want = {name: kvjax.generate(model, PROMPTS, method=method, max_new_tokens=6,
+                               **kwargs).token_ids for name, (method, kwargs) in CASES.items()}
+  want_scores = kvjax.score(model, PROMPTS, CONTINUATIONS)
+  address = f"localhost:{_free_port()}"
+  outs = [tmp_path / f"process_{i}.json" for i in range(2)]
+  runs = _run_processes([[sys.executable, os.path.join(TESTS, "multiprocess_worker.py"),
+                          address, "2", str(i), str(outs[i])] for i in range(2)])
+  for code, err in runs:
+    assert code == 0, err[-3000:]
+  for i, out in enumerate(outs):
+    got = json.loads(out.read_text())
+    # The mesh really spans both processes: 4 devices, 2 of them this process's.
+    assert (got["process_count"], got["device_count"], got["local_device_count"]) == (2, 4, 2)
+    assert got["primary"] == (i == 0)
+    for name in CASES:
+      assert got[name] == want[name], (i, name)
+    for a, b in zip(want_scores, got["score"]):
+      np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
+
+
+def test_generate_script_joins_from_flags_and_only_process_0_writes(smollm2_tokenizer,
+                                                                     tmp_path):
+  from checkpoints_conversion import orbax_io
+  from tiny import tiny_chat_model
+  chat = tiny_chat_model(smollm2_tokenizer)
+  path = orbax_io.save(chat, tmp_path / "tiny")
+  prompts = ["Hello there", "Second prompt"]
+  want = kvjax.generate(chat, prompts, max_new_tokens=4, chat_template=False).token_ids
+  address = f"localhost:{_free_port()}"
+  outs = [tmp_path / f"result_{i}.json" for i in range(2)]
+  runs = _run_processes([[
+      sys.executable, os.path.join(ROOT, "scripts", "generate.py"), f"--model={path}",
+      *[f"--prompt={p}" for p in prompts], "--max_new_tokens=4", "--chat_template=off",
+      "--mesh=data:2,model:2", f"--coordinator_address={address}", "--num_processes=2",
+      f"--process_id={i}", f"--json_out={outs[i]}"] for i in range(2)])
+  for code, err in runs:
+    assert code == 0, err[-3000:]
+  assert json.loads(outs[0].read_text())["token_ids"] == want
+  assert not outs[1].exists()
+
+
+@pytest.fixture
+def no_env(monkeypatch):
+  for name in ENV_NAMES:
+    monkeypatch.delenv(name, raising=False)
+  return monkeypatch
+
+
+def test_no_coordinator_is_one_process(no_env):
+  assert distributed.initialize() is False
+  assert distributed.initialize(num_processes=1, process_id=0) is False
+  assert sharding.is_primary()
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(num_processes=2, process_id=0), "need a coordinator address"),
+    (dict(coordinator_address="localhost"), "'localhost' must be host:port"),
+    (dict(coordinator_address="localhost:0", num_processes=2, process_id=0), "port in"),
+    (dict(coordinator_address="localhost:70000", num_processes=2, process_id=0), "port in"),
+    (dict(coordinator_address=":1234", num_processes=2, process_id=0), "host:port"),
+    (dict(coordinator_address="localhost:1234"), "needs num_processes and process_id"),
+    (dict(coordinator_address="localhost:1234", num_processes=2), "got 2 and None"),
+    (dict(coordinator_address="localhost:1234", num_processes=0, process_id=0),
+     "num_processes=0 must be a positive integer"),
+    (dict(coordinator_address="localhost:1234", num_processes=2, process_id=2),
+     r"process_id=2 must be in \[0, 2\)"),
+    (dict(coordinator_address="localhost:1234", num_processes=2, process_id=-1),
+     r"process_id=-1 must be in \[0, 2\)"),
+])
+def test_bad_settings_are_refused_by_name(no_env, kwargs, words):
+  with pytest.raises(sharding.ShardingError, match=words):
+    distributed.initialize(**kwargs)
+
+
+def test_settings_come_from_the_environment(no_env):
+  no_env.setenv(distributed.ENV_COORDINATOR, "example.org:99999")
+  with pytest.raises(sharding.ShardingError, match="'example.org:99999' must be host:port"):
+    distributed.initialize()
+  no_env.setenv(distributed.ENV_COORDINATOR, "example.org:1234")
+  no_env.setenv(distributed.ENV_NUM_PROCESSES, "two")
+  with pytest.raises(sharding.ShardingError, match="KVJAX_NUM_PROCESSES='two' must be an "
+                                                   "integer"):
+    distributed.initialize()
+  no_env.setenv(distributed.ENV_NUM_PROCESSES, "2")
+  no_env.setenv(distributed.ENV_PROCESS_ID, "5")
+  with pytest.raises(sharding.ShardingError, match=r"process_id=5 must be in \[0, 2\)"):
+    distributed.initialize()
+
+
+def test_host_array_reads_local_arrays_as_they_are():
+  x = np.arange(6).reshape(2, 3)
+  np.testing.assert_array_equal(distributed.host_array(x), x)
+  placed = sharding.shard_model(tiny_model(), "data:2,model:4").placement.put_rows(x)
+  np.testing.assert_array_equal(distributed.host_array(placed), x)
+
+
+def test_script_refuses_a_bad_coordinator_before_loading(tmp_path):
+  run = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "generate.py"),
+                        "--model=/does/not/exist", "--prompt=hi",
+                        "--coordinator_address=localhost", "--num_processes=2",
+                        "--process_id=0"], env=_env(), capture_output=True, text=True,
+                       timeout=300)
+  assert run.returncode == 2, run.stderr[-2000:]
+  assert "error: coordinator address 'localhost' must be host:port" in run.stderr
+  assert "Traceback" not in run.stderr
+  # A run of one process joined through a coordinator still needs the mesh it shares.
+  alone = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "generate.py"),
+                          "--model=/does/not/exist", "--prompt=hi",
+                          f"--coordinator_address=localhost:{_free_port()}",
+                          "--num_processes=1", "--process_id=0"], env=_env(),
+                         capture_output=True, text=True, timeout=300)
+  assert alone.returncode == 2, alone.stderr[-2000:]
+  assert "error: a run of several processes shares one mesh: give --mesh" in alone.stderr
