@@ -13,7 +13,7 @@ import time
 
 from absl import flags, logging
 
-from kvjax import benchmarking, cli
+from kvjax import benchmarking, cli, sharding
 from kvjax.evaluation import report, stall, sweep, tasks
 
 FLAGS = flags.FLAGS
@@ -69,9 +69,11 @@ def main(argv):
       bar.set_description(description)
       bar.update(done - bar.n)
     summary = sweep.run_sweep(model, FLAGS.model, config, FLAGS.out_dir, progress)
+  logging.info("sweep took %.0f s this run", time.perf_counter() - start)
+  if not sharding.is_primary():
+    return   # several processes ran the sweep together; process 0 writes the report
   paths = report.write_report(summary["cells"], FLAGS.out_dir,
                               title=FLAGS.title or f"kvjax evaluation: {FLAGS.model}")
-  logging.info("sweep took %.0f s this run", time.perf_counter() - start)
   for name, path in paths.items():
     print(f"{name}: {path}")
   for what, why in summary["skipped"].items():

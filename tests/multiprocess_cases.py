@@ -2,7 +2,8 @@
 its worker processes)."""
 
 import kvjax
-from tiny import random_prompts
+from kvjax.evaluation import sweep
+from tiny import random_prompts, tiny_chat_model
 
 MESH = "data:2,model:2"      # 4 devices: 2 per process in the two-process run
 PROMPTS = random_prompts([30, 41, 12, 25], seed=3)
@@ -10,3 +11,12 @@ CONTINUATIONS = random_prompts([5, 3, 4, 2], seed=5)
 CASES = {"full": (None, {}), "snapkv": ("snapkv", dict(compression_ratio=0.5)),
          "adakv": ("adakv", dict(compression_ratio=0.5)),
          "kivi": (kvjax.methods.get("kivi", bits=2, group_size=16, residual=16), {})}
+# A small sweep: a single-turn task, a conversation and fidelity, two variants.
+SWEEP = sweep.SweepConfig(methods=("full", "streaming_llm"), ratios=(0.5,),
+                          tasks=("niah_single_2", "multiturn_niah", "fidelity"),
+                          lengths=(384,), num_examples=2, batch_size=2, max_new_tokens=4,
+                          turns=2, continuation_tokens=16)
+
+
+def sweep_model(tokenizer):
+  return tiny_chat_model(tokenizer, max_position_embeddings=2048)

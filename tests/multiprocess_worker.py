@@ -1,6 +1,7 @@
 """One process of tests/test_multiprocess.py's two-process run: joins the run, shards a
 tiny model over the mesh of both processes' devices and writes what generate and score
-give (argv: coordinator address, number of processes, this process's index, output file)."""
+give, then runs the evaluation sweep on a tiny chat model (argv: coordinator address,
+number of processes, this process's index, output file, tokenizer folder, sweep folder)."""
 
 import json
 import pathlib
@@ -9,11 +10,14 @@ import sys
 from kvjax import sharding
 
 
-def main(address: str, processes: int, index: int, out: str) -> None:
+def main(address: str, processes: int, index: int, out: str, tokenizer_dir: str,
+         sweep_dir: str) -> None:
   sharding.initialize(address, processes, index)   # before anything touches a device
   import jax
   import kvjax
-  from multiprocess_cases import CASES, MESH, PROMPTS, CONTINUATIONS
+  from kvjax.evaluation import sweep
+  from kvjax.loading.tokenizer import Tokenizer
+  from multiprocess_cases import CASES, CONTINUATIONS, MESH, PROMPTS, SWEEP, sweep_model
   from tiny import tiny_model
   sharded = sharding.shard_model(tiny_model(), MESH)
   got = {"process_count": jax.process_count(), "device_count": jax.device_count(),
@@ -22,8 +26,10 @@ def main(address: str, processes: int, index: int, out: str) -> None:
     got[name] = kvjax.generate(sharded, PROMPTS, method=method, max_new_tokens=6,
                                **kwargs).token_ids
   got["score"] = [x.tolist() for x in kvjax.score(sharded, PROMPTS, CONTINUATIONS)]
+  chat = sharding.shard_model(sweep_model(Tokenizer.load(tokenizer_dir)), MESH)
+  got["sweep"] = sweep.run_sweep(chat, "tiny", SWEEP, sweep_dir)["cells"]
   pathlib.Path(out).write_text(json.dumps(got))
 
 
 if __name__ == "__main__":
-  main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+  main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:7])

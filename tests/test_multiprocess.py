@@ -14,8 +14,9 @@ import pytest
 
 import kvjax
 from kvjax import sharding
+from kvjax.evaluation import sweep
 from kvjax.sharding import distributed
-from multiprocess_cases import CASES, CONTINUATIONS, PROMPTS
+from multiprocess_cases import CASES, CONTINUATIONS, PROMPTS, SWEEP, sweep_model
 from tiny import tiny_model
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -52,15 +53,21 @@ def _run_processes(commands, timeout=420):
   return [(p.returncode, err) for p, (_, err) in zip(procs, outs)]
 
 
-def test_two_processes_generate_and_score_like_one(tmp_path):
+def test_two_processes_generate_score_and_sweep_like_one(smollm2_tokenizer, tmp_path):
   model = tiny_model()
   want = {name: kvjax.generate(model, PROMPTS, method=method, max_new_tokens=6,
                                **kwargs).token_ids for name, (method, kwargs) in CASES.items()}
   want_scores = kvjax.score(model, PROMPTS, CONTINUATIONS)
+  want_cells = sweep.run_sweep(sweep_model(smollm2_tokenizer), "tiny", SWEEP,
+                               tmp_path / "one_process")["cells"]
+  smollm2_tokenizer.save(tmp_path / "tokenizer")
   address = f"localhost:{_free_port()}"
   outs = [tmp_path / f"process_{i}.json" for i in range(2)]
+  # Each process gets its own sweep folder (as on hosts without a shared disk).
+  sweeps = [tmp_path / f"sweep_{i}" for i in range(2)]
   runs = _run_processes([[sys.executable, os.path.join(TESTS, "multiprocess_worker.py"),
-                          address, "2", str(i), str(outs[i])] for i in range(2)])
+                          address, "2", str(i), str(outs[i]), str(tmp_path / "tokenizer"),
+                          str(sweeps[i])] for i in range(2)])
   for code, err in runs:
     assert code == 0, err[-3000:]
   for i, out in enumerate(outs):
@@ -72,6 +79,18 @@ def test_two_processes_generate_and_score_like_one(tmp_path):
       assert got[name] == want[name], (i, name)
     for a, b in zip(want_scores, got["score"]):
       np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
+    # The sweep: both processes return process 0's cells, equal to one process's.
+    assert len(got["sweep"]) == len(want_cells) == 6
+    for a, b in zip(want_cells, got["sweep"]):
+      timing = ("seconds", "metrics")
+      assert {k: v for k, v in b.items() if k not in timing} == pytest.approx(
+          {k: v for k, v in a.items() if k not in timing}), (i, a["task"], a["method"])
+      assert b["metrics"] == pytest.approx(a["metrics"], rel=1e-4, abs=1e-5)
+  # Only process 0 wrote results.
+  assert len((sweeps[0] / "examples.jsonl").read_text().splitlines()) == 12
+  assert (sweeps[0] / "summary.json").is_file()
+  assert not (sweeps[1] / "examples.jsonl").exists()
+  assert not (sweeps[1] / "summary.json").exists()
 
 
 def test_generate_script_joins_from_flags_and_only_process_0_writes(smollm2_tokenizer,

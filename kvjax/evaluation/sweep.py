@@ -27,6 +27,7 @@ from kvjax.evaluation import scoring, tasks as tasks_lib
 from kvjax.fileio import write_json_atomic
 from kvjax.generation import context, conversation, episodes, inputs
 from kvjax.generation.generate import complete
+from kvjax.sharding import distributed
 
 MODES = ("query_agnostic", "question_aware")
 FIDELITY = "fidelity"
@@ -329,7 +330,11 @@ def run_sweep(model, model_name: str, config: SweepConfig, out_dir,
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   path = out_dir / "examples.jsonl"
-  done = {_record_key(r) for r in read_records(path)}
+  # Several processes (one mesh, kvjax.sharding.distributed) run every batch together:
+  # process 0's files say what is done, and only it writes.
+  primary = distributed.is_primary()
+  done = {tuple(key) for key in distributed.broadcast_from_primary(
+      [list(_record_key(r)) for r in read_records(path)] if primary else None)}
   # Methods with per-model parts (calibrated heads) are made ready for this model once.
   all_variants = [dataclasses.replace(v, method=calibration.bind(v.method, model))
                   for v in variants(config)]
@@ -351,14 +356,17 @@ def run_sweep(model, model_name: str, config: SweepConfig, out_dir,
         batch = [items[i] for i in indices]
         records = _run_batch(model, model_name, task, length, mode, indices, batch, missing,
                              answer_tokens, fingerprint, config, skipped)
-        _append_records(path, records)
+        if primary:
+          _append_records(path, records)
         done.update(_record_key(r) for r in records)
       if progress is not None:
         progress(unit, f"{task} {length} {mode}")
-  summary = summarize(read_records(path), config, model_name)
-  summary["skipped"] = skipped
-  write_json_atomic(out_dir / "summary.json", summary, indent=1)
-  return summary
+  summary = None
+  if primary:
+    summary = summarize(read_records(path), config, model_name)
+    summary["skipped"] = skipped
+    write_json_atomic(out_dir / "summary.json", summary, indent=1)
+  return distributed.broadcast_from_primary(summary)
 
 
 def _task_grid(config: SweepConfig):
@@ -464,7 +472,7 @@ def _fidelity_batch(model, base, first: int, samples, missing, skipped) -> list[
                                      continuation_log_probs(model, pre, continuations),
                                      ref.targets, ref.mask)
     per_variant.append((_kept_tokens(pre), pre.context_cache_bytes,
-                        {k: np.asarray(v).tolist() for k, v in metrics.items()}))
+                        {k: distributed.host_array(v).tolist() for k, v in metrics.items()}))
     del pre
   seconds = (time.perf_counter() - start) / len(runnable) / len(samples)
   records = []

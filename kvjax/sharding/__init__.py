@@ -5,10 +5,10 @@ to a mesh ("data", "model", optionally "fsdp"), and placement of a model on it.
     print(kvjax.sharding.describe(model))   # what is sharded, what is replicated and why
 
 Several processes (hosts) share one mesh after `initialize` (kvjax.sharding.distributed;
-the CLIs' --coordinator_address/--num_processes/--process_id): `generate` and `score` give
-the one-process tokens and scores. Not done yet: Pallas kernels under jax.shard_map (the
-jnp path runs sharded; KVJAX_PALLAS=1 on a sharded model is not supported), sharded
-checkpoints, the evaluation sweep and training across processes.
+the CLIs' --coordinator_address/--num_processes/--process_id): `generate`, `score` and the
+evaluation sweep give the one-process results. Not done yet: Pallas kernels under
+jax.shard_map (the jnp path runs sharded; KVJAX_PALLAS=1 on a sharded model is not
+supported), sharded checkpoints, training across processes.
 """
 
 from kvjax.sharding.distributed import host_array, initialize, is_primary

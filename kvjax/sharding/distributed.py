@@ -15,6 +15,7 @@ takes the same decisions and ends with the same tokens. Only the primary process
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -109,3 +110,15 @@ def host_array(x) -> np.ndarray:
   if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)
+
+
+def broadcast_from_primary(value):
+  """A JSON-serialisable value as process 0 has it, on every process (e.g. which results
+  exist in files only process 0 may see); the value itself in a one-process run."""
+  if jax.process_count() == 1:
+    return value
+  data = np.frombuffer(json.dumps(value).encode("utf-8"), np.uint8)
+  size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
+  buffer = np.zeros(size, np.uint8)
+  buffer[:min(size, data.size)] = data[:size]
+  return json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer))))
