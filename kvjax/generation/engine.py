@@ -19,6 +19,7 @@ from kvjax.cache import kv_cache
 from kvjax.generation import sampling
 from kvjax.loading import assets
 from kvjax.model import transformer
+from kvjax.ops.sharded import kernels_on
 from kvjax.sharding.distributed import host_array
 from kvjax.ops.dispatch import use_pallas
 
@@ -30,8 +31,9 @@ def _constrained(cache, placement):
 
 def _prefill(params, tokens, token_mask, cache, method_params, *, graphdef, logits, plan,
              placement=None):
-  logits, cache = transformer.forward(graphdef, params, tokens, token_mask, cache, logits,
-                                      plan, method_params)
+  with kernels_on(placement):
+    logits, cache = transformer.forward(graphdef, params, tokens, token_mask, cache, logits,
+                                        plan, method_params)
   return logits, _constrained(cache, placement)
 
 
@@ -39,8 +41,9 @@ def _decode(params, tokens, active, cache, key, temperature, top_p, method_param
             greedy, plan, placement=None):
   # Inactive rows (finished ones, in a multi-turn conversation) write nothing a later token
   # could see: their token is masked like padding.
-  logits, cache = transformer.forward(graphdef, params, tokens[:, None], active[:, None],
-                                      cache, "last", plan, method_params)
+  with kernels_on(placement):
+    logits, cache = transformer.forward(graphdef, params, tokens[:, None], active[:, None],
+                                        cache, "last", plan, method_params)
   next_tokens = sampling.sample(logits, key, temperature, top_p, greedy)
   return next_tokens, logits, _constrained(cache, placement)
 
@@ -66,8 +69,9 @@ def _decode_loop(params, tokens, active, cache, key, first_step, limit, temperat
   def step(carry):
     i, tokens, cache, active, out = carry
     fed = active if mask_finished else jnp.ones_like(active)
-    logits, cache = transformer.forward(graphdef, params, tokens[:, None], fed[:, None],
-                                        cache, "last", plan, method_params)
+    with kernels_on(placement):
+      logits, cache = transformer.forward(graphdef, params, tokens[:, None], fed[:, None],
+                                          cache, "last", plan, method_params)
     cache = _constrained(cache, placement)
     next_tokens = sampling.sample(logits, jax.random.fold_in(key, first_step + i),
                                   temperature, top_p, greedy)

@@ -10,10 +10,13 @@ references.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from kvjax.ops.dispatch import use_pallas
+from kvjax.ops.sharded import per_shard
 from pallas_kernels import compaction, flash_attention, reference, window_scores
 from pallas_kernels import decode_attention as decode_kernels
 from pallas_kernels.decode_attention import EMPTY_LSE, merge_partials
@@ -37,8 +40,8 @@ def attend(queries, keys, values, query_positions, key_positions, column_sums=Fa
   """Causal attention of T queries over a dense cache -> out [B, T, H, D] (and, with
   column_sums, each slot's probability summed over the queries, [B, H, S] float32)."""
   if _kernels_for(queries, values) and not column_sums:
-    return flash_attention.flash_attention(queries, keys, values, query_positions,
-                                           key_positions)
+    return per_shard(flash_attention.flash_attention, ("b.h", "bk", "bk", "b", "bk"),
+                     "b.h")(queries, keys, values, query_positions, key_positions)
   return reference.attention(queries, keys, values, query_positions, key_positions,
                              column_sums)
 
@@ -74,11 +77,15 @@ def decode(query, keys, values, query_positions, key_positions, return_probs=Fal
   if key_heads is None:
     args, kernel, ref = ((grouped, keys, values, key_positions, qpos),
                          decode_kernels.decode_attention, reference.decode_attention)
+    layouts = ("bk",) * 4 + ("b",)
   else:
     args, kernel, ref = ((grouped, keys, values, key_positions, key_heads, qpos),
                          decode_kernels.decode_attention_flat, reference.decode_attention_flat)
+    layouts = ("b",) * 6   # a flat cache's slot axis mixes heads: rows split only
   if _kernels_for(query, values):
-    result = kernel(*args, return_probs=return_probs)
+    head = layouts[0]
+    result = per_shard(functools.partial(kernel, return_probs=return_probs), layouts,
+                       (head,) * (3 if return_probs else 2))(*args)
   else:
     result = ref(*args, upcast=False)
     result = result if return_probs else result[:2]
@@ -92,7 +99,8 @@ def decode_shared(query, keys, query_positions, key_positions):
   grouped = _grouped(query, keys.shape[1])
   qpos = query_positions[:, 0]
   if use_pallas():
-    out, lse = decode_kernels.decode_attention_shared(grouped, keys, key_positions, qpos)
+    out, lse = per_shard(decode_kernels.decode_attention_shared, ("bk", "bk", "bk", "b"),
+                         ("bk", "bk"))(grouped, keys, key_positions, qpos)
   else:
     out, lse = reference.decode_attention(grouped, keys, keys, key_positions, qpos,
                                           upcast=False)[:2]

@@ -6,9 +6,9 @@ to a mesh ("data", "model", optionally "fsdp"), and placement of a model on it.
 
 Several processes (hosts) share one mesh after `initialize` (kvjax.sharding.distributed;
 the CLIs' --coordinator_address/--num_processes/--process_id): `generate`, `score` and the
-evaluation sweep give the one-process results. Not done yet: Pallas kernels under
-jax.shard_map (the jnp path runs sharded; KVJAX_PALLAS=1 on a sharded model is not
-supported), sharded checkpoints, training across processes.
+evaluation sweep give the one-process results. The attention kernels run per shard under
+jax.shard_map (kvjax.ops.sharded). Not done yet: the other Pallas kernels per shard,
+sharded checkpoints, training across processes.
 """
 
 from kvjax.sharding.distributed import host_array, initialize, is_primary
