@@ -67,23 +67,34 @@ def save(model, directory, *, overwrite: bool = False) -> pathlib.Path:
   return directory
 
 
-def _whole_on_every_process(checkpointer, path):
-  """None (orbax's own placement) in a one-process run. Several processes (one mesh,
-  kvjax.sharding.distributed) each read the whole of every tensor, replicated over all
-  devices: orbax refuses to restore a one-process checkpoint there without a target."""
+def _restore_target(checkpointer, path, placement):
+  """Where orbax puts each tensor. With a placement (kvjax.sharding.Placement) every tensor
+  goes straight into its shards by the placement's rules: each device reads only its part,
+  whatever mesh the checkpoint was saved from. Without one: orbax's own placement (None)
+  in a one-process run; several processes (kvjax.sharding.distributed) each read every
+  tensor whole, as orbax refuses to restore a one-process checkpoint there without a
+  target."""
   import jax
   from jax.sharding import Mesh, NamedSharding, PartitionSpec
-  if jax.process_count() == 1:
+  if placement is None and jax.process_count() == 1:
     return None
-  everywhere = NamedSharding(Mesh(jax.devices(), ("all",)), PartitionSpec())
+  if placement is None:
+    everywhere = NamedSharding(Mesh(jax.devices(), ("all",)), PartitionSpec())
+    where = lambda name, shape: everywhere
+  else:
+    from kvjax.sharding import param_axes
+    where = lambda name, shape: placement.sharding(param_axes(name), shape)
   metadata = checkpointer.metadata(path)
-  return jax.tree_util.tree_map(
-      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=everywhere),
-      getattr(metadata, "item_metadata", metadata))
+  metadata = getattr(metadata, "item_metadata", metadata)
+  return {name: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                     sharding=where(name, tuple(leaf.shape)))
+          for name, leaf in metadata.items()}
 
 
-def load(directory, *, dtype: str | None = None):
-  """Restores a Model saved by `save`, validating every tensor against the config."""
+def load(directory, *, dtype: str | None = None, placement=None):
+  """Restores a Model saved by `save`, validating every tensor against the config; with a
+  placement (kvjax.sharding.Placement), straight into the shards its rules give (the
+  returned model is not yet marked as placed: kvjax.load(..., mesh=) does that)."""
   from kvjax.loading.tokenizer import Tokenizer
   from kvjax.model import from_flat_params
   directory = pathlib.Path(directory).expanduser().absolute()
@@ -101,8 +112,8 @@ def load(directory, *, dtype: str | None = None):
     config = config.replace(dtype=dtype)
   try:
     with _quiet(), ocp.StandardCheckpointer() as checkpointer:
-      flat = checkpointer.restore(directory / PARAMS_DIR, _whole_on_every_process(
-          checkpointer, directory / PARAMS_DIR))
+      flat = checkpointer.restore(directory / PARAMS_DIR, _restore_target(
+          checkpointer, directory / PARAMS_DIR, placement))
   except Exception as e:  # orbax raises many types for truncated/corrupt files
     raise CheckpointError(f"cannot restore parameters from {directory / PARAMS_DIR}: "
                           f"{type(e).__name__}: {e}") from None

@@ -16,7 +16,9 @@ import kvjax
 from kvjax import sharding
 from kvjax.config import LatentAttention
 from kvjax.generation import context, engine, inputs
+from kvjax.cache.kv_cache import init_cache
 from kvjax.model import abstract_params
+from kvjax.sharding.params import path_name
 from tiny import random_prompts, tiny_config, tiny_model
 
 # (hidden, heads, kv_heads, mlp, vocab) of the models kvjax loads, and tests/tiny.py's.
@@ -150,6 +152,26 @@ def test_load_places_a_saved_model_and_checks_the_mesh_first(model, tmp_path):
   assert kvjax.load(path).placement is None
   with pytest.raises(sharding.ShardingError, match="unknown axis 'tensor'"):
     kvjax.load(tmp_path / "does-not-exist", mesh="tensor:2")
+
+
+def test_checkpoint_saved_on_one_mesh_restores_into_another_meshs_shards(model, tmp_path):
+  from checkpoints_conversion import orbax_io
+  tokens, mask = inputs.left_pad(random_prompts([12, 9], seed=6), 0)
+  cache = lambda m: init_cache(m.config, 2, 16)
+  want, _ = engine.STEPS.prefill(model, jnp.asarray(tokens), jnp.asarray(mask),
+                                 cache(model))
+  path = orbax_io.save(sharding.shard_model(model, "data:2,model:4"), tmp_path / "sharded")
+  for spec in ("model:2", "data:8", "data:4,model:2"):
+    placement = sharding.Placement(sharding.make_mesh(spec))
+    # Restored straight into the shards the target mesh's rules give.
+    restored = orbax_io.load(path, placement=placement)
+    for path_, x in jax.tree_util.tree_flatten_with_path(restored.params)[0]:
+      name = path_name(path_)
+      assert x.sharding == placement.sharding(sharding.param_axes(name), x.shape), name
+    loaded = kvjax.load(path, mesh=spec)
+    got, _ = engine.STEPS.prefill(loaded, jnp.asarray(tokens), jnp.asarray(mask),
+                                  cache(loaded))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------- sharded equals unsharded

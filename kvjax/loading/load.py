@@ -46,10 +46,16 @@ def load(source, *, dtype: str | None = None, cache=None, mesh=None, sharding_ru
     return _load(source, dtype=dtype, cache=cache)
   from kvjax import sharding
   mesh = sharding.make_mesh(mesh)  # a bad spec fails before anything is read
-  return sharding.shard_model(_load(source, dtype=dtype, cache=cache), mesh, sharding_rules)
+  if sharding_rules is not None and not isinstance(sharding_rules, sharding.ShardingRules):
+    raise sharding.ShardingError(f"sharding_rules={sharding_rules!r:.80} must be a "
+                                 f"kvjax.sharding.ShardingRules")
+  placement = sharding.Placement(mesh, sharding_rules or sharding.DEFAULT_RULES)
+  # A kvjax checkpoint is restored straight into its shards; other sources load whole.
+  model = _load(source, dtype=dtype, cache=cache, placement=placement)
+  return sharding.shard_model(model, mesh, sharding_rules)
 
 
-def _load(source, *, dtype: str | None, cache):
+def _load(source, *, dtype: str | None, cache, placement=None):
   from checkpoints_conversion import orbax_io
   if dtype is not None and dtype not in SUPPORTED_DTYPES:
     raise UnknownModelError(f"dtype={dtype!r} is not supported; allowed: {SUPPORTED_DTYPES}")
@@ -61,7 +67,7 @@ def _load(source, *, dtype: str | None, cache):
   path = pathlib.Path(text).expanduser()
   if path.is_dir():
     if orbax_io.is_checkpoint(path):
-      return orbax_io.load(path, dtype=dtype)
+      return orbax_io.load(path, dtype=dtype, placement=placement)
     if (path / "config.json").is_file():
       return load_hf_directory(path, dtype=dtype)
     raise UnknownModelError(f"{path} is a directory but neither a kvjax checkpoint "
