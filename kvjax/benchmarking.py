@@ -15,7 +15,9 @@ says how close the decode step is to the hardware limit.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import math
 import numbers
 import os
 import pathlib
@@ -225,6 +227,29 @@ def _prompt(config: ModelConfig, context_length: int, batch_size: int, chunk: in
   return tokens, mask, first_tokens
 
 
+def emulate_cpu_devices(count) -> None:
+  """Splits the CPU into `count` devices (for meshes on a CPU machine); before anything
+  touches a device."""
+  count = _check_count(count, "cpu_devices")
+  try:
+    jax.config.update("jax_num_cpu_devices", count)
+  except RuntimeError as error:
+    raise BenchmarkError(f"cpu_devices={count} must be set before JAX starts its backends: "
+                         f"{error}") from None
+
+
+def bytes_per_device(tree) -> int:
+  """The most bytes of `tree`'s arrays that any one device holds (all of them on one
+  device; on a mesh, each leaf's shard, or its whole value where it is replicated)."""
+  held = collections.Counter()
+  for leaf in jax.tree_util.tree_leaves(tree):
+    if isinstance(leaf, jax.Array):
+      shard = math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+      for device in leaf.sharding.device_set:
+        held[device] += shard
+  return max(held.values(), default=0)
+
+
 def _time_prefill_and_decode(model, tokens, mask, first_tokens, method, keep, room, chunk,
                              decode_steps):
   """One run: (prefill seconds, decode seconds, cache facts), compile time excluded.
@@ -243,7 +268,8 @@ def _time_prefill_and_decode(model, tokens, mask, first_tokens, method, keep, ro
   _block((pre.logits, pre.cache))
   prefill = time.perf_counter() - start - (steps.compile_seconds - compile_before)
   cache, plan = pre.cache, pre.decode_plan
-  facts = {"cache_bytes": cache_nbytes(cache), "context_cache_bytes": pre.context_cache_bytes,
+  facts = {"cache_bytes": cache_nbytes(cache), "cache_bytes_per_device": bytes_per_device(cache),
+           "context_cache_bytes": pre.context_cache_bytes,
            "capacity": slots_per_head(model.config, cache), "budgets": pre.budgets,
            "prefill_peak_rss_bytes": peak_rss() if rss_reset else None}
 
@@ -326,6 +352,9 @@ def measure_methods(model, context_length: int, batch_size: int, methods, decode
         case.decode_times.append(decode / decode_steps)
 
   weights = weight_nbytes(model)
+  weights_per_device = bytes_per_device(model.params)
+  placement = getattr(model, "placement", None)
+  devices = 1 if placement is None else placement.mesh.devices.size
   weights_read = weight_nbytes_read_per_decode_step(model)
   full_context = full_cache_nbytes(config, batch_size, context_length)
   peak = _peak_bytes_in_use()
@@ -360,7 +389,11 @@ def measure_methods(model, context_length: int, batch_size: int, methods, decode
         "full_context_cache_bytes": full_context,
         "context_cache_ratio": facts["context_cache_bytes"] / full_context,
         "cache_bytes": facts["cache_bytes"],
+        # On a mesh (a sharded model): what the fullest device holds; else the same.
+        "cache_bytes_per_device": facts["cache_bytes_per_device"],
+        "devices": devices,
         "weight_bytes": weights,
+        "weight_bytes_per_device": weights_per_device,
         "weight_bytes_read_per_step": weights_read,
         "decode_bytes_per_step": step_bytes,
         "decode_bandwidth_gbps": step_bytes / step_s / 1e9,
@@ -843,6 +876,22 @@ def format_goals(report: dict) -> str:
 
 def _mib(nbytes):
   return None if nbytes is None else nbytes / (1 << 20)
+
+
+def format_mesh_table(runs: list[dict]) -> str:
+  """One line per mesh, method, context length and batch size of a --meshes run."""
+  head = (f"{'mesh':>16} {'devices':>7} {'method':>14} {'context':>7} {'batch':>5} "
+          f"{'cache MiB/device':>16} {'weights MiB/device':>18} {'prefill s':>9} "
+          f"{'decode ms/step':>14}")
+  lines = [head, "-" * len(head)]
+  for run in runs:
+    for r in run["report"]["results"]:
+      lines.append(f"{run['mesh']:>16} {run['devices']:>7} {r['method']:>14} "
+                   f"{r['context_length']:>7} {r['batch_size']:>5} "
+                   f"{_mib(r['cache_bytes_per_device']):>16.3f} "
+                   f"{_mib(r['weight_bytes_per_device']):>18.3f} "
+                   f"{r['prefill_seconds']:>9.3f} {1e3 * r['decode_step_seconds']:>14.2f}")
+  return "\n".join(lines)
 
 
 def format_table(report: dict) -> str:

@@ -27,6 +27,10 @@ kvjax.generate on the same offline SQuAD batch (--sharing_documents paragraphs x
 (Cache-Craft, kvjax.systems.generate_from_chunks) and compares them with full recompute
 (--rag_dataset, --rag_questions, --rag_distractors, --decode_steps new tokens):
   python scripts/benchmark.py --chunk_reuse --rag_dataset=hotpotqa --json_out=/tmp/rag.json
+--meshes runs it once per device mesh, the model sharded over each, and reports per-device
+cache and weight bytes next to the speeds (--cpu_devices emulates devices on a CPU):
+  python scripts/benchmark.py --cpu_devices=8 --meshes=data:1 --meshes=data:2 \
+      --meshes=data:4 --meshes=data:8 --batch_sizes=8 --context_lengths=512
 --offload decodes one --offload_context-token essay prompt through Quest (--budget tokens
 read per step) all on the device, offloaded to host memory, and offloaded behind a device
 page buffer of --device_pages frames per eviction policy (kvjax.systems.offload):
@@ -35,7 +39,7 @@ page buffer of --device_pages frames per eviction policy (kvjax.systems.offload)
 
 from absl import flags
 
-from kvjax import benchmarking, benchmarking_baseline, cli
+from kvjax import benchmarking, benchmarking_baseline, cli, sharding
 from kvjax.model import random_params
 from kvjax.systems import benchmarks
 
@@ -91,12 +95,20 @@ flags.DEFINE_list("offload_policies", ["lru", "predictions", "hybrid"], "With --
 flags.DEFINE_bool("serving", False, "Time the continuous-batching server (kvjax.systems.Server) "
                   "with the full cache against --method at --budget under --memory_budget_mib, "
                   "on the same SQuAD requests, instead.")
+flags.DEFINE_multi_string("meshes", None, "Run the benchmark once per mesh, the model "
+                          "sharded over it (repeat the flag: --meshes=data:1 --meshes=data:2 "
+                          "--meshes=data:2,model:2); rows report per-device cache and weight "
+                          "bytes.")
+flags.DEFINE_integer("cpu_devices", None, "Emulate this many CPU devices (for --mesh / "
+                     "--meshes on a CPU machine).")
 flags.DEFINE_string("json_out", None, "Write {device, jax_version, model, method, methods, "
                     "results, decode_attention_kernel, goals, config} here.")
 
 
 def main(argv):
   del argv
+  if FLAGS.cpu_devices is not None:
+    benchmarking.emulate_cpu_devices(FLAGS.cpu_devices)   # before anything touches a device
   if FLAGS.prefix_sharing:
     return prefix_sharing()
   if FLAGS.serving:
@@ -118,6 +130,17 @@ def main(argv):
   plan = dict(decode_steps=FLAGS.decode_steps, hbm_bandwidth_gbps=FLAGS.hbm_bandwidth_gbps,
               methods=methods, compression_ratio=FLAGS.compression_ratio, budget=FLAGS.budget,
               prefill_chunk_size=FLAGS.prefill_chunk_size)
+  if FLAGS.meshes:
+    return mesh_sweep(context_lengths, batch_sizes, plan)
+  model, source = _model(context_lengths, batch_sizes, plan)
+  report = _run(model, source, context_lengths, batch_sizes, plan)
+  print(benchmarking.format_table(report))
+  if FLAGS.json_out:
+    cli.write_json(FLAGS.json_out, {**report, "config": cli.run_config()})
+
+
+def _model(context_lengths, batch_sizes, plan, mesh=True):
+  """(model, source): --shape's random weights, else the --model loaded (on --mesh)."""
   if FLAGS.shape is not None:
     if FLAGS["model"].present:
       raise benchmarking.BenchmarkError(
@@ -126,15 +149,35 @@ def main(argv):
     # Fail before allocating (an 8B model's random weights take minutes on a CPU).
     benchmarking.check_plan(config, context_lengths, batch_sizes, **plan)
     model, source = random_params(config, FLAGS.seed), f"shape:{FLAGS.shape}"
-  else:
-    model, source = cli.load_model(), FLAGS.model
-  report = benchmarking.run(
+    if mesh and FLAGS.mesh is not None:
+      model = sharding.shard_model(model, FLAGS.mesh)
+    return model, source
+  return cli.load_model(), FLAGS.model
+
+
+def _run(model, source, context_lengths, batch_sizes, plan):
+  return benchmarking.run(
       model, context_lengths, batch_sizes, repeats=FLAGS.repeats, warmup=FLAGS.warmup,
       copy_bandwidth_bytes=FLAGS.copy_bandwidth_mib << 20, seed=FLAGS.seed, source=source,
       log=lambda line: print(f"[kvjax] {line}", flush=True), **plan)
-  print(benchmarking.format_table(report))
+
+
+def mesh_sweep(context_lengths, batch_sizes, plan):
+  """The same benchmark with the model sharded over each --meshes spec in turn."""
+  if FLAGS.mesh is not None:
+    raise benchmarking.BenchmarkError(f"give --mesh={FLAGS.mesh!r} or --meshes, not both")
+  meshes = [sharding.make_mesh(spec) for spec in FLAGS.meshes]   # bad specs fail first
+  model, source = _model(context_lengths, batch_sizes, plan, mesh=False)
+  runs = []
+  for spec, mesh in zip(FLAGS.meshes, meshes):
+    print(f"[kvjax] mesh {spec}", flush=True)
+    report = _run(sharding.shard_model(model, mesh), source, context_lengths, batch_sizes,
+                  plan)
+    runs.append({"mesh": spec, "devices": int(mesh.devices.size), "report": report})
+  print(benchmarking.format_mesh_table(runs))
   if FLAGS.json_out:
-    cli.write_json(FLAGS.json_out, {**report, "config": cli.run_config()})
+    cli.write_json(FLAGS.json_out, {"device": benchmarking.device_info(), "meshes": runs,
+                                    "config": cli.run_config()})
 
 
 def side_by_side(context_lengths, batch_sizes, methods):

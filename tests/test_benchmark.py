@@ -170,11 +170,11 @@ def test_bad_inputs_name_the_value():
     benchmarking.run(model, [8], [1], decode_steps=2, compression_ratio=0.5)
 
 
-def _script(*args):
+def _script(*args, **env_overrides):
   # This checkout's kvjax first, whatever the environment installed (an editable install of
   # another checkout would otherwise run instead).
   path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path, **env_overrides)
   return subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), *args],
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
@@ -199,6 +199,31 @@ def test_script_writes_json(tmp_path):
     assert r["cache_bytes"] == expected_cache_bytes(config, r["batch_size"],
                                                     r["context_length"] + 3, 4)
     assert r["decode_tokens_per_second"] > 0 and r["hbm_fraction"] > 0
+
+
+def test_script_benchmarks_each_mesh_with_per_device_bytes(tmp_path):
+  shape = tmp_path / "tiny.json"
+  shape.write_text(tiny_config().to_json())
+  out = tmp_path / "meshes.json"
+  # No forced device count from the test environment: --cpu_devices makes the 4.
+  proc = _script(f"--shape={shape}", "--cpu_devices=4", "--meshes=data:1",
+                 "--meshes=data:2,model:2", "--context_lengths=16", "--batch_sizes=4",
+                 "--decode_steps=2", "--warmup=0", "--repeats=1", "--copy_bandwidth_mib=1",
+                 f"--json_out={out}", XLA_FLAGS="")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "cache MiB/device" in proc.stdout
+  runs = json.loads(out.read_text())["meshes"]
+  assert [(r["mesh"], r["devices"]) for r in runs] == [("data:1", 1), ("data:2,model:2", 4)]
+  one, four = (r["report"]["results"][0] for r in runs)
+  assert one["cache_bytes_per_device"] == one["cache_bytes"]
+  assert one["weight_bytes_per_device"] == one["weight_bytes"]
+  # Rows over data and the tiny model's 2 KV heads over model: a quarter of the cache each
+  # (and the [B] lengths, split over data only).
+  assert four["cache_bytes"] == one["cache_bytes"]
+  assert one["cache_bytes"] / 4 < four["cache_bytes_per_device"] < one["cache_bytes"] / 4 + 64
+  assert four["weight_bytes_per_device"] < one["weight_bytes"]
+  both = _script(f"--shape={shape}", "--mesh=data:2", "--meshes=data:1", XLA_FLAGS="")
+  assert both.returncode == 2 and "give --mesh='data:2' or --meshes, not both" in both.stderr
 
 
 def test_script_rejects_too_long_context(tmp_path):
