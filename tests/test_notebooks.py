@@ -70,3 +70,25 @@ def test_train_locret_notebook(smollm2, monkeypatch, tmp_path):
   assert set(namespace["held_out_overlap"]) == {"initial", "trained"}
   assert namespace["figure_path"].is_file()
   namespace["plt"].close("all")
+
+
+@pytest.mark.slow  # the real SmolLM2 on 8 emulated CPU devices: two methods, sharded and not
+def test_sharded_generation_notebook(smollm2, monkeypatch):
+  # The notebook's loads are the session's model, placed on the mesh it asks for.
+  load = kvjax.load
+  monkeypatch.setattr(kvjax, "load", lambda source, **kwargs: (
+      smollm2 if source == "smollm2-135m" and not kwargs else
+      kvjax.sharding.shard_model(smollm2, kwargs["mesh"]) if source == "smollm2-135m"
+      and set(kwargs) == {"mesh"} else load(source, **kwargs)))
+  namespace = _run_notebook(ROOT / "notebooks/sharded_generation.ipynb")
+  mesh = namespace["mesh"]
+  assert dict(mesh.shape) == {"data": 4, "model": 2}   # the test session's 8 devices
+  assert namespace["model"].placement.mesh == mesh
+  assert namespace["same_tokens"] == {"full": True, "snapkv": True}
+  assert all(len(r.texts) == 4 for r in namespace["sharded"].values())
+  full, snapkv = namespace["rows"]
+  assert full["devices"] == 8 and snapkv["cache_bytes"] < full["cache_bytes"]
+  # Rows over 4 data shards; SmolLM2's 3 KV heads stay whole on model=2.
+  for row in (full, snapkv):
+    assert row["cache_bytes"] / 4 <= row["cache_bytes_per_device"] < row["cache_bytes"] / 3
+    assert row["weight_bytes_per_device"] < row["weight_bytes"]
