@@ -92,3 +92,26 @@ def test_sharded_generation_notebook(smollm2, monkeypatch):
   for row in (full, snapkv):
     assert row["cache_bytes"] / 4 <= row["cache_bytes_per_device"] < row["cache_bytes"] / 3
     assert row["weight_bytes_per_device"] < row["weight_bytes"]
+
+
+@pytest.mark.slow  # the real SmolLM2: a two-method sweep at 384 tokens
+def test_compare_methods_notebook(smollm2, monkeypatch, tmp_path):
+  monkeypatch.setenv("KVJAX_COMPARE_SIZE", "ci")
+  monkeypatch.setenv("KVJAX_COMPARE_OUT", str(tmp_path / "sweep"))
+  monkeypatch.setenv("MPLBACKEND", "Agg")
+  load = kvjax.load
+  monkeypatch.setattr(kvjax, "load", lambda source, **kwargs: smollm2 if (
+      source == "smollm2-135m" and not kwargs) else load(source, **kwargs))
+  namespace = _run_notebook(ROOT / "notebooks/compare_methods.ipynb")
+  cells = namespace["cells"]
+  assert [(c["task"], c["method"], c["compression_ratio"]) for c in cells] == [
+      ("niah_single_2", "full", 0.0), ("niah_single_2", "snapkv", 0.5),
+      ("fidelity", "full", 0.0), ("fidelity", "snapkv", 0.5)]
+  assert all(c["examples"] == 2 for c in cells) and namespace["summary"]["complete"]
+  fidelity = {c["method"]: c["metrics"] for c in cells if c["task"] == "fidelity"}
+  assert fidelity["full"]["kl"] < 1e-6 and fidelity["snapkv"]["kl"] > 0
+  assert set(namespace["images"]) >= {"scores", "memory", "fidelity"}
+  for path in namespace["images"].values():
+    assert pathlib.Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert (tmp_path / "sweep" / "results.md").is_file()
+  namespace["plt"].close("all")
