@@ -236,6 +236,10 @@ def emulate_cpu_devices(count) -> None:
   except RuntimeError as error:
     raise BenchmarkError(f"cpu_devices={count} must be set before JAX starts its backends: "
                          f"{error}") from None
+  if jax.default_backend() != "cpu" or jax.device_count() != count:
+    raise BenchmarkError(f"cpu_devices={count} splits a CPU backend, but JAX has "
+                         f"{jax.device_count()} {jax.default_backend()} devices (XLA_FLAGS="
+                         f"{os.environ.get('XLA_FLAGS', '')!r} may force another count)")
 
 
 def bytes_per_device(tree) -> int:

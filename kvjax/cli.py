@@ -128,13 +128,34 @@ def define_method_flags():
                        "tokens, compressing after each (peak cache = budget + chunk).")
 
 
+def _flag(name):
+  return FLAGS[name].value if name in FLAGS else None
+
+
+# The scripts whose work runs the same on every process of a multi-process run.
+MULTIPROCESS_SCRIPTS = ("scripts/generate.py", "scripts/evaluate.py")
+
+
+def check_single_process() -> None:
+  """Refuses --coordinator_address (or KVJAX_COORDINATOR_ADDRESS) in a script that runs in
+  one process only (a server, training, benchmarks would each do their own thing)."""
+  from kvjax.sharding import ShardingError, distributed
+  if distributed.asked_to_join(_flag("coordinator_address")):
+    raise ShardingError(f"this script runs in one process; multi-process runs "
+                        f"(--coordinator_address or ${distributed.ENV_COORDINATOR}) are for "
+                        f"{', '.join(MULTIPROCESS_SCRIPTS)}")
+
+
 def join_processes_from_flags() -> bool:
   """Joins the multi-process run the flags (or KVJAX_* variables) name; False when there is
   none. Before anything touches a device: the mesh then spans every process's devices."""
-  from kvjax.sharding import distributed
-  value = lambda name: FLAGS[name].value if name in FLAGS else None
-  return distributed.initialize(value("coordinator_address"), value("num_processes"),
-                                value("process_id"))
+  from kvjax.sharding import ShardingError, distributed
+  if distributed.asked_to_join(_flag("coordinator_address")) and _flag("mesh") is None:
+    # Checked before joining, which waits for every other process.
+    raise ShardingError("a multi-process run (--coordinator_address) shares one mesh: give "
+                        "--mesh over all processes' devices, e.g. data:2,model:4")
+  return distributed.initialize(_flag("coordinator_address"), _flag("num_processes"),
+                                _flag("process_id"))
 
 
 def mesh_from_flags():
@@ -144,15 +165,15 @@ def mesh_from_flags():
   return None if spec is None else sharding.make_mesh(spec)
 
 
-def load_model():
+def load_model(multiprocess: bool = False):
+  """The --model on --mesh. multiprocess: first join the run the flags name (scripts in
+  MULTIPROCESS_SCRIPTS); other scripts refuse those flags."""
   import kvjax
-  from kvjax import sharding
-  joined = join_processes_from_flags()
-  mesh = mesh_from_flags()
-  if joined and mesh is None:
-    raise sharding.ShardingError("a run of several processes shares one mesh: give --mesh "
-                                 "(e.g. data:2,model:4 over all processes' devices)")
-  return kvjax.load(FLAGS.model, dtype=FLAGS.dtype, mesh=mesh)
+  if multiprocess:
+    join_processes_from_flags()
+  else:
+    check_single_process()
+  return kvjax.load(FLAGS.model, dtype=FLAGS.dtype, mesh=mesh_from_flags())
 
 
 def parse_value(text: str):

@@ -107,6 +107,7 @@ flags.DEFINE_string("json_out", None, "Write {device, jax_version, model, method
 
 def main(argv):
   del argv
+  cli.check_single_process()
   if FLAGS.cpu_devices is not None:
     benchmarking.emulate_cpu_devices(FLAGS.cpu_devices)   # before anything touches a device
   if FLAGS.prefix_sharing:

@@ -11,6 +11,7 @@ PNG plots. Rerunning with the same out_dir resumes: finished examples are not re
 
 import time
 
+import jax
 from absl import flags, logging
 
 from kvjax import benchmarking, cli, sharding
@@ -58,11 +59,15 @@ def main(argv):
       seed=FLAGS.seed, turns=FLAGS.turns, max_new_tokens=FLAGS.max_new_tokens,
       continuation_tokens=FLAGS.continuation_tokens)
   config.validate()  # before the model loads
-  model = cli.load_model()
+  model = cli.load_model(multiprocess=True)
   from tqdm import tqdm
   if stall.restarts():
     logging.warning("restarted %d times after stalls; resuming", stall.restarts())
-  stall.restart_on_stall(FLAGS.restart_on_stall_seconds)
+  if jax.process_count() > 1:
+    # A process restarting alone would leave the others waiting in a collective.
+    logging.warning("--restart_on_stall_seconds is off in a multi-process run")
+  else:
+    stall.restart_on_stall(FLAGS.restart_on_stall_seconds)
   start = time.perf_counter()
   with tqdm(total=sweep.units(config), unit="batch", dynamic_ncols=True) as bar:
     def progress(done, description):

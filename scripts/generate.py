@@ -32,7 +32,7 @@ flags.DEFINE_string("json_out", None, "Write {texts, token_ids, stats, method, c
 
 def main(argv):
   del argv
-  model = cli.load_model()
+  model = cli.load_model(multiprocess=True)
   prompts, questions = FLAGS.prompt, FLAGS.question
   single = len(prompts) == 1 and len(questions or [None]) == 1
   stream = None

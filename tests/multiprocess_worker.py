@@ -22,6 +22,11 @@ def main(address: str, processes: int, index: int, out: str, tokenizer_dir: str,
   sharded = sharding.shard_model(tiny_model(), MESH)
   got = {"process_count": jax.process_count(), "device_count": jax.device_count(),
          "local_device_count": jax.local_device_count(), "primary": sharding.is_primary()}
+  try:
+    sharding.make_mesh("data:2")   # process 0's devices only
+    got["small_mesh_error"] = None
+  except sharding.ShardingError as error:
+    got["small_mesh_error"] = str(error)
   for name, (method, kwargs) in CASES.items():
     got[name] = kvjax.generate(sharded, PROMPTS, method=method, max_new_tokens=6,
                                **kwargs).token_ids

@@ -75,6 +75,7 @@ def test_two_processes_generate_score_and_sweep_like_one(smollm2_tokenizer, tmp_
     # The mesh really spans both processes: 4 devices, 2 of them this process's.
     assert (got["process_count"], got["device_count"], got["local_device_count"]) == (2, 4, 2)
     assert got["primary"] == (i == 0)
+    assert "covers 2 of the 4 devices of a 2-process run" in got["small_mesh_error"]
     for name in CASES:
       assert got[name] == want[name], (i, name)
     for a, b in zip(want_scores, got["score"]):
@@ -136,11 +137,13 @@ def test_no_coordinator_is_one_process(no_env):
     (dict(coordinator_address="localhost:1234"), "needs num_processes and process_id"),
     (dict(coordinator_address="localhost:1234", num_processes=2), "got 2 and None"),
     (dict(coordinator_address="localhost:1234", num_processes=0, process_id=0),
-     "num_processes=0 must be a positive integer"),
+     "num_processes=0 must be an integer >= 1"),
     (dict(coordinator_address="localhost:1234", num_processes=2, process_id=2),
-     r"process_id=2 must be in \[0, 2\)"),
+     r"process_id=2 must be an integer in \[0, 1\]"),
     (dict(coordinator_address="localhost:1234", num_processes=2, process_id=-1),
-     r"process_id=-1 must be in \[0, 2\)"),
+     r"process_id=-1 must be an integer in \[0, 1\]"),
+    (dict(coordinator_address="localhost:1234", num_processes="2", process_id=0),
+     "num_processes='2' must be an integer"),
 ])
 def test_bad_settings_are_refused_by_name(no_env, kwargs, words):
   with pytest.raises(sharding.ShardingError, match=words):
@@ -158,7 +161,8 @@ def test_settings_come_from_the_environment(no_env):
     distributed.initialize()
   no_env.setenv(distributed.ENV_NUM_PROCESSES, "2")
   no_env.setenv(distributed.ENV_PROCESS_ID, "5")
-  with pytest.raises(sharding.ShardingError, match=r"process_id=5 must be in \[0, 2\)"):
+  with pytest.raises(sharding.ShardingError,
+                     match=r"process_id=5 must be an integer in \[0, 1\]"):
     distributed.initialize()
 
 
@@ -172,8 +176,9 @@ def test_host_array_reads_local_arrays_as_they_are():
 def test_script_refuses_a_bad_coordinator_before_loading(tmp_path):
   run = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "generate.py"),
                         "--model=/does/not/exist", "--prompt=hi",
-                        "--coordinator_address=localhost", "--num_processes=2",
-                        "--process_id=0"], env=_env(), capture_output=True, text=True,
+                        "--mesh=data:2", "--coordinator_address=localhost",
+                        "--num_processes=2", "--process_id=0"], env=_env(),
+                       capture_output=True, text=True,
                        timeout=300)
   assert run.returncode == 2, run.stderr[-2000:]
   assert "error: coordinator address 'localhost' must be host:port" in run.stderr
@@ -185,4 +190,13 @@ def test_script_refuses_a_bad_coordinator_before_loading(tmp_path):
                           "--num_processes=1", "--process_id=0"], env=_env(),
                          capture_output=True, text=True, timeout=300)
   assert alone.returncode == 2, alone.stderr[-2000:]
-  assert "error: a run of several processes shares one mesh: give --mesh" in alone.stderr
+  assert "error: a multi-process run (--coordinator_address) shares one mesh: give --mesh" in (
+      alone.stderr)
+  # Scripts that run in one process refuse the flags (and the variable) outright.
+  for script, extra, env in (("benchmark.py", [f"--coordinator_address=localhost:1234"], {}),
+                             ("serve.py", [], {distributed.ENV_COORDINATOR: "localhost:1234"})):
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", script),
+                          "--model=/does/not/exist", *extra], env={**_env(), **env},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, (script, run.stderr[-2000:])
+    assert "error: this script runs in one process" in run.stderr, script

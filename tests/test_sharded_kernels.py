@@ -39,6 +39,18 @@ def _run(fn, placement, *args):
   return jax.jit(traced)(*args), str(jax.make_jaxpr(traced)(*args))
 
 
+def _record_shapes(monkeypatch, module, name, axes=(0, 1)):
+  """Replaces module.name by a wrapper that records its first argument's `axes` sizes (the
+  per-shard shape, when it runs inside shard_map)."""
+  seen, real = [], getattr(module, name)
+
+  def recording(*args, **kwargs):
+    seen.append(tuple(args[0].shape[a] for a in axes))
+    return real(*args, **kwargs)
+  monkeypatch.setattr(module, name, recording)
+  return seen
+
+
 def _dense_inputs(seed, b=4, t=1, k=4, g=2, s=40, d=16):
   r = rng(seed)
   q = jnp.asarray(r.normal(size=(b, t, k * g, d)), jnp.float32)
@@ -52,12 +64,17 @@ def _dense_inputs(seed, b=4, t=1, k=4, g=2, s=40, d=16):
 # KV heads 4 split over model:4 and model:2; 3 KV heads stay whole on model:4 (replicated).
 @pytest.mark.parametrize("spec, kv_heads", [("data:2,model:4", 4), ("data:4,model:2", 4),
                                             ("data:2,model:4", 3), ("data:8", 4)])
-def test_decode_kernel_per_shard_equals_unsharded(spec, kv_heads):
+def test_decode_kernel_per_shard_equals_unsharded(spec, kv_heads, monkeypatch):
   q, keys, values, qpos, kpos = _dense_inputs(0, b=8, k=kv_heads)
   decode = lambda *a: ops.decode(*a, return_probs=True)
   want, plain = _run(decode, None, q, keys, values, qpos, kpos)
+  seen = _record_shapes(monkeypatch, ops.decode_kernels, "decode_attention")
   got, jaxpr = _run(decode, _placement(spec), q, keys, values, qpos, kpos)
   assert "shard_map" in jaxpr and "shard_map" not in plain
+  # Each shard's kernel sees its rows and, where the mesh divides them, its KV heads.
+  sizes = sharding.parse_mesh_spec(spec, 8)
+  model = sizes["model"] if kv_heads % sizes["model"] == 0 else 1
+  assert set(seen) == {(8 // sizes["data"], kv_heads // model)}
   for a, b in zip(got, want):
     close(a, b, jnp.float32)
   ref = ops.reference.decode_attention(ops.group_heads(q, kv_heads)[..., 0, :], keys, values,
@@ -66,11 +83,15 @@ def test_decode_kernel_per_shard_equals_unsharded(spec, kv_heads):
 
 
 @pytest.mark.parametrize("spec", ["data:2,model:4", "model:2"])
-def test_flash_kernel_per_shard_equals_unsharded(spec):
+def test_flash_kernel_per_shard_equals_unsharded(spec, monkeypatch):
   q, keys, values, qpos, kpos = _dense_inputs(1, b=2, t=24, k=4, g=2, s=40)
   want, _ = _run(ops.attend, None, q, keys, values, qpos, kpos)
+  seen = _record_shapes(monkeypatch, ops.flash_attention, "flash_attention", axes=(0, 2))
   got, jaxpr = _run(ops.attend, _placement(spec), q, keys, values, qpos, kpos)
   assert "shard_map" in jaxpr
+  sizes = sharding.parse_mesh_spec(spec, 8)
+  # Rows split over data, the 8 query heads with their 4 KV heads over model.
+  assert set(seen) == {(2 // sizes["data"], 8 // sizes["model"])}
   close(got, want, jnp.float32)
   close(got, ops.reference.attention(q, keys, values, qpos, kpos), jnp.float32)
 

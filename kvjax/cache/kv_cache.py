@@ -412,7 +412,8 @@ class FlatLayerCache:
     """Host side: each head's segment shrunk to the most tokens that head holds in any row
     (its real slots first, in slot order): what a data-dependent selection, sized for the
     worst case under jit, really needs."""
-    pos, heads = np.asarray(self.positions), np.asarray(self.heads)
+    from kvjax.sharding.distributed import host_array  # kvjax.sharding imports this module
+    pos, heads = host_array(self.positions), host_array(self.heads)
     b, k = pos.shape[0], self.num_kv_heads
     real = [[np.flatnonzero((heads[row] == h) & (pos[row] >= 0)) for h in range(k)]
             for row in range(b)]

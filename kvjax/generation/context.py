@@ -21,6 +21,7 @@ from kvjax.methods.plan import CompressionPlan, PlanSet
 from kvjax.errors import MethodError
 from kvjax.generation import engine, inputs
 from kvjax.model.model import truncated
+from kvjax.sharding.distributed import host_array
 
 
 @dataclasses.dataclass
@@ -156,11 +157,11 @@ def draft_fn(model, method, steps: engine.CompiledSteps = engine.STEPS):
                                   init_cache(draft.config, len(rows), ids.shape[1] + n),
                                   logits="last")
     token = jnp.argmax(logits, -1).astype(jnp.int32)
-    out = [np.asarray(token)]
+    out = [host_array(token)]
     for _ in range(n - 1):
       token, logits, cache = steps.decode(draft, token, cache, jax.random.key(0), 1.0, 1.0,
                                           True)
-      out.append(np.asarray(token))
+      out.append(host_array(token))
     return np.stack(out, 1).tolist()
 
   return continuations
@@ -179,7 +180,7 @@ def compressed_prompt(model, method, tokens: np.ndarray, mask: np.ndarray, keep:
   logits, (cache, recorded) = steps.prefill(
       draft, jnp.asarray(tokens), jnp.asarray(mask),
       init_cache(draft.config, rows, width + method.lookahead), logits="last", plan=recorder)
-  prompt = np.asarray(cache.layers[0].positions)[:, 0]   # before decode donates the cache
+  prompt = host_array(cache.layers[0].positions)[:, 0]   # before decode donates the cache
   passes = [recorded]
   token = jnp.argmax(logits, -1).astype(jnp.int32)
   for step in range(method.lookahead - 1):

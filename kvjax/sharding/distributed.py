@@ -22,6 +22,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from kvjax import validation
 from kvjax.sharding.rules import ShardingError
 
 # Read when initialize() is not given the values (e.g. set per process by a launcher).
@@ -56,9 +57,10 @@ def _check_address(address: str) -> None:
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None) -> bool:
   """Joins this process to a multi-process run (`jax.distributed.initialize`) and returns
-  True, or returns False when no coordinator is given (argument or KVJAX_COORDINATOR_ADDRESS):
-  one process, nothing to do. Call it before anything touches a device. Calling it again
-  with the same values is a no-op; with other values it is an error."""
+  True; with no coordinator given (argument or KVJAX_COORDINATOR_ADDRESS) it joins nothing
+  and returns whether an earlier call joined. Call it before anything touches a device.
+  Calling it again with the same values is a no-op; with other values it is an error."""
+  global _joined
   coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR) or None
   if num_processes is None:
     num_processes = _env_int(ENV_NUM_PROCESSES)
@@ -68,19 +70,19 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if num_processes not in (None, 1) or process_id not in (None, 0):
       raise ShardingError(f"num_processes={num_processes} and process_id={process_id} need a "
                           f"coordinator address (host:port of process 0, or {AUTO!r})")
-    return False
+    return _joined is not None
   auto = coordinator_address == AUTO
   if not auto:
     _check_address(coordinator_address)
     if num_processes is None or process_id is None:
       raise ShardingError(f"coordinator {coordinator_address!r} needs num_processes and "
                           f"process_id (got {num_processes} and {process_id})")
-  if num_processes is not None and (isinstance(num_processes, bool) or num_processes < 1):
-    raise ShardingError(f"num_processes={num_processes!r} must be a positive integer")
-  if process_id is not None and (isinstance(process_id, bool) or process_id < 0 or (
-      num_processes is not None and process_id >= num_processes)):
-    raise ShardingError(f"process_id={process_id!r} must be in [0, {num_processes})")
-  global _joined
+  if num_processes is not None:
+    num_processes = validation.integer("num_processes", num_processes, 1, error=ShardingError)
+  if process_id is not None:
+    process_id = validation.integer("process_id", process_id, 0,
+                                    None if num_processes is None else num_processes - 1,
+                                    error=ShardingError)
   wanted = (coordinator_address, num_processes, process_id)
   if _joined is not None:
     if _joined != wanted:
@@ -88,15 +90,19 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                           f"{_joined[2]} of {_joined[1]}; it cannot join {wanted}")
     return True
   try:
-    if auto:
-      jax.distributed.initialize()
-    else:
-      jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    # "auto": the cluster names the coordinator (and the rest, where not given).
+    jax.distributed.initialize(None if auto else coordinator_address, num_processes,
+                               process_id)
   except RuntimeError as error:
     raise ShardingError(f"joining the multi-process run at {coordinator_address!r} failed: "
-                        f"{error} (initialize must come before any JAX computation)") from error
+                        f"{error}") from error
   _joined = wanted
   return True
+
+
+def asked_to_join(coordinator_address: str | None = None) -> bool:
+  """Whether a coordinator is given (the argument or KVJAX_COORDINATOR_ADDRESS)."""
+  return bool(coordinator_address or os.environ.get(ENV_COORDINATOR))
 
 
 def is_primary() -> bool:

@@ -68,5 +68,10 @@ def make_mesh(spec, devices=None) -> Mesh:
   if isinstance(spec, dict):
     spec = ",".join(f"{name}:{size}" for name, size in spec.items())
   sizes = parse_mesh_spec(spec, len(devices))
+  if jax.process_count() > 1 and math.prod(sizes.values()) != len(devices):
+    # Processes outside the mesh would hold no shard and still run every step.
+    raise ShardingError(f"mesh spec {spec!r} covers {math.prod(sizes.values())} of the "
+                        f"{len(devices)} devices of a {jax.process_count()}-process run; "
+                        f"a multi-process mesh spans every process's devices")
   grid = np.asarray(devices[:math.prod(sizes.values())]).reshape(tuple(sizes.values()))
   return Mesh(grid, tuple(sizes), axis_types=(AxisType.Auto,) * len(sizes))
