@@ -6,7 +6,8 @@ to a mesh ("data", "model", optionally "fsdp"), and placement of a model on it.
 
 Several processes (hosts) share one mesh after `initialize` (kvjax.sharding.distributed;
 the CLIs' --coordinator_address/--num_processes/--process_id): `generate`, `score` and the
-evaluation sweep give the one-process results. The attention kernels run per shard under
+evaluation sweep give the one-process results (tested: the full cache, SnapKV, AdaKV, KIVI,
+StreamingLLM). The attention kernels run per shard under
 jax.shard_map (kvjax.ops.sharded). Not done yet: the other Pallas kernels per shard,
 sharded checkpoints, training across processes.
 """
