@@ -33,6 +33,13 @@ def main(address: str, processes: int, index: int, out: str, tokenizer_dir: str,
   got["score"] = [x.tolist() for x in kvjax.score(sharded, PROMPTS, CONTINUATIONS)]
   chat = sharding.shard_model(sweep_model(Tokenizer.load(tokenizer_dir)), MESH)
   got["sweep"] = sweep.run_sweep(chat, "tiny", SWEEP, sweep_dir)["cells"]
+  # Resumed: process 0's records say everything is done, also to process 1, whose own
+  # folder holds nothing (were it to run a batch alone, the other would wait forever).
+  calls = []
+  real = sweep._run_batch
+  sweep._run_batch = lambda *args: calls.append(1) or real(*args)
+  got["resumed"] = sweep.run_sweep(chat, "tiny", SWEEP, sweep_dir)["cells"]
+  got["resumed_batches"] = len(calls)
   pathlib.Path(out).write_text(json.dumps(got))
 
 

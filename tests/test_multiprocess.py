@@ -87,6 +87,7 @@ def test_two_processes_generate_score_and_sweep_like_one(smollm2_tokenizer, tmp_
       assert {k: v for k, v in b.items() if k not in timing} == pytest.approx(
           {k: v for k, v in a.items() if k not in timing}), (i, a["task"], a["method"])
       assert b["metrics"] == pytest.approx(a["metrics"], rel=1e-4, abs=1e-5)
+    assert got["resumed"] == got["sweep"] and got["resumed_batches"] == 0
   # Only process 0 wrote results.
   assert len((sweeps[0] / "examples.jsonl").read_text().splitlines()) == 12
   assert (sweeps[0] / "summary.json").is_file()
@@ -193,7 +194,7 @@ def test_script_refuses_a_bad_coordinator_before_loading(tmp_path):
   assert "error: a multi-process run (--coordinator_address) shares one mesh: give --mesh" in (
       alone.stderr)
   # Scripts that run in one process refuse the flags (and the variable) outright.
-  for script, extra, env in (("benchmark.py", [f"--coordinator_address=localhost:1234"], {}),
+  for script, extra, env in (("benchmark.py", ["--coordinator_address=localhost:1234"], {}),
                              ("serve.py", [], {distributed.ENV_COORDINATOR: "localhost:1234"})):
     run = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", script),
                           "--model=/does/not/exist", *extra], env={**_env(), **env},
