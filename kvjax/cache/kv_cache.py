@@ -37,6 +37,7 @@ from flax import struct
 from kvjax.config import ModelConfig
 from kvjax.ops import attention as attention_ops
 from kvjax.ops import rope
+from kvjax.ops.host import host_array
 
 EMPTY_POSITION = -1
 # An empty slot no decode-time eviction writes: a row's filler in a layer whose slot count
@@ -412,7 +413,6 @@ class FlatLayerCache:
     """Host side: each head's segment shrunk to the most tokens that head holds in any row
     (its real slots first, in slot order): what a data-dependent selection, sized for the
     worst case under jit, really needs."""
-    from kvjax.sharding.distributed import host_array  # kvjax.sharding imports this module
     pos, heads = host_array(self.positions), host_array(self.heads)
     b, k = pos.shape[0], self.num_kv_heads
     real = [[np.flatnonzero((heads[row] == h) & (pos[row] >= 0)) for h in range(k)]

@@ -23,6 +23,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from kvjax import validation
+from kvjax.ops import host
 from kvjax.sharding.rules import ShardingError
 
 # Read when initialize() is not given the values (e.g. set per process by a launcher).
@@ -105,17 +106,13 @@ def asked_to_join(coordinator_address: str | None = None) -> bool:
   return bool(coordinator_address or os.environ.get(ENV_COORDINATOR))
 
 
+# Reading arrays back across processes lives below the cache layer (kvjax.ops.host).
+host_array = host.host_array
+
+
 def is_primary() -> bool:
   """True on the process that writes results (index 0; the only one in a one-process run)."""
   return jax.process_index() == 0
-
-
-def host_array(x) -> np.ndarray:
-  """x as a numpy array on this host, gathered from the other processes when some of its
-  shards live there (every process must call this for the same array, in the same order)."""
-  if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(x)
 
 
 def broadcast_from_primary(value):
