@@ -45,14 +45,11 @@ def load(source, *, dtype: str | None = None, cache=None, mesh=None, sharding_ru
   if mesh is None:
     return _load(source, dtype=dtype, cache=cache)
   from kvjax import sharding
-  mesh = sharding.make_mesh(mesh)  # a bad spec fails before anything is read
-  if sharding_rules is not None and not isinstance(sharding_rules, sharding.ShardingRules):
-    raise sharding.ShardingError(f"sharding_rules={sharding_rules!r:.80} must be a "
-                                 f"kvjax.sharding.ShardingRules")
-  placement = sharding.Placement(mesh, sharding_rules or sharding.DEFAULT_RULES)
+  # A bad mesh spec or rules object fails before anything is read.
+  placement = sharding.placement.make_placement(mesh, sharding_rules)
   # A kvjax checkpoint is restored straight into its shards; other sources load whole.
   model = _load(source, dtype=dtype, cache=cache, placement=placement)
-  return sharding.shard_model(model, mesh, sharding_rules)
+  return sharding.shard_model(model, placement.mesh, placement.rules)
 
 
 def _load(source, *, dtype: str | None, cache, placement=None):

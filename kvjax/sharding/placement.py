@@ -121,13 +121,19 @@ def placement_of(model) -> Placement | None:
   return getattr(model, "placement", None)
 
 
+def make_placement(mesh, rules: ShardingRules | None = None) -> Placement:
+  """A Placement on `mesh` (a Mesh or a spec) by `rules` (default ShardingRules()), both
+  checked before anything is placed."""
+  if rules is not None and not isinstance(rules, ShardingRules):
+    raise ShardingError(f"rules={rules!r:.80} must be a kvjax.sharding.ShardingRules")
+  return Placement(mesh_lib.make_mesh(mesh), rules or DEFAULT_RULES)
+
+
 def shard_model(model, mesh, rules: ShardingRules | None = None):
   """The model with its parameters placed on `mesh` (a Mesh or a spec such as
   "data:2,model:4") by `rules` (default ShardingRules()); generate, score and the steps
   then run sharded. The parameters are copied; `model` itself is unchanged."""
-  if rules is not None and not isinstance(rules, ShardingRules):
-    raise ShardingError(f"rules={rules!r:.80} must be a kvjax.sharding.ShardingRules")
-  placement = Placement(mesh_lib.make_mesh(mesh), rules or DEFAULT_RULES)
+  placement = make_placement(mesh, rules)
   params = _device_put(model.params, placement.param_shardings(model.params))
   return dataclasses.replace(model, params=params, placement=placement)
 
