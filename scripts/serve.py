@@ -23,6 +23,7 @@ flags.DEFINE_integer("memory_budget_mib", None, "Bound on the batch cache, in Mi
 flags.DEFINE_integer("max_rows", None, "Or: rows decoded together.")
 flags.DEFINE_float("temperature", 0.0, "Sampling temperature of every request; 0 = greedy.")
 flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass of every request.")
+flags.DEFINE_integer("seed", 0, "A request without a `seed` samples with this plus its id.")
 
 
 def main(argv):
@@ -33,7 +34,7 @@ def main(argv):
       memory_budget_bytes=None if FLAGS.memory_budget_mib is None
       else FLAGS.memory_budget_mib << 20,
       max_rows=FLAGS.max_rows, method=cli.method_from_flags(), budget=FLAGS.budget,
-      temperature=FLAGS.temperature, top_p=FLAGS.top_p)
+      temperature=FLAGS.temperature, top_p=FLAGS.top_p, seed=FLAGS.seed)
   with systems.serve_http(server, FLAGS.host, FLAGS.port) as endpoint:
     logging.info("serving %s (%d rows, %s) at %s/v1", FLAGS.model, server.rows,
                  server.method.label, endpoint.url)

@@ -102,6 +102,10 @@ def test_models_and_bad_requests(endpoint):
       ("POST", "/v1/completions", {"prompt": "x", "temperature": "hot"}, None, 400,
        "temperature='hot'"),
       ("POST", "/v1/completions", {"prompt": "x", "stop": ["\n"]}, None, 400, "stop="),
+      ("POST", "/v1/completions", {"prompt": "x", "seed": "7"}, None, 400, "seed='7'"),
+      ("POST", "/v1/completions", {"prompt": "x", "seed": 2**63}, None, 400, "seed="),
+      ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                        "seed": True}, None, 400, "seed=True"),
       ("POST", "/v1/completions", {"prompt": "x", "stream": True}, None, 400, "stream="),
       ("POST", "/v1/completions", {"prompt": ""}, None, 400, "prompt must be"),
       ("POST", "/v1/completions", {"prompt": "word " * 200}, None, 400, "max_prompt_tokens"),
@@ -136,6 +140,32 @@ def test_a_failing_run_fails_its_requests_and_the_endpoint_recovers(endpoint, mo
   assert status == 200 and reply["choices"][0]["text"] == _want(model, PROMPTS[2], 3)
   assert len(calls) == 2   # the failed request was not retried
   assert endpoint.server._requests == {} and endpoint.server._results == {}
+
+
+def test_sampled_requests_follow_their_seed(model):
+  """With temperature > 0 a request's `seed` gives generate's draws for that seed, also
+  when requests run concurrently in one batch."""
+  server = Server(model, max_prompt_tokens=64, max_new_tokens=8, max_rows=3,
+                  eos_token_ids=[], temperature=0.8)
+  seeds = [3, 3, 40, 2**40]
+  replies = [None] * len(PROMPTS)
+
+  def ask(i):
+    replies[i] = _call(running, "POST", "/v1/completions",
+                       {"prompt": PROMPTS[i], "max_tokens": 8, "seed": seeds[i]})
+
+  with serve_http(server, port=0) as running:
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join()
+  for prompt, seed, (status, reply) in zip(PROMPTS, seeds, replies):
+    assert status == 200, reply
+    want = kvjax.generate(model, prompt, max_new_tokens=8, chat_template=False,
+                          eos_token_ids=[], temperature=0.8, seed=seed).texts[0]
+    assert reply["choices"][0]["text"] == want
+  assert replies[0][1]["choices"][0]["text"] != _want(model, PROMPTS[0], 8)
 
 
 def test_finish_reason_stop_and_requests_after_close(model):

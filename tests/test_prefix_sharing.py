@@ -35,12 +35,13 @@ def _lcp(a, b):
   return n
 
 
-def _best_saving_by_enumeration(prompts):
+def _best_saving_by_enumeration(prompts, min_prefix_tokens=1):
   """Every assignment of each request to a prefix length that is 0 or a common prefix
-  length with another request (capped at its length - 1); a group is the requests with
-  the same prefix tokens. Returns the most tokens saved."""
+  length (at least min_prefix_tokens) with another request (capped at its length - 1); a
+  group is the requests with the same prefix tokens. Returns the most tokens saved."""
   seqs = [tuple(p[:-1]) for p in prompts]
-  options = [sorted({0} | {_lcp(s, t) for j, t in enumerate(seqs) if j != i})
+  options = [sorted({0} | {n for j, t in enumerate(seqs) if j != i
+                           if (n := _lcp(s, t)) >= min_prefix_tokens})
              for i, s in enumerate(seqs)]
   best = 0
   for choice in itertools.product(*options):
@@ -58,13 +59,15 @@ def test_grouping_saves_the_most_tokens_and_is_a_partition(seed):
   stems = [rng.integers(0, 4, int(n)).tolist() for n in rng.integers(0, 6, 3)]
   prompts = [stems[int(rng.integers(3))] + rng.integers(0, 4, int(rng.integers(1, 5))).tolist()
              for _ in range(5)]
-  groups = group_by_prefix(prompts)
-  assert sorted(m for g in groups for m in g.members) == list(range(len(prompts)))
-  for g in groups:
-    assert all(g.prefix_length <= len(prompts[m]) - 1 for m in g.members)
-    assert all(prompts[m][:g.prefix_length] == prompts[g.members[0]][:g.prefix_length]
-               for m in g.members)
-  assert saved_tokens(groups) == _best_saving_by_enumeration(prompts)
+  for minimum in (1, 2, 3, 5):
+    groups = group_by_prefix(prompts, min_prefix_tokens=minimum)
+    assert sorted(m for g in groups for m in g.members) == list(range(len(prompts)))
+    for g in groups:
+      assert g.prefix_length == 0 or g.prefix_length >= minimum
+      assert all(g.prefix_length <= len(prompts[m]) - 1 for m in g.members)
+      assert all(prompts[m][:g.prefix_length] == prompts[g.members[0]][:g.prefix_length]
+                 for m in g.members)
+    assert saved_tokens(groups) == _best_saving_by_enumeration(prompts, minimum), minimum
 
 
 def test_grouping_of_the_example_batch():
@@ -73,6 +76,10 @@ def test_grouping_of_the_example_batch():
   # Sharing 40 tokens among all five saves 4 * 40 = 160; giving the nested 52-token
   # prefix a group of its own would save 2 * 40 + 52 = 132.
   assert by_members == {(0, 1, 2, 3, 4): 40, (5, 6): 25, (7,): 0}
+  # Too short to share: the 25-token prefix's requests join the group of nothing.
+  groups = group_by_prefix(_shared_prompts(), min_prefix_tokens=26)
+  assert {g.members: g.prefix_length for g in groups} == {(0, 1, 2, 3, 4): 40,
+                                                          (5, 6, 7): 0}
 
 
 def test_decode_over_prefix_equals_per_row_decode(monkeypatch):
@@ -196,6 +203,29 @@ def test_edge_cases_equal_unshared_generation():
   assert got.token_ids == want.token_ids and len(got.token_ids[3]) <= 4
 
 
+def test_sampled_rows_draw_their_own_prompts_streams():
+  """With temperature > 0 prompt i draws what generate draws for it alone with seed + i,
+  across waves, slices and padding rows; a raised min_prefix_tokens regroups, same draws."""
+  model = tiny_model()
+  prompts = _shared_prompts()
+  sampling = dict(temperature=0.9, top_p=0.9)
+  whole = prefix_sharing.generate_shared(model, prompts, max_new_tokens=6)
+  budget = whole.stats["peak_cache_bytes"] // 3
+  got = prefix_sharing.generate_shared(model, prompts, max_new_tokens=6, rows_per_prefix=2,
+                                       memory_budget_bytes=budget, seed=20, **sampling)
+  assert len(got.stats["waves"]) > 1
+  sampled_differs = 0
+  for i, prompt in enumerate(prompts):
+    want = kvjax.generate(model, [prompt], max_new_tokens=6, seed=20 + i, **sampling)
+    assert got.token_ids[i] == want.token_ids[0], i
+    sampled_differs += want.token_ids[0] != whole.token_ids[i]
+  assert sampled_differs >= 5
+  regrouped = prefix_sharing.generate_shared(model, prompts, max_new_tokens=6, seed=20,
+                                             min_prefix_tokens=26, **sampling)
+  assert len(regrouped.stats["groups"]) == 2
+  assert regrouped.token_ids == got.token_ids
+
+
 def test_methods_a_shared_prefix_cannot_hold_are_refused_before_any_work():
   model = tiny_model()
   for method in ("h2o", "adakv"):
@@ -211,8 +241,12 @@ def test_bad_arguments_are_refused():
     prefix_sharing.generate_shared(model, [[1, 2, 3]], memory_budget_bytes=-5)
   with pytest.raises(kvjax.KvjaxError, match="compression_ratio"):
     prefix_sharing.generate_shared(model, [[1, 2, 3]], method="snapkv", compression_ratio=1.5)
+  with pytest.raises(GenerationError, match="min_prefix_tokens=0"):
+    prefix_sharing.generate_shared(model, [[1, 2, 3]], min_prefix_tokens=0)
   with pytest.raises(ValueError, match="prompt 1 must be a non-empty sequence of integer"):
     group_by_prefix([[1, 2], [1.5, 2]])
+  with pytest.raises(ValueError, match="min_prefix_tokens=2.5"):
+    group_by_prefix([[1, 2]], min_prefix_tokens=2.5)
 
 
 def test_sharing_benchmark_reports_one_run_of_each(tmp_path):

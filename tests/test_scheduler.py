@@ -75,6 +75,36 @@ def test_eos_and_one_token_requests_end_their_rows():
     assert eos not in s.token_ids and len(s.token_ids) <= n
 
 
+def test_sampled_requests_draw_from_their_own_seeds():
+  """With temperature > 0 a request draws what generate draws for its prompt alone with
+  the request's seed, whatever shares its batch and whenever it is admitted; without a
+  seed it takes the server's seed plus its id (wrapped into int64)."""
+  model = tiny_model()
+  prompts = random_prompts(LENGTHS[:6], seed=7)
+  news = [12, 5, 20, 9, 14, 3]
+  seeds = [None, 5, None, -3, 2**63 - 1, 5]
+  sampling = dict(temperature=0.9, top_p=0.95)
+  server = scheduler.Server(model, max_prompt_tokens=70, max_new_tokens=20, max_rows=2,
+                            seed=11, **sampling)
+  for p, n, seed in zip(prompts, news, seeds):
+    server.submit(p, n, seed=seed)
+  served = server.run()
+  greedy_differs = 0
+  for i, (s, p, n, seed) in enumerate(zip(served, prompts, news, seeds)):
+    want = kvjax.generate(model, [p], max_new_tokens=n, seed=11 + i if seed is None else seed,
+                          **sampling).token_ids[0]
+    assert s.token_ids == want, i
+    greedy_differs += want != kvjax.generate(model, [p], max_new_tokens=n).token_ids[0]
+  assert greedy_differs >= 4   # the draws are really sampled
+  wrapped = scheduler.Server(model, max_prompt_tokens=70, max_new_tokens=4, max_rows=1,
+                             seed=2**63 - 1, **sampling)
+  for p in prompts[:2]:
+    wrapped.submit(p)
+  for s, p, seed in zip(wrapped.run(), prompts, [2**63 - 1, -2**63]):
+    assert s.token_ids == kvjax.generate(model, [p], max_new_tokens=4, seed=seed,
+                                         **sampling).token_ids[0]
+
+
 def test_bad_requests_and_limits_are_refused():
   model = tiny_model()
   with pytest.raises(GenerationError, match="memory_budget_bytes=100 cannot hold one row"):
@@ -91,6 +121,9 @@ def test_bad_requests_and_limits_are_refused():
     server.submit(list(range(9)))
   with pytest.raises(GenerationError, match="max_new_tokens=5"):
     server.submit([1, 2], max_new_tokens=5)
+  for seed in (2**63, 1.5, "7"):
+    with pytest.raises(GenerationError, match="seed="):
+      server.submit([1, 2], seed=seed)
 
 
 def test_forgotten_requests_leave_nothing_behind():

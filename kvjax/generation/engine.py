@@ -57,7 +57,8 @@ def _decode_loop(params, tokens, active, cache, key, first_step, limit, temperat
   mask_finished, done rows feed masked tokens, exactly as step-by-step decoding with
   `active` does; otherwise every row keeps decoding, as the step-by-step loop without
   `active`. Step i samples with `fold_in(key, first_step + i)`, the key the step-by-step
-  loop uses, so both give the same tokens. Returns (tokens [B, chunk] (-1 after the steps
+  loop uses, so both give the same tokens; with [B] keys and [B] first steps, row by row
+  (`sampling.step_key`). Returns (tokens [B, chunk] (-1 after the steps
   run), steps run, cache, each row's last sampled token, active).
   """
   rows = tokens.shape[0]
@@ -73,7 +74,7 @@ def _decode_loop(params, tokens, active, cache, key, first_step, limit, temperat
       logits, cache = transformer.forward(graphdef, params, tokens[:, None], fed[:, None],
                                           cache, "last", plan, method_params)
     cache = _constrained(cache, placement)
-    next_tokens = sampling.sample(logits, jax.random.fold_in(key, first_step + i),
+    next_tokens = sampling.sample(logits, sampling.step_key(key, first_step + i),
                                   temperature, top_p, greedy)
     # A done row's token is only a placeholder: keep its last real one.
     next_tokens = jnp.where(active | ~mask_finished, next_tokens, tokens)
@@ -235,12 +236,14 @@ class CompiledSteps:
                   top_p, greedy, eos, chunk: int, plan=None, active=None,
                   mask_finished: bool = False, method_params=None):
     """Up to `limit` decode steps in one compiled call (see `_decode_loop`): returns
-    (tokens [B, chunk] as a host array, steps run, cache, last tokens, active)."""
+    (tokens [B, chunk] as a host array, steps run, cache, last tokens, active). `key` is
+    one key, or [B] keys with [B] `first_step`s (each row its own stream)."""
     if not 1 <= limit <= chunk:
       raise ValueError(f"limit={limit} must be in [1, chunk={chunk}]")
     active = jnp.ones(tokens.shape, bool) if active is None else jnp.asarray(active, bool)
     eos = jnp.asarray(list(eos) or [-1], jnp.int32)
-    args = _placed(model, (model.params, tokens, active, cache, key, jnp.int32(first_step),
+    args = _placed(model, (model.params, tokens, active, cache, key,
+                           jnp.asarray(first_step, jnp.int32),
                            jnp.int32(limit), jnp.float32(temperature), jnp.float32(top_p), eos,
                            method_params), rows=(1, 2), cache=3)
     static = dict(graphdef=model.graphdef, greedy=greedy, plan=plan, chunk=chunk,

@@ -114,7 +114,8 @@ class Completion:
 
 
 def complete(model, logits, cache, plan, question_tokens=None, question_mask=None, *,
-             max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+             max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+             seed: int | Sequence[int] = 0,
              stops: Sequence[str] = (), stream: Callable | None = None,
              eos_token_ids: Sequence[int] | None = None,
              steps: engine.CompiledSteps = engine.STEPS, mask_finished: bool = False
@@ -124,6 +125,8 @@ def complete(model, logits, cache, plan, question_tokens=None, question_mask=Non
   logits [B, V]: the next-token logits after the cache's last token (ignored when there
   are question tokens). mask_finished: rows that are done feed masked tokens from then on,
   so the returned cache holds exactly each row's text (needed to continue a conversation).
+  seed: one for the batch, or one per row (each row then draws what `generate` draws for
+  its prompt alone with that seed).
   """
   if question_tokens is not None:
     asked = np.asarray(question_mask).any(axis=1)
@@ -134,8 +137,8 @@ def complete(model, logits, cache, plan, question_tokens=None, question_mask=Non
         jnp.asarray(asked)[:, None], question_logits, logits)
   rows = logits.shape[0]
   greedy = temperature == 0
-  key = jax.random.key(seed)
-  next_tokens = _sample_jit(logits, jax.random.fold_in(key, 0), jnp.float32(temperature or 1),
+  key = sampling.keys_of(seed)
+  next_tokens = _sample_jit(logits, sampling.step_key(key, 0), jnp.float32(temperature or 1),
                             jnp.float32(top_p), greedy=greedy)
   next_host = host_array(next_tokens)
   first_token_at = time.perf_counter()

@@ -9,8 +9,9 @@ Routes: POST /v1/completions (prompt: text or token ids), POST /v1/chat/completi
 (messages, rendered with the model's chat template), GET /v1/models. Each HTTP request
 is handled on its own thread and submitted to the server; one worker thread runs the
 server, so requests that arrive while others decode join the same batch at the next
-admission. Sampling is the server's (temperature, top_p, seed are fixed when it is made):
-a request asking for other values is refused rather than silently served differently.
+admission. Temperature and top_p are the server's (fixed when it is made): a request asking
+for other values is refused rather than silently served differently. A request's `seed`
+makes its draws those of `kvjax.generate(..., seed=seed)` for its prompt alone.
 No streaming, no authentication: bind it to localhost or put a proxy in front.
 """
 
@@ -118,12 +119,12 @@ class Endpoint:
         self._done[served.id] = served
         self._wake.notify_all()
 
-  def generate(self, prompt, max_tokens: int):
+  def generate(self, prompt, max_tokens: int, seed: int | None = None):
     """Submits a prompt and waits for it (called on a handler thread)."""
     with self._wake:
       if self._closing:
         raise Closing("the endpoint is shutting down")
-      request = self.server.submit(prompt, max_tokens)
+      request = self.server.submit(prompt, max_tokens, seed=seed)
       self._waiting[request] = True
       self._wake.notify_all()
       while request not in self._done:
@@ -142,7 +143,7 @@ def serve_http(server: Server, host: str = "127.0.0.1", port: int = 8000) -> End
 
 
 # OpenAI parameters this endpoint does not implement, with the value that means "unused".
-UNSUPPORTED = {"n": 1, "stream": False, "stop": None, "seed": None, "logprobs": None,
+UNSUPPORTED = {"n": 1, "stream": False, "stop": None, "logprobs": None,
                "top_logprobs": None, "echo": False, "best_of": 1, "logit_bias": None,
                "presence_penalty": 0, "frequency_penalty": 0, "suffix": None, "tools": None,
                "response_format": None}
@@ -165,6 +166,14 @@ def _sampling_check(body: dict, server: Server) -> None:
     if value is None or value is False or value in ([], {}) or value == unused:
       continue
     raise RequestError(f"{name}={value!r} is not supported by this endpoint")
+
+
+def _seed(body: dict) -> int | None:
+  value = body.get("seed")
+  if value is not None and (isinstance(value, bool) or not isinstance(value, int) or
+                            not validation.INT64_MIN <= value <= validation.INT64_MAX):
+    raise RequestError(f"seed={value!r} must be an integer in [-2**63, 2**63 - 1]")
+  return value
 
 
 def _max_tokens(body: dict, server: Server) -> int:
@@ -194,13 +203,13 @@ def completion(endpoint: Endpoint, body: dict) -> dict:
     raise RequestError("prompt must be a non-empty string or list of token ids (one prompt "
                        "per request)")
   _sampling_check(body, endpoint.server)
-  max_tokens = _max_tokens(body, endpoint.server)
+  max_tokens, seed = _max_tokens(body, endpoint.server), _seed(body)
   tokenizer = endpoint.server.model.tokenizer
   if isinstance(prompt, str):
     if tokenizer is None:
       raise RequestError("this model has no tokenizer: send the prompt as token ids")
     prompt = tokenizer.encode(prompt)   # raw text: no chat template on this route
-  served = endpoint.generate(prompt, max_tokens)
+  served = endpoint.generate(prompt, max_tokens, seed)
   return {"id": f"cmpl-{served.id}", "object": "text_completion", "created": int(time.time()),
           "model": endpoint.model_name,
           "choices": [{"index": 0, "text": served.text, "logprobs": None,
@@ -220,12 +229,13 @@ def chat_completion(endpoint: Endpoint, body: dict) -> dict:
   if tokenizer is None or not tokenizer.has_chat_template:
     raise RequestError("this model has no chat template: use /v1/completions")
   _sampling_check(body, endpoint.server)
-  max_tokens = _max_tokens(body, endpoint.server)
+  max_tokens, seed = _max_tokens(body, endpoint.server), _seed(body)
   rendered = tokenizer.apply_chat_template(
       [{"role": m["role"], "content": m["content"]} for m in messages],
       add_generation_prompt=True)
   # The rendered text carries its special tokens: encode it without adding more.
-  served = endpoint.generate(tokenizer.encode(rendered, add_special_tokens=False), max_tokens)
+  served = endpoint.generate(tokenizer.encode(rendered, add_special_tokens=False), max_tokens,
+                             seed)
   return {"id": f"chatcmpl-{served.id}", "object": "chat.completion",
           "created": int(time.time()), "model": endpoint.model_name,
           "choices": [{"index": 0, "message": {"role": "assistant", "content": served.text},

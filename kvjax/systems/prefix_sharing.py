@@ -33,7 +33,7 @@ from kvjax import validation
 from kvjax.cache import kv_cache
 from kvjax.cache.shared_prefix import shared_prefix_cache
 from kvjax.errors import GenerationError
-from kvjax.generation import context, engine, inputs
+from kvjax.generation import context, engine, inputs, sampling
 from kvjax.methods import base
 from kvjax.generation.generate import (GenerationResult, _validate_sampling,
                                        check_context_length, complete, eos_ids)
@@ -138,7 +138,7 @@ def _slice_rows(prefixes, index: np.ndarray):
 
 
 def _run_wave(model, wave: Wave, encoded, method, keep_for, max_new_tokens, sampling_args,
-              steps) -> tuple[dict, dict]:
+              seed: int, steps) -> tuple[dict, dict]:
   """Prefills a wave's prefixes once and its rows' suffixes, then decodes every row."""
   pad = inputs.pad_id(model)
   unique = sorted({(p, members[0]) for p, members in wave.slices})
@@ -170,8 +170,9 @@ def _run_wave(model, wave: Wave, encoded, method, keep_for, max_new_tokens, samp
   logits, cache = steps.prefill(model, jnp.asarray(suffix_tokens), jnp.asarray(suffix_mask),
                                 cache, logits="last")
   cache_bytes = kv_cache.nbytes(cache)
+  # Each row samples from its request's own stream (a padding row repeats its request's).
   done = complete(model, logits, cache, None, max_new_tokens=max_new_tokens, steps=steps,
-                  **sampling_args)
+                  seed=[sampling.offset_seed(seed, r) for r in members], **sampling_args)
   out = {}
   for row, request in enumerate(members):
     out.setdefault(request, (done.texts[row], done.token_ids[row]))
@@ -188,7 +189,8 @@ def _run_wave(model, wave: Wave, encoded, method, keep_for, max_new_tokens, samp
 
 def generate_shared(model, prompts, max_new_tokens: int = 64, *, method=None,
                     compression_ratio=None, budget=None, memory_budget_bytes: int | None = None,
-                    rows_per_prefix: int = 8, temperature: float = 0.0, top_p: float = 1.0,
+                    rows_per_prefix: int = 8, min_prefix_tokens: int = 1,
+                    temperature: float = 0.0, top_p: float = 1.0,
                     seed: int = 0, eos_token_ids: Sequence[int] | None = None,
                     chat_template: bool | None = None,
                     steps: engine.CompiledSteps = engine.STEPS) -> GenerationResult:
@@ -199,9 +201,12 @@ def generate_shared(model, prompts, max_new_tokens: int = 64, *, method=None,
   memory_budget_bytes: the most bytes a wave's cache may allocate (None: no bound).
   rows_per_prefix: the most rows decoded against one prefix copy (a larger group is cut
   into several slices that share one prefill; a wave pads every slice to its largest
-  with repeated rows, whose work is counted in the stats). Stop strings and streaming are not offered
-  here; rows end at EOS or max_new_tokens. Sampling keys follow the wave's row order, so
-  only greedy decoding (temperature 0) gives the same tokens as `kvjax.generate`.
+  with repeated rows, whose work is counted in the stats). min_prefix_tokens: the shortest
+  prefix that gets a group of its own (1: any; raise it so that a few coincidentally
+  equal first tokens do not cost a group its padding rows). Stop strings and streaming are not offered
+  here; rows end at EOS or max_new_tokens. With temperature > 0 prompt i samples from its
+  own key stream, seed + i: it draws what `kvjax.generate([prompt i], seed=seed + i)` draws,
+  whichever wave and row it lands in.
   stats: prompt tokens, the tokens prefilled (and saved) by sharing, per-wave cache bytes
   (planned and measured), seconds and generated tokens per second.
   """
@@ -210,6 +215,8 @@ def generate_shared(model, prompts, max_new_tokens: int = 64, *, method=None,
   _validate_sampling(max_new_tokens, temperature, top_p, seed, None)
   validation.integer("rows_per_prefix", rows_per_prefix, 1, error=GenerationError,
                      what="rows decoded against one prefix copy")
+  validation.integer("min_prefix_tokens", min_prefix_tokens, 1, error=GenerationError,
+                     what="the shortest prefix that gets a group of its own")
   if memory_budget_bytes is not None:
     validation.integer("memory_budget_bytes", memory_budget_bytes, 1, error=GenerationError,
                        what="bytes a wave's cache may allocate, or None")
@@ -227,17 +234,15 @@ def generate_shared(model, prompts, max_new_tokens: int = 64, *, method=None,
                                                               compression_ratio, budget)
   lengths = [len(t) for t in encoded]
   keep_for([max(1, n - 1) for n in lengths])  # bad ratios and budgets fail before any work
-  groups = group_by_prefix(encoded)
+  groups = group_by_prefix(encoded, min_prefix_tokens)
   waves = plan_waves(model.config, groups, lengths, max_new_tokens, rows_per_prefix,
                      memory_budget_bytes)
   eos = sorted(eos_ids(model, eos_token_ids))
   results, wave_stats = {}, []
-  for index, wave in enumerate(waves):
-    # Each wave samples with its own key: row i of two waves must not draw the same noise.
-    sampling_args = dict(temperature=temperature, top_p=top_p, eos_token_ids=eos,
-                         seed=hash((seed, index)) & 0x7FFFFFFF)
+  sampling_args = dict(temperature=temperature, top_p=top_p, eos_token_ids=eos)
+  for wave in waves:
     out, stats = _run_wave(model, wave, encoded, method_obj, keep_for, max_new_tokens,
-                           sampling_args, steps)
+                           sampling_args, seed, steps)
     results.update(out)
     wave_stats.append(stats)
   seconds = time.perf_counter() - start - (steps.compile_seconds - compile_before)

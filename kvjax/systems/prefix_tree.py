@@ -73,8 +73,11 @@ def _postorder(root: _Node) -> list:
   return order[::-1]
 
 
-def group_by_prefix(token_ids: Sequence[Sequence[int]]) -> list[PrefixGroup]:
-  """The prefix groups that save the most prefill tokens.
+def group_by_prefix(token_ids: Sequence[Sequence[int]], min_prefix_tokens: int = 1
+                    ) -> list[PrefixGroup]:
+  """The prefix groups that save the most prefill tokens, among groupings whose shared
+  prefixes are each at least `min_prefix_tokens` long (or empty: requests that share
+  less stay in the group of the longest qualifying prefix above them, else with nothing).
 
   value(v, x): the most tokens saved by the requests under node v when an open group at
   depth x (an ancestor's, or 0 for none) is theirs to join: each joiner saves x. At v they
@@ -82,6 +85,10 @@ def group_by_prefix(token_ids: Sequence[Sequence[int]]) -> list[PrefixGroup]:
   every joiner below save v's depth). Ties keep the shallower group: fewer, larger groups.
   Requests that share nothing form one group with an empty prefix.
   """
+  if isinstance(min_prefix_tokens, bool) or not isinstance(min_prefix_tokens, int) or \
+      min_prefix_tokens < 1:
+    raise ValueError(f"min_prefix_tokens={min_prefix_tokens!r} must be an integer >= 1 "
+                     f"(the shortest prefix worth a group of its own)")
   seqs = []
   for i, ids in enumerate(token_ids):
     if len(ids) == 0 or not all(isinstance(t, (int, np.integer)) for t in ids):
@@ -96,7 +103,7 @@ def group_by_prefix(token_ids: Sequence[Sequence[int]]) -> list[PrefixGroup]:
     for x in set(ancestors) | {0, node.depth}:
       stay = sum(value[id(c), x][0] for c in node.children) + len(node.ends) * x
       best = (stay, False)
-      if node.depth > x:
+      if node.depth > x and node.depth >= min_prefix_tokens:
         opened = (sum(value[id(c), node.depth][0] for c in node.children)
                   + len(node.ends) * node.depth - node.depth)
         if opened > stay:

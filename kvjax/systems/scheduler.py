@@ -15,7 +15,9 @@ compiled call for every row at once; a finished row takes the next request at on
 
 Rows append at one shared slot index, so a row that joins late leaves empty slots behind
 it; when the shared index nears the end, every row's live slots are moved to the front
-(one fixed-shape compiled step). Greedy tokens equal `kvjax.generate` of each prompt alone.
+(one fixed-shape compiled step). Tokens equal `kvjax.generate` of each prompt alone: greedy
+ones, and with temperature > 0 those of `generate(..., seed=)` with the request's seed (each
+row samples from its own key stream, `Server.submit`).
 """
 
 from __future__ import annotations
@@ -58,7 +60,17 @@ class ServedRequest:
 class _Row:
   request: int
   generated: list
+  key: jax.Array      # the request's own key: jax.random.key(its seed)
+  sampled: int = 1    # tokens drawn so far (the first at admission): the next step's index
   done: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class _Request:
+  tokens: list
+  max_new_tokens: int
+  seed: int
+  submitted_at: float
 
 
 def _layer_bytes(config, capacities: Sequence[int], rows: int, dtype) -> int:
@@ -200,12 +212,11 @@ class Server:
     self.admit_rows = self.rows if memory_budget_bytes is None else max(
         1, min(self.rows, memory_budget_bytes // prompt_bytes))
     self.sampling = dict(temperature=temperature, top_p=top_p, greedy=temperature == 0)
-    self.key = jax.random.key(seed)
-    self._draws = 0   # every sampling call folds in a new count: no key is used twice
+    self.seed = seed
     self.eos = sorted(eos_ids(model, eos_token_ids))
     self.chat_template = chat_template
     self._queue: collections.deque = collections.deque()
-    self._requests: dict = {}       # request -> (tokens, max_new_tokens, submitted_at)
+    self._requests: dict = {}       # request -> _Request
     self._next_request = 0
     self._lock = threading.Lock()
     self._results: dict = {}
@@ -215,17 +226,25 @@ class Server:
     self.on_finish = on_finish
     self.stats: dict = {}
 
-  def submit(self, prompt, max_new_tokens: int | None = None) -> int:
-    """Queues a prompt (text or token ids); returns its id."""
-    request = self._register(prompt, max_new_tokens)
+  def submit(self, prompt, max_new_tokens: int | None = None, *,
+             seed: int | None = None) -> int:
+    """Queues a prompt (text or token ids); returns its id.
+
+    With temperature > 0 the request draws its tokens from its own `seed` (default: the
+    server's seed plus the request's id) exactly as `kvjax.generate(model, [prompt],
+    seed=seed)` does, whatever it is batched with."""
+    request = self._register(prompt, max_new_tokens, seed)
     self._queue.append(request)
     return request
 
-  def _register(self, prompt, max_new_tokens: int | None) -> int:
+  def _register(self, prompt, max_new_tokens: int | None, seed: int | None) -> int:
     """A new request's id, checked and recorded but not yet queued."""
     max_new = self.max_new_tokens if max_new_tokens is None else max_new_tokens
     validation.integer("max_new_tokens", max_new, 1, self.max_new_tokens,
                        error=GenerationError, what="tokens to generate, up to the server's")
+    if seed is not None:
+      validation.integer("seed", seed, validation.INT64_MIN, validation.INT64_MAX,
+                         error=GenerationError)
     tokens = inputs.encode(self.model, [prompt], None, self.chat_template).prompts[0]
     if len(tokens) > self.max_prompt_tokens:
       raise GenerationError(f"prompt of {len(tokens)} tokens is longer than the server's "
@@ -233,7 +252,9 @@ class Server:
     with self._lock:   # ids stay unique when several threads submit
       request = self._next_request
       self._next_request += 1
-      self._requests[request] = (list(tokens), max_new, time.perf_counter())
+      if seed is None:
+        seed = sampling.offset_seed(self.seed, request)
+      self._requests[request] = _Request(list(tokens), max_new, seed, time.perf_counter())
     return request
 
   def forget(self, request: int) -> None:
@@ -251,13 +272,9 @@ class Server:
       self._chunked.pop(request, None)
       self.chunk_stats.pop(request, None)
 
-  def _next_key(self):
-    self._draws += 1
-    return jax.random.fold_in(self.key, self._draws)
-
   def submit_chunks(self, store, chunks, question="", max_new_tokens: int | None = None, *,
                     recompute_fraction: float | None = None, alpha: float = 1.0,
-                    update_store: bool = True) -> int:
+                    update_store: bool = True, seed: int | None = None) -> int:
     """Queues a retrieval-augmented prompt made of cached chunks (Cache-Craft, see
     `kvjax.systems.generate_from_chunks`): it is prefilled alone when admitted, reusing
     `store`'s chunk caches, and decoded with the batch. Needs the server's full cache (a
@@ -267,7 +284,8 @@ class Server:
                             f"compresses with {self.method.label!r}")
     chunk_cache.check_request("submit_chunks", self.model, store, recompute_fraction, alpha)
     ids, question_ids = chunk_cache.encode_chunks(self.model, chunks, question)
-    request = self._register([t for c in ids for t in c] + question_ids, max_new_tokens)
+    request = self._register([t for c in ids for t in c] + question_ids, max_new_tokens,
+                             seed)
     # Known as chunked before it is queued: a running `run` may admit it at once.
     self._chunked[request] = (store, ids, question_ids,
                               dict(recompute_fraction=recompute_fraction, alpha=alpha,
@@ -293,13 +311,16 @@ class Server:
     now = time.perf_counter()
     for request, row in zip(take, targets):
       self._decoding.add(request)
-      rows[row] = _Row(request=request, generated=[])
+      rows[row] = _Row(request=request, generated=[],
+                       key=jax.random.key(self._requests[request].seed))
       self._results[request] = {"admitted_at": now}
       self._accept(rows[row], int(first[request]))
     return cache, np.array([first[r] for r in take], np.int32), targets
 
-  def _first_tokens(self, logits) -> np.ndarray:
-    return np.asarray(sampling.sample(logits, self._next_key(),
+  def _first_tokens(self, logits, requests: list) -> np.ndarray:
+    """Each request's first token, drawn with step 0 of its own key stream."""
+    keys = sampling.step_key(sampling.keys_of([self._requests[r].seed for r in requests]), 0)
+    return np.asarray(sampling.sample(logits, keys,
                                       jnp.float32(self.sampling["temperature"] or 1),
                                       jnp.float32(self.sampling["top_p"]),
                                       self.sampling["greedy"]))
@@ -317,7 +338,7 @@ class Server:
     return fitted
 
   def _prefill_prompts(self, cache, take: list, targets: list):
-    prompts = [self._requests[r][0] for r in take]
+    prompts = [self._requests[r].tokens for r in take]
     padded = _padded_count(len(take), self.admit_rows)
     # Padding rows repeat the first prompt; their targets are past the last row (dropped).
     prompts += [prompts[0]] * (padded - len(take))
@@ -331,7 +352,8 @@ class Server:
     del prompt_cache
     cache = _inserted(cache, fitted, jnp.asarray(targets + [self.rows] * (padded - len(take)),
                                                  jnp.int32))
-    return cache, self._first_tokens(logits)[:len(take)]
+    padding = take[:1] * (padded - len(take))   # the padding rows' draws are dropped
+    return cache, self._first_tokens(logits, take + padding)[:len(take)]
 
   def _prefill_chunks(self, cache, request: int, target: int):
     store, ids, question_ids, options = self._chunked.pop(request)
@@ -339,7 +361,7 @@ class Server:
                                                              question_ids, **options)
     self.chunk_stats[request] = stats
     cache = _inserted(cache, self._fitted(prompt_cache), jnp.asarray([target], jnp.int32))
-    return cache, int(self._first_tokens(logits)[0])
+    return cache, int(self._first_tokens(logits, [request])[0])
 
   def _accept(self, row: _Row, token: int) -> None:
     if row.done:
@@ -348,11 +370,12 @@ class Server:
       row.done = True
       return
     row.generated.append(token)
-    if len(row.generated) >= self._requests[row.request][1]:
+    if len(row.generated) >= self._requests[row.request].max_new_tokens:
       row.done = True
 
   def _finish(self, row: _Row) -> None:
-    tokens, _, submitted = self._requests[row.request]
+    request = self._requests[row.request]
+    tokens, submitted = request.tokens, request.submitted_at
     tokenizer = self.model.tokenizer
     now = time.perf_counter()
     admitted = self._results[row.request]["admitted_at"]
@@ -378,6 +401,7 @@ class Server:
     cache = _empty_cache(self.model.config, self.rows, self.capacities,
                          jnp.dtype(self.model.config.dtype))
     rows: list = [None] * self.rows
+    idle_key = jax.random.key(0)
     last = np.zeros(self.rows, np.int32)
     decode_calls = compactions = admissions = generated = served = 0
     peak_rows = 0
@@ -406,16 +430,21 @@ class Server:
         compactions += 1
         room = min(c - int(layer.end) for c, layer in zip(self.capacities, cache.layers))
       active = np.array([r is not None and not r.done for r in rows])
-      limit = min(DECODE_CHUNK, room, max(self._requests[r.request][1] - len(r.generated)
+      limit = min(DECODE_CHUNK, room, max(self._requests[r.request].max_new_tokens
+                                          - len(r.generated)
                                           for r in rows if r is not None and not r.done))
+      # Each row continues its own request's key stream (an empty row's draws are unused).
+      keys = jnp.stack([idle_key if r is None else r.key for r in rows])
+      sampled = np.array([0 if r is None else r.sampled for r in rows], np.int32)
       tokens, ran, cache, next_tokens, _ = steps.decode_loop(
-          self.model, jnp.asarray(last), cache, self._next_key(), 0, limit,
+          self.model, jnp.asarray(last), cache, keys, sampled, limit,
           self.sampling["temperature"] or 1.0, self.sampling["top_p"],
           self.sampling["greedy"], self.eos, DECODE_CHUNK, active=active, mask_finished=True)
       decode_calls += 1
       last = np.array(next_tokens)
       for i, row in enumerate(rows):
         if row is not None:
+          row.sampled += ran
           for step in range(ran):
             self._accept(row, int(tokens[i, step]))
     seconds = time.perf_counter() - start - (steps.compile_seconds - compile_before)
