@@ -168,6 +168,24 @@ def test_sampled_requests_follow_their_seed(model):
   assert replies[0][1]["choices"][0]["text"] != _want(model, PROMPTS[0], 8)
 
 
+def test_a_request_whose_prefill_fails_gets_500_alone(endpoint, model, monkeypatch):
+  from kvjax.systems import scheduler
+  real_prefill = scheduler.context.prefill
+
+  def prefill(model, tokens, *args, **kwargs):
+    if (tokens == 49001).any():     # a prompt holding token 49001 cannot be prefilled
+      raise RuntimeError("poisoned prompt")
+    return real_prefill(model, tokens, *args, **kwargs)
+
+  monkeypatch.setattr(scheduler.context, "prefill", prefill)
+  status, reply = _call(endpoint, "POST", "/v1/completions", {"prompt": [49001], "max_tokens": 2})
+  assert status == 500 and reply["error"]["message"] == "RuntimeError: poisoned prompt"
+  status, reply = _call(endpoint, "POST", "/v1/completions",
+                        {"prompt": PROMPTS[1], "max_tokens": 3})
+  assert status == 200 and reply["choices"][0]["text"] == _want(model, PROMPTS[1], 3)
+  assert endpoint.server._requests == {} and endpoint.server._results == {}
+
+
 def test_finish_reason_stop_and_requests_after_close(model):
   eos = kvjax.generate(model, PROMPTS[0], max_new_tokens=1, chat_template=False,
                        eos_token_ids=[]).token_ids[0][0]

@@ -1,6 +1,7 @@
 """Continuous batching under a cache-memory bound (kvjax.systems.scheduler)."""
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import kvjax
@@ -177,6 +178,53 @@ def test_a_request_still_decoding_cannot_be_forgotten(monkeypatch):
     server.run()
   server.forget(failing)     # admitted into a row of the failed run: gone with it
   assert server._requests == {} and server._results == {}
+
+
+def test_a_request_whose_prefill_fails_fails_alone(monkeypatch):
+  """A prompt that cannot be prefilled (here: a poisoned token) or a chunked prompt whose
+  store fails ends with its error; the prompts batched with it are prefilled again without
+  it and give generate's tokens, and the run serves everything else."""
+  from kvjax.systems import chunk_cache
+  model = tiny_model()
+  poison = 255
+  real_prefill, real_chunks = scheduler.context.prefill, chunk_cache.prefill_chunks
+
+  def prefill(model, tokens, *args, **kwargs):
+    if (np.asarray(tokens) == poison).any():
+      raise RuntimeError("poisoned prompt")
+    return real_prefill(model, tokens, *args, **kwargs)
+
+  def prefill_chunks(model, store, chunks, question, **kwargs):
+    if question == [poison]:
+      raise OSError("chunk store unreadable")
+    return real_chunks(model, store, chunks, question, **kwargs)
+
+  monkeypatch.setattr(scheduler.context, "prefill", prefill)
+  monkeypatch.setattr(chunk_cache, "prefill_chunks", prefill_chunks)
+  prompts = [[t % 200 for t in p] for p in random_prompts([12, 30, 7, 21, 9], seed=8)]
+  prompts[1] = prompts[1][:10] + [poison] + prompts[1][10:]
+  finished = []
+  server = scheduler.Server(model, max_prompt_tokens=40, max_new_tokens=6, max_rows=4,
+                            on_finish=lambda s: finished.append((s.id, s.error)))
+  ids = [server.submit(p, 6) for p in prompts[:4]]
+  store = chunk_cache.ChunkStore(model)
+  ids.append(server.submit_chunks(store, [prompts[2], prompts[4]], [poison], 6))
+  ids.append(server.submit(prompts[4], 6))
+  served = {s.id: s for s in server.run()}
+  assert sorted(served) == ids
+  assert served[ids[1]].error == "RuntimeError: poisoned prompt"
+  assert served[ids[4]].error == "OSError: chunk store unreadable"
+  for request in (ids[1], ids[4]):
+    assert served[request].token_ids == [] and served[request].text == ""
+    assert (request, served[request].error) in finished
+  for request, prompt in zip(ids[:4] + ids[5:], prompts[:4] + prompts[4:]):
+    if request == ids[1]:
+      continue
+    assert served[request].error is None
+    want = kvjax.generate(model, [prompt], max_new_tokens=6).token_ids[0]
+    assert served[request].token_ids == want, request
+  assert server.stats["failed_requests"] == 2 and server.stats["requests"] == 4
+  server.forget(ids[1])   # a failed request is not waiting: it can be forgotten
 
 
 def test_serving_benchmark_compares_under_one_bound(tmp_path):

@@ -36,8 +36,8 @@ class RequestError(KvjaxError):
 class ServerFailure(Exception):
   """The server failed while serving a request (HTTP 500); `cause` says why."""
 
-  def __init__(self, cause: BaseException):
-    super().__init__(f"{type(cause).__name__}: {cause}")
+  def __init__(self, cause: BaseException | str):
+    super().__init__(cause if isinstance(cause, str) else f"{type(cause).__name__}: {cause}")
     self.cause = cause
 
 
@@ -133,6 +133,8 @@ class Endpoint:
       result = self._done.pop(request)
     if isinstance(result, Exception):
       raise result
+    if result.error is not None:   # its own prefill failed; the server served on
+      raise ServerFailure(result.error)
     return result
 
 

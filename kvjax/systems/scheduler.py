@@ -53,7 +53,8 @@ class ServedRequest:
   token_ids: list[int]            # generated, EOS excluded
   prompt_tokens: int
   queued_seconds: float           # submission to admission (prefill start)
-  latency_seconds: float          # submission to its last token
+  latency_seconds: float          # submission to its last token (or to its failure)
+  error: str | None = None        # why its own prefill failed (nothing generated); None: served
 
 
 @dataclasses.dataclass
@@ -224,6 +225,7 @@ class Server:
     self._chunked: dict = {}        # request -> (store, chunk ids, question ids, options)
     self.chunk_stats: dict = {}     # request -> prefill_chunks' stats
     self.on_finish = on_finish
+    self._failed = 0                # requests of the running `run` that failed alone
     self.stats: dict = {}
 
   def submit(self, prompt, max_new_tokens: int | None = None, *,
@@ -295,27 +297,61 @@ class Server:
 
   def _admit(self, cache, rows: list, free: list):
     """Prefills waiting requests into free rows: plain prompts together (compressed by the
-    method), prompts of cached chunks one by one."""
+    method), prompts of cached chunks one by one. A request whose own prefill fails ends
+    with its `error` and leaves its row free; the others are admitted."""
     take = [self._queue.popleft()
             for _ in range(min(len(free), len(self._queue), self.admit_rows))]
     targets = free[:len(take)]
     plain = [(r, t) for r, t in zip(take, targets) if r not in self._chunked]
     first = {}
     if plain:
-      cache, tokens = self._prefill_prompts(cache, [r for r, _ in plain],
-                                            [t for _, t in plain])
-      first.update(zip([r for r, _ in plain], tokens))
+      cache, tokens = self._prefill_plain(cache, plain)
+      first.update(tokens)
     for request, target in zip(take, targets):
       if request in self._chunked:
-        cache, first[request] = self._prefill_chunks(cache, request, target)
+        try:
+          cache, first[request] = self._prefill_chunks(cache, request, target)
+        except Exception as err:   # a bad chunk store or prompt fails only its request
+          self._fail(request, err)
+    admitted = [(r, t) for r, t in zip(take, targets) if r in first]
     now = time.perf_counter()
-    for request, row in zip(take, targets):
+    for request, row in admitted:
       self._decoding.add(request)
       rows[row] = _Row(request=request, generated=[],
                        key=jax.random.key(self._requests[request].seed))
       self._results[request] = {"admitted_at": now}
       self._accept(rows[row], int(first[request]))
-    return cache, np.array([first[r] for r in take], np.int32), targets
+    return (cache, np.array([first[r] for r, _ in admitted], np.int32),
+            [t for _, t in admitted])
+
+  def _prefill_plain(self, cache, plain: list):
+    """Prefills (request, row) pairs together; when that fails, each alone, so a prompt
+    that cannot be prefilled fails only its own request. Returns (cache, {request: its
+    first token})."""
+    try:
+      cache, tokens = self._prefill_prompts(cache, [r for r, _ in plain],
+                                            [t for _, t in plain])
+      return cache, dict(zip((r for r, _ in plain), tokens))
+    except Exception as err:
+      if len(plain) == 1:
+        self._fail(plain[0][0], err)
+        return cache, {}
+    first = {}
+    for pair in plain:
+      cache, tokens = self._prefill_plain(cache, [pair])
+      first.update(tokens)
+    return cache, first
+
+  def _fail(self, request: int, err: Exception) -> None:
+    """Ends `request` unserved: its result carries the error (and on_finish sees it)."""
+    record = self._requests[request]
+    waited = time.perf_counter() - record.submitted_at
+    self._results[request] = ServedRequest(
+        id=request, text="", token_ids=[], prompt_tokens=len(record.tokens),
+        queued_seconds=waited, latency_seconds=waited, error=f"{type(err).__name__}: {err}")
+    self._failed += 1
+    if self.on_finish is not None:
+      self.on_finish(self._results[request])
 
   def _first_tokens(self, logits, requests: list) -> np.ndarray:
     """Each request's first token, drawn with step 0 of its own key stream."""
@@ -388,7 +424,9 @@ class Server:
 
   def run(self) -> list[ServedRequest]:
     """Serves every queued request; returns all served so far (and not forgotten), in
-    submission order."""
+    submission order. A request whose own prefill failed (a bad chunk store, a prompt the
+    method cannot fit) is returned with its `error` and nothing generated, and the run
+    goes on; a failure of the batch's decoding fails the run."""
     try:
       return self._serve()
     finally:   # a failed run's rows are gone: their requests can be forgotten
@@ -405,6 +443,7 @@ class Server:
     last = np.zeros(self.rows, np.int32)
     decode_calls = compactions = admissions = generated = served = 0
     peak_rows = 0
+    self._failed = 0
     while self._queue or any(r is not None for r in rows):
       freed = np.array([r is not None and r.done for r in rows])
       if freed.any():
@@ -452,7 +491,7 @@ class Server:
         "rows": self.rows, "row_bytes": self.row_bytes,
         "cache_bytes": kv_cache.nbytes(cache), "memory_budget_bytes": self.memory_budget_bytes,
         "method": self.method.label, "budget": self.keep if self.method.compresses else None,
-        "requests": served, "generated_tokens": generated,
+        "requests": served, "failed_requests": self._failed, "generated_tokens": generated,
         "seconds": seconds, "tokens_per_second": generated / seconds if seconds > 0 else None,
         "decode_calls": decode_calls, "admissions": admissions, "compactions": compactions,
         "peak_active_rows": peak_rows,
