@@ -19,7 +19,8 @@ from kvjax.generation import context, conversation, inputs
 from kvjax.methods import base
 from kvjax.methods.loopserve import (LoopServe, LoopServeLayerCache, input_scores,
                                      line_masses, loopserve_layer, sample_rows,
-                                     select_lines, top_slots, vertical_slash_attention)
+                                     select_lines, sparse_prefill, top_slots,
+                                     vertical_slash_attention)
 from kvjax.ops import attention as attention_ops
 from kvjax.methods.plan import CompressionPlan
 from tiny import random_prompts, tiny_config, tiny_model
@@ -330,7 +331,8 @@ def test_generate_offloaded_and_on_device(model):
 
 @pytest.mark.parametrize("spec, match", [
     ("loopserve:interval=0", "interval"), ("loopserve:interval=2.5", "interval"),
-    ("loopserve:offload=yes", "offload")])
+    ("loopserve:offload=yes", "offload"), ("loopserve:alpha=1.5", "alpha"),
+    ("loopserve:prefill_rows=0", "prefill_rows"), ("loopserve:max_lines=0", "max_lines")])
 def test_bad_hyperparameters(spec, match):
   with pytest.raises(MethodError, match=match):
     kvjax.methods.get(spec)
@@ -450,6 +452,76 @@ def test_line_attention_matches_numpy():
                            np.asarray(smask))
   real = data.qpos >= 0
   np.testing.assert_allclose(np.asarray(got)[real], want[real], rtol=1e-4, atol=1e-5)
+
+
+def np_most_massive(mask, mass, n):
+  """Per head, line 0 if chosen, then the chosen lines by decreasing mass (lower index
+  first at ties) up to n lines."""
+  out = np.zeros(mask.shape, bool)
+  for row in range(mask.shape[0]):
+    for head in range(mask.shape[1]):
+      chosen = [j for j in np.flatnonzero(mask[row, head]) if j != 0]
+      chosen.sort(key=lambda j: (-mass[row, head, j], j))
+      keep = ([0] if mask[row, head, 0] else []) + chosen
+      out[row, head, keep[:n]] = True
+  return out
+
+
+@pytest.mark.parametrize("max_lines", [48, 3])
+def test_sparse_prefill_matches_numpy(max_lines):
+  """The chunk's sampled rows choose the lines (capped at the most massive), and every
+  query, gathered in blocks of SPARSE_QUERY_BLOCK, attends over them."""
+  data = mi.random_prefill(9, lengths=(48, 33), s=48, q_scale=2.5)
+  f = lambda a: jnp.asarray(a, jnp.float32)
+  rows, alpha = sample_rows(48, 5, 4), 0.8
+  q, qpos = data.q[:, rows], data.qpos[:, rows]
+  vmass, smass = np_line_masses(q, qpos, data.k, data.kpos)
+  chosen = np_select_lines(vmass, smass, (qpos >= 0).sum(1), alpha)
+  vmask, smask = (np_most_massive(chosen[0], vmass, max_lines),
+                  np_most_massive(chosen[1], smass, max_lines))
+  want = np_line_attention(data.q, data.k, data.v, data.qpos, data.kpos, vmask, smask)
+  import kvjax.methods.loopserve as loopserve_lib
+  for block in (16, 128):   # several gather passes (the last one padded), and one
+    loopserve_lib.SPARSE_QUERY_BLOCK = block
+    got = sparse_prefill(f(data.q), jnp.asarray(data.qpos), f(data.k), f(data.v),
+                         jnp.asarray(data.kpos), alpha, 9, max_lines)
+    loopserve_lib.SPARSE_QUERY_BLOCK = 128
+    real = data.qpos >= 0
+    np.testing.assert_allclose(np.asarray(got)[real], want[real], rtol=1e-4, atol=1e-5)
+  if max_lines < 48:   # the cap binds on both kinds of line
+    assert min(chosen[0].sum(-1).max(), chosen[1].sum(-1).max()) > max_lines
+    assert vmask.sum(-1).max() == smask.sum(-1).max() == max_lines
+
+
+def test_sparse_prefill_runs_in_the_models_prefill(model, monkeypatch):
+  """alpha > 0: every layer's prefill attention is the sparse one (and changes the
+  result); alpha = 0 keeps the dense prefill; a sweep's shared prefill runs it alone."""
+  import kvjax.methods.loopserve as loopserve_lib
+  calls = []
+  real = loopserve_lib.sparse_prefill
+
+  def spy(*args):
+    calls.append(args[0].shape)
+    return real(*args)
+
+  monkeypatch.setattr(loopserve_lib, "sparse_prefill", spy)
+  tokens, mask = inputs.left_pad(PROMPTS, 0)
+  dense = context.prefill(model, tokens, mask, LoopServe(), 40, 0)
+  assert calls == []
+  sparse_method = kvjax.methods.get("loopserve:alpha=0.5:max_lines=8")
+  sparse = context.prefill(model, tokens, mask, sparse_method, 40, 0)
+  assert len(calls) == model.config.num_layers and calls[0][1] == tokens.shape[1]
+  assert not np.allclose(np.asarray(dense.logits), np.asarray(sparse.logits), atol=1e-4)
+  # Shared with the dense variant, its logits would be the dense ones.
+  many = context.prefill_many(model, tokens, mask, [(sparse_method, 40), (LoopServe(), 40)],
+                              0)
+  np.testing.assert_allclose(np.asarray(many[0].logits), np.asarray(sparse.logits),
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(many[1].logits), np.asarray(dense.logits),
+                             rtol=1e-5, atol=1e-6)
+  out = kvjax.generate(model, PROMPTS, method=sparse_method, compression_ratio=0.5,
+                       max_new_tokens=4)
+  assert [len(t) for t in out.token_ids] == [4, 4]
 
 
 def test_every_line_is_dense_attention():

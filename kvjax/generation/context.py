@@ -252,11 +252,11 @@ def iter_prefill_many(model, tokens: np.ndarray, mask: np.ndarray, variants, roo
   asking for the next holds one group's caches at a time, so memory stays bounded however
   many variants a sweep has.
   """
-  if any((method.rescores or method.compresses_prompt or method.reads_context)
-         and keep is not None
+  if any((method.rescores or method.compresses_prompt or method.reads_context
+          or method.attends_prefill) and keep is not None
          for method, keep in variants):
-    # Their compression needs more forward passes over each one's cache, or the context's
-    # token ids as parameters of its own: one by one.
+    # Their compression needs more forward passes over each one's cache, the context's
+    # token ids as parameters of its own, or an attention of its own: one by one.
     for method, keep in variants:
       yield prefill(model, tokens, mask, method, keep, room, steps=steps)
     return

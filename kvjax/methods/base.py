@@ -69,6 +69,8 @@ class Method:
       cache is then the full cache of the shorter prompt, positions renumbered.
     reads_context: its prefill reads the context's token ids (SentenceKV's sentence
       boundaries), handed to the policy as traced parameters by `context_params`.
+  A method whose `attends_prefill` is true replaces a compressing prefill chunk's
+  attention by its own `prefill_attention` (LoopServe's sparse prefill).
   Per-slot state is the method's own pytree (`init_state`); kvjax moves it with the slots.
   """
   name: ClassVar[str] = ""
@@ -164,6 +166,18 @@ class Method:
     """Per-slot state after more queries attended without compressing (question prefill)."""
     del column_sums
     return state
+
+  @property
+  def attends_prefill(self) -> bool:
+    """Whether `prefill_attention` replaces the dense attention of a compressing prefill
+    chunk (such a method's prefill cannot be shared with other variants)."""
+    return False
+
+  def prefill_attention(self, layer, queries, query_positions, pending, want):
+    """A compressing prefill chunk's attention when `attends_prefill`: queries [B, T, H, D]
+    at positions [B, T] over the layer cache `layer` plus the chunk `pending` (NewTokens),
+    asked for the statistics `want` -> (out [B, T, H, D], Stats)."""
+    return layer.attend(queries, query_positions, pending, want)
 
   def observe_queries(self, state, queries, query_positions):
     """Methods that need QUERIES: per-slot state after queries [B, T, H, D] at positions

@@ -28,12 +28,15 @@ Readings and assumptions (no official code exists):
 - A layer whose budget covers its whole context stays a dense full layer.
 - Re-selection runs inside the decode step that completes n_d queries (synchronously): the
   paper's overlap of the host reads with decoding is not modelled.
-- The prefill part is here as functions, not in the model's prefill (see the end of this
-  module): `line_masses` and `select_lines` choose each head's vertical and slash lines
-  (column 0 and diagonal 0 always, then greedy by mass to a share `alpha` of a row sample,
-  `sample_rows`: the last rows plus evenly spaced earlier ones, where the paper samples at
-  random), and `vertical_slash_attention` attends over their union. The model's prefill
-  still attends densely: no method hook can replace a prefill chunk's attention.
+- The sparse prefill (`alpha` > 0; see the end of this module) replaces each compressing
+  prefill chunk's attention (`Method.prefill_attention`): `line_masses` and `select_lines`
+  choose each head's vertical and slash lines (column 0 and diagonal 0 always, then greedy
+  by mass to a share `alpha` of a row sample, `sample_rows`: the last rows plus evenly
+  spaced earlier ones, where the paper samples at random), at most `max_lines` of each kind
+  (static shapes; the most massive stay), and `vertical_slash_attention` attends over their
+  union, gathered per query block (jnp, not a kernel). `alpha` = 0 (the default until a sweep
+  has measured the sparse prefill) attends densely. The seed's scores (`score`) come from
+  the chunk's own queries either way.
 
 How the queries reach the layer: the method declares the QUERIES need; a LoopServe layer
 then returns each decode step's (or question's) queries and positions in its Stats and
@@ -283,9 +286,33 @@ class LoopServe(base.Method):
   wrappable: ClassVar[bool] = False   # its set is re-chosen at decode, not a prefill score
   interval: int = 16
   offload: bool = True
+  # The sparse prefill (0: dense, kvjax's default until a sweep has measured it): per layer
+  # and head the vertical and slash lines carrying `alpha` of the attention of
+  # `prefill_rows` sampled query rows, at most `max_lines` of each kind (the most massive).
+  alpha: float = 0.0
+  prefill_rows: int = 64
+  max_lines: int = 256
 
   def __post_init__(self):
     base.check_int("interval", self.interval, 1)
+    base.check_fraction("alpha", self.alpha)
+    base.check_int("prefill_rows", self.prefill_rows, 1)
+    base.check_int("max_lines", self.max_lines, 1)
+
+  @property
+  def attends_prefill(self) -> bool:
+    return self.alpha > 0
+
+  def prefill_attention(self, layer, queries, query_positions, pending, want):
+    """A prefill chunk (more than one query) attends over its heads' chosen lines only:
+    the layer's slots and the chunk (`sparse_prefill`). The scores that seed the active
+    set are computed from the same queries, densely, by `score`."""
+    if queries.shape[1] == 1:
+      return layer.attend(queries, query_positions, pending, want)
+    cand = layer.candidates(pending)
+    out = sparse_prefill(queries, query_positions, cand.keys, cand.values, cand.positions,
+                         self.alpha, self.prefill_rows, self.max_lines)
+    return out, Stats()
 
   def init_state(self, shape):
     return jnp.zeros(shape, bool)   # per slot: in the seed's active set
@@ -343,8 +370,48 @@ class LoopServe(base.Method):
 # ----------------------------------------------------------------------------- prefill part
 # LoopServe's prefill: per head, the vertical (key position p) and slash (offset o = query
 # position - key position) lines that carry a share `alpha` of a sample of rows' attention,
-# and attention over their union. These are functions only: the model's prefill attends
-# through the dense layer cache, and no method hook lets a method replace that attention.
+# and attention over their union (`sparse_prefill`, run by the model's prefill through
+# `LoopServe.prefill_attention` when alpha > 0).
+
+SPARSE_QUERY_BLOCK = 128   # queries per gather pass: bounds the gathered slash keys' memory
+
+
+def _most_massive(chosen: jax.Array, mass: jax.Array, n: int) -> jax.Array:
+  """chosen [B, H, S] bool cut to its n most massive lines per head (line 0, the forced
+  sink column or own diagonal, always kept)."""
+  if n >= chosen.shape[-1]:
+    return chosen
+  score = jnp.where(chosen, mass, -1.0).at[..., 0].set(jnp.where(chosen[..., 0], jnp.inf, -1.0))
+  index = jax.lax.top_k(score, n)[1]
+  b, h, _ = chosen.shape
+  kept = jnp.zeros(chosen.shape, bool).at[
+      jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None], index].set(True)
+  return kept & chosen
+
+
+def sparse_prefill(queries, query_positions, keys, values, key_positions, alpha: float,
+                   rows: int, max_lines: int):
+  """[B, T, H, D]: each query attends over its head's chosen lines only. The lines carry
+  `alpha` of the attention of `rows` sampled rows of the chunk (half its last rows, half
+  spread evenly before them: `sample_rows`), at most `max_lines` vertical and `max_lines`
+  slash lines per head (when more are chosen, the least massive go). Queries are gathered
+  SPARSE_QUERY_BLOCK at a time."""
+  t, s = queries.shape[1], keys.shape[2]
+  picked = sample_rows(t, rows - rows // 2, rows // 2)
+  sampled_positions = query_positions[:, picked]
+  vmass, smass = line_masses(queries[:, picked], sampled_positions, keys, key_positions)
+  vertical, slash = select_lines(vmass, smass, (sampled_positions >= 0).sum(1), alpha)
+  lines = min(max_lines, s)
+  vertical, slash = _most_massive(vertical, vmass, lines), _most_massive(slash, smass, lines)
+  block = min(SPARSE_QUERY_BLOCK, t)
+  padded = -(-t // block) * block
+  q = jnp.pad(queries, ((0, 0), (0, padded - t), (0, 0), (0, 0)))
+  qpos = jnp.pad(query_positions, ((0, 0), (0, padded - t)), constant_values=EMPTY_POSITION)
+  split = lambda a: jnp.moveaxis(a.reshape((a.shape[0], -1, block) + a.shape[2:]), 1, 0)
+  out = jax.lax.map(lambda qp: vertical_slash_attention(
+      qp[0], keys, values, qp[1], key_positions, vertical, slash, lines, lines),
+      (split(q), split(qpos)))                                  # [n, B, block, H, D]
+  return jnp.moveaxis(out, 0, 1).reshape(queries.shape[0], padded, *queries.shape[2:])[:, :t]
 
 
 def sample_rows(length: int, last: int, spread: int) -> np.ndarray:

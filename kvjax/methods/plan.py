@@ -36,6 +36,17 @@ def layer_inputs(layer: int, cand: LayerCache, step: LayerStep, column_sums) -> 
 
 
 @dataclasses.dataclass(frozen=True)
+class MethodAttention:
+  """A layer cache whose compressing prefill chunk is attended by the method's own
+  `prefill_attention` (the plan wraps it in `prepare` and unwraps it in `update`)."""
+  layer: object
+  method: Method
+
+  def attend(self, queries, query_positions, pending=None, want=frozenset()):
+    return self.method.prefill_attention(self.layer, queries, query_positions, pending, want)
+
+
+@dataclasses.dataclass(frozen=True)
 class CompressionPlan:
   """How a forward call treats the cache.
 
@@ -54,7 +65,10 @@ class CompressionPlan:
 
   def prepare(self, layer: int, layer_cache, new: NewTokens):
     if self.compress:
-      return _with_state(self.method, layer_cache), new, frozenset(self.method.needs)
+      layer_cache = _with_state(self.method, layer_cache)
+      if self.method.attends_prefill:
+        layer_cache = MethodAttention(layer_cache, self.method)
+      return layer_cache, new, frozenset(self.method.needs)
     if self._evicting(new):
       return layer_cache, new, frozenset({PROBS})
     # Appended queries keep accumulating the state of methods that count attention (those
@@ -65,6 +79,8 @@ class CompressionPlan:
     return layer_cache.append(new), None, frozenset(want)
 
   def update(self, layer: int, layer_cache, step: LayerStep, stats):
+    if isinstance(layer_cache, MethodAttention):
+      layer_cache = layer_cache.layer
     if stats.layer is not None:   # attending stepped the layer (an offload tier's buffer)
       layer_cache = stats.layer
     if self.compress:
