@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from kvjax.evaluation import tasks as tasks_lib
 from kvjax.evaluation import sweep
 from kvjax.generation import context
 from tiny import tiny_chat_model
@@ -109,6 +110,21 @@ def test_changed_settings_are_not_mixed_with_old_results(model, tmp_path, monkey
 def test_bad_sweeps_are_refused(overrides, match):
   with pytest.raises(ValueError, match=match):
     sweep.SweepConfig(**{**CONFIG.__dict__, **overrides}).validate()
+
+
+def test_a_length_the_chat_template_pushes_below_the_tasks_minimum_is_refused(model,
+                                                                              tmp_path):
+  template = sweep.template_tokens(model)
+  assert template > 0
+  least = tasks_lib.MIN_TARGET_TOKENS + template
+  config = sweep.SweepConfig(**{**CONFIG.__dict__, "lengths": (least + 64, least - 1)})
+  with pytest.raises(sweep.SweepError, match=f"length {least - 1} leaves .* use lengths >= "
+                                             f"{least}"):
+    sweep.run_sweep(model, "tiny", config, tmp_path)
+  assert not (tmp_path / "examples.jsonl").exists()   # refused before any work
+  # Fidelity alone has no task minimum.
+  sweep.check_lengths(model, sweep.SweepConfig(**{**config.__dict__,
+                                                  "tasks": (sweep.FIDELITY,)}))
 
 
 def test_evaluate_script_reports_bad_flags_in_one_line(tmp_path):

@@ -327,6 +327,7 @@ def run_sweep(model, model_name: str, config: SweepConfig, out_dir,
   task/length/mode across every method and ratio); `units(config)` gives their number.
   """
   config.validate()
+  check_lengths(model, config)
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   path = out_dir / "examples.jsonl"
@@ -393,6 +394,21 @@ def template_tokens(model) -> int:
     return 0
   bare = len(tokenizer.encode("x", add_special_tokens=False))
   return len(inputs.encode(model, ["x"], None, None).prompts[0]) - bare
+
+
+def check_lengths(model, config: SweepConfig) -> None:
+  """Refuses, before any work, a length that leaves the tasks fewer than their minimum
+  tokens once the chat template's are taken (the generators get length minus those)."""
+  if all(task == FIDELITY for task in config.tasks):
+    return
+  template = template_tokens(model)
+  least = tasks_lib.MIN_TARGET_TOKENS + template
+  for length in config.lengths:
+    if length < least:
+      raise SweepError(
+          f"length {length} leaves {length - template} tokens for the tasks after the chat "
+          f"template's {template}; they need at least {tasks_lib.MIN_TARGET_TOKENS}: use "
+          f"lengths >= {least}")
 
 
 def _items(model, task: str, length: int, config: SweepConfig):
