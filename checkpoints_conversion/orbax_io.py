@@ -41,28 +41,49 @@ def is_checkpoint(path) -> bool:
 
 
 def save(model, directory, *, overwrite: bool = False) -> pathlib.Path:
-  """Writes `model` to `directory` atomically: a crash leaves no half-written checkpoint."""
+  """Writes `model` to `directory` atomically: a crash leaves no half-written checkpoint.
+
+  In a run of several processes (kvjax.sharding.distributed) every process calls it with
+  the same directory, which all of them must reach (a shared disk or bucket): each writes
+  the shards its devices hold into one staging folder process 0 names, and process 0
+  writes the config and tokenizer and moves the folder into place once all are done."""
+  import jax
+  from jax.experimental import multihost_utils
   from kvjax.model import to_flat_params
+  from kvjax.sharding import distributed
   directory = pathlib.Path(directory).expanduser().absolute()  # orbax needs absolute paths
-  if directory.exists() and not overwrite:
+  primary = distributed.is_primary()
+  several = jax.process_count() > 1
+  sync = lambda name: several and multihost_utils.sync_global_devices(f"kvjax_save_{name}")
+  # Process 0's view decides, so that every process raises or none does.
+  exists = distributed.broadcast_from_primary(directory.exists() if primary else None)
+  if exists and not overwrite:
     raise CheckpointError(f"{directory} already exists; pass overwrite=True to replace it")
-  directory.parent.mkdir(parents=True, exist_ok=True)
-  staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+  staging = None
+  if primary:
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent)
+  staging = pathlib.Path(distributed.broadcast_from_primary(staging))
   try:
-    (staging / CONFIG_FILE).write_text(model.config.to_json())
-    if model.tokenizer is not None:
-      model.tokenizer.save(staging)
+    if primary:
+      (staging / CONFIG_FILE).write_text(model.config.to_json())
+      if model.tokenizer is not None:
+        model.tokenizer.save(staging)
     with _quiet(), ocp.StandardCheckpointer() as checkpointer:
       checkpointer.save(staging / PARAMS_DIR, to_flat_params(model))
-    if directory.exists():
-      old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-      os.replace(directory, old)
-      os.replace(staging, directory)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.replace(staging, directory)
+    sync("written")
+    if primary:
+      if directory.exists():
+        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+        os.replace(directory, old)
+        os.replace(staging, directory)
+        shutil.rmtree(old, ignore_errors=True)
+      else:
+        os.replace(staging, directory)
+    sync("moved")
   except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
+    if primary:
+      shutil.rmtree(staging, ignore_errors=True)
     raise
   return directory
 
@@ -70,15 +91,16 @@ def save(model, directory, *, overwrite: bool = False) -> pathlib.Path:
 def _restore_target(checkpointer, path, placement):
   """Where orbax puts each tensor. With a placement (kvjax.sharding.Placement) every tensor
   goes straight into its shards by the placement's rules: each device reads only its part,
-  whatever mesh the checkpoint was saved from. Without one: orbax's own placement (None)
-  in a one-process run; several processes (kvjax.sharding.distributed) each read every
-  tensor whole, as orbax refuses to restore a one-process checkpoint there without a
-  target."""
+  whatever mesh the checkpoint was saved from. Without one: a one-process run puts every
+  tensor on its first device; several processes (kvjax.sharding.distributed) each read
+  every tensor whole. Orbax refuses to restore a checkpoint saved by another number of
+  processes without such a target."""
   import jax
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
   if placement is None and jax.process_count() == 1:
-    return None
-  if placement is None:
+    first = SingleDeviceSharding(jax.devices()[0])
+    where = lambda name, shape: first
+  elif placement is None:
     everywhere = NamedSharding(Mesh(jax.devices(), ("all",)), PartitionSpec())
     where = lambda name, shape: everywhere
   else:

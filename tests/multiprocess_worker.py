@@ -31,6 +31,16 @@ def main(address: str, processes: int, index: int, out: str, tokenizer_dir: str,
     got[name] = kvjax.generate(sharded, PROMPTS, method=method, max_new_tokens=6,
                                **kwargs).token_ids
   got["score"] = [x.tolist() for x in kvjax.score(sharded, PROMPTS, CONTINUATIONS)]
+  # Both processes save the sharded model into one folder beside the sweeps (one disk).
+  from checkpoints_conversion import orbax_io
+  saved = pathlib.Path(sweep_dir).parent / "saved_model"
+  got["saved"] = str(orbax_io.save(sharded, saved))
+  got["saved_again"] = str(orbax_io.save(sharded, saved, overwrite=True))
+  try:
+    orbax_io.save(sharded, saved)
+    got["exists_error"] = None
+  except kvjax.KvjaxError as error:
+    got["exists_error"] = str(error)
   chat = sharding.shard_model(sweep_model(Tokenizer.load(tokenizer_dir)), MESH)
   got["sweep"] = sweep.run_sweep(chat, "tiny", SWEEP, sweep_dir)["cells"]
   # Resumed: process 0's records say everything is done, also to process 1, whose own

@@ -15,6 +15,7 @@ import pytest
 import kvjax
 from kvjax import sharding
 from kvjax.evaluation import sweep
+from kvjax.model import to_flat_params
 from kvjax.sharding import distributed
 from multiprocess_cases import CASES, CONTINUATIONS, PROMPTS, SWEEP, sweep_model
 from tiny import tiny_model
@@ -88,6 +89,16 @@ def test_two_processes_generate_score_and_sweep_like_one(smollm2_tokenizer, tmp_
           {k: v for k, v in a.items() if k not in timing}), (i, a["task"], a["method"])
       assert b["metrics"] == pytest.approx(a["metrics"], rel=1e-4, abs=1e-5)
     assert got["resumed"] == got["sweep"] and got["resumed_batches"] == 0
+  # One checkpoint from both processes' shards, loadable in one process, nothing left over.
+  saved = tmp_path / "saved_model"
+  for i, out in enumerate(outs):
+    got = json.loads(out.read_text())
+    assert got["saved"] == got["saved_again"] == str(saved)
+    assert "already exists" in got["exists_error"]
+  loaded = kvjax.load(saved)
+  for name, value in to_flat_params(model).items():
+    np.testing.assert_array_equal(np.asarray(to_flat_params(loaded)[name]), np.asarray(value))
+  assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".saved_model")) == []
   # Only process 0 wrote results.
   assert len((sweeps[0] / "examples.jsonl").read_text().splitlines()) == 12
   assert (sweeps[0] / "summary.json").is_file()
