@@ -467,26 +467,28 @@ def np_most_massive(mask, mass, n):
   return out
 
 
-@pytest.mark.parametrize("max_lines", [48, 3])
-def test_sparse_prefill_matches_numpy(max_lines):
+@pytest.mark.parametrize("max_lines,chunk", [(48, 48), (3, 48), (48, 20)])
+def test_sparse_prefill_matches_numpy(max_lines, chunk, monkeypatch):
   """The chunk's sampled rows choose the lines (capped at the most massive), and every
-  query, gathered in blocks of SPARSE_QUERY_BLOCK, attends over them."""
+  query, gathered in blocks of SPARSE_QUERY_BLOCK, attends over them; a chunk of the last
+  20 tokens attends over the earlier chunks' keys too."""
+  import kvjax.methods.loopserve as loopserve_lib
   data = mi.random_prefill(9, lengths=(48, 33), s=48, q_scale=2.5)
   f = lambda a: jnp.asarray(a, jnp.float32)
-  rows, alpha = sample_rows(48, 5, 4), 0.8
-  q, qpos = data.q[:, rows], data.qpos[:, rows]
+  queries, query_positions = data.q[:, -chunk:], data.qpos[:, -chunk:]
+  rows, alpha = sample_rows(chunk, 5, 4), 0.8
+  q, qpos = queries[:, rows], query_positions[:, rows]
   vmass, smass = np_line_masses(q, qpos, data.k, data.kpos)
   chosen = np_select_lines(vmass, smass, (qpos >= 0).sum(1), alpha)
   vmask, smask = (np_most_massive(chosen[0], vmass, max_lines),
                   np_most_massive(chosen[1], smass, max_lines))
-  want = np_line_attention(data.q, data.k, data.v, data.qpos, data.kpos, vmask, smask)
-  import kvjax.methods.loopserve as loopserve_lib
-  for block in (16, 128):   # several gather passes (the last one padded), and one
-    loopserve_lib.SPARSE_QUERY_BLOCK = block
-    got = sparse_prefill(f(data.q), jnp.asarray(data.qpos), f(data.k), f(data.v),
+  want = np_line_attention(queries, data.k, data.v, query_positions, data.kpos, vmask,
+                           smask)
+  for block in (7, 128):   # several gather passes (the last one padded), and one
+    monkeypatch.setattr(loopserve_lib, "SPARSE_QUERY_BLOCK", block)
+    got = sparse_prefill(f(queries), jnp.asarray(query_positions), f(data.k), f(data.v),
                          jnp.asarray(data.kpos), alpha, 9, max_lines)
-    loopserve_lib.SPARSE_QUERY_BLOCK = 128
-    real = data.qpos >= 0
+    real = query_positions >= 0
     np.testing.assert_allclose(np.asarray(got)[real], want[real], rtol=1e-4, atol=1e-5)
   if max_lines < 48:   # the cap binds on both kinds of line
     assert min(chosen[0].sum(-1).max(), chosen[1].sum(-1).max()) > max_lines
@@ -522,6 +524,9 @@ def test_sparse_prefill_runs_in_the_models_prefill(model, monkeypatch):
   out = kvjax.generate(model, PROMPTS, method=sparse_method, compression_ratio=0.5,
                        max_new_tokens=4)
   assert [len(t) for t in out.token_ids] == [4, 4]
+  chunked = kvjax.generate(model, PROMPTS, method=sparse_method, compression_ratio=0.5,
+                           max_new_tokens=4, prefill_chunk_size=64)
+  assert [len(t) for t in chunked.token_ids] == [4, 4]
 
 
 def test_every_line_is_dense_attention():

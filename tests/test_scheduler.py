@@ -1,5 +1,6 @@
 """Continuous batching under a cache-memory bound (kvjax.systems.scheduler)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -104,6 +105,17 @@ def test_sampled_requests_draw_from_their_own_seeds():
   for s, p, seed in zip(wrapped.run(), prompts, [2**63 - 1, -2**63]):
     assert s.token_ids == kvjax.generate(model, [p], max_new_tokens=4, seed=seed,
                                          **sampling).token_ids[0]
+
+
+def test_int64_seeds_are_distinct_streams():
+  """jax.random.key keeps a seed's low 32 bits; kvjax folds the high half in, and keeps
+  jax's own key where the high half is a sign extension."""
+  from kvjax.generation import sampling
+  data = lambda seed: tuple(np.asarray(jax.random.key_data(sampling.key_of(seed))).tolist())
+  for seed in (0, 5, -1, -7, 2**32 - 1, -2**31):
+    assert data(seed) == tuple(np.asarray(jax.random.key_data(jax.random.key(seed))).tolist())
+  seeds = [0, 2**32, 2**40, 2**63 - 1, -1, -2**63, -2**32 - 1]
+  assert len({data(s) for s in seeds}) == len(seeds)
 
 
 def test_bad_requests_and_limits_are_refused():

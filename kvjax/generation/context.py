@@ -252,8 +252,9 @@ def iter_prefill_many(model, tokens: np.ndarray, mask: np.ndarray, variants, roo
   asking for the next holds one group's caches at a time, so memory stays bounded however
   many variants a sweep has.
   """
-  if any((method.rescores or method.compresses_prompt or method.reads_context
-          or method.attends_prefill) and keep is not None
+  if any((method.rescores or method.compresses_prompt or method.reads_context)
+         and keep is not None
+         or method.attends_prefill and (keep is not None or not method.needs_budget)
          for method, keep in variants):
     # Their compression needs more forward passes over each one's cache, the context's
     # token ids as parameters of its own, or an attention of its own: one by one.

@@ -237,7 +237,7 @@ class CompiledSteps:
                   mask_finished: bool = False, method_params=None):
     """Up to `limit` decode steps in one compiled call (see `_decode_loop`): returns
     (tokens [B, chunk] as a host array, steps run, cache, last tokens, active). `key` is
-    one key, or [B] keys with [B] `first_step`s (each row its own stream)."""
+    one key, or [B] keys (each row its own stream) with one `first_step` or [B]."""
     if not 1 <= limit <= chunk:
       raise ValueError(f"limit={limit} must be in [1, chunk={chunk}]")
     active = jnp.ones(tokens.shape, bool) if active is None else jnp.asarray(active, bool)

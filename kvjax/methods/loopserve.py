@@ -24,7 +24,8 @@ Readings and assumptions (no official code exists):
 - The GQA reduction is a sum over the group (one set per KV head).
 - An appended question's queries are recorded like generated ones (a question of n_d or more
   tokens re-chooses I from its last n_d queries before the answer starts), and its tokens,
-  like generated ones, are always attended; prefill and questions attend densely.
+  like generated ones, are always attended; questions (and the prefill when alpha = 0)
+  attend densely.
 - A layer whose budget covers its whole context stays a dense full layer.
 - Re-selection runs inside the decode step that completes n_d queries (synchronously): the
   paper's overlap of the host reads with decoding is not modelled.

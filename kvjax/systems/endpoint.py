@@ -172,10 +172,10 @@ def _sampling_check(body: dict, server: Server) -> None:
 
 def _seed(body: dict) -> int | None:
   value = body.get("seed")
-  if value is not None and (isinstance(value, bool) or not isinstance(value, int) or
-                            not validation.INT64_MIN <= value <= validation.INT64_MAX):
-    raise RequestError(f"seed={value!r} must be an integer in [-2**63, 2**63 - 1]")
-  return value
+  if value is None:
+    return None
+  return validation.integer("seed", value, validation.INT64_MIN, validation.INT64_MAX,
+                            error=RequestError)
 
 
 def _max_tokens(body: dict, server: Server) -> int:

@@ -40,8 +40,8 @@ from kvjax.cache import kv_cache
 from kvjax.cache.kv_cache import Cache, LayerCache
 from kvjax.errors import GenerationError
 from kvjax.generation import context, engine, inputs, sampling
-from kvjax.generation.generate import (DECODE_CHUNK, _validate_sampling, check_context_length,
-                                       eos_ids)
+from kvjax.generation.generate import (DECODE_CHUNK, _sample_jit, _validate_sampling,
+                                       check_context_length, eos_ids)
 from kvjax.systems import chunk_cache
 from kvjax.systems.prefix_sharing import check_prefill_method
 
@@ -61,7 +61,7 @@ class ServedRequest:
 class _Row:
   request: int
   generated: list
-  key: jax.Array      # the request's own key: jax.random.key(its seed)
+  key: jax.Array      # the request's own key: sampling.key_of(its seed)
   sampled: int = 1    # tokens drawn so far (the first at admission): the next step's index
   done: bool = False
 
@@ -318,7 +318,7 @@ class Server:
     for request, row in admitted:
       self._decoding.add(request)
       rows[row] = _Row(request=request, generated=[],
-                       key=jax.random.key(self._requests[request].seed))
+                       key=sampling.key_of(self._requests[request].seed))
       self._results[request] = {"admitted_at": now}
       self._accept(rows[row], int(first[request]))
     return (cache, np.array([first[r] for r, _ in admitted], np.int32),
@@ -345,7 +345,7 @@ class Server:
   def _fail(self, request: int, err: Exception) -> None:
     """Ends `request` unserved: its result carries the error (and on_finish sees it)."""
     record = self._requests[request]
-    waited = time.perf_counter() - record.submitted_at
+    waited = time.perf_counter() - record.submitted_at   # its admission was its end
     self._results[request] = ServedRequest(
         id=request, text="", token_ids=[], prompt_tokens=len(record.tokens),
         queued_seconds=waited, latency_seconds=waited, error=f"{type(err).__name__}: {err}")
@@ -356,10 +356,10 @@ class Server:
   def _first_tokens(self, logits, requests: list) -> np.ndarray:
     """Each request's first token, drawn with step 0 of its own key stream."""
     keys = sampling.step_key(sampling.keys_of([self._requests[r].seed for r in requests]), 0)
-    return np.asarray(sampling.sample(logits, keys,
-                                      jnp.float32(self.sampling["temperature"] or 1),
-                                      jnp.float32(self.sampling["top_p"]),
-                                      self.sampling["greedy"]))
+    # generate's own jitted sampler: the same rounding, so the same draws.
+    return np.asarray(_sample_jit(logits, keys, jnp.float32(self.sampling["temperature"] or 1),
+                                  jnp.float32(self.sampling["top_p"]),
+                                  greedy=self.sampling["greedy"]))
 
   def _fitted(self, prompt_cache) -> Cache:
     for index, layer in enumerate(prompt_cache.layers):
@@ -386,18 +386,20 @@ class Server:
     del prefilled  # the prompts' cache goes as soon as its rows are in the batch cache
     fitted = self._fitted(prompt_cache)
     del prompt_cache
+    padding = take[:1] * (padded - len(take))   # the padding rows' draws are dropped
+    first = self._first_tokens(logits, take + padding)[:len(take)]
+    # Last: inserting donates the batch cache, so whatever can fail comes before it.
     cache = _inserted(cache, fitted, jnp.asarray(targets + [self.rows] * (padded - len(take)),
                                                  jnp.int32))
-    padding = take[:1] * (padded - len(take))   # the padding rows' draws are dropped
-    return cache, self._first_tokens(logits, take + padding)[:len(take)]
+    return cache, first
 
   def _prefill_chunks(self, cache, request: int, target: int):
     store, ids, question_ids, options = self._chunked.pop(request)
     logits, prompt_cache, stats = chunk_cache.prefill_chunks(self.model, store, ids,
                                                              question_ids, **options)
     self.chunk_stats[request] = stats
-    cache = _inserted(cache, self._fitted(prompt_cache), jnp.asarray([target], jnp.int32))
-    return cache, int(self._first_tokens(logits, [request])[0])
+    fitted, first = self._fitted(prompt_cache), int(self._first_tokens(logits, [request])[0])
+    return _inserted(cache, fitted, jnp.asarray([target], jnp.int32)), first
 
   def _accept(self, row: _Row, token: int) -> None:
     if row.done:
