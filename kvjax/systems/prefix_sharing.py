@@ -203,10 +203,10 @@ def generate_shared(model, prompts, max_new_tokens: int = 64, *, method=None,
   into several slices that share one prefill; a wave pads every slice to its largest
   with repeated rows, whose work is counted in the stats). min_prefix_tokens: the shortest
   prefix that gets a group of its own (1: any; raise it so that a few coincidentally
-  equal first tokens do not cost a group its padding rows). Stop strings and streaming are not offered
-  here; rows end at EOS or max_new_tokens. With temperature > 0 prompt i samples from its
-  own key stream, seed + i: it draws what `kvjax.generate([prompt i], seed=seed + i)` draws,
-  whichever wave and row it lands in.
+  equal first tokens do not cost a group its padding rows). Stop strings and streaming
+  are not offered here; rows end at EOS or max_new_tokens. With temperature > 0 prompt i
+  samples from its own key stream, seed + i: it draws what `kvjax.generate([prompt i],
+  seed=seed + i)` draws, whichever wave and row it lands in.
   stats: prompt tokens, the tokens prefilled (and saved) by sharing, per-wave cache bytes
   (planned and measured), seconds and generated tokens per second.
   """
