@@ -15,6 +15,9 @@ from typing import Sequence
 
 import numpy as np
 
+from kvjax import validation
+from kvjax.errors import GenerationError
+
 
 @dataclasses.dataclass(frozen=True)
 class PrefixGroup:
@@ -85,10 +88,8 @@ def group_by_prefix(token_ids: Sequence[Sequence[int]], min_prefix_tokens: int =
   every joiner below save v's depth). Ties keep the shallower group: fewer, larger groups.
   Requests that share nothing form one group with an empty prefix.
   """
-  if isinstance(min_prefix_tokens, bool) or not isinstance(min_prefix_tokens, int) or \
-      min_prefix_tokens < 1:
-    raise ValueError(f"min_prefix_tokens={min_prefix_tokens!r} must be an integer >= 1 "
-                     f"(the shortest prefix worth a group of its own)")
+  validation.integer("min_prefix_tokens", min_prefix_tokens, 1, error=GenerationError,
+                     what="the shortest prefix worth a group of its own")
   seqs = []
   for i, ids in enumerate(token_ids):
     if len(ids) == 0 or not all(isinstance(t, (int, np.integer)) for t in ids):
