@@ -10,6 +10,7 @@
 from kvjax import xla_cpu
 
 xla_cpu.apply_defaults()
+xla_cpu.tune_malloc()
 
 from kvjax import methods  # noqa: E402
 from kvjax import sharding  # noqa: E402

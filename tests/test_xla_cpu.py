@@ -40,3 +40,39 @@ def test_import_sets_the_flag_and_xla_accepts_it():
   assert out.returncode == 0, out.stderr[-2000:]
   lines = out.stdout.split("\n")
   assert lines[0] == "2" and lines[1] == FLAG
+
+
+class _RecordingLibc:
+
+  def __init__(self, answer=1):
+    self.calls, self.answer = [], answer
+
+  def mallopt(self, option, value):
+    self.calls.append((option, value))
+    return self.answer
+
+
+def test_malloc_keeps_large_buffers_in_the_heap():
+  libc = _RecordingLibc()
+  assert xla_cpu.tune_malloc({}, libc)
+  assert dict(libc.calls) == {-3: 1 << 30, -1: 64 << 20, -2: 64 << 20}
+  refusing = _RecordingLibc(answer=0)
+  assert not xla_cpu.tune_malloc({}, refusing)
+  assert len(refusing.calls) == 3, "every option is tried"
+
+
+def test_malloc_is_left_alone_when_asked_or_set_by_the_user():
+  for environ in ({"KVJAX_MALLOC_DEFAULTS": "0"}, {"MALLOC_TRIM_THRESHOLD_": "0"},
+                  {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=4096"}):
+    libc = _RecordingLibc()
+    assert not xla_cpu.tune_malloc(environ, libc)
+    assert libc.calls == []
+  libc = _RecordingLibc()
+  assert xla_cpu.tune_malloc({"GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX512F"}, libc)
+
+
+def test_glibc_accepts_the_malloc_options():
+  """On Linux with glibc the real mallopt takes every option; elsewhere nothing is set."""
+  import platform
+  glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+  assert xla_cpu.tune_malloc({}) == glibc

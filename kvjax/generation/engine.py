@@ -99,6 +99,46 @@ _decode_loop_jit = jax.jit(_decode_loop, static_argnames=("graphdef", "greedy", 
                            donate_argnames=("cache",))
 
 
+# The uncompressed prefill one layer per call: every layer whose weights and cache have the
+# same shapes runs one executable (a new prompt length compiles one layer, not 30 unrolled).
+def _prefill_embed(params, tokens, token_mask, cache_lengths, *, graphdef):
+  return transformer.embed_chunk(graphdef, params, tokens, token_mask, cache_lengths)
+
+
+def _prefill_layer(params, x, positions, layer_cache, lengths, *, graphdef):
+  return transformer.layer_forward(graphdef, params, x, positions, layer_cache, lengths)
+
+
+def _prefill_logits(params, x, token_mask, *, graphdef, logits):
+  return transformer.chunk_logits(graphdef, params, x, token_mask, logits)
+
+
+_prefill_embed_jit = jax.jit(_prefill_embed, static_argnames=("graphdef",))
+_prefill_layer_jit = jax.jit(_prefill_layer, static_argnames=("graphdef",),
+                             donate_argnames=("layer_cache",))
+_prefill_logits_jit = jax.jit(_prefill_logits, static_argnames=("graphdef", "logits"))
+_LAYER_GRAPHDEFS = {}
+
+
+def _layer_graphdef(model):
+  key = _static(model.graphdef)
+  if key not in _LAYER_GRAPHDEFS:
+    _LAYER_GRAPHDEFS[key] = transformer.layer_graphdef(model.graphdef, model.params)
+  return _LAYER_GRAPHDEFS[key]
+
+
+def _runs_by_layer(model, cache, plan) -> bool:
+  """Whether a prefill runs one layer per call: the uncompressed policy on one device over
+  layers that each hold their own storage with one shape (else one program for all)."""
+  if plan is not None or getattr(model, "placement", None) is not None:
+    return False
+  layers = cache.layers
+  if any(getattr(layer, "borrow", None) is not None for layer in layers):
+    return False
+  first = _signature(layers[0])
+  return all(_signature(layer) == first for layer in layers[1:])
+
+
 def _grow(cache, *, room, placement=None):
   return _constrained(kv_cache.grow(cache, room), placement)
 
@@ -122,8 +162,38 @@ def _placed(model, args, rows=(), cache=None):
   return tuple(placed)
 
 
+class _Static:
+  """A static argument in an executable's key, hashed once: an NNX graph definition hashes
+  its whole graph each time (~5 ms for SmolLM2, a few times per step before this)."""
+  __slots__ = ("value", "hash")
+
+  def __init__(self, value):
+    self.value, self.hash = value, hash(value)
+
+  def __hash__(self):
+    return self.hash
+
+  def __eq__(self, other):
+    return isinstance(other, _Static) and (
+        self.value is other.value or (self.hash == other.hash and self.value == other.value))
+
+
+_STATICS: dict[int, _Static] = {}
+
+
+def _static(value) -> _Static:
+  """`value`'s _Static, made once per object (the table holds the object, so its id is not
+  reused while it is there)."""
+  known = _STATICS.get(id(value))
+  if known is None or known.value is not value:
+    if len(_STATICS) >= 1024:
+      _STATICS.clear()
+    known = _STATICS[id(value)] = _Static(value)
+  return known
+
+
 def _signature(tree):
-  return tuple((x.shape, str(x.dtype)) if hasattr(x, "shape") else x
+  return tuple((x.shape, x.dtype) if hasattr(x, "shape") else x
                for x in jax.tree_util.tree_leaves(tree)), jax.tree_util.tree_structure(tree)
 
 
@@ -194,8 +264,8 @@ class CompiledSteps:
 
   def _get(self, name, jitted, static, args):
     # Whether kernels are used is read while tracing, so it is part of the key.
-    key = (name, tuple(sorted(static.items(), key=lambda kv: kv[0])), _signature(args),
-           use_pallas())
+    key = (name, tuple((k, _static(v)) for k, v in sorted(static.items(), key=lambda kv: kv[0])),
+           _signature(args), use_pallas())
     if key in self._executables:
       self._executables.move_to_end(key)
     else:
@@ -215,12 +285,31 @@ class CompiledSteps:
 
   def prefill(self, model, tokens, token_mask, cache, logits="last", plan=None,
               method_params=None):
+    if _runs_by_layer(model, cache, plan):
+      return self._prefill_by_layer(model, tokens, token_mask, cache, logits)
     args = _placed(model, (model.params, tokens, token_mask, cache, method_params),
                    rows=(1, 2), cache=3)
     jitted = _compress_jit if plan is not None and plan.compress else _prefill_jit
     static = dict(graphdef=model.graphdef, logits=logits, plan=plan,
                   placement=getattr(model, "placement", None))
     return self._get("prefill", jitted, static, args)(*args)
+
+  def _prefill_by_layer(self, model, tokens, token_mask, cache, logits):
+    whole = dict(graphdef=model.graphdef)
+    args = (model.params, tokens, token_mask, cache.lengths)
+    x, positions, lengths = self._get("prefill_embed", _prefill_embed_jit, whole, args)(*args)
+    layer_params = model.params["layers"]
+    args = (layer_params[0], x, positions, cache.layers[0], lengths)
+    # Every layer's weights and cache have layer 0's shapes (_runs_by_layer).
+    run_layer = self._get("prefill_layer", _prefill_layer_jit,
+                          dict(graphdef=_layer_graphdef(model)), args)
+    layers = []
+    for index, layer_cache in enumerate(cache.layers):
+      x, layer_cache = run_layer(layer_params[index], x, positions, layer_cache, lengths)
+      layers.append(layer_cache)
+    args = (model.params, x, token_mask)
+    out = self._get("prefill_logits", _prefill_logits_jit, dict(whole, logits=logits), args)(*args)
+    return out, kv_cache.Cache(layers=tuple(layers), lengths=lengths)
 
   def decode(self, model, tokens, cache, key, temperature, top_p, greedy, plan=None,
              active=None, method_params=None):

@@ -229,13 +229,8 @@ class Transformer(nnx.Module):
     `method_params` is its traced parameter pytree, if it has one.
     """
     policy = APPEND if policy is None else policy
-    token_mask = token_mask.astype(bool)
-    if positions is None:
-      positions = cache.lengths[:, None] + jnp.cumsum(token_mask, axis=1, dtype=jnp.int32) - 1
-    positions = jnp.where(token_mask, positions, EMPTY_POSITION)
+    x, positions, lengths = self.embed_chunk(tokens, token_mask, cache.lengths, positions)
     inv_freq = rope.inverse_frequencies(self.config)
-    lengths = cache.lengths + token_mask.sum(axis=1, dtype=jnp.int32)
-    x = self.embed(tokens)
     new_layers = []
     for index, block in enumerate(self.layers):
       # Layers may share storage across layers (MiniCache): each attends through its view
@@ -243,17 +238,29 @@ class Transformer(nnx.Module):
       x, layer_cache = block(x, positions, view_layer(cache.layers, index), inv_freq, index,
                              policy, lengths, method_params)
       new_layers.append(own_layer(layer_cache))
+    return self.chunk_logits(x, token_mask, logits), policy.finish(tuple(new_layers), lengths)
+
+  def embed_chunk(self, tokens, token_mask, cache_lengths, positions=None):
+    """(hidden states [B, T, d], positions [B, T] (EMPTY_POSITION for padding), tokens seen
+    after the chunk [B]) of a chunk continuing rows that have seen `cache_lengths` [B]."""
+    token_mask = token_mask.astype(bool)
+    if positions is None:
+      positions = cache_lengths[:, None] + jnp.cumsum(token_mask, axis=1, dtype=jnp.int32) - 1
+    positions = jnp.where(token_mask, positions, EMPTY_POSITION)
+    lengths = cache_lengths + token_mask.sum(axis=1, dtype=jnp.int32)
+    return self.embed(tokens), positions, lengths
+
+  def chunk_logits(self, x, token_mask, logits: str = "all"):
+    """The last layer's hidden states [B, T, d] -> logits, as `__call__` returns them."""
     if logits == "last":
-      last = x.shape[1] - 1 - jnp.argmax(token_mask[:, ::-1], axis=1)
+      last = x.shape[1] - 1 - jnp.argmax(token_mask.astype(bool)[:, ::-1], axis=1)
       x = jnp.take_along_axis(x, last[:, None, None], axis=1)
     elif logits != "all":
       raise ValueError(f"logits={logits!r}; allowed: 'all', 'last'")
     x = self.final_norm(x)
     out = (self.embed.attend(x) if self.lm_head is None
            else self.lm_head(x).astype(jnp.float32))
-    if logits == "last":
-      out = out[:, 0]
-    return out, policy.finish(tuple(new_layers), lengths)
+    return out[:, 0] if logits == "last" else out
 
 
 def forward(graphdef, params, tokens, token_mask, cache, logits: str = "all", policy=None,
@@ -261,3 +268,31 @@ def forward(graphdef, params, tokens, token_mask, cache, logits: str = "all", po
   """Pure forward pass: (params, tokens, cache) -> (logits, cache)."""
   return nnx.merge(graphdef, params)(tokens, token_mask, cache, logits, policy,
                                      method_params, positions)
+
+
+# The uncompressed forward pass one layer per call (kvjax.generation.engine compiles a
+# layer once and runs it for every layer whose weights and cache have the same shapes, so
+# a new prompt length compiles one layer instead of all of them).
+
+def embed_chunk(graphdef, params, tokens, token_mask, cache_lengths):
+  """`Transformer.embed_chunk` as a pure function of the whole model's params."""
+  return nnx.merge(graphdef, params).embed_chunk(tokens, token_mask, cache_lengths)
+
+
+def layer_forward(graphdef, params, x, positions, layer_cache, lengths):
+  """One decoder layer (graphdef/params: a Block's) over a chunk, storing its tokens
+  uncompressed (the APPEND policy, the same at every layer): (x, layer cache)."""
+  block = nnx.merge(graphdef, params)
+  inv_freq = rope.inverse_frequencies(block.attn.config)
+  return block(x, positions, layer_cache, inv_freq, None, APPEND, lengths)
+
+
+def chunk_logits(graphdef, params, x, token_mask, logits: str):
+  """`Transformer.chunk_logits` as a pure function of the whole model's params."""
+  return nnx.merge(graphdef, params).chunk_logits(x, token_mask, logits)
+
+
+def layer_graphdef(graphdef, params):
+  """The graph definition every decoder layer of the model shares (its params are
+  `params["layers"][i]`)."""
+  return nnx.split(nnx.merge(graphdef, params).layers[0])[0]

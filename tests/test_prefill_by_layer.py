@@ -1,0 +1,108 @@
+"""The uncompressed prefill runs one compiled layer per call (kvjax.generation.engine).
+
+It must give exactly what the whole forward pass compiled as one program gives (logits and
+cache), reuse one executable for every layer, and leave the one-program path to the cases
+it cannot serve (compression plans, shared storage, layers of different shapes).
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kvjax.cache.kv_cache import Cache, init_cache
+from kvjax.config import LatentAttention
+from kvjax.generation import engine, inputs
+from kvjax.methods.plan import CompressionPlan
+import kvjax
+from tests.tiny import random_prompts, tiny_model
+
+MODELS = {
+    "llama": dict(num_layers=3),
+    "qwen2, tied": dict(num_layers=3, qkv_bias=True, tie_embeddings=True),
+    "latent": dict(num_layers=3, latent=LatentAttention(kv_rank=8, rope_dim=4)),
+}
+
+
+def _one_program(model, tokens, mask, cache, logits):
+  return engine._prefill_jit(model.params, tokens, mask, cache, None, graphdef=model.graphdef,
+                             logits=logits, plan=None)
+
+
+def _assert_same(got, want):
+  got_leaves, got_tree = jax.tree_util.tree_flatten(got)
+  want_leaves, want_tree = jax.tree_util.tree_flatten(want)
+  assert got_tree == want_tree
+  for g, w in zip(got_leaves, want_leaves):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("logits", ["last", "all"])
+def test_layer_by_layer_equals_one_program(name, logits):
+  model = tiny_model(seed=2, **MODELS[name])
+  prompts = random_prompts([21, 9, 30], seed=4)
+  tokens, mask = (jnp.asarray(a) for a in inputs.left_pad(prompts, 0, 32))
+  steps = engine.CompiledSteps()
+  # A first chunk, then a second one over the filled cache (a chunked prefill).
+  for piece in (slice(0, 16), slice(16, 32)):
+    if piece.start == 0:
+      cache = init_cache(model.config, 3, 40)
+      reference_cache = init_cache(model.config, 3, 40)
+    assert engine._runs_by_layer(model, cache, None)
+    got = steps.prefill(model, tokens[:, piece], mask[:, piece], cache, logits=logits)
+    want = _one_program(model, tokens[:, piece], mask[:, piece], reference_cache, logits)
+    _assert_same(got, want)
+    cache, reference_cache = got[1], want[1]
+  assert {key[0] for key in steps._executables} == {"prefill_embed", "prefill_layer",
+                                                     "prefill_logits"}
+
+
+def test_one_executable_serves_every_layer():
+  model = tiny_model(num_layers=6)
+  steps = engine.CompiledSteps()
+  tokens = jnp.asarray(random_prompts([24], seed=1))
+  steps.prefill(model, tokens, jnp.ones(tokens.shape, bool), init_cache(model.config, 1, 32))
+  names = sorted(key[0] for key in steps._executables)
+  assert names == ["prefill_embed", "prefill_layer", "prefill_logits"]
+
+
+def test_generate_matches_the_one_program_prefill(monkeypatch):
+  """End to end: greedy tokens with the layer-by-layer prefill are the one program's."""
+  model = tiny_model(seed=5)
+  prompts = random_prompts([40, 17], seed=6)
+  got = kvjax.generate(model, prompts, max_new_tokens=8).token_ids
+  monkeypatch.setattr(engine, "_runs_by_layer", lambda *args: False)
+  want = kvjax.generate(model, prompts, max_new_tokens=8).token_ids
+  assert got == want
+
+
+@dataclasses.dataclass(frozen=True)
+class _Borrowing:
+  """A layer that attends through another layer's storage (as MiniCache's do)."""
+  inner: object
+
+  def borrow(self, layers):
+    return self.inner
+
+
+def test_the_one_program_serves_what_one_layer_cannot():
+  model = tiny_model(num_layers=2)
+  cache = init_cache(model.config, 1, 32)
+  assert engine._runs_by_layer(model, cache, None)
+  plan = CompressionPlan(method=kvjax.methods.get("snapkv"), budgets=(8, 8))
+  assert not engine._runs_by_layer(model, cache, plan)
+  assert not engine._runs_by_layer(dataclasses.replace(model, placement=object()), cache, None)
+  uneven = Cache(layers=(cache.layers[0], cache.layers[1].grow(16)), lengths=cache.lengths)
+  assert not engine._runs_by_layer(model, uneven, None)
+  shared = Cache(layers=(cache.layers[0], _Borrowing(cache.layers[0])), lengths=cache.lengths)
+  assert not engine._runs_by_layer(model, shared, None)
+  # Layers of different shapes still prefill, as one program.
+  steps = engine.CompiledSteps()
+  tokens = jnp.asarray(random_prompts([10], seed=2))
+  logits, out = steps.prefill(model, tokens, jnp.ones(tokens.shape, bool), uneven)
+  assert [key[0] for key in steps._executables] == ["prefill"]
+  assert [layer.capacity for layer in out.layers] == [32, 48]
+  assert np.isfinite(np.asarray(logits)).all()
