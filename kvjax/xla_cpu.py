@@ -10,12 +10,13 @@ GEAR sweep ran without a stall (see the README's evaluation section for the numb
 
 XLA:CPU takes each call's buffers from the C heap. With glibc's defaults, allocations over
 32 MiB are fresh mmaps and freed memory above 128 KiB at the heap's top goes back to the
-system, so every prefill touches new pages again (a 2K-token SmolLM2 prefill spent ~20% of
-its time in page faults). `import kvjax` therefore asks glibc (mallopt) to serve
+system, so every call touches fresh pages again (page faults and zeroing, per layer when
+the prefill runs one layer per call). `import kvjax` therefore asks glibc (mallopt) to serve
 allocations up to 1 GiB from the heap and to keep up to 64 MiB of freed memory there
-(`MALLOC_DEFAULTS`; the process's peak resident memory grows about 10%, see the README's
-speed section). `KVJAX_MALLOC_DEFAULTS=0`, or a user's own MALLOC_* / glibc.malloc
-tunables, leave malloc alone.
+(`MALLOC_DEFAULTS`: a 2K-token SmolLM2 prefill ran 15-25% faster, the process's peak
+resident memory grew about 12%; the README's speed section has the numbers).
+`KVJAX_MALLOC_DEFAULTS=0`, or a user's own MALLOC_* / glibc.malloc tunables, leave malloc
+alone.
 """
 
 from __future__ import annotations
