@@ -12,7 +12,8 @@ XLA:CPU takes each call's buffers from the C heap. With glibc's defaults, alloca
 32 MiB are fresh mmaps and freed memory above 128 KiB at the heap's top goes back to the
 system, so every call touches fresh pages again (page faults and zeroing, per layer when
 the prefill runs one layer per call). `import kvjax` therefore asks glibc (mallopt) to serve
-allocations up to 1 GiB from the heap and to keep up to 64 MiB of freed memory there
+allocations up to 1 GiB from the heap (a worker thread's arena still maps what exceeds its
+64 MiB heaps) and to keep up to 64 MiB of freed memory there
 (`MALLOC_DEFAULTS`: a 2K-token SmolLM2 prefill ran 15-25% faster, the process's peak
 resident memory grew about 12%; the README's speed section has the numbers).
 `KVJAX_MALLOC_DEFAULTS=0`, or a user's own MALLOC_* / glibc.malloc tunables, leave malloc
@@ -56,9 +57,17 @@ def tune_malloc(environ=os.environ, libc=None) -> bool:
     return False
   if "glibc.malloc" in environ.get("GLIBC_TUNABLES", ""):
     return False
-  if libc is None:
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+  try:
+    if libc is None:
+      if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+      libc = ctypes.CDLL("libc.so.6")
+    # mallopt returns 1 on success. glibc before 2.35 refuses mmap thresholds above 32 MiB;
+    # the other options alone would freeze its threshold at 128 KiB (worse than its
+    # default), so nothing more is set then.
+    if libc.mallopt(M_MMAP_THRESHOLD, MALLOC_DEFAULTS[M_MMAP_THRESHOLD]) != 1:
       return False
-    libc = ctypes.CDLL("libc.so.6")
-  # mallopt returns 1 on success; every option is tried even if one is refused.
-  return all([libc.mallopt(option, value) == 1 for option, value in MALLOC_DEFAULTS.items()])
+    return all([libc.mallopt(option, value) == 1 for option, value in MALLOC_DEFAULTS.items()
+                if option != M_MMAP_THRESHOLD])
+  except (OSError, AttributeError):  # no usable C library: malloc keeps its defaults
+    return False

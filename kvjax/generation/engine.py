@@ -3,8 +3,8 @@
 Compiling explicitly (lower().compile()) keeps compile time out of the measured prefill and
 decode times, and the per-shape executables are reused across calls. The uncompressed
 prefill runs one decoder layer per call, all layers through one executable (compiling 30
-unrolled layers took longer than running them for prompts up to ~1K tokens on CPU);
-compressing prefills and decode loops are one program each.
+unrolled layers took longer than running them for prompts up to ~1K tokens on CPU; it
+runs so on every backend); compressing prefills and decode loops are one program each.
 """
 
 from __future__ import annotations
@@ -186,12 +186,14 @@ class _Static:
 _STATICS: dict[int, _Static] = {}
 
 
-def _static(value) -> _Static:
+def _static(value):
   """`value`'s _Static, made once per object (the table holds the object, so its id is not
-  reused while it is there)."""
+  reused while it is there); numbers, strings and None stand for themselves."""
+  if value is None or isinstance(value, (bool, int, float, str)):
+    return value
   known = _STATICS.get(id(value))
   if known is None or known.value is not value:
-    if len(_STATICS) >= 1024:
+    if len(_STATICS) >= 256:
       _STATICS.clear()
     known = _STATICS[id(value)] = _Static(value)
   return known
@@ -290,6 +292,9 @@ class CompiledSteps:
 
   def prefill(self, model, tokens, token_mask, cache, logits="last", plan=None,
               method_params=None):
+    # Checked before anything runs: the layer-by-layer path donates layers as it goes.
+    if logits not in ("all", "last"):
+      raise ValueError(f"logits={logits!r}; allowed: 'all', 'last'")
     if _runs_by_layer(model, cache, plan):
       return self._prefill_by_layer(model, tokens, token_mask, cache, logits)
     args = _placed(model, (model.params, tokens, token_mask, cache, method_params),
