@@ -120,16 +120,15 @@ _prefill_embed_jit = jax.jit(_prefill_embed, static_argnames=("graphdef",))
 _prefill_layer_jit = jax.jit(_prefill_layer, static_argnames=("graphdef",),
                              donate_argnames=("layer_cache",))
 _prefill_logits_jit = jax.jit(_prefill_logits, static_argnames=("graphdef", "logits"))
-_LAYER_GRAPHDEFS = {}
 
 
 def _layer_graphdef(model):
-  key = _static(model.graphdef)
-  if key not in _LAYER_GRAPHDEFS:
-    if len(_LAYER_GRAPHDEFS) >= 64:
-      _LAYER_GRAPHDEFS.clear()
-    _LAYER_GRAPHDEFS[key] = transformer.layer_graphdef(model.graphdef, model.params)
-  return _LAYER_GRAPHDEFS[key]
+  """The graph definition the model's layers share, derived once per graph definition
+  object (kept with its static key)."""
+  derived = _static(model.graphdef).derived
+  if "layer" not in derived:
+    derived["layer"] = transformer.layer_graphdef(model.graphdef, model.params)
+  return derived["layer"]
 
 
 def _runs_by_layer(model, cache, plan) -> bool:
@@ -169,11 +168,12 @@ def _placed(model, args, rows=(), cache=None):
 
 class _Static:
   """A static argument in an executable's key, hashed once: an NNX graph definition hashes
-  its whole graph each time (~1 ms for SmolLM2, three times per step before this)."""
-  __slots__ = ("value", "hash")
+  its whole graph each time (~1 ms for SmolLM2, three times per step before this).
+  `derived` holds what is computed once per value (a model's layer graph definition)."""
+  __slots__ = ("value", "hash", "derived")
 
   def __init__(self, value):
-    self.value, self.hash = value, hash(value)
+    self.value, self.hash, self.derived = value, hash(value), {}
 
   def __hash__(self):
     return self.hash
@@ -293,8 +293,7 @@ class CompiledSteps:
   def prefill(self, model, tokens, token_mask, cache, logits="last", plan=None,
               method_params=None):
     # Checked before anything runs: the layer-by-layer path donates layers as it goes.
-    if logits not in ("all", "last"):
-      raise ValueError(f"logits={logits!r}; allowed: 'all', 'last'")
+    transformer.check_logits(logits)
     if _runs_by_layer(model, cache, plan):
       return self._prefill_by_layer(model, tokens, token_mask, cache, logits)
     args = _placed(model, (model.params, tokens, token_mask, cache, method_params),

@@ -252,15 +252,20 @@ class Transformer(nnx.Module):
 
   def chunk_logits(self, x, token_mask, logits: str = "all"):
     """The last layer's hidden states [B, T, d] -> logits, as `__call__` returns them."""
+    check_logits(logits)
     if logits == "last":
       last = x.shape[1] - 1 - jnp.argmax(token_mask.astype(bool)[:, ::-1], axis=1)
       x = jnp.take_along_axis(x, last[:, None, None], axis=1)
-    elif logits != "all":
-      raise ValueError(f"logits={logits!r}; allowed: 'all', 'last'")
     x = self.final_norm(x)
     out = (self.embed.attend(x) if self.lm_head is None
            else self.lm_head(x).astype(jnp.float32))
     return out[:, 0] if logits == "last" else out
+
+
+def check_logits(logits) -> None:
+  """Refuses a `logits` choice other than "all" (every position) or "last"."""
+  if logits not in ("all", "last"):
+    raise ValueError(f"logits={logits!r}; allowed: 'all', 'last'")
 
 
 def forward(graphdef, params, tokens, token_mask, cache, logits: str = "all", policy=None,
