@@ -6,6 +6,8 @@ One run (scripts/roofline.py, scripts/gpu_check.sh) measures, in order of cost:
           of that bandwidth (goal >= DECODE_FRACTION_GOAL);
   flash:  the prefill flash-attention kernel's TFLOP/s (causal FLOPs 4*B*H*T*T*D/2) for a
           few block sizes, next to XLA running the jnp reference;
+  sparse: the vertical-slash sparse prefill kernel (LoopServe) at the flash shape, with
+          `sparse_lines` vertical and slash lines per head, against the dense flash kernel;
   model:  the decode step (and prefill) of the full cache vs compression methods on random
           weights at the model shape, runs interleaved (`benchmarking.measure_methods`),
           and each method's compression overhead, prefill / full prefill - 1
@@ -30,6 +32,7 @@ from kvjax.benchmarking import BenchmarkError, Goal
 from kvjax.config import ModelConfig
 from kvjax.model import random_params
 from pallas_kernels import flash_attention as flash_kernels
+from pallas_kernels import vertical_slash as sparse_kernels
 from pallas_kernels import reference
 
 DECODE_FRACTION_GOAL = 0.85
@@ -41,7 +44,7 @@ GOALS = (
     Goal("compression_overhead_fraction", "prefill seconds with compression / full-cache "
          "prefill seconds - 1", OVERHEAD_GOAL, "<=", "compression_overhead_fraction"),
 )
-SECTIONS = ("decode", "flash", "model")
+SECTIONS = ("decode", "flash", "sparse", "model")
 NO_ACCELERATOR = ("no GPU present: jax.default_backend() is {backend!r} (devices: {devices}). "
                   "The roofline check measures nothing useful here; run it on a GPU, or pass "
                   "--allow_cpu to exercise it in interpret mode at tiny shapes.")
@@ -59,6 +62,8 @@ class Plan:
     decode_steps, repeats, warmup: as in `benchmarking.measure_methods`.
     flash_length, flash_batch: prefill length (queries = keys) and batch of the flash kernel.
     flash_blocks: (block_q, block_k) pairs to time; (None, None) is the platform default.
+    sparse_lines: vertical and slash lines per head of the sparse prefill kernel (each
+      kind; LoopServe's max_lines).
     iterations: kernel calls per timing round (the best of 3 rounds is kept).
     copy_bandwidth_bytes: array size of the copy-bandwidth measurement.
     sections: which of SECTIONS to run (copy bandwidth always runs).
@@ -75,6 +80,7 @@ class Plan:
   flash_length: int = 8192
   flash_batch: int = 1
   flash_blocks: Sequence[tuple] = ((None, None), (64, 64), (128, 128))
+  sparse_lines: int = 1024
   iterations: int = 10
   copy_bandwidth_bytes: int = 1 << 30
   sections: Sequence[str] = SECTIONS
@@ -95,8 +101,8 @@ def check_plan(config: ModelConfig, plan: Plan) -> None:
     raise BenchmarkError(f"sections={list(plan.sections)}: allowed are {list(SECTIONS)}")
   benchmarking.parse_sizes(plan.kernel_contexts, "kernel_contexts")
   benchmarking.parse_sizes(plan.kernel_batches, "kernel_batches")
-  benchmarking.parse_sizes([plan.flash_length, plan.flash_batch, plan.iterations],
-                           "flash_length/flash_batch/iterations")
+  benchmarking.parse_sizes([plan.flash_length, plan.flash_batch, plan.iterations,
+                            plan.sparse_lines], "flash_length/flash_batch/iterations/sparse_lines")
   for q, k in plan.flash_blocks:
     for name, value in (("block_q", q), ("block_k", k)):
       if value is not None and (not isinstance(value, int) or value <= 0 or value & (value - 1)):
@@ -195,6 +201,27 @@ def measure_flash(config: ModelConfig, plan: Plan, seed: int = 0, log=None) -> d
   return {"rows": rows, "best": best, "xla_reference": baseline,
           "speedup_vs_xla_reference": (baseline["seconds"] / best["seconds"]
                                        if best and "seconds" in baseline else None)}
+
+
+def measure_sparse(config: ModelConfig, plan: Plan, flash: dict | None, seed: int = 0,
+                   interpret=None) -> dict:
+  """Times the vertical-slash kernel on the flash inputs: per head, `sparse_lines` vertical
+  lines spread evenly over the prompt and the `sparse_lines` nearest diagonals (a local
+  window), next to the flash kernel's best time at that shape (when it ran)."""
+  args = _flash_inputs(config, plan.flash_batch, plan.flash_length, seed)
+  b, t, h = plan.flash_batch, plan.flash_length, config.num_heads
+  lines = min(plan.sparse_lines, t)
+  spread = jnp.zeros((t,), bool).at[jnp.linspace(0, t - 1, lines).astype(jnp.int32)].set(True)
+  vertical = jnp.broadcast_to(spread, (b, h, t))
+  slash = jnp.broadcast_to(jnp.arange(t) < lines, (b, h, t))
+  seconds = _timed(lambda: sparse_kernels.vertical_slash_attention(
+      *args, vertical, slash, lines, lines, interpret=interpret), plan.iterations)
+  best = (flash or {}).get("best")
+  return {"batch_size": b, "length": t, "lines": lines, "seconds": seconds,
+          # Keys a query reads at most: its lines (the dense causal prefill: T / 2 on average).
+          "keys_per_query": 2 * lines,
+          "flash_seconds": best["seconds"] if best else None,
+          "speedup_vs_flash": best["seconds"] / seconds if best else None}
 
 
 def measure_model(config: ModelConfig, plan: Plan, copy_gbps: float | None, seed: int = 0,
@@ -304,6 +331,10 @@ def run(config: ModelConfig, plan: Plan = Plan(), seed: int = 0,
     section("decode", decode)
   if "flash" in plan.sections:
     section("flash", lambda: measure_flash(config, plan, seed, log))
+  if "sparse" in plan.sections:
+    if log:
+      log(f"sparse prefill kernel: length {plan.flash_length}, {plan.sparse_lines} lines")
+    section("sparse", lambda: measure_sparse(config, plan, report.get("flash"), seed))
   if "model" in plan.sections:
     section("model", lambda: {"rows": measure_model(config, plan, copy_gbps, seed, log)})
   return report
@@ -336,6 +367,12 @@ def format_report(report: dict) -> str:
   if ref and "tflops" in ref:
     lines.append(f"flash baseline XLA on the jnp reference: {ref['seconds'] * 1e3:.2f} ms = "
                  f"{ref['tflops']:.1f} TFLOP/s")
+  sparse = report.get("sparse", {})
+  if "seconds" in sparse:
+    speedup = sparse["speedup_vs_flash"]
+    lines.append(f"sparse prefill {sparse['lines']} + {sparse['lines']} lines: "
+                 f"{sparse['seconds'] * 1e3:.2f} ms" + (
+                     f" ({speedup:.2f}x the dense flash kernel)" if speedup else ""))
   for r in report.get("model", {}).get("rows", []):
     lines.append(f"model {r['method']:<14} prefill {r['prefill_seconds']:8.3f} s "
                  f"(overhead {r['compression_overhead_fraction']:+.1%}), decode "

@@ -4,6 +4,8 @@ Modules (import them directly; the functions share their modules' names):
   decode_attention: `decode_attention`, `decode_attention_flat`, `merge_partials`.
   flash_attention: `flash_attention` (prefill: T queries over a dense cache, causal by
     positions, key blocks no query of a tile sees are skipped).
+  vertical_slash: `vertical_slash_attention` (LoopServe's sparse prefill: each head's
+    chosen vertical and slash lines only, slash keys read as contiguous runs).
   window_scores: `window_scores` (observation-window attention statistics).
   compaction: `gather_slots`, `gather_slot_values`.
   quantization: `quantize`, `dequantize`, `pack`, `unpack` (the KIVI format, in jnp),

@@ -638,3 +638,60 @@ def merged_decode_attention(q, slots, key_positions, query_positions):
              * jnp.take_along_axis(f32(slots.value_directions), at[..., None], axis=2))
   out = out + _products("bkgr,bkrd->bkgd", p_at, f32(slots.value_vectors) - rebuilt, True)
   return out.astype(q.dtype), lse[..., 0]
+
+
+def vertical_slash_attention(queries, keys, values, query_positions, key_positions,
+                             vertical, slash, max_vertical: int, max_slash: int):
+  """[B, T, H, D] causal attention of every query over its head's chosen lines only: the
+  keys at the chosen positions (vertical [B, H, S] by key position, positions < S: one
+  prompt) and at the chosen offsets from the query (slash [B, H, S] by offset), each key
+  once. Reads T x
+  (max_vertical + max_slash) keys per head (the most lines any head chose), not T x S,
+  through gathers: T x (max_vertical + max_slash) x D floats per head in memory (callers
+  split long chunks). The kernel is `vertical_slash.vertical_slash_attention`."""
+  b, t, h, d = queries.shape
+  k, s = keys.shape[1], keys.shape[2]
+  g = h // k
+  # The slot of every key position (per row and KV head), -1 where none.
+  rows, kvs = jnp.arange(b)[:, None, None], jnp.arange(k)[None, :, None]
+  slot_of = jnp.full((b, k, s + 1), -1, jnp.int32).at[
+      rows, kvs, jnp.where(key_positions >= 0, key_positions, s)].set(
+          jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), key_positions.shape))[..., :s]
+  slot_of = jnp.repeat(slot_of, g, axis=1)                                 # [B, H, S]
+  head_keys = jnp.repeat(keys, g, axis=1).astype(jnp.float32)                      # [B, H, S, D]
+  head_values = jnp.repeat(values, g, axis=1).astype(jnp.float32)
+  q = queries.astype(jnp.float32).transpose(0, 2, 1, 3)                            # [B, H, T, D]
+  qpos = query_positions[:, None, :, None]                                 # [B, 1, T, 1]
+
+  # Vertical lines: the same keys for every query.
+  vchosen, vpos = lax.top_k(vertical.astype(jnp.float32), max_vertical)         # [B, H, nv]
+  vslot = jnp.take_along_axis(slot_of, vpos, -1)
+  vkeys = jnp.take_along_axis(head_keys, jnp.maximum(vslot, 0)[..., None], 2)
+  vvals = jnp.take_along_axis(head_values, jnp.maximum(vslot, 0)[..., None], 2)
+  vlogits = jnp.einsum("bhtd,bhnd->bhtn", q, vkeys, precision=_HI)
+  vseen = ((vchosen > 0) & (vslot >= 0))[:, :, None, :] & (vpos[:, :, None, :] <= qpos)
+
+  # Slash lines: key position = query position - offset, unless a vertical line has it.
+  schosen, offset = lax.top_k(slash.astype(jnp.float32), max_slash)            # [B, H, ns]
+  spos = qpos - offset[:, :, None, :]                                       # [B, H, T, ns]
+  inside = (spos >= 0) & (qpos >= 0)
+  spos = jnp.where(inside, spos, 0)
+  sslot = jnp.take_along_axis(slot_of, spos.reshape(b, h, -1), -1).reshape(spos.shape)
+  on_vertical = jnp.take_along_axis(vertical, spos.reshape(b, h, -1), -1).reshape(spos.shape)
+  sseen = (schosen > 0)[:, :, None, :] & inside & (sslot >= 0) & ~on_vertical
+  gather = lambda a: jnp.take_along_axis(
+      a, jnp.maximum(sslot, 0).reshape(b, h, -1, 1), 2).reshape(b, h, t, -1, d)
+  skeys, svals = gather(head_keys), gather(head_values)
+  slogits = jnp.einsum("bhtd,bhtnd->bhtn", q, skeys, precision=_HI)
+
+  logits = jnp.concatenate([vlogits, slogits], -1) * d ** -0.5
+  seen = jnp.concatenate([jnp.broadcast_to(vseen, vlogits.shape), sseen], -1)
+  logits = jnp.where(seen, logits, -jnp.inf)
+  top = jnp.max(logits, -1, keepdims=True)
+  weights = jnp.where(seen, jnp.exp(logits - jnp.where(jnp.isfinite(top), top, 0.0)), 0.0)
+  weights = weights / jnp.maximum(weights.sum(-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
+  out = (jnp.einsum("bhtn,bhnd->bhtd", weights[..., :max_vertical], vvals,
+                    precision=_HI)
+         + jnp.einsum("bhtn,bhtnd->bhtd", weights[..., max_vertical:], svals,
+                      precision=_HI))
+  return out.transpose(0, 2, 1, 3).astype(queries.dtype)

@@ -5,7 +5,8 @@
 
 Measures the copy bandwidth, the Pallas decode-attention kernel's fraction of it at
 --kernel_contexts x --kernel_batches (goal >= 0.85), the prefill flash kernel's TFLOP/s at
---flash_length, and the decode step and prefill of the full cache vs --methods on random
+--flash_length, the vertical-slash sparse prefill kernel against it (--sparse_lines), and
+the decode step and prefill of the full cache vs --methods on random
 weights at --shape (compression overhead goal <= 0.05). Prints each goal with PASS/FAIL and
 writes the JSON after every section. Without a GPU it says so and exits with status 3,
 unless --allow_cpu (interpret mode; for tests at tiny shapes).
@@ -40,6 +41,8 @@ flags.DEFINE_integer("flash_length", _PLAN.flash_length, "Prefill length of the 
 flags.DEFINE_integer("flash_batch", _PLAN.flash_batch, "Batch of the flash kernel.")
 flags.DEFINE_list("flash_blocks", ["default", "64x64", "128x128"],
                   "Flash block sizes to time, block_q x block_k ('default': the platform's).")
+flags.DEFINE_integer("sparse_lines", _PLAN.sparse_lines, "Vertical and slash lines per head "
+                     "of the sparse prefill kernel (each kind), at --flash_length.")
 flags.DEFINE_integer("iterations", _PLAN.iterations, "Kernel calls per timing round.")
 flags.DEFINE_integer("copy_bandwidth_mib", _PLAN.copy_bandwidth_bytes >> 20,
                      "Array size of the copy-bandwidth measurement.")
@@ -78,7 +81,7 @@ def main(argv):
       methods=tuple(FLAGS.methods), compression_ratio=FLAGS.compression_ratio,
       decode_steps=FLAGS.decode_steps, repeats=FLAGS.repeats, warmup=FLAGS.warmup,
       flash_length=FLAGS.flash_length, flash_batch=FLAGS.flash_batch,
-      flash_blocks=tuple(blocks), iterations=FLAGS.iterations,
+      flash_blocks=tuple(blocks), sparse_lines=FLAGS.sparse_lines, iterations=FLAGS.iterations,
       copy_bandwidth_bytes=FLAGS.copy_bandwidth_mib << 20, sections=tuple(FLAGS.sections))
   config = benchmarking.named_shape(FLAGS.shape, FLAGS.dtype)
   if FLAGS.num_layers is not None:

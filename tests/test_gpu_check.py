@@ -20,7 +20,8 @@ TINY = ModelConfig(architecture="llama", vocab_size=256, hidden_size=64, interme
 # Every section at its smallest; window=4 so SnapKV can keep 10% of 64 tokens.
 TINY_PLAN = roofline.Plan(kernel_contexts=(64,), kernel_batches=(2,), model_context=64,
                           methods=("snapkv:window=4",), decode_steps=2, repeats=1, warmup=0,
-                          flash_length=32, flash_blocks=((16, 16),), iterations=1,
+                          flash_length=32, flash_blocks=((16, 16),), sparse_lines=8,
+                          iterations=1,
                           copy_bandwidth_bytes=1 << 20)
 
 
@@ -33,7 +34,7 @@ def _check_goal(goal, measured):
 def test_report_structure_and_goals_from_measurements():
   saved = []
   report = roofline.run(TINY, TINY_PLAN, save=lambda r: saved.append(json.dumps(r)))
-  assert len(saved) == 4  # written after copy, decode, flash and model
+  assert len(saved) == 5  # written after copy, decode, flash, sparse and model
   assert report["accelerator_missing"] and "no GPU present" in report["accelerator_missing"]
   assert report["copy"]["gbps"] > 0
   for name in roofline.SECTIONS:
@@ -51,6 +52,11 @@ def test_report_structure_and_goals_from_measurements():
     assert r["tflops"] == pytest.approx(r["causal_flops"] / r["seconds"] / 1e12)
   assert flash["best"]["tflops"] == max(r["tflops"] for r in flash["rows"])
   assert flash["xla_reference"]["seconds"] > 0 and flash["speedup_vs_xla_reference"] > 0
+
+  sparse = report["sparse"]
+  assert sparse["lines"] == 8 and sparse["keys_per_query"] == 16 and sparse["seconds"] > 0
+  assert sparse["speedup_vs_flash"] == pytest.approx(flash["best"]["seconds"]
+                                                     / sparse["seconds"])
 
   model = report["model"]["rows"]
   assert [r["method"] for r in model] == ["full", "snapkv"]
@@ -98,6 +104,7 @@ def test_goals_follow_the_numbers_and_failed_sections():
     (dict(sections=("decode", "speed")), "allowed are"),
     (dict(flash_blocks=((24, 16),)), "block_q=24 must be a power of two"),
     (dict(kernel_batches=(0,)), "kernel_batches entry 0"),
+    (dict(sparse_lines=0), "sparse_lines entry 0"),
     (dict(model_context=1000), "exceeds the model's max_position_embeddings"),
 ])
 def test_bad_plans_fail_before_measuring(change, match):

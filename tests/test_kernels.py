@@ -19,6 +19,7 @@ from pallas_kernels import compaction
 from pallas_kernels import decode_attention as da
 from pallas_kernels import flash_attention as fa
 from pallas_kernels import reference
+from pallas_kernels import vertical_slash as vs
 from pallas_kernels import window_scores as ws
 
 def _normal(rng, shape, dtype):
@@ -224,6 +225,8 @@ _FLAT = (_SD((B, K, G, D), _BF), _SD((B, _N, D), _BF), _SD((B, _N, D), _BF),
 # Prefill: a chunk of S/2 queries over a cache of S slots.
 _FLASH = (_SD((B, S // 2, K * G, D), _BF), _SD((B, K, S, D), _BF), _SD((B, K, S, D), _BF),
           _SD((B, S // 2), _I32), _SD((B, K, S), _I32))
+# LoopServe's sparse prefill: the flash shapes plus each head's chosen lines.
+_LINES = _FLASH + (_SD((B, K * G, S), jnp.bool_), _SD((B, K * G, S), jnp.bool_))
 _WINDOW = (_SD((B, K * G, W, D), _BF), _SD((B, K, S, D), _BF), _SD((B, K, S), _I32),
            _SD((B, W), _I32))
 
@@ -233,6 +236,8 @@ EXPORTS = {
     "decode_flat_probs": (functools.partial(da.decode_attention_flat, return_probs=True),
                           _FLAT),
     "flash": (fa.flash_attention, _FLASH),
+    "vertical_slash": (functools.partial(vs.vertical_slash_attention, max_vertical=1000,
+                                         max_slash=200), _LINES),
     "window_max_mean": (ws.window_scores, _WINDOW),
     "window_avg_max": (functools.partial(ws.window_scores, pooling="avg", gqa="max"),
                        _WINDOW),

@@ -19,10 +19,10 @@ from kvjax.generation import context, conversation, inputs
 from kvjax.methods import base
 from kvjax.methods.loopserve import (LoopServe, LoopServeLayerCache, input_scores,
                                      line_masses, loopserve_layer, sample_rows,
-                                     select_lines, sparse_prefill, top_slots,
-                                     vertical_slash_attention)
+                                     select_lines, sparse_prefill, top_slots)
 from kvjax.ops import attention as attention_ops
 from kvjax.methods.plan import CompressionPlan
+from pallas_kernels.reference import vertical_slash_attention
 from tiny import random_prompts, tiny_config, tiny_model
 
 # The module (kvjax.generation.generate is also the name of its function).
@@ -470,7 +470,8 @@ def np_most_massive(mask, mass, n):
 @pytest.mark.parametrize("max_lines,chunk", [(48, 48), (3, 48), (48, 20)])
 def test_sparse_prefill_matches_numpy(max_lines, chunk, monkeypatch):
   """The chunk's sampled rows choose the lines (capped at the most massive), and every
-  query, gathered in blocks of SPARSE_QUERY_BLOCK, attends over them; a chunk of the last
+  query attends over them, through the jnp gathers (in blocks of SPARSE_QUERY_BLOCK) and
+  through the vertical-slash kernel (KVJAX_PALLAS=1, interpret mode); a chunk of the last
   20 tokens attends over the earlier chunks' keys too."""
   import kvjax.methods.loopserve as loopserve_lib
   data = mi.random_prefill(9, lengths=(48, 33), s=48, q_scale=2.5)
@@ -484,8 +485,10 @@ def test_sparse_prefill_matches_numpy(max_lines, chunk, monkeypatch):
                   np_most_massive(chosen[1], smass, max_lines))
   want = np_line_attention(queries, data.k, data.v, query_positions, data.kpos, vmask,
                            smask)
-  for block in (7, 128):   # several gather passes (the last one padded), and one
+  # Several gather passes (the last one padded), one, and the kernel.
+  for block, pallas in ((7, "0"), (128, "0"), (128, "1")):
     monkeypatch.setattr(loopserve_lib, "SPARSE_QUERY_BLOCK", block)
+    monkeypatch.setenv("KVJAX_PALLAS", pallas)
     got = sparse_prefill(f(queries), jnp.asarray(query_positions), f(data.k), f(data.v),
                          jnp.asarray(data.kpos), alpha, 9, max_lines)
     real = query_positions >= 0
@@ -527,6 +530,24 @@ def test_sparse_prefill_runs_in_the_models_prefill(model, monkeypatch):
   chunked = kvjax.generate(model, PROMPTS, method=sparse_method, compression_ratio=0.5,
                            max_new_tokens=4, prefill_chunk_size=64)
   assert [len(t) for t in chunked.token_ids] == [4, 4]
+
+
+def test_sparse_prefill_with_the_kernel_equals_jnp(model, monkeypatch):
+  """The model's sparse prefill (one chunk, and chunks of 64 over the kept keys) through
+  the vertical-slash kernel (KVJAX_PALLAS=1, interpreted) gives the jnp path's logits: a
+  prefill chunk's queries are in line, as the kernel requires."""
+  tokens, mask = inputs.left_pad(PROMPTS, 0, 256)
+  method = kvjax.methods.get("loopserve:alpha=0.5:max_lines=8")
+  results = {}
+  for pallas in ("0", "1"):
+    monkeypatch.setenv("KVJAX_PALLAS", pallas)
+    jax.clear_caches()   # nested jitted references must be traced again
+    results[pallas] = [context.prefill(model, tokens, mask, method, 40, 0, chunk).logits
+                       for chunk in (None, 64)]
+  jax.clear_caches()
+  for kernel, jnp_logits in zip(results["1"], results["0"]):
+    np.testing.assert_allclose(np.asarray(kernel), np.asarray(jnp_logits), rtol=1e-4,
+                               atol=1e-4)
 
 
 def test_every_line_is_dense_attention():

@@ -96,6 +96,24 @@ def test_flash_kernel_per_shard_equals_unsharded(spec, monkeypatch):
   close(got, ops.reference.attention(q, keys, values, qpos, kpos), jnp.float32)
 
 
+@pytest.mark.parametrize("spec", ["data:2,model:4", "model:2"])
+def test_vertical_slash_kernel_per_shard_equals_unsharded(spec, monkeypatch):
+  """LoopServe's sparse prefill kernel: each head's lines travel with its KV head."""
+  q, keys, values, qpos, kpos = _dense_inputs(4, b=2, t=24, k=4, g=2, s=40)
+  r = rng(5)
+  vertical, slash = (jnp.asarray(r.random((2, 8, 40)) < 0.2) for _ in range(2))
+  sparse = lambda *a: ops.vertical_slash(*a, vertical, slash, 16, 16, 128)
+  want, _ = _run(sparse, None, q, keys, values, qpos, kpos)
+  seen = _record_shapes(monkeypatch, ops.vs_kernels, "vertical_slash_attention", axes=(0, 2))
+  got, jaxpr = _run(sparse, _placement(spec), q, keys, values, qpos, kpos)
+  assert "shard_map" in jaxpr
+  sizes = sharding.parse_mesh_spec(spec, 8)
+  assert set(seen) == {(2 // sizes["data"], 8 // sizes["model"])}
+  close(got, want, jnp.float32)
+  close(got, ops.reference.vertical_slash_attention(q, keys, values, qpos, kpos, vertical,
+                                                    slash, 16, 16), jnp.float32)
+
+
 def test_flat_and_shared_decode_kernels_per_shard_equal_unsharded():
   r = rng(2)
   b, k, g, n, d = 4, 2, 2, 48, 16

@@ -34,8 +34,8 @@ Readings and assumptions (no official code exists):
   choose each head's vertical and slash lines (column 0 and diagonal 0 always, then greedy
   by mass to a share `alpha` of a row sample, `sample_rows`: the last rows plus evenly
   spaced earlier ones, where the paper samples at random), at most `max_lines` of each kind
-  (static shapes; the most massive stay), and `vertical_slash_attention` attends over their
-  union, gathered per query block (jnp, not a kernel). `alpha` = 0 (the default until a sweep
+  (static shapes; the most massive stay), and `attention_ops.vertical_slash` attends over
+  their union (a Pallas kernel on GPU/TPU, jnp gathers per query block on CPU). `alpha` = 0 (the default until a sweep
   has measured the sparse prefill) attends densely. The seed's scores (`score`) come from
   the chunk's own queries either way.
 
@@ -374,7 +374,7 @@ class LoopServe(base.Method):
 # and attention over their union (`sparse_prefill`, run by the model's prefill through
 # `LoopServe.prefill_attention` when alpha > 0).
 
-SPARSE_QUERY_BLOCK = 128   # queries per gather pass: bounds the gathered slash keys' memory
+SPARSE_QUERY_BLOCK = 128   # queries per jnp gather pass: bounds the gathered keys' memory
 
 
 def _most_massive(chosen: jax.Array, mass: jax.Array, n: int) -> jax.Array:
@@ -395,8 +395,9 @@ def sparse_prefill(queries, query_positions, keys, values, key_positions, alpha:
   """[B, T, H, D]: each query attends over its head's chosen lines only. The lines carry
   `alpha` of the attention of `rows` sampled rows of the chunk (half its last rows, half
   spread evenly before them: `sample_rows`), at most `max_lines` vertical and `max_lines`
-  slash lines per head (when more are chosen, the least massive go). Queries are gathered
-  SPARSE_QUERY_BLOCK at a time."""
+  slash lines per head (when more are chosen, the least massive go). The attention is the
+  vertical-slash kernel where kernels run; the jnp one gathers SPARSE_QUERY_BLOCK queries'
+  keys at a time."""
   t, s = queries.shape[1], keys.shape[2]
   picked = sample_rows(t, rows - rows // 2, rows // 2)
   sampled_positions = query_positions[:, picked]
@@ -404,15 +405,8 @@ def sparse_prefill(queries, query_positions, keys, values, key_positions, alpha:
   vertical, slash = select_lines(vmass, smass, (sampled_positions >= 0).sum(1), alpha)
   lines = min(max_lines, s)
   vertical, slash = _most_massive(vertical, vmass, lines), _most_massive(slash, smass, lines)
-  block = min(SPARSE_QUERY_BLOCK, t)
-  padded = -(-t // block) * block
-  q = jnp.pad(queries, ((0, 0), (0, padded - t), (0, 0), (0, 0)))
-  qpos = jnp.pad(query_positions, ((0, 0), (0, padded - t)), constant_values=EMPTY_POSITION)
-  split = lambda a: jnp.moveaxis(a.reshape((a.shape[0], -1, block) + a.shape[2:]), 1, 0)
-  out = jax.lax.map(lambda qp: vertical_slash_attention(
-      qp[0], keys, values, qp[1], key_positions, vertical, slash, lines, lines),
-      (split(q), split(qpos)))                                  # [n, B, block, H, D]
-  return jnp.moveaxis(out, 0, 1).reshape(queries.shape[0], padded, *queries.shape[2:])[:, :t]
+  return attention_ops.vertical_slash(queries, keys, values, query_positions, key_positions,
+                                      vertical, slash, lines, lines, SPARSE_QUERY_BLOCK)
 
 
 def sample_rows(length: int, last: int, spread: int) -> np.ndarray:
@@ -460,59 +454,3 @@ def select_lines(vertical: jax.Array, slash: jax.Array, sampled: jax.Array, alph
       jnp.arange(mass.shape[0])[:, None, None], jnp.arange(mass.shape[1])[None, :, None],
       order].set(take)
   return chosen[..., :s], chosen[..., s:]
-
-
-def vertical_slash_attention(queries, keys, values, query_positions, key_positions,
-                             vertical, slash, max_vertical: int, max_slash: int):
-  """[B, T, H, D] causal attention of every query over its head's chosen lines only: the
-  keys at the chosen positions (vertical [B, H, S] by key position, positions < S: one
-  prompt) and at the chosen offsets from the query (slash [B, H, S] by offset), each key
-  once. Reads T x
-  (max_vertical + max_slash) keys per head (the most lines any head chose), not T x S.
-  A jnp formulation (gathers), not a kernel."""
-  b, t, h, d = queries.shape
-  k, s = keys.shape[1], keys.shape[2]
-  g = h // k
-  # The slot of every key position (per row and KV head), -1 where none.
-  rows, kvs = jnp.arange(b)[:, None, None], jnp.arange(k)[None, :, None]
-  slot_of = jnp.full((b, k, s + 1), -1, jnp.int32).at[
-      rows, kvs, jnp.where(key_positions >= 0, key_positions, s)].set(
-          jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), key_positions.shape))[..., :s]
-  slot_of = jnp.repeat(slot_of, g, axis=1)                                 # [B, H, S]
-  head_keys = jnp.repeat(keys, g, axis=1).astype(F32)                      # [B, H, S, D]
-  head_values = jnp.repeat(values, g, axis=1).astype(F32)
-  q = queries.astype(F32).transpose(0, 2, 1, 3)                            # [B, H, T, D]
-  qpos = query_positions[:, None, :, None]                                 # [B, 1, T, 1]
-
-  # Vertical lines: the same keys for every query.
-  vchosen, vpos = jax.lax.top_k(vertical.astype(F32), max_vertical)         # [B, H, nv]
-  vslot = jnp.take_along_axis(slot_of, vpos, -1)
-  vkeys = jnp.take_along_axis(head_keys, jnp.maximum(vslot, 0)[..., None], 2)
-  vvals = jnp.take_along_axis(head_values, jnp.maximum(vslot, 0)[..., None], 2)
-  vlogits = jnp.einsum("bhtd,bhnd->bhtn", q, vkeys, precision=jax.lax.Precision.HIGHEST)
-  vseen = ((vchosen > 0) & (vslot >= 0))[:, :, None, :] & (vpos[:, :, None, :] <= qpos)
-
-  # Slash lines: key position = query position - offset, unless a vertical line has it.
-  schosen, offset = jax.lax.top_k(slash.astype(F32), max_slash)            # [B, H, ns]
-  spos = qpos - offset[:, :, None, :]                                       # [B, H, T, ns]
-  inside = (spos >= 0) & (qpos >= 0)
-  spos = jnp.where(inside, spos, 0)
-  sslot = jnp.take_along_axis(slot_of, spos.reshape(b, h, -1), -1).reshape(spos.shape)
-  on_vertical = jnp.take_along_axis(vertical, spos.reshape(b, h, -1), -1).reshape(spos.shape)
-  sseen = (schosen > 0)[:, :, None, :] & inside & (sslot >= 0) & ~on_vertical
-  gather = lambda a: jnp.take_along_axis(
-      a, jnp.maximum(sslot, 0).reshape(b, h, -1, 1), 2).reshape(b, h, t, -1, d)
-  skeys, svals = gather(head_keys), gather(head_values)
-  slogits = jnp.einsum("bhtd,bhtnd->bhtn", q, skeys, precision=jax.lax.Precision.HIGHEST)
-
-  logits = jnp.concatenate([vlogits, slogits], -1) * d ** -0.5
-  seen = jnp.concatenate([jnp.broadcast_to(vseen, vlogits.shape), sseen], -1)
-  logits = jnp.where(seen, logits, -jnp.inf)
-  top = jnp.max(logits, -1, keepdims=True)
-  weights = jnp.where(seen, jnp.exp(logits - jnp.where(jnp.isfinite(top), top, 0.0)), 0.0)
-  weights = weights / jnp.maximum(weights.sum(-1, keepdims=True), jnp.finfo(F32).tiny)
-  out = (jnp.einsum("bhtn,bhnd->bhtd", weights[..., :max_vertical], vvals,
-                    precision=jax.lax.Precision.HIGHEST)
-         + jnp.einsum("bhtn,bhtnd->bhtd", weights[..., max_vertical:], svals,
-                      precision=jax.lax.Precision.HIGHEST))
-  return out.transpose(0, 2, 1, 3).astype(queries.dtype)

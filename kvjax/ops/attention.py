@@ -17,13 +17,14 @@ import jax.numpy as jnp
 
 from kvjax.ops.dispatch import use_pallas
 from kvjax.ops.sharded import per_shard
-from pallas_kernels import compaction, flash_attention, reference, window_scores
+from pallas_kernels import compaction, flash_attention, reference, vertical_slash as vs_kernels
+from pallas_kernels import window_scores
 from pallas_kernels import decode_attention as decode_kernels
 from pallas_kernels.decode_attention import EMPTY_LSE, merge_partials
 
 __all__ = ["EMPTY_LSE", "attend", "attend_flat", "decode", "decode_over_prefix", "decode_shared",
            "gather_slots", "group_heads",
-           "merge_partials", "probabilities", "visible", "window_column_sums",
+           "merge_partials", "probabilities", "vertical_slash", "visible", "window_column_sums",
            "with_pending_token"]
 
 visible = reference.visible
@@ -165,6 +166,31 @@ def with_pending_token(query, out, lse, probs, new_key, new_value):
   return (merged.reshape(b, 1, h, d).astype(query.dtype),
           (probs * cache_weight[..., None]).reshape(b, h, -1),
           jnp.exp(own_logit - total).reshape(b, h))
+
+
+def vertical_slash(queries, keys, values, query_positions, key_positions, vertical, slash,
+                   max_vertical: int, max_slash: int, query_block: int):
+  """[B, T, H, D]: causal attention of every query over its head's chosen vertical lines
+  (vertical [B, H, S] by key position) and slash lines (slash [B, H, S] by offset), at
+  most max_vertical / max_slash of each (`reference.vertical_slash_attention`). The
+  kernel where kernels run (a row's real queries at consecutive positions, as a prefill
+  chunk's are); else the jnp gathers, `query_block` queries at a time (their memory is
+  block x lines x D per head)."""
+  if _kernels_for(queries, values):
+    kernel = functools.partial(vs_kernels.vertical_slash_attention, max_vertical=max_vertical,
+                               max_slash=max_slash)
+    return per_shard(kernel, ("b.h", "bk", "bk", "b", "bk", "bh", "bh"), "b.h")(
+        queries, keys, values, query_positions, key_positions, vertical, slash)
+  t = queries.shape[1]
+  block = min(query_block, t)
+  padded = -(-t // block) * block
+  q = jnp.pad(queries, ((0, 0), (0, padded - t), (0, 0), (0, 0)))
+  qpos = jnp.pad(query_positions, ((0, 0), (0, padded - t)), constant_values=-1)
+  split = lambda a: jnp.moveaxis(a.reshape((a.shape[0], -1, block) + a.shape[2:]), 1, 0)
+  out = jax.lax.map(lambda qp: reference.vertical_slash_attention(
+      qp[0], keys, values, qp[1], key_positions, vertical, slash, max_vertical, max_slash),
+      (split(q), split(qpos)))                                  # [n, B, block, H, D]
+  return jnp.moveaxis(out, 0, 1).reshape(queries.shape[0], padded, *queries.shape[2:])[:, :t]
 
 
 def window_column_sums(queries, keys, query_positions, key_positions, window: int):
