@@ -35,8 +35,8 @@ Readings and assumptions (no official code exists):
   by mass to a share `alpha` of a row sample, `sample_rows`: the last rows plus evenly
   spaced earlier ones, where the paper samples at random), at most `max_lines` of each kind
   (static shapes; the most massive stay), and `attention_ops.vertical_slash` attends over
-  their union (a Pallas kernel on GPU/TPU, jnp gathers per query block on CPU). `alpha` = 0 (the default until a sweep
-  has measured the sparse prefill) attends densely. The seed's scores (`score`) come from
+  their union (a Pallas kernel on GPU/TPU, jnp gathers per query block on CPU). `alpha` =
+  0 (the default until a sweep has measured the sparse prefill) attends densely. The seed's scores (`score`) come from
   the chunk's own queries either way.
 
 How the queries reach the layer: the method declares the QUERIES need; a LoopServe layer
