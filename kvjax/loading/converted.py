@@ -145,8 +145,10 @@ def _write_manifest(directory: pathlib.Path, known_sha256: dict[str, str]) -> No
                            indent=1, sort_keys=True)
 
 
-def load(entry, *, dtype: str | None = None):
-  """The Model in a whole entry, read one tensor at a time straight into JAX arrays."""
+def load(entry, *, dtype: str | None = None, put=None):
+  """The Model in a whole entry, read one tensor at a time straight into JAX arrays:
+  `put(name, host array)` (default: onto the default device; a sharded load puts each
+  tensor straight into its shards, `Placement.put_param`)."""
   entry = pathlib.Path(entry)
   why = problem(entry)
   if why is not None:
@@ -157,7 +159,8 @@ def load(entry, *, dtype: str | None = None):
     config = config.replace(dtype=dtype)
   flat = {}
   for tensor_name, array in tensor_file.read(entry / PARAMS_FILE):
-    value = jax.device_put(array)  # On CPU an aligned buffer is adopted, not copied.
+    # On CPU an aligned buffer is adopted, not copied.
+    value = jax.device_put(array) if put is None else put(tensor_name, array)
     del array
     flat[tensor_name] = value if value.dtype == config.dtype else value.astype(config.dtype)
   return from_flat_params(config, flat, tokenizer=Tokenizer.load(entry), source=str(entry))

@@ -47,9 +47,27 @@ def load(source, *, dtype: str | None = None, cache=None, mesh=None, sharding_ru
   from kvjax import sharding
   # A bad mesh spec or rules object fails before anything is read.
   placement = sharding.placement.make_placement(mesh, sharding_rules)
-  # A kvjax checkpoint is restored straight into its shards; other sources load whole.
+  # Every source is read straight into its shards (one tensor at a time): no device ever
+  # holds the whole model, so one larger than a device loads onto a mesh that holds it.
   model = _load(source, dtype=dtype, cache=cache, placement=placement)
   return sharding.shard_model(model, placement.mesh, placement.rules)
+
+
+def _putter(placement):
+  """How a loader sends each tensor it reads to the devices: put(name, host array)."""
+  if placement is None:
+    return lambda name, array: jax.device_put(array)
+  from kvjax.sharding import ShardingError, param_axes
+
+  def put(name, array):
+    try:
+      axes = param_axes(name)
+    except ShardingError:
+      axes = None
+    if axes is None or len(axes) != array.ndim:
+      return array   # not this architecture's tensor: from_flat_params says which and why
+    return placement.put_param(name, array)
+  return put
 
 
 def _load(source, *, dtype: str | None, cache, placement=None):
@@ -60,23 +78,25 @@ def _load(source, *, dtype: str | None, cache, placement=None):
     raise UnknownModelError(f"model source must be a name or a path; got {source!r:.80}")
   text = os.fspath(source)
   if text.lower() in MODELS:
-    return _load_registry(text.lower(), dtype, cache)
+    return _load_registry(text.lower(), dtype, cache, _putter(placement))
   path = pathlib.Path(text).expanduser()
   if path.is_dir():
     if orbax_io.is_checkpoint(path):
       return orbax_io.load(path, dtype=dtype, placement=placement)
     if (path / "config.json").is_file():
-      return load_hf_directory(path, dtype=dtype)
+      return load_hf_directory(path, dtype=dtype, put=_putter(placement))
     raise UnknownModelError(f"{path} is a directory but neither a kvjax checkpoint "
                             f"({orbax_io.CONFIG_FILE} + {orbax_io.PARAMS_DIR}/) nor a Hugging "
                             f"Face model (config.json + *.safetensors)")
   if path.is_file() and path.suffix.lower() == ".gguf":
-    return load_gguf(path, dtype=dtype)
+    return load_gguf(path, dtype=dtype, put=_putter(placement))
   raise UnknownModelError(f"unknown model {text!r}: not a registry name "
                           f"{available_models()}, nor an existing directory or .gguf file")
 
 
-def load_gguf(path, *, dtype: str | None = None, name: str = ""):
+def load_gguf(path, *, dtype: str | None = None, name: str = "", put=None):
+  """A .gguf file's model; `put(name, host array)` sends each tensor to the devices
+  (default: whole, onto the default device)."""
   from checkpoints_conversion.gguf_reader import iter_gguf
   from kvjax.loading.tokenizer import Tokenizer
   from kvjax.model import from_flat_params
@@ -84,22 +104,26 @@ def load_gguf(path, *, dtype: str | None = None, name: str = ""):
   if name:
     config = config.replace(name=name)
   # One dequantized tensor at a time goes to the device: peak is the model plus one tensor.
-  flat = {tensor_name: jax.device_put(array) for tensor_name, array in tensors}
+  put = put or _putter(None)
+  flat = {tensor_name: put(tensor_name, array) for tensor_name, array in tensors}
   return from_flat_params(config, flat, tokenizer=Tokenizer.from_gguf(path), source=str(path))
 
 
-def load_hf_directory(path, *, dtype: str | None = None):
+def load_hf_directory(path, *, dtype: str | None = None, put=None):
+  """A Hugging Face directory's model (config.json + *.safetensors); `put` as load_gguf's."""
   from checkpoints_conversion.hf import params_from_safetensors, read_hf_config
   from kvjax.loading.tokenizer import Tokenizer
   from kvjax.model import from_flat_params
   path = pathlib.Path(path)
   config = read_hf_config(path, dtype=dtype)  # errors name config.json and the field
-  flat = params_from_safetensors(path, config)
+  put = put or _putter(None)
+  host = params_from_safetensors(path, config)
+  flat = {name: put(name, host.pop(name)) for name in list(host)}
   return from_flat_params(config, flat, tokenizer=Tokenizer.from_hf_directory(path),
                           source=str(path))
 
 
-def _load_registry(name: str, dtype, cache):
+def _load_registry(name: str, dtype, cache, put=None):
   from kvjax.loading import converted
   entry = converted_path(name, cache)
 
@@ -109,4 +133,4 @@ def _load_registry(name: str, dtype, cache):
     return path
 
   converted.ensure(entry, gguf_path, name)  # whole, or converted again, under a lock
-  return converted.load(entry, dtype=dtype)
+  return converted.load(entry, dtype=dtype, put=put)

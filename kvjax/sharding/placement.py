@@ -60,6 +60,11 @@ class Placement:
     """Arrays whose first axis is the batch (tokens, masks, active flags)."""
     return self.sharding(("batch",), shape)
 
+  def put_param(self, name: str, array):
+    """The parameter called `name` (e.g. 'layers.0.attn.q.kernel'; a host array as a
+    loader reads it) straight into its shards: no device holds it whole."""
+    return _device_put(array, self.sharding(param_axes(name), array.shape))
+
   def put_rows(self, x):
     return _device_put(x, self.rows_sharding(x.shape))
 
