@@ -149,6 +149,17 @@ def test_question_aware_mode_compresses_the_question_too(model, tmp_path):
   assert 370 <= tokens["question_aware"] <= 384
 
 
+def test_configurations_of_one_method_are_separate_rows():
+  """A method without a label of its own is labelled with its non-default hyperparameters
+  (the sweep's results are keyed by label); default ones and custom labels are unchanged."""
+  config = sweep.SweepConfig(methods=("full", "loopserve", "loopserve:alpha=0.9", "snapkv",
+                                      "snapkv:window=4", "adakv"), ratios=(0.5,),
+                             tasks=("niah_single_2",), lengths=(1024,))
+  labels = [v.label for v in sweep.variants(config)]
+  assert labels == ["full", "loopserve", "loopserve:alpha=0.9", "snapkv", "snapkv:window=4",
+                    "adakv(snapkv)"]
+
+
 def test_sweep_runs_configured_and_quantized_methods(model, tmp_path):
   """Method specs with hyperparameters; a method that keeps every token (KIVI) is one
   ratio-0 column; bytes are reported per cell."""

@@ -27,6 +27,7 @@ from kvjax.evaluation import scoring, tasks as tasks_lib
 from kvjax.fileio import write_json_atomic
 from kvjax.generation import context, conversation, episodes, inputs
 from kvjax.generation.generate import complete
+from kvjax.methods.base import spec_label
 from kvjax.sharding import distributed
 
 MODES = ("query_agnostic", "question_aware")
@@ -105,7 +106,10 @@ class Variant:
 
   @property
   def label(self) -> str:
-    return self.method.label
+    # A method without a label of its own names its non-default hyperparameters, so two
+    # configurations of it (loopserve, loopserve:alpha=0.9) are two rows, not one.
+    label = self.method.label
+    return spec_label(self.method) if label == self.method.name else label
 
 
 def variants(config: SweepConfig) -> list[Variant]:
