@@ -173,6 +173,23 @@ def _check(cond, message):
     raise ValueError(message)
 
 
+def check_prefill_args(queries, keys, values, query_positions, key_positions) -> None:
+  """Refuses prefill attention arguments of mismatched shapes (queries [B, T, H, D],
+  keys/values [B, K, S, D] with K dividing H, positions [B, T] and [B, K, S])."""
+  _check(queries.ndim == 4 and keys.ndim == 4,
+         f"queries must be [B, T, H, D] and keys [B, K, S, D], got {queries.shape} and "
+         f"{keys.shape}")
+  b, t, h, d = queries.shape
+  k, s = keys.shape[1], keys.shape[2]
+  _check(keys.shape == (b, k, s, d) and values.shape == keys.shape and h % k == 0,
+         f"keys/values must be [B, K, S, D] = [{b}, K, S, {d}] with K dividing H={h}, got "
+         f"{keys.shape} and {values.shape}")
+  _check(query_positions.shape == (b, t),
+         f"query_positions must be {(b, t)}, got {query_positions.shape}")
+  _check(key_positions.shape == (b, k, s),
+         f"key_positions must be {(b, k, s)}, got {key_positions.shape}")
+
+
 @functools.partial(jax.jit, static_argnames=("block_q", "block_k", "key_chunk",
                                              "interpret"))
 def flash_attention(queries, keys, values, query_positions, key_positions, *, block_q=None,
@@ -192,18 +209,7 @@ def flash_attention(queries, keys, values, query_positions, key_positions, *, bl
   Returns:
     [B, T, H, D] in the queries' dtype; the same as `reference.attention`.
   """
-  _check(queries.ndim == 4 and keys.ndim == 4,
-         f"queries must be [B, T, H, D] and keys [B, K, S, D], got {queries.shape} and "
-         f"{keys.shape}")
-  b, t, h, d = queries.shape
-  k, s = keys.shape[1], keys.shape[2]
-  _check(keys.shape == (b, k, s, d) and values.shape == keys.shape and h % k == 0,
-         f"keys/values must be [B, K, S, D] = [{b}, K, S, {d}] with K dividing H={h}, got "
-         f"{keys.shape} and {values.shape}")
-  _check(query_positions.shape == (b, t),
-         f"query_positions must be {(b, t)}, got {query_positions.shape}")
-  _check(key_positions.shape == (b, k, s),
-         f"key_positions must be {(b, k, s)}, got {key_positions.shape}")
+  check_prefill_args(queries, keys, values, query_positions, key_positions)
   for name, value in (("block_q", block_q), ("block_k", block_k)):
     if value is not None:
       backend.check_block(name, value)

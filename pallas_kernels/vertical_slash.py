@@ -32,6 +32,7 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels import backend
 from pallas_kernels.decode_attention import (_NEG, online_softmax_result, online_softmax_start,
                                              online_softmax_step)
+from pallas_kernels.flash_attention import check_prefill_args
 
 # Queries per program (rows; one head per program).
 _BLOCK_Q = {"tpu": 128, "gpu": 64, "cpu": 32}
@@ -195,18 +196,8 @@ def vertical_slash_attention(queries, keys, values, query_positions, key_positio
   Returns:
     [B, T, H, D] in the queries' dtype: `reference.vertical_slash_attention`.
   """
-  _check(queries.ndim == 4 and keys.ndim == 4,
-         f"queries must be [B, T, H, D] and keys [B, K, S, D], got {queries.shape} and "
-         f"{keys.shape}")
-  b, t, h, d = queries.shape
-  k, s = keys.shape[1], keys.shape[2]
-  _check(keys.shape == (b, k, s, d) and values.shape == keys.shape and h % k == 0,
-         f"keys/values must be [B, K, S, D] = [{b}, K, S, {d}] with K dividing H={h}, got "
-         f"{keys.shape} and {values.shape}")
-  _check(query_positions.shape == (b, t),
-         f"query_positions must be {(b, t)}, got {query_positions.shape}")
-  _check(key_positions.shape == (b, k, s),
-         f"key_positions must be {(b, k, s)}, got {key_positions.shape}")
+  check_prefill_args(queries, keys, values, query_positions, key_positions)
+  b, h, s = queries.shape[0], queries.shape[2], keys.shape[2]
   _check(vertical.shape == (b, h, s) and slash.shape == (b, h, s),
          f"vertical and slash must be {(b, h, s)}, got {vertical.shape} and {slash.shape}")
   for name, value in (("max_vertical", max_vertical), ("max_slash", max_slash)):
