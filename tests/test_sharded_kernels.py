@@ -11,7 +11,13 @@ import pytest
 import kvjax
 from kernel_inputs import close, rng, shuffled_positions
 from kvjax import sharding
+from kvjax.cache import gear as gear_cache
 from kvjax.ops import attention as ops
+from kvjax.ops import channel_pruned as pruned_ops
+from kvjax.ops import cross_layer as cross_ops
+from kvjax.ops import gear as gear_ops
+from kvjax.ops import merge as merge_ops
+from kvjax.ops import quantization as quant_ops
 from kvjax.ops import sharded as sharded_ops
 from kvjax.ops.sharded import kernels_on
 from tiny import random_prompts, tiny_model
@@ -138,6 +144,181 @@ def test_flat_and_shared_decode_kernels_per_shard_equal_unsharded():
   assert "shard_map" in jaxpr
   for a, c in zip(got, want):
     close(a, c, jnp.float32)
+
+
+# ---------------------------------------------------------------- the other kernels
+# Each case: (fn, its array arguments, [(module, kernel name, recorded axes)], the sizes each
+# shard's kernel sees on those axes). B = 4 rows, K = 4 KV heads of G = 2 query heads, on
+# data:2,model:4: rows split in two, KV heads in four (or whole where the op splits rows
+# only). Unwrapped, a kernel would see all 4 rows and heads.
+B, K, G, D = 4, 4, 2, 16
+
+
+def _normal(r, shape, scale=1.0):
+  return jnp.asarray(scale * r.normal(size=shape), jnp.float32)
+
+
+def _after(r, shape, start):
+  """Shuffled positions from `start` on (some slots empty)."""
+  pos = shuffled_positions(r, shape)
+  return jnp.asarray(np.where(pos >= 0, pos + start, -1))
+
+
+def _window_case(r):
+  q, keys, _, qpos, kpos = _dense_inputs(10, b=B, t=8, k=K, g=G, s=40, d=D)
+  fn = lambda *a: ops.window_column_sums(*a, window=4)
+  return fn, (q, keys, qpos, kpos), [(ops.window_scores, "window_scores")], (2, K * G // 4)
+
+
+def _gather_case(r):
+  # Rows only: [B * K, M, D] rows, split like the batch.
+  src = _normal(r, (B * K, 24, D))
+  index = jnp.asarray(r.integers(-1, 24, size=(B * K, 12)), jnp.int32)
+  return ops.gather_slots, (src, index), [(ops.compaction, "gather_slots")], (B * K // 2,)
+
+
+def _pruned_case(r):
+  s, dk, n = 24, 8, 16
+  channels = np.stack([np.sort(r.permutation(D)[:dk]) for _ in range(B * K)])
+  args = (_normal(r, (B, 1, K * G, D)), jnp.full((B, 1), s + n, jnp.int32),
+          jnp.asarray(channels.reshape(B, K, dk), jnp.int32), _normal(r, (B, K, s, dk)),
+          _normal(r, (B, K, s, D)), jnp.asarray(shuffled_positions(r, (B, K, s))),
+          _normal(r, (B, K, n, D)), _normal(r, (B, K, n, D)),
+          _after(r, (B, K, n), s))
+  return (pruned_ops.decode, args, [(pruned_ops.kernels, "channel_pruned_decode_attention")],
+          (2, 1))
+
+
+def _lowrank_case(r):
+  # Rows only: the coefficients hold every head on their last axis.
+  s, rank = 24, 4
+  inv_freq = jnp.asarray(1.0 / 10000.0 ** (np.arange(0, D, 2) / D), jnp.float32)
+  leaves = (_normal(r, (B, s, rank)), _normal(r, (B, s, rank)),
+            _normal(r, (B, rank, K * D), 0.5), _normal(r, (B, rank, K * D), 0.5))
+  fn = lambda q, pos, qpos, *slots: cross_ops.lowrank_decode(
+      q, cross_ops.LowRankSlots(*slots), pos, inv_freq, qpos)
+  args = (_normal(r, (B, 1, K * G, D)), jnp.asarray(shuffled_positions(r, (B, s))),
+          jnp.full((B, 1), s, jnp.int32)) + leaves
+  return fn, args, [(cross_ops.kernels, "lowrank_decode_attention")], (2, K)
+
+
+def _merged_case(r):
+  s, kept = 24, 3
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  index = lambda: jnp.asarray(np.stack([np.sort(r.permutation(s)[:kept]) for _ in range(
+      B * K)]).reshape(B, K, kept), jnp.int32).at[..., 1].set(-1)
+  slots = cross_ops.MergedSlots(
+      key_norms=jnp.asarray(r.uniform(0.5, 3.0, (B, K, s)), jnp.float32),
+      value_norms=jnp.asarray(r.uniform(0.5, 3.0, (B, K, s)), jnp.float32),
+      key_directions=jnp.asarray(unit(r.normal(size=(B, K, s, D))), jnp.float32),
+      value_directions=jnp.asarray(unit(r.normal(size=(B, K, s, D))), jnp.float32),
+      key_index=index(), key_vectors=_normal(r, (B, K, kept, D)),
+      value_index=index(), value_vectors=_normal(r, (B, K, kept, D)))
+  fn = lambda q, pos, qpos, *leaves: cross_ops.merged_decode(
+      q, cross_ops.MergedSlots(*leaves), pos, qpos)
+  args = (_normal(r, (B, 1, K * G, D)), jnp.asarray(shuffled_positions(r, (B, K, s))),
+          jnp.full((B, 1), s, jnp.int32)) + tuple(slots)
+  return fn, args, [(cross_ops.kernels, "merged_decode_attention")], (2, 1)
+
+
+def _gear_case(r):
+  n, bits, group = 16, 4, 8
+  pos = jnp.asarray(shuffled_positions(r, (B, K, n)))
+  part = gear_cache.kernel_part(gear_cache.compress_block(
+      _normal(r, (B, K, n, D)), _normal(r, (B, K, n, D)), pos, bits=bits, group=group,
+      rank=2, loops=2, outlier_ratio=0.1, dtype=jnp.float32))
+  fn = lambda q, kpos, qpos, *leaves: gear_ops.decode_attention(
+      q, gear_ops.GearPart(*leaves), kpos, qpos, bits=bits, group=group)
+  args = (_normal(r, (B, 1, K * G, D)), pos, jnp.full((B, 1), n, jnp.int32)) + tuple(part)
+  return fn, args, [(gear_ops.kernels, "gear_decode_attention")], (2, 1)
+
+
+def _assign_case(r):
+  # The kernels see rows R = B * K: each shard's 2 rows x 1 KV head.
+  args = (_normal(r, (B, K, 6, D)), _normal(r, (B, K, 10, D)),
+          jnp.asarray(r.random((B, K, 10)) < 0.7))
+  return merge_ops.assign_to_centres, args, [(merge_ops.kernels, "assign_to_centres")], (2,)
+
+
+def _scatter_case(r):
+  m, e = 10, 6
+  args = (_normal(r, (B, K, m, D)), _normal(r, (B, K, m, D)),
+          jnp.asarray(r.integers(0, 3, (B, K, m)), jnp.float32), _normal(r, (B, K, e, D)),
+          _normal(r, (B, K, e, D)), jnp.asarray(r.integers(0, 3, (B, K, e)), jnp.float32),
+          jnp.asarray(r.integers(-1, m, (B, K, e)), jnp.int32))
+  return merge_ops.scatter_mean, args, [(merge_ops.kernels, "scatter_mean")], (2,)
+
+
+def _quantize_case(r):
+  x = _normal(r, (B, K, 32, D))
+  valid = jnp.asarray(r.random((B, K, 32)) < 0.8)
+  keys = lambda x, valid: quant_ops.quantize(x, bits=4, group=8, axis="tokens", valid=valid)
+  values = lambda x: quant_ops.quantize(x, bits=2, group=8, axis="channels")
+  fn = lambda x, valid: (keys(x, valid), values(x))
+  return fn, (x, valid), [(quant_ops.kernels, "quantize_pack")], (2, 1)
+
+
+def _quantized(r, s, key_axis):
+  qz = quant_ops.kernels
+  return (qz.quantize(_normal(r, (B, K, s, D)), bits=4, group=8, axis=key_axis)
+          + qz.quantize(_normal(r, (B, K, s, D)), bits=4, group=8, axis="channels"))
+
+
+def _quantized_decode_case(r):
+  s = 32
+  fn = lambda q, pos, qpos, *cache: quant_ops.decode_attention(q, *cache, pos, qpos, bits=4,
+                                                              group=8)
+  args = (_normal(r, (B, 1, K * G, D)), jnp.asarray(shuffled_positions(r, (B, K, s))),
+          jnp.full((B, 1), s, jnp.int32)) + _quantized(r, s, "tokens")
+  return fn, args, [(quant_ops.kernels, "quantized_decode_attention")], (2, 1)
+
+
+def _union_case(r):
+  s, n = 32, 8
+  # One quantized part (the dequantizing kernel) and one dense part (the decode kernel).
+  def fn(q, pos, dense_keys, dense_values, dense_pos, qpos, kc, ks, kz, vc, vs, vz):
+    parts = [quant_ops.DecodePart(q, kc, vc, pos, 4, 8, ks, kz, vs, vz),
+             quant_ops.DecodePart(q, dense_keys, dense_values, dense_pos)]
+    return quant_ops.union_decode_attention(parts, qpos, jnp.float32)
+  args = (_normal(r, (B, K, G, D)), jnp.asarray(shuffled_positions(r, (B, K, s))),
+          _normal(r, (B, K, n, D)), _normal(r, (B, K, n, D)),
+          _after(r, (B, K, n), s), jnp.full((B,), s + n, jnp.int32))
+  args += _quantized(r, s, "channels")
+  return fn, args, [(quant_ops.kernels, "quantized_decode_attention"),
+                    (quant_ops.decode_kernels, "decode_attention")], (2, 1)
+
+
+_OTHER_KERNELS = {"window_column_sums": _window_case, "gather_slots": _gather_case,
+                  "channel_pruned": _pruned_case, "lowrank": _lowrank_case,
+                  "merged": _merged_case, "gear": _gear_case, "assign": _assign_case,
+                  "scatter_mean": _scatter_case, "quantize": _quantize_case,
+                  "quantized_decode": _quantized_decode_case, "union": _union_case}
+
+
+def _equal_trees(got, want):
+  got, want = jax.tree.leaves(got), jax.tree.leaves(want)
+  assert len(got) == len(want)
+  for a, b in zip(got, want):
+    if jnp.issubdtype(a.dtype, jnp.floating):
+      close(a, b, jnp.float32)
+    else:   # codes, slot targets: exactly
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("name", list(_OTHER_KERNELS))
+def test_other_kernels_per_shard_equal_unsharded(name, monkeypatch):
+  fn, args, kernels_at, per_shard_sizes = _OTHER_KERNELS[name](rng(20))
+  want, plain = _run(fn, None, *args)
+  seen = [_record_shapes(monkeypatch, module, kernel, axes=range(len(per_shard_sizes)))
+          for module, kernel in kernels_at]
+  got, jaxpr = _run(fn, _placement("data:2,model:4"), *args)
+  assert "shard_map" in jaxpr and "shard_map" not in plain
+  for sizes in seen:
+    assert set(sizes) == {per_shard_sizes}
+  _equal_trees(got, want)
+  # The jnp reference (the op with the kernels off).
+  monkeypatch.setenv("KVJAX_PALLAS", "0")
+  _equal_trees(got, fn(*args))
 
 
 @pytest.mark.parametrize("method, kwargs", [(None, {}), ("adakv", dict(compression_ratio=0.5))])

@@ -198,8 +198,9 @@ def window_column_sums(queries, keys, query_positions, key_positions, window: in
   window = min(window, queries.shape[1])
   q, qpos = queries[:, -window:], query_positions[:, -window:]
   if use_pallas():
-    return window_scores.window_scores(jnp.swapaxes(q, 1, 2), keys, key_positions, qpos,
-                                       pooling="none").sums
+    sums = lambda *a: window_scores.window_scores(*a, pooling="none").sums
+    return per_shard(sums, ("bh", "bk", "bk", "b"), "bh")(jnp.swapaxes(q, 1, 2), keys,
+                                                          key_positions, qpos)
   probs = reference.probabilities(q.astype(jnp.float32), keys.astype(jnp.float32), qpos,
                                   key_positions)                  # [B, K, G, W, S]
   b, k, g, w, s = probs.shape
@@ -209,5 +210,7 @@ def window_column_sums(queries, keys, query_positions, key_positions, window: in
 def gather_slots(src: jax.Array, indices: jax.Array) -> jax.Array:
   """src [R, M, D], indices [R, N] (negative = empty) -> [R, N, D]."""
   if use_pallas():
-    return compaction.gather_slots(src, indices)
+    # Rows only: callers pass [B * K, M, D] or flat [B, K * M, D] (their head axis folded
+    # away); every row gathers on its own.
+    return per_shard(compaction.gather_slots, ("b", "b"), "b")(src, indices)
   return reference.gather_slots(src, indices)

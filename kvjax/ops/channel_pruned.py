@@ -15,6 +15,7 @@ from jax import lax
 
 from kvjax.ops import attention as attention_ops
 from kvjax.ops.dispatch import use_pallas
+from kvjax.ops.sharded import per_shard
 from pallas_kernels import channel_pruned as kernels
 from pallas_kernels import reference
 from pallas_kernels.decode_attention import merge_partials
@@ -35,8 +36,9 @@ def decode(query, query_positions, channels, pruned_keys, pruned_values, pruned_
   if pruned_keys.shape[2] == 0:
     return out_f
   if use_pallas():
-    out_p, lse_p = kernels.channel_pruned_decode_attention(
-        grouped, channels, pruned_keys, pruned_values, pruned_positions, query_positions[:, 0])
+    out_p, lse_p = per_shard(kernels.channel_pruned_decode_attention, ("bk",) * 5 + ("b",),
+                             ("bk", "bk"))(grouped, channels, pruned_keys, pruned_values,
+                                           pruned_positions, query_positions[:, 0])
   else:
     out_p, lse_p, _ = reference.channel_pruned_decode_attention(
         grouped, channels, pruned_keys, pruned_values, pruned_positions,

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.ops.dispatch import use_pallas
+from kvjax.ops.sharded import per_shard
 from pallas_kernels import gear as kernels
 from pallas_kernels import reference
 from pallas_kernels.gear import GearPart
@@ -157,6 +158,15 @@ def decode_attention(query, part: GearPart, key_positions, query_positions, *, b
   b, _, h, d = query.shape
   k = key_positions.shape[1]
   grouped = query.reshape(b, k, h // k, d)
-  fn = kernels.gear_decode_attention if use_pallas() else reference.gear_decode_attention
-  out, lse = fn(grouped, part, key_positions, query_positions[:, 0], bits=bits, group=group)
+  qpos = query_positions[:, 0]
+  if use_pallas():
+    # Every leaf of the part is [B, K, ...] (outlier indices count within their head's
+    # block): passed one by one so that each splits by rows and KV heads.
+    kernel = lambda q, kpos, qp, *leaves: kernels.gear_decode_attention(
+        q, GearPart(*leaves), kpos, qp, bits=bits, group=group)
+    out, lse = per_shard(kernel, ("bk", "bk", "b") + ("bk",) * len(part), ("bk", "bk"))(
+        grouped, key_positions, qpos, *part)
+  else:
+    out, lse = reference.gear_decode_attention(grouped, part, key_positions, qpos, bits=bits,
+                                               group=group)
   return out.reshape(query.shape).astype(query.dtype), lse

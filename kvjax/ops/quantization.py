@@ -6,12 +6,14 @@ The format (min/max codes, bit-packing, scale and zero shapes) is defined in
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from kvjax.ops.dispatch import use_pallas
+from kvjax.ops.sharded import per_shard
 from pallas_kernels import decode_attention as decode_kernels
 from pallas_kernels import quantization as kernels
 from pallas_kernels import reference
@@ -22,8 +24,17 @@ FULL_PRECISION = 16
 def quantize(x, *, bits: int, group: int, axis: str, valid=None, scale_dtype=None):
   """x [..., S, D] -> (codes uint32 [..., S, D * bits // 32], scale, zero)."""
   # An empty part (a prompt shorter than the residual window) has nothing to launch.
-  fn = kernels.quantize_pack if use_pallas() and x.shape[-2] > 0 else kernels.quantize
-  return fn(x, bits=bits, group=group, axis=axis, valid=valid, scale_dtype=scale_dtype)
+  if not (use_pallas() and x.shape[-2] > 0):
+    return kernels.quantize(x, bits=bits, group=group, axis=axis, valid=valid,
+                            scale_dtype=scale_dtype)
+  pack = lambda x, valid=None: kernels.quantize_pack(x, bits=bits, group=group, axis=axis,
+                                                     valid=valid, scale_dtype=scale_dtype)
+  # Every [S, D] slice is quantized on its own: the leading axes (a cache's [B, K]) split.
+  lead = "bk"[:x.ndim - 2]
+  if not lead:
+    return pack(x, valid)
+  args = (x,) if valid is None else (x, valid)
+  return per_shard(pack, (lead,) * len(args), (lead,) * 3)(*args)
 
 
 def dequantize(codes, scale, zero, *, bits: int, group: int, axis: str, dtype):
@@ -38,9 +49,10 @@ def decode_attention(query, key_codes, key_scale, key_zero, value_codes, value_s
   k = key_positions.shape[1]
   grouped = query.reshape(b, k, h // k, d)
   if use_pallas():
-    out, lse = kernels.quantized_decode_attention(
+    kernel = functools.partial(kernels.quantized_decode_attention, bits=bits, group=group)
+    out, lse = per_shard(kernel, ("bk",) * 8 + ("b",), ("bk", "bk"))(
         grouped, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero,
-        key_positions, query_positions[:, 0], bits=bits, group=group)
+        key_positions, query_positions[:, 0])
   else:
     out, lse, _ = reference.quantized_decode_attention(
         grouped, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero,
@@ -82,15 +94,17 @@ def _part_kernel(part: DecodePart, query_positions, dtype):
   """(out [B, K, G, D] float32, lse [B, K, G]) of one part through a decode kernel: the
   dequantizing one where its group is a power of two, else the dense one."""
   q = part.query.astype(dtype)
+  # Every array of a part is [B, K, ...]: each shard reads its rows and KV heads.
   if part.bits != FULL_PRECISION and part.group & (part.group - 1) == 0:
-    out, lse = kernels.quantized_decode_attention(
+    kernel = functools.partial(kernels.quantized_decode_attention, bits=part.bits,
+                               group=part.group, key_axis="channels")
+    out, lse = per_shard(kernel, ("bk",) * 8 + ("b",), ("bk", "bk"))(
         q, part.keys, part.key_scale, part.key_zero, part.values, part.value_scale,
-        part.value_zero, part.positions, query_positions, bits=part.bits, group=part.group,
-        key_axis="channels")
+        part.value_zero, part.positions, query_positions)
   else:
     keys, values = _dense_kv(part)
-    out, lse = decode_kernels.decode_attention(q, keys.astype(dtype), values.astype(dtype),
-                                               part.positions, query_positions)
+    out, lse = per_shard(decode_kernels.decode_attention, ("bk",) * 4 + ("b",), ("bk", "bk"))(
+        q, keys.astype(dtype), values.astype(dtype), part.positions, query_positions)
   return out.astype(jnp.float32), lse
 
 
