@@ -1,5 +1,6 @@
 """The evaluation sweep end to end on a tiny random model: files, resume, interruption."""
 
+import dataclasses
 import json
 import pathlib
 import subprocess
@@ -7,6 +8,8 @@ import sys
 
 import pytest
 
+import kvjax
+from kvjax import calibration
 from kvjax.evaluation import tasks as tasks_lib
 from kvjax.evaluation import sweep
 from kvjax.generation import context
@@ -149,15 +152,22 @@ def test_question_aware_mode_compresses_the_question_too(model, tmp_path):
   assert 370 <= tokens["question_aware"] <= 384
 
 
-def test_configurations_of_one_method_are_separate_rows():
+def test_configurations_of_one_method_are_separate_rows(model):
   """A method without a label of its own is labelled with its non-default hyperparameters
-  (the sweep's results are keyed by label); default ones and custom labels are unchanged."""
-  config = sweep.SweepConfig(methods=("full", "loopserve", "loopserve:alpha=0.9", "snapkv",
-                                      "snapkv:window=4", "adakv"), ratios=(0.5,),
-                             tasks=("niah_single_2",), lengths=(1024,))
-  labels = [v.label for v in sweep.variants(config)]
+  (the sweep's results are keyed by label), a wrapper with its own and its press's;
+  default ones and custom labels are unchanged, and a method calibrated for the model
+  (its per-model fields filled) keeps its configured label."""
+  config = sweep.SweepConfig(
+      methods=("full", "loopserve", "loopserve:alpha=0.9", "snapkv", "snapkv:window=4",
+               "adakv", "sinks_window:sinks=8", "compresskv"),
+      ratios=(0.5,), tasks=("niah_single_2",), lengths=(1024,))
+  found = sweep.variants(config)
+  labels = [v.label for v in found]
   assert labels == ["full", "loopserve", "loopserve:alpha=0.9", "snapkv", "snapkv:window=4",
-                    "adakv(snapkv)"]
+                    "adakv(snapkv)", "sinks_window:sinks=8(snapkv)", "compresskv"]
+  assert kvjax.methods.get("adakv", press="snapkv:window=4").label == "adakv(snapkv:window=4)"
+  bound = dataclasses.replace(found[-1], method=calibration.bind(found[-1].method, model))
+  assert bound.method != found[-1].method and bound.label == "compresskv"
 
 
 def test_sweep_runs_configured_and_quantized_methods(model, tmp_path):

@@ -27,7 +27,7 @@ from kvjax.evaluation import scoring, tasks as tasks_lib
 from kvjax.fileio import write_json_atomic
 from kvjax.generation import context, conversation, episodes, inputs
 from kvjax.generation.generate import complete
-from kvjax.methods.base import spec_label
+from kvjax.methods.base import own_label
 from kvjax.sharding import distributed
 
 MODES = ("query_agnostic", "question_aware")
@@ -99,27 +99,24 @@ class SweepConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-  """One (method, ratio) column of a sweep; ratio 0.0 for the full cache."""
+  """One (method, ratio) column of a sweep; ratio 0.0 for the full cache. `label` names
+  the configured method (set by `variants`, kept when the method is bound to a model)."""
   name: str
   method: methods_lib.Method
   ratio: float
-
-  @property
-  def label(self) -> str:
-    # A method without a label of its own names its non-default hyperparameters, so two
-    # configurations of it (loopserve, loopserve:alpha=0.9) are two rows, not one.
-    label = self.method.label
-    return spec_label(self.method) if label == self.method.name else label
+  label: str
 
 
 def variants(config: SweepConfig) -> list[Variant]:
   out = []
   for name in config.methods:
     method = methods_lib.get(name)
+    # Named before calibration fills a method's per-model fields (bound below, in run).
+    label = own_label(method)
     if not method.needs_budget:  # the full cache, or a method that keeps every token
-      out.append(Variant(name, method, 0.0))
+      out.append(Variant(name, method, 0.0, label))
       continue
-    out.extend(Variant(name, method, float(r)) for r in config.ratios)
+    out.extend(Variant(name, method, float(r), label) for r in config.ratios)
   return out
 
 

@@ -391,19 +391,29 @@ def shrink_protection(keep: int, **counts: tuple[int, int]) -> dict[str, int]:
   return shares
 
 
-def spec_label(method: Method) -> str:
+def spec_label(method: Method, skip: tuple[str, ...] = ()) -> str:
   """'name:key=value:...' with every hyperparameter that differs from its default (the
-  form `methods.get` accepts), so different configurations never share a label."""
+  form `methods.get` accepts; fields in `skip` left out), so different configurations
+  never share a label."""
   parts = [method.name]
   for field in dataclasses.fields(method):
+    if field.name in skip:
+      continue
     value = getattr(method, field.name)
     if field.default is not dataclasses.MISSING and value == field.default:
       continue
-    shown = value.label if isinstance(value, Method) else value
+    shown = own_label(value) if isinstance(value, Method) else value
     if isinstance(field.default, str) and isinstance(value, Method) and shown == field.default:
       continue
     parts.append(f"{field.name}={shown}")
   return ":".join(parts)
+
+
+def own_label(method: Method) -> str:
+  """The method's label; for a method without a label of its own, its spec label (so
+  snapkv:window=4 is not shown as snapkv)."""
+  label = method.label
+  return spec_label(method) if label == method.name else label
 
 
 def priorities(method: Method, x: LayerInputs, keep: int) -> jax.Array:

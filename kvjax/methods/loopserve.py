@@ -36,7 +36,9 @@ Readings and assumptions (no official code exists):
   spaced earlier ones, where the paper samples at random), at most `max_lines` of each kind
   (static shapes; the most massive stay), and `attention_ops.vertical_slash` attends over
   their union (a Pallas kernel on GPU/TPU, jnp gathers per query block on CPU). `alpha` =
-  0 (the default until a sweep has measured the sparse prefill) attends densely. The seed's scores (`score`) come from
+  0 (the default) attends densely: on the multi-turn sweep (SmolLM2, 1K,
+  docs/results/multiturn_loopserve) alpha 0.9 and 0.95 halved LoopServe's score at ratio
+  0.5 (25.0 -> 12.5). The seed's scores (`score`) come from
   the chunk's own queries either way.
 
 How the queries reach the layer: the method declares the QUERIES need; a LoopServe layer
@@ -287,7 +289,7 @@ class LoopServe(base.Method):
   wrappable: ClassVar[bool] = False   # its set is re-chosen at decode, not a prefill score
   interval: int = 16
   offload: bool = True
-  # The sparse prefill (0: dense, kvjax's default until a sweep has measured it): per layer
+  # The sparse prefill (0: dense, the default; see the module docstring): per layer
   # and head the vertical and slash lines carrying `alpha` of the attention of
   # `prefill_rows` sampled query rows, at most `max_lines` of each kind (the most massive).
   alpha: float = 0.0

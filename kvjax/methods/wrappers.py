@@ -38,7 +38,8 @@ class Wrapper(base.Method):
 
   @property
   def label(self) -> str:
-    return f"{self.name}({getattr(self.press, 'label', self.press.name)})"
+    # Its own non-default hyperparameters and its press's: configurations never share one.
+    return f"{base.spec_label(self, skip=('press',))}({base.own_label(self.press)})"
 
 
 
