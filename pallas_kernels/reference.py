@@ -645,10 +645,10 @@ def vertical_slash_attention(queries, keys, values, query_positions, key_positio
   """[B, T, H, D] causal attention of every query over its head's chosen lines only: the
   keys at the chosen positions (vertical [B, H, S] by key position, positions < S: one
   prompt) and at the chosen offsets from the query (slash [B, H, S] by offset), each key
-  once. Reads T x
-  (max_vertical + max_slash) keys per head (the most lines any head chose), not T x S,
-  through gathers: T x (max_vertical + max_slash) x D floats per head in memory (callers
-  split long chunks). The kernel is `vertical_slash.vertical_slash_attention`."""
+  once; at most max_vertical and max_slash lines per head (the first chosen ones by
+  index). Reads T x (max_vertical + max_slash) keys per head, not T x S, through gathers
+  that hold as many x D floats per head (callers split long chunks). The kernel is
+  `vertical_slash.vertical_slash_attention`."""
   b, t, h, d = queries.shape
   k, s = keys.shape[1], keys.shape[2]
   g = h // k
@@ -658,13 +658,13 @@ def vertical_slash_attention(queries, keys, values, query_positions, key_positio
       rows, kvs, jnp.where(key_positions >= 0, key_positions, s)].set(
           jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), key_positions.shape))[..., :s]
   slot_of = jnp.repeat(slot_of, g, axis=1)                                 # [B, H, S]
-  head_keys = jnp.repeat(keys, g, axis=1).astype(jnp.float32)                      # [B, H, S, D]
+  head_keys = jnp.repeat(keys, g, axis=1).astype(jnp.float32)             # [B, H, S, D]
   head_values = jnp.repeat(values, g, axis=1).astype(jnp.float32)
-  q = queries.astype(jnp.float32).transpose(0, 2, 1, 3)                            # [B, H, T, D]
+  q = queries.astype(jnp.float32).transpose(0, 2, 1, 3)                    # [B, H, T, D]
   qpos = query_positions[:, None, :, None]                                 # [B, 1, T, 1]
 
   # Vertical lines: the same keys for every query.
-  vchosen, vpos = lax.top_k(vertical.astype(jnp.float32), max_vertical)         # [B, H, nv]
+  vchosen, vpos = lax.top_k(vertical.astype(jnp.float32), max_vertical)   # [B, H, nv]
   vslot = jnp.take_along_axis(slot_of, vpos, -1)
   vkeys = jnp.take_along_axis(head_keys, jnp.maximum(vslot, 0)[..., None], 2)
   vvals = jnp.take_along_axis(head_values, jnp.maximum(vslot, 0)[..., None], 2)
@@ -672,7 +672,7 @@ def vertical_slash_attention(queries, keys, values, query_positions, key_positio
   vseen = ((vchosen > 0) & (vslot >= 0))[:, :, None, :] & (vpos[:, :, None, :] <= qpos)
 
   # Slash lines: key position = query position - offset, unless a vertical line has it.
-  schosen, offset = lax.top_k(slash.astype(jnp.float32), max_slash)            # [B, H, ns]
+  schosen, offset = lax.top_k(slash.astype(jnp.float32), max_slash)       # [B, H, ns]
   spos = qpos - offset[:, :, None, :]                                       # [B, H, T, ns]
   inside = (spos >= 0) & (qpos >= 0)
   spos = jnp.where(inside, spos, 0)

@@ -17,8 +17,10 @@ What runs where:
   * Contract: a row's real queries hold consecutive positions in row order (a prefill
     chunk continuing a sequence after left padding: kvjax's prefill). A query out of that
     line sees its vertical lines only.
-  * TPU holds a KV head's position-ordered keys and values in VMEM (S up to ~16K at D =
-    128 bfloat16); GPU reads them from global memory.
+  * TPU holds a KV head's position-ordered keys, values and slash mask in VMEM, double-
+    buffered: about 2 KiB per position at D = 128 bfloat16 (the [P, 1] mask is lane-
+    padded), so S up to ~7K in 16 MiB of scoped VMEM (not yet run on a TPU; longer
+    prompts want the keys in HBM with manual copies). GPU reads them from global memory.
 """
 
 import functools
@@ -30,8 +32,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import backend
-from pallas_kernels.decode_attention import (_NEG, online_softmax_result, online_softmax_start,
-                                             online_softmax_step)
+from pallas_kernels.decode_attention import (_NEG, key_block, online_softmax_result,
+                                             online_softmax_start, online_softmax_step)
 from pallas_kernels.flash_attention import check_prefill_args
 
 # Queries per program (rows; one head per program).
@@ -56,22 +58,28 @@ def _slash_step(carry, s, seen, vals):
   return m_new, alpha * l + p, alpha * acc + p * vals.astype(jnp.float32)
 
 
-def _kernel(start_ref, offset_ref, q_ref, qpos_ref, vk_ref, vv_ref, vpos_ref, k_ref, v_ref,
-            ok_ref, o_ref, *, block_q, front, scale):
+def _kernel(start_ref, count_ref, offset_ref, q_ref, qpos_ref, vk_ref, vv_ref, vpos_ref,
+            k_ref, v_ref, ok_ref, o_ref, *, block_q, block_v, front, scale):
   """Refs (squeezed): start [1, tiles] int32 (each tile's first row's index into the
-  position-ordered keys at offset 0), offset [1, ns] int32 (-1: none), q [R, D], qpos
-  [R, 1], vertical keys/values [NV, D] and positions [1, NV] (_NO_LINE: none), position-
-  ordered keys/values [P, D] and ok [P, 1] (1: a key there that no vertical line has)."""
+  position-ordered keys at offset 0), count [1, 1] (the head's slash lines), offset
+  [1, ns] int32 (its chosen offsets first), q [R, D], qpos [R, 1], vertical keys/values
+  [NV, D] and positions [1, NV] (_NO_LINE: none), position-ordered keys/values [P, D] and
+  ok [P, 1] (1: a key there that no vertical line has)."""
   tile = pl.program_id(2)
   q = q_ref[...]
   qpos = qpos_ref[...]
   precision = _precision(q.dtype)
-  s = lax.dot_general(q, vk_ref[...], (((1,), (1,)), ((), ())), precision=precision,
-                      preferred_element_type=jnp.float32) * scale
-  vpos = jnp.broadcast_to(vpos_ref[...], s.shape)
-  seen = (vpos <= jnp.broadcast_to(qpos, s.shape)) & (jnp.broadcast_to(qpos, s.shape) >= 0)
-  carry = online_softmax_step(online_softmax_start(block_q, q.shape[-1]), s, seen,
-                              vv_ref[...], precision)
+
+  def vertical_block(i, carry):
+    # block_v lines at a time: one product per block, not one [R, NV] tile (shared memory).
+    at = pl.multiple_of(i * block_v, block_v)
+    s, vpos, vals = key_block(q, vk_ref, vv_ref, vpos_ref, at, block_v, scale, precision)
+    full_qpos = jnp.broadcast_to(qpos, s.shape)
+    return online_softmax_step(carry, s, (vpos <= full_qpos) & (full_qpos >= 0), vals,
+                               precision)
+
+  carry = lax.fori_loop(0, vk_ref.shape[0] // block_v, vertical_block,
+                        online_softmax_start(block_q, q.shape[-1]))
 
   first = start_ref[0, tile]
   # Position each row holds if it is in line with the tile's first row.
@@ -79,7 +87,7 @@ def _kernel(start_ref, offset_ref, q_ref, qpos_ref, vk_ref, vv_ref, vpos_ref, k_
   qf = q.astype(jnp.float32)
   last = k_ref.shape[0] - block_q
 
-  def body(j, carry):
+  def slash_line(j, carry):
     o = offset_ref[0, j]
     begin = first - o
     at = jnp.minimum(jnp.maximum(begin, 0), last)
@@ -87,10 +95,10 @@ def _kernel(start_ref, offset_ref, q_ref, qpos_ref, vk_ref, vv_ref, vpos_ref, k_
     logits = jnp.sum(qf * keys, axis=1, keepdims=True) * scale
     ok = ok_ref[pl.ds(at, block_q), :]
     seen = ((ok > 0) & (qpos == in_line) & (qpos >= 0) & (in_line - o >= 0)
-            & (o >= 0) & (at == begin))
+            & (at == begin))
     return _slash_step(carry, logits, seen, v_ref[pl.ds(at, block_q), :])
 
-  m, l, acc = lax.fori_loop(0, offset_ref.shape[1], body, carry)
+  m, l, acc = lax.fori_loop(0, count_ref[0, 0], slash_line, carry)
   out, _ = online_softmax_result(m, l, acc)
   o_ref[...] = out.astype(o_ref.dtype)
 
@@ -105,19 +113,26 @@ def _impl(queries, keys, values, query_positions, key_positions, vertical, slash
   nt = backend.cdiv(t, r)
   tp, dp = nt * r, backend.lane_dim(target, d)
   # Position-ordered keys, one tile of padding before and after (slash keys of a tile's
-  # first rows start before position 0; a last tile's padding rows run past S).
+  # first rows start before position 0; a last tile's padding rows run past S): the slot
+  # of each position is scattered once and keys and values gathered by it (a position no
+  # slot holds reads slot 0, masked).
   front, positions = r, s + 2 * r
   rows, kvs = jnp.arange(b)[:, None, None], jnp.arange(k)[None, :, None]
   where = jnp.where((key_positions >= 0) & (key_positions < s), key_positions + front,
                     positions)
-  by_position = lambda a: backend.pad_axis(jnp.zeros((b, k, positions, d), a.dtype).at[
-      rows, kvs, where].set(a, mode="drop"), 3, dp)
+  slot_at = jnp.full((b, k, positions), -1, jnp.int32).at[rows, kvs, where].set(
+      jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), key_positions.shape), mode="drop")
+  held = slot_at >= 0
+  by_position = lambda a: backend.pad_axis(
+      jnp.take_along_axis(a, jnp.maximum(slot_at, 0)[..., None], 2), 3, dp)
   pk, pv = by_position(keys), by_position(values)
-  held = jnp.zeros((b, k, positions), bool).at[rows, kvs, where].set(True, mode="drop")
 
-  # Vertical lines: the chosen key positions (held ones only), a dense block per head.
-  nv = max(16, backend.next_power_of_2(max_vertical)) if target.is_gpu else max_vertical
-  chosen, vpos = lax.top_k(vertical.astype(jnp.float32), max_vertical)        # [B, H, nv]
+  # Vertical lines: the chosen key positions (held ones only), a dense block per head,
+  # attended block_v lines at a time (padded to a multiple of it).
+  block_v = {"tpu": 128, "gpu": min(64, max(16, backend.next_power_of_2(max_vertical))),
+             "cpu": min(32, backend.next_power_of_2(max_vertical))}[kind]
+  nv = backend.cdiv(max_vertical, block_v) * block_v
+  chosen, vpos = lax.top_k(vertical.astype(jnp.float32), max_vertical)  # [B, H, max_vertical]
   per_kv = lambda a: a.reshape(b, k, g * max_vertical)
   take = lambda a: jnp.take_along_axis(a, per_kv(vpos + front)[..., None], 2).reshape(
       b, h, max_vertical, dp)
@@ -127,9 +142,10 @@ def _impl(queries, keys, values, query_positions, key_positions, vertical, slash
   vk, vv = backend.pad_axis(vk, 2, nv), backend.pad_axis(vv, 2, nv)
   vline = backend.pad_axis(vline, 2, nv, _NO_LINE)
 
-  # Slash lines: the chosen offsets (-1: none); their keys must not be on a vertical line.
-  schosen, offsets = lax.top_k(slash.astype(jnp.float32), max_slash)           # [B, H, ns]
-  offsets = jnp.where(schosen > 0, offsets, -1).astype(jnp.int32)
+  # Slash lines: the chosen offsets, first (top_k of a mask keeps them first, in index
+  # order), and how many; their keys must not be on a vertical line.
+  schosen, offsets = lax.top_k(slash.astype(jnp.float32), max_slash)    # [B, H, max_slash]
+  counts = jnp.sum(schosen > 0, axis=-1, dtype=jnp.int32)[:, :, None, None]
   on_vertical = jnp.pad(vertical, ((0, 0), (0, 0), (front, positions - front - s)))
   ok = (jnp.repeat(held, g, axis=1) & ~on_vertical).astype(jnp.int32)[..., None]
 
@@ -145,10 +161,11 @@ def _impl(queries, keys, values, query_positions, key_positions, vertical, slash
   # lax.div: a program id is never negative, and floor division does not lower on TPU.
   kv_of = lambda i, j, u: (i, lax.div(j, g), 0, 0)
   out = pl.pallas_call(
-      functools.partial(_kernel, block_q=r, front=front, scale=d ** -0.5),
+      functools.partial(_kernel, block_q=r, block_v=block_v, front=front, scale=d ** -0.5),
       out_shape=jax.ShapeDtypeStruct((b, h, tp, dp), queries.dtype),
       grid=(b, h, nt),
       in_specs=[pl.BlockSpec((None, 1, nt), lambda i, j, u: (i, 0, 0), **smem),
+                pl.BlockSpec((None, None, 1, 1), lambda i, j, u: (i, j, 0, 0), **smem),
                 pl.BlockSpec((None, None, 1, max_slash), lambda i, j, u: (i, j, 0, 0), **smem),
                 pl.BlockSpec((None, None, r, dp), lambda i, j, u: (i, j, u, 0)),
                 pl.BlockSpec((None, r, 1), lambda i, j, u: (i, u, 0)),
@@ -164,8 +181,8 @@ def _impl(queries, keys, values, query_positions, key_positions, vertical, slash
           target, dimension_semantics=("parallel",) * 3, num_warps=_NUM_WARPS,
           num_stages=_NUM_STAGES),
       name="vertical_slash_attention",
-  )(start, offsets[:, :, None, :], q, qpos[:, :, None], vk, vv, vline[:, :, None, :], pk, pv,
-    ok)
+  )(start, counts, offsets.astype(jnp.int32)[:, :, None, :], q, qpos[:, :, None], vk, vv,
+    vline[:, :, None, :], pk, pv, ok)
   return out[:, :, :t, :d].transpose(0, 2, 1, 3)
 
 

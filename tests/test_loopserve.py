@@ -22,6 +22,7 @@ from kvjax.methods.loopserve import (LoopServe, LoopServeLayerCache, input_score
                                      select_lines, sparse_prefill, top_slots)
 from kvjax.ops import attention as attention_ops
 from kvjax.methods.plan import CompressionPlan
+from pallas_kernels import vertical_slash as vs_kernels
 from pallas_kernels.reference import vertical_slash_attention
 from tiny import random_prompts, tiny_config, tiny_model
 
@@ -467,6 +468,14 @@ def np_most_massive(mask, mass, n):
   return out
 
 
+def _count_kernel_calls(monkeypatch) -> list:
+  """Records each call of the vertical-slash kernel (kvjax.ops dispatches to it)."""
+  calls, real = [], vs_kernels.vertical_slash_attention
+  monkeypatch.setattr(vs_kernels, "vertical_slash_attention",
+                      lambda *a, **kw: calls.append(1) or real(*a, **kw))
+  return calls
+
+
 @pytest.mark.parametrize("max_lines,chunk", [(48, 48), (3, 48), (48, 20)])
 def test_sparse_prefill_matches_numpy(max_lines, chunk, monkeypatch):
   """The chunk's sampled rows choose the lines (capped at the most massive), and every
@@ -486,6 +495,7 @@ def test_sparse_prefill_matches_numpy(max_lines, chunk, monkeypatch):
   want = np_line_attention(queries, data.k, data.v, query_positions, data.kpos, vmask,
                            smask)
   # Several gather passes (the last one padded), one, and the kernel.
+  kernel_calls = _count_kernel_calls(monkeypatch)
   for block, pallas in ((7, "0"), (128, "0"), (128, "1")):
     monkeypatch.setattr(loopserve_lib, "SPARSE_QUERY_BLOCK", block)
     monkeypatch.setenv("KVJAX_PALLAS", pallas)
@@ -493,6 +503,8 @@ def test_sparse_prefill_matches_numpy(max_lines, chunk, monkeypatch):
                          jnp.asarray(data.kpos), alpha, 9, max_lines)
     real = query_positions >= 0
     np.testing.assert_allclose(np.asarray(got)[real], want[real], rtol=1e-4, atol=1e-5)
+    assert len(kernel_calls) == (pallas == "1")   # the kernel ran exactly in its case
+    kernel_calls.clear()
   if max_lines < 48:   # the cap binds on both kinds of line
     assert min(chosen[0].sum(-1).max(), chosen[1].sum(-1).max()) > max_lines
     assert vmask.sum(-1).max() == smask.sum(-1).max() == max_lines
@@ -538,12 +550,14 @@ def test_sparse_prefill_with_the_kernel_equals_jnp(model, monkeypatch):
   prefill chunk's queries are in line, as the kernel requires."""
   tokens, mask = inputs.left_pad(PROMPTS, 0, 256)
   method = kvjax.methods.get("loopserve:alpha=0.5:max_lines=8")
-  results = {}
+  results, kernel_calls = {}, _count_kernel_calls(monkeypatch)
   for pallas in ("0", "1"):
     monkeypatch.setenv("KVJAX_PALLAS", pallas)
     jax.clear_caches()   # nested jitted references must be traced again
     results[pallas] = [context.prefill(model, tokens, mask, method, 40, 0, chunk).logits
                        for chunk in (None, 64)]
+    # Traced once per layer and prefill program with the kernels, never without.
+    assert (len(kernel_calls) > 0) == (pallas == "1")
   jax.clear_caches()
   for kernel, jnp_logits in zip(results["1"], results["0"]):
     np.testing.assert_allclose(np.asarray(kernel), np.asarray(jnp_logits), rtol=1e-4,

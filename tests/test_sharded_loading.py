@@ -35,6 +35,16 @@ def _record_arrivals(monkeypatch):
 
   for module in ("kvjax.model", "kvjax.loading.converted"):
     monkeypatch.setattr(f"{module}.from_flat_params", recording)
+  # A tensor put whole onto one device first (then resharded) would end placed too: no
+  # array may reach a device without a sharding while the sharded load runs.
+  real_put = jax.device_put
+
+  def put(x, *args, **kwargs):
+    if not args and not kwargs and np.ndim(x) > 0:
+      arrivals[f"whole put of a {np.shape(x)} array"] = False
+    return real_put(x, *args, **kwargs)
+
+  monkeypatch.setattr(jax, "device_put", put)
   return arrivals
 
 

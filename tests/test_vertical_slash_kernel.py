@@ -87,9 +87,10 @@ def test_every_line_is_dense_attention():
 
 
 def test_queries_out_of_line_see_their_vertical_lines_only():
-  """The kernel's contract: a row's real queries at consecutive positions. Rows of a row
-  whose positions jump are attended along the line most of them share; the others see
-  their vertical lines only (slash keys are read by the line, not gathered per query)."""
+  """The kernel's contract: a row's real queries at consecutive positions. In a row whose
+  positions jump, the queries on the line of the largest position-minus-index are
+  attended as usual; the others see their vertical lines only (slash keys are read along
+  the line, not gathered per query)."""
   q, keys, values, qpos, kpos, vertical, slash = _inputs(9, 1, 20, 2, 1, 40, 16,
                                                          jnp.float32, (0,))
   qpos = jnp.asarray(np.r_[np.arange(0, 10), np.arange(25, 35)][None].astype(np.int32))

@@ -162,5 +162,7 @@ def load(entry, *, dtype: str | None = None, put=None):
     # On CPU an aligned buffer is adopted, not copied.
     value = jax.device_put(array) if put is None else put(tensor_name, array)
     del array
-    flat[tensor_name] = value if value.dtype == config.dtype else value.astype(config.dtype)
+    # (A host array `put` left, a tensor of another model, is for from_flat_params to name.)
+    cast = isinstance(value, jax.Array) and value.dtype != config.dtype
+    flat[tensor_name] = value.astype(config.dtype) if cast else value
   return from_flat_params(config, flat, tokenizer=Tokenizer.load(entry), source=str(entry))

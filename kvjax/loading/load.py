@@ -47,8 +47,9 @@ def load(source, *, dtype: str | None = None, cache=None, mesh=None, sharding_ru
   from kvjax import sharding
   # A bad mesh spec or rules object fails before anything is read.
   placement = sharding.placement.make_placement(mesh, sharding_rules)
-  # Every source is read straight into its shards (one tensor at a time): no device ever
-  # holds the whole model, so one larger than a device loads onto a mesh that holds it.
+  # Every source goes from host memory straight into its shards, tensor by tensor: no
+  # device ever holds the whole model, so one larger than a device loads onto a mesh that
+  # holds it.
   model = _load(source, dtype=dtype, cache=cache, placement=placement)
   return sharding.shard_model(model, placement.mesh, placement.rules)
 

@@ -172,10 +172,10 @@ def vertical_slash(queries, keys, values, query_positions, key_positions, vertic
                    max_vertical: int, max_slash: int, query_block: int):
   """[B, T, H, D]: causal attention of every query over its head's chosen vertical lines
   (vertical [B, H, S] by key position) and slash lines (slash [B, H, S] by offset), at
-  most max_vertical / max_slash of each (`reference.vertical_slash_attention`). The
-  kernel where kernels run (a row's real queries at consecutive positions, as a prefill
-  chunk's are); else the jnp gathers, `query_block` queries at a time (their memory is
-  block x lines x D per head)."""
+  most max_vertical / max_slash of each (`reference.vertical_slash_attention`); key
+  positions below S (one prompt's cache). The kernel where kernels run (a row's real
+  queries at consecutive positions, as a prefill chunk's are); else the jnp gathers,
+  `query_block` queries at a time (their memory is block x lines x D per head)."""
   if _kernels_for(queries, values):
     kernel = functools.partial(vs_kernels.vertical_slash_attention, max_vertical=max_vertical,
                                max_slash=max_slash)

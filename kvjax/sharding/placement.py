@@ -62,7 +62,8 @@ class Placement:
 
   def put_param(self, name: str, array):
     """The parameter called `name` (e.g. 'layers.0.attn.q.kernel'; a host array as a
-    loader reads it) straight into its shards: no device holds it whole."""
+    loader reads it) straight into its shards: each device receives only its part (all of
+    it where the rules replicate it)."""
     return _device_put(array, self.sharding(param_axes(name), array.shape))
 
   def put_rows(self, x):
