@@ -284,33 +284,42 @@ def _fit(sizer: _Sizer, target: int, render: Callable[[int], _Draft], lo: int, h
 
   With budget=False, size counts pieces and the text grows with it. With budget=True, size is
   a token budget that render fills (never over), starting from the free room.
-  Estimates choose the size; the exact count checks it, and a miss tightens the limit and
-  searches again.
+  Estimates choose the size; the exact count checks it: a text over target tightens the
+  limit and searches again, one under the tolerance loosens it (a tokenizer whose pieces
+  count more alone than together, as Qwen2's on these texts, would stop short otherwise).
   """
   def measure(size):
     return sizer.estimate(sizer.measured_text(render(size)))
 
   search = _largest_budget if budget else _largest
-  limit = target
+  need = math.ceil((1 - TOLERANCE) * target)
+  limit, best, best_n = target, None, 0
   for _ in range(_FIT_ROUNDS):
     size = search(measure, lo, hi, limit)
     if size is None:
+      if best is not None:
+        break
       fixed = sizer.encode_len(sizer.measured_text(render(lo)))
       raise TaskError(f"target_tokens={target} is too small for {task}: its instructions, "
                       f"needles and question alone take {fixed} tokens")
     draft = render(size)
     n = sizer.encode_len(sizer.measured_text(draft))
-    if n <= target:
+    if n > target:
+      limit -= n - target
+      continue
+    if n > best_n or best is None:
+      best, best_n = draft, n
+    if n >= need or size == hi:   # filled, or nothing more to add
       break
-    limit -= n - target
-  else:
+    limit += target - n
+  if best is None:
     raise TaskError(f"could not fit {task} under target_tokens={target} (the tokenizer's "
                     f"counts of pieces do not add up); try another target_tokens")
-  if n < (1 - TOLERANCE) * target:
-    raise TaskError(f"{task} could fill only {n} of target_tokens={target} tokens (it must "
-                    f"reach {math.ceil((1 - TOLERANCE) * target)}): its pieces are too coarse for "
-                    f"so short a target, or its source data runs out at so long a one")
-  return draft
+  if best_n < need:
+    raise TaskError(f"{task} could fill only {best_n} of target_tokens={target} tokens (it must "
+                    f"reach {need}): its pieces are too coarse for so short a target, or its "
+                    f"source data runs out at so long a one")
+  return best
 
 
 def _largest(measure: Callable[[int], int], lo: int, hi: int, limit: int) -> int | None:
