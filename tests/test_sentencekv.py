@@ -123,7 +123,8 @@ def _prefill(seed, gqa="mean", lengths=(48, 33)):
     sentence[row, :n] = np_sentences(tokens[row, s - n:], ENDS)
   method = dataclasses.replace(METHOD, gqa=gqa)
   x = base.LayerInputs(config=mi.config(), layer=0, **mi.layer_arrays(data),
-                       params={"sentence": jnp.asarray(sentence)})
+                       params={"sentence": jnp.asarray(sentence),
+                               "boundaries": jnp.asarray(ENDS, jnp.int32)})
   cand = LayerCache(keys=x.keys, values=x.values, positions=x.key_positions, end=jnp.int32(s))
   return data, tokens, sentence, method, method.compact(cand, x, KEEP)
 
@@ -185,8 +186,9 @@ def test_decode_choice_and_output_match_numpy(gqa, seed, lengths):
   q = mi.f32(rng.normal(size=(2, 1, mi.H, mi.D)) * 2)
   qpos = jnp.asarray(data.lengths[:, None])
   slots, valid = final.selected_slots(jnp.asarray(q, jnp.float32))
-  out, _ = final.replace(run=jnp.int32(2)).attend(jnp.asarray(q, jnp.float32), qpos)
-  dense, _ = final.replace(run=jnp.int32(1)).attend(jnp.asarray(q, jnp.float32), qpos)
+  open_sentence = lambda n: final.replace(open_count=jnp.full((2,), n, jnp.int32))
+  out, _ = open_sentence(2).attend(jnp.asarray(q, jnp.float32), qpos)
+  dense, _ = open_sentence(1).attend(jnp.asarray(q, jnp.float32), qpos)
   for row in range(2):
     for kv in range(mi.K):
       pos = np.asarray(final.context.positions[row, kv])
@@ -212,6 +214,135 @@ def test_decode_choice_and_output_match_numpy(gqa, seed, lengths):
                                    rtol=1e-4, atol=1e-5)
 
 
+class NpSequence:
+  """One row and KV head's decode sequence as the official code keeps it: the stored context
+  with its sentences, then every appended token; a decode token joins the open sentence,
+  which the next token closes once it ended in a full stop; a longer chunk closes the open
+  sentence and each of its own, the last at its end. Closed sentences join the index."""
+
+  def __init__(self, keys, values, positions, sentences):
+    self.keys, self.values = list(keys), list(values)
+    self.positions = list(positions)
+    self.labels = [("context", s) for s in sentences]
+    self.open, self.ended, self.closed = [], False, 0
+
+  def _close(self):
+    if self.open:
+      for i in self.open:
+        self.labels[i] = ("appended", self.closed)
+      self.closed += 1
+    self.open = []
+
+  def append(self, keys, values, positions, tokens, ends):
+    if len(tokens) == 1 and self.ended:
+      self._close()
+    if len(tokens) > 1:
+      self._close()
+    for key, value, position, token in zip(keys, values, positions, tokens):
+      self.keys.append(key)
+      self.values.append(value)
+      self.positions.append(position)
+      self.labels.append(None)
+      if position < 0:
+        continue
+      self.open.append(len(self.labels) - 1)
+      if len(tokens) == 1:
+        self.ended = token in ends
+      elif token in ends:
+        self._close()
+    if len(tokens) > 1:
+      self._close()
+      self.ended = False
+
+  def chosen(self, q, budget, start, recent, threshold, gqa):
+    """Sequence indices one decode query of the KV head's group q [G, D] attends to."""
+    real = [i for i, p in enumerate(self.positions) if p >= 0]
+    if len(self.open) <= threshold:
+      return real
+    n = len(self.positions)
+    low, high = start, n - recent
+    members = {}
+    for i, label in enumerate(self.labels):
+      if label is not None and self.positions[i] >= 0:
+        members.setdefault(label, []).append(i)
+    ranked = []
+    for order, slots in enumerate(members.values()):   # first appearance: table order
+      mean = np.mean([self.keys[i] for i in slots], axis=0)
+      sims = [float(qq @ mean) for qq in q]
+      inside = [i for i in slots if low <= i < high]
+      if inside:
+        ranked.append((-(np.mean(sims) if gqa == "mean" else max(sims)), order, inside))
+    gathered = [i for *_, inside in sorted(ranked) for i in inside][:budget - start - recent]
+    keep = set(range(min(start, n))) | set(range(max(n - recent, start), n)) | set(gathered)
+    return sorted(i for i in keep if self.positions[i] >= 0)
+
+
+@pytest.mark.parametrize("offload", [False, True])
+@pytest.mark.parametrize("gqa", ["mean", "max"])
+def test_generated_sentences_join_the_index(offload, gqa):
+  # A question (row 1 left-padded) then decode steps whose tokens end sentences about one
+  # time in five: each step's reads and output against the official sequence restated.
+  data, _, sentence, method, layer = _prefill(8, gqa)
+  cache = layer.finalized(offload=offload).grow(24)
+  rng = np.random.default_rng(9)
+  seqs = {}
+  for row in range(2):
+    for kv in range(mi.K):
+      pos = np.asarray(cache.context.positions[row, kv])
+      pos = pos[pos >= 0]
+      slot = pos - data.lengths[row] + data.k.shape[2]
+      seqs[row, kv] = NpSequence(data.k[row, kv, slot], data.v[row, kv, slot], pos,
+                                 [int(sentence[row, p]) for p in pos])
+
+  @jax.jit
+  def step(cache, new, q, qpos):
+    cache = cache.append(new)
+    return cache, cache.attend(q, qpos)[0], cache.selected_slots(q)
+
+  question = rng.integers(0, VOCAB, (2, 6))
+  question[:, 2] = ENDS[0]
+  mask = np.ones((2, 6), bool)
+  mask[1, :2] = False
+  chunks = [(question, mask)] + [(rng.integers(0, VOCAB, (2, 1)), np.ones((2, 1), bool))
+                                 for _ in range(16)]
+  seen, sparse_steps = np.asarray(data.lengths), 0
+  for tokens, mask in chunks:
+    t = tokens.shape[1]
+    positions = np.where(mask, seen[:, None] + np.cumsum(mask, 1) - 1, -1).astype(np.int32)
+    keys, values = mi.f32(rng.normal(size=(2, mi.K, t, mi.D))), mi.f32(
+        rng.normal(size=(2, mi.K, t, mi.D)))
+    new = NewTokens(keys=jnp.asarray(keys), values=jnp.asarray(values),
+                    positions=jnp.asarray(positions), tokens=jnp.asarray(tokens, jnp.int32))
+    for (row, kv), seq in seqs.items():
+      seq.append(keys[row, kv], values[row, kv], positions[row], tokens[row].tolist(), ENDS)
+    seen = seen + mask.sum(1)
+    if t > 1:
+      cache = cache.append(new)
+      continue
+    q = mi.f32(rng.normal(size=(2, 1, mi.H, mi.D)) * 2)
+    cache, out, (slots, valid) = step(cache, new, jnp.asarray(q), jnp.asarray(positions))
+    read = np.asarray(cache._read(cache.context.positions, cache.appended.positions, slots))
+    for (row, kv), seq in seqs.items():
+      qg = q[row, 0, kv * mi.G:(kv + 1) * mi.G]
+      chosen = seq.chosen(qg, KEEP, method.start_budget, method.recent_budget,
+                          method.length_threshold, gqa)
+      sparse = len(seq.open) > method.length_threshold
+      sparse_steps += sparse
+      if sparse:
+        got = read[row, kv][np.asarray(valid[row, kv]) & (read[row, kv] >= 0)]
+        assert sorted(got.tolist()) == [seq.positions[i] for i in chosen], (row, kv)
+      for g in range(mi.G):
+        head = kv * mi.G + g
+        np.testing.assert_allclose(
+            np.asarray(out[row, 0, head]),
+            np_attend(q[row, 0, head], np.stack([seq.keys[i] for i in chosen]),
+                      np.stack([seq.values[i] for i in chosen])), rtol=1e-4, atol=1e-5)
+  assert cache.closed.tolist() == [seqs[row, 0].closed for row in range(2)]
+  assert min(cache.closed.tolist()) >= 4 and sparse_steps >= 20   # both paths exercised
+  # The recent window has slid past the question: its tokens are read only when chosen.
+  assert int(cache.appended.end) > method.recent_budget + 6
+
+
 def test_offloaded_reads_equal_the_on_device_selection():
   _, _, _, _, layer = _prefill(6)
   here, moved = layer.finalized(offload=False), layer.finalized(offload=True)
@@ -222,7 +353,8 @@ def test_offloaded_reads_equal_the_on_device_selection():
   rng = np.random.default_rng(7)
   steps = [(NewTokens(keys=jnp.asarray(rng.normal(size=(2, mi.K, 1, mi.D)), jnp.float32),
                       values=jnp.asarray(rng.normal(size=(2, mi.K, 1, mi.D)), jnp.float32),
-                      positions=jnp.full((2, 1), position, jnp.int32)),
+                      positions=jnp.full((2, 1), position, jnp.int32),
+                      tokens=jnp.full((2, 1), 2, jnp.int32)),
             jnp.asarray(rng.normal(size=(2, 1, mi.H, mi.D)), jnp.float32))
            for position in (48, 49, 50)]
 
@@ -236,10 +368,14 @@ def test_offloaded_reads_equal_the_on_device_selection():
     here, want = step(here, new, q)
     moved, got = step(moved, new, q)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-  assert int(moved.run) == 3 and moved.context.keys.sharding.memory_kind == "pinned_host"
+  assert moved.open_count.tolist() == [3, 3]         # no sentence end among the steps
+  assert moved.context.keys.sharding.memory_kind == "pinned_host"
   question = NewTokens(keys=jnp.ones((2, mi.K, 2, mi.D)), values=jnp.ones((2, mi.K, 2, mi.D)),
-                       positions=jnp.full((2, 2), 60, jnp.int32))
-  assert int(moved.grow(2).append(question).run) == 0      # a question starts a sentence
+                       positions=jnp.full((2, 2), 60, jnp.int32),
+                       tokens=jnp.full((2, 2), 2, jnp.int32))
+  # A question closes the open sentence and its own.
+  asked = moved.grow(2).append(question)
+  assert asked.open_count.tolist() == [0, 0] and asked.closed.tolist() == [2, 2]
   # Those steps read fewer tokens than the whole cache holds: the answer differs.
   q, qpos = steps[-1][1], jnp.full((2, 1), 50, jnp.int32)
   full, _ = here.on_device().attend(q, qpos)
@@ -263,10 +399,13 @@ def test_budget_covering_the_stored_tokens_is_the_full_cache(model):
   assert out.stats["method_stats"] == {}            # every layer stayed dense
 
 
-def _layer_bytes(rows, kv, stored, sentences, dim):
-  """Device bytes of an offloaded layer: positions per stored slot, the sentence table
-  (float32 mean key, int32 start and length) and three int32 counters."""
-  return rows * kv * (stored * 4 + sentences * (dim * 4 + 8)) + 3 * 4
+def _layer_bytes(rows, kv, stored, sentences, dim, boundaries=len(TINY.boundary_ids)):
+  """Device bytes of an offloaded layer before decoding: positions per stored slot, the
+  sentence table (float32 mean key, int32 start and length), the open sentence's float32
+  key sum, three int32 counters and a flag per row, the int32 sentence-end ids and the
+  context's and appended tokens' ends."""
+  return (rows * kv * (stored * 4 + sentences * (dim * 4 + 8)) + rows * kv * dim * 4
+          + rows * (3 * 4 + 1) + boundaries * 4 + 2 * 4)
 
 
 def test_device_bytes_follow_the_budget(model):
@@ -288,6 +427,50 @@ def test_device_bytes_follow_the_budget(model):
     assert on_device.token_ids == out.token_ids
     assert on_device.stats["context_cache_bytes"] == device + 2 * 4 + host
     assert on_device.stats["context_cache_host_bytes"] == 0
+
+
+def test_questions_and_generated_text_are_indexed_end_to_end(model):
+  # Through the model's forward pass (the question's prefill and every decode step pass
+  # their token ids): the sentences closed are those the token ids say.
+  prompts = random_prompts([200, 170], seed=5)
+  questions = random_prompts([9, 5], seed=6)
+  out = kvjax.generate(model, prompts, questions=questions, method=TINY, budget=24,
+                       max_new_tokens=24, chat_template=False)
+  ends = set(TINY.boundary_ids)
+  for row, stats in enumerate(zip(out.stats["decode_method_stats"]["appended_sentences"],
+                                  out.stats["decode_method_stats"]["open_sentence_tokens"])):
+    asked = list(questions[row])
+    # The question's sentences, then the generated ones; the last token was fed only if
+    # decoding ran past it (the final sampled token is never appended).
+    fed = out.token_ids[row][:-1]
+    closed = sum(t in ends for t in asked[:-1]) + 1
+    open_count = 0
+    for i, token in enumerate(fed):
+      if i and fed[i - 1] in ends:
+        closed, open_count = closed + 1, 0
+      open_count += 1
+    assert stats == (closed, open_count), row
+  assert max(out.stats["decode_method_stats"]["appended_sentences"]) >= 3
+
+
+def test_the_layer_by_layer_prefill_passes_token_ids(model, monkeypatch):
+  # A plain prefill on a compressed cache runs one layer per call (engine): the appended
+  # chunk's ids reach the cache there too.
+  from kvjax.generation import context, engine
+  tokens = np.asarray(random_prompts([200], seed=7) * 2, np.int32)
+  mask = np.ones(tokens.shape, bool)
+  mask[1, :40] = False
+  cache = context.prefill(model, tokens, mask, TINY, 24, room=8,
+                          method_params=TINY.context_params(None, tokens, mask)).cache
+  # Layers of one shape run one layer's executable (here the first, twice).
+  cache = cache.replace(layers=(cache.layers[0], jax.tree.map(jnp.copy, cache.layers[0])))
+  by_layer = []
+  run = engine.CompiledSteps._prefill_by_layer
+  monkeypatch.setattr(engine.CompiledSteps, "_prefill_by_layer",
+                      lambda *a: (by_layer.append(1), run(*a))[1])
+  question = jnp.asarray([[1, 3, 5, 6], [3, 2, 2, 2]], jnp.int32)
+  _, cache = engine.CompiledSteps().prefill(model, question, jnp.ones((2, 4), bool), cache)
+  assert by_layer and cache.layers[0].closed.tolist() == [2, 2]
 
 
 def test_chunked_prefill_stores_the_same_budget(model):

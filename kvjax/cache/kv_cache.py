@@ -47,10 +47,12 @@ RESERVED_POSITION = -2
 
 @struct.dataclass
 class NewTokens:
-  """A chunk's new keys/values (post-RoPE) and their positions (negative = padding)."""
+  """A chunk's new keys/values (post-RoPE), their positions (negative = padding) and, where
+  the caller has them, their token ids (a cache that indexes text needs them)."""
   keys: jax.Array        # [B, K, T, D]
   values: jax.Array      # [B, K, T, D]
   positions: jax.Array   # [B, T] int32
+  tokens: jax.Array | None = None   # [B, T] int32
 
   def head_positions(self) -> jax.Array:
     b, k, t, _ = self.keys.shape

@@ -108,8 +108,9 @@ def _prefill_embed(params, tokens, token_mask, cache_lengths, *, graphdef):
   return transformer.embed_chunk(graphdef, params, tokens, token_mask, cache_lengths)
 
 
-def _prefill_layer(params, x, positions, layer_cache, lengths, *, graphdef):
-  return transformer.layer_forward(graphdef, params, x, positions, layer_cache, lengths)
+def _prefill_layer(params, x, positions, layer_cache, lengths, tokens, *, graphdef):
+  return transformer.layer_forward(graphdef, params, x, positions, layer_cache, lengths,
+                                   tokens)
 
 
 def _prefill_logits(params, x, token_mask, *, graphdef, logits):
@@ -308,13 +309,14 @@ class CompiledSteps:
     args = (model.params, tokens, token_mask, cache.lengths)
     x, positions, lengths = self._get("prefill_embed", _prefill_embed_jit, whole, args)(*args)
     layer_params = model.params["layers"]
-    args = (layer_params[0], x, positions, cache.layers[0], lengths)
+    args = (layer_params[0], x, positions, cache.layers[0], lengths, tokens)
     # Every layer's weights and cache have layer 0's shapes (_runs_by_layer).
     run_layer = self._get("prefill_layer", _prefill_layer_jit,
                           dict(graphdef=_layer_graphdef(model)), args)
     layers = []
     for index, layer_cache in enumerate(cache.layers):
-      x, layer_cache = run_layer(layer_params[index], x, positions, layer_cache, lengths)
+      x, layer_cache = run_layer(layer_params[index], x, positions, layer_cache, lengths,
+                                 tokens)
       layers.append(layer_cache)
     args = (model.params, x, token_mask)
     out = self._get("prefill_logits", _prefill_logits_jit, dict(whole, logits=logits), args)(*args)

@@ -67,7 +67,7 @@ def _putter(placement):
       axes = None
     if axes is None or len(axes) != array.ndim:
       return array   # not this architecture's tensor: from_flat_params says which and why
-    return placement.put_param(name, array)
+    return placement.put_param(name, array, axes)
   return put
 
 

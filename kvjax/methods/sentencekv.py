@@ -18,32 +18,40 @@ tokens are kept in position order, so each sentence is one run of slots) and its
 The stored tokens' keys and values live in host memory (`offload`, the default), so the
 device holds per stored slot only its position (4 bytes) plus the sentence table.
 
-Decode. Each step the query is compared (dot product, post-RoPE, unscaled) with every
-sentence mean; sentences are taken in order of similarity and their stored tokens inside
-slots [start_budget, n - recent_budget) (n: the row's stored tokens) gathered, sentence
-after sentence, until B - start_budget - recent_budget tokens (the last sentence cut
-there). Attention reads the first `start_budget` (32) slots, the last `recent_budget` (32)
-stored slots, the gathered tokens and every token appended after the context; only those
-are copied from host memory (sinks and tail as one slice each, gathered tokens one slot at
-a time: `kvjax.cache.paged.read_blocks`). While the partial sentence holds at most
-`length_threshold` (1) tokens the step attends to every stored token, as the official code.
+Decode. The cache reads a sequence: the stored context tokens, then every token appended
+after them (a question, generated tokens; on the device). Appended text is cut into
+sentences as it arrives, from the token ids the model's forward pass gives each append: a
+decode token joins the open sentence, which the next step closes if that token was a
+sentence end (a full stop's own step still counts it in its sentence); a longer chunk (a
+question) closes the open sentence, then each of its own sentences, the last at its end.
+A closed sentence's mean key joins the index (`appended_means`, float32, with its first
+slot and length), kept beside the context's. Each step the query is compared (dot
+product, post-RoPE, unscaled) with every indexed sentence mean; sentences are taken in
+order of similarity (the context's first on ties, then the appended in order) and their
+tokens inside [start_budget, n - recent_budget) of the sequence gathered, sentence after
+sentence, until B - start_budget - recent_budget tokens (the last sentence cut there).
+Attention reads the first `start_budget` (32) tokens of the sequence, its last
+`recent_budget` (32), which slide from the context into the appended text as it grows,
+and the gathered tokens; only the context's are copied from host memory (sinks and the
+context's part of the tail as one slice each, gathered tokens one slot at a time:
+`kvjax.cache.paged.read_blocks`). While a row's open sentence holds at most
+`length_threshold` (1) tokens, its step attends to every stored and appended token, as
+the official code (the first step after a question or a sentence end).
 GQA: `gqa="mean"` compares the mean of a KV head's query heads (the mean of their
 similarities), "max" the largest of their similarities; each KV head gathers one token set.
 
 Differences from the official code:
 - Storage and selection are per KV head (the official code runs `repeat_kv` first and
   selects per query head); SnapKV's pooled votes are reduced over the group by `gqa` too.
-- Decode cannot see generated token ids, and a layer cache sees a step's query only in
-  `attend` (which cannot update the cache), so: the partial sentence is the run of
-  single-token steps since the context (or a question) was appended, never closed by a
-  generated full stop; the similarity uses the step's own query, not the mean query of
-  the partial sentence; generated sentences are never added to the index: every token
-  appended after the context (questions, generated tokens; on the device) is attended at
-  every step instead, so a step reads B + generated tokens, where the official recent
-  window slides into the generated text.
+- A layer cache sees a step's query only in `attend` (which cannot update the cache), so
+  the similarity uses the step's own query, not the mean query of the open sentence.
+- In query-agnostic use the question is appended after compression: its sentences are
+  indexed like generated ones (the official code compresses prompt and question together).
+- Appended tokens stay on the device (the official code moves them to the CPU cache); the
+  device holds them plus a float32 mean key per closed sentence. Padding inside an appended
+  chunk counts as sequence slots (it is never read).
 - The gathered interval is [start_budget, n - recent_budget) (the official test
-  `start_budget < index` also skips slot start_budget) and the recent window is the
-  context's last stored tokens, not the last of context + generated.
+  `start_budget < index` also skips slot start_budget).
 - Similarity ties go to the earlier sentence (torch.sort is not stable on GPU); sentence
   token lists are not truncated (the official index keeps at most
   max(100, 2 x mean length + 50) tokens per sentence); means are float32.
@@ -161,16 +169,27 @@ def _empty_like(dense: LayerCache) -> LayerCache:
 
 @struct.dataclass
 class SentenceLayerCache(PerHeadSlots):
-  """The stored context with its sentence table, plus the tokens appended after it.
+  """The stored context with its sentence table, plus the tokens appended after it with a
+  table of their closed sentences.
 
   Before `finalized` (during prefill) the context's state holds each slot's sentence id and
-  the table is empty."""
+  the tables are empty. Decode reads a sequence: the context's stored slots, then the
+  appended slots; a selected slot is "virtual": a context slot i is i, appended slot a is
+  C + a (C: the context's capacity)."""
   context: LayerCache          # stored context tokens in position order; K/V on the host
   means: jax.Array             # [B, K, N, D] float32 mean key of each sentence's stored tokens
   starts: jax.Array            # [B, K, N] int32 its first slot
   lengths: jax.Array           # [B, K, N] int32 its stored tokens (0: no sentence)
   appended: LayerCache         # questions and generated tokens, on the device
-  run: jax.Array               # int32: single-token steps since the last longer append
+  appended_means: jax.Array    # [B, K, G, D] float32 mean key of each closed appended sentence
+  appended_starts: jax.Array   # [B, G] int32 its first appended slot
+  appended_lengths: jax.Array  # [B, G] int32 its tokens (0: none yet)
+  closed: jax.Array            # [B] int32 appended sentences closed so far
+  open_sum: jax.Array          # [B, K, D] float32 key sum of the open (partial) sentence
+  open_count: jax.Array        # [B] int32 its tokens
+  open_from: jax.Array         # [B] int32 its first appended slot
+  ended: jax.Array             # [B] bool: the last appended token ends a sentence
+  boundaries: jax.Array        # [E] int32 the sentence-end token ids
   budget: int = struct.field(pytree_node=False, default=1)
   start_budget: int = struct.field(pytree_node=False, default=32)
   recent_budget: int = struct.field(pytree_node=False, default=32)
@@ -179,12 +198,13 @@ class SentenceLayerCache(PerHeadSlots):
   offloaded: bool = struct.field(pytree_node=False, default=False)
 
   @classmethod
-  def prefilled(cls, dense: LayerCache, budget: int, method: "SentenceKV"):
-    """A prefill chunk's stored tokens (state: sentence ids), the table not built yet."""
+  def prefilled(cls, dense: LayerCache, budget: int, method: "SentenceKV", boundaries):
+    """A prefill chunk's stored tokens (state: sentence ids), the tables not built yet."""
     b, k, _, d = dense.keys.shape
     return cls(context=dense, means=jnp.zeros((b, k, 0, d), jnp.float32),
                starts=jnp.zeros((b, k, 0), jnp.int32), lengths=jnp.zeros((b, k, 0), jnp.int32),
-               appended=_empty_like(dense), run=jnp.int32(0), budget=budget,
+               **_empty_tables(dense), budget=budget,
+               boundaries=jnp.asarray(boundaries, jnp.int32).reshape(-1),
                start_budget=method.start_budget, recent_budget=method.recent_budget,
                length_threshold=method.length_threshold, gqa=method.gqa)
 
@@ -202,7 +222,7 @@ class SentenceLayerCache(PerHeadSlots):
       dense = dense.replace(keys=jax.device_put(dense.keys, HOST),
                             values=jax.device_put(dense.values, HOST))
     return self.replace(context=dense, means=means, starts=starts, lengths=lengths,
-                        appended=_empty_like(dense), run=jnp.int32(0), offloaded=offload)
+                        **_empty_tables(dense), offloaded=offload)
 
   @property
   def state(self):
@@ -224,9 +244,13 @@ class SentenceLayerCache(PerHeadSlots):
 
   def logical_axes(self) -> dict:
     sentence = ("batch", "kv_heads", "sentences")
+    rows = ("batch",)
     return {"context": self.context.logical_axes(), "means": sentence + ("head_dim",),
             "starts": sentence, "lengths": sentence, "appended": self.appended.logical_axes(),
-            "run": ()}
+            "appended_means": sentence + ("head_dim",), "appended_starts": rows + ("sentences",),
+            "appended_lengths": rows + ("sentences",), "closed": rows,
+            "open_sum": ("batch", "kv_heads", "head_dim"), "open_count": rows,
+            "open_from": rows, "ended": rows, "boundaries": ("boundaries",)}
 
   def on_device(self) -> LayerCache:
     """Context and appended tokens as one dense layer on the device (a copy when
@@ -242,59 +266,135 @@ class SentenceLayerCache(PerHeadSlots):
              want: frozenset = frozenset()):
     if queries.shape[1] != 1 or pending is not None or want:
       return self.on_device().attend(queries, query_positions, pending, want)
+    # A row whose partial sentence is this short attends to every stored token.
+    dense_rows = self.open_count <= self.length_threshold
     dense = lambda: self.on_device().attend(queries, query_positions)[0]
     sparse = lambda: self.decode(queries, query_positions)
-    return jax.lax.cond(self.run <= self.length_threshold, dense, sparse), Stats()
+    mixed = lambda: jnp.where(dense_rows[:, None, None, None], dense(), sparse())
+    out = jax.lax.cond(dense_rows.all(), dense,
+                       lambda: jax.lax.cond(dense_rows.any(), mixed, sparse))
+    return out, Stats()
 
   def selected_slots(self, queries):
-    """(slots, valid) [B, K, budget]: the stored slots a decode query reads: the first
-    start_budget, the last recent_budget stored (those not among the first) and the
-    gathered sentences' (`gathered_slots`)."""
-    ctx = self.context
-    b, k, s = ctx.positions.shape
+    """(slots, valid) [B, K, budget]: the virtual slots a decode query reads: the first
+    start_budget of the sequence, its last recent_budget (those not among the first) and
+    the gathered sentences' (`gathered_slots` over the context's and the closed appended
+    sentences, inside [start_budget, n - recent_budget) of the sequence)."""
+    ctx, sinks, recent = self.context, self.start_budget, self.recent_budget
+    b, k, c = ctx.positions.shape
     stored = (ctx.positions[:, 0] >= 0).sum(-1).astype(jnp.int32)             # [B]
-    tail = jnp.clip(stored - self.recent_budget, 0, s - self.recent_budget)    # [B]
-    need = self.budget - self.start_budget - self.recent_budget
-    gathered, valid = gathered_slots(queries, self.means, self.starts, self.lengths,
-                                     jnp.full((b,), self.start_budget, jnp.int32),
-                                     stored - self.recent_budget, need, self.gqa)
-    recent = tail[:, None] + jnp.arange(self.recent_budget, dtype=jnp.int32)   # [B, R]
+    n = stored + self.appended.end                                            # [B]
+    virtual = lambda i: jnp.where(i < stored[:, None], i, c + i - stored[:, None])
+    per_head = lambda a: jnp.broadcast_to(a[:, None], (b, k) + a.shape[1:])
+    gathered, valid = gathered_slots(
+        queries, jnp.concatenate([self.means, self.appended_means], axis=2),
+        jnp.concatenate([self.starts, per_head(c + self.appended_starts)], axis=2),
+        jnp.concatenate([self.lengths, per_head(self.appended_lengths)], axis=2),
+        jnp.full((b,), sinks, jnp.int32), virtual((n - recent)[:, None])[:, 0],
+        self.budget - sinks - recent, self.gqa)
+    tail = n[:, None] - recent + jnp.arange(recent, dtype=jnp.int32)         # [B, R]
     slots = jnp.concatenate([
-        jnp.broadcast_to(jnp.arange(self.start_budget, dtype=jnp.int32),
-                         (b, k, self.start_budget)),
-        jnp.broadcast_to(recent[:, None], (b, k, self.recent_budget)), gathered], axis=-1)
-    valid = jnp.concatenate([jnp.ones((b, k, self.start_budget), bool),
-                             jnp.broadcast_to(recent[:, None] >= self.start_budget,
-                                              (b, k, self.recent_budget)), valid], axis=-1)
+        jnp.broadcast_to(jnp.arange(sinks, dtype=jnp.int32), (b, k, sinks)),
+        per_head(virtual(tail)), gathered], axis=-1)
+    valid = jnp.concatenate([jnp.ones((b, k, sinks), bool),
+                             per_head(tail >= sinks), valid], axis=-1)
     return slots, valid
 
-  def _read(self, array, slots):
-    """Keys or values of the selected slots, on the device."""
-    if not self.offloaded:
-      return jnp.take_along_axis(array, slots[..., None], axis=2)
-    sinks, recent = self.start_budget, self.recent_budget
-    parts = [read_blocks(array, slots[..., :1], sinks) if sinks else None,
-             read_blocks(array, slots[..., sinks:sinks + 1], recent) if recent else None,
-             read_blocks(array, slots[..., sinks + recent:], 1)]
-    return jnp.concatenate([p for p in parts if p is not None], axis=2)
+  def _read(self, context: jax.Array, appended: jax.Array, slots: jax.Array) -> jax.Array:
+    """Keys, values or positions of the selected virtual slots, on the device: context slots
+    from host memory when offloaded (sinks and the context's tail as one slice each, every
+    gathered slot alone), appended ones from the device."""
+    c, size = context.shape[2], self.appended.capacity
+    squeeze = context.ndim == 3
+    if squeeze:
+      context, appended = context[..., None], appended[..., None]
+    in_context = (slots < c)[..., None]
+    from_appended = (jnp.take_along_axis(appended, jnp.clip(slots - c, 0, size - 1)[..., None],
+                                         axis=2) if size else jnp.zeros_like(context[:, :, :1]))
+    if not self.offloaded or squeeze:
+      out = jnp.take_along_axis(context, jnp.clip(slots, 0, c - 1)[..., None], axis=2)
+    else:
+      sinks, recent = self.start_budget, self.recent_budget
+      tail, gathered = slots[..., sinks:sinks + recent], slots[..., sinks + recent:]
+      # The tail's context slots are consecutive: one slice of `recent` slots holds them.
+      first = jnp.clip(jnp.where(tail < c, tail, c).min(-1, keepdims=True), 0, c - recent)
+      parts = [read_blocks(context, slots[..., :1], sinks) if sinks else None,
+               jnp.take_along_axis(read_blocks(context, first, recent),
+                                   jnp.clip(tail - first, 0, recent - 1)[..., None], axis=2)
+               if recent else None,
+               read_blocks(context, jnp.where(gathered < c, gathered, 0), 1)]
+      out = jnp.concatenate([p for p in parts if p is not None], axis=2)
+    out = jnp.where(in_context, out, from_appended.astype(out.dtype))
+    return out[..., 0] if squeeze else out
 
   def decode(self, queries, query_positions):
-    """One new token per row over the selected stored slots and every appended token."""
+    """One new token per row over the selected virtual slots."""
     slots, valid = self.selected_slots(queries)
     ctx, new = self.context, self.appended
-    positions = jnp.where(valid, jnp.take_along_axis(ctx.positions, slots, axis=2),
+    positions = jnp.where(valid, self._read(ctx.positions, new.positions, slots),
                           EMPTY_POSITION)
-    cat = lambda a, b: jnp.concatenate([a, b.astype(a.dtype)], axis=2)
-    out, _ = attention_ops.decode(queries, cat(self._read(ctx.keys, slots), new.keys),
-                                  cat(self._read(ctx.values, slots), new.values),
-                                  query_positions, cat(positions, new.positions))
+    out, _ = attention_ops.decode(queries, self._read(ctx.keys, new.keys, slots),
+                                  self._read(ctx.values, new.values, slots),
+                                  query_positions, positions)
     return out
 
+  def _close(self, close: jax.Array) -> "SentenceLayerCache":
+    """The open sentence of the rows `close` [B] (those with one) added to the table."""
+    close = close & (self.open_count > 0)
+    rows = jnp.arange(close.shape[0])
+    at = jnp.where(close, self.closed, self.appended_lengths.shape[1])   # else dropped
+    mean = self.open_sum / jnp.maximum(self.open_count, 1)[:, None, None]
+    means = self.appended_means.transpose(0, 2, 1, 3).at[rows, at].set(
+        mean, mode="drop").transpose(0, 2, 1, 3)
+    return self.replace(
+        appended_means=means,
+        appended_starts=self.appended_starts.at[rows, at].set(self.open_from, mode="drop"),
+        appended_lengths=self.appended_lengths.at[rows, at].set(self.open_count, mode="drop"),
+        closed=self.closed + close, open_sum=jnp.where(close[:, None, None], 0., self.open_sum),
+        open_count=jnp.where(close, 0, self.open_count))
+
   def append(self, new: NewTokens) -> "SentenceLayerCache":
-    """Stores the tokens after the context; a decode token extends the partial sentence,
-    a longer chunk (a question) starts a new one."""
-    run = self.run + 1 if new.keys.shape[2] == 1 else jnp.int32(0)
-    return self.replace(appended=self.appended.append(new), run=run)
+    """Stores the tokens after the context and indexes their sentences: a decode token
+    extends the open sentence (closed by the next token once it ends one, so a step's own
+    full stop belongs to the sentence it ends); a longer chunk (a question) closes the open
+    sentence and every sentence in it, the last at its end."""
+    if new.tokens is None:
+      raise MethodError("a sentencekv cache indexes the text appended to it and needs the "
+                        "new tokens' ids (NewTokens.tokens); append through the model's "
+                        "forward pass")
+    slot = self.appended.end
+    real = new.positions >= 0                                                  # [B, T]
+    ends = jnp.isin(new.tokens, self.boundaries) & real
+    keys = new.keys.astype(jnp.float32)
+    if new.keys.shape[2] == 1:
+      cache = self._close(self.ended).replace(appended=self.appended.append(new))
+      starts = real[:, 0] & (cache.open_count == 0)
+      return cache.replace(
+          open_sum=cache.open_sum + jnp.where(real[:, None, :, None], keys, 0.)[:, :, 0],
+          open_count=cache.open_count + real[:, 0],
+          open_from=jnp.where(starts, slot, cache.open_from),
+          ended=jnp.where(real[:, 0], ends[:, 0], cache.ended))
+    cache = self._close(jnp.ones(real.shape[:1], bool)).replace(
+        appended=self.appended.append(new))
+    t = real.shape[1]
+    sentence = jnp.where(real, jnp.cumsum(ends, axis=1) - ends, t)                # [B, T]
+    member = sentence[:, None, :] == jnp.arange(t)[None, :, None]              # [B, S, T]
+    sums = jnp.einsum("bst,bktd->bskd", member.astype(jnp.float32), keys,
+                      precision=jax.lax.Precision.HIGHEST)
+    counts = member.sum(-1, dtype=jnp.int32)                                   # [B, S]
+    firsts = jnp.where(member, slot + jnp.arange(t, dtype=jnp.int32), jnp.iinfo(jnp.int32).max
+                       ).min(-1)
+    rows = jnp.arange(t)[None, :]
+    at = jnp.where(counts > 0, cache.closed[:, None] + rows, cache.appended_lengths.shape[1])
+    batch = jnp.arange(real.shape[0])[:, None]
+    means = cache.appended_means.transpose(0, 2, 1, 3).at[batch, at].set(
+        sums / jnp.maximum(counts, 1)[..., None, None], mode="drop").transpose(0, 2, 1, 3)
+    return cache.replace(
+        appended_means=means,
+        appended_starts=cache.appended_starts.at[batch, at].set(firsts, mode="drop"),
+        appended_lengths=cache.appended_lengths.at[batch, at].set(counts, mode="drop"),
+        closed=cache.closed + (counts > 0).sum(-1, dtype=jnp.int32),
+        ended=jnp.zeros_like(cache.ended))
 
   def candidates(self, new: NewTokens) -> LayerCache:
     """Dense candidates for the next prefill chunk (stored again by the method)."""
@@ -307,7 +407,26 @@ class SentenceLayerCache(PerHeadSlots):
     return self
 
   def grow(self, room: int) -> "SentenceLayerCache":
-    return self if room == 0 else self.replace(appended=self.appended.grow(room))
+    """Room for `room` more appended tokens, and for as many closed sentences."""
+    if room == 0:
+      return self
+    pad = lambda a: jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, room)])
+    return self.replace(appended=self.appended.grow(room),
+                        appended_means=jnp.pad(self.appended_means,
+                                               [(0, 0), (0, 0), (0, room), (0, 0)]),
+                        appended_starts=pad(self.appended_starts),
+                        appended_lengths=pad(self.appended_lengths))
+
+
+def _empty_tables(dense: LayerCache) -> dict:
+  """No appended tokens: their storage and sentence table empty, no open sentence."""
+  b, k, _, d = dense.keys.shape
+  rows = lambda dtype: jnp.zeros((b,), dtype)
+  return dict(appended=_empty_like(dense), appended_means=jnp.zeros((b, k, 0, d), jnp.float32),
+              appended_starts=jnp.zeros((b, 0), jnp.int32),
+              appended_lengths=jnp.zeros((b, 0), jnp.int32), closed=rows(jnp.int32),
+              open_sum=jnp.zeros((b, k, d), jnp.float32), open_count=rows(jnp.int32),
+              open_from=rows(jnp.int32), ended=rows(bool))
 
 
 @registry.register
@@ -376,8 +495,9 @@ class SentenceKV(base.Method):
     return ids
 
   def context_params(self, tokenizer, tokens, mask):
-    return {"sentence": sentence_ids(np.asarray(tokens), np.asarray(mask),
-                                     self.boundaries(tokenizer))}
+    ends = self.boundaries(tokenizer)
+    return {"sentence": sentence_ids(np.asarray(tokens), np.asarray(mask), ends),
+            "boundaries": np.asarray(ends, np.int32)}
 
   def score(self, x):
     return window_votes(x, self.window, self.kernel_size, self.pooling, self.gqa)
@@ -387,8 +507,9 @@ class SentenceKV(base.Method):
 
   def prefill_state(self, x):
     """[B, K, S] each candidate's sentence id (-1 for empty slots)."""
-    if x.params is None or "sentence" not in x.params:
-      raise MethodError("sentencekv needs the context's sentence ids (context_params); "
+    if x.params is None or not {"sentence", "boundaries"} <= set(x.params):
+      raise MethodError("sentencekv needs the context's sentence ids and the sentence-end "
+                        "ids (context_params); "
                         "prefill through kvjax.generate, kvjax.score or context.prefill")
     sentence = x.params["sentence"]
     pos = x.key_positions
@@ -399,7 +520,7 @@ class SentenceKV(base.Method):
   def compact(self, cand, x, keep):
     """The pre-filter's stored tokens (with their sentence ids), the budget kept static."""
     dense = base.Method.compact(self, cand, x, self.stored(keep))
-    return SentenceLayerCache.prefilled(dense, keep, self)
+    return SentenceLayerCache.prefilled(dense, keep, self, x.params["boundaries"])
 
   def finalize(self, cache, config=None):
     del config
@@ -410,6 +531,15 @@ class SentenceKV(base.Method):
   def kept_budgets(self, cache, budgets):
     del budgets
     return tuple(int((layer.slot_positions() >= 0).sum(-1).max()) for layer in cache.layers)
+
+  def decode_stats(self, cache) -> dict:
+    """Sentences of the appended text (questions, generated tokens) closed into the index,
+    per row (every sentence layer holds the same), and tokens of the open one."""
+    layers = [layer for layer in cache.layers if isinstance(layer, SentenceLayerCache)]
+    if not layers:
+      return {}
+    return {"appended_sentences": np.asarray(layers[0].closed).tolist(),
+            "open_sentence_tokens": np.asarray(layers[0].open_count).tolist()}
 
   def cache_stats(self, cache) -> dict:
     layers = [layer for layer in cache.layers if isinstance(layer, SentenceLayerCache)]

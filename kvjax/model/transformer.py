@@ -58,15 +58,16 @@ class Attention(nnx.Module):
     self.o = Dense("bthk,hkd->btd", (h, hd, d), dtype=dtype, rngs=rngs)
 
   def __call__(self, x, positions, layer_cache, inv_freq, layer_index: int, policy,
-               lengths, method_params=None):
-    """Projects q/k/v, lets the layer cache attend and the policy store the new tokens."""
+               lengths, method_params=None, tokens=None):
+    """Projects q/k/v, lets the layer cache attend and the policy store the new tokens
+    (with their ids, `tokens` [B, T], for caches that index text: SentenceKV)."""
     raw_q = self.q(x)
     q = rope.apply_rope(raw_q, positions, inv_freq)
     k = rope.apply_rope(self.k(x), positions, inv_freq).transpose(0, 2, 1, 3)  # [B, K, T, D]
     v = self.v(x)
     # DiffQKV: the value heads of key head j (j*r ... j*r + r-1) stored side by side.
     v = v.reshape(v.shape[:2] + (k.shape[1], -1)).transpose(0, 2, 1, 3)  # [B, K, T, r * D]
-    new = NewTokens(keys=k, values=v, positions=positions)
+    new = NewTokens(keys=k, values=v, positions=positions, tokens=tokens)
     layer_cache, pending, want = policy.prepare(layer_index, layer_cache, new)
     out, stats = layer_cache.attend(q, positions, pending, want)
     step = LayerStep(config=self.config, queries=q, raw_queries=raw_q, new=new,
@@ -118,7 +119,8 @@ class LatentAttentionLayer(nnx.Module):
     return self.q_up(self.q_down(x))
 
   def __call__(self, x, positions, layer_cache, inv_freq, layer_index: int, policy,
-               lengths, method_params=None):
+               lengths, method_params=None, tokens=None):
+    del tokens   # a latent cache stores no text index
     spec, hd = self.config.latent, self.config.head_dim
     raw_q = self._queries(x)
     latent = self.kv_down(x)                                              # [B, T, r + d_r]
@@ -185,9 +187,9 @@ class Block(nnx.Module):
     self.mlp = MLP(cfg, dtype, rngs)
 
   def __call__(self, x, positions, layer_cache, inv_freq, layer_index, policy, lengths,
-               method_params=None):
+               method_params=None, tokens=None):
     attn_out, layer_cache = self.attn(self.attn_norm(x), positions, layer_cache, inv_freq,
-                                      layer_index, policy, lengths, method_params)
+                                      layer_index, policy, lengths, method_params, tokens)
     x = x + attn_out
     return x + self.mlp(self.mlp_norm(x)), layer_cache
 
@@ -236,7 +238,7 @@ class Transformer(nnx.Module):
       # Layers may share storage across layers (MiniCache): each attends through its view
       # and stores back only what it owns.
       x, layer_cache = block(x, positions, view_layer(cache.layers, index), inv_freq, index,
-                             policy, lengths, method_params)
+                             policy, lengths, method_params, tokens)
       new_layers.append(own_layer(layer_cache))
     return self.chunk_logits(x, token_mask, logits), policy.finish(tuple(new_layers), lengths)
 
@@ -284,12 +286,12 @@ def embed_chunk(graphdef, params, tokens, token_mask, cache_lengths):
   return nnx.merge(graphdef, params).embed_chunk(tokens, token_mask, cache_lengths)
 
 
-def layer_forward(graphdef, params, x, positions, layer_cache, lengths):
-  """One decoder layer (graphdef/params: a Block's) over a chunk, storing its tokens
+def layer_forward(graphdef, params, x, positions, layer_cache, lengths, tokens=None):
+  """One decoder layer (graphdef/params: a Block's) over a chunk of `tokens`, storing them
   uncompressed (the APPEND policy, the same at every layer): (x, layer cache)."""
   block = nnx.merge(graphdef, params)
   inv_freq = rope.inverse_frequencies(block.attn.config)
-  return block(x, positions, layer_cache, inv_freq, None, APPEND, lengths)
+  return block(x, positions, layer_cache, inv_freq, None, APPEND, lengths, None, tokens)
 
 
 def chunk_logits(graphdef, params, x, token_mask, logits: str):

@@ -60,11 +60,12 @@ class Placement:
     """Arrays whose first axis is the batch (tokens, masks, active flags)."""
     return self.sharding(("batch",), shape)
 
-  def put_param(self, name: str, array):
+  def put_param(self, name: str, array, axes: tuple | None = None):
     """The parameter called `name` (e.g. 'layers.0.attn.q.kernel'; a host array as a
     loader reads it) straight into its shards: each device receives only its part (all of
-    it where the rules replicate it)."""
-    return _device_put(array, self.sharding(param_axes(name), array.shape))
+    it where the rules replicate it). `axes`: its logical axes, when the caller has them."""
+    axes = param_axes(name) if axes is None else axes
+    return _device_put(array, self.sharding(axes, array.shape))
 
   def put_rows(self, x):
     return _device_put(x, self.rows_sharding(x.shape))
