@@ -278,11 +278,16 @@ class NpSequence:
 
 
 @pytest.mark.parametrize("offload", [False, True])
-@pytest.mark.parametrize("gqa", ["mean", "max"])
-def test_generated_sentences_join_the_index(offload, gqa):
+@pytest.mark.parametrize("gqa,lengths,start,recent", [
+    ("mean", (48, 33), 2, 3), ("max", (48, 33), 2, 3),
+    ("mean", (48, 3), 6, 3),     # row 1 stores 3 tokens: appended ones among the sinks
+    ("max", (48, 33), 2, 0)])    # no recent window (a small budget's `fitted` gives it)
+def test_generated_sentences_join_the_index(offload, gqa, lengths, start, recent):
   # A question (row 1 left-padded) then decode steps whose tokens end sentences about one
   # time in five: each step's reads and output against the official sequence restated.
-  data, _, sentence, method, layer = _prefill(8, gqa)
+  data, _, sentence, method, layer = _prefill(8, gqa, lengths)
+  method = dataclasses.replace(method, start_budget=start, recent_budget=recent)
+  layer = layer.replace(start_budget=start, recent_budget=recent)
   cache = layer.finalized(offload=offload).grow(24)
   rng = np.random.default_rng(9)
   seqs = {}
@@ -402,10 +407,10 @@ def test_budget_covering_the_stored_tokens_is_the_full_cache(model):
 def _layer_bytes(rows, kv, stored, sentences, dim, boundaries=len(TINY.boundary_ids)):
   """Device bytes of an offloaded layer before decoding: positions per stored slot, the
   sentence table (float32 mean key, int32 start and length), the open sentence's float32
-  key sum, three int32 counters and a flag per row, the int32 sentence-end ids and the
+  key sum, three int32 counters, a flag and the int32 sentence-end ids per row, and the
   context's and appended tokens' ends."""
   return (rows * kv * (stored * 4 + sentences * (dim * 4 + 8)) + rows * kv * dim * 4
-          + rows * (3 * 4 + 1) + boundaries * 4 + 2 * 4)
+          + rows * (3 * 4 + 1 + boundaries * 4) + 2 * 4)
 
 
 def test_device_bytes_follow_the_budget(model):

@@ -27,7 +27,11 @@ QWEN = dict(embed=896, heads=14, kv_heads=2, mlp=4864, vocab=151936)
 TINY = dict(embed=64, heads=4, kv_heads=2, mlp=128, vocab=256)
 METHODS = {"full": (None, {}), "snapkv": ("snapkv", dict(compression_ratio=0.5)),
            "adakv": ("adakv", dict(compression_ratio=0.5)),
-           "kivi": (kvjax.methods.get("kivi", bits=2, group_size=16, residual=16), {})}
+           "kivi": (kvjax.methods.get("kivi", bits=2, group_size=16, residual=16), {}),
+           # Paging: 3 x 4 tokens stored of 30 and 41, their K/V in host memory.
+           "sentencekv": (kvjax.methods.get("sentencekv", boundary_ids=(3, 7, 11, 13, 17),
+                                            start_budget=1, recent_budget=1, window=2),
+                          dict(budget=4))}
 
 
 def _mesh(data, model):

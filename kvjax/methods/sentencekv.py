@@ -47,6 +47,11 @@ Differences from the official code:
   the similarity uses the step's own query, not the mean query of the open sentence.
 - In query-agnostic use the question is appended after compression: its sentences are
   indexed like generated ones (the official code compresses prompt and question together).
+  A one-token question cannot be told from a decode step: it opens the first generated
+  sentence instead of closing as its own.
+- In a batch, a step where some rows attend densely (their open sentence is short) and
+  others sparsely computes both for every row and keeps each row's own: such steps copy
+  the whole stored context from host memory, as a step where every row is dense does.
 - Appended tokens stay on the device (the official code moves them to the CPU cache); the
   device holds them plus a float32 mean key per closed sentence. Padding inside an appended
   chunk counts as sequence slots (it is never read).
@@ -189,7 +194,7 @@ class SentenceLayerCache(PerHeadSlots):
   open_count: jax.Array        # [B] int32 its tokens
   open_from: jax.Array         # [B] int32 its first appended slot
   ended: jax.Array             # [B] bool: the last appended token ends a sentence
-  boundaries: jax.Array        # [E] int32 the sentence-end token ids
+  boundaries: jax.Array        # [B, E] int32 the sentence-end token ids (each row's copy)
   budget: int = struct.field(pytree_node=False, default=1)
   start_budget: int = struct.field(pytree_node=False, default=32)
   recent_budget: int = struct.field(pytree_node=False, default=32)
@@ -204,7 +209,8 @@ class SentenceLayerCache(PerHeadSlots):
     return cls(context=dense, means=jnp.zeros((b, k, 0, d), jnp.float32),
                starts=jnp.zeros((b, k, 0), jnp.int32), lengths=jnp.zeros((b, k, 0), jnp.int32),
                **_empty_tables(dense), budget=budget,
-               boundaries=jnp.asarray(boundaries, jnp.int32).reshape(-1),
+               boundaries=jnp.broadcast_to(jnp.asarray(boundaries, jnp.int32).reshape(-1),
+                                           (b, np.size(boundaries))),
                start_budget=method.start_budget, recent_budget=method.recent_budget,
                length_threshold=method.length_threshold, gqa=method.gqa)
 
@@ -250,7 +256,7 @@ class SentenceLayerCache(PerHeadSlots):
             "appended_means": sentence + ("head_dim",), "appended_starts": rows + ("sentences",),
             "appended_lengths": rows + ("sentences",), "closed": rows,
             "open_sum": ("batch", "kv_heads", "head_dim"), "open_count": rows,
-            "open_from": rows, "ended": rows, "boundaries": ("boundaries",)}
+            "open_from": rows, "ended": rows, "boundaries": ("batch", "boundaries")}
 
   def on_device(self) -> LayerCache:
     """Context and appended tokens as one dense layer on the device (a copy when
@@ -290,14 +296,15 @@ class SentenceLayerCache(PerHeadSlots):
         queries, jnp.concatenate([self.means, self.appended_means], axis=2),
         jnp.concatenate([self.starts, per_head(c + self.appended_starts)], axis=2),
         jnp.concatenate([self.lengths, per_head(self.appended_lengths)], axis=2),
-        jnp.full((b,), sinks, jnp.int32), virtual((n - recent)[:, None])[:, 0],
+        virtual(jnp.full((b, 1), sinks, jnp.int32))[:, 0], virtual((n - recent)[:, None])[:, 0],
         self.budget - sinks - recent, self.gqa)
+    # A row storing fewer than start_budget tokens has appended ones among its first.
+    first = jnp.broadcast_to(jnp.arange(sinks, dtype=jnp.int32), (b, sinks))    # [B, S]
     tail = n[:, None] - recent + jnp.arange(recent, dtype=jnp.int32)         # [B, R]
-    slots = jnp.concatenate([
-        jnp.broadcast_to(jnp.arange(sinks, dtype=jnp.int32), (b, k, sinks)),
-        per_head(virtual(tail)), gathered], axis=-1)
-    valid = jnp.concatenate([jnp.ones((b, k, sinks), bool),
-                             per_head(tail >= sinks), valid], axis=-1)
+    slots = jnp.concatenate([per_head(virtual(first)), per_head(virtual(tail)), gathered],
+                            axis=-1)
+    valid = jnp.concatenate([per_head(first < n[:, None]), per_head(tail >= sinks), valid],
+                            axis=-1)
     return slots, valid
 
   def _read(self, context: jax.Array, appended: jax.Array, slots: jax.Array) -> jax.Array:
@@ -316,12 +323,8 @@ class SentenceLayerCache(PerHeadSlots):
     else:
       sinks, recent = self.start_budget, self.recent_budget
       tail, gathered = slots[..., sinks:sinks + recent], slots[..., sinks + recent:]
-      # The tail's context slots are consecutive: one slice of `recent` slots holds them.
-      first = jnp.clip(jnp.where(tail < c, tail, c).min(-1, keepdims=True), 0, c - recent)
-      parts = [read_blocks(context, slots[..., :1], sinks) if sinks else None,
-               jnp.take_along_axis(read_blocks(context, first, recent),
-                                   jnp.clip(tail - first, 0, recent - 1)[..., None], axis=2)
-               if recent else None,
+      parts = [read_blocks(context, jnp.zeros_like(slots[..., :1]), sinks) if sinks else None,
+               _read_tail(context, tail, recent) if recent else None,
                read_blocks(context, jnp.where(gathered < c, gathered, 0), 1)]
       out = jnp.concatenate([p for p in parts if p is not None], axis=2)
     out = jnp.where(in_context, out, from_appended.astype(out.dtype))
@@ -364,7 +367,7 @@ class SentenceLayerCache(PerHeadSlots):
                         "forward pass")
     slot = self.appended.end
     real = new.positions >= 0                                                  # [B, T]
-    ends = jnp.isin(new.tokens, self.boundaries) & real
+    ends = (new.tokens[..., None] == self.boundaries[:, None, :]).any(-1) & real
     keys = new.keys.astype(jnp.float32)
     if new.keys.shape[2] == 1:
       cache = self._close(self.ended).replace(appended=self.appended.append(new))
@@ -416,6 +419,15 @@ class SentenceLayerCache(PerHeadSlots):
                                                [(0, 0), (0, 0), (0, room), (0, 0)]),
                         appended_starts=pad(self.appended_starts),
                         appended_lengths=pad(self.appended_lengths))
+
+
+def _read_tail(context: jax.Array, tail: jax.Array, recent: int) -> jax.Array:
+  """The context slots among the tail's virtual slots [B, K, R] (consecutive ones: one
+  slice of `recent` from host memory), each at its place (others: any slot, unused)."""
+  c = context.shape[2]
+  first = jnp.clip(jnp.where(tail < c, tail, c).min(-1, keepdims=True), 0, c - recent)
+  return jnp.take_along_axis(read_blocks(context, first, recent),
+                             jnp.clip(tail - first, 0, recent - 1)[..., None], axis=2)
 
 
 def _empty_tables(dense: LayerCache) -> dict:
