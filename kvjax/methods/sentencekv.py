@@ -296,7 +296,8 @@ class SentenceLayerCache(PerHeadSlots):
         queries, jnp.concatenate([self.means, self.appended_means], axis=2),
         jnp.concatenate([self.starts, per_head(c + self.appended_starts)], axis=2),
         jnp.concatenate([self.lengths, per_head(self.appended_lengths)], axis=2),
-        virtual(jnp.full((b, 1), sinks, jnp.int32))[:, 0], virtual((n - recent)[:, None])[:, 0],
+        virtual(jnp.full((b, 1), sinks, jnp.int32))[:, 0],
+        virtual((n - recent)[:, None])[:, 0],
         self.budget - sinks - recent, self.gqa)
     # A row storing fewer than start_budget tokens has appended ones among its first.
     first = jnp.broadcast_to(jnp.arange(sinks, dtype=jnp.int32), (b, sinks))    # [B, S]
@@ -387,8 +388,8 @@ class SentenceLayerCache(PerHeadSlots):
     counts = member.sum(-1, dtype=jnp.int32)                                   # [B, S]
     firsts = jnp.where(member, slot + jnp.arange(t, dtype=jnp.int32), jnp.iinfo(jnp.int32).max
                        ).min(-1)
-    rows = jnp.arange(t)[None, :]
-    at = jnp.where(counts > 0, cache.closed[:, None] + rows, cache.appended_lengths.shape[1])
+    at = jnp.where(counts > 0, cache.closed[:, None] + jnp.arange(t)[None, :],
+                   cache.appended_lengths.shape[1])                           # else dropped
     batch = jnp.arange(real.shape[0])[:, None]
     means = cache.appended_means.transpose(0, 2, 1, 3).at[batch, at].set(
         sums / jnp.maximum(counts, 1)[..., None, None], mode="drop").transpose(0, 2, 1, 3)
