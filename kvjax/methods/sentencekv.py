@@ -342,19 +342,26 @@ class SentenceLayerCache(PerHeadSlots):
                                   query_positions, positions)
     return out
 
+  def _indexed(self, at, means, starts, lengths) -> "SentenceLayerCache":
+    """Closed sentences [B, S] (means [B, K, S, D], first appended slots, lengths) written
+    to the appended table at rows' entries `at` [B, S] (G: not written)."""
+    batch = jnp.arange(at.shape[0])[:, None]
+    table = self.appended_means.transpose(0, 2, 1, 3).at[batch, at].set(
+        means.transpose(0, 2, 1, 3), mode="drop").transpose(0, 2, 1, 3)
+    return self.replace(
+        appended_means=table,
+        appended_starts=self.appended_starts.at[batch, at].set(starts, mode="drop"),
+        appended_lengths=self.appended_lengths.at[batch, at].set(lengths, mode="drop"),
+        closed=self.closed + (at < self.appended_lengths.shape[1]).sum(-1, dtype=jnp.int32))
+
   def _close(self, close: jax.Array) -> "SentenceLayerCache":
     """The open sentence of the rows `close` [B] (those with one) added to the table."""
     close = close & (self.open_count > 0)
-    rows = jnp.arange(close.shape[0])
-    at = jnp.where(close, self.closed, self.appended_lengths.shape[1])   # else dropped
+    at = jnp.where(close, self.closed, self.appended_lengths.shape[1])
     mean = self.open_sum / jnp.maximum(self.open_count, 1)[:, None, None]
-    means = self.appended_means.transpose(0, 2, 1, 3).at[rows, at].set(
-        mean, mode="drop").transpose(0, 2, 1, 3)
-    return self.replace(
-        appended_means=means,
-        appended_starts=self.appended_starts.at[rows, at].set(self.open_from, mode="drop"),
-        appended_lengths=self.appended_lengths.at[rows, at].set(self.open_count, mode="drop"),
-        closed=self.closed + close, open_sum=jnp.where(close[:, None, None], 0., self.open_sum),
+    return self._indexed(at[:, None], mean[:, :, None], self.open_from[:, None],
+                         self.open_count[:, None]).replace(
+        open_sum=jnp.where(close[:, None, None], 0., self.open_sum),
         open_count=jnp.where(close, 0, self.open_count))
 
   def append(self, new: NewTokens) -> "SentenceLayerCache":
@@ -369,35 +376,26 @@ class SentenceLayerCache(PerHeadSlots):
     slot = self.appended.end
     real = new.positions >= 0                                                  # [B, T]
     ends = (new.tokens[..., None] == self.boundaries[:, None, :]).any(-1) & real
-    keys = new.keys.astype(jnp.float32)
     if new.keys.shape[2] == 1:
       cache = self._close(self.ended).replace(appended=self.appended.append(new))
       starts = real[:, 0] & (cache.open_count == 0)
+      key = new.keys[:, :, 0].astype(jnp.float32)
       return cache.replace(
-          open_sum=cache.open_sum + jnp.where(real[:, None, :, None], keys, 0.)[:, :, 0],
+          open_sum=cache.open_sum + jnp.where(real[:, :1, None], key, 0.),
           open_count=cache.open_count + real[:, 0],
           open_from=jnp.where(starts, slot, cache.open_from),
           ended=jnp.where(real[:, 0], ends[:, 0], cache.ended))
     cache = self._close(jnp.ones(real.shape[:1], bool)).replace(
         appended=self.appended.append(new))
     t = real.shape[1]
-    sentence = jnp.where(real, jnp.cumsum(ends, axis=1) - ends, t)                # [B, T]
-    member = sentence[:, None, :] == jnp.arange(t)[None, :, None]              # [B, S, T]
-    sums = jnp.einsum("bst,bktd->bskd", member.astype(jnp.float32), keys,
-                      precision=jax.lax.Precision.HIGHEST)
-    counts = member.sum(-1, dtype=jnp.int32)                                   # [B, S]
-    firsts = jnp.where(member, slot + jnp.arange(t, dtype=jnp.int32), jnp.iinfo(jnp.int32).max
-                       ).min(-1)
-    at = jnp.where(counts > 0, cache.closed[:, None] + jnp.arange(t)[None, :],
-                   cache.appended_lengths.shape[1])                           # else dropped
-    batch = jnp.arange(real.shape[0])[:, None]
-    means = cache.appended_means.transpose(0, 2, 1, 3).at[batch, at].set(
-        sums / jnp.maximum(counts, 1)[..., None, None], mode="drop").transpose(0, 2, 1, 3)
-    return cache.replace(
-        appended_means=means,
-        appended_starts=cache.appended_starts.at[batch, at].set(firsts, mode="drop"),
-        appended_lengths=cache.appended_lengths.at[batch, at].set(counts, mode="drop"),
-        closed=cache.closed + (counts > 0).sum(-1, dtype=jnp.int32),
+    # The chunk's sentences: runs of its real tokens, each ended by a sentence end.
+    runs = jnp.where(real, jnp.cumsum(ends, axis=1) - ends, -1)                  # [B, T]
+    means, starts, lengths = sentence_table(
+        new.keys, jnp.broadcast_to(runs[:, None], new.keys.shape[:3]), t)
+    lengths = lengths[:, 0]                                  # every head has the same runs
+    at = jnp.where(lengths > 0, cache.closed[:, None] + jnp.arange(t)[None, :],
+                   cache.appended_lengths.shape[1])
+    return cache._indexed(at, means, slot + starts[:, 0], lengths).replace(
         ended=jnp.zeros_like(cache.ended))
 
   def candidates(self, new: NewTokens) -> LayerCache:
