@@ -15,11 +15,16 @@ from jax.sharding import AxisType, PartitionSpec as P
 import kvjax
 from kvjax import sharding
 from kvjax.config import LatentAttention
-from kvjax.generation import context, engine, inputs
+from kvjax.generation import context, engine, episodes, inputs
+from kvjax.methods import attention_gate, locret, lococo
+from kvjax.methods.attention_gate import AttentionGate, GateWeights
+from kvjax.methods.epicache import EpiCache
+from kvjax.methods.lococo import Compressors, LoCoCo
+from kvjax.methods.locret import Locret, RetainingHeads
 from kvjax.cache.kv_cache import init_cache
 from kvjax.model import abstract_params
 from kvjax.sharding.params import path_name
-from tiny import random_prompts, tiny_config, tiny_model
+from tiny import random_prompts, tiny_chat_model, tiny_config, tiny_model
 
 # (hidden, heads, kv_heads, mlp, vocab) of the models kvjax loads, and tests/tiny.py's.
 SMOLLM2 = dict(embed=576, heads=9, kv_heads=3, mlp=1536, vocab=49152)
@@ -198,6 +203,98 @@ def test_sharded_generate_gives_the_unsharded_tokens(model, unsharded_tokens, me
   batch = prompts * (4 if mesh == "data:8" else 1)    # 8 rows for data:8
   got = kvjax.generate(sharded, batch, method=method, max_new_tokens=6, **kwargs).token_ids
   assert got == want[name] * (len(batch) // len(prompts))
+
+
+# Every other family that has landed (merging, channels, mixed precision, prompt selection,
+# trained selectors, quantization with a low-rank residual, cross-layer), one or two methods
+# each, on the mesh that shards the sequence (model:4 does not divide 2 KV heads) and the one
+# that shards the heads. Trained methods get random weights of the model's shapes.
+def _family_methods(config):
+  half = dict(compression_ratio=0.5)
+  heads = locret.init_heads(config, 16, jax.random.key(0))
+  return {
+      "d2o": ("d2o", half), "kvmerger": ("kvmerger", half), "razor": ("razor", {}),
+      "think": ("think", {}), "mikv": ("mikv", half), "zipvl": ("zipvl", {}),
+      "specpc": ("specpc", half),
+      "gear": (kvjax.methods.get("gear", group_size=16), {}),
+      "locret": (Locret(heads=RetainingHeads({k: 50 * np.asarray(v) for k, v in heads.items()}),
+                        stabilizers=8, local=4), half),
+      "attention_gate": (AttentionGate(gates=GateWeights({
+          k: np.asarray(v) for k, v in attention_gate.init_gates(
+              config, 2, 8, 0.0, jax.random.key(1)).items()})), {}),
+      "lococo": (LoCoCo(compressors=Compressors({k: np.asarray(v) for k, v in
+                                                 lococo.init_compressors(
+                                                     config, 8, 5, jax.random.key(2),
+                                                     mix=0.5).items()})), dict(budget=16))}
+
+
+FAMILIES = list(_family_methods(tiny_config(num_layers=1)))
+CROSS_LAYER = {"minicache": ("minicache", {}), "xkv": ("xkv", {})}
+
+
+@pytest.fixture(scope="module")
+def two_layer_model():
+  return tiny_model(num_layers=2)   # cross-layer methods pair or share adjacent layers
+
+
+@pytest.mark.parametrize("mesh", ["data:2,model:4", "model:2"])
+@pytest.mark.parametrize("name", FAMILIES + list(CROSS_LAYER))
+def test_every_family_generates_the_unsharded_tokens_sharded(model, two_layer_model, mesh,
+                                                             name, monkeypatch):
+  if name in CROSS_LAYER:
+    model, (method, kwargs) = two_layer_model, CROSS_LAYER[name]
+  else:
+    method, kwargs = _family_methods(model.config)[name]
+  prompts = random_prompts([30, 41], seed=3)
+  want = kvjax.generate(model, prompts, method=method, max_new_tokens=6, **kwargs)
+  sharded = sharding.shard_model(model, mesh)
+  prefilled = []
+  prefill = context.prefill
+  monkeypatch.setattr(context, "prefill", lambda *a, **k: prefilled.append(prefill(*a, **k))
+                      or prefilled[-1])
+  got = kvjax.generate(sharded, prompts, method=method, max_new_tokens=6, **kwargs)
+  assert got.token_ids == want.token_ids
+  assert got.stats["cache_bytes"] == want.stats["cache_bytes"]
+  # The compressed cache came out of the prefill laid out as its layout's axes say, and
+  # split over the mesh (not left whole on every device).
+  cache = prefilled[0].cache
+  leaves = jax.tree_util.tree_leaves(cache)
+  rules = jax.tree_util.tree_leaves(sharded.placement.cache_shardings(cache))
+  assert len(leaves) == len(rules)
+  for leaf, rule in zip(leaves, rules):
+    assert leaf.sharding.is_equivalent_to(rule, leaf.ndim), (leaf.shape, leaf.sharding, rule)
+  assert any(not leaf.sharding.is_fully_replicated for leaf in leaves)
+
+
+TEXT = " ".join(f"Fact {i}: the code word for item {i} is word{i}." for i in range(30))
+
+
+@pytest.fixture(scope="module")
+def chat(smollm2_tokenizer):
+  return tiny_chat_model(smollm2_tokenizer, max_position_embeddings=2048)
+
+
+@pytest.mark.parametrize("name", ["kvzip", "compresskv"])
+def test_methods_that_prompt_the_model_with_text_run_sharded(chat, name):
+  """KVzip's repeat prompt and CompressKV's needle calibration run on the sharded model."""
+  prompts, questions = [TEXT, TEXT[:300]], ["Item 4?", "Item 2?"]
+  kwargs = dict(questions=questions, method=name, compression_ratio=0.5, max_new_tokens=5)
+  want = kvjax.generate(chat, prompts, **kwargs).token_ids
+  assert kvjax.generate(sharding.shard_model(chat, "data:2,model:4"), prompts,
+                        **kwargs).token_ids == want
+
+
+def test_epicache_episodes_wait_sharded_in_host_memory(chat):
+  method = EpiCache(block_size=64, medoids=2, window=3)
+  question = "What is the code word for item 4?"
+  want = episodes.answer(chat, episodes.prefill_episodes(chat, TEXT, method, budget=56),
+                         question, max_new_tokens=4)
+  sharded = sharding.shard_model(chat, "model:2")
+  ep = episodes.prefill_episodes(sharded, TEXT, method, budget=56)
+  keys = ep.prefilled[0].cache.layers[0].keys
+  assert keys.sharding.spec == P(None, "model") and keys.sharding.memory_kind == "pinned_host"
+  got = episodes.answer(sharded, ep, question, max_new_tokens=4)
+  assert (got.episode, got.token_ids) == (want.episode, want.token_ids)
 
 
 @pytest.mark.parametrize("method, kwargs", [(None, {}), ("snapkv", dict(compression_ratio=0.5))])

@@ -354,11 +354,12 @@ class CompiledSteps:
 
   def grow(self, cache, room: int, placement=None):
     """The cache with `room` more empty slots per head (for question and generated tokens);
-    on a sharded model's mesh when `placement` (kvjax.sharding.Placement) is given."""
-    if room == 0:
-      return cache
+    on a sharded model's mesh when `placement` (kvjax.sharding.Placement) is given, room 0
+    included (a method's host-side finalize may leave leaves where XLA put them)."""
     if placement is not None:
       cache = placement.put_cache(cache)
+    if room == 0:
+      return cache
     return self._get("grow", _grow_jit, dict(room=room, placement=placement),
                      (cache,))(cache)
 
