@@ -177,6 +177,13 @@ def _gather_case(r):
   return ops.gather_slots, (src, index), [(ops.compaction, "gather_slots")], (B * K // 2,)
 
 
+def _gather_heads_case(r):
+  # A dense cache's select: rows and KV heads split (2 rows x 1 head = 2 folded rows).
+  src = _normal(r, (B, K, 24, D))
+  index = jnp.asarray(r.integers(-1, 24, size=(B, K, 12)), jnp.int32)
+  return ops.gather_head_slots, (src, index), [(ops.compaction, "gather_slots")], (2,)
+
+
 def _pruned_case(r):
   s, dk, n = 24, 8, 16
   channels = np.stack([np.sort(r.permutation(D)[:dk]) for _ in range(B * K)])
@@ -289,6 +296,7 @@ def _union_case(r):
 
 
 _OTHER_KERNELS = {"window_column_sums": _window_case, "gather_slots": _gather_case,
+                  "gather_head_slots": _gather_heads_case,
                   "channel_pruned": _pruned_case, "lowrank": _lowrank_case,
                   "merged": _merged_case, "gear": _gear_case, "assign": _assign_case,
                   "scatter_mean": _scatter_case, "quantize": _quantize_case,

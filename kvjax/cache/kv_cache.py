@@ -195,10 +195,8 @@ class LayerCache(PerHeadSlots):
 
   def select(self, index: jax.Array) -> "LayerCache":
     """Keeps slots `index` [B, K, keep] (in that order): capacity becomes keep."""
-    b, k, s, d = self.keys.shape
     keep = index.shape[-1]
-    gather = lambda a: attention_ops.gather_slots(
-        a.reshape(b * k, s, a.shape[-1]), index.reshape(b * k, keep)).reshape(b, k, keep, -1)
+    gather = lambda a: attention_ops.gather_head_slots(a, index)
     take = lambda a: jnp.take_along_axis(a, index.reshape(index.shape + (1,) * (a.ndim - 3)),
                                          axis=2)
     return LayerCache(keys=gather(self.keys), values=gather(self.values),

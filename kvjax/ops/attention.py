@@ -23,7 +23,7 @@ from pallas_kernels import decode_attention as decode_kernels
 from pallas_kernels.decode_attention import EMPTY_LSE, merge_partials
 
 __all__ = ["EMPTY_LSE", "attend", "attend_flat", "decode", "decode_over_prefix", "decode_shared",
-           "gather_slots", "group_heads",
+           "gather_slots", "gather_head_slots", "group_heads",
            "merge_partials", "probabilities", "vertical_slash", "visible", "window_column_sums",
            "with_pending_token"]
 
@@ -214,3 +214,17 @@ def gather_slots(src: jax.Array, indices: jax.Array) -> jax.Array:
     # away); every row gathers on its own.
     return per_shard(compaction.gather_slots, ("b", "b"), "b")(src, indices)
   return reference.gather_slots(src, indices)
+
+
+def gather_head_slots(src: jax.Array, indices: jax.Array) -> jax.Array:
+  """src [B, K, M, D], indices [B, K, N] (negative = empty) -> [B, K, N, D]: each head's
+  slots. Unlike gather_slots on folded rows, a sharded cache's KV heads stay split (each
+  shard gathers its rows' and heads' slots)."""
+  def folded(src, indices):
+    b, k, m, d = src.shape
+    n = indices.shape[-1]
+    gather = compaction.gather_slots if use_pallas() else reference.gather_slots
+    return gather(src.reshape(b * k, m, d), indices.reshape(b * k, n)).reshape(b, k, n, d)
+  if use_pallas():
+    return per_shard(folded, ("bk", "bk"), "bk")(src, indices)
+  return folded(src, indices)
