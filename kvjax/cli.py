@@ -158,22 +158,26 @@ def join_processes_from_flags() -> bool:
                                 _flag("process_id"))
 
 
-def mesh_from_flags():
-  """The mesh --mesh asks for (None when not set); a bad spec raises a ShardingError."""
+def mesh_from_flags(local: bool = False):
+  """The mesh --mesh asks for (None when not set); a bad spec raises a ShardingError.
+  local: over this process's devices only (else over every process's)."""
+  import jax
   from kvjax import sharding
   spec = FLAGS.mesh if "mesh" in FLAGS else None
-  return None if spec is None else sharding.make_mesh(spec)
+  devices = jax.local_devices() if local else None
+  return None if spec is None else sharding.make_mesh(spec, devices)
 
 
-def load_model(multiprocess: bool = False):
+def load_model(multiprocess: bool = False, local: bool = False):
   """The --model on --mesh. multiprocess: first join the run the flags name (scripts in
-  MULTIPROCESS_SCRIPTS); other scripts refuse those flags."""
+  MULTIPROCESS_SCRIPTS); other scripts refuse those flags. local: each process holds the
+  whole model on its own devices (the mesh is over those)."""
   import kvjax
   if multiprocess:
     join_processes_from_flags()
   else:
     check_single_process()
-  return kvjax.load(FLAGS.model, dtype=FLAGS.dtype, mesh=mesh_from_flags())
+  return kvjax.load(FLAGS.model, dtype=FLAGS.dtype, mesh=mesh_from_flags(local))
 
 
 def parse_value(text: str):

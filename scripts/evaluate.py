@@ -37,6 +37,11 @@ flags.DEFINE_integer("turns", 3, "Questions per multi-turn conversation.")
 flags.DEFINE_integer("max_new_tokens", None, "Answer length (default: per task).")
 flags.DEFINE_integer("continuation_tokens", 128, "Fidelity: tokens scored after the context.")
 flags.DEFINE_string("title", None, "Heading of results.md.")
+flags.DEFINE_bool("examples_per_process", False,
+                  "In a multi-process run: each process holds the whole model on its own "
+                  "devices (--mesh is then a mesh of one process's devices) and evaluates "
+                  "its share of the batches; process 0 gathers the records and writes. "
+                  "Off: one mesh over every process's devices runs each batch together.")
 flags.DEFINE_integer("restart_on_stall_seconds", 300,
                      "Re-execute this command (resuming from the finished batches) when the "
                      "process has used no CPU for this long: a workaround for XLA:CPU stalls "
@@ -59,7 +64,7 @@ def main(argv):
       seed=FLAGS.seed, turns=FLAGS.turns, max_new_tokens=FLAGS.max_new_tokens,
       continuation_tokens=FLAGS.continuation_tokens)
   config.validate()  # before the model loads
-  model = cli.load_model(multiprocess=True)
+  model = cli.load_model(multiprocess=True, local=FLAGS.examples_per_process)
   from tqdm import tqdm
   if stall.restarts():
     logging.warning("restarted %d times after stalls; resuming", stall.restarts())
@@ -76,7 +81,7 @@ def main(argv):
     summary = sweep.run_sweep(model, FLAGS.model, config, FLAGS.out_dir, progress)
   logging.info("sweep took %.0f s this run", time.perf_counter() - start)
   if not sharding.is_primary():
-    return   # several processes ran the sweep together; process 0 writes the report
+    return   # several processes ran the sweep; process 0 writes the report
   paths = report.write_report(summary["cells"], FLAGS.out_dir,
                               title=FLAGS.title or f"kvjax evaluation: {FLAGS.model}")
   for name, path in paths.items():

@@ -1,7 +1,9 @@
 """One process of tests/test_multiprocess.py's two-process run: joins the run, shards a
 tiny model over the mesh of both processes' devices and writes what generate and score
 give, then runs the evaluation sweep on a tiny chat model (argv: coordinator address,
-number of processes, this process's index, output file, tokenizer folder, sweep folder)."""
+number of processes, this process's index, output file, tokenizer folder, sweep folder),
+then again with each process holding the model on its own devices and running its own
+examples."""
 
 import json
 import pathlib
@@ -50,6 +52,20 @@ def main(address: str, processes: int, index: int, out: str, tokenizer_dir: str,
   sweep._run_batch = lambda *args: calls.append(1) or real(*args)
   got["resumed"] = sweep.run_sweep(chat, "tiny", SWEEP, sweep_dir)["cells"]
   got["resumed_batches"] = len(calls)
+  # Examples per process: each holds the whole model on its own 2 devices and runs its
+  # share of the batches (of the 3, process 0 the 1st and 3rd, process 1 the 2nd); process
+  # 0 gathers every record and writes, into its folder.
+  local = sharding.shard_model(sweep_model(Tokenizer.load(tokenizer_dir)),
+                               sharding.make_mesh("model:2", jax.local_devices()))
+  split_dir = pathlib.Path(sweep_dir + "_per_process")
+  ran = []
+  sweep._run_batch = lambda *args: ran.append(args[2]) or real(*args)
+  got["per_process_sweep"] = sweep.run_sweep(local, "tiny", SWEEP, split_dir)["cells"]
+  got["per_process_tasks"] = ran
+  got["per_process_resumed"] = sweep.run_sweep(local, "tiny", SWEEP, split_dir)["cells"]
+  got["per_process_resumed_tasks"] = ran[len(got["per_process_tasks"]):]
+  got["per_process_records"] = (len((split_dir / "examples.jsonl").read_text().splitlines())
+                                if (split_dir / "examples.jsonl").exists() else 0)
   pathlib.Path(out).write_text(json.dumps(got))
 
 

@@ -54,6 +54,15 @@ def _run_processes(commands, timeout=420):
   return [(p.returncode, err) for p, (_, err) in zip(procs, outs)]
 
 
+def _same_cells(got, want, process):
+  assert len(got) == len(want) == 6
+  for a, b in zip(want, got):
+    timing = ("seconds", "metrics")
+    assert {k: v for k, v in b.items() if k not in timing} == pytest.approx(
+        {k: v for k, v in a.items() if k not in timing}), (process, a["task"], a["method"])
+    assert b["metrics"] == pytest.approx(a["metrics"], rel=1e-4, abs=1e-5)
+
+
 def test_two_processes_generate_score_and_sweep_like_one(smollm2_tokenizer, tmp_path):
   model = tiny_model()
   want = {name: kvjax.generate(model, PROMPTS, method=method, max_new_tokens=6,
@@ -82,13 +91,14 @@ def test_two_processes_generate_score_and_sweep_like_one(smollm2_tokenizer, tmp_
     for a, b in zip(want_scores, got["score"]):
       np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
     # The sweep: both processes return process 0's cells, equal to one process's.
-    assert len(got["sweep"]) == len(want_cells) == 6
-    for a, b in zip(want_cells, got["sweep"]):
-      timing = ("seconds", "metrics")
-      assert {k: v for k, v in b.items() if k not in timing} == pytest.approx(
-          {k: v for k, v in a.items() if k not in timing}), (i, a["task"], a["method"])
-      assert b["metrics"] == pytest.approx(a["metrics"], rel=1e-4, abs=1e-5)
+    _same_cells(got["sweep"], want_cells, i)
     assert got["resumed"] == got["sweep"] and got["resumed_batches"] == 0
+    # Examples per process: the same cells, each process having run its share alone.
+    assert got["per_process_tasks"] == ([["niah_single_2", "fidelity"], ["multiturn_niah"]][i])
+    _same_cells(got["per_process_sweep"], want_cells, i)
+    assert got["per_process_resumed"] == got["per_process_sweep"]
+    assert got["per_process_resumed_tasks"] == []
+    assert got["per_process_records"] == (12 if i == 0 else 0)
   # One checkpoint from both processes' shards, loadable in one process, nothing left over.
   saved = tmp_path / "saved_model"
   for i, out in enumerate(outs):

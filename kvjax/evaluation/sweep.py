@@ -17,6 +17,7 @@ import pathlib
 import time
 from typing import Callable
 
+import jax
 import numpy as np
 
 from kvjax import calibration
@@ -28,6 +29,7 @@ from kvjax.fileio import write_json_atomic
 from kvjax.generation import context, conversation, episodes, inputs
 from kvjax.generation.generate import complete
 from kvjax.methods.base import own_label
+from kvjax import sharding
 from kvjax.sharding import distributed
 
 MODES = ("query_agnostic", "question_aware")
@@ -332,37 +334,49 @@ def run_sweep(model, model_name: str, config: SweepConfig, out_dir,
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   path = out_dir / "examples.jsonl"
-  # Several processes (one mesh, kvjax.sharding.distributed) run every batch together:
-  # process 0's files say what is done, and only it writes.
+  # Several processes (kvjax.sharding.distributed): process 0's files say what is done,
+  # and only it writes. On one mesh they run every batch together; each on its own
+  # devices, they take turns at the batches (each its own examples) and send process 0
+  # their records after every round.
   primary = distributed.is_primary()
+  processes, index = jax.process_count(), jax.process_index()
+  split = processes > 1 and distributed.holds_its_own_devices(sharding.placement_of(model))
   done = {tuple(key) for key in distributed.broadcast_from_primary(
       [list(_record_key(r)) for r in read_records(path)] if primary else None)}
   # Methods with per-model parts (calibrated heads) are made ready for this model once.
   all_variants = [dataclasses.replace(v, method=calibration.bind(v.method, model))
                   for v in variants(config)]
   skipped: dict[str, str] = {}
-  unit = 0
-  for task, length, mode in _task_grid(config):
-    fingerprint = _fingerprint(config, task)
-    answer_tokens = config.answer_tokens(task)
-    items = None
-    for first in range(0, config.num_examples, config.batch_size):
-      indices = range(first, min(first + config.batch_size, config.num_examples))
+  batches = [(task, length, mode, range(first, min(first + config.batch_size,
+                                                     config.num_examples)))
+             for task, length, mode in _task_grid(config)
+             for first in range(0, config.num_examples, config.batch_size)]
+  items, pending = {}, []
+  for unit, (task, length, mode, indices) in enumerate(batches, 1):
+    if not split or (unit - 1) % processes == index:
+      fingerprint = _fingerprint(config, task)
       missing = [v for v in all_variants if any(
           cell_key(model_name, task, length, mode, v.label, v.ratio) + (i, fingerprint)
           not in done for i in indices)]
-      unit += 1
       if missing:
-        if items is None:
-          items = _items(model, task, length, config)
-        batch = [items[i] for i in indices]
-        records = _run_batch(model, model_name, task, length, mode, indices, batch, missing,
-                             answer_tokens, fingerprint, config, skipped)
-        if primary:
-          _append_records(path, records)
-        done.update(_record_key(r) for r in records)
-      if progress is not None:
-        progress(unit, f"{task} {length} {mode}")
+        if (task, length) not in items:
+          items = {(task, length): _items(model, task, length, config)}  # one task's alive
+        batch = [items[task, length][i] for i in indices]
+        pending += _run_batch(model, model_name, task, length, mode, indices, batch, missing,
+                              config.answer_tokens(task), fingerprint, config, skipped)
+    if not split or unit % processes == 0 or unit == len(batches):
+      records, pending = pending, []
+      if split:   # the round's records, from every process
+        gathered = distributed.gather_to_primary(records)
+        records = [r for part in gathered for r in part] if primary else []
+      if primary:
+        _append_records(path, records)
+      done.update(_record_key(r) for r in records)
+    if progress is not None:
+      progress(unit, f"{task} {length} {mode}")
+  if split:
+    gathered = distributed.gather_to_primary(skipped)
+    skipped = {k: v for part in gathered or () for k, v in part.items()}
   summary = None
   if primary:
     summary = summarize(read_records(path), config, model_name)

@@ -7,7 +7,9 @@ hold, and jit runs one program over the global mesh (collectives between process
 through JAX's distributed runtime; Gloo on CPU). Host-side logic (EOS, stop strings) reads
 values through `host_array`, which gathers what other processes hold, so every process
 takes the same decisions and ends with the same tokens. Only the primary process (index
-0) should write results.
+0) should write results. Processes whose models each sit on their own devices instead
+work on different inputs (the evaluation sweep's examples per process) and meet only to
+send process 0 their results (`gather_to_primary`).
 
     kvjax.sharding.initialize("10.0.0.1:1234", num_processes=2, process_id=0)  # first
     model = kvjax.load("smollm2-135m", mesh="data:4,model:2")   # over all processes' devices
@@ -115,12 +117,40 @@ def is_primary() -> bool:
   return jax.process_index() == 0
 
 
+def _json_bytes(value) -> np.ndarray:
+  return np.frombuffer(json.dumps(value).encode("utf-8"), np.uint8)
+
+
+def gather_to_primary(value) -> list | None:
+  """Every process's JSON-serialisable value, in process order, on process 0 (None on the
+  others); [value] in a one-process run. Every process must call it (a collective)."""
+  if jax.process_count() == 1:
+    return [value]
+  data = _json_bytes(value)
+  sizes = np.asarray(multihost_utils.process_allgather(np.int32(data.size))).reshape(-1)
+  buffer = np.zeros(int(sizes.max()), np.uint8)
+  buffer[:data.size] = data
+  rows = np.asarray(multihost_utils.process_allgather(buffer))
+  if not is_primary():
+    return None
+  return [json.loads(bytes(row[:size])) for row, size in zip(rows, sizes)]
+
+
+def holds_its_own_devices(placement) -> bool:
+  """Whether a model placed by `placement` (None: unsharded, on this process's default
+  device) runs on this process's devices alone, so processes can work on different
+  inputs (e.g. each its own examples) without waiting for each other."""
+  if placement is None:
+    return True
+  return all(d.process_index == jax.process_index() for d in placement.mesh.devices.flat)
+
+
 def broadcast_from_primary(value):
   """A JSON-serialisable value as process 0 has it, on every process (e.g. which results
   exist in files only process 0 may see); the value itself in a one-process run."""
   if jax.process_count() == 1:
     return value
-  data = np.frombuffer(json.dumps(value).encode("utf-8"), np.uint8)
+  data = _json_bytes(value)
   size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
   buffer = np.zeros(size, np.uint8)
   buffer[:min(size, data.size)] = data[:size]
