@@ -358,12 +358,17 @@ def test_generate_script_runs_on_a_mesh(smollm2_tokenizer, tmp_path):
   assert "Traceback" not in bad.stderr
 
 
-def test_training_on_a_sharded_model_matches_one_device(tmp_path):
+def test_training_on_a_sharded_model_matches_one_device(tmp_path, monkeypatch):
   """`scripts/train.py --mesh`: the frozen backbone sharded by the rules, the trainable
-  parameters replicated; the loss curve is the one-device run's (float tolerance)."""
+  parameters replicated, each micro-batch's rows split over the data axis (data
+  parallel); the loss curve is the one-device run's (float tolerance)."""
   from kvjax import training
   from kvjax.training import data as data_lib
   from kvjax.training import locret as locret_training
+  from kvjax.training import loop
+  placed = []
+  place = loop.place_batch
+  monkeypatch.setattr(loop, "place_batch", lambda *a: placed.append(place(*a)) or placed[-1])
   model = tiny_model(seed=4)
   data = data_lib.DataSettings(sequence_length=32, answer_tokens=4, sources=("random",))
   optimizer = training.OptimizerSettings(learning_rate=1e-3, warmup_steps=0, total_steps=3,
@@ -377,3 +382,9 @@ def test_training_on_a_sharded_model_matches_one_device(tmp_path):
     curves.append([h["loss"] for h in result.history])
   assert any("model" in tuple(_spec(leaf)) for leaf in jax.tree_util.tree_leaves(task.frozen))
   np.testing.assert_allclose(curves[1], curves[0], rtol=1e-5)
+  assert len(placed) == 6 and all(not hasattr(x, "sharding") for x in placed[0].values())
+  for rows in placed[3:]:   # the sharded run's: 2 rows, one per data shard
+    assert {_spec(x) for x in rows.values()} == {P(None, "data")}
+  one_row = training.LoopSettings(batch_size=1, progress_bar=False)
+  with pytest.raises(kvjax.KvjaxError, match="batch_size=1 does not divide.*'data' axis of 2"):
+    training.train(task, tmp_path / "odd", 3, optimizer, one_row)

@@ -67,6 +67,10 @@ class Placement:
     axes = param_axes(name) if axes is None else axes
     return _device_put(array, self.sharding(axes, array.shape))
 
+  def put_axes(self, x, axes: tuple):
+    """`x` split as the rules place its logical `axes` (e.g. (None, "batch"))."""
+    return _device_put(x, self.sharding(axes, x.shape))
+
   def put_rows(self, x):
     return _device_put(x, self.rows_sharding(x.shape))
 

@@ -44,6 +44,7 @@ from kvjax.model import transformer
 from kvjax.ops import attention as attention_ops
 from kvjax.training import data as data_lib
 from kvjax.training import evaluation
+from kvjax.sharding import placement_of
 from kvjax.training.loop import Task
 from pallas_kernels import reference
 
@@ -214,4 +215,4 @@ def task(model, settings: AttentionGateSettings = AttentionGateSettings(),
       model, lambda gates: gate_method.AttentionGate(gates=gate_method.GateWeights(gates, meta)),
       eval_settings, with_ratio=False)
   return Task(init_params=init_params, loss=loss, frozen=model.params, batch=batch, meta=meta,
-              evaluate=evaluate)
+              evaluate=evaluate, placement=placement_of(model))

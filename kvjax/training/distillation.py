@@ -32,6 +32,7 @@ from kvjax.model import transformer
 from kvjax.training import data as data_lib
 from kvjax.training import evaluation
 from kvjax.training.attention_gate import lm_loss
+from kvjax.sharding import placement_of
 from kvjax.training.loop import Task
 
 TRAINABLE = ("attention", "all")
@@ -134,7 +135,7 @@ def task(teacher, student, kind: str, meta: dict, trainable: str = "attention",
               "student": student.config.to_dict(),
               "student_fingerprint": calibration.model_fingerprint(student)}
   return Task(init_params=lambda key: dict(train), loss=loss, frozen=frozen, batch=batch,
-              meta=run_meta, evaluate=evaluate)
+              meta=run_meta, evaluate=evaluate, placement=placement_of(teacher))
 
 
 def trained_student(path, teacher, kind: str, initial_student: Callable[[dict], object]):

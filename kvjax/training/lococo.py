@@ -42,6 +42,7 @@ from kvjax.methods import trained
 from kvjax.model import transformer
 from kvjax.training import data as data_lib
 from kvjax.training import evaluation
+from kvjax.sharding import placement_of
 from kvjax.training.loop import Task
 from pallas_kernels import reference
 
@@ -249,4 +250,4 @@ def task(model, settings: LoCoCoSettings = LoCoCoSettings(),
           compressors=lococo_method.Compressors(weights, meta)),
       eval_settings, budget=settings.memory_size, prefill_chunk_size=settings.block_size)
   return Task(init_params=init_params, loss=loss, frozen=model.params, batch=batch, meta=meta,
-              evaluate=evaluate)
+              evaluate=evaluate, placement=placement_of(model))

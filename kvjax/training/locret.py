@@ -35,6 +35,7 @@ from kvjax.methods import trained
 from kvjax.model import transformer
 from kvjax.training import data as data_lib
 from kvjax.training import evaluation
+from kvjax.sharding import placement_of
 from kvjax.training.loop import Task
 
 
@@ -175,4 +176,5 @@ def task(model, settings: LocretSettings = LocretSettings(),
       model, lambda heads: locret_method.Locret(heads=locret_method.RetainingHeads(heads, meta)),
       eval_settings)
   return Task(init_params=lambda key: locret_method.init_heads(config, settings.hidden, key),
-              loss=loss, frozen=model.params, batch=batch, meta=meta, evaluate=evaluate)
+              loss=loss, frozen=model.params, batch=batch, meta=meta, evaluate=evaluate,
+              placement=placement_of(model))

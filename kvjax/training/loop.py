@@ -54,6 +54,10 @@ class Task:
   batch: Callable[[int, int], dict]
   meta: dict
   evaluate: Callable[[Any], dict] | None = None
+  # The frozen backbone's kvjax.sharding.Placement (None: one device): each micro-batch's
+  # rows are split over its data axis (data parallel; the gradients' mean is XLA's
+  # all-reduce) and the trainable parameters start replicated over its mesh.
+  placement: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +132,24 @@ def _micro_batches(batch: dict, accumulation: int) -> dict:
           for name, value in batch.items()}
 
 
+def place_batch(placement, batch: dict) -> dict:
+  """[accumulation, rows, ...] micro-batches with their rows split over the placement's
+  data axis (as it is without a placement)."""
+  if placement is None:
+    return batch
+  return {name: placement.put_axes(value, (None, "batch")) for name, value in batch.items()}
+
+
+def _check_data_parallel(placement, batch_size: int) -> None:
+  if placement is None:
+    return
+  size = placement.batch_axis_size
+  if batch_size % size:
+    raise KvjaxError(f"batch_size={batch_size} does not divide the mesh's "
+                     f"{placement.rules.batch!r} axis of {size} devices (each micro-batch's "
+                     f"rows are split over it); give a multiple of {size}")
+
+
 def _check_resumable(stored: dict, meta: dict, directory) -> None:
   """A run directory continues only the run it holds (same task, model and settings)."""
   differ = sorted(k for k in set(stored) | set(meta) if stored.get(k) != meta.get(k))
@@ -152,9 +174,12 @@ def train(task: Task, workdir, steps: int, optimizer_settings: optim.OptimizerSe
       "steps": steps, "optimizer": dataclasses.asdict(optimizer_settings),
       "batch_size": settings.batch_size, "seed": settings.seed}}
   meta = json.loads(json.dumps(meta))   # as it reads back from disk (tuples become lists)
+  _check_data_parallel(task.placement, settings.batch_size)
   optimizer = optim.make_optimizer(optimizer_settings)
   schedule = optim.learning_rate_schedule(optimizer_settings)
   params = task.init_params(jax.random.key(settings.seed))
+  if task.placement is not None:
+    params = task.placement.put_replicated(params)
   opt_state = optimizer.init(params)
   rng = jax.random.fold_in(jax.random.key(settings.seed), 1)
   checkpoints = checkpoint_lib.RunCheckpoints(workdir, settings.checkpoint_every,
@@ -177,7 +202,8 @@ def train(task: Task, workdir, steps: int, optimizer_settings: optim.OptimizerSe
                   disable=not settings.progress_bar, dynamic_ncols=True)
   try:
     for step in range(start, last):
-      batch = _micro_batches(task.batch(examples, per_step), optimizer_settings.accumulation)
+      batch = place_batch(task.placement, _micro_batches(task.batch(examples, per_step),
+                                                         optimizer_settings.accumulation))
       params, opt_state, rng, loss, metrics = step_fn(
           params, opt_state, rng, jnp.int32(step), task.frozen, batch)
       examples += per_step
