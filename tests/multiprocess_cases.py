@@ -20,3 +20,18 @@ SWEEP = sweep.SweepConfig(methods=("full", "streaming_llm"), ratios=(0.5,),
 
 def sweep_model(tokenizer):
   return tiny_chat_model(tokenizer, max_position_embeddings=2048)
+
+
+def training_run(model, workdir, stop_after=None):
+  """Three steps of Locret's retaining heads on `model` (2 rows per step); the losses."""
+  from kvjax import training
+  from kvjax.training import data as data_lib
+  from kvjax.training import locret as locret_training
+  data = data_lib.DataSettings(sequence_length=32, answer_tokens=4, sources=("random",))
+  optimizer = training.OptimizerSettings(learning_rate=1e-3, warmup_steps=0, total_steps=3,
+                                         schedule="constant")
+  task = locret_training.task(model, locret_training.LocretSettings(hidden=8), data)
+  result = training.train(task, workdir, 3, optimizer,
+                          training.LoopSettings(batch_size=2, checkpoint_every=2,
+                                                progress_bar=False), stop_after=stop_after)
+  return [h["loss"] for h in result.history]

@@ -66,6 +66,13 @@ def main(address: str, processes: int, index: int, out: str, tokenizer_dir: str,
   got["per_process_resumed_tasks"] = ran[len(got["per_process_tasks"]):]
   got["per_process_records"] = (len((split_dir / "examples.jsonl").read_text().splitlines())
                                 if (split_dir / "examples.jsonl").exists() else 0)
+  # Training over the mesh of both processes, killed after step 2 and resumed from its
+  # checkpoint (one run folder on the shared disk).
+  from multiprocess_cases import training_run
+  trained = sharding.shard_model(tiny_model(seed=4), MESH)
+  run = pathlib.Path(sweep_dir).parent / "training_run"
+  got["training_first"] = training_run(trained, run, stop_after=2)
+  got["training"] = training_run(trained, run)
   pathlib.Path(out).write_text(json.dumps(got))
 
 

@@ -17,7 +17,8 @@ from kvjax import sharding
 from kvjax.evaluation import sweep
 from kvjax.model import to_flat_params
 from kvjax.sharding import distributed
-from multiprocess_cases import CASES, CONTINUATIONS, PROMPTS, SWEEP, sweep_model
+from multiprocess_cases import (CASES, CONTINUATIONS, PROMPTS, SWEEP, sweep_model,
+                                 training_run)
 from tiny import tiny_model
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -68,6 +69,7 @@ def test_two_processes_generate_score_and_sweep_like_one(smollm2_tokenizer, tmp_
   want = {name: kvjax.generate(model, PROMPTS, method=method, max_new_tokens=6,
                                **kwargs).token_ids for name, (method, kwargs) in CASES.items()}
   want_scores = kvjax.score(model, PROMPTS, CONTINUATIONS)
+  want_losses = training_run(tiny_model(seed=4), tmp_path / "one_process_training")
   want_cells = sweep.run_sweep(sweep_model(smollm2_tokenizer), "tiny", SWEEP,
                                tmp_path / "one_process")["cells"]
   smollm2_tokenizer.save(tmp_path / "tokenizer")
@@ -99,6 +101,9 @@ def test_two_processes_generate_score_and_sweep_like_one(smollm2_tokenizer, tmp_
     assert got["per_process_resumed"] == got["per_process_sweep"]
     assert got["per_process_resumed_tasks"] == []
     assert got["per_process_records"] == (12 if i == 0 else 0)
+    # Training: the one-process losses, also across the restart.
+    np.testing.assert_allclose(got["training_first"], want_losses[:2], rtol=1e-5)
+    np.testing.assert_allclose(got["training"], want_losses, rtol=1e-5)
   # One checkpoint from both processes' shards, loadable in one process, nothing left over.
   saved = tmp_path / "saved_model"
   for i, out in enumerate(outs):

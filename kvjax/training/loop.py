@@ -177,11 +177,12 @@ def train(task: Task, workdir, steps: int, optimizer_settings: optim.OptimizerSe
   _check_data_parallel(task.placement, settings.batch_size)
   optimizer = optim.make_optimizer(optimizer_settings)
   schedule = optim.learning_rate_schedule(optimizer_settings)
-  params = task.init_params(jax.random.key(settings.seed))
-  if task.placement is not None:
-    params = task.placement.put_replicated(params)
-  opt_state = optimizer.init(params)
-  rng = jax.random.fold_in(jax.random.key(settings.seed), 1)
+  # On a mesh, everything trained is replicated over it, restored state too (orbax gives
+  # back arrays on one device, which jit refuses beside the mesh's).
+  place = (lambda tree: tree) if task.placement is None else task.placement.put_replicated
+  params = place(task.init_params(jax.random.key(settings.seed)))
+  opt_state = place(optimizer.init(params))
+  rng = place(jax.random.fold_in(jax.random.key(settings.seed), 1))
   checkpoints = checkpoint_lib.RunCheckpoints(workdir, settings.checkpoint_every,
                                               settings.keep_checkpoints)
   start, examples, history = 0, 0, []
@@ -192,6 +193,7 @@ def train(task: Task, workdir, steps: int, optimizer_settings: optim.OptimizerSe
     _check_resumable({k: v for k, v in stored.items() if k != "step"}, meta, workdir)
     params, opt_state, rng, progress, _ = checkpoints.restore(resumed_from, params,
                                                               opt_state, rng)
+    params, opt_state, rng = place((params, opt_state, rng))
     start, examples, history = progress["step"], progress["examples"], progress["history"]
     logging.info("resuming %s from step %d (%d examples seen)", workdir, start, examples)
   per_step = settings.batch_size * optimizer_settings.accumulation
@@ -225,8 +227,9 @@ def train(task: Task, workdir, steps: int, optimizer_settings: optim.OptimizerSe
         checkpoints.save(step + 1, params, opt_state, rng,
                          {"step": step + 1, "examples": examples, "history": history},
                          {**meta, "step": step + 1})
-        fileio.write_json_atomic(pathlib.Path(checkpoints.directory) / HISTORY_FILE,
-                                 {"history": history}, indent=1)
+        if jax.process_index() == 0:   # processes sharing a mesh: the primary writes
+          fileio.write_json_atomic(pathlib.Path(checkpoints.directory) / HISTORY_FILE,
+                                   {"history": history}, indent=1)
   finally:
     bar.close()
     checkpoints.close()
