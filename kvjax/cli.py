@@ -133,7 +133,7 @@ def _flag(name):
 
 
 # The scripts whose work runs the same on every process of a multi-process run.
-MULTIPROCESS_SCRIPTS = ("scripts/generate.py", "scripts/evaluate.py")
+MULTIPROCESS_SCRIPTS = ("scripts/generate.py", "scripts/evaluate.py", "scripts/train.py")
 
 
 def check_single_process() -> None:
@@ -146,11 +146,13 @@ def check_single_process() -> None:
                         f"{', '.join(MULTIPROCESS_SCRIPTS)}")
 
 
-def join_processes_from_flags() -> bool:
+def join_processes_from_flags(shared_mesh: bool = True) -> bool:
   """Joins the multi-process run the flags (or KVJAX_* variables) name; False when there is
-  none. Before anything touches a device: the mesh then spans every process's devices."""
+  none. Before anything touches a device: the mesh then spans every process's devices
+  (shared_mesh; else each process works alone on its own devices)."""
   from kvjax.sharding import ShardingError, distributed
-  if distributed.asked_to_join(_flag("coordinator_address")) and _flag("mesh") is None:
+  if (shared_mesh and distributed.asked_to_join(_flag("coordinator_address"))
+      and _flag("mesh") is None):
     # Checked before joining, which waits for every other process.
     raise ShardingError("a multi-process run (--coordinator_address) shares one mesh: give "
                         "--mesh over all processes' devices, e.g. data:2,model:4")
@@ -174,7 +176,7 @@ def load_model(multiprocess: bool = False, local: bool = False):
   whole model on its own devices (the mesh is over those)."""
   import kvjax
   if multiprocess:
-    join_processes_from_flags()
+    join_processes_from_flags(shared_mesh=not local)
   else:
     check_single_process()
   return kvjax.load(FLAGS.model, dtype=FLAGS.dtype, mesh=mesh_from_flags(local))

@@ -25,7 +25,7 @@ attention trained; --export_model writes it).
 from absl import flags, logging
 
 from checkpoints_conversion import orbax_io
-from kvjax import cli, training
+from kvjax import cli, sharding, training
 from kvjax.errors import KvjaxError
 from kvjax.training import attention_gate as gate_training
 from kvjax.training import data as data_lib
@@ -101,7 +101,7 @@ def main(argv):
   del argv
   cli.check_output_path("--workdir", FLAGS.workdir, is_dir=True)
   logging.set_verbosity(logging.INFO)
-  model = cli.load_model()
+  model = cli.load_model(multiprocess=True)
   data = data_lib.DataSettings(sequence_length=FLAGS.sequence_length,
                                answer_tokens=FLAGS.answer_tokens, sources=tuple(FLAGS.sources),
                                seed=FLAGS.seed)
@@ -142,6 +142,17 @@ def main(argv):
                                log_every=FLAGS.log_every, seed=FLAGS.seed,
                                progress_bar=FLAGS.progress_bar, eval_every=FLAGS.eval_every)
   result = training.train(task, FLAGS.workdir, FLAGS.steps, optimizer, loop)
+  if sharding.is_primary():   # several processes trained over one mesh: process 0 reports
+    _report(result)
+  if FLAGS.method in ("xecomla", "distill") and FLAGS.export_model:
+    student = (xecomla.student(FLAGS.workdir, model) if FLAGS.method == "xecomla" else
+               distillation.saved_student(FLAGS.workdir, model))
+    path = orbax_io.save(student, FLAGS.export_model, overwrite=True)   # every process
+    if sharding.is_primary():
+      print(f"[kvjax] the student ({student.config.name}) is at {path}: --model={path}")
+
+
+def _report(result) -> None:
   done = result.history[-1] if result.history else {}
   first = result.history[0]["loss"] if result.history else float("nan")
   print(f"[kvjax] {FLAGS.method}: {len(result.history)} steps, {result.examples} examples "
@@ -152,11 +163,6 @@ def main(argv):
            if "eviction_rate" in done else "")
         + (f"; held out: perplexity {done['eval_perplexity']:.3f}, KL {done['eval_kl']:.4f}, "
            f"top-1 {done['eval_top1']:.3f}" if "eval_kl" in done else ""))
-  if FLAGS.method in ("xecomla", "distill") and FLAGS.export_model:
-    student = (xecomla.student(FLAGS.workdir, model) if FLAGS.method == "xecomla" else
-               distillation.saved_student(FLAGS.workdir, model))
-    path = orbax_io.save(student, FLAGS.export_model, overwrite=True)
-    print(f"[kvjax] the student ({student.config.name}) is at {path}: --model={path}")
 
 
 if __name__ == "__main__":

@@ -55,8 +55,8 @@ def _run_processes(commands, timeout=420):
   return [(p.returncode, err) for p, (_, err) in zip(procs, outs)]
 
 
-def _same_cells(got, want, process):
-  assert len(got) == len(want) == 6
+def _same_cells(got, want, process, count=6):
+  assert len(got) == len(want) == count
   for a, b in zip(want, got):
     timing = ("seconds", "metrics")
     assert {k: v for k, v in b.items() if k not in timing} == pytest.approx(
@@ -140,6 +140,35 @@ def test_generate_script_joins_from_flags_and_only_process_0_writes(smollm2_toke
     assert code == 0, err[-3000:]
   assert json.loads(outs[0].read_text())["token_ids"] == want
   assert not outs[1].exists()
+
+
+def test_evaluate_script_splits_examples_between_processes(smollm2_tokenizer, tmp_path):
+  """`scripts/evaluate.py --examples_per_process`: each process on its own two devices
+  (--mesh=model:2 of them, no mesh over both), process 0 writing every record."""
+  from checkpoints_conversion import orbax_io
+  chat = sweep_model(smollm2_tokenizer)
+  config = sweep.SweepConfig(methods=("full", "streaming_llm"), ratios=(0.5,),
+                             tasks=("niah_single_2",), lengths=(384,), num_examples=2,
+                             batch_size=1, max_new_tokens=4)
+  path = orbax_io.save(chat, tmp_path / "tiny")
+  want = sweep.run_sweep(chat, str(path), config, tmp_path / "one_process")["cells"]
+  address = f"localhost:{_free_port()}"
+  out_dirs = [tmp_path / f"sweep_{i}" for i in range(2)]
+  runs = _run_processes([[
+      sys.executable, os.path.join(ROOT, "scripts", "evaluate.py"), f"--model={path}",
+      "--methods=full,streaming_llm", "--ratios=0.5", "--tasks=niah_single_2",
+      "--lengths=384", "--num_examples=2", "--batch_size=1", "--max_new_tokens=4",
+      "--mesh=model:2", "--examples_per_process", f"--out_dir={out_dirs[i]}",
+      f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"]
+      for i in range(2)])
+  for code, err in runs:
+    assert code == 0, err[-3000:]
+  got = json.loads((out_dirs[0] / "summary.json").read_text())["cells"]
+  _same_cells(got, want, 0, count=2)
+  records = [json.loads(line) for line in
+             (out_dirs[0] / "examples.jsonl").read_text().splitlines()]
+  assert sorted(r["example"] for r in records) == [0, 0, 1, 1]
+  assert not (out_dirs[1] / "examples.jsonl").exists()
 
 
 @pytest.fixture
