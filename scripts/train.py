@@ -22,6 +22,7 @@ its vocabulary, e.g. fewer KV heads from scripts/convert.py --kv_head_group (the
 attention trained; --export_model writes it).
 """
 
+import jax
 from absl import flags, logging
 
 from checkpoints_conversion import orbax_io
@@ -102,6 +103,10 @@ def main(argv):
   cli.check_output_path("--workdir", FLAGS.workdir, is_dir=True)
   logging.set_verbosity(logging.INFO)
   model = cli.load_model(multiprocess=True)
+  if jax.process_count() > 1 and FLAGS.method in ("xecomla", "distill"):
+    # Their students are built from host copies of the teacher's weights.
+    raise KvjaxError(f"--method={FLAGS.method} trains in one process; multi-process training "
+                     f"is for attention_gate, locret and lococo")
   data = data_lib.DataSettings(sequence_length=FLAGS.sequence_length,
                                answer_tokens=FLAGS.answer_tokens, sources=tuple(FLAGS.sources),
                                seed=FLAGS.seed)

@@ -19,7 +19,8 @@ def main(address: str, processes: int, index: int, out: str, tokenizer_dir: str,
   import kvjax
   from kvjax.evaluation import sweep
   from kvjax.loading.tokenizer import Tokenizer
-  from multiprocess_cases import CASES, CONTINUATIONS, MESH, PROMPTS, SWEEP, sweep_model
+  from multiprocess_cases import (CONTINUATIONS, MESH, PROMPTS, SWEEP, TEXT_CASE,
+                                   TEXT_PROMPTS, cases, sweep_model)
   from tiny import tiny_model
   sharded = sharding.shard_model(tiny_model(), MESH)
   got = {"process_count": jax.process_count(), "device_count": jax.device_count(),
@@ -29,7 +30,7 @@ def main(address: str, processes: int, index: int, out: str, tokenizer_dir: str,
     got["small_mesh_error"] = None
   except sharding.ShardingError as error:
     got["small_mesh_error"] = str(error)
-  for name, (method, kwargs) in CASES.items():
+  for name, (method, kwargs) in cases().items():
     got[name] = kvjax.generate(sharded, PROMPTS, method=method, max_new_tokens=6,
                                **kwargs).token_ids
   got["score"] = [x.tolist() for x in kvjax.score(sharded, PROMPTS, CONTINUATIONS)]
@@ -44,6 +45,8 @@ def main(address: str, processes: int, index: int, out: str, tokenizer_dir: str,
   except kvjax.KvjaxError as error:
     got["exists_error"] = str(error)
   chat = sharding.shard_model(sweep_model(Tokenizer.load(tokenizer_dir)), MESH)
+  got["text_case"] = kvjax.generate(chat, TEXT_PROMPTS, method=TEXT_CASE[0], max_new_tokens=4,
+                                    **TEXT_CASE[1]).token_ids
   got["sweep"] = sweep.run_sweep(chat, "tiny", SWEEP, sweep_dir)["cells"]
   # Resumed: process 0's records say everything is done, also to process 1, whose own
   # folder holds nothing (were it to run a batch alone, the other would wait forever).
@@ -66,6 +69,23 @@ def main(address: str, processes: int, index: int, out: str, tokenizer_dir: str,
   got["per_process_resumed_tasks"] = ran[len(got["per_process_tasks"]):]
   got["per_process_records"] = (len((split_dir / "examples.jsonl").read_text().splitlines())
                                 if (split_dir / "examples.jsonl").exists() else 0)
+  # A batch failing on process 1 stops both processes after the turn, process 0's
+  # records of it saved.
+  failing = pathlib.Path(sweep_dir + "_failing")
+
+  def fails_on_process_1(*args):
+    if index == 1:
+      raise kvjax.KvjaxError("boom")
+    return real(*args)
+  sweep._run_batch = fails_on_process_1
+  try:
+    sweep.run_sweep(local, "tiny", SWEEP, failing)
+    got["failure"] = None
+  except kvjax.KvjaxError as error:
+    got["failure"] = str(error)
+  got["failure_records"] = (len((failing / "examples.jsonl").read_text().splitlines())
+                            if (failing / "examples.jsonl").exists() else 0)
+  sweep._run_batch = real
   # Training over the mesh of both processes, killed after step 2 and resumed from its
   # checkpoint (one run folder on the shared disk).
   from multiprocess_cases import training_run

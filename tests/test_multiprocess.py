@@ -5,6 +5,7 @@ name before anything is started."""
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -17,8 +18,8 @@ from kvjax import sharding
 from kvjax.evaluation import sweep
 from kvjax.model import to_flat_params
 from kvjax.sharding import distributed
-from multiprocess_cases import (CASES, CONTINUATIONS, PROMPTS, SWEEP, sweep_model,
-                                 training_run)
+from multiprocess_cases import (CONTINUATIONS, PROMPTS, SWEEP, TEXT_CASE, TEXT_PROMPTS, cases,
+                                 sweep_model, training_run)
 from tiny import tiny_model
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -67,8 +68,10 @@ def _same_cells(got, want, process, count=6):
 def test_two_processes_generate_score_and_sweep_like_one(smollm2_tokenizer, tmp_path):
   model = tiny_model()
   want = {name: kvjax.generate(model, PROMPTS, method=method, max_new_tokens=6,
-                               **kwargs).token_ids for name, (method, kwargs) in CASES.items()}
+                               **kwargs).token_ids for name, (method, kwargs) in cases().items()}
   want_scores = kvjax.score(model, PROMPTS, CONTINUATIONS)
+  want_text = kvjax.generate(sweep_model(smollm2_tokenizer), TEXT_PROMPTS, method=TEXT_CASE[0],
+                             max_new_tokens=4, **TEXT_CASE[1]).token_ids
   want_losses = training_run(tiny_model(seed=4), tmp_path / "one_process_training")
   want_cells = sweep.run_sweep(sweep_model(smollm2_tokenizer), "tiny", SWEEP,
                                tmp_path / "one_process")["cells"]
@@ -88,8 +91,9 @@ def test_two_processes_generate_score_and_sweep_like_one(smollm2_tokenizer, tmp_
     assert (got["process_count"], got["device_count"], got["local_device_count"]) == (2, 4, 2)
     assert got["primary"] == (i == 0)
     assert "covers 2 of the 4 devices of a 2-process run" in got["small_mesh_error"]
-    for name in CASES:
+    for name in want:
       assert got[name] == want[name], (i, name)
+    assert got["text_case"] == want_text, i
     for a, b in zip(want_scores, got["score"]):
       np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
     # The sweep: both processes return process 0's cells, equal to one process's.
@@ -101,6 +105,9 @@ def test_two_processes_generate_score_and_sweep_like_one(smollm2_tokenizer, tmp_
     assert got["per_process_resumed"] == got["per_process_sweep"]
     assert got["per_process_resumed_tasks"] == []
     assert got["per_process_records"] == (12 if i == 0 else 0)
+    assert got["failure"].startswith("process 1: multiturn_niah 384 query_agnostic: "
+                                     "KvjaxError: boom"), got["failure"]
+    assert got["failure_records"] == (4 if i == 0 else 0)
     # Training: the one-process losses, also across the restart.
     np.testing.assert_allclose(got["training_first"], want_losses[:2], rtol=1e-5)
     np.testing.assert_allclose(got["training"], want_losses, rtol=1e-5)
@@ -163,6 +170,10 @@ def test_evaluate_script_splits_examples_between_processes(smollm2_tokenizer, tm
       for i in range(2)])
   for code, err in runs:
     assert code == 0, err[-3000:]
+  # Each process ran one of the two batches (one example each) alone.
+  for i, (_, err) in enumerate(runs):
+    ran = re.findall(r"process (\d) of 2: niah_single_2 384 query_agnostic, examples (\d)-", err)
+    assert ran == [(str(i), str(i))], err[-3000:]
   got = json.loads((out_dirs[0] / "summary.json").read_text())["cells"]
   _same_cells(got, want, 0, count=2)
   records = [json.loads(line) for line in

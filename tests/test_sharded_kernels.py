@@ -12,6 +12,7 @@ import kvjax
 from kernel_inputs import close, rng, shuffled_positions
 from kvjax import sharding
 from kvjax.cache import gear as gear_cache
+from kvjax.cache.kv_cache import LayerCache
 from kvjax.ops import attention as ops
 from kvjax.ops import channel_pruned as pruned_ops
 from kvjax.ops import cross_layer as cross_ops
@@ -179,9 +180,13 @@ def _gather_case(r):
 
 def _gather_heads_case(r):
   # A dense cache's select: rows and KV heads split (2 rows x 1 head = 2 folded rows).
-  src = _normal(r, (B, K, 24, D))
-  index = jnp.asarray(r.integers(-1, 24, size=(B, K, 12)), jnp.int32)
-  return ops.gather_head_slots, (src, index), [(ops.compaction, "gather_slots")], (2,)
+  def select(keys, values, positions, index):
+    return LayerCache(keys=keys, values=values, positions=positions,
+                      end=jnp.int32(24)).select(index)
+  args = (_normal(r, (B, K, 24, D)), _normal(r, (B, K, 24, D)),
+          jnp.asarray(shuffled_positions(r, (B, K, 24))),
+          jnp.asarray(r.integers(-1, 24, size=(B, K, 12)), jnp.int32))
+  return select, args, [(ops.compaction, "gather_slots")], (2,)
 
 
 def _pruned_case(r):

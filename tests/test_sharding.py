@@ -374,18 +374,20 @@ def test_training_on_a_sharded_model_matches_one_device(tmp_path, monkeypatch):
   optimizer = training.OptimizerSettings(learning_rate=1e-3, warmup_steps=0, total_steps=3,
                                          schedule="constant")
   curves = []
-  for name, m in (("one", model), ("mesh", sharding.shard_model(model, _mesh(2, 2)))):
+  settings = training.LoopSettings(batch_size=2, checkpoint_every=2, progress_bar=False)
+  sharded = sharding.shard_model(model, _mesh(2, 2))
+  for name, m in (("one", model), ("mesh", sharded), ("resumed", sharded)):
     task = locret_training.task(m, locret_training.LocretSettings(hidden=8), data)
-    settings = training.LoopSettings(batch_size=2, checkpoint_every=2, progress_bar=False)
-    # The sharded run is killed after step 2 and resumed from its checkpoint.
-    if name == "mesh":
+    if name == "resumed":   # killed after step 2, restarted from its checkpoint
       training.train(task, tmp_path / name, 3, optimizer, settings, stop_after=2)
     result = training.train(task, tmp_path / name, 3, optimizer, settings)
     curves.append([h["loss"] for h in result.history])
   assert any("model" in tuple(_spec(leaf)) for leaf in jax.tree_util.tree_leaves(task.frozen))
   np.testing.assert_allclose(curves[1], curves[0], rtol=1e-5)
-  assert len(placed) == 6 and all(not hasattr(x, "sharding") for x in placed[0].values())
-  for rows in placed[3:]:   # the sharded run's: 2 rows, one per data shard
+  np.testing.assert_allclose(curves[2], curves[0], rtol=1e-5)
+  # 3 + 3 + 2 + 1 micro-batches placed (the restart recomputes only step 3).
+  assert len(placed) == 9 and all(not hasattr(x, "sharding") for x in placed[0].values())
+  for rows in placed[3:]:   # the sharded runs': 2 rows, one per data shard
     assert {_spec(x) for x in rows.values()} == {P(None, "data")}
   one_row = training.LoopSettings(batch_size=1, progress_bar=False)
   with pytest.raises(kvjax.KvjaxError, match="batch_size=1 does not divide.*'data' axis of 2"):

@@ -38,6 +38,7 @@ from flax import struct
 from kvjax.cache.kv_cache import (EMPTY_POSITION, LayerCache, NewTokens, PerHeadSlots, Stats,
                                   map_state)
 from kvjax.ops import quantization as quant_ops
+from kvjax.ops.host import host_array
 
 FULL_PRECISION = quant_ops.FULL_PRECISION  # "bits" of slots kept in the model's dtype
 SLOT_BUCKET = 16   # pools are trimmed to a multiple of this many slots (fewer recompiles)
@@ -232,7 +233,7 @@ class MixedPrecisionLayerCache(PerHeadSlots):
     slots as its fullest (row, head) needs, rounded up to SLOT_BUCKET; method state is
     dropped (decode does not read it). Reads the positions, so not under jit."""
     def trim(pool):
-      valid = np.asarray(pool.positions) >= 0
+      valid = host_array(pool.positions) >= 0
       need = int(valid.sum(-1).max()) if valid.size else 0
       size = min(pool.capacity, -(-need // SLOT_BUCKET) * SLOT_BUCKET)
       if size == pool.capacity and valid[..., :need].all():

@@ -26,6 +26,7 @@ from kvjax.errors import MethodError
 from kvjax.loading import assets
 from kvjax.methods import base, registry
 from kvjax.model import transformer
+from kvjax.ops.host import host_array
 
 CALIBRATION_VERSION = 1
 
@@ -125,7 +126,7 @@ def model_fingerprint(model) -> str:
   digest = hashlib.sha256(config.encode())
   for leaf in leaves:
     flat = jnp.ravel(leaf)
-    sample = np.asarray(flat[::max(1, flat.size // 4096)])  # strided on the device
+    sample = host_array(flat[::max(1, flat.size // 4096)])  # strided on the device
     digest.update(np.ascontiguousarray(sample).tobytes())
   fingerprint = digest.hexdigest()[:16]
   try:
@@ -147,7 +148,7 @@ def calibrate(model, period: int = 2500, repeats: int = 4, seed: int = 0) -> dic
   tokens = calibration_tokens(cfg, period, repeats, seed, bos)
   scores = _probe(model.graphdef, model.params, jnp.asarray(tokens),
                   init_cache(cfg, 1, 0), HeadProbe(period))
-  scores = np.asarray(scores, np.float64)
+  scores = host_array(scores).astype(np.float64)
   return {"version": CALIBRATION_VERSION, "model": cfg.name, "period": period,
           "repeats": repeats, "seed": seed, "echo": scores[:, 0].tolist(),
           "induction": scores[:, 1].tolist()}

@@ -63,6 +63,7 @@ from kvjax.methods import base, plan
 from kvjax.methods.compresskv import CompressKV, top_heads
 from kvjax.model import to_flat_params, transformer
 from kvjax.ops import attention as attention_ops
+from kvjax.ops.host import host_array
 
 KIND = "compresskv"
 VERSION = 1
@@ -278,7 +279,7 @@ def head_scores(model, prompts: list[NeedlePrompt], settings: Settings
     logits, (cache, mass) = _forward(model.graphdef, model.params, token[:, None],
                                      jnp.ones((rows, 1), bool), cache, NeedleMass(), params)
     token = jnp.argmax(logits, -1).astype(jnp.int32)
-    ids, mass = np.asarray(token), np.asarray(mass, np.float64)
+    ids, mass = host_array(token), host_array(mass).astype(np.float64)
     for row in np.flatnonzero(live):
       scores[row] += needles[row].count(int(ids[row])) * mass[row]
       generated[row].append(int(ids[row]))
@@ -311,7 +312,7 @@ def layer_errors(model, prompts: list[NeedlePrompt], heads, settings: Settings) 
     logits, (cache, full, comp) = _forward(model.graphdef, model.params, token[:, None],
                                            jnp.ones((rows, 1), bool), cache, OutputError(),
                                            None)
-    total += np.asarray(relative_errors(full, comp, o_kernels), np.float64).sum(1)
+    total += host_array(relative_errors(full, comp, o_kernels)).astype(np.float64).sum(1)
   return total
 
 

@@ -41,6 +41,7 @@ from kvjax.cache.kv_cache import init_cache
 from kvjax.errors import ConfigError
 from kvjax.model import from_flat_params, to_flat_params, transformer
 from kvjax.ops import rope
+from kvjax.ops.host import host_array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +103,8 @@ def calibration_grams(model, token_batches, group: int) -> list[tuple[np.ndarray
   for tokens, mask in token_batches:
     out = _grams(model.graphdef, model.params, jnp.asarray(tokens), jnp.asarray(mask),
                  init_cache(model.config, tokens.shape[0], 0), GramProbe(group))
-    out = [(np.asarray(v, np.float64), np.asarray(re, np.float64) + 1j * np.asarray(im))
+    out = [(host_array(v).astype(np.float64),
+            host_array(re).astype(np.float64) + 1j * host_array(im))
            for v, re, im in out]
     total = out if total is None else [(a[0] + b[0], a[1] + b[1]) for a, b in zip(total, out)]
   return total

@@ -19,6 +19,7 @@ from typing import Callable
 
 import jax
 import numpy as np
+from absl import logging
 
 from kvjax import calibration
 from kvjax import methods as methods_lib
@@ -29,8 +30,7 @@ from kvjax.fileio import write_json_atomic
 from kvjax.generation import context, conversation, episodes, inputs
 from kvjax.generation.generate import complete
 from kvjax.methods.base import own_label
-from kvjax import sharding
-from kvjax.sharding import distributed
+from kvjax.sharding import distributed, placement_of
 
 MODES = ("query_agnostic", "question_aware")
 FIDELITY = "fidelity"
@@ -336,47 +336,72 @@ def run_sweep(model, model_name: str, config: SweepConfig, out_dir,
   path = out_dir / "examples.jsonl"
   # Several processes (kvjax.sharding.distributed): process 0's files say what is done,
   # and only it writes. On one mesh they run every batch together; each on its own
-  # devices, they take turns at the batches (each its own examples) and send process 0
-  # their records after every round.
+  # devices, they take turns at the batches still to run (each its own examples) and
+  # after every round share their records (and errors: all stop together).
   primary = distributed.is_primary()
   processes, index = jax.process_count(), jax.process_index()
-  split = processes > 1 and distributed.holds_its_own_devices(sharding.placement_of(model))
+  split = processes > 1 and distributed.holds_its_own_devices(placement_of(model))
   done = {tuple(key) for key in distributed.broadcast_from_primary(
       [list(_record_key(r)) for r in read_records(path)] if primary else None)}
   # Methods with per-model parts (calibrated heads) are made ready for this model once.
   all_variants = [dataclasses.replace(v, method=calibration.bind(v.method, model))
                   for v in variants(config)]
-  skipped: dict[str, str] = {}
+
+  def missing(task, length, mode, indices):
+    fingerprint = _fingerprint(config, task)
+    return [v for v in all_variants if any(
+        cell_key(model_name, task, length, mode, v.label, v.ratio) + (i, fingerprint)
+        not in done for i in indices)]
+
   batches = [(task, length, mode, range(first, min(first + config.batch_size,
                                                      config.num_examples)))
              for task, length, mode in _task_grid(config)
              for first in range(0, config.num_examples, config.batch_size)]
-  items, pending = {}, []
-  for unit, (task, length, mode, indices) in enumerate(batches, 1):
-    if not split or (unit - 1) % processes == index:
-      fingerprint = _fingerprint(config, task)
-      missing = [v for v in all_variants if any(
-          cell_key(model_name, task, length, mode, v.label, v.ratio) + (i, fingerprint)
-          not in done for i in indices)]
-      if missing:
+  todo = [(batch, variants_left) for batch in batches
+          if (variants_left := missing(*batch))]
+  unit = len(batches) - len(todo)   # progress counts the batches already done first
+  if progress is not None and unit:
+    progress(unit, "resumed")
+  skipped: dict[str, str] = {}
+  items = {}
+  share = processes if split else 1
+  for first in range(0, len(todo), share):
+    turn = todo[first:first + share]
+    records, error = [], None
+    if (index if split else 0) < len(turn):
+      (task, length, mode, indices), variants_left = turn[index if split else 0]
+      if split:
+        logging.info("process %d of %d: %s %d %s, examples %d-%d", index, processes, task,
+                     length, mode, indices[0], indices[-1])
+      try:
         if (task, length) not in items:
           items = {(task, length): _items(model, task, length, config)}  # one task's alive
         batch = [items[task, length][i] for i in indices]
-        pending += _run_batch(model, model_name, task, length, mode, indices, batch, missing,
-                              config.answer_tokens(task), fingerprint, config, skipped)
-    if not split or unit % processes == 0 or unit == len(batches):
-      records, pending = pending, []
-      if split:   # the round's records, from every process
-        gathered = distributed.gather_to_primary(records)
-        records = [r for part in gathered for r in part] if primary else []
-      if primary:
-        _append_records(path, records)
-      done.update(_record_key(r) for r in records)
+        records = _run_batch(model, model_name, task, length, mode, indices, batch,
+                             variants_left, config.answer_tokens(task),
+                             _fingerprint(config, task), config, skipped)
+      except Exception as e:   # noqa: BLE001 (raised below, on every process together)
+        if not split:
+          raise
+        error = f"process {index}: {task} {length} {mode}: {type(e).__name__}: {e}"
+    if split:   # the turn's records and errors, from every process
+      shared = distributed.all_gather([records, error])
+      records = [r for part, _ in shared for r in part]
+      errors = [e for _, e in shared if e is not None]
+    if primary and records:
+      _append_records(path, records)
+    done.update(_record_key(r) for r in records)
+    if split and errors:
+      raise SweepError("; ".join(errors) + " (the other processes' records of this turn "
+                       "are saved; run again to resume)")
+    unit += len(turn)
     if progress is not None:
+      (task, length, mode, _), _ = turn[-1]
       progress(unit, f"{task} {length} {mode}")
   if split:
-    gathered = distributed.gather_to_primary(skipped)
-    skipped = {k: v for part in gathered or () for k, v in part.items()}
+    for part in distributed.all_gather(skipped):
+      for key, why in part.items():
+        skipped.setdefault(key, why)
   summary = None
   if primary:
     summary = summarize(read_records(path), config, model_name)

@@ -47,6 +47,7 @@ from kvjax.generation.generate import check_context_length
 from kvjax.methods import epicache
 from kvjax.methods.kvzip import repeat_suffix
 from kvjax.ops import rope
+from kvjax.sharding.distributed import host_array
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 KMEANS_ITERATIONS = 300   # sklearn's default max_iter
@@ -94,7 +95,7 @@ def embed(model, texts: list[str]) -> np.ndarray:
     group = rows[start:start + EMBED_BATCH]
     tokens, mask = inputs.left_pad(group, inputs.pad_id(model),
                                    inputs.bucket(max(len(r) for r in group)))
-    out.append(np.asarray(_pooled_hidden_jit(model.params, jnp.asarray(tokens),
+    out.append(host_array(_pooled_hidden_jit(model.params, jnp.asarray(tokens),
                                              jnp.asarray(mask), graphdef=model.graphdef)))
   vectors = np.concatenate(out)
   return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
@@ -232,9 +233,9 @@ def block_masked_keys(model, tokens, block: int = PROFILE_BLOCK, sinks: int = PR
   n = tokens.shape[1]
   _, cache = steps.prefill(model, jnp.asarray(tokens), jnp.ones(tokens.shape, bool),
                            init_cache(config, 1, n))
-  full = [np.asarray(layer.keys[0]) for layer in cache.layers]
+  full = [host_array(layer.keys[0]) for layer in cache.layers]
   keys = [np.zeros_like(k) for k in full]
-  values = [np.zeros(np.asarray(layer.values[0]).shape, k.dtype)
+  values = [np.zeros(layer.values.shape[1:], k.dtype)
             for layer, k in zip(cache.layers, full)]
   width = int(block * overlap)
   for start in range(0, n, block):
@@ -250,8 +251,8 @@ def block_masked_keys(model, tokens, block: int = PROFILE_BLOCK, sinks: int = PR
     _, view = steps.prefill(model, jnp.asarray(tokens[:, start:end]),
                             jnp.ones((1, end - start), bool), view)
     for k, v, layer in zip(keys, values, view.layers):
-      k[:, start:end] = np.asarray(layer.keys[0, :, len(index):])
-      v[:, start:end] = np.asarray(layer.values[0, :, len(index):])
+      k[:, start:end] = host_array(layer.keys[0, :, len(index):])
+      v[:, start:end] = host_array(layer.values[0, :, len(index):])
   return full, keys
 
 

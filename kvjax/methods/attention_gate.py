@@ -53,6 +53,7 @@ from kvjax.errors import MethodError
 from kvjax.methods import base, locret, registry, trained
 from kvjax.ops import attention as attention_ops
 from kvjax.ops import rope
+from kvjax.ops.host import host_array
 
 KIND = "attention_gate"
 GATE_NAMES = ("wq", "wk", "wv", "wo", "bias")
@@ -201,9 +202,9 @@ def trimmed_to_bucket(layer: LayerCache) -> LayerCache:
 
 def kept_counts(layer) -> np.ndarray:
   """[B, K] real slots each row's KV head holds (dense or head-wise layer)."""
-  positions = np.asarray(layer.positions)
+  positions = host_array(layer.positions)
   if isinstance(layer, FlatLayerCache):
-    heads = np.asarray(layer.heads)
+    heads = host_array(layer.heads)
     k = layer.num_kv_heads
     return np.stack([((heads == h) & (positions >= 0)).sum(-1) for h in range(k)], -1)
   return (positions >= 0).sum(-1)
@@ -319,7 +320,7 @@ class AttentionGate(trained.TrainedWeights, base.Method):
   def cache_stats(self, cache) -> dict:
     """The kept share of the context overall and per layer, and the tokens each (layer,
     row, KV head) keeps."""
-    lengths = np.maximum(np.asarray(cache.lengths), 1)[:, None]            # [B, 1]
+    lengths = np.maximum(host_array(cache.lengths), 1)[:, None]            # [B, 1]
     counts = [kept_counts(layer) for layer in cache.layers]                 # L x [B, K]
     per_layer = [float((c / lengths).mean()) for c in counts]
     return {"kept_fraction": float(np.mean(per_layer)),

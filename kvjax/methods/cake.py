@@ -47,6 +47,7 @@ import numpy as np
 from kvjax.cache.kv_cache import EMPTY_POSITION, RESERVED_POSITION, LayerCache
 from kvjax.errors import MethodError
 from kvjax.methods import base, registry
+from kvjax.ops.host import host_array
 
 ENTROPY_EPSILON = 1e-10
 INDICATOR, DISPERSION, SHIFT = 0, 1, 2   # the per-slot state's last axis
@@ -188,9 +189,9 @@ class CAKE(base.Method):
 
   def layer_token_budgets(self, cache) -> np.ndarray:
     """[L, B] selected tokens (window excluded) each layer keeps for each row."""
-    lengths = np.asarray(cache.lengths)
+    lengths = host_array(cache.lengths)
     window = np.minimum(self.window, lengths)
-    state = [np.asarray(layer.state, np.float64) for layer in cache.layers]
+    state = [host_array(layer.state).astype(np.float64) for layer in cache.layers]
     dispersion = np.stack([s[..., DISPERSION].sum((1, 2)) for s in state])   # [L, B]
     shift = np.stack([s[..., SHIFT].sum((1, 2)) for s in state])
     preference = dispersion ** (1 / self.tau1) * shift ** (1 / self.tau2)
@@ -208,14 +209,14 @@ class CAKE(base.Method):
     if not self.mean_budget:
       raise MethodError("cake must be fitted to a budget first (method.fitted(keep))")
     budgets = self.layer_token_budgets(cache)
-    lengths = np.asarray(cache.lengths)
+    lengths = host_array(cache.lengths)
     out = []
     for layer, row_budgets in zip(cache.layers, budgets):
       if not isinstance(layer, LayerCache) or layer.state is None:
         raise MethodError(f"cake evicts dense layers carrying its state; got "
                           f"{type(layer).__name__}")
-      positions = np.asarray(layer.positions)
-      indicator = np.asarray(layer.state[..., INDICATOR], np.float64)
+      positions = host_array(layer.positions)
+      indicator = host_array(layer.state[..., INDICATOR]).astype(np.float64)
       in_window = (positions >= 0) & (
           positions >= (lengths - np.minimum(self.window, lengths))[:, None, None])
       before = (positions >= 0) & ~in_window
@@ -244,7 +245,7 @@ class CAKE(base.Method):
     """Real slots per KV head each layer keeps, averaged over the rows (a layer's slot
     count is the most any row keeps there; the other rows' extra slots are reserved)."""
     del budgets
-    return tuple(int(round(float(np.mean(np.asarray(layer.positions)[:, 0] >= 0, axis=0).sum())))
+    return tuple(int(round(float(np.mean(host_array(layer.positions)[:, 0] >= 0, axis=0).sum())))
                  for layer in cache.layers)
 
   def cache_stats(self, cache) -> dict:

@@ -40,6 +40,7 @@ from kvjax.cache.kv_cache import EMPTY_POSITION, FlatLayerCache, LayerCache
 from kvjax.errors import MethodError
 from kvjax.methods import base, registry
 from kvjax.ops.attention import group_heads
+from kvjax.ops.host import host_array
 
 REPEAT_FIRST = "\n\nRepeat the previous context exactly."
 REPEAT_NEXT = "\n\nRepeat the part of the previous context exactly, starting with"
@@ -209,8 +210,8 @@ class KVzip(base.Method):
     """The cache compressed by the passes' scores (a list, per pass, of per-layer [B, K, S])."""
     layers = cache.layers
     k = layers[0].keys.shape[1]
-    positions = np.stack([np.asarray(layer.positions) for layer in layers])   # [L, B, K, S]
-    best = np.max(np.stack([np.stack([np.asarray(s) for s in passes]) for passes in scores]),
+    positions = np.stack([host_array(layer.positions) for layer in layers])   # [L, B, K, S]
+    best = np.max(np.stack([np.stack([host_array(s) for s in passes]) for passes in scores]),
                   axis=0)
     best = np.where(positions < self.sinks, SINK_SCORE, best)
     best = np.where(positions >= 0, best, -np.inf)

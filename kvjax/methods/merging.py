@@ -24,6 +24,7 @@ from kvjax.cache.kv_cache import LayerCache
 from kvjax.methods import base, registry
 from kvjax.ops import attention as attention_ops
 from kvjax.ops import merge as merge_ops
+from kvjax.ops.host import host_array
 
 
 def slot_weights(layer: LayerCache) -> jax.Array:
@@ -465,9 +466,9 @@ class D2O(MergingMethod):
   def finalize(self, cache, config=None):
     del config
     layers = cache.layers
-    lengths = np.asarray(cache.lengths)
-    scores = [np.asarray(layer.state["score"]) for layer in layers]
-    valid = [np.asarray(layer.positions) >= 0 for layer in layers]
+    lengths = host_array(cache.lengths)
+    scores = [host_array(layer.state["score"]) for layer in layers]
+    valid = [host_array(layer.positions) >= 0 for layer in layers]
     if self.keep < 1:
       raise base.MethodError("d2o needs its budget: run it through a plan (fitted(keep))")
     keep = self.keep

@@ -23,6 +23,7 @@ from kvjax.cache.kv_cache import Cache
 from kvjax.cache.mixed import FULL_PRECISION, SLOT_BUCKET, MixedPrecisionLayerCache
 from kvjax.methods import base, registry
 from kvjax.ops import attention as attention_ops
+from kvjax.ops.host import host_array
 
 _HIGH_BITS = (4, 8, FULL_PRECISION)
 _LOW_BITS = (2, 4, 8)
@@ -95,10 +96,10 @@ class _MixedPrecision(base.Method):
     for layer in cache.layers:
       if not isinstance(layer, MixedPrecisionLayerCache):
         continue
-      n_high = (np.asarray(layer.high.positions) >= 0).sum(-1)
-      n = n_high + (np.asarray(layer.low.positions) >= 0).sum(-1)
+      n_high = (host_array(layer.high.positions) >= 0).sum(-1)
+      n = n_high + (host_array(layer.low.positions) >= 0).sum(-1)
       n = np.maximum(n, 1)
-      chosen.append(float(np.mean(np.asarray(layer.important) / n)))
+      chosen.append(float(np.mean(host_array(layer.important) / n)))
       stored.append(float(np.mean(n_high / n)))
       high.append(layer.high.capacity)
       low.append(layer.low.capacity)

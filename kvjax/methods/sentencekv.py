@@ -84,6 +84,7 @@ from kvjax.errors import MethodError
 from kvjax.methods import base, registry
 from kvjax.methods.window import window_votes
 from kvjax.ops import attention as attention_ops
+from kvjax.ops.host import host_array
 
 # The official LongBench script's sentence ends.
 PUNCTUATION = (".", "!", "?", ". ", "! ", "? ", "...", "\n\n", "\n\n\n", "。", "！", "？", "。。")
@@ -549,8 +550,8 @@ class SentenceKV(base.Method):
     layers = [layer for layer in cache.layers if isinstance(layer, SentenceLayerCache)]
     if not layers:
       return {}
-    return {"appended_sentences": np.asarray(layers[0].closed).tolist(),
-            "open_sentence_tokens": np.asarray(layers[0].open_count).tolist()}
+    return {"appended_sentences": host_array(layers[0].closed).tolist(),
+            "open_sentence_tokens": host_array(layers[0].open_count).tolist()}
 
   def cache_stats(self, cache) -> dict:
     layers = [layer for layer in cache.layers if isinstance(layer, SentenceLayerCache)]

@@ -30,6 +30,7 @@ from kvjax.cache.kv_cache import Cache
 from kvjax.errors import MethodError
 from kvjax.methods import base, registry
 from kvjax.ops import attention as attention_ops
+from kvjax.ops.host import host_array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +136,7 @@ class SpecPC(base.Method):
     pass's [B, S], read at the prompt's slots (positions [B, S] after the draft's prefill)."""
     best = None
     for recorded in recorded_passes:
-      layers = np.stack([np.asarray(r)[:, :positions.shape[1]] for r in recorded])
+      layers = np.stack([host_array(r)[:, :positions.shape[1]] for r in recorded])
       best = layers.max(0) if best is None else np.maximum(best, layers.max(0))
     return [best[row][positions[row] >= 0] for row in range(len(positions))]
 

@@ -9,7 +9,7 @@ values through `host_array`, which gathers what other processes hold, so every p
 takes the same decisions and ends with the same tokens. Only the primary process (index
 0) should write results. Processes whose models each sit on their own devices instead
 work on different inputs (the evaluation sweep's examples per process) and meet only to
-send process 0 their results (`gather_to_primary`).
+share their results (`all_gather`).
 
     kvjax.sharding.initialize("10.0.0.1:1234", num_processes=2, process_id=0)  # first
     model = kvjax.load("smollm2-135m", mesh="data:4,model:2")   # over all processes' devices
@@ -121,9 +121,9 @@ def _json_bytes(value) -> np.ndarray:
   return np.frombuffer(json.dumps(value).encode("utf-8"), np.uint8)
 
 
-def gather_to_primary(value) -> list | None:
-  """Every process's JSON-serialisable value, in process order, on process 0 (None on the
-  others); [value] in a one-process run. Every process must call it (a collective)."""
+def all_gather(value) -> list:
+  """Every process's JSON-serialisable value, in process order, on every process; [value]
+  in a one-process run. Every process must call it (a collective)."""
   if jax.process_count() == 1:
     return [value]
   data = _json_bytes(value)
@@ -131,8 +131,6 @@ def gather_to_primary(value) -> list | None:
   buffer = np.zeros(int(sizes.max()), np.uint8)
   buffer[:data.size] = data
   rows = np.asarray(multihost_utils.process_allgather(buffer))
-  if not is_primary():
-    return None
   return [json.loads(bytes(row[:size])) for row, size in zip(rows, sizes)]
 
 

@@ -64,14 +64,17 @@ def make_mesh(spec, devices=None) -> Mesh:
   """A Mesh (Auto axes) from a spec string, a {axis: size} dict, or a Mesh as it is."""
   if isinstance(spec, Mesh):
     return auto_axes(spec)
+  every_process = devices is None
   devices = jax.devices() if devices is None else list(devices)
   if isinstance(spec, dict):
     spec = ",".join(f"{name}:{size}" for name, size in spec.items())
   sizes = parse_mesh_spec(spec, len(devices))
   if jax.process_count() > 1 and math.prod(sizes.values()) != len(devices):
     # Processes outside the mesh would hold no shard and still run every step.
+    whose = (f"of a {jax.process_count()}-process run; a multi-process mesh spans every "
+             f"process's devices" if every_process else
+             "given (a mesh of one process's devices in a multi-process run uses them all)")
     raise ShardingError(f"mesh spec {spec!r} covers {math.prod(sizes.values())} of the "
-                        f"{len(devices)} devices of a {jax.process_count()}-process run; "
-                        f"a multi-process mesh spans every process's devices")
+                        f"{len(devices)} devices {whose}")
   grid = np.asarray(devices[:math.prod(sizes.values())]).reshape(tuple(sizes.values()))
   return Mesh(grid, tuple(sizes), axis_types=(AxisType.Auto,) * len(sizes))

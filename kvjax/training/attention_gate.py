@@ -42,9 +42,9 @@ from kvjax.methods import attention_gate as gate_method
 from kvjax.methods import trained
 from kvjax.model import transformer
 from kvjax.ops import attention as attention_ops
+from kvjax.sharding import placement_of
 from kvjax.training import data as data_lib
 from kvjax.training import evaluation
-from kvjax.sharding import placement_of
 from kvjax.training.loop import Task
 from pallas_kernels import reference
 

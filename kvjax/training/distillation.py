@@ -29,10 +29,10 @@ from kvjax.loading import load as load_lib
 from kvjax.methods import trained
 from kvjax.model import model as model_lib
 from kvjax.model import transformer
+from kvjax.sharding import placement_of
 from kvjax.training import data as data_lib
 from kvjax.training import evaluation
 from kvjax.training.attention_gate import lm_loss
-from kvjax.sharding import placement_of
 from kvjax.training.loop import Task
 
 TRAINABLE = ("attention", "all")

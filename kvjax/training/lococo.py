@@ -40,9 +40,9 @@ from kvjax.errors import KvjaxError
 from kvjax.methods import lococo as lococo_method
 from kvjax.methods import trained
 from kvjax.model import transformer
+from kvjax.sharding import placement_of
 from kvjax.training import data as data_lib
 from kvjax.training import evaluation
-from kvjax.sharding import placement_of
 from kvjax.training.loop import Task
 from pallas_kernels import reference
 

@@ -33,9 +33,9 @@ from kvjax.errors import KvjaxError
 from kvjax.methods import locret as locret_method
 from kvjax.methods import trained
 from kvjax.model import transformer
+from kvjax.sharding import placement_of
 from kvjax.training import data as data_lib
 from kvjax.training import evaluation
-from kvjax.sharding import placement_of
 from kvjax.training.loop import Task
 
 

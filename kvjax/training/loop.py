@@ -26,6 +26,7 @@ from absl import logging
 
 from kvjax import fileio, validation
 from kvjax.errors import CheckpointError, KvjaxError
+from kvjax.sharding import Placement, is_primary
 from kvjax.training import checkpoint as checkpoint_lib
 from kvjax.training import optim
 
@@ -56,8 +57,8 @@ class Task:
   evaluate: Callable[[Any], dict] | None = None
   # The frozen backbone's kvjax.sharding.Placement (None: one device): each micro-batch's
   # rows are split over its data axis (data parallel; the gradients' mean is XLA's
-  # all-reduce) and the trainable parameters start replicated over its mesh.
-  placement: Any = None
+  # all-reduce); trained state and frozen leaves not yet on its mesh are replicated there.
+  placement: "Placement | None" = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,6 +184,7 @@ def train(task: Task, workdir, steps: int, optimizer_settings: optim.OptimizerSe
   params = place(task.init_params(jax.random.key(settings.seed)))
   opt_state = place(optimizer.init(params))
   rng = place(jax.random.fold_in(jax.random.key(settings.seed), 1))
+  frozen = place(task.frozen)
   checkpoints = checkpoint_lib.RunCheckpoints(workdir, settings.checkpoint_every,
                                               settings.keep_checkpoints)
   start, examples, history = 0, 0, []
@@ -207,7 +209,7 @@ def train(task: Task, workdir, steps: int, optimizer_settings: optim.OptimizerSe
       batch = place_batch(task.placement, _micro_batches(task.batch(examples, per_step),
                                                          optimizer_settings.accumulation))
       params, opt_state, rng, loss, metrics = step_fn(
-          params, opt_state, rng, jnp.int32(step), task.frozen, batch)
+          params, opt_state, rng, jnp.int32(step), frozen, batch)
       examples += per_step
       record = {"step": step + 1, "loss": float(loss),
                 **{name: float(value) for name, value in metrics.items()}}
@@ -227,7 +229,7 @@ def train(task: Task, workdir, steps: int, optimizer_settings: optim.OptimizerSe
         checkpoints.save(step + 1, params, opt_state, rng,
                          {"step": step + 1, "examples": examples, "history": history},
                          {**meta, "step": step + 1})
-        if jax.process_index() == 0:   # processes sharing a mesh: the primary writes
+        if is_primary():   # processes sharing a mesh: the primary writes
           fileio.write_json_atomic(pathlib.Path(checkpoints.directory) / HISTORY_FILE,
                                    {"history": history}, indent=1)
   finally:
