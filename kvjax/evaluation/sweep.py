@@ -25,7 +25,7 @@ from kvjax import calibration
 from kvjax import methods as methods_lib
 from kvjax.cache import full_cache_nbytes
 from kvjax.errors import KvjaxError, MethodError
-from kvjax.evaluation import scoring, tasks as tasks_lib
+from kvjax.evaluation import map_limit, scoring, tasks as tasks_lib
 from kvjax.fileio import write_json_atomic
 from kvjax.generation import context, conversation, episodes, inputs
 from kvjax.generation.generate import complete
@@ -394,6 +394,7 @@ def run_sweep(model, model_name: str, config: SweepConfig, out_dir,
     if split and errors:
       raise SweepError("; ".join(errors) + " (the other processes' records of this turn "
                        "are saved; run again to resume)")
+    map_limit.release_if_near_limit()
     unit += len(turn)
     if progress is not None:
       (task, length, mode, _), _ = turn[-1]
