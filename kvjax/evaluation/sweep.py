@@ -364,12 +364,13 @@ def run_sweep(model, model_name: str, config: SweepConfig, out_dir,
     progress(unit, "resumed")
   skipped: dict[str, str] = {}
   items = {}
-  share = processes if split else 1
+  # Each turn: one batch per process (split), or the next batch for all (one mesh).
+  share, mine = (processes, index) if split else (1, 0)
   for first in range(0, len(todo), share):
     turn = todo[first:first + share]
     records, error = [], None
-    if (index if split else 0) < len(turn):
-      (task, length, mode, indices), variants_left = turn[index if split else 0]
+    if mine < len(turn):
+      (task, length, mode, indices), variants_left = turn[mine]
       if split:
         logging.info("process %d of %d: %s %d %s, examples %d-%d", index, processes, task,
                      length, mode, indices[0], indices[-1])
