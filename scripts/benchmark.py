@@ -23,10 +23,14 @@ kvjax.generate on the same offline SQuAD batch (--sharing_documents paragraphs x
 --serving times the continuous-batching server with the full cache against --method at
 --budget, both under --memory_budget_mib of batch cache (compression admits more rows):
   python scripts/benchmark.py --serving --method=snapkv --budget=128 --memory_budget_mib=64
+and with --prefix_cache_mib the server without and with shared prompt prefixes:
+  python scripts/benchmark.py --serving --prefix_cache_mib=256 --memory_budget_mib=200 \
+      --decode_steps=16
 --chunk_reuse assembles retrieval-augmented prompts from cached document chunks
 (Cache-Craft, kvjax.systems.generate_from_chunks) and compares them with full recompute
 (--rag_dataset, --rag_questions, --rag_distractors, --decode_steps new tokens):
   python scripts/benchmark.py --chunk_reuse --rag_dataset=hotpotqa --json_out=/tmp/rag.json
+(with --memory_budget_mib: through the continuous-batching server instead).
 --meshes runs it once per device mesh, the model sharded over each, and reports per-device
 cache and weight bytes next to the speeds (--cpu_devices emulates devices on a CPU):
   python scripts/benchmark.py --cpu_devices=8 --meshes=data:1 --meshes=data:2 \
@@ -76,7 +80,9 @@ flags.DEFINE_integer("rows_per_prefix", 8, "With --prefix_sharing: rows decoded 
                      "prefix copy.")
 flags.DEFINE_integer("memory_budget_mib", None, "With --prefix_sharing: the most MiB a wave's "
                      "cache may allocate (default: no bound); with --serving: the server's "
-                     "batch cache bound (required).")
+                     "batch cache bound (required); with --chunk_reuse: serve the second "
+                     "pass through the server under this bound, plain prompts against "
+                     "cached chunks, instead.")
 flags.DEFINE_bool("chunk_reuse", False, "Compare prompts assembled from cached chunks "
                   "(Cache-Craft) with full recompute instead.")
 flags.DEFINE_enum("rag_dataset", "hotpotqa", ["hotpotqa", "squad"], "With --chunk_reuse: "
@@ -91,10 +97,17 @@ flags.DEFINE_bool("offload", False, "Compare Quest decoding on the device, offlo
 flags.DEFINE_integer("offload_context", 512, "With --offload: prompt tokens.")
 flags.DEFINE_integer("device_pages", 24, "With --offload: buffer frames per row and KV head.")
 flags.DEFINE_list("offload_policies", ["lru", "predictions", "hybrid"], "With --offload: "
-                  "eviction policies of the buffer.")
+                  "eviction policies of the buffer, any of lru, predictions (heuristic "
+                  "discard bits), learned (bits from the trained predictor, "
+                  "kvjax.cache.page_predictor), hybrid.")
 flags.DEFINE_bool("serving", False, "Time the continuous-batching server (kvjax.systems.Server) "
                   "with the full cache against --method at --budget under --memory_budget_mib, "
                   "on the same SQuAD requests, instead.")
+flags.DEFINE_integer("prefix_cache_mib", None, "With --serving: instead compare the server "
+                     "(full cache) without and with a prefix store of this many MiB "
+                     "(BatchLLM's shared prefixes in continuous batching).")
+flags.DEFINE_integer("min_prefix_tokens", 16, "With --serving --prefix_cache_mib: the "
+                     "shortest prefix shared.")
 flags.DEFINE_multi_string("meshes", None, "Run the benchmark once per mesh, the model "
                           "sharded over it (repeat the flag: --meshes=data:1 --meshes=data:2 "
                           "--meshes=data:2,model:2); rows report per-device cache and weight "
@@ -214,6 +227,8 @@ def prefix_sharing():
 
 
 def serving():
+  if FLAGS.prefix_cache_mib is not None:
+    return server_sharing()
   if FLAGS.memory_budget_mib is None or FLAGS.budget is None or FLAGS.method == "full":
     raise benchmarking.BenchmarkError("--serving needs --memory_budget_mib, a compressing "
                                       "--method and its --budget")
@@ -232,10 +247,47 @@ def serving():
   _write_systems_report(report, benchmarks.write_serving_plot)
 
 
+def server_chunks(model, workload):
+  report = benchmarks.compare_server_chunks(
+      model, workload, FLAGS.memory_budget_mib << 20, FLAGS.decode_steps,
+      repeats=FLAGS.repeats, log=lambda line: print(f"[kvjax] {line}", flush=True))
+  report.update(model=FLAGS.model, dataset=FLAGS.rag_dataset,
+                distractors=FLAGS.rag_distractors, device=benchmarking.device_info())
+  plain, chunks = report["recompute"], report["chunks"]
+  print(f"{report['prompts']} requests in {chunks['rows']} rows: from cached chunks "
+        f"{report['speedup']:.2f}x faster, prefilled {chunks['prefilled_tokens']} of "
+        f"{report['prompt_tokens']} prompt tokens; answers equal {report['answers_equal']}/"
+        f"{report['prompts']}; gold found {chunks['gold_found']:.0%} (recompute "
+        f"{plain['gold_found']:.0%})")
+  _write_systems_report(report, benchmarks.write_server_chunks_plot)
+
+
+def server_sharing():
+  if FLAGS.memory_budget_mib is None or FLAGS.method != "full":
+    raise benchmarking.BenchmarkError(
+        f"--serving --prefix_cache_mib={FLAGS.prefix_cache_mib} needs --memory_budget_mib "
+        f"and the full cache (--method={FLAGS.method!r} given)")
+  log = lambda line: print(f"[kvjax] {line}", flush=True)
+  model = cli.load_model()
+  prompts = benchmarks.squad_prompts(FLAGS.sharing_documents, FLAGS.sharing_questions)
+  report = benchmarks.compare_server_sharing(
+      model, prompts, FLAGS.memory_budget_mib << 20, FLAGS.prefix_cache_mib << 20,
+      FLAGS.decode_steps, FLAGS.min_prefix_tokens, repeats=FLAGS.repeats, log=log)
+  report = {"model": FLAGS.model, "device": benchmarking.device_info(), **report}
+  plain, shared = report["unshared"], report["shared"]
+  log(f"{report['prompts']} requests in {shared['rows']} rows: shared "
+      f"{shared['tokens_per_second']:.2f} tok/s, unshared {plain['tokens_per_second']:.2f} "
+      f"tok/s ({report['throughput_ratio']:.2f}x); prefilled {shared['prefilled_tokens']} of "
+      f"{shared['prompt_tokens']} prompt tokens; same tokens: {report['same_tokens']}")
+  _write_systems_report(report, benchmarks.write_server_sharing_plot)
+
+
 def chunk_reuse():
   model = cli.load_model()
   workload = benchmarks.rag_workload(FLAGS.rag_dataset, FLAGS.rag_questions,
                                      FLAGS.rag_distractors, FLAGS.seed)
+  if FLAGS.memory_budget_mib is not None:
+    return server_chunks(model, workload)
   fractions = []
   for f in FLAGS.rag_fractions:
     try:

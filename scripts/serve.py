@@ -24,6 +24,11 @@ flags.DEFINE_integer("max_rows", None, "Or: rows decoded together.")
 flags.DEFINE_float("temperature", 0.0, "Sampling temperature of every request; 0 = greedy.")
 flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass of every request.")
 flags.DEFINE_integer("seed", 0, "A request without a `seed` samples with this plus its id.")
+flags.DEFINE_integer("prefix_cache_mib", None, "Share prompt prefixes (a system prompt, "
+                     "few-shot examples): keep up to this many MiB of prefilled prefixes "
+                     "(full cache only; default: off).")
+flags.DEFINE_integer("min_prefix_tokens", 16, "With --prefix_cache_mib: the shortest prefix "
+                     "shared.")
 
 
 def main(argv):
@@ -34,7 +39,9 @@ def main(argv):
       memory_budget_bytes=None if FLAGS.memory_budget_mib is None
       else FLAGS.memory_budget_mib << 20,
       max_rows=FLAGS.max_rows, method=cli.method_from_flags(), budget=FLAGS.budget,
-      temperature=FLAGS.temperature, top_p=FLAGS.top_p, seed=FLAGS.seed)
+      temperature=FLAGS.temperature, top_p=FLAGS.top_p, seed=FLAGS.seed,
+      prefix_cache_bytes=None if FLAGS.prefix_cache_mib is None
+      else FLAGS.prefix_cache_mib << 20, min_prefix_tokens=FLAGS.min_prefix_tokens)
   with systems.serve_http(server, FLAGS.host, FLAGS.port) as endpoint:
     logging.info("serving %s (%d rows, %s) at %s/v1", FLAGS.model, server.rows,
                  server.method.label, endpoint.url)

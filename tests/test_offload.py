@@ -219,6 +219,7 @@ def on_device(model):
     ("lru", 1, 0, 0),               # far below a step's 10 requests: faults every step
     ("lru", 64, 2, 0),              # more frames than pages: only cold faults
     ("predictions", 3, 1, 0),
+    ("learned", 3, 1, 2),           # the trained predictor's bits, prefetch, victims
     ("hybrid", 2, 0, 2),
     ("hybrid", 8, 2, 3)])
 def test_offloaded_decoding_equals_on_device(model, on_device, policy, frames, prefetch,

@@ -289,3 +289,176 @@ def test_prompts_of_cached_chunks_join_the_batch():
                      method="snapkv", budget=16).submit_chunks(store, chunks)
   with pytest.raises(GenerationError, match="max_prompt_tokens"):
     server.submit_chunks(store, chunks + chunks)
+
+
+def _shared_prompts(seed: int = 5) -> list[list[int]]:
+  """An instruction shared by all, then one of three documents, then a question: 12
+  prompts that share 40 tokens with every other and 40 + 30 with three others."""
+  instruction, *documents = random_prompts([40, 30, 30, 30], seed=seed)
+  questions = random_prompts([3, 9, 5, 12, 4, 7, 11, 6, 2, 8, 10, 1], seed=seed + 1)
+  return [instruction + documents[i % 3] + q for i, q in enumerate(questions)]
+
+
+def test_prefix_sharing_prefills_each_shared_prefix_once_and_keeps_the_tokens():
+  """With a prefix store the server prefills a prefix shared with admitted or waiting
+  requests once, keeps it for later admissions, and every request gets the tokens of
+  generating its prompt alone (greedy and with its own seed)."""
+  model = tiny_model()
+  prompts = _shared_prompts()
+  for temperature in (0.0, 0.8):
+    server = scheduler.Server(model, max_prompt_tokens=120, max_new_tokens=8, max_rows=2,
+                              prefix_cache_bytes=1 << 30, min_prefix_tokens=8,
+                              temperature=temperature, seed=3)
+    ids = [server.submit(p) for p in prompts]
+    served = server.run()
+    for s, prompt in zip(served, prompts):
+      want = kvjax.generate(model, [prompt], max_new_tokens=8, temperature=temperature,
+                            seed=scheduler.sampling.offset_seed(3, s.id)).token_ids[0]
+      assert s.token_ids == want, (temperature, s.id)
+    assert [s.id for s in served] == ids
+  stats = server.stats
+  # Two rows at a time. The prefix tree over the admitted and waiting prompts gives each
+  # its instruction and document (70 tokens shared by four prompts saves more than the
+  # instruction shared by all), so each document's prefix is computed once, the first
+  # two in the first admission and the third when its first request comes, and then only
+  # each request's question.
+  assert stats["prompt_tokens"] == sum(map(len, prompts))
+  questions = sum(len(p) - 70 for p in prompts)
+  assert stats["prefilled_tokens"] == 3 * 70 + questions
+  assert stats["prefix_store"]["prefixes"] == 3 and stats["prefix_store"]["hits"] > 0
+  assert 0 < stats["prefix_store"]["bytes"] <= 1 << 30
+  unshared = scheduler.Server(model, max_prompt_tokens=120, max_new_tokens=8, max_rows=2)
+  for p in prompts:
+    unshared.submit(p)
+  unshared.run()
+  assert unshared.stats["prefilled_tokens"] == unshared.stats["prompt_tokens"] == sum(
+      map(len, prompts))
+  assert unshared.stats["prefix_store"] is None
+
+
+def test_a_prefix_store_too_small_for_a_prefix_still_shares_within_an_admission():
+  model = tiny_model()
+  prompts = _shared_prompts(seed=9)
+  server = scheduler.Server(model, max_prompt_tokens=120, max_new_tokens=4, max_rows=4,
+                            prefix_cache_bytes=1, min_prefix_tokens=8)
+  for p in prompts:
+    server.submit(p)
+  served = server.run()
+  for s, prompt in zip(served, prompts):
+    assert s.token_ids == kvjax.generate(model, [prompt], max_new_tokens=4).token_ids[0]
+  stats = server.stats
+  assert stats["prefix_store"]["prefixes"] == 0 and stats["prefix_store"]["bytes"] == 0
+  # Nothing is kept between admissions, yet each admission prefilled a shared prefix once.
+  assert sum(map(len, prompts)) > stats["prefilled_tokens"]
+
+
+def test_prefix_store_keeps_least_recently_used_out_within_its_bytes():
+  from kvjax.systems.prefix_store import PrefixStore
+  one = kv_cache.init_cache(tiny_model().config, 1, 16)
+  size = kv_cache.nbytes(one)
+  store = PrefixStore(2 * size + size // 2)
+  assert store.put((1, 2, 3), one) and store.put((1, 2), one)
+  assert store.longest([1, 2, 3, 4], most=3) == 3
+  assert store.longest([1, 2, 3, 4], most=2) == 2      # a suffix token must remain
+  assert store.longest([1, 5], most=1) == 0
+  assert store.get((1, 2, 3)) is one                   # now (1, 2) is the oldest
+  assert store.put((7,), one) and (1, 2) not in store and (1, 2, 3) in store
+  assert store.nbytes == 2 * size and store.stats()["evictions"] == 1
+  assert store.get((1, 2)) is None and store.stats()["misses"] == 1
+  assert not PrefixStore(size - 1).put((1,), one)      # larger than the whole store
+  with pytest.raises(GenerationError, match="prefix_cache_bytes=0"):
+    PrefixStore(0)
+
+
+def test_prefix_sharing_refuses_a_compressing_server_and_bad_limits():
+  model = tiny_model()
+  with pytest.raises(GenerationError, match="full cache.*snapkv"):
+    scheduler.Server(model, max_prompt_tokens=70, max_rows=2, method="snapkv", budget=16,
+                     prefix_cache_bytes=1 << 20)
+  with pytest.raises(GenerationError, match="min_prefix_tokens=0"):
+    scheduler.Server(model, max_prompt_tokens=70, max_rows=2, prefix_cache_bytes=1 << 20,
+                     min_prefix_tokens=0)
+  with pytest.raises(GenerationError, match="prefix_cache_bytes=-1"):
+    scheduler.Server(model, max_prompt_tokens=70, max_rows=2, prefix_cache_bytes=-1)
+
+
+def test_server_sharing_benchmark_compares_without_and_with_the_store(tmp_path):
+  from kvjax.systems import benchmarks
+  model = tiny_model()
+  prompts = _shared_prompts(seed=11)[:6]
+  lines = []
+  budget = 3 * scheduler.Server(model, max_prompt_tokens=max(map(len, prompts)),
+                                max_new_tokens=3, max_rows=1).row_bytes + 100   # 3 rows
+  report = benchmarks.compare_server_sharing(model, prompts, budget, 1 << 30,
+                                             max_new_tokens=3, min_prefix_tokens=8,
+                                             repeats=1, log=lines.append)
+  assert len(lines) == 1 and report["same_tokens"] and report["rows_with_same_tokens"] == 6
+  assert report["unshared"]["rows"] == report["shared"]["rows"] == 3
+  plain, shared = report["unshared"], report["shared"]
+  assert plain["prompt_tokens"] == shared["prompt_tokens"] == plain["prefilled_tokens"]
+  assert shared["prefilled_tokens"] < plain["prefilled_tokens"]
+  assert shared["prefix_store"]["prefixes"] > 0
+  assert report["throughput_ratio"] == pytest.approx(
+      shared["generated_tokens"] / shared["seconds"][0]
+      / (plain["generated_tokens"] / plain["seconds"][0]))
+  benchmarks.write_server_sharing_plot(report, tmp_path / "sharing.png")
+  assert (tmp_path / "sharing.png").stat().st_size > 1000
+
+
+def test_server_chunks_benchmark_serves_cached_chunks_against_plain_prompts(tmp_path):
+  """Cache-Craft through the server: with recompute fraction 1 the answers equal the plain
+  server's; with 0 only the questions are prefilled."""
+  from kvjax.systems import benchmarks
+  model = tiny_model()
+  chunks = random_prompts([14, 22, 9, 30, 17], seed=12)
+  first = [([chunks[0], chunks[1], chunks[2]], [5, 6], ["a"]),
+           ([chunks[0], chunks[3], chunks[4]], [7], ["b"])]
+  second = [([chunks[0], chunks[2], chunks[1]], [8, 9, 10], ["a"]),
+            ([chunks[0], chunks[4], chunks[3]], [11], ["b"]),
+            ([chunks[0], chunks[1], chunks[4]], [12, 13], ["c"])]
+  longest = max(sum(map(len, c)) + len(q) for c, q, _ in second)
+  budget = 2 * scheduler.Server(model, max_prompt_tokens=longest, max_new_tokens=4,
+                                max_rows=1).row_bytes + 100   # 2 rows
+  reports = {f: benchmarks.compare_server_chunks(model, (first, second), budget,
+                                                 max_new_tokens=4, recompute_fraction=f,
+                                                 repeats=1, log=lambda line: None)
+             for f in (1.0, 0.0)}
+  prompt_tokens = sum(sum(map(len, c)) + len(q) for c, q, _ in second)
+  for f, report in reports.items():
+    assert report["recompute"]["rows"] == report["chunks"]["rows"] == 2
+    assert report["prompt_tokens"] == prompt_tokens
+    assert report["recompute"]["prefilled_tokens"] == prompt_tokens
+    assert len(report["chunks"]["seconds"]) == len(report["recompute"]["seconds"]) == 1
+  assert reports[1.0]["answers_equal"] == 3
+  # Fraction 0: the stored chunks are only re-rotated; the questions are prefilled.
+  assert reports[0.0]["chunks"]["prefilled_tokens"] == sum(len(q) for _, q, _ in second)
+  assert reports[0.0]["prefill_saved_fraction"] > 0.9
+  benchmarks.write_server_chunks_plot(reports[0.0], tmp_path / "chunks.png")
+  assert (tmp_path / "chunks.png").stat().st_size > 1000
+
+
+def test_shared_prefixes_of_different_lengths_and_unshared_prompts_in_one_admission():
+  """One admission prefills two prefixes of different lengths (stacked at one append
+  index) and an unshared prompt (inserted with them in one step); a second run prefills
+  only what the store does not hold."""
+  model = tiny_model()
+  short, long, alone = random_prompts([20, 50, 30], seed=21)
+  long = [200 + t % 50 for t in long]                 # no first token in common
+  alone = [100 + t % 50 for t in alone]
+  questions = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10]]
+  prompts = [short + questions[0], short + questions[1], long + questions[2],
+             long + questions[3], alone]
+  server = scheduler.Server(model, max_prompt_tokens=60, max_new_tokens=6, max_rows=5,
+                            prefix_cache_bytes=1 << 30, min_prefix_tokens=8)
+  for run in range(2):
+    for p in prompts:
+      server.submit(p)
+    served = server.run()[-len(prompts):]
+    for s, prompt in zip(served, prompts):
+      assert s.token_ids == kvjax.generate(model, [prompt], max_new_tokens=6).token_ids[0]
+    stats = server.stats
+    assert stats["admissions"] == 1 and stats["prompt_tokens"] == sum(map(len, prompts))
+    computed = sum(map(len, questions)) + len(alone)
+    assert stats["prefilled_tokens"] == computed + (20 + 50 if run == 0 else 0), run
+  assert stats["prefix_store"]["prefixes"] == 2
+  assert stats["prefix_store"]["hits"] == 2 and stats["prefix_store"]["misses"] == 2

@@ -31,6 +31,11 @@ Policies (jnp, inside the jitted step; victims are chosen per request):
   is halved every `regret_window` steps, so predictions get another chance. (The paper's
   robustification combines with marking; paging.robust_discard_predictions simulates both
   policies and follows the better; this counter is a cheaper stand-in in that spirit.)
+- "learned": as "predictions", with the bits from a trained model instead of the
+  heuristic: `kvjax.cache.page_predictor` (features of every page at the step, a tiny
+  logistic-regression or one-hidden-layer model whose weights are static config;
+  `BufferConfig.predictor`, default `page_predictor.TRAINED`, trained on real SmolLM2
+  decodes by `kvjax.systems.page_predictor`). Same LRU fallback and regret counter.
 - "hybrid" (LSM-GNN): a frame's score is w * prior[page] + (1 - w) * uses[page] /
   `recency_window`, with uses the page's requests among the last `recency_window` requests
   of its row and head; a fault evicts the lowest score (the least recently used among
@@ -56,6 +61,11 @@ consumer until the next step, so a backend with asynchronous host-to-device tran
 (GPU, TPU) is free to overlap them with the following layers' compute, but this module
 does not force or measure that.
 
+Recording (`BufferConfig.record`, off by default: nothing is traced when off): every
+buffered decode step hands the host its requests, page features and both kinds of bits
+(heuristic, learned) through `jax.debug.callback`; `recording()` collects them per layer
+(`kvjax.systems.page_predictor` turns them into traces, labels and training data).
+
 Consistency: appended tokens are written to host memory (the dense cache) and through to
 their page's frame when it is resident; pages in the victim buffer that receive tokens are
 dropped from it. Counters (int32, summed over rows and heads): hits, faults (host reads on
@@ -65,19 +75,24 @@ the LRU fallback). The frames are device bytes and count in `nbytes`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from kvjax import validation
+from kvjax.cache import page_predictor
 from kvjax.cache.kv_cache import NewTokens, Stats
 from kvjax.cache.paged import DEVICE, PagedLayerCache, logit_bounds
 from kvjax.errors import KvjaxError
 from kvjax.ops import attention as attention_ops
 
-POLICIES = ("lru", "predictions", "hybrid")
+POLICIES = ("lru", "predictions", "learned", "hybrid")
+PREDICTED = ("predictions", "learned")   # the policies that evict by discard bits
 INT_MAX = jnp.iinfo(jnp.int32).max
 
 
@@ -89,12 +104,16 @@ class BufferError(KvjaxError):
 class BufferConfig:
   """How a page buffer is sized and evicts (see the module docstring).
 
-  device_pages: frames per row and KV head. policy: "lru", "predictions" or "hybrid".
+  device_pages: frames per row and KV head. policy: "lru", "predictions", "learned" or
+  "hybrid".
   prefetch: pages prefetched per row and head at the end of a step. victim_pages: victim
   frames per row and head. predict_rank: "predictions" keeps the top `predict_rank` pages
   by bound predicted not-safe (None: the pages a step reads per query head). tolerance,
   regret_window: the LRU fallback. prior_weight: "hybrid"'s w. recency_window: "hybrid"'s
-  requests of recent use (None: four steps' requests).
+  requests of recent use (None: four steps' requests). predictor: "learned"'s model (a
+  `page_predictor.PagePredictor`; None: the shipped `page_predictor.TRAINED`). record:
+  hand every step's requests, features and bits to `recording()` (a debugging and
+  data-collection switch; off costs nothing).
   """
   device_pages: int
   policy: str = "lru"
@@ -105,6 +124,8 @@ class BufferConfig:
   regret_window: int = 8
   prior_weight: float = 0.5
   recency_window: int | None = None
+  predictor: page_predictor.PagePredictor | None = None
+  record: bool = False
 
   def __post_init__(self):
     check = lambda name, low, what="": validation.integer(
@@ -121,6 +142,20 @@ class BufferConfig:
                       what="the static prior's share of the hybrid score")
     if self.recency_window is not None:
       check("recency_window", 1, "requests")
+    if self.predictor is not None:
+      if not isinstance(self.predictor, page_predictor.PagePredictor):
+        raise BufferError(f"predictor={validation.show(self.predictor)} must be a "
+                          "page_predictor.PagePredictor (or None: the trained default)")
+      if self.policy != "learned":
+        raise BufferError(f"predictor is used by policy='learned' only, got "
+                          f"policy={self.policy!r}")
+    validation.boolean("record", self.record, error=BufferError)
+
+  def model(self) -> page_predictor.PagePredictor | None:
+    """The learned policy's predictor (the trained default when none is given)."""
+    if self.policy != "learned":
+      return None
+    return self.predictor or page_predictor.TRAINED
 
 
 @struct.dataclass
@@ -146,6 +181,8 @@ class PageBuffer:
   victim_values: jax.Array | None = None
   victim_page: jax.Array | None = None   # [B, K, V] int32, -1 empty
   victim_stamp: jax.Array | None = None  # [B, K, V] int32 clock when it entered
+  last_request: jax.Array | None = None  # [B, K, P] int32 step of the last read, -1 never
+  frequency: jax.Array | None = None     # [B, K, P] float32 moving average of reads
   page_size: int = struct.field(pytree_node=False, default=16)
   policy: str = struct.field(pytree_node=False, default="lru")
   prefetch: int = struct.field(pytree_node=False, default=0)
@@ -153,6 +190,15 @@ class PageBuffer:
   tolerance: int = struct.field(pytree_node=False, default=2)
   regret_window: int = struct.field(pytree_node=False, default=8)
   prior_weight: float = struct.field(pytree_node=False, default=0.5)
+  predictor: page_predictor.PagePredictor | None = struct.field(pytree_node=False,
+                                                                default=None)
+  record: bool = struct.field(pytree_node=False, default=False)
+  tag: int = struct.field(pytree_node=False, default=0)   # the layer, for recording
+
+  @property
+  def features(self) -> bool:
+    """Whether the buffer keeps the predictor's read history."""
+    return self.last_request is not None
 
   @property
   def frames(self) -> int:
@@ -170,17 +216,18 @@ _HITS, _FAULTS, _VICTIM_HITS, _PREFETCHES, _PREFETCH_HITS, _REGRETS, _FALLBACKS 
 
 def init_buffer(batch: int, kv_heads: int, num_pages: int, head_dim: int, value_dim: int,
                 dtype, page_size: int, config: BufferConfig, requests_per_step: int,
-                prior: jax.Array | None = None, pages_per_query: int | None = None
-                ) -> PageBuffer:
+                prior: jax.Array | None = None, pages_per_query: int | None = None,
+                tag: int = 0) -> PageBuffer:
   """An empty buffer for a layer of `num_pages` pages per row and head. The defaults:
   predict_rank = `pages_per_query` (the pages one query head reads; else
   `requests_per_step`), recency_window = 4 * `requests_per_step`. `prior` [B, K, P]
-  (hybrid) defaults to zeros."""
+  (hybrid) defaults to zeros. tag: names the layer in recordings (Quest: its index among
+  the paged layers)."""
   b, k, p, f, v = batch, kv_heads, num_pages, config.device_pages, config.victim_pages
   zeros = lambda *shape: jnp.zeros(shape, jnp.int32)
   full = lambda *shape: jnp.full(shape, -1, jnp.int32)
   extra = {}
-  if config.policy == "predictions":
+  if config.policy in PREDICTED:
     extra = dict(safe=jnp.zeros((b, k, p), bool), evicted_safe=full(b, k, p),
                  regrets=zeros(b, k))
   if config.policy == "hybrid":
@@ -188,6 +235,8 @@ def init_buffer(batch: int, kv_heads: int, num_pages: int, head_dim: int, value_
     extra = dict(prior=(jnp.zeros((b, k, p), jnp.float32) if prior is None
                         else prior.astype(jnp.float32)),
                  uses=zeros(b, k, p), recent=full(b, k, window), recent_at=jnp.int32(0))
+  if config.policy == "learned" or config.record:
+    extra.update(last_request=full(b, k, p), frequency=jnp.zeros((b, k, p), jnp.float32))
   if v:
     extra.update(victim_keys=jnp.zeros((b, k, v * page_size, head_dim), dtype),
                  victim_values=jnp.zeros((b, k, v * page_size, value_dim), dtype),
@@ -200,7 +249,8 @@ def init_buffer(batch: int, kv_heads: int, num_pages: int, head_dim: int, value_
       counts=zeros(len(COUNTERS)), page_size=page_size, policy=config.policy,
       prefetch=config.prefetch,
       predict_rank=config.predict_rank or pages_per_query or requests_per_step, tolerance=config.tolerance,
-      regret_window=config.regret_window, prior_weight=config.prior_weight, **extra)
+      regret_window=config.regret_window, prior_weight=config.prior_weight,
+      predictor=config.model(), record=config.record, tag=tag, **extra)
 
 
 def counters(buf: PageBuffer) -> dict:
@@ -228,7 +278,7 @@ def _victim(buf: PageBuffer, b, k):
   if buf.policy == "lru":
     return jnp.argmin(last), no, no
   page = jnp.maximum(pages, 0)
-  if buf.policy == "predictions":
+  if buf.policy in PREDICTED:
     fallback = buf.regrets[b, k] > buf.tolerance
     safe = buf.safe[b, k][page] & ~fallback
     frame = _lexmin(jnp.where(empty, -1, jnp.where(safe, 0, 1)), last)
@@ -267,7 +317,7 @@ def _serve(buf: PageBuffer, host_keys, host_values, b, k, page, stamp, demand: b
     uses = buf.uses.at[b, k, jnp.maximum(old, 0)].add(jnp.where(old >= 0, -1, 0))
     buf = buf.replace(uses=uses.at[b, k, page].add(1), recent=buf.recent.at[b, k, at].set(page))
   regret = jnp.bool_(False)
-  if buf.policy == "predictions":   # a regret counts before this fault's victim is chosen
+  if buf.policy in PREDICTED:   # a regret counts before this fault's victim is chosen
     since = buf.evicted_safe[b, k, page]
     regret = demand & ~hit & (since >= 0) & (buf.step - since <= buf.regret_window)
     buf = buf.replace(regrets=buf.regrets.at[b, k].add(regret))
@@ -316,7 +366,7 @@ def _serve(buf: PageBuffer, host_keys, host_values, b, k, page, stamp, demand: b
   else:
     counts = counts.at[_PREFETCHES].add(1)
   counts = counts.at[_FALLBACKS].add(fault & by_fallback)
-  if buf.policy == "predictions":
+  if buf.policy in PREDICTED:
     e = jnp.maximum(evicted, 0)
     evicted_safe = buf.evicted_safe.at[b, k, e].set(
         jnp.where(fault & by_prediction, buf.step, buf.evicted_safe[b, k, e]))
@@ -334,7 +384,7 @@ def _serve(buf: PageBuffer, host_keys, host_values, b, k, page, stamp, demand: b
 
 
 def _start_step(buf: PageBuffer, safe: jax.Array | None) -> PageBuffer:
-  if buf.policy != "predictions":
+  if buf.policy not in PREDICTED:
     return buf
   decay = (buf.step > 0) & (buf.step % buf.regret_window == 0)
   return buf.replace(safe=safe, regrets=jnp.where(decay, buf.regrets // 2, buf.regrets))
@@ -345,7 +395,7 @@ def serve_requests(buf: PageBuffer, host_keys, host_values, requests: jax.Array,
   """One decode step's demand reads: (buffer, keys, values [B, K, R * page_size, D]) for
   the pages requests [B, K, R] of keys/values [B, K, S, D] (host or device memory), served
   in order r = 0 .. R-1 per row and head. safe [B, K, P]: this step's discard bits
-  ("predictions"). The step counter is not advanced (`end_step`)."""
+  ("predictions", "learned"). The step counter is not advanced (`end_step`)."""
   b, k, r = requests.shape
   ps = buf.page_size
   buf = _start_step(buf, safe)
@@ -417,7 +467,8 @@ def _pad_pages(buf: PageBuffer, more: int) -> PageBuffer:
       a, [(0, 0), (0, 0), (0, more)], constant_values=value)
   return buf.replace(page_frame=pad(buf.page_frame, -1), safe=pad(buf.safe, False),
                      evicted_safe=pad(buf.evicted_safe, -1), prior=pad(buf.prior, 0.0),
-                     uses=pad(buf.uses, 0))
+                     uses=pad(buf.uses, 0), last_request=pad(buf.last_request, -1),
+                     frequency=pad(buf.frequency, 0.0))
 
 
 # ------------------------------------------------------------------ the layer cache
@@ -441,13 +492,15 @@ class BufferedPagedLayerCache(PagedLayerCache):
   buffer: PageBuffer = None
 
   @classmethod
-  def from_paged(cls, paged: PagedLayerCache, config: BufferConfig, groups: int = 1
-                 ) -> "BufferedPagedLayerCache":
+  def from_paged(cls, paged: PagedLayerCache, config: BufferConfig, groups: int = 1,
+                 tag: int = 0) -> "BufferedPagedLayerCache":
     """Host side: `paged` (offloaded or not) with an empty buffer. groups: query heads per
-    KV head (a step requests groups * pages pages per row and head when gqa="query")."""
+    KV head (a step requests groups * pages pages per row and head when gqa="query").
+    tag: names the layer in recordings (Quest: its index among the paged layers)."""
     if not isinstance(config, BufferConfig):
       raise BufferError(f"config={config!r:.80} must be a BufferConfig")
     validation.integer("groups", groups, 1, error=BufferError, what="query heads per KV head")
+    validation.integer("tag", tag, 0, error=BufferError, what="the layer's name in recordings")
     d = paged.dense
     b, k, _, dim = d.keys.shape
     groups = groups if paged.gqa == "query" else 1
@@ -455,14 +508,15 @@ class BufferedPagedLayerCache(PagedLayerCache):
     fields = {f.name: getattr(paged, f.name) for f in dataclasses.fields(PagedLayerCache)}
     return cls(**fields, buffer=init_buffer(
         b, k, paged.page_max.shape[2], dim, d.values.shape[-1], d.keys.dtype,
-        paged.page_size, config, paged.pages * groups, prior, paged.pages))
+        paged.page_size, config, paged.pages * groups, prior, paged.pages, tag))
 
   def logical_axes(self) -> dict:
     rows = ("batch", "kv_heads")
     axes = {name: rows for name in ("keys", "values", "page_frame", "frame_page",
                                     "last_use", "prefetched", "safe", "evicted_safe",
                                     "regrets", "prior", "uses", "recent", "victim_keys",
-                                    "victim_values", "victim_page", "victim_stamp")}
+                                    "victim_values", "victim_page", "victim_stamp",
+                                    "last_request", "frequency")}
     return {**super().logical_axes(), "buffer": axes}
 
   def attend(self, queries, query_positions, pending: NewTokens | None = None,
@@ -476,11 +530,10 @@ class BufferedPagedLayerCache(PagedLayerCache):
     out, stepped = self.buffered_decode(queries, query_positions)
     return out, Stats(layer=stepped)
 
-  def _page_scores(self, queries) -> jax.Array:
-    """[B, K, P] the current query's bound per page, max over the KV head's query heads,
-    the newest page first."""
-    bound = logit_bounds(queries, self.page_max, self.page_min).max(2)
-    return bound.at[..., (self.dense.end - 1) // self.page_size].set(jnp.inf)
+  def _page_bounds(self, queries) -> jax.Array:
+    """[B, K, P] the current query's bound per page, max over the KV head's query heads
+    (-inf for pages without tokens)."""
+    return logit_bounds(queries, self.page_max, self.page_min).max(2)
 
   def buffered_decode(self, queries, query_positions):
     """(out [B, 1, H, D], the layer with its buffer stepped)."""
@@ -489,15 +542,28 @@ class BufferedPagedLayerCache(PagedLayerCache):
     slots = self.selected_slots(queries)                                      # [B, K, g, n]
     g, n = slots.shape[2], slots.shape[3]
     requests = (slots[..., ::ps] // ps).reshape(b, k, -1)
-    scores = None
-    safe = None
-    if buf.policy == "predictions" or buf.prefetch:
-      scores = self._page_scores(queries)
-    if buf.policy == "predictions":
+    scores = heuristic = safe = None
+    newest = (d.end - 1) // ps
+    if buf.policy in PREDICTED or buf.prefetch or buf.record:
+      bounds = self._page_bounds(queries)
+      scores = bounds.at[..., newest].set(jnp.inf)   # the newest page first
+    if buf.policy == "predictions" or buf.record:
       rank = min(buf.predict_rank, scores.shape[-1])
       _, top = jax.lax.top_k(scores, rank)
-      safe = jnp.ones(scores.shape, bool).at[
+      heuristic = jnp.ones(scores.shape, bool).at[
           jnp.arange(b)[:, None, None], jnp.arange(k)[None, :, None], top].set(False)
+      safe = heuristic
+    if buf.features:
+      last, freq = page_predictor.update_history(buf.last_request, buf.frequency, requests,
+                                                 buf.step)
+      features = page_predictor.page_features(bounds, newest, last, freq, buf.step)
+      buf = buf.replace(last_request=last, frequency=freq)
+      if buf.policy == "learned":
+        safe = buf.predictor.bits(features)
+      if buf.record:
+        learned = safe if buf.policy == "learned" else jnp.zeros(scores.shape, bool)
+        jax.debug.callback(functools.partial(_record, buf.tag), buf.step, requests,
+                           features, heuristic, learned)
     buf, keys, values = serve_requests(buf, d.keys, d.values, requests, safe)
     if buf.prefetch:
       # The best-ranked pages not resident after this step's reads: mostly those ranked
@@ -529,10 +595,37 @@ class BufferedPagedLayerCache(PagedLayerCache):
     return grown.replace(buffer=_pad_pages(self.buffer, more))
 
 
-def buffered(paged: PagedLayerCache, config: BufferConfig, groups: int = 1
+def buffered(paged: PagedLayerCache, config: BufferConfig, groups: int = 1, tag: int = 0
              ) -> BufferedPagedLayerCache:
   """Host side: `paged` with a device page buffer (see the module docstring)."""
-  return BufferedPagedLayerCache.from_paged(paged, config, groups)
+  return BufferedPagedLayerCache.from_paged(paged, config, groups, tag)
+
+
+# ------------------------------------------------------------------ recording
+
+_SINKS: list = []
+
+
+def _record(tag, step, requests, features, heuristic, learned):
+  if _SINKS:
+    _SINKS[-1].setdefault(tag, []).append(
+        (int(step), np.array(requests), np.array(features), np.array(heuristic),
+         np.array(learned)))
+
+
+@contextlib.contextmanager
+def recording():   # not thread-safe: one recording process-wide at a time
+  """Collects what buffers built with `BufferConfig(record=True)` hand over while the
+  block runs: {layer tag: [(step, requests [B, K, R], features [B, K, P, F], heuristic
+  bits [B, K, P], learned bits [B, K, P] (zeros unless policy "learned")), ...]} in the
+  order the host received them (sort by step)."""
+  sink: dict = {}
+  _SINKS.append(sink)
+  try:
+    yield sink
+  finally:
+    jax.effects_barrier()
+    _SINKS.remove(sink)
 
 
 def buffer_counts(cache) -> dict:

@@ -22,15 +22,20 @@ Offload tier (`device_pages` > 0, offloaded only): each paged layer keeps `devic
 device frames per row and KV head holding copies of host pages (`kvjax.cache.page_buffer`):
 a decode step reads resident pages from their frames and copies only the others from host
 memory, evicting by `eviction` ("lru", "predictions": a 1-bit discard prediction with an
-LRU fallback, "hybrid": LSM-GNN's static prior plus recency), with `victim_pages` victim
-frames and `prefetch` pages prefetched per step. The tokens are those of the unbuffered
-cache; `method_stats` adds the buffer's settings and bytes, and `decode_method_stats`
-its hits, faults and prefetches after decoding (`page_buffer.buffer_counts`).
+LRU fallback, "learned": the same with the bit from a trained model, `predictor`, default
+`kvjax.cache.page_predictor.TRAINED`, "hybrid": LSM-GNN's static prior plus recency),
+with `victim_pages` victim frames and `prefetch` pages prefetched per step. The tokens
+are those of the unbuffered cache; `method_stats` adds the buffer's settings and bytes,
+and `decode_method_stats` its hits, faults and prefetches after decoding
+(`page_buffer.buffer_counts`). `record_pages` hands every buffered step's requests and
+page features to `page_buffer.recording()` (data collection for the learned predictor;
+off by default).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import ClassVar
 
 import jax.numpy as jnp
@@ -38,6 +43,7 @@ import jax.numpy as jnp
 from kvjax.cache.kv_cache import host_nbytes, nbytes
 from kvjax.cache.page_buffer import (POLICIES, BufferConfig, BufferedPagedLayerCache,
                                      buffer_counts, buffered)
+from kvjax.cache.page_predictor import PagePredictor
 from kvjax.cache.paged import GQA_MODES, PagedLayerCache, repaged
 from kvjax.errors import MethodError
 from kvjax.methods import base, registry
@@ -58,6 +64,8 @@ class Quest(base.Method):
   eviction: str = "lru"
   prefetch: int = 0
   victim_pages: int = 0
+  predictor: PagePredictor | None = None   # eviction="learned"'s model (None: trained)
+  record_pages: bool = False
 
   def __post_init__(self):
     base.check_int("page_size", self.page_size, 1)
@@ -68,6 +76,14 @@ class Quest(base.Method):
     base.check_choice("eviction", self.eviction, POLICIES)
     base.check_int("prefetch", self.prefetch, 0)
     base.check_int("victim_pages", self.victim_pages, 0)
+    if self.predictor is not None and not isinstance(self.predictor, PagePredictor):
+      raise MethodError(f"predictor={self.predictor!r:.80} must be a "
+                        "kvjax.cache.page_predictor.PagePredictor or None")
+    if self.predictor is not None and self.eviction != "learned":
+      raise MethodError(f"predictor is used by eviction='learned' only, got "
+                        f"eviction={self.eviction!r}")
+    if not isinstance(self.record_pages, bool):
+      raise MethodError(f"record_pages={self.record_pages!r:.80} must be True or False")
     if self.device_pages and not self.offload:
       raise MethodError(f"device_pages={self.device_pages} buffers offloaded pages: it needs "
                         "offload=True (or device_pages=0)")
@@ -77,7 +93,8 @@ class Quest(base.Method):
     if not self.device_pages:
       return None
     return BufferConfig(device_pages=self.device_pages, policy=self.eviction,
-                        prefetch=self.prefetch, victim_pages=self.victim_pages)
+                        prefetch=self.prefetch, victim_pages=self.victim_pages,
+                        predictor=self.predictor, record=self.record_pages)
 
   def pages(self, keep: int) -> int:
     """Pages a decode step reads for a token budget of `keep`: whole pages covering it
@@ -99,13 +116,15 @@ class Quest(base.Method):
     cache, however many tokens decoding adds)."""
     groups = config.num_heads // config.num_kv_heads if config is not None else 1
     tier = self.buffer_config()
+    index = itertools.count()
 
     def page(dense, layer):
+      tag = next(index)
       if layer.pages * self.page_size >= dense.capacity:   # reads the whole context: dense
         return dense
       paged = PagedLayerCache.from_dense(dense, layer.page_size, layer.pages, layer.gqa)
       paged = paged.offload() if self.offload else paged
-      return paged if tier is None else buffered(paged, tier, groups)
+      return paged if tier is None else buffered(paged, tier, groups, tag)
 
     return repaged(cache, page)
 

@@ -3,8 +3,12 @@
 - `compare_sharing`: prefix sharing (BatchLLM) against the same batch without it.
 - `compare_serving`: the continuous-batching server, full cache against a compressing
   method, under one cache-memory bound.
+- `compare_server_sharing`: the server without and with its prefix store (BatchLLM's
+  shared prefixes in continuous batching).
 - `compare_chunk_reuse`: retrieval-augmented prompts assembled from cached chunks
   (Cache-Craft) against full recompute: prefill saved, answers, prefill seconds.
+- `compare_server_chunks`: the same through the server (`Server.submit_chunks` against
+  plain prompts).
 
 The workload is offline question answering over SQuAD: every prompt is the same
 instruction with a few solved examples, then one paragraph, then one of that
@@ -144,6 +148,40 @@ def write_serving_plot(report: dict, path) -> str:
                 ("rows admitted", [full["rows"], compressed["rows"]])))
 
 
+def _interleaved_servers(model, prompts, variants: dict, max_new_tokens: int, repeats: int,
+                         ignore_eos: bool, log, submit=None, max_prompt_tokens=None) -> dict:
+  """{name: (served, server of the untimed run, timed seconds)} for servers built with each
+  variant's keyword arguments (a fresh server per run): one untimed run each (compiles),
+  then `repeats` rounds that run every variant once in turn. `submit(name, server)` queues
+  the requests (default: every prompt of `prompts`)."""
+  if max_prompt_tokens is None:
+    max_prompt_tokens = max(len(p) for p in inputs.encode(model, list(prompts), None,
+                                                          None).prompts)
+  if submit is None:
+    submit = lambda name, server: [server.submit(p) for p in prompts]
+
+  def run(name):
+    server = Server(model, max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
+                    eos_token_ids=[] if ignore_eos else None, **variants[name])
+    submit(name, server)
+    served = server.run()
+    if server.prefixes is not None:   # no stored prefixes held through later runs
+      server.prefixes.clear()
+    return served, server
+
+  out = {name: (*run(name), []) for name in variants}
+  for i in range(repeats):
+    for name in variants:
+      out[name][2].append(run(name)[1].stats["seconds"])
+    log(f"repeat {i}: " + ", ".join(f"{name} {out[name][2][-1]:.2f} s" for name in variants))
+  return out
+
+
+def _server_summary(stats: dict, seconds: list, keys) -> dict:
+  return {**{k: stats[k] for k in keys}, "seconds": seconds,
+          "tokens_per_second": stats["generated_tokens"] / statistics.median(seconds)}
+
+
 def compare_serving(model, prompts, memory_budget_bytes: int, method: str, budget: int,
                     max_new_tokens: int = 16, repeats: int = 3, ignore_eos: bool = True,
                     log=print) -> dict:
@@ -153,42 +191,73 @@ def compare_serving(model, prompts, memory_budget_bytes: int, method: str, budge
   admits more rows. With ignore_eos every request generates max_new_tokens tokens, so both
   do the same work (compression changes where EOS falls, which would change the work).
   Also counts the rows whose greedy tokens equal the full cache's."""
-  max_prompt = max(len(p) for p in inputs.encode(model, list(prompts), None, None).prompts)
-
-  def run(method_name, method_budget):
-    server = Server(model, max_prompt_tokens=max_prompt, max_new_tokens=max_new_tokens,
-                    memory_budget_bytes=memory_budget_bytes, method=method_name,
-                    budget=method_budget, eos_token_ids=[] if ignore_eos else None)
-    for p in prompts:
-      server.submit(p)
-    return server.run(), server.stats
-
-  full, full_stats = run(None, None)
-  compressed, compressed_stats = run(method, budget)
-  seconds = {"full": [], method: []}
-  for i in range(repeats):
-    for name, b in ((None, None), (method, budget)):
-      _, stats = run(name, b)
-      seconds[name or "full"].append(stats["seconds"])
-    log(f"repeat {i}: full {seconds['full'][-1]:.2f} s, {method} {seconds[method][-1]:.2f} s")
-  full_median = statistics.median(seconds["full"])
-  compressed_median = statistics.median(seconds[method])
+  if method in (None, "full"):
+    raise ValueError(f"method={method!r}: compare_serving compares the full cache with a "
+                     f"compressing method")
+  runs = _interleaved_servers(
+      model, prompts, {"full": dict(memory_budget_bytes=memory_budget_bytes),
+                       method: dict(memory_budget_bytes=memory_budget_bytes, method=method,
+                                    budget=budget)},
+      max_new_tokens, repeats, ignore_eos, log)
+  (full, full_server, full_seconds), (compressed, compressed_server, compressed_seconds) = (
+      runs["full"], runs[method])
+  full_stats, compressed_stats = full_server.stats, compressed_server.stats
   keys = ("rows", "row_bytes", "cache_bytes", "generated_tokens", "decode_calls",
           "admissions", "compactions", "peak_active_rows")
+  summary = {"full": _server_summary(full_stats, full_seconds, keys),
+             "compressed": _server_summary(compressed_stats, compressed_seconds, keys)}
   return {
       "prompts": len(prompts), "max_new_tokens": max_new_tokens,
       "memory_budget_bytes": memory_budget_bytes, "method": method, "budget": budget,
-      "ignore_eos": ignore_eos,
-      "full": {**{k: full_stats[k] for k in keys}, "seconds": seconds["full"],
-               "tokens_per_second": full_stats["generated_tokens"] / full_median},
-      "compressed": {**{k: compressed_stats[k] for k in keys}, "seconds": seconds[method],
-                     "tokens_per_second": compressed_stats["generated_tokens"]
-                     / compressed_median},
-      "throughput_ratio": (compressed_stats["generated_tokens"] / compressed_median)
-                          / (full_stats["generated_tokens"] / full_median),
+      "ignore_eos": ignore_eos, **summary,
+      "throughput_ratio": (summary["compressed"]["tokens_per_second"]
+                           / summary["full"]["tokens_per_second"]),
       "rows_with_same_tokens_as_full": sum(a.token_ids == b.token_ids
                                            for a, b in zip(full, compressed)),
   }
+
+
+def compare_server_sharing(model, prompts, memory_budget_bytes: int, prefix_cache_bytes: int,
+                           max_new_tokens: int = 16, min_prefix_tokens: int = 16,
+                           repeats: int = 3, ignore_eos: bool = True, log=print) -> dict:
+  """The server (full cache, `memory_budget_bytes` of batch cache) without and with prefix
+  sharing (`prefix_cache_bytes` of prefix store, which starts empty every run),
+  interleaved as `compare_serving`. Both do the same work; greedy tokens should match."""
+  runs = _interleaved_servers(
+      model, prompts,
+      {"unshared": dict(memory_budget_bytes=memory_budget_bytes),
+       "shared": dict(memory_budget_bytes=memory_budget_bytes,
+                      prefix_cache_bytes=prefix_cache_bytes,
+                      min_prefix_tokens=min_prefix_tokens)},
+      max_new_tokens, repeats, ignore_eos, log)
+  (plain, plain_server, plain_seconds), (shared, shared_server, shared_seconds) = (
+      runs["unshared"], runs["shared"])
+  plain_stats, shared_stats = plain_server.stats, shared_server.stats
+  keys = ("rows", "cache_bytes", "generated_tokens", "admissions", "prompt_tokens",
+          "prefilled_tokens", "prefill_saved_fraction")
+  summary = {"unshared": _server_summary(plain_stats, plain_seconds, keys),
+             "shared": {**_server_summary(shared_stats, shared_seconds, keys),
+                        "prefix_store": shared_stats["prefix_store"]}}
+  same = [a.token_ids == b.token_ids for a, b in zip(plain, shared)]
+  return {
+      "prompts": len(prompts), "max_new_tokens": max_new_tokens,
+      "memory_budget_bytes": memory_budget_bytes, "prefix_cache_bytes": prefix_cache_bytes,
+      "min_prefix_tokens": min_prefix_tokens, "ignore_eos": ignore_eos, **summary,
+      "throughput_ratio": (summary["shared"]["tokens_per_second"]
+                           / summary["unshared"]["tokens_per_second"]),
+      "same_tokens": all(same), "rows_with_same_tokens": sum(same),
+  }
+
+
+def write_server_sharing_plot(report: dict, path) -> str:
+  """PNG: tokens per second and prompt tokens prefilled, without and with sharing."""
+  plain, shared = report["unshared"], report["shared"]
+  return _bars(path, f"{report.get('model', '')}: {report['prompts']} requests, server "
+                     f"prefix sharing {report['throughput_ratio']:.2f}x throughput",
+               ("unshared", "shared"),
+               (("tokens/s", [plain["tokens_per_second"], shared["tokens_per_second"]]),
+                ("prefilled tokens", [plain["prefilled_tokens"],
+                                      shared["prefilled_tokens"]])))
 
 
 RAG_PREAMBLE = "Answer the question with a short phrase copied from the documents.\n\n"
@@ -285,6 +354,73 @@ def compare_chunk_reuse(model, workload, max_new_tokens: int = 16,
         "prefill_speedup": full_seconds / seconds if seconds else None,
         "texts": o["texts"]}
   return report
+
+
+def compare_server_chunks(model, workload, memory_budget_bytes: int, max_new_tokens: int = 16,
+                          recompute_fraction: float | None = None, repeats: int = 3,
+                          log=print) -> dict:
+  """Cache-Craft through the continuous-batching server: `rag_workload`'s second pass
+  served (full cache, `memory_budget_bytes` of batch cache) as plain prompts (full
+  recompute) and as prompts of cached chunks (`Server.submit_chunks` with
+  `recompute_fraction`, None: Cache-Craft's CFO) from a store the first pass filled,
+  interleaved as `compare_serving`. Greedy, EOS honoured (both give the answers they
+  would). Reports throughput, the prompt tokens prefilled, answers equal to the plain
+  server's and gold answers found."""
+  store = chunk_cache.ChunkStore(model, max_bytes=8 << 30)
+  first, second = workload
+  for chunks, question, _ in first:
+    chunk_cache.generate_from_chunks(model, store, chunks, question, max_new_tokens)
+  encoded = [chunk_cache.encode_chunks(model, c, q) for c, q, _ in second]
+  joined = [[t for c in ids for t in c] + q for ids, q in encoded]
+
+  def submit(name, server):
+    for (ids, q), prompt in zip(encoded, joined):
+      if name == "recompute":
+        server.submit(prompt)
+      else:
+        server.submit_chunks(store, ids, q, recompute_fraction=recompute_fraction,
+                             update_store=False)
+
+  runs = _interleaved_servers(
+      model, None, {"recompute": dict(memory_budget_bytes=memory_budget_bytes),
+                    "chunks": dict(memory_budget_bytes=memory_budget_bytes)},
+      max_new_tokens, repeats, False, log, submit=submit,
+      max_prompt_tokens=max(map(len, joined)))
+  answers = [a for _, _, a in second]
+  report = {"prompts": len(second), "max_new_tokens": max_new_tokens,
+            "memory_budget_bytes": memory_budget_bytes,
+            "recompute_fraction": recompute_fraction, "prompt_tokens": sum(map(len, joined))}
+  for name, (served, server, seconds) in runs.items():
+    texts = [s.text for s in served]
+    prefilled = (sum(server.chunk_stats[s.id]["prefilled_tokens"] for s in served)
+                 if name == "chunks" else server.stats["prefilled_tokens"])
+    report[name] = {
+        "rows": server.rows, "generated_tokens": server.stats["generated_tokens"],
+        "prefilled_tokens": prefilled, "seconds": seconds,
+        "tokens_per_second": server.stats["generated_tokens"] / statistics.median(seconds),
+        "gold_found": statistics.mean(scoring.string_match_part(t, a)
+                                      for t, a in zip(texts, answers)),
+        "texts": texts}
+  plain, chunks = runs["recompute"][0], runs["chunks"][0]
+  report["answers_equal"] = sum(a.token_ids == b.token_ids for a, b in zip(plain, chunks))
+  report["prefill_saved_fraction"] = 1 - report["chunks"]["prefilled_tokens"] / max(
+      1, report["prompt_tokens"])
+  # Seconds per request served: EOS falls where it falls, so the work differs slightly.
+  report["speedup"] = (statistics.median(runs["recompute"][2])
+                       / statistics.median(runs["chunks"][2]))
+  return report
+
+
+def write_server_chunks_plot(report: dict, path) -> str:
+  """PNG: seconds and prompt tokens prefilled, full recompute against cached chunks."""
+  plain, chunks = report["recompute"], report["chunks"]
+  return _bars(path, f"{report.get('model', '')}: {report['prompts']} RAG requests through "
+                     f"the server, {report['speedup']:.2f}x faster from cached chunks",
+               ("recompute", "chunks"),
+               (("seconds (median)", [statistics.median(plain["seconds"]),
+                                      statistics.median(chunks["seconds"])]),
+                ("prefilled tokens", [plain["prefilled_tokens"], chunks["prefilled_tokens"]]),
+                ("gold found (%)", [100 * plain["gold_found"], 100 * chunks["gold_found"]])))
 
 
 def write_chunk_reuse_plot(report: dict, path) -> str:

@@ -4,8 +4,10 @@ all-on-device Quest cache.
 
 `offloaded_generate` decodes prompts through Quest with the tier configured by keyword:
 `kvjax.generate(model, prompts, method="quest:device_pages=64:eviction=predictions:
-prefetch=2", ...)` underneath, its stats["decode_method_stats"] (the final cache's buffer
-counters: hits, faults, prefetches, fault rate) flattened into the result's stats.
+prefetch=2", ...)` underneath (policies: `page_buffer.POLICIES`, "learned" with the
+trained discard predictor, `kvjax.cache.page_predictor.TRAINED`), its
+stats["decode_method_stats"] (the final cache's buffer counters: hits, faults,
+prefetches, fault rate) flattened into the result's stats.
 
 `compare_offload` decodes the same prompts with (a) the Quest cache all on the device,
 (b) offloaded without a buffer (every selected page copied every step), (c) offloaded with

@@ -131,10 +131,10 @@ def plan_waves(config, groups: Sequence[PrefixGroup], lengths: Sequence[int],
   return waves
 
 
-def _slice_rows(prefixes, index: np.ndarray):
-  """The prefilled prefix cache with rows `index` (one per slice)."""
+def take_rows(cache, index: np.ndarray):
+  """`cache` with rows `index` (repeats allowed; scalar leaves such as `end` kept)."""
   take = lambda a: jnp.take(a, jnp.asarray(index), axis=0) if a.ndim else a
-  return jax.tree_util.tree_map(take, prefixes)
+  return jax.tree_util.tree_map(take, cache)
 
 
 def _run_wave(model, wave: Wave, encoded, method, keep_for, max_new_tokens, sampling_args,
@@ -158,7 +158,7 @@ def _run_wave(model, wave: Wave, encoded, method, keep_for, max_new_tokens, samp
   prefilled = context.prefill(model, tokens, mask, method if compressed else FULL, keep,
                               room=0, steps=steps)
   index = np.array([prefix_of[tuple(encoded[m[0]][:p])] for p, m in wave.slices])
-  prefixes = _slice_rows(prefilled.cache, index)
+  prefixes = take_rows(prefilled.cache, index)
   del prefilled  # only the slices' copies stay
   cache = shared_prefix_cache(prefixes, wave.rows_per_prefix,
                               wave.suffix_width + max_new_tokens)

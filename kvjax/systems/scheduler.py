@@ -18,6 +18,12 @@ it; when the shared index nears the end, every row's live slots are moved to the
 (one fixed-shape compiled step). Tokens equal `kvjax.generate` of each prompt alone: greedy
 ones, and with temperature > 0 those of `generate(..., seed=)` with the request's seed (each
 row samples from its own key stream, `Server.submit`).
+
+With `prefix_cache_bytes` (full cache), prompts that share a prefix (a system prompt, few-shot
+examples, a document asked several questions) prefill it once: admission looks for shared
+prefixes among the requests it admits and those still waiting, keeps each prefilled prefix
+in a bounded store for later admissions, and prefills only each row's suffix over a copy
+of it (the tokens equal generating each prompt alone up to float rounding).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import itertools
 import threading
 import time
 from typing import Sequence
@@ -43,7 +50,14 @@ from kvjax.generation import context, engine, inputs, sampling
 from kvjax.generation.generate import (DECODE_CHUNK, _sample_jit, _validate_sampling,
                                        check_context_length, eos_ids)
 from kvjax.systems import chunk_cache
-from kvjax.systems.prefix_sharing import check_prefill_method
+from kvjax.systems.prefix_sharing import check_prefill_method, take_rows
+from kvjax.systems.prefix_store import PrefixStore
+from kvjax.systems.prefix_tree import group_by_prefix
+
+
+# Waiting requests the prefix tree looks at when an admission picks shared prefixes (it is
+# rebuilt at every admission, so its cost stays bounded however long the queue grows).
+PREFIX_LOOKAHEAD = 256
 
 
 @dataclasses.dataclass
@@ -85,6 +99,15 @@ def _empty_cache(config, rows: int, capacities: tuple, dtype) -> Cache:
                                            config.values_per_key_head * config.head_dim)
                  for c in capacities)
   return Cache(layers=layers, lengths=jnp.zeros((rows,), jnp.int32))
+
+
+def _stacked_rows(caches: list) -> Cache:
+  """The rows of `caches` (same layers and capacities) in one cache; each layer's shared
+  append index `end` (the only scalar leaf) is the largest, so a row with fewer live
+  slots has empty ones before it."""
+  return jax.tree_util.tree_map(
+      lambda *leaves: jnp.concatenate(leaves) if leaves[0].ndim else jnp.max(
+          jnp.stack(leaves)), *caches)
 
 
 def _live_first(layer: LayerCache) -> tuple[LayerCache, jax.Array]:
@@ -156,10 +179,20 @@ class Server:
                method=None, budget: int | None = None, temperature: float = 0.0,
                top_p: float = 1.0, seed: int = 0, eos_token_ids=None,
                chat_template: bool | None = None, on_finish=None,
+               prefix_cache_bytes: int | None = None, min_prefix_tokens: int = 16,
                steps: engine.CompiledSteps = engine.STEPS):
     """on_finish: called with each ServedRequest as soon as it is done (from the thread
     that runs `run`); `submit` may be called from other threads meanwhile, and a request
-    submitted while `run` is serving is admitted by that run."""
+    submitted while `run` is serving is admitted by that run.
+
+    prefix_cache_bytes: share prompt prefixes (full cache only; None: off). A request is
+    prefilled from the longest prefix of it that is stored, or that it shares with
+    another request being admitted or still waiting (BatchLLM's prefix tree over the
+    queue, the first PREFIX_LOOKAHEAD of it), whichever is longer and at least
+    `min_prefix_tokens` long: such a prefix is prefilled once, kept in a `PrefixStore` of
+    at most `prefix_cache_bytes` device bytes (on top of `memory_budget_bytes`; least
+    recently used out), and only each row's suffix is prefilled over it. A stored prefix
+    is not extended: a longer one that starts with it is prefilled whole."""
     _validate_sampling(max_new_tokens, temperature, top_p, seed, None)
     validation.integer("max_prompt_tokens", max_prompt_tokens, 1, error=GenerationError,
                        what="the longest prompt the server admits, in tokens")
@@ -179,6 +212,17 @@ class Server:
     self.model, self.steps = model, steps
     self.method = calibration.bind(method, model)
     check_prefill_method("Server", self.method)
+    self.min_prefix_tokens = validation.integer(
+        "min_prefix_tokens", min_prefix_tokens, 1, error=GenerationError,
+        what="the shortest prompt prefix that is shared")
+    self.prefixes = None
+    if prefix_cache_bytes is not None:
+      if self.method.compresses:
+        raise GenerationError(f"prefix_cache_bytes={prefix_cache_bytes}: prefix sharing needs "
+                              f"the server's full cache; this one compresses with "
+                              f"{self.method.label!r} (use systems.generate_shared to "
+                              f"compress shared prefixes once)")
+      self.prefixes = PrefixStore(prefix_cache_bytes)
     if self.method.needs_budget and budget is None:
       raise GenerationError(f"method {self.method.label!r} needs budget= (tokens kept per "
                             f"layer): a row's size must not depend on its prompt")
@@ -226,6 +270,8 @@ class Server:
     self.chunk_stats: dict = {}     # request -> prefill_chunks' stats
     self.on_finish = on_finish
     self._failed = 0                # requests of the running `run` that failed alone
+    # Plain prompts' tokens admitted by the running `run`, and those it computed.
+    self._token_counts = {"prompt": 0, "prefilled": 0}
     self.stats: dict = {}
 
   def submit(self, prompt, max_new_tokens: int | None = None, *,
@@ -236,7 +282,8 @@ class Server:
     server's seed plus the request's id) exactly as `kvjax.generate(model, [prompt],
     seed=seed)` does, whatever it is batched with."""
     request = self._register(prompt, max_new_tokens, seed)
-    self._queue.append(request)
+    with self._lock:   # an admission may be reading the queue (_prefix_starts)
+      self._queue.append(request)
     return request
 
   def _register(self, prompt, max_new_tokens: int | None, seed: int | None) -> int:
@@ -292,7 +339,8 @@ class Server:
     self._chunked[request] = (store, ids, question_ids,
                               dict(recompute_fraction=recompute_fraction, alpha=alpha,
                                    update_store=update_store))
-    self._queue.append(request)
+    with self._lock:
+      self._queue.append(request)
     return request
 
   def _admit(self, cache, rows: list, free: list):
@@ -374,10 +422,37 @@ class Server:
     return fitted
 
   def _prefill_prompts(self, cache, take: list, targets: list):
-    prompts = [self._requests[r].tokens for r in take]
-    padded = _padded_count(len(take), self.admit_rows)
-    # Padding rows repeat the first prompt; their targets are past the last row (dropped).
-    prompts += [prompts[0]] * (padded - len(take))
+    """Prefills requests `take` into rows `targets`: whole prompts together, and with
+    prefix sharing those with a shared prefix from it. Returns (cache, first tokens)."""
+    starts = self._prefix_starts(take) if self.prefixes is not None else [0] * len(take)
+    parts, rows, first, computed = [], [], np.zeros(len(take), np.int32), 0
+    for shared in (False, True):
+      part = [i for i, start in enumerate(starts) if bool(start) == shared]
+      if part:
+        prefill_part = self._prefilled_suffixes if shared else self._prefilled_rows
+        fitted, tokens, padded, count = prefill_part([take[i] for i in part],
+                                                     [starts[i] for i in part])
+        first[part] = tokens
+        computed += count
+        parts.append(fitted)
+        rows += [targets[i] for i in part] + [self.rows] * padded
+    fitted = parts[0] if len(parts) == 1 else _stacked_rows(parts)
+    # Last, and once: inserting donates the batch cache, so whatever can fail comes before.
+    cache = _inserted(cache, fitted, jnp.asarray(rows, jnp.int32))
+    self._token_counts["prompt"] += sum(len(self._requests[r].tokens) for r in take)
+    self._token_counts["prefilled"] += computed
+    return cache, first
+
+  def _padded(self, items: list) -> list:
+    """`items` padded to a power-of-two count by repeating the first (few shapes compile);
+    the padding rows' results are dropped."""
+    return items + items[:1] * (_padded_count(len(items), self.admit_rows) - len(items))
+
+  def _prefilled_rows(self, take: list, _starts=None):
+    """Whole prompts prefilled together (compressed by the method): (their rows at the
+    server's capacities, first tokens, padding rows, prompt tokens computed). `_starts`
+    (all 0) keeps `_prefilled_suffixes`' signature."""
+    prompts = self._padded([self._requests[r].tokens for r in take])
     tokens, mask = inputs.left_pad(prompts, inputs.pad_id(self.model))
     prefilled = context.prefill(self.model, tokens, mask, self.method,
                                 self.keep if self.method.compresses else None, room=0,
@@ -386,12 +461,70 @@ class Server:
     del prefilled  # the prompts' cache goes as soon as its rows are in the batch cache
     fitted = self._fitted(prompt_cache)
     del prompt_cache
-    padding = take[:1] * (padded - len(take))   # the padding rows' draws are dropped
-    first = self._first_tokens(logits, take + padding)[:len(take)]
-    # Last: inserting donates the batch cache, so whatever can fail comes before it.
-    cache = _inserted(cache, fitted, jnp.asarray(targets + [self.rows] * (padded - len(take)),
-                                                 jnp.int32))
-    return cache, first
+    first = self._first_tokens(logits, self._padded(take))[:len(take)]
+    return fitted, first, len(prompts) - len(take), sum(map(len, prompts[:len(take)]))
+
+  def _prefix_starts(self, take: list) -> list:
+    """Per request, the length of the prefix it is prefilled from (0: none): the longest
+    stored one, or the one the prefix tree gives it among the requests being admitted and
+    those waiting, whichever is longer, if at least `min_prefix_tokens`."""
+    prompts = [self._requests[r].tokens for r in take]
+    with self._lock:   # `submit` may append from another thread meanwhile
+      queued = list(itertools.islice(self._queue, PREFIX_LOOKAHEAD))
+    waiting = [self._requests[r].tokens for r in queued if r not in self._chunked]
+    grouped = {m: g.prefix_length
+               for g in group_by_prefix(prompts + waiting, self.min_prefix_tokens)
+               for m in g.members}
+    starts = []
+    for i, tokens in enumerate(prompts):
+      most = len(tokens) - 1   # a suffix of one token at least gives the next logits
+      start = max(grouped.get(i, 0), self.prefixes.longest(tokens, most))
+      starts.append(start if start >= self.min_prefix_tokens else 0)
+    return starts
+
+  def _prefix_caches(self, prefixes: list) -> tuple[dict, int]:
+    """({prefix tokens: its one-row cache, live slots first}, tokens prefilled): stored
+    prefixes, and the others prefilled together now and stored."""
+    caches = {p: self.prefixes.get(p) for p in prefixes}   # counts hits and misses
+    missing = [p for p, cache in caches.items() if cache is None]
+    if missing:
+      rows = self._padded([list(p) for p in missing])
+      tokens, mask = inputs.left_pad(rows, inputs.pad_id(self.model))
+      prefilled = context.prefill(self.model, tokens, mask, self.method, None, room=0,
+                                  steps=self.steps)
+      for i, prefix in enumerate(missing):
+        # Stored at a multiple of 64 slots, not the prompt bucket: less padding held.
+        width = (-(-len(prefix) // 64) * 64,) * len(prefilled.cache.layers)
+        caches[prefix], _ = _fitted_rows(take_rows(prefilled.cache, np.array([i])),
+                                         capacities=width, kept=width)
+        self.prefixes.put(prefix, caches[prefix])
+    return caches, sum(map(len, missing))
+
+  def _prefilled_suffixes(self, take: list, starts: list):
+    """Requests prefilled from their prefixes (`_prefix_caches`): each row's prefix copied
+    out of its one-row cache, then every row's suffix prefilled over it together. Returns
+    what `_prefilled_rows` does."""
+    prompts = [self._requests[r].tokens for r in take]
+    keys = [tuple(t[:s]) for t, s in zip(prompts, starts)]
+    distinct = list(dict.fromkeys(keys))
+    caches, computed = self._prefix_caches(distinct)
+    suffixes = self._padded([t[s:] for t, s in zip(prompts, starts)])
+    computed += sum(len(t) - s for t, s in zip(prompts, starts))
+    suffix_width = inputs.bucket(max(map(len, suffixes)))
+    # Every prefix at one capacity (live slots first, the shortest followed by empty
+    # slots up to the longest's end), room for the suffixes after them.
+    capacity = (inputs.bucket(max(starts)) + suffix_width,) * self.model.config.num_layers
+    stacked = _stacked_rows([_fitted_rows(caches[p], capacities=capacity, kept=capacity)[0]
+                             for p in distinct])
+    rows = take_rows(stacked, np.array(self._padded([distinct.index(k) for k in keys])))
+    del stacked   # only the rows' copies stay while their suffixes are prefilled
+    tokens, mask = inputs.left_pad(suffixes, inputs.pad_id(self.model), suffix_width)
+    logits, rows = self.steps.prefill(self.model, jnp.asarray(tokens), jnp.asarray(mask),
+                                      rows, logits="last")
+    fitted_rows = self._fitted(rows)
+    del rows
+    first = self._first_tokens(logits, self._padded(take))[:len(take)]
+    return fitted_rows, first, len(suffixes) - len(take), computed
 
   def _prefill_chunks(self, cache, request: int, target: int):
     store, ids, question_ids, options = self._chunked.pop(request)
@@ -446,6 +579,7 @@ class Server:
     decode_calls = compactions = admissions = generated = served = 0
     peak_rows = 0
     self._failed = 0
+    self._token_counts = {"prompt": 0, "prefilled": 0}
     while self._queue or any(r is not None for r in rows):
       freed = np.array([r is not None and r.done for r in rows])
       if freed.any():
@@ -497,6 +631,13 @@ class Server:
         "seconds": seconds, "tokens_per_second": generated / seconds if seconds > 0 else None,
         "decode_calls": decode_calls, "admissions": admissions, "compactions": compactions,
         "peak_active_rows": peak_rows,
+        "prompt_tokens": self._token_counts["prompt"],
+        "prefilled_tokens": self._token_counts["prefilled"],
+        "prefill_saved_fraction": (1 - self._token_counts["prefilled"]
+                                   / self._token_counts["prompt"]
+                                   if self._token_counts["prompt"] else None),
+        # Over the server's life: the store outlives a run.
+        "prefix_store": None if self.prefixes is None else self.prefixes.stats(),
         "compile_seconds": steps.compile_seconds - compile_before}
     return [self._results[i] for i in sorted(self._results)
             if isinstance(self._results[i], ServedRequest)]
