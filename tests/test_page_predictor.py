@@ -266,6 +266,15 @@ def test_bad_predictor_options():
     kvjax.methods.get("quest:device_pages=2:eviction=learnt")
   with pytest.raises(pp.PredictorError, match=r"features has shape"):
     train_pp.train(np.zeros((4, 3)), np.zeros(4))
+  x = np.zeros((4, pp.NUM_FEATURES))
+  with pytest.raises(pp.PredictorError, match=r"targets must be discard bits"):
+    train_pp.train(x, np.full(4, 0.5))
+  with pytest.raises(pp.PredictorError, match=r"l2=-1"):
+    train_pp.train(x, np.zeros(4), l2=-1)
+  with pytest.raises(pp.PredictorError, match=r"threshold=1"):
+    train_pp.train(x, np.zeros(4), threshold=1)
+  with pytest.raises(pp.PredictorError, match=r"no recorded traces"):
+    train_pp.dataset([], 3)
 
 
 def test_the_shipped_predictor_is_valid(recorded):

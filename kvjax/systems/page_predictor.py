@@ -140,6 +140,10 @@ def examples(trace: Trace, capacity: int) -> tuple:
 
 
 def dataset(traces, capacity: int) -> tuple:
+  """(features [N, F], labels [N]) of every trace's `examples`."""
+  if not traces:
+    raise PredictorError("no recorded traces: record a decode through a buffered Quest "
+                         "cache with record_pages=True first")
   pairs = [examples(t, capacity) for t in traces]
   return np.concatenate([x for x, _ in pairs]), np.concatenate([y for _, y in pairs])
 
@@ -165,12 +169,17 @@ def train(features, targets, *, hidden: int = 4, steps: int = 400, learning_rate
   validation.integer("hidden", hidden, 0, 256, error=PredictorError, what="hidden units")
   validation.integer("steps", steps, 1, 100_000, error=PredictorError, what="optimizer steps")
   validation.number("learning_rate", learning_rate, 0, low_open=True, error=PredictorError)
+  validation.number("l2", l2, 0, error=PredictorError, what="the weight penalty")
+  validation.number("threshold", threshold, 0, 1, low_open=True, high_open=True,
+                    error=PredictorError, what="the probability above which a page is safe")
   features = jnp.asarray(features, jnp.float32)
   targets = jnp.asarray(targets, jnp.float32)
   if features.ndim != 2 or features.shape[1] != NUM_FEATURES or features.shape[0] == 0:
     raise PredictorError(f"features has shape {features.shape}; need [N > 0, {NUM_FEATURES}]")
   if targets.shape != features.shape[:1]:
     raise PredictorError(f"targets has shape {targets.shape}; need [{features.shape[0]}]")
+  if not bool(jnp.all((targets == 0) | (targets == 1))):
+    raise PredictorError("targets must be discard bits, 0 or 1")
   n = num_weights(hidden)
   key = jax.random.PRNGKey(seed)
   weights = 0.5 * jax.random.normal(key, (n,), jnp.float32) if hidden else jnp.zeros(n)
