@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 
-from kvjax.evaluation import map_limit
+from kvjax.generation import map_limit
 from kvjax.generation import engine
 
 

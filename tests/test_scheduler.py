@@ -462,3 +462,24 @@ def test_shared_prefixes_of_different_lengths_and_unshared_prompts_in_one_admiss
     assert stats["prefilled_tokens"] == computed + (20 + 50 if run == 0 else 0), run
   assert stats["prefix_store"]["prefixes"] == 2
   assert stats["prefix_store"]["hits"] == 2 and stats["prefix_store"]["misses"] == 2
+
+
+def test_the_server_drops_compiled_code_near_the_mapping_limit(monkeypatch):
+  """Before an admission the server checks the process's memory mappings; past the share
+  it drops the compiled code and serves on with the same tokens."""
+  from kvjax.generation import map_limit
+  model = tiny_model()
+  prompts = random_prompts([12, 30, 7], seed=13)
+  monkeypatch.setattr(map_limit, "mappings", lambda: 40_000)
+  monkeypatch.setattr(map_limit, "_limit", lambda: 65_530)
+  released = []
+  real = map_limit.release_if_near_limit
+  monkeypatch.setattr(map_limit, "release_if_near_limit",
+                      lambda: released.append(real()))
+  server = scheduler.Server(model, max_prompt_tokens=30, max_new_tokens=5, max_rows=1)
+  for p in prompts:
+    server.submit(p)
+  served = server.run()
+  assert released == [True] * 3          # one admission per request (one row)
+  for s, prompt in zip(served, prompts):
+    assert s.token_ids == kvjax.generate(model, [prompt], max_new_tokens=5).token_ids[0]

@@ -25,9 +25,9 @@ from kvjax import calibration
 from kvjax import methods as methods_lib
 from kvjax.cache import full_cache_nbytes
 from kvjax.errors import KvjaxError, MethodError
-from kvjax.evaluation import map_limit, scoring, tasks as tasks_lib
+from kvjax.evaluation import scoring, tasks as tasks_lib
 from kvjax.fileio import write_json_atomic
-from kvjax.generation import context, conversation, episodes, inputs
+from kvjax.generation import context, conversation, episodes, inputs, map_limit
 from kvjax.generation.generate import complete
 from kvjax.methods.base import own_label
 from kvjax.sharding import distributed, placement_of

@@ -46,7 +46,7 @@ from kvjax import validation
 from kvjax.cache import kv_cache
 from kvjax.cache.kv_cache import Cache, LayerCache
 from kvjax.errors import GenerationError
-from kvjax.generation import context, engine, inputs, sampling
+from kvjax.generation import context, engine, inputs, map_limit, sampling
 from kvjax.generation.generate import (DECODE_CHUNK, _sample_jit, _validate_sampling,
                                        check_context_length, eos_ids)
 from kvjax.systems import chunk_cache
@@ -592,6 +592,9 @@ class Server:
         cache = _released(cache, jnp.asarray(freed))
       free = [i for i, r in enumerate(rows) if r is None]
       if free and self._queue:
+        # Admissions compile new prompt shapes: a long-lived server (the endpoint) would
+        # otherwise run out of memory mappings (see map_limit).
+        map_limit.release_if_near_limit()
         cache, first, targets = self._admit(cache, rows, free)
         last[targets] = first[:len(targets)]
         admissions += 1

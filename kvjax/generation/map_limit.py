@@ -1,4 +1,5 @@
-"""Keeps a long sweep under the kernel's limit on memory mappings (vm.max_map_count).
+"""Keeps a long-running process (a sweep, a server) under the kernel's limit on memory
+mappings (vm.max_map_count).
 
 XLA:CPU maps every compiled module's code and data separately (about three mappings per
 module), and JAX keeps compiled functions cached for the life of the process. A sweep
@@ -15,7 +16,8 @@ from absl import logging
 
 from kvjax.generation import engine
 
-# Past this share of the limit, a sweep drops its compiled code between batches.
+# Past this share of the limit, a sweep drops its compiled code between batches and a
+# server before an admission.
 SHARE = 0.5
 
 
