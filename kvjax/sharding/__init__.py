@@ -15,13 +15,13 @@ sharded checkpoints, training across processes.
 from kvjax.sharding.distributed import host_array, initialize, is_primary
 from kvjax.sharding.mesh import auto_axes, make_mesh, parse_mesh_spec
 from kvjax.sharding.params import PARAM_AXES, param_axes, params_logical_axes
-from kvjax.sharding.placement import (Placement, check_batch, describe, placement_of,
-                                      shard_model)
+from kvjax.sharding.placement import (Placement, check_batch, check_rows, describe,
+                                      placement_of, shard_model)
 from kvjax.sharding.rules import (DEFAULT_RULES, MESH_AXES, AxisPlacement, ShardingError,
                                   ShardingRules, partition_spec, resolve)
 
 __all__ = ["DEFAULT_RULES", "MESH_AXES", "PARAM_AXES", "AxisPlacement", "Placement",
-           "ShardingError", "ShardingRules", "auto_axes", "check_batch", "describe",
+           "ShardingError", "ShardingRules", "auto_axes", "check_batch", "check_rows", "describe",
            "host_array", "initialize", "is_primary", "make_mesh", "param_axes",
            "params_logical_axes", "parse_mesh_spec", "partition_spec", "placement_of",
            "resolve", "shard_model"]

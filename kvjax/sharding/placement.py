@@ -152,15 +152,19 @@ def shard_model(model, mesh, rules: ShardingRules | None = None):
 def check_batch(model, rows: int, what: str = "batch") -> None:
   """Refuses a batch the data axis does not divide (it would run replicated, without
   the data parallelism the mesh asks for): pad the batch or use a smaller data axis."""
-  placement = placement_of(model)
+  check_rows(placement_of(model), rows, f"{what} of {rows} rows")
+
+
+def check_rows(placement, rows: int, what: str) -> None:
+  """`check_batch` for a placement (None: one device, anything goes); `what` names the
+  rows in the error, e.g. "batch_size=6"."""
   if placement is None:
     return
   size = placement.batch_axis_size
   if rows % size:
-    raise ShardingError(f"{what} of {rows} rows does not divide the mesh's "
-                        f"{placement.rules.batch!r} axis of {size} devices; give a multiple "
-                        f"of {size} rows (pad the batch) or a mesh with a smaller "
-                        f"{placement.rules.batch!r} axis")
+    raise ShardingError(f"{what} does not divide the mesh's {placement.rules.batch!r} axis "
+                        f"of {size} devices; give a multiple of {size} rows (pad the batch) "
+                        f"or a mesh with a smaller {placement.rules.batch!r} axis")
 
 
 def describe(model) -> str:

@@ -26,7 +26,7 @@ from absl import logging
 
 from kvjax import fileio, validation
 from kvjax.errors import CheckpointError, KvjaxError
-from kvjax.sharding import Placement, is_primary
+from kvjax.sharding import Placement, check_rows, is_primary
 from kvjax.training import checkpoint as checkpoint_lib
 from kvjax.training import optim
 
@@ -141,16 +141,6 @@ def place_batch(placement, batch: dict) -> dict:
   return {name: placement.put_axes(value, (None, "batch")) for name, value in batch.items()}
 
 
-def _check_data_parallel(placement, batch_size: int) -> None:
-  if placement is None:
-    return
-  size = placement.batch_axis_size
-  if batch_size % size:
-    raise KvjaxError(f"batch_size={batch_size} does not divide the mesh's "
-                     f"{placement.rules.batch!r} axis of {size} devices (each micro-batch's "
-                     f"rows are split over it); give a multiple of {size}")
-
-
 def _check_resumable(stored: dict, meta: dict, directory) -> None:
   """A run directory continues only the run it holds (same task, model and settings)."""
   differ = sorted(k for k in set(stored) | set(meta) if stored.get(k) != meta.get(k))
@@ -175,7 +165,8 @@ def train(task: Task, workdir, steps: int, optimizer_settings: optim.OptimizerSe
       "steps": steps, "optimizer": dataclasses.asdict(optimizer_settings),
       "batch_size": settings.batch_size, "seed": settings.seed}}
   meta = json.loads(json.dumps(meta))   # as it reads back from disk (tuples become lists)
-  _check_data_parallel(task.placement, settings.batch_size)
+  # Each micro-batch's rows are split over the data axis.
+  check_rows(task.placement, settings.batch_size, f"batch_size={settings.batch_size}")
   optimizer = optim.make_optimizer(optimizer_settings)
   schedule = optim.learning_rate_schedule(optimizer_settings)
   # On a mesh, everything trained is replicated over it, restored state too (orbax gives
