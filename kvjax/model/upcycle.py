@@ -32,6 +32,7 @@ import numpy as np
 from kvjax.config import LatentAttention
 from kvjax.errors import ConfigError
 from kvjax.model.model import Model, from_flat_params, to_flat_params
+from kvjax.ops.host import host_array
 
 
 def _top(matrix: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
@@ -110,7 +111,9 @@ def upcycle(model: Model, kv_rank: int, rope_dim: int = 0, rope: str = "decouple
                          query_rank=query_rank)
   config = model.config
   check_latent(config, spec)
-  flat = {name: np.asarray(value, np.float32) for name, value in to_flat_params(model).items()}
+  # host_array: a teacher sharded over several processes is gathered, not refused.
+  flat = {name: host_array(value).astype(np.float32)
+          for name, value in to_flat_params(model).items()}
   out = {name: value for name, value in flat.items() if ".attn." not in name}
   for layer in range(config.num_layers):
     prefix = f"layers.{layer}.attn."
