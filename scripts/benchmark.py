@@ -283,6 +283,11 @@ def server_sharing():
 
 
 def chunk_reuse():
+  if FLAGS.memory_budget_mib is not None and (FLAGS["rag_fractions"].present
+                                              or FLAGS.method != "full"):
+    raise benchmarking.BenchmarkError(
+        "--chunk_reuse --memory_budget_mib compares the full-cache server fed plain prompts "
+        "with Cache-Craft's own recompute; --rag_fractions and --method do not apply")
   model = cli.load_model()
   workload = benchmarks.rag_workload(FLAGS.rag_dataset, FLAGS.rag_questions,
                                      FLAGS.rag_distractors, FLAGS.seed)
