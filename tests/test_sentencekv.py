@@ -216,26 +216,26 @@ def test_decode_choice_and_output_match_numpy(gqa, seed, lengths):
 
 class NpSequence:
   """One row and KV head's decode sequence as the official code keeps it: the stored context
-  with its sentences, then every appended token; a decode token joins the open sentence,
-  which the next token closes once it ended in a full stop; a longer chunk closes the open
-  sentence and each of its own, the last at its end. Closed sentences join the index."""
+  with its sentences, then every appended token; a decode token joins the open sentence and
+  closes it when it is a full stop; a longer chunk closes the open sentence and each of its
+  own, the last at its end. Closed sentences join the index. A decode query joins the
+  open sentence's queries (`sentence_cache`) before that close, and the sentences are
+  ranked by the mean of those queries."""
 
   def __init__(self, keys, values, positions, sentences):
     self.keys, self.values = list(keys), list(values)
     self.positions = list(positions)
     self.labels = [("context", s) for s in sentences]
-    self.open, self.ended, self.closed = [], False, 0
+    self.open, self.queries, self.closed = [], [], 0
 
   def _close(self):
     if self.open:
       for i in self.open:
         self.labels[i] = ("appended", self.closed)
       self.closed += 1
-    self.open = []
+    self.open, self.queries = [], []
 
   def append(self, keys, values, positions, tokens, ends):
-    if len(tokens) == 1 and self.ended:
-      self._close()
     if len(tokens) > 1:
       self._close()
     for key, value, position, token in zip(keys, values, positions, tokens):
@@ -246,19 +246,20 @@ class NpSequence:
       if position < 0:
         continue
       self.open.append(len(self.labels) - 1)
-      if len(tokens) == 1:
-        self.ended = token in ends
-      elif token in ends:
+      if token in ends:
         self._close()
     if len(tokens) > 1:
       self._close()
-      self.ended = False
 
   def chosen(self, q, budget, start, recent, threshold, gqa):
-    """Sequence indices one decode query of the KV head's group q [G, D] attends to."""
+    """Sequence indices the decode step of the KV head's group queries q [G, D] (its token
+    appended) attends to."""
+    if self.open:
+      self.queries.append(q)
     real = [i for i, p in enumerate(self.positions) if p >= 0]
     if len(self.open) <= threshold:
       return real
+    q = np.mean(self.queries, axis=0)
     n = len(self.positions)
     low, high = start, n - recent
     members = {}
@@ -301,8 +302,9 @@ def test_generated_sentences_join_the_index(offload, gqa, lengths, start, recent
 
   @jax.jit
   def step(cache, new, q, qpos):
-    cache = cache.append(new)
-    return cache, cache.attend(q, qpos)[0], cache.selected_slots(q)
+    out, stats = cache.append(new).attend(q, qpos)
+    cache = stats.layer       # the step's query joined its open sentence
+    return cache, out, cache.selected_slots(cache.sentence_queries())
 
   question = rng.integers(0, VOCAB, (2, 6))
   question[:, 2] = ENDS[0]
@@ -365,8 +367,8 @@ def test_offloaded_reads_equal_the_on_device_selection():
 
   @jax.jit
   def step(cache, new, q):
-    cache = cache.append(new)
-    return cache, cache.attend(q, new.positions)[0]
+    out, stats = cache.append(new).attend(q, new.positions)
+    return stats.layer, out
 
   here, moved = here.grow(4), moved.grow(4)
   for new, q in steps:      # the first step attends to all, the others select
@@ -404,13 +406,13 @@ def test_budget_covering_the_stored_tokens_is_the_full_cache(model):
   assert out.stats["method_stats"] == {}            # every layer stayed dense
 
 
-def _layer_bytes(rows, kv, stored, sentences, dim, boundaries=len(TINY.boundary_ids)):
+def _layer_bytes(rows, kv, heads, stored, sentences, dim, boundaries=len(TINY.boundary_ids)):
   """Device bytes of an offloaded layer before decoding: positions per stored slot, the
   sentence table (float32 mean key, int32 start and length), the open sentence's float32
-  key sum, three int32 counters, a flag and the int32 sentence-end ids per row, and the
-  context's and appended tokens' ends."""
-  return (rows * kv * (stored * 4 + sentences * (dim * 4 + 8)) + rows * kv * dim * 4
-          + rows * (3 * 4 + 1 + boundaries * 4) + 2 * 4)
+  key sum (per KV head) and query sum (per query head), three int32 counters and the int32
+  sentence-end ids per row, and the context's and appended tokens' ends."""
+  return (rows * kv * (stored * 4 + sentences * (dim * 4 + 8)) + rows * (kv + heads) * dim * 4
+          + rows * (3 * 4 + boundaries * 4) + 2 * 4)
 
 
 def test_device_bytes_follow_the_budget(model):
@@ -422,11 +424,11 @@ def test_device_bytes_follow_the_budget(model):
     assert stats["stored_tokens"] == [72, 72] and stats["tokens_read_per_step"] == 24
     host = 2 * 2 * cfg.num_kv_heads * 72 * cfg.head_dim * 4 * 2   # layers, rows, K and V
     assert stats["host_bytes"] == out.stats["context_cache_host_bytes"] == host
-    device = sum(_layer_bytes(2, cfg.num_kv_heads, 72, n, cfg.head_dim)
+    device = sum(_layer_bytes(2, cfg.num_kv_heads, cfg.num_heads, 72, n, cfg.head_dim)
                  for n in stats["sentences"])
     assert out.stats["context_cache_bytes"] == device + 2 * 4     # and the rows' lengths
     # However long the context, at most one sentence per stored token.
-    assert device <= 2 * _layer_bytes(2, cfg.num_kv_heads, 72, 72, cfg.head_dim)
+    assert device <= 2 * _layer_bytes(2, cfg.num_kv_heads, cfg.num_heads, 72, 72, cfg.head_dim)
     on_device = kvjax.generate(model, prompts, method=dataclasses.replace(TINY, offload=False),
                                budget=24, max_new_tokens=4)
     assert on_device.token_ids == out.token_ids
@@ -450,12 +452,31 @@ def test_questions_and_generated_text_are_indexed_end_to_end(model):
     fed = out.token_ids[row][:-1]
     closed = sum(t in ends for t in asked[:-1]) + 1
     open_count = 0
-    for i, token in enumerate(fed):
-      if i and fed[i - 1] in ends:
-        closed, open_count = closed + 1, 0
+    for token in fed:
       open_count += 1
+      if token in ends:
+        closed, open_count = closed + 1, 0
     assert stats == (closed, open_count), row
   assert max(out.stats["decode_method_stats"]["appended_sentences"]) >= 3
+
+
+def test_decode_steps_keep_their_sentence_queries(model):
+  # Through the model's decode step: each layer's open sentence sums its steps' queries
+  # (the policy keeps the layer attend returns), and a sentence end empties it.
+  from kvjax.generation import context, engine, inputs
+  tokens, mask = inputs.left_pad(random_prompts([200, 170], seed=8), 0)
+  pre = context.prefill(model, tokens, mask, TINY, 24, room=8,
+                        method_params=TINY.context_params(None, tokens, mask))
+  cache = pre.cache
+  for fed in ([2, 2], [4, 4], [3, 5]):   # 3 ends a sentence, 2, 4 and 5 do not
+    _, _, cache = engine.STEPS.decode(model, np.asarray(fed, np.int32), cache,
+                                      jax.random.key(0), 1.0, 1.0, True, pre.decode_plan)
+  layers = [layer for layer in cache.layers if isinstance(layer, SentenceLayerCache)]
+  assert layers
+  for layer in layers:
+    assert layer.open_count.tolist() == [0, 3] and layer.closed.tolist() == [1, 0]
+    sums = np.abs(np.asarray(layer.open_queries)).sum((1, 2))
+    assert sums[0] == 0 and sums[1] > 0
 
 
 def test_the_layer_by_layer_prefill_passes_token_ids(model, monkeypatch):

@@ -21,12 +21,14 @@ device holds per stored slot only its position (4 bytes) plus the sentence table
 Decode. The cache reads a sequence: the stored context tokens, then every token appended
 after them (a question, generated tokens; on the device). Appended text is cut into
 sentences as it arrives, from the token ids the model's forward pass gives each append: a
-decode token joins the open sentence, which the next step closes if that token was a
-sentence end (a full stop's own step still counts it in its sentence); a longer chunk (a
-question) closes the open sentence, then each of its own sentences, the last at its end.
-A closed sentence's mean key joins the index (`appended_means`, float32, with its first
-slot and length), kept beside the context's. Each step the query is compared (dot
-product, post-RoPE, unscaled) with every indexed sentence mean; sentences are taken in
+decode token joins the open sentence and closes it when it is a sentence end (the full
+stop's key counted in the sentence's mean); a longer chunk (a question) closes the open
+sentence, then each of its own sentences, the last at its end. A closed sentence's mean
+key joins the index (`appended_means`, float32, with its first slot and length), kept
+beside the context's. Each step compares the mean of the open sentence's queries (its
+decode steps', the current one included, post-RoPE; `attend` keeps their float32 sum in
+the layer it returns as `Stats.layer`) with every indexed sentence mean (dot product,
+unscaled); sentences are taken in
 order of similarity (the context's first on ties, then the appended in order) and their
 tokens inside [start_budget, n - recent_budget) of the sequence gathered, sentence after
 sentence, until B - start_budget - recent_budget tokens (the last sentence cut there).
@@ -36,15 +38,14 @@ and the gathered tokens; only the context's are copied from host memory (sinks a
 context's part of the tail as one slice each, gathered tokens one slot at a time:
 `kvjax.cache.paged.read_blocks`). While a row's open sentence holds at most
 `length_threshold` (1) tokens, its step attends to every stored and appended token, as
-the official code (the first step after a question or a sentence end).
+the official code (a sentence end's own step, whose sentence has just closed, and the
+step after it or after a question).
 GQA: `gqa="mean"` compares the mean of a KV head's query heads (the mean of their
 similarities), "max" the largest of their similarities; each KV head gathers one token set.
 
 Differences from the official code:
 - Storage and selection are per KV head (the official code runs `repeat_kv` first and
   selects per query head); SnapKV's pooled votes are reduced over the group by `gqa` too.
-- A layer cache sees a step's query only in `attend` (which cannot update the cache), so
-  the similarity uses the step's own query, not the mean query of the open sentence.
 - In query-agnostic use the question is appended after compression: its sentences are
   indexed like generated ones (the official code compresses prompt and question together).
   A one-token question cannot be told from a decode step: it opens the first generated
@@ -194,7 +195,7 @@ class SentenceLayerCache(PerHeadSlots):
   open_sum: jax.Array          # [B, K, D] float32 key sum of the open (partial) sentence
   open_count: jax.Array        # [B] int32 its tokens
   open_from: jax.Array         # [B] int32 its first appended slot
-  ended: jax.Array             # [B] bool: the last appended token ends a sentence
+  open_queries: jax.Array      # [B, H, D] float32 query sum of its decode steps
   boundaries: jax.Array        # [B, E] int32 the sentence-end token ids (each row's copy)
   budget: int = struct.field(pytree_node=False, default=1)
   start_budget: int = struct.field(pytree_node=False, default=32)
@@ -204,12 +205,13 @@ class SentenceLayerCache(PerHeadSlots):
   offloaded: bool = struct.field(pytree_node=False, default=False)
 
   @classmethod
-  def prefilled(cls, dense: LayerCache, budget: int, method: "SentenceKV", boundaries):
+  def prefilled(cls, dense: LayerCache, budget: int, method: "SentenceKV", boundaries,
+                query_heads: int):
     """A prefill chunk's stored tokens (state: sentence ids), the tables not built yet."""
     b, k, _, d = dense.keys.shape
     return cls(context=dense, means=jnp.zeros((b, k, 0, d), jnp.float32),
                starts=jnp.zeros((b, k, 0), jnp.int32), lengths=jnp.zeros((b, k, 0), jnp.int32),
-               **_empty_tables(dense), budget=budget,
+               **_empty_tables(dense, query_heads), budget=budget,
                boundaries=jnp.broadcast_to(jnp.asarray(boundaries, jnp.int32).reshape(-1),
                                            (b, np.size(boundaries))),
                start_budget=method.start_budget, recent_budget=method.recent_budget,
@@ -229,7 +231,7 @@ class SentenceLayerCache(PerHeadSlots):
       dense = dense.replace(keys=jax.device_put(dense.keys, HOST),
                             values=jax.device_put(dense.values, HOST))
     return self.replace(context=dense, means=means, starts=starts, lengths=lengths,
-                        **_empty_tables(dense), offloaded=offload)
+                        **_empty_tables(dense, self.open_queries.shape[1]), offloaded=offload)
 
   @property
   def state(self):
@@ -257,7 +259,8 @@ class SentenceLayerCache(PerHeadSlots):
             "appended_means": sentence + ("head_dim",), "appended_starts": rows + ("sentences",),
             "appended_lengths": rows + ("sentences",), "closed": rows,
             "open_sum": ("batch", "kv_heads", "head_dim"), "open_count": rows,
-            "open_from": rows, "ended": rows, "boundaries": ("batch", "boundaries")}
+            "open_from": rows, "open_queries": ("batch", "heads", "head_dim"),
+            "boundaries": ("batch", "boundaries")}
 
   def on_device(self) -> LayerCache:
     """Context and appended tokens as one dense layer on the device (a copy when
@@ -271,19 +274,38 @@ class SentenceLayerCache(PerHeadSlots):
 
   def attend(self, queries, query_positions, pending: NewTokens | None = None,
              want: frozenset = frozenset()):
-    if queries.shape[1] != 1 or pending is not None or want:
+    """A decode step (one query per row, its token appended) also adds its query to the
+    open sentence's sum: the layer returned as `Stats.layer` holds it."""
+    if queries.shape[1] != 1 or pending is not None:
       return self.on_device().attend(queries, query_positions, pending, want)
+    stepped = self.observed(queries, query_positions)
+    if want:
+      out, stats = self.on_device().attend(queries, query_positions, None, want)
+      return out, stats.replace(layer=stepped)
     # A row whose partial sentence is this short attends to every stored token.
     dense_rows = self.open_count <= self.length_threshold
     dense = lambda: self.on_device().attend(queries, query_positions)[0]
-    sparse = lambda: self.decode(queries, query_positions)
+    sparse = lambda: self.decode(queries, query_positions, stepped.sentence_queries())
     mixed = lambda: jnp.where(dense_rows[:, None, None, None], dense(), sparse())
     out = jax.lax.cond(dense_rows.all(), dense,
                        lambda: jax.lax.cond(dense_rows.any(), mixed, sparse))
-    return out, Stats()
+    return out, Stats(layer=stepped)
+
+  def observed(self, queries, query_positions) -> "SentenceLayerCache":
+    """The decode query [B, 1, H, D] added to its row's open sentence (a row whose real
+    token has just closed one keeps an empty sum)."""
+    joins = (query_positions[:, 0] >= 0) & (self.open_count > 0)
+    return self.replace(open_queries=self.open_queries + jnp.where(
+        joins[:, None, None], queries[:, 0].astype(jnp.float32), 0.))
+
+  def sentence_queries(self) -> jax.Array:
+    """[B, 1, H, D] float32: the mean query of each row's open sentence."""
+    count = jnp.maximum(self.open_count, 1).astype(jnp.float32)
+    return (self.open_queries / count[:, None, None])[:, None]
 
   def selected_slots(self, queries):
-    """(slots, valid) [B, K, budget]: the virtual slots a decode query reads: the first
+    """(slots, valid) [B, K, budget]: the virtual slots a decode step whose sentence query
+    is `queries` [B, 1, H, D] reads: the first
     start_budget of the sequence, its last recent_budget (those not among the first) and
     the gathered sentences' (`gathered_slots` over the context's and the closed appended
     sentences, inside [start_budget, n - recent_budget) of the sequence)."""
@@ -332,9 +354,9 @@ class SentenceLayerCache(PerHeadSlots):
     out = jnp.where(in_context, out, from_appended.astype(out.dtype))
     return out[..., 0] if squeeze else out
 
-  def decode(self, queries, query_positions):
-    """One new token per row over the selected virtual slots."""
-    slots, valid = self.selected_slots(queries)
+  def decode(self, queries, query_positions, sentence_queries):
+    """One new token per row over the virtual slots `sentence_queries` select."""
+    slots, valid = self.selected_slots(sentence_queries)
     ctx, new = self.context, self.appended
     positions = jnp.where(valid, self._read(ctx.positions, new.positions, slots),
                           EMPTY_POSITION)
@@ -363,13 +385,13 @@ class SentenceLayerCache(PerHeadSlots):
     return self._indexed(at[:, None], mean[:, :, None], self.open_from[:, None],
                          self.open_count[:, None]).replace(
         open_sum=jnp.where(close[:, None, None], 0., self.open_sum),
-        open_count=jnp.where(close, 0, self.open_count))
+        open_count=jnp.where(close, 0, self.open_count),
+        open_queries=jnp.where(close[:, None, None], 0., self.open_queries))
 
   def append(self, new: NewTokens) -> "SentenceLayerCache":
     """Stores the tokens after the context and indexes their sentences: a decode token
-    extends the open sentence (closed by the next token once it ends one, so a step's own
-    full stop belongs to the sentence it ends); a longer chunk (a question) closes the open
-    sentence and every sentence in it, the last at its end."""
+    extends the open sentence and closes it when it ends one; a longer chunk (a question)
+    closes the open sentence and every sentence in it, the last at its end."""
     if new.tokens is None:
       raise MethodError("a sentencekv cache indexes the text appended to it and needs the "
                         "new tokens' ids (NewTokens.tokens); append through the model's "
@@ -378,14 +400,13 @@ class SentenceLayerCache(PerHeadSlots):
     real = new.positions >= 0                                                  # [B, T]
     ends = (new.tokens[..., None] == self.boundaries[:, None, :]).any(-1) & real
     if new.keys.shape[2] == 1:
-      cache = self._close(self.ended).replace(appended=self.appended.append(new))
-      starts = real[:, 0] & (cache.open_count == 0)
+      starts = real[:, 0] & (self.open_count == 0)
       key = new.keys[:, :, 0].astype(jnp.float32)
-      return cache.replace(
-          open_sum=cache.open_sum + jnp.where(real[:, :1, None], key, 0.),
-          open_count=cache.open_count + real[:, 0],
-          open_from=jnp.where(starts, slot, cache.open_from),
-          ended=jnp.where(real[:, 0], ends[:, 0], cache.ended))
+      return self.replace(
+          appended=self.appended.append(new),
+          open_sum=self.open_sum + jnp.where(real[:, :1, None], key, 0.),
+          open_count=self.open_count + real[:, 0],
+          open_from=jnp.where(starts, slot, self.open_from))._close(ends[:, 0])
     cache = self._close(jnp.ones(real.shape[:1], bool)).replace(
         appended=self.appended.append(new))
     t = real.shape[1]
@@ -396,8 +417,7 @@ class SentenceLayerCache(PerHeadSlots):
     lengths = lengths[:, 0]                                  # every head has the same runs
     at = jnp.where(lengths > 0, cache.closed[:, None] + jnp.arange(t)[None, :],
                    cache.appended_lengths.shape[1])
-    return cache._indexed(at, means, slot + starts[:, 0], lengths).replace(
-        ended=jnp.zeros_like(cache.ended))
+    return cache._indexed(at, means, slot + starts[:, 0], lengths)
 
   def candidates(self, new: NewTokens) -> LayerCache:
     """Dense candidates for the next prefill chunk (stored again by the method)."""
@@ -430,7 +450,7 @@ def _read_tail(context: jax.Array, tail: jax.Array, recent: int) -> jax.Array:
                              jnp.clip(tail - first, 0, recent - 1)[..., None], axis=2)
 
 
-def _empty_tables(dense: LayerCache) -> dict:
+def _empty_tables(dense: LayerCache, query_heads: int) -> dict:
   """No appended tokens: their storage and sentence table empty, no open sentence."""
   b, k, _, d = dense.keys.shape
   rows = lambda dtype: jnp.zeros((b,), dtype)
@@ -438,7 +458,8 @@ def _empty_tables(dense: LayerCache) -> dict:
               appended_starts=jnp.zeros((b, 0), jnp.int32),
               appended_lengths=jnp.zeros((b, 0), jnp.int32), closed=rows(jnp.int32),
               open_sum=jnp.zeros((b, k, d), jnp.float32), open_count=rows(jnp.int32),
-              open_from=rows(jnp.int32), ended=rows(bool))
+              open_from=rows(jnp.int32),
+              open_queries=jnp.zeros((b, query_heads, d), jnp.float32))
 
 
 @registry.register
@@ -532,7 +553,8 @@ class SentenceKV(base.Method):
   def compact(self, cand, x, keep):
     """The pre-filter's stored tokens (with their sentence ids), the budget kept static."""
     dense = base.Method.compact(self, cand, x, self.stored(keep))
-    return SentenceLayerCache.prefilled(dense, keep, self, x.params["boundaries"])
+    return SentenceLayerCache.prefilled(dense, keep, self, x.params["boundaries"],
+                                        x.queries.shape[2])
 
   def finalize(self, cache, config=None):
     del config
