@@ -15,7 +15,7 @@ from kvjax.errors import GenerationError
 from kvjax.generation import engine
 from kvjax.ops import rope
 from kvjax.systems import chunk_cache as cc
-from tiny import tiny_model
+from tiny import random_prompts, tiny_model
 
 
 def _chunks(seed=0, lengths=(9, 21, 14, 17)):
@@ -356,6 +356,35 @@ def test_bad_input_is_refused(kwargs, match):
     cc.generate_from_chunks(model, args.pop("store"), args.pop("chunks"), **args)
   with pytest.raises(GenerationError, match="max_bytes"):
     cc.ChunkStore(model, max_bytes=0)
+
+
+def test_reuse_benchmark_reports_each_variant_against_full_prefill():
+  """compare_chunk_reuse: the first pass fills the store; on the second, recompute fraction
+  1 answers as the full prefill and saves nothing, fraction 0 prefills only the questions."""
+  from kvjax.systems import benchmarks
+  model = tiny_model()
+  c = random_prompts([14, 22, 9, 30, 17], seed=12)
+  first = [([c[0], c[1], c[2]], [5, 6], ["a"]), ([c[0], c[3], c[4]], [7], ["b"])]
+  second = [([c[0], c[2], c[1]], [8, 9, 10], ["a"]), ([c[0], c[4], c[3]], [11], ["b"]),
+            ([c[0], c[1], c[4]], [12, 13], ["c"])]
+  report = benchmarks.compare_chunk_reuse(model, (first, second), max_new_tokens=4,
+                                          fractions=(0.0, 1.0), repeats=1,
+                                          log=lambda line: None)
+  variants = report["variants"]
+  assert list(variants) == ["full", "cache-craft", "fraction 0", "fraction 1"]
+  assert report["chunk_variants"] == 5          # each distinct chunk stored once
+  # The first pass's second prompt reuses its leading chunk (same place, same context).
+  assert report["first_pass_prefill_saved_fraction"] == pytest.approx((0 + 14 / 62) / 2)
+  assert report["prompt_tokens_mean"] == (47 + 62) / 2
+  for name in ("full", "fraction 1"):
+    assert variants[name]["answers_equal_to_full"] == 3
+    assert variants[name]["prefill_saved_fraction"] == 0
+  questions_only = np.mean([1 - len(q) / (sum(map(len, ch)) + len(q)) for ch, q, _ in second])
+  assert variants["fraction 0"]["prefill_saved_fraction"] == pytest.approx(questions_only)
+  assert 0 < variants["cache-craft"]["prefill_saved_fraction"] < questions_only
+  assert variants["full"]["prefill_speedup"] == 1.0
+  for v in variants.values():
+    assert v["prefill_seconds_median"] > 0 and len(v["texts"]) == 3
 
 
 # ------------------------------------------------------------------- the real model
