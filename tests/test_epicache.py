@@ -269,6 +269,15 @@ def test_pair_level_keeps_the_numpy_sets_head_wise(random_model, budgets, block,
     if len({len(row) for row in per_head}) > 1:
       assert isinstance(layer, FlatLayerCache), "ragged heads are stored head-wise"
   assert ragged, "random scores should give some layer heads of different lengths"
+  # Between blocks a layer holds budget x KV heads slots (static shapes: one executable
+  # per block size whatever the heads keep), so the peak follows the block schedule.
+  capacity, peak = [0] * len(budgets), 0
+  for start in range(0, len(tokens), block):
+    capacity = [c + min(block, len(tokens) - start) for c in capacity]
+    peak = max(peak, *capacity)
+    if any(c > keep for c, keep in zip(capacity, budgets)):
+      capacity = [min(keep * k, c) for c, keep in zip(capacity, budgets)]
+  assert got.peak_slots == peak
   dense = episodes.block_prefill(model, tokens, patched, budgets, block, system)
   # The same slots as the uniform level plus the head-wise layout's per-slot head ids.
   assert cache_nbytes(dense.cache) <= cache_nbytes(got.cache) <= 1.05 * cache_nbytes(

@@ -158,10 +158,22 @@ class BlockPrefill:
 
 @functools.partial(jax.jit, static_argnames=("budgets", "system_tokens", "level"))
 def _evict(cache, scores, budgets, system_tokens, level):
-  evict = epicache.evicted if level == "uniform" else epicache.evicted_pair
+  evict = epicache.evicted if level == "uniform" else _evicted_pair
   layers = tuple(evict(layer, s, keep, system_tokens)
                  for layer, s, keep in zip(cache.layers, scores, budgets))
   return cache.replace(layers=layers)
+
+
+def _evicted_pair(layer: LayerCache, scores, keep: int, system_tokens: int) -> LayerCache:
+  """`epicache.evicted_pair`, then each head's kept slots first and the capacity cut to
+  the most one head can keep (keep x KV heads): a static shape, so the next block's
+  prefill reuses its executable whatever the heads kept."""
+  layer = epicache.evicted_pair(layer, scores, keep, system_tokens)
+  capacity = min(keep * layer.positions.shape[1], layer.capacity)
+  if capacity == layer.capacity:
+    return layer
+  order = jnp.argsort(layer.positions < 0, axis=-1, stable=True)[..., :capacity]
+  return layer.select(order)
 
 
 def _head_wise(layer: LayerCache):
@@ -203,8 +215,6 @@ def block_prefill(model, tokens, patched, budgets: tuple[int, ...], block_size: 
       _, scores = steps.prefill(model, probe, jnp.ones(probe.shape, bool), cache,
                                 plan=epicache.PatchedPromptProbe())
       cache = _evict(cache, scores, tuple(budgets), system_tokens, level)
-      if level == "pair":   # each layer cut to its fullest head (host side)
-        cache = cache.replace(layers=tuple(layer.trimmed() for layer in cache.layers))
   if level == "pair":
     cache = cache.replace(layers=tuple(_head_wise(layer) for layer in cache.layers))
   return BlockPrefill(logits=logits, cache=cache, peak_slots=peak)
