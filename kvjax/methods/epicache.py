@@ -120,8 +120,10 @@ def evicted_pair(layer: LayerCache, scores: jax.Array, keep: int,
                  system_tokens: int) -> LayerCache:
   """The "pair" level: the layer keeping its `keep * K` best slots over all KV heads by
   `scores` [B, K, S] (ties to the lower head, then slot; positions below system_tokens
-  always). Shapes stay [B, K, S] (jit): evicted slots are emptied, `LayerCache.trimmed`
-  cuts the capacity on the host. Unchanged when it holds no more than `keep` per head."""
+  always). Shapes stay [B, K, S] (jit): evicted slots are emptied, and the caller compacts
+  (`episodes.block_prefill` to keep x K slots per head between blocks, `LayerCache.trimmed`
+  or the head-wise layout at the end). Unchanged when it holds no more than `keep` per
+  head."""
   if layer.capacity <= keep:
     return layer
   b, k, s = scores.shape
