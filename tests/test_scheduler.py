@@ -464,6 +464,35 @@ def test_shared_prefixes_of_different_lengths_and_unshared_prompts_in_one_admiss
   assert stats["prefix_store"]["hits"] == 2 and stats["prefix_store"]["misses"] == 2
 
 
+def test_a_new_shared_prefix_is_prefilled_over_the_longest_stored_one():
+  """An instruction stored when requests shared only it is not computed again under a new
+  document: the next group's prefix (instruction + document) is prefilled over it, and
+  every request's tokens equal generating it alone."""
+  model = tiny_model()
+  rng = np.random.default_rng(31)
+  instruction = rng.integers(0, 100, 24).tolist()
+  docs = [rng.integers(low, low + 50, n).tolist() for low, n in ((100, 30), (150, 40),
+                                                                  (200, 35))]
+  questions = [[1, 2, 3], [4, 5], [6, 7], [8]]
+  rounds = [[instruction + docs[0] + questions[0], instruction + docs[1] + questions[1]],
+            [instruction + docs[2] + questions[2], instruction + docs[2] + questions[3]]]
+  server = scheduler.Server(model, max_prompt_tokens=80, max_new_tokens=5, max_rows=2,
+                            prefix_cache_bytes=1 << 30, min_prefix_tokens=8)
+  for prompts in rounds:
+    for p in prompts:
+      server.submit(p)
+    served = server.run()[-len(prompts):]
+    for got, prompt in zip(served, prompts):
+      assert got.token_ids == kvjax.generate(model, [prompt], max_new_tokens=5).token_ids[0]
+  stats = server.stats
+  # The second admission computes the third document and its two questions only.
+  assert stats["prompt_tokens"] == sum(map(len, rounds[1]))
+  assert stats["prefilled_tokens"] == 35 + 2 + 1
+  store = stats["prefix_store"]
+  assert store["prefixes"] == 2          # the instruction, and it with the third document
+  assert (store["hits"], store["misses"]) == (1, 2)
+
+
 def test_the_server_drops_compiled_code_near_the_mapping_limit(monkeypatch):
   """Before an admission the server checks the process's memory mappings; past the share
   it drops the compiled code and serves on with the same tokens."""

@@ -191,8 +191,8 @@ class Server:
     queue, the first PREFIX_LOOKAHEAD of it), whichever is longer and at least
     `min_prefix_tokens` long: such a prefix is prefilled once, kept in a `PrefixStore` of
     at most `prefix_cache_bytes` device bytes (on top of `memory_budget_bytes`; least
-    recently used out), and only each row's suffix is prefilled over it. A stored prefix
-    is not extended: a longer one that starts with it is prefilled whole."""
+    recently used out), and only each row's suffix is prefilled over it. A new prefix is
+    itself prefilled over the longest stored prefix of it (at least `min_prefix_tokens`)."""
     _validate_sampling(max_new_tokens, temperature, top_p, seed, None)
     validation.integer("max_prompt_tokens", max_prompt_tokens, 1, error=GenerationError,
                        what="the longest prompt the server admits, in tokens")
@@ -484,32 +484,49 @@ class Server:
 
   def _prefix_caches(self, prefixes: list) -> tuple[dict, int]:
     """({prefix tokens: its one-row cache, live slots first}, tokens prefilled): stored
-    prefixes, and the others prefilled together now and stored."""
+    prefixes, and the others prefilled now and stored: over the longest stored prefix of
+    each (at least `min_prefix_tokens`; an instruction stored earlier is not computed
+    again under a new paragraph), else whole, together."""
     caches = {p: self.prefixes.get(p) for p in prefixes}   # counts hits and misses
     missing = [p for p, cache in caches.items() if cache is None]
-    if missing:
-      rows = self._padded([list(p) for p in missing])
-      tokens, mask = inputs.left_pad(rows, inputs.pad_id(self.model))
-      prefilled = context.prefill(self.model, tokens, mask, self.method, None, room=0,
-                                  steps=self.steps)
-      for i, prefix in enumerate(missing):
-        # Stored at a multiple of 64 slots, not the prompt bucket: less padding held.
-        width = (-(-len(prefix) // 64) * 64,) * len(prefilled.cache.layers)
-        caches[prefix], _ = _fitted_rows(take_rows(prefilled.cache, np.array([i])),
-                                         capacities=width, kept=width)
-        self.prefixes.put(prefix, caches[prefix])
-    return caches, sum(map(len, missing))
+    if not missing:
+      return caches, 0
+    starts = [self.prefixes.longest(p, len(p) - 1) for p in missing]
+    starts = [s if s >= self.min_prefix_tokens else 0 for s in starts]
+    computed, prefilled = 0, {}
+    extended = [i for i, s in enumerate(starts) if s]
+    if extended:
+      # Their stored prefixes are taken before anything new is stored (and may evict).
+      bases = {missing[i][:starts[i]]: self.prefixes.get(missing[i][:starts[i]])
+               for i in extended}
+      _, rows = self._prefilled_over([list(missing[i]) for i in extended],
+                                     [starts[i] for i in extended], bases)
+      prefilled.update({missing[i]: (rows, j) for j, i in enumerate(extended)})
+      computed += sum(len(missing[i]) - starts[i] for i in extended)
+    whole = [i for i, s in enumerate(starts) if not s]
+    if whole:
+      padded = self._padded([list(missing[i]) for i in whole])
+      tokens, mask = inputs.left_pad(padded, inputs.pad_id(self.model))
+      rows = context.prefill(self.model, tokens, mask, self.method, None, room=0,
+                             steps=self.steps).cache
+      prefilled.update({missing[i]: (rows, j) for j, i in enumerate(whole)})
+      computed += sum(len(missing[i]) for i in whole)
+    for prefix in missing:
+      rows, j = prefilled[prefix]
+      # Stored at a multiple of 64 slots, not the prompt bucket: less padding held.
+      width = (-(-len(prefix) // 64) * 64,) * len(rows.layers)
+      caches[prefix], _ = _fitted_rows(take_rows(rows, np.array([j])), capacities=width,
+                                       kept=width)
+      self.prefixes.put(prefix, caches[prefix])
+    return caches, computed
 
-  def _prefilled_suffixes(self, take: list, starts: list):
-    """Requests prefilled from their prefixes (`_prefix_caches`): each row's prefix copied
-    out of its one-row cache, then every row's suffix prefilled over it together. Returns
-    what `_prefilled_rows` does."""
-    prompts = [self._requests[r].tokens for r in take]
+  def _prefilled_over(self, prompts: list, starts: list, caches: dict):
+    """(last logits, cache) of `prompts` (padded rows) prefilled over their prefixes
+    (`caches` by prefix tokens, one row each): each row's prefix copied out of its cache,
+    then every row's suffix prefilled over it together."""
     keys = [tuple(t[:s]) for t, s in zip(prompts, starts)]
     distinct = list(dict.fromkeys(keys))
-    caches, computed = self._prefix_caches(distinct)
     suffixes = self._padded([t[s:] for t, s in zip(prompts, starts)])
-    computed += sum(len(t) - s for t, s in zip(prompts, starts))
     suffix_width = inputs.bucket(max(map(len, suffixes)))
     # Every prefix at one capacity (live slots first, the shortest followed by empty
     # slots up to the longest's end), room for the suffixes after them.
@@ -519,12 +536,21 @@ class Server:
     rows = take_rows(stacked, np.array(self._padded([distinct.index(k) for k in keys])))
     del stacked   # only the rows' copies stay while their suffixes are prefilled
     tokens, mask = inputs.left_pad(suffixes, inputs.pad_id(self.model), suffix_width)
-    logits, rows = self.steps.prefill(self.model, jnp.asarray(tokens), jnp.asarray(mask),
-                                      rows, logits="last")
+    return self.steps.prefill(self.model, jnp.asarray(tokens), jnp.asarray(mask), rows,
+                              logits="last")
+
+  def _prefilled_suffixes(self, take: list, starts: list):
+    """Requests prefilled from their prefixes (`_prefix_caches`, `_prefilled_over`).
+    Returns what `_prefilled_rows` does."""
+    prompts = [self._requests[r].tokens for r in take]
+    caches, computed = self._prefix_caches(
+        list(dict.fromkeys(tuple(t[:s]) for t, s in zip(prompts, starts))))
+    logits, rows = self._prefilled_over(prompts, starts, caches)
+    computed += sum(len(t) - s for t, s in zip(prompts, starts))
     fitted_rows = self._fitted(rows)
     del rows
     first = self._first_tokens(logits, self._padded(take))[:len(take)]
-    return fitted_rows, first, len(suffixes) - len(take), computed
+    return fitted_rows, first, len(self._padded(take)) - len(take), computed
 
   def _prefill_chunks(self, cache, request: int, target: int):
     store, ids, question_ids, options = self._chunked.pop(request)
