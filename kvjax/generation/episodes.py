@@ -16,7 +16,8 @@ to the nearest (see kvjax/methods/epicache.py for the method and its reading of 
 4. Per episode, block-wise prefill of the whole context with eviction after every block,
    scored by the patched prompt [instruction + assistant opening + P_e] (`block_prefill`):
    peak cache slots per head are at most the layer budget plus one block (level "uniform";
-   "pair" lets one head hold up to the budget times the KV heads).
+   at "pair" a layer holds its fullest head rounded up to a multiple of its budget, up to
+   the budget times the KV heads, plus one block).
 5. The episodes' caches wait in host memory (the official offloads them to the CPU): device
    memory holds one episode's cache while a question is answered. `answer`: argmax over
    episodes of <embed(question), centroid>; the question is answered from a device copy of
@@ -158,22 +159,30 @@ class BlockPrefill:
 
 @functools.partial(jax.jit, static_argnames=("budgets", "system_tokens", "level"))
 def _evict(cache, scores, budgets, system_tokens, level):
-  evict = epicache.evicted if level == "uniform" else _evicted_pair
+  evict = epicache.evicted if level == "uniform" else epicache.evicted_pair
   layers = tuple(evict(layer, s, keep, system_tokens)
                  for layer, s, keep in zip(cache.layers, scores, budgets))
   return cache.replace(layers=layers)
 
 
-def _evicted_pair(layer: LayerCache, scores, keep: int, system_tokens: int) -> LayerCache:
-  """`epicache.evicted_pair`, then each head's kept slots first and the capacity cut to
-  the most one head can keep (keep x KV heads): a static shape, so the next block's
-  prefill reuses its executable whatever the heads kept."""
-  layer = epicache.evicted_pair(layer, scores, keep, system_tokens)
-  capacity = min(keep * layer.positions.shape[1], layer.capacity)
-  if capacity == layer.capacity:
-    return layer
-  order = jnp.argsort(layer.positions < 0, axis=-1, stable=True)[..., :capacity]
-  return layer.select(order)
+def _pair_capacities(cache, budgets) -> tuple[int, ...]:
+  """Host side, after a "pair" eviction: per layer, its fullest head rounded up to a
+  multiple of the layer's budget (at most the budget x KV heads one head can keep): few
+  shapes, so later blocks' prefills mostly reuse their executables, and memory near what
+  the heads hold."""
+  fullest = [int(n) for n in jax.device_get(
+      [(layer.positions >= 0).sum(-1).max() for layer in cache.layers])]
+  return tuple(min(layer.capacity, -(-n // keep) * keep)
+               for layer, n, keep in zip(cache.layers, fullest, budgets))
+
+
+@functools.partial(jax.jit, static_argnames=("capacities",))
+def _cut(cache, capacities):
+  """Each layer's live slots first (in slot order) and its capacity cut to `capacities`."""
+  return cache.replace(layers=tuple(
+      layer if n == layer.capacity else
+      layer.select(jnp.argsort(layer.positions < 0, axis=-1, stable=True)[..., :n])
+      for layer, n in zip(cache.layers, capacities)))
 
 
 def _head_wise(layer: LayerCache):
@@ -215,6 +224,8 @@ def block_prefill(model, tokens, patched, budgets: tuple[int, ...], block_size: 
       _, scores = steps.prefill(model, probe, jnp.ones(probe.shape, bool), cache,
                                 plan=epicache.PatchedPromptProbe())
       cache = _evict(cache, scores, tuple(budgets), system_tokens, level)
+      if level == "pair":
+        cache = _cut(cache, _pair_capacities(cache, budgets))
   if level == "pair":
     cache = cache.replace(layers=tuple(_head_wise(layer) for layer in cache.layers))
   return BlockPrefill(logits=logits, cache=cache, peak_slots=peak)

@@ -18,8 +18,9 @@ Reading of the official code, and where kvjax differs:
 - Eviction level: `level="uniform"` keeps the top-M_l slots of each KV head (a dense
   layer). `level="pair"`, the official default, keeps one top-(M_l * H_kv) over all the
   layer's heads, so heads hold different numbers of slots: between blocks the layer stays
-  dense with each head's evicted slots emptied (capacity = the fullest head, so peak memory
-  can exceed the uniform level's), and the finished cache is stored head-wise (the flat
+  dense, its capacity the fullest head rounded up to a multiple of M_l (at most M_l *
+  H_kv: few shapes to compile; peak memory can exceed the uniform level's), and the
+  finished cache is stored head-wise (the flat
   layout: exactly M_l * H_kv slots per layer, as the official varlen storage). kvjax's
   default stays "uniform" so that the committed results keep their meaning.
 - The system prefix counts inside the layer budget here (the official keeps it on top of it),
@@ -121,9 +122,9 @@ def evicted_pair(layer: LayerCache, scores: jax.Array, keep: int,
   """The "pair" level: the layer keeping its `keep * K` best slots over all KV heads by
   `scores` [B, K, S] (ties to the lower head, then slot; positions below system_tokens
   always). Shapes stay [B, K, S] (jit): evicted slots are emptied, and the caller compacts
-  (`episodes.block_prefill` to keep x K slots per head between blocks, `LayerCache.trimmed`
-  or the head-wise layout at the end). Unchanged when it holds no more than `keep` per
-  head."""
+  (`episodes.block_prefill`: between blocks to the fullest head rounded up to a multiple of
+  `keep`, at the end into the head-wise layout). Unchanged when it holds no more than
+  `keep` per head."""
   if layer.capacity <= keep:
     return layer
   b, k, s = scores.shape
