@@ -383,6 +383,7 @@ def test_offloaded_reads_equal_the_on_device_selection():
   # A question closes the open sentence and its own.
   asked = moved.grow(2).append(question)
   assert asked.open_count.tolist() == [0, 0] and asked.closed.tolist() == [2, 2]
+  assert moved.open_queries.any() and not asked.open_queries.any()
   # Those steps read fewer tokens than the whole cache holds: the answer differs.
   q, qpos = steps[-1][1], jnp.full((2, 1), 50, jnp.int32)
   full, _ = here.on_device().attend(q, qpos)
@@ -468,15 +469,25 @@ def test_decode_steps_keep_their_sentence_queries(model):
   pre = context.prefill(model, tokens, mask, TINY, 24, room=8,
                         method_params=TINY.context_params(None, tokens, mask))
   cache = pre.cache
+  sentence_layers = lambda: [layer for layer in cache.layers
+                             if isinstance(layer, SentenceLayerCache)]
   for fed in ([2, 2], [4, 4], [3, 5]):   # 3 ends a sentence, 2, 4 and 5 do not
     _, _, cache = engine.STEPS.decode(model, np.asarray(fed, np.int32), cache,
                                       jax.random.key(0), 1.0, 1.0, True, pre.decode_plan)
-  layers = [layer for layer in cache.layers if isinstance(layer, SentenceLayerCache)]
-  assert layers
-  for layer in layers:
+  assert sentence_layers()
+  for layer in sentence_layers():
     assert layer.open_count.tolist() == [0, 3] and layer.closed.tolist() == [1, 0]
     sums = np.abs(np.asarray(layer.open_queries)).sum((1, 2))
     assert sums[0] == 0 and sums[1] > 0
+  # A finished row's step (padding) adds nothing to its sentence.
+  before = [np.asarray(layer.open_queries[1]) for layer in sentence_layers()]
+  _, _, cache = engine.STEPS.decode(model, np.asarray([2, 6], np.int32), cache,
+                                    jax.random.key(0), 1.0, 1.0, True, pre.decode_plan,
+                                    active=[True, False])
+  for layer, want in zip(sentence_layers(), before):
+    assert layer.open_count.tolist() == [1, 3]
+    np.testing.assert_array_equal(np.asarray(layer.open_queries[1]), want)
+    assert np.abs(np.asarray(layer.open_queries[0])).sum() > 0
 
 
 def test_the_layer_by_layer_prefill_passes_token_ids(model, monkeypatch):

@@ -70,8 +70,8 @@ class Stats:
   queries: (queries [B, T, H, D], positions [B, T]) appended without compressing (decode,
     questions): the step's own queries, for methods that keep them (LoopServe).
   layer: the layer cache as it stands after attending, when attending changed it (an
-    offload tier's page buffer, kvjax.cache.page_buffer): the append policy and
-    compression plans keep it (the policies a buffered Quest layer decodes under).
+    offload tier's page buffer, kvjax.cache.page_buffer; SentenceKV's open-sentence query
+    sum): the append policy and compression plans keep it.
   """
   column_sums: jax.Array | None = None
   probs: jax.Array | None = None

@@ -41,7 +41,8 @@ class Append:
 
   def update(self, layer: int, layer_cache, step: LayerStep, stats):
     del layer, step
-    # A layer that changed while attending (an offload tier's buffer) is kept.
+    # A layer that changed while attending (an offload tier's buffer, SentenceKV's query
+    # sum) is kept.
     return layer_cache if stats.layer is None else stats.layer
 
   def finish(self, layers: tuple, lengths: jax.Array) -> Cache:

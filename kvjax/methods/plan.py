@@ -81,7 +81,7 @@ class CompressionPlan:
   def update(self, layer: int, layer_cache, step: LayerStep, stats):
     if isinstance(layer_cache, MethodAttention):
       layer_cache = layer_cache.layer
-    if stats.layer is not None:   # attending stepped the layer (an offload tier's buffer)
+    if stats.layer is not None:   # attending stepped the layer (offload buffer, SentenceKV)
       layer_cache = stats.layer
     if self.compress:
       cand = layer_cache.candidates(step.new)
