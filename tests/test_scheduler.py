@@ -437,6 +437,17 @@ def test_server_chunks_benchmark_serves_cached_chunks_against_plain_prompts(tmp_
   assert (tmp_path / "chunks.png").stat().st_size > 1000
 
 
+def _serve_each_as_alone(server, model, prompts, max_new_tokens):
+  """Submits `prompts`, runs the server and checks each one's tokens against generating it
+  alone."""
+  for p in prompts:
+    server.submit(p)
+  served = server.run()[-len(prompts):]
+  for got, prompt in zip(served, prompts):
+    want = kvjax.generate(model, [prompt], max_new_tokens=max_new_tokens).token_ids[0]
+    assert got.token_ids == want
+
+
 def test_shared_prefixes_of_different_lengths_and_unshared_prompts_in_one_admission():
   """One admission prefills two prefixes of different lengths (stacked at one append
   index) and an unshared prompt (inserted with them in one step); a second run prefills
@@ -451,11 +462,7 @@ def test_shared_prefixes_of_different_lengths_and_unshared_prompts_in_one_admiss
   server = scheduler.Server(model, max_prompt_tokens=60, max_new_tokens=6, max_rows=5,
                             prefix_cache_bytes=1 << 30, min_prefix_tokens=8)
   for run in range(2):
-    for p in prompts:
-      server.submit(p)
-    served = server.run()[-len(prompts):]
-    for s, prompt in zip(served, prompts):
-      assert s.token_ids == kvjax.generate(model, [prompt], max_new_tokens=6).token_ids[0]
+    _serve_each_as_alone(server, model, prompts, 6)
     stats = server.stats
     assert stats["admissions"] == 1 and stats["prompt_tokens"] == sum(map(len, prompts))
     computed = sum(map(len, questions)) + len(alone)
@@ -479,11 +486,7 @@ def test_a_new_shared_prefix_is_prefilled_over_the_longest_stored_one():
   server = scheduler.Server(model, max_prompt_tokens=80, max_new_tokens=5, max_rows=2,
                             prefix_cache_bytes=1 << 30, min_prefix_tokens=8)
   for prompts in rounds:
-    for p in prompts:
-      server.submit(p)
-    served = server.run()[-len(prompts):]
-    for got, prompt in zip(served, prompts):
-      assert got.token_ids == kvjax.generate(model, [prompt], max_new_tokens=5).token_ids[0]
+    _serve_each_as_alone(server, model, prompts, 5)
   stats = server.stats
   # The second admission computes the third document and its two questions only.
   assert stats["prompt_tokens"] == sum(map(len, rounds[1]))
