@@ -120,6 +120,13 @@ class PerHeadSlots:
     del num_kv_heads
     return self.capacity
 
+  def live_first(self, capacity: int | None = None):
+    """Every row's and head's live slots moved to the front, in slot order, then the
+    capacity cut to `capacity` (unchanged when None); jit-safe. Live slots past `capacity`
+    are dropped: the caller sizes it to the most any head holds, or accepts the loss."""
+    order = jnp.argsort(self.positions < 0, axis=-1, stable=True)
+    return self.select(order if capacity is None else order[..., :capacity])
+
 
 @struct.dataclass
 class LayerCache(PerHeadSlots):
@@ -213,8 +220,7 @@ class LayerCache(PerHeadSlots):
     # Real slots already first everywhere (no empty slot before a real one): nothing to do.
     if n == self.capacity and not bool(jnp.any(~real[..., :-1] & real[..., 1:])):
       return self
-    order = jnp.argsort(~real, axis=-1, stable=True)[..., :n]
-    return self.select(order)
+    return self.live_first(n)
 
   def grow(self, room: int) -> "LayerCache":
     if room == 0:

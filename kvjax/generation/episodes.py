@@ -180,8 +180,7 @@ def _pair_capacities(cache, budgets) -> tuple[int, ...]:
 def _cut(cache, capacities):
   """Each layer's live slots first (in slot order) and its capacity cut to `capacities`."""
   return cache.replace(layers=tuple(
-      layer if n == layer.capacity else
-      layer.select(jnp.argsort(layer.positions < 0, axis=-1, stable=True)[..., :n])
+      layer if n == layer.capacity else layer.live_first(n)
       for layer, n in zip(cache.layers, capacities)))
 
 

@@ -239,12 +239,6 @@ def compress_memory(compressor: dict, keys, values, positions, hh, budget: int,
   return tuple(pick(a, b) for a, b in zip(whole, memory))
 
 
-def real_first(cand: LayerCache, keep: int) -> LayerCache:
-  """The candidates' real slots first, in slot order, cut to `keep` (they fit)."""
-  order = jnp.argsort(cand.positions < 0, axis=-1, stable=True)[..., :keep]
-  return cand.replace(state=None).select(order)
-
-
 # ----------------------------------------------------------------- the method
 
 @registry.register
@@ -369,7 +363,7 @@ class LoCoCo(trained.TrainedWeights, base.Method):
     fused = params["conv_weight"].shape[1]
     if fused_slots(keep, self.keep_rate()) != fused:
       # `check_budget` let this budget through: every row's context fits it.
-      return real_first(cand, keep)
+      return cand.replace(state=None).live_first(keep)
     keys, values, positions = compress_memory(
         layer_compressor(params, x.layer), cand.keys, cand.values, cand.positions,
         self.heavy_hitter_scores(x), keep, fused, self.local_tokens())

@@ -110,13 +110,11 @@ def _stacked_rows(caches: list) -> Cache:
           jnp.stack(leaves)), *caches)
 
 
-def _live_first(layer: LayerCache) -> tuple[LayerCache, jax.Array]:
-  """Every row's and head's live slots moved to the front, in slot order (same shape), and
-  the most live slots any row and head holds."""
-  live = layer.positions >= 0
-  order = jnp.argsort(~live, axis=-1, stable=True)
-  moved = layer.select(order).replace(state=None)
-  return moved, jnp.max(live.sum(-1)).astype(jnp.int32)
+def _live_first(layer: LayerCache, capacity: int | None = None) -> tuple[LayerCache, jax.Array]:
+  """`layer.live_first(capacity)` without method state, and the most live slots any row
+  and head holds."""
+  count = jnp.max((layer.positions >= 0).sum(-1)).astype(jnp.int32)
+  return layer.live_first(capacity).replace(state=None), count
 
 
 # The batch cache is donated: an admission or compaction never holds two copies of it.
@@ -135,11 +133,9 @@ def _fitted_rows(cache: Cache, *, capacities: tuple, kept: tuple) -> tuple[Cache
   cut or padded (and whether any row kept more slots than its layer was sized for)."""
   layers, over = [], jnp.bool_(False)
   for layer, capacity, most in zip(cache.layers, capacities, kept):
-    moved, count = _live_first(layer)
+    moved, count = _live_first(layer, min(capacity, layer.capacity))
     over = over | (count > most)
-    moved = moved.grow(max(0, capacity - moved.capacity)) if moved.capacity < capacity else \
-        moved.select(jnp.broadcast_to(jnp.arange(capacity), moved.positions.shape[:2] +
-                                      (capacity,)))
+    moved = moved.grow(capacity - moved.capacity)
     layers.append(moved.replace(end=count))
   return cache.replace(layers=tuple(layers)), over
 
