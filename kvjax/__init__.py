@@ -15,6 +15,7 @@ xla_cpu.tune_malloc()
 from kvjax import methods  # noqa: E402
 from kvjax import sharding  # noqa: E402
 from kvjax import systems  # noqa: E402
+from kvjax import training  # noqa: E402 (trained-on-first-use weights register here)
 from kvjax.config import ModelConfig
 from kvjax.errors import (CheckpointError, ChecksumError, ConfigError, DownloadError,
                           GenerationError, KvjaxError, UnknownModelError)
@@ -27,4 +28,4 @@ __version__ = "0.1.0"
 __all__ = ["CheckpointError", "ChecksumError", "ConfigError", "ConversationResult",
            "DownloadError", "GenerationError", "GenerationResult", "KvjaxError", "Model", "ModelConfig",
            "UnknownModelError", "available_models", "converse", "generate", "load", "methods", "score",
-           "sharding", "systems"]
+           "sharding", "systems", "training"]

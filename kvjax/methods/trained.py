@@ -9,12 +9,17 @@ The other items (optimiser state, data position, RNG, loss history) only resume 
 Parameters trained for another model are refused by its architecture and name
 (`check_model`, always) and by its weights (`check_fingerprint`, wherever the method meets
 a model: `kvjax.calibration.bind` hands it the model's fingerprint).
+
+checkpoint=TRAINED ("trained") names no path: where the method meets a model, the weights
+of kvjax's recipe for that model are used, trained on first use into the cache directory
+(`kvjax.training.pretrained`, which registers the calibration `trained_calibration(KIND)`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import hashlib
 import json
@@ -31,6 +36,7 @@ from kvjax.errors import MethodError
 PARAMS = "params"          # the trained parameter pytree (orbax StandardSave)
 META = "meta"              # what was trained for which model (JSON)
 COMMIT_MARKER = "commit_success.txt"   # orbax writes it last: the step folder is complete
+TRAINED = "trained"        # checkpoint=TRAINED: the recipe's weights, trained on first use
 
 # The fields that make parameters fit a model: its name and every shape they depend on.
 IDENTITY_FIELDS = ("name", "architecture", "vocab_size", "hidden_size", "num_layers",
@@ -81,6 +87,12 @@ def check_fingerprint(meta: dict, fingerprint: str, where: str = "") -> None:
     raise MethodError(f"{meta.get('kind', 'trained')} parameters{where} were trained on "
                       f"weights with fingerprint {stored}, not on this model's "
                       f"({fingerprint}): train them for these weights")
+
+
+def trained_calibration(kind: str) -> str:
+  """The calibration that trains (or finds) `kind`'s recipe weights for a model and
+  returns (run directory, model config, weights fingerprint)."""
+  return f"{TRAINED}:{kind}"
 
 
 def steps(root: pathlib.Path) -> list[int]:
@@ -154,7 +166,17 @@ class TrainedWeights:
   WEIGHTS_FIELD: ClassVar[str]
   WEIGHTS_TYPE: ClassVar[type]
   MISSING: ClassVar[str]         # what is missing without weights, e.g. "trained gates"
-  calibration: ClassVar[str | None] = "weights_fingerprint"
+  # Whether checkpoint=TRAINED is offered: one recipe serves every use (not LoCoCo, whose
+  # weights fix its budget).
+  TRAINS_ON_FIRST_USE: ClassVar[bool] = True
+
+  @property
+  def calibration(self) -> str:
+    """What `kvjax.calibration.bind` computes from the model: the recipe's run (trained on
+    first use) for checkpoint=TRAINED, else the fingerprint the weights are checked by."""
+    if self.checkpoint == TRAINED:
+      return trained_calibration(self.KIND)
+    return "weights_fingerprint"
 
   def check_weights_source(self) -> None:
     """__post_init__'s part: a path or weights of the right type, not both; a checkpoint is
@@ -168,6 +190,17 @@ class TrainedWeights:
     if self.checkpoint and weights is not None:
       raise MethodError(f"{self.KIND} takes its weights from checkpoint or "
                         f"{self.WEIGHTS_FIELD}, not both")
+    if self.checkpoint == TRAINED:
+      if not self.TRAINS_ON_FIRST_USE:
+        raise MethodError(f"{self.KIND} checkpoint={TRAINED!r}: kvjax has no recipe for "
+                          f"{self.KIND} (its weights fix its budget); train it for yours "
+                          f"with scripts/train.py --method={self.KIND} and give the run's "
+                          f"directory")
+      if pathlib.Path(TRAINED).exists():
+        raise MethodError(f"{self.KIND} checkpoint={TRAINED!r} names kvjax's recipe weights, "
+                          f"and ./{TRAINED} exists too: for that directory give "
+                          f"checkpoint=./{TRAINED}")
+      return   # bound to the recipe's run where the method meets a model
     if self.checkpoint:
       folder = step_dir(self.checkpoint)
       _, meta = read(folder)
@@ -183,15 +216,20 @@ class TrainedWeights:
     (`kvjax.calibration.model_fingerprint`), checked now when given; the architecture,
     name and fingerprint are checked whenever the method meets a model."""
     method = cls(checkpoint=str(path), **hyperparameters)
-    if fingerprint is not None:
+    if fingerprint is not None and method.checkpoint != TRAINED:
       check_fingerprint(method.metadata(), fingerprint, method.where())
     return method
 
   def where(self) -> str:
+    if self.checkpoint == TRAINED:
+      return " (trained on first use)"
     return f" ({self.checkpoint})" if self.checkpoint else ""
 
   def metadata(self) -> dict | None:
-    """What the weights were trained for (None for in-memory weights without it)."""
+    """What the weights were trained for (None for in-memory weights without it, and
+    before checkpoint=TRAINED meets a model)."""
+    if self.checkpoint == TRAINED:
+      return None
     if self.checkpoint:
       return read(self.checkpoint)[1]
     weights = getattr(self, self.WEIGHTS_FIELD)
@@ -199,6 +237,10 @@ class TrainedWeights:
 
   def weights(self) -> dict:
     """The trained parameters (numpy, read-only when read from a run)."""
+    if self.checkpoint == TRAINED:
+      raise MethodError(f"{self.KIND}:checkpoint={TRAINED} has its weights once it meets a "
+                        f"model (kvjax.generate and the other entry points bind it; "
+                        f"kvjax.calibration.bind(method, model) does it by hand)")
     if self.checkpoint:
       return read(self.checkpoint)[0]
     weights = getattr(self, self.WEIGHTS_FIELD)
@@ -211,19 +253,29 @@ class TrainedWeights:
     return weights.params
 
   def check_model(self, config: ModelConfig) -> None:
-    """Refuses weights trained for another model (name, architecture, shapes)."""
+    """Refuses weights trained for another model (name, architecture, shapes); the
+    recipe's weights (checkpoint=TRAINED) are trained for the model they meet."""
+    if self.checkpoint == TRAINED:
+      return
     meta = self.metadata()
     if meta is not None:
       check_model(meta, config, self.where())
     self.check_shapes(self.weights(), config)
 
   def needs_calibration(self) -> bool:
-    """Whether there is a training fingerprint to check against the model's weights."""
+    """Whether the recipe's weights are still to be found, or there is a training
+    fingerprint to check against the model's weights."""
+    if self.checkpoint == TRAINED:
+      return True
     return bool((self.metadata() or {}).get("weights_fingerprint"))
 
   def calibrated(self, result):
-    """`result`: (the model's config, its weights fingerprint); refused unless the weights
-    were trained for this architecture and on these weights."""
+    """`result`: (the model's config, its weights fingerprint), or for checkpoint=TRAINED
+    (the recipe's run directory, config, fingerprint); refused unless the weights were
+    trained for this architecture and on these weights."""
+    if self.checkpoint == TRAINED:
+      path, *result = result
+      return dataclasses.replace(self, checkpoint=str(path)).calibrated(tuple(result))
     config, fingerprint = result
     self.check_model(config)
     check_fingerprint(self.metadata(), fingerprint, self.where())

@@ -8,6 +8,7 @@
   locret      Locret's retaining heads: labels, loss, task
   attention_gate  Attention-Gate's gates: the in-context masked forward pass, loss, task
   lococo      LoCoCo's fusing convolutions: the chunked forward through a fused memory
+  pretrained  recipes whose weights are trained on first use (method="locret:checkpoint=trained")
 `scripts/train.py` is the command line; `load_method` reads a trained component back for
 a model, checking it was trained for that model's weights.
 """
@@ -19,6 +20,7 @@ from kvjax.errors import KvjaxError
 from kvjax.methods.attention_gate import AttentionGate
 from kvjax.methods.locret import Locret
 from kvjax.methods.lococo import LoCoCo
+from kvjax.training import pretrained  # noqa: F401 (registers checkpoint=trained)
 from kvjax.training.loop import LoopSettings, RunResult, Task, train
 from kvjax.training.optim import OptimizerSettings
 
@@ -37,4 +39,5 @@ def load_method(path, model, method: str = "locret", **hyperparameters):
   return loaded
 
 
-__all__ = ["LoopSettings", "OptimizerSettings", "RunResult", "Task", "load_method", "train"]
+__all__ = ["LoopSettings", "OptimizerSettings", "RunResult", "Task", "load_method", "pretrained",
+           "train"]

@@ -1,0 +1,113 @@
+"""Trained weights on first use: method="locret:checkpoint=trained".
+
+A trainable method whose checkpoint is `kvjax.methods.trained.TRAINED` takes the weights of
+kvjax's recipe for the model it meets: the CPU-sized run the README measures (RECIPES),
+trained the first time with a progress bar (minutes on 2 cores) into
+$KVJAX_CACHE/trained/<method>-<model>-<weights fingerprint>-<recipe hash>/ and read from
+there afterwards. That folder is an ordinary training run directory: a first use that is
+killed resumes where it stopped, with the same losses. Weights too large to ship (for
+SmolLM2, Locret's retaining heads are 30M parameters, Attention-Gate's gates 11M) are thus
+reproduced from the recipe.
+Importing this module (done by `import kvjax`) registers one calibration per recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import pathlib
+from typing import Any, Callable
+
+import jax
+from absl import logging
+
+from kvjax import calibration
+from kvjax.errors import KvjaxError
+from kvjax.loading import assets
+from kvjax.methods import trained
+from kvjax.training import attention_gate as gate_training
+from kvjax.training import data as data_lib
+from kvjax.training import locret as locret_training
+from kvjax.training import loop, optim
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """One training run: `task(model, settings, data)` for `steps` AdamW steps (warmup a
+  tenth, cosine decay, clipping at norm 1), one example per step."""
+  task: Callable
+  settings: Any
+  data: data_lib.DataSettings
+  steps: int
+  learning_rate: float
+
+  def optimizer(self) -> optim.OptimizerSettings:
+    return optim.OptimizerSettings(learning_rate=self.learning_rate,
+                                   warmup_steps=self.steps // 10, total_steps=self.steps)
+
+  def digest(self) -> str:
+    """A short hash of everything that shapes the weights (not the task's code)."""
+    text = json.dumps({"settings": dataclasses.asdict(self.settings),
+                       "data": dataclasses.asdict(self.data), "steps": self.steps,
+                       "optimizer": dataclasses.asdict(self.optimizer())}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+# The runs the README measures on SmolLM2-135M (2 CPU cores): Locret 5.5 minutes,
+# Attention-Gate 4.9 minutes.
+RECIPES = {
+    "locret": Recipe(locret_training.task, locret_training.LocretSettings(),
+                     data_lib.DataSettings(sequence_length=512), steps=150,
+                     learning_rate=5e-4),
+    "attention_gate": Recipe(gate_training.task, gate_training.AttentionGateSettings(),
+                             data_lib.DataSettings(sequence_length=256), steps=100,
+                             learning_rate=2e-4),
+}
+
+
+def run_dir(model, method: str, recipe: Recipe | None = None) -> pathlib.Path:
+  """Where `method`'s recipe run for `model` lives (it may not exist yet)."""
+  recipe = recipe or RECIPES[method]
+  name = (model.config.name or "model").replace("/", "_")
+  return (assets.cache_dir() / "trained" /
+          f"{method}-{name}-{calibration.model_fingerprint(model)}-{recipe.digest()}")
+
+
+def is_trained(root: pathlib.Path, recipe: Recipe) -> bool:
+  done = trained.steps(root)
+  return bool(done) and done[-1] == recipe.steps
+
+
+def ensure(model, method: str, recipe: Recipe | None = None,
+           loop_settings: loop.LoopSettings | None = None) -> pathlib.Path:
+  """`method`'s recipe run directory for `model`, trained (or finished, when an earlier
+  first use was interrupted) now if it is not complete."""
+  if method not in RECIPES and recipe is None:
+    raise KvjaxError(f"no training recipe for {method!r}; recipes: {sorted(RECIPES)}")
+  recipe = recipe or RECIPES[method]
+  root = run_dir(model, method, recipe)
+  if is_trained(root, recipe):
+    return root
+  if jax.process_count() > 1:
+    # Each process would train its own copy into a directory the others may share.
+    raise KvjaxError(f"{method}:checkpoint={trained.TRAINED} is not trained yet for "
+                     f"{model.config.name or 'this model'} ({root}); train it in one process first, e.g. "
+                     f"kvjax.training.pretrained.ensure(model, {method!r})")
+  logging.warning("training %s's weights for %s on first use (%d steps of %d tokens) into "
+                  "%s", method, model.config.name or "this model", recipe.steps, recipe.data.sequence_length,
+                  root)
+  loop.train(recipe.task(model, recipe.settings, recipe.data), root, recipe.steps,
+             recipe.optimizer(), loop_settings or loop.LoopSettings(checkpoint_every=25))
+  return root
+
+
+def _calibration(model, method: str):
+  """What `trained.TrainedWeights.calibrated` takes for checkpoint=TRAINED."""
+  return ensure(model, method), model.config, calibration.model_fingerprint(model)
+
+
+for _method in RECIPES:
+  calibration.CALIBRATIONS[trained.trained_calibration(_method)] = functools.partial(
+      _calibration, method=_method)
