@@ -269,11 +269,14 @@ def test_live_first_keeps_slot_order_and_cuts_under_jit():
   slots loses its last ones (the caller's choice), not arbitrary ones."""
   positions = jnp.array([[[-1, 5, -1, 7], [3, -1, 4, 6]]], jnp.int32)   # [B=1, K=2, S=4]
   keys = jnp.arange(8, dtype=jnp.float32).reshape(1, 2, 4, 1)
-  layer = LayerCache(keys=keys, values=keys + 100, positions=positions, end=jnp.int32(4))
+  layer = LayerCache(keys=keys, values=keys + 100, positions=positions, end=jnp.int32(4),
+                     state=keys[..., 0] * 10)
   cut = jax.jit(lambda layer: layer.live_first(2))(layer)
   np.testing.assert_array_equal(cut.positions, [[[5, 7], [3, 4]]])
   np.testing.assert_array_equal(cut.keys[..., 0], [[[1, 3], [4, 6]]])
   np.testing.assert_array_equal(cut.values[..., 0], [[[101, 103], [104, 106]]])
+  np.testing.assert_array_equal(cut.state, [[[10, 30], [40, 60]]])
+  assert int(cut.end) == 2
   whole = layer.live_first()
   np.testing.assert_array_equal(whole.positions, [[[5, 7, -1, -1], [3, 4, 6, -1]]])
   assert whole.capacity == 4

@@ -22,17 +22,24 @@ TINY = pretrained.Recipe(
     locret_training.task, locret_training.LocretSettings(hidden=16),
     data_lib.DataSettings(sequence_length=48, answer_tokens=8, sources=("random",)),
     steps=4, learning_rate=3e-3)
-QUIET = loop.LoopSettings(checkpoint_every=1, progress_bar=False)
+QUIET = TINY.loop_settings(progress_bar=False)
 
 
 @pytest.fixture
-def recipe(monkeypatch, tmp_path):
-  """The tiny recipe in place of Locret's, trained into a fresh cache directory."""
+def first_uses(monkeypatch, tmp_path):
+  """The tiny recipe in place of Locret's, trained into a fresh cache directory, and every
+  first use's `loop.train` call recorded."""
   monkeypatch.setenv("KVJAX_CACHE", str(tmp_path / "cache"))
   monkeypatch.setitem(pretrained.RECIPES, "locret", TINY)
-  monkeypatch.setattr(pretrained.loop, "LoopSettings",
-                      lambda **kwargs: dataclasses.replace(QUIET, **kwargs))
-  return TINY
+  runs, train = [], pretrained.loop.train
+
+  def recorded(task, workdir, steps, optimizer, settings, **kwargs):
+    result = train(task, workdir, steps, optimizer,
+                   dataclasses.replace(settings, progress_bar=False), **kwargs)
+    runs.append(result)
+    return result
+  monkeypatch.setattr(pretrained.loop, "train", recorded)
+  return runs
 
 
 def _direct_run(model, path):
@@ -42,7 +49,7 @@ def _direct_run(model, path):
   return Locret.from_checkpoint(path)
 
 
-def test_first_use_trains_the_recipe_once_then_reads_it(recipe, tmp_path, monkeypatch):
+def test_first_use_trains_the_recipe_once_then_reads_it(first_uses, tmp_path):
   model = tiny_model(seed=1)
   prompts = random_prompts([48, 40], seed=3)
   args = dict(budget=16, max_new_tokens=4, prefill_chunk_size=16)
@@ -50,7 +57,8 @@ def test_first_use_trains_the_recipe_once_then_reads_it(recipe, tmp_path, monkey
                        **args)
   root = pretrained.run_dir(model, "locret")
   assert root.parent == tmp_path / "cache" / "trained"
-  assert trained.steps(root)[-1] == recipe.steps and pretrained.is_trained(root, recipe)
+  assert trained.steps(root)[-1] == TINY.steps and pretrained.is_trained(root, TINY)
+  assert len(first_uses) == 1 and first_uses[0].resumed_from is None
   # The weights are the recipe's run: the same parameters as training it by hand.
   by_hand = _direct_run(model, tmp_path / "by_hand")
   for name, value in by_hand.weights().items():
@@ -59,22 +67,25 @@ def test_first_use_trains_the_recipe_once_then_reads_it(recipe, tmp_path, monkey
                                                                    local=4), **args)
   assert out.token_ids == same.token_ids
   # A second use reads the run: nothing is trained again.
-  monkeypatch.setattr(pretrained.loop, "train", lambda *a, **k: pytest.fail("trained again"))
   again = kvjax.generate(model, prompts, method="locret:checkpoint=trained:stabilizers=8:"
                          "local=4", **args)
-  assert again.token_ids == out.token_ids
-  # Other weights (same architecture and name) get their own run.
+  assert again.token_ids == out.token_ids and len(first_uses) == 1
+  # Other weights (same architecture and name), or another recipe, get their own run.
   assert pretrained.run_dir(tiny_model(seed=2), "locret") != root
+  for change in (dict(steps=5), dict(learning_rate=1e-3), dict(seed=1), dict(batch_size=2),
+                 dict(settings=locret_training.LocretSettings(hidden=8))):
+    assert pretrained.run_dir(model, "locret", dataclasses.replace(TINY, **change)) != root
 
 
-def test_an_interrupted_first_use_finishes_the_same_run(recipe, tmp_path):
+def test_an_interrupted_first_use_finishes_the_same_run(first_uses, tmp_path):
   model = tiny_model(seed=1)
   root = pretrained.run_dir(model, "locret")
-  training.train(recipe.task(model, recipe.settings, recipe.data), root, recipe.steps,
-                 recipe.optimizer(), QUIET, stop_after=2)
-  assert trained.steps(root)[-1] == 2 and not pretrained.is_trained(root, recipe)
-  bound = calibration.bind("locret:checkpoint=trained", model)
-  assert bound.checkpoint == str(root / str(recipe.steps))
+  training.train(TINY.task(model, TINY.settings, TINY.data), root, TINY.steps,
+                 TINY.optimizer(), QUIET, stop_after=2)
+  assert trained.steps(root)[-1] == 2 and not pretrained.is_trained(root, TINY)
+  bound = training.load_method("trained", model)
+  assert bound.checkpoint == str(root / str(TINY.steps))
+  assert [r.resumed_from for r in first_uses] == [2]   # continued, not started again
   history = (root / loop.HISTORY_FILE).read_text()
   by_hand = _direct_run(model, tmp_path / "by_hand")
   assert history == (tmp_path / "by_hand" / loop.HISTORY_FILE).read_text()
@@ -82,16 +93,16 @@ def test_an_interrupted_first_use_finishes_the_same_run(recipe, tmp_path):
     np.testing.assert_array_equal(bound.weights()[name], value)
 
 
-def test_what_cannot_be_trained_on_first_use_is_refused(recipe, tmp_path, monkeypatch):
+def test_what_cannot_be_trained_on_first_use_is_refused(first_uses, tmp_path, monkeypatch):
   with pytest.raises(MethodError, match="lococo checkpoint='trained': kvjax has no recipe"):
     kvjax.methods.get("lococo:checkpoint=trained")
   method = kvjax.methods.get("locret:checkpoint=trained")
   with pytest.raises(MethodError, match="has its weights once it meets a model"):
     method.weights()
-  monkeypatch.setattr(jax, "process_count", lambda: 2)
-  with pytest.raises(KvjaxError, match="not trained yet .* train it in one process first"):
-    calibration.bind(method, tiny_model(seed=1))
-  monkeypatch.undo()
+  with monkeypatch.context() as patched:
+    patched.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(KvjaxError, match="not trained yet .* train it in one process first"):
+      calibration.bind(method, tiny_model(seed=1))
   # A directory named like the keyword: the user says which one is meant.
   monkeypatch.chdir(tmp_path)
   (tmp_path / "trained").mkdir()
@@ -99,3 +110,14 @@ def test_what_cannot_be_trained_on_first_use_is_refused(recipe, tmp_path, monkey
     kvjax.methods.get("locret:checkpoint=trained")
   with pytest.raises(KvjaxError, match="no training recipe for 'lococo'"):
     pretrained.ensure(tiny_model(seed=1), "lococo")
+  assert first_uses == []   # nothing was trained
+
+
+@pytest.mark.parametrize("method", sorted(pretrained.RECIPES))
+def test_each_recipe_builds_its_methods_task(method):
+  """Every shipped recipe's task trains that method (its checkpoints' kind), on the shipped
+  settings; built for the tiny model on random data instead of the essays."""
+  recipe = pretrained.RECIPES[method]
+  task = recipe.task(tiny_model(seed=1), recipe.settings, TINY.data)
+  assert task.meta["kind"] == method == kvjax.methods.get(method).KIND
+  assert kvjax.methods.get(method).TRAINS_ON_FIRST_USE

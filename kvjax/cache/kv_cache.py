@@ -120,13 +120,6 @@ class PerHeadSlots:
     del num_kv_heads
     return self.capacity
 
-  def live_first(self, capacity: int | None = None):
-    """Every row's and head's live slots moved to the front, in slot order, then the
-    capacity cut to `capacity` (unchanged when None); jit-safe. Live slots past `capacity`
-    are dropped: the caller sizes it to the most any head holds, or accepts the loss."""
-    order = jnp.argsort(self.positions < 0, axis=-1, stable=True)
-    return self.select(order if capacity is None else order[..., :capacity])
-
 
 @struct.dataclass
 class LayerCache(PerHeadSlots):
@@ -209,6 +202,13 @@ class LayerCache(PerHeadSlots):
     return LayerCache(keys=gather(self.keys), values=gather(self.values),
                       positions=take(self.positions), end=jnp.int32(keep),
                       state=map_state(take, self.state))
+
+  def live_first(self, capacity: int | None = None) -> "LayerCache":
+    """Every row's and head's live slots moved to the front, in slot order, then the
+    capacity cut to `capacity` (unchanged when None); jit-safe. Live slots past `capacity`
+    are dropped: the caller sizes it to the most any head holds, or accepts the loss."""
+    order = jnp.argsort(self.positions < 0, axis=-1, stable=True)
+    return self.select(order if capacity is None else order[..., :capacity])
 
   def trimmed(self) -> "LayerCache":
     """Host side: capacity cut to the most real tokens any row and head holds, each head's
@@ -541,6 +541,9 @@ class LatentLayerCache(PerHeadSlots):
 
   def grow(self, room: int) -> "LatentLayerCache":
     return self.of(self.dense().grow(room))
+
+  def live_first(self, capacity: int | None = None) -> "LatentLayerCache":
+    return self.of(self.dense().live_first(capacity))
 
   def trimmed(self) -> "LatentLayerCache":
     return self.of(self.dense().trimmed())

@@ -234,6 +234,7 @@ class AttentionGate(trained.TrainedWeights, base.Method):
   WEIGHTS_FIELD: ClassVar[str] = "gates"
   WEIGHTS_TYPE: ClassVar[type] = GateWeights
   MISSING: ClassVar[str] = "trained gates"
+  TRAINS_ON_FIRST_USE: ClassVar[bool] = True   # kvjax.training.pretrained's recipe
   check_shapes = staticmethod(check_gates)
   reads_context: ClassVar[bool] = True   # its weights, as traced parameters
   wrappable: ClassVar[bool] = False      # the gate, not a budget, decides what is kept

@@ -60,7 +60,8 @@ class Method:
       "merging" (averages leaving tokens into kept ones), "cross_layer" (layers share
       storage).
     calibration: what the method needs computed once from the model (a name known to
-      `kvjax.calibration`, e.g. RazorAttention's "echo_induction"), or None.
+      `kvjax.calibration`, e.g. RazorAttention's "echo_induction"), or None; trained
+      methods make it a property of their checkpoint (`kvjax.methods.trained`).
     rescores: the context is prefilled uncompressed, then scored by more forward passes over
       that cache (`rescoring_passes` with the cache policy `rescoring_policy`, e.g. KVzip's
       context reconstruction) and compressed once from their scores (`rescored`).

@@ -263,7 +263,6 @@ class LoCoCo(trained.TrainedWeights, base.Method):
   WEIGHTS_FIELD: ClassVar[str] = "compressors"
   WEIGHTS_TYPE: ClassVar[type] = Compressors
   MISSING: ClassVar[str] = "trained compressors"
-  TRAINS_ON_FIRST_USE: ClassVar[bool] = False   # its weights fix its budget
   check_shapes = staticmethod(check_compressors)
   reads_context: ClassVar[bool] = True   # its weights, as traced parameters
   wrappable: ClassVar[bool] = False      # its own split of the budget and fused slots

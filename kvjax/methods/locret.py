@@ -152,6 +152,7 @@ class Locret(trained.TrainedWeights, base.Method):
   WEIGHTS_FIELD: ClassVar[str] = "heads"
   WEIGHTS_TYPE: ClassVar[type] = RetainingHeads
   MISSING: ClassVar[str] = "trained retaining heads"
+  TRAINS_ON_FIRST_USE: ClassVar[bool] = True   # kvjax.training.pretrained's recipe
   check_shapes = staticmethod(check_heads)
   reads_context: ClassVar[bool] = True   # its weights and the context length, as parameters
   wrappable: ClassVar[bool] = False      # its own budget split (B + local) and stabilizers

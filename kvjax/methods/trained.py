@@ -166,9 +166,9 @@ class TrainedWeights:
   WEIGHTS_FIELD: ClassVar[str]
   WEIGHTS_TYPE: ClassVar[type]
   MISSING: ClassVar[str]         # what is missing without weights, e.g. "trained gates"
-  # Whether checkpoint=TRAINED is offered: one recipe serves every use (not LoCoCo, whose
-  # weights fix its budget).
-  TRAINS_ON_FIRST_USE: ClassVar[bool] = True
+  # Whether checkpoint=TRAINED is offered: kvjax.training.pretrained has a recipe for it
+  # that serves every use (not LoCoCo, whose weights fix its budget).
+  TRAINS_ON_FIRST_USE: ClassVar[bool] = False
 
   @property
   def calibration(self) -> str:
@@ -193,9 +193,10 @@ class TrainedWeights:
     if self.checkpoint == TRAINED:
       if not self.TRAINS_ON_FIRST_USE:
         raise MethodError(f"{self.KIND} checkpoint={TRAINED!r}: kvjax has no recipe for "
-                          f"{self.KIND} (its weights fix its budget); train it for yours "
+                          f"{self.KIND} (see kvjax.training.pretrained.RECIPES); train it "
                           f"with scripts/train.py --method={self.KIND} and give the run's "
                           f"directory")
+      # Relative to the working directory, as a path checkpoint would be read.
       if pathlib.Path(TRAINED).exists():
         raise MethodError(f"{self.KIND} checkpoint={TRAINED!r} names kvjax's recipe weights, "
                           f"and ./{TRAINED} exists too: for that directory give "
@@ -214,7 +215,8 @@ class TrainedWeights:
     """The method with the weights a training run saved at `path` (its latest step, or the
     step folder given). fingerprint: the model's weights fingerprint
     (`kvjax.calibration.model_fingerprint`), checked now when given; the architecture,
-    name and fingerprint are checked whenever the method meets a model."""
+    name and fingerprint are checked whenever the method meets a model. path=TRAINED: the
+    recipe's weights, found (or trained) and checked when the method meets a model."""
     method = cls(checkpoint=str(path), **hyperparameters)
     if fingerprint is not None and method.checkpoint != TRAINED:
       check_fingerprint(method.metadata(), fingerprint, method.where())

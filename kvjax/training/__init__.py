@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from kvjax import calibration
 from kvjax.errors import KvjaxError
+from kvjax.methods import trained
 from kvjax.methods.attention_gate import AttentionGate
 from kvjax.methods.locret import Locret
 from kvjax.methods.lococo import LoCoCo
@@ -28,13 +29,16 @@ METHODS = {"locret": Locret, "attention_gate": AttentionGate, "lococo": LoCoCo}
 
 
 def load_method(path, model, method: str = "locret", **hyperparameters):
-  """The trained method saved at `path` (a run directory or a step folder), refused unless
-  it was trained for `model`: its architecture and name, and its weights' fingerprint."""
+  """The trained method saved at `path` (a run directory or a step folder; "trained": the
+  recipe's, trained now if it is not yet), refused unless it was trained for `model`: its
+  architecture and name, and its weights' fingerprint."""
   if method not in METHODS:
     raise KvjaxError(f"method={method!r} has no trained parameters to load; trainable: "
                      f"{sorted(METHODS)}")
   loaded = METHODS[method].from_checkpoint(
       path, fingerprint=calibration.model_fingerprint(model), **hyperparameters)
+  if loaded.checkpoint == trained.TRAINED:   # the recipe's run for this model
+    return calibration.bind(loaded, model)
   loaded.check_model(model.config)
   return loaded
 

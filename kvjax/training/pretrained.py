@@ -2,9 +2,9 @@
 
 A trainable method whose checkpoint is `kvjax.methods.trained.TRAINED` takes the weights of
 kvjax's recipe for the model it meets: the CPU-sized run the README measures (RECIPES),
-trained the first time with a progress bar (minutes on 2 cores) into
-$KVJAX_CACHE/trained/<method>-<model>-<weights fingerprint>-<recipe hash>/ and read from
-there afterwards. That folder is an ordinary training run directory: a first use that is
+trained the first time with a progress bar (minutes on 2 cores) into kvjax's cache
+directory (`trained/<method>-<model>-<weights fingerprint>-<recipe hash>/` under
+$KVJAX_CACHE, default ~/.cache/kvjax) and read from there afterwards. That folder is an ordinary training run directory: a first use that is
 killed resumes where it stopped, with the same losses. Weights too large to ship (for
 SmolLM2, Locret's retaining heads are 30M parameters, Attention-Gate's gates 11M) are thus
 reproduced from the recipe.
@@ -23,7 +23,7 @@ from typing import Any, Callable
 import jax
 from absl import logging
 
-from kvjax import calibration
+from kvjax import calibration, fileio
 from kvjax.errors import KvjaxError
 from kvjax.loading import assets
 from kvjax.methods import trained
@@ -33,24 +33,40 @@ from kvjax.training import locret as locret_training
 from kvjax.training import loop, optim
 
 
+# Bumped whenever a recipe's training code changes what it learns (labels, losses, data):
+# runs trained by older code are then not reused.
+RECIPE_VERSION = 1
+
+
 @dataclasses.dataclass(frozen=True)
 class Recipe:
   """One training run: `task(model, settings, data)` for `steps` AdamW steps (warmup a
-  tenth, cosine decay, clipping at norm 1), one example per step."""
+  tenth, cosine decay, clipping at norm 1) of `batch_size` examples, from `seed`."""
   task: Callable
   settings: Any
   data: data_lib.DataSettings
   steps: int
   learning_rate: float
+  batch_size: int = 1
+  seed: int = 0
 
   def optimizer(self) -> optim.OptimizerSettings:
     return optim.OptimizerSettings(learning_rate=self.learning_rate,
                                    warmup_steps=self.steps // 10, total_steps=self.steps)
 
+  def loop_settings(self, progress_bar: bool = True) -> loop.LoopSettings:
+    """Everything else the loop is given: what shapes the weights comes from the recipe;
+    two full checkpoints per run (a killed first use loses at most half of it)."""
+    return loop.LoopSettings(batch_size=self.batch_size, seed=self.seed,
+                             checkpoint_every=max(1, self.steps // 2), keep_checkpoints=1,
+                             progress_bar=progress_bar)
+
   def digest(self) -> str:
-    """A short hash of everything that shapes the weights (not the task's code)."""
-    text = json.dumps({"settings": dataclasses.asdict(self.settings),
+    """A short hash of everything that shapes the weights (the code by RECIPE_VERSION)."""
+    text = json.dumps({"version": RECIPE_VERSION, "kind": self.task.__module__,
+                       "settings": dataclasses.asdict(self.settings),
                        "data": dataclasses.asdict(self.data), "steps": self.steps,
+                       "batch_size": self.batch_size, "seed": self.seed,
                        "optimizer": dataclasses.asdict(self.optimizer())}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
@@ -81,9 +97,10 @@ def is_trained(root: pathlib.Path, recipe: Recipe) -> bool:
 
 
 def ensure(model, method: str, recipe: Recipe | None = None,
-           loop_settings: loop.LoopSettings | None = None) -> pathlib.Path:
+           progress_bar: bool = True) -> pathlib.Path:
   """`method`'s recipe run directory for `model`, trained (or finished, when an earlier
-  first use was interrupted) now if it is not complete."""
+  first use was interrupted) now if it is not complete. Processes on one machine that
+  need the same run take turns: one trains, the others then read it."""
   if method not in RECIPES and recipe is None:
     raise KvjaxError(f"no training recipe for {method!r}; recipes: {sorted(RECIPES)}")
   recipe = recipe or RECIPES[method]
@@ -93,13 +110,16 @@ def ensure(model, method: str, recipe: Recipe | None = None,
   if jax.process_count() > 1:
     # Each process would train its own copy into a directory the others may share.
     raise KvjaxError(f"{method}:checkpoint={trained.TRAINED} is not trained yet for "
-                     f"{model.config.name or 'this model'} ({root}); train it in one process first, e.g. "
-                     f"kvjax.training.pretrained.ensure(model, {method!r})")
-  logging.warning("training %s's weights for %s on first use (%d steps of %d tokens) into "
-                  "%s", method, model.config.name or "this model", recipe.steps, recipe.data.sequence_length,
-                  root)
-  loop.train(recipe.task(model, recipe.settings, recipe.data), root, recipe.steps,
-             recipe.optimizer(), loop_settings or loop.LoopSettings(checkpoint_every=25))
+                     f"{model.config.name or 'this model'} ({root}); train it in one process "
+                     f"first, e.g. kvjax.training.pretrained.ensure(model, {method!r})")
+  with fileio.locked(root.parent / f".{root.name}.lock"):
+    if is_trained(root, recipe):   # another process trained it while this one waited
+      return root
+    logging.warning("training %s's weights for %s on first use (%d steps of %d tokens) "
+                    "into %s", method, model.config.name or "this model", recipe.steps,
+                    recipe.data.sequence_length, root)
+    loop.train(recipe.task(model, recipe.settings, recipe.data), root, recipe.steps,
+               recipe.optimizer(), recipe.loop_settings(progress_bar))
   return root
 
 
