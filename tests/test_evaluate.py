@@ -10,6 +10,7 @@ import pytest
 
 import kvjax
 from kvjax import calibration
+from kvjax.evaluation import fidelity
 from kvjax.evaluation import tasks as tasks_lib
 from kvjax.evaluation import sweep
 from kvjax.generation import context
@@ -101,6 +102,19 @@ def test_changed_settings_are_not_mixed_with_old_results(model, tmp_path, monkey
   longer = sweep.SweepConfig(**{**config.__dict__, "max_new_tokens": 5})
   summary = sweep.run_sweep(model, "tiny", longer, tmp_path)
   assert calls == [1] and summary["cells"][0]["examples"] == 1
+
+
+def test_fidelity_records_of_another_example_count_are_not_reused(smollm2_tokenizer):
+  """Example i of the essay windows depends on how many are drawn, so a fidelity record
+  made with num_examples=12 is not example i of a sweep with 8; generated tasks'
+  examples are pure functions of their index and keep their records."""
+  draw = lambda n: fidelity.essay_samples(smollm2_tokenizer, 64, 8, n)
+  assert [s.context_ids for s in draw(8)] != [s.context_ids for s in draw(12)[:8]]
+  eight = dataclasses.replace(CONFIG, num_examples=8)
+  twelve = dataclasses.replace(CONFIG, num_examples=12)
+  assert sweep._fingerprint(eight, "fidelity") != sweep._fingerprint(twelve, "fidelity")
+  assert sweep._fingerprint(eight, "niah_single_2") == sweep._fingerprint(twelve,
+                                                                          "niah_single_2")
 
 
 @pytest.mark.parametrize("overrides, match", [

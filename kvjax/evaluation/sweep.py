@@ -135,6 +135,9 @@ def _fingerprint(config: SweepConfig, task: str) -> str:
     settings["turns"] = config.turns
   if task == FIDELITY:
     settings["continuation_tokens"] = config.continuation_tokens
+    # The essay windows are drawn as a set of num_examples (fidelity.essay_samples):
+    # example i of 8 is another text than example i of 12.
+    settings["num_examples"] = config.num_examples
   return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
