@@ -117,6 +117,17 @@ def test_fidelity_records_of_another_example_count_are_not_reused(smollm2_tokeni
                                                                           "niah_single_2")
 
 
+def test_a_sweep_with_another_example_count_recomputes_fidelity(model, tmp_path, monkeypatch):
+  config = sweep.SweepConfig(methods=("full",), ratios=(0.5,), tasks=("fidelity",),
+                             lengths=(384,), num_examples=2, batch_size=2,
+                             continuation_tokens=16)
+  sweep.run_sweep(model, "tiny", config, tmp_path)
+  calls = _spy_prefill_many(monkeypatch)
+  summary = sweep.run_sweep(model, "tiny", dataclasses.replace(config, num_examples=3),
+                            tmp_path)
+  assert calls == [1, 1] and summary["cells"][0]["examples"] == 3   # 0-1 again, then 2
+
+
 @pytest.mark.parametrize("overrides, match", [
     (dict(tasks=("nope",)), "unknown task 'nope'"),
     (dict(modes=("sideways",)), "unknown mode 'sideways'"),
