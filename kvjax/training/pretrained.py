@@ -4,11 +4,11 @@ A trainable method whose checkpoint is `kvjax.methods.trained.TRAINED` takes the
 kvjax's recipe for the model it meets: the CPU-sized run the README measures (RECIPES),
 trained the first time with a progress bar (minutes on 2 cores) into kvjax's cache
 directory (`trained/<method>-<model>-<weights fingerprint>-<recipe hash>/` under
-$KVJAX_CACHE, default ~/.cache/kvjax) and read from there afterwards. That folder is an ordinary training run directory: a first use that is
-killed resumes where it stopped, with the same losses. Weights too large to ship (for
-SmolLM2, Locret's retaining heads are 30M parameters, Attention-Gate's gates 11M) are thus
-reproduced from the recipe.
-Importing this module (done by `import kvjax`) registers one calibration per recipe.
+$KVJAX_CACHE, default ~/.cache/kvjax) and read from there afterwards. That folder is an
+ordinary training run directory: a first use that is killed resumes where it stopped, with
+the same losses. Weights too large to ship (for SmolLM2, Locret's retaining heads are 30M
+parameters, Attention-Gate's gates 11M) are thus reproduced from the recipe. Importing
+this module (done by `import kvjax`) registers one calibration per recipe.
 """
 
 from __future__ import annotations
