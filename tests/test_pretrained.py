@@ -121,3 +121,34 @@ def test_each_recipe_builds_its_methods_task(method):
   task = recipe.task(tiny_model(seed=1), recipe.settings, TINY.data)
   assert task.meta["kind"] == method == kvjax.methods.get(method).KIND
   assert kvjax.methods.get(method).TRAINS_ON_FIRST_USE
+
+
+def test_a_sweep_keys_recipe_records_by_the_weights_they_were_made_with(
+    first_uses, tmp_path, monkeypatch, smollm2_tokenizer):
+  """A sweep's checkpoint=trained records name the run they were bound to; resumed after
+  the recipe changed (other weights under the same label), the sweep recomputes them and
+  keeps the other methods' records."""
+  from kvjax.evaluation import sweep
+  from tests.tiny import tiny_chat_model
+  model = tiny_chat_model(smollm2_tokenizer, max_position_embeddings=2048)
+  label = "locret:stabilizers=8:local=4:checkpoint=trained"   # as the sweep names it
+  # vt: no essays to fetch into the fixture's fresh cache directory.
+  config = sweep.SweepConfig(methods=("full", label), ratios=(0.5,), tasks=("vt",),
+                             lengths=(384,), num_examples=1, batch_size=1, max_new_tokens=3)
+  out = tmp_path / "sweep"
+  sweep.run_sweep(model, "tiny", config, out)
+  run = pretrained.run_dir(model, "locret").name
+  records = sweep.read_records(out / "examples.jsonl")
+  assert {r["method"]: r.get("weights") for r in records} == {"full": None,
+                                                              label: f"{run}/{TINY.steps}"}
+  # The same recipe again: everything is reused.
+  sweep.run_sweep(model, "tiny", config, out)
+  assert len(sweep.read_records(out / "examples.jsonl")) == 2 and len(first_uses) == 1
+  # Another recipe: its weights are trained and only the trained method's example re-run.
+  monkeypatch.setitem(pretrained.RECIPES, "locret", dataclasses.replace(TINY, steps=5))
+  summary = sweep.run_sweep(model, "tiny", config, out)
+  new = sweep.read_records(out / "examples.jsonl")[2:]
+  assert len(first_uses) == 2 and [r["method"] for r in new] == [label]
+  assert new[0]["weights"] == f"{pretrained.run_dir(model, 'locret').name}/5" != records[1][
+      "weights"]
+  assert {c["method"]: c["examples"] for c in summary["cells"]} == {"full": 1, label: 1}

@@ -30,6 +30,7 @@ from kvjax.fileio import write_json_atomic
 from kvjax.generation import context, conversation, episodes, inputs, map_limit
 from kvjax.generation.generate import complete
 from kvjax.methods.base import own_label
+from kvjax.methods.trained import TRAINED
 from kvjax.sharding import distributed, placement_of
 
 MODES = ("query_agnostic", "question_aware")
@@ -102,11 +103,14 @@ class SweepConfig:
 @dataclasses.dataclass(frozen=True)
 class Variant:
   """One (method, ratio) column of a sweep; ratio 0.0 for the full cache. `label` names
-  the configured method (set by `variants`, kept when the method is bound to a model)."""
+  the configured method (set by `variants`, kept when the method is bound to a model);
+  `weights` names what the label does not: the recipe run a checkpoint=trained method was
+  bound to (set in `run`), so records of other weights are not reused."""
   name: str
   method: methods_lib.Method
   ratio: float
   label: str
+  weights: str | None = None
 
 
 def variants(config: SweepConfig) -> list[Variant]:
@@ -127,10 +131,24 @@ def cell_key(model: str, task: str, length: int, mode: str, method: str, ratio: 
   return (model, task, int(length), mode, method, round(float(ratio), 6))
 
 
-def _fingerprint(config: SweepConfig, task: str) -> str:
+def recipe_weights(configured, bound) -> str | None:
+  """"<run>/<step>" of the weights a checkpoint=trained method (or the press it wraps) was
+  bound to, None for every other method: its label names the recipe, not the run (a
+  RECIPE_VERSION bump trains other weights under the same label)."""
+  while configured is not None:
+    if getattr(configured, "checkpoint", None) == TRAINED:
+      path = pathlib.PurePath(bound.checkpoint)
+      return f"{path.parent.name}/{path.name}"
+    configured, bound = getattr(configured, "press", None), getattr(bound, "press", None)
+  return None
+
+
+def _fingerprint(config: SweepConfig, task: str, weights: str | None = None) -> str:
   """What an example's result depends on beyond its cell: a record made under other
-  settings is not reused."""
+  settings (or, for checkpoint=trained, other weights) is not reused."""
   settings = {"seed": config.seed, "max_new_tokens": config.answer_tokens(task)}
+  if weights is not None:
+    settings["weights"] = weights
   if task in tasks_lib.CONVERSATION_TASKS:
     settings["turns"] = config.turns
   if task == FIDELITY:
@@ -347,14 +365,17 @@ def run_sweep(model, model_name: str, config: SweepConfig, out_dir,
   done = {tuple(key) for key in distributed.broadcast_from_primary(
       [list(_record_key(r)) for r in read_records(path)] if primary else None)}
   # Methods with per-model parts (calibrated heads) are made ready for this model once.
-  all_variants = [dataclasses.replace(v, method=calibration.bind(v.method, model))
-                  for v in variants(config)]
+  all_variants = []
+  for v in variants(config):
+    bound = calibration.bind(v.method, model)
+    all_variants.append(dataclasses.replace(v, method=bound,
+                                            weights=recipe_weights(v.method, bound)))
+  weights = {v.label: v.weights for v in all_variants if v.weights is not None}
 
   def missing(task, length, mode, indices):
-    fingerprint = _fingerprint(config, task)
     return [v for v in all_variants if any(
-        cell_key(model_name, task, length, mode, v.label, v.ratio) + (i, fingerprint)
-        not in done for i in indices)]
+        cell_key(model_name, task, length, mode, v.label, v.ratio) + (
+            i, _fingerprint(config, task, v.weights)) not in done for i in indices)]
 
   batches = [(task, length, mode, range(first, min(first + config.batch_size,
                                                      config.num_examples)))
@@ -381,9 +402,10 @@ def run_sweep(model, model_name: str, config: SweepConfig, out_dir,
         if (task, length) not in items:
           items = {(task, length): _items(model, task, length, config)}  # one task's alive
         batch = [items[task, length][i] for i in indices]
-        records = _run_batch(model, model_name, task, length, mode, indices, batch,
-                             variants_left, config.answer_tokens(task),
-                             _fingerprint(config, task), config, skipped)
+        records = _with_weights(
+            _run_batch(model, model_name, task, length, mode, indices, batch, variants_left,
+                       config.answer_tokens(task), _fingerprint(config, task), config,
+                       skipped), weights, config)
       except Exception as e:   # noqa: BLE001 (raised below, on every process together)
         if not split:
           raise
@@ -409,7 +431,7 @@ def run_sweep(model, model_name: str, config: SweepConfig, out_dir,
         skipped.setdefault(key, why)
   summary = None
   if primary:
-    summary = summarize(read_records(path), config, model_name)
+    summary = summarize(read_records(path), config, model_name, weights)
     summary["skipped"] = skipped
     write_json_atomic(out_dir / "summary.json", summary, indent=1)
   return distributed.broadcast_from_primary(summary)
@@ -546,15 +568,27 @@ def _fidelity_batch(model, base, first: int, samples, missing, skipped) -> list[
   return records
 
 
-def summarize(records: list[dict], config: SweepConfig, model_name: str) -> dict:
-  """One cell per (model, task, length, mode, method, ratio) of the current config."""
+def _with_weights(records: list[dict], weights: dict[str, str], config: SweepConfig
+                  ) -> list[dict]:
+  """Records of checkpoint=trained methods, named by (and keyed on) their bound weights."""
+  return [dict(r, weights=weights[r["method"]],
+               fingerprint=_fingerprint(config, r["task"], weights[r["method"]]))
+          if r["method"] in weights else r for r in records]
+
+
+def summarize(records: list[dict], config: SweepConfig, model_name: str,
+              weights: dict[str, str] | None = None) -> dict:
+  """One cell per (model, task, length, mode, method, ratio) of the current config.
+  weights: each checkpoint=trained label's bound weights (`Variant.weights`); their
+  records of other weights are left out."""
+  weights = weights or {}
   wanted = {v.label: v for v in variants(config)}
   grouped: dict[tuple, list[dict]] = {}
   for r in records:
     if (r["model"] != model_name or r["task"] not in config.tasks
         or r["length"] not in config.lengths or r["mode"] not in config.modes
         or r["method"] not in wanted or r["example"] >= config.num_examples
-        or r["fingerprint"] != _fingerprint(config, r["task"])):
+        or r["fingerprint"] != _fingerprint(config, r["task"], weights.get(r["method"]))):
       continue
     if wanted[r["method"]].method.needs_budget and not any(
         abs(r["compression_ratio"] - x) < 1e-9 for x in config.ratios):
