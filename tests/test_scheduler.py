@@ -365,6 +365,13 @@ def test_prefix_store_keeps_least_recently_used_out_within_its_bytes():
   assert store.put((7,), one) and (1, 2) not in store and (1, 2, 3) in store
   assert store.nbytes == 2 * size and store.stats()["evictions"] == 1
   assert store.get((1, 2)) is None and store.stats()["misses"] == 1
+  # A base taken to prefill a longer prefix is marked used and counted apart from hits.
+  assert store.base((7,)) is one and store.put((9, 9), one) and (7,) in store
+  assert (1, 2, 3) not in store
+  assert {k: store.stats()[k] for k in ("hits", "misses", "extensions")} == dict(
+      hits=1, misses=1, extensions=1)
+  with pytest.raises(GenerationError, match="no stored prefix of 2 tokens to extend"):
+    store.base((1, 2))
   assert not PrefixStore(size - 1).put((1,), one)      # larger than the whole store
   with pytest.raises(GenerationError, match="prefix_cache_bytes=0"):
     PrefixStore(0)
@@ -469,6 +476,7 @@ def test_shared_prefixes_of_different_lengths_and_unshared_prompts_in_one_admiss
     assert stats["prefilled_tokens"] == computed + (20 + 50 if run == 0 else 0), run
   assert stats["prefix_store"]["prefixes"] == 2
   assert stats["prefix_store"]["hits"] == 2 and stats["prefix_store"]["misses"] == 2
+  assert stats["prefix_store"]["extensions"] == 0
 
 
 def test_a_new_shared_prefix_is_prefilled_over_the_longest_stored_one():
@@ -493,7 +501,8 @@ def test_a_new_shared_prefix_is_prefilled_over_the_longest_stored_one():
   assert stats["prefilled_tokens"] == 35 + 2 + 1
   store = stats["prefix_store"]
   assert store["prefixes"] == 2          # the instruction, and it with the third document
-  assert (store["hits"], store["misses"]) == (1, 2)
+  # Both were prefilled (misses), the second over the first (an extension, not a hit).
+  assert (store["hits"], store["misses"], store["extensions"]) == (0, 2, 1)
 
 
 def test_the_server_drops_compiled_code_near_the_mapping_limit(monkeypatch):

@@ -27,7 +27,9 @@ class PrefixStore:
     self._entries: collections.OrderedDict = collections.OrderedDict()  # tokens -> cache
     self._bytes: dict = {}
     self.nbytes = 0
-    self.hits = self.misses = self.evictions = 0
+    # hits: prefixes reused as stored; misses: prefixes not stored (prefilled), of which
+    # `extensions` were prefilled over a shorter stored one (`base`).
+    self.hits = self.misses = self.extensions = self.evictions = 0
 
   def __len__(self) -> int:
     return len(self._entries)
@@ -45,14 +47,30 @@ class PrefixStore:
     return best
 
   def get(self, tokens: Sequence[int]):
-    """The stored cache of exactly `tokens` (marked most recently used), or None."""
-    key = tuple(tokens)
-    cache = self._entries.get(key)
+    """The stored cache of exactly `tokens` (marked most recently used; a hit), or None
+    (a miss)."""
+    cache = self._take(tokens)
     if cache is None:
       self.misses += 1
-      return None
-    self._entries.move_to_end(key)
-    self.hits += 1
+    else:
+      self.hits += 1
+    return cache
+
+  def base(self, tokens: Sequence[int]):
+    """The stored cache of exactly `tokens` (marked most recently used), taken to prefill
+    a longer prefix over it: counted as an extension of that prefix's miss, not a hit."""
+    cache = self._take(tokens)
+    if cache is None:
+      raise GenerationError(f"no stored prefix of {len(tokens)} tokens to extend "
+                            f"(`longest` gives the ones stored)")
+    self.extensions += 1
+    return cache
+
+  def _take(self, tokens: Sequence[int]):
+    key = tuple(tokens)
+    cache = self._entries.get(key)
+    if cache is not None:
+      self._entries.move_to_end(key)
     return cache
 
   def put(self, tokens: Sequence[int], cache) -> bool:
@@ -81,4 +99,5 @@ class PrefixStore:
 
   def stats(self) -> dict:
     return {"prefixes": len(self._entries), "bytes": self.nbytes, "max_bytes": self.max_bytes,
-            "hits": self.hits, "misses": self.misses, "evictions": self.evictions}
+            "hits": self.hits, "misses": self.misses, "extensions": self.extensions,
+            "evictions": self.evictions}

@@ -493,7 +493,7 @@ class Server:
     extended = [i for i, s in enumerate(starts) if s]
     if extended:
       # Their stored prefixes are taken before anything new is stored (and may evict).
-      bases = {missing[i][:starts[i]]: self.prefixes.get(missing[i][:starts[i]])
+      bases = {missing[i][:starts[i]]: self.prefixes.base(missing[i][:starts[i]])
                for i in extended}
       _, rows = self._prefilled_over([list(missing[i]) for i in extended],
                                      [starts[i] for i in extended], bases)
