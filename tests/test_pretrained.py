@@ -11,9 +11,10 @@ import pytest
 import kvjax
 from kvjax import calibration, training
 from kvjax.errors import KvjaxError, MethodError
-from kvjax.methods import Locret
+from kvjax.methods import LoCoCo, Locret
 from kvjax.methods import trained
 from kvjax.training import data as data_lib
+from kvjax.training import lococo as lococo_training
 from kvjax.training import locret as locret_training
 from kvjax.training import loop, pretrained
 from tests.tiny import random_prompts, tiny_model
@@ -94,8 +95,10 @@ def test_an_interrupted_first_use_finishes_the_same_run(first_uses, tmp_path):
 
 
 def test_what_cannot_be_trained_on_first_use_is_refused(first_uses, tmp_path, monkeypatch):
-  with pytest.raises(MethodError, match="lococo checkpoint='trained': kvjax has no recipe"):
-    kvjax.methods.get("lococo:checkpoint=trained")
+  with monkeypatch.context() as patched:   # a trained method without a recipe
+    patched.setattr(LoCoCo, "TRAINS_ON_FIRST_USE", False)
+    with pytest.raises(MethodError, match="lococo checkpoint='trained': kvjax has no recipe"):
+      kvjax.methods.get("lococo:checkpoint=trained")
   method = kvjax.methods.get("locret:checkpoint=trained")
   with pytest.raises(MethodError, match="has its weights once it meets a model"):
     method.weights()
@@ -108,9 +111,41 @@ def test_what_cannot_be_trained_on_first_use_is_refused(first_uses, tmp_path, mo
   (tmp_path / "trained").mkdir()
   with pytest.raises(MethodError, match=r"\./trained exists too: .* checkpoint=\./trained"):
     kvjax.methods.get("locret:checkpoint=trained")
-  with pytest.raises(KvjaxError, match="no training recipe for 'lococo'"):
-    pretrained.ensure(tiny_model(seed=1), "lococo")
+  with pytest.raises(KvjaxError, match="no training recipe for 'h2o'"):
+    pretrained.ensure(tiny_model(seed=1), "h2o")
   assert first_uses == []   # nothing was trained
+
+
+def test_lococos_recipe_serves_its_memory_size_and_refuses_other_budgets(
+    first_uses, tmp_path, monkeypatch):
+  """LoCoCo's recipe weights fuse into the slots of the recipe's memory size: at that
+  budget they are the recipe's run (the tokens of training it by hand), and another
+  budget is refused naming the one that works."""
+  memory, block = 12, 16
+  recipe = pretrained.Recipe(
+      lococo_training.task, lococo_training.LoCoCoSettings(memory_size=memory,
+                                                           block_size=block, kernel_size=3),
+      data_lib.DataSettings(sequence_length=48, answer_tokens=8, sources=("random",)),
+      steps=3, learning_rate=1e-2)
+  monkeypatch.setitem(pretrained.RECIPES, "lococo", recipe)
+  model = tiny_model(seed=1)
+  prompts = random_prompts([48, 40], seed=3)
+  args = dict(max_new_tokens=4, prefill_chunk_size=block)
+  out = kvjax.generate(model, prompts, method="lococo:checkpoint=trained", budget=memory,
+                       **args)
+  assert len(first_uses) == 1
+  root = pretrained.run_dir(model, "lococo")
+  training.train(recipe.task(model, recipe.settings, recipe.data), tmp_path / "by_hand",
+                 recipe.steps, recipe.optimizer(), recipe.loop_settings(progress_bar=False))
+  by_hand = LoCoCo.from_checkpoint(tmp_path / "by_hand")
+  for name, value in by_hand.weights().items():
+    np.testing.assert_array_equal(LoCoCo.from_checkpoint(root).weights()[name], value)
+  assert out.token_ids == kvjax.generate(model, prompts, method=by_hand, budget=memory,
+                                         **args).token_ids
+  with pytest.raises(MethodError, match=f"use budget={memory}"):
+    kvjax.generate(model, prompts, method="lococo:checkpoint=trained", budget=memory + 4,
+                   **args)
+  assert len(first_uses) == 1   # read, not trained again
 
 
 @pytest.mark.parametrize("method", sorted(pretrained.RECIPES))
@@ -118,7 +153,8 @@ def test_each_recipe_builds_its_methods_task(method):
   """Every shipped recipe's task trains that method (its checkpoints' kind), on the shipped
   settings; built for the tiny model on random data instead of the essays."""
   recipe = pretrained.RECIPES[method]
-  task = recipe.task(tiny_model(seed=1), recipe.settings, TINY.data)
+  task = recipe.task(tiny_model(seed=1), recipe.settings,
+                     dataclasses.replace(recipe.data, sources=("random",)))
   assert task.meta["kind"] == method == kvjax.methods.get(method).KIND
   assert kvjax.methods.get(method).TRAINS_ON_FIRST_USE
 

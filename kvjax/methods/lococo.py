@@ -252,9 +252,11 @@ class LoCoCo(trained.TrainedWeights, base.Method):
   hh_keep_rate, kernel_size, local: None takes the training run's values (else 0.5, the
   weights' kernel, 0). The trained convolution fixes the number of fused slots, so only
   budgets that give that number work (e.g. the training run's memory size).
-  checkpoint: a run directory (or step folder) of `scripts/train.py --method=lococo`;
-  compressors: the weights in memory (`Compressors`). Use `LoCoCo.from_checkpoint(path)`
-  or method="lococo:checkpoint=PATH". See the module docstring for the reading.
+  checkpoint: a run directory (or step folder) of `scripts/train.py --method=lococo`, or
+  "trained" (kvjax's recipe for the model met, trained on first use: budget 64, prefill
+  chunks of 128); compressors: the weights in memory (`Compressors`). Use
+  `LoCoCo.from_checkpoint(path)` or method="lococo:checkpoint=PATH". See the module
+  docstring for the reading.
   """
   name: ClassVar[str] = "lococo"
   family: ClassVar[str] = "merging"
@@ -263,6 +265,8 @@ class LoCoCo(trained.TrainedWeights, base.Method):
   WEIGHTS_FIELD: ClassVar[str] = "compressors"
   WEIGHTS_TYPE: ClassVar[type] = Compressors
   MISSING: ClassVar[str] = "trained compressors"
+  # kvjax.training.pretrained's recipe: its weights serve its memory size only.
+  TRAINS_ON_FIRST_USE: ClassVar[bool] = True
   check_shapes = staticmethod(check_compressors)
   reads_context: ClassVar[bool] = True   # its weights, as traced parameters
   wrappable: ClassVar[bool] = False      # its own split of the budget and fused slots

@@ -167,7 +167,7 @@ class TrainedWeights:
   WEIGHTS_TYPE: ClassVar[type]
   MISSING: ClassVar[str]         # what is missing without weights, e.g. "trained gates"
   # Whether checkpoint=TRAINED is offered: kvjax.training.pretrained has a recipe for it
-  # that serves every use (not LoCoCo, whose weights fix its budget).
+  # (LoCoCo's serves one budget, the recipe's memory size).
   TRAINS_ON_FIRST_USE: ClassVar[bool] = False
 
   @property

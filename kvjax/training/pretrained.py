@@ -7,8 +7,11 @@ directory (`trained/<method>-<model>-<weights fingerprint>-<recipe hash>/` under
 $KVJAX_CACHE, default ~/.cache/kvjax) and read from there afterwards. That folder is an
 ordinary training run directory: a first use that is killed resumes where it stopped, with
 the same losses. Weights too large to ship (for SmolLM2, Locret's retaining heads are 30M
-parameters, Attention-Gate's gates 11M) are thus reproduced from the recipe. Importing
-this module (done by `import kvjax`) registers one calibration per recipe.
+parameters, Attention-Gate's gates 11M, LoCoCo's convolutions 2.6M) are thus reproduced
+from the recipe. LoCoCo's convolution fixes its fused slots, so its recipe's weights serve
+its memory size only (budget=64, read in prefill chunks of 128; other budgets are refused
+naming it). Importing this module (done by `import kvjax`) registers one calibration per
+recipe.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from kvjax.loading import assets
 from kvjax.methods import trained
 from kvjax.training import attention_gate as gate_training
 from kvjax.training import data as data_lib
+from kvjax.training import lococo as lococo_training
 from kvjax.training import locret as locret_training
 from kvjax.training import loop, optim
 
@@ -72,7 +76,7 @@ class Recipe:
 
 
 # The runs the README measures on SmolLM2-135M (2 CPU cores): Locret 5.5 minutes,
-# Attention-Gate 4.9 minutes.
+# Attention-Gate 4.9 minutes, LoCoCo 18 minutes (memory 64, chunks of 128).
 RECIPES = {
     "locret": Recipe(locret_training.task, locret_training.LocretSettings(),
                      data_lib.DataSettings(sequence_length=512), steps=150,
@@ -80,6 +84,9 @@ RECIPES = {
     "attention_gate": Recipe(gate_training.task, gate_training.AttentionGateSettings(),
                              data_lib.DataSettings(sequence_length=256), steps=100,
                              learning_rate=2e-4),
+    "lococo": Recipe(lococo_training.task, lococo_training.LoCoCoSettings(),
+                     data_lib.DataSettings(sequence_length=512), steps=100,
+                     learning_rate=0.05),
 }
 
 
