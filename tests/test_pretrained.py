@@ -188,3 +188,13 @@ def test_a_sweep_keys_recipe_records_by_the_weights_they_were_made_with(
   assert new[0]["weights"] == f"{pretrained.run_dir(model, 'locret').name}/5" != records[1][
       "weights"]
   assert {c["method"]: c["examples"] for c in summary["cells"]} == {"full": 1, label: 1}
+  assert summary["weights"] == {label: new[0]["weights"]}
+  # The old weights' record alone makes no cell under the new weights.
+  assert [c["method"] for c in sweep.summarize(records, config, "tiny", summary["weights"])[
+      "cells"]] == ["full"]
+  # Processes that bound other weights (another kvjax or cache) would key other batches.
+  bound = summary["weights"]
+  monkeypatch.setattr(sweep.distributed, "broadcast_from_primary",
+                      lambda value: {label: "other/1"} if value == bound else value)
+  with pytest.raises(sweep.SweepError, match="process 0 others"):
+    sweep.run_sweep(model, "tiny", config, out)

@@ -105,7 +105,7 @@ class Variant:
   """One (method, ratio) column of a sweep; ratio 0.0 for the full cache. `label` names
   the configured method (set by `variants`, kept when the method is bound to a model);
   `weights` names what the label does not: the recipe run a checkpoint=trained method was
-  bound to (set in `run`), so records of other weights are not reused."""
+  bound to (set in `run_sweep`), so records of other weights are not reused."""
   name: str
   method: methods_lib.Method
   ratio: float
@@ -371,6 +371,10 @@ def run_sweep(model, model_name: str, config: SweepConfig, out_dir,
     all_variants.append(dataclasses.replace(v, method=bound,
                                             weights=recipe_weights(v.method, bound)))
   weights = {v.label: v.weights for v in all_variants if v.weights is not None}
+  if distributed.broadcast_from_primary(weights) != weights:
+    # Each process keys its records (and so its share of the batches) by them.
+    raise SweepError(f"process {index} bound checkpoint=trained weights {weights}, process "
+                     f"0 others: run every process with the same kvjax and cache directory")
 
   def missing(task, length, mode, indices):
     return [v for v in all_variants if any(
@@ -577,11 +581,10 @@ def _with_weights(records: list[dict], weights: dict[str, str], config: SweepCon
 
 
 def summarize(records: list[dict], config: SweepConfig, model_name: str,
-              weights: dict[str, str] | None = None) -> dict:
+              weights: dict[str, str]) -> dict:
   """One cell per (model, task, length, mode, method, ratio) of the current config.
-  weights: each checkpoint=trained label's bound weights (`Variant.weights`); their
-  records of other weights are left out."""
-  weights = weights or {}
+  weights: each checkpoint=trained label's bound weights (`Variant.weights`; {} when
+  there are none); their records of other weights are left out."""
   wanted = {v.label: v for v in variants(config)}
   grouped: dict[tuple, list[dict]] = {}
   for r in records:
@@ -619,5 +622,8 @@ def summarize(records: list[dict], config: SweepConfig, model_name: str,
   cells.sort(key=lambda c: (config.tasks.index(c["task"]), c["length"],
                             config.modes.index(c["mode"]), method_order[c["method"]],
                             c["compression_ratio"]))
-  return {"model": model_name, "config": dataclasses.asdict(config), "cells": cells,
-          "complete": all(c["examples"] == config.num_examples for c in cells)}
+  summary = {"model": model_name, "config": dataclasses.asdict(config), "cells": cells,
+             "complete": all(c["examples"] == config.num_examples for c in cells)}
+  if weights:   # which runs the checkpoint=trained cells came from
+    summary["weights"] = weights
+  return summary
