@@ -148,6 +148,32 @@ def test_lococos_recipe_serves_its_memory_size_and_refuses_other_budgets(
   assert len(first_uses) == 1   # read, not trained again
 
 
+def test_the_xecomla_student_is_distilled_on_first_use(first_uses, tmp_path, monkeypatch):
+  """The X-EcoMLA student of a model: the recipe's run, distilled once (the parameters of
+  distilling it by hand), then read."""
+  from kvjax.config import LatentAttention
+  from kvjax.model import to_flat_params
+  from kvjax.training import xecomla
+  recipe = pretrained.Recipe(
+      xecomla.task, xecomla.XEcoMLASettings(kv_rank=16, rope_dim=4),
+      data_lib.DataSettings(sequence_length=24, answer_tokens=4, sources=("random",)),
+      steps=2, learning_rate=1e-3)
+  monkeypatch.setitem(pretrained.STUDENT_RECIPES, "xecomla", recipe)
+  model = tiny_model(seed=2)
+  student = pretrained.student(model, progress_bar=False)
+  assert student.config.latent == LatentAttention(kv_rank=16, rope_dim=4)
+  assert len(first_uses) == 1
+  training.train(recipe.task(model, recipe.settings, recipe.data), tmp_path / "by_hand",
+                 recipe.steps, recipe.optimizer(), recipe.loop_settings(progress_bar=False))
+  got = to_flat_params(student)
+  for name, value in to_flat_params(xecomla.student(tmp_path / "by_hand", model)).items():
+    np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(value))
+  pretrained.student(model, progress_bar=False)
+  assert len(first_uses) == 1   # read, not distilled again
+  with pytest.raises(KvjaxError, match="no student recipe 'locret'"):
+    pretrained.student(model, "locret")
+
+
 @pytest.mark.parametrize("method", sorted(pretrained.RECIPES))
 def test_each_recipe_builds_its_methods_task(method):
   """Every shipped recipe's task trains that method (its checkpoints' kind), on the shipped

@@ -10,8 +10,9 @@ the same losses. Weights too large to ship (for SmolLM2, Locret's retaining head
 parameters, Attention-Gate's gates 11M, LoCoCo's convolutions 2.6M) are thus reproduced
 from the recipe. LoCoCo's convolution fixes its fused slots, so its recipe's weights serve
 its memory size only (budget=64, read in prefill chunks of 128; other budgets are refused
-naming it). Importing this module (done by `import kvjax`) registers one calibration per
-recipe.
+naming it). `student(model)` does the same for a model a recipe turns `model` into
+(STUDENT_RECIPES: X-EcoMLA's latent-attention student). Importing this module (done by
+`import kvjax`) registers one calibration per method recipe.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from kvjax.training import attention_gate as gate_training
 from kvjax.training import data as data_lib
 from kvjax.training import lococo as lococo_training
 from kvjax.training import locret as locret_training
-from kvjax.training import loop, optim
+from kvjax.training import loop, optim, xecomla
 
 
 # Bumped whenever a recipe's training code changes what it learns (labels, losses, data):
@@ -89,10 +90,27 @@ RECIPES = {
                      learning_rate=0.05),
 }
 
+# Recipes that turn the model they meet into another one (`student`), not a method's
+# weights: X-EcoMLA's latent-attention student, 150 steps distilled from the model (the
+# README's run: 14 minutes on 2 CPU cores).
+STUDENT_RECIPES = {
+    "xecomla": Recipe(xecomla.task, xecomla.XEcoMLASettings(),
+                      data_lib.DataSettings(sequence_length=256), steps=150,
+                      learning_rate=1e-4),
+}
+
+
+def _recipe(kind: str) -> Recipe:
+  recipe = RECIPES.get(kind) or STUDENT_RECIPES.get(kind)
+  if recipe is None:
+    raise KvjaxError(f"no training recipe for {kind!r}; recipes: "
+                     f"{sorted(RECIPES) + sorted(STUDENT_RECIPES)}")
+  return recipe
+
 
 def run_dir(model, method: str, recipe: Recipe | None = None) -> pathlib.Path:
   """Where `method`'s recipe run for `model` lives (it may not exist yet)."""
-  recipe = recipe or RECIPES[method]
+  recipe = recipe or _recipe(method)
   name = (model.config.name or "model").replace("/", "_")
   return (assets.cache_dir() / "trained" /
           f"{method}-{name}-{calibration.model_fingerprint(model)}-{recipe.digest()}")
@@ -108,15 +126,14 @@ def ensure(model, method: str, recipe: Recipe | None = None,
   """`method`'s recipe run directory for `model`, trained (or finished, when an earlier
   first use was interrupted) now if it is not complete. Processes on one machine that
   need the same run take turns: one trains, the others then read it."""
-  if method not in RECIPES and recipe is None:
-    raise KvjaxError(f"no training recipe for {method!r}; recipes: {sorted(RECIPES)}")
-  recipe = recipe or RECIPES[method]
+  recipe = recipe or _recipe(method)
   root = run_dir(model, method, recipe)
   if is_trained(root, recipe):
     return root
   if jax.process_count() > 1:
     # Each process would train its own copy into a directory the others may share.
-    raise KvjaxError(f"{method}:checkpoint={trained.TRAINED} is not trained yet for "
+    raise KvjaxError(f"{method}'s recipe ({method}:checkpoint={trained.TRAINED}) is not "
+                     f"trained yet for "
                      f"{model.config.name or 'this model'} ({root}); train it in one process "
                      f"first, e.g. kvjax.training.pretrained.ensure(model, {method!r})")
   with fileio.locked(root.parent / f".{root.name}.lock"):
@@ -128,6 +145,15 @@ def ensure(model, method: str, recipe: Recipe | None = None,
     loop.train(recipe.task(model, recipe.settings, recipe.data), root, recipe.steps,
                recipe.optimizer(), recipe.loop_settings(progress_bar))
   return root
+
+
+def student(model, kind: str = "xecomla", progress_bar: bool = True):
+  """`model` turned into `kind`'s student by kvjax's recipe (STUDENT_RECIPES), distilled
+  from it on first use (`ensure`) and read from the run afterwards: for X-EcoMLA, the
+  latent-attention model (`kvjax.training.xecomla.student`)."""
+  if kind not in STUDENT_RECIPES:
+    raise KvjaxError(f"no student recipe {kind!r}; students: {sorted(STUDENT_RECIPES)}")
+  return xecomla.student(ensure(model, kind, progress_bar=progress_bar), model)
 
 
 def _calibration(model, method: str):
