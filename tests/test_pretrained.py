@@ -168,8 +168,18 @@ def test_the_xecomla_student_is_distilled_on_first_use(first_uses, tmp_path, mon
   got = to_flat_params(student)
   for name, value in to_flat_params(xecomla.student(tmp_path / "by_hand", model)).items():
     np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(value))
+  assert pretrained.run_dir(model, "xecomla").parent == tmp_path / "cache" / "trained"
+  assert first_uses[0].resumed_from is None
   pretrained.student(model, progress_bar=False)
   assert len(first_uses) == 1   # read, not distilled again
+  # Another recipe: its own run, distilled now and loaded instead of the first.
+  other = dataclasses.replace(recipe, learning_rate=3e-3)
+  monkeypatch.setitem(pretrained.STUDENT_RECIPES, "xecomla", other)
+  changed = to_flat_params(pretrained.student(model, progress_bar=False))
+  assert len(first_uses) == 2
+  for name, value in first_uses[1].params.items():   # the distilled (attention) ones
+    np.testing.assert_array_equal(np.asarray(changed[name]), np.asarray(value))
+    assert not np.array_equal(np.asarray(changed[name]), np.asarray(got[name])), name
   with pytest.raises(KvjaxError, match="no student recipe 'locret'"):
     pretrained.student(model, "locret")
 

@@ -92,12 +92,14 @@ RECIPES = {
 
 # Recipes that turn the model they meet into another one (`student`), not a method's
 # weights: X-EcoMLA's latent-attention student, 150 steps distilled from the model (the
-# README's run: 14 minutes on 2 CPU cores).
+# README's run, docs/results/trained/xecomla_smollm2.json: 14 minutes on 2 CPU cores).
 STUDENT_RECIPES = {
     "xecomla": Recipe(xecomla.task, xecomla.XEcoMLASettings(),
-                      data_lib.DataSettings(sequence_length=256), steps=150,
-                      learning_rate=1e-4),
+                      data_lib.DataSettings(sequence_length=256, answer_tokens=32),
+                      steps=150, learning_rate=1e-4),
 }
+_STUDENT_LOADERS = {"xecomla": xecomla.student}   # (run directory, model) -> the student
+assert not RECIPES.keys() & STUDENT_RECIPES.keys(), "a recipe name must say what it trains"
 
 
 def _recipe(kind: str) -> Recipe:
@@ -132,8 +134,9 @@ def ensure(model, method: str, recipe: Recipe | None = None,
     return root
   if jax.process_count() > 1:
     # Each process would train its own copy into a directory the others may share.
-    raise KvjaxError(f"{method}'s recipe ({method}:checkpoint={trained.TRAINED}) is not "
-                     f"trained yet for "
+    use = (f"pretrained.student(model, {method!r})" if method in STUDENT_RECIPES else
+           f"{method}:checkpoint={trained.TRAINED}")
+    raise KvjaxError(f"{method}'s recipe ({use}) is not trained yet for "
                      f"{model.config.name or 'this model'} ({root}); train it in one process "
                      f"first, e.g. kvjax.training.pretrained.ensure(model, {method!r})")
   with fileio.locked(root.parent / f".{root.name}.lock"):
@@ -153,7 +156,8 @@ def student(model, kind: str = "xecomla", progress_bar: bool = True):
   latent-attention model (`kvjax.training.xecomla.student`)."""
   if kind not in STUDENT_RECIPES:
     raise KvjaxError(f"no student recipe {kind!r}; students: {sorted(STUDENT_RECIPES)}")
-  return xecomla.student(ensure(model, kind, progress_bar=progress_bar), model)
+  run = ensure(model, kind, STUDENT_RECIPES[kind], progress_bar=progress_bar)
+  return _STUDENT_LOADERS[kind](run, model)
 
 
 def _calibration(model, method: str):
