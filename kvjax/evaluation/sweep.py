@@ -377,9 +377,10 @@ def run_sweep(model, model_name: str, config: SweepConfig, out_dir,
                      f"0 others: run every process with the same kvjax and cache directory")
 
   def missing(task, length, mode, indices):
+    fingerprints = {w: _fingerprint(config, task, w) for w in {v.weights for v in all_variants}}
     return [v for v in all_variants if any(
         cell_key(model_name, task, length, mode, v.label, v.ratio) + (
-            i, _fingerprint(config, task, v.weights)) not in done for i in indices)]
+            i, fingerprints[v.weights]) not in done for i in indices)]
 
   batches = [(task, length, mode, range(first, min(first + config.batch_size,
                                                      config.num_examples)))
