@@ -288,6 +288,46 @@ def test_pair_level_keeps_the_numpy_sets_head_wise(random_model, budgets, block,
       dense.cache)
 
 
+class _CountingSteps(engine.CompiledSteps):
+  """Counts the context prefills (no plan) and the probes' token shapes (one executable
+  each: compiled steps are keyed by argument shapes)."""
+
+  def __init__(self):
+    super().__init__()
+    self.context_prefills, self.probe_shapes = 0, set()
+
+  def prefill(self, model, tokens, token_mask, cache, logits="last", plan=None,
+              method_params=None):
+    if plan is None:
+      self.context_prefills += 1
+    else:
+      self.probe_shapes.add(tokens.shape)
+    return super().prefill(model, tokens, token_mask, cache, logits, plan, method_params)
+
+
+@pytest.mark.parametrize("block", [100, 16])
+def test_episodes_share_the_first_block_and_each_keeps_its_numpy_sets(random_model, block):
+  """Several episodes' block prefills at once: each keeps exactly what its own numpy
+  restatement keeps (so neither the shared first block, which with blocks of 16 under
+  budgets of 20 is not evicted before the next block is appended, nor the probe's padding
+  changes a set); the first block is read once for all
+  episodes, and patched prompts of lengths 9 and 13 (one bucket) compile one probe."""
+  model, budgets = random_model, (20, 20)
+  tokens, *patched = random_prompts([75, 9, 13, 11], seed=12)
+  steps = _CountingSteps()
+  got = list(episodes.block_prefill_episodes(model, tokens, patched, budgets, block, 2,
+                                             steps))
+  assert len(got) == 3
+  for done, prompt in zip(got, patched):
+    want, peak = _block_prefill_np(model, tokens, prompt, budgets, block, 2)
+    for layer, kept in zip(done.cache.layers, want):
+      np.testing.assert_array_equal(np.asarray(layer.positions)[0], kept)
+    assert done.peak_slots == peak
+  blocks = -(-len(tokens) // block)
+  assert steps.context_prefills == 1 + 3 * (blocks - 1)
+  assert steps.probe_shapes == {(1, 16)}
+
+
 def test_block_prefill_within_budget_keeps_everything(random_model):
   tokens, patched = random_prompts([40, 6], seed=9)
   got = episodes.block_prefill(random_model, tokens, patched, (64, 64), 16)

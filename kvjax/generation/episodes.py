@@ -17,7 +17,10 @@ to the nearest (see kvjax/methods/epicache.py for the method and its reading of 
    scored by the patched prompt [instruction + assistant opening + P_e] (`block_prefill`):
    peak cache slots per head are at most the layer budget plus one block (level "uniform";
    at "pair" a layer holds its fullest head rounded up to a multiple of its budget, up to
-   the budget times the KV heads, plus one block).
+   the budget times the KV heads, plus one block). The first block is prefilled once for
+   every episode (nothing is evicted before it is in), and the patched prompts are padded
+   to a few lengths (`inputs.bucket`), so a context within one block costs one forward
+   pass and episodes share compiled probes.
 5. The episodes' caches wait in host memory (the official offloads them to the CPU): device
    memory holds one episode's cache while a question is answered. `answer`: argmax over
    episodes of <embed(question), centroid>; the question is answered from a device copy of
@@ -202,32 +205,56 @@ def block_prefill(model, tokens, patched, budgets: tuple[int, ...], block_size: 
   (level "uniform", `epicache.evicted`) or budget x KV heads over all its heads (level
   "pair", `epicache.evicted_pair`; the finished layer is stored head-wise). Positions below
   system_tokens are never evicted."""
+  return next(block_prefill_episodes(model, tokens, [patched], budgets, block_size,
+                                     system_tokens, steps, level))
+
+
+def block_prefill_episodes(model, tokens, patched_prompts, budgets: tuple[int, ...],
+                           block_size: int, system_tokens: int = 0,
+                           steps: engine.CompiledSteps = engine.STEPS,
+                           level: str = "uniform"):
+  """`block_prefill` once per patched prompt (one per episode), yielded one by one (a caller
+  that moves each away holds one episode's cache on the device), the first block prefilled
+  once for all of them: nothing is evicted before it is in, so every episode starts from
+  the same cache (a context within one block is read by the model once, not once per
+  episode). Each patched prompt is left-padded to `inputs.bucket` of its length (padding
+  is masked by position), so episodes of similar lengths share one compiled probe."""
   config = model.config
   validation.integer("block_size", block_size, 1, error=MethodError)
   validation.choice("level", level, epicache.LEVELS, error=MethodError)
-  if not len(tokens) or not len(patched):
-    raise GenerationError(f"block_prefill needs a context ({len(tokens)} tokens) and a "
-                          f"patched prompt ({len(patched)} tokens)")
+  if not len(tokens) or not patched_prompts or not all(len(p) for p in patched_prompts):
+    raise GenerationError(f"block_prefill needs a context ({len(tokens)} tokens) and "
+                          f"patched prompts (lengths {[len(p) for p in patched_prompts]})")
   if len(budgets) != config.num_layers or min(budgets) <= system_tokens:
     raise MethodError(f"budgets {budgets} must give each of the {config.num_layers} layers "
                       f"more than the {system_tokens} system tokens it never evicts")
   tokens = np.asarray(tokens, np.int32)[None]
-  probe = jnp.asarray(np.asarray(patched, np.int32)[None])
-  cache, peak, logits = init_cache(config, 1, 0), 0, None
-  for start in range(0, tokens.shape[1], block_size):
-    piece = tokens[:, start:start + block_size]
-    cache = steps.grow(cache, piece.shape[1], model.placement)
-    logits, cache = steps.prefill(model, jnp.asarray(piece), jnp.ones(piece.shape, bool), cache)
-    peak = max(peak, max(layer.capacity for layer in cache.layers))
-    if any(layer.capacity > keep for layer, keep in zip(cache.layers, budgets)):
-      _, scores = steps.prefill(model, probe, jnp.ones(probe.shape, bool), cache,
-                                plan=epicache.PatchedPromptProbe())
-      cache = _evict(cache, scores, tuple(budgets), system_tokens, level)
-      if level == "pair":
-        cache = _cut(cache, _pair_capacities(cache, budgets))
-  if level == "pair":
-    cache = cache.replace(layers=tuple(_head_wise(layer) for layer in cache.layers))
-  return BlockPrefill(logits=logits, cache=cache, peak_slots=peak)
+  pieces = [tokens[:, start:start + block_size]
+            for start in range(0, tokens.shape[1], block_size)]
+  first = _append_block(model, init_cache(config, 1, 0), pieces[0], steps)
+  for patched in patched_prompts:
+    probe = tuple(jnp.asarray(a) for a in inputs.left_pad([list(patched)],
+                                                          inputs.pad_id(model)))
+    logits, cache = first   # shared as is: later blocks' grow copies it before donating
+    peak = max(layer.capacity for layer in cache.layers)
+    for index, piece in enumerate(pieces):
+      if index:
+        logits, cache = _append_block(model, cache, piece, steps)
+        peak = max(peak, max(layer.capacity for layer in cache.layers))
+      if any(layer.capacity > keep for layer, keep in zip(cache.layers, budgets)):
+        _, scores = steps.prefill(model, *probe, cache, plan=epicache.PatchedPromptProbe())
+        cache = _evict(cache, scores, tuple(budgets), system_tokens, level)
+        if level == "pair":
+          cache = _cut(cache, _pair_capacities(cache, budgets))
+    if level == "pair":
+      cache = cache.replace(layers=tuple(_head_wise(layer) for layer in cache.layers))
+    yield BlockPrefill(logits=logits, cache=cache, peak_slots=peak)
+
+
+def _append_block(model, cache, piece, steps):
+  """(logits, cache) after the block `piece` [1, T] is prefilled into `cache`."""
+  cache = steps.grow(cache, piece.shape[1], model.placement)
+  return steps.prefill(model, jnp.asarray(piece), jnp.ones(piece.shape, bool), cache)
 
 
 # ---------------------------------------------------------------------------- layer
@@ -380,11 +407,11 @@ def prefill_episodes(model, context: str, method="epicache", compression_ratio=N
   vectors = embed(model, windows)
   centroids, labels = kmeans(vectors, method.episodes)
   members = medoid_windows(vectors, labels, centroids, method.medoids)
+  patched = [patched_prompt(model.tokenizer, "\n".join(windows[i] for i in chosen))
+             for chosen in members]
   prefilled, peak = [], 0
-  for chosen in members:
-    patched = patched_prompt(model.tokenizer, "\n".join(windows[i] for i in chosen))
-    done = block_prefill(model, ids, patched, budgets, method.block_size, system, steps,
-                         method.level)
+  for done in block_prefill_episodes(model, ids, patched, budgets, method.block_size, system,
+                                     steps, method.level):
     peak = max(peak, done.peak_slots)
     measured = cache_nbytes(done.cache)
     offloaded = jax.device_put(done.cache, HOST)
