@@ -108,7 +108,8 @@ def test_hybrid_matches_paging_hybrid_lsm(frames, victims):
 
 def _predictions_numpy(trace_steps, bits, frames, tolerance, window):
   """Slow restatement of the "predictions" policy for one row and head: (faults, regrets,
-  fallbacks). bits[s][p]: page p predicted safe at step s."""
+  fallbacks). bits[s][p]: page p predicted safe at step s; a page the step still requests
+  later is not safe (the same-step rule)."""
   resident, last = {}, {}      # page -> frame ; page -> last use
   evicted_safe, regrets = {}, 0
   faults = n_regrets = fallbacks = 0
@@ -116,7 +117,7 @@ def _predictions_numpy(trace_steps, bits, frames, tolerance, window):
   for s, step in enumerate(trace_steps):
     if s > 0 and s % window == 0:
       regrets //= 2
-    for page in step:
+    for i, page in enumerate(step):
       if page in resident:
         last[page] = clock
       else:
@@ -127,7 +128,8 @@ def _predictions_numpy(trace_steps, bits, frames, tolerance, window):
             n_regrets += 1
         if len(resident) == frames:
           fallback = regrets > tolerance
-          safe = [] if fallback else [p for p in resident if bits[s][p]]
+          safe = [] if fallback else [p for p in resident
+                                      if bits[s][p] and p not in step[i + 1:]]
           pool = safe or list(resident)
           victim = min(pool, key=lambda p: last[p])
           del resident[victim]
@@ -161,18 +163,46 @@ def test_predictions_without_safe_pages_are_lru_and_good_bits_beat_it():
   c = pb.counters(_run(pb.BufferConfig(device_pages=3, policy="predictions"), sel,
                        bits=none_safe))
   assert c["faults"] == sum(paging.lru(_trace(sel, k), 3).faults for k in range(K))
-  # A loop over 4 pages with 3 frames: LRU faults on every request; predicting the page
-  # just read as safe (it comes back last) keeps the other two.
-  loop = np.tile(np.arange(4, dtype=np.int32), 6).reshape(6, 1, 1, 4).repeat(K, 2)
+  # A loop over 4 pages with 3 frames, two pages a step: LRU faults on every request;
+  # predicting safe the page read just before the step (of the resident pages it comes
+  # back last, and this step does not read it) keeps the other two.
+  loop = np.tile(np.arange(4, dtype=np.int32), 6).reshape(12, 1, 1, 2).repeat(K, 2)
   lru = pb.counters(_run(pb.BufferConfig(device_pages=3), loop))
   assert lru["faults"] == lru["hits"] + lru["faults"]
-  marked = np.zeros((6, B, K, P), bool)
-  marked[:, :, :, 3] = True      # page 3 is read last in every step: evict it first
+  marked = np.zeros((12, B, K, P), bool)
+  for s in range(1, len(loop)):
+    marked[s, :, :, loop[s - 1, 0, 0, -1]] = True
   good = pb.counters(_run(pb.BufferConfig(device_pages=3, policy="predictions",
                                           tolerance=100), loop, bits=marked))
   assert good["faults"] < lru["faults"]
   assert good["faults"] == _predictions_numpy([list(s) for s in loop[:, 0, 0]], marked[:, 0, 0],
                                               3, 100, 8)[0] * K
+
+
+@pytest.mark.parametrize("policy", pb.PREDICTED)
+def test_a_page_the_step_reads_again_is_not_evicted_between_its_reads(policy):
+  # Two frames. Step 0 reads 0, 1, 0 (two faults). Step 1 reads 0, 2, 0 with page 0
+  # predicted safe (its bit is about after the step) and page 1 not: the fault on 2 must
+  # evict 1, not 0, which the step reads again right after (without the same-step rule
+  # it evicted 0 and faulted on it again: 4 faults and a regret).
+  steps = np.array([[0, 1, 0], [0, 2, 0]], np.int32).reshape(2, 1, 1, 3).repeat(K, 2)
+  bits = np.zeros((2, B, K, P), bool)
+  bits[1, :, :, 0] = True
+  config = pb.BufferConfig(device_pages=2, policy=policy, tolerance=100)
+  buf = _run(config, steps, bits=bits)
+  c = pb.counters(buf)
+  assert (c["faults"], c["hits"], c["regrets"]) == (3 * K, 3 * K, 0)
+  for k in range(K):
+    assert _resident(buf, k) == {0, 2}
+  assert c["faults"] == K * _predictions_numpy([list(s) for s in steps[:, 0, 0]],
+                                               bits[:, 0, 0], 2, 100, 8)[0]
+  # The page's bit applies once the step is done with it: a fault after its last read
+  # of the step evicts it (LRU would evict 1).
+  steps = np.array([[0, 1, 1], [1, 0, 2]], np.int32).reshape(2, 1, 1, 3).repeat(K, 2)
+  buf = _run(config, steps, bits=bits)
+  assert pb.counters(buf)["faults"] == 3 * K
+  for k in range(K):
+    assert _resident(buf, k) == {1, 2}
 
 
 def test_prefetch_installs_missing_pages_and_counts_their_hits():

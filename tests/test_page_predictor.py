@@ -126,8 +126,9 @@ def test_labels_are_belady_discard_bits_of_the_recorded_trace(recorded):
     pages = [int(p) for step in t.requests for p in step]
     true = paging.belady_discard_bits(pages, 3)
     assert train_pp.labels(t, 3) == true
-    x, y = train_pp.examples(t, 3)
-    # Slow: per step, every page read so far, with the bit of its latest read.
+    x, y = train_pp.examples(t, 3, horizon=0)
+    # Slow: per step, every page read so far, with the bit of its latest read (horizon 0:
+    # no censoring; test_censored_labels_... checks the rule).
     r = t.requests.shape[1]
     want_x, want_y = [], []
     for s in range(t.requests.shape[0]):
@@ -140,6 +141,69 @@ def test_labels_are_belady_discard_bits_of_the_recorded_trace(recorded):
     np.testing.assert_array_equal(x, np.array(want_x))
     np.testing.assert_array_equal(y, np.array(want_y, np.float32))
     assert set(np.unique(y)) <= {0.0, 1.0}
+
+
+def _synthetic_trace(requests, seed=0):
+  requests = np.asarray(requests, np.int32)
+  steps, pages = requests.shape[0], int(requests.max()) + 1
+  rng = np.random.default_rng(seed)
+  features = rng.uniform(size=(steps, pages, pp.NUM_FEATURES)).astype(np.float32)
+  bits = np.zeros((steps, pages), bool)
+  return train_pp.Trace(requests, features, bits, bits)
+
+
+def test_censored_labels_at_the_end_of_the_recording_give_no_example():
+  # Page 0 is read every step; 1, 2, 3 come and go; 4 is read at the last step only.
+  t = _synthetic_trace([[0, 1], [0, 2], [0, 3], [0, 2], [0, 1], [0, 4]])
+  true = paging.belady_discard_bits(t.pages(), 2)
+  s_all, p_all, r_all = train_pp.example_index(t)          # horizon 0: every pair
+  pairs = list(zip(s_all.tolist(), p_all.tolist()))
+  assert len(pairs) == 2 + 3 + 4 + 4 + 4 + 5
+  for h in range(7):
+    s, p, r = train_pp.example_index(t, h)
+    # Slow: a pair is left out iff its read is the page's last and < h steps follow.
+    want = [(st, pg, rd) for st, pg, rd in zip(s_all, p_all, r_all)
+            if not (6 - 1 - st < h and pg not in t.pages()[rd + 1:])]
+    assert list(zip(s, p, r)) == want
+    x, y = train_pp.examples(t, 2, h)
+    np.testing.assert_array_equal(x, t.features[s, p])
+    np.testing.assert_array_equal(y, np.array(true, np.float32)[r])
+  s, p, _ = train_pp.example_index(t, 2)
+  kept = set(zip(s.tolist(), p.tolist()))
+  dropped = set(pairs) - kept
+  # The last two steps keep only page 0 at step 4 (read again at step 5); everything else
+  # there was "safe" only because the recording stops.
+  assert dropped == {(4, 1), (4, 2), (4, 3), (5, 0), (5, 1), (5, 2), (5, 3), (5, 4)}
+  assert (3, 3) in kept and (3, 1) in kept                # 2 steps left: kept, labelled 1
+  for st, pg in dropped:
+    r = dict(((a, b), c) for a, b, c in zip(s_all, p_all, r_all))[(st, pg)]
+    assert true[r] == 1
+  # Default horizon; the training set and the report use it.
+  assert len(train_pp.examples(t, 2)[1]) == len(train_pp.example_index(t, train_pp.HORIZON)[0])
+  assert train_pp.trace_report([t], 2)["step_examples"] == len(train_pp.examples(t, 2)[1])
+  with pytest.raises(pp.PredictorError, match="horizon=-1"):
+    train_pp.examples(t, 2, -1)
+
+
+def test_censoring_errors_compare_cut_labels_with_the_whole_trace():
+  # Four pages, k=4: nothing is ever evicted, a read's bit is 1 iff its page is never
+  # read again. Cut the last 2 steps (the cut trace is steps 0..3): at step 2 (1 step
+  # left) pages 1 and 3 have no later read in the cut trace, yet both are read again in
+  # the whole one; at step 3 (0 left) pages 0, 1, 2, 3 have none, and only 2 is never
+  # read again in the whole trace.
+  t = _synthetic_trace([[0, 1], [0, 2], [0, 3], [0, 2], [0, 1], [0, 3]])
+  got = train_pp.censoring_errors([t], 4, cut=2)
+  assert got == {1: {"pairs": 2, "not_safe": 2}, 0: {"pairs": 4, "not_safe": 3}}
+  assert train_pp.censoring_errors([t], 4, cut=6) == {
+      left: {"pairs": 0, "not_safe": 0} for left in range(6)}   # too short to cut
+
+
+def test_request_bits_keep_a_page_the_step_reads_again():
+  t = _synthetic_trace([[0, 1, 0], [2, 2, 1]])
+  bits = np.ones((2, 3), bool)
+  assert train_pp.request_bits(t, bits) == [0, 1, 1, 0, 1, 1]
+  bits[1, 1] = False
+  assert train_pp.request_bits(t, bits) == [0, 1, 1, 0, 1, 0]
 
 
 # ------------------------------------------------------------------ training

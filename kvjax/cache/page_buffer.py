@@ -25,7 +25,12 @@ Policies (jnp, inside the jitted step; victims are chosen per request):
   a page is predicted safe when its logit bound for the current query (the max over the
   KV head's query heads) is not among the top `predict_rank` pages (the newest page never
   is). A fault evicts the least recently used frame whose page is predicted safe, and the
-  least recently used frame when none is. Robust fallback: a fault on a page that was
+  least recently used frame when none is. Same-step rule: while a step is served, a page
+  that the step still requests later (after the current request) is never treated as
+  safe, whatever its bit: a bit describes the page after its reads of this step (the
+  labels are the bit of its latest read up to the end of the step), so evicting it
+  between two reads of one step would fault again at once. After the step's last read of
+  a page (and during prefetch) its bit applies. Robust fallback: a fault on a page that was
   evicted as predicted-safe at most `regret_window` steps earlier is a regret; while a
   row and head has more than `tolerance` regrets it evicts by plain LRU; its regret count
   is halved every `regret_window` steps, so predictions get another chance. (The paper's
@@ -63,8 +68,9 @@ does not force or measure that.
 
 Recording (`BufferConfig.record`, off by default: nothing is traced when off): every
 buffered decode step hands the host its requests, page features and both kinds of bits
-(heuristic, learned) through `jax.debug.callback`; `recording()` collects them per layer
-(`kvjax.systems.page_predictor` turns them into traces, labels and training data).
+(heuristic, learned; as computed, before the same-step rule) through `jax.debug.callback`;
+`recording()` collects them per layer (`kvjax.systems.page_predictor` turns them into
+traces, labels and training data).
 
 Consistency: appended tokens are written to host memory (the dense cache) and through to
 their page's frame when it is resident; pages in the victim buffer that receive tokens are
@@ -268,9 +274,10 @@ def _lexmin(primary: jax.Array, last_use: jax.Array) -> jax.Array:
   return jnp.argmin(jnp.where(primary == best, last_use, INT_MAX))
 
 
-def _victim(buf: PageBuffer, b, k):
+def _victim(buf: PageBuffer, b, k, later=None):
   """(frame [], decided by the prediction [] bool, by the LRU fallback [] bool) the policy
-  evicts in row b, head k (an empty frame first)."""
+  evicts in row b, head k (an empty frame first). later [R] int32 (-1 = none): the pages
+  this step still requests after the current request; they are never safe."""
   pages = buf.frame_page[b, k]                                              # [F]
   last = buf.last_use[b, k]
   empty = pages < 0
@@ -281,6 +288,8 @@ def _victim(buf: PageBuffer, b, k):
   if buf.policy in PREDICTED:
     fallback = buf.regrets[b, k] > buf.tolerance
     safe = buf.safe[b, k][page] & ~fallback
+    if later is not None:   # the same-step rule: a page still to be read is kept
+      safe = safe & ~(pages[:, None] == later[None, :]).any(-1)
     frame = _lexmin(jnp.where(empty, -1, jnp.where(safe, 0, 1)), last)
     full = ~empty[frame]
     return frame, full & safe[frame], full & fallback
@@ -303,10 +312,11 @@ def _write(array, piece, b, k, start):
 
 
 def _serve(buf: PageBuffer, host_keys, host_values, b, k, page, stamp, demand: bool,
-           order=0):
+           order=0, later=None):
   """Row b, head k asks for `page`: (buffer, keys, values [1, 1, page_size, D]). demand:
   a decode read (counts hits/faults, recency; `order`: its index in the step); else a
-  prefetch install (the caller only asks for pages that are not resident)."""
+  prefetch install (the caller only asks for pages that are not resident). later [R]: the
+  pages the step still requests after this one (-1 elsewhere; the same-step rule)."""
   ps = buf.page_size
   frame = buf.page_frame[b, k, page]
   hit = frame >= 0
@@ -321,7 +331,7 @@ def _serve(buf: PageBuffer, host_keys, host_values, b, k, page, stamp, demand: b
     since = buf.evicted_safe[b, k, page]
     regret = demand & ~hit & (since >= 0) & (buf.step - since <= buf.regret_window)
     buf = buf.replace(regrets=buf.regrets.at[b, k].add(regret))
-  victim, by_prediction, by_fallback = _victim(buf, b, k)
+  victim, by_prediction, by_fallback = _victim(buf, b, k, later)
   evicted = buf.frame_page[b, k, victim]
   if buf.victims:
     in_victims = buf.victim_page[b, k] == page
@@ -405,8 +415,11 @@ def serve_requests(buf: PageBuffer, host_keys, host_values, requests: jax.Array,
   def body(i, carry):
     buf, out_k, out_v = carry
     row, head, j = i // (k * r), (i // r) % k, i % r
+    later = None
+    if buf.policy in PREDICTED:   # the pages this step still reads after request j
+      later = jnp.where(jnp.arange(r) > j, requests[row, head], -1)
     buf, keys, values = _serve(buf, host_keys, host_values, row, head, requests[row, head, j],
-                               buf.clock + j, demand=True, order=j)
+                               buf.clock + j, demand=True, order=j, later=later)
     return buf, _write(out_k, keys, row, head, j * ps), _write(out_v, values, row, head, j * ps)
 
   buf, out_k, out_v = jax.lax.fori_loop(0, b * k * r, body, (buf, out_k, out_v))

@@ -10,8 +10,15 @@ Labels (`examples`): the paper's discard bit, `paging.belady_discard_bits` of th
 requests flattened in serving order at the buffer's capacity (`device_pages`). At step s
 a page read at or before s gets the bit of its latest read up to the end of step s (the
 bit the paper attaches to a page at its request holds until the next one); pages never
-read yet give no example. Features are those the buffer computes at step s, so the
-model learns exactly what the jitted step sees.
+read yet give no example. The buffer uses a page's step-s bit only once step s is done
+reading it (its same-step rule), which is what this label describes. Features are those
+the buffer computes at step s, so the model learns exactly what the jitted step sees.
+Censoring (`HORIZON` = 4 steps): in the recording's last 4 steps, a page whose latest
+read has no later read gives no example (Belady calls it safe only because the recording
+stops). `censoring_errors` measures the rule by cutting recordings 8 steps short: of such
+"safe" pairs, 60% were in fact not safe at the cut trace's last step, 16%, 8%, 5% with
+1, 2, 3 steps left, 3.4% and fewer from 4 steps on (SmolLM2 training recordings, 12
+frames); the horizon drops 13,441 of 127,069 training examples.
 
 Training (`train`): full-batch optax Adam on the binary cross-entropy (plus a little L2),
 deterministic. `write_trained` rewrites the `TRAINED` block of
@@ -22,19 +29,20 @@ Measurement (`measure`): on held-out prompts, decodes with the buffer under "lru
 counters, tokens checked equal), and on the traces recorded in the "learned" run:
 Belady's optimum (`paging.belady`), `paging.lru`, and per kind of bits (learned,
 heuristic) the prediction errors (eta0, eta1) = `paging.prediction_errors` of the
-per-request bits (the bit of the request's page at its step) against Belady's.
+per-request bits (the bit of the request's page at its step, 0 when the step reads the
+page again: `request_bits`) against Belady's.
 
-Reproduce the shipped weights and the measured numbers (5-10 minutes on 2 CPU cores;
+Reproduce the shipped weights and the measured numbers (5-15 minutes on 2 CPU cores;
 docs/results/systems/page_predictor_smollm2.json):
 
     python scripts/train_page_predictor.py --write --json_out=page_predictor.json
 
 (SmolLM2-135M, six ~500-token Paul Graham essay passages: four to train, two held out;
 Quest at compression_ratio 0.75 with 12 device frames per row and KV head, 24 new
-tokens, a one-hidden-layer model of 4 units; deterministic.) Measured so (held out,
-92,736 requests over 28 paged layers, 3 KV heads, 2 rows, 23 steps): faults learned
-8,193 (fault rate 0.0883), heuristic "predictions" 8,602 (0.0928), LRU 8,783 (0.0947),
-Belady 5,417 (0.0584); tokens identical to on-device Quest for all three.
+tokens, a one-hidden-layer model of 4 units, horizon 4; deterministic.) Measured so
+(held out, 92,736 requests over 28 paged layers, 3 KV heads, 2 rows, 23 steps): faults
+learned 8,188 (fault rate 0.0883), heuristic "predictions" 8,124 (0.0876), LRU 8,784
+(0.0947), Belady 5,417 (0.0584); tokens identical to on-device Quest for all three.
 """
 
 from __future__ import annotations
@@ -115,43 +123,100 @@ def labels(trace: Trace, capacity: int) -> tuple:
   return paging.belady_discard_bits(trace.pages(), capacity)
 
 
-def example_index(trace: Trace) -> tuple:
+def example_index(trace: Trace, horizon: int = 0) -> tuple:
   """(steps [N], pages [N], reads [N]): every (step, page read at or before the step), in
   step order, pages in order of first read, with the index (serving order) of the page's
-  latest read up to the end of the step."""
+  latest read up to the end of the step. horizon: the censoring rule (see `examples`):
+  a pair whose read has no later read of its page in the trace, at a step with fewer than
+  `horizon` steps after it, is left out (0: none is)."""
+  validation.integer("horizon", horizon, 0, error=PredictorError,
+                     what="steps a page must stay unread before the recording ends")
   steps, r = trace.requests.shape
+  flat = trace.requests.reshape(-1)
+  again = np.zeros(len(flat), bool)      # the read's page is read again later
+  seen: set = set()
+  for i in range(len(flat) - 1, -1, -1):
+    again[i] = int(flat[i]) in seen
+    seen.add(int(flat[i]))
   latest: dict = {}
   out_s, out_p, out_r = [], [], []
   for s in range(steps):
     for j in range(r):
       latest[int(trace.requests[s, j])] = s * r + j
-    out_s += [s] * len(latest)
-    out_p += list(latest)
-    out_r += list(latest.values())
+    censored = steps - 1 - s < horizon
+    for page, read in latest.items():
+      if censored and not again[read]:
+        continue
+      out_s.append(s)
+      out_p.append(page)
+      out_r.append(read)
   return np.array(out_s, int), np.array(out_p, int), np.array(out_r, int)
 
 
-def examples(trace: Trace, capacity: int) -> tuple:
+HORIZON = 4   # the default censoring horizon (steps; see `examples`)
+
+
+def examples(trace: Trace, capacity: int, horizon: int = HORIZON) -> tuple:
   """(features [N, F], labels [N]) for every (step, page read at or before the step): the
-  label is the discard bit of the page's latest read up to the end of the step."""
+  label is the discard bit of the page's latest read up to the end of the step.
+
+  Censoring: Belady's bit is 1 for a read whose page is never read again, which near the
+  end of a recording mostly means "not read again before the recording stops", not
+  "safe". So a (step s, page) pair whose latest read has no later read in the trace gives
+  no example when fewer than `horizon` steps follow s (the recording's last `horizon`
+  steps); there a page's label counts only when its next read is recorded (it is then
+  Belady's). Earlier, a page unread for `horizon` steps or more is labelled safe.
+  """
   bits = np.array(labels(trace, capacity), np.float32)
-  steps, pages, reads = example_index(trace)
+  steps, pages, reads = example_index(trace, horizon)
   return trace.features[steps, pages], bits[reads]
 
 
-def dataset(traces, capacity: int) -> tuple:
+def dataset(traces, capacity: int, horizon: int = HORIZON) -> tuple:
   """(features [N, F], labels [N]) of every trace's `examples`."""
   if not traces:
     raise PredictorError("no recorded traces: record a decode through a buffered Quest "
                          "cache with record_pages=True first")
-  pairs = [examples(t, capacity) for t in traces]
+  pairs = [examples(t, capacity, horizon) for t in traces]
   return np.concatenate([x for x, _ in pairs]), np.concatenate([y for _, y in pairs])
 
 
 def request_bits(trace: Trace, page_bits: np.ndarray) -> list:
-  """Per request (serving order): the bit page_bits [S, P] gives its page at its step."""
-  steps = np.repeat(np.arange(trace.requests.shape[0]), trace.requests.shape[1])
-  return [int(b) for b in page_bits[steps, trace.requests.reshape(-1)]]
+  """Per request (serving order): the bit page_bits [S, P] gives its page at its step, and
+  0 when the step reads the page again later (the buffer's same-step rule: a page the
+  step still reads is never safe)."""
+  steps = trace.requests.shape[0]
+  out = []
+  for s in range(steps):
+    row = [int(p) for p in trace.requests[s]]
+    out += [0 if page in row[j + 1:] else int(page_bits[s, page])
+            for j, page in enumerate(row)]
+  return out
+
+
+def censoring_errors(traces, capacity: int, cut: int = 8) -> dict:
+  """How wrong the end-of-recording labels are, measured by cutting the recording short:
+  each trace without its last `cut` steps is labelled as `examples` would (horizon 0), and
+  the pairs whose read has no later read in the cut trace (labelled safe for lack of a
+  future) are compared with their labels in the whole trace. {steps left after the pair's
+  step in the cut trace: [pairs, of them not safe in the whole trace]} for 0 .. cut - 1
+  steps left."""
+  out = {left: [0, 0] for left in range(cut)}
+  for t in traces:
+    steps = t.requests.shape[0]
+    if steps <= cut:
+      continue
+    short = Trace(t.requests[:-cut], t.features[:-cut], t.heuristic[:-cut], t.learned[:-cut])
+    full = labels(t, capacity)
+    s_idx, _, reads = example_index(short)
+    kept = set(zip(*example_index(short, cut)[::2]))
+    for s, read in zip(s_idx, reads):
+      if (s, read) in kept:
+        continue
+      left = steps - cut - 1 - s
+      out[left][0] += 1
+      out[left][1] += full[read] == 0
+  return {left: {"pairs": n, "not_safe": int(bad)} for left, (n, bad) in out.items()}
 
 
 # ------------------------------------------------------------------ training
@@ -221,12 +286,13 @@ def write_trained(predictor: PagePredictor, path: pathlib.Path = TRAINED_FILE) -
 # ------------------------------------------------------------------ measurement
 
 
-def trace_report(traces, capacity: int) -> dict:
+def trace_report(traces, capacity: int, horizon: int = HORIZON) -> dict:
   """Belady, LRU and the discard-bit simulations summed over traces, with the errors of the
   recorded heuristic and learned bits against Belady's: (eta0, eta1) per request, the
-  paper's, each request taking its page's bit at the request's step
-  (`paging.prediction_errors`), and step_eta0 / step_eta1 over the training examples'
-  (step, page) pairs (`examples`: the bits the buffer evicts by)."""
+  paper's, each request taking its page's bit at the request's step, 0 when the step
+  reads the page again (`request_bits`, `paging.prediction_errors`), and step_eta0 /
+  step_eta1 over the examples' (step, page) pairs (`examples` with `horizon`: the bits the
+  buffer evicts by once the step is done with the page)."""
   out = {"requests": 0, "belady_faults": 0, "lru_faults": 0, "step_examples": 0}
   for kind in ("heuristic", "learned"):
     out.update({f"{kind}_eta0": 0, f"{kind}_eta1": 0, f"{kind}_follow_faults": 0,
@@ -234,7 +300,7 @@ def trace_report(traces, capacity: int) -> dict:
   for t in traces:
     pages = t.pages()
     true = paging.belady_discard_bits(pages, capacity)
-    steps, at, reads = example_index(t)
+    steps, at, reads = example_index(t, horizon)
     label = np.array(true)[reads]
     out["step_examples"] += len(label)
     out["requests"] += len(pages)
@@ -254,7 +320,8 @@ def trace_report(traces, capacity: int) -> dict:
 
 
 def measure(model, prompts, predictor: PagePredictor, *, device_pages: int = 12,
-            compression_ratio: float = 0.75, max_new_tokens: int = 24) -> dict:
+            compression_ratio: float = 0.75, max_new_tokens: int = 24,
+            horizon: int = HORIZON) -> dict:
   """The held-out comparison (see the module docstring)."""
   common = dict(compression_ratio=compression_ratio, max_new_tokens=max_new_tokens,
                 chat_template=False)
@@ -272,7 +339,7 @@ def measure(model, prompts, predictor: PagePredictor, *, device_pages: int = 12,
                       "fault_rate": round(s["fault_rate"], 4), "regrets": s["regrets"],
                       "fallbacks": s["fallbacks"],
                       "tokens_identical": result.token_ids == reference}
-  report = trace_report(traces, device_pages)
+  report = trace_report(traces, device_pages, horizon)
   report["belady_fault_rate"] = round(report["belady_faults"] / report["requests"], 4)
   return {"buffer": buffer, "traces": report}
 
@@ -286,7 +353,7 @@ def essay_prompts(count: int, chars: int = 2200, stride: int = 20_000) -> list:
 
 def run(*, write: bool = False, hidden: int = 4, device_pages: int = 12,
         compression_ratio: float = 0.75, max_new_tokens: int = 24, train_prompts: int = 4,
-        heldout_prompts: int = 2) -> dict:
+        heldout_prompts: int = 2, horizon: int = HORIZON) -> dict:
   """The whole pipeline: record, train, (write), measure on held-out prompts."""
   model = load("smollm2-135m")
   prompts = essay_prompts(train_prompts + heldout_prompts)
@@ -294,21 +361,24 @@ def run(*, write: bool = False, hidden: int = 4, device_pages: int = 12,
   settings = dict(device_pages=device_pages, compression_ratio=compression_ratio,
                   max_new_tokens=max_new_tokens)
   traces, _ = collect(model, train_set, policy="lru", **settings)
-  x, y = dataset(traces, device_pages)
+  x, y = dataset(traces, device_pages, horizon)
+  uncensored = sum(len(example_index(t)[0]) for t in traces)
   predictor, losses = train(x, y, hidden=hidden)
   base = float(y.mean())
   report = {"settings": {**settings, "hidden": hidden, "train_prompts": train_prompts,
-                         "heldout_prompts": heldout_prompts},
+                         "heldout_prompts": heldout_prompts, "horizon": horizon},
+            "censoring": {"dropped_examples": uncensored - int(len(y)),
+                          "by_steps_left": censoring_errors(traces, device_pages)},
             "train": {"examples": int(len(y)), "positive_fraction": round(base, 4),
                       "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
                       "accuracy": round(accuracy(predictor, x, y), 4),
                       "constant_accuracy": round(max(base, 1 - base), 4)},
             "weights": list(predictor.weights)}
-  hx, hy = dataset(collect(model, heldout, policy="lru", **settings)[0], device_pages)
+  hx, hy = dataset(collect(model, heldout, policy="lru", **settings)[0], device_pages, horizon)
   hb = float(hy.mean())
   report["heldout_examples"] = {"examples": int(len(hy)), "accuracy": round(
       accuracy(predictor, hx, hy), 4), "constant_accuracy": round(max(hb, 1 - hb), 4)}
   if write:
     write_trained(predictor)
-  report["heldout"] = measure(model, heldout, predictor, **settings)
+  report["heldout"] = measure(model, heldout, predictor, horizon=horizon, **settings)
   return report
