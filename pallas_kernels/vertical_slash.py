@@ -256,7 +256,7 @@ def _impl(queries, keys, values, query_positions, key_positions, vertical, slash
   tp, dp = nt * r, backend.lane_dim(target, d)
   # Keys in HBM with manual copies: a TPU choice only (GPU reads global memory anyway).
   if kv_in_hbm is None:
-    kv_in_hbm = keys_in_hbm(t, s, d, queries.dtype, max_vertical, block_q)
+    kv_in_hbm = keys_in_hbm(t, s, d, keys.dtype, max_vertical, block_q)
   hbm = target.is_tpu and kv_in_hbm
   # Position-ordered keys, one tile of padding before and after (slash keys of a tile's
   # first rows start before position 0; a last tile's padding rows run past S): the slot

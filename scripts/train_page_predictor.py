@@ -5,7 +5,7 @@
 
 Records real SmolLM2-135M decodes through Quest's page buffer, labels every page with
 Belady's discard bit, trains the predictor and compares it with the heuristic bits, LRU
-and Belady on held-out prompts (kvjax.systems.page_predictor; deterministic, 5-15 minutes
+and Belady on held-out prompts (kvjax.systems.page_predictor; deterministic training, 5-15 minutes
 on 2 CPU cores).
 """
 

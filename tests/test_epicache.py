@@ -306,12 +306,12 @@ class _CountingSteps(engine.CompiledSteps):
 
 
 @pytest.mark.parametrize("block", [100, 16])
-def test_episodes_share_the_first_block_and_each_keeps_its_numpy_sets(random_model, block):
+def test_episodes_share_a_one_block_context_and_each_keeps_its_numpy_sets(random_model, block):
   """Several episodes' block prefills at once: each keeps exactly what its own numpy
-  restatement keeps (so neither the shared first block, which with blocks of 16 under
-  budgets of 20 is not evicted before the next block is appended, nor the probe's padding
-  changes a set); the first block is read once for all
-  episodes, and patched prompts of lengths 9 and 13 (one bucket) compile one probe."""
+  restatement keeps (so neither a shared context nor the probe's padding changes a set);
+  a context within one block is read once for all episodes (a longer one per episode, so
+  no block is held beside another), and patched prompts of lengths 9 and 13 (one bucket)
+  compile one probe."""
   model, budgets = random_model, (20, 20)
   tokens, *patched = random_prompts([75, 9, 13, 11], seed=12)
   steps = _CountingSteps()
@@ -324,7 +324,7 @@ def test_episodes_share_the_first_block_and_each_keeps_its_numpy_sets(random_mod
       np.testing.assert_array_equal(np.asarray(layer.positions)[0], kept)
     assert done.peak_slots == peak
   blocks = -(-len(tokens) // block)
-  assert steps.context_prefills == 1 + 3 * (blocks - 1)
+  assert steps.context_prefills == (1 if blocks == 1 else 3 * blocks)
   assert steps.probe_shapes == {(1, 16)}
 
 

@@ -18,10 +18,10 @@ from tiny import random_prompts, tiny_model
 B, K, P, PS, D = 1, 2, 12, 2, 3
 
 
-def _host(seed=0):
+def _host(seed=0, rows=B):
   """Distinct keys/values per (row, head, slot) so every page read can be checked."""
   rng = np.random.default_rng(seed)
-  keys = rng.normal(size=(B, K, P * PS, D)).astype(np.float32)
+  keys = rng.normal(size=(rows, K, P * PS, D)).astype(np.float32)
   return keys, keys * 10 + 1
 
 
@@ -46,15 +46,16 @@ def _serve(buf, keys, values, requests, safe):
 
 def _run(config, selections, bits=None, prior=None, seed=0):
   """Feeds each step's requests through the jnp buffer; checks every page read; returns
-  the final buffer."""
-  keys, values = _host(seed)
-  buf = pb.init_buffer(B, K, P, D, D, jnp.float32, PS, config, selections.shape[-1],
+  the final buffer. selections [steps, rows, K, R]."""
+  rows = selections.shape[1]
+  keys, values = _host(seed, rows)
+  buf = pb.init_buffer(rows, K, P, D, D, jnp.float32, PS, config, selections.shape[-1],
                        prior=prior)
   for s, req in enumerate(selections):
     safe = None if bits is None else jnp.asarray(bits[s])
     buf, got_k, got_v = _serve(buf, jnp.asarray(keys), jnp.asarray(values), jnp.asarray(req),
                                safe)
-    slots = (req[..., None] * PS + np.arange(PS)).reshape(B, K, -1)
+    slots = (req[..., None] * PS + np.arange(PS)).reshape(rows, K, -1)
     want = np.take_along_axis(keys, slots[..., None], axis=2)
     np.testing.assert_array_equal(np.asarray(got_k), want)
     np.testing.assert_array_equal(np.asarray(got_v), want * 10 + 1)
@@ -65,9 +66,9 @@ def _trace(selections, k):
   return [int(p) for step in selections[:, 0, k] for p in step]
 
 
-def _resident(buf, k) -> set:
-  frames = np.asarray(buf.frame_page)[0, k]
-  table = np.asarray(buf.page_frame)[0, k]
+def _resident(buf, k, row=0) -> set:
+  frames = np.asarray(buf.frame_page)[row, k]
+  table = np.asarray(buf.page_frame)[row, k]
   for f, page in enumerate(frames):   # the page table and the frames agree
     if page >= 0:
       assert table[page] == f
@@ -181,28 +182,39 @@ def test_predictions_without_safe_pages_are_lru_and_good_bits_beat_it():
 
 @pytest.mark.parametrize("policy", pb.PREDICTED)
 def test_a_page_the_step_reads_again_is_not_evicted_between_its_reads(policy):
-  # Two frames. Step 0 reads 0, 1, 0 (two faults). Step 1 reads 0, 2, 0 with page 0
-  # predicted safe (its bit is about after the step) and page 1 not: the fault on 2 must
-  # evict 1, not 0, which the step reads again right after (without the same-step rule
-  # it evicted 0 and faulted on it again: 4 faults and a regret).
-  steps = np.array([[0, 1, 0], [0, 2, 0]], np.int32).reshape(2, 1, 1, 3).repeat(K, 2)
-  bits = np.zeros((2, B, K, P), bool)
-  bits[1, :, :, 0] = True
+  # Two frames. Step 0 reads a, b, a (two faults). Step 1 reads a, c, a with page a
+  # predicted safe (its bit is about after the step) and b not: the fault on c must
+  # evict b, not a, which the step reads again right after (without the same-step rule
+  # it evicted a and faulted on it again: 4 faults and a regret). Every row and head has
+  # its own pages (a, b, c) = (3m, 3m + 1, 3m + 2), so the rule must read the requests of
+  # the row and head it evicts in.
+  rows = 2
+  label = np.arange(rows * K).reshape(1, rows, K, 1) * 3
+  pattern = np.array([[0, 1, 0], [0, 2, 0]], np.int32).reshape(2, 1, 1, 3)
+  steps = (pattern + label).astype(np.int32)
+  bits = np.zeros((2, rows, K, P), bool)
+  for b in range(rows):
+    for k in range(K):
+      bits[1, b, k, label[0, b, k, 0]] = True
   config = pb.BufferConfig(device_pages=2, policy=policy, tolerance=100)
   buf = _run(config, steps, bits=bits)
   c = pb.counters(buf)
-  assert (c["faults"], c["hits"], c["regrets"]) == (3 * K, 3 * K, 0)
-  for k in range(K):
-    assert _resident(buf, k) == {0, 2}
-  assert c["faults"] == K * _predictions_numpy([list(s) for s in steps[:, 0, 0]],
-                                               bits[:, 0, 0], 2, 100, 8)[0]
+  assert (c["faults"], c["hits"], c["regrets"]) == (3 * rows * K, 3 * rows * K, 0)
+  for b in range(rows):
+    for k in range(K):
+      m = int(label[0, b, k, 0])
+      assert _resident(buf, k, b) == {m, m + 2}
+      assert _predictions_numpy([list(s) for s in steps[:, b, k]], bits[:, b, k], 2, 100,
+                                8)[0] == 3
   # The page's bit applies once the step is done with it: a fault after its last read
-  # of the step evicts it (LRU would evict 1).
-  steps = np.array([[0, 1, 1], [1, 0, 2]], np.int32).reshape(2, 1, 1, 3).repeat(K, 2)
-  buf = _run(config, steps, bits=bits)
-  assert pb.counters(buf)["faults"] == 3 * K
-  for k in range(K):
-    assert _resident(buf, k) == {1, 2}
+  # of the step evicts it (LRU would evict b).
+  pattern = np.array([[0, 1, 1], [1, 0, 2]], np.int32).reshape(2, 1, 1, 3)
+  buf = _run(config, (pattern + label).astype(np.int32), bits=bits)
+  assert pb.counters(buf)["faults"] == 3 * rows * K
+  for b in range(rows):
+    for k in range(K):
+      m = int(label[0, b, k, 0])
+      assert _resident(buf, k, b) == {m + 1, m + 2}
 
 
 def test_prefetch_installs_missing_pages_and_counts_their_hits():

@@ -214,10 +214,10 @@ def block_prefill_episodes(model, tokens, patched_prompts, budgets: tuple[int, .
                            steps: engine.CompiledSteps = engine.STEPS,
                            level: str = "uniform"):
   """`block_prefill` once per patched prompt (one per episode), yielded one by one (a caller
-  that moves each away holds one episode's cache on the device), the first block prefilled
-  once for all of them: nothing is evicted before it is in, so every episode starts from
-  the same cache (a context within one block is read by the model once, not once per
-  episode). Each patched prompt is left-padded to `inputs.bucket` of its length (padding
+  that moves each away holds one episode's cache on the device). A context within one
+  block is prefilled once for all of them: nothing is evicted before it is in, so every
+  episode starts from the same cache (a longer context is prefilled per episode, so no
+  block is held beside the one being read). Each patched prompt is left-padded to `inputs.bucket` of its length (padding
   is masked by position), so episodes of similar lengths share one compiled probe."""
   config = model.config
   validation.integer("block_size", block_size, 1, error=MethodError)
@@ -231,11 +231,12 @@ def block_prefill_episodes(model, tokens, patched_prompts, budgets: tuple[int, .
   tokens = np.asarray(tokens, np.int32)[None]
   pieces = [tokens[:, start:start + block_size]
             for start in range(0, tokens.shape[1], block_size)]
-  first = _append_block(model, init_cache(config, 1, 0), pieces[0], steps)
+  read_first = lambda: _append_block(model, init_cache(config, 1, 0), pieces[0], steps)
+  shared = read_first() if len(pieces) == 1 else None
   for patched in patched_prompts:
     probe = tuple(jnp.asarray(a) for a in inputs.left_pad([list(patched)],
                                                           inputs.pad_id(model)))
-    logits, cache = first   # shared as is: later blocks' grow copies it before donating
+    logits, cache = shared or read_first()
     peak = max(layer.capacity for layer in cache.layers)
     for index, piece in enumerate(pieces):
       if index:
@@ -249,6 +250,7 @@ def block_prefill_episodes(model, tokens, patched_prompts, budgets: tuple[int, .
     if level == "pair":
       cache = cache.replace(layers=tuple(_head_wise(layer) for layer in cache.layers))
     yield BlockPrefill(logits=logits, cache=cache, peak_slots=peak)
+    del logits, cache   # the caller's to keep: not held while the next episode is read
 
 
 def _append_block(model, cache, piece, steps):
@@ -415,8 +417,10 @@ def prefill_episodes(model, context: str, method="epicache", compression_ratio=N
     peak = max(peak, done.peak_slots)
     measured = cache_nbytes(done.cache)
     offloaded = jax.device_put(done.cache, HOST)
+    logits = done.logits
+    del done   # not held on the device while the next episode is prefilled
     prefilled.append(context_lib.PrefilledContext(
-        logits=done.logits, cache=offloaded, context_cache_bytes=measured,
+        logits=logits, cache=offloaded, context_cache_bytes=measured,
         context_cache_allocated_bytes=measured, decode_plan=None, budgets=budgets,
         context_cache_host_bytes=host_nbytes(offloaded)))
   return Episodes(prefilled=prefilled, centroids=centroids, windows=windows, members=members,

@@ -93,7 +93,7 @@ def _check_count(name: str, value, low: int) -> int:
 # ------------------------------------------------------------------ the offline optimum
 
 
-def _next_uses(trace: Sequence) -> list:
+def next_uses(trace: Sequence) -> list:
   """For each request, the index of the same page's next request (len(trace) if none)."""
   upcoming: dict = {}
   out = [0] * len(trace)
@@ -105,7 +105,7 @@ def _next_uses(trace: Sequence) -> list:
 
 def _furthest_in_future(trace: Sequence, k: int):
   """Runs FitF; yields (t, fault, evicted page or None) per request."""
-  next_use = _next_uses(trace)
+  next_use = next_uses(trace)
   cache: dict = {}                   # page -> index of its next request
   for t, page in enumerate(trace):
     fault, victim = page not in cache, None
@@ -137,7 +137,7 @@ def belady_discard_bits(trace: Sequence[Hashable], k: int) -> tuple:
   which of those it drops changes nothing for the pages still to be requested.
   """
   k = _check_capacity(k)
-  next_use = _next_uses(trace)
+  next_use = next_uses(trace)
   bits = [int(nu == len(trace)) for nu in next_use]
   last_request: dict = {}
   for t, _, victim in _furthest_in_future(trace, k):
