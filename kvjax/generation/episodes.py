@@ -17,10 +17,10 @@ to the nearest (see kvjax/methods/epicache.py for the method and its reading of 
    scored by the patched prompt [instruction + assistant opening + P_e] (`block_prefill`):
    peak cache slots per head are at most the layer budget plus one block (level "uniform";
    at "pair" a layer holds its fullest head rounded up to a multiple of its budget, up to
-   the budget times the KV heads, plus one block). The first block is prefilled once for
-   every episode (nothing is evicted before it is in), and the patched prompts are padded
-   to a few lengths (`inputs.bucket`), so a context within one block costs one forward
-   pass and episodes share compiled probes.
+   the budget times the KV heads, plus one block). A context within one block is
+   prefilled once for every episode (nothing is evicted before it is in), and the patched
+   prompts are padded to a few lengths (`inputs.bucket`), so such a context costs one
+   forward pass and episodes share compiled probes.
 5. The episodes' caches wait in host memory (the official offloads them to the CPU): device
    memory holds one episode's cache while a question is answered. `answer`: argmax over
    episodes of <embed(question), centroid>; the question is answered from a device copy of
@@ -217,8 +217,9 @@ def block_prefill_episodes(model, tokens, patched_prompts, budgets: tuple[int, .
   that moves each away holds one episode's cache on the device). A context within one
   block is prefilled once for all of them: nothing is evicted before it is in, so every
   episode starts from the same cache (a longer context is prefilled per episode, so no
-  block is held beside the one being read). Each patched prompt is left-padded to `inputs.bucket` of its length (padding
-  is masked by position), so episodes of similar lengths share one compiled probe."""
+  block is held beside the one being read). Each patched prompt is left-padded to
+  `inputs.bucket` of its length (padding is masked by position), so episodes of similar
+  lengths share one compiled probe."""
   config = model.config
   validation.integer("block_size", block_size, 1, error=MethodError)
   validation.choice("level", level, epicache.LEVELS, error=MethodError)

@@ -201,6 +201,7 @@ def censoring_errors(traces, capacity: int, cut: int = 8) -> dict:
   future) are compared with their labels in the whole trace. {steps left after the pair's
   step in the cut trace: [pairs, of them not safe in the whole trace]} for 0 .. cut - 1
   steps left."""
+  validation.integer("cut", cut, 1, error=PredictorError, what="steps cut from each trace")
   out = {left: [0, 0] for left in range(cut)}
   for t in traces:
     steps = t.requests.shape[0]
