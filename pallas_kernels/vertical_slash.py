@@ -262,11 +262,13 @@ def _impl(queries, keys, values, query_positions, key_positions, vertical, slash
   # first rows start before position 0; a last tile's padding rows run past S): the slot
   # of each position is scattered once and keys and values gathered by it (a position no
   # slot holds reads slot 0, masked).
+  # Left in HBM, they get _ALIGN more rows (unheld), so every aligned copy stays inside.
   front, positions = r, s + 2 * r
+  length = positions + (_ALIGN if hbm else 0)
   rows, kvs = jnp.arange(b)[:, None, None], jnp.arange(k)[None, :, None]
   where = jnp.where((key_positions >= 0) & (key_positions < s), key_positions + front,
-                    positions)
-  slot_at = jnp.full((b, k, positions), -1, jnp.int32).at[rows, kvs, where].set(
+                    length)
+  slot_at = jnp.full((b, k, length), -1, jnp.int32).at[rows, kvs, where].set(
       jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), key_positions.shape), mode="drop")
   held = slot_at >= 0
   by_position = lambda a: backend.pad_axis(
@@ -293,7 +295,7 @@ def _impl(queries, keys, values, query_positions, key_positions, vertical, slash
   # order), and how many; their keys must not be on a vertical line.
   schosen, offsets = lax.top_k(slash.astype(jnp.float32), max_slash)    # [B, H, max_slash]
   counts = jnp.sum(schosen > 0, axis=-1, dtype=jnp.int32)[:, :, None, None]
-  on_vertical = jnp.pad(vertical, ((0, 0), (0, 0), (front, positions - front - s)))
+  on_vertical = jnp.pad(vertical, ((0, 0), (0, 0), (front, length - front - s)))
   ok = (jnp.repeat(held, g, axis=1) & ~on_vertical).astype(jnp.int32)[..., None]
 
   # Each tile's first row's index at offset 0: where its row's line of positions puts it
@@ -317,8 +319,6 @@ def _impl(queries, keys, values, query_positions, key_positions, vertical, slash
               pl.BlockSpec((None, None, 1, nv), lambda i, j, u: (i, j, 0, 0))]
   kwargs = dict(block_q=r, block_v=block_v, front=front, scale=d ** -0.5)
   if hbm:
-    # Whole arrays left in HBM, _ALIGN more rows so every aligned copy stays inside.
-    pk, pv, ok = (backend.pad_axis(a, 2, positions + _ALIGN) for a in (pk, pv, ok))
     kernel = functools.partial(_hbm_kernel, group=g, last=positions - r, **kwargs)
     in_specs += [pl.BlockSpec(memory_space=pl.ANY)] * 3
     scratch = [pltpu.VMEM((2, r + _ALIGN, dp), pk.dtype),
