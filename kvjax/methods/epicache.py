@@ -53,8 +53,7 @@ import numpy as np
 from kvjax.cache.kv_cache import EMPTY_POSITION, LayerCache
 from kvjax.errors import MethodError
 from kvjax.methods import base, registry
-from kvjax.methods.kvzip import ScoringProbe
-from kvjax.ops.attention import group_heads
+from kvjax.methods.kvzip import ScoringProbe, max_probabilities
 
 LEVELS = ("uniform", "pair")   # top-M_l per KV head; one top-(M_l * H_kv) per layer
 
@@ -71,27 +70,7 @@ def patched_scores(queries, keys, key_positions, query_positions, block: int = 2
   patched tokens' own keys are not candidates). queries [B, T, H, D] post-RoPE, keys
   [B, K, S, D], key_positions [B, K, S] (negative = empty, scores 0), query_positions [B, T]
   (negative = padding). Queries are taken `block` at a time (memory O(block * S))."""
-  b, t, h, d = queries.shape
-  block = min(block, t)
-  blocks = -(-t // block)
-  pad = blocks * block - t
-  q = jnp.pad(group_heads(queries, keys.shape[1]).astype(jnp.float32),
-              [(0, 0)] * 3 + [(0, pad), (0, 0)])                        # [B, K, G, T', D]
-  qpos = jnp.pad(query_positions, [(0, 0), (0, pad)], constant_values=-1)
-  keys32 = keys.astype(jnp.float32)
-  real_keys = (key_positions >= 0)[:, :, None, None, :]
-
-  def step(best, i):
-    qi = jax.lax.dynamic_slice_in_dim(q, i * block, block, axis=3)
-    pi = jax.lax.dynamic_slice_in_dim(qpos, i * block, block, axis=1)
-    logits = jnp.einsum("bkgtd,bksd->bkgts", qi, keys32,
-                        precision=jax.lax.Precision.HIGHEST) * d ** -0.5
-    probs = jax.nn.softmax(jnp.where(real_keys, logits, -jnp.inf), axis=-1)
-    probs = jnp.where(real_keys & (pi >= 0)[:, None, None, :, None], probs, 0.0)
-    return jnp.maximum(best, probs.max(axis=(2, 3))), None
-
-  best, _ = jax.lax.scan(step, jnp.zeros(keys.shape[:3], jnp.float32), jnp.arange(blocks))
-  return best
+  return max_probabilities(queries, keys, key_positions >= 0, None, query_positions, block)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -66,8 +66,9 @@ def reconstruction_scores(queries, keys, key_positions, new_keys, query_position
 def max_probabilities(queries, keys, allowed, new_keys, query_positions, block: int = 256):
   """[B, K, S] float32: the largest softmax probability any real query of a KV head's group
   gives each cached slot, each query's softmax running over the `allowed` [B, K, S] cached
-  slots and its own tokens (new_keys [B, K, T, D] at query_positions [B, T]) up to itself;
-  zero for the other slots. Queries are taken `block` at a time."""
+  slots and its own tokens (new_keys [B, K, T, D] at query_positions [B, T]) up to itself,
+  or over the allowed slots only when new_keys is None; zero for the other slots. Queries
+  are taken `block` at a time (memory O(block * (S + T)))."""
   b, t, h, d = queries.shape
   k = keys.shape[1]
   scale = d ** -0.5
@@ -77,20 +78,25 @@ def max_probabilities(queries, keys, allowed, new_keys, query_positions, block: 
   q = jnp.pad(group_heads(queries, k).astype(jnp.float32),
               [(0, 0)] * 3 + [(0, pad), (0, 0)])                          # [B, K, G, T', D]
   qpos = jnp.pad(query_positions, [(0, 0), (0, pad)], constant_values=-1)
-  keys32, new32 = keys.astype(jnp.float32), new_keys.astype(jnp.float32)
+  keys32 = keys.astype(jnp.float32)
+  new32 = None if new_keys is None else new_keys.astype(jnp.float32)
   hi = jax.lax.Precision.HIGHEST
+  candidates = allowed[:, :, None, None, :]
 
   def step(best, i):
     qi = jax.lax.dynamic_slice_in_dim(q, i * block, block, axis=3)
     pi = jax.lax.dynamic_slice_in_dim(qpos, i * block, block, axis=1)  # [B, bq]
     cached = jnp.einsum("bkgtd,bksd->bkgts", qi, keys32, precision=hi) * scale
-    cached = jnp.where(allowed[:, :, None, None, :], cached, -jnp.inf)
-    own = jnp.einsum("bkgtd,bkud->bkgtu", qi, new32, precision=hi) * scale
-    seen = (query_positions[:, None, :] >= 0) & (
-        query_positions[:, None, :] <= pi[:, :, None])                  # [B, bq, T]
-    own = jnp.where(seen[:, None, None], own, -jnp.inf)
-    lse = jnp.logaddexp(jax.nn.logsumexp(cached, -1), jax.nn.logsumexp(own, -1))
-    real = (pi >= 0)[:, None, None, :, None]
+    cached = jnp.where(candidates, cached, -jnp.inf)
+    lse = jax.nn.logsumexp(cached, -1)
+    if new32 is not None:
+      own = jnp.einsum("bkgtd,bkud->bkgtu", qi, new32, precision=hi) * scale
+      seen = (query_positions[:, None, :] >= 0) & (
+          query_positions[:, None, :] <= pi[:, :, None])                # [B, bq, T]
+      own = jnp.where(seen[:, None, None], own, -jnp.inf)
+      lse = jnp.logaddexp(lse, jax.nn.logsumexp(own, -1))
+    # Masked by `candidates` too: a query with no candidate at all has lse = -inf.
+    real = (pi >= 0)[:, None, None, :, None] & candidates
     probs = jnp.where(real, jnp.exp(cached - lse[..., None]), 0.0)
     return jnp.maximum(best, probs.max(axis=(2, 3))), None
 
