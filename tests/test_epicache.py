@@ -127,7 +127,7 @@ def _scores_np(q, keys, kpos, qpos):
       kv = head // g
       real = [j for j in range(s) if kpos[row, kv, j] >= 0]
       for i in range(t):
-        if qpos[row, i] < 0:
+        if qpos[row, i] < 0 or not real:
           continue
         logits = np.array([q[row, i, head] @ keys[row, kv, j] for j in real]) / np.sqrt(d)
         p = np.exp(logits - logits.max())
@@ -151,6 +151,27 @@ def test_patched_scores_match_numpy():
   want = _scores_np(q, keys, kpos, qpos)
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
   assert (want[1, 0, 4:7] == 0).all()
+
+
+def test_patched_scores_empty_heads_and_padded_rows():
+  """A KV head with no real key scores 0 (not NaN); a row of padding queries only scores 0;
+  7 queries in blocks of 3 (block padding)."""
+  rng = np.random.default_rng(4)
+  b, t, h, k, s, d = 3, 7, 4, 2, 11, 8
+  q = rng.normal(size=(b, t, h, d)).astype(np.float32)
+  keys = rng.normal(size=(b, k, s, d)).astype(np.float32)
+  kpos = np.broadcast_to(np.arange(s), (b, k, s)).copy()
+  kpos[1, 0, :] = -1                        # a KV head with no real key
+  kpos[2, 1, ::2] = -1                      # scattered empty slots
+  qpos = np.broadcast_to(np.arange(s, s + t), (b, t)).copy()
+  qpos[0, :] = -1                           # padding queries only
+  qpos[2, :4] = -1
+  got = np.asarray(epicache.patched_scores(jnp.asarray(q), jnp.asarray(keys),
+                                           jnp.asarray(kpos), jnp.asarray(qpos), block=3))
+  assert np.isfinite(got).all()
+  np.testing.assert_allclose(got, _scores_np(q, keys, kpos, qpos), rtol=1e-5, atol=1e-6)
+  assert (got[0] == 0).all() and (got[1, 0] == 0).all() and (got[2, 1, ::2] == 0).all()
+  assert (got[2, 0] > 0).all()
 
 
 # ----------------------------------------------------------------------------- block prefill

@@ -164,6 +164,10 @@ HBM_CASES = {
     # A later chunk over earlier keys, 128-row tiles, bfloat16.
     "chunk_bf16": dict(b=1, t=130, h=2, k=1, s=290, pad=(3,), dtype=jnp.bfloat16,
                        block_q=128),
+    # S not a multiple of _ALIGN and a last tile of 63 padding rows: the small offsets'
+    # aligned copies end past S + 2R, in the _ALIGN extra rows (without them: out of bounds).
+    "align_tail_f32": dict(b=1, t=65, h=2, k=1, s=100, pad=(0,), dtype=jnp.float32,
+                           block_q=64),
 }
 
 
