@@ -38,6 +38,7 @@ from kvjax.errors import KvjaxError
 from kvjax.generation import context, engine
 from pallas_kernels import decode_attention as decode_kernels
 from pallas_kernels import quantization as quant_kernels
+from pallas_kernels import reference as kernel_reference
 
 
 class BenchmarkError(KvjaxError):
@@ -211,6 +212,14 @@ def check_lengths(config: ModelConfig, context_length, batch_size, decode_steps)
 
 def _block(tree):
   return jax.block_until_ready(tree)
+
+
+def relative_error(out, ref) -> float:
+  """||out - ref|| / ||ref|| in float32: a timed kernel's output against its jnp reference,
+  so that a bandwidth or TFLOP/s figure is never reported for a kernel that computes
+  something else on that device (bf16 operands land near 1e-3 to 1e-2; NaN stays NaN)."""
+  out, ref = (jnp.asarray(x, jnp.float32) for x in (out, ref))
+  return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
 
 
 def _prompt(config: ModelConfig, context_length: int, batch_size: int, chunk: int | None,
@@ -540,6 +549,9 @@ def measure_decode_attention_kernel(config: ModelConfig, batch_size: int, slots:
 
     def call():
       return decode_kernels.decode_attention(*args, interpret=interpret)
+
+    def expected():
+      return kernel_reference.decode_attention(*args)[0]
   else:
     slots = slots // group * group
     keys, values, key_positions = (x[:, :, :slots] for x in (keys, values, key_positions))
@@ -552,7 +564,10 @@ def measure_decode_attention_kernel(config: ModelConfig, batch_size: int, slots:
       return quant_kernels.quantized_decode_attention(*args, bits=bits, group=group,
                                                       interpret=interpret)
 
-  _block(call())  # compile
+    def expected():
+      return kernel_reference.quantized_decode_attention(*args, bits=bits, group=group)[0]
+
+  error = relative_error(_block(call())[0], expected())  # compiles the kernel, checks it
   best = float("inf")
   for _ in range(repeats):
     start = time.perf_counter()
@@ -563,7 +578,7 @@ def measure_decode_attention_kernel(config: ModelConfig, batch_size: int, slots:
   nbytes = sum(x.nbytes for x in streamed)
   return {"batch_size": b, "slots": slots, "kv_heads": k, "query_heads_per_kv_head": g,
           "head_dim": d, "dtype": str(dtype), "bits": bits, "bytes_read": int(nbytes),
-          "seconds": best, "bandwidth_gbps": nbytes / best / 1e9}
+          "seconds": best, "bandwidth_gbps": nbytes / best / 1e9, "relative_error": error}
 
 
 def _kernel_section(config, context_lengths, batch_sizes, keeps, copy_gbps, reference,

@@ -159,18 +159,24 @@ def _flash_inputs(config: ModelConfig, batch: int, length: int, seed: int):
       jnp.broadcast_to(positions, (b, k, t))))
 
 
+_reference_attention = jax.jit(reference.attention)
+
+
 def measure_flash_kernel(config: ModelConfig, batch: int, length: int, blocks=(None, None),
                          iterations: int = 10, seed: int = 0, interpret=None) -> dict:
   """Times the flash kernel on one layer's causal prefill (see `_flash_inputs`)."""
   args = _flash_inputs(config, batch, length, seed)
   block_q, block_k = blocks
-  seconds = _timed(lambda: flash_kernels.flash_attention(
-      *args, block_q=block_q, block_k=block_k, interpret=interpret), iterations)
+  call = lambda: flash_kernels.flash_attention(*args, block_q=block_q, block_k=block_k,
+                                               interpret=interpret)
+  error = benchmarking.relative_error(call(), _reference_attention(*args))
+  seconds = _timed(call, iterations)
   flops = causal_flops(batch, config.num_heads, length, config.head_dim)
   return {"batch_size": batch, "length": length, "heads": config.num_heads,
           "kv_heads": config.num_kv_heads, "head_dim": config.head_dim,
           "dtype": str(jnp.dtype(config.dtype)), "block_q": block_q, "block_k": block_k,
-          "causal_flops": flops, "seconds": seconds, "tflops": flops / seconds / 1e12}
+          "causal_flops": flops, "seconds": seconds, "tflops": flops / seconds / 1e12,
+          "relative_error": error}
 
 
 def measure_flash(config: ModelConfig, plan: Plan, seed: int = 0, log=None) -> dict:
@@ -191,8 +197,7 @@ def measure_flash(config: ModelConfig, plan: Plan, seed: int = 0, log=None) -> d
     log("flash baseline: XLA on reference.attention")
   try:
     args = _flash_inputs(config, plan.flash_batch, plan.flash_length, seed)
-    ref = jax.jit(reference.attention)
-    seconds = _timed(lambda: ref(*args), max(1, plan.iterations // 5))
+    seconds = _timed(lambda: _reference_attention(*args), max(1, plan.iterations // 5))
     flops = causal_flops(plan.flash_batch, config.num_heads, plan.flash_length,
                          config.head_dim)
     baseline = {"seconds": seconds, "tflops": flops / seconds / 1e12}
@@ -356,13 +361,15 @@ def format_report(report: dict) -> str:
       lines.append(f"{name}: FAILED: {sec['error']}")
   for r in report.get("decode", {}).get("rows", []):
     lines.append(f"decode kernel  context {r['context_length']:>6} batch {r['batch_size']:>2}: "
-                 f"{r['bandwidth_gbps']:8.1f} GB/s = {r['copy_fraction']:.3f} of copy")
+                 f"{r['bandwidth_gbps']:8.1f} GB/s = {r['copy_fraction']:.3f} of copy "
+                 f"(error {r['relative_error']:.1e})")
   flash = report.get("flash", {})
   for r in flash.get("rows", []):
     blocks = f"{r['block_q'] or 'default'}x{r['block_k'] or 'default'}"
     lines.append(f"flash kernel   blocks {blocks:<16} " + (
         f"FAILED: {r['error']}" if "error" in r else
-        f"{r['seconds'] * 1e3:8.2f} ms = {r['tflops']:.1f} TFLOP/s"))
+        f"{r['seconds'] * 1e3:8.2f} ms = {r['tflops']:.1f} TFLOP/s "
+        f"(error {r['relative_error']:.1e})"))
   ref = flash.get("xla_reference")
   if ref and "tflops" in ref:
     lines.append(f"flash baseline XLA on the jnp reference: {ref['seconds'] * 1e3:.2f} ms = "

@@ -359,6 +359,7 @@ def test_kernel_microbenchmark_runs_interpreted():
   assert row["bytes_read"] == 2 * (2 * 2 * 40 * 16 * 4) + 2 * 2 * 40 * 4
   assert row["seconds"] > 0 and row["bandwidth_gbps"] > 0
   assert (row["kv_heads"], row["query_heads_per_kv_head"], row["head_dim"]) == (2, 2, 16)
+  assert row["relative_error"] < 1e-5  # against reference.decode_attention (float32)
 
 
 def test_quantized_kernel_microbenchmark_counts_packed_bytes():
@@ -368,6 +369,7 @@ def test_quantized_kernel_microbenchmark_counts_packed_bytes():
   # float32 scale + zero per 16 keys and channel and per token and 16 channels, positions.
   slots = 2 * 2 * 32
   assert row["slots"] == 32 and row["bits"] == 4
+  assert row["relative_error"] < 1e-5  # against the dequantize-then-attend reference
   assert row["bytes_read"] == (2 * slots * 2 * 4 + 2 * (slots // 16 * 16 + slots) * 4
                                + slots * 4)
   assert row["seconds"] > 0 and row["bandwidth_gbps"] > 0

@@ -7,6 +7,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from kvjax import roofline
@@ -31,6 +32,15 @@ def _check_goal(goal, measured):
   assert goal["passed"] is want
 
 
+def test_relative_error_measures_distance_from_the_reference():
+  from kvjax.benchmarking import relative_error
+  ref = np.array([[3.0, 4.0], [0.0, 0.0]], np.float32)
+  assert relative_error(ref, ref) == 0.0
+  assert relative_error(ref * 1.5, ref) == pytest.approx(0.5)
+  assert relative_error(ref.astype(np.float16) + np.float16(1), ref) == pytest.approx(0.4)
+  assert np.isnan(relative_error(np.full_like(ref, np.nan), ref))
+
+
 def test_report_structure_and_goals_from_measurements():
   saved = []
   report = roofline.run(TINY, TINY_PLAN, save=lambda r: saved.append(json.dumps(r)))
@@ -44,12 +54,14 @@ def test_report_structure_and_goals_from_measurements():
   assert [(r["context_length"], r["batch_size"]) for r in decode] == [(64, 2)]
   for r in decode:
     assert r["copy_fraction"] == pytest.approx(r["bandwidth_gbps"] / report["copy"]["gbps"])
+    assert r["relative_error"] < 1e-5  # float32, interpret mode: the kernel is the reference
 
   flash = report["flash"]
   assert [(r["block_q"], r["block_k"]) for r in flash["rows"]] == [(16, 16)]
   for r in flash["rows"]:
     assert r["causal_flops"] == 4 * 1 * 4 * 32 * 32 * 32 / 2
     assert r["tflops"] == pytest.approx(r["causal_flops"] / r["seconds"] / 1e12)
+    assert r["relative_error"] < 1e-5
   assert flash["best"]["tflops"] == max(r["tflops"] for r in flash["rows"])
   assert flash["xla_reference"]["seconds"] > 0 and flash["speedup_vs_xla_reference"] > 0
 
