@@ -519,21 +519,29 @@ def kernel_unmeasured_reason() -> str | None:
 def measure_decode_attention_kernel(config: ModelConfig, batch_size: int, slots: int,
                                     iterations: int = 10, repeats: int = 3, seed: int = 0,
                                     interpret=None, bits: int | None = None,
-                                    group: int = 32) -> dict:
+                                    group: int = 32, block_k: int | None = None,
+                                    key_chunk: int | None = None) -> dict:
   """Times the jitted Pallas decode-attention kernel alone over one layer's dense cache.
 
   Shapes follow `config` (KV heads, query heads per KV head, head dim, dtype); every one of
-  the `slots` slots is visible. Bytes read = keys + values + key positions; the time is the
-  best mean over `repeats` rounds of `iterations` calls. interpret: passed to the kernel
-  (None: compiled on GPU/TPU, interpreted on CPU, where the time means nothing).
-  bits: time the quantized (KIVI) kernel instead, over keys and values quantized to `bits`
-  with groups of `group` (slots rounded down to whole groups); bytes read are then the
-  packed codes, scales, zeros and positions, the bytes that kernel really streams.
+  the `slots` slots is visible. Bytes read = keys + values + key positions. The time is the
+  best over `repeats` rounds of one jitted loop of `iterations` calls, each call's query
+  the previous call's output: per call, the kernel and its merge epilogue as a decode step
+  runs them, without a Python dispatch each (which alone takes longer than the kernel at
+  small shapes). interpret: passed to the kernel (None: compiled on GPU/TPU, interpreted on
+  CPU, where the time means nothing). block_k, key_chunk: the dense kernel's tiling (None:
+  its platform default). bits: time the quantized (KIVI) kernel instead, over keys and
+  values quantized to `bits` with groups of `group` (slots rounded down to whole groups);
+  bytes read are then the packed codes, scales, zeros and positions, the bytes that kernel
+  really streams. The row's relative_error compares one call with the jnp reference.
   """
   batch_size = _check_count(batch_size, "batch_size")
   slots = _check_count(slots, "slots")
   iterations = _check_count(iterations, "iterations")
   repeats = _check_count(repeats, "repeats")
+  if bits is not None and key_chunk is not None:
+    raise BenchmarkError(f"key_chunk={key_chunk} applies to the dense kernel only (bits="
+                         f"{bits} times the quantized one)")
   dtype = jnp.dtype(config.dtype)
   b, k, d = batch_size, config.num_kv_heads, config.head_dim
   g = config.num_heads // k
@@ -544,41 +552,50 @@ def measure_decode_attention_kernel(config: ModelConfig, batch_size: int, slots:
   key_positions = jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32), (b, k, slots))
   query_positions = jnp.full((b,), slots, jnp.int32)
   if bits is None:
-    args = _block((q, keys, values, key_positions, query_positions))
-    streamed = (keys, values, key_positions)
+    cache = _block((keys, values, key_positions, query_positions))
+    streamed = cache[:3]
 
-    def call():
-      return decode_kernels.decode_attention(*args, interpret=interpret)
+    def attend(q, cache):
+      return decode_kernels.decode_attention(q, *cache, block_k=block_k, key_chunk=key_chunk,
+                                             interpret=interpret)[0]
 
     def expected():
-      return kernel_reference.decode_attention(*args)[0]
+      return kernel_reference.decode_attention(q, *cache)[0]
   else:
     slots = slots // group * group
     keys, values, key_positions = (x[:, :, :slots] for x in (keys, values, key_positions))
     key_parts = quant_kernels.quantize(keys, bits=bits, group=group, axis="tokens")
     value_parts = quant_kernels.quantize(values, bits=bits, group=group, axis="channels")
-    args = _block((q,) + key_parts + value_parts + (key_positions, query_positions))
-    streamed = key_parts + value_parts + (key_positions,)
+    cache = _block(key_parts + value_parts + (key_positions, query_positions))
+    streamed = cache[:-1]
 
-    def call():
-      return quant_kernels.quantized_decode_attention(*args, bits=bits, group=group,
-                                                      interpret=interpret)
+    def attend(q, cache):
+      return quant_kernels.quantized_decode_attention(q, *cache, bits=bits, group=group,
+                                                      block_k=block_k,
+                                                      interpret=interpret)[0]
 
     def expected():
-      return kernel_reference.quantized_decode_attention(*args, bits=bits, group=group)[0]
+      return kernel_reference.quantized_decode_attention(q, *cache, bits=bits,
+                                                         group=group)[0]
 
-  error = relative_error(_block(call())[0], expected())  # compiles the kernel, checks it
+  error = relative_error(_block(attend(q, cache)), expected())
+
+  @jax.jit
+  def loop(q, cache):
+    # The output [B, K, G, D] is the next query: no call can be hoisted or skipped.
+    return jax.lax.fori_loop(0, iterations, lambda _, x: attend(x, cache).astype(x.dtype), q)
+
+  _block(loop(q, cache))  # compile
   best = float("inf")
   for _ in range(repeats):
     start = time.perf_counter()
-    for _ in range(iterations):
-      out = call()
-    _block(out)
+    _block(loop(q, cache))
     best = min(best, (time.perf_counter() - start) / iterations)
   nbytes = sum(x.nbytes for x in streamed)
   return {"batch_size": b, "slots": slots, "kv_heads": k, "query_heads_per_kv_head": g,
-          "head_dim": d, "dtype": str(dtype), "bits": bits, "bytes_read": int(nbytes),
-          "seconds": best, "bandwidth_gbps": nbytes / best / 1e9, "relative_error": error}
+          "head_dim": d, "dtype": str(dtype), "bits": bits, "block_k": block_k,
+          "key_chunk": key_chunk, "bytes_read": int(nbytes), "seconds": best,
+          "bandwidth_gbps": nbytes / best / 1e9, "relative_error": error}
 
 
 def _kernel_section(config, context_lengths, batch_sizes, keeps, copy_gbps, reference,

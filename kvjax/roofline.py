@@ -32,6 +32,7 @@ from kvjax.benchmarking import BenchmarkError, Goal
 from kvjax.config import ModelConfig
 from kvjax.model import random_params
 from pallas_kernels import flash_attention as flash_kernels
+from pallas_kernels import quantization as quant_kernels
 from pallas_kernels import vertical_slash as sparse_kernels
 from pallas_kernels import reference
 
@@ -64,6 +65,10 @@ class Plan:
     flash_blocks: (block_q, block_k) pairs to time; (None, None) is the platform default.
     sparse_lines: vertical and slash lines per head of the sparse prefill kernel (each
       kind; LoopServe's max_lines).
+    kernel_bits: also time the quantized (KIVI) decode kernel at each (context, batch) for
+      these bit widths (groups of 32; rows under "quantized", bytes = the packed cache).
+    decode_tilings: extra (block_k, key_chunk) pairs of the decode kernel to time at every
+      (context, batch) next to its default tiling (tuning rows; the goal judges the default).
     iterations: kernel calls per timing round (the best of 3 rounds is kept).
     copy_bandwidth_bytes: array size of the copy-bandwidth measurement.
     sections: which of SECTIONS to run (copy bandwidth always runs).
@@ -81,6 +86,8 @@ class Plan:
   flash_batch: int = 1
   flash_blocks: Sequence[tuple] = ((None, None), (64, 64), (128, 128))
   sparse_lines: int = 1024
+  decode_tilings: Sequence[tuple] = ()
+  kernel_bits: Sequence[int] = (4,)
   iterations: int = 10
   copy_bandwidth_bytes: int = 1 << 30
   sections: Sequence[str] = SECTIONS
@@ -103,10 +110,15 @@ def check_plan(config: ModelConfig, plan: Plan) -> None:
   benchmarking.parse_sizes(plan.kernel_batches, "kernel_batches")
   benchmarking.parse_sizes([plan.flash_length, plan.flash_batch, plan.iterations,
                             plan.sparse_lines], "flash_length/flash_batch/iterations/sparse_lines")
-  for q, k in plan.flash_blocks:
-    for name, value in (("block_q", q), ("block_k", k)):
+  for q, k in (*plan.flash_blocks, *plan.decode_tilings):
+    for name, value in (("block", q), ("keys", k)):
       if value is not None and (not isinstance(value, int) or value <= 0 or value & (value - 1)):
-        raise BenchmarkError(f"flash block {name}={value!r} must be a power of two")
+        raise BenchmarkError(f"flash block / decode tiling {name}={value!r} must be a "
+                             f"power of two")
+  bad_bits = [b for b in plan.kernel_bits if b not in quant_kernels.BITS]
+  if bad_bits:
+    raise BenchmarkError(f"kernel_bits={list(plan.kernel_bits)}: each must be one of "
+                         f"{quant_kernels.BITS}")
   if "model" in plan.sections:
     benchmarking.check_plan(config, [plan.model_context], [plan.model_batch],
                             plan.decode_steps, methods=["full", *plan.methods],
@@ -133,17 +145,38 @@ def causal_flops(batch: int, heads: int, length: int, head_dim: int) -> float:
 
 
 def measure_decode_kernel(config: ModelConfig, plan: Plan, copy_gbps: float,
-                          log=None) -> list[dict]:
-  rows = []
+                          log=None) -> dict:
+  """The default tiling's row per (context, batch), the plan's other tilings as tuning
+  rows and the quantized kernel's rows (each of those records its error if it fails)."""
+  rows, tuning, quantized = [], [], []
   for c in plan.kernel_contexts:
     for b in plan.kernel_batches:
       if log:
         log(f"decode kernel: context {c}, batch {b}")
-      row = benchmarking.measure_decode_attention_kernel(config, b, c,
-                                                         iterations=plan.iterations)
-      row.update(context_length=c, copy_fraction=row["bandwidth_gbps"] / copy_gbps)
-      rows.append(row)
-  return rows
+      for tiling in ((None, None), *plan.decode_tilings):
+        block_k, key_chunk = tiling
+        try:
+          row = benchmarking.measure_decode_attention_kernel(
+              config, b, c, iterations=plan.iterations, block_k=block_k, key_chunk=key_chunk)
+        except Exception as e:  # noqa: BLE001 - a tuning tiling failing must not stop the rest
+          if tiling == (None, None):
+            raise
+          row = {"batch_size": b, "block_k": block_k, "key_chunk": key_chunk,
+                 "error": _error(e)}
+        row["context_length"] = c
+        if "bandwidth_gbps" in row:
+          row["copy_fraction"] = row["bandwidth_gbps"] / copy_gbps
+        (rows if tiling == (None, None) else tuning).append(row)
+      for bits in plan.kernel_bits:
+        try:
+          row = benchmarking.measure_decode_attention_kernel(config, b, c, bits=bits,
+                                                             iterations=plan.iterations)
+          row["copy_fraction"] = row["bandwidth_gbps"] / copy_gbps
+        except Exception as e:  # noqa: BLE001
+          row = {"batch_size": b, "bits": bits, "error": _error(e)}
+        row["context_length"] = c
+        quantized.append(row)
+  return {"rows": rows, "tuning": tuning, "quantized": quantized}
 
 
 def _flash_inputs(config: ModelConfig, batch: int, length: int, seed: int):
@@ -332,7 +365,7 @@ def run(config: ModelConfig, plan: Plan = Plan(), seed: int = 0,
     def decode():
       if copy_gbps is None:
         raise BenchmarkError("no copy bandwidth to compare with (that section failed)")
-      return {"rows": measure_decode_kernel(config, plan, copy_gbps, log)}
+      return measure_decode_kernel(config, plan, copy_gbps, log)
     section("decode", decode)
   if "flash" in plan.sections:
     section("flash", lambda: measure_flash(config, plan, seed, log))
@@ -361,8 +394,20 @@ def format_report(report: dict) -> str:
       lines.append(f"{name}: FAILED: {sec['error']}")
   for r in report.get("decode", {}).get("rows", []):
     lines.append(f"decode kernel  context {r['context_length']:>6} batch {r['batch_size']:>2}: "
-                 f"{r['bandwidth_gbps']:8.1f} GB/s = {r['copy_fraction']:.3f} of copy "
-                 f"(error {r['relative_error']:.1e})")
+                 f"{r['bandwidth_gbps']:8.1f} GB/s = {r['copy_fraction']:.3f} of copy, "
+                 f"{r['seconds'] * 1e6:.1f} us (error {r['relative_error']:.1e})")
+  tuning = report.get("decode", {}).get("tuning", [])
+  for r in tuning:
+    lines.append(f"  tiling {r['block_k']}x{r['key_chunk']:<6} context {r['context_length']:>6} "
+                 f"batch {r['batch_size']:>2}: " + (
+                     f"FAILED: {r['error']}" if "error" in r else
+                     f"{r['bandwidth_gbps']:8.1f} GB/s = {r['copy_fraction']:.3f} of copy"))
+  for r in report.get("decode", {}).get("quantized", []):
+    lines.append(f"quantized {r['bits']}-bit kernel context {r['context_length']:>6} batch "
+                 f"{r['batch_size']:>2}: " + (
+                     f"FAILED: {r['error']}" if "error" in r else
+                     f"{r['bandwidth_gbps']:8.1f} GB/s = {r['copy_fraction']:.3f} of copy, "
+                     f"{r['seconds'] * 1e6:.1f} us (error {r['relative_error']:.1e})"))
   flash = report.get("flash", {})
   for r in flash.get("rows", []):
     blocks = f"{r['block_q'] or 'default'}x{r['block_k'] or 'default'}"

@@ -143,7 +143,8 @@ class KeyTiling:
 
 
 def tile_keys(target: Target, length: int, block: int | None, *,
-              default_block: dict[str, int], chunk_blocks: dict[str, int]) -> KeyTiling:
+              default_block: dict[str, int], chunk_blocks: dict[str, int],
+              chunk: int | None = None) -> KeyTiling:
   """Chooses the key tiling for `target`.
 
   Args:
@@ -152,6 +153,8 @@ def tile_keys(target: Target, length: int, block: int | None, *,
     block: user-given block size, or None for the platform default (shrunk for short
       inputs, but never below 128 on TPU, whose lane tiles are 128 wide).
     default_block, chunk_blocks: per-platform defaults, keyed "tpu", "gpu", "cpu".
+    chunk: user-given slots per grid program (a multiple of `block`), or None for the
+      platform's blocks per chunk.
   """
   kind = target.pick(tpu="tpu", gpu="gpu", cpu="cpu")
   if block is None:
@@ -159,8 +162,11 @@ def tile_keys(target: Target, length: int, block: int | None, *,
     block = min(default_block[kind], max(next_power_of_2(length), floor))
   else:
     check_block("block size", block)
-  per_chunk = min(chunk_blocks[kind], next_power_of_2(cdiv(length, block)))
-  chunk = block * per_chunk
+  if chunk is None:
+    chunk = block * min(chunk_blocks[kind], next_power_of_2(cdiv(length, block)))
+  elif not isinstance(chunk, int) or chunk <= 0 or chunk % block:
+    raise ValueError(f"key chunk must be a positive multiple of the block size {block}, "
+                     f"got {chunk!r}.")
   return KeyTiling(block=block, chunk=chunk, padded=cdiv(max(length, 1), chunk) * chunk)
 
 

@@ -186,12 +186,12 @@ def _shared_values_kernel(q_ref, k_ref, *refs, **kwargs):
 
 
 def _dense_impl(q, keys, values, key_positions, query_positions, *, target, return_probs,
-                block_k):
+                block_k, key_chunk=None):
   """values None: the keys are the values too (one input, read once)."""
   b, k, g, d = q.shape
   s = keys.shape[2]
   tiling = backend.tile_keys(target, s, block_k, default_block=_DEFAULT_BLOCK,
-                             chunk_blocks=_CHUNK_BLOCKS)
+                             chunk_blocks=_CHUNK_BLOCKS, chunk=key_chunk)
   rows, dp = _query_rows(g), backend.lane_dim(target, d)
   sp, c, nc = tiling.padded, tiling.chunk, tiling.num_chunks
   qp = backend.pad_axis(backend.pad_axis(q, 3, dp), 2, rows)
@@ -283,9 +283,10 @@ def _check(cond, message):
     raise ValueError(message)
 
 
-@functools.partial(jax.jit, static_argnames=("return_probs", "block_k", "interpret"))
+@functools.partial(jax.jit, static_argnames=("return_probs", "block_k", "key_chunk",
+                                             "interpret"))
 def decode_attention(q, keys, values, key_positions, query_positions, *,
-                     return_probs=False, block_k=None, interpret=None):
+                     return_probs=False, block_k=None, key_chunk=None, interpret=None):
   """Attention of one query token per row over a dense per-head slot cache.
 
   A slot is visible iff `0 <= key_position <= query_position`. Scale `D ** -0.5`,
@@ -299,6 +300,9 @@ def decode_attention(q, keys, values, key_positions, query_positions, *,
     return_probs: also return each slot's softmax probability.
     block_k: keys per inner-loop step (power of two); None picks per platform.
       Keys are padded to a multiple of the per-program chunk (a copy unless S already is).
+    key_chunk: keys per grid program, a multiple of an explicit block_k; None picks per
+      platform (GPU 512 keys: tuning rows of the H200 roofline check found nothing
+      consistently faster at batch 1 or 8, 8K or 32K).
     interpret: see `backend.dispatch` (None: interpret on CPU, compile on TPU/GPU).
   Returns:
     out [B, K, G, D] in q.dtype, lse [B, K, G] float32 (natural-log log-sum-exp of the
@@ -317,9 +321,12 @@ def decode_attention(q, keys, values, key_positions, query_positions, *,
   _check(query_positions.shape == (b,),
          f"query_positions must be {(b,)}, got {query_positions.shape}")
 
+  _check(key_chunk is None or block_k is not None,
+         f"key_chunk={key_chunk!r} needs an explicit block_k (got block_k=None)")
+
   def build(target):
     return functools.partial(_dense_impl, target=target, return_probs=return_probs,
-                             block_k=block_k)
+                             block_k=block_k, key_chunk=key_chunk)
 
   return backend.dispatch(build, q, keys, values, key_positions, query_positions,
                           interpret=interpret)

@@ -43,6 +43,10 @@ flags.DEFINE_list("flash_blocks", ["default", "64x64", "128x128"],
                   "Flash block sizes to time, block_q x block_k ('default': the platform's).")
 flags.DEFINE_integer("sparse_lines", _PLAN.sparse_lines, "Vertical and slash lines per head "
                      "of the sparse prefill kernel (each kind), at --flash_length.")
+flags.DEFINE_list("kernel_bits", [str(b) for b in _PLAN.kernel_bits],
+                  "Bit widths of the quantized (KIVI) decode kernel timed too ('' for none).")
+flags.DEFINE_list("decode_tilings", [], "Extra decode-kernel tilings to time next to the "
+                  "default, block_k x key_chunk (e.g. 64x256,128x512): tuning rows.")
 flags.DEFINE_integer("iterations", _PLAN.iterations, "Kernel calls per timing round.")
 flags.DEFINE_integer("copy_bandwidth_mib", _PLAN.copy_bandwidth_bytes >> 20,
                      "Array size of the copy-bandwidth measurement.")
@@ -74,6 +78,10 @@ def main(argv):
   if None in blocks:
     raise benchmarking.BenchmarkError(f"--flash_blocks={FLAGS.flash_blocks}: each entry must "
                                       f"be 'default' or QxK, e.g. 128x64")
+  tilings = [_blocks(t) for t in FLAGS.decode_tilings]
+  if None in tilings or (None, None) in tilings:
+    raise benchmarking.BenchmarkError(f"--decode_tilings={FLAGS.decode_tilings}: each entry "
+                                      f"must be BLOCKxCHUNK, e.g. 64x256")
   plan = roofline.Plan(
       kernel_contexts=benchmarking.parse_sizes(FLAGS.kernel_contexts, "--kernel_contexts"),
       kernel_batches=benchmarking.parse_sizes(FLAGS.kernel_batches, "--kernel_batches"),
@@ -81,7 +89,10 @@ def main(argv):
       methods=tuple(FLAGS.methods), compression_ratio=FLAGS.compression_ratio,
       decode_steps=FLAGS.decode_steps, repeats=FLAGS.repeats, warmup=FLAGS.warmup,
       flash_length=FLAGS.flash_length, flash_batch=FLAGS.flash_batch,
-      flash_blocks=tuple(blocks), sparse_lines=FLAGS.sparse_lines, iterations=FLAGS.iterations,
+      flash_blocks=tuple(blocks), sparse_lines=FLAGS.sparse_lines,
+      decode_tilings=tuple(tilings), iterations=FLAGS.iterations,
+      kernel_bits=tuple(benchmarking.parse_sizes(FLAGS.kernel_bits, "--kernel_bits")
+                        if FLAGS.kernel_bits else ()),
       copy_bandwidth_bytes=FLAGS.copy_bandwidth_mib << 20, sections=tuple(FLAGS.sections))
   config = benchmarking.named_shape(FLAGS.shape, FLAGS.dtype)
   if FLAGS.num_layers is not None:

@@ -22,7 +22,7 @@ TINY = ModelConfig(architecture="llama", vocab_size=256, hidden_size=64, interme
 TINY_PLAN = roofline.Plan(kernel_contexts=(64,), kernel_batches=(2,), model_context=64,
                           methods=("snapkv:window=4",), decode_steps=2, repeats=1, warmup=0,
                           flash_length=32, flash_blocks=((16, 16),), sparse_lines=8,
-                          iterations=1,
+                          decode_tilings=((16, 32),), iterations=1,
                           copy_bandwidth_bytes=1 << 20)
 
 
@@ -55,6 +55,16 @@ def test_report_structure_and_goals_from_measurements():
   for r in decode:
     assert r["copy_fraction"] == pytest.approx(r["bandwidth_gbps"] / report["copy"]["gbps"])
     assert r["relative_error"] < 1e-5  # float32, interpret mode: the kernel is the reference
+    assert (r["block_k"], r["key_chunk"]) == (None, None)  # the default tiling is judged
+  tuning = report["decode"]["tuning"]
+  assert [(r["context_length"], r["batch_size"], r["block_k"], r["key_chunk"])
+          for r in tuning] == [(64, 2, 16, 32)]
+  assert tuning[0]["relative_error"] < 1e-5 and tuning[0]["copy_fraction"] > 0
+  quantized = report["decode"]["quantized"]
+  assert [(r["context_length"], r["batch_size"], r["bits"]) for r in quantized] == [(64, 2, 4)]
+  # Against the dequantize-then-attend reference, and fewer bytes than the dense cache.
+  assert quantized[0]["relative_error"] < 1e-5
+  assert quantized[0]["bytes_read"] < decode[0]["bytes_read"]
 
   flash = report["flash"]
   assert [(r["block_q"], r["block_k"]) for r in flash["rows"]] == [(16, 16)]
@@ -115,7 +125,9 @@ def test_goals_follow_the_numbers_and_failed_sections():
 
 @pytest.mark.parametrize("change,match", [
     (dict(sections=("decode", "speed")), "allowed are"),
-    (dict(flash_blocks=((24, 16),)), "block_q=24 must be a power of two"),
+    (dict(flash_blocks=((24, 16),)), "block=24 must be a power of two"),
+    (dict(decode_tilings=((16, 48),)), "keys=48 must be a power of two"),
+    (dict(kernel_bits=(3,)), r"kernel_bits=\[3\]: each must be one of \(2, 4, 8\)"),
     (dict(kernel_batches=(0,)), "kernel_batches entry 0"),
     (dict(sparse_lines=0), "sparse_lines entry 0"),
     (dict(model_context=1000), "exceeds the model's max_position_embeddings"),
@@ -142,7 +154,7 @@ def test_script_refuses_without_a_gpu_and_runs_with_allow_cpu(tmp_path):
   assert not (tmp_path / "out.json").exists()
   done = _script(tmp_path, "--allow_cpu", "--sections=decode", "--kernel_contexts=32",
                  "--kernel_batches=1", "--iterations=1", "--copy_bandwidth_mib=1",
-                 "--num_layers=1")
+                 "--num_layers=1", "--decode_tilings=16x32")
   assert done.returncode == 0, done.stderr[-2000:]
   report = json.loads((tmp_path / "out.json").read_text())
   assert report["model_shape"]["name"] == "tiny"
@@ -151,4 +163,6 @@ def test_script_refuses_without_a_gpu_and_runs_with_allow_cpu(tmp_path):
   assert [g["subject"] for g in report["goals"]] == ["context 32, batch 1",
                                                      "compression methods"]
   assert report["config"]["kernel_contexts"] == ["32"]
+  assert [(r["block_k"], r["key_chunk"]) for r in report["decode"]["tuning"]] == [(16, 32)]
+  assert "tiling 16x32" in done.stdout
   assert "decode_attention_copy_fraction >= 0.85" in done.stdout

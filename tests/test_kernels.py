@@ -15,6 +15,7 @@ import pytest
 import kernel_inputs
 from kernel_inputs import close, shuffled_positions
 
+from pallas_kernels import backend
 from pallas_kernels import compaction
 from pallas_kernels import decode_attention as da
 from pallas_kernels import flash_attention as fa
@@ -53,6 +54,44 @@ def test_decode_attention_matches_reference(g, dtype, return_probs):
   np.testing.assert_array_equal(got[1][1], np.float32(da.EMPTY_LSE))
   if return_probs:
     assert (np.asarray(got[2])[np.asarray(pos)[:, :, None, :].repeat(g, 2) < 0] == 0).all()
+
+
+@pytest.mark.parametrize("key_chunk", [16, 64, 128])
+def test_decode_attention_key_chunk_matches_reference(key_chunk):
+  """Any chunking of the slots over grid programs (one block each up to the whole cache)
+  merges to the same attention."""
+  rng = kernel_inputs.rng(key_chunk)
+  b, k, g, s, d = 2, 2, 4, 100, 32
+  q, keys, values = (_normal(rng, sh, jnp.float32) for sh in
+                     [(b, k, g, d), (b, k, s, d), (b, k, s, d)])
+  pos = jnp.asarray(shuffled_positions(rng, (b, k, s)))
+  qpos = jnp.array([60, 99], jnp.int32)
+  got = da.decode_attention(q, keys, values, pos, qpos, return_probs=True, block_k=16,
+                            key_chunk=key_chunk)
+  for a, e in zip(got, reference.decode_attention(q, keys, values, pos, qpos)):
+    close(a, e, jnp.float32)
+
+
+@pytest.mark.parametrize("kwargs", [dict(key_chunk=64), dict(block_k=16, key_chunk=24),
+                                    dict(block_k=16, key_chunk=0)])
+def test_decode_attention_rejects_bad_key_chunk(kwargs):
+  q, keys, values, pos, qpos = (jnp.zeros(sh, dt) for sh, dt in [
+      ((1, 1, 1, 16), jnp.float32), ((1, 1, 64, 16), jnp.float32),
+      ((1, 1, 64, 16), jnp.float32), ((1, 1, 64), jnp.int32), ((1,), jnp.int32)])
+  with pytest.raises(ValueError, match="key.chunk"):
+    da.decode_attention(q, keys, values, pos, qpos, **kwargs)
+
+
+def test_key_tiling_takes_an_explicit_chunk_and_rejects_a_bad_one():
+  tile = functools.partial(backend.tile_keys, default_block=da._DEFAULT_BLOCK,
+                           chunk_blocks=da._CHUNK_BLOCKS)
+  cuda = backend.Target("cuda")
+  assert tile(cuda, 8192, None).chunk == 64 * da._CHUNK_BLOCKS["gpu"]  # the GPU default
+  t = tile(cuda, 8000, 64, chunk=2048)
+  assert (t.block, t.chunk, t.padded, t.num_chunks) == (64, 2048, 8192, 4)
+  for chunk in (0, 96, 64.0):
+    with pytest.raises(ValueError, match="multiple of the block size 64"):
+      tile(cuda, 8192, 64, chunk=chunk)
 
 
 def test_decode_attention_default_blocks_tpu_interpreter():
