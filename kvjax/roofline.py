@@ -84,7 +84,7 @@ class Plan:
   warmup: int = 1
   flash_length: int = 8192
   flash_batch: int = 1
-  flash_blocks: Sequence[tuple] = ((None, None), (64, 64), (128, 128))
+  flash_blocks: Sequence[tuple] = ((None, None), (64, 64), (128, 64))
   sparse_lines: int = 1024
   decode_tilings: Sequence[tuple] = ()
   kernel_bits: Sequence[int] = (4,)

@@ -39,7 +39,7 @@ flags.DEFINE_integer("repeats", _PLAN.repeats, "Timed model runs (median reporte
 flags.DEFINE_integer("warmup", _PLAN.warmup, "Untimed model runs first.")
 flags.DEFINE_integer("flash_length", _PLAN.flash_length, "Prefill length of the flash kernel.")
 flags.DEFINE_integer("flash_batch", _PLAN.flash_batch, "Batch of the flash kernel.")
-flags.DEFINE_list("flash_blocks", ["default", "64x64", "128x128"],
+flags.DEFINE_list("flash_blocks", ["default", "64x64", "128x64"],
                   "Flash block sizes to time, block_q x block_k ('default': the platform's).")
 flags.DEFINE_integer("sparse_lines", _PLAN.sparse_lines, "Vertical and slash lines per head "
                      "of the sparse prefill kernel (each kind), at --flash_length.")
