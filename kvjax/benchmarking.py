@@ -216,8 +216,8 @@ def _block(tree):
 
 def relative_error(out, ref) -> float:
   """||out - ref|| / ||ref|| in float32: a timed kernel's output against its jnp reference,
-  so that a bandwidth or TFLOP/s figure is never reported for a kernel that computes
-  something else on that device (bf16 operands land near 1e-3 to 1e-2; NaN stays NaN)."""
+  recorded next to its speed so that a kernel computing something else on that device is
+  seen (bf16 operands land near 1e-3 to 1e-2; NaN stays NaN)."""
   out, ref = (jnp.asarray(x, jnp.float32) for x in (out, ref))
   return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
 
@@ -542,6 +542,9 @@ def measure_decode_attention_kernel(config: ModelConfig, batch_size: int, slots:
   if bits is not None and key_chunk is not None:
     raise BenchmarkError(f"key_chunk={key_chunk} applies to the dense kernel only (bits="
                          f"{bits} times the quantized one)")
+  if bits is not None and slots < group:
+    raise BenchmarkError(f"slots={slots} holds no whole quantization group of {group} "
+                         f"(the quantized kernel times whole groups only)")
   dtype = jnp.dtype(config.dtype)
   b, k, d = batch_size, config.num_kv_heads, config.head_dim
   g = config.num_heads // k
@@ -594,7 +597,8 @@ def measure_decode_attention_kernel(config: ModelConfig, batch_size: int, slots:
   nbytes = sum(x.nbytes for x in streamed)
   return {"batch_size": b, "slots": slots, "kv_heads": k, "query_heads_per_kv_head": g,
           "head_dim": d, "dtype": str(dtype), "bits": bits, "block_k": block_k,
-          "key_chunk": key_chunk, "bytes_read": int(nbytes), "seconds": best,
+          "key_chunk": key_chunk, "iterations": iterations, "bytes_read": int(nbytes),
+          "seconds": best,
           "bandwidth_gbps": nbytes / best / 1e9, "relative_error": error}
 
 

@@ -126,7 +126,8 @@ class KeyTiling:
 
   Attributes:
     block: slots per inner-loop step (a power of two).
-    chunk: slots per grid program (`block` times a power of two).
+    chunk: slots per grid program (a multiple of `block`; by default `block` times a
+      power of two).
     padded: `length` rounded up to a multiple of `chunk` (wrappers pad with empty slots).
   """
   block: int

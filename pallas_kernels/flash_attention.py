@@ -34,11 +34,10 @@ from pallas_kernels import backend
 from pallas_kernels.decode_attention import (key_block, merge_stacked, online_softmax_result,
                                              online_softmax_start, online_softmax_step)
 
-# Rows ((query, head) pairs) per program and keys per inner-loop step. GPU: 128 x 64 tiles
-# (the usual Triton flash tile at D = 128); TPU: MXU-sized tiles.
+# Rows ((query, head) pairs) per program and keys per inner-loop step. GPU: 128 x 128 tiles,
+# 231-233 TFLOP/s against 215-217 for 128 x 64 on an H200 (8K, Llama-3.1-8B heads, three runs
+# of the roofline check: docs/results/perf/gpu_check_h200*.json); TPU: MXU-sized tiles.
 _BLOCK_Q = {"tpu": 256, "gpu": 128, "cpu": 32}
-# GPU 128x128: 231 TFLOP/s against 215 for 128x64 on an H200 (8K, Llama-3.1-8B heads, two
-# runs of the roofline check; docs/results/perf/gpu_check_h200.json).
 _BLOCK_K = {"tpu": 512, "gpu": 128, "cpu": 32}
 # Key blocks per grid program (None: the whole cache). TPU: 2048 keys, K+V double-buffered
 # 2 MiB at D = 128 bf16.

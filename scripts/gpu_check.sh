@@ -3,7 +3,7 @@
 # copied (no virtualenv): decode-kernel bandwidth, flash TFLOP/s, full vs SnapKV vs KIVI-4
 # decode step and compression overhead, each goal with PASS/FAIL.
 #   scripts/gpu_check.sh [out.json] [scripts/roofline.py flags, e.g. --sections=decode,flash]
-# PYTHON overrides the interpreter (default python3). Sized for < 8 minutes on an H200.
+# PYTHON overrides the interpreter (default python3). About 4 minutes on an H200.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-gpu_check.json}"

@@ -362,6 +362,13 @@ def test_kernel_microbenchmark_runs_interpreted():
   assert row["relative_error"] < 1e-5  # against reference.decode_attention (float32)
 
 
+def test_quantized_kernel_microbenchmark_refuses_less_than_a_group():
+  with pytest.raises(benchmarking.BenchmarkError, match="slots=20 holds no whole quantization"
+                                                        " group of 32"):
+    benchmarking.measure_decode_attention_kernel(tiny_config(), batch_size=1, slots=20,
+                                                 iterations=1, repeats=1, bits=4)
+
+
 def test_quantized_kernel_microbenchmark_counts_packed_bytes():
   row = benchmarking.measure_decode_attention_kernel(tiny_config(), batch_size=2, slots=40,
                                                      iterations=1, repeats=1, bits=4, group=16)

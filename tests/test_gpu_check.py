@@ -103,6 +103,30 @@ def test_report_structure_and_goals_from_measurements():
   assert "no GPU present" in text and text.count("PASS") + text.count("FAIL") == 2
 
 
+def test_a_kernel_off_its_reference_is_not_judged_and_error_rows_are_reported():
+  report = {"device": {"device_kind": "H200", "platform": "gpu"}, "jax_version": "0",
+            "model_shape": {"name": "tiny"}, "accelerator_missing": None,
+            "copy": {"gbps": 4000.0},
+            "decode": {"rows": [
+                {"context_length": 8192, "batch_size": 1, "copy_fraction": 0.9,
+                 "bandwidth_gbps": 3600.0, "seconds": 1e-5, "relative_error": 0.3},
+                {"context_length": 8192, "batch_size": 8, "copy_fraction": 0.9,
+                 "bandwidth_gbps": 3600.0, "seconds": 1e-4, "relative_error": float("nan")},
+                {"context_length": 32768, "batch_size": 8, "copy_fraction": 0.9,
+                 "bandwidth_gbps": 3600.0, "seconds": 1e-4, "relative_error": 2e-3}],
+                "tuning": [{"context_length": 8192, "batch_size": 1, "block_k": 64,
+                            "key_chunk": 256, "error": "ValueError: boom"}],
+                "quantized": [{"context_length": 8192, "batch_size": 1, "bits": 4,
+                               "error": "OOM"}]}}
+  goals = roofline.evaluate_goals(report)
+  assert [g["passed"] for g in goals[:3]] == [None, None, True]
+  assert "relative error 0.3 > 0.05" in goals[0]["reason"] and "nan" in goals[1]["reason"]
+  report["goals"] = goals
+  text = roofline.format_report(report)
+  assert "tiling 64x256" in text and "FAILED: ValueError: boom" in text
+  assert "quantized 4-bit kernel context   8192 batch  1: FAILED: OOM" in text
+
+
 def test_goals_follow_the_numbers_and_failed_sections():
   """Goals are recomputed from whatever the sections hold; a failed section gives n/a."""
   report = {"decode": {"rows": [{"context_length": 8192, "batch_size": 8,
@@ -125,8 +149,10 @@ def test_goals_follow_the_numbers_and_failed_sections():
 
 @pytest.mark.parametrize("change,match", [
     (dict(sections=("decode", "speed")), "allowed are"),
-    (dict(flash_blocks=((24, 16),)), "block=24 must be a power of two"),
-    (dict(decode_tilings=((16, 48),)), "keys=48 must be a power of two"),
+    (dict(flash_blocks=((24, 16),)), "block_q=24 must be a power of two"),
+    (dict(decode_tilings=((16, 40),)), r"decode tiling \(16, 40\): .* multiple"),
+    (dict(decode_tilings=((24, 48),)), r"decode tiling \(24, 48\): block_k must be"),
+    (dict(decode_tilings=((64, None),)), r"decode tiling \(64, None\)"),
     (dict(kernel_bits=(3,)), r"kernel_bits=\[3\]: each must be one of \(2, 4, 8\)"),
     (dict(kernel_batches=(0,)), "kernel_batches entry 0"),
     (dict(sparse_lines=0), "sparse_lines entry 0"),
