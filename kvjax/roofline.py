@@ -158,34 +158,25 @@ def measure_decode_kernel(config: ModelConfig, plan: Plan, copy_gbps: float,
                           log=None) -> dict:
   """The default tiling's row per (context, batch), the plan's other tilings as tuning
   rows and the quantized kernel's rows (each of those records its error if it fails)."""
+  def measured(c, b, **kernel):
+    row = benchmarking.measure_decode_attention_kernel(config, b, c,
+                                                       iterations=plan.iterations, **kernel)
+    return {**row, "context_length": c, "copy_fraction": row["bandwidth_gbps"] / copy_gbps}
+
+  def variant(c, b, **kernel):
+    try:
+      return measured(c, b, **kernel)
+    except Exception as e:  # noqa: BLE001 - one variant failing must not stop the rest
+      return {"context_length": c, "batch_size": b, **kernel, "error": _error(e)}
+
   rows, tuning, quantized = [], [], []
   for c in plan.kernel_contexts:
     for b in plan.kernel_batches:
       if log:
         log(f"decode kernel: context {c}, batch {b}")
-      for tiling in ((None, None), *plan.decode_tilings):
-        block_k, key_chunk = tiling
-        try:
-          row = benchmarking.measure_decode_attention_kernel(
-              config, b, c, iterations=plan.iterations, block_k=block_k, key_chunk=key_chunk)
-        except Exception as e:  # noqa: BLE001 - a tuning tiling failing must not stop the rest
-          if tiling == (None, None):
-            raise
-          row = {"batch_size": b, "block_k": block_k, "key_chunk": key_chunk,
-                 "error": _error(e)}
-        row["context_length"] = c
-        if "bandwidth_gbps" in row:
-          row["copy_fraction"] = row["bandwidth_gbps"] / copy_gbps
-        (rows if tiling == (None, None) else tuning).append(row)
-      for bits in plan.kernel_bits:
-        try:
-          row = benchmarking.measure_decode_attention_kernel(config, b, c, bits=bits,
-                                                             iterations=plan.iterations)
-          row["copy_fraction"] = row["bandwidth_gbps"] / copy_gbps
-        except Exception as e:  # noqa: BLE001
-          row = {"batch_size": b, "bits": bits, "error": _error(e)}
-        row["context_length"] = c
-        quantized.append(row)
+      rows.append(measured(c, b))
+      tuning += [variant(c, b, block_k=k, key_chunk=n) for k, n in plan.decode_tilings]
+      quantized += [variant(c, b, bits=bits) for bits in plan.kernel_bits]
   return {"rows": rows, "tuning": tuning, "quantized": quantized}
 
 
