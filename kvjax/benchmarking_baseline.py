@@ -434,6 +434,12 @@ def run(baseline, source, context_lengths: Sequence[int], batch_sizes: Sequence[
 
 # --- Printing and plotting ----------------------------------------------------------------
 
+def _host_line(device: dict) -> str:
+  host = device.get("host_cpu") or {}  # absent from reports written before it was recorded
+  extensions = ", ".join(host.get("vector_extensions", [])) or "none recorded"
+  return f"host {host.get('model') or 'unknown CPU'}, {host.get('cores')} cores ({extensions})"
+
+
 def format_table(report: dict) -> str:
   """One line per (context, batch, method): both libraries' medians and the paired ratios."""
   device, threads = report["device"], report["threads"]
@@ -441,6 +447,7 @@ def format_table(report: dict) -> str:
       f"device {device['device_kind']} ({device['platform']}), jax {report['jax_version']}, "
       f"torch {report['torch_version']} ({threads['torch_device']}, torch_threads="
       f"{threads['torch_threads']}), transformers {report['transformers_version']}",
+      _host_line(device),
       f"model {report['model']['name']} ({report['model']['num_params'] / 1e6:.1f}M params, "
       f"float32), {report['decode_steps']} decode steps, {report['repeats']} repeats after "
       f"{report['warmup']} warmup, interleaved",

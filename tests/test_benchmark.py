@@ -462,3 +462,19 @@ def test_script_rejects_bad_method_names(tmp_path):
   proc = _script(f"--shape={shape}", "--methods=full,snapkv,snapvk", "--compression_ratio=0.5")
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert "error: --methods entry 'snapvk' is not a method; available: [" in proc.stderr
+
+
+def test_host_cpu_reads_the_model_and_vector_extensions(tmp_path):
+  x86 = tmp_path / "x86"
+  x86.write_text("processor\t: 0\nmodel name\t: Some Xeon\nflags\t\t: fpu sse2 avx2 fma "
+                 "avx512f amx_tile amx_bf16\n\nprocessor\t: 1\nmodel name\t: Other\n"
+                 "flags\t\t: fpu\n")
+  host = benchmarking.host_cpu(str(x86))
+  assert host["model"] == "Some Xeon"
+  assert host["vector_extensions"] == ["avx2", "fma", "avx512f", "amx_tile", "amx_bf16"]
+  arm = tmp_path / "arm"
+  arm.write_text("processor\t: 0\nFeatures\t: fp asimd sve\n")
+  assert benchmarking.host_cpu(str(arm)) == {"model": None, "cores": os.cpu_count(),
+                                               "vector_extensions": ["asimd", "sve"]}
+  assert benchmarking.host_cpu(str(tmp_path / "missing"))["model"] is None
+  assert "host_cpu" in benchmarking.device_info()
