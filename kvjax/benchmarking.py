@@ -498,15 +498,16 @@ def measure_copy_bandwidth(nbytes: int = 256 << 20, iterations: int = 10,
   return moved / best / 1e9
 
 
-# The host CPU's vector extensions that decide CPU speed: the same code measured 0.65-0.82x
-# transformers' prefill on an AVX-512/AMX host and 1.06-1.64x on an earlier host.
+# Recorded because results differ by host: transformers' prefill ran about twice as fast on
+# an AVX-512/AMX host (kvjax 0.62-0.77x its speed there) as on an earlier, unrecorded one
+# (kvjax 1.06-1.64x there).
 VECTOR_EXTENSIONS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile",
                      "amx_bf16", "asimd", "sve")
 
 
 def host_cpu(cpuinfo: str = "/proc/cpuinfo") -> dict:
-  """{"model", "cores", "vector_extensions"} of the host CPU ("model" None where
-  `cpuinfo` cannot be read, e.g. off Linux)."""
+  """{"model", "cores", "vector_extensions"} of the host CPU: "model" is None where
+  `cpuinfo` cannot be read (off Linux) or names none (ARM); "cores" counts logical CPUs."""
   model, flags = None, set()
   try:
     with open(cpuinfo) as f:

@@ -437,7 +437,8 @@ def run(baseline, source, context_lengths: Sequence[int], batch_sizes: Sequence[
 def _host_line(device: dict) -> str:
   host = device.get("host_cpu") or {}  # absent from reports written before it was recorded
   extensions = ", ".join(host.get("vector_extensions", [])) or "none recorded"
-  return f"host {host.get('model') or 'unknown CPU'}, {host.get('cores')} cores ({extensions})"
+  return (f"host {host.get('model') or 'unknown CPU'}, {host.get('cores') or '?'} cores "
+          f"({extensions})")
 
 
 def format_table(report: dict) -> str:

@@ -187,6 +187,11 @@ def blocked_attention(q, keys, values, query_positions, key_positions, *,
   block_q, block_k = min(block_q, t), min(block_k, s)
   nq, nk = -(-t // block_q), -(-s // block_k)
   q = backend.pad_axis(q, 3, nq * block_q, 0)
+  int_max = jnp.iinfo(jnp.int32).max
+  # [nq] each query block's earliest position over the batch; rows past t (cut from the
+  # output) do not count, a left-padding query (-1) does.
+  earliest_query = backend.pad_axis(query_positions, 1, nq * block_q, int_max).reshape(
+      b, nq, block_q).min(axis=(0, 2))
   query_positions = backend.pad_axis(query_positions, 1, nq * block_q, -1)
   # Keys and values are not padded (a copy per layer, and XLA:CPU took ~0.45 s to compile
   # that pad): a ragged last key block starts at s - block_k instead, overlapping the block
@@ -197,15 +202,15 @@ def blocked_attention(q, keys, values, query_positions, key_positions, *,
   # Other blocks are skipped: the chunk's future, the empty room after it, and the empty
   # slots before it when a compressing prefill attends over the cache and the new chunk.
   blocks = padded_positions.reshape(b, k, nk, block_k)
-  first = jnp.where(blocks >= 0, blocks, jnp.iinfo(jnp.int32).max).min(axis=(0, 1, 3))  # [nk]
-  query_blocks = query_positions.reshape(b, nq, block_q)
-  reach = first[None, :] <= query_blocks.max(axis=(0, 2))[:, None]        # [nq, nk]
-  # A block every query of which sees every slot (none empty, none newer than the block's
-  # first query: most blocks of a long prompt) skips building and applying the mask.
-  whole = ((query_blocks.min(axis=(0, 2))[:, None] >= blocks.max(axis=(0, 1, 3))[None, :])
+  first = jnp.where(blocks >= 0, blocks, int_max).min(axis=(0, 1, 3))     # [nk]
+  last_query = query_positions.reshape(b, nq, block_q).max(axis=(0, 2))   # [nq]
+  reach = first[None, :] <= last_query[:, None]                            # [nq, nk]
+  # A block every query of which sees every slot (no empty slot, none newer than the query
+  # block's earliest position: most blocks of a long prompt) skips building and applying
+  # the mask. A ragged last block is never whole (its padding is -1), so its overlap with
+  # the block before stays masked; nor is any block for a query block holding padding.
+  whole = ((earliest_query[:, None] >= blocks.max(axis=(0, 1, 3))[None, :])
            & (blocks.min(axis=(0, 1, 3)) >= 0)[None, :])                  # [nq, nk]
-  if s % block_k:
-    whole = whole.at[:, nk - 1].set(False)  # the ragged last block masks its overlap
   scale = d ** -0.5
   if q.dtype == jnp.float32:
     # Scaled once per query rather than once per (query, slot) logit.
@@ -245,7 +250,7 @@ def blocked_attention(q, keys, values, query_positions, key_positions, *,
     qpos = lax.dynamic_slice_in_dim(query_positions, i * block_q, block_q, axis=1)
 
     def whole_block(j, carry):
-      # No mask to build and apply: 6-10% faster attention at 2K-4K tokens.
+      # No mask to build and apply: attention 8-9% faster at 2K-4K tokens.
       vj = lax.dynamic_slice_in_dim(values, block_start(j), block_k, axis=2)
       return online_softmax_step(carry, block_logits(j, qi), vj)
 

@@ -60,6 +60,14 @@ def test_report_structure(side_by_side, tiny_dir):
     assert r["transformers"]["method"] == "full" and r["transformers"]["cache_bytes"] > 0
   assert report["results"][0]["kvjax"]["compile_seconds"] > 0
   assert "decode ms/step kv/hf" in stdout and "match" in stdout
+  host = report["device"]["host_cpu"]
+  assert f"{host['cores']} cores" in stdout and "\nhost " in stdout
+
+
+def test_table_of_a_report_written_before_the_host_was_recorded(side_by_side):
+  _, report, _ = side_by_side
+  old = dict(report, device={k: v for k, v in report["device"].items() if k != "host_cpu"})
+  assert "host unknown CPU, ? cores (none recorded)" in baseline.format_table(old)
 
 
 def test_full_cache_tokens_match_transformers(side_by_side):

@@ -77,6 +77,26 @@ def test_holes_padding_and_later_positions_inside_blocks():
   np.testing.assert_allclose(sums, want_probs.sum(3), rtol=1e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("t", [96, 90])
+def test_whole_blocks_beside_a_ragged_last_key_block(t):
+  """Every query sees every slot here, so every block is whole but the ragged last key
+  block: its window overlaps the block before, whose slots must not count twice (as they
+  would unmasked). With 90 queries the last query block is part padding rows."""
+  rng = np.random.default_rng(7)
+  s = 100
+  q = rng.standard_normal((1, t, 4, 8)).astype(np.float32)
+  keys, values = (rng.standard_normal((1, 2, s, 8)).astype(np.float32) for _ in range(2))
+  kpos = np.broadcast_to(rng.permutation(s).astype(np.int32), (1, 2, s)).copy()
+  qpos = (200 + np.arange(t, dtype=np.int32))[None]
+  want_out, want_lse, want_probs = _unblocked(q, keys, values, qpos, kpos)
+  out, lse, sums = reference.blocked_attention(
+      reference.group_heads(jnp.asarray(q), 2), jnp.asarray(keys), jnp.asarray(values),
+      jnp.asarray(qpos), jnp.asarray(kpos), column_sums=True, block_q=32, block_k=32)
+  np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=2e-6)
+  np.testing.assert_allclose(lse, want_lse, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(sums, want_probs.sum(3), rtol=1e-5, atol=2e-6)
+
+
 def test_padding_queries_see_nothing():
   q, keys, values, qpos, kpos = _inputs(2, 200, 6, 2, 16, 0, 10, (0, 37))
   out, lse, _ = reference.blocked_attention(
@@ -178,17 +198,25 @@ def test_decode_products_equal_the_dot_at_highest_precision(rows):
                              rtol=1e-5, atol=1e-5)
 
 
-def test_blocked_attention_is_differentiable_like_the_unblocked():
+# Old slots, then a 90-token chunk, in 32 x 32 blocks: most blocks are whole (unmasked),
+# the last key and query blocks are ragged.
+WHOLE_BLOCKS_CASE = (1, 90, 4, 2, 8, 100, 0, (0,), 32, 32)
+
+
+@pytest.mark.parametrize("case", [CASES[0], WHOLE_BLOCKS_CASE])
+def test_blocked_attention_is_differentiable_like_the_unblocked(case):
   """Training runs through the model's attention (X-EcoMLA distillation, LoCoCo): the
-  blocked path's gradients equal the one-matrix attention's, skipped blocks included."""
-  q, keys, values, qpos, kpos = _inputs(*CASES[0][:8])
+  blocked path's gradients equal the one-matrix attention's, skipped and whole blocks
+  included."""
+  *shape, block_q, block_k = case
+  q, keys, values, qpos, kpos = _inputs(*shape)
   weights = np.random.default_rng(2).standard_normal(q.shape).astype(np.float32)
 
   def loss(q, keys, values, blocked):
     if blocked:
       out = reference.blocked_attention(reference.group_heads(q, keys.shape[1]), keys, values,
-                                        jnp.asarray(qpos), jnp.asarray(kpos), block_q=64,
-                                        block_k=48)[0]
+                                        jnp.asarray(qpos), jnp.asarray(kpos),
+                                        block_q=block_q, block_k=block_k)[0]
     else:
       out = _unblocked(q, keys, values, qpos, kpos)[0]
     out = jnp.where(jnp.asarray(qpos)[:, None, None, :, None] >= 0, out, 0.0)
