@@ -63,7 +63,7 @@ TIMING_DEFINITION = {
 
 # scripts/benchmark.py flags only one of its modes reads: True = only with --baseline,
 # False = only without it.
-MODE_FLAGS = {"torch_threads": True, "plot_out": True, "shape": False,
+MODE_FLAGS = {"torch_threads": True, "plot_out": True, "ops": True, "shape": False,
               "prefill_chunk_size": False, "hbm_bandwidth_gbps": False,
               "copy_bandwidth_mib": False}
 

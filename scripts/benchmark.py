@@ -14,7 +14,10 @@ kernel is also timed alone. The report ends with the issue's goals next to the m
 --shape benchmarks random weights at a real model's shapes (or a JSON ModelConfig file).
 --baseline=transformers times Hugging Face transformers on the same weights next to kvjax
 (float32, interleaved repeats, paired ratios, identical greedy tokens checked): see
-kvjax/benchmarking_baseline.py.
+kvjax/benchmarking_baseline.py. With --ops it times the CPU prefill attention and an MLP-sized
+matrix product against torch's instead (kvjax/benchmarking_ops.py):
+  python scripts/benchmark.py --model=smollm2-135m --baseline=transformers --ops \
+      --context_lengths=2048,4096 --repeats=5 --json_out=/tmp/ops.json
 --prefix_sharing times BatchLLM prefix sharing (kvjax.systems.generate_shared) against
 kvjax.generate on the same offline SQuAD batch (--sharing_documents paragraphs x
 --sharing_questions questions, --decode_steps new tokens each):
@@ -43,7 +46,7 @@ page buffer of --device_pages frames per eviction policy (kvjax.systems.offload)
 
 from absl import flags
 
-from kvjax import benchmarking, benchmarking_baseline, cli, sharding
+from kvjax import benchmarking, benchmarking_baseline, benchmarking_ops, cli, sharding
 from kvjax.model import random_params
 from kvjax.systems import benchmarks
 
@@ -70,6 +73,9 @@ flags.DEFINE_string("baseline", None, f"Also time this library on the same weigh
                     f"transformers; --model only, float32).")
 flags.DEFINE_integer("torch_threads", None, "With --baseline: torch's threads (default "
                      "os.cpu_count(), the cores XLA uses); reported in the JSON.")
+flags.DEFINE_bool("ops", False, "With --baseline=transformers: instead of generating, time "
+                  "kvjax's CPU prefill attention and an MLP-sized matrix product against "
+                  "torch's at --model's shapes (kvjax/benchmarking_ops.py).")
 flags.DEFINE_string("plot_out", None, "With --baseline: write a PNG of prefill seconds and "
                     "decode ms/step against context length here.")
 flags.DEFINE_bool("prefix_sharing", False, "Time prefix sharing (BatchLLM) against unshared "
@@ -139,6 +145,8 @@ def main(argv):
   batch_sizes = benchmarking.parse_sizes(FLAGS.batch_sizes, "--batch_sizes")
   benchmarking_baseline.check_flags(FLAGS.baseline, [
       name for name in benchmarking_baseline.MODE_FLAGS if FLAGS[name].present])
+  if FLAGS.ops:
+    return ops_side_by_side(context_lengths, batch_sizes)
   if FLAGS.baseline is not None:
     return side_by_side(context_lengths, batch_sizes, methods)
   plan = dict(decode_steps=FLAGS.decode_steps, hbm_bandwidth_gbps=FLAGS.hbm_bandwidth_gbps,
@@ -192,6 +200,19 @@ def mesh_sweep(context_lengths, batch_sizes, plan):
   if FLAGS.json_out:
     cli.write_json(FLAGS.json_out, {"device": benchmarking.device_info(), "meshes": runs,
                                     "config": cli.run_config()})
+
+
+def ops_side_by_side(context_lengths, batch_sizes):
+  if FLAGS.plot_out:
+    raise benchmarking.BenchmarkError("--plot_out does not apply with --ops")
+  benchmarking_baseline.check_baseline(FLAGS.baseline)
+  report = benchmarking_ops.run(
+      FLAGS.model, context_lengths, batch_sizes, repeats=FLAGS.repeats, warmup=FLAGS.warmup,
+      seed=FLAGS.seed, torch_threads=FLAGS.torch_threads,
+      log=lambda line: print(f"[kvjax] {line}", flush=True))
+  print(benchmarking_ops.format_table(report))
+  if FLAGS.json_out:
+    cli.write_json(FLAGS.json_out, {**report, "config": cli.run_config()})
 
 
 def side_by_side(context_lengths, batch_sizes, methods):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hf_models import save_tiny
-from kvjax import benchmarking, benchmarking_baseline as baseline
+from kvjax import benchmarking, benchmarking_baseline as baseline, benchmarking_ops
 from test_benchmark import _script
 
 CONTEXTS, BATCHES, STEPS, REPEATS = (16, 32), (1, 2), 3, 2
@@ -142,3 +142,38 @@ def test_script_rejects_an_unknown_baseline(tiny_dir):
   proc = _script(f"--model={tiny_dir}", "--baseline=vllm", "--context_lengths=16")
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert "baseline='vllm' is not supported; allowed: ['transformers']" in proc.stderr
+
+
+def test_ops_side_by_side(tiny_dir, tmp_path):
+  """--ops: kvjax's CPU attention (unblocked at 16 tokens, blocked at 80) and a product
+  against torch's on the same inputs; outputs agree, ratios are paired medians."""
+  out = tmp_path / "ops.json"
+  proc = _script(f"--model={tiny_dir}", "--baseline=transformers", "--ops", "--torch_threads=1",
+                 "--context_lengths=16,80", "--batch_sizes=1,2", "--repeats=2", "--warmup=0",
+                 f"--json_out={out}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(out.read_text())
+  config = report["model"]["config"]
+  assert report["torch_threads"] == 1 and "host_cpu" in report["device"]
+  rows = report["results"]
+  assert [(r["op"], r["context_length"], r["batch_size"]) for r in rows] == [
+      (op, c, b) for c in (16, 80) for b in (1, 2) for op in benchmarking_ops.OPS]
+  for r in rows:
+    ours, theirs = r["times"]["kvjax"], r["times"]["torch"]
+    assert len(ours) == len(theirs) == 2 and min(ours + theirs) > 0
+    assert r["speed_ratio"] == statistics.median(t / o for o, t in zip(ours, theirs))
+    assert r["max_abs_difference"] < 1e-4, r
+    b, t = r["batch_size"], r["context_length"]
+    if r["op"] == "attention":
+      assert r["flops"] == 2 * b * config["num_heads"] * t * t * config["head_dim"]
+    else:
+      assert r["flops"] == 2 * b * t * config["hidden_size"] * config["intermediate_size"]
+  assert "kvjax speed / torch speed" in proc.stdout and "attention" in proc.stdout
+
+
+def test_ops_needs_the_baseline_and_takes_no_plot(tiny_dir):
+  proc = _script(f"--model={tiny_dir}", "--ops", "--context_lengths=16")
+  assert proc.returncode != 0 and "--ops applies only with --baseline" in proc.stderr
+  proc = _script(f"--model={tiny_dir}", "--baseline=transformers", "--ops",
+                 "--context_lengths=16", "--plot_out=x.png")
+  assert proc.returncode != 0 and "--plot_out does not apply with --ops" in proc.stderr

@@ -41,16 +41,8 @@ def _unblocked(q, keys, values, qpos, kpos):
   return reference.grouped_attention(grouped, jnp.asarray(keys), jnp.asarray(values), seen)
 
 
-def _empty_first(x, empty, value):
-  """x [B, K, S, ...] after `empty` slots holding `value` (empty cache slots before a chunk)."""
-  return np.concatenate([np.full(x.shape[:2] + (empty,) + x.shape[3:], value, x.dtype), x],
-                        axis=2)
-
-
-@pytest.mark.parametrize("case", CASES)
-def test_blocked_equals_unblocked(case):
-  *shape, block_q, block_k = case
-  q, keys, values, qpos, kpos = _inputs(*shape)
+def _check_against_unblocked(q, keys, values, qpos, kpos, block_q, block_k):
+  """Blocked output, lse and column sums equal the one-matrix attention's."""
   want_out, want_lse, want_probs = _unblocked(q, keys, values, qpos, kpos)
   out, lse, sums = reference.blocked_attention(
       reference.group_heads(jnp.asarray(q), keys.shape[1]), jnp.asarray(keys),
@@ -61,6 +53,18 @@ def test_blocked_equals_unblocked(case):
   np.testing.assert_allclose(sums, want_probs.sum(3), rtol=1e-5, atol=2e-6)
 
 
+def _empty_first(x, empty, value):
+  """x [B, K, S, ...] after `empty` slots holding `value` (empty cache slots before a chunk)."""
+  return np.concatenate([np.full(x.shape[:2] + (empty,) + x.shape[3:], value, x.dtype), x],
+                        axis=2)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_blocked_equals_unblocked(case):
+  *shape, block_q, block_k = case
+  _check_against_unblocked(*_inputs(*shape), block_q, block_k)
+
+
 def test_holes_padding_and_later_positions_inside_blocks():
   """Blocks where every query sees almost every slot: one empty slot (an evicted token),
   one padding query or one later position in a row must still be masked there."""
@@ -68,13 +72,7 @@ def test_holes_padding_and_later_positions_inside_blocks():
   kpos[0, 1, 5] = -1                 # a hole in row 0's first old block, one head only
   qpos[1, 64] = kpos[1, :, 128 + 64] = -1   # a padding query inside row 1's prompt
   kpos[1, 0, 70] = 200               # a slot seen by no query before position 200
-  want_out, want_lse, want_probs = _unblocked(q, keys, values, qpos, kpos)
-  out, lse, sums = reference.blocked_attention(
-      reference.group_heads(jnp.asarray(q), 2), jnp.asarray(keys), jnp.asarray(values),
-      jnp.asarray(qpos), jnp.asarray(kpos), column_sums=True, block_q=32, block_k=32)
-  np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=2e-6)
-  np.testing.assert_allclose(lse, want_lse, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(sums, want_probs.sum(3), rtol=1e-5, atol=2e-6)
+  _check_against_unblocked(q, keys, values, qpos, kpos, 32, 32)
 
 
 @pytest.mark.parametrize("t", [96, 90])
@@ -88,13 +86,7 @@ def test_whole_blocks_beside_a_ragged_last_key_block(t):
   keys, values = (rng.standard_normal((1, 2, s, 8)).astype(np.float32) for _ in range(2))
   kpos = np.broadcast_to(rng.permutation(s).astype(np.int32), (1, 2, s)).copy()
   qpos = (200 + np.arange(t, dtype=np.int32))[None]
-  want_out, want_lse, want_probs = _unblocked(q, keys, values, qpos, kpos)
-  out, lse, sums = reference.blocked_attention(
-      reference.group_heads(jnp.asarray(q), 2), jnp.asarray(keys), jnp.asarray(values),
-      jnp.asarray(qpos), jnp.asarray(kpos), column_sums=True, block_q=32, block_k=32)
-  np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=2e-6)
-  np.testing.assert_allclose(lse, want_lse, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(sums, want_probs.sum(3), rtol=1e-5, atol=2e-6)
+  _check_against_unblocked(q, keys, values, qpos, kpos, 32, 32)
 
 
 def test_padding_queries_see_nothing():
