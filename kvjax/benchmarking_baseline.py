@@ -20,6 +20,7 @@ imported only here, only when a baseline is asked for.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import inspect
@@ -82,6 +83,17 @@ def check_baseline(name) -> str:
   if not isinstance(name, str) or name.strip().lower() not in BASELINES:
     raise BenchmarkError(f"baseline={name!r} is not supported; allowed: {list(BASELINES)}")
   return name.strip().lower()
+
+
+@contextlib.contextmanager
+def pinned_torch_threads(torch, threads: int):
+  """torch's intra-op thread count set to `threads` inside, restored after."""
+  before = torch.get_num_threads()
+  torch.set_num_threads(threads)
+  try:
+    yield
+  finally:
+    torch.set_num_threads(before)
 
 
 def check_torch_threads(value) -> int:
@@ -352,9 +364,7 @@ def compare(model, hf_model, context_lengths: Sequence[int], batch_sizes: Sequen
   _check_same_model(model.config, hf_model)
   method_objs = check_plan(model.config, context_lengths, batch_sizes, decode_steps,
                            methods=methods, compression_ratio=compression_ratio, budget=budget)
-  before = torch.get_num_threads()
-  torch.set_num_threads(threads)
-  try:
+  with pinned_torch_threads(torch, threads):
     results = []
     for c in context_lengths:
       for b in batch_sizes:
@@ -369,8 +379,6 @@ def compare(model, hf_model, context_lengths: Sequence[int], batch_sizes: Sequen
                 f"first mismatch {row['first_mismatch']}")
         results.extend(rows)
     used_threads = torch.get_num_threads()
-  finally:
-    torch.set_num_threads(before)
   full_rows = [r for r in results if r["tokens_match"] is not None]
   device = next(hf_model.parameters()).device
   return {

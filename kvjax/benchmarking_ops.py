@@ -18,11 +18,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import benchmarking_baseline as baseline
-from kvjax.benchmarking import _check_count, device_info
+from kvjax.benchmarking import BenchmarkError, _check_count, device_info
 from kvjax.loading import load as load_lib
 from pallas_kernels import reference
 
 OPS = ("attention", "product")
+# Flags of a generating run that --ops has no use for: given, they are an error.
+GENERATION_FLAGS = ("method", "methods", "method_arg", "compression_ratio", "budget",
+                    "decode_steps")
+
+
+def check_flags(given) -> None:
+  """--ops times two ops alone: a generation flag given with it would be ignored."""
+  for name in given:
+    if name in GENERATION_FLAGS:
+      raise BenchmarkError(f"--{name} does not apply with --ops (it times attention and a "
+                           f"product alone, no method, no decoding)")
 
 
 def _interleaved(ours, theirs, repeats: int, warmup: int) -> tuple[list, list]:
@@ -95,15 +106,13 @@ def measure_ops(config, context_length: int, batch_size: int, repeats: int, warm
 def run(source, context_lengths, batch_sizes, repeats: int = 5, warmup: int = 2,
         seed: int = 0, torch_threads=None, log=None) -> dict:
   """The JSON-ready report of `measure_ops` at every (context length, batch size), at the
-  shapes of the model `source` (loaded for its config)."""
+  shapes of the model `source` (its config only; no weights are read)."""
   torch, _ = baseline.import_transformers()
   threads = baseline.check_torch_threads(torch_threads)
   repeats = _check_count(repeats, "repeats")
   warmup = _check_count(warmup, "warmup", minimum=0)
-  config = load_lib.load(source, dtype="float32").config
-  before = torch.get_num_threads()
-  torch.set_num_threads(threads)
-  try:
+  config = load_lib.load_config(source, dtype="float32")
+  with baseline.pinned_torch_threads(torch, threads):
     rows = []
     for c in context_lengths:
       for b in batch_sizes:
@@ -111,8 +120,6 @@ def run(source, context_lengths, batch_sizes, repeats: int = 5, warmup: int = 2,
           log(f"measuring ops at context_length={c} batch_size={b}: kvjax and torch, "
               f"interleaved")
         rows.extend(measure_ops(config, c, b, repeats, warmup, seed))
-  finally:
-    torch.set_num_threads(before)
   return {"device": device_info(), "jax_version": jax.__version__,
           "torch_version": torch.__version__, "torch_threads": threads,
           "model": {"name": config.name, "source": str(source), "config": config.to_dict()},

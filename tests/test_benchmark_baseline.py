@@ -177,3 +177,13 @@ def test_ops_needs_the_baseline_and_takes_no_plot(tiny_dir):
   proc = _script(f"--model={tiny_dir}", "--baseline=transformers", "--ops",
                  "--context_lengths=16", "--plot_out=x.png")
   assert proc.returncode != 0 and "--plot_out does not apply with --ops" in proc.stderr
+
+
+@pytest.mark.parametrize("flag", ["--methods=snapkv", "--compression_ratio=0.5",
+                                  "--decode_steps=4", "--budget=8"])
+def test_ops_rejects_the_flags_of_a_generating_run(tiny_dir, flag):
+  proc = _script(f"--model={tiny_dir}", "--baseline=transformers", "--ops",
+                 "--context_lengths=16", flag)
+  name = flag[2:].split("=")[0]
+  assert proc.returncode != 0 and f"--{name} does not apply with --ops" in proc.stderr, (
+      proc.stderr[-2000:])

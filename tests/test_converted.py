@@ -92,6 +92,37 @@ def test_first_load_converts_once_and_matches_the_gguf(registry, wheel, tmp_path
   _assert_same_model(again, model)
 
 
+def test_load_config_reads_no_weights_from_any_source(registry, tmp_path, monkeypatch):
+  """load_config gives the config `load` would, for every kind of source, without reading
+  a tensor (every tensor reader raises)."""
+  from checkpoints_conversion import hf, orbax_io
+  from hf_models import save_tiny
+  cache, _ = registry
+  registered = kvjax.load(fake_gguf.NAME, cache=cache)   # converts once, reading tensors
+  gguf_path = cache / fake_gguf.NAME / "tiny.gguf"
+  hf_dir = save_tiny("qwen2", tmp_path / "hf")
+  checkpoint = orbax_io.save(registered, tmp_path / "ckpt")
+  expected = {fake_gguf.NAME: registered.config,
+              gguf_path: load_lib.load_gguf(gguf_path).config,
+              hf_dir: kvjax.load(hf_dir).config,
+              checkpoint: kvjax.load(checkpoint).config}
+
+  def no_weights(*args, **kwargs):
+    raise AssertionError("load_config read weights")
+  monkeypatch.setattr(gguf_reader, "_dequantize", no_weights)
+  monkeypatch.setattr(tensor_file, "read", no_weights)
+  monkeypatch.setattr(hf, "params_from_safetensors", no_weights)
+  monkeypatch.setattr(orbax_io.ocp, "StandardCheckpointer", no_weights)
+  for source, config in expected.items():
+    assert load_lib.load_config(source, cache=cache) == config, source
+    assert load_lib.load_config(source, dtype="bfloat16", cache=cache) == config.replace(
+        dtype="bfloat16"), source
+  with pytest.raises(kvjax.UnknownModelError, match="dtype='int4' is not supported"):
+    load_lib.load_config(hf_dir, dtype="int4")
+  with pytest.raises(kvjax.UnknownModelError, match="unknown model 'no-such-model'"):
+    load_lib.load_config("no-such-model")
+
+
 def test_whole_entry_loads_without_taking_the_lock(registry, monkeypatch):
   cache, _ = registry
   first = kvjax.load(fake_gguf.NAME, cache=cache)

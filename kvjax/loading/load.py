@@ -71,7 +71,9 @@ def _putter(placement):
   return put
 
 
-def _load(source, *, dtype: str | None, cache, placement=None):
+def _resolve(source, dtype) -> tuple[str, object]:
+  """(kind, where) of a source `load` takes: ("registry", name), ("checkpoint", path),
+  ("hf", path) or ("gguf", path); anything else is an UnknownModelError that says why."""
   from checkpoints_conversion import orbax_io
   if dtype is not None and dtype not in SUPPORTED_DTYPES:
     raise UnknownModelError(f"dtype={dtype!r} is not supported; allowed: {SUPPORTED_DTYPES}")
@@ -79,20 +81,57 @@ def _load(source, *, dtype: str | None, cache, placement=None):
     raise UnknownModelError(f"model source must be a name or a path; got {source!r:.80}")
   text = os.fspath(source)
   if text.lower() in MODELS:
-    return _load_registry(text.lower(), dtype, cache, _putter(placement))
+    return "registry", text.lower()
   path = pathlib.Path(text).expanduser()
   if path.is_dir():
     if orbax_io.is_checkpoint(path):
-      return orbax_io.load(path, dtype=dtype, placement=placement)
+      return "checkpoint", path
     if (path / "config.json").is_file():
-      return load_hf_directory(path, dtype=dtype, put=_putter(placement))
+      return "hf", path
     raise UnknownModelError(f"{path} is a directory but neither a kvjax checkpoint "
                             f"({orbax_io.CONFIG_FILE} + {orbax_io.PARAMS_DIR}/) nor a Hugging "
                             f"Face model (config.json + *.safetensors)")
   if path.is_file() and path.suffix.lower() == ".gguf":
-    return load_gguf(path, dtype=dtype, put=_putter(placement))
+    return "gguf", path
   raise UnknownModelError(f"unknown model {text!r}: not a registry name "
                           f"{available_models()}, nor an existing directory or .gguf file")
+
+
+def _load(source, *, dtype: str | None, cache, placement=None):
+  from checkpoints_conversion import orbax_io
+  kind, where = _resolve(source, dtype)
+  if kind == "registry":
+    return _load_registry(where, dtype, cache, _putter(placement))
+  if kind == "checkpoint":
+    return orbax_io.load(where, dtype=dtype, placement=placement)
+  if kind == "hf":
+    return load_hf_directory(where, dtype=dtype, put=_putter(placement))
+  return load_gguf(where, dtype=dtype, put=_putter(placement))
+
+
+def load_config(source, *, dtype: str | None = None, cache=None):
+  """The ModelConfig of `source` (anything `load` takes) without reading its weights: for
+  what needs only a model's shapes. A registry model is fetched and converted first, as
+  `load` would."""
+  from checkpoints_conversion import orbax_io
+  from checkpoints_conversion.gguf_reader import iter_gguf
+  from checkpoints_conversion.hf import read_hf_config
+  from kvjax.config import ModelConfig
+  kind, where = _resolve(source, dtype)
+  if kind == "hf":
+    return read_hf_config(where, dtype=dtype)
+  if kind == "gguf":
+    config, tensors = iter_gguf(where, dtype=dtype)
+    tensors.close()   # nothing was dequantized
+    return config
+  if kind == "registry":
+    from kvjax.loading import converted
+    entry = _ensure_registry(where, cache)
+    path = entry / converted.CONFIG_FILE
+  else:
+    path = where / orbax_io.CONFIG_FILE
+  config = ModelConfig.from_json(path.read_text(), source=path)
+  return config if dtype is None else config.replace(dtype=dtype)
 
 
 def load_gguf(path, *, dtype: str | None = None, name: str = "", put=None):
@@ -124,7 +163,8 @@ def load_hf_directory(path, *, dtype: str | None = None, put=None):
                           source=str(path))
 
 
-def _load_registry(name: str, dtype, cache, put=None):
+def _ensure_registry(name: str, cache) -> pathlib.Path:
+  """The whole converted entry of registry model `name` (fetched and converted if needed)."""
   from kvjax.loading import converted
   entry = converted_path(name, cache)
 
@@ -134,4 +174,9 @@ def _load_registry(name: str, dtype, cache, put=None):
     return path
 
   converted.ensure(entry, gguf_path, name)  # whole, or converted again, under a lock
-  return converted.load(entry, dtype=dtype, put=put)
+  return entry
+
+
+def _load_registry(name: str, dtype, cache, put=None):
+  from kvjax.loading import converted
+  return converted.load(_ensure_registry(name, cache), dtype=dtype, put=put)
