@@ -24,16 +24,16 @@ from pallas_kernels import reference
 
 OPS = ("attention", "product")
 # Flags of a generating run that --ops has no use for: given, they are an error.
-GENERATION_FLAGS = ("method", "methods", "method_arg", "compression_ratio", "budget",
-                    "decode_steps")
+UNUSED_FLAGS = ("method", "methods", "method_arg", "compression_ratio", "budget",
+                "decode_steps", "dtype")
 
 
 def check_flags(given) -> None:
   """--ops times two ops alone: a generation flag given with it would be ignored."""
   for name in given:
-    if name in GENERATION_FLAGS:
-      raise BenchmarkError(f"--{name} does not apply with --ops (it times attention and a "
-                           f"product alone, no method, no decoding)")
+    if name in UNUSED_FLAGS:
+      raise BenchmarkError(f"--{name} does not apply with --ops (it times float32 attention "
+                           f"and a product alone: no method, no decoding)")
 
 
 def _interleaved(ours, theirs, repeats: int, warmup: int) -> tuple[list, list]:
@@ -106,7 +106,7 @@ def measure_ops(config, context_length: int, batch_size: int, repeats: int, warm
 def run(source, context_lengths, batch_sizes, repeats: int = 5, warmup: int = 2,
         seed: int = 0, torch_threads=None, log=None) -> dict:
   """The JSON-ready report of `measure_ops` at every (context length, batch size), at the
-  shapes of the model `source` (its config only; no weights are read)."""
+  shapes of the model `source` (its config only: `load_config`)."""
   torch, _ = baseline.import_transformers()
   threads = baseline.check_torch_threads(torch_threads)
   repeats = _check_count(repeats, "repeats")

@@ -207,7 +207,7 @@ def ops_side_by_side(context_lengths, batch_sizes):
     raise benchmarking.BenchmarkError("--plot_out does not apply with --ops")
   benchmarking_baseline.check_baseline(FLAGS.baseline)
   benchmarking_ops.check_flags(
-      [name for name in benchmarking_ops.GENERATION_FLAGS if FLAGS[name].present])
+      [name for name in benchmarking_ops.UNUSED_FLAGS if FLAGS[name].present])
   report = benchmarking_ops.run(
       FLAGS.model, context_lengths, batch_sizes, repeats=FLAGS.repeats, warmup=FLAGS.warmup,
       seed=FLAGS.seed, torch_threads=FLAGS.torch_threads,

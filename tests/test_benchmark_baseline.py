@@ -180,7 +180,7 @@ def test_ops_needs_the_baseline_and_takes_no_plot(tiny_dir):
 
 
 @pytest.mark.parametrize("flag", ["--methods=snapkv", "--compression_ratio=0.5",
-                                  "--decode_steps=4", "--budget=8"])
+                                  "--decode_steps=4", "--dtype=bfloat16"])
 def test_ops_rejects_the_flags_of_a_generating_run(tiny_dir, flag):
   proc = _script(f"--model={tiny_dir}", "--baseline=transformers", "--ops",
                  "--context_lengths=16", flag)

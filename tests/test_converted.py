@@ -121,6 +121,9 @@ def test_load_config_reads_no_weights_from_any_source(registry, tmp_path, monkey
     load_lib.load_config(hf_dir, dtype="int4")
   with pytest.raises(kvjax.UnknownModelError, match="unknown model 'no-such-model'"):
     load_lib.load_config("no-such-model")
+  (checkpoint / orbax_io.CONFIG_FILE).write_text("{not json")
+  with pytest.raises(kvjax.ConfigError, match="kvjax_config.json: not valid JSON"):
+    load_lib.load_config(checkpoint)
 
 
 def test_whole_entry_loads_without_taking_the_lock(registry, monkeypatch):

@@ -1,11 +1,14 @@
-"""The uncompressed prefill runs one compiled layer per call (kvjax.generation.engine).
+"""The uncompressed prefill, and the compressing prefill of a method whose every layer does
+the same work, run one compiled layer per call (kvjax.generation.engine).
 
-It must give exactly what the whole forward pass compiled as one program gives (logits and
-cache), reuse one executable for every layer, and leave the one-program path to the cases
-it cannot serve (compression plans, shared storage, layers of different shapes).
+They must give exactly what the whole forward pass compiled as one program gives (logits
+and cache), reuse one executable for every layer, and leave the one-program path to the
+cases they cannot serve (plans that differ by layer, shared storage, layers of different
+shapes).
 """
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -14,8 +17,8 @@ import pytest
 
 from kvjax.cache.kv_cache import Cache, init_cache
 from kvjax.config import LatentAttention
-from kvjax.generation import engine, inputs
-from kvjax.methods.plan import CompressionPlan
+from kvjax.generation import context, engine, inputs
+from kvjax.methods.plan import CompressionPlan, PlanSet
 import kvjax
 from tests.tiny import random_prompts, tiny_model
 
@@ -99,8 +102,16 @@ def test_the_one_program_serves_what_one_layer_cannot():
   model = tiny_model(num_layers=2)
   cache = init_cache(model.config, 1, 32)
   assert engine._runs_by_layer(model, cache, None)
-  plan = CompressionPlan(method=kvjax.methods.get("snapkv"), budgets=(8, 8))
-  assert not engine._runs_by_layer(model, cache, plan)
+  snapkv = kvjax.methods.get("snapkv")
+  assert engine._runs_by_layer(model, cache, CompressionPlan(snapkv, budgets=(8, 8)))
+  # Budgets that differ by layer, a method that may differ by layer (PyramidKV inherits
+  # SnapKV's code, not its flag), traced parameters, several plans at once.
+  assert not engine._runs_by_layer(model, cache, CompressionPlan(snapkv, budgets=(8, 12)))
+  pyramid = CompressionPlan(kvjax.methods.get("pyramidkv"), budgets=(8, 8))
+  assert not engine._runs_by_layer(model, cache, pyramid)
+  assert not engine._runs_by_layer(model, cache, CompressionPlan(snapkv, budgets=(8, 8)),
+                                   method_params={"w": jnp.ones(2)})
+  assert not engine._runs_by_layer(model, cache, PlanSet((None, pyramid)))
   assert not engine._runs_by_layer(dataclasses.replace(model, placement=object()), cache, None)
   uneven = Cache(layers=(cache.layers[0], cache.layers[1].grow(16)), lengths=cache.lengths)
   assert not engine._runs_by_layer(model, uneven, None)
@@ -144,3 +155,70 @@ def test_models_with_equal_graphs_share_executables():
   engine._STATICS.clear()
   assert not compiles(first)
   assert compiles(tiny_model(num_layers=3))
+
+
+LAYERWISE = [name for name in kvjax.methods.available()
+             if type(kvjax.methods.get(name)).layerwise_prefill]
+
+
+def test_the_methods_that_compress_layer_by_layer():
+  # A method joins this list only with the test below passing for it.
+  assert LAYERWISE == ["expected_attention", "h2o", "knorm", "scissorhands", "snapkv",
+                       "streaming_llm", "tova"]
+
+
+@pytest.mark.parametrize("chunk_size", [None, 16])
+@pytest.mark.parametrize("name", LAYERWISE)
+def test_compressing_layer_by_layer_equals_one_program(name, chunk_size, monkeypatch):
+  """A compressing prefill of a layerwise method runs one compiled layer for every layer
+  and gives exactly the one program's logits and cache (one chunk, and chunked)."""
+  model = tiny_model(seed=3, num_layers=3)
+  prompts = random_prompts([29, 12, 32], seed=5)
+  tokens, mask = inputs.left_pad(prompts, 0, 32)
+  method = kvjax.methods.get(name)
+  steps = engine.CompiledSteps()
+  got = context.prefill(model, tokens, mask, method, keep=10, room=4, chunk_size=chunk_size,
+                        steps=steps)
+  names = [key[0] for key in steps._executables]
+  # One compiled layer per chunk shape (the second chunk sees a compressed cache).
+  assert names.count("compress_layer") == (1 if chunk_size is None else 2), names
+  assert "prefill" not in names
+  monkeypatch.setattr(engine, "_layer_plan", lambda plan, params: None)
+  one = engine.CompiledSteps()
+  want = context.prefill(model, tokens, mask, method, keep=10, room=4, chunk_size=chunk_size,
+                         steps=one)
+  assert "compress_layer" not in [key[0] for key in one._executables]
+  _assert_same((got.logits, got.cache), (want.logits, want.cache), exact=True)
+  assert got.budgets == want.budgets
+
+
+@dataclasses.dataclass(frozen=True)
+class _KnormThenLayerZero(kvjax.methods.Knorm):
+  """Knorm by layer, then a cache-wide step: later layers drop what layer 0 did not keep."""
+  name: ClassVar[str] = "knorm_then_layer_zero"
+  layerwise_prefill: ClassVar[bool] = True
+
+  def cache_step(self, layers, lengths):
+    first = layers[0].positions
+    return (layers[0],) + tuple(
+        layer.replace(positions=jnp.where(
+            (layer.positions[..., :, None] == first[..., None, :]).any(-1),
+            layer.positions, -1))
+        for layer in layers[1:])
+
+
+def test_compressing_layer_by_layer_keeps_the_cache_wide_step(monkeypatch):
+  model = tiny_model(seed=3, num_layers=3)
+  tokens, mask = inputs.left_pad(random_prompts([29, 12, 32], seed=5), 0, 32)
+  steps = engine.CompiledSteps()
+  got = context.prefill(model, tokens, mask, _KnormThenLayerZero(), keep=10, room=0,
+                        steps=steps)
+  assert "compress_layer" in [key[0] for key in steps._executables]
+  plain = context.prefill(model, tokens, mask, kvjax.methods.Knorm(), keep=10, room=0,
+                          steps=steps)
+  dropped = (np.asarray(got.cache.layers[2].positions) == -1).sum()
+  assert dropped > (np.asarray(plain.cache.layers[2].positions) == -1).sum()
+  monkeypatch.setattr(engine, "_layer_plan", lambda plan, params: None)
+  want = context.prefill(model, tokens, mask, _KnormThenLayerZero(), keep=10, room=0,
+                         steps=engine.CompiledSteps())
+  _assert_same((got.logits, got.cache), (want.logits, want.cache), exact=True)

@@ -112,7 +112,8 @@ def _load(source, *, dtype: str | None, cache, placement=None):
 def load_config(source, *, dtype: str | None = None, cache=None):
   """The ModelConfig of `source` (anything `load` takes) without reading its weights: for
   what needs only a model's shapes. A registry model is fetched and converted first, as
-  `load` would."""
+  `load` would. Its tensors are not checked: a source `load` rejects for a missing or
+  misshapen tensor still gives its config here."""
   from checkpoints_conversion import orbax_io
   from checkpoints_conversion.gguf_reader import iter_gguf
   from checkpoints_conversion.hf import read_hf_config

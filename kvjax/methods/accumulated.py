@@ -27,6 +27,7 @@ class H2O(base.Method):
   sum over its query heads.
   """
   name: ClassVar[str] = "h2o"
+  layerwise_prefill: ClassVar[bool] = True
   decode_time: ClassVar[bool] = True
   needs: ClassVar[frozenset] = frozenset({"column_sums"})
   recent_ratio: float = 0.5
@@ -77,6 +78,7 @@ class TOVA(base.Method):
   slot in its favour.
   """
   name: ClassVar[str] = "tova"
+  layerwise_prefill: ClassVar[bool] = True
   decode_time: ClassVar[bool] = True
 
   def protected_tokens(self, keep):
@@ -118,6 +120,7 @@ class Scissorhands(base.Method):
   the same victims in order; kvjax's slot overwrite needs no batch drop).
   """
   name: ClassVar[str] = "scissorhands"
+  layerwise_prefill: ClassVar[bool] = True
   decode_time: ClassVar[bool] = True
   history_window: int = 32
   recent: int = 32

@@ -87,6 +87,12 @@ class Method:
   reads_context: ClassVar[bool] = False
   wrappable: ClassVar[bool] = True   # False: its selection is not a per-chunk score that
                                      # AdaKV, PerLayer or SinksWindow could re-budget
+  # True: its compressing prefill does the same work at every layer (reads no layer index
+  # and no parameters; a `cache_step` still runs after the last layer), so with one budget
+  # for all layers the prefill compiles one layer and runs it for each
+  # (kvjax.generation.engine). Not inherited: a subclass that may differ by layer must
+  # not run so unchecked.
+  layerwise_prefill: ClassVar[bool] = False
 
   def __post_init__(self):
     check_fields(self)
@@ -96,6 +102,7 @@ class Method:
     `check_fields`, so no method or wrapper accepts a NaN, an infinity or a wrongly typed
     hyperparameter even where its own checks forget one."""
     super().__init_subclass__(**kwargs)
+    cls.layerwise_prefill = cls.__dict__.get("layerwise_prefill", False)
     own = cls.__dict__.get("__post_init__")
     if own is None:
       return

@@ -22,6 +22,7 @@ class Knorm(base.Method):
   as in kvpress; wrap with SinksWindow for chat use.
   """
   name: ClassVar[str] = "knorm"
+  layerwise_prefill: ClassVar[bool] = True
 
   def score(self, x):
     return -jnp.linalg.norm(x.keys.astype(jnp.float32), axis=-1)
@@ -54,6 +55,7 @@ class ExpectedAttention(base.Method):
   over keys, mean over each group's query heads, times ||v|| when use_vnorm. Sinks are kept.
   """
   name: ClassVar[str] = "expected_attention"
+  layerwise_prefill: ClassVar[bool] = True
   n_future_positions: int = 512
   n_sink: int = 4
   use_covariance: bool = True

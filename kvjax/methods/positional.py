@@ -19,6 +19,7 @@ class StreamingLLM(base.Method):
   As a decode-time method it evicts the oldest non-sink slot for every new token.
   """
   name: ClassVar[str] = "streaming_llm"
+  layerwise_prefill: ClassVar[bool] = True
   decode_time: ClassVar[bool] = True
   sinks: int = 4
 

@@ -42,6 +42,7 @@ class SnapKV(base.RecentWindow, base.Method):
   attention where kvjax takes the sum: a constant factor, the same ranking).
   """
   name: ClassVar[str] = "snapkv"
+  layerwise_prefill: ClassVar[bool] = True
   window: int = 32
   kernel_size: int = 7
   pooling: str = "max"
