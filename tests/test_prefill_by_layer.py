@@ -158,24 +158,36 @@ def test_models_with_equal_graphs_share_executables():
 
 
 LAYERWISE = [name for name in kvjax.methods.available()
-             if type(kvjax.methods.get(name)).layerwise_prefill]
+             if kvjax.methods.get(name).layerwise_prefill]
 
 
 def test_the_methods_that_compress_layer_by_layer():
   # A method joins this list only with the test below passing for it.
-  assert LAYERWISE == ["expected_attention", "h2o", "knorm", "scissorhands", "snapkv",
-                       "streaming_llm", "tova"]
+  assert LAYERWISE == ["elastic_cache", "ems", "expected_attention", "gear", "h2o", "kivi",
+                       "knorm", "kvmerger", "lazy_eviction", "scissorhands", "snapkv",
+                       "streaming_llm", "think", "tova"]
+  # A storage method is when its press is; a wrapper or subclass is not unless it says so.
+  assert kvjax.methods.get("kivi", press="snapkv").layerwise_prefill
+  assert not kvjax.methods.get("kivi", press="pyramidkv").layerwise_prefill
+  assert not kvjax.methods.get("adakv", press="snapkv").layerwise_prefill
+
+
+# Quantizers' groups fit the tiny head_dim of 16; their residual leaves groups to quantize.
+TINY_ARGS = {"gear": dict(group_size=16, residual=16),
+             "kivi": dict(bits=2, group_size=16, residual=16)}
 
 
 @pytest.mark.parametrize("chunk_size", [None, 16])
-@pytest.mark.parametrize("name", LAYERWISE)
+@pytest.mark.parametrize("name", LAYERWISE + ["kivi+snapkv", "think+knorm"])
 def test_compressing_layer_by_layer_equals_one_program(name, chunk_size, monkeypatch):
   """A compressing prefill of a layerwise method runs one compiled layer for every layer
   and gives exactly the one program's logits and cache (one chunk, and chunked)."""
   model = tiny_model(seed=3, num_layers=3)
   prompts = random_prompts([29, 12, 32], seed=5)
   tokens, mask = inputs.left_pad(prompts, 0, 32)
-  method = kvjax.methods.get(name)
+  storage, _, press = name.partition("+")
+  method = kvjax.methods.get(storage, **TINY_ARGS.get(storage, {}),
+                             **({"press": press} if press else {}))
   steps = engine.CompiledSteps()
   got = context.prefill(model, tokens, mask, method, keep=10, room=4, chunk_size=chunk_size,
                         steps=steps)

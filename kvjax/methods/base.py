@@ -90,8 +90,9 @@ class Method:
   # True: its compressing prefill does the same work at every layer (reads no layer index
   # and no parameters; a `cache_step` still runs after the last layer), so with one budget
   # for all layers the prefill compiles one layer and runs it for each
-  # (kvjax.generation.engine). Not inherited: a subclass that may differ by layer must
-  # not run so unchecked.
+  # (kvjax.generation.engine). A True is not inherited: a subclass that may differ by
+  # layer must not run so unchecked. A property (an instance's answer, as the storage
+  # methods' from their press) is.
   layerwise_prefill: ClassVar[bool] = False
 
   def __post_init__(self):
@@ -102,7 +103,9 @@ class Method:
     `check_fields`, so no method or wrapper accepts a NaN, an infinity or a wrongly typed
     hyperparameter even where its own checks forget one."""
     super().__init_subclass__(**kwargs)
-    cls.layerwise_prefill = cls.__dict__.get("layerwise_prefill", False)
+    if not isinstance(cls.__dict__.get("layerwise_prefill", getattr(cls, "layerwise_prefill")),
+                      property):
+      cls.layerwise_prefill = cls.__dict__.get("layerwise_prefill", False)
     own = cls.__dict__.get("__post_init__")
     if own is None:
       return

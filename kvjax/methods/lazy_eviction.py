@@ -79,6 +79,7 @@ class LazyEviction(base.Method):
   so priorities are exact for contexts of up to four million tokens.
   """
   name: ClassVar[str] = "lazy_eviction"
+  layerwise_prefill: ClassVar[bool] = True
   decode_time: ClassVar[bool] = True
   threshold: float = 1.0
   window: int = 32

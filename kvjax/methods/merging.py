@@ -125,6 +125,7 @@ class EMS(base.RecentWindow, MergingMethod):
   then Global-Local eviction), -1.0 merges every leaving token.
   """
   name: ClassVar[str] = "ems"
+  layerwise_prefill: ClassVar[bool] = True
   needs: ClassVar[frozenset] = frozenset({"column_sums"})
   window: int = 32
   threshold: float = 0.5
@@ -164,6 +165,7 @@ class ElasticCache(MergingMethod):
   every prefill-time method.
   """
   name: ClassVar[str] = "elastic_cache"
+  layerwise_prefill: ClassVar[bool] = True
   needs: ClassVar[frozenset] = frozenset({"column_sums"})
   sinks: int = 4
 
@@ -224,6 +226,7 @@ class KVMerger(MergingMethod):
   paper protects both without fixing sizes).
   """
   name: ClassVar[str] = "kvmerger"
+  layerwise_prefill: ClassVar[bool] = True
   needs: ClassVar[frozenset] = frozenset({"column_sums"})
   similarity: float = 0.75
   sinks: int = 4

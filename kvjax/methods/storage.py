@@ -31,6 +31,11 @@ class PressedStorage(base.Method):
   def needs(self):
     return self.press.needs if self.press is not None else frozenset()
 
+  @property
+  def layerwise_prefill(self):
+    # Storing is the same at every layer; selecting is when the press's is.
+    return self.press is None or self.press.layerwise_prefill
+
   def layer_budgets(self, config, keep, context_length):
     if self.press is None:
       return super().layer_budgets(config, keep, context_length)
