@@ -103,8 +103,8 @@ class Method:
     `check_fields`, so no method or wrapper accepts a NaN, an infinity or a wrongly typed
     hyperparameter even where its own checks forget one."""
     super().__init_subclass__(**kwargs)
-    if not isinstance(cls.__dict__.get("layerwise_prefill", getattr(cls, "layerwise_prefill")),
-                      property):
+    declared = cls.__dict__.get("layerwise_prefill", getattr(cls, "layerwise_prefill"))
+    if not isinstance(declared, property):   # a property (an instance's answer) is inherited
       cls.layerwise_prefill = cls.__dict__.get("layerwise_prefill", False)
     own = cls.__dict__.get("__post_init__")
     if own is None:
