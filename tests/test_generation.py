@@ -3,10 +3,11 @@
 import jax
 import numpy as np
 import pytest
+from flax import struct
 
 import kvjax
-from kvjax.cache import init_cache
-from kvjax.generation import engine, sampling
+from kvjax.cache import LayerCache, init_cache, kv_cache
+from kvjax.generation import context, engine, sampling
 from tiny import tiny_chat_model, tiny_model
 
 
@@ -135,10 +136,12 @@ def test_stats_of_a_compressed_run_name_padding_and_room(model):
   assert stats["context_cache_bytes"] == stats["context_cache_allocated_bytes"] == (
       cfg.num_layers * per_layer(10) + 2 * 4)
   assert stats["full_context_cache_bytes"] == cfg.num_layers * per_layer(30) + 2 * 4
-  room = stats["room_tokens"]
-  assert stats["cache_bytes"] == cfg.num_layers * per_layer(10 + room) + 2 * 4
+  # The room is what 4 new tokens need; the compressed layers are rounded up to a
+  # capacity of 64 slots, the full cache's room to 64 slots.
+  assert stats["room_tokens"] == 4 and stats["cache_capacity_tokens"] == 64
+  assert stats["cache_bytes"] == cfg.num_layers * per_layer(64) + 2 * 4
   assert stats["full_cache_bytes"] == cfg.num_layers * per_layer(
-      stats["prompt_width_tokens"] + room) + 2 * 4
+      stats["prompt_width_tokens"] + 64) + 2 * 4
 
 
 @pytest.fixture(scope="module")
@@ -201,3 +204,43 @@ def test_a_different_max_new_tokens_reuses_the_compiled_steps(model):
   assert len(result.token_ids[0]) == 30
   assert kvjax.generate(model, prompt, max_new_tokens=5).token_ids == \
       [result.token_ids[0][:5]]
+
+
+@struct.dataclass
+class _OtherLayout(LayerCache):
+  """A layout that is not the dense LayerCache itself (its slots per head may not be its
+  capacity), for the room rule of `kv_cache.grow`."""
+
+
+def test_grow_rounds_a_dense_layers_capacity_and_another_layouts_room(model):
+  dense = init_cache(model.config, 1, 10)
+  capacities = lambda cache: [layer.capacity for layer in cache.layers]
+  assert capacities(kv_cache.grow(dense, 4)) == [14, 14]
+  assert capacities(kv_cache.grow(dense, 4, 16)) == [16, 16]
+  assert capacities(kv_cache.grow(dense, 7, 16)) == [32, 32]   # 17 slots needed
+  assert capacities(kv_cache.grow(init_cache(model.config, 1, 12), 4, 16)) == [16, 16]
+  other = dense.replace(layers=tuple(_OtherLayout(**vars(layer)) for layer in dense.layers))
+  assert capacities(kv_cache.grow(other, 4, 16)) == [26, 26]   # 10 + 16 (4 rounded up)
+
+
+def test_a_compressed_context_of_another_length_decodes_with_the_same_compiled_loop(
+    model, monkeypatch):
+  """A compressed dense layer's capacity is rounded up (context.CAPACITY_MULTIPLE) and a
+  decode plan holds no budgets, so another prompt length (other kept counts) compiles its
+  compressing prefill but not the decode loop; the extra empty slots change no token."""
+  rng = np.random.default_rng(5)
+  prompts = [rng.integers(1, 256, n).tolist() for n in (100, 110)]
+  decode_loops = lambda: {key for key in engine.STEPS._executables if key[0] == "decode_loop"}
+  run = lambda prompt: kvjax.generate(model, prompt, method="snapkv", compression_ratio=0.5,
+                                      max_new_tokens=8)
+  first = run(prompts[0])
+  known = decode_loops()
+  second = run(prompts[1])
+  assert first.stats["kept_tokens_per_layer"] == [50, 50]
+  assert second.stats["kept_tokens_per_layer"] == [55, 55]
+  assert first.stats["cache_capacity_tokens"] == second.stats["cache_capacity_tokens"] == 64
+  assert decode_loops() <= known
+  monkeypatch.setattr(context, "CAPACITY_MULTIPLE", 1)
+  exact = run(prompts[1])
+  assert exact.stats["cache_capacity_tokens"] == 55 + 8
+  assert exact.token_ids == second.token_ids

@@ -627,9 +627,15 @@ def free_slots(cache: Cache) -> int:
   return min(layer.free_slots() for layer in cache.layers)
 
 
-def grow(cache: Cache, room: int) -> Cache:
-  """The cache with `room` more empty slots per head in every layer."""
-  return cache.replace(layers=tuple(layer.grow(room) for layer in cache.layers))
+def grow(cache: Cache, room: int, multiple: int = 1) -> Cache:
+  """The cache with at least `room` more empty slots per head in every layer: a dense
+  layer (LayerCache) up to a capacity that is a multiple of `multiple`, another layout by
+  `room` rounded up to a multiple of it (its capacity is not its slots per head alone)."""
+  def grown(layer):
+    if type(layer) is LayerCache:
+      return layer.grow(room + (-(layer.capacity + room)) % multiple)
+    return layer.grow(-(-room // multiple) * multiple)
+  return cache.replace(layers=tuple(grown(layer) for layer in cache.layers))
 
 
 @functools.lru_cache(maxsize=256)

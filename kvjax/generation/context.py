@@ -24,10 +24,19 @@ from kvjax.model.model import truncated
 from kvjax.sharding.distributed import host_array
 
 
+# What `generate` rounds a compressed dense layer's capacity (kept slots plus room) up to,
+# so that contexts of other lengths (other kept counts) decode with the same compiled
+# steps: a new prompt length for SnapKV 0.5 on SmolLM2 then compiles its compressing
+# layer (0.8 s), not the decode loop too (2.9 s). Not for methods that evict while
+# decoding: they would fill the extra slots before evicting, going over their budget.
+CAPACITY_MULTIPLE = 64
+
+
 @dataclasses.dataclass
 class PrefilledContext:
   logits: object              # [B, V] next-token logits after the context
-  cache: object               # the cache, with `room` empty slots per head appended
+  cache: object               # the cache, with `room` empty slots per head appended (a
+                              # compressed one's rounded by prefill's capacity_multiple)
   context_cache_bytes: int    # bytes of the context's cache before room: measured from the
                               # compressed arrays; for the full cache, what its longest
                               # context holds (the prompt bucket's padding left out)
@@ -57,6 +66,16 @@ def layer_budgets(model, method, keep: int, context_length: int) -> tuple[int, .
   return budgets
 
 
+def leaves_compressed_cache(method, keep: int | None) -> bool:
+  """Whether `prefill` leaves a compressed cache, its room added after compressing (and
+  rounded by `capacity_multiple`), rather than the full cache allocated with its room."""
+  if method.compresses_prompt and keep is not None:
+    return False   # the draft's chosen tokens go to a full cache
+  if method.rescores and keep is not None:
+    return True
+  return method.compresses and (keep is not None or not method.needs_budget)
+
+
 def check_chunk_size(chunk_size) -> None:
   if chunk_size is not None:
     validation.integer("prefill_chunk_size", chunk_size, 1, error=MethodError,
@@ -66,12 +85,15 @@ def check_chunk_size(chunk_size) -> None:
 def prefill(model, tokens: np.ndarray, mask: np.ndarray, method, keep: int | None,
             room: int, chunk_size: int | None = None,
             steps: engine.CompiledSteps = engine.STEPS,
-            method_params=None) -> PrefilledContext:
+            method_params=None, capacity_multiple: int = 1) -> PrefilledContext:
   """Prefills left-padded `tokens` [B, T] (width a multiple of chunk_size when chunked).
 
   keep: tokens kept per layer and KV head (None: all of them; a method that needs no
   budget, such as a quantizer, still stores the context its own way). method_params: the
-  method's parameter pytree (trained selectors), traced rather than compiled in.
+  method's parameter pytree (trained selectors), traced rather than compiled in. room:
+  empty slots per head for later tokens; a compressed cache's dense layers get more, up to
+  a capacity that is a multiple of `capacity_multiple`, its other layouts `room` rounded
+  up to one (`kv_cache.grow`).
   """
   check_chunk_size(chunk_size)
   rows, width = tokens.shape
@@ -79,6 +101,7 @@ def prefill(model, tokens: np.ndarray, mask: np.ndarray, method, keep: int | Non
   if width % chunk:
     raise ValueError(f"token width {width} is not a multiple of the chunk size {chunk}")
   rescoring = method.rescores and keep is not None
+  # The branches below as `leaves_compressed_cache` tells them apart.
   if method.compresses_prompt and keep is not None:
     # The target reads only the tokens a draft chose (SpecPC), into a full cache.
     tokens, mask = compressed_prompt(model, method, tokens, mask, keep, chunk_size, steps)
@@ -115,8 +138,8 @@ def prefill(model, tokens: np.ndarray, mask: np.ndarray, method, keep: int | Non
                                   method_params=method_params)
   if rescoring:
     cache = _rescored(model, final_plan, passes, cache, steps)
-    return _prefilled(model, logits, cache, final_plan, mask, room, steps)
-  return _prefilled(model, logits, cache, plan, mask, room, steps)
+    return _prefilled(model, logits, cache, final_plan, mask, room, steps, capacity_multiple)
+  return _prefilled(model, logits, cache, plan, mask, room, steps, capacity_multiple)
 
 
 def _rescored(model, plan: CompressionPlan, passes, cache, steps: engine.CompiledSteps):
@@ -202,10 +225,12 @@ def _compression_plan(model, method, keep: int, mask: np.ndarray) -> Compression
 
 
 def _prefilled(model, logits, cache, plan: CompressionPlan | None, mask: np.ndarray,
-               room: int, steps: engine.CompiledSteps) -> PrefilledContext:
-  """A prefilled context: a compressed cache (plan) gets `room` appended now; an
-  uncompressed one (plan None) already has it. The full cache's context bytes are those
-  of its longest context (mask [B, T]), its allocation those of the padded width T."""
+               room: int, steps: engine.CompiledSteps,
+               capacity_multiple: int = 1) -> PrefilledContext:
+  """A prefilled context: a compressed cache (plan) gets `room` appended now (rounded by
+  `capacity_multiple`, see `prefill`); an uncompressed one (plan None) already has it.
+  The full cache's context bytes are those of its longest context (mask [B, T]), its
+  allocation those of the padded width T."""
   if plan is None:
     rows, width = mask.shape
     return PrefilledContext(
@@ -215,10 +240,16 @@ def _prefilled(model, logits, cache, plan: CompressionPlan | None, mask: np.ndar
   # The method's host-side step (data-dependent re-packing) before bytes are measured.
   cache = plan.method.finalize(cache, model.config)
   measured = cache_nbytes(cache)
-  return PrefilledContext(logits=logits, cache=steps.grow(cache, room, model.placement),
+  # Budgets only steer a decode step that evicts: other methods' decode plans leave them
+  # out, so that one compiled decode loop serves contexts of every length.
+  decode_time = plan.method.decode_time
+  return PrefilledContext(logits=logits,
+                          cache=steps.grow(cache, room, model.placement, capacity_multiple),
                           context_cache_bytes=measured, context_cache_allocated_bytes=measured,
                           context_cache_host_bytes=host_nbytes(cache),
-                          decode_plan=dataclasses.replace(plan, compress=False),
+                          decode_plan=dataclasses.replace(
+                              plan, compress=False,
+                              budgets=plan.budgets if decode_time else ()),
                           budgets=plan.method.kept_budgets(cache, plan.budgets),
                           method_stats=plan.method.cache_stats(cache))
 

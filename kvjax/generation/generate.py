@@ -29,10 +29,11 @@ class GenerationResult:
 
 # Decode steps per compiled call (one executable per shape serves any max_new_tokens).
 DECODE_CHUNK = 16
-# The cache's room for question and generated tokens is rounded up to this, so calls with
-# different max_new_tokens (up to 64 apart) reuse the same compiled steps instead of
-# compiling new ones (5 s per shape for SmolLM2 on 2 cores); the price is at most 63 empty
-# slots that decode attention reads.
+# The full cache's room for question and generated tokens is rounded up to this (a
+# compressed cache's layers are, by context.CAPACITY_MULTIPLE), so calls with different
+# max_new_tokens (up to 64 apart) reuse the same compiled steps instead of compiling new
+# ones (5 s per shape for SmolLM2 on 2 cores); the price is at most 63 empty slots that
+# decode attention reads.
 ROOM_MULTIPLE = 64
 
 _sample_jit = jax.jit(sampling.sample, static_argnames=("greedy",))
@@ -287,15 +288,22 @@ def generate(model, prompts, questions=None, method=None, compression_ratio=None
   evicting = keep is not None and method_obj.decode_time
   generated_room = (max_new_tokens if not evicting else
                     0 if budget is None else min(max_new_tokens, budget - keep))
-  # A decode-time cache's room is rounded to 16 only, so it stays near its budget.
-  multiple = 16 if evicting else ROOM_MULTIPLE
-  room = -(-(question_width + generated_room) // multiple) * multiple
+  needed = question_width + generated_room
+  full_room = -(-needed // ROOM_MULTIPLE) * ROOM_MULTIPLE   # what the full cache allocates
+  capacity_multiple = 1
+  if evicting:   # rounded to 16 only, so that the cache stays near its budget
+    room = -(-needed // 16) * 16
+  elif context.leaves_compressed_cache(method_obj, keep) and not method_obj.decode_time:
+    # Each compressed layer is rounded up instead, kept slots and room together.
+    room, capacity_multiple = needed, context.CAPACITY_MULTIPLE
+  else:
+    room = full_room
   steps = engine.STEPS
   compile_at_start = compile_before = steps.compile_seconds
 
   start = time.perf_counter()
   prefilled = context.prefill(model, prompt_tokens, prompt_mask, method_obj, keep, room,
-                              prefill_chunk_size, steps, method_params)
+                              prefill_chunk_size, steps, method_params, capacity_multiple)
   logits, cache, plan = prefilled.logits, prefilled.cache, prefilled.decode_plan
   if shared_context:
     cache = context.tile_rows(cache, rows)
@@ -340,7 +348,8 @@ def generate(model, prompts, questions=None, method=None, compression_ratio=None
       # for generated tokens included), next to the full cache's allocation for this call
       # (the same padded width and room): equal for the full method.
       "cache_bytes": measured_cache_bytes,
-      "full_cache_bytes": full_cache_nbytes(model.config, rows, width + room),
+      "full_cache_bytes": full_cache_nbytes(model.config, rows,
+                                            width + (room if evicting else full_room)),
       "prefill_seconds": prefill_seconds,
       "prefill_tokens_per_second": sum(context_lengths + question_lengths) / prefill_seconds,
       "decode_steps": decode_steps,
