@@ -240,6 +240,12 @@ def test_a_compressed_context_of_another_length_decodes_with_the_same_compiled_l
   assert second.stats["kept_tokens_per_layer"] == [55, 55]
   assert first.stats["cache_capacity_tokens"] == second.stats["cache_capacity_tokens"] == 64
   assert decode_loops() <= known
+  # Another max_new_tokens whose room fits the same capacity compiles nothing at all.
+  compiled = engine.STEPS.compile_seconds
+  longer = kvjax.generate(model, prompts[1], method="snapkv", compression_ratio=0.5,
+                          max_new_tokens=9)
+  assert engine.STEPS.compile_seconds == compiled
+  assert longer.token_ids[0][:8] == second.token_ids[0]
   monkeypatch.setattr(context, "CAPACITY_MULTIPLE", 1)
   exact = run(prompts[1])
   assert exact.stats["cache_capacity_tokens"] == 55 + 8

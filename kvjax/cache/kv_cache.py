@@ -628,14 +628,22 @@ def free_slots(cache: Cache) -> int:
 
 
 def grow(cache: Cache, room: int, multiple: int = 1) -> Cache:
-  """The cache with at least `room` more empty slots per head in every layer: a dense
-  layer (LayerCache) up to a capacity that is a multiple of `multiple`, another layout by
-  `room` rounded up to a multiple of it (its capacity is not its slots per head alone)."""
-  def grown(layer):
-    if type(layer) is LayerCache:
-      return layer.grow(room + (-(layer.capacity + room)) % multiple)
-    return layer.grow(-(-room // multiple) * multiple)
-  return cache.replace(layers=tuple(grown(layer) for layer in cache.layers))
+  """The cache with at least `room` more empty slots per head in every layer
+  (`grow_rooms`)."""
+  return grow_by(cache, grow_rooms(cache, room, multiple))
+
+
+def grow_rooms(cache: Cache, room: int, multiple: int = 1) -> tuple[int, ...]:
+  """The empty slots per head each layer gets for at least `room`: a dense layer
+  (LayerCache) up to a capacity that is a multiple of `multiple`, another layout `room`
+  rounded up to a multiple of it (its capacity is not its slots per head alone)."""
+  return tuple(room + (-(layer.capacity + room)) % multiple if type(layer) is LayerCache
+               else -(-room // multiple) * multiple for layer in cache.layers)
+
+
+def grow_by(cache: Cache, rooms: tuple[int, ...]) -> Cache:
+  """The cache with rooms[i] more empty slots per head in layer i."""
+  return cache.replace(layers=tuple(layer.grow(r) for layer, r in zip(cache.layers, rooms)))
 
 
 @functools.lru_cache(maxsize=256)

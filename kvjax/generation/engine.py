@@ -174,8 +174,8 @@ def _one_layer_plan(plan):
   return dataclasses.replace(plan, budgets=plan.budgets[:1])
 
 
-def _grow(cache, *, room, multiple=1, placement=None):
-  return _constrained(kv_cache.grow(cache, room, multiple), placement)
+def _grow(cache, *, rooms, placement=None):
+  return _constrained(kv_cache.grow_by(cache, rooms), placement)
 
 
 # Growing copies every layer into a bigger buffer: on CPU, LLVM's default optimization
@@ -183,7 +183,15 @@ def _grow(cache, *, room, multiple=1, placement=None):
 # (PyramidKV) against 0.5 s at level 1, which ran them 7% slower (57.5 against 53.5 ms at
 # 4K tokens x 4 rows), once per context.
 _COPY_OPTIONS = {"xla_backend_optimization_level": 1}
-_grow_jit = jax.jit(_grow, static_argnames=("room", "multiple", "placement"))
+# Keyed by each layer's room, not the room asked for: calls whose caches come out the same
+# (another max_new_tokens within the rounding) share one executable.
+_grow_jit = jax.jit(_grow, static_argnames=("rooms", "placement"))
+
+
+def _on_cpu(tree) -> bool:
+  """Whether the first array of `tree` lives on CPU devices only."""
+  leaf = next((x for x in jax.tree_util.tree_leaves(tree) if isinstance(x, jax.Array)), None)
+  return leaf is not None and all(d.platform == "cpu" for d in leaf.devices())
 
 
 def _placed(model, args, rows=(), cache=None):
@@ -399,11 +407,12 @@ class CompiledSteps:
     included (a method's host-side finalize may leave leaves where XLA put them)."""
     if placement is not None:
       cache = placement.put_cache(cache)
-    if room == 0 and multiple == 1:
+    rooms = kv_cache.grow_rooms(cache, room, multiple)
+    if not any(rooms):
       return cache
-    options = _COPY_OPTIONS if jax.default_backend() == "cpu" else None
-    return self._get("grow", _grow_jit, dict(room=room, multiple=multiple,
-                                             placement=placement), (cache,), options)(cache)
+    options = _COPY_OPTIONS if _on_cpu(cache) else None
+    return self._get("grow", _grow_jit, dict(rooms=rooms, placement=placement), (cache,),
+                     options)(cache)
 
 
 # One process-wide cache of executables; keys include the model's graph definition.
