@@ -1,5 +1,7 @@
 """Generation semantics on tiny random models: decode vs prefill, batching, sampling, stops."""
 
+import importlib
+
 import jax
 import numpy as np
 import pytest
@@ -7,8 +9,11 @@ from flax import struct
 
 import kvjax
 from kvjax.cache import LayerCache, init_cache, kv_cache
-from kvjax.generation import context, engine, sampling
+from kvjax.generation import engine, sampling
 from tiny import tiny_chat_model, tiny_model
+
+# The module (kvjax.generation.generate is also the name of its function).
+generate_lib = importlib.import_module("kvjax.generation.generate")
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +230,7 @@ def test_grow_rounds_a_dense_layers_capacity_and_another_layouts_room(model):
 
 def test_a_compressed_context_of_another_length_decodes_with_the_same_compiled_loop(
     model, monkeypatch):
-  """A compressed dense layer's capacity is rounded up (context.CAPACITY_MULTIPLE) and a
+  """A compressed dense layer's capacity is rounded up (generate.ROOM_MULTIPLE) and a
   decode plan holds no budgets, so another prompt length (other kept counts) compiles its
   compressing prefill but not the decode loop; the extra empty slots change no token."""
   rng = np.random.default_rng(5)
@@ -246,7 +251,7 @@ def test_a_compressed_context_of_another_length_decodes_with_the_same_compiled_l
                           max_new_tokens=9)
   assert engine.STEPS.compile_seconds == compiled
   assert longer.token_ids[0][:8] == second.token_ids[0]
-  monkeypatch.setattr(context, "CAPACITY_MULTIPLE", 1)
+  monkeypatch.setattr(generate_lib, "ROOM_MULTIPLE", 1)
   exact = run(prompts[1])
   assert exact.stats["cache_capacity_tokens"] == 55 + 8
   assert exact.token_ids == second.token_ids

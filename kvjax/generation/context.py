@@ -24,14 +24,6 @@ from kvjax.model.model import truncated
 from kvjax.sharding.distributed import host_array
 
 
-# What `generate` rounds a compressed dense layer's capacity (kept slots plus room) up to,
-# so that contexts of other lengths (other kept counts) decode with the same compiled
-# steps: a new prompt length for SnapKV 0.5 on SmolLM2 then compiles its compressing
-# layer (0.8 s), not the decode loop too (2.9 s). Not for methods that evict while
-# decoding: they would fill the extra slots before evicting, going over their budget.
-CAPACITY_MULTIPLE = 64
-
-
 @dataclasses.dataclass
 class PrefilledContext:
   logits: object              # [B, V] next-token logits after the context
@@ -48,6 +40,8 @@ class PrefilledContext:
                                           # one the same as context_cache_bytes
   context_cache_host_bytes: int = 0       # what an offloaded layout keeps in host memory
                                           # (context_cache_bytes counts device bytes)
+  room: int = 0               # empty slots per head asked for: the full cache's rounded up
+                              # to prefill's capacity_multiple, a compressed one's as given
 
 
 def layer_budgets(model, method, keep: int, context_length: int) -> tuple[int, ...]:
@@ -66,14 +60,8 @@ def layer_budgets(model, method, keep: int, context_length: int) -> tuple[int, .
   return budgets
 
 
-def leaves_compressed_cache(method, keep: int | None) -> bool:
-  """Whether `prefill` leaves a compressed cache, its room added after compressing (and
-  rounded by `capacity_multiple`), rather than the full cache allocated with its room."""
-  if method.compresses_prompt and keep is not None:
-    return False   # the draft's chosen tokens go to a full cache
-  if method.rescores and keep is not None:
-    return True
-  return method.compresses and (keep is not None or not method.needs_budget)
+def round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
 
 
 def check_chunk_size(chunk_size) -> None:
@@ -91,9 +79,9 @@ def prefill(model, tokens: np.ndarray, mask: np.ndarray, method, keep: int | Non
   keep: tokens kept per layer and KV head (None: all of them; a method that needs no
   budget, such as a quantizer, still stores the context its own way). method_params: the
   method's parameter pytree (trained selectors), traced rather than compiled in. room:
-  empty slots per head for later tokens; a compressed cache's dense layers get more, up to
-  a capacity that is a multiple of `capacity_multiple`, its other layouts `room` rounded
-  up to one (`kv_cache.grow`).
+  empty slots per head for later tokens, rounded up to a multiple of `capacity_multiple`
+  (`kv_cache.grow_rooms`): in the full cache, the room itself; in a compressed cache's
+  dense layers, kept slots and room together (its other layouts, the room).
   """
   check_chunk_size(chunk_size)
   rows, width = tokens.shape
@@ -101,13 +89,13 @@ def prefill(model, tokens: np.ndarray, mask: np.ndarray, method, keep: int | Non
   if width % chunk:
     raise ValueError(f"token width {width} is not a multiple of the chunk size {chunk}")
   rescoring = method.rescores and keep is not None
-  # The branches below as `leaves_compressed_cache` tells them apart.
+  full_room = round_up(room, capacity_multiple)
   if method.compresses_prompt and keep is not None:
     # The target reads only the tokens a draft chose (SpecPC), into a full cache.
     tokens, mask = compressed_prompt(model, method, tokens, mask, keep, chunk_size, steps)
     rows, width = tokens.shape
     chunk = width if chunk_size is None else chunk_size
-    plan, cache = None, init_cache(model.config, rows, width + room)
+    plan, cache = None, init_cache(model.config, rows, width + full_room)
   elif rescoring:
     # Prefilled uncompressed, then scored over that cache and compressed once (KVzip).
     final_plan = _compression_plan(model, method, keep, mask)
@@ -125,7 +113,7 @@ def prefill(model, tokens: np.ndarray, mask: np.ndarray, method, keep: int | Non
     plan = None
     # The full cache is allocated at its final size at once: growing it afterwards would
     # briefly need two copies of the largest cache there is.
-    cache = init_cache(model.config, rows, width + room)
+    cache = init_cache(model.config, rows, width + full_room)
   logits = None
   for start in range(0, width, chunk):
     piece = slice(start, start + chunk)
@@ -233,8 +221,9 @@ def _prefilled(model, logits, cache, plan: CompressionPlan | None, mask: np.ndar
   allocation those of the padded width T."""
   if plan is None:
     rows, width = mask.shape
+    room = round_up(room, capacity_multiple)   # what prefill allocated
     return PrefilledContext(
-        logits=logits, cache=cache, decode_plan=None, budgets=None,
+        logits=logits, cache=cache, room=room, decode_plan=None, budgets=None,
         context_cache_bytes=full_cache_nbytes(model.config, rows, int(mask.sum(1).max())),
         context_cache_allocated_bytes=full_cache_nbytes(model.config, rows, width))
   # The method's host-side step (data-dependent re-packing) before bytes are measured.
@@ -245,6 +234,7 @@ def _prefilled(model, logits, cache, plan: CompressionPlan | None, mask: np.ndar
   decode_time = plan.method.decode_time
   return PrefilledContext(logits=logits,
                           cache=steps.grow(cache, room, model.placement, capacity_multiple),
+                          room=room,
                           context_cache_bytes=measured, context_cache_allocated_bytes=measured,
                           context_cache_host_bytes=host_nbytes(cache),
                           decode_plan=dataclasses.replace(

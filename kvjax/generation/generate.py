@@ -29,11 +29,14 @@ class GenerationResult:
 
 # Decode steps per compiled call (one executable per shape serves any max_new_tokens).
 DECODE_CHUNK = 16
-# The full cache's room for question and generated tokens is rounded up to this (a
-# compressed cache's layers are, by context.CAPACITY_MULTIPLE), so calls with different
-# max_new_tokens (up to 64 apart) reuse the same compiled steps instead of compiling new
-# ones (5 s per shape for SmolLM2 on 2 cores); the price is at most 63 empty slots that
-# decode attention reads.
+# The full cache's room for question and generated tokens is rounded up to this, so calls
+# with different max_new_tokens (up to 64 apart) reuse the same compiled steps instead of
+# compiling new ones (5 s per shape for SmolLM2 on 2 cores), at the price of at most 63
+# empty slots that decode attention reads. A compressed dense layer's capacity (kept slots
+# plus room) is rounded up to it instead, so that contexts of other lengths (other kept
+# counts) decode with the same compiled steps too: a new prompt length for SnapKV 0.5 then
+# compiles its compressing layer (0.8 s), not the decode loop (2.9 s). Not for methods
+# that evict while decoding: they would fill the extra slots first, going over budget.
 ROOM_MULTIPLE = 64
 
 _sample_jit = jax.jit(sampling.sample, static_argnames=("greedy",))
@@ -289,21 +292,18 @@ def generate(model, prompts, questions=None, method=None, compression_ratio=None
   generated_room = (max_new_tokens if not evicting else
                     0 if budget is None else min(max_new_tokens, budget - keep))
   needed = question_width + generated_room
-  full_room = -(-needed // ROOM_MULTIPLE) * ROOM_MULTIPLE   # what the full cache allocates
-  capacity_multiple = 1
   if evicting:   # rounded to 16 only, so that the cache stays near its budget
-    room = -(-needed // 16) * 16
-  elif context.leaves_compressed_cache(method_obj, keep) and not method_obj.decode_time:
-    # Each compressed layer is rounded up instead, kept slots and room together.
-    room, capacity_multiple = needed, context.CAPACITY_MULTIPLE
-  else:
-    room = full_room
+    room, multiple = context.round_up(needed, 16), 1
+  elif method_obj.decode_time:   # its empty slots would be filled before it evicts
+    room, multiple = context.round_up(needed, ROOM_MULTIPLE), 1
+  else:   # the full cache's room rounded up, a compressed layer's kept slots and room
+    room, multiple = needed, ROOM_MULTIPLE
   steps = engine.STEPS
   compile_at_start = compile_before = steps.compile_seconds
 
   start = time.perf_counter()
   prefilled = context.prefill(model, prompt_tokens, prompt_mask, method_obj, keep, room,
-                              prefill_chunk_size, steps, method_params, capacity_multiple)
+                              prefill_chunk_size, steps, method_params, multiple)
   logits, cache, plan = prefilled.logits, prefilled.cache, prefilled.decode_plan
   if shared_context:
     cache = context.tile_rows(cache, rows)
@@ -333,7 +333,7 @@ def generate(model, prompts, questions=None, method=None, compression_ratio=None
       "question_tokens": question_lengths,
       "generated_tokens": [len(g) for g in generated],
       "prefill_chunk_size": prefill_chunk_size,
-      "room_tokens": room,
+      "room_tokens": prefilled.room,
       "cache_capacity_tokens": slots_per_head(model.config, cache),
       "prompt_width_tokens": width,
       # The context's cache: what it holds (a compressed one measured from its arrays; the
@@ -349,7 +349,7 @@ def generate(model, prompts, questions=None, method=None, compression_ratio=None
       # (the same padded width and room): equal for the full method.
       "cache_bytes": measured_cache_bytes,
       "full_cache_bytes": full_cache_nbytes(model.config, rows,
-                                            width + (room if evicting else full_room)),
+                                            width + context.round_up(room, multiple)),
       "prefill_seconds": prefill_seconds,
       "prefill_tokens_per_second": sum(context_lengths + question_lengths) / prefill_seconds,
       "decode_steps": decode_steps,
