@@ -73,18 +73,22 @@ def _products(equation, a, b, upcast):
   return jnp.einsum(equation, a, b, precision=precision).astype(jnp.float32)
 
 
-def _fused_one_query(q) -> bool:
-  return q.shape[0] == 1 and jax.default_backend() == "cpu"
+def _fused_one_query(q, stored: bool) -> bool:
+  return stored and q.shape[0] == 1 and jax.default_backend() == "cpu"
 
 
-def _one_query_logits(q, keys):
+def _one_query_logits(q, keys, stored: bool = True):
   """Logits [B, K, G, 1, S] of one query per head (decode), float32 whatever the cache
   dtype. XLA:CPU (jax 0.10.2, 2 cores, SmolLM2's 30 layers, 16-step decode loop) is
   fastest with a product summed over D at batch 1 (49 vs 54 ms per step at 2K slots) and
   with dots from batch 2 on, keys times queries ([S, G] per head) then swapped, as
   `union_decode_attention` (2K x 8: 129 vs 214 ms; 512 x 4: 53 vs 68; 2K x 2: 56 vs 68).
-  Accelerators always take the dots (their matrix units)."""
-  if _fused_one_query(q):
+  Accelerators always take the dots (their matrix units). stored=False: keys computed in
+  the same program (dequantized), which XLA:CPU would fuse into the product summed over
+  D and compute again for every query of the group: the dots then, at any batch (KIVI-2
+  at batch 1, 700 / 2K tokens: 38 / 50 instead of 59 / 83 ms per step; GEAR 44 / 52
+  instead of 49 / 59)."""
+  if _fused_one_query(q, stored):
     kv = keys[:, :, None, None] if keys.ndim == 4 else keys[:, None, None, None]
     return jnp.sum(q[..., None, :].astype(jnp.float32) * kv.astype(jnp.float32), axis=-1)
   kv = "bksd" if keys.ndim == 4 else "bsd"
@@ -92,10 +96,10 @@ def _one_query_logits(q, keys):
   return jnp.swapaxes(logits, 2, 3)[:, :, :, None]
 
 
-def _one_query_output(probs, values):
+def _one_query_output(probs, values, stored: bool = True):
   """sum_s probs[..., s] * values[s] for probs [B, K, G, 1, S] (decode), float32: a
-  product summed over S at batch 1, a dot from batch 2 on (see `_one_query_logits`)."""
-  if _fused_one_query(probs):
+  product summed over S at batch 1 for stored values, else a dot (`_one_query_logits`)."""
+  if _fused_one_query(probs, stored):
     v = values[:, :, None, None] if values.ndim == 4 else values[:, None, None, None]
     return jnp.sum(probs[..., None] * v.astype(jnp.float32), axis=-2)
   kv = "bksd" if values.ndim == 4 else "bsd"
@@ -136,25 +140,27 @@ def weighted_values(probs, values, head_dim, combine):
   return out.reshape((b, k, g) + out.shape[3:])
 
 
-def grouped_attention(q, keys, values, seen, *, upcast=False):
+def grouped_attention(q, keys, values, seen, *, upcast=False, stored=True):
   """The one attention everything here is made of.
 
   q [B, K, G, T, D]; keys/values [B, K, S, D] (one set per KV head) or [B, S, D] (one set
   shared by all heads, masked per head by `seen`: the head-wise flat layout); seen
-  [B, K, G|1, T, S] bool. Returns (out [B, K, G, T, D] float32, lse [B, K, G, T],
-  probs [B, K, G, T, S] float32).
+  [B, K, G|1, T, S] bool; stored: keys and values are read from memory, not computed
+  in the same program (`_one_query_logits`). Returns (out [B, K, G, T, D] float32,
+  lse [B, K, G, T], probs [B, K, G, T, S] float32).
   """
   d = q.shape[-1]
   kv = "bksd" if keys.ndim == 4 else "bsd"
   # One query per head on CPU: the forms XLA:CPU runs fastest (`_one_query_logits`).
   one_query = q.shape[3] == 1 and jax.default_backend() == "cpu"
   if one_query:
-    logits = _one_query_logits(q, keys) * d ** -0.5
+    logits = _one_query_logits(q, keys, stored) * d ** -0.5
   else:
     logits = _products(f"bkgtd,{kv}->bkgts", q, keys, upcast) * d ** -0.5
   probs, lse = _masked_softmax(logits, seen)
   if one_query:
-    return weighted_values(probs, values, d, _one_query_output), lse, probs
+    output = lambda p, v: _one_query_output(p, v, stored)
+    return weighted_values(probs, values, d, output), lse, probs
   dtype = jnp.float32 if upcast else values.dtype
   out = weighted_values(probs.astype(dtype), values, d, lambda p, v: _products(
       f"bkgts,{'bksd' if v.ndim == 4 else 'bsd'}->bkgtd", p, v, upcast))
@@ -374,13 +380,16 @@ def attention_flat(queries, keys, values, query_positions, key_positions, key_he
   return out, probs.sum(3).reshape(b, k * g, n)
 
 
-def decode_attention(q, keys, values, key_positions, query_positions, *, upcast=True):
+def decode_attention(q, keys, values, key_positions, query_positions, *, upcast=True,
+                     stored=True):
   """Reference of `decode_attention(..., return_probs=True)`: (out, lse, probs).
 
-  q [B, K, G, D] (one query per row); keys/values [B, K, S, D]; positions as above.
+  q [B, K, G, D] (one query per row); keys/values [B, K, S, D]; positions as above;
+  stored as in `grouped_attention`.
   """
   seen = visible(query_positions[:, None, None, None], key_positions[:, :, None, :])
-  out, lse, probs = grouped_attention(q[:, :, :, None], keys, values, seen, upcast=upcast)
+  out, lse, probs = grouped_attention(q[:, :, :, None], keys, values, seen, upcast=upcast,
+                                      stored=stored)
   return out[:, :, :, 0].astype(q.dtype), lse[..., 0], probs[:, :, :, 0]
 
 
@@ -457,7 +466,8 @@ def quantized_decode_attention(q, key_codes, key_scale, key_zero, value_codes, v
                                  axis=key_axis, dtype=q.dtype)
   values = quantization.dequantize(value_codes, value_scale, value_zero, bits=bits,
                                    group=group, axis="channels", dtype=q.dtype)
-  return decode_attention(q, keys, values, key_positions, query_positions, upcast=upcast)
+  return decode_attention(q, keys, values, key_positions, query_positions, upcast=upcast,
+                          stored=False)
 
 
 def union_decode_attention(qs, keys, values, key_positions, query_positions):
@@ -536,9 +546,9 @@ def gear_decode_attention(q, part, key_positions, query_positions, *, bits, grou
     out = p . put(deq(Qv), Sv) + (p Av) Bv^T per block,
   all in float32 at the highest precision. The keys' reconstruction is never formed, and
   of the values' only the base with its outliers put in: the dequantization and the
-  outliers' selects are elementwise producers of the two products (on CPU XLA writes
-  the dequantized base once, as KIVI's CPU path does); the low-rank terms are small
-  products through the rank.
+  outliers' selects are elementwise producers of the two products (dots on CPU, as
+  KIVI's path: `_one_query_logits`); the low-rank terms are small products through the
+  rank.
   """
   gear.check_args(q, part, key_positions, query_positions, bits, group)
   b, k, g, d = q.shape
@@ -554,7 +564,7 @@ def gear_decode_attention(q, part, key_positions, query_positions, *, bits, grou
       quantization.dequantize(part.value_codes, part.value_scale, part.value_zero,
                               bits=bits, group=group, axis="channels", dtype=jnp.float32),
       part.value_outlier_values, part.value_outlier_indices)
-  logits = _one_query_logits(q32[:, :, :, None], keys)[:, :, :, 0]
+  logits = _one_query_logits(q32[:, :, :, None], keys, stored=False)[:, :, :, 0]
   by_block = lambda a: f32(a).reshape(b, k, nb, n, a.shape[-1])
   q_b = jnp.einsum("bkgd,bkjdr->bkgjr", q32, f32(part.key_b), precision=_HI)
   low_rank = jnp.einsum("bkgjr,bkjnr->bkgjn", q_b, by_block(part.key_a), precision=_HI)
@@ -562,7 +572,7 @@ def gear_decode_attention(q, part, key_positions, query_positions, *, bits, grou
   logits = (logits + gear.key_outlier_logits(q, part, bits=bits, group=group)) * d ** -0.5
   seen = visible(query_positions[:, None, None, None], key_positions[:, :, None, :])
   probs, lse = _masked_softmax(logits[:, :, :, None], seen)
-  out = _one_query_output(probs, values)[:, :, :, 0]
+  out = _one_query_output(probs, values, stored=False)[:, :, :, 0]
   p_a = jnp.einsum("bkgjn,bkjnr->bkgjr", probs.reshape(b, k, g, nb, n),
                    by_block(part.value_a), precision=_HI)
   out = out + jnp.einsum("bkgjr,bkjdr->bkgd", p_a, f32(part.value_b), precision=_HI)

@@ -236,8 +236,8 @@ def test_a_compressed_context_of_another_length_decodes_with_the_same_compiled_l
   rng = np.random.default_rng(5)
   prompts = [rng.integers(1, 256, n).tolist() for n in (100, 110)]
   decode_loops = lambda: {key for key in engine.STEPS._executables if key[0] == "decode_loop"}
-  run = lambda prompt: kvjax.generate(model, prompt, method="snapkv", compression_ratio=0.5,
-                                      max_new_tokens=8)
+  run = lambda prompt, new=8: kvjax.generate(model, prompt, method="snapkv",
+                                             compression_ratio=0.5, max_new_tokens=new)
   first = run(prompts[0])
   known = decode_loops()
   second = run(prompts[1])
@@ -247,8 +247,7 @@ def test_a_compressed_context_of_another_length_decodes_with_the_same_compiled_l
   assert decode_loops() <= known
   # Another max_new_tokens whose room fits the same capacity compiles nothing at all.
   compiled = engine.STEPS.compile_seconds
-  longer = kvjax.generate(model, prompts[1], method="snapkv", compression_ratio=0.5,
-                          max_new_tokens=9)
+  longer = run(prompts[1], 9)
   assert engine.STEPS.compile_seconds == compiled
   assert longer.token_ids[0][:8] == second.token_ids[0]
   monkeypatch.setattr(generate_lib, "ROOM_MULTIPLE", 1)
