@@ -1,5 +1,6 @@
 """Random inputs and tolerances shared by the kernel tests."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -22,3 +23,19 @@ def shuffled_positions(generator, shape, empty=0.2):
 def close(actual, expected, dtype):
   np.testing.assert_allclose(np.asarray(actual, np.float32), np.asarray(expected, np.float32),
                              **TOL[dtype])
+
+
+def dots_reading(fn, args, shape) -> int:
+  """How many dot_general operations fn(*args) traces with an operand of `shape` (nested
+  jaxprs included): the form the code chose, whatever XLA later makes of it."""
+  def count(jaxpr):
+    n = 0
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        n += any(tuple(v.aval.shape) == tuple(shape) for v in eqn.invars)
+      for param in eqn.params.values():
+        inner = getattr(param, "jaxpr", param)
+        if hasattr(inner, "eqns"):
+          n += count(inner)
+    return n
+  return count(jax.make_jaxpr(fn)(*args).jaxpr)

@@ -236,7 +236,7 @@ def test_layer_decode_equals_its_dense_attention(pallas, monkeypatch):
   close(got, want, jnp.float32)
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's choice of form")
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the form chosen for XLA:CPU")
 def test_cpu_reference_takes_dots_over_the_dequantized_base_at_batch_one():
   """As KIVI's CPU path (test_quant_kernels): at batch 1 the dequantized base is read
   through dots, not products summed over D and S that would dequantize it once per
@@ -247,9 +247,10 @@ def test_cpu_reference_takes_dots_over_the_dequantized_base_at_batch_one():
                ratio=ratio)
   q = jnp.asarray(_data(rng, (1, 2, 3, d)), jnp.float32)
   qpos = jnp.full((1,), blocks * n, jnp.int32)
-  hlo = _reference.lower(q, gear_cache.kernel_part(part), part.quantized.positions, qpos,
-                         bits=2, group=group).compile().as_text()
-  assert hlo.count(" dot(") >= 2
+  reference_fn = functools.partial(reference.gear_decode_attention, bits=2, group=group)
+  args = (q, gear_cache.kernel_part(part), part.quantized.positions, qpos)
+  # The dequantized keys and values [B, K, S, D] (the low-rank terms read other shapes).
+  assert kernel_inputs.dots_reading(reference_fn, args, (1, 2, blocks * n, d)) == 2
 
 
 # ----------------------------------------------------------------------------- errors

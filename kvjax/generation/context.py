@@ -27,8 +27,8 @@ from kvjax.sharding.distributed import host_array
 @dataclasses.dataclass
 class PrefilledContext:
   logits: object              # [B, V] next-token logits after the context
-  cache: object               # the cache, with `room` empty slots per head appended (a
-                              # compressed one's rounded by prefill's capacity_multiple)
+  cache: object               # the cache, with `room` empty slots per head appended,
+                              # rounded by prefill's capacity_multiple (see `room`)
   context_cache_bytes: int    # bytes of the context's cache before room: measured from the
                               # compressed arrays; for the full cache, what its longest
                               # context holds (the prompt bucket's padding left out)

@@ -294,7 +294,7 @@ def generate(model, prompts, questions=None, method=None, compression_ratio=None
   needed = question_width + generated_room
   if evicting:   # rounded to 16 only, so that the cache stays near its budget
     room, multiple = context.round_up(needed, 16), 1
-  elif method_obj.decode_time:   # its empty slots would be filled before it evicts
+  elif method_obj.decode_time:   # the room rounded, not the capacity, as for evicting
     room, multiple = context.round_up(needed, ROOM_MULTIPLE), 1
   else:   # the full cache's room rounded up, a compressed layer's kept slots and room
     room, multiple = needed, ROOM_MULTIPLE
