@@ -202,7 +202,7 @@ def compressed_prompt(model, method, tokens: np.ndarray, mask: np.ndarray, keep:
   kept = method.compressed_rows(contexts, method.prompt_scores(passes, prompt), keep)
   longest = max(len(row) for row in kept)
   multiple = chunk_size or 1
-  return inputs.left_pad(kept, 0, -(-longest // multiple) * multiple)
+  return inputs.left_pad(kept, 0, round_up(longest, multiple))
 
 
 def _compression_plan(model, method, keep: int, mask: np.ndarray) -> CompressionPlan:
