@@ -34,8 +34,9 @@ def dots_reading(fn, args, shape) -> int:
       if eqn.primitive.name == "dot_general":
         n += any(tuple(v.aval.shape) == tuple(shape) for v in eqn.invars)
       for param in eqn.params.values():
-        inner = getattr(param, "jaxpr", param)
-        if hasattr(inner, "eqns"):
-          n += count(inner)
+        for inner in param if isinstance(param, (tuple, list)) else (param,):  # cond branches
+          inner = getattr(inner, "jaxpr", inner)
+          if hasattr(inner, "eqns"):
+            n += count(inner)
     return n
   return count(jax.make_jaxpr(fn)(*args).jaxpr)

@@ -594,7 +594,8 @@ class BufferedPagedLayerCache(PagedLayerCache):
     positions = take(d.positions).reshape(b, k * g, n)
     keys = keys.reshape(b, k * g, n, dim)
     values = values.reshape(b, k * g, n, values.shape[-1])
-    out, _ = attention_ops.decode(queries, keys, values, query_positions, positions)
+    out, _ = attention_ops.decode(queries, keys, values, query_positions, positions,
+                                  stored=False)
     return out, self.replace(buffer=buf)
 
   def append(self, new: NewTokens) -> "BufferedPagedLayerCache":

@@ -238,7 +238,8 @@ class PagedLayerCache(PerHeadSlots):
     keys = keys.reshape(b, k * g, n, dim)
     values = values.reshape(b, k * g, n, values.shape[-1])
     positions = positions.reshape(b, k * g, n)
-    out, _ = attention_ops.decode(queries, keys, values, query_positions, positions)
+    out, _ = attention_ops.decode(queries, keys, values, query_positions, positions,
+                                  stored=False)
     return out
 
   def _read_pages(self, pages: jax.Array):

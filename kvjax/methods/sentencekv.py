@@ -362,7 +362,7 @@ class SentenceLayerCache(PerHeadSlots):
                           EMPTY_POSITION)
     out, _ = attention_ops.decode(queries, self._read(ctx.keys, new.keys, slots),
                                   self._read(ctx.values, new.values, slots),
-                                  query_positions, positions)
+                                  query_positions, positions, stored=False)
     return out
 
   def _indexed(self, at, means, starts, lengths) -> "SentenceLayerCache":

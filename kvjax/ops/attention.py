@@ -65,19 +65,23 @@ def _grouped(query, num_kv_heads):
 
 
 def decode(query, keys, values, query_positions, key_positions, return_probs=False,
-           key_heads=None, num_kv_heads=None):
+           key_heads=None, num_kv_heads=None, stored=True):
   """One new token per row over a dense cache (keys [B, K, S, D]) or, given key_heads
   [B, N] and num_kv_heads, a flat head-wise one (keys [B, N, D]).
 
   query [B, 1, H, D] -> (out [B, 1, H, D], lse [B, K, G]) and, with return_probs, the
   probabilities [B, K, G, S] float32 (zero for slots of other heads).
+
+  stored=False: keys and values are computed in the same program (gathered, dequantized),
+  so the CPU reference reads them through dots instead of fusing their computation into
+  every query's product (`reference.grouped_attention`); the kernels ignore it.
   """
   k = keys.shape[1] if key_heads is None else num_kv_heads
   grouped = _grouped(query, k)
   qpos = query_positions[:, 0]
   if key_heads is None:
-    args, kernel, ref = ((grouped, keys, values, key_positions, qpos),
-                         decode_kernels.decode_attention, reference.decode_attention)
+    args, kernel = (grouped, keys, values, key_positions, qpos), decode_kernels.decode_attention
+    ref = functools.partial(reference.decode_attention, stored=stored)
     layouts = ("bk",) * 4 + ("b",)
   else:
     args, kernel, ref = ((grouped, keys, values, key_positions, key_heads, qpos),
