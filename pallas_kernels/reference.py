@@ -84,10 +84,10 @@ def _one_query_logits(q, keys, stored: bool = True):
   with dots from batch 2 on, keys times queries ([S, G] per head) then swapped, as
   `union_decode_attention` (2K x 8: 129 vs 214 ms; 512 x 4: 53 vs 68; 2K x 2: 56 vs 68).
   Accelerators always take the dots (their matrix units). stored=False: keys computed in
-  the same program (dequantized), which XLA:CPU would fuse into the product summed over
-  D and compute again for every query of the group: the dots then, at any batch (KIVI-2
-  at batch 1, 700 / 2K tokens: 38 / 50 instead of 59 / 83 ms per step; GEAR 44 / 52
-  instead of 49 / 59)."""
+  the same program (dequantized, gathered), which XLA:CPU would fuse into the product
+  summed over D (computing them again for every query of a group): the dots then, at any
+  batch (at batch 1, 700 / 2K tokens: KIVI-2 38 / 50 instead of 59 / 83 ms per step, GEAR
+  44 / 52 instead of 49 / 59, Quest 0.75 36 / 45 instead of 55 / 113)."""
   if _fused_one_query(q, stored):
     kv = keys[:, :, None, None] if keys.ndim == 4 else keys[:, None, None, None]
     return jnp.sum(q[..., None, :].astype(jnp.float32) * kv.astype(jnp.float32), axis=-1)

@@ -34,9 +34,8 @@ def dots_reading(fn, args, shape) -> int:
       if eqn.primitive.name == "dot_general":
         n += any(tuple(v.aval.shape) == tuple(shape) for v in eqn.invars)
       for param in eqn.params.values():
-        for inner in param if isinstance(param, (tuple, list)) else (param,):  # cond branches
-          inner = getattr(inner, "jaxpr", inner)
-          if hasattr(inner, "eqns"):
-            n += count(inner)
+        inner = getattr(param, "jaxpr", param)
+        if hasattr(inner, "eqns"):
+          n += count(inner)
     return n
   return count(jax.make_jaxpr(fn)(*args).jaxpr)

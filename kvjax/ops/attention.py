@@ -73,8 +73,9 @@ def decode(query, keys, values, query_positions, key_positions, return_probs=Fal
   probabilities [B, K, G, S] float32 (zero for slots of other heads).
 
   stored=False: keys and values are computed in the same program (gathered, dequantized),
-  so the CPU reference reads them through dots instead of fusing their computation into
-  every query's product (`reference.grouped_attention`); the kernels ignore it.
+  so the dense CPU reference reads them through dots at batch 1 too: XLA:CPU's fused pass
+  over such keys was up to 2.5x slower (`reference._one_query_logits`); the flat layout
+  and the kernels ignore it.
   """
   k = keys.shape[1] if key_heads is None else num_kv_heads
   grouped = _grouped(query, k)
