@@ -16,7 +16,8 @@ from kvjax.cache.kv_cache import LayerCache, NewTokens, host_nbytes
 from kvjax.cache.paged import HOST
 from kvjax.errors import MethodError
 from kvjax.methods import base
-from kvjax.methods.sentencekv import PUNCTUATION, SentenceKV, SentenceLayerCache
+from kvjax.methods.sentencekv import (PUNCTUATION, SentenceKV, SentenceLayerCache,
+                                      gathered_slots)
 from tiny import random_prompts, tiny_model
 
 ENDS = (1, 5, 9, 14)     # sentence-end ids of the random token rows (about one token in five)
@@ -129,6 +130,23 @@ def _prefill(seed, gqa="mean", lengths=(48, 33)):
                                "boundaries": jnp.asarray(ENDS, jnp.int32)})
   cand = LayerCache(keys=x.keys, values=x.values, positions=x.key_positions, end=jnp.int32(s))
   return data, tokens, sentence, method, method.compact(cand, x, KEEP)
+
+
+def test_equally_similar_sentences_are_gathered_earlier_first():
+  # Five 3-slot sentences; 1 and 3 tie as the most similar to the query, 2 comes next.
+  # Five slots are needed: all of sentence 1, then the first two of sentence 3.
+  q = jnp.asarray([[[[1.0, 0.0]]]])                                      # [B, 1, H, D]
+  means = jnp.asarray([[[[0., 0.], [1., 0.], [.5, 0.], [1., 0.], [-1., 0.]]]])
+  starts = jnp.asarray([[[0, 3, 6, 9, 12]]], jnp.int32)
+  lengths = jnp.full((1, 1, 5), 3, jnp.int32)
+  slots, valid = gathered_slots(q, means, starts, lengths, jnp.asarray([0]),
+                                jnp.asarray([15]), 5, "mean")
+  assert slots.tolist() == [[[3, 4, 5, 9, 10]]] and bool(valid.all())
+  # A sentence outside [low, high) is never gathered, however similar: with sentence 1
+  # cut off by low = 6, sentence 3 comes first, then 2.
+  slots, _ = gathered_slots(q, means, starts, lengths, jnp.asarray([6]), jnp.asarray([15]),
+                            5, "mean")
+  assert slots.tolist() == [[[9, 10, 11, 6, 7]]]
 
 
 def test_sentence_ids_match_numpy():

