@@ -25,6 +25,11 @@ def close(actual, expected, dtype):
                              **TOL[dtype])
 
 
+def first_row(tree):
+  """A cache pytree cut to its first batch row (scalars, such as `end`, kept)."""
+  return jax.tree.map(lambda a: a[:1] if a.ndim else a, tree)
+
+
 def dots_reading(fn, args, shape) -> int:
   """How many dot_general operations fn(*args) traces with an operand of `shape` (nested
   jaxprs included): the form the code chose, whatever XLA later makes of it."""

@@ -134,9 +134,9 @@ def test_cpu_decode_at_batch_one_reads_the_gathered_pages_through_dots(gqa, tier
   # 2K, than products summed over D and S, which XLA:CPU fused with the gather), and row 0
   # of a batch-1 step equals row 0 of the batch-2 step (dots there already).
   dense, *_ = _dense(10, s=40)
-  one = lambda tree: jax.tree.map(lambda a: a[:1] if a.ndim else a, tree)
   pages = 3
-  caches = [PagedLayerCache.from_dense(c, PS, pages, gqa) for c in (dense, one(dense))]
+  caches = [PagedLayerCache.from_dense(c, PS, pages, gqa)
+            for c in (dense, kernel_inputs.first_row(dense))]
   if tier != "device":
     caches = [c.offload() for c in caches]
   if tier == "buffer":

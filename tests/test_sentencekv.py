@@ -243,7 +243,7 @@ def test_cpu_decode_at_batch_one_reads_the_selected_slots_through_dots(offload):
   pair = _prefill(12)[-1].finalized(offload=False)
   pair = pair.replace(open_count=jnp.full((2,), 2, jnp.int32), open_queries=jnp.asarray(
       np.random.default_rng(14).normal(size=pair.open_queries.shape), jnp.float32))
-  alone = jax.tree.map(lambda a: a[:1] if a.ndim else a, pair)
+  alone = kernel_inputs.first_row(pair)
   if offload:
     host = lambda a: jax.device_put(a, HOST)
     pair, alone = (layer.replace(context=layer.context.replace(
