@@ -44,3 +44,20 @@ def dots_reading(fn, args, shape) -> int:
           n += count(inner)
     return n
   return count(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def primitive_count(fn, args, name: str) -> int:
+  """How many `name` operations fn(*args) traces, counting inside every nested jaxpr (both
+  branches of a cond, a loop's body)."""
+  def inner_jaxprs(param):
+    for p in param if isinstance(param, (tuple, list)) else (param,):
+      inner = getattr(p, "jaxpr", p)
+      if hasattr(inner, "eqns"):
+        yield inner
+
+  def count(jaxpr):
+    return sum((eqn.primitive.name == name)
+               + sum(count(inner) for param in eqn.params.values()
+                     for inner in inner_jaxprs(param))
+               for eqn in jaxpr.eqns)
+  return count(jax.make_jaxpr(fn)(*args).jaxpr)

@@ -8,10 +8,13 @@ import numpy as np
 import pytest
 
 import kvjax
-from kvjax.cache import LayerCache
-from kvjax.cache.quantized import QuantizedLayerCache, analytic_nbytes
+from kvjax.cache import LayerCache, NewTokens
+from kvjax.cache.gear import GearLayerCache
+from kvjax.cache.quantized import QuantizedLayerCache, analytic_nbytes, flush_ahead
 from kvjax.generation import context, conversation, engine, inputs
-from kvjax.methods import KIVI, SnapKV
+from kvjax.methods import GEAR, KIVI, SnapKV
+from kvjax.model import transformer
+from kernel_inputs import primitive_count
 from tiny import jnp_and_kernel_tokens, random_prompts, tiny_model
 
 # head_dim 32 so group 32 and 2-bit packing (16 codes per word) fit the tiny model.
@@ -130,6 +133,72 @@ def test_decode_flushes_group_by_group_and_loses_nothing(model):
         newest = np.asarray(layer.residual.positions)[row, head][:fill]
         assert newest.max() == lengths[row] - 1 and len(newest) >= window
   assert len(set(flushed_at)) > 1, "decode must have flushed at least one group"
+
+
+# Residual windows of 32 tokens and groups of 32: a residual of 63 tokens flushes its
+# oldest group on the next append, one of 58 does not.
+_LAYOUTS = {
+    "kivi": lambda dense, bits: QuantizedLayerCache.from_dense(dense, bits, 32, 32),
+    "gear": lambda dense, bits: GearLayerCache.from_dense(
+        dense, bits=bits, group=32, window=32, rank=4, decode_rank=2, loops=3,
+        outlier_ratio=0.05),
+}
+
+
+def _layer(kind, tokens, bits=2, seed=0):
+  """A layer of `kind` from `tokens` dense slots [2, 2, tokens, D], with room for 8 more."""
+  rng = np.random.default_rng(seed)
+  dense = LayerCache(
+      keys=jnp.asarray(rng.normal(size=(2, 2, tokens, D)), jnp.float32),
+      values=jnp.asarray(rng.normal(size=(2, 2, tokens, D)), jnp.float32),
+      positions=jnp.broadcast_to(jnp.arange(tokens, dtype=jnp.int32), (2, 2, tokens)),
+      end=jnp.int32(tokens))
+  return _LAYOUTS[kind](dense, bits).grow(8)
+
+
+@pytest.mark.parametrize("kind", ["kivi", "gear"])
+def test_flushing_ahead_then_appending_one_token_equals_appending(kind):
+  """Layers of one family (two flushing, one not), one of another family (4 bits) and a
+  dense layer: flush_ahead then a one-token append leaves every layer as the append alone
+  does (the same group flushed, encoded with the other layers' in one call)."""
+  layers = (_layer(kind, 95, seed=0), _layer(kind, 90, seed=1), _layer(kind, 95, seed=2),
+            _layer(kind, 95, bits=4, seed=3), _layer("kivi", 90).residual)
+  assert [int(c.residual.end) for c in layers[:4]] == [63, 58, 63, 63]
+  ends = [int(c.end) for c in layers[:4]]
+  rng = np.random.default_rng(9)
+  new = NewTokens(keys=jnp.asarray(rng.normal(size=(2, 2, 1, D)), jnp.float32),
+                  values=jnp.asarray(rng.normal(size=(2, 2, 1, D)), jnp.float32),
+                  positions=jnp.full((2, 1), 95, jnp.int32))
+  ahead = jax.jit(lambda c: flush_ahead(c, 1))(layers)
+  assert [int(c.end) - end for c, end in zip(ahead, ends)] == [32, 0, 32, 32]
+  assert all(c.flushed_ahead for c in ahead[:4])
+  for got_layer, want_layer in zip(ahead, layers):
+    got, want = got_layer.append(new), want_layer.append(new)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      if kind == "kivi" or a.dtype != jnp.float32:
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+      else:  # GEAR's factors: QR and products over a larger batch
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+  # A chunk of more tokens is flushed by its append (it may push out new tokens too).
+  assert flush_ahead(layers, 2) is layers
+
+
+@pytest.mark.parametrize("method", [KIVI(bits=2, group_size=32, residual=32),
+                                    GEAR(group_size=32, residual=32)], ids=["kivi", "gear"])
+def test_a_decode_step_encodes_every_layers_group_in_one_call(method):
+  """The packing shifts a decode step traces do not grow with the layers: one encoding for
+  all layers (30 per-layer GEAR compressions cost 8 s of SmolLM2's decode loop compile)."""
+  counts = []
+  for layers in (2, 4):
+    model = tiny_model(head_dim=D, num_layers=layers)
+    tokens, mask = inputs.left_pad(_prompts((90, 100)), 0)
+    pre = context.prefill(model, tokens, mask, method, None, room=8)
+    step = lambda cache: transformer.forward(model.graphdef, model.params,
+                                             jnp.ones((2, 1), jnp.int32), jnp.ones((2, 1), bool),
+                                             cache, "last", pre.decode_plan)
+    counts.append(primitive_count(step, (pre.cache,), "shift_left"))
+  assert counts[0] == counts[1] > 0
 
 
 def test_memory_matches_analytic_size():

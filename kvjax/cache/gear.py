@@ -199,6 +199,7 @@ class GearLayerCache(quantized.ResidualWindow):
   decode_rank: int = struct.field(pytree_node=False, default=2)
   loops: int = struct.field(pytree_node=False, default=3)
   outlier_ratio: float = struct.field(pytree_node=False, default=0.02)
+  flushed_ahead: bool = struct.field(pytree_node=False, default=False)
 
   @property
   def state(self):  # per-slot method state is not kept for compressed slots
@@ -282,11 +283,17 @@ class GearLayerCache(quantized.ResidualWindow):
           out, lse, part_out.reshape(shape).astype(jnp.float32), part_lse)
     return out.reshape(queries.shape).astype(queries.dtype), Stats()
 
-  def store_group(self, keys, values, positions) -> "GearLayerCache":
-    """One flushed group compressed (decode rank) into the decode part at `end`."""
-    part = compress_block(keys, values, positions, bits=self.bits, group=self.group,
+  def group_encoding(self) -> tuple:
+    return (self.bits, self.group, self.decode_rank, self.loops, self.outlier_ratio)
+
+  def encode_group(self, keys, values, positions) -> GearBlocks:
+    """Slots [B, K, group, D] compressed as one decode block (decode rank)."""
+    return compress_block(keys, values, positions, bits=self.bits, group=self.group,
                           rank=self.decode_rank, loops=self.loops,
                           outlier_ratio=self.outlier_ratio, dtype=keys.dtype)
+
+  def write_group(self, part: GearBlocks) -> "GearLayerCache":
+    """One encoded block written into the decode part at `end`."""
     return self.replace(decode=_write(self.decode, part, self.end, self.group))
 
   def candidates(self, new: NewTokens) -> LayerCache:

@@ -5,7 +5,9 @@ An attention block projects q/k/v, applies RoPE and then, for its layer:
   out, stats = layer_cache.attend(queries, positions, pending, want)
   layer_cache = policy.update(layer, layer_cache, step, stats)
 and after the last layer `policy.finish(layers, lengths)` builds the cache (or caches) the
-forward pass returns: the place for cache-wide (cross-layer) steps. Policies are frozen,
+forward pass returns: the place for cache-wide (cross-layer) steps. A policy may also have
+`begin(layers, tokens)`, run on the cache's layers before the first layer for a chunk of
+`tokens` tokens (`begin`: the identity for a policy without one). Policies are frozen,
 hashable objects (static under jit); compression policies live with the methods.
 """
 
@@ -17,6 +19,7 @@ from typing import Any
 import jax
 
 from kvjax.cache.kv_cache import Cache, NewTokens
+from kvjax.cache.quantized import flush_ahead
 from kvjax.config import ModelConfig
 
 
@@ -35,6 +38,10 @@ class LayerStep:
 class Append:
   """The uncompressed cache: new tokens are stored, then attended with everything else."""
 
+  def begin(self, layers: tuple, tokens: int) -> tuple:
+    # Every layer appends the chunk: residual windows flush all layers at once.
+    return flush_ahead(layers, tokens)
+
   def prepare(self, layer: int, layer_cache, new: NewTokens):
     del layer
     return layer_cache.append(new), None, frozenset()
@@ -50,3 +57,9 @@ class Append:
 
 
 APPEND = Append()
+
+
+def begin(policy, layers: tuple, tokens: int) -> tuple:
+  """`policy.begin(layers, tokens)`, or the layers as they are for a policy without one."""
+  step = getattr(policy, "begin", None)
+  return layers if step is None else step(layers, tokens)

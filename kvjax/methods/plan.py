@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from kvjax.cache.kv_cache import (COLUMN_SUMS, PROBS, QUERIES, RESERVED_POSITION, Cache, LayerCache,
                                   NewTokens)
 from kvjax.cache.policy import LayerStep
+from kvjax.cache.quantized import flush_ahead
 from kvjax.methods.base import PROTECTED, LayerInputs, Method
 
 
@@ -62,6 +63,12 @@ class CompressionPlan:
 
   def _evicting(self, new: NewTokens) -> bool:
     return not self.compress and self.method.decode_time and new.keys.shape[2] == 1
+
+  def begin(self, layers: tuple, tokens: int) -> tuple:
+    # Appending layers (not compressing, not evicting) flush their residual windows at once.
+    if self.compress or (self.method.decode_time and tokens == 1):
+      return layers
+    return flush_ahead(layers, tokens)
 
   def prepare(self, layer: int, layer_cache, new: NewTokens):
     if self.compress:

@@ -13,7 +13,7 @@ from flax import nnx
 
 from kvjax.cache.kv_cache import EMPTY_POSITION, Cache, NewTokens
 from kvjax.cache.cross_layer import own_layer, view_layer
-from kvjax.cache.policy import APPEND, LayerStep
+from kvjax.cache.policy import APPEND, LayerStep, begin as policy_begin
 from kvjax.config import ModelConfig
 from kvjax.ops import rope
 
@@ -233,11 +233,12 @@ class Transformer(nnx.Module):
     policy = APPEND if policy is None else policy
     x, positions, lengths = self.embed_chunk(tokens, token_mask, cache.lengths, positions)
     inv_freq = rope.inverse_frequencies(self.config)
+    layers = policy_begin(policy, cache.layers, tokens.shape[1])
     new_layers = []
     for index, block in enumerate(self.layers):
       # Layers may share storage across layers (MiniCache): each attends through its view
       # and stores back only what it owns.
-      x, layer_cache = block(x, positions, view_layer(cache.layers, index), inv_freq, index,
+      x, layer_cache = block(x, positions, view_layer(layers, index), inv_freq, index,
                              policy, lengths, method_params, tokens)
       new_layers.append(own_layer(layer_cache))
     return self.chunk_logits(x, token_mask, logits), policy.finish(tuple(new_layers), lengths)
