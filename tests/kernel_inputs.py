@@ -30,34 +30,32 @@ def first_row(tree):
   return jax.tree.map(lambda a: a[:1] if a.ndim else a, tree)
 
 
+def _inner_jaxprs(eqn, branches: bool):
+  """The jaxprs nested in an equation (a loop's body, a call's; with `branches`, every
+  branch of a cond too)."""
+  for param in eqn.params.values():
+    for p in param if branches and isinstance(param, (tuple, list)) else (param,):
+      inner = getattr(p, "jaxpr", p)
+      if hasattr(inner, "eqns"):
+        yield inner
+
+
+def _count(jaxpr, hit, branches: bool) -> int:
+  return sum(hit(eqn) + sum(_count(inner, hit, branches)
+                            for inner in _inner_jaxprs(eqn, branches))
+             for eqn in jaxpr.eqns)
+
+
 def dots_reading(fn, args, shape) -> int:
   """How many dot_general operations fn(*args) traces with an operand of `shape` (nested
   jaxprs included): the form the code chose, whatever XLA later makes of it."""
-  def count(jaxpr):
-    n = 0
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "dot_general":
-        n += any(tuple(v.aval.shape) == tuple(shape) for v in eqn.invars)
-      for param in eqn.params.values():
-        inner = getattr(param, "jaxpr", param)
-        if hasattr(inner, "eqns"):
-          n += count(inner)
-    return n
-  return count(jax.make_jaxpr(fn)(*args).jaxpr)
+  hit = lambda eqn: eqn.primitive.name == "dot_general" and any(
+      tuple(v.aval.shape) == tuple(shape) for v in eqn.invars)
+  return _count(jax.make_jaxpr(fn)(*args).jaxpr, hit, branches=False)
 
 
 def primitive_count(fn, args, name: str) -> int:
   """How many `name` operations fn(*args) traces, counting inside every nested jaxpr (both
   branches of a cond, a loop's body)."""
-  def inner_jaxprs(param):
-    for p in param if isinstance(param, (tuple, list)) else (param,):
-      inner = getattr(p, "jaxpr", p)
-      if hasattr(inner, "eqns"):
-        yield inner
-
-  def count(jaxpr):
-    return sum((eqn.primitive.name == name)
-               + sum(count(inner) for param in eqn.params.values()
-                     for inner in inner_jaxprs(param))
-               for eqn in jaxpr.eqns)
-  return count(jax.make_jaxpr(fn)(*args).jaxpr)
+  return _count(jax.make_jaxpr(fn)(*args).jaxpr, lambda eqn: eqn.primitive.name == name,
+                branches=True)

@@ -12,7 +12,7 @@ from kvjax.cache import LayerCache, NewTokens
 from kvjax.cache.gear import GearLayerCache
 from kvjax.cache.quantized import QuantizedLayerCache, analytic_nbytes, flush_ahead
 from kvjax.generation import context, conversation, engine, inputs
-from kvjax.methods import GEAR, KIVI, SnapKV
+from kvjax.methods import GEAR, KIVI, PyramidKV, SnapKV
 from kvjax.model import transformer
 from kernel_inputs import primitive_count
 from tiny import jnp_and_kernel_tokens, random_prompts, tiny_model
@@ -135,17 +135,17 @@ def test_decode_flushes_group_by_group_and_loses_nothing(model):
   assert len(set(flushed_at)) > 1, "decode must have flushed at least one group"
 
 
-# Residual windows of 32 tokens and groups of 32: a residual of 63 tokens flushes its
-# oldest group on the next append, one of 58 does not.
+# Groups of 32 and (unless told) residual windows of 32 tokens: a residual of 63 tokens
+# flushes its oldest group on the next append, one of 58 does not.
 _LAYOUTS = {
-    "kivi": lambda dense, bits: QuantizedLayerCache.from_dense(dense, bits, 32, 32),
-    "gear": lambda dense, bits: GearLayerCache.from_dense(
-        dense, bits=bits, group=32, window=32, rank=4, decode_rank=2, loops=3,
+    "kivi": lambda dense, bits, window: QuantizedLayerCache.from_dense(dense, bits, 32, window),
+    "gear": lambda dense, bits, window: GearLayerCache.from_dense(
+        dense, bits=bits, group=32, window=window, rank=4, decode_rank=2, loops=3,
         outlier_ratio=0.05),
 }
 
 
-def _layer(kind, tokens, bits=2, seed=0):
+def _layer(kind, tokens, bits=2, seed=0, window=32):
   """A layer of `kind` from `tokens` dense slots [2, 2, tokens, D], with room for 8 more."""
   rng = np.random.default_rng(seed)
   dense = LayerCache(
@@ -153,25 +153,27 @@ def _layer(kind, tokens, bits=2, seed=0):
       values=jnp.asarray(rng.normal(size=(2, 2, tokens, D)), jnp.float32),
       positions=jnp.broadcast_to(jnp.arange(tokens, dtype=jnp.int32), (2, 2, tokens)),
       end=jnp.int32(tokens))
-  return _LAYOUTS[kind](dense, bits).grow(8)
+  return _LAYOUTS[kind](dense, bits, window).grow(8)
 
 
 @pytest.mark.parametrize("kind", ["kivi", "gear"])
 def test_flushing_ahead_then_appending_one_token_equals_appending(kind):
-  """Layers of one family (two flushing, one not), one of another family (4 bits) and a
+  """Layers of one family (two flushing, one not), one of another family (4 bits), one
+  without a window (its flushed group holds the new token: flushed by its append) and a
   dense layer: flush_ahead then a one-token append leaves every layer as the append alone
   does (the same group flushed, encoded with the other layers' in one call)."""
   layers = (_layer(kind, 95, seed=0), _layer(kind, 90, seed=1), _layer(kind, 95, seed=2),
-            _layer(kind, 95, bits=4, seed=3), _layer("kivi", 90).residual)
-  assert [int(c.residual.end) for c in layers[:4]] == [63, 58, 63, 63]
-  ends = [int(c.end) for c in layers[:4]]
+            _layer(kind, 95, bits=4, seed=3), _layer(kind, 95, seed=4, window=0),
+            _layer("kivi", 90).residual)
+  assert [int(c.residual.end) for c in layers[:5]] == [63, 58, 63, 63, 31]
+  ends = [int(c.end) for c in layers[:5]]
   rng = np.random.default_rng(9)
   new = NewTokens(keys=jnp.asarray(rng.normal(size=(2, 2, 1, D)), jnp.float32),
                   values=jnp.asarray(rng.normal(size=(2, 2, 1, D)), jnp.float32),
                   positions=jnp.full((2, 1), 95, jnp.int32))
   ahead = jax.jit(lambda c: flush_ahead(c, 1))(layers)
-  assert [int(c.end) - end for c, end in zip(ahead, ends)] == [32, 0, 32, 32]
-  assert all(c.flushed_ahead for c in ahead[:4])
+  assert [int(c.end) - end for c, end in zip(ahead, ends)] == [32, 0, 32, 32, 0]
+  assert [c.flushed_ahead for c in ahead[:5]] == [True] * 4 + [False]
   for got_layer, want_layer in zip(ahead, layers):
     got, want = got_layer.append(new), want_layer.append(new)
     assert jax.tree.structure(got) == jax.tree.structure(want)
@@ -184,11 +186,60 @@ def test_flushing_ahead_then_appending_one_token_equals_appending(kind):
   assert flush_ahead(layers, 2) is layers
 
 
+class _WithoutBegin:
+  """A policy's steps without its `begin`: every layer flushes inside its own append."""
+
+  def __init__(self, policy):
+    self.policy = policy
+
+  def prepare(self, *args):
+    return self.policy.prepare(*args)
+
+  def update(self, *args):
+    return self.policy.update(*args)
+
+  def finish(self, *args):
+    return self.policy.finish(*args)
+
+
+@pytest.mark.parametrize("method,keep", [
+    (KIVI(bits=2, group_size=32, residual=32), None),
+    (GEAR(group_size=32), None),   # GEAR's default: no window
+    (GEAR(group_size=32, residual=32), None),
+    (KIVI(bits=2, group_size=32, residual=32, press=PyramidKV(window=8)), 40),
+], ids=["kivi", "gear-no-window", "gear", "pyramidkv-kivi"])
+def test_decode_steps_with_and_without_flushing_ahead_agree(model, method, keep):
+  """56 decode steps (flushes included; per-layer budgets under PyramidKV) give the same
+  logits and caches whether the plan flushes ahead or each layer flushes in its append."""
+  tokens, mask = inputs.left_pad(_prompts((90, 100)), 0)
+  pre = context.prefill(model, tokens, mask, method, keep, room=64)
+  if keep is not None:  # the layers fill their windows out of step
+    assert len({int(layer.residual.end) for layer in pre.cache.layers}) > 1
+  steps = {name: jax.jit(lambda cache, tok, policy=policy: transformer.forward(
+      model.graphdef, model.params, tok[:, None], jnp.ones((2, 1), bool), cache, "last",
+      policy)) for name, policy in (("ahead", pre.decode_plan),
+                                    ("in-append", _WithoutBegin(pre.decode_plan)))}
+  caches = {name: pre.cache for name in steps}
+  for t in range(56):
+    tok = jnp.asarray([(7 * t + 3) % 256, (11 * t + 5) % 256], jnp.int32)
+    logits = {}
+    for name, step in steps.items():
+      logits[name], caches[name] = step(caches[name], tok)
+    np.testing.assert_allclose(np.asarray(logits["ahead"]), np.asarray(logits["in-append"]),
+                               rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(caches["ahead"]), jax.tree.leaves(caches["in-append"])):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+  ends = [int(layer.end) for layer in caches["ahead"].layers]
+  assert all(end > int(layer.end) for end, layer in zip(ends, pre.cache.layers)), (
+      "every layer must have flushed a group")
+
+
 @pytest.mark.parametrize("method", [KIVI(bits=2, group_size=32, residual=32),
                                     GEAR(group_size=32, residual=32)], ids=["kivi", "gear"])
 def test_a_decode_step_encodes_every_layers_group_in_one_call(method):
   """The packing shifts a decode step traces do not grow with the layers: one encoding for
-  all layers (30 per-layer GEAR compressions cost 8 s of SmolLM2's decode loop compile)."""
+  all layers (30 per-layer GEAR(residual=64) compressions cost 6-8 s of SmolLM2's decode
+  loop compile)."""
   counts = []
   for layers in (2, 4):
     model = tiny_model(head_dim=D, num_layers=layers)

@@ -8,8 +8,8 @@ Slots are split in two parts, each sized to what it holds:
     `window` and `window + group - 1` of them once the context is longer than `window`.
 Appending writes to the residual; whenever it holds `window + group` tokens, its oldest
 `group` are quantized and moved to the quantized part ("flushed group by group"), so the
-newest `window` tokens are always exact (a one-token step flushes every layer's group in one
-call before its first layer: `flush_ahead`). Each slot keeps its original position, so the
+newest `window` tokens are always exact (a one-token decode step of the model can flush
+every layer's group in one call before its first layer: `flush_ahead`). Each slot keeps its original position, so the
 same causal masks apply and eviction can run before quantization (SnapKV + KIVI).
 Attention reads both parts and merges them by log-sum-exp (a dequantizing Pallas kernel
 on GPU/TPU, dequantize + the jnp reference on CPU).
@@ -72,10 +72,6 @@ class ResidualWindow(PerHeadSlots):
     below_flush = max(0, self.window + self.group - 1 - int(self.residual.end))
     return min(self.residual.free_slots(), flushed_free + below_flush)
 
-  def store_group(self, keys, values, positions):
-    """One group of dense slots compressed and stored at `end`."""
-    return self.write_group(self.encode_group(keys, values, positions))
-
   def oldest_group(self):
     """(keys, values, positions) of the residual's oldest `group` slots."""
     r, g = self.residual, self.group
@@ -110,24 +106,26 @@ class ResidualWindow(PerHeadSlots):
 
 
 def flush_ahead(layers: tuple, tokens: int) -> tuple:
-  """Every ResidualWindow layer ready for a one-token append, its flush done here.
+  """Every ResidualWindow layer with a window ready for a one-token append, its flush done
+  here.
 
   Before a chunk of `tokens` = 1, each such layer whose residual holds window + group - 1
-  tokens flushes its oldest group now, which is the group the append would flush (the
-  same state at every attend), and is marked `flushed_ahead`, so its append skips the
-  flush. The groups of all layers that encode alike are encoded in one call, so XLA
-  compiles the encoding once, not once per layer (SmolLM2's GEAR decode loop: 15 s instead
-  of 23 s; KIVI-2's 6.6 s instead of 7.0 s, whose per-layer writes of the group cost the
-  rest). Layers of other kinds, and chunks of other lengths (the append flushes as many
-  groups as they push out), are left as they are.
+  tokens flushes its oldest group now: with a window of at least one token that is the
+  group the append would flush (every attend sees the same state), so all such layers are
+  marked `flushed_ahead` and their append skips the flush. The groups of all layers that
+  encode alike are encoded in one call, so XLA compiles the encoding once, not once per
+  layer. Layers without a window (their flushed group holds the new token), layers of other
+  kinds and chunks of other lengths (the append flushes as many groups as they push out)
+  are left as they are.
   """
   if tokens != 1:
     return layers
   families = {}
   for i, layer in enumerate(layers):
-    if isinstance(layer, ResidualWindow):
-      k, v, p = layer.oldest_group()
-      shapes = tuple((a.shape, a.dtype) for a in (k, v, p))
+    if isinstance(layer, ResidualWindow) and layer.window > 0:
+      # Layers of equal shapes (equal budgets) fill in step: a family flushes together, so
+      # its encoding runs one step in `group`, not whenever one of its layers flushes.
+      shapes = tuple((a.shape, a.dtype) for a in jax.tree.leaves(layer))
       families.setdefault((type(layer), layer.group_encoding(), shapes), []).append(i)
   out = list(layers)
   for members in families.values():
@@ -140,7 +138,7 @@ def flush_ahead(layers: tuple, tokens: int) -> tuple:
                  zip(*(c.oldest_group() for c in family))]
       return family[0].encode_group(*stacked)
 
-    # Encoded only at the steps where some layer flushes (one in `group`).
+    # Encoded only at the steps where some layer of the family flushes.
     shapes = jax.eval_shape(encode, family)
     parts = jax.lax.cond(jnp.any(jnp.stack(flags)), encode,
                          lambda _: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
