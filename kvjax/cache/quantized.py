@@ -9,8 +9,9 @@ Slots are split in two parts, each sized to what it holds:
 Appending writes to the residual; whenever it holds `window + group` tokens, its oldest
 `group` are quantized and moved to the quantized part ("flushed group by group"), so the
 newest `window` tokens are always exact (a one-token decode step of the model can flush
-every layer's group in one call before its first layer: `flush_ahead`). Each slot keeps its original position, so the
-same causal masks apply and eviction can run before quantization (SnapKV + KIVI).
+every layer's group in one call before its first layer: `flush_ahead`). Each slot keeps
+its original position, so the same causal masks apply and eviction can run before
+quantization (SnapKV + KIVI).
 Attention reads both parts and merges them by log-sum-exp (a dequantizing Pallas kernel
 on GPU/TPU, dequantize + the jnp reference on CPU).
 """
