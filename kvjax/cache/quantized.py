@@ -145,11 +145,11 @@ def flush_ahead(layers: tuple, tokens: int) -> tuple:
                          lambda _: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
                          family)
     rows = family[0].residual.keys.shape[0]
-    for n, (i, flag) in enumerate(zip(members, flags)):
+    for n, (i, layer, flag) in enumerate(zip(members, family, flags)):
       part = jax.tree.map(lambda a: a[n * rows:(n + 1) * rows], parts)
       # A loop run 0 or 1 times updates the layer in place (it is a loop carry).
       _, layer = jax.lax.while_loop(lambda c: c[0], lambda c: (False, c[1].flushed(part)),
-                                    (flag, layers[i]))
+                                    (flag, layer))
       out[i] = layer.replace(flushed_ahead=True)
   return tuple(out)
 

@@ -61,12 +61,13 @@ class CompressionPlan:
   room: int = 0
   compress: bool = True
 
-  def _evicting(self, new: NewTokens) -> bool:
-    return not self.compress and self.method.decode_time and new.keys.shape[2] == 1
+  def _evicting(self, tokens: int) -> bool:
+    """Whether a chunk of `tokens` tokens overwrites slots (a decode-time method's step)."""
+    return not self.compress and self.method.decode_time and tokens == 1
 
   def begin(self, layers: tuple, tokens: int) -> tuple:
     # Appending layers (not compressing, not evicting) flush their residual windows at once.
-    if self.compress or (self.method.decode_time and tokens == 1):
+    if self.compress or self._evicting(tokens):
       return layers
     return flush_ahead(layers, tokens)
 
@@ -76,7 +77,7 @@ class CompressionPlan:
       if self.method.attends_prefill:
         layer_cache = MethodAttention(layer_cache, self.method)
       return layer_cache, new, frozenset(self.method.needs)
-    if self._evicting(new):
+    if self._evicting(new.keys.shape[2]):
       return layer_cache, new, frozenset({PROBS})
     # Appended queries keep accumulating the state of methods that count attention (those
     # that override `accumulate`; merging methods keep state but count no attention).
@@ -94,7 +95,7 @@ class CompressionPlan:
       cand = layer_cache.candidates(step.new)
       x = layer_inputs(layer, cand, step, stats.column_sums)
       return self.method.compact(cand, x, self.budgets[layer]).grow(self.room)
-    if self._evicting(step.new):
+    if self._evicting(step.new.keys.shape[2]):
       return evict_and_insert(self.method, layer_cache, step.new, stats.probs,
                               stats.pending_probs, step.lengths, self.budgets[layer])
     if stats.column_sums is not None:
