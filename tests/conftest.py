@@ -4,9 +4,12 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Tests compile hundreds of tiny steps: keep them out of the user's on-disk XLA cache
-# (tests/test_compilation_cache.py turns it on in subprocesses with temporary directories).
-os.environ.setdefault("KVJAX_COMPILATION_CACHE", "0")
+# Tests compile hundreds of tiny steps: keep them out of the user's on-disk XLA cache. The
+# run gets its own (`_compilation_cache_of_this_run`) unless one is named here; until then
+# none (xdist's workers inherit both variables from the main process).
+if "KVJAX_COMPILATION_CACHE" not in os.environ:
+  os.environ["KVJAX_COMPILATION_CACHE"] = "0"
+  os.environ["KVJAX_TESTS_OWN_CACHE"] = "1"
 
 import pathlib  # noqa: E402
 
@@ -43,6 +46,23 @@ def smollm2(smollm2_gguf):
   """SmolLM2 through kvjax.load's registry path (converted to a kvjax checkpoint once)."""
   import kvjax
   return kvjax.load("smollm2-135m")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _compilation_cache_of_this_run(tmp_path_factory):
+  """One XLA compilation cache for the whole run, in pytest's temporary folder of the run
+  (shared by both xdist workers; pytest deletes old runs' folders): a program compiled
+  again in a later module (the executables are freed between modules), in the other
+  worker or in a subprocess (CLIs, notebooks) is read from disk. 7% off four modules'
+  time in one process."""
+  if os.environ.get("KVJAX_TESTS_OWN_CACHE") == "1":
+    run = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):   # basetemp is the run's folder/popen-gwN
+      run = run.parent
+    os.environ["KVJAX_COMPILATION_CACHE"] = str(run / "xla")
+    from kvjax.generation import engine
+    engine.enable_compilation_cache()   # also for the tests' own jax.jit calls
+  yield
 
 
 @pytest.fixture(autouse=True, scope="module")
