@@ -184,6 +184,9 @@ def test_flushing_ahead_then_appending_one_token_equals_appending(kind):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
   # A chunk of more tokens is flushed by its append (it may push out new tokens too).
   assert flush_ahead(layers, 2) is layers
+  # A begin again before the appends (a policy skipping a layer's append) is refused.
+  with pytest.raises(kvjax.KvjaxError, match=r"layers \[0, 1, 2, 3\] were flushed ahead"):
+    flush_ahead(ahead, 1)
 
 
 class _WithoutBegin:

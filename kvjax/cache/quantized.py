@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from kvjax.cache.kv_cache import EMPTY_POSITION, LayerCache, NewTokens, PerHeadSlots, Stats
+from kvjax.errors import KvjaxError
 from kvjax.ops import attention as attention_ops
 from kvjax.ops import quantization as quant_ops
 
@@ -119,6 +120,12 @@ def flush_ahead(layers: tuple, tokens: int) -> tuple:
   kinds and chunks of other lengths (the append flushes as many groups as they push out)
   are left as they are.
   """
+  # A mark left from the previous step: some layer's append was skipped after a begin, so
+  # the group flushed ahead was never followed by its token.
+  marked = [i for i, layer in enumerate(layers) if getattr(layer, "flushed_ahead", False)]
+  if marked:
+    raise KvjaxError(f"layers {marked} were flushed ahead and not appended to since: a "
+                     "policy's begin must be followed by an append to every layer")
   if tokens != 1:
     return layers
   families = {}
