@@ -10,6 +10,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "KVJAX_COMPILATION_CACHE" not in os.environ:
   os.environ["KVJAX_COMPILATION_CACHE"] = "0"
   os.environ["KVJAX_TESTS_OWN_CACHE"] = "1"
+elif not os.environ.get("PYTEST_XDIST_WORKER"):
+  os.environ.pop("KVJAX_TESTS_OWN_CACHE", None)   # the user's choice, not a stale mark
 
 import pathlib  # noqa: E402
 
@@ -57,7 +59,7 @@ def _compilation_cache_of_this_run(tmp_path_factory):
   from 8321 s to 6100 s."""
   if os.environ.get("KVJAX_TESTS_OWN_CACHE") == "1":
     run = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):   # basetemp is the run's folder/popen-gwN
+    if run.name.startswith("popen-gw"):   # an xdist worker's: the run's folder/popen-gwN
       run = run.parent
     os.environ["KVJAX_COMPILATION_CACHE"] = str(run / "xla")
     from kvjax.generation import engine
