@@ -149,10 +149,17 @@ def merge_partials(out_a, lse_a, out_b, lse_b):
     (out [..., D] in out_a's dtype, lse [...] float32): the attention over the union.
     Exact up to rounding; keep partial outputs in float32 for full precision.
   """
-  outs = jnp.stack([out_a.astype(jnp.float32), out_b.astype(jnp.float32)], axis=-2)
-  lses = jnp.stack([lse_a, lse_b], axis=-1).astype(jnp.float32)
-  out, lse = merge_stacked(outs, lses, axis=lses.ndim - 1)
-  return out.astype(out_a.dtype), lse
+  # Written out for two (not `merge_stacked` over a stacked pair): XLA:CPU made the sum
+  # over the pair a library reduction that took 1.7 ms to merge 128 queries' outputs.
+  lse_a, lse_b = lse_a.astype(jnp.float32), lse_b.astype(jnp.float32)
+  m = jnp.maximum(lse_a, lse_b)
+  w_a, w_b = jnp.exp(lse_a - m), jnp.exp(lse_b - m)
+  total = w_a + w_b
+  out = (w_a[..., None] * out_a.astype(jnp.float32)
+         + w_b[..., None] * out_b.astype(jnp.float32)) / total[..., None]
+  empty = m <= EMPTY_LSE / 2
+  lse = jnp.where(empty, EMPTY_LSE, m + jnp.log(total))
+  return jnp.where(empty[..., None], 0.0, out).astype(out_a.dtype), lse
 
 
 def _finish(out_c, lse_c, logits, *, rows, dim, length, chunk_axis, dtype):

@@ -4,7 +4,11 @@ import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
+
 from kvjax import xla_cpu
+from kvjax.ops import rope
 
 FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
@@ -87,3 +91,34 @@ def test_glibc_accepts_the_malloc_options():
     major, minor = os.confstr("CS_GNU_LIBC_VERSION").split()[1].split(".")[:2]
     glibc = (int(major), int(minor)) >= (2, 35)
   assert xla_cpu.tune_malloc({}) == glibc
+
+
+def _rotate_half(x, positions, inv_freq):
+  angles = np.maximum(positions, 0)[..., None, None] * inv_freq.astype(np.float64)
+  x1, x2 = np.split(x.astype(np.float64), 2, axis=-1)
+  cos, sin = np.cos(angles), np.sin(angles)
+  return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def test_a_prefill_chunks_rope_tables_come_out_of_a_conditional(monkeypatch):
+  """On CPU a long chunk's cos/sin tables are computed in a conditional (once per token;
+  fused into the rotation XLA computed them once per head and dimension), with the same
+  result as the fused form; a decode step's few angles keep the fused form."""
+  inv_freq = (1.0 / 10000 ** (np.arange(0, 64, 2) / 64)).astype(np.float32)
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((1, 64, 9, 64)).astype(np.float32)   # 64 x 32 = 2048 angles
+  positions = np.arange(64, dtype=np.int32)[None] - 3          # three padding slots
+  rotate = lambda x, p: rope.apply_rope(x, p, inv_freq)
+  compiled = jax.jit(rotate).lower(x, positions).compile()
+  assert " conditional(" in compiled.as_text()   # the HLO instruction
+  got = np.asarray(compiled(x, positions))
+  np.testing.assert_allclose(got, _rotate_half(x, positions, inv_freq), atol=2e-5)
+  monkeypatch.setattr(rope, "MATERIALISED_ANGLES", 1 << 30)
+  fused = jax.jit(lambda x, p: rope.apply_rope(x, p, inv_freq)).lower(x, positions).compile()
+  assert " conditional(" not in fused.as_text()
+  np.testing.assert_array_equal(got, np.asarray(fused(x, positions)))
+  monkeypatch.undo()
+  step = jax.jit(rotate).lower(x[:, :1], positions[:, :1]).compile()
+  assert " conditional(" not in step.as_text()
+  np.testing.assert_allclose(np.asarray(step(x[:, :1], positions[:, :1])),
+                             _rotate_half(x[:, :1], positions[:, :1], inv_freq), atol=2e-5)

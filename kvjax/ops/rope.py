@@ -50,9 +50,24 @@ def shift_rope(x: jax.Array, offsets: jax.Array, inv_freq: np.ndarray) -> jax.Ar
   return _rotate(x, angles, inverse=False)
 
 
+# XLA:CPU fuses cos and sin into each element that reads them, so a prefill chunk's
+# rotation computed them once per head and dimension, not once per token: for 2K tokens
+# and 9 query heads 4.1 ms instead of 1.0 ms, and a SmolLM2 prefill layer took 5-8% longer.
+# From this many angles on, on CPU, the tables come out of a conditional, whose results
+# XLA writes to memory before their readers run (both branches compute the same tables).
+MATERIALISED_ANGLES = 1024
+
+
+def _cos_sin(angles: jax.Array) -> tuple[jax.Array, jax.Array]:
+  if angles.size < MATERIALISED_ANGLES or jax.default_backend() != "cpu":
+    return jnp.cos(angles), jnp.sin(angles)
+  tables = lambda a: (jnp.cos(a), jnp.sin(a))
+  return jax.lax.cond(jnp.isfinite(angles.reshape(-1)[0]), tables, tables, angles)
+
+
 def _rotate(x: jax.Array, angles: jax.Array, inverse: bool) -> jax.Array:
   """The rotate-half rotation of x [..., D] by angles [..., D/2] (broadcast)."""
-  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  cos, sin = _cos_sin(angles)
   if inverse:
     sin = -sin
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
