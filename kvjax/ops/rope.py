@@ -52,17 +52,22 @@ def shift_rope(x: jax.Array, offsets: jax.Array, inv_freq: np.ndarray) -> jax.Ar
 
 # XLA:CPU fuses cos and sin into each element that reads them, so a prefill chunk's
 # rotation computed them once per head and dimension, not once per token: for 2K tokens
-# and 9 query heads 4.1 ms instead of 1.0 ms, and a SmolLM2 prefill layer took 5-8% longer.
-# From this many angles on, on CPU, the tables come out of a conditional, whose results
-# XLA writes to memory before their readers run (both branches compute the same tables).
+# and 9 query heads 4.1 ms instead of 1.0 ms, and one SmolLM2 prefill layer took 5-8%
+# longer. From this many angles on (batch included), when lowered for CPU, the tables come
+# out of a conditional whose two branches compute the same tables: XLA writes a
+# conditional's results to memory before their readers run (`lax.optimization_barrier`
+# does not stop the fusion: XLA:CPU drops it first). On a CPU mesh the predicate, read
+# from one angle, costs one scalar all-reduce per call.
 MATERIALISED_ANGLES = 1024
 
 
 def _cos_sin(angles: jax.Array) -> tuple[jax.Array, jax.Array]:
-  if angles.size < MATERIALISED_ANGLES or jax.default_backend() != "cpu":
-    return jnp.cos(angles), jnp.sin(angles)
-  tables = lambda a: (jnp.cos(a), jnp.sin(a))
-  return jax.lax.cond(jnp.isfinite(angles.reshape(-1)[0]), tables, tables, angles)
+  fused = lambda a: (jnp.cos(a), jnp.sin(a))
+  # A symbolic size (shape-polymorphic export) keeps the fused form.
+  if not isinstance(angles.size, int) or angles.size < MATERIALISED_ANGLES:
+    return fused(angles)
+  materialised = lambda a: jax.lax.cond(jnp.isfinite(a.reshape(-1)[0]), fused, fused, a)
+  return jax.lax.platform_dependent(angles, cpu=materialised, default=fused)
 
 
 def _rotate(x: jax.Array, angles: jax.Array, inverse: bool) -> jax.Array:
