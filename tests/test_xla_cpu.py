@@ -11,6 +11,7 @@ import pytest
 
 from kvjax import xla_cpu
 from kvjax.ops import rope
+from method_inputs import rope_np
 
 FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
@@ -95,13 +96,6 @@ def test_glibc_accepts_the_malloc_options():
   assert xla_cpu.tune_malloc({}) == glibc
 
 
-def _rotate_half(x, positions, inv_freq):
-  angles = np.maximum(positions, 0)[..., None, None] * inv_freq.astype(np.float64)
-  x1, x2 = np.split(x.astype(np.float64), 2, axis=-1)
-  cos, sin = np.cos(angles), np.sin(angles)
-  return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-
-
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="a choice made for XLA:CPU")
 def test_a_prefill_chunks_rope_tables_come_out_of_a_conditional(monkeypatch):
   """On CPU a long chunk's cos/sin tables are computed in a conditional (once per token;
@@ -115,7 +109,7 @@ def test_a_prefill_chunks_rope_tables_come_out_of_a_conditional(monkeypatch):
   compiled = jax.jit(rotate).lower(x, positions).compile()
   assert " conditional(" in compiled.as_text()   # the HLO instruction
   got = np.asarray(compiled(x, positions))
-  np.testing.assert_allclose(got, _rotate_half(x, positions, inv_freq), atol=2e-5)
+  np.testing.assert_allclose(got, rope_np(x, positions, inv_freq), atol=2e-5)
   monkeypatch.setattr(rope, "MATERIALISED_ANGLES", 1 << 30)
   fused = jax.jit(lambda x, p: rope.apply_rope(x, p, inv_freq)).lower(x, positions).compile()
   assert " conditional(" not in fused.as_text()
@@ -124,4 +118,4 @@ def test_a_prefill_chunks_rope_tables_come_out_of_a_conditional(monkeypatch):
   step = jax.jit(rotate).lower(x[:, :1], positions[:, :1]).compile()
   assert " conditional(" not in step.as_text()
   np.testing.assert_allclose(np.asarray(step(x[:, :1], positions[:, :1])),
-                             _rotate_half(x[:, :1], positions[:, :1], inv_freq), atol=2e-5)
+                             rope_np(x[:, :1], positions[:, :1], inv_freq), atol=2e-5)
