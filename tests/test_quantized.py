@@ -156,24 +156,30 @@ def _layer(kind, tokens, bits=2, seed=0, window=32):
   return _LAYOUTS[kind](dense, bits, window).grow(8)
 
 
+def _token(seed, position):
+  """One new token [2, 2, 1, D] at `position` in both rows."""
+  rng = np.random.default_rng(seed)
+  return NewTokens(keys=jnp.asarray(rng.normal(size=(2, 2, 1, D)), jnp.float32),
+                   values=jnp.asarray(rng.normal(size=(2, 2, 1, D)), jnp.float32),
+                   positions=jnp.full((2, 1), position, jnp.int32))
+
+
 @pytest.mark.parametrize("kind", ["kivi", "gear"])
 def test_flushing_ahead_then_appending_one_token_equals_appending(kind):
-  """Layers of one family (two flushing, one not), one of another family (4 bits), one
-  without a window (its flushed group holds the new token: flushed by its append) and a
-  dense layer: flush_ahead then a one-token append leaves every layer as the append alone
-  does (the same group flushed, encoded with the other layers' in one call)."""
+  """Layers of one family (two flushing, one not), one of another family (4 bits), two
+  without a window (a full group waiting flushes, 31 tokens do not) and a dense layer:
+  flush_ahead then a one-token append leaves every layer as the append alone does (the
+  same group flushed, encoded with the other layers' in one call)."""
+  full_group = _layer(kind, 95, seed=5, window=0).append(_token(8, 95))
   layers = (_layer(kind, 95, seed=0), _layer(kind, 90, seed=1), _layer(kind, 95, seed=2),
-            _layer(kind, 95, bits=4, seed=3), _layer(kind, 95, seed=4, window=0),
+            _layer(kind, 95, bits=4, seed=3), _layer(kind, 95, seed=4, window=0), full_group,
             _layer("kivi", 90).residual)
-  assert [int(c.residual.end) for c in layers[:5]] == [63, 58, 63, 63, 31]
-  ends = [int(c.end) for c in layers[:5]]
-  rng = np.random.default_rng(9)
-  new = NewTokens(keys=jnp.asarray(rng.normal(size=(2, 2, 1, D)), jnp.float32),
-                  values=jnp.asarray(rng.normal(size=(2, 2, 1, D)), jnp.float32),
-                  positions=jnp.full((2, 1), 95, jnp.int32))
+  assert [int(c.residual.end) for c in layers[:6]] == [63, 58, 63, 63, 31, 32]
+  ends = [int(c.end) for c in layers[:6]]
+  new = _token(9, 96)
   ahead = jax.jit(lambda c: flush_ahead(c, 1))(layers)
-  assert [int(c.end) - end for c, end in zip(ahead, ends)] == [32, 0, 32, 32, 0]
-  assert [c.flushed_ahead for c in ahead[:5]] == [True] * 4 + [False]
+  assert [int(c.end) - end for c, end in zip(ahead, ends)] == [32, 0, 32, 32, 0, 32]
+  assert [c.flushed_ahead for c in ahead[:6]] == [True] * 6
   for got_layer, want_layer in zip(ahead, layers):
     got, want = got_layer.append(new), want_layer.append(new)
     assert jax.tree.structure(got) == jax.tree.structure(want)
@@ -185,8 +191,42 @@ def test_flushing_ahead_then_appending_one_token_equals_appending(kind):
   # A chunk of more tokens is flushed by its append (it may push out new tokens too).
   assert flush_ahead(layers, 2) is layers
   # A begin again before the appends (a policy skipping a layer's append) is refused.
-  with pytest.raises(kvjax.KvjaxError, match=r"layers \[0, 1, 2, 3\] were flushed ahead"):
+  with pytest.raises(kvjax.KvjaxError, match=r"layers \[0, 1, 2, 3, 4, 5\] were flushed ahead"):
     flush_ahead(ahead, 1)
+
+
+@pytest.mark.parametrize("kind", ["kivi", "gear"])
+def test_without_a_window_a_decode_step_flushes_past_tokens_only(kind):
+  """Without a window (GEAR's streaming buffer): one-token appends fill the residual to a
+  whole group, which the step then attends exactly; the next one-token append compresses
+  that group, as a chunk of both tokens would, and keeps its own token exact. A chunk
+  compresses every whole group, its own tokens included."""
+  layer = _layer(kind, 95, window=0)      # 64 compressed, 31 waiting
+  start = int(layer.end)
+  filled = layer.append(_token(1, 95))
+  assert (int(filled.end), int(filled.residual.end)) == (start, 32)
+  np.testing.assert_array_equal(np.asarray(filled.residual.keys[:, :, 31]),
+                                np.asarray(_token(1, 95).keys[:, :, 0]))
+  step = filled.append(_token(2, 96))
+  assert (int(step.end), int(step.residual.end)) == (start + 32, 1)
+  np.testing.assert_array_equal(np.asarray(step.residual.keys[:, :, 0]),
+                                np.asarray(_token(2, 96).keys[:, :, 0]))
+  np.testing.assert_array_equal(np.asarray(step.residual.positions[:, :, 0]), 96)
+  # The group stored is the full residual before the step (tokens 63..95), encoded.
+  group = jax.jit(lambda c: c.encode_group(*c.oldest_group()))(filled)
+  rewritten = step.replace(end=jnp.int32(start)).write_group(group).replace(end=step.end)
+  for got, want in zip(jax.tree.leaves(step), jax.tree.leaves(rewritten)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  # The same two tokens as one chunk: the group its first token completes is compressed
+  # after writing, and its second token waits alone.
+  first, second = _token(1, 95), _token(2, 96)
+  pair = NewTokens(keys=jnp.concatenate([first.keys, second.keys], axis=2),
+                   values=jnp.concatenate([first.values, second.values], axis=2),
+                   positions=jnp.concatenate([first.positions, second.positions], axis=1))
+  chunk = layer.append(pair)
+  assert (int(chunk.end), int(chunk.residual.end)) == (start + 32, 1)
+  for got, want in zip(jax.tree.leaves(chunk), jax.tree.leaves(step)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 class _WithoutBegin:
@@ -238,11 +278,12 @@ def test_decode_steps_with_and_without_flushing_ahead_agree(model, method, keep)
 
 
 @pytest.mark.parametrize("method", [KIVI(bits=2, group_size=32, residual=32),
-                                    GEAR(group_size=32, residual=32)], ids=["kivi", "gear"])
+                                    GEAR(group_size=32, residual=32), GEAR(group_size=32)],
+                         ids=["kivi", "gear", "gear-no-window"])
 def test_a_decode_step_encodes_every_layers_group_in_one_call(method):
   """The packing shifts a decode step traces do not grow with the layers: one encoding for
   all layers (30 per-layer GEAR(residual=64) compressions cost 6-8 s of SmolLM2's decode
-  loop compile)."""
+  loop compile; GEAR's default, without a window, 20.6 s of 21)."""
   counts = []
   for layers in (2, 4):
     model = tiny_model(head_dim=D, num_layers=layers)

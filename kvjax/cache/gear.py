@@ -6,8 +6,8 @@ Slots are split in three parts, each sized to what it holds:
   * decode: later tokens, compressed `group` at a time with the decode rank, one block per
     flushed group (GEAR's streaming buffer, compressed every n_b tokens);
   * residual: the newest tokens in full precision (a dense `LayerCache`), between `window`
-    and `window + group - 1` of them, flushed group by group exactly like KIVI's
-    (`kvjax.cache.quantized`).
+    and `window + group - 1` of them (without a window, 1 to `group` at a decode step's
+    attention), flushed group by group exactly like KIVI's (`kvjax.cache.quantized`).
 A block (`GearBlocks`) of n slots stores what `kvjax.ops.gear` describes: KIVI's packed
 codes, scales and zeros of the outlier-free block (a `QuantizedKV`), the outliers (keys:
 per channel over the block's tokens; values: per token over channels; values + int32

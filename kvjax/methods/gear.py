@@ -35,8 +35,12 @@ class GEAR(storage.PressedStorage):
   residual taken against the quantized block with outliers put back, the power iteration).
   Departures, each a choice the repository leaves open or gets wrong:
   * residual=0 with flushes of group_size tokens reproduces GEAR's streaming buffer (the
-    prompt's last T mod 64 tokens and 0..63 decode tokens stay fp16) because its gap and
-    its group are both 64; residual > 0 adds KIVI's always-exact recent window.
+    prompt's last T mod 64 tokens stay fp16, and a decode step attends 1..64 fp16 tokens)
+    because its gap and its group are both 64: the repository compresses the past's last
+    64 tokens when the past's length is a multiple of 64, before appending the step's
+    token (GEARLM/Simulated/modeling_llama_new.py, LlamaSdpaAttention.forward), so a full
+    buffer is compressed at the step after it filled, never with that step's own token.
+    residual > 0 adds KIVI's always-exact recent window.
   * Outlier counts are ceil(ratio * length / 2) per side of each vector of one KV head.
     The repository counts int(ratio * H * D / 2) per side for every vector, for keys too,
     whatever the vector's length (so a 64-token key group keeps ~31% of its entries at
