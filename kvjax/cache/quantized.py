@@ -11,12 +11,12 @@ Appending a chunk writes to the residual, then, while it holds `window + group` 
 quantizes its oldest `group` and moves them to the quantized part ("flushed group by
 group"), so the newest `window` tokens are always exact. A one-token append (a decode
 step) flushes first, while the residual holds `waiting_limit` tokens, so the group it
-flushes never holds the new token: without a window that is a full group, quantized at the
-step after it filled, as GEAR's streaming buffer and KIVI compress past tokens only (the
-model flushes every layer's group in one call before its first layer: `flush_ahead`).
-Each slot keeps
-its original position, so the same causal masks apply and eviction can run before
-quantization (SnapKV + KIVI).
+flushes never holds the new token: without a window that is a full group, attended exactly
+at the step that filled it and quantized at the next, as GEAR's streaming buffer does
+(KIVI too attends its full-precision tokens before quantizing them). The model flushes
+every layer's group in one call before its first layer: `flush_ahead`. Each slot keeps its
+original position, so the same causal masks apply and eviction can run before quantization
+(SnapKV + KIVI).
 Attention reads both parts and merges them by log-sum-exp (a dequantizing Pallas kernel
 on GPU/TPU, dequantize + the jnp reference on CPU).
 """
@@ -74,16 +74,19 @@ class ResidualWindow(PerHeadSlots):
 
   @property
   def waiting_limit(self) -> int:
-    """The most tokens the residual holds between appends: window + group - 1, or a full
-    group without a window (a decode step's token waits beside the group before it)."""
+    """The most tokens the residual holds between appends: window + group - 1, or, without
+    a window, a full group (it waits, exact, until the next one-token append compresses
+    it)."""
     return max(self.window, 1) + self.group - 1
 
   def free_slots(self) -> int:
-    # Flushing keeps the residual at most waiting_limit, so appends are bounded by the
-    # residual's free room and the compressed storage's room for flushed groups.
+    # A chunk of n tokens flushes ceil((residual.end + n - (window + group - 1)) / group)
+    # groups, which fit while n <= flushed_free + window + group - 1 - residual.end: exact
+    # for chunks, one short for a one-token append onto a full group waiting without a
+    # window (the safe side).
     flushed_free = self.flushed_capacity - int(self.end)
-    below_flush = max(0, self.waiting_limit - int(self.residual.end))
-    return min(self.residual.free_slots(), flushed_free + below_flush)
+    below_flush = self.window + self.group - 1 - int(self.residual.end)
+    return max(0, min(self.residual.free_slots(), flushed_free + below_flush))
 
   def oldest_group(self):
     """(keys, values, positions) of the residual's oldest `group` slots."""
