@@ -25,8 +25,8 @@ class GEAR(storage.PressedStorage):
   the last one (`kvjax.ops.gear`). The prompt's compressed slots form one block with rank
   `rank`; decode tokens wait in a full-precision buffer and are compressed `group_size` at
   a time with rank `decode_rank`; the newest `residual` tokens (plus up to group_size - 1
-  not yet flushed, or up to group_size at a decode step without a residual) stay exact. Everything is stored and counted in the cache's bytes
-  (`kvjax.cache.gear`).
+  not yet flushed, or up to group_size at a decode step without a residual) stay exact.
+  Everything is stored and counted in the cache's bytes (`kvjax.cache.gear`).
 
   Defaults: GEAR's GEAR-KIVI runs in HaoKang-Timmy/GEAR
   (GenerationBench/GenerationTest/run_template_llama-3-8b.sh at efe0bfe: --quantize_bit 2
