@@ -156,12 +156,17 @@ def _layer(kind, tokens, bits=2, seed=0, window=32):
   return _LAYOUTS[kind](dense, bits, window).grow(8)
 
 
+def _chunk(seed, start, n):
+  """n new tokens [2, 2, n, D] at positions start, start + 1, ... in both rows."""
+  rng = np.random.default_rng(seed)
+  return NewTokens(keys=jnp.asarray(rng.normal(size=(2, 2, n, D)), jnp.float32),
+                   values=jnp.asarray(rng.normal(size=(2, 2, n, D)), jnp.float32),
+                   positions=jnp.broadcast_to(start + jnp.arange(n, dtype=jnp.int32), (2, n)))
+
+
 def _token(seed, position):
   """One new token [2, 2, 1, D] at `position` in both rows."""
-  rng = np.random.default_rng(seed)
-  return NewTokens(keys=jnp.asarray(rng.normal(size=(2, 2, 1, D)), jnp.float32),
-                   values=jnp.asarray(rng.normal(size=(2, 2, 1, D)), jnp.float32),
-                   positions=jnp.full((2, 1), position, jnp.int32))
+  return _chunk(seed, position, 1)
 
 
 @pytest.mark.parametrize("kind", ["kivi", "gear"])
@@ -227,14 +232,6 @@ def test_without_a_window_a_decode_step_flushes_past_tokens_only(kind):
   assert (int(chunk.end), int(chunk.residual.end)) == (start + 32, 1)
   for got, want in zip(jax.tree.leaves(chunk), jax.tree.leaves(step)):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-
-
-def _chunk(seed, start, n):
-  """n new tokens [2, 2, n, D] at positions start, start + 1, ... in both rows."""
-  rng = np.random.default_rng(seed)
-  return NewTokens(keys=jnp.asarray(rng.normal(size=(2, 2, n, D)), jnp.float32),
-                   values=jnp.asarray(rng.normal(size=(2, 2, n, D)), jnp.float32),
-                   positions=jnp.broadcast_to(start + jnp.arange(n, dtype=jnp.int32), (2, n)))
 
 
 @pytest.mark.parametrize("kind", ["kivi", "gear"])
