@@ -98,17 +98,31 @@ class _Borrowing:
     return self.inner
 
 
+@dataclasses.dataclass(frozen=True)
+class _Pyramid(kvjax.methods.PyramidKV):
+  """A subclass that says nothing: it may score differently by layer or budget."""
+
+
 def test_the_one_program_serves_what_one_layer_cannot():
   model = tiny_model(num_layers=2)
   cache = init_cache(model.config, 1, 32)
   assert engine._runs_by_layer(model, cache, None)
   snapkv = kvjax.methods.get("snapkv")
   assert engine._runs_by_layer(model, cache, CompressionPlan(snapkv, budgets=(8, 8)))
-  # Budgets that differ by layer, a method that may differ by layer (PyramidKV inherits
-  # SnapKV's code, not its flag), traced parameters, several plans at once.
+  # Budgets that differ by layer pass only for a method that ranks regardless of budget
+  # with the default top-k (PyramidKV; not a subclass that does not say so, not a
+  # quantizer behind it), no room before the filler slots it cuts, and a largest budget
+  # that leaves a candidate out; nor do traced parameters or several plans at once.
+  pyramidkv = kvjax.methods.get("pyramidkv")
+  pyramid = CompressionPlan(pyramidkv, budgets=(8, 12))
+  assert engine._runs_by_layer(model, cache, pyramid)
+  assert engine._runs_by_layer(model, init_cache(model.config, 1, 0), pyramid, tokens=13)
+  assert not engine._runs_by_layer(model, init_cache(model.config, 1, 0), pyramid, tokens=12)
   assert not engine._runs_by_layer(model, cache, CompressionPlan(snapkv, budgets=(8, 12)))
-  pyramid = CompressionPlan(kvjax.methods.get("pyramidkv"), budgets=(8, 8))
-  assert not engine._runs_by_layer(model, cache, pyramid)
+  assert not engine._runs_by_layer(model, cache, CompressionPlan(_Pyramid(), budgets=(8, 12)))
+  quantized = kvjax.methods.get("kivi", press="pyramidkv")
+  assert not engine._runs_by_layer(model, cache, CompressionPlan(quantized, budgets=(8, 12)))
+  assert not engine._runs_by_layer(model, cache, dataclasses.replace(pyramid, room=4))
   assert not engine._runs_by_layer(model, cache, CompressionPlan(snapkv, budgets=(8, 8)),
                                    method_params={"w": jnp.ones(2)})
   assert not engine._runs_by_layer(model, cache, PlanSet((None, pyramid)))
@@ -164,11 +178,11 @@ LAYERWISE = [name for name in kvjax.methods.available()
 def test_the_methods_that_compress_layer_by_layer():
   # A method joins this list only with the test below passing for it.
   assert LAYERWISE == ["elastic_cache", "ems", "expected_attention", "gear", "h2o", "kivi",
-                       "knorm", "kvmerger", "lazy_eviction", "scissorhands", "snapkv",
-                       "streaming_llm", "think", "tova"]
+                       "knorm", "kvmerger", "lazy_eviction", "pyramidkv", "scissorhands",
+                       "snapkv", "streaming_llm", "think", "tova"]
   # A storage method is when its press is; a wrapper or subclass is not unless it says so.
   assert kvjax.methods.get("kivi", press="snapkv").layerwise_prefill
-  assert not kvjax.methods.get("kivi", press="pyramidkv").layerwise_prefill
+  assert not _Pyramid.layerwise_prefill and not _Pyramid.budget_free_priorities
   assert not kvjax.methods.get("adakv", press="snapkv").layerwise_prefill
 
 
@@ -178,10 +192,12 @@ TINY_ARGS = {"gear": dict(group_size=16, residual=16),
 
 
 @pytest.mark.parametrize("chunk_size", [None, 16])
-@pytest.mark.parametrize("name", LAYERWISE + ["kivi+snapkv", "think+knorm"])
+@pytest.mark.parametrize("name", LAYERWISE + ["kivi+snapkv", "think+knorm",
+                                              "pyramidkv:window=4"])
 def test_compressing_layer_by_layer_equals_one_program(name, chunk_size, monkeypatch):
   """A compressing prefill of a layerwise method runs one compiled layer for every layer
-  and gives exactly the one program's logits and cache (one chunk, and chunked)."""
+  and gives exactly the one program's logits and cache (one chunk, and chunked), also
+  when its layers' budgets differ (PyramidKV with a window that leaves room to rank)."""
   model = tiny_model(seed=3, num_layers=3)
   prompts = random_prompts([29, 12, 32], seed=5)
   tokens, mask = inputs.left_pad(prompts, 0, 32)
@@ -192,9 +208,16 @@ def test_compressing_layer_by_layer_equals_one_program(name, chunk_size, monkeyp
   got = context.prefill(model, tokens, mask, method, keep=10, room=4, chunk_size=chunk_size,
                         steps=steps)
   names = [key[0] for key in steps._executables]
-  # One compiled layer per chunk shape (the second chunk sees a compressed cache).
-  assert names.count("compress_layer") == (1 if chunk_size is None else 2), names
-  assert "prefill" not in names
+  differ = len(set(got.budgets)) > 1
+  assert differ == (name == "pyramidkv:window=4"), got.budgets
+  assert ("first_slots" in names) == differ
+  if differ and chunk_size is not None:
+    # Layers of different sizes after the first chunk: the second runs as one program.
+    assert names.count("compress_layer") == 1 and "prefill" in names, names
+  else:
+    # One compiled layer per chunk shape (the second chunk sees a compressed cache).
+    assert names.count("compress_layer") == (1 if chunk_size is None else 2), names
+    assert "prefill" not in names
   monkeypatch.setattr(engine, "_layer_plan", lambda plan, params: None)
   one = engine.CompiledSteps()
   want = context.prefill(model, tokens, mask, method, keep=10, room=4, chunk_size=chunk_size,

@@ -203,6 +203,13 @@ class LayerCache(PerHeadSlots):
                       positions=take(self.positions), end=jnp.int32(keep),
                       state=map_state(take, self.state))
 
+  def first_slots(self, n: int) -> "LayerCache":
+    """Every head's first `n` slots: capacity n, `end` at most n."""
+    cut = lambda a: a[:, :, :n]
+    return LayerCache(keys=cut(self.keys), values=cut(self.values),
+                      positions=cut(self.positions), end=jnp.minimum(self.end, n),
+                      state=map_state(cut, self.state))
+
   def live_first(self, capacity: int | None = None) -> "LayerCache":
     """Every row's and head's live slots moved to the front, in slot order, then the
     capacity cut to `capacity` (unchanged when None); jit-safe. Live slots past `capacity`

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 from kvjax.cache import kv_cache
 from kvjax.generation import sampling
 from kvjax.loading import assets
+from kvjax.methods.base import Method
+from kvjax.methods.plan import RankedLayer
 from kvjax.model import transformer
 from kvjax.ops.sharded import kernels_on
 from kvjax.sharding.distributed import host_array
@@ -112,10 +114,18 @@ def _prefill_embed(params, tokens, token_mask, cache_lengths, *, graphdef):
   return transformer.embed_chunk(graphdef, params, tokens, token_mask, cache_lengths)
 
 
-def _prefill_layer(params, x, positions, layer_cache, lengths, tokens, *, graphdef,
-                   plan=None):
+def _prefill_layer(params, x, positions, layer_cache, lengths, tokens, keep=None, *,
+                   graphdef, plan=None):
+  # keep: the layer's budget, traced, for a plan whose layers' budgets differ (`_ranked`).
+  if keep is not None:
+    plan = RankedLayer(**{f.name: getattr(plan, f.name) for f in dataclasses.fields(plan)},
+                       keep=keep)
   return transformer.layer_forward(graphdef, params, x, positions, layer_cache, lengths,
                                    tokens, plan)
+
+
+def _first_slots(layers, *, sizes):
+  return tuple(layer.first_slots(n) for layer, n in zip(layers, sizes))
 
 
 def _prefill_logits(params, x, token_mask, *, graphdef, logits):
@@ -128,6 +138,7 @@ _prefill_layer_jit = jax.jit(_prefill_layer, static_argnames=("graphdef", "plan"
 # A compressing layer returns a cache of other shapes: nothing to donate to.
 _compress_layer_jit = jax.jit(_prefill_layer, static_argnames=("graphdef", "plan"))
 _prefill_logits_jit = jax.jit(_prefill_logits, static_argnames=("graphdef", "logits"))
+_first_slots_jit = jax.jit(_first_slots, static_argnames=("sizes",))
 
 
 def _layer_graphdef(model):
@@ -139,12 +150,16 @@ def _layer_graphdef(model):
   return derived["layer"]
 
 
-def _runs_by_layer(model, cache, plan, method_params=None) -> bool:
-  """Whether a prefill runs one layer per call: on one device over layers that each hold
-  their own storage with one shape, storing uncompressed or compressing by a plan whose
-  every layer does the same work (`_layer_plan`); else one program for all layers."""
+def _runs_by_layer(model, cache, plan, method_params=None, tokens: int = 0) -> bool:
+  """Whether a prefill of `tokens` tokens runs one layer per call: on one device over
+  layers that each hold their own storage with one shape, storing uncompressed or
+  compressing by a plan whose every layer does the same work (`_layer_plan`; one with
+  budgets that differ only while the largest leaves a candidate out); else one program
+  for all layers."""
   if plan is not None and _layer_plan(plan, method_params) is None:
     return False
+  if _ranked(plan) and max(plan.budgets) >= cache.layers[0].capacity + tokens:
+    return False   # the largest budget keeps everything: `compact` pads, not ranks
   if getattr(model, "placement", None) is not None:
     return False
   layers = cache.layers
@@ -160,18 +175,30 @@ def _layer_plan(plan, method_params):
   (`Method.layerwise_prefill`; a cross-layer `cache_step` still runs after the last
   layer), with one budget for every layer. Its layers then share one compiled layer
   instead of compiling all of them unrolled (SnapKV 0.5 on SmolLM2: a new prompt length
-  compiled in 7.0-7.5 s, now 4.0-4.4 s)."""
+  compiled in 7.0-7.5 s, now 4.0-4.4 s). Budgets may differ for a method that ranks
+  slots regardless of budget (`Method.budget_free_priorities`, PyramidKV): the plan then
+  holds the largest, and each layer's own is passed traced (`_ranked`)."""
   return None if method_params is not None else _one_layer_plan(plan)
+
+
+def _ranked(plan) -> bool:
+  """Whether a compressing plan run layer by layer passes each layer's budget traced."""
+  return plan is not None and len(set(getattr(plan, "budgets", ()))) > 1
 
 
 @functools.lru_cache(maxsize=64)
 def _one_layer_plan(plan):
   # Memoized: the same plan object each call keeps the executable key's hash table small.
   method = getattr(plan, "method", None)   # a PlanSet (several methods) has none
-  if (method is None or not plan.compress or not getattr(method, "layerwise_prefill", False)
-      or len(set(plan.budgets)) != 1):
+  if method is None or not plan.compress or not getattr(method, "layerwise_prefill", False):
     return None
-  return dataclasses.replace(plan, budgets=plan.budgets[:1])
+  if len(set(plan.budgets)) == 1:
+    return dataclasses.replace(plan, budgets=plan.budgets[:1])
+  # Filler slots past a layer's budget are cut after the last layer: no room before them.
+  if (type(method).budget_free_priorities and type(method).compact is Method.compact
+      and plan.room == 0):
+    return dataclasses.replace(plan, budgets=(max(plan.budgets),))
+  return None
 
 
 def _grow(cache, *, rooms, placement=None):
@@ -338,7 +365,7 @@ class CompiledSteps:
               method_params=None):
     # Checked before anything runs: the layer-by-layer path donates layers as it goes.
     transformer.check_logits(logits)
-    if _runs_by_layer(model, cache, plan, method_params):
+    if _runs_by_layer(model, cache, plan, method_params, tokens.shape[1]):
       return self._prefill_by_layer(model, tokens, token_mask, cache, logits, plan)
     args = _placed(model, (model.params, tokens, token_mask, cache, method_params),
                    rows=(1, 2), cache=3)
@@ -352,7 +379,11 @@ class CompiledSteps:
     args = (model.params, tokens, token_mask, cache.lengths)
     x, positions, lengths = self._get("prefill_embed", _prefill_embed_jit, whole, args)(*args)
     layer_params = model.params["layers"]
-    args = (layer_params[0], x, positions, cache.layers[0], lengths, tokens)
+    # Budgets that differ by layer are passed traced; every layer is compacted to the largest
+    # budget's shapes, then cut to its own.
+    ranked = _ranked(plan)
+    keeps = [(jnp.int32(b),) for b in plan.budgets] if ranked else [()] * len(cache.layers)
+    args = (layer_params[0], x, positions, cache.layers[0], lengths, tokens) + keeps[0]
     # Every layer's weights and cache have layer 0's shapes (_runs_by_layer).
     layer_plan = None if plan is None else _layer_plan(plan, None)
     name, jitted = (("prefill_layer", _prefill_layer_jit) if layer_plan is None
@@ -362,13 +393,17 @@ class CompiledSteps:
     layers = []
     for index, layer_cache in enumerate(cache.layers):
       x, layer_cache = run_layer(layer_params[index], x, positions, layer_cache, lengths,
-                                 tokens)
+                                 tokens, *keeps[index])
       layers.append(layer_cache)
+    layers = tuple(layers)
+    if ranked:
+      layers = self._get("first_slots", _first_slots_jit, dict(sizes=plan.budgets), (layers,),
+                         _COPY_OPTIONS if _on_cpu(layers) else None)(layers)
     args = (model.params, x, token_mask)
     out = self._get("prefill_logits", _prefill_logits_jit, dict(whole, logits=logits), args)(*args)
     if plan is None:
-      return out, kv_cache.Cache(layers=tuple(layers), lengths=lengths)
-    return out, plan.finish(tuple(layers), lengths)   # a cross-layer step, if any
+      return out, kv_cache.Cache(layers=layers, lengths=lengths)
+    return out, plan.finish(layers, lengths)   # a cross-layer step, if any
 
   def decode(self, model, tokens, cache, key, temperature, top_p, greedy, plan=None,
              active=None, method_params=None):

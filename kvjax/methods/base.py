@@ -94,6 +94,11 @@ class Method:
   # layer must not run so unchecked. A property (an instance's answer, as the storage
   # methods' from their press) is.
   layerwise_prefill: ClassVar[bool] = False
+  # True: its priorities read no budget (neither `x.keep` nor `protected`'s keep) and it
+  # compacts by the default top-k, so a layer's kept slots under any budget b are the first
+  # b of one ranking at the largest budget: layers whose budgets differ (PyramidKV) then
+  # share one compiled layer too (`compact_ranked`). Not inherited, as above.
+  budget_free_priorities: ClassVar[bool] = False
 
   def __post_init__(self):
     check_fields(self)
@@ -106,6 +111,7 @@ class Method:
     declared = cls.__dict__.get("layerwise_prefill", getattr(cls, "layerwise_prefill"))
     if not isinstance(declared, property):   # a property (an instance's answer) is inherited
       cls.layerwise_prefill = cls.__dict__.get("layerwise_prefill", False)
+    cls.budget_free_priorities = cls.__dict__.get("budget_free_priorities", False)
     own = cls.__dict__.get("__post_init__")
     if own is None:
       return
@@ -207,6 +213,18 @@ class Method:
       return from_index.grow(keep - s).replace(end=jnp.int32(keep))
     _, index = jax.lax.top_k(priorities(self, x, keep), keep)
     return from_index.select(jnp.sort(index, axis=-1))
+
+  def compact_ranked(self, cand, x: LayerInputs, largest: int, keep: jax.Array):
+    """`compact(cand, x, keep)` for a traced `keep` <= `largest` < cand.capacity, at the
+    shapes of a budget of `largest` (a method with `budget_free_priorities`): the first
+    `keep` slots of the result, in slot order, are the ones `compact` keeps (lax.top_k
+    breaks ties by the lower index, so the best `keep` of the top `largest` are the top
+    `keep`); slots from `keep` on are filler the caller cuts off (`LayerCache.first_slots`)."""
+    from_index = cand.replace(state=self.prefill_state(x))
+    s = cand.capacity
+    _, index = jax.lax.top_k(priorities(self, x, largest), largest)
+    index = jnp.where(jnp.arange(largest) < keep, index, s)   # the rest sorts after them
+    return from_index.select(jnp.minimum(jnp.sort(index, axis=-1), s - 1)).replace(end=keep)
 
   def cache_step(self, layers: tuple, lengths: jax.Array) -> tuple:
     """A cache-wide step after the forward pass (cross-layer methods); default: none."""

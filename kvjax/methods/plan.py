@@ -94,7 +94,7 @@ class CompressionPlan:
     if self.compress:
       cand = layer_cache.candidates(step.new)
       x = layer_inputs(layer, cand, step, stats.column_sums)
-      return self.method.compact(cand, x, self.budgets[layer]).grow(self.room)
+      return self._compact(layer, cand, x).grow(self.room)
     if self._evicting(step.new.keys.shape[2]):
       return evict_and_insert(self.method, layer_cache, step.new, stats.probs,
                               stats.pending_probs, step.lengths, self.budgets[layer])
@@ -106,10 +106,24 @@ class CompressionPlan:
           self.method.observe_queries(layer_cache.state_view(), *stats.queries))
     return layer_cache
 
+  def _compact(self, layer: int, cand, x: LayerInputs):
+    return self.method.compact(cand, x, self.budgets[layer])
+
   def finish(self, layers: tuple, lengths: jax.Array) -> Cache:
     if self.compress:
       layers = self.method.cache_step(tuple(layers), lengths)
     return Cache(layers=tuple(layers), lengths=lengths)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RankedLayer(CompressionPlan):
+  """A one-layer compressing plan (budgets: the largest of the layers') run with the
+  layer's own budget `keep` as a traced value (`Method.compact_ranked`): made inside a
+  compiled layer that serves every layer (kvjax.generation.engine), never hashed."""
+  keep: jax.Array | None = None
+
+  def _compact(self, layer: int, cand, x: LayerInputs):
+    return self.method.compact_ranked(cand, x, self.budgets[layer], self.keep)
 
 
 @dataclasses.dataclass(frozen=True)
