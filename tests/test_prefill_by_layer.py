@@ -1,10 +1,11 @@
 """The uncompressed prefill, and the compressing prefill of a method whose every layer does
-the same work, run one compiled layer per call (kvjax.generation.engine).
+the same work, run one compiled layer per call (kvjax.generation.engine), also when only
+the budgets differ by layer and the method ranks regardless of budget (PyramidKV).
 
 They must give exactly what the whole forward pass compiled as one program gives (logits
 and cache), reuse one executable for every layer, and leave the one-program path to the
-cases they cannot serve (plans that differ by layer, shared storage, layers of different
-shapes).
+cases they cannot serve (plans whose work differs by layer, shared storage, layers of
+different shapes).
 """
 
 import dataclasses
@@ -192,7 +193,7 @@ TINY_ARGS = {"gear": dict(group_size=16, residual=16),
 
 
 @pytest.mark.parametrize("chunk_size", [None, 16])
-@pytest.mark.parametrize("name", LAYERWISE + ["kivi+snapkv", "think+knorm",
+@pytest.mark.parametrize("name", LAYERWISE + ["kivi+snapkv", "think+knorm", "kivi+pyramidkv",
                                               "pyramidkv:window=4"])
 def test_compressing_layer_by_layer_equals_one_program(name, chunk_size, monkeypatch):
   """A compressing prefill of a layerwise method runs one compiled layer for every layer
@@ -225,6 +226,46 @@ def test_compressing_layer_by_layer_equals_one_program(name, chunk_size, monkeyp
   assert "compress_layer" not in [key[0] for key in one._executables]
   _assert_same((got.logits, got.cache), (want.logits, want.cache), exact=True)
   assert got.budgets == want.budgets
+
+
+@dataclasses.dataclass(frozen=True)
+class _ScoredByState(kvjax.methods.base.Method):
+  """Scores are the candidates' state: priorities set by the test, the state kept too."""
+  name: ClassVar[str] = "scored_by_state"
+  budget_free_priorities: ClassVar[bool] = True
+
+  def score(self, x):
+    return x.slot_state
+
+
+def test_ranking_once_keeps_what_compacting_to_each_budget_keeps():
+  """`compact_ranked` at a largest budget, cut to `keep`, equals `compact(keep)` leaf by
+  leaf, for every keep from 1 to the largest: few distinct scores (ties everywhere),
+  protected (+inf) slots, and left padding (empty slots, -inf) up to a whole row."""
+  rng = np.random.default_rng(0)
+  b, k, s, d = 3, 2, 24, 4
+  method = _ScoredByState()
+  for trial in range(4):
+    scores = rng.integers(0, 3, (b, k, s)).astype(np.float32)
+    scores[rng.random((b, k, s)) < 0.2] = np.inf
+    positions = np.broadcast_to(np.arange(s, dtype=np.int32), (b, k, s)).copy()
+    for row, pad in enumerate([0, int(rng.integers(1, s)), s if trial == 0 else 5]):
+      positions[row, :, :pad] = -1
+    cand = kvjax.cache.kv_cache.LayerCache(
+        keys=jnp.asarray(rng.normal(size=(b, k, s, d)), jnp.float32),
+        values=jnp.asarray(rng.normal(size=(b, k, s, d)), jnp.float32),
+        positions=jnp.asarray(positions), end=jnp.int32(s), state=jnp.asarray(scores))
+    x = kvjax.methods.base.LayerInputs(
+        config=None, layer=0, queries=None, raw_queries=None, query_positions=None,
+        keys=cand.keys, values=cand.values, key_positions=cand.positions,
+        lengths=jnp.full((b,), s, jnp.int32), slot_state=cand.state)
+    largest = 9 + trial
+    ranked = jax.jit(lambda keep: method.compact_ranked(cand, x, largest, keep))
+    for keep in range(1, largest + 1):
+      got = ranked(jnp.int32(keep))   # traced, as the engine passes it
+      # Past `keep` the slots read as empty before the cut.
+      assert (np.asarray(got.positions)[..., keep:] == -1).all()
+      _assert_same(got.first_slots(keep), method.compact(cand, x, keep), exact=True)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import validation
-from kvjax.cache.kv_cache import LayerCache
+from kvjax.cache.kv_cache import EMPTY_POSITION, LayerCache
 from kvjax.config import ModelConfig
 from kvjax.errors import MethodError
 from kvjax.methods import budgets
@@ -97,7 +97,8 @@ class Method:
   # True: its priorities read no budget (neither `x.keep` nor `protected`'s keep) and it
   # compacts by the default top-k, so a layer's kept slots under any budget b are the first
   # b of one ranking at the largest budget: layers whose budgets differ (PyramidKV) then
-  # share one compiled layer too (`compact_ranked`). Not inherited, as above.
+  # share one compiled layer too (`compact_ranked`). A class attribute, never inherited
+  # (not a property: the engine reads it from the class).
   budget_free_priorities: ClassVar[bool] = False
 
   def __post_init__(self):
@@ -219,12 +220,15 @@ class Method:
     shapes of a budget of `largest` (a method with `budget_free_priorities`): the first
     `keep` slots of the result, in slot order, are the ones `compact` keeps (lax.top_k
     breaks ties by the lower index, so the best `keep` of the top `largest` are the top
-    `keep`); slots from `keep` on are filler the caller cuts off (`LayerCache.first_slots`)."""
+    `keep`); the slots from `keep` on read as empty, and the caller cuts them off
+    (`LayerCache.first_slots`)."""
     from_index = cand.replace(state=self.prefill_state(x))
     s = cand.capacity
     _, index = jax.lax.top_k(priorities(self, x, largest), largest)
-    index = jnp.where(jnp.arange(largest) < keep, index, s)   # the rest sorts after them
-    return from_index.select(jnp.minimum(jnp.sort(index, axis=-1), s - 1)).replace(end=keep)
+    kept = jnp.arange(largest) < keep
+    index = jnp.where(kept, index, s)   # the rest sorts after them
+    out = from_index.select(jnp.minimum(jnp.sort(index, axis=-1), s - 1))
+    return out.replace(positions=jnp.where(kept, out.positions, EMPTY_POSITION), end=keep)
 
   def cache_step(self, layers: tuple, lengths: jax.Array) -> tuple:
     """A cache-wide step after the forward pass (cross-layer methods); default: none."""

@@ -119,7 +119,8 @@ class CompressionPlan:
 class RankedLayer(CompressionPlan):
   """A one-layer compressing plan (budgets: the largest of the layers') run with the
   layer's own budget `keep` as a traced value (`Method.compact_ranked`): made inside a
-  compiled layer that serves every layer (kvjax.generation.engine), never hashed."""
+  compiled layer that serves every layer (kvjax.generation.engine), where nothing hashes
+  it (its equality and hash are CompressionPlan's, which ignore `keep`)."""
   keep: jax.Array | None = None
 
   def _compact(self, layer: int, cand, x: LayerInputs):
