@@ -27,6 +27,7 @@ import inspect
 import os
 import pathlib
 import statistics
+import sys
 import time
 from typing import Sequence
 
@@ -43,6 +44,8 @@ from kvjax.loading import assets
 from kvjax.loading import load as load_lib
 
 BASELINES = ("transformers",)
+# Whether import_transformers set OMP_WAIT_POLICY before this process first imported torch.
+_OMP_POLICY_SET_BEFORE_TORCH = [False]
 # (JSON key, table name) of each timed quantity; ratios are paired per repeat.
 TIMES = (("prefill_seconds", "prefill"), ("time_to_first_token_seconds", "time_to_first_token"),
          ("decode_step_seconds", "decode_step"), ("generate_seconds", "generate"))
@@ -101,8 +104,16 @@ def check_torch_threads(value) -> int:
   return _check_count((os.cpu_count() or 1) if value is None else value, "torch_threads")
 
 
-def import_transformers():
-  """(torch, transformers), or an error saying what to install."""
+def import_transformers(omp_wait_policy: str | None = None):
+  """(torch, transformers), or an error saying what to install.
+
+  omp_wait_policy: OMP_WAIT_POLICY for torch's OpenMP threads, set (unless the environment
+  sets it) before torch is first imported; libgomp reads it once, so a process that has
+  imported torch already keeps its policy (`omp_wait_policy()` reports what holds).
+  """
+  if omp_wait_policy is not None and "torch" not in sys.modules:
+    os.environ.setdefault("OMP_WAIT_POLICY", omp_wait_policy)
+    _OMP_POLICY_SET_BEFORE_TORCH[0] = True
   try:
     torch = importlib.import_module("torch")
     transformers = importlib.import_module("transformers")
@@ -111,6 +122,13 @@ def import_transformers():
                          f"transformers (and gguf + accelerate for GGUF files), e.g. "
                          f"pip install 'kvjax[test]'; import failed: {e}") from e
   return torch, transformers
+
+
+def omp_wait_policy() -> dict:
+  """The OMP_WAIT_POLICY torch's threads run under, for a report: the environment's value
+  and whether it was in place when torch was first imported (libgomp reads it only then)."""
+  return {"omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+          "set_before_torch_import": _OMP_POLICY_SET_BEFORE_TORCH[0]}
 
 
 def _gguf_of(source) -> pathlib.Path | None:
@@ -388,7 +406,7 @@ def compare(model, hf_model, context_lengths: Sequence[int], batch_sizes: Sequen
       "transformers_version": transformers.__version__,
       "baseline": "transformers",
       "threads": {"torch_threads": used_threads, "torch_device": str(device),
-                  "cpu_count": os.cpu_count(),
+                  "cpu_count": os.cpu_count(), **omp_wait_policy(),
                   "xla": "XLA's CPU client sizes its own thread pool to the machine's cores"},
       "model": {"name": model.config.name, "source": source, "num_params": model.num_params(),
                 "config": model.config.to_dict()},

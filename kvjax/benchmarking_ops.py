@@ -6,6 +6,12 @@ causal `scaled_dot_product_attention`, and a prefill-sized matrix product (token
 times hidden x intermediate, the MLP's) in XLA against torch's, on the same random float32
 inputs. Repeats are interleaved (the order flips every round); each speed ratio is the
 median of the per-repeat ratios torch time / kvjax time (> 1: kvjax faster).
+
+torch's OpenMP threads run with OMP_WAIT_POLICY=PASSIVE here (unless the environment sets
+it): libgomp's default keeps its workers spinning after each torch op, and on 2 cores they
+took the cores from the XLA op timed next. One 512 x 576 x 1536 float32 product in XLA took
+7.5 ms right after a torch product against 5.5 ms alone (2048 rows: 29.8 against 21.8 ms);
+with PASSIVE 5.5 and 20.7 ms, and torch's own times unchanged (5.2 and 19.4-19.9 ms).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from kvjax.loading import load as load_lib
 from pallas_kernels import reference
 
 OPS = ("attention", "product")
+OMP_WAIT_POLICY = "PASSIVE"
 # Flags of a generating run that --ops has no use for: given, they are an error.
 UNUSED_FLAGS = ("method", "methods", "method_arg", "compression_ratio", "budget",
                 "decode_steps", "dtype")
@@ -107,7 +114,7 @@ def run(source, context_lengths, batch_sizes, repeats: int = 5, warmup: int = 2,
         seed: int = 0, torch_threads=None, log=None) -> dict:
   """The JSON-ready report of `measure_ops` at every (context length, batch size), at the
   shapes of the model `source` (its config only: `load_config`)."""
-  torch, _ = baseline.import_transformers()
+  torch, _ = baseline.import_transformers(omp_wait_policy=OMP_WAIT_POLICY)
   threads = baseline.check_torch_threads(torch_threads)
   repeats = _check_count(repeats, "repeats")
   warmup = _check_count(warmup, "warmup", minimum=0)
@@ -122,6 +129,7 @@ def run(source, context_lengths, batch_sizes, repeats: int = 5, warmup: int = 2,
         rows.extend(measure_ops(config, c, b, repeats, warmup, seed))
   return {"device": device_info(), "jax_version": jax.__version__,
           "torch_version": torch.__version__, "torch_threads": threads,
+          "torch_openmp": baseline.omp_wait_policy(),
           "model": {"name": config.name, "source": str(source), "config": config.to_dict()},
           "ops": {"attention": "kvjax pallas_kernels.reference.attention (float32, causal) "
                                "vs torch scaled_dot_product_attention(is_causal=True, "
@@ -136,7 +144,8 @@ def run(source, context_lengths, batch_sizes, repeats: int = 5, warmup: int = 2,
 
 def format_table(report: dict) -> str:
   lines = [f"{baseline._host_line(report['device'])}, jax {report['jax_version']}, torch "
-           f"{report['torch_version']} (torch_threads={report['torch_threads']})",
+           f"{report['torch_version']} (torch_threads={report['torch_threads']}, "
+           f"OMP_WAIT_POLICY={report['torch_openmp']['omp_wait_policy']})",
            f"{'op':10s} {'ctx':>6s} {'batch':>5s} | {'kvjax ms':>9s} {'torch ms':>9s} "
            f"{'x':>5s} | {'GFLOP/s kv/torch':>17s} | max |diff|"]
   for r in report["results"]:

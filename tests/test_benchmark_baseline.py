@@ -1,6 +1,7 @@
 """scripts/benchmark.py --baseline=transformers on a tiny random Llama (speed is not asserted)."""
 
 import json
+import os
 import statistics
 import sys
 
@@ -39,6 +40,9 @@ def test_report_structure(side_by_side, tiny_dir):
   assert report["torch_version"] and report["transformers_version"]
   assert report["baseline"] == "transformers" and report["config"]["baseline"] == "transformers"
   assert report["threads"]["torch_threads"] == 1 and report["threads"]["cpu_count"] >= 1
+  # The side-by-side leaves torch's OpenMP policy as the environment has it.
+  assert report["threads"]["omp_wait_policy"] == os.environ.get("OMP_WAIT_POLICY")
+  assert report["threads"]["set_before_torch_import"] is False
   assert report["model"]["source"] == str(tiny_dir) and report["model"]["config"]["dtype"] == (
       "float32")
   assert [m["label"] for m in report["methods"]] == ["full", "snapkv"]
@@ -155,6 +159,10 @@ def test_ops_side_by_side(tiny_dir, tmp_path):
   report = json.loads(out.read_text())
   config = report["model"]["config"]
   assert report["torch_threads"] == 1 and "host_cpu" in report["device"]
+  # torch's OpenMP workers sleep between ops (PASSIVE) unless the environment chose.
+  assert report["torch_openmp"] == {
+      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+      "set_before_torch_import": True}
   rows = report["results"]
   assert [(r["op"], r["context_length"], r["batch_size"]) for r in rows] == [
       (op, c, b) for c in (16, 80) for b in (1, 2) for op in benchmarking_ops.OPS]
@@ -169,6 +177,7 @@ def test_ops_side_by_side(tiny_dir, tmp_path):
     else:
       assert r["flops"] == 2 * b * t * config["hidden_size"] * config["intermediate_size"]
   assert "kvjax speed / torch speed" in proc.stdout and "attention" in proc.stdout
+  assert f"OMP_WAIT_POLICY={report['torch_openmp']['omp_wait_policy']}" in proc.stdout
 
 
 def test_ops_needs_the_baseline_and_takes_no_plot(tiny_dir):
