@@ -44,8 +44,9 @@ from kvjax.loading import assets
 from kvjax.loading import load as load_lib
 
 BASELINES = ("transformers",)
-# Whether import_transformers set OMP_WAIT_POLICY before this process first imported torch.
-_OMP_POLICY_SET_BEFORE_TORCH = [False]
+# OMP_WAIT_POLICY as it was when import_transformers first imported torch in this process
+# (libgomp reads it then); empty if torch was imported elsewhere first.
+_POLICY_AT_TORCH_IMPORT = {}
 # (JSON key, table name) of each timed quantity; ratios are paired per repeat.
 TIMES = (("prefill_seconds", "prefill"), ("time_to_first_token_seconds", "time_to_first_token"),
          ("decode_step_seconds", "decode_step"), ("generate_seconds", "generate"))
@@ -108,12 +109,14 @@ def import_transformers(omp_wait_policy: str | None = None):
   """(torch, transformers), or an error saying what to install.
 
   omp_wait_policy: OMP_WAIT_POLICY for torch's OpenMP threads, set (unless the environment
-  sets it) before torch is first imported; libgomp reads it once, so a process that has
-  imported torch already keeps its policy (`omp_wait_policy()` reports what holds).
+  sets it) before torch is first imported. libgomp reads it once, when it is loaded: a
+  process that has imported torch (or another library with libgomp) already keeps the
+  policy it had (`omp_wait_policy()` reports what is known).
   """
-  if omp_wait_policy is not None and "torch" not in sys.modules:
-    os.environ.setdefault("OMP_WAIT_POLICY", omp_wait_policy)
-    _OMP_POLICY_SET_BEFORE_TORCH[0] = True
+  if "torch" not in sys.modules:
+    if omp_wait_policy is not None:
+      os.environ.setdefault("OMP_WAIT_POLICY", omp_wait_policy)
+    _POLICY_AT_TORCH_IMPORT["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
   try:
     torch = importlib.import_module("torch")
     transformers = importlib.import_module("transformers")
@@ -125,10 +128,14 @@ def import_transformers(omp_wait_policy: str | None = None):
 
 
 def omp_wait_policy() -> dict:
-  """The OMP_WAIT_POLICY torch's threads run under, for a report: the environment's value
-  and whether it was in place when torch was first imported (libgomp reads it only then)."""
-  return {"omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-          "set_before_torch_import": _OMP_POLICY_SET_BEFORE_TORCH[0]}
+  """For a report: the OMP_WAIT_POLICY torch's OpenMP threads run under (None: unset,
+  libgomp's default, which spins a while after each op) and whether that is known, i.e.
+  `import_transformers` first imported torch and saw it; if not, the environment's value
+  now, which libgomp may not have read."""
+  known = "omp_wait_policy" in _POLICY_AT_TORCH_IMPORT
+  return {"omp_wait_policy": _POLICY_AT_TORCH_IMPORT["omp_wait_policy"] if known
+                             else os.environ.get("OMP_WAIT_POLICY"),
+          "omp_wait_policy_known": known}
 
 
 def _gguf_of(source) -> pathlib.Path | None:

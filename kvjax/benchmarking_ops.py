@@ -71,7 +71,7 @@ def _row(op, context_length, batch_size, shape, flops, ours, theirs, difference)
 def measure_ops(config, context_length: int, batch_size: int, repeats: int, warmup: int,
                 seed: int = 0) -> list[dict]:
   """One row per op of `OPS` at (context length, batch size) for the model `config`."""
-  torch, _ = baseline.import_transformers()
+  torch, _ = baseline.import_transformers(omp_wait_policy=OMP_WAIT_POLICY)
   rng = np.random.default_rng(seed)
   b, t, h, k, d = (batch_size, context_length, config.num_heads, config.num_kv_heads,
                    config.head_dim)

@@ -42,7 +42,7 @@ def test_report_structure(side_by_side, tiny_dir):
   assert report["threads"]["torch_threads"] == 1 and report["threads"]["cpu_count"] >= 1
   # The side-by-side leaves torch's OpenMP policy as the environment has it.
   assert report["threads"]["omp_wait_policy"] == os.environ.get("OMP_WAIT_POLICY")
-  assert report["threads"]["set_before_torch_import"] is False
+  assert report["threads"]["omp_wait_policy_known"] is True
   assert report["model"]["source"] == str(tiny_dir) and report["model"]["config"]["dtype"] == (
       "float32")
   assert [m["label"] for m in report["methods"]] == ["full", "snapkv"]
@@ -162,7 +162,7 @@ def test_ops_side_by_side(tiny_dir, tmp_path):
   # torch's OpenMP workers sleep between ops (PASSIVE) unless the environment chose.
   assert report["torch_openmp"] == {
       "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
-      "set_before_torch_import": True}
+      "omp_wait_policy_known": True}
   rows = report["results"]
   assert [(r["op"], r["context_length"], r["batch_size"]) for r in rows] == [
       (op, c, b) for c in (16, 80) for b in (1, 2) for op in benchmarking_ops.OPS]
@@ -178,6 +178,16 @@ def test_ops_side_by_side(tiny_dir, tmp_path):
       assert r["flops"] == 2 * b * t * config["hidden_size"] * config["intermediate_size"]
   assert "kvjax speed / torch speed" in proc.stdout and "attention" in proc.stdout
   assert f"OMP_WAIT_POLICY={report['torch_openmp']['omp_wait_policy']}" in proc.stdout
+
+
+def test_ops_keeps_the_environments_openmp_policy(tiny_dir, tmp_path):
+  out = tmp_path / "ops.json"
+  proc = _script(f"--model={tiny_dir}", "--baseline=transformers", "--ops", "--torch_threads=1",
+                 "--context_lengths=16", "--batch_sizes=1", "--repeats=1", "--warmup=0",
+                 f"--json_out={out}", OMP_WAIT_POLICY="ACTIVE")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert json.loads(out.read_text())["torch_openmp"] == {"omp_wait_policy": "ACTIVE",
+                                                         "omp_wait_policy_known": True}
 
 
 def test_ops_needs_the_baseline_and_takes_no_plot(tiny_dir):
