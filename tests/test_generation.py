@@ -228,6 +228,53 @@ def test_grow_rounds_a_dense_layers_capacity_and_another_layouts_room(model):
   assert capacities(kv_cache.grow(other, 4, 16)) == [26, 26]   # 10 + 16 (4 rounded up)
 
 
+def test_differing_dense_capacities_round_to_a_few_shapes(model):
+  """Layers whose capacities differ (PyramidKV's budgets) are rounded to at most
+  MAX_CAPACITIES capacities, each a multiple of the asked multiple, none short of what it
+  needs and none more than an eighth of the largest (plus the multiple) over it; equal
+  layers, multiple 1 and other layouts keep the plain rule."""
+  needs = list(range(10, 310, 10))   # 30 layers, 10 .. 300 slots each
+  cache = init_cache(model.config, 1, 4).replace(
+      layers=tuple(init_cache(model.config, 1, n - 5).layers[0] for n in needs))
+  grown = [g.capacity for g in kv_cache.grow(cache, 5, 16).layers]
+  assert len(set(grown)) <= kv_cache.MAX_CAPACITIES < len(set(needs))
+  for need, got in zip(needs, grown):
+    assert got % 16 == 0 and need <= got < need + 300 / 8 + 16, (need, got)
+  assert [g.capacity for g in kv_cache.grow(cache, 5).layers] == needs   # exact
+  # Few capacities: the plain multiple, however large the largest.
+  few = cache.replace(layers=tuple(init_cache(model.config, 1, n).layers[0]
+                                   for n in (10, 20, 1090, 2000)))
+  assert [g.capacity for g in kv_cache.grow(few, 4, 16).layers] == [16, 32, 1104, 2016]
+  other = cache.replace(layers=tuple(_OtherLayout(**vars(g)) for g in cache.layers))
+  assert [g.capacity for g in kv_cache.grow(other, 5, 16).layers] == [
+      n - 5 + 16 for n in needs]
+
+
+def test_pyramid_budgets_decode_alike_in_shared_capacities(model, monkeypatch):
+  """PyramidKV's layers keep different budgets; rounded to one shared capacity
+  (MAX_CAPACITIES 1) their extra empty slots change no token and no kept count."""
+  prompt = np.random.default_rng(3).integers(1, 256, 90).tolist()
+  run = lambda: kvjax.generate(model, prompt, method="pyramidkv:window=4",
+                               compression_ratio=0.5, max_new_tokens=8)
+  grown = []
+  grow = engine.STEPS.grow
+  monkeypatch.setattr(engine.STEPS, "grow", lambda *a, **k: grown.append(grow(*a, **k)) or
+                      grown[-1])
+  monkeypatch.setattr(generate_lib, "ROOM_MULTIPLE", 1)
+  exact = run()
+  monkeypatch.setattr(generate_lib, "ROOM_MULTIPLE", 16)
+  monkeypatch.setattr(kv_cache, "MAX_CAPACITIES", 1)
+  shared = run()
+  kept = exact.stats["kept_tokens_per_layer"]
+  assert len(set(kept)) > 1 and shared.stats["kept_tokens_per_layer"] == kept
+  capacities = [[layer.capacity for layer in cache.layers] for cache in grown]
+  assert capacities[0] == [n + 8 for n in kept] and len(set(capacities[1])) == 1
+  # The smaller layers grew to the largest one's capacity: more bytes, the same context.
+  assert shared.stats["cache_bytes"] > exact.stats["cache_bytes"]
+  assert shared.stats["context_cache_bytes"] == exact.stats["context_cache_bytes"]
+  assert shared.token_ids == exact.token_ids
+
+
 def test_a_compressed_context_of_another_length_decodes_with_the_same_compiled_loop(
     model, monkeypatch):
   """A compressed dense layer's capacity is rounded up (generate.ROOM_MULTIPLE) and a

@@ -437,7 +437,8 @@ class CompiledSteps:
 
   def grow(self, cache, room: int, placement=None, multiple: int = 1):
     """The cache with `room` more empty slots per head (for question and generated tokens),
-    a dense layer's capacity rounded up to a multiple of `multiple` (`kv_cache.grow`);
+    a dense layer's capacity rounded up to a multiple of `multiple`, or of a coarser step
+    where the layers' capacities differ (`kv_cache.grow_rooms`);
     on a sharded model's mesh when `placement` (kvjax.sharding.Placement) is given, room 0
     included (a method's host-side finalize may leave leaves where XLA put them)."""
     if placement is not None:

@@ -33,7 +33,8 @@ DECODE_CHUNK = 16
 # with different max_new_tokens (up to 64 apart) reuse the same compiled steps instead of
 # compiling new ones (5 s per shape for SmolLM2 on 2 cores), at the price of at most 63
 # empty slots that decode attention reads. A compressed dense layer's capacity (kept slots
-# plus room) is rounded up to it instead, so that contexts of other lengths (other kept
+# plus room) is rounded up to it instead (to a coarser step where layers' capacities
+# differ, `kv_cache.capacity_step`), so that contexts of other lengths (other kept
 # counts) decode with the same compiled steps too: a new prompt length for SnapKV 0.5 then
 # compiles its compressing layer (0.8 s), not the decode loop (2.9 s). Not for methods
 # that evict while decoding: they would fill the extra slots first, going over budget.
