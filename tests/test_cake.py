@@ -12,7 +12,7 @@ import method_inputs as mi
 from kvjax.cache.kv_cache import Cache, LayerCache
 from kvjax.errors import MethodError
 from kvjax.generation import context, inputs
-from kvjax.methods import base
+from kvjax.methods import base, cake
 from kvjax.methods.cake import CAKE, adjust_budgets, cascade_budgets
 from tiny import random_prompts, tiny_model
 
@@ -152,10 +152,20 @@ def test_eviction_keeps_window_and_top_indicator_per_row():
   method = CAKE(window=window).fitted(keep)
   budgets = method.layer_token_budgets(cache)                          # [L, B]
   out = method.finalize(cache)
+  stats, content = method.cache_stats(out), out.lengths.nbytes
   for layer, (before, after) in enumerate(zip(cache.layers, out.layers)):
     pos, state = np.asarray(before.positions), np.asarray(before.state, np.float64)
     kept = np.asarray(after.positions)
-    assert after.capacity == (budgets[layer] + np.minimum(window, lengths)).max()
+    # The most any row keeps, padded in front with reserved slots to a multiple of 16 (the
+    # step for 24 slots: at least 24 / 8, a multiple of 16), never above the 24 slots.
+    exact = (budgets[layer] + np.minimum(window, lengths)).max()
+    assert after.capacity == min(-(-exact // 16) * 16, 24) and after.capacity > exact - 16
+    assert (kept[:, :, :after.capacity - exact] == -2).all()
+    assert not (kept[:, :, after.capacity - exact] == -2).all()
+    assert stats["slots_per_layer"][layer] == exact
+    assert stats["allocated_slots_per_layer"][layer] == after.capacity
+    content += sum(a.nbytes * exact // after.capacity
+                   for a in (after.keys, after.values, after.positions)) + after.end.nbytes
     assert after.state is None
     for row, n in enumerate(lengths):
       for head in range(mi.K):
@@ -166,12 +176,39 @@ def test_eviction_keeps_window_and_top_indicator_per_row():
         want = set(pos[row, head][win]) | set(pos[row, head][order[:budgets[layer, row]]])
         got = kept[row, head][kept[row, head] >= 0]
         assert sorted(got.tolist()) == got.tolist() and set(got.tolist()) == want
+  assert len({layer.capacity for layer in out.layers}) < len(out.layers)   # shared
+  assert method.content_nbytes(out) == content < kvjax.cache.cache_nbytes(out)
   # Budgets per row from the rows' own preferences, summing to the total or capped.
   for row, n in enumerate(lengths):
     state = [np.asarray(layer.state, np.float64)[row] for layer in cache.layers]
     pref = [s[..., 1].sum() * s[..., 2].sum() for s in state]
     want = cascade_budgets(pref, (keep - window) * 3, n - window)
     assert budgets[:, row].tolist() == want.tolist()
+
+
+def test_reserved_slots_in_front_leave_decode_priorities_unchanged():
+  """Decode pools the new query's attention in slot order: reserved slots (attention 0)
+  in front read as the zero padding before slot 0, so the kept slots and the room's tokens
+  after them score as in an exactly sized layer; between the two (padding at the back,
+  before the room) they would not."""
+  rng = np.random.default_rng(3)
+  kept, room, pad, window = 10, 6, 5, 3
+  positions = np.concatenate([np.sort(rng.choice(40, kept, replace=False)),
+                              40 + np.arange(room)])[None, None].repeat(mi.K, 1)   # [1, K, S]
+  probs = rng.random((1, mi.H, kept + room)).astype(np.float32)
+  lengths = jnp.asarray([40 + room])
+  method = CAKE(window=window)
+  priority = lambda pos, p: np.asarray(method.eviction_priority(
+      None, jnp.asarray(p), jnp.asarray(pos, jnp.int32), lengths, 0))
+  exact = priority(positions, probs)
+  reserved = np.full((1, mi.K, pad), -2)
+  zeros = np.zeros((1, mi.H, pad), np.float32)
+  front = priority(np.concatenate([reserved, positions], -1),
+                   np.concatenate([zeros, probs], -1))
+  np.testing.assert_allclose(front[..., pad:], exact, rtol=1e-6)
+  back = priority(np.concatenate([positions[..., :kept], reserved, positions[..., kept:]], -1),
+                  np.concatenate([probs[..., :kept], zeros, probs[..., kept:]], -1))
+  assert not np.allclose(np.delete(back, np.s_[kept:kept + pad], -1), exact)
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +229,27 @@ def test_generate_saves_memory_with_layer_budgets(model):
   real = [(np.asarray(layer.positions)[:, 0] >= 0).sum(1) for layer in pre.cache.layers]
   assert slots == [int(r.max()) for r in real] and slots[0] != slots[1]
   assert out.stats["kept_tokens_per_layer"] == [int(round(r.mean())) for r in real]
+
+
+def test_shape_padding_changes_nothing_but_the_allocation(model, monkeypatch):
+  """Layers padded to shared capacities decode exactly as exactly sized ones: with rows
+  keeping different counts, and with question and generated tokens that leave the window
+  (the room's tokens are then pooled beside the kept ones, and evicted)."""
+  prompts = random_prompts([120, 96], seed=6)
+  kwargs = dict(method="cake:window=8", compression_ratio=0.6, max_new_tokens=24,
+                questions=random_prompts([20, 12], seed=7))
+  padded = kvjax.generate(model, prompts, **kwargs)
+  monkeypatch.setattr(cake, "shared_capacity", lambda slots, largest: slots)
+  exact = kvjax.generate(model, prompts, **kwargs)
+  assert padded.token_ids == exact.token_ids
+  for key in ("context_cache_bytes", "kept_tokens_per_layer"):
+    assert padded.stats[key] == exact.stats[key]
+  assert (padded.stats["context_cache_allocated_bytes"]
+          > exact.stats["context_cache_allocated_bytes"] == exact.stats["context_cache_bytes"])
+  slots, allocated = (padded.stats["method_stats"][k]
+                      for k in ("slots_per_layer", "allocated_slots_per_layer"))
+  assert slots == exact.stats["method_stats"]["slots_per_layer"] != allocated
+  assert all(a >= s for a, s in zip(allocated, slots))
 
 
 def test_budget_of_the_whole_context_is_the_full_cache(model):

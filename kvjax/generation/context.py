@@ -37,7 +37,8 @@ class PrefilledContext:
   method_stats: dict = dataclasses.field(default_factory=dict)  # Method.cache_stats
   context_cache_allocated_bytes: int = 0  # the context's cache as allocated: the full
                                           # cache's padded prompt width; for a compressed
-                                          # one the same as context_cache_bytes
+                                          # one its finalized arrays (Method.content_nbytes
+                                          # may leave shape padding out of the other)
   context_cache_host_bytes: int = 0       # what an offloaded layout keeps in host memory
                                           # (context_cache_bytes counts device bytes)
   room: int = 0               # empty slots per head asked for: the full cache's rounded up
@@ -228,14 +229,14 @@ def _prefilled(model, logits, cache, plan: CompressionPlan | None, mask: np.ndar
         context_cache_allocated_bytes=full_cache_nbytes(model.config, rows, width))
   # The method's host-side step (data-dependent re-packing) before bytes are measured.
   cache = plan.method.finalize(cache, model.config)
-  measured = cache_nbytes(cache)
+  measured, allocated = plan.method.content_nbytes(cache), cache_nbytes(cache)
   # Budgets only steer a decode step that evicts: other methods' decode plans leave them
   # out, so that one compiled decode loop serves contexts of every length.
   decode_time = plan.method.decode_time
   return PrefilledContext(logits=logits,
                           cache=steps.grow(cache, room, model.placement, capacity_multiple),
                           room=room,
-                          context_cache_bytes=measured, context_cache_allocated_bytes=measured,
+                          context_cache_bytes=measured, context_cache_allocated_bytes=allocated,
                           context_cache_host_bytes=host_nbytes(cache),
                           decode_plan=dataclasses.replace(
                               plan, compress=False,

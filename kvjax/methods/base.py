@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import validation
-from kvjax.cache.kv_cache import EMPTY_POSITION, LayerCache
+from kvjax.cache.kv_cache import EMPTY_POSITION, LayerCache, cache_nbytes
 from kvjax.config import ModelConfig
 from kvjax.errors import MethodError
 from kvjax.methods import budgets
@@ -249,6 +249,13 @@ class Method:
     storage). `config`: the model's (xKV needs its RoPE). Default: unchanged."""
     del config
     return cache
+
+  def content_nbytes(self, cache) -> int:
+    """Host side, after `finalize`: the bytes of what the cache holds, reported as the
+    context's cache bytes (its allocation, `cache_nbytes`, is reported beside it): a method
+    that pads layers to shared capacities (so that fewer shapes compile, e.g. CAKE) leaves
+    the padding out. Default: the allocation."""
+    return cache_nbytes(cache)
 
   def kept_budgets(self, cache, budgets: tuple[int, ...]) -> tuple[int, ...]:
     """Host side, after `finalize`: the slots per KV head each layer really keeps, reported

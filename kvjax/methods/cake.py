@@ -23,7 +23,8 @@ token replaces, so every layer stays at its budget.
 How kvjax runs it: the forward pass keeps every layer's chunk with its per-slot indicator and
 preference terms; the cascade's budgets and the evictions are settled on the host once the
 context is in (`finalize`; under chunked prefill also between chunks, so memory stays
-bounded by the budgets plus one chunk). Layers then really hold different numbers of slots.
+bounded by the budgets plus one chunk). Layers then really hold different numbers of slots,
+padded to a few shared capacities (see SHAPE_MULTIPLE; the padding is reported apart).
 Where kvjax differs from the code: preferences are per batch row (the code sums them over the
 batch); a context no longer than budget + window is still compressed to the budget (the code
 leaves it whole up to budget + window; a context within the budget is kept whole); kept
@@ -39,14 +40,18 @@ which SmolLM2 and Qwen2.5 lack). The code's LongBench script runs cascading only
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import ClassVar
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.cache.kv_cache import EMPTY_POSITION, RESERVED_POSITION, LayerCache
+from kvjax.cache import kv_cache
+from kvjax.cache.kv_cache import EMPTY_POSITION, RESERVED_POSITION, LayerCache, cache_nbytes
 from kvjax.errors import MethodError
 from kvjax.methods import base, registry
+from kvjax.ops.dispatch import use_pallas
 from kvjax.ops.host import host_array
 
 ENTROPY_EPSILON = 1e-10
@@ -90,6 +95,41 @@ def cascade_budgets(preferences, total: int, cap: int, cascading: bool = True) -
         np.full(m + 1, 1.0 / (m + 1)))
     final[:m + 1] = np.minimum(final[:m + 1], adjust_budgets(weights * total, total, cap))
   return np.maximum(final, 0)
+
+
+# Evicted layers hold different data-dependent slot counts, and each new count compiles
+# its own kernels (the selection here, then the decode loop), so every layer is padded up
+# to a multiple of a step that leaves at most kv_cache.MAX_CAPACITIES counts per context
+# length (`shared_capacity`). SmolLM2, 700 tokens, ratio 0.5, a second prompt of that
+# length: 25-29 s before (14-20 s of selection compiles, then the decode loop's 9-10 s),
+# 8.4-8.5 s padded (decode loop 5.5-6.1 s); the allocation grew 16%, tokens unchanged.
+SHAPE_MULTIPLE = 16
+
+
+def shared_capacity(slots: int, largest: int) -> int:
+  """`slots` rounded up to a step fixed by `largest` (the slots evicted from, the same for
+  every layer and every prompt of a length), at most max(slots, largest)."""
+  step = kv_cache.shared_capacity_step(largest, SHAPE_MULTIPLE)
+  return min(-(-slots // step) * step, max(slots, largest))
+
+
+@functools.partial(jax.jit, static_argnames="pallas")
+def _select_filled(layer, index, real, fill, pallas: bool):
+  """The layer's slots `index` [B, K, N], positions `fill` where not `real`. One compiled
+  call per shape (`pallas`, read while tracing, keys the compiled calls)."""
+  del pallas
+  chosen = layer.select(index)
+  return chosen.replace(positions=jnp.where(real, chosen.positions, fill))
+
+
+def _front_padding(layer) -> int:
+  """Leading slots reserved in every row and head (`_evicted`'s shape padding)."""
+  reserved = (host_array(layer.positions) == RESERVED_POSITION).all(axis=(0, 1))
+  return int(np.cumprod(reserved).sum())
+
+
+def _slot_nbytes(layer) -> int:
+  return sum(a.nbytes // a.shape[2] for a in (layer.keys, layer.values, layer.positions))
 
 
 def _before_window(key_positions, lengths, window: int, num_heads: int):
@@ -205,7 +245,8 @@ class CAKE(base.Method):
     """Each layer cut to its cascade budget per row: the window plus the top of the
     indicator; a layer holds the most any row keeps, other rows' extra slots reserved
     (`RESERVED_POSITION`: empty, and never written by decode, so each row stays at its own
-    budget), except, for a row shorter than the budget, the slots up to the budget."""
+    budget), except, for a row shorter than the budget, the slots up to the budget; then
+    reserved slots in front up to a shared capacity (`shared_capacity`)."""
     if not self.mean_budget:
       raise MethodError("cake must be fitted to a budget first (method.fitted(keep))")
     budgets = self.layer_token_budgets(cache)
@@ -229,7 +270,6 @@ class CAKE(base.Method):
       capacity = max(1, int(kept.sum(-1).max()))
       # Kept slots first, in slot (position) order; then filler slots, emptied below.
       index = np.argsort(~kept, axis=-1, kind="stable")[..., :capacity]
-      chosen = layer.replace(state=None).select(jnp.asarray(index, jnp.int32))
       real = np.take_along_axis(kept, index, axis=-1)
       # A row within its budget may still grow into its filler up to the budget (as alone,
       # where the rest of its budget is room); beyond that, and for evicted rows, filler is
@@ -237,9 +277,23 @@ class CAKE(base.Method):
       growth = np.maximum(self.mean_budget - lengths, 0)[:, None, None]
       filler = np.arange(capacity) - real.sum(-1, keepdims=True)
       fill = np.where(filler < growth, EMPTY_POSITION, RESERVED_POSITION)
-      out.append(chosen.replace(positions=jnp.where(jnp.asarray(real), chosen.positions,
-                                                    jnp.asarray(fill, jnp.int32))))
+      # Reserved slots in front up to a shared capacity (see SHAPE_MULTIPLE). In front, so
+      # that the kept slots still meet the room appended after them: pooling in slot
+      # order reads the reserved slots' zeros as it reads the zero padding before slot 0.
+      pad = shared_capacity(capacity, layer.capacity) - capacity
+      widen = lambda a, value: np.concatenate(
+          [np.full(a.shape[:-1] + (pad,), value, a.dtype), a], axis=-1)
+      out.append(_select_filled(layer.replace(state=None),
+                                jnp.asarray(widen(index, 0), jnp.int32),
+                                jnp.asarray(widen(real, False)),
+                                jnp.asarray(widen(fill, RESERVED_POSITION), jnp.int32),
+                                pallas=use_pallas()))
     return cache.replace(layers=tuple(out))
+
+  def content_nbytes(self, cache) -> int:
+    """The allocation less the reserved slots padded in front (`_evicted`)."""
+    padding = sum(_front_padding(layer) * _slot_nbytes(layer) for layer in cache.layers)
+    return cache_nbytes(cache) - padding
 
   def kept_budgets(self, cache, budgets):
     """Real slots per KV head each layer keeps, averaged over the rows (a layer's slot
@@ -249,8 +303,11 @@ class CAKE(base.Method):
                  for layer in cache.layers)
 
   def cache_stats(self, cache) -> dict:
-    """Slots each layer holds per KV head (CAKE's layers keep different counts)."""
-    return {"slots_per_layer": [int(layer.capacity) for layer in cache.layers]}
+    """Slots each layer holds per KV head (CAKE's layers keep different counts), without
+    the reserved slots padded in front (`_evicted`), and with them."""
+    return {"slots_per_layer": [int(layer.capacity) - _front_padding(layer)
+                                for layer in cache.layers],
+            "allocated_slots_per_layer": [int(layer.capacity) for layer in cache.layers]}
 
   # Decode: the new query's attention picks the slot to replace; no per-slot state.
   def decode_scores(self, state, probs, own_prob, key_positions, lengths):
