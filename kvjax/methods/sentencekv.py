@@ -79,7 +79,7 @@ import numpy as np
 from flax import struct
 
 from kvjax.cache.kv_cache import (EMPTY_POSITION, LayerCache, NewTokens, PerHeadSlots, Stats,
-                                  host_nbytes)
+                                  cache_nbytes, host_nbytes)
 from kvjax.cache.paged import DEVICE, HOST, read_blocks
 from kvjax.errors import MethodError
 from kvjax.methods import base, registry
@@ -125,6 +125,15 @@ def sentence_runs(positions: jax.Array, sentence: jax.Array) -> jax.Array:
   return jnp.where(real, run, -1)
 
 
+def shared_count(count: int) -> int:
+  """Sentences a table holds for `count`: rounded up to a multiple of 16, or of an eighth to
+  a quarter of it when larger, the rest empty (length 0, never gathered). Sentence counts
+  are data-dependent, and each new one compiled the table's ops and the decode loop anew:
+  SmolLM2, 500 tokens, a second prompt of that length took 36 s, 34 s of it compiling."""
+  step = max(16, 1 << max(count.bit_length() - 3, 0))
+  return -(-count // step) * step
+
+
 def sentence_table(keys: jax.Array, runs: jax.Array, count: int):
   """(means [B, K, N, D] float32, starts [B, K, N], lengths [B, K, N] int32) of the `count`
   runs: the mean key of each run's slots, its first slot and its slot count (a head with
@@ -167,6 +176,11 @@ def gathered_slots(queries, means, starts, lengths, low, high, need: int, gqa: s
   slot = _take(_take(first, order), rank) + j - _take(ends - sizes, rank)
   valid = j < ends[..., -1:]
   return jnp.where(valid, slot, 0), valid
+
+
+def _sentences(layer) -> int:
+  """The most sentences any row and head of the layer's context holds (at least 1)."""
+  return max(int((host_array(layer.lengths) > 0).sum(-1).max()), 1)
 
 
 def _empty_like(dense: LayerCache) -> LayerCache:
@@ -227,7 +241,8 @@ class SentenceLayerCache(PerHeadSlots):
     if self.budget >= dense.capacity:
       return dense.replace(state=None)
     runs = sentence_runs(dense.positions, dense.state)
-    means, starts, lengths = sentence_table(dense.keys, runs, max(int(runs.max()) + 1, 1))
+    count = shared_count(max(int(runs.max()) + 1, 1))
+    means, starts, lengths = sentence_table(dense.keys, runs, count)
     dense = dense.replace(state=None)
     if offload:
       dense = dense.replace(keys=jax.device_put(dense.keys, HOST),
@@ -577,12 +592,24 @@ class SentenceKV(base.Method):
     return {"appended_sentences": host_array(layers[0].closed).tolist(),
             "open_sentence_tokens": host_array(layers[0].open_count).tolist()}
 
+  def content_nbytes(self, cache) -> int:
+    """The allocation less the tables' empty sentences past the most any head holds
+    (`shared_count`'s rounding)."""
+    padding = 0
+    for layer in cache.layers:
+      if isinstance(layer, SentenceLayerCache):
+        per_sentence = sum(a.nbytes // a.shape[2]
+                           for a in (layer.means, layer.starts, layer.lengths))
+        padding += (layer.means.shape[2] - _sentences(layer)) * per_sentence
+    return cache_nbytes(cache) - padding
+
   def cache_stats(self, cache) -> dict:
     layers = [layer for layer in cache.layers if isinstance(layer, SentenceLayerCache)]
     if not layers:
       return {}
     return {"tokens_read_per_step": layers[0].budget,
             "stored_tokens": [int(layer.context.capacity) for layer in layers],
-            "sentences": [int(layer.means.shape[2]) for layer in layers],
+            "sentences": [_sentences(layer) for layer in layers],
+            "allocated_sentences": [int(layer.means.shape[2]) for layer in layers],
             "dense_layers": len(cache.layers) - len(layers),
             "host_bytes": host_nbytes(cache)}
