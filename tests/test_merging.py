@@ -556,6 +556,45 @@ def test_d2o_first_eviction_matches_numpy(seed, keep, recent, sinks):
       assert absorbed[row, kv, i] == n - 1
 
 
+def test_d2o_first_eviction_pads_with_reserved_slots():
+  """Past the budget, a shared capacity's slots are reserved (decode never fills them);
+  the kept slots are those of the exact capacity."""
+  from kvjax.methods.merging import _d2o_compact
+  keys, values, pos, score, lengths = _d2o_layer(4)
+  zero = jnp.zeros(pos.shape, jnp.float32)
+  layer = LayerCache(keys=jnp.asarray(keys, jnp.float32), values=jnp.asarray(values, jnp.float32),
+                     positions=jnp.asarray(pos), end=jnp.int32(pos.shape[2]),
+                     state={"score": jnp.asarray(score, jnp.float32), "absorbed": zero,
+                            "tau": zero})
+  run = lambda capacity: _d2o_compact(layer, jnp.asarray(lengths), jnp.int32(12),
+                                      capacity=capacity, recent=jnp.int32(3),
+                                      sinks=jnp.int32(2))
+  exact, padded = run(12), run(16)
+  np.testing.assert_array_equal(np.asarray(padded.positions)[..., :12],
+                                np.asarray(exact.positions))
+  assert (np.asarray(padded.positions)[..., 12:] == -2).all()
+  for a, b in ((padded.keys, exact.keys), (padded.state["absorbed"], exact.state["absorbed"])):
+    np.testing.assert_allclose(np.asarray(a)[:, :, :12], np.asarray(b), atol=1e-6)
+
+
+def test_d2o_shape_padding_changes_nothing_but_the_allocation(model, monkeypatch):
+  from kvjax.methods import merging
+  prompts = random_prompts((90, 120), seed=3)
+  kwargs = dict(method="d2o", compression_ratio=0.5, max_new_tokens=40,
+                questions=[[5, 6, 7], [8, 9]])
+  padded = kvjax.generate(model, prompts, **kwargs)
+  monkeypatch.setattr(merging, "shared_capacity", lambda slots, largest: slots)
+  exact = kvjax.generate(model, prompts, **kwargs)
+  assert padded.token_ids == exact.token_ids
+  assert padded.stats["context_cache_bytes"] == exact.stats["context_cache_bytes"]
+  assert (padded.stats["context_cache_allocated_bytes"]
+          > exact.stats["context_cache_allocated_bytes"] == exact.stats["context_cache_bytes"])
+  budgets = padded.stats["method_stats"]["layer_budgets"]
+  assert budgets == exact.stats["method_stats"]["layer_budgets"] and len(set(budgets)) > 1
+  allocated = padded.stats["method_stats"]["allocated_slots_per_layer"]
+  assert all(a >= b for a, b in zip(allocated, budgets)) and allocated != budgets
+
+
 def test_d2o_layer_budgets_favour_flat_attention():
   from kvjax.methods.merging import d2o_layer_budgets
   rng = np.random.default_rng(0)

@@ -667,6 +667,36 @@ def shared_capacity_step(largest: int, multiple: int) -> int:
   return -(-per_shape // multiple) * multiple
 
 
+# Methods that settle each layer's slot count from the data (CAKE, D2O) would compile their
+# selections and decode loop anew for every prompt: they pad each layer with reserved slots
+# up to `shared_capacity`, and report the padding apart (`shape_padding`).
+SHAPE_MULTIPLE = 16
+
+
+def shared_capacity(slots: int, largest: int, multiple: int = SHAPE_MULTIPLE) -> int:
+  """`slots` rounded up to a step fixed by `largest` (the slots chosen from: the same for
+  every layer and every prompt of a length; at most MAX_CAPACITIES capacities), at most
+  max(slots, largest)."""
+  step = shared_capacity_step(largest, multiple)
+  return min(-(-slots // step) * step, max(slots, largest))
+
+
+def shape_padding(layer: LayerCache) -> int:
+  """Host side: the slots every row and head of a dense layer leaves reserved
+  (RESERVED_POSITION): its padding to a shared capacity."""
+  return int((host_array(layer.positions) == RESERVED_POSITION).sum(-1).min())
+
+
+def shape_padding_nbytes(cache: Cache) -> int:
+  """Host side: bytes of the dense layers' `shape_padding` slots."""
+  total = 0
+  for layer in cache.layers:
+    if type(layer) is LayerCache:
+      leaves = jax.tree_util.tree_leaves((layer.keys, layer.values, layer.positions, layer.state))
+      total += shape_padding(layer) * sum(leaf.nbytes // layer.capacity for leaf in leaves)
+  return total
+
+
 def grow_rooms(cache: Cache, room: int, multiple: int = 1) -> tuple[int, ...]:
   """The empty slots per head each layer gets for at least `room`: a dense layer
   (LayerCache) up to a capacity that is a multiple of `capacity_step` (`multiple`, or a

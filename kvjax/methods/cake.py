@@ -24,7 +24,8 @@ How kvjax runs it: the forward pass keeps every layer's chunk with its per-slot 
 preference terms; the cascade's budgets and the evictions are settled on the host once the
 context is in (`finalize`; under chunked prefill also between chunks, so memory stays
 bounded by the budgets plus one chunk). Layers then really hold different numbers of slots,
-padded to a few shared capacities (see SHAPE_MULTIPLE; the padding is reported apart).
+padded to a few shared capacities (`kv_cache.shared_capacity`; the padding is reported
+apart).
 Where kvjax differs from the code: preferences are per batch row (the code sums them over the
 batch); a context no longer than budget + window is still compressed to the budget (the code
 leaves it whole up to budget + window; a context within the budget is kept whole); kept
@@ -48,7 +49,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.cache import kv_cache
-from kvjax.cache.kv_cache import EMPTY_POSITION, RESERVED_POSITION, LayerCache, cache_nbytes
+from kvjax.cache.kv_cache import (EMPTY_POSITION, RESERVED_POSITION, LayerCache, cache_nbytes,
+                                  shared_capacity)
 from kvjax.errors import MethodError
 from kvjax.methods import base, registry
 from kvjax.ops.dispatch import use_pallas
@@ -97,22 +99,11 @@ def cascade_budgets(preferences, total: int, cap: int, cascading: bool = True) -
   return np.maximum(final, 0)
 
 
-# Evicted layers hold different data-dependent slot counts, and each new count compiles
-# its own kernels (the selection here, then the decode loop), so every layer is padded up
-# to a multiple of a step that leaves at most kv_cache.MAX_CAPACITIES counts per context
-# length (`shared_capacity`). SmolLM2, 700 tokens, ratio 0.5, a second prompt of that
-# length: 25-29 s before (14-20 s of selection compiles, then the decode loop's 9-10 s),
-# 8.4-8.5 s padded (decode loop 5.5-6.1 s); the allocation grew 16%, tokens unchanged.
-SHAPE_MULTIPLE = 16
-
-
-def shared_capacity(slots: int, largest: int) -> int:
-  """`slots` rounded up to a step fixed by `largest` (the slots evicted from, the same for
-  every layer and every prompt of a length), at most max(slots, largest)."""
-  step = kv_cache.shared_capacity_step(largest, SHAPE_MULTIPLE)
-  return min(-(-slots // step) * step, max(slots, largest))
-
-
+# Evicted layers hold different data-dependent slot counts, so each is padded in front to
+# a shared capacity (`kv_cache.shared_capacity`). SmolLM2, 700 tokens, ratio 0.5, a second
+# prompt of that length: 25-29 s before (14-20 s of selection compiles, then the decode
+# loop's 9-10 s), 8.4-8.5 s padded (decode loop 5.5-6.1 s); the allocation grew 16%, tokens
+# unchanged.
 @functools.partial(jax.jit, static_argnames="pallas")
 def _select_filled(layer, index, real, fill, pallas: bool):
   """The layer's slots `index` [B, K, N], positions `fill` where not `real`. One compiled
@@ -120,16 +111,6 @@ def _select_filled(layer, index, real, fill, pallas: bool):
   del pallas
   chosen = layer.select(index)
   return chosen.replace(positions=jnp.where(real, chosen.positions, fill))
-
-
-def _front_padding(layer) -> int:
-  """Leading slots reserved in every row and head (`_evicted`'s shape padding)."""
-  reserved = (host_array(layer.positions) == RESERVED_POSITION).all(axis=(0, 1))
-  return int(np.cumprod(reserved).sum())
-
-
-def _slot_nbytes(layer) -> int:
-  return sum(a.nbytes // a.shape[2] for a in (layer.keys, layer.values, layer.positions))
 
 
 def _before_window(key_positions, lengths, window: int, num_heads: int):
@@ -277,7 +258,7 @@ class CAKE(base.Method):
       growth = np.maximum(self.mean_budget - lengths, 0)[:, None, None]
       filler = np.arange(capacity) - real.sum(-1, keepdims=True)
       fill = np.where(filler < growth, EMPTY_POSITION, RESERVED_POSITION)
-      # Reserved slots in front up to a shared capacity (see SHAPE_MULTIPLE). In front, so
+      # Reserved slots in front up to a shared capacity (`shared_capacity`). In front, so
       # that the kept slots still meet the room appended after them: pooling in slot
       # order reads the reserved slots' zeros as it reads the zero padding before slot 0.
       pad = shared_capacity(capacity, layer.capacity) - capacity
@@ -292,8 +273,7 @@ class CAKE(base.Method):
 
   def content_nbytes(self, cache) -> int:
     """The allocation less the reserved slots padded in front (`_evicted`)."""
-    padding = sum(_front_padding(layer) * _slot_nbytes(layer) for layer in cache.layers)
-    return cache_nbytes(cache) - padding
+    return cache_nbytes(cache) - kv_cache.shape_padding_nbytes(cache)
 
   def kept_budgets(self, cache, budgets):
     """Real slots per KV head each layer keeps, averaged over the rows (a layer's slot
@@ -305,7 +285,7 @@ class CAKE(base.Method):
   def cache_stats(self, cache) -> dict:
     """Slots each layer holds per KV head (CAKE's layers keep different counts), without
     the reserved slots padded in front (`_evicted`), and with them."""
-    return {"slots_per_layer": [int(layer.capacity) - _front_padding(layer)
+    return {"slots_per_layer": [int(layer.capacity) - kv_cache.shape_padding(layer)
                                 for layer in cache.layers],
             "allocated_slots_per_layer": [int(layer.capacity) for layer in cache.layers]}
 
