@@ -52,7 +52,7 @@ def _forward(name):
 
 for _hook in ("layer_budgets", "protected_tokens", "protected", "score", "init_state",
               "prefill_state", "accumulate", "cache_step", "between_chunks", "finalize",
-              "cache_stats", "safeguard",
+              "content_nbytes", "cache_stats", "safeguard",
               "decode_scores", "eviction_priority", "absorb"):
   setattr(Wrapper, _hook, _forward(_hook))
 for _capability in ("decode_time", "needs", "headwise", "needs_budget", "family"):
