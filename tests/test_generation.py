@@ -228,6 +228,25 @@ def test_grow_rounds_a_dense_layers_capacity_and_another_layouts_room(model):
   assert capacities(kv_cache.grow(other, 4, 16)) == [26, 26]   # 10 + 16 (4 rounded up)
 
 
+@pytest.mark.parametrize("n, want", [(1, 16), (16, 16), (17, 32), (25, 32), (64, 64), (65, 80),
+                                     (100, 112), (128, 128), (129, 160), (1025, 1280)])
+def test_data_dependent_sizes_round_to_shared_sizes(n, want):
+  # A multiple of 16, or of 2^(bits - 3) for n of `bits` bits: at most 15 or a quarter more.
+  assert kv_cache.shared_size(n) == want
+
+
+def test_shared_capacities_stay_near_the_slots_kept():
+  """High compression of a long prompt (128 of 32K slots) pads little; a layer never
+  exceeds what it chose from, and takes few capacities per doubling."""
+  assert kv_cache.shared_capacity(128, 32768) == 128
+  assert kv_cache.shared_capacity(300, 32768) == 320
+  assert kv_cache.shared_capacity(700, 704) == 704
+  sizes = {kv_cache.shared_capacity(n, 10 ** 6) for n in range(1, 4097)}
+  assert all(n <= kv_cache.shared_capacity(n, 10 ** 6) <= max(n + 15, n * 5 // 4)
+             for n in range(1, 4097))
+  assert len(sizes) == 4 + 4 * 6   # 16-64, then 4 per doubling up to 4096
+
+
 def test_differing_dense_capacities_round_to_a_few_shapes(model):
   """Layers whose capacities differ (PyramidKV's budgets) are rounded to at most
   MAX_CAPACITIES capacities, each a multiple of the asked multiple, none short of what it

@@ -558,9 +558,12 @@ def test_d2o_first_eviction_matches_numpy(seed, keep, recent, sinks):
 
 def test_d2o_first_eviction_pads_with_reserved_slots():
   """Past the budget, a shared capacity's slots are reserved (decode never fills them);
-  the kept slots are those of the exact capacity."""
+  a row holding fewer tokens than the budget keeps its empty slots up to the budget (it
+  grows into them while decoding, as unpadded); the rest equals the exact capacity's."""
   from kvjax.methods.merging import _d2o_compact
   keys, values, pos, score, lengths = _d2o_layer(4)
+  pos[1, :, :-8] = -1                  # row 1 holds 8 tokens (positions 26..33), under keep
+  keys[pos < 0], values[pos < 0], score[pos < 0] = 0, 0, 0
   zero = jnp.zeros(pos.shape, jnp.float32)
   layer = LayerCache(keys=jnp.asarray(keys, jnp.float32), values=jnp.asarray(values, jnp.float32),
                      positions=jnp.asarray(pos), end=jnp.int32(pos.shape[2]),
@@ -570,11 +573,17 @@ def test_d2o_first_eviction_pads_with_reserved_slots():
                                       capacity=capacity, recent=jnp.int32(3),
                                       sinks=jnp.int32(2))
   exact, padded = run(12), run(16)
-  np.testing.assert_array_equal(np.asarray(padded.positions)[..., :12],
-                                np.asarray(exact.positions))
-  assert (np.asarray(padded.positions)[..., 12:] == -2).all()
-  for a, b in ((padded.keys, exact.keys), (padded.state["absorbed"], exact.state["absorbed"])):
+  got = np.asarray(padded.positions)
+  np.testing.assert_array_equal(got[..., :12], np.asarray(exact.positions))
+  assert (got[..., 12:] == -2).all()
+  assert (got[0] >= 0).sum() == 2 * 12 and (got[1] >= 0).sum() == 2 * 8
+  assert (got[1, :, 8:12] == -1).all()
+  for a, b in ((padded.keys, exact.keys), (padded.values, exact.values),
+               (padded.state["absorbed"], exact.state["absorbed"]),
+               (padded.state["score"], exact.state["score"]),
+               (padded.state["tau"], exact.state["tau"])):
     np.testing.assert_allclose(np.asarray(a)[:, :, :12], np.asarray(b), atol=1e-6)
+  assert int(padded.end) == 16 and int(exact.end) == 12
 
 
 def test_d2o_shape_padding_changes_nothing_but_the_allocation(model, monkeypatch):

@@ -507,13 +507,6 @@ def test_questions_and_generated_text_are_indexed_end_to_end(model):
   assert max(out.stats["decode_method_stats"]["appended_sentences"]) >= 3
 
 
-@pytest.mark.parametrize("count, want", [(1, 16), (16, 16), (17, 32), (25, 32), (100, 112),
-                                         (128, 128), (129, 160), (1025, 1280)])
-def test_sentence_counts_round_to_shared_sizes(count, want):
-  # A multiple of 16, or of 2^(bits - 3) for a count of `bits` bits: under 25% more.
-  assert sentencekv.shared_count(count) == want
-
-
 def test_empty_sentences_change_nothing_but_the_allocation(model, monkeypatch):
   """Tables rounded up with empty sentences decode as exactly sized ones, through the
   question's and the generated sentences (sparse steps rank every sentence)."""
@@ -521,7 +514,7 @@ def test_empty_sentences_change_nothing_but_the_allocation(model, monkeypatch):
   kwargs = dict(questions=random_prompts([9, 5], seed=8), method=TINY, budget=24,
                 max_new_tokens=24, chat_template=False)
   padded = kvjax.generate(model, prompts, **kwargs)
-  monkeypatch.setattr(sentencekv, "shared_count", lambda count: count)
+  monkeypatch.setattr(sentencekv, "shared_size", lambda count: count)
   exact = kvjax.generate(model, prompts, **kwargs)
   assert padded.token_ids == exact.token_ids
   assert padded.stats["context_cache_bytes"] == exact.stats["context_cache_bytes"]

@@ -667,18 +667,24 @@ def shared_capacity_step(largest: int, multiple: int) -> int:
   return -(-per_shape // multiple) * multiple
 
 
-# Methods that settle each layer's slot count from the data (CAKE, D2O) would compile their
-# selections and decode loop anew for every prompt: they pad each layer with reserved slots
-# up to `shared_capacity`, and report the padding apart (`shape_padding`).
+# Methods whose sizes come from the data (CAKE's and D2O's per-layer slot counts,
+# SentenceKV's sentence tables) would compile their selections and decode loop anew for
+# every prompt: they round each size up with `shared_size` (padding with reserved slots or
+# empty entries) and report the padding apart (`shape_padding`).
 SHAPE_MULTIPLE = 16
 
 
-def shared_capacity(slots: int, largest: int, multiple: int = SHAPE_MULTIPLE) -> int:
-  """`slots` rounded up to a step fixed by `largest` (the slots chosen from: the same for
-  every layer and every prompt of a length; at most MAX_CAPACITIES capacities), at most
-  max(slots, largest)."""
-  step = shared_capacity_step(largest, multiple)
-  return min(-(-slots // step) * step, max(slots, largest))
+def shared_size(n: int, multiple: int = SHAPE_MULTIPLE) -> int:
+  """`n` rounded up to a multiple of `multiple`, or, for a larger n of b bits, of 2^(b - 3):
+  at most `multiple` - 1 or a quarter more, four sizes per doubling."""
+  step = max(multiple, 1 << max(n.bit_length() - 3, 0))
+  return -(-n // step) * step
+
+
+def shared_capacity(slots: int, largest: int) -> int:
+  """A layer's `slots` rounded up by `shared_size`, at most max(slots, largest) (the slots
+  it was chosen from)."""
+  return min(shared_size(slots), max(slots, largest))
 
 
 def shape_padding(layer: LayerCache) -> int:

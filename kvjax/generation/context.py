@@ -30,7 +30,8 @@ class PrefilledContext:
   cache: object               # the cache, with `room` empty slots per head appended,
                               # rounded by prefill's capacity_multiple (see `room`)
   context_cache_bytes: int    # bytes of the context's cache before room: measured from the
-                              # compressed arrays; for the full cache, what its longest
+                              # compressed arrays (a method's shape padding left out,
+                              # Method.content_nbytes); for the full cache, what its longest
                               # context holds (the prompt bucket's padding left out)
   decode_plan: CompressionPlan | None   # what later forward calls pass as `plan`
   budgets: tuple[int, ...] | None       # kept slots per layer (per head on average)

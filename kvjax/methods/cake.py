@@ -23,9 +23,9 @@ token replaces, so every layer stays at its budget.
 How kvjax runs it: the forward pass keeps every layer's chunk with its per-slot indicator and
 preference terms; the cascade's budgets and the evictions are settled on the host once the
 context is in (`finalize`; under chunked prefill also between chunks, so memory stays
-bounded by the budgets plus one chunk). Layers then really hold different numbers of slots,
-padded to a few shared capacities (`kv_cache.shared_capacity`; the padding is reported
-apart).
+bounded by the budgets plus one chunk and the padding below). Layers then really hold
+different numbers of slots, padded in front with reserved slots to shared capacities
+(`kv_cache.shared_capacity`; the padding is reported apart).
 Where kvjax differs from the code: preferences are per batch row (the code sums them over the
 batch); a context no longer than budget + window is still compressed to the budget (the code
 leaves it whole up to budget + window; a context within the budget is kept whole); kept
@@ -102,8 +102,8 @@ def cascade_budgets(preferences, total: int, cap: int, cascading: bool = True) -
 # Evicted layers hold different data-dependent slot counts, so each is padded in front to
 # a shared capacity (`kv_cache.shared_capacity`). SmolLM2, 700 tokens, ratio 0.5, a second
 # prompt of that length: 25-29 s before (14-20 s of selection compiles, then the decode
-# loop's 9-10 s), 8.4-8.5 s padded (decode loop 5.5-6.1 s); the allocation grew 16%, tokens
-# unchanged.
+# loop's 9-10 s), 8.6-10.2 s padded (decode loop 6.5-7.7 s); the allocation grew 9-11%,
+# tokens unchanged.
 @functools.partial(jax.jit, static_argnames="pallas")
 def _select_filled(layer, index, real, fill, pallas: bool):
   """The layer's slots `index` [B, K, N], positions `fill` where not `real`. One compiled

@@ -408,7 +408,9 @@ class D2O(MergingMethod):
   first eviction uses the prefill's attention only (the code adds the first decode step's);
   the code's uncompressed layers 0, 1 and L-1 are not special here. Layer budgets are data
   dependent, so the cache's size differs from the uniform budget's (reported as
-  `method_stats["layer_budgets"]`).
+  `method_stats["layer_budgets"]`); each layer is allocated with reserved slots past its
+  budget up to a shared capacity (`allocated_slots_per_layer`), so that new prompts
+  compile few new shapes.
   """
   name: ClassVar[str] = "d2o"
   decode_time: ClassVar[bool] = True
@@ -483,8 +485,8 @@ class D2O(MergingMethod):
     for layer, budget in zip(layers, budgets):
       # Budgets are data dependent: each layer is padded to a shared capacity, so that new
       # prompts of a length compile few new shapes. SmolLM2, 500 tokens, ratio 0.5, a
-      # second prompt: 36-44 s before (its decode loop 23-25 s), 10.6-12.4 s padded (9-11
-      # s); the same tokens, the allocation 11-13% larger.
+      # second prompt: 36-44 s before (its decode loop 23-25 s), 13.6-15.0 s padded
+      # (12.1-13.4 s); the same tokens, the allocation 9-10% larger.
       compacted = _d2o_compact(layer, cache.lengths, jnp.int32(budget),
                                capacity=shared_capacity(budget, layer.capacity),
                                recent=jnp.int32(self.recent(budget)),

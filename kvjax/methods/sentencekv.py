@@ -79,7 +79,7 @@ import numpy as np
 from flax import struct
 
 from kvjax.cache.kv_cache import (EMPTY_POSITION, LayerCache, NewTokens, PerHeadSlots, Stats,
-                                  cache_nbytes, host_nbytes)
+                                  cache_nbytes, host_nbytes, shared_size)
 from kvjax.cache.paged import DEVICE, HOST, read_blocks
 from kvjax.errors import MethodError
 from kvjax.methods import base, registry
@@ -123,15 +123,6 @@ def sentence_runs(positions: jax.Array, sentence: jax.Array) -> jax.Array:
                             sentence[..., :-1]], axis=-1)
   run = jnp.cumsum(real & (sentence != before), axis=-1, dtype=jnp.int32) - 1
   return jnp.where(real, run, -1)
-
-
-def shared_count(count: int) -> int:
-  """Sentences a table holds for `count`: rounded up to a multiple of 16, or of an eighth to
-  a quarter of it when larger, the rest empty (length 0, never gathered). Sentence counts
-  are data-dependent, and each new one compiled the table's ops and the decode loop anew:
-  SmolLM2, 500 tokens, a second prompt of that length took 36 s, 34 s of it compiling."""
-  step = max(16, 1 << max(count.bit_length() - 3, 0))
-  return -(-count // step) * step
 
 
 def sentence_table(keys: jax.Array, runs: jax.Array, count: int):
@@ -241,7 +232,10 @@ class SentenceLayerCache(PerHeadSlots):
     if self.budget >= dense.capacity:
       return dense.replace(state=None)
     runs = sentence_runs(dense.positions, dense.state)
-    count = shared_count(max(int(runs.max()) + 1, 1))
+    # Rounded up (`shared_size`), the rest empty sentences (length 0, never gathered):
+    # sentence counts are data dependent, and each new one compiled the table's ops and
+    # the decode loop anew (SmolLM2, 500 tokens: a second prompt took 53 s, 2.6 s after).
+    count = shared_size(max(int(runs.max()) + 1, 1))
     means, starts, lengths = sentence_table(dense.keys, runs, count)
     dense = dense.replace(state=None)
     if offload:
@@ -594,7 +588,7 @@ class SentenceKV(base.Method):
 
   def content_nbytes(self, cache) -> int:
     """The allocation less the tables' empty sentences past the most any head holds
-    (`shared_count`'s rounding)."""
+    (`shared_size`'s rounding)."""
     padding = 0
     for layer in cache.layers:
       if isinstance(layer, SentenceLayerCache):
