@@ -157,7 +157,7 @@ def test_eviction_keeps_window_and_top_indicator_per_row():
     pos, state = np.asarray(before.positions), np.asarray(before.state, np.float64)
     kept = np.asarray(after.positions)
     # The most any row keeps, padded in front with reserved slots to a multiple of 16 (the
-    # step for 24 slots: at least 24 / 8, a multiple of 16), never above the 24 slots.
+    # step for counts up to 64), never above the 24 slots.
     exact = (budgets[layer] + np.minimum(window, lengths)).max()
     assert after.capacity == min(-(-exact // 16) * 16, 24) and after.capacity > exact - 16
     assert (kept[:, :, :after.capacity - exact] == -2).all()

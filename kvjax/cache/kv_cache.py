@@ -657,13 +657,7 @@ def capacity_step(cache: Cache, room: int, multiple: int = 1) -> int:
   needed = {layer.capacity + room for layer in cache.layers if type(layer) is LayerCache}
   if multiple <= 1 or len({-(-n // multiple) for n in needed}) <= MAX_CAPACITIES:
     return multiple
-  return shared_capacity_step(max(needed), multiple)
-
-
-def shared_capacity_step(largest: int, multiple: int) -> int:
-  """The smallest multiple of `multiple` that is at least largest / MAX_CAPACITIES: the
-  capacities up to `largest` rounded up to it take at most MAX_CAPACITIES values."""
-  per_shape = -(-largest // MAX_CAPACITIES)
+  per_shape = -(-max(needed) // MAX_CAPACITIES)
   return -(-per_shape // multiple) * multiple
 
 
