@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import kvjax
+from kvjax.cache.kv_cache import EMPTY_POSITION, RESERVED_POSITION, cache_nbytes
 from kvjax.errors import MethodError
 from kvjax.generation import context, inputs
 from kvjax.methods import kvzip
@@ -121,11 +122,25 @@ def test_ranking_matches_numpy(layerwise):
       kept[row, l] = {(h, int(positions[row, j])) for _, _, h, j in picked}
   for l, layer in enumerate(out.layers):
     want_slots = k * keep if layerwise else max(len(kept[row, l]) for row in range(b))
-    assert layer.positions.shape[1] == want_slots
+    # Global ranking: padded to a shared size, 16 (or all k * s = 20 candidates past 16).
+    capacity = want_slots if layerwise else 16 if want_slots <= 16 else k * s
+    assert layer.positions.shape[1] == capacity
     for row in range(b):
       heads, slot_pos = np.asarray(layer.heads[row]), np.asarray(layer.positions[row])
       got = {(int(h_), int(p)) for h_, p in zip(heads, slot_pos) if p >= 0}
       assert got == kept[row, l], (l, row)
+      # The row's filler (where another row keeps more) is empty, the padding reserved.
+      assert (slot_pos == RESERVED_POSITION).sum() == capacity - want_slots, (l, row)
+      assert ((slot_pos >= 0) | (slot_pos == EMPTY_POSITION)).sum() == want_slots, (l, row)
+  slots = [max(len(kept[row, l]) for row in range(b)) for l in range(n)]
+  # A flat slot's bytes: float32 keys and values of head_dim 4, int32 position and head.
+  per_slot = b * (2 * 4 * 4 + 2 * 4)
+  if not layerwise:
+    assert max(slots) < 16 and out.layers[0].keys.shape[-1] == 4
+    method = KVzip(sinks=sinks)
+    assert method.cache_stats(out) == {"slots_per_layer": slots,
+                                       "allocated_slots_per_layer": [16] * n}
+    assert method.content_nbytes(out) == cache_nbytes(out) - per_slot * sum(16 - c for c in slots)
   if not layerwise:
     counts = [[len(kept[row, l]) for l in range(n)] for row in range(b)]
     assert sum(counts[2]) == 12 and sum(counts[0]) == n * k * keep
@@ -158,6 +173,24 @@ def test_kvzip_end_to_end(chat):
                              compression_ratio=0.5, max_new_tokens=2)
   assert layerwise.stats["context_cache_bytes"] < 0.65 * kvjax.generate(
       chat, TEXTS[1], max_new_tokens=2).stats["context_cache_bytes"]
+
+
+def test_shape_padding_changes_nothing_but_the_allocation(chat, monkeypatch):
+  """Layers padded to shared sizes with reserved slots decode exactly as exactly sized ones,
+  with rows keeping different counts and a question each."""
+  kwargs = dict(method="kvzip", compression_ratio=0.4, max_new_tokens=12,
+                questions=["Which code word comes first?", "And the last?"])
+  padded = kvjax.generate(chat, TEXTS, **kwargs)
+  monkeypatch.setattr(kvzip, "shared_capacity", lambda slots, largest: slots)
+  exact = kvjax.generate(chat, TEXTS, **kwargs)
+  assert padded.token_ids == exact.token_ids
+  for key in ("context_cache_bytes", "kept_tokens_per_layer"):
+    assert padded.stats[key] == exact.stats[key]
+  assert (padded.stats["context_cache_allocated_bytes"]
+          > exact.stats["context_cache_allocated_bytes"] == exact.stats["context_cache_bytes"])
+  slots, allocated = (padded.stats["method_stats"][k]
+                      for k in ("slots_per_layer", "allocated_slots_per_layer"))
+  assert slots == exact.stats["method_stats"]["slots_per_layer"] != allocated
 
 
 def test_sweep_path_prefills_kvzip_on_its_own(chat):

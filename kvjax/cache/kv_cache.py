@@ -661,7 +661,7 @@ def capacity_step(cache: Cache, room: int, multiple: int = 1) -> int:
   return -(-per_shape // multiple) * multiple
 
 
-# Methods whose sizes come from the data (CAKE's and D2O's per-layer slot counts,
+# Methods whose sizes come from the data (CAKE's, D2O's and KVzip's per-layer slot counts,
 # SentenceKV's sentence tables) would compile their selections and decode loop anew for
 # every prompt: they round each size up with `shared_size` (padding with reserved slots or
 # empty entries) and report the padding apart (`shape_padding`).
@@ -681,19 +681,24 @@ def shared_capacity(slots: int, largest: int) -> int:
   return min(shared_size(slots), max(slots, largest))
 
 
-def shape_padding(layer: LayerCache) -> int:
-  """Host side: the slots every row and head of a dense layer leaves reserved
-  (RESERVED_POSITION): its padding to a shared capacity."""
+def shape_padding(layer: LayerCache | FlatLayerCache) -> int:
+  """Host side: the slots every row and head of a dense layer (every row of a head-wise
+  one) leaves reserved (RESERVED_POSITION): its padding to a shared capacity."""
   return int((host_array(layer.positions) == RESERVED_POSITION).sum(-1).min())
 
 
 def shape_padding_nbytes(cache: Cache) -> int:
-  """Host side: bytes of the dense layers' `shape_padding` slots."""
+  """Host side: bytes of the dense and head-wise layers' `shape_padding` slots."""
   total = 0
   for layer in cache.layers:
     if type(layer) is LayerCache:
-      leaves = jax.tree_util.tree_leaves((layer.keys, layer.values, layer.positions, layer.state))
-      total += shape_padding(layer) * sum(leaf.nbytes // layer.capacity for leaf in leaves)
+      per_slot = (layer.keys, layer.values, layer.positions, layer.state)
+    elif type(layer) is FlatLayerCache:
+      per_slot = (layer.keys, layer.values, layer.positions, layer.heads, layer.state)
+    else:
+      continue
+    leaves = jax.tree_util.tree_leaves(per_slot)
+    total += shape_padding(layer) * sum(leaf.nbytes // layer.capacity for leaf in leaves)
   return total
 
 

@@ -14,8 +14,11 @@ Selection (KVzip's default, `layerwise=False`): one ranking of every (layer, KV 
 of a row; the row keeps its `num_layers * num_kv_heads * keep` best, so layers and heads
 keep different counts (head-wise flat layout, real savings). A batch shares each layer's
 slot count: a layer holds the most any row's ranking gives it, and rows that got fewer have
-empty slots there, so every row keeps what it would keep alone. `layerwise=True`: every
-layer keeps `num_kv_heads * keep`, shared among its heads by score.
+empty slots there, so every row keeps what it would keep alone; the count is rounded up
+by `shared_size` with reserved slots (never attended), so that a new prompt mostly meets
+compiled shapes (`method_stats`: `slots_per_layer` without them, `allocated_slots_per_layer`
+with them). `layerwise=True`: every layer keeps `num_kv_heads * keep`, shared among its
+heads by score.
 
 Reading of the paper and the code, where kvjax differs: kvpress excludes the chat-template
 prefix from the repeated chunks (its tokens after the sinks score 0); kvjax does not know
@@ -29,6 +32,7 @@ repeat prompt), the price the paper states for query-agnostic scores.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import ClassVar
 
@@ -36,9 +40,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.cache.kv_cache import EMPTY_POSITION, FlatLayerCache, LayerCache
+from kvjax.cache import kv_cache
+from kvjax.cache.kv_cache import (EMPTY_POSITION, RESERVED_POSITION, FlatLayerCache, LayerCache,
+                                  cache_nbytes, shared_capacity)
 from kvjax.errors import MethodError
 from kvjax.methods import base, registry
+from kvjax.ops.dispatch import use_pallas
 from kvjax.ops.attention import group_heads
 from kvjax.ops.host import host_array
 
@@ -155,6 +162,34 @@ def repeat_suffix(tokenizer) -> list[int]:
   return tokenizer.encode(text.split(marker)[-1], add_special_tokens=False)
 
 
+# A second prompt of the same length used to compile 30 eager selections anew (31 of its
+# 43 s at 500 tokens on SmolLM2): the selection is one compiled call per shared capacity.
+@functools.partial(jax.jit, static_argnames=("capacity", "pallas"))
+def _select_ranked(layer: LayerCache, priorities, row_kept, total, capacity: int,
+                   pallas: bool) -> FlatLayerCache:
+  """The layer's `capacity` candidate slots of highest priorities [B, K, S] over all its heads
+  (ties to the lower head and slot), laid out head-wise (`FlatLayerCache.from_selection`).
+  With `row_kept` [B, K, S] (global ranking), a row's own picks come first and are real; the
+  next best up to `total` are empty (the row's filler where another row keeps more) and the
+  rest up to `capacity` reserved (shape padding). `pallas`, read while tracing, keys the
+  compiled calls."""
+  del pallas
+  b, k, s = priorities.shape
+  rows = jnp.arange(b)[:, None]
+  if row_kept is not None:
+    priorities = jnp.where(row_kept, jnp.inf, priorities)
+  _, chosen = jax.lax.top_k(priorities.reshape(b, k * s), capacity)
+  selected = jnp.zeros((b, k * s), bool).at[rows, chosen].set(True).reshape(b, k, s)
+  positions = layer.positions
+  if row_kept is not None:
+    filler = jnp.where(jnp.arange(capacity) < total, EMPTY_POSITION, RESERVED_POSITION)
+    fill = jnp.full((b, k * s), RESERVED_POSITION, jnp.int32).at[rows, chosen].set(
+        jnp.broadcast_to(filler, (b, capacity))).reshape(b, k, s)
+    positions = jnp.where(row_kept, positions, fill)
+  flat = FlatLayerCache.from_selection(layer.replace(state=positions), selected, capacity)
+  return flat.replace(positions=flat.state, state=None)
+
+
 @registry.register
 @dataclasses.dataclass(frozen=True)
 class KVzip(base.Method):
@@ -204,13 +239,18 @@ class KVzip(base.Method):
     return passes
 
   def kept_budgets(self, cache, budgets):
-    """Slots per KV head each layer holds on average (its flat slots over its heads)."""
+    """Slots per KV head each layer holds on average (its flat slots, less the reserved
+    ones of its shared size, over its heads)."""
     del budgets
-    return tuple(layer.slots_per_head(layer.num_kv_heads) for layer in cache.layers)
+    return tuple((layer.capacity - kv_cache.shape_padding(layer)) // layer.num_kv_heads
+                 for layer in cache.layers)
 
   def cache_stats(self, cache) -> dict:
-    """Slots each layer holds over all its KV heads (KVzip's layers keep different counts)."""
-    return {"slots_per_layer": [int(layer.positions.shape[1]) for layer in cache.layers]}
+    """Slots each layer holds over all its KV heads (KVzip's layers keep different counts),
+    without the reserved slots of its shared size, and with them."""
+    return {"slots_per_layer": [layer.capacity - kv_cache.shape_padding(layer)
+                                for layer in cache.layers],
+            "allocated_slots_per_layer": [layer.capacity for layer in cache.layers]}
 
   def rescored(self, cache, scores, budgets):
     """The cache compressed by the passes' scores (a list, per pass, of per-layer [B, K, S])."""
@@ -236,15 +276,14 @@ class KVzip(base.Method):
       totals = [max(1, int(t)) for t in kept.sum((2, 3)).max(1)]  # no layer of size 0
     out = []
     for layer, prio, row_kept, total in zip(layers, best, kept, totals):
-      if row_kept is not None:
-        # The row's own picks first; a layer that keeps more for another row of the batch
-        # pads this row with empty slots, so a row keeps what it would keep alone.
-        prio = np.where(row_kept, np.inf, prio)
-      flat = FlatLayerCache.from_priorities(
-          layer.replace(state=None if row_kept is None else jnp.asarray(row_kept)),
-          jnp.asarray(prio), total)
-      if row_kept is not None:
-        flat = flat.replace(positions=jnp.where(flat.state, flat.positions, EMPTY_POSITION),
-                            state=None)
-      out.append(flat)
+      # Padded to a shared size with reserved slots, so that a new prompt's slot counts
+      # mostly meet compiled shapes (layerwise totals are the budget's: no padding).
+      capacity = total if row_kept is None else shared_capacity(total, prio.size // b)
+      out.append(_select_ranked(layer.replace(state=None), jnp.asarray(prio),
+                                None if row_kept is None else jnp.asarray(row_kept),
+                                jnp.int32(total), capacity=capacity, pallas=use_pallas()))
     return cache.replace(layers=tuple(out))
+
+  def content_nbytes(self, cache) -> int:
+    """The allocation less the reserved slots of the shared sizes (`_select_ranked`)."""
+    return cache_nbytes(cache) - kv_cache.shape_padding_nbytes(cache)
