@@ -271,6 +271,20 @@ def test_batched_decode_equals_each_row_alone(model):
     assert both.token_ids[row] == alone.token_ids[0]
 
 
+def test_batched_questions_pool_as_each_row_alone(model):
+  """With a short window the question and generated tokens leave it and are pooled with
+  the kept slots before them: a row's reserved slots come before its kept ones (as the
+  zero padding before slot 0), so its kept slots meet its question as they do alone
+  (until 2026-12-06 the reserved filler lay between them, and every row here differed)."""
+  prompts = random_prompts([120, 100, 80], seed=10)
+  questions = random_prompts([10, 6, 8], seed=20)
+  kwargs = dict(method="cake:window=4", budget=40, max_new_tokens=30)
+  both = kvjax.generate(model, prompts, questions=questions, **kwargs)
+  for row, (prompt, question) in enumerate(zip(prompts, questions)):
+    alone = kvjax.generate(model, [prompt], questions=[question], **kwargs)
+    assert both.token_ids[row] == alone.token_ids[0], row
+
+
 def test_a_row_keeps_what_it_keeps_alone(model):
   prompts = random_prompts([90, 50], seed=2)
   method = kvjax.methods.get("cake")

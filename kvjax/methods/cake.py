@@ -25,7 +25,9 @@ preference terms; the cascade's budgets and the evictions are settled on the hos
 context is in (`finalize`; under chunked prefill also between chunks, so memory stays
 bounded by the budgets plus one chunk and the padding below). Layers then really hold
 different numbers of slots, padded in front with reserved slots to shared capacities
-(`kv_cache.shared_capacity`; the padding is reported apart).
+(`kv_cache.shared_capacity`; the padding is reported apart); in a batch, a row that keeps
+fewer slots than another has its reserved slots in front too, so that its kept slots meet
+the room appended after them, as alone.
 Where kvjax differs from the code: preferences are per batch row (the code sums them over the
 batch); a context no longer than budget + window is still compressed to the budget (the code
 leaves it whole up to budget + window; a context within the budget is kept whole); kept
@@ -224,10 +226,10 @@ class CAKE(base.Method):
 
   def _evicted(self, cache):
     """Each layer cut to its cascade budget per row: the window plus the top of the
-    indicator; a layer holds the most any row keeps, other rows' extra slots reserved
-    (`RESERVED_POSITION`: empty, and never written by decode, so each row stays at its own
-    budget), except, for a row shorter than the budget, the slots up to the budget; then
-    reserved slots in front up to a shared capacity (`shared_capacity`)."""
+    indicator; a layer holds the most any row keeps, rounded up to a shared capacity
+    (`shared_capacity`). A row's other slots are reserved (`RESERVED_POSITION`: empty, and
+    never written by decode, so each row stays at its own budget) and come first, except,
+    for a row shorter than the budget, empty slots up to the budget after its kept ones."""
     if not self.mean_budget:
       raise MethodError("cake must be fitted to a budget first (method.fitted(keep))")
     budgets = self.layer_token_budgets(cache)
@@ -249,25 +251,23 @@ class CAKE(base.Method):
         np.put_along_axis(kept[row], order, True, axis=-1)
       kept &= positions >= 0
       capacity = max(1, int(kept.sum(-1).max()))
-      # Kept slots first, in slot (position) order; then filler slots, emptied below.
-      index = np.argsort(~kept, axis=-1, kind="stable")[..., :capacity]
-      real = np.take_along_axis(kept, index, axis=-1)
+      kept_first = np.argsort(~kept, axis=-1, kind="stable")[..., :capacity]
       # A row within its budget may still grow into its filler up to the budget (as alone,
-      # where the rest of its budget is room); beyond that, and for evicted rows, filler is
-      # reserved.
+      # where the rest of its budget is room): that filler follows its kept slots. The rest
+      # is reserved, in front with the padding to a shared capacity (`shared_capacity`):
+      # so a row's kept slots, in slot (position) order, meet the room appended after them,
+      # as alone, and pooling in slot order reads the reserved slots' zeros as it reads the
+      # zero padding before slot 0.
+      count = kept.sum(-1, keepdims=True)                                  # [B, K, 1]
       growth = np.maximum(self.mean_budget - lengths, 0)[:, None, None]
-      filler = np.arange(capacity) - real.sum(-1, keepdims=True)
-      fill = np.where(filler < growth, EMPTY_POSITION, RESERVED_POSITION)
-      # Reserved slots in front up to a shared capacity (`shared_capacity`). In front, so
-      # that the kept slots still meet the room appended after them: pooling in slot
-      # order reads the reserved slots' zeros as it reads the zero padding before slot 0.
-      pad = shared_capacity(capacity, layer.capacity) - capacity
-      widen = lambda a, value: np.concatenate(
-          [np.full(a.shape[:-1] + (pad,), value, a.dtype), a], axis=-1)
-      out.append(_select_filled(layer.replace(state=None),
-                                jnp.asarray(widen(index, 0), jnp.int32),
-                                jnp.asarray(widen(real, False)),
-                                jnp.asarray(widen(fill, RESERVED_POSITION), jnp.int32),
+      capacity_padded = shared_capacity(capacity, layer.capacity)
+      reserved = capacity_padded - count - np.minimum(growth, capacity - count)
+      slot = np.arange(capacity_padded) - reserved                         # [B, K, C]
+      index = np.take_along_axis(kept_first, np.clip(slot, 0, capacity - 1), axis=-1)
+      real = (slot >= 0) & (slot < count)
+      fill = np.where(slot < 0, RESERVED_POSITION, EMPTY_POSITION)
+      out.append(_select_filled(layer.replace(state=None), jnp.asarray(index, jnp.int32),
+                                jnp.asarray(real), jnp.asarray(fill, jnp.int32),
                                 pallas=use_pallas()))
     return cache.replace(layers=tuple(out))
 
