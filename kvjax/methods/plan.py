@@ -18,6 +18,7 @@ from kvjax.cache.kv_cache import (COLUMN_SUMS, PROBS, QUERIES, RESERVED_POSITION
 from kvjax.cache.policy import LayerStep
 from kvjax.cache.quantized import flush_ahead
 from kvjax.methods.base import PROTECTED, LayerInputs, Method
+from kvjax.ops import attention as attention_ops
 
 
 def _with_state(method: Method, layer_cache):
@@ -194,6 +195,8 @@ def evict_and_insert(method: Method, layer, new: NewTokens, probs, own_prob, len
   # goes out of bounds and is dropped, and the method state keeps its old values.
   valid = new.positions[:, 0] >= 0                                         # [B]
   victim = jnp.where(valid[:, None], jnp.argmin(prio, axis=-1), layer.capacity)  # [B, K]
+  # Written in place after the attention's reads, whatever the method's priorities read.
+  victim = attention_ops.after_reading(victim, probs)
   if state is not None:
     keep_old = lambda new_s, old_s: jnp.where(
         valid.reshape((-1,) + (1,) * (new_s.ndim - 1)), new_s, old_s)

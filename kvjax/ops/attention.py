@@ -168,9 +168,21 @@ def with_pending_token(query, out, lse, probs, new_key, new_value):
   merged, total = merge_partials(out.reshape(grouped.shape).astype(jnp.float32), lse,
                                  own_out.astype(jnp.float32), own_logit)
   cache_weight = jnp.exp(lse - total)
-  return (merged.reshape(b, 1, h, d).astype(query.dtype),
-          (probs * cache_weight[..., None]).reshape(b, h, -1),
+  probs = after_reading(probs * cache_weight[..., None], merged)
+  return (merged.reshape(b, 1, h, d).astype(query.dtype), probs.reshape(b, h, -1),
           jnp.exp(own_logit - total).reshape(b, h))
+
+
+def after_reading(x, read):
+  """`x` (>= 0) unchanged, made to depend on `read` as data: max(x, s - 1), s the sign bit
+  of one of read's numbers. A decode-time eviction overwrites cache slots in place; XLA
+  orders that write after the reads of the same buffers (the attention's) only through
+  data dependencies, and otherwise copies the buffers first (each layer's values and
+  positions twice per step: about 20% of a 2K-slot SmolLM2 H2O step). So the attention's
+  probabilities depend on its output, and the written slot on the probabilities."""
+  sign = jax.lax.shift_right_logical(
+      jax.lax.bitcast_convert_type(read.reshape(-1)[0].astype(jnp.float32), jnp.int32), 31)
+  return jnp.maximum(x, (sign - 1).astype(x.dtype))
 
 
 def vertical_slash(queries, keys, values, query_positions, key_positions, vertical, slash,
