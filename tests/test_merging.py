@@ -17,7 +17,8 @@ from kvjax.cache import LayerCache
 from kvjax.generation import context, inputs
 from kvjax.methods import EMS, ElasticCache, KVMerger, base
 from pallas_kernels import merge, reference
-from tiny import jnp_and_kernel_tokens, random_prompts, tiny_config, tiny_model
+from tiny import (jnp_and_kernel_tokens, padded_and_exact, random_prompts, tiny_config,
+                  tiny_model)
 
 K, G = mi.K, mi.G
 
@@ -591,13 +592,7 @@ def test_d2o_shape_padding_changes_nothing_but_the_allocation(model, monkeypatch
   prompts = random_prompts((90, 120), seed=3)
   kwargs = dict(method="d2o", compression_ratio=0.5, max_new_tokens=40,
                 questions=[[5, 6, 7], [8, 9]])
-  padded = kvjax.generate(model, prompts, **kwargs)
-  monkeypatch.setattr(merging, "shared_capacity", lambda slots, largest: slots)
-  exact = kvjax.generate(model, prompts, **kwargs)
-  assert padded.token_ids == exact.token_ids
-  assert padded.stats["context_cache_bytes"] == exact.stats["context_cache_bytes"]
-  assert (padded.stats["context_cache_allocated_bytes"]
-          > exact.stats["context_cache_allocated_bytes"] == exact.stats["context_cache_bytes"])
+  padded, exact = padded_and_exact(model, prompts, merging, monkeypatch, **kwargs)
   budgets = padded.stats["method_stats"]["layer_budgets"]
   assert budgets == exact.stats["method_stats"]["layer_budgets"] and len(set(budgets)) > 1
   allocated = padded.stats["method_stats"]["allocated_slots_per_layer"]

@@ -44,3 +44,19 @@ def jnp_and_kernel_tokens(model, prompts, monkeypatch, **generate_kwargs):
   got = kvjax.generate(model, prompts, **generate_kwargs).token_ids
   jax.clear_caches()
   return want, got
+
+
+def padded_and_exact(model, prompts, method_module, monkeypatch, **generate_kwargs):
+  """(padded, exact) generate results, with the method's shape padding
+  (`method_module.shared_capacity`) and with it patched off, after checking that only the
+  allocation differs: the same tokens and context bytes, the padded allocation larger,
+  the exact one its context bytes."""
+  import kvjax
+  padded = kvjax.generate(model, prompts, **generate_kwargs)
+  monkeypatch.setattr(method_module, "shared_capacity", lambda slots, largest: slots)
+  exact = kvjax.generate(model, prompts, **generate_kwargs)
+  assert padded.token_ids == exact.token_ids
+  assert padded.stats["context_cache_bytes"] == exact.stats["context_cache_bytes"]
+  assert (padded.stats["context_cache_allocated_bytes"]
+          > exact.stats["context_cache_allocated_bytes"] == exact.stats["context_cache_bytes"])
+  return padded, exact
