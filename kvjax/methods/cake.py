@@ -27,7 +27,8 @@ bounded by the budgets plus one chunk and the padding below). Layers then really
 different numbers of slots, padded in front with reserved slots to shared capacities
 (`kv_cache.shared_capacity`; the padding is reported apart); in a batch, a row that keeps
 fewer slots than another has its reserved slots in front too, so that its kept slots meet
-the room appended after them, as alone.
+the room appended after them, as alone (a row whose context is within its budget still
+decodes differently from alone, as it did before).
 Where kvjax differs from the code: preferences are per batch row (the code sums them over the
 batch); a context no longer than budget + window is still compressed to the budget (the code
 leaves it whole up to budget + window; a context within the budget is kept whole); kept

@@ -196,7 +196,7 @@ def evict_and_insert(method: Method, layer, new: NewTokens, probs, own_prob, len
   valid = new.positions[:, 0] >= 0                                         # [B]
   victim = jnp.where(valid[:, None], jnp.argmin(prio, axis=-1), layer.capacity)  # [B, K]
   # Written in place after the attention's reads, whatever the method's priorities read.
-  victim = attention_ops.after_reading(victim, probs)
+  victim = attention_ops.after_reading(victim, probs.reshape(victim.shape + (-1,))[..., 0])
   if state is not None:
     keep_old = lambda new_s, old_s: jnp.where(
         valid.reshape((-1,) + (1,) * (new_s.ndim - 1)), new_s, old_s)

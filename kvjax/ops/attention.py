@@ -168,20 +168,22 @@ def with_pending_token(query, out, lse, probs, new_key, new_value):
   merged, total = merge_partials(out.reshape(grouped.shape).astype(jnp.float32), lse,
                                  own_out.astype(jnp.float32), own_logit)
   cache_weight = jnp.exp(lse - total)
-  probs = after_reading(probs * cache_weight[..., None], merged)
+  probs = after_reading(probs * cache_weight[..., None], merged[..., :1])
   return (merged.reshape(b, 1, h, d).astype(query.dtype), probs.reshape(b, h, -1),
           jnp.exp(own_logit - total).reshape(b, h))
 
 
 def after_reading(x, read):
-  """`x` (>= 0) unchanged, made to depend on `read` as data: max(x, s - 1), s the sign bit
-  of one of read's numbers. A decode-time eviction overwrites cache slots in place; XLA
-  orders that write after the reads of the same buffers (the attention's) only through
-  data dependencies, and otherwise copies the buffers first (each layer's values and
-  positions twice per step: about 20% of a 2K-slot SmolLM2 H2O step). So the attention's
-  probabilities depend on its output, and the written slot on the probabilities."""
+  """`x` unchanged (for x >= +0 or NaN, of a float or signed dtype), made to depend on
+  `read` (broadcastable to x) as data: max(x, s - 1), s read's sign bits. A decode-time
+  eviction overwrites cache slots in place; XLA orders that write after the reads of the
+  same buffers (the attention's) only through data dependencies, and otherwise copies the
+  buffers first (each layer's values and positions twice per step: about 20% of a
+  2K-slot SmolLM2 H2O step). So the attention's probabilities depend on its output, and
+  the written slot on the probabilities, each row (and head) on its own: a dependency
+  across rows would be a collective when rows are sharded."""
   sign = jax.lax.shift_right_logical(
-      jax.lax.bitcast_convert_type(read.reshape(-1)[0].astype(jnp.float32), jnp.int32), 31)
+      jax.lax.bitcast_convert_type(read.astype(jnp.float32), jnp.int32), 31)
   return jnp.maximum(x, (sign - 1).astype(x.dtype))
 
 
