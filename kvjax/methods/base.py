@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import validation
-from kvjax.cache.kv_cache import EMPTY_POSITION, LayerCache, cache_nbytes
+from kvjax.cache.kv_cache import EMPTY_POSITION, LayerCache, cache_nbytes, shape_padding_nbytes
 from kvjax.config import ModelConfig
 from kvjax.errors import MethodError
 from kvjax.methods import budgets
@@ -70,6 +70,9 @@ class Method:
       cache is then the full cache of the shorter prompt, positions renumbered.
     reads_context: its prefill reads the context's token ids (SentenceKV's sentence
       boundaries), handed to the policy as traced parameters by `context_params`.
+    pads_shapes: its data-dependent slot counts are rounded up to shared sizes with
+      reserved slots (`kv_cache.shared_capacity`: CAKE, D2O, KVzip), which
+      `content_nbytes` leaves out.
   A method whose `attends_prefill` is true replaces a compressing prefill chunk's
   attention by its own `prefill_attention` (LoopServe's sparse prefill).
   Per-slot state is the method's own pytree (`init_state`); kvjax moves it with the slots.
@@ -85,6 +88,7 @@ class Method:
   rescores: ClassVar[bool] = False
   compresses_prompt: ClassVar[bool] = False
   reads_context: ClassVar[bool] = False
+  pads_shapes: ClassVar[bool] = False
   wrappable: ClassVar[bool] = True   # False: its selection is not a per-chunk score that
                                      # AdaKV, PerLayer or SinksWindow could re-budget
   # True: its compressing prefill does the same work at every layer (reads no layer index
@@ -252,9 +256,10 @@ class Method:
 
   def content_nbytes(self, cache) -> int:
     """Host side, after `finalize`: the bytes of what the cache holds, reported as the
-    context's cache bytes (its allocation, `cache_nbytes`, is reported beside it): a method
-    that pads layers to shared capacities (so that fewer shapes compile, e.g. CAKE) leaves
-    the padding out. Default: the allocation."""
+    context's cache bytes (its allocation, `cache_nbytes`, is reported beside it): the
+    allocation, less the reserved slots of a method that `pads_shapes`."""
+    if self.pads_shapes:
+      return cache_nbytes(cache) - shape_padding_nbytes(cache)
     return cache_nbytes(cache)
 
   def kept_budgets(self, cache, budgets: tuple[int, ...]) -> tuple[int, ...]:

@@ -52,8 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.cache import kv_cache
-from kvjax.cache.kv_cache import (EMPTY_POSITION, RESERVED_POSITION, LayerCache, cache_nbytes,
-                                  shared_capacity)
+from kvjax.cache.kv_cache import EMPTY_POSITION, RESERVED_POSITION, LayerCache, shared_capacity
 from kvjax.errors import MethodError
 from kvjax.methods import base, registry
 from kvjax.ops.dispatch import use_pallas
@@ -131,6 +130,7 @@ class CAKE(base.Method):
   ratio's budget per layer and KV head, window included)."""
   name: ClassVar[str] = "cake"
   decode_time: ClassVar[bool] = True
+  pads_shapes: ClassVar[bool] = True
   wrappable: ClassVar[bool] = False   # its budgets are settled after the forward pass
   window: int = 32
   kernel_size: int = 5
@@ -271,10 +271,6 @@ class CAKE(base.Method):
                                 jnp.asarray(real), jnp.asarray(fill, jnp.int32),
                                 pallas=use_pallas()))
     return cache.replace(layers=tuple(out))
-
-  def content_nbytes(self, cache) -> int:
-    """The allocation less the reserved slots padded in front (`_evicted`)."""
-    return cache_nbytes(cache) - kv_cache.shape_padding_nbytes(cache)
 
   def kept_budgets(self, cache, budgets):
     """Real slots per KV head each layer keeps, averaged over the rows (a layer's slot

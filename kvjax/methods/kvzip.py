@@ -42,7 +42,7 @@ import numpy as np
 
 from kvjax.cache import kv_cache
 from kvjax.cache.kv_cache import (EMPTY_POSITION, RESERVED_POSITION, FlatLayerCache, LayerCache,
-                                  cache_nbytes, shared_capacity)
+                                  shared_capacity)
 from kvjax.errors import MethodError
 from kvjax.methods import base, registry
 from kvjax.ops.dispatch import use_pallas
@@ -198,6 +198,7 @@ class KVzip(base.Method):
   name: ClassVar[str] = "kvzip"
   headwise: ClassVar[bool] = True
   rescores: ClassVar[bool] = True
+  pads_shapes: ClassVar[bool] = True
   sinks: int = 4
   chunk_size: int = 2048
   layerwise: bool = False
@@ -283,7 +284,3 @@ class KVzip(base.Method):
                                 None if row_kept is None else jnp.asarray(row_kept),
                                 jnp.int32(total), capacity=capacity, pallas=use_pallas()))
     return cache.replace(layers=tuple(out))
-
-  def content_nbytes(self, cache) -> int:
-    """The allocation less the reserved slots of the shared sizes (`_select_ranked`)."""
-    return cache_nbytes(cache) - kv_cache.shape_padding_nbytes(cache)

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.cache.kv_cache import (EMPTY_POSITION, RESERVED_POSITION, LayerCache, cache_nbytes,
-                                  shape_padding, shape_padding_nbytes, shared_capacity)
+from kvjax.cache.kv_cache import (EMPTY_POSITION, RESERVED_POSITION, LayerCache, shape_padding,
+                                  shared_capacity)
 from kvjax.methods import base, registry
 from kvjax.ops import attention as attention_ops
 from kvjax.ops import merge as merge_ops
@@ -414,6 +414,7 @@ class D2O(MergingMethod):
   """
   name: ClassVar[str] = "d2o"
   decode_time: ClassVar[bool] = True
+  pads_shapes: ClassVar[bool] = True
   needs: ClassVar[frozenset] = frozenset({"column_sums"})
   hh_ratio: float = 0.1
   recent_ratio: float = 0.1
@@ -493,10 +494,6 @@ class D2O(MergingMethod):
                                sinks=jnp.int32(self.sinks))
       out.append(compacted)
     return cache.replace(layers=tuple(out))
-
-  def content_nbytes(self, cache) -> int:
-    """The allocation less each layer's reserved padding past its budget."""
-    return cache_nbytes(cache) - shape_padding_nbytes(cache)
 
   def cache_stats(self, cache):
     return {"layer_budgets": [int(layer.capacity) - shape_padding(layer)
