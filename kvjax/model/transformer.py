@@ -177,6 +177,36 @@ class MLP(nnx.Module):
     return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
 
 
+# On CPU a long chunk's token-wise layer tail (norm, MLP, residual) runs at most this many
+# tokens at a time, so that its [tokens, intermediate] float32 activations stay in the
+# caches. SmolLM2 prefill on 2 AVX2 cores, paired in one process: 0.83x the time at
+# 2K x 4, 0.86x at 512 x 8, 0.88x at 4K x 1, 0.95-1.0x at 2K x 1 (pieces of 512 tokens
+# 0.87x at 2K x 4; one MLP over 512 tokens is as fast whole as in pieces of 128-256).
+CHUNK_TOKENS = 1024
+
+
+def token_chunked(fn, x):
+  """fn(x) for x [B, T, d] and a fn that treats every token on its own; lowered for CPU,
+  in pieces of at most CHUNK_TOKENS tokens (B rows x a slice of T, so rows sharded over
+  devices stay so) when x holds more. Each token's output is what fn gives it whole, up to
+  float rounding (the products' blocking differs)."""
+  b, t = x.shape[:2]
+  if not isinstance(b * t, int):   # a symbolic shape (export): whole
+    return fn(x)
+  pieces = min(t, -(-(b * t) // CHUNK_TOKENS))
+  if pieces < 2:
+    return fn(x)
+  width = -(-t // pieces)
+
+  def chunked(x):
+    padded = jnp.pad(x, [(0, 0), (0, pieces * width - t), (0, 0)])
+    parts = jnp.moveaxis(padded.reshape(b, pieces, width, -1), 1, 0)
+    out = jnp.moveaxis(jax.lax.map(fn, parts), 0, 1)
+    return out.reshape(b, pieces * width, -1)[:, :t]
+
+  return jax.lax.platform_dependent(x, cpu=chunked, default=fn)
+
+
 class Block(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
@@ -191,7 +221,7 @@ class Block(nnx.Module):
     attn_out, layer_cache = self.attn(self.attn_norm(x), positions, layer_cache, inv_freq,
                                       layer_index, policy, lengths, method_params, tokens)
     x = x + attn_out
-    return x + self.mlp(self.mlp_norm(x)), layer_cache
+    return token_chunked(lambda y: y + self.mlp(self.mlp_norm(y)), x), layer_cache
 
 
 class Embed(nnx.Module):
