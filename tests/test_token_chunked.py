@@ -1,6 +1,8 @@
 """A layer's token-wise tail (norm, MLP, residual) runs in pieces of tokens on CPU
 (`transformer.token_chunked`): the same numbers as whole, up to float rounding."""
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,7 @@ import pytest
 import kvjax
 from kvjax.generation import engine
 from kvjax.model import transformer
+from kvjax.ops import sharded
 from tests.tiny import random_prompts, tiny_model
 
 
@@ -21,7 +24,7 @@ def _token_wise(w, traced_shapes):
 
 @pytest.mark.parametrize("b,t,chunk,piece", [
     (1, 10, 4, (1, 4, 8)),      # 3 pieces of 4 tokens, the last padded by 2
-    (3, 7, 5, (3, 2, 8)),       # 21 tokens: 5 pieces of 3 rows x 2 tokens
+    (3, 7, 5, (3, 2, 8)),       # 21 tokens: 4 pieces of 3 rows x 2 tokens, the last padded
     (2, 6, 12, None),           # 12 tokens fit one piece: whole
     (4, 1, 1, None),            # one token per row (a decode step): never split
 ])
@@ -32,32 +35,66 @@ def test_pieces_give_what_the_whole_gives(monkeypatch, b, t, chunk, piece):
   w = jnp.asarray(rng.standard_normal((8, 8)), jnp.float32)
   shapes = []
   fn = _token_wise(w, shapes)
-  got = jax.jit(lambda x: transformer.token_chunked(fn, x))(x)
-  np.testing.assert_allclose(got, fn(x), rtol=1e-6, atol=1e-6)
+  chunked = jax.jit(lambda x: transformer.token_chunked(fn, x))
+  np.testing.assert_allclose(chunked(x), fn(x), rtol=1e-6, atol=1e-6)
   if piece is None:
     assert shapes == [(b, t, 8), (b, t, 8)]
   else:
     assert piece in shapes
-  # Differentiable (training runs the model's layers through it).
-  loss = lambda f: lambda x: (f(x) ** 2).sum()
-  np.testing.assert_allclose(jax.grad(loss(lambda x: transformer.token_chunked(fn, x)))(x),
-                             jax.grad(loss(fn))(x), rtol=1e-5, atol=1e-5)
+  # The CPU program loops over the pieces; one lowered for a GPU runs the tail whole.
+  assert (" while(" in chunked.lower(x).compile().as_text()) == (piece is not None)
+  assert "while" not in chunked.trace(x).lower(lowering_platforms=("cuda",)).as_text()
+  # Differentiable under jit, as training runs the model's layers.
+  loss = lambda f: jax.jit(jax.grad(lambda x: (f(x) ** 2).sum()))
+  np.testing.assert_allclose(loss(lambda x: transformer.token_chunked(fn, x))(x),
+                             loss(fn)(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_on_a_mesh_runs_the_tail_whole(monkeypatch):
+  """Under a placement each piece would repeat the tail's collectives: whole instead."""
+  monkeypatch.setattr(transformer, "CHUNK_TOKENS", 4)
+  x = jnp.ones((2, 16, 8), jnp.float32)
+  shapes = []
+  fn = _token_wise(jnp.eye(8), shapes)
+  with sharded.kernels_on(object()):   # any placement
+    text = jax.jit(lambda x: transformer.token_chunked(fn, x)).lower(x).compile().as_text()
+  assert shapes == [(2, 16, 8)] and "while" not in text
+
+
+@contextlib.contextmanager
+def _fresh_executables():
+  """engine.STEPS emptied (everything traced and compiled again), then its executables
+  restored and jax's trace caches dropped, so that no later test gets a program traced
+  with this test's settings. Yields {executable name: number of while loops}."""
+  saved = engine.STEPS._executables.copy()
+  engine.STEPS.clear()
+  jax.clear_caches()
+  loops = {}
+  try:
+    yield loops
+    for key, executable in engine.STEPS._executables.items():
+      loops[key[0]] = loops.get(key[0], 0) + executable.as_text().count(" while(")
+  finally:
+    engine.STEPS.clear()
+    engine.STEPS._executables.update(saved)
+    jax.clear_caches()
 
 
 def test_model_in_pieces_matches_the_model_whole(monkeypatch):
   """The tiny model's log-probs of a continuation and its greedy tokens, with the layers'
-  tails in pieces of 16 tokens (3 rows of up to 40), against the same model whole."""
+  tails in pieces of about 16 tokens (3 rows of prompts bucketed to 64 tokens), against the
+  same model whole; the layers' prefill programs loop over the pieces."""
   model = tiny_model(seed=1)
   prompts = random_prompts([40, 31, 36], seed=2)
   continuations = random_prompts([24, 30, 27], seed=3)
   run = lambda: (kvjax.score(model, prompts, continuations),
                  kvjax.generate(model, prompts, max_new_tokens=6).token_ids)
-  whole_scores, whole_tokens = run()
+  with _fresh_executables() as whole_loops:
+    whole_scores, whole_tokens = run()
   monkeypatch.setattr(transformer, "CHUNK_TOKENS", 16)
-  # Traced and compiled again, not served from the executables compiled whole.
-  monkeypatch.setattr(engine, "STEPS", engine.CompiledSteps())
-  jax.clear_caches()
-  scores, tokens = run()
+  with _fresh_executables() as loops:
+    scores, tokens = run()
+  assert loops["prefill_layer"] > whole_loops["prefill_layer"] == 0
   for got, want in zip(scores, whole_scores):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   assert tokens == whole_tokens

@@ -16,6 +16,7 @@ from kvjax.cache.cross_layer import own_layer, view_layer
 from kvjax.cache.policy import APPEND, LayerStep, begin as policy_begin
 from kvjax.config import ModelConfig
 from kvjax.ops import rope
+from kvjax.ops.sharded import current_placement
 
 _init = nnx.initializers.normal(0.02)
 
@@ -177,26 +178,34 @@ class MLP(nnx.Module):
     return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
 
 
-# On CPU a long chunk's token-wise layer tail (norm, MLP, residual) runs at most this many
+# On CPU a long chunk's token-wise layer tail (norm, MLP, residual) runs about this many
 # tokens at a time, so that its [tokens, intermediate] float32 activations stay in the
-# caches. SmolLM2 prefill on 2 AVX2 cores, paired in one process: 0.83x the time at
+# caches. SmolLM2 prefill on 2 AMD EPYC cores, paired in one process: 0.83x the time at
 # 2K x 4, 0.86x at 512 x 8, 0.88x at 4K x 1, 0.95-1.0x at 2K x 1 (pieces of 512 tokens
 # 0.87x at 2K x 4; one MLP over 512 tokens is as fast whole as in pieces of 128-256).
+# Read while tracing: executables already compiled keep the value they were traced with.
 CHUNK_TOKENS = 1024
 
 
 def token_chunked(fn, x):
-  """fn(x) for x [B, T, d] and a fn that treats every token on its own; lowered for CPU,
-  in pieces of at most CHUNK_TOKENS tokens (B rows x a slice of T, so rows sharded over
-  devices stay so) when x holds more. Each token's output is what fn gives it whole, up to
-  float rounding (the products' blocking differs)."""
-  b, t = x.shape[:2]
-  if not isinstance(b * t, int):   # a symbolic shape (export): whole
+  """fn(x) for x [B, T, d] and a fn that treats every token on its own and is finite on a
+  token of zeros (the padding of the last piece).
+
+  Lowered for CPU on one device, a chunk of more than CHUNK_TOKENS tokens (batch included)
+  runs in pieces of all B rows x a slice of T of about CHUNK_TOKENS tokens in all, one after
+  another; each token's output is what fn gives it whole, up to float rounding (the
+  products' blocking differs). Accelerators, a model placed on a mesh (each piece would
+  repeat the tail's collectives), symbolic shapes and other ranks run it whole.
+  """
+  if x.ndim != 3 or current_placement() is not None:
     return fn(x)
-  pieces = min(t, -(-(b * t) // CHUNK_TOKENS))
+  b, t = x.shape[:2]
+  if not isinstance(b * t, int):   # a symbolic shape (export)
+    return fn(x)
+  width = -(-t // min(t, -(-(b * t) // CHUNK_TOKENS)))
+  pieces = -(-t // width)
   if pieces < 2:
     return fn(x)
-  width = -(-t // pieces)
 
   def chunked(x):
     padded = jnp.pad(x, [(0, 0), (0, pieces * width - t), (0, 0)])
