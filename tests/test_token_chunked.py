@@ -1,5 +1,5 @@
 """A layer's token-wise tail (norm, MLP, residual) runs in pieces of tokens on CPU
-(`transformer.token_chunked`): the same numbers as whole, up to float rounding."""
+(`kvjax.ops.pieces.token_chunked`): the same numbers as whole, up to float rounding."""
 
 import contextlib
 
@@ -10,7 +10,7 @@ import pytest
 
 import kvjax
 from kvjax.generation import engine
-from kvjax.model import transformer
+from kvjax.ops import pieces
 from kvjax.ops import sharded
 from tests.tiny import random_prompts, tiny_model
 
@@ -29,13 +29,13 @@ def _token_wise(w, traced_shapes):
     (4, 1, 1, None),            # one token per row (a decode step): never split
 ])
 def test_pieces_give_what_the_whole_gives(monkeypatch, b, t, chunk, piece):
-  monkeypatch.setattr(transformer, "CHUNK_TOKENS", chunk)
+  monkeypatch.setattr(pieces, "CHUNK_TOKENS", chunk)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((b, t, 8)), jnp.float32)
   w = jnp.asarray(rng.standard_normal((8, 8)), jnp.float32)
   shapes = []
   fn = _token_wise(w, shapes)
-  chunked = jax.jit(lambda x: transformer.token_chunked(fn, x))
+  chunked = jax.jit(lambda x: pieces.token_chunked(fn, x))
   np.testing.assert_allclose(chunked(x), fn(x), rtol=1e-6, atol=1e-6)
   if piece is None:
     assert shapes == [(b, t, 8), (b, t, 8)]
@@ -46,18 +46,18 @@ def test_pieces_give_what_the_whole_gives(monkeypatch, b, t, chunk, piece):
   assert "while" not in chunked.trace(x).lower(lowering_platforms=("cuda",)).as_text()
   # Differentiable under jit, as training runs the model's layers.
   loss = lambda f: jax.jit(jax.grad(lambda x: (f(x) ** 2).sum()))
-  np.testing.assert_allclose(loss(lambda x: transformer.token_chunked(fn, x))(x),
+  np.testing.assert_allclose(loss(lambda x: pieces.token_chunked(fn, x))(x),
                              loss(fn)(x), rtol=1e-5, atol=1e-5)
 
 
 def test_a_model_on_a_mesh_runs_the_tail_whole(monkeypatch):
   """Under a placement each piece would repeat the tail's collectives: whole instead."""
-  monkeypatch.setattr(transformer, "CHUNK_TOKENS", 4)
+  monkeypatch.setattr(pieces, "CHUNK_TOKENS", 4)
   x = jnp.ones((2, 16, 8), jnp.float32)
   shapes = []
   fn = _token_wise(jnp.eye(8), shapes)
   with sharded.kernels_on(object()):   # any placement
-    text = jax.jit(lambda x: transformer.token_chunked(fn, x)).lower(x).compile().as_text()
+    text = jax.jit(lambda x: pieces.token_chunked(fn, x)).lower(x).compile().as_text()
   assert shapes == [(2, 16, 8)] and "while" not in text
 
 
@@ -91,7 +91,7 @@ def test_model_in_pieces_matches_the_model_whole(monkeypatch):
                  kvjax.generate(model, prompts, max_new_tokens=6).token_ids)
   with _fresh_executables() as whole_loops:
     whole_scores, whole_tokens = run()
-  monkeypatch.setattr(transformer, "CHUNK_TOKENS", 16)
+  monkeypatch.setattr(pieces, "CHUNK_TOKENS", 16)
   with _fresh_executables() as loops:
     scores, tokens = run()
   assert loops["prefill_layer"] > whole_loops["prefill_layer"] == 0
