@@ -31,6 +31,8 @@ def token_chunked(fn, x):
   b, t = x.shape[:2]
   if not isinstance(b * t, int):   # a symbolic shape (export)
     return fn(x)
+  # The width of the wanted number of pieces, then as many pieces as that width needs
+  # (none of them all padding).
   width = -(-t // min(t, -(-(b * t) // CHUNK_TOKENS)))
   pieces = -(-t // width)
   if pieces < 2:
