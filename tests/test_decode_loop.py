@@ -177,9 +177,7 @@ def _cache_sized_copies(model, method):
           if np.prod([int(n) for n in shape.split(",")]) >= layer_size]
 
 
-# D2O merges the evicted token by rewriting its layer's keys and values whole
-# (`merge_ops.scatter_mean`), which XLA then copies into the loop's buffers.
-@pytest.mark.parametrize("method", [m for m in DECODE_TIME if m != "d2o"])
+@pytest.mark.parametrize("method", DECODE_TIME)
 def test_eviction_overwrites_the_cache_in_place(model, method):
   """A decode-time eviction writes the chosen slot in place: XLA would copy each layer's
   values (and StreamingLLM's keys too) twice per step, about 20% of a 2K-slot SmolLM2 H2O
