@@ -616,7 +616,8 @@ def test_d2o_layer_budgets_favour_flat_attention():
   assert budgets == [max(5, round(r * 100)) for r in share]
 
 
-def test_d2o_decode_step_merges_the_victim(model):
+@pytest.mark.parametrize("tau_row0", [-0.2, 0.99])
+def test_d2o_decode_step_merges_the_victim(model, tau_row0):
   """One decode step: the least-scored unprotected slot is overwritten by the new token
   after being averaged into its most similar slot when the similarity reaches tau; tau
   moves by alpha/beta."""
@@ -626,8 +627,10 @@ def test_d2o_decode_step_merges_the_victim(model):
   from kvjax.methods.plan import evict_and_insert
   keys, values, pos, score, lengths = _d2o_layer(3, s=16)
   b, k, s, d = keys.shape
-  tau0 = np.array([-0.2, 0.1])
-  state = {"score": jnp.asarray(score, jnp.float32), "absorbed": jnp.zeros(pos.shape),
+  tau0 = np.array([tau_row0, 0.1])
+  absorbed0 = np.where(pos >= 0, np.random.default_rng(5).integers(0, 4, pos.shape), 7.0)
+  state = {"score": jnp.asarray(score, jnp.float32),
+           "absorbed": jnp.asarray(absorbed0, jnp.float32),
            "tau": jnp.broadcast_to(jnp.asarray(encode_tau(tau0), jnp.float32)[:, None, None],
                                    pos.shape)}
   layer = LayerCache(keys=jnp.asarray(keys, jnp.float32), values=jnp.asarray(values, jnp.float32),
@@ -653,18 +656,57 @@ def test_d2o_decode_step_merges_the_victim(model):
       if p[victim] < 0:     # an empty slot takes the new token: nothing leaves
         np.testing.assert_allclose(np.asarray(got.keys)[row, kv, others], keys[row, kv, others],
                                    atol=1e-6)
+        np.testing.assert_allclose(np.asarray(got.values)[row, kv, others],
+                                   values[row, kv, others], atol=1e-6)
+        want_abs = np.where(p >= 0, absorbed0[row, kv], 0.0)
+        want_abs[victim] = 0
+        np.testing.assert_array_equal(np.asarray(got.state["absorbed"])[row, kv], want_abs)
         continue
       sims = [_np_cos(keys[row, kv, victim], keys[row, kv, i]) for i in others]
       target = others[int(np.argmax(sims))]
       row_best.append(max(sims))
       merged = max(sims) >= tau0[row]
-      want_key = (keys[row, kv, target] + keys[row, kv, victim]) / 2 if merged else keys[row, kv, target]
-      np.testing.assert_allclose(np.asarray(got.keys)[row, kv, target], want_key, atol=1e-5)
+      wt, wv = 1 + absorbed0[row, kv, target], (1 + absorbed0[row, kv, victim]) * merged
+      mean = lambda a: (wt * a[row, kv, target] + wv * a[row, kv, victim]) / (wt + wv)
+      np.testing.assert_allclose(np.asarray(got.keys)[row, kv, target], mean(keys), atol=1e-5)
+      np.testing.assert_allclose(np.asarray(got.values)[row, kv, target], mean(values), atol=1e-5)
+      rest = [i for i in others if i != target]
+      for got_a, a in ((got.keys, keys), (got.values, values)):   # nothing else moves
+        np.testing.assert_allclose(np.asarray(got_a)[row, kv, rest], a[row, kv, rest], atol=1e-6)
+      want_abs = np.where(pos[row, kv] >= 0, absorbed0[row, kv], 0.0)
+      want_abs[target] += wv
+      want_abs[victim] = 0
+      np.testing.assert_array_equal(np.asarray(got.state["absorbed"])[row, kv], want_abs)
       np.testing.assert_allclose(np.asarray(got.keys)[row, kv, victim],
                                  np.asarray(new.keys)[row, kv, 0], atol=1e-6)
-      assert np.asarray(got.state["absorbed"])[row, kv, target] == (1 if merged else 0)
     best.append(0.5 * tau0[row] + 0.5 * np.mean(row_best) if row_best else tau0[row])
   np.testing.assert_allclose(np.asarray(decode_tau(got.state["tau"])), best, atol=1e-5)
+
+
+def test_d2o_decode_step_without_a_target_writes_nothing_else(model):
+  """The victim is its head's only real token (the other slots reserved) and tau is 0: no
+  target, so no slot but the victim's changes (no write to a clipped index)."""
+  from kvjax.cache.kv_cache import RESERVED_POSITION, NewTokens
+  from kvjax.methods import D2O
+  from kvjax.methods.plan import evict_and_insert
+  b, k, s, d = 1, 1, 4, 8
+  rng = np.random.default_rng(1)
+  pos = np.full((b, k, s), RESERVED_POSITION, np.int32)
+  pos[0, 0, 2] = 5
+  keys, values = rng.normal(size=(b, k, s, d)), rng.normal(size=(b, k, s, d))
+  zero = jnp.zeros(pos.shape, jnp.float32)
+  layer = LayerCache(keys=jnp.asarray(keys, jnp.float32), values=jnp.asarray(values, jnp.float32),
+                     positions=jnp.asarray(pos), end=jnp.int32(s),
+                     state={"score": zero, "absorbed": zero, "tau": zero})
+  new = NewTokens(keys=jnp.ones((b, k, 1, d)), values=jnp.ones((b, k, 1, d)),
+                  positions=jnp.asarray([[6]]))
+  got = evict_and_insert(D2O(sinks=0), layer, new, jnp.zeros((b, 2, s)), jnp.zeros((b, 2)),
+                         jnp.asarray([7]), 4)
+  rest = [0, 1, 3]
+  for got_a, a in ((got.keys, keys), (got.values, values)):
+    np.testing.assert_array_equal(np.asarray(got_a)[0, 0, rest], a[0, 0, rest].astype(np.float32))
+  np.testing.assert_array_equal(np.asarray(got.state["absorbed"]), 0)
+  np.testing.assert_array_equal(np.asarray(got.keys)[0, 0, 2], 1)
 
 
 def test_d2o_through_every_phase(model, smollm2_tokenizer):
