@@ -654,10 +654,9 @@ def test_d2o_decode_step_merges_the_victim(model, tau_row0):
       victim = int(np.argmin(prio)) if (p < 0).sum() == 0 else int(np.flatnonzero(p < 0)[0])
       others = [i for i in range(s) if p[i] >= 0 and i != victim]
       if p[victim] < 0:     # an empty slot takes the new token: nothing leaves
-        np.testing.assert_allclose(np.asarray(got.keys)[row, kv, others], keys[row, kv, others],
-                                   atol=1e-6)
-        np.testing.assert_allclose(np.asarray(got.values)[row, kv, others],
-                                   values[row, kv, others], atol=1e-6)
+        for got_a, a in ((got.keys, keys), (got.values, values)):
+          np.testing.assert_allclose(np.asarray(got_a)[row, kv, others], a[row, kv, others],
+                                     atol=1e-6)
         want_abs = np.where(p >= 0, absorbed0[row, kv], 0.0)
         want_abs[victim] = 0
         np.testing.assert_array_equal(np.asarray(got.state["absorbed"])[row, kv], want_abs)
