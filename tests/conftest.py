@@ -80,3 +80,12 @@ def _release_compiled_steps(request):
   getattr(request.module, "_EXECUTABLES", {}).clear()
   jax.clear_caches()
   gc.collect()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_capacity_sets():
+  """Each test starts with no remembered capacity sets (`kv_cache.shared_capacities`): a
+  method's allocation then depends on its own prompts, not on earlier tests'."""
+  from kvjax.cache import kv_cache
+  kv_cache.forget_capacities()
+  yield

@@ -6,6 +6,8 @@ import jax
 import numpy as np
 import pytest
 from flax import struct
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import kvjax
 from kvjax.cache import LayerCache, init_cache, kv_cache
@@ -245,6 +247,48 @@ def test_shared_capacities_stay_near_the_slots_kept():
   assert all(n <= kv_cache.shared_capacity(n, 10 ** 6) <= max(n + 15, n * 5 // 4)
              for n in range(1, 4097))
   assert len(sizes) == 4 + 4 * 6   # 16-64, then 4 per doubling up to 4096
+
+
+def test_capacity_sets_are_reused_within_the_slack():
+  """A method's later prompt takes a capacity set allocated before when it holds every
+  layer's rounded count within the slack, grows one when their union stays within it,
+  and otherwise keeps its own rounded counts; keys never share sets."""
+  slack = kv_cache.SHAPE_REUSE_SLACK
+  largest = [1024] * 3
+  first = kv_cache.shared_capacities("m", [100, 200, 300], largest)
+  assert first == (112, 224, 320)                      # the rounded counts (shared_capacity)
+  # Smaller counts the first set holds within the slack: that set, not (96, 192, 320).
+  assert kv_cache.shared_capacities("m", [90, 190, 300], largest) == first
+  # Another key, or after forgetting: its own rounded counts.
+  assert kv_cache.shared_capacities("other", [90, 190, 300], largest) == (96, 192, 320)
+  # A layer over the set: the union, which stays within the slack (not the rounded counts
+  # (96, 256, 320)).
+  grown = kv_cache.shared_capacities("m", [90, 250, 280], largest)
+  assert grown == (112, 256, 320)
+  # The grown set now holds both; the smaller first set is still preferred where it holds.
+  assert kv_cache.shared_capacities("m", [100, 240, 300], largest) == grown
+  assert kv_cache.shared_capacities("m", [100, 200, 290], largest) == first
+  # Counts whose union with every set passes the slack keep their own rounded counts.
+  small = [16, 16, 16]
+  assert sum(first) > (1 + slack) * 3 * 16
+  assert kv_cache.shared_capacities("m", small, largest) == (16, 16, 16)
+  # A set past a layer's bound (what the layer chose from) is never taken.
+  assert kv_cache.shared_capacities("m", [100, 200, 300], [1024, 200, 1024]) == (112, 200, 320)
+  kv_cache.forget_capacities()
+  assert kv_cache.shared_capacities("m", [90, 190, 300], largest) == (96, 192, 320)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.integers(1, 600), min_size=4, max_size=4), min_size=1, max_size=12),
+       st.lists(st.integers(1, 700), min_size=4, max_size=4))
+def test_reused_capacities_hold_the_counts_within_bounds_and_slack(prompts, largest):
+  kv_cache.forget_capacities()
+  for slots in prompts:
+    rounded = [kv_cache.shared_capacity(n, m) for n, m in zip(slots, largest)]
+    got = kv_cache.shared_capacities("m", slots, largest)
+    assert all(r <= g <= max(n, m) for r, g, n, m in zip(rounded, got, slots, largest))
+    assert sum(got) <= (1 + kv_cache.SHAPE_REUSE_SLACK) * sum(rounded)
+  kv_cache.forget_capacities()
 
 
 def test_differing_dense_capacities_round_to_a_few_shapes(model):

@@ -48,12 +48,13 @@ def jnp_and_kernel_tokens(model, prompts, monkeypatch, **generate_kwargs):
 
 def padded_and_exact(model, prompts, method_module, monkeypatch, **generate_kwargs):
   """(padded, exact) generate results, with the method's shape padding
-  (`method_module.shared_capacity`) and with it patched off, after checking that only the
+  (`method_module.shared_capacities`) and with it patched off, after checking that only the
   allocation differs: the same tokens and context bytes, the padded allocation larger,
   the exact one its context bytes."""
   import kvjax
   padded = kvjax.generate(model, prompts, **generate_kwargs)
-  monkeypatch.setattr(method_module, "shared_capacity", lambda slots, largest: slots)
+  monkeypatch.setattr(method_module, "shared_capacities",
+                      lambda key, slots, largest: tuple(int(n) for n in slots))
   exact = kvjax.generate(model, prompts, **generate_kwargs)
   assert padded.token_ids == exact.token_ids
   assert padded.stats["context_cache_bytes"] == exact.stats["context_cache_bytes"]

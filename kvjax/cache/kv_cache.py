@@ -681,6 +681,54 @@ def shared_capacity(slots: int, largest: int) -> int:
   return min(shared_size(slots), max(slots, largest))
 
 
+# Rounding alone still gives a new prompt's 30 layers a new set of capacities most of the
+# time, and a new set compiles the whole decode loop again (D2O, SmolLM2, 500 tokens: 14.7
+# s of a second prompt's 17.7 s). A layer's budget moves little from prompt to prompt, so
+# `shared_capacities` takes a set of capacities allocated before when it holds every
+# layer's rounded count with at most SHAPE_REUSE_SLACK more slots in all (or grows one to
+# hold them within that slack): after a few prompts new ones meet a compiled decode loop.
+SHAPE_REUSE_SLACK = 0.25
+_REMEMBERED_SETS = 8      # capacity sets per key, most recently used kept
+_REMEMBERED_KEYS = 64     # keys (method, layer shapes), most recently used kept
+_allocated: dict = {}     # key -> [capacity tuple, ...], most recently used last
+
+
+def shared_capacities(key, slots, largest) -> tuple[int, ...]:
+  """Per layer, `slots` rounded up by `shared_capacity` (at most max(slots, largest)), or
+  a set of capacities allocated before under `key` (hashable: the method and the layers'
+  shapes) that holds each layer's rounded count within those bounds and has at most
+  SHAPE_REUSE_SLACK more slots in all: the one with the fewest slots, else the union of
+  the rounded counts with as many remembered sets as stay within those limits. The
+  choice is remembered under `key`. Extra slots are reserved padding, so outputs are
+  those of the rounded counts (up to float rounding of sums over more slots)."""
+  rounded = tuple(shared_capacity(int(n), int(m)) for n, m in zip(slots, largest))
+  bound = tuple(max(int(n), int(m)) for n, m in zip(slots, largest))
+  most = sum(rounded) * (1 + SHAPE_REUSE_SLACK)
+  fits = lambda sizes: sum(sizes) <= most and all(
+      r <= c <= b for r, c, b in zip(rounded, sizes, bound))
+  remembered = _allocated.pop(key, [])
+  same_depth = [sizes for sizes in remembered if len(sizes) == len(rounded)]
+  held = [sizes for sizes in same_depth if fits(sizes)]
+  # Else the union of as many remembered sets as fit (those that gain the fewest slots
+  # first): new prompts then converge on one set that holds them all.
+  grown = rounded
+  for sizes in sorted(same_depth, key=lambda sizes: sum(map(max, rounded, sizes)) - sum(sizes)):
+    union = tuple(map(max, grown, sizes))
+    grown = union if fits(union) else grown
+  chosen = min(held, key=sum) if held else grown
+  remembered = [sizes for sizes in remembered if sizes != chosen] + [chosen]
+  _allocated[key] = remembered[-_REMEMBERED_SETS:]
+  while len(_allocated) > _REMEMBERED_KEYS:
+    del _allocated[next(iter(_allocated))]
+  return chosen
+
+
+def forget_capacities() -> None:
+  """Forgets every capacity set `shared_capacities` remembers (the next prompt of each
+  method gets its own rounded counts)."""
+  _allocated.clear()
+
+
 def shape_padding(layer: LayerCache | FlatLayerCache) -> int:
   """Host side: the slots every row and head of a dense layer (every row of a head-wise
   one) leaves reserved (RESERVED_POSITION): its padding to a shared capacity."""

@@ -71,7 +71,7 @@ class Method:
     reads_context: its prefill reads the context's token ids (SentenceKV's sentence
       boundaries), handed to the policy as traced parameters by `context_params`.
     pads_shapes: its data-dependent slot counts are rounded up to shared sizes with
-      reserved slots (`kv_cache.shared_capacity`: CAKE, D2O, KVzip), which
+      reserved slots (`kv_cache.shared_capacities`: CAKE, D2O, KVzip), which
       `content_nbytes` leaves out.
   A method whose `attends_prefill` is true replaces a compressing prefill chunk's
   attention by its own `prefill_attention` (LoopServe's sparse prefill).

@@ -25,7 +25,7 @@ preference terms; the cascade's budgets and the evictions are settled on the hos
 context is in (`finalize`; under chunked prefill also between chunks, so memory stays
 bounded by the budgets plus one chunk and the padding below). Layers then really hold
 different numbers of slots, padded in front with reserved slots to shared capacities
-(`kv_cache.shared_capacity`; the padding is reported apart); in a batch, a row that keeps
+(`kv_cache.shared_capacities`; the padding is reported apart); in a batch, a row that keeps
 fewer slots than another has its reserved slots in front too, so that its kept slots meet
 the room appended after them, as alone (a row whose context is within its budget still
 decodes differently from alone, as it did before).
@@ -52,7 +52,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.cache import kv_cache
-from kvjax.cache.kv_cache import EMPTY_POSITION, RESERVED_POSITION, LayerCache, shared_capacity
+from kvjax.cache.kv_cache import (EMPTY_POSITION, RESERVED_POSITION, LayerCache,
+                                  shared_capacities)
 from kvjax.errors import MethodError
 from kvjax.methods import base, registry
 from kvjax.ops.dispatch import use_pallas
@@ -102,7 +103,7 @@ def cascade_budgets(preferences, total: int, cap: int, cascading: bool = True) -
 
 
 # Evicted layers hold different data-dependent slot counts, so each is padded in front to
-# a shared capacity (`kv_cache.shared_capacity`). SmolLM2, 700 tokens, ratio 0.5, a second
+# a shared capacity (`kv_cache.shared_capacities`). SmolLM2, 700 tokens, ratio 0.5, a second
 # prompt of that length: 25-29 s before (14-20 s of selection compiles, then the decode
 # loop's 9-10 s), 8.6-10.2 s padded (decode loop 6.5-7.7 s); the allocation grew 9-11%,
 # tokens unchanged.
@@ -228,40 +229,29 @@ class CAKE(base.Method):
   def _evicted(self, cache):
     """Each layer cut to its cascade budget per row: the window plus the top of the
     indicator; a layer holds the most any row keeps, rounded up to a shared capacity
-    (`shared_capacity`). A row's other slots are reserved (`RESERVED_POSITION`: empty, and
+    (`shared_capacities`). A row's other slots are reserved (`RESERVED_POSITION`: empty, and
     never written by decode, so each row stays at its own budget) and come first, except,
     for a row shorter than the budget, empty slots up to the budget after its kept ones."""
     if not self.mean_budget:
       raise MethodError("cake must be fitted to a budget first (method.fitted(keep))")
     budgets = self.layer_token_budgets(cache)
     lengths = host_array(cache.lengths)
+    kept = [self._kept(layer, row_budgets, lengths)
+            for layer, row_budgets in zip(cache.layers, budgets)]
+    needed = [max(1, int(k.sum(-1).max())) for k in kept]
+    padded = shared_capacities((self, tuple(layer.keys.shape for layer in cache.layers)),
+                               needed, [layer.capacity for layer in cache.layers])
     out = []
-    for layer, row_budgets in zip(cache.layers, budgets):
-      if not isinstance(layer, LayerCache) or layer.state is None:
-        raise MethodError(f"cake evicts dense layers carrying its state; got "
-                          f"{type(layer).__name__}")
-      positions = host_array(layer.positions)
-      indicator = host_array(layer.state[..., INDICATOR]).astype(np.float64)
-      in_window = (positions >= 0) & (
-          positions >= (lengths - np.minimum(self.window, lengths))[:, None, None])
-      before = (positions >= 0) & ~in_window
-      prio = np.where(before, indicator, -np.inf)
-      kept = in_window.copy()
-      for row, budget in enumerate(row_budgets):
-        order = np.argsort(-prio[row], axis=-1, kind="stable")[:, :budget]   # [K, budget]
-        np.put_along_axis(kept[row], order, True, axis=-1)
-      kept &= positions >= 0
-      capacity = max(1, int(kept.sum(-1).max()))
+    for layer, kept, capacity, capacity_padded in zip(cache.layers, kept, needed, padded):
       kept_first = np.argsort(~kept, axis=-1, kind="stable")[..., :capacity]
       # A row within its budget may still grow into its filler up to the budget (as alone,
       # where the rest of its budget is room): that filler follows its kept slots. The rest
-      # is reserved, in front with the padding to a shared capacity (`shared_capacity`):
+      # is reserved, in front with the padding to a shared capacity (`shared_capacities`):
       # so a row's kept slots, in slot (position) order, meet the room appended after them,
       # as alone, and pooling in slot order reads the reserved slots' zeros as it reads the
       # zero padding before slot 0.
       count = kept.sum(-1, keepdims=True)                                  # [B, K, 1]
       growth = np.maximum(self.mean_budget - lengths, 0)[:, None, None]
-      capacity_padded = shared_capacity(capacity, layer.capacity)
       reserved = capacity_padded - count - np.minimum(growth, capacity - count)
       slot = np.arange(capacity_padded) - reserved                         # [B, K, C]
       index = np.take_along_axis(kept_first, np.clip(slot, 0, capacity - 1), axis=-1)
@@ -271,6 +261,24 @@ class CAKE(base.Method):
                                 jnp.asarray(real), jnp.asarray(fill, jnp.int32),
                                 pallas=use_pallas()))
     return cache.replace(layers=tuple(out))
+
+  def _kept(self, layer, row_budgets, lengths) -> np.ndarray:
+    """[B, K, S] host mask of the slots a layer keeps: the window plus, per row, the top
+    `row_budgets[row]` of the indicator before it."""
+    if not isinstance(layer, LayerCache) or layer.state is None:
+      raise MethodError(f"cake evicts dense layers carrying its state; got "
+                        f"{type(layer).__name__}")
+    positions = host_array(layer.positions)
+    indicator = host_array(layer.state[..., INDICATOR]).astype(np.float64)
+    in_window = (positions >= 0) & (
+        positions >= (lengths - np.minimum(self.window, lengths))[:, None, None])
+    before = (positions >= 0) & ~in_window
+    prio = np.where(before, indicator, -np.inf)
+    kept = in_window.copy()
+    for row, budget in enumerate(row_budgets):
+      order = np.argsort(-prio[row], axis=-1, kind="stable")[:, :budget]   # [K, budget]
+      np.put_along_axis(kept[row], order, True, axis=-1)
+    return kept & (positions >= 0)
 
   def kept_budgets(self, cache, budgets):
     """Real slots per KV head each layer keeps, averaged over the rows (a layer's slot

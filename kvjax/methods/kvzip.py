@@ -42,7 +42,7 @@ import numpy as np
 
 from kvjax.cache import kv_cache
 from kvjax.cache.kv_cache import (EMPTY_POSITION, RESERVED_POSITION, FlatLayerCache, LayerCache,
-                                  shared_capacity)
+                                  shared_capacities)
 from kvjax.errors import MethodError
 from kvjax.methods import base, registry
 from kvjax.ops.dispatch import use_pallas
@@ -275,11 +275,12 @@ class KVzip(base.Method):
         kept[row, c[np.isfinite(r[c])]] = True
       kept = kept.reshape((b, n) + best.shape[2:]).transpose(1, 0, 2, 3)  # [L, B, K, S]
       totals = [max(1, int(t)) for t in kept.sum((2, 3)).max(1)]  # no layer of size 0
+    # Padded to shared sizes with reserved slots, so that a new prompt's slot counts
+    # mostly meet compiled shapes (layerwise totals are the budget's: no padding).
+    capacities = totals if self.layerwise else shared_capacities(
+        (self, tuple(layer.keys.shape for layer in layers)), totals, [p.size // b for p in best])
     out = []
-    for layer, prio, row_kept, total in zip(layers, best, kept, totals):
-      # Padded to a shared size with reserved slots, so that a new prompt's slot counts
-      # mostly meet compiled shapes (layerwise totals are the budget's: no padding).
-      capacity = total if row_kept is None else shared_capacity(total, prio.size // b)
+    for layer, prio, row_kept, total, capacity in zip(layers, best, kept, totals, capacities):
       out.append(_select_ranked(layer.replace(state=None), jnp.asarray(prio),
                                 None if row_kept is None else jnp.asarray(row_kept),
                                 jnp.int32(total), capacity=capacity, pallas=use_pallas()))

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.cache.kv_cache import (EMPTY_POSITION, RESERVED_POSITION, LayerCache, shape_padding,
-                                  shared_capacity)
+                                  shared_capacities)
 from kvjax.methods import base, registry
 from kvjax.ops import attention as attention_ops
 from kvjax.ops import merge as merge_ops
@@ -482,14 +482,15 @@ class D2O(MergingMethod):
       raise base.MethodError("d2o needs its budget: run it through a plan (fitted(keep))")
     keep = self.keep
     budgets = d2o_layer_budgets(scores, valid, keep, lengths, self.protected_tokens(keep) + 1)
+    # Budgets are data dependent: each layer is padded to a shared capacity, so that new
+    # prompts of a length compile few new shapes. SmolLM2, 500 tokens, ratio 0.5, a
+    # second prompt: 36-44 s before (its decode loop 23-25 s), 13.6-15.0 s padded
+    # (12.1-13.4 s); the same tokens, the allocation 9-10% larger.
+    capacities = shared_capacities((self, tuple(layer.keys.shape for layer in layers)),
+                                   budgets, [layer.capacity for layer in layers])
     out = []
-    for layer, budget in zip(layers, budgets):
-      # Budgets are data dependent: each layer is padded to a shared capacity, so that new
-      # prompts of a length compile few new shapes. SmolLM2, 500 tokens, ratio 0.5, a
-      # second prompt: 36-44 s before (its decode loop 23-25 s), 13.6-15.0 s padded
-      # (12.1-13.4 s); the same tokens, the allocation 9-10% larger.
-      compacted = _d2o_compact(layer, cache.lengths, jnp.int32(budget),
-                               capacity=shared_capacity(budget, layer.capacity),
+    for layer, budget, capacity in zip(layers, budgets, capacities):
+      compacted = _d2o_compact(layer, cache.lengths, jnp.int32(budget), capacity=capacity,
                                recent=jnp.int32(self.recent(budget)),
                                sinks=jnp.int32(self.sinks))
       out.append(compacted)
