@@ -247,6 +247,15 @@ def test_shape_padding_changes_nothing_but_the_allocation(model, monkeypatch):
   assert all(a >= s for a, s in zip(allocated, slots))
 
 
+def test_reused_capacity_sets_change_nothing_but_the_allocation(model, monkeypatch):
+  """Capacities past the rounded counts (a set taken from an earlier prompt,
+  `kv_cache.shared_capacities`) decode as exactly sized ones too."""
+  prompts = random_prompts([120, 96], seed=6)
+  kwargs = dict(method="cake:window=8", compression_ratio=0.6, max_new_tokens=24,
+                questions=random_prompts([20, 12], seed=7))
+  padded_and_exact(model, prompts, cake, monkeypatch, reused=True, **kwargs)
+
+
 def test_budget_of_the_whole_context_is_the_full_cache(model):
   prompts = random_prompts([90, 70], seed=4)
   full = kvjax.generate(model, prompts, max_new_tokens=6)

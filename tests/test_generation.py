@@ -291,6 +291,64 @@ def test_reused_capacities_hold_the_counts_within_bounds_and_slack(prompts, larg
   kv_cache.forget_capacities()
 
 
+def test_remembered_sets_and_keys_are_least_recently_used_first():
+  largest = [10 ** 6] * 3
+  first = kv_cache.shared_capacities("m", [100, 200, 300], largest)
+  def others(count):
+    for i in range(count):   # each larger than the sets before: a set of its own
+      kv_cache.shared_capacities("m", [1000 * (i + 1)] * 3, largest)
+  others(kv_cache._REMEMBERED_SETS - 1)
+  assert kv_cache.shared_capacities("m", [90, 190, 300], largest) == first   # still held
+  others(kv_cache._REMEMBERED_SETS)
+  assert kv_cache.shared_capacities("m", [90, 190, 300], largest) == (96, 192, 320)  # forgotten
+  kv_cache.forget_capacities()
+  first = kv_cache.shared_capacities("m", [100, 200, 300], largest)
+  others(1)
+  for _ in range(kv_cache._REMEMBERED_SETS):        # a set taken again is remembered once
+    kv_cache.shared_capacities("m", [1000] * 3, largest)
+  assert kv_cache.shared_capacities("m", [90, 190, 300], largest) == first
+  kv_cache.forget_capacities()
+  first = kv_cache.shared_capacities("m", [100, 200, 300], largest)
+  for i in range(kv_cache._REMEMBERED_KEYS - 1):
+    kv_cache.shared_capacities(("k", i), [100, 200, 300], largest)
+  assert kv_cache.shared_capacities("m", [90, 190, 300], largest) == first   # used last now
+  for i in range(kv_cache._REMEMBERED_KEYS - 1):
+    kv_cache.shared_capacities(("j", i), [100, 200, 300], largest)
+  assert "m" in kv_cache._allocated                 # the 63 keys used before it went first
+  kv_cache.shared_capacities(("j", "last"), [100, 200, 300], largest)
+  assert kv_cache.shared_capacities("m", [90, 190, 300], largest) == (96, 192, 320)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 600), min_size=4, max_size=4),
+       st.lists(st.lists(st.floats(0.6, 1.1), min_size=4, max_size=4), min_size=1, max_size=8),
+       st.lists(st.integers(1, 700), min_size=4, max_size=4))
+def test_capacities_are_the_smallest_set_given_before_that_holds_them(base, scales, largest):
+  """Prompts near one another (at most _REMEMBERED_SETS: nothing forgotten): each gets the
+  smallest set given before that holds its counts within bounds and slack, else a set
+  grown from one given before exactly when such a union stays within them, else its own
+  rounded counts."""
+  kv_cache.forget_capacities()
+  prompts = [[max(1, int(n * s)) for n, s in zip(base, scale)] for scale in scales]
+  given_back = []
+  for slots in prompts:
+    rounded = [kv_cache.shared_capacity(n, m) for n, m in zip(slots, largest)]
+    bound = [max(n, m) for n, m in zip(slots, largest)]
+    most = (1 + kv_cache.SHAPE_REUSE_SLACK) * sum(rounded)
+    fits = lambda sizes: sum(sizes) <= most and all(
+        r <= c <= b for r, c, b in zip(rounded, sizes, bound))
+    got = kv_cache.shared_capacities("m", slots, largest)
+    assert fits(got)
+    held = [sizes for sizes in given_back if fits(sizes)]
+    if held:       # a set given before that holds these counts: the smallest such
+      assert got in held and sum(got) == min(map(sum, held))
+    else:          # grown to hold one given before, where that stays within the slack
+      unions = [tuple(map(max, rounded, sizes)) for sizes in given_back]
+      grows = any(fits(u) and u != tuple(rounded) for u in unions)
+      assert (got != tuple(rounded)) == grows
+    given_back.append(got)
+
+
 def test_differing_dense_capacities_round_to_a_few_shapes(model):
   """Layers whose capacities differ (PyramidKV's budgets) are rounded to at most
   MAX_CAPACITIES capacities, each a multiple of the asked multiple, none short of what it

@@ -187,6 +187,12 @@ def test_shape_padding_changes_nothing_but_the_allocation(chat, monkeypatch):
   assert slots == exact.stats["method_stats"]["slots_per_layer"] != allocated
 
 
+def test_reused_capacity_sets_change_nothing_but_the_allocation(chat, monkeypatch):
+  kwargs = dict(method="kvzip", compression_ratio=0.4, max_new_tokens=12,
+                questions=["Which code word comes first?", "And the last?"])
+  padded_and_exact(chat, TEXTS, kvzip, monkeypatch, reused=True, **kwargs)
+
+
 def test_sweep_path_prefills_kvzip_on_its_own(chat):
   tokens, mask = inputs.left_pad([chat.tokenizer.encode(t) for t in TEXTS], 0)
   method = kvjax.methods.get("kvzip")

@@ -599,6 +599,14 @@ def test_d2o_shape_padding_changes_nothing_but_the_allocation(model, monkeypatch
   assert all(a >= b for a, b in zip(allocated, budgets)) and allocated != budgets
 
 
+def test_d2o_reused_capacity_sets_change_nothing_but_the_allocation(model, monkeypatch):
+  from kvjax.methods import merging
+  kwargs = dict(method="d2o", compression_ratio=0.5, max_new_tokens=40,
+                questions=[[5, 6, 7], [8, 9]])
+  padded_and_exact(model, random_prompts((90, 120), seed=3), merging, monkeypatch,
+                   reused=True, **kwargs)
+
+
 def test_d2o_later_prompts_reuse_capacity_sets_and_decode_the_same(model, monkeypatch):
   """Prompts of one length, one after another, take capacity sets allocated before
   (`kv_cache.shared_capacities`) where those hold their layers within the slack, so fewer

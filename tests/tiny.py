@@ -46,12 +46,19 @@ def jnp_and_kernel_tokens(model, prompts, monkeypatch, **generate_kwargs):
   return want, got
 
 
-def padded_and_exact(model, prompts, method_module, monkeypatch, **generate_kwargs):
+def padded_and_exact(model, prompts, method_module, monkeypatch, reused=False,
+                     **generate_kwargs):
   """(padded, exact) generate results, with the method's shape padding
-  (`method_module.shared_capacities`) and with it patched off, after checking that only the
-  allocation differs: the same tokens and context bytes, the padded allocation larger,
-  the exact one its context bytes."""
+  (`method_module.shared_capacities`; `reused`: as a set taken from an earlier prompt, up
+  to a layer's bound over its rounded count) and with it patched off, after checking that
+  only the allocation differs: the same tokens and context bytes, the padded allocation
+  larger, the exact one its context bytes."""
   import kvjax
+  from kvjax.cache import kv_cache
+  if reused:   # every other layer up to its bound, the rest 16 over their rounded counts
+    monkeypatch.setattr(method_module, "shared_capacities", lambda key, slots, largest: tuple(
+        max(n, m) if i % 2 else min(kv_cache.shared_capacity(n, m) + 16, max(n, m))
+        for i, (n, m) in enumerate(zip(slots, largest))))
   padded = kvjax.generate(model, prompts, **generate_kwargs)
   monkeypatch.setattr(method_module, "shared_capacities",
                       lambda key, slots, largest: tuple(int(n) for n in slots))

@@ -700,19 +700,19 @@ def shared_capacities(key, slots, largest) -> tuple[int, ...]:
   SHAPE_REUSE_SLACK more slots in all: the one with the fewest slots, else the union of
   the rounded counts with as many remembered sets as stay within those limits. The
   choice is remembered under `key`. Extra slots are reserved padding, so outputs are
-  those of the rounded counts (up to float rounding of sums over more slots)."""
-  rounded = tuple(shared_capacity(int(n), int(m)) for n, m in zip(slots, largest))
+  those of the rounded counts (up to float rounding of sums over more slots); with
+  SHAPE_REUSE_SLACK 0 every prompt gets its own rounded counts."""
+  rounded = tuple(shared_capacity(int(n), int(m)) for n, m in zip(slots, largest, strict=True))
   bound = tuple(max(int(n), int(m)) for n, m in zip(slots, largest))
   most = sum(rounded) * (1 + SHAPE_REUSE_SLACK)
   fits = lambda sizes: sum(sizes) <= most and all(
       r <= c <= b for r, c, b in zip(rounded, sizes, bound))
   remembered = _allocated.pop(key, [])
-  same_depth = [sizes for sizes in remembered if len(sizes) == len(rounded)]
-  held = [sizes for sizes in same_depth if fits(sizes)]
+  held = [sizes for sizes in remembered if fits(sizes)]
   # Else the union of as many remembered sets as fit (those that gain the fewest slots
   # first): new prompts then converge on one set that holds them all.
   grown = rounded
-  for sizes in sorted(same_depth, key=lambda sizes: sum(map(max, rounded, sizes)) - sum(sizes)):
+  for sizes in sorted(remembered, key=lambda sizes: sum(map(max, rounded, sizes)) - sum(sizes)):
     union = tuple(map(max, grown, sizes))
     grown = union if fits(union) else grown
   chosen = min(held, key=sum) if held else grown

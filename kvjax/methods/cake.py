@@ -106,7 +106,7 @@ def cascade_budgets(preferences, total: int, cap: int, cascading: bool = True) -
 # a shared capacity (`kv_cache.shared_capacities`). SmolLM2, 700 tokens, ratio 0.5, a second
 # prompt of that length: 25-29 s before (14-20 s of selection compiles, then the decode
 # loop's 9-10 s), 8.6-10.2 s padded (decode loop 6.5-7.7 s); the allocation grew 9-11%,
-# tokens unchanged.
+# tokens unchanged. Sets reused across prompts (`shared_capacities`) may add up to a quarter.
 @functools.partial(jax.jit, static_argnames="pallas")
 def _select_filled(layer, index, real, fill, pallas: bool):
   """The layer's slots `index` [B, K, N], positions `fill` where not `real`. One compiled
@@ -236,13 +236,13 @@ class CAKE(base.Method):
       raise MethodError("cake must be fitted to a budget first (method.fitted(keep))")
     budgets = self.layer_token_budgets(cache)
     lengths = host_array(cache.lengths)
-    kept = [self._kept(layer, row_budgets, lengths)
-            for layer, row_budgets in zip(cache.layers, budgets)]
-    needed = [max(1, int(k.sum(-1).max())) for k in kept]
+    masks = [self._kept(layer, row_budgets, lengths)
+             for layer, row_budgets in zip(cache.layers, budgets)]
+    needed = [max(1, int(kept.sum(-1).max())) for kept in masks]
     padded = shared_capacities((self, tuple(layer.keys.shape for layer in cache.layers)),
                                needed, [layer.capacity for layer in cache.layers])
     out = []
-    for layer, kept, capacity, capacity_padded in zip(cache.layers, kept, needed, padded):
+    for layer, kept, capacity, capacity_padded in zip(cache.layers, masks, needed, padded):
       kept_first = np.argsort(~kept, axis=-1, kind="stable")[..., :capacity]
       # A row within its budget may still grow into its filler up to the budget (as alone,
       # where the rest of its budget is room): that filler follows its kept slots. The rest

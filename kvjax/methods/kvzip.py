@@ -14,10 +14,10 @@ Selection (KVzip's default, `layerwise=False`): one ranking of every (layer, KV 
 of a row; the row keeps its `num_layers * num_kv_heads * keep` best, so layers and heads
 keep different counts (head-wise flat layout, real savings). A batch shares each layer's
 slot count: a layer holds the most any row's ranking gives it, and rows that got fewer have
-empty slots there, so every row keeps what it would keep alone; the count is rounded up
-by `shared_size` with reserved slots (never attended), so that a new prompt mostly meets
-compiled shapes (`method_stats`: `slots_per_layer` without them, `allocated_slots_per_layer`
-with them). `layerwise=True`: every layer keeps `num_kv_heads * keep`, shared among its
+empty slots there, so every row keeps what it would keep alone; the count is padded with
+reserved slots (never attended) by `kv_cache.shared_capacities` (rounded up, or a set of
+counts allocated for an earlier prompt), so that a new prompt mostly meets compiled shapes
+(`method_stats`: `slots_per_layer` without them, `allocated_slots_per_layer` with them). `layerwise=True`: every layer keeps `num_kv_heads * keep`, shared among its
 heads by score.
 
 Reading of the paper and the code, where kvjax differs: kvpress excludes the chat-template
