@@ -17,8 +17,8 @@ slot count: a layer holds the most any row's ranking gives it, and rows that got
 empty slots there, so every row keeps what it would keep alone; the count is padded with
 reserved slots (never attended) by `kv_cache.shared_capacities` (rounded up, or a set of
 counts allocated for an earlier prompt), so that a new prompt mostly meets compiled shapes
-(`method_stats`: `slots_per_layer` without them, `allocated_slots_per_layer` with them). `layerwise=True`: every layer keeps `num_kv_heads * keep`, shared among its
-heads by score.
+(`method_stats`: `slots_per_layer` without them, `allocated_slots_per_layer` with them).
+`layerwise=True`: every layer keeps `num_kv_heads * keep`, shared among its heads by score.
 
 Reading of the paper and the code, where kvjax differs: kvpress excludes the chat-template
 prefix from the repeated chunks (its tokens after the sinks score 0); kvjax does not know
