@@ -13,7 +13,9 @@ import pytest
 
 import kvjax
 from kvjax import methods as methods_lib
+from kvjax.cache import kv_cache
 from kvjax.generation import context, engine, inputs
+from kvjax.methods import budgets
 from tests.tiny import random_prompts, tiny_chat_model, tiny_model
 
 # The module (kvjax.generation.generate is also the name of its function).
@@ -184,3 +186,123 @@ def test_eviction_overwrites_the_cache_in_place(model, method):
   step, unless the write depends, as data, on the attention that reads them
   (`attention.after_reading`)."""
   assert _cache_sized_copies(model, method) == []
+
+
+def _kept(cache):
+  """Per layer, row and KV head: the sorted positions of the real slots and their keys."""
+  out = []
+  for layer in cache.layers:
+    positions, keys = np.asarray(layer.positions), np.asarray(layer.keys)
+    for row in range(positions.shape[0]):
+      for head in range(positions.shape[1]):
+        real = np.flatnonzero(positions[row, head] >= 0)
+        order = np.argsort(positions[row, head, real])
+        out.append((positions[row, head, real[order]], keys[row, head, real[order]]))
+  return out
+
+
+@pytest.mark.parametrize("method", DECODE_TIME + [
+    methods_lib.get("per_layer", press="h2o", weights=(1.0, 3.0))])
+def test_reserved_capacity_and_traced_budgets_decode_as_exact_ones(model, method, monkeypatch):
+  """A decode-time cache padded with reserved slots up to a rounded capacity, decoded by a
+  plan that passes its budgets as data, keeps the same slots and samples the same tokens
+  as the exact capacity decoded with the budgets compiled in: eviction never fills a
+  reserved slot, so the cache stays at its budget plus room."""
+  prompts = random_prompts([70, 55, 62], seed=5)
+  tokens, mask = inputs.left_pad(prompts, 0, 80)
+  prefill = lambda multiple: context.prefill(model, tokens, mask, methods_lib.get(method), 40,
+                                             5, reserve_multiple=multiple)
+  padded = prefill(64)
+  assert engine.traces_budgets(padded.decode_plan)
+  monkeypatch.setattr(type(padded.decode_plan.method), "traces_budget", lambda self, k: False)
+  exact = prefill(64)   # nothing reserved where the budgets are compiled in
+  assert not engine.traces_budgets(exact.decode_plan)
+  capacities = lambda pre: [layer.capacity for layer in pre.cache.layers]
+  if padded.decode_plan.method.pads_shapes:   # its own shared capacities (D2O, CAKE)
+    assert capacities(padded) == capacities(exact)
+  else:
+    for got, want in zip(padded.cache.layers, exact.cache.layers, strict=True):
+      reserved = (np.asarray(got.positions) == kv_cache.RESERVED_POSITION).sum(-1)
+      assert got.capacity % 64 == 0 and got.capacity >= want.capacity
+      assert (reserved >= got.capacity - want.capacity).all()
+    assert sum(capacities(padded)) > sum(capacities(exact))
+  reserved = [np.asarray(layer.positions) == kv_cache.RESERVED_POSITION
+              for layer in padded.cache.layers]   # before decoding donates the cache
+  want, want_cache = _step_by_step(model, exact, 20, [], True, False)
+  monkeypatch.undo()
+  got, got_cache = _looped(model, padded, 20, [], True, False, chunk=8)
+  np.testing.assert_array_equal(got, want)
+  for (got_pos, got_keys), (want_pos, want_keys) in zip(_kept(got_cache), _kept(want_cache),
+                                                        strict=True):
+    np.testing.assert_array_equal(got_pos, want_pos)
+    np.testing.assert_allclose(got_keys, want_keys, rtol=1e-5, atol=1e-5)
+  for got_layer, was_reserved in zip(got_cache.layers, reserved, strict=True):
+    np.testing.assert_array_equal(
+        np.asarray(got_layer.positions) == kv_cache.RESERVED_POSITION, was_reserved)
+
+
+@pytest.mark.parametrize("method", DECODE_TIME)
+def test_decode_plans_of_other_budgets_compile_as_one(model, method):
+  """With its budgets passed as data, a decode-time method's decode plan is one for every
+  budget: what `fitted` records for the prefill and `finalize` alone (D2O's keep, CAKE's
+  mean budget) is left out (`Method.decoding`)."""
+  tokens, mask = inputs.left_pad(random_prompts([70, 55, 62], seed=5), 0, 80)
+  plans = [engine._traced_budgets(context.prefill(model, tokens, mask, methods_lib.get(method),
+                                                  keep, 5).decode_plan)[0]
+           for keep in (40, 44)]
+  assert plans[0] == plans[1] and hash(plans[0]) == hash(plans[1])
+  assert plans[0].budgets == ()
+
+
+@pytest.mark.parametrize("method", [
+    methods_lib.get("h2o"), methods_lib.get("tova"),
+    methods_lib.get("per_layer", press="h2o", weights=(1.0, 3.0))])
+def test_an_evicting_context_of_another_length_decodes_with_the_same_compiled_loop(
+    model, method):
+  """Another prompt length gives a decode-time method other budgets; rounded to one
+  reserved capacity and passed as data, they need no new decode loop."""
+  rng = np.random.default_rng(5)
+  prompts = [rng.integers(1, 256, n).tolist() for n in (100, 112)]
+  decode_loops = lambda: {key for key in engine.STEPS._executables if key[0] == "decode_loop"}
+  run = lambda prompt: kvjax.generate(model, prompt, method=method, compression_ratio=0.5,
+                                      max_new_tokens=8)
+  first = run(prompts[0])
+  known = decode_loops()
+  second = run(prompts[1])
+  assert sum(first.stats["kept_tokens_per_layer"]) == 100
+  assert sum(second.stats["kept_tokens_per_layer"]) == 112
+  assert first.stats["cache_capacity_tokens"] == second.stats["cache_capacity_tokens"]
+  assert known and decode_loops() <= known
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.25, 0.3, 0.1, 1 / 3, 0.7])
+def test_a_traced_share_equals_the_host_one_where_they_agree(ratio):
+  """`budgets.share` in float32 (a traced budget) against the host's float64, for every
+  budget up to 4096: where `shares_alike` says they agree they do, and where it says not,
+  a method keeps its budgets compiled in (`traces_budget` is False)."""
+  keeps = np.arange(4097)
+  traced = np.asarray(jax.jit(lambda k: budgets.share(k, ratio))(jax.numpy.asarray(keeps)))
+  host = np.array([budgets.share(int(k), ratio) for k in keeps])
+  alike = np.array([budgets.shares_alike(int(k), ratio) for k in keeps])
+  np.testing.assert_array_equal(traced == host, alike)
+  if ratio in (0.5, 0.25):   # exact in float32: every budget traces
+    assert alike.all()
+  h2o = methods_lib.get("h2o", recent_ratio=ratio)
+  assert [h2o.traces_budget(int(k)) for k in keeps] == alike.tolist()
+
+
+def test_a_budget_float32_would_round_otherwise_stays_compiled_in(model):
+  """H2O with recent_ratio 0.3 at a budget of 95: float64 makes 95 x 0.3 28.499... (28
+  recent tokens), float32 28.500002 (29), so its decode plan keeps the budgets compiled
+  in and its cache gets no reserved slots."""
+  h2o = methods_lib.get("h2o", recent_ratio=0.3)
+  traced = jax.jit(lambda k: budgets.share(k, 0.3))(jax.numpy.int32(95))
+  assert h2o.recent(95) == 28 and int(traced) == 29 and not h2o.traces_budget(95)
+  tokens, mask = inputs.left_pad(random_prompts([120], seed=2), 0, 128)
+  pre = context.prefill(model, tokens, mask, h2o, 95, 0, reserve_multiple=64)
+  assert pre.budgets == (95, 95) and not engine.traces_budgets(pre.decode_plan)
+  assert all(layer.capacity == 95 for layer in pre.cache.layers)
+  # A budget where both agree is passed as data, in a reserved capacity.
+  pre = context.prefill(model, tokens, mask, h2o, 96, 0, reserve_multiple=64)
+  assert engine.traces_budgets(pre.decode_plan)
+  assert all(layer.capacity == 128 for layer in pre.cache.layers)

@@ -238,6 +238,18 @@ class LayerCache(PerHeadSlots):
                         positions=pad(self.positions, EMPTY_POSITION),
                         state=map_state(lambda s: pad(s, 0), self.state))
 
+  def reserve(self, slots: int) -> "LayerCache":
+    """`slots` more reserved slots per head (RESERVED_POSITION) at the end: never attended
+    and never chosen by a decode-time eviction, only there to give the layer a shared
+    capacity (appends past `end` may still fill them, as any slot past it)."""
+    if slots == 0:
+      return self
+    pad = lambda x, value: jnp.pad(
+        x, [(0, 0), (0, 0), (0, slots)] + [(0, 0)] * (x.ndim - 3), constant_values=value)
+    return self.replace(keys=pad(self.keys, 0), values=pad(self.values, 0),
+                        positions=pad(self.positions, RESERVED_POSITION),
+                        state=map_state(lambda s: pad(s, 0), self.state))
+
   def scoring_view(self):
     """(positions [B, K, S], owned [B, K, S] bool or None): the slots as a decode-time
     method scores them, per KV head."""
@@ -654,7 +666,11 @@ def capacity_step(cache: Cache, room: int, multiple: int = 1) -> int:
   at least an eighth of the largest capacity (so at most MAX_CAPACITIES remain, and each
   layer gains less than a step: under an eighth of the largest plus `multiple`).
   multiple 1 asks for exact capacities: kept."""
-  needed = {layer.capacity + room for layer in cache.layers if type(layer) is LayerCache}
+  return _capacity_step({layer.capacity + room for layer in cache.layers
+                         if type(layer) is LayerCache}, multiple)
+
+
+def _capacity_step(needed: set[int], multiple: int) -> int:
   if multiple <= 1 or len({-(-n // multiple) for n in needed}) <= MAX_CAPACITIES:
     return multiple
   per_shape = -(-max(needed) // MAX_CAPACITIES)
@@ -760,9 +776,24 @@ def grow_rooms(cache: Cache, room: int, multiple: int = 1) -> tuple[int, ...]:
                else -(-room // multiple) * multiple for layer in cache.layers)
 
 
-def grow_by(cache: Cache, rooms: tuple[int, ...]) -> Cache:
-  """The cache with rooms[i] more empty slots per head in layer i."""
-  return cache.replace(layers=tuple(layer.grow(r) for layer, r in zip(cache.layers, rooms)))
+def reserve_rooms(cache: Cache, rooms: tuple[int, ...], multiple: int) -> tuple[int, ...]:
+  """The reserved slots per head (`LayerCache.reserve`) each dense layer gets past its
+  room rooms[i] for a capacity that is a multiple of `capacity_step` (`multiple`, or a
+  coarser step where the dense capacities differ); other layouts none."""
+  step = _capacity_step({layer.capacity + r for layer, r in zip(cache.layers, rooms)
+                         if type(layer) is LayerCache}, multiple)
+  return tuple((-(layer.capacity + r)) % step if type(layer) is LayerCache else 0
+               for layer, r in zip(cache.layers, rooms))
+
+
+def grow_by(cache: Cache, rooms: tuple[int, ...], reserves: tuple[int, ...] | None = None
+            ) -> Cache:
+  """The cache with rooms[i] more empty slots per head in layer i, then reserves[i]
+  reserved ones (dense layers only)."""
+  reserves = reserves or (0,) * len(rooms)
+  return cache.replace(layers=tuple(
+      layer.grow(r) if not v else layer.grow(r).reserve(v)
+      for layer, r, v in zip(cache.layers, rooms, reserves, strict=True)))
 
 
 @functools.lru_cache(maxsize=256)

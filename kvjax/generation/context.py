@@ -75,7 +75,8 @@ def check_chunk_size(chunk_size) -> None:
 def prefill(model, tokens: np.ndarray, mask: np.ndarray, method, keep: int | None,
             room: int, chunk_size: int | None = None,
             steps: engine.CompiledSteps = engine.STEPS,
-            method_params=None, capacity_multiple: int = 1) -> PrefilledContext:
+            method_params=None, capacity_multiple: int = 1,
+            reserve_multiple: int = 1) -> PrefilledContext:
   """Prefills left-padded `tokens` [B, T] (width a multiple of chunk_size when chunked).
 
   keep: tokens kept per layer and KV head (None: all of them; a method that needs no
@@ -84,6 +85,11 @@ def prefill(model, tokens: np.ndarray, mask: np.ndarray, method, keep: int | Non
   empty slots per head for later tokens, rounded up to a multiple of `capacity_multiple`
   (`kv_cache.grow_rooms`): in the full cache, the room itself; in a compressed cache's
   dense layers, kept slots and room together (its other layouts, the room).
+  reserve_multiple: a decode-time method whose decode steps read its budgets as data
+  (`engine.traces_budgets`) gets its dense layers padded past the room with reserved
+  slots, which eviction never fills, up to a multiple of it: prompts whose kept slots
+  round alike then share one compiled decode loop, and the cache still stays at its
+  budget plus room (not a method that `pads_shapes`: its capacities are its own).
   """
   check_chunk_size(chunk_size)
   rows, width = tokens.shape
@@ -129,7 +135,8 @@ def prefill(model, tokens: np.ndarray, mask: np.ndarray, method, keep: int | Non
   if rescoring:
     cache = _rescored(model, final_plan, passes, cache, steps)
     return _prefilled(model, logits, cache, final_plan, mask, room, steps, capacity_multiple)
-  return _prefilled(model, logits, cache, plan, mask, room, steps, capacity_multiple)
+  return _prefilled(model, logits, cache, plan, mask, room, steps, capacity_multiple,
+                    reserve_multiple)
 
 
 def _rescored(model, plan: CompressionPlan, passes, cache, steps: engine.CompiledSteps):
@@ -216,7 +223,7 @@ def _compression_plan(model, method, keep: int, mask: np.ndarray) -> Compression
 
 def _prefilled(model, logits, cache, plan: CompressionPlan | None, mask: np.ndarray,
                room: int, steps: engine.CompiledSteps,
-               capacity_multiple: int = 1) -> PrefilledContext:
+               capacity_multiple: int = 1, reserve_multiple: int = 1) -> PrefilledContext:
   """A prefilled context: a compressed cache (plan) gets `room` appended now (rounded by
   `capacity_multiple`, see `prefill`); an uncompressed one (plan None) already has it.
   The full cache's context bytes are those of its longest context (mask [B, T]), its
@@ -234,14 +241,17 @@ def _prefilled(model, logits, cache, plan: CompressionPlan | None, mask: np.ndar
   # Budgets only steer a decode step that evicts: other methods' decode plans leave them
   # out, so that one compiled decode loop serves contexts of every length.
   decode_time = plan.method.decode_time
+  decode_plan = dataclasses.replace(plan, method=plan.method.decoding(), compress=False,
+                                    budgets=plan.budgets if decode_time else ())
+  if plan.method.pads_shapes or not engine.traces_budgets(decode_plan):
+    reserve_multiple = 1   # its own shared capacities (D2O, CAKE), or nothing to share
   return PrefilledContext(logits=logits,
-                          cache=steps.grow(cache, room, model.placement, capacity_multiple),
+                          cache=steps.grow(cache, room, model.placement, capacity_multiple,
+                                           reserve_multiple),
                           room=room,
                           context_cache_bytes=measured, context_cache_allocated_bytes=allocated,
                           context_cache_host_bytes=host_nbytes(cache),
-                          decode_plan=dataclasses.replace(
-                              plan, compress=False,
-                              budgets=plan.budgets if decode_time else ()),
+                          decode_plan=decode_plan,
                           budgets=plan.method.kept_budgets(cache, plan.budgets),
                           method_stats=plan.method.cache_stats(cache))
 

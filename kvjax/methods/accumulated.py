@@ -13,7 +13,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from kvjax.methods import base, registry
+from kvjax.methods import base, budgets, registry
 from kvjax.ops import attention as attention_ops
 
 
@@ -35,8 +35,11 @@ class H2O(base.Method):
   def __post_init__(self):
     base.check_fraction("recent_ratio", self.recent_ratio)
 
-  def recent(self, keep: int) -> int:
-    return int(round(keep * self.recent_ratio))
+  def recent(self, keep):
+    return budgets.share(keep, self.recent_ratio)
+
+  def traces_budget(self, keep):
+    return budgets.shares_alike(keep, self.recent_ratio)
 
   def protected_tokens(self, keep):
     return self.recent(keep)

@@ -334,6 +334,22 @@ class Method:
     """[B, K, S] priority of the cached slots for this step (lowest is overwritten)."""
     raise NotImplementedError
 
+  def decoding(self) -> "Method":
+    """The method as its decode plan holds it: fields that only the prefill and `finalize`
+    read (a budget recorded by `fitted`) reset, so that contexts of every budget share one
+    compiled decode loop. Default: itself."""
+    return self
+
+  def traces_budget(self, keep: int) -> bool:
+    """Whether a decode step may read a layer's budget `keep` traced (it reaches
+    `protected` and `eviction_priority` as an int32 scalar) and still do what it does with
+    `keep` static: then one compiled decode loop serves every prompt length
+    (kvjax.generation.engine). Default True: the hooks read it with jnp ops or not at all;
+    one that derives a count from it through floats says where float32 agrees
+    (`budgets.shares_alike`)."""
+    del keep
+    return True
+
   def absorb(self, layer, victim, valid, new_state):
     """Before slot victim [B, K] is overwritten by the new token (rows where valid [B]):
     merging methods fold the victim into the slots that stay. Returns (layer, the new

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 
 from kvjax.errors import MethodError
@@ -94,3 +95,20 @@ def kvpress_pyramid(num_layers: int, keep: int, window: int, context_length: int
   steps = np.arange(num_layers)
   totals = high - steps * (high - low) / (num_layers - 1)
   return distribute(num_layers * keep, totals, window + 1, context_length)
+
+
+def share(keep, numerator: float, denominator: float = 1.0):
+  """round(keep * numerator / denominator) (halves to even): a host int for an int `keep`;
+  for a traced one (a decode step's budget, kvjax.generation.engine) an int32 computed in
+  float32, which equals the host value where `shares_alike` says so."""
+  if isinstance(keep, (int, np.integer)):
+    return int(round(keep * numerator / denominator))
+  scaled = keep.astype(jnp.float32) * jnp.float32(numerator) / jnp.float32(denominator)
+  return jnp.round(scaled).astype(jnp.int32)
+
+
+def shares_alike(keep: int, numerator: float, denominator: float = 1.0) -> bool:
+  """Whether `share` of a traced `keep` (float32, as XLA rounds it: numpy's float32 does the
+  same IEEE operations) equals the host's float64 value."""
+  scaled = np.float32(keep) * np.float32(numerator) / np.float32(denominator)
+  return int(np.round(scaled)) == share(int(keep), numerator, denominator)

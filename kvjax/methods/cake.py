@@ -164,6 +164,10 @@ class CAKE(base.Method):
       return self
     return dataclasses.replace(self, mean_budget=keep, **shrunk)
 
+  def decoding(self):
+    # The budget is read by the prefill and `finalize` only.
+    return dataclasses.replace(self, mean_budget=0) if self.mean_budget else self
+
   def layer_budgets(self, config, keep, context_length):
     # Prefill keeps every token; `finalize` settles the cascade's budgets.
     return (max(keep, context_length),) * config.num_layers
@@ -239,7 +243,8 @@ class CAKE(base.Method):
     masks = [self._kept(layer, row_budgets, lengths)
              for layer, row_budgets in zip(cache.layers, budgets)]
     needed = [max(1, int(kept.sum(-1).max())) for kept in masks]
-    padded = shared_capacities((self, tuple(layer.keys.shape for layer in cache.layers)),
+    padded = shared_capacities((self.decoding(),
+                                tuple(layer.keys.shape for layer in cache.layers)),
                                needed, [layer.capacity for layer in cache.layers])
     out = []
     for layer, kept, capacity, capacity_padded in zip(cache.layers, masks, needed, padded):

@@ -22,7 +22,7 @@ import numpy as np
 
 from kvjax.cache.kv_cache import (EMPTY_POSITION, RESERVED_POSITION, LayerCache, shape_padding,
                                   shared_capacities)
-from kvjax.methods import base, registry
+from kvjax.methods import base, budgets, registry
 from kvjax.ops import attention as attention_ops
 from kvjax.ops import merge as merge_ops
 from kvjax.ops.host import host_array
@@ -434,8 +434,14 @@ class D2O(MergingMethod):
     base.check_fraction("beta", self.beta)
     base.check_int("sinks", self.sinks, 0)
 
-  def recent(self, keep: int) -> int:
-    return int(round(keep * self.recent_ratio / (self.hh_ratio + self.recent_ratio)))
+  def recent(self, keep):
+    return budgets.share(keep, self.recent_ratio, self.hh_ratio + self.recent_ratio)
+
+  def traces_budget(self, keep):
+    return budgets.shares_alike(keep, self.recent_ratio, self.hh_ratio + self.recent_ratio)
+
+  def decoding(self):
+    return dataclasses.replace(self, keep=0) if self.keep else self   # read by finalize
 
   def protected_tokens(self, keep):
     return self.sinks + self.recent(keep)
@@ -487,8 +493,9 @@ class D2O(MergingMethod):
     # second prompt: 36-44 s before (its decode loop 23-25 s), 13.6-15.0 s padded
     # (12.1-13.4 s); the same tokens, the allocation 9-10% larger. Sets reused across
     # prompts (`shared_capacities`): 1.3-1.4 s from the fourth prompt, 1-5% larger still.
-    capacities = shared_capacities((self, tuple(layer.keys.shape for layer in layers)),
-                                   budgets, [layer.capacity for layer in layers])
+    # Keyed without the budget: prompts of other lengths (one padded width) share sets.
+    key = (self.decoding(), tuple(layer.keys.shape for layer in layers))
+    capacities = shared_capacities(key, budgets, [layer.capacity for layer in layers])
     out = []
     for layer, budget, capacity in zip(layers, budgets, capacities):
       compacted = _d2o_compact(layer, cache.lengths, jnp.int32(budget), capacity=capacity,

@@ -53,7 +53,7 @@ def _forward(name):
 for _hook in ("layer_budgets", "protected_tokens", "protected", "score", "init_state",
               "prefill_state", "accumulate", "cache_step", "between_chunks", "finalize",
               "content_nbytes", "cache_stats", "safeguard",
-              "decode_scores", "eviction_priority", "absorb"):
+              "decode_scores", "eviction_priority", "absorb", "traces_budget"):
   setattr(Wrapper, _hook, _forward(_hook))
 for _capability in ("decode_time", "needs", "headwise", "needs_budget", "family"):
   setattr(Wrapper, _capability, property(lambda self, _name=_capability: getattr(self.press,
