@@ -16,6 +16,7 @@ from kvjax import methods as methods_lib
 from kvjax.cache import kv_cache
 from kvjax.generation import context, engine, inputs
 from kvjax.methods import budgets
+from kvjax.methods.plan import CompressionPlan
 from tests.tiny import random_prompts, tiny_chat_model, tiny_model
 
 # The module (kvjax.generation.generate is also the name of its function).
@@ -289,6 +290,50 @@ def test_a_traced_share_equals_the_host_one_where_they_agree(ratio):
     assert alike.all()
   h2o = methods_lib.get("h2o", recent_ratio=ratio)
   assert [h2o.traces_budget(int(k)) for k in keeps] == alike.tolist()
+
+
+@pytest.mark.parametrize("hh,recent", [(0.1, 0.1), (0.15, 0.45), (0.7, 0.1), (0.25, 0.45),
+                                       (0.3, 0.3)])
+def test_d2o_traced_recent_windows_equal_the_host_ones_where_it_traces(hh, recent):
+  """D2O's window divides: computed as k x num / den in float32, XLA folds num / den first
+  (one rounding fewer than numpy's), so `share` multiplies by that one constant; the
+  jitted window equals the host's at every budget where `traces_budget` says so."""
+  d2o = methods_lib.get("d2o", hh_ratio=hh, recent_ratio=recent)
+  keeps = np.arange(1, 4097)
+  traced = np.asarray(jax.jit(jax.vmap(d2o.recent))(jax.numpy.asarray(keeps, np.int32)))
+  host = np.array([d2o.recent(int(k)) for k in keeps])
+  claims = np.array([d2o.traces_budget(int(k)) for k in keeps])
+  assert not (claims & (traced != host)).any(), keeps[claims & (traced != host)][:8]
+  assert claims.mean() > 0.9
+
+
+@pytest.mark.parametrize("keep", [50, 90])
+def test_d2o_traced_budgets_decode_as_compiled_ones(model, keep, monkeypatch):
+  """D2O at ratios whose window divides (0.45 / 0.6): traced budgets keep the slots and
+  sample the tokens that compiled-in ones do."""
+  d2o = methods_lib.get("d2o", hh_ratio=0.15, recent_ratio=0.45)
+  tokens, mask = inputs.left_pad(random_prompts([120, 110, 115], seed=7), 0, 128)
+  traced = context.prefill(model, tokens, mask, d2o, keep, 5)
+  assert engine.traces_budgets(traced.decode_plan)
+  monkeypatch.setattr(type(d2o), "traces_budget", lambda self, k: False)
+  exact = context.prefill(model, tokens, mask, d2o, keep, 5)
+  assert not engine.traces_budgets(exact.decode_plan)
+  want, want_cache = _step_by_step(model, exact, 30, [], True, False)
+  monkeypatch.undo()
+  got, got_cache = _looped(model, traced, 30, [], True, False, chunk=8)
+  np.testing.assert_array_equal(got, want)
+  for (got_pos, _), (want_pos, _) in zip(_kept(got_cache), _kept(want_cache), strict=True):
+    np.testing.assert_array_equal(got_pos, want_pos)
+
+
+@pytest.mark.parametrize("wrapper", ["sinks_window", "per_layer", "adakv"])
+def test_wrappers_keep_a_budget_float32_would_round_otherwise_compiled_in(wrapper):
+  """A wrapper asks its press (`traces_budget`): H2O 0.3's budget 95 stays compiled in."""
+  wrapped = methods_lib.get(wrapper, press=methods_lib.get("h2o", recent_ratio=0.3))
+  assert not wrapped.traces_budget(95) and wrapped.traces_budget(96)
+  plan = lambda budgets: CompressionPlan(method=wrapped, budgets=budgets, compress=False)
+  assert not engine.traces_budgets(plan((95, 96)))
+  assert engine.traces_budgets(plan((96, 96)))
 
 
 def test_a_budget_float32_would_round_otherwise_stays_compiled_in(model):

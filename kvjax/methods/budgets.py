@@ -99,16 +99,18 @@ def kvpress_pyramid(num_layers: int, keep: int, window: int, context_length: int
 
 def share(keep, numerator: float, denominator: float = 1.0):
   """round(keep * numerator / denominator) (halves to even): a host int for an int `keep`;
-  for a traced one (a decode step's budget, kvjax.generation.engine) an int32 computed in
-  float32, which equals the host value where `shares_alike` says so."""
+  for a traced one (a decode step's budget, kvjax.generation.engine) an int32 computed as
+  float32(keep) x float32(numerator / denominator), one multiplication that XLA cannot
+  reorder (it folded two constants into one), which equals the host value where
+  `shares_alike` says so."""
   if isinstance(keep, (int, np.integer)):
     return int(round(keep * numerator / denominator))
-  scaled = keep.astype(jnp.float32) * jnp.float32(numerator) / jnp.float32(denominator)
+  scaled = keep.astype(jnp.float32) * jnp.float32(numerator / denominator)
   return jnp.round(scaled).astype(jnp.int32)
 
 
 def shares_alike(keep: int, numerator: float, denominator: float = 1.0) -> bool:
-  """Whether `share` of a traced `keep` (float32, as XLA rounds it: numpy's float32 does the
-  same IEEE operations) equals the host's float64 value."""
-  scaled = np.float32(keep) * np.float32(numerator) / np.float32(denominator)
+  """Whether `share` of a traced `keep` (its float32 multiplication, which numpy's float32
+  does the same IEEE way) equals the host's float64 value."""
+  scaled = np.float32(keep) * np.float32(numerator / denominator)
   return int(np.round(scaled)) == share(int(keep), numerator, denominator)
