@@ -350,8 +350,8 @@ def test_zipvl_chunked_prefill(model):
       seen.append(max((layer.capacity for layer in cache.layers), default=0))
       return engine.STEPS.prefill(model, tokens, mask, cache, **kw)
 
-    def grow(self, cache, room, placement=None, multiple=1):
-      return engine.STEPS.grow(cache, room, placement, multiple)
+    def grow(self, cache, room, *args):
+      return engine.STEPS.grow(cache, room, *args)
 
   pre = context.prefill(model, tokens, mask, ZipVL(), None, room=0, chunk_size=64,
                         steps=Spy())
