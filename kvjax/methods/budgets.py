@@ -100,8 +100,8 @@ def kvpress_pyramid(num_layers: int, keep: int, window: int, context_length: int
 def share(keep, numerator: float, denominator: float = 1.0):
   """round(keep * numerator / denominator) (halves to even): a host int for an int `keep`;
   for a traced one (a decode step's budget, kvjax.generation.engine) an int32 computed as
-  float32(keep) x float32(numerator / denominator), one multiplication that XLA cannot
-  reorder (it folded two constants into one), which equals the host value where
+  float32(keep) x float32(numerator / denominator): one multiplication, since XLA folds
+  the constants of keep x a / b into one anyway; it equals the host value where
   `shares_alike` says so."""
   if isinstance(keep, (int, np.integer)):
     return int(round(keep * numerator / denominator))
