@@ -230,24 +230,22 @@ class LayerCache(PerHeadSlots):
     return self.live_first(n)
 
   def grow(self, room: int) -> "LayerCache":
-    if room == 0:
-      return self
-    pad = lambda x, value: jnp.pad(
-        x, [(0, 0), (0, 0), (0, room)] + [(0, 0)] * (x.ndim - 3), constant_values=value)
-    return self.replace(keys=pad(self.keys, 0), values=pad(self.values, 0),
-                        positions=pad(self.positions, EMPTY_POSITION),
-                        state=map_state(lambda s: pad(s, 0), self.state))
+    return self._extended(room, EMPTY_POSITION)
 
   def reserve(self, slots: int) -> "LayerCache":
     """`slots` more reserved slots per head (RESERVED_POSITION) at the end: never attended
     and never chosen by a decode-time eviction, only there to give the layer a shared
     capacity (appends past `end` may still fill them, as any slot past it)."""
+    return self._extended(slots, RESERVED_POSITION)
+
+  def _extended(self, slots: int, position: int) -> "LayerCache":
+    """`slots` more slots per head at the end, their positions `position`, the rest zero."""
     if slots == 0:
       return self
     pad = lambda x, value: jnp.pad(
         x, [(0, 0), (0, 0), (0, slots)] + [(0, 0)] * (x.ndim - 3), constant_values=value)
     return self.replace(keys=pad(self.keys, 0), values=pad(self.values, 0),
-                        positions=pad(self.positions, RESERVED_POSITION),
+                        positions=pad(self.positions, position),
                         state=map_state(lambda s: pad(s, 0), self.state))
 
   def scoring_view(self):
