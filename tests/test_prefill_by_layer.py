@@ -1,6 +1,7 @@
 """The uncompressed prefill, and the compressing prefill of a method whose every layer does
 the same work, run one compiled layer per call (kvjax.generation.engine), also when only
-the budgets differ by layer and the method ranks regardless of budget (PyramidKV).
+the budgets differ (by layer, as PyramidKV's, or by prompt length) and the method may rank
+with its budget traced.
 
 They must give exactly what the whole forward pass compiled as one program gives (logits
 and cache), reuse one executable for every layer, and leave the one-program path to the
@@ -19,7 +20,7 @@ import pytest
 from kvjax.cache.kv_cache import Cache, init_cache
 from kvjax.config import LatentAttention
 from kvjax.generation import context, engine, inputs
-from kvjax.methods.plan import CompressionPlan, PlanSet
+from kvjax.methods.plan import CompressionPlan, PlanSet, RankedLayer
 import kvjax
 from tests.tiny import random_prompts, tiny_model
 
@@ -110,8 +111,9 @@ def test_the_one_program_serves_what_one_layer_cannot():
   assert engine._runs_by_layer(model, cache, None)
   snapkv = kvjax.methods.get("snapkv")
   assert engine._runs_by_layer(model, cache, CompressionPlan(snapkv, budgets=(8, 8)))
-  # Budgets that differ by layer pass only for a method that ranks regardless of budget
-  # with the default top-k (PyramidKV; not a subclass that does not say so, not a
+  # Budgets that differ by layer pass only for a method that may rank with its budget
+  # traced, with the default top-k (PyramidKV, SnapKV; not H2O where float32 would round
+  # its window otherwise, not a subclass that does not say it is layerwise, not a
   # quantizer behind it), no room before the filler slots it cuts, and a largest budget
   # that leaves a candidate out; nor do traced parameters or several plans at once.
   pyramidkv = kvjax.methods.get("pyramidkv")
@@ -119,7 +121,13 @@ def test_the_one_program_serves_what_one_layer_cannot():
   assert engine._runs_by_layer(model, cache, pyramid)
   assert engine._runs_by_layer(model, init_cache(model.config, 1, 0), pyramid, tokens=13)
   assert not engine._runs_by_layer(model, init_cache(model.config, 1, 0), pyramid, tokens=12)
-  assert not engine._runs_by_layer(model, cache, CompressionPlan(snapkv, budgets=(8, 12)))
+  assert engine._runs_by_layer(model, cache, CompressionPlan(snapkv, budgets=(8, 12)))
+  h2o = kvjax.methods.get("h2o", recent_ratio=0.3)
+  assert not h2o.traces_budget(95) and h2o.traces_budget(96)
+  assert engine._runs_by_layer(model, init_cache(model.config, 1, 200),
+                               CompressionPlan(h2o, budgets=(96, 100)))
+  assert not engine._runs_by_layer(model, init_cache(model.config, 1, 200),
+                                   CompressionPlan(h2o, budgets=(95, 96)))
   assert not engine._runs_by_layer(model, cache, CompressionPlan(_Pyramid(), budgets=(8, 12)))
   quantized = kvjax.methods.get("kivi", press="pyramidkv")
   assert not engine._runs_by_layer(model, cache, CompressionPlan(quantized, budgets=(8, 12)))
@@ -183,8 +191,13 @@ def test_the_methods_that_compress_layer_by_layer():
                        "snapkv", "streaming_llm", "think", "tova"]
   # A storage method is when its press is; a wrapper or subclass is not unless it says so.
   assert kvjax.methods.get("kivi", press="snapkv").layerwise_prefill
-  assert not _Pyramid.layerwise_prefill and not _Pyramid.budget_free_priorities
+  assert not _Pyramid.layerwise_prefill
   assert not kvjax.methods.get("adakv", press="snapkv").layerwise_prefill
+
+
+# The layerwise methods that compact by the default top-k (the merging ones do not).
+RANKING = ["expected_attention", "h2o", "knorm", "lazy_eviction", "pyramidkv", "scissorhands",
+           "snapkv", "streaming_llm", "tova", "pyramidkv:window=4"]
 
 
 # Quantizers' groups fit the tiny head_dim of 16; their residual leaves groups to quantize.
@@ -211,7 +224,10 @@ def test_compressing_layer_by_layer_equals_one_program(name, chunk_size, monkeyp
   names = [key[0] for key in steps._executables]
   differ = len(set(got.budgets)) > 1
   assert differ == (name == "pyramidkv:window=4"), got.budgets
-  assert ("first_slots" in names) == differ
+  # A method compacting by the default top-k ranks at a rounded budget, then cuts.
+  ranks = type(method).compact is kvjax.methods.base.Method.compact
+  assert ranks == (name in RANKING), name
+  assert ("first_slots" in names) == ranks
   if differ and chunk_size is not None:
     # Layers of different sizes after the first chunk: the second runs as one program.
     assert names.count("compress_layer") == 1 and "prefill" in names, names
@@ -219,7 +235,7 @@ def test_compressing_layer_by_layer_equals_one_program(name, chunk_size, monkeyp
     # One compiled layer per chunk shape (the second chunk sees a compressed cache).
     assert names.count("compress_layer") == (1 if chunk_size is None else 2), names
     assert "prefill" not in names
-  monkeypatch.setattr(engine, "_layer_plan", lambda plan, params: None)
+  monkeypatch.setattr(engine, "_layer_plan", lambda *args: None)
   one = engine.CompiledSteps()
   want = context.prefill(model, tokens, mask, method, keep=10, room=4, chunk_size=chunk_size,
                          steps=one)
@@ -228,11 +244,67 @@ def test_compressing_layer_by_layer_equals_one_program(name, chunk_size, monkeyp
   assert got.budgets == want.budgets
 
 
+# Protection that fits every budget below (else `fitted` makes each budget another method).
+@pytest.mark.parametrize("name,args", [("h2o", {}), ("snapkv", dict(window=4)),
+                                       ("lazy_eviction", dict(recent=4))])
+def test_budgets_that_round_alike_share_one_compiled_layer(name, args, monkeypatch):
+  """Prompts whose budgets round to one `RANK_MULTIPLE` (another prompt length in a
+  bucket) compact by one compiled layer, each with its own budget traced, and keep what
+  the one program with the budget compiled in keeps."""
+  monkeypatch.setattr(engine, "RANK_MULTIPLE", 8)
+  model = tiny_model(seed=3, num_layers=3)
+  tokens, mask = inputs.left_pad(random_prompts([29, 12, 32], seed=5), 0, 32)
+  method = kvjax.methods.get(name, **args)
+  steps = engine.CompiledSteps()
+  for keep in (9, 12, 16):   # all ranked at 16 of 32 candidates
+    got = context.prefill(model, tokens, mask, method, keep=keep, room=0, steps=steps)
+    assert got.budgets == (keep,) * 3
+    assert [layer.capacity for layer in got.cache.layers] == [keep] * 3
+    with monkeypatch.context() as one_program:
+      one_program.setattr(engine, "_layer_plan", lambda *args: None)
+      want = context.prefill(model, tokens, mask, method, keep=keep, room=0,
+                             steps=engine.CompiledSteps())
+    _assert_same((got.logits, got.cache), (want.logits, want.cache), exact=True)
+  names = [key[0] for key in steps._executables]
+  assert names.count("compress_layer") == 1, names
+  assert names.count("first_slots") == 3, names   # the cut is per budget (a copy)
+
+
+def test_a_budget_is_compiled_in_where_it_cannot_be_traced(monkeypatch):
+  h2o = kvjax.methods.get("h2o", recent_ratio=0.3)   # 95 x 0.3 rounds otherwise in float32
+  ranked = engine._layer_plan(CompressionPlan(h2o, budgets=(96, 96)), None, 200)
+  assert isinstance(ranked, RankedLayer) and ranked.budgets == (128,)
+  static = engine._layer_plan(CompressionPlan(h2o, budgets=(95, 95)), None, 200)
+  assert type(static) is CompressionPlan and static.budgets == (95,)
+  # Rounded up, yet below the candidates (a layer ranks fewer slots than it has).
+  near = engine._layer_plan(CompressionPlan(h2o, budgets=(96, 96)), None, 100)
+  assert near.budgets == (99,)
+  # Every candidate kept: nothing to rank (compact pads).
+  assert type(engine._layer_plan(CompressionPlan(h2o, budgets=(96, 96)), None, 96)) is \
+      CompressionPlan
+  # End to end: H2O at 0.3 with 95 slots (compiled in) and 96 (traced) keeps what the one
+  # program keeps.
+  monkeypatch.setattr(engine, "RANK_MULTIPLE", 8)
+  model = tiny_model(seed=3, num_layers=2)
+  tokens, mask = inputs.left_pad(random_prompts([150, 131], seed=6), 0, 160)
+  for keep, ranks in ((95, False), (96, True)):
+    steps = engine.CompiledSteps()
+    got = context.prefill(model, tokens, mask, h2o, keep=keep, room=0, steps=steps)
+    assert ("first_slots" in [key[0] for key in steps._executables]) == ranks
+    with monkeypatch.context() as one_program:
+      one_program.setattr(engine, "_layer_plan", lambda *args: None)
+      want = context.prefill(model, tokens, mask, h2o, keep=keep, room=0,
+                             steps=engine.CompiledSteps())
+    _assert_same((got.logits, got.cache), (want.logits, want.cache), exact=True)
+  # KVCrush cuts its tiers on the host: were it layerwise, it would not rank traced.
+  crush = kvjax.methods.get("kvcrush", press="snapkv")
+  assert not crush.traces_budget(96)
+
+
 @dataclasses.dataclass(frozen=True)
 class _ScoredByState(kvjax.methods.base.Method):
   """Scores are the candidates' state: priorities set by the test, the state kept too."""
   name: ClassVar[str] = "scored_by_state"
-  budget_free_priorities: ClassVar[bool] = True
 
   def score(self, x):
     return x.slot_state
@@ -294,7 +366,7 @@ def test_compressing_layer_by_layer_keeps_the_cache_wide_step(monkeypatch):
                           steps=steps)
   dropped = (np.asarray(got.cache.layers[2].positions) == -1).sum()
   assert dropped > (np.asarray(plain.cache.layers[2].positions) == -1).sum()
-  monkeypatch.setattr(engine, "_layer_plan", lambda plan, params: None)
+  monkeypatch.setattr(engine, "_layer_plan", lambda *args: None)
   want = context.prefill(model, tokens, mask, _KnormThenLayerZero(), keep=10, room=0,
                          steps=engine.CompiledSteps())
   _assert_same((got.logits, got.cache), (want.logits, want.cache), exact=True)

@@ -410,3 +410,30 @@ def test_kernel_path_generates_like_jnp(model, monkeypatch):
 def test_think_errors(build, match):
   with pytest.raises(kvjax.KvjaxError, match=match):
     build()
+
+
+def test_a_prompt_of_another_length_decodes_with_the_same_compiled_loop(model, monkeypatch):
+  """`generate` pads the pruned part with reserved slots to a multiple of 64: prompts whose
+  pruned parts round alike share one compiled decode loop, and generate exactly the tokens
+  of the unpadded cache."""
+  method = ThinK(press=SnapKV(window=8), recent=8)
+  tokens, mask = inputs.left_pad(_prompts((70, 80)), 0)
+  padded = context.prefill(model, tokens, mask, method, 40, room=4, reserve_multiple=64)
+  for layer in padded.cache.layers:
+    assert layer.pruned_capacity == 64 and layer.full.capacity == 8 + 4
+    positions = np.asarray(layer.positions)
+    assert (positions[..., 32:] == kvjax.cache.kv_cache.RESERVED_POSITION).all()
+    assert (positions[..., :32] != kvjax.cache.kv_cache.RESERVED_POSITION).all()
+
+  def run(lengths):
+    return [kvjax.generate(model, _prompts((n, n + 3)), method=method, compression_ratio=0.5,
+                           max_new_tokens=6).token_ids for n in lengths]
+
+  steps = engine.STEPS
+  loops = lambda: sum(key[0] == "decode_loop" for key in steps._executables)
+  steps.clear()
+  got = run((70, 90))
+  assert loops() == 1   # pruned 27 and 37 slots (budgets 35, 45 less the 8 recent): 64
+  with monkeypatch.context() as unpadded:
+    unpadded.setattr(ChannelPrunedLayerCache, "reserve", lambda layer, slots: layer)
+    assert run((70, 90)) == got

@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from kvjax.cache.kv_cache import COLUMN_SUMS, PROBS, LayerCache, NewTokens, PerHeadSlots, Stats
+from kvjax.cache.kv_cache import (COLUMN_SUMS, PROBS, RESERVED_POSITION, LayerCache, NewTokens,
+                                  PerHeadSlots, Stats)
 from kvjax.ops import channel_pruned as pruned_ops
 
 
@@ -119,6 +120,17 @@ class ChannelPrunedLayerCache(PerHeadSlots):
 
   def grow(self, room: int) -> "ChannelPrunedLayerCache":
     return self.replace(full=self.full.grow(room))
+
+  def reserve(self, slots: int) -> "ChannelPrunedLayerCache":
+    """`slots` more reserved pruned slots per head (RESERVED_POSITION, never attended;
+    appends go to the full part), only there to give the pruned part a capacity that
+    contexts of other lengths share (`kv_cache.reserve_rooms`)."""
+    if slots == 0:
+      return self
+    pad = lambda x, value: jnp.pad(
+        x, [(0, 0), (0, 0), (0, slots)] + [(0, 0)] * (x.ndim - 3), constant_values=value)
+    return self.replace(keys=pad(self.keys, 0), values=pad(self.values, 0),
+                        positions=pad(self.positions, RESERVED_POSITION))
 
 
 def _select(dense: LayerCache, index: jax.Array) -> LayerCache:

@@ -775,19 +775,26 @@ def grow_rooms(cache: Cache, room: int, multiple: int = 1) -> tuple[int, ...]:
 
 
 def reserve_rooms(cache: Cache, rooms: tuple[int, ...], multiple: int) -> tuple[int, ...]:
-  """The reserved slots per head (`LayerCache.reserve`) each dense layer gets past its
-  room rooms[i] for a capacity that is a multiple of `capacity_step` (`multiple`, or a
-  coarser step where the dense capacities differ); other layouts none."""
+  """The reserved slots per head (`reserve`) each layer gets: a dense layer past its room
+  rooms[i] for a capacity that is a multiple of `capacity_step` (`multiple`, or a coarser
+  step where the dense capacities differ); a channel-pruned layer (ThinK) in its pruned
+  part, which appends never reach, up to a multiple of `multiple`; other layouts none."""
   step = _capacity_step({layer.capacity + r for layer, r in zip(cache.layers, rooms)
                          if type(layer) is LayerCache}, multiple)
-  return tuple((-(layer.capacity + r)) % step if type(layer) is LayerCache else 0
-               for layer, r in zip(cache.layers, rooms))
+
+  def reserve(layer, room):
+    if type(layer) is LayerCache:
+      return (-(layer.capacity + room)) % step
+    pruned = getattr(layer, "pruned_capacity", None)
+    return 0 if pruned is None else (-pruned) % multiple
+
+  return tuple(reserve(layer, r) for layer, r in zip(cache.layers, rooms))
 
 
 def grow_by(cache: Cache, rooms: tuple[int, ...], reserves: tuple[int, ...] | None = None
             ) -> Cache:
   """The cache with rooms[i] more empty slots per head in layer i, then reserves[i]
-  reserved ones (dense layers only)."""
+  reserved ones (the layouts `reserve_rooms` gives any)."""
   reserves = reserves or (0,) * len(rooms)
   return cache.replace(layers=tuple(
       layer.grow(r) if not v else layer.grow(r).reserve(v)

@@ -85,11 +85,12 @@ def prefill(model, tokens: np.ndarray, mask: np.ndarray, method, keep: int | Non
   empty slots per head for later tokens, rounded up to a multiple of `capacity_multiple`
   (`kv_cache.grow_rooms`): in the full cache, the room itself; in a compressed cache's
   dense layers, kept slots and room together (its other layouts, the room).
-  reserve_multiple: a decode-time method whose decode steps read its budgets as data
-  (`engine.traces_budgets`) gets its dense layers padded past the room with reserved
-  slots, which eviction never fills, up to a multiple of it: prompts whose kept slots
-  round alike then share one compiled decode loop, and the cache still stays at its
-  budget plus room (not a method that `pads_shapes`: its capacities are its own).
+  reserve_multiple: a compressed cache whose decode plan holds no budgets, or reads
+  them as data (`engine.traces_budgets`), gets reserved slots, which neither eviction
+  nor appends fill, up to a multiple of it (`kv_cache.reserve_rooms`): in its dense
+  layers past the room, in a channel-pruned layer's pruned part. Prompts whose kept
+  slots round alike then share one compiled decode loop, and the cache still stays at
+  its budget plus room (not a method that `pads_shapes`: its capacities are its own).
   """
   check_chunk_size(chunk_size)
   rows, width = tokens.shape
@@ -243,8 +244,9 @@ def _prefilled(model, logits, cache, plan: CompressionPlan | None, mask: np.ndar
   decode_time = plan.method.decode_time
   decode_plan = dataclasses.replace(plan, method=plan.method.decoding(), compress=False,
                                     budgets=plan.budgets if decode_time else ())
-  if plan.method.pads_shapes or not engine.traces_budgets(decode_plan):
-    reserve_multiple = 1   # its own shared capacities (D2O, CAKE), or nothing to share
+  if plan.method.pads_shapes or (decode_plan.budgets
+                                 and not engine.traces_budgets(decode_plan)):
+    reserve_multiple = 1   # its own shared capacities (D2O, CAKE), or budgets compiled in
   return PrefilledContext(logits=logits,
                           cache=steps.grow(cache, room, model.placement, capacity_multiple,
                                            reserve_multiple),

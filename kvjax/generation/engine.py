@@ -146,10 +146,9 @@ def _prefill_embed(params, tokens, token_mask, cache_lengths, *, graphdef):
 
 def _prefill_layer(params, x, positions, layer_cache, lengths, tokens, keep=None, *,
                    graphdef, plan=None):
-  # keep: the layer's budget, traced, for a plan whose layers' budgets differ (`_ranked`).
+  # keep: the layer's budget, traced, for a plan that ranks (`_ranked`).
   if keep is not None:
-    plan = RankedLayer(**{f.name: getattr(plan, f.name) for f in dataclasses.fields(plan)},
-                       keep=keep)
+    plan = dataclasses.replace(plan, keep=keep)
   return transformer.layer_forward(graphdef, params, x, positions, layer_cache, lengths,
                                    tokens, plan)
 
@@ -183,13 +182,11 @@ def _layer_graphdef(model):
 def _runs_by_layer(model, cache, plan, method_params=None, tokens: int = 0) -> bool:
   """Whether a prefill of `tokens` tokens runs one layer per call: on one device over
   layers that each hold their own storage with one shape, storing uncompressed or
-  compressing by a plan whose every layer does the same work (`_layer_plan`; one with
-  budgets that differ only while the largest leaves a candidate out); else one program
-  for all layers."""
-  if plan is not None and _layer_plan(plan, method_params) is None:
+  compressing by a plan whose every layer does the same work (`_layer_plan`); else one
+  program for all layers."""
+  candidates = cache.layers[0].capacity + tokens
+  if plan is not None and _layer_plan(plan, method_params, candidates) is None:
     return False
-  if _ranked(plan) and max(plan.budgets) >= cache.layers[0].capacity + tokens:
-    return False   # the largest budget keeps everything: `compact` pads, not ranks
   if getattr(model, "placement", None) is not None:
     return False
   layers = cache.layers
@@ -199,35 +196,52 @@ def _runs_by_layer(model, cache, plan, method_params=None, tokens: int = 0) -> b
   return all(_signature(layer) == first for layer in layers[1:])
 
 
-def _layer_plan(plan, method_params):
-  """The one-layer plan (layer 0's) every layer of a compressing prefill runs by, or None:
-  only for a method whose prefill work reads no layer index and no parameters
+# A compacting layer that ranks (`_layer_plan`) does so at its largest budget rounded up
+# to a multiple of this: prompts whose budgets round alike (SmolLM2 at ratio 0.5: 520 to
+# 640 tokens) share one compiled layer.
+RANK_MULTIPLE = 64
+
+
+def _layer_plan(plan, method_params, candidates: int):
+  """The one-layer plan every layer of a compressing prefill runs by, or None: only for
+  a method whose prefill work reads no layer index and no parameters
   (`Method.layerwise_prefill`; a cross-layer `cache_step` still runs after the last
-  layer), with one budget for every layer. Its layers then share one compiled layer
-  instead of compiling all of them unrolled (SnapKV 0.5 on SmolLM2: a new prompt length
-  compiled in 7.0-7.5 s, now 4.0-4.4 s). Budgets may differ for a method that ranks
-  slots regardless of budget (`Method.budget_free_priorities`, PyramidKV): the plan then
-  holds the largest, and each layer's own is passed traced (`_ranked`)."""
-  return None if method_params is not None else _one_layer_plan(plan)
+  layer). Its layers then share one compiled layer instead of compiling all of them
+  unrolled (SnapKV 0.5 on SmolLM2: a new prompt length compiled in 7.0-7.5 s, then
+  4.0-4.4 s).
+
+  Where the method compacts by the default top-k and may read its budget traced
+  (`Method.traces_budget`), and a layer's `candidates` (the slots it ranks) outnumber
+  the largest budget, the plan holds the largest budget rounded up to `RANK_MULTIPLE` (below
+  `candidates`), and each layer's own budget is passed traced (`_ranked`,
+  `Method.compact_ranked`): layers whose budgets differ (PyramidKV), and prompt lengths
+  whose budgets round alike, share one compiled layer. Otherwise every layer must have
+  one budget, compiled in."""
+  if method_params is not None:
+    return None
+  return _one_layer_plan(plan, candidates, RANK_MULTIPLE)
 
 
-def _ranked(plan) -> bool:
-  """Whether a compressing plan run layer by layer passes each layer's budget traced."""
-  return plan is not None and len(set(getattr(plan, "budgets", ()))) > 1
+def _ranked(layer_plan) -> bool:
+  """Whether a compressing prefill run layer by layer by `layer_plan` passes each layer's
+  budget traced."""
+  return isinstance(layer_plan, RankedLayer)
 
 
 @functools.lru_cache(maxsize=64)
-def _one_layer_plan(plan):
+def _one_layer_plan(plan, candidates: int, multiple: int):
   # Memoized: the same plan object each call keeps the executable key's hash table small.
   method = getattr(plan, "method", None)   # a PlanSet (several methods) has none
   if method is None or not plan.compress or not getattr(method, "layerwise_prefill", False):
     return None
+  largest = max(plan.budgets)
+  # Filler slots past a layer's budget are cut after the last layer: no room before them.
+  if (largest < candidates and plan.room == 0 and type(method).compact is Method.compact
+      and all(method.traces_budget(b) for b in set(plan.budgets))):
+    rounded = min(-(-largest // multiple) * multiple, candidates - 1)
+    return RankedLayer(plan.method, (rounded,), plan.room, plan.compress)
   if len(set(plan.budgets)) == 1:
     return dataclasses.replace(plan, budgets=plan.budgets[:1])
-  # Filler slots past a layer's budget are cut after the last layer: no room before them.
-  if (type(method).budget_free_priorities and type(method).compact is Method.compact
-      and plan.room == 0):
-    return dataclasses.replace(plan, budgets=(max(plan.budgets),))
   return None
 
 
@@ -410,13 +424,14 @@ class CompiledSteps:
     args = (model.params, tokens, token_mask, cache.lengths)
     x, positions, lengths = self._get("prefill_embed", _prefill_embed_jit, whole, args)(*args)
     layer_params = model.params["layers"]
-    # Budgets that differ by layer are passed traced; every layer is compacted to the largest
-    # budget's shapes, then cut to its own.
-    ranked = _ranked(plan)
+    # A ranking plan's budgets are passed traced; every layer is compacted to the plan's
+    # (rounded) budget's shapes, then cut to its own.
+    layer_plan = (None if plan is None
+                  else _layer_plan(plan, None, cache.layers[0].capacity + tokens.shape[1]))
+    ranked = _ranked(layer_plan)
     keeps = [(jnp.int32(b),) for b in plan.budgets] if ranked else [()] * len(cache.layers)
-    args = (layer_params[0], x, positions, cache.layers[0], lengths, tokens) + keeps[0]
     # Every layer's weights and cache have layer 0's shapes (_runs_by_layer).
-    layer_plan = None if plan is None else _layer_plan(plan, None)
+    args = (layer_params[0], x, positions, cache.layers[0], lengths, tokens) + keeps[0]
     name, jitted = (("prefill_layer", _prefill_layer_jit) if layer_plan is None
                     else ("compress_layer", _compress_layer_jit))
     run_layer = self._get(name, jitted, dict(graphdef=_layer_graphdef(model), plan=layer_plan),

@@ -92,18 +92,14 @@ class Method:
   wrappable: ClassVar[bool] = True   # False: its selection is not a per-chunk score that
                                      # AdaKV, PerLayer or SinksWindow could re-budget
   # True: its compressing prefill does the same work at every layer (reads no layer index
-  # and no parameters; a `cache_step` still runs after the last layer), so with one budget
-  # for all layers the prefill compiles one layer and runs it for each
-  # (kvjax.generation.engine). A True is not inherited: a subclass that may differ by
-  # layer must not run so unchecked. A property (an instance's answer, as the storage
-  # methods' from their press) is.
+  # and no parameters; a `cache_step` still runs after the last layer), so the prefill
+  # compiles one layer and runs it for each (kvjax.generation.engine). With the default
+  # `compact`, that layer reads the budget traced (`compact_ranked`) wherever
+  # `traces_budget` allows, so budgets that differ by layer or by prompt length share it.
+  # A True is not inherited: a subclass that may differ by layer, or read its budget
+  # otherwise, must not run so unchecked. A property (an instance's answer, as the
+  # storage methods' from their press) is.
   layerwise_prefill: ClassVar[bool] = False
-  # True: its priorities read no budget (neither `x.keep` nor `protected`'s keep) and it
-  # compacts by the default top-k, so a layer's kept slots under any budget b are the first
-  # b of one ranking at the largest budget: layers whose budgets differ (PyramidKV) then
-  # share one compiled layer too (`compact_ranked`). A class attribute, never inherited
-  # (not a property: the engine reads it from the class).
-  budget_free_priorities: ClassVar[bool] = False
 
   def __post_init__(self):
     check_fields(self)
@@ -116,7 +112,6 @@ class Method:
     declared = cls.__dict__.get("layerwise_prefill", getattr(cls, "layerwise_prefill"))
     if not isinstance(declared, property):   # a property (an instance's answer) is inherited
       cls.layerwise_prefill = cls.__dict__.get("layerwise_prefill", False)
-    cls.budget_free_priorities = cls.__dict__.get("budget_free_priorities", False)
     own = cls.__dict__.get("__post_init__")
     if own is None:
       return
@@ -221,14 +216,14 @@ class Method:
 
   def compact_ranked(self, cand, x: LayerInputs, largest: int, keep: jax.Array):
     """`compact(cand, x, keep)` for a traced `keep` <= `largest` < cand.capacity, at the
-    shapes of a budget of `largest` (a method with `budget_free_priorities`): the first
-    `keep` slots of the result, in slot order, are the ones `compact` keeps (lax.top_k
-    breaks ties by the lower index, so the best `keep` of the top `largest` are the top
-    `keep`); the slots from `keep` on read as empty, and the caller cuts them off
-    (`LayerCache.first_slots`)."""
+    shapes of a budget of `largest` (a method whose `traces_budget(keep)` holds): the
+    first `keep` slots of the result, in slot order, are the ones `compact` keeps (the
+    priorities are the same, and lax.top_k breaks ties by the lower index, so the best
+    `keep` of the top `largest` are the top `keep`); the slots from `keep` on read as
+    empty, and the caller cuts them off (`LayerCache.first_slots`)."""
     from_index = cand.replace(state=self.prefill_state(x))
     s = cand.capacity
-    _, index = jax.lax.top_k(priorities(self, x, largest), largest)
+    _, index = jax.lax.top_k(priorities(self, x, keep), largest)
     kept = jnp.arange(largest) < keep
     index = jnp.where(kept, index, s)   # the rest sorts after them
     out = from_index.select(jnp.minimum(jnp.sort(index, axis=-1), s - 1))
@@ -341,12 +336,15 @@ class Method:
     return self
 
   def traces_budget(self, keep: int) -> bool:
-    """Whether a decode step may read a layer's budget `keep` traced (it reaches
-    `protected` and `eviction_priority` as an int32 scalar) and still do what it does with
-    `keep` static: then one compiled decode loop serves every prompt length
-    (kvjax.generation.engine). Default True: the hooks read it with jnp ops or not at all;
-    one that derives a count from it through floats says where float32 agrees
-    (`budgets.shares_alike`)."""
+    """Whether a step may read a layer's budget `keep` traced, as an int32 scalar, and
+    still do what it does with `keep` static: a decode step (it reaches `protected` and
+    `eviction_priority`), and a compacting prefill layer that compacts by the default
+    top-k (it reaches `priorities`: `protected` and the scorer's `x.keep`). Then one
+    compiled decode loop serves every prompt length, and one compiled prefill layer every
+    budget that rounds alike (kvjax.generation.engine). Default True: the hooks read it
+    with jnp ops or not at all; one that derives a count from it through floats says
+    where float32 agrees (`budgets.shares_alike`), one that needs it on the host says
+    False."""
     del keep
     return True
 
@@ -480,7 +478,7 @@ def own_label(method: Method) -> str:
 def priorities(method: Method, x: LayerInputs, keep: int) -> jax.Array:
   """[B, K, S] float32: method scores, protected slots +inf, empty slots -inf. The
   scorer sees the budget as `x.keep` (KVCrush's tiers depend on it)."""
-  if x.keep != keep:
+  if x.keep is not keep:   # (`keep` may be traced: compared by identity)
     x = dataclasses.replace(x, keep=keep)
   prio = method.score(x).astype(jnp.float32)
   prio = jnp.where(method.protected(x.key_positions, x.lengths, keep), PROTECTED, prio)

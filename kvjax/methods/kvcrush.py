@@ -89,6 +89,9 @@ class KVCrush(Wrapper):
     base.check_choice("anchor", self.anchor, ANCHORS)
     base.check_int("seed", self.seed, 0)
 
+  def traces_budget(self, keep):
+    return False   # its tiers are cut on the host (`crushed`)
+
   def crushed(self, keep: int) -> int:
     """Slots per head given to representatives (the press keeps at least its protected
     tokens plus one)."""

@@ -118,10 +118,11 @@ class CompressionPlan:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class RankedLayer(CompressionPlan):
-  """A one-layer compressing plan (budgets: the largest of the layers') run with the
-  layer's own budget `keep` as a traced value (`Method.compact_ranked`): made inside a
-  compiled layer that serves every layer (kvjax.generation.engine), where nothing hashes
-  it (its equality and hash are CompressionPlan's, which ignore `keep`)."""
+  """A one-layer compressing plan (budgets: the layers' largest, rounded up) run with the
+  layer's own budget `keep` as a traced value (`Method.compact_ranked`). The engine
+  compiles with `keep` None (equality and hash are over CompressionPlan's fields, which
+  leave `keep` out; it never equals a CompressionPlan) and sets it inside the compiled
+  layer that serves every layer (kvjax.generation.engine)."""
   keep: jax.Array | None = None
 
   def _compact(self, layer: int, cand, x: LayerInputs):

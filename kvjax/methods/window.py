@@ -89,7 +89,6 @@ class PyramidKV(SnapKV):
   name: ClassVar[str] = "pyramidkv"
   # SnapKV's scores at every layer, only the budgets differ (kvjax.generation.engine).
   layerwise_prefill: ClassVar[bool] = True
-  budget_free_priorities: ClassVar[bool] = True
   beta: float = 20.0
   schedule: str = "pyramidkv"
 
