@@ -412,28 +412,38 @@ def test_think_errors(build, match):
     build()
 
 
-def test_a_prompt_of_another_length_decodes_with_the_same_compiled_loop(model, monkeypatch):
+def test_a_prompt_of_another_length_decodes_with_the_same_compiled_loop(model):
   """`generate` pads the pruned part with reserved slots to a multiple of 64: prompts whose
-  pruned parts round alike share one compiled decode loop, and generate exactly the tokens
-  of the unpadded cache."""
+  pruned parts round alike share one compiled decode loop, and decode exactly as the
+  unpadded cache does."""
   method = ThinK(press=SnapKV(window=8), recent=8)
   tokens, mask = inputs.left_pad(_prompts((70, 80)), 0)
-  padded = context.prefill(model, tokens, mask, method, 40, room=4, reserve_multiple=64)
-  for layer in padded.cache.layers:
-    assert layer.pruned_capacity == 64 and layer.full.capacity == 8 + 4
+  contexts = [context.prefill(model, tokens, mask, method, 40, room=8, reserve_multiple=m)
+              for m in (64, 1)]
+  for layer, unpadded in zip(contexts[0].cache.layers, contexts[1].cache.layers):
+    assert unpadded.pruned_capacity == 32
+    assert layer.pruned_capacity == 64 and layer.full.capacity == 8 + 8
     positions = np.asarray(layer.positions)
     assert (positions[..., 32:] == kvjax.cache.kv_cache.RESERVED_POSITION).all()
-    assert (positions[..., :32] != kvjax.cache.kv_cache.RESERVED_POSITION).all()
-
-  def run(lengths):
-    return [kvjax.generate(model, _prompts((n, n + 3)), method=method, compression_ratio=0.5,
-                           max_new_tokens=6).token_ids for n in lengths]
+    np.testing.assert_array_equal(positions[..., :32], np.asarray(unpadded.positions))
+  # Greedy decode steps over both: the reserved slots change nothing.
+  outputs = []
+  for pre in contexts:
+    cache, steps = pre.cache, []
+    next_tokens = jnp.argmax(pre.logits, -1).astype(jnp.int32)
+    for _ in range(6):
+      next_tokens, logits, cache = engine.STEPS.decode(
+          model, next_tokens, cache, jax.random.key(0), 1.0, 1.0, True, pre.decode_plan)
+      steps.append((np.asarray(next_tokens), np.asarray(logits)))
+    outputs.append(steps)
+  for (got_tokens, got_logits), (want_tokens, want_logits) in zip(*outputs):
+    np.testing.assert_array_equal(got_tokens, want_tokens)
+    np.testing.assert_allclose(got_logits, want_logits, rtol=1e-5, atol=1e-5)
 
   steps = engine.STEPS
   loops = lambda: sum(key[0] == "decode_loop" for key in steps._executables)
   steps.clear()
-  got = run((70, 90))
-  assert loops() == 1   # pruned 27 and 37 slots (budgets 35, 45 less the 8 recent): 64
-  with monkeypatch.context() as unpadded:
-    unpadded.setattr(ChannelPrunedLayerCache, "reserve", lambda layer, slots: layer)
-    assert run((70, 90)) == got
+  for n in (70, 90):   # budgets 36 and 46 (of the longer row): 28 and 38 pruned slots
+    kvjax.generate(model, _prompts((n, n + 3)), method=method, compression_ratio=0.5,
+                   max_new_tokens=6)
+  assert loops() == 1

@@ -1,6 +1,7 @@
 """The channel-pruned layer cache (ThinK): context keys stored at D' of D channels.
 
-Slots are split in two parts, each sized to what it holds:
+Slots are split in two parts, each sized to what it holds (the pruned part padded with
+reserved slots where `generate` rounds it, `reserve`):
   * pruned: per (batch row, KV head) the kept key channels `channels [B, K, D']` (int32,
     ascending), the context keys at those channels only `[B, K, S, D']`, full values
     `[B, K, S, D]` and positions `[B, K, S]`;
@@ -34,7 +35,8 @@ class ChannelPrunedLayerCache(PerHeadSlots):
   channels: jax.Array    # [B, K, D'] int32: the key channels each KV head kept, ascending
   keys: jax.Array        # [B, K, S, D'] context keys (post-RoPE) at those channels
   values: jax.Array      # [B, K, S, D]
-  positions: jax.Array   # [B, K, S] int32, EMPTY_POSITION where unused
+  positions: jax.Array   # [B, K, S] int32, EMPTY_POSITION where unused (RESERVED_POSITION
+                         # where `reserve` padded it)
   full: LayerCache       # full-width slots: the recent context keys, then appended tokens
 
   @property

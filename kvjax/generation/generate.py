@@ -303,12 +303,12 @@ def generate(model, prompts, questions=None, method=None, compression_ratio=None
   compile_at_start = compile_before = steps.compile_seconds
 
   start = time.perf_counter()
-  # An evicting cache's capacity, and a channel-pruned cache's pruned part, are rounded
-  # with reserved slots (never filled), so prompts of other lengths share its compiled
-  # decode loop.
+  # A budgeted cache's capacity (an evicting one's) and a channel-pruned cache's pruned
+  # part are rounded with reserved slots (never filled), so prompts of other lengths share
+  # its compiled decode loop. Without a budget they hold the bucketed width: no need.
   prefilled = context.prefill(model, prompt_tokens, prompt_mask, method_obj, keep, room,
                               prefill_chunk_size, steps, method_params, multiple,
-                              ROOM_MULTIPLE)
+                              ROOM_MULTIPLE if keep is not None else 1)
   logits, cache, plan = prefilled.logits, prefilled.cache, prefilled.decode_plan
   if shared_context:
     cache = context.tile_rows(cache, rows)
