@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from kvjax.cache.kv_cache import (COLUMN_SUMS, PROBS, RESERVED_POSITION, LayerCache, NewTokens,
-                                  PerHeadSlots, Stats)
+                                  PerHeadSlots, Stats, pad_slots)
 from kvjax.ops import channel_pruned as pruned_ops
 
 
@@ -129,10 +129,8 @@ class ChannelPrunedLayerCache(PerHeadSlots):
     contexts of other lengths share (`kv_cache.reserve_rooms`)."""
     if slots == 0:
       return self
-    pad = lambda x, value: jnp.pad(
-        x, [(0, 0), (0, 0), (0, slots)] + [(0, 0)] * (x.ndim - 3), constant_values=value)
-    return self.replace(keys=pad(self.keys, 0), values=pad(self.values, 0),
-                        positions=pad(self.positions, RESERVED_POSITION))
+    return self.replace(keys=pad_slots(self.keys, slots), values=pad_slots(self.values, slots),
+                        positions=pad_slots(self.positions, slots, RESERVED_POSITION))
 
 
 def _select(dense: LayerCache, index: jax.Array) -> LayerCache:

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from kvjax.cache import quantized
-from kvjax.cache.kv_cache import EMPTY_POSITION, LayerCache, NewTokens, Stats
+from kvjax.cache.kv_cache import EMPTY_POSITION, LayerCache, NewTokens, Stats, pad_slots
 from kvjax.cache.quantized import QuantizedKV, quantize_slots
 from kvjax.ops import attention as attention_ops
 from kvjax.ops import gear as gear_ops
@@ -181,7 +181,7 @@ def _pad(part: GearBlocks, groups: int, group: int) -> GearBlocks:
   """`groups` more empty blocks of `group` slots."""
   def pad(per_slot, a, fill=0):
     n = groups * group if per_slot else groups
-    return jnp.pad(a, [(0, 0), (0, 0), (0, n)] + [(0, 0)] * (a.ndim - 3), constant_values=fill)
+    return pad_slots(a, n, fill)
   padded = jax.tree_util.tree_map(pad, _PER_SLOT, part)
   positions = pad(True, part.quantized.positions, EMPTY_POSITION)
   return padded.replace(quantized=padded.quantized.replace(positions=positions))

@@ -109,6 +109,13 @@ def host_nbytes(tree) -> int:
                  for x in jax.tree_util.tree_leaves(tree) if _on_host(x)))
 
 
+
+def pad_slots(x: jax.Array, slots: int, value=0) -> jax.Array:
+  """x [B, K, S, ...] with `slots` more along the slot axis, filled with `value`."""
+  return jnp.pad(x, [(0, 0), (0, 0), (0, slots)] + [(0, 0)] * (x.ndim - 3),
+                 constant_values=value)
+
+
 class PerHeadSlots:
   """What layouts whose `capacity` counts slots per KV head share."""
 
@@ -242,11 +249,9 @@ class LayerCache(PerHeadSlots):
     """`slots` more slots per head at the end, their positions `position`, the rest zero."""
     if slots == 0:
       return self
-    pad = lambda x, value: jnp.pad(
-        x, [(0, 0), (0, 0), (0, slots)] + [(0, 0)] * (x.ndim - 3), constant_values=value)
-    return self.replace(keys=pad(self.keys, 0), values=pad(self.values, 0),
-                        positions=pad(self.positions, position),
-                        state=map_state(lambda s: pad(s, 0), self.state))
+    return self.replace(keys=pad_slots(self.keys, slots), values=pad_slots(self.values, slots),
+                        positions=pad_slots(self.positions, slots, position),
+                        state=map_state(lambda s: pad_slots(s, slots), self.state))
 
   def scoring_view(self):
     """(positions [B, K, S], owned [B, K, S] bool or None): the slots as a decode-time

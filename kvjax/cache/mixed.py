@@ -36,7 +36,7 @@ import numpy as np
 from flax import struct
 
 from kvjax.cache.kv_cache import (EMPTY_POSITION, LayerCache, NewTokens, PerHeadSlots, Stats,
-                                  map_state)
+                                  map_state, pad_slots)
 from kvjax.ops import quantization as quant_ops
 from kvjax.ops.host import host_array
 
@@ -198,8 +198,8 @@ class MixedPrecisionLayerCache(PerHeadSlots):
   def grow(self, room: int) -> "MixedPrecisionLayerCache":
     if room == 0:
       return self
-    pad = lambda s: jnp.pad(s, [(0, 0), (0, 0), (0, room)] + [(0, 0)] * (s.ndim - 3))
-    return self.replace(recent=self.recent.grow(room), state=map_state(pad, self.state))
+    return self.replace(recent=self.recent.grow(room),
+                        state=map_state(lambda s: pad_slots(s, room), self.state))
 
   @classmethod
   def from_split(cls, cand: LayerCache, high_index, low_index, balance, important, *,

@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from kvjax.cache.kv_cache import EMPTY_POSITION, LayerCache, NewTokens, PerHeadSlots, Stats
+from kvjax.cache.kv_cache import (EMPTY_POSITION, LayerCache, NewTokens, PerHeadSlots, Stats,
+                                  pad_slots)
 from kvjax.errors import KvjaxError
 from kvjax.ops import attention as attention_ops
 from kvjax.ops import quantization as quant_ops
@@ -294,13 +295,12 @@ class QuantizedLayerCache(ResidualWindow):
     g = self.group
     groups = -(-room // g)
     q = self.quantized
-    pad = lambda a, n, fill=0: jnp.pad(a, [(0, 0), (0, 0), (0, n)] + [(0, 0)] * (a.ndim - 3),
-                                       constant_values=fill)
+    slots = groups * g
     quantized = QuantizedKV(
-        key_codes=pad(q.key_codes, groups * g), key_scale=pad(q.key_scale, groups),
-        key_zero=pad(q.key_zero, groups), value_codes=pad(q.value_codes, groups * g),
-        value_scale=pad(q.value_scale, groups * g), value_zero=pad(q.value_zero, groups * g),
-        positions=pad(q.positions, groups * g, EMPTY_POSITION))
+        key_codes=pad_slots(q.key_codes, slots), key_scale=pad_slots(q.key_scale, groups),
+        key_zero=pad_slots(q.key_zero, groups), value_codes=pad_slots(q.value_codes, slots),
+        value_scale=pad_slots(q.value_scale, slots), value_zero=pad_slots(q.value_zero, slots),
+        positions=pad_slots(q.positions, slots, EMPTY_POSITION))
     return self.replace(quantized=quantized, residual=self.grown_residual(room))
 
 
