@@ -493,3 +493,44 @@ def test_errors_at_use(model):
                    max_new_tokens=1)
   assert {"mikv", "zipvl"} <= set(kvjax.methods.available())
   assert MiKV().needs_budget and not ZipVL().needs_budget
+
+
+def test_a_prompt_of_another_length_decodes_with_the_same_compiled_loop(model):
+  """`generate` pads both pools with reserved slots to a multiple of 64: prompts whose pools
+  round alike share one compiled decode loop, and decode exactly as the unpadded cache."""
+  method = MiKV(press=H2O())
+  tokens, mask = inputs.left_pad(_prompts((150, 160)), 0)
+  # Budget 70: pools of 70 and 90 slots (the low one trimmed to 96), reserved up to 128.
+  contexts = [context.prefill(model, tokens, mask, method, 70, room=8, reserve_multiple=m)
+              for m in (64, 1)]
+  for layer, unpadded in zip(contexts[0].cache.layers, contexts[1].cache.layers):
+    assert (unpadded.high.capacity, unpadded.low.capacity) == (70, 96)
+    assert (layer.high.capacity, layer.low.capacity) == (128, 128)
+    assert layer.recent.capacity == unpadded.recent.capacity == 8
+    for pool, want in ((layer.high, unpadded.high), (layer.low, unpadded.low)):
+      positions = np.asarray(pool.positions)
+      n = want.capacity
+      assert (positions[..., n:] == kv_cache.RESERVED_POSITION).all()
+      np.testing.assert_array_equal(positions[..., :n], np.asarray(want.positions))
+  outputs = []
+  for pre in contexts:
+    cache, steps = pre.cache, []
+    next_tokens = jnp.argmax(pre.logits, -1).astype(jnp.int32)
+    for _ in range(6):
+      next_tokens, logits, cache = engine.STEPS.decode(
+          model, next_tokens, cache, jax.random.key(0), 1.0, 1.0, True, pre.decode_plan)
+      steps.append((np.asarray(next_tokens), np.asarray(logits)))
+    outputs.append(steps)
+  for (got_tokens, got_logits), (want_tokens, want_logits) in zip(*outputs):
+    np.testing.assert_array_equal(got_tokens, want_tokens)
+    np.testing.assert_allclose(got_logits, want_logits, rtol=1e-5, atol=1e-5)
+
+  steps = engine.STEPS
+  loops = lambda: sum(key[0] == "decode_loop" for key in steps._executables)
+  steps.clear()
+  # Budgets 71 and 81 (of the longer row): pools of (71, 80) and (81, 96) slots, both
+  # (128, 128) once reserved.
+  for n in (140, 160):
+    kvjax.generate(model, _prompts((n, n + 3)), method=method, compression_ratio=0.5,
+                   max_new_tokens=6)
+  assert loops() == 1

@@ -187,10 +187,11 @@ LAYERWISE = [name for name in kvjax.methods.available()
 def test_the_methods_that_compress_layer_by_layer():
   # A method joins this list only with the test below passing for it.
   assert LAYERWISE == ["elastic_cache", "ems", "expected_attention", "gear", "h2o", "kivi",
-                       "knorm", "kvmerger", "lazy_eviction", "pyramidkv", "scissorhands",
-                       "snapkv", "streaming_llm", "think", "tova"]
+                       "knorm", "kvmerger", "lazy_eviction", "mikv", "pyramidkv",
+                       "scissorhands", "snapkv", "streaming_llm", "think", "tova"]
   # A storage method is when its press is; a wrapper or subclass is not unless it says so.
   assert kvjax.methods.get("kivi", press="snapkv").layerwise_prefill
+  assert not kvjax.methods.MiKV(press=_Pyramid()).layerwise_prefill
   assert not _Pyramid.layerwise_prefill
   assert not kvjax.methods.get("adakv", press="snapkv").layerwise_prefill
 
@@ -207,7 +208,7 @@ TINY_ARGS = {"gear": dict(group_size=16, residual=16),
 
 @pytest.mark.parametrize("chunk_size", [None, 16])
 @pytest.mark.parametrize("name", LAYERWISE + ["kivi+snapkv", "think+knorm", "kivi+pyramidkv",
-                                              "pyramidkv:window=4"])
+                                              "mikv+snapkv", "pyramidkv:window=4"])
 def test_compressing_layer_by_layer_equals_one_program(name, chunk_size, monkeypatch):
   """A compressing prefill of a layerwise method runs one compiled layer for every layer
   and gives exactly the one program's logits and cache (one chunk, and chunked), also

@@ -432,3 +432,52 @@ def test_kivi_errors(build, match):
 def test_a_ratio_for_a_method_that_keeps_every_token_is_an_error(model):
   with pytest.raises(kvjax.KvjaxError, match="keeps every token.*press"):
     kvjax.generate(model, _prompts(), method="kivi", compression_ratio=0.5, max_new_tokens=2)
+
+
+def test_a_prompt_of_another_length_decodes_with_the_same_compiled_loop(model):
+  """`generate` pads the quantized part with empty groups to a multiple of 64 slots: prompts
+  whose quantized parts round alike share one compiled decode loop, decode exactly as the
+  unpadded cache does, and later flushes fill the padding as room."""
+  method = KIVI(bits=4, group_size=32, residual=32, press=SnapKV(window=8))
+  tokens, mask = inputs.left_pad(_prompts((150, 160)), 0)
+  # Budget 100: 64 quantized slots and 36 in the residual; room 8 adds one group (96).
+  contexts = [context.prefill(model, tokens, mask, method, 100, room=8, reserve_multiple=m)
+              for m in (64, 1)]
+  for layer, unpadded in zip(contexts[0].cache.layers, contexts[1].cache.layers):
+    assert unpadded.quantized.capacity == 96 and layer.quantized.capacity == 128
+    assert layer.residual.capacity == unpadded.residual.capacity == 32 + 32 - 1 + 8
+    positions = np.asarray(layer.quantized.positions)
+    assert (positions[..., 64:] == kvjax.cache.kv_cache.EMPTY_POSITION).all()
+    np.testing.assert_array_equal(positions[..., :96], np.asarray(unpadded.quantized.positions))
+  # Greedy decode steps over both: the residual (36 tokens) flushes a group at step 28,
+  # into slots [64, 96), which both hold; the padded cache's next flush (step 59) fills
+  # the padding [96, 128) as room.
+  outputs, caches = [], []
+  for pre, n in zip(contexts, (62, 50)):
+    cache, steps = pre.cache, []
+    next_tokens = jnp.argmax(pre.logits, -1).astype(jnp.int32)
+    for _ in range(n):
+      next_tokens, logits, cache = engine.STEPS.decode(
+          model, next_tokens, cache, jax.random.key(0), 1.0, 1.0, True, pre.decode_plan)
+      steps.append((np.asarray(next_tokens), np.asarray(logits)))
+    outputs.append(steps)
+    caches.append(cache)
+  for (got_tokens, got_logits), (want_tokens, want_logits) in zip(*outputs):
+    np.testing.assert_array_equal(got_tokens, want_tokens)
+    np.testing.assert_allclose(got_logits, want_logits, rtol=1e-5, atol=1e-5)
+  assert int(caches[1].layers[0].end) == 96
+  padded = caches[0].layers[0]
+  assert int(padded.end) == 128
+  positions = np.asarray(padded.quantized.positions)
+  assert (positions[..., 96:] > positions[..., 64:96].max(-1, keepdims=True)).all(), (
+      "the second flush wrote the next group into the padding")
+
+  steps = engine.STEPS
+  loops = lambda: sum(key[0] == "decode_loop" for key in steps._executables)
+  steps.clear()
+  # Budgets 136 and 171 (of the longer row): 96 and 128 quantized slots, 160 and 192 after
+  # a room of 64 (two groups), both 192 once padded.
+  for n in (270, 340):
+    kvjax.generate(model, _prompts((n, n + 3)), method=method, compression_ratio=0.5,
+                   max_new_tokens=6)
+  assert loops() == 1

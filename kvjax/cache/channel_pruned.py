@@ -123,6 +123,12 @@ class ChannelPrunedLayerCache(PerHeadSlots):
   def grow(self, room: int) -> "ChannelPrunedLayerCache":
     return self.replace(full=self.full.grow(room))
 
+  def reserve_for(self, room: int, multiple: int) -> int:
+    """The reserved slots (`reserve`) that round the pruned part, which appends never
+    reach, up to a multiple of `multiple` (`kv_cache.reserve_rooms`)."""
+    del room
+    return (-self.pruned_capacity) % multiple
+
   def reserve(self, slots: int) -> "ChannelPrunedLayerCache":
     """`slots` more reserved pruned slots per head (RESERVED_POSITION, never attended;
     appends go to the full part), only there to give the pruned part a capacity that

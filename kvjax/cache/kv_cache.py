@@ -779,27 +779,28 @@ def grow_rooms(cache: Cache, room: int, multiple: int = 1) -> tuple[int, ...]:
                else -(-room // multiple) * multiple for layer in cache.layers)
 
 
-def reserve_rooms(cache: Cache, rooms: tuple[int, ...], multiple: int) -> tuple[int, ...]:
+def reserve_rooms(cache: Cache, rooms: tuple[int, ...], multiple: int) -> tuple:
   """The reserved slots per head (`reserve`) each layer gets: a dense layer past its room
   rooms[i] for a capacity that is a multiple of `capacity_step` (`multiple`, or a coarser
-  step where the dense capacities differ); a channel-pruned layer (ThinK) in its pruned
-  part, which appends never reach, up to a multiple of `multiple`; other layouts none."""
+  step where the dense capacities differ); a layout with parts whose sizes follow the
+  context's (ThinK's pruned part, KIVI's quantized one, MiKV's pools) what its
+  `reserve_for(room, multiple)` says (an int of slots, or what its `reserve` takes; 0 for
+  none); other layouts none."""
   step = _capacity_step({layer.capacity + r for layer, r in zip(cache.layers, rooms)
                          if type(layer) is LayerCache}, multiple)
 
   def reserve(layer, room):
     if type(layer) is LayerCache:
       return (-(layer.capacity + room)) % step
-    pruned = getattr(layer, "pruned_capacity", None)
-    return 0 if pruned is None else (-pruned) % multiple
+    reserve_for = getattr(layer, "reserve_for", None)
+    return 0 if reserve_for is None else reserve_for(room, multiple)
 
   return tuple(reserve(layer, r) for layer, r in zip(cache.layers, rooms))
 
 
-def grow_by(cache: Cache, rooms: tuple[int, ...], reserves: tuple[int, ...] | None = None
-            ) -> Cache:
+def grow_by(cache: Cache, rooms: tuple[int, ...], reserves: tuple | None = None) -> Cache:
   """The cache with rooms[i] more empty slots per head in layer i, then reserves[i]
-  reserved ones (the layouts `reserve_rooms` gives any)."""
+  reserved ones (what the layouts `reserve_rooms` gives any reserve)."""
   reserves = reserves or (0,) * len(rooms)
   return cache.replace(layers=tuple(
       layer.grow(r) if not v else layer.grow(r).reserve(v)

@@ -35,8 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from kvjax.cache.kv_cache import (EMPTY_POSITION, LayerCache, NewTokens, PerHeadSlots, Stats,
-                                  map_state, pad_slots)
+from kvjax.cache.kv_cache import (EMPTY_POSITION, RESERVED_POSITION, LayerCache, NewTokens,
+                                  PerHeadSlots, Stats, map_state, pad_slots)
 from kvjax.ops import quantization as quant_ops
 from kvjax.ops.host import host_array
 
@@ -66,6 +66,11 @@ class Pool:
     return jax.tree_util.tree_map(
         lambda a: jnp.take_along_axis(a, index.reshape(index.shape + (1,) * (a.ndim - 3)),
                                       axis=2), self)
+
+  def reserved(self, slots: int) -> "Pool":
+    """`slots` more reserved slots per head (RESERVED_POSITION, never attended)."""
+    padded = jax.tree_util.tree_map(lambda a: pad_slots(a, slots), self)
+    return padded.replace(positions=pad_slots(self.positions, slots, RESERVED_POSITION))
 
 
 def quantize_pool(keys, values, positions, balance, bits: int, group: int) -> Pool:
@@ -200,6 +205,22 @@ class MixedPrecisionLayerCache(PerHeadSlots):
       return self
     return self.replace(recent=self.recent.grow(room),
                         state=map_state(lambda s: pad_slots(s, room), self.state))
+
+  def reserve_for(self, room: int, multiple: int):
+    """(high, low): the reserved slots (`reserve`) that round each pool, which appends
+    never reach, up to a multiple of `multiple` (`kv_cache.reserve_rooms`); 0 where
+    neither needs any, or while per-slot state (laid out over the pools) is kept."""
+    del room
+    pads = ((-self.high.capacity) % multiple, (-self.low.capacity) % multiple)
+    return pads if any(pads) and self.state is None else 0
+
+  def reserve(self, slots: tuple[int, int]) -> "MixedPrecisionLayerCache":
+    """`slots` = (high, low) more reserved slots per head in each pool, only there to give
+    the pools capacities that contexts of other lengths share."""
+    if self.state is not None:
+      raise ValueError("a mixed-precision layer with per-slot state cannot be reserved")
+    high, low = slots
+    return self.replace(high=self.high.reserved(high), low=self.low.reserved(low))
 
   @classmethod
   def from_split(cls, cand: LayerCache, high_index, low_index, balance, important, *,

@@ -23,6 +23,8 @@ on GPU/TPU, dequantize + the jnp reference on CPU).
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -292,16 +294,34 @@ class QuantizedLayerCache(ResidualWindow):
     the groups those tokens will push out, in the quantized part."""
     if room == 0:
       return self
+    return self.replace(quantized=self._quantized_grown(-(-room // self.group)),
+                        residual=self.grown_residual(room))
+
+  def reserve_for(self, room: int, multiple: int) -> int:
+    """The slots (`reserve`) that round the quantized part after `grow(room)` up to a
+    multiple of `multiple` and of `group` (`kv_cache.reserve_rooms`); the residual's
+    capacity after a grow, `waiting_limit + room`, is the same for every context."""
     g = self.group
-    groups = -(-room // g)
+    step = math.lcm(g, multiple)
+    return (-(self.quantized.capacity + -(-room // g) * g)) % step
+
+  def reserve(self, slots: int) -> "QuantizedLayerCache":
+    """`slots` (a multiple of `group`) more empty quantized slots per head, only there to
+    give the quantized part a capacity that contexts of other lengths share
+    (`kv_cache.reserve_rooms`). Flushed groups may fill them, as any slot past `end`."""
+    if slots % self.group:
+      raise ValueError(f"reserved slots {slots} must be a multiple of group {self.group}")
+    return self.replace(quantized=self._quantized_grown(slots // self.group))
+
+  def _quantized_grown(self, groups: int) -> QuantizedKV:
+    """The quantized part with `groups` more empty groups of slots."""
     q = self.quantized
-    slots = groups * g
-    quantized = QuantizedKV(
+    slots = groups * self.group
+    return QuantizedKV(
         key_codes=pad_slots(q.key_codes, slots), key_scale=pad_slots(q.key_scale, groups),
         key_zero=pad_slots(q.key_zero, groups), value_codes=pad_slots(q.value_codes, slots),
         value_scale=pad_slots(q.value_scale, slots), value_zero=pad_slots(q.value_zero, slots),
         positions=pad_slots(q.positions, slots, EMPTY_POSITION))
-    return self.replace(quantized=quantized, residual=self.grown_residual(room))
 
 
 def analytic_nbytes(batch: int, kv_heads: int, quantized_slots: int, residual_slots: int,

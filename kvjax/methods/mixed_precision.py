@@ -158,6 +158,11 @@ class MiKV(_MixedPrecision):
   def needs(self):
     return self.press.needs
 
+  @property
+  def layerwise_prefill(self):
+    # Splitting and storing are the same at every layer; ranking is when the press's is.
+    return self.press.layerwise_prefill
+
   def layer_budgets(self, config, keep, context_length):
     return self.press.layer_budgets(config, keep, context_length)
 
