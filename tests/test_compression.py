@@ -240,6 +240,30 @@ def test_adakv_chunked_prefill_keeps_headwise_budgets(model):
   assert chunked.token_ids[shortest] == whole.token_ids[shortest]
 
 
+def test_a_headwise_context_of_another_length_decodes_with_the_same_compiled_loop(
+    model, monkeypatch):
+  """`generate` pads a head-wise layer with reserved slots (in its last head's segment) to
+  a multiple of 64 slots per head: prompts of other lengths share one compiled decode
+  loop, and generate what the unpadded cache generates."""
+  from kvjax.generation import engine
+  method = AdaKV(press=SnapKV(window=8))
+  rng = np.random.default_rng(5)
+  prompts = [rng.integers(1, 256, n).tolist() for n in (100, 112)]
+  loops = lambda: sum(key[0] == "decode_loop" for key in engine.STEPS._executables)
+  engine.STEPS.clear()
+  # 50 and 56 kept slots per head (on average), plus 64 of room: both 128 once reserved.
+  padded = [kvjax.generate(model, p, method=method, compression_ratio=0.5, max_new_tokens=8)
+            for p in prompts]
+  assert loops() == 1
+  assert [r.stats["cache_capacity_tokens"] for r in padded] == [128, 128]
+  monkeypatch.setattr(FlatLayerCache, "reserve_for", lambda self, room, multiple: 0)
+  exact = [kvjax.generate(model, p, method=method, compression_ratio=0.5, max_new_tokens=8)
+           for p in prompts]
+  assert loops() == 3
+  assert [r.stats["cache_capacity_tokens"] for r in exact] == [50 + 64, 56 + 64]
+  assert [r.token_ids for r in padded] == [r.token_ids for r in exact]
+
+
 @pytest.mark.parametrize("press", ["h2o", "tova", "scissorhands", "streaming_llm"])
 def test_adakv_around_decode_time_scorers(model, press):
   """Head-wise budgets around a decode-time scorer: every decode token overwrites a slot of

@@ -194,16 +194,23 @@ def _kept(cache):
   out = []
   for layer in cache.layers:
     positions, keys = np.asarray(layer.positions), np.asarray(layer.keys)
-    for row in range(positions.shape[0]):
-      for head in range(positions.shape[1]):
-        real = np.flatnonzero(positions[row, head] >= 0)
-        order = np.argsort(positions[row, head, real])
-        out.append((positions[row, head, real[order]], keys[row, head, real[order]]))
+    if isinstance(layer, kv_cache.FlatLayerCache):   # [B, S]: each slot's owner in `heads`
+      owners = np.asarray(layer.heads)
+      per_head = [(positions[row][owners[row] == head], keys[row][owners[row] == head])
+                  for row in range(positions.shape[0]) for head in range(layer.num_kv_heads)]
+    else:
+      per_head = [(positions[row, head], keys[row, head])
+                  for row in range(positions.shape[0]) for head in range(positions.shape[1])]
+    for head_positions, head_keys in per_head:
+      real = np.flatnonzero(head_positions >= 0)
+      order = np.argsort(head_positions[real])
+      out.append((head_positions[real[order]], head_keys[real[order]]))
   return out
 
 
 @pytest.mark.parametrize("method", DECODE_TIME + [
-    methods_lib.get("per_layer", press="h2o", weights=(1.0, 3.0))])
+    methods_lib.get("per_layer", press="h2o", weights=(1.0, 3.0)),
+    methods_lib.get("adakv", press="h2o")])
 def test_reserved_capacity_and_traced_budgets_decode_as_exact_ones(model, method, monkeypatch):
   """A decode-time cache padded with reserved slots up to a rounded capacity, decoded by a
   plan that passes its budgets as data, keeps the same slots and samples the same tokens
@@ -257,7 +264,8 @@ def test_decode_plans_of_other_budgets_compile_as_one(model, method):
 
 @pytest.mark.parametrize("method", [
     methods_lib.get("h2o"), methods_lib.get("tova"),
-    methods_lib.get("per_layer", press="h2o", weights=(1.0, 3.0))])
+    methods_lib.get("per_layer", press="h2o", weights=(1.0, 3.0)),
+    methods_lib.get("adakv", press="h2o")])
 def test_an_evicting_context_of_another_length_decodes_with_the_same_compiled_loop(
     model, method):
   """Another prompt length gives a decode-time method other budgets; rounded to one

@@ -186,19 +186,24 @@ LAYERWISE = [name for name in kvjax.methods.available()
 
 def test_the_methods_that_compress_layer_by_layer():
   # A method joins this list only with the test below passing for it.
-  assert LAYERWISE == ["elastic_cache", "ems", "expected_attention", "gear", "h2o", "kivi",
-                       "knorm", "kvmerger", "lazy_eviction", "mikv", "pyramidkv",
-                       "scissorhands", "snapkv", "streaming_llm", "think", "tova"]
+  assert LAYERWISE == ["adakv", "elastic_cache", "ems", "expected_attention", "gear", "h2o",
+                       "kivi", "knorm", "kvmerger", "lazy_eviction", "mikv", "per_layer",
+                       "pyramidkv", "scissorhands", "sinks_window", "snapkv", "streaming_llm",
+                       "think", "tova"]
   # A storage method is when its press is; a wrapper or subclass is not unless it says so.
   assert kvjax.methods.get("kivi", press="snapkv").layerwise_prefill
   assert not kvjax.methods.MiKV(press=_Pyramid()).layerwise_prefill
   assert not _Pyramid.layerwise_prefill
-  assert not kvjax.methods.get("adakv", press="snapkv").layerwise_prefill
+  assert not kvjax.methods.AdaKV(press=_Pyramid()).layerwise_prefill
+  assert not kvjax.methods.get("kvcrush", press="snapkv").layerwise_prefill
 
 
 # The layerwise methods that compact by the default top-k (the merging ones do not).
-RANKING = ["expected_attention", "h2o", "knorm", "lazy_eviction", "pyramidkv", "scissorhands",
-           "snapkv", "streaming_llm", "tova", "pyramidkv:window=4"]
+RANKING = ["expected_attention", "h2o", "knorm", "lazy_eviction", "per_layer", "pyramidkv",
+           "scissorhands", "sinks_window", "snapkv", "streaming_llm", "tova",
+           "pyramidkv:window=4", "per_layer:weights=1,2,3+knorm", "sinks_window:window=2+h2o"]
+# Layer budgets that differ (the rest give every layer one budget).
+DIFFERING = ["pyramidkv:window=4", "per_layer:weights=1,2,3+knorm"]
 
 
 # Quantizers' groups fit the tiny head_dim of 16; their residual leaves groups to quantize.
@@ -208,7 +213,9 @@ TINY_ARGS = {"gear": dict(group_size=16, residual=16),
 
 @pytest.mark.parametrize("chunk_size", [None, 16])
 @pytest.mark.parametrize("name", LAYERWISE + ["kivi+snapkv", "think+knorm", "kivi+pyramidkv",
-                                              "mikv+snapkv", "pyramidkv:window=4"])
+                                              "mikv+snapkv", "adakv+h2o", "pyramidkv:window=4",
+                                              "per_layer:weights=1,2,3+knorm",
+                                              "sinks_window:window=2+h2o"])
 def test_compressing_layer_by_layer_equals_one_program(name, chunk_size, monkeypatch):
   """A compressing prefill of a layerwise method runs one compiled layer for every layer
   and gives exactly the one program's logits and cache (one chunk, and chunked), also
@@ -224,7 +231,7 @@ def test_compressing_layer_by_layer_equals_one_program(name, chunk_size, monkeyp
                         steps=steps)
   names = [key[0] for key in steps._executables]
   differ = len(set(got.budgets)) > 1
-  assert differ == (name == "pyramidkv:window=4"), got.budgets
+  assert differ == (name in DIFFERING), got.budgets
   # A method compacting by the default top-k ranks at a rounded budget, then cuts.
   ranks = type(method).compact is kvjax.methods.base.Method.compact
   assert ranks == (name in RANKING), name

@@ -437,6 +437,27 @@ class FlatLayerCache:
         next_slot=self.next_slot + room * jnp.arange(k, dtype=jnp.int32),
         state=map_state(lambda s: move(s, 0), self.state))
 
+  def reserve_for(self, room: int, multiple: int) -> int:
+    """The reserved slots (`reserve`) that round the capacity after `grow(room)` up to a
+    multiple of `multiple` slots per head (`reserve_rooms`)."""
+    k = self.num_kv_heads
+    return (-(self.capacity + k * room)) % (k * multiple)
+
+  def reserve(self, slots: int) -> "FlatLayerCache":
+    """`slots` more reserved slots (RESERVED_POSITION: never attended, never chosen by a
+    decode-time eviction) at the end of the last head's segment, only there to give the
+    layer a capacity that contexts of other lengths share (appends past that head's room
+    may still fill them, as any slot past it)."""
+    if slots == 0:
+      return self
+    pad = lambda a, fill=0: jnp.pad(a, [(0, 0), (0, slots)] + [(0, 0)] * (a.ndim - 2),
+                                    constant_values=fill)
+    k = self.num_kv_heads
+    return self.replace(keys=pad(self.keys), values=pad(self.values),
+                        positions=pad(self.positions, RESERVED_POSITION),
+                        heads=pad(self.heads, k - 1), offsets=self.offsets.at[:, -1].add(slots),
+                        state=map_state(pad, self.state))
+
   def trimmed(self) -> "FlatLayerCache":
     """Host side: each head's segment shrunk to the most tokens that head holds in any row
     (its real slots first, in slot order): what a data-dependent selection, sized for the
@@ -803,8 +824,14 @@ def grow_by(cache: Cache, rooms: tuple[int, ...], reserves: tuple | None = None)
   reserved ones (what the layouts `reserve_rooms` gives any reserve)."""
   reserves = reserves or (0,) * len(rooms)
   return cache.replace(layers=tuple(
-      layer.grow(r) if not v else layer.grow(r).reserve(v)
-      for layer, r, v in zip(cache.layers, rooms, reserves, strict=True)))
+      grow_layer(layer, r, v) for layer, r, v in zip(cache.layers, rooms, reserves, strict=True)))
+
+
+def grow_layer(layer, room: int, reserve=0):
+  """One layer with `room` more empty slots per head, then `reserve` reserved ones (what
+  its `reserve` takes; 0 for none)."""
+  grown = layer.grow(room)
+  return grown.reserve(reserve) if reserve else grown
 
 
 @functools.lru_cache(maxsize=256)

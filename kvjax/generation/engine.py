@@ -257,6 +257,9 @@ _COPY_OPTIONS = {"xla_backend_optimization_level": 1}
 # Keyed by each layer's room, not the room asked for: calls whose caches come out the same
 # (another max_new_tokens within the rounding) share one executable.
 _grow_jit = jax.jit(_grow, static_argnames=("rooms", "reserves", "placement"))
+# Unsharded, one layer per call: layers of one shape, room and reserve share an executable
+# (a new prompt length compiled AdaKV's 30 identical head-wise layers' copies in 3 s).
+_grow_layer_jit = jax.jit(kv_cache.grow_layer, static_argnames=("room", "reserve"))
 
 
 def _on_cpu(tree) -> bool:
@@ -498,6 +501,11 @@ class CompiledSteps:
     if not any(rooms) and not any(reserves):
       return cache
     options = _COPY_OPTIONS if _on_cpu(cache) else None
+    if placement is None:
+      return cache.replace(layers=tuple(
+          self._get("grow_layer", _grow_layer_jit, dict(room=r, reserve=v), (layer,),
+                    options)(layer) if r or v else layer
+          for layer, r, v in zip(cache.layers, rooms, reserves, strict=True)))
     static = dict(rooms=rooms, reserves=reserves if any(reserves) else None,
                   placement=placement)
     return self._get("grow", _grow_jit, static, (cache,), options)(cache)

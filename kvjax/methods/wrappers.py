@@ -60,6 +60,12 @@ for _capability in ("decode_time", "needs", "headwise", "needs_budget", "family"
                                                                                   _name)))
 
 
+def _press_layerwise(self) -> bool:
+  # Its own step reads no layer index and no parameters: the same at every layer where the
+  # press's is (a wrapper declares it, so that one that may differ by layer does not inherit).
+  return self.press.layerwise_prefill
+
+
 @registry.register
 @dataclasses.dataclass(frozen=True)
 class SinksWindow(Wrapper):
@@ -67,6 +73,7 @@ class SinksWindow(Wrapper):
   name: ClassVar[str] = "sinks_window"
   sinks: int = 4
   window: int = 32
+  layerwise_prefill = property(_press_layerwise)
 
   def __post_init__(self):
     super().__post_init__()
@@ -103,6 +110,7 @@ class AdaKV(Wrapper):
   """
   name: ClassVar[str] = "adakv"
   alpha_safeguard: float = 0.2
+  layerwise_prefill = property(_press_layerwise)
 
   def __post_init__(self):
     super().__post_init__()
@@ -141,6 +149,7 @@ class PerLayer(Wrapper):
   weights[l] (same total memory as the uniform budget). Empty weights = uniform."""
   name: ClassVar[str] = "per_layer"
   weights: tuple = ()
+  layerwise_prefill = property(_press_layerwise)
 
   def __post_init__(self):
     weights = self.weights
