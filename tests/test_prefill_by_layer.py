@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kvjax.cache import kv_cache
 from kvjax.cache.kv_cache import Cache, init_cache
 from kvjax.config import LatentAttention
 from kvjax.generation import context, engine, inputs
@@ -105,6 +106,32 @@ class _Pyramid(kvjax.methods.PyramidKV):
   """A subclass that says nothing: it may score differently by layer or budget."""
 
 
+@pytest.mark.parametrize("differ", [False, True])
+def test_layers_of_a_few_kinds_grow_one_per_call(differ):
+  """A cache whose layers are of at most `GROW_KINDS_BY_LAYER` kinds (shapes, room and
+  reserve) grows one layer per call, an executable per kind; one whose layers all differ
+  grows as one program. Both give what growing each layer eagerly gives."""
+  config = tiny_model(num_layers=6).config
+  base = init_cache(config, 2, 8)
+  rng = np.random.default_rng(0)
+  layers = tuple(init_cache(config, 2, 8 + (i if differ else 0)).layers[i]
+                 for i in range(config.num_layers))
+  layers = tuple(layer.replace(keys=jnp.asarray(rng.normal(size=layer.keys.shape),
+                                                layer.keys.dtype)) for layer in layers)
+  cache = base.replace(layers=layers)
+  steps = engine.CompiledSteps()
+  got = steps.grow(cache, 5, reserve_multiple=16)
+  names = [key[0] for key in steps._executables]
+  assert names == (["grow"] if differ else ["grow_layer"]), names
+  rooms = kv_cache.grow_rooms(cache, 5)
+  want = kv_cache.grow_by(cache, rooms, kv_cache.reserve_rooms(cache, rooms, 16))
+  assert [layer.capacity for layer in got.layers] == [layer.capacity for layer in want.layers]
+  assert all(layer.capacity % 16 == 0 for layer in got.layers)
+  for got_leaf, want_leaf in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want),
+                                 strict=True):
+    np.testing.assert_array_equal(np.asarray(got_leaf), np.asarray(want_leaf))
+
+
 def test_the_one_program_serves_what_one_layer_cannot():
   model = tiny_model(num_layers=2)
   cache = init_cache(model.config, 1, 32)
@@ -129,8 +156,11 @@ def test_the_one_program_serves_what_one_layer_cannot():
   assert not engine._runs_by_layer(model, init_cache(model.config, 1, 200),
                                    CompressionPlan(h2o, budgets=(95, 96)))
   assert not engine._runs_by_layer(model, cache, CompressionPlan(_Pyramid(), budgets=(8, 12)))
+  # KIVI ranks as its press does (it quantizes the ranked selection); GEAR does not.
   quantized = kvjax.methods.get("kivi", press="pyramidkv")
-  assert not engine._runs_by_layer(model, cache, CompressionPlan(quantized, budgets=(8, 12)))
+  assert engine._runs_by_layer(model, cache, CompressionPlan(quantized, budgets=(8, 12)))
+  gear = kvjax.methods.get("gear", press="pyramidkv")
+  assert not engine._runs_by_layer(model, cache, CompressionPlan(gear, budgets=(8, 12)))
   assert not engine._runs_by_layer(model, cache, dataclasses.replace(pyramid, room=4))
   assert not engine._runs_by_layer(model, cache, CompressionPlan(snapkv, budgets=(8, 8)),
                                    method_params={"w": jnp.ones(2)})
@@ -198,12 +228,19 @@ def test_the_methods_that_compress_layer_by_layer():
   assert not kvjax.methods.get("kvcrush", press="snapkv").layerwise_prefill
 
 
-# The layerwise methods that compact by the default top-k (the merging ones do not).
+# KIVI whose budget of 10 quantizes 8 slots (kivi's TINY_ARGS keep all 10 in the residual
+# window), over SnapKV and over PyramidKV.
+QUANTIZING = "kivi:group_size=4:residual=2+snapkv"
+QUANTIZING_PYRAMID = "kivi:group_size=4:residual=2+pyramidkv:window=4"
+# The layerwise methods that compact by the default top-k (the merging ones do not), and
+# those that override both `compact` and `compact_ranked` (KIVI over one of them).
 RANKING = ["expected_attention", "h2o", "knorm", "lazy_eviction", "per_layer", "pyramidkv",
            "scissorhands", "sinks_window", "snapkv", "streaming_llm", "tova",
-           "pyramidkv:window=4", "per_layer:weights=1,2,3+knorm", "sinks_window:window=2+h2o"]
+           "pyramidkv:window=4", "per_layer:weights=1,2,3+knorm", "sinks_window:window=2+h2o",
+           "kivi+snapkv", "kivi+pyramidkv", QUANTIZING, QUANTIZING_PYRAMID]
 # Layer budgets that differ (the rest give every layer one budget).
-DIFFERING = ["pyramidkv:window=4", "per_layer:weights=1,2,3+knorm"]
+DIFFERING = ["pyramidkv:window=4", "per_layer:weights=1,2,3+knorm",
+             QUANTIZING_PYRAMID]
 
 
 # Quantizers' groups fit the tiny head_dim of 16; their residual leaves groups to quantize.
@@ -215,7 +252,8 @@ TINY_ARGS = {"gear": dict(group_size=16, residual=16),
 @pytest.mark.parametrize("name", LAYERWISE + ["kivi+snapkv", "think+knorm", "kivi+pyramidkv",
                                               "mikv+snapkv", "adakv+h2o", "pyramidkv:window=4",
                                               "per_layer:weights=1,2,3+knorm",
-                                              "sinks_window:window=2+h2o"])
+                                              "sinks_window:window=2+h2o", QUANTIZING,
+                                              QUANTIZING_PYRAMID])
 def test_compressing_layer_by_layer_equals_one_program(name, chunk_size, monkeypatch):
   """A compressing prefill of a layerwise method runs one compiled layer for every layer
   and gives exactly the one program's logits and cache (one chunk, and chunked), also
@@ -230,10 +268,12 @@ def test_compressing_layer_by_layer_equals_one_program(name, chunk_size, monkeyp
   got = context.prefill(model, tokens, mask, method, keep=10, room=4, chunk_size=chunk_size,
                         steps=steps)
   names = [key[0] for key in steps._executables]
+  if name in (QUANTIZING, QUANTIZING_PYRAMID):
+    assert any(int(layer.end) > 0 for layer in got.cache.layers), "nothing quantized"
   differ = len(set(got.budgets)) > 1
   assert differ == (name in DIFFERING), got.budgets
   # A method compacting by the default top-k ranks at a rounded budget, then cuts.
-  ranks = type(method).compact is kvjax.methods.base.Method.compact
+  ranks = method.compacts_ranked
   assert ranks == (name in RANKING), name
   assert ("first_slots" in names) == ranks
   if differ and chunk_size is not None:

@@ -439,9 +439,9 @@ class FlatLayerCache:
 
   def reserve_for(self, room: int, multiple: int) -> int:
     """The reserved slots (`reserve`) that round the capacity after `grow(room)` up to a
-    multiple of `multiple` slots per head (`reserve_rooms`)."""
+    multiple of `multiple` slots per head (`reserve_rooms`; none for a multiple of 1)."""
     k = self.num_kv_heads
-    return (-(self.capacity + k * room)) % (k * multiple)
+    return 0 if multiple == 1 else (-(self.capacity + k * room)) % (k * multiple)
 
   def reserve(self, slots: int) -> "FlatLayerCache":
     """`slots` more reserved slots (RESERVED_POSITION: never attended, never chosen by a

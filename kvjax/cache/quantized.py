@@ -229,6 +229,43 @@ class QuantizedLayerCache(ResidualWindow):
     return cls(quantized=part, end=jnp.int32(n_quant), residual=residual, bits=bits,
                group=group, window=window)
 
+  @classmethod
+  def from_dense_prefix(cls, dense: LayerCache, n: jax.Array, bits: int, group: int,
+                        window: int) -> "QuantizedLayerCache":
+    """`from_dense` of the first `n` slots (traced, at most dense.capacity), at the shapes
+    of the whole: `first_slots(n)` of the result is `from_dense` of those slots (groups
+    are quantized on their own, so the groups past `n`'s are left out as empty)."""
+    s = dense.capacity
+    n_quant = jnp.maximum(0, (n - window) // group * group)
+    held = min(s, window + group - 1)   # the most a residual of n <= s slots holds
+    first = max(0, (s - window) // group * group)
+    quantized = jnp.arange(first) < n_quant
+    part = quantize_slots(dense.keys[:, :, :first], dense.values[:, :, :first],
+                          jnp.where(quantized, dense.positions[:, :, :first], EMPTY_POSITION),
+                          bits, group, dense.keys.dtype)
+    rest = lambda a: jax.lax.dynamic_slice_in_dim(pad_slots(a, held), n_quant, held, 2)
+    residual = LayerCache(
+        keys=rest(dense.keys), values=rest(dense.values),
+        positions=jnp.where(jnp.arange(held) < n - n_quant, rest(dense.positions),
+                            EMPTY_POSITION),
+        end=(n - n_quant).astype(jnp.int32))
+    return cls(quantized=part, end=n_quant.astype(jnp.int32), residual=residual, bits=bits,
+               group=group, window=window)
+
+  def first_slots(self, n: int) -> "QuantizedLayerCache":
+    """The layout `from_dense` gives `n` slots, cut from one `from_dense_prefix` built
+    for `n` (or more) slots."""
+    g = self.group
+    n_quant = max(0, (n - self.window) // g * g)
+    q = self.quantized
+    cut = lambda a, m: a[:, :, :m]
+    part = QuantizedKV(
+        key_codes=cut(q.key_codes, n_quant), key_scale=cut(q.key_scale, n_quant // g),
+        key_zero=cut(q.key_zero, n_quant // g), value_codes=cut(q.value_codes, n_quant),
+        value_scale=cut(q.value_scale, n_quant), value_zero=cut(q.value_zero, n_quant),
+        positions=cut(q.positions, n_quant))
+    return self.replace(quantized=part, residual=self.residual.first_slots(n - n_quant))
+
   def dequantized(self) -> LayerCache:
     """Both parts as one dense full-precision cache (quantized slots first)."""
     q = self.quantized

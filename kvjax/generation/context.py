@@ -86,11 +86,13 @@ def prefill(model, tokens: np.ndarray, mask: np.ndarray, method, keep: int | Non
   (`kv_cache.grow_rooms`): in the full cache, the room itself; in a compressed cache's
   dense layers, kept slots and room together (its other layouts, the room).
   reserve_multiple: a compressed cache whose decode plan holds no budgets, or reads
-  them as data (`engine.traces_budgets`), gets reserved slots, which neither eviction
-  nor appends fill, up to a multiple of it (`kv_cache.reserve_rooms`): in its dense
-  layers past the room, in a channel-pruned layer's pruned part. Prompts whose kept
-  slots round alike then share one compiled decode loop, and the cache still stays at
-  its budget plus room (not a method that `pads_shapes`: its capacities are its own).
+  them as data (`engine.traces_budgets`), gets reserved slots, which eviction never
+  fills, up to a multiple of it (`kv_cache.reserve_rooms`): in its dense layers past the
+  room, in a head-wise layer's last segment, in a channel-pruned layer's pruned part, in
+  a mixed-precision layer's pools, and, as empty groups that later flushes may fill, in
+  a quantized layer's quantized part. Prompts whose kept slots round alike then share one
+  compiled decode loop, and the cache still stays at its budget plus room (not a method
+  that `pads_shapes`: its capacities are its own).
   """
   check_chunk_size(chunk_size)
   rows, width = tokens.shape

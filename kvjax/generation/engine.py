@@ -25,7 +25,6 @@ import jax.numpy as jnp
 from kvjax.cache import kv_cache
 from kvjax.generation import sampling
 from kvjax.loading import assets
-from kvjax.methods.base import Method
 from kvjax.methods.plan import CompressionPlan, RankedLayer
 from kvjax.model import transformer
 from kvjax.ops.sharded import kernels_on
@@ -210,7 +209,8 @@ def _layer_plan(plan, method_params, candidates: int):
   unrolled (SnapKV 0.5 on SmolLM2: a new prompt length compiled in 7.0-7.5 s, then
   4.0-4.4 s).
 
-  Where the method compacts by the default top-k and may read its budget traced
+  Where the method ranks as the default top-k does (`Method.compacts_ranked`: that top-k,
+  or KIVI quantizing one's selection) and may read its budget traced
   (`Method.traces_budget`), and a layer's `candidates` (the slots it ranks) outnumber
   the largest budget, the plan holds the largest budget rounded up to `RANK_MULTIPLE` (below
   `candidates`), and each layer's own budget is passed traced (`_ranked`,
@@ -236,7 +236,7 @@ def _one_layer_plan(plan, candidates: int, multiple: int):
     return None
   largest = max(plan.budgets)
   # Filler slots past a layer's budget are cut after the last layer: no room before them.
-  if (largest < candidates and plan.room == 0 and type(method).compact is Method.compact
+  if (largest < candidates and plan.room == 0 and method.compacts_ranked
       and all(method.traces_budget(b) for b in set(plan.budgets))):
     rounded = min(-(-largest // multiple) * multiple, candidates - 1)
     return RankedLayer(plan.method, (rounded,), plan.room, plan.compress)
@@ -257,9 +257,12 @@ _COPY_OPTIONS = {"xla_backend_optimization_level": 1}
 # Keyed by each layer's room, not the room asked for: calls whose caches come out the same
 # (another max_new_tokens within the rounding) share one executable.
 _grow_jit = jax.jit(_grow, static_argnames=("rooms", "reserves", "placement"))
-# Unsharded, one layer per call: layers of one shape, room and reserve share an executable
-# (a new prompt length compiled AdaKV's 30 identical head-wise layers' copies in 3 s).
+# Unsharded layers of a few kinds (shapes, room and reserve) grow one layer per call, an
+# executable per kind: a new prompt length compiled AdaKV's 30 alike head-wise layers' copies
+# in 3 s as one program, 0.4 s as one layer's. Layers that all differ (PyramidKV) compile
+# faster as one program, and would fill the executable cache one entry per layer.
 _grow_layer_jit = jax.jit(kv_cache.grow_layer, static_argnames=("room", "reserve"))
+GROW_KINDS_BY_LAYER = 4
 
 
 def _on_cpu(tree) -> bool:
@@ -304,10 +307,15 @@ class _Static:
 _STATICS: dict[int, _Static] = {}
 
 
+def _plain(value) -> bool:
+  return value is None or isinstance(value, (bool, int, float, str))
+
+
 def _static(value):
   """`value`'s _Static, made once per object (the table holds the object, so its id is not
-  reused while it is there); numbers, strings and None stand for themselves."""
-  if value is None or isinstance(value, (bool, int, float, str)):
+  reused while it is there); numbers, strings, None and tuples of them (each grow's rooms
+  and reserves, made anew per call) stand for themselves."""
+  if _plain(value) or (isinstance(value, tuple) and all(map(_plain, value))):
     return value
   known = _STATICS.get(id(value))
   if known is None or known.value is not value:
@@ -501,11 +509,13 @@ class CompiledSteps:
     if not any(rooms) and not any(reserves):
       return cache
     options = _COPY_OPTIONS if _on_cpu(cache) else None
-    if placement is None:
+    growing = [(layer, r, v) for layer, r, v in zip(cache.layers, rooms, reserves, strict=True)]
+    kinds = {(_signature(layer), r, v) for layer, r, v in growing if r or v}
+    if placement is None and len(kinds) <= GROW_KINDS_BY_LAYER:
       return cache.replace(layers=tuple(
           self._get("grow_layer", _grow_layer_jit, dict(room=r, reserve=v), (layer,),
                     options)(layer) if r or v else layer
-          for layer, r, v in zip(cache.layers, rooms, reserves, strict=True)))
+          for layer, r, v in growing))
     static = dict(rooms=rooms, reserves=reserves if any(reserves) else None,
                   placement=placement)
     return self._get("grow", _grow_jit, static, (cache,), options)(cache)

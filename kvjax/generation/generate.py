@@ -303,9 +303,10 @@ def generate(model, prompts, questions=None, method=None, compression_ratio=None
   compile_at_start = compile_before = steps.compile_seconds
 
   start = time.perf_counter()
-  # A budgeted cache's capacity (an evicting one's) and a channel-pruned cache's pruned
-  # part are rounded with reserved slots (never filled), so prompts of other lengths share
-  # its compiled decode loop. Without a budget they hold the bucketed width: no need.
+  # A budgeted cache's parts whose sizes follow the kept counts (an evicting layer's
+  # capacity, a head-wise layer's, ThinK's pruned part, KIVI's quantized part, MiKV's
+  # pools) are rounded with reserved slots, so prompts of other lengths share its compiled
+  # decode loop. Without a budget nothing is reserved (most hold the bucketed width).
   prefilled = context.prefill(model, prompt_tokens, prompt_mask, method_obj, keep, room,
                               prefill_chunk_size, steps, method_params, multiple,
                               ROOM_MULTIPLE if keep is not None else 1)

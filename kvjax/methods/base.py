@@ -93,9 +93,10 @@ class Method:
                                      # AdaKV, PerLayer or SinksWindow could re-budget
   # True: its compressing prefill does the same work at every layer (reads no layer index
   # and no parameters; a `cache_step` still runs after the last layer), so the prefill
-  # compiles one layer and runs it for each (kvjax.generation.engine). With the default
-  # `compact`, that layer reads the budget traced (`compact_ranked`) wherever
-  # `traces_budget` allows, so budgets that differ by layer or by prompt length share it.
+  # compiles one layer and runs it for each (kvjax.generation.engine). Where
+  # `compacts_ranked` (the default `compact`, or KIVI over one), that layer reads the
+  # budget traced (`compact_ranked`) wherever `traces_budget` allows, so budgets that
+  # differ by layer or by prompt length share it.
   # A True is not inherited: a subclass that may differ by layer, or read its budget
   # otherwise, must not run so unchecked. A property (an instance's answer, as the
   # storage methods' from their press) is.
@@ -213,6 +214,12 @@ class Method:
       return from_index.grow(keep - s).replace(end=jnp.int32(keep))
     _, index = jax.lax.top_k(priorities(self, x, keep), keep)
     return from_index.select(jnp.sort(index, axis=-1))
+
+  @property
+  def compacts_ranked(self) -> bool:
+    """Whether `compact_ranked` does what `compact` does: the default top-k's does; a
+    method that overrides `compact` says so only where it overrides both."""
+    return type(self).compact is Method.compact
 
   def compact_ranked(self, cand, x: LayerInputs, largest: int, keep: jax.Array):
     """`compact(cand, x, keep)` for a traced `keep` <= `largest` < cand.capacity, at the

@@ -46,6 +46,19 @@ class KIVI(storage.PressedStorage):
     kept = self.kept(cand, x, keep)
     return QuantizedLayerCache.from_dense(kept, self.bits, self.group_size, self.residual)
 
+  @property
+  def compacts_ranked(self):
+    return self.press is not None and self.press.compacts_ranked
+
+  def compact_ranked(self, cand, x, largest, keep):
+    """`compact` at a traced `keep`, at the shapes of a budget of `largest`: the press's
+    ranked selection, quantized as `from_dense` would its first `keep` slots; the caller
+    cuts the rest (`QuantizedLayerCache.first_slots`)."""
+    self.check_head_dim(cand.keys.shape[-1])
+    kept = self.press.compact_ranked(cand, x, largest, keep)
+    return QuantizedLayerCache.from_dense_prefix(kept, keep, self.bits, self.group_size,
+                                                 self.residual)
+
   def check_head_dim(self, head_dim: int) -> None:
     if head_dim % self.group_size or head_dim * self.bits % 32:
       raise base.MethodError(f"kivi group_size={self.group_size}, bits={self.bits} need a "
