@@ -48,7 +48,9 @@ class KIVI(storage.PressedStorage):
 
   @property
   def compacts_ranked(self):
-    return self.press is not None and self.press.compacts_ranked
+    # Not for a subclass that compacts otherwise.
+    return (type(self).compact is KIVI.compact and self.press is not None
+            and self.press.compacts_ranked)
 
   def compact_ranked(self, cand, x, largest, keep):
     """`compact` at a traced `keep`, at the shapes of a budget of `largest`: the press's
