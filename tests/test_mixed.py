@@ -18,7 +18,8 @@ from kvjax.cache.mixed import (SLOT_BUCKET, MixedPrecisionLayerCache, dequantize
 from kvjax.generation import context, engine, inputs
 from kvjax.methods import H2O, MiKV, ZipVL, base
 from kvjax.methods.mixed_precision import balancer
-from tiny import jnp_and_kernel_tokens, random_prompts, tiny_chat_model, tiny_model
+from tiny import (assert_same_steps, decode_loops_compiled, greedy_steps,
+                  jnp_and_kernel_tokens, random_prompts, tiny_chat_model, tiny_model)
 
 D = 32   # tiny model head_dim: 2-bit codes pack 16 per uint32 word
 
@@ -512,25 +513,9 @@ def test_a_prompt_of_another_length_decodes_with_the_same_compiled_loop(model):
       n = want.capacity
       assert (positions[..., n:] == kv_cache.RESERVED_POSITION).all()
       np.testing.assert_array_equal(positions[..., :n], np.asarray(want.positions))
-  outputs = []
-  for pre in contexts:
-    cache, steps = pre.cache, []
-    next_tokens = jnp.argmax(pre.logits, -1).astype(jnp.int32)
-    for _ in range(6):
-      next_tokens, logits, cache = engine.STEPS.decode(
-          model, next_tokens, cache, jax.random.key(0), 1.0, 1.0, True, pre.decode_plan)
-      steps.append((np.asarray(next_tokens), np.asarray(logits)))
-    outputs.append(steps)
-  for (got_tokens, got_logits), (want_tokens, want_logits) in zip(*outputs):
-    np.testing.assert_array_equal(got_tokens, want_tokens)
-    np.testing.assert_allclose(got_logits, want_logits, rtol=1e-5, atol=1e-5)
+  assert_same_steps(*(greedy_steps(model, pre, 6)[0] for pre in contexts))
 
-  steps = engine.STEPS
-  loops = lambda: sum(key[0] == "decode_loop" for key in steps._executables)
-  steps.clear()
   # Budgets 71 and 81 (of the longer row): pools of (71, 80) and (81, 96) slots, both
   # (128, 128) once reserved.
-  for n in (140, 160):
-    kvjax.generate(model, _prompts((n, n + 3)), method=method, compression_ratio=0.5,
-                   max_new_tokens=6)
-  assert loops() == 1
+  assert decode_loops_compiled(model, [_prompts((n, n + 3)) for n in (140, 160)],
+                               method=method, compression_ratio=0.5, max_new_tokens=6) == 1

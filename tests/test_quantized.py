@@ -15,7 +15,8 @@ from kvjax.generation import context, conversation, engine, inputs
 from kvjax.methods import GEAR, KIVI, PyramidKV, SnapKV
 from kvjax.model import transformer
 from kernel_inputs import primitive_count
-from tiny import jnp_and_kernel_tokens, random_prompts, tiny_model
+from tiny import (assert_same_steps, decode_loops_compiled, greedy_steps,
+                  jnp_and_kernel_tokens, random_prompts, tiny_model)
 
 # head_dim 32 so group 32 and 2-bit packing (16 codes per word) fit the tiny model.
 D = 32
@@ -452,32 +453,17 @@ def test_a_prompt_of_another_length_decodes_with_the_same_compiled_loop(model):
   # Greedy decode steps over both: the residual (36 tokens) flushes a group at step 28,
   # into slots [64, 96), which both hold; the padded cache's next flush (step 59) fills
   # the padding [96, 128) as room.
-  outputs, caches = [], []
-  for pre, n in zip(contexts, (62, 50)):
-    cache, steps = pre.cache, []
-    next_tokens = jnp.argmax(pre.logits, -1).astype(jnp.int32)
-    for _ in range(n):
-      next_tokens, logits, cache = engine.STEPS.decode(
-          model, next_tokens, cache, jax.random.key(0), 1.0, 1.0, True, pre.decode_plan)
-      steps.append((np.asarray(next_tokens), np.asarray(logits)))
-    outputs.append(steps)
-    caches.append(cache)
-  for (got_tokens, got_logits), (want_tokens, want_logits) in zip(*outputs):
-    np.testing.assert_array_equal(got_tokens, want_tokens)
-    np.testing.assert_allclose(got_logits, want_logits, rtol=1e-5, atol=1e-5)
-  assert int(caches[1].layers[0].end) == 96
-  padded = caches[0].layers[0]
+  (got, padded_cache), (want, exact_cache) = (greedy_steps(model, pre, n)
+                                              for pre, n in zip(contexts, (62, 50)))
+  assert_same_steps(got, want)
+  assert int(exact_cache.layers[0].end) == 96
+  padded = padded_cache.layers[0]
   assert int(padded.end) == 128
   positions = np.asarray(padded.quantized.positions)
   assert (positions[..., 96:] > positions[..., 64:96].max(-1, keepdims=True)).all(), (
       "the second flush wrote the next group into the padding")
 
-  steps = engine.STEPS
-  loops = lambda: sum(key[0] == "decode_loop" for key in steps._executables)
-  steps.clear()
   # Budgets 136 and 171 (of the longer row): 96 and 128 quantized slots, 160 and 192 after
   # a room of 64 (two groups), both 192 once padded.
-  for n in (270, 340):
-    kvjax.generate(model, _prompts((n, n + 3)), method=method, compression_ratio=0.5,
-                   max_new_tokens=6)
-  assert loops() == 1
+  assert decode_loops_compiled(model, [_prompts((n, n + 3)) for n in (270, 340)],
+                               method=method, compression_ratio=0.5, max_new_tokens=6) == 1

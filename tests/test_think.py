@@ -21,7 +21,8 @@ from kvjax.generation import context, engine, inputs
 from kvjax.methods import SnapKV, ThinK, base
 from pallas_kernels import channel_pruned as cp
 from pallas_kernels import reference
-from tiny import jnp_and_kernel_tokens, random_prompts, tiny_model
+from tiny import (assert_same_steps, decode_loops_compiled, greedy_steps,
+                  jnp_and_kernel_tokens, random_prompts, tiny_model)
 
 H, K, D, G = mi.H, mi.K, mi.D, mi.G
 
@@ -427,23 +428,8 @@ def test_a_prompt_of_another_length_decodes_with_the_same_compiled_loop(model):
     assert (positions[..., 32:] == kvjax.cache.kv_cache.RESERVED_POSITION).all()
     np.testing.assert_array_equal(positions[..., :32], np.asarray(unpadded.positions))
   # Greedy decode steps over both: the reserved slots change nothing.
-  outputs = []
-  for pre in contexts:
-    cache, steps = pre.cache, []
-    next_tokens = jnp.argmax(pre.logits, -1).astype(jnp.int32)
-    for _ in range(6):
-      next_tokens, logits, cache = engine.STEPS.decode(
-          model, next_tokens, cache, jax.random.key(0), 1.0, 1.0, True, pre.decode_plan)
-      steps.append((np.asarray(next_tokens), np.asarray(logits)))
-    outputs.append(steps)
-  for (got_tokens, got_logits), (want_tokens, want_logits) in zip(*outputs):
-    np.testing.assert_array_equal(got_tokens, want_tokens)
-    np.testing.assert_allclose(got_logits, want_logits, rtol=1e-5, atol=1e-5)
+  assert_same_steps(*(greedy_steps(model, pre, 6)[0] for pre in contexts))
 
-  steps = engine.STEPS
-  loops = lambda: sum(key[0] == "decode_loop" for key in steps._executables)
-  steps.clear()
-  for n in (70, 90):   # budgets 36 and 46 (of the longer row): 28 and 38 pruned slots
-    kvjax.generate(model, _prompts((n, n + 3)), method=method, compression_ratio=0.5,
-                   max_new_tokens=6)
-  assert loops() == 1
+  # Budgets 36 and 46 (of the longer row): 28 and 38 pruned slots.
+  assert decode_loops_compiled(model, [_prompts((n, n + 3)) for n in (70, 90)],
+                               method=method, compression_ratio=0.5, max_new_tokens=6) == 1

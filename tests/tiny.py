@@ -68,3 +68,38 @@ def padded_and_exact(model, prompts, method_module, monkeypatch, reused=False,
   assert (padded.stats["context_cache_allocated_bytes"]
           > exact.stats["context_cache_allocated_bytes"] == exact.stats["context_cache_bytes"])
   return padded, exact
+
+
+def greedy_steps(model, prefilled, steps: int):
+  """`steps` greedy decode steps over a prefilled context, one call each: ([(tokens,
+  logits) per step], the cache after them)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from kvjax.generation import engine
+  cache, out = prefilled.cache, []
+  next_tokens = jnp.argmax(prefilled.logits, -1).astype(jnp.int32)
+  for _ in range(steps):
+    next_tokens, logits, cache = engine.STEPS.decode(
+        model, next_tokens, cache, jax.random.key(0), 1.0, 1.0, True, prefilled.decode_plan)
+    out.append((np.asarray(next_tokens), np.asarray(logits)))
+  return out, cache
+
+
+def assert_same_steps(got, want):
+  """Step by step (`greedy_steps`, the shorter run's count): equal tokens, close logits."""
+  import numpy as np
+  for (got_tokens, got_logits), (want_tokens, want_logits) in zip(got, want):
+    np.testing.assert_array_equal(got_tokens, want_tokens)
+    np.testing.assert_allclose(got_logits, want_logits, rtol=1e-5, atol=1e-5)
+
+
+def decode_loops_compiled(model, prompt_sets, **generate_kwargs) -> int:
+  """Decode loops compiled by `generate` over each prompt set, from an empty cache of
+  executables."""
+  import kvjax
+  from kvjax.generation import engine
+  engine.STEPS.clear()
+  for prompts in prompt_sets:
+    kvjax.generate(model, prompts, **generate_kwargs)
+  return sum(key[0] == "decode_loop" for key in engine.STEPS._executables)
