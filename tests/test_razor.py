@@ -273,3 +273,20 @@ def test_bytes_match_the_analytic_size():
   assert abs(layer.nbytes - by_hand) <= 0.05 * by_hand, (layer.nbytes, by_hand)
   full = 2 * k * s * d * 2
   assert layer.nbytes / full < 0.42   # a third of the heads whole, the rest 256 of 4096
+
+
+def test_a_context_of_another_length_decodes_with_the_same_compiled_loop(model, monkeypatch):
+  """Razor cuts its retrieval heads to the real context (`trims_padding`), so `generate`
+  reserves slots without a budget: prompts whose layers round alike share one compiled
+  decode loop, and generate what the unpadded cache generates."""
+  from tiny import reserved_and_unreserved
+  prompts = [random_prompts((n,), seed=3) for n in (90, 100)]
+  (loops, padded), (exact_loops, exact) = reserved_and_unreserved(
+      model, prompts, FlatLayerCache, monkeypatch,
+      method=RazorAttention(heads=(1, 2), local_capacity=24), max_new_tokens=8)
+  # One retrieval head (90 or 100 slots) and one local one (24) per layer, 64 of room per
+  # head: 242 or 252 slots per layer, both 256 once reserved.
+  assert (loops, exact_loops) == (1, 2)
+  assert [r.stats["cache_capacity_tokens"] for r in padded] == [128, 128]
+  assert [r.stats["cache_capacity_tokens"] for r in exact] == [121, 126]
+  assert [r.token_ids for r in padded] == [r.token_ids for r in exact]

@@ -143,3 +143,31 @@ def test_every_phase_runs_through_xkv(model, smollm2_tokenizer):
 def test_xkv_errors(build, match):
   with pytest.raises(kvjax.KvjaxError, match=match):
     build()
+
+
+def test_a_context_of_another_length_decodes_with_the_same_compiled_loop(model, monkeypatch):
+  """The shared slots are cut to the real context (`trims_padding`), so `generate` rounds
+  them with reserved ones: prompts of other lengths share one compiled decode loop, and
+  generate what the unpadded cache generates."""
+  from kvjax.cache.cross_layer import SharesLayers
+  from tiny import reserved_and_unreserved
+  prompts = [random_prompts((n, n - 7), seed=4) for n in (90, 100)]
+  (loops, padded), (exact_loops, exact) = reserved_and_unreserved(
+      model, prompts, SharesLayers, monkeypatch, method=XKV(key_rank=0.5, value_rank=0.5), max_new_tokens=8)
+  # 90 or 100 shared slots, both 128 once reserved.
+  assert (loops, exact_loops) == (1, 2)
+  assert [r.token_ids for r in padded] == [r.token_ids for r in exact]
+  assert padded[0].stats["cache_capacity_tokens"] == padded[1].stats["cache_capacity_tokens"]
+
+
+def test_groups_of_one_shape_share_one_compiled_merge():
+  """`first` names the owner outside the compiled merge: the groups of a deep model (seven
+  of four in SmolLM2) compile one merge, not one each."""
+  from kvjax.methods import xkv
+  layers = tuple(_dense(np.random.default_rng(0)))
+  xkv._merged.clear_cache()
+  inv_freq = tuple(1.0 / 10000.0 ** (np.arange(0, 16, 2) / 16))
+  groups = [merge_group(layers, first=first, key_rank=4, value_rank=4, inv_freq=inv_freq)
+            for first in (0, 2, 4)]
+  assert xkv._merged._cache_size() == 1
+  assert [[m.source for m in group] for group in groups] == [[-1, 0], [-1, 2], [-1, 4]]

@@ -97,9 +97,22 @@ def assert_same_steps(got, want):
 def decode_loops_compiled(model, prompt_sets, **generate_kwargs) -> int:
   """Decode loops compiled by `generate` over each prompt set, from an empty cache of
   executables."""
+  return generated_counting_loops(model, prompt_sets, **generate_kwargs)[0]
+
+
+def generated_counting_loops(model, prompt_sets, **generate_kwargs):
+  """(decode loops compiled, [generate's result per prompt set]), from an empty cache of
+  executables."""
   import kvjax
   from kvjax.generation import engine
   engine.STEPS.clear()
-  for prompts in prompt_sets:
-    kvjax.generate(model, prompts, **generate_kwargs)
-  return sum(key[0] == "decode_loop" for key in engine.STEPS._executables)
+  results = [kvjax.generate(model, prompts, **generate_kwargs) for prompts in prompt_sets]
+  return sum(key[0] == "decode_loop" for key in engine.STEPS._executables), results
+
+
+def reserved_and_unreserved(model, prompt_sets, layout, monkeypatch, **generate_kwargs):
+  """`generated_counting_loops` as is, then with `layout.reserve_for` patched to reserve
+  nothing: ((loops, results) reserved, (loops, results) unreserved)."""
+  reserved = generated_counting_loops(model, prompt_sets, **generate_kwargs)
+  monkeypatch.setattr(layout, "reserve_for", lambda self, room, multiple: 0)
+  return reserved, generated_counting_loops(model, prompt_sets, **generate_kwargs)

@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from kvjax.cache.kv_cache import (COLUMN_SUMS, PROBS, LayerCache, NewTokens, PerHeadSlots,
-                                  Stats, map_state)
+from kvjax.cache.kv_cache import (COLUMN_SUMS, PROBS, RESERVED_POSITION, LayerCache,
+                                  NewTokens, PerHeadSlots, Stats, map_state, pad_slots)
 from kvjax.ops import attention as attention_ops
 from kvjax.ops import cross_layer as cross_layer_ops
 from kvjax.ops import rope
@@ -126,6 +126,22 @@ class SharesLayers(PerHeadSlots):
   def grow(self, room: int):
     return self.replace(tail=self.tail.grow(room))
 
+  def reserve_for(self, room: int, multiple: int) -> int:
+    """The reserved slots (`reserve`) that round the shared slots, which appends never
+    reach (they go to the tail, grown by the room), up to a multiple of `multiple`
+    (`kv_cache.reserve_rooms`): as many for every layer of a pair or group."""
+    del room
+    return (-self.shared_slots) % multiple
+
+  def reserve(self, slots: int):
+    """`slots` more reserved shared slots per head (RESERVED_POSITION: never attended), in
+    the layer's own per-slot parts and in the shared part where it owns it: only there to
+    give the layers sizes that contexts of other lengths share."""
+    if slots == 0:
+      return self
+    return self.shared_reserved(slots).replace(
+        positions=pad_slots(self.positions, slots, RESERVED_POSITION))
+
   def attend(self, queries, query_positions, pending=None, want=frozenset()):
     if (pending is not None or queries.shape[1] > 1 or want & _DENSE_STATS
         or not self.shared_slots):
@@ -161,6 +177,14 @@ class MergedLayerCache(SharesLayers):
   tail: LayerCache          # tokens appended after the merge
   shared: Directions | None = None
   source: int = struct.field(pytree_node=False, default=-1)  # owner's layer index; -1: self
+
+  def shared_reserved(self, slots: int) -> "MergedLayerCache":
+    """Norms (and owned directions) with `slots` more zero slots (`reserve`)."""
+    pad = lambda x: pad_slots(x, slots)
+    shared = None if self.shared is None else Directions(keys=pad(self.shared.keys),
+                                                         values=pad(self.shared.values))
+    return self.replace(key_norms=pad(self.key_norms), value_norms=pad(self.value_norms),
+                        shared=shared)
 
   def rebuilt(self):
     dtype = self.tail.keys.dtype
@@ -212,6 +236,14 @@ class LowRankLayerCache(SharesLayers):
   shared: Basis | None = None
   source: int = struct.field(pytree_node=False, default=-1)
   inv_freq: tuple = struct.field(pytree_node=False, default=())
+
+  def shared_reserved(self, slots: int) -> "LowRankLayerCache":
+    """The owned basis with `slots` more zero rows (`reserve`); coefficients are per rank,
+    not per slot."""
+    if self.shared is None:
+      return self
+    pad = lambda x: jnp.pad(x, [(0, 0), (0, slots), (0, 0)])
+    return self.replace(shared=Basis(keys=pad(self.shared.keys), values=pad(self.shared.values)))
 
   def rebuilt(self):
     b, k, s = self.positions.shape

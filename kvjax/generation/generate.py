@@ -306,10 +306,12 @@ def generate(model, prompts, questions=None, method=None, compression_ratio=None
   # A budgeted cache's parts whose sizes follow the kept counts (an evicting layer's
   # capacity, a head-wise layer's, ThinK's pruned part, KIVI's quantized part, MiKV's
   # pools) are rounded with reserved slots, so prompts of other lengths share its compiled
-  # decode loop. Without a budget nothing is reserved (most hold the bucketed width).
+  # decode loop. Without a budget most hold the bucketed width, which needs none; a
+  # method that `trims_padding` to the real length is rounded as a budgeted one.
+  reserving = keep is not None or method_obj.trims_padding
   prefilled = context.prefill(model, prompt_tokens, prompt_mask, method_obj, keep, room,
                               prefill_chunk_size, steps, method_params, multiple,
-                              ROOM_MULTIPLE if keep is not None else 1)
+                              ROOM_MULTIPLE if reserving else 1)
   logits, cache, plan = prefilled.logits, prefilled.cache, prefilled.decode_plan
   if shared_context:
     cache = context.tile_rows(cache, rows)

@@ -73,6 +73,11 @@ class Method:
     pads_shapes: its data-dependent slot counts are rounded up to shared sizes with
       reserved slots (`kv_cache.shared_capacities`: CAKE, D2O, KVzip), which
       `content_nbytes` leaves out.
+    trims_padding: its `finalize` cuts its layout to the context's real length, not the
+      padded width the full cache holds (RazorAttention's retrieval heads, the shared
+      slots of MiniCache and xKV), so `generate` rounds it with reserved slots
+      (`kv_cache.reserve_rooms`) even without a budget: prompts whose lengths round
+      alike share one compiled decode loop.
   A method whose `attends_prefill` is true replaces a compressing prefill chunk's
   attention by its own `prefill_attention` (LoopServe's sparse prefill).
   Per-slot state is the method's own pytree (`init_state`); kvjax moves it with the slots.
@@ -89,6 +94,7 @@ class Method:
   compresses_prompt: ClassVar[bool] = False
   reads_context: ClassVar[bool] = False
   pads_shapes: ClassVar[bool] = False
+  trims_padding: ClassVar[bool] = False
   wrappable: ClassVar[bool] = True   # False: its selection is not a per-chunk score that
                                      # AdaKV, PerLayer or SinksWindow could re-budget
   # True: its compressing prefill does the same work at every layer (reads no layer index
@@ -386,6 +392,7 @@ class CrossLayer(Method):
   padded width, which holds every real token (only empty slots lose)."""
   family: ClassVar[str] = "cross_layer"
   needs_budget: ClassVar[bool] = False
+  trims_padding: ClassVar[bool] = True   # `dense_layers`: the bucket padding cut
 
   def score(self, x: LayerInputs) -> jax.Array:
     return jnp.zeros(x.key_positions.shape, jnp.float32)

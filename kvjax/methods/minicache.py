@@ -43,12 +43,20 @@ def _retained(x: jax.Array, angle: jax.Array, valid: jax.Array, count: int) -> R
                   vectors=jnp.where(ok[..., None], vectors, 0).astype(x.dtype))
 
 
-@functools.partial(jax.jit, static_argnames=("t", "retain", "first"))
 def merge_pair(a: LayerCache, b: LayerCache, *, t: float, retain: int, first: int
                ) -> tuple[MergedLayerCache, MergedLayerCache]:
   """Layers `first` (a) and `first + 1` (b) of one pair, sharing directions: SLERP per token
   and head of keys (and, separately, values), each layer's norms kept, the `retain` slots
   per head with the largest angle between the layers stored exactly in both."""
+  # `first` only names the owner b borrows from: set outside the compiled merge, so that
+  # every pair of one shape shares it.
+  owner, borrower = _merged(a, b, t=t, retain=retain)
+  return owner, borrower.replace(source=first)
+
+
+@functools.partial(jax.jit, static_argnames=("t", "retain"))
+def _merged(a: LayerCache, b: LayerCache, *, t: float, retain: int
+            ) -> tuple[MergedLayerCache, MergedLayerCache]:
   valid = a.positions >= 0
   key_dir, key_angle = slerp(a.keys, b.keys, t)
   value_dir, value_angle = slerp(a.values, b.values, t)
@@ -63,7 +71,7 @@ def merge_pair(a: LayerCache, b: LayerCache, *, t: float, retain: int, first: in
         retained_keys=_retained(x.keys, key_angle, valid, retain),
         retained_values=_retained(x.values, value_angle, valid, retain),
         tail=empty_tail, shared=directions if owns else None,
-        source=-1 if owns else first)
+        source=-1 if owns else 0)
 
   return layer(a, True), layer(b, False)
 

@@ -61,6 +61,7 @@ class RazorAttention(MergingMethod):
   calibration: ClassVar[str] = "echo_induction"
   needs_budget: ClassVar[bool] = False
   headwise: ClassVar[bool] = True
+  trims_padding: ClassVar[bool] = True   # finalize: segments cut to the real context
   heads: tuple = ()
   local_capacity: int = 256
   sinks: int = 4

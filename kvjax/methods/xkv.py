@@ -24,11 +24,20 @@ def truncated_svd(x: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
   return u[..., :rank] * sigma[:, None, :rank], vt[:, :rank]
 
 
-@functools.partial(jax.jit, static_argnames=("first", "key_rank", "value_rank", "inv_freq"))
 def merge_group(layers: tuple[LayerCache, ...], *, first: int, key_rank: int,
                 value_rank: int, inv_freq: tuple) -> tuple[LowRankLayerCache, ...]:
   """One xKV group (layers first, first + 1, ...): the truncated SVD of the layers'
   pre-RoPE keys side by side ([B, S, G * K * D], heads flattened), and of their values."""
+  # `first` only names the owner the others borrow from: set outside the compiled merge,
+  # so that every group of one shape shares it.
+  owner, *borrowers = _merged(layers, key_rank=key_rank, value_rank=value_rank,
+                              inv_freq=inv_freq)
+  return (owner, *(layer.replace(source=first) for layer in borrowers))
+
+
+@functools.partial(jax.jit, static_argnames=("key_rank", "value_rank", "inv_freq"))
+def _merged(layers: tuple[LayerCache, ...], *, key_rank: int, value_rank: int,
+            inv_freq: tuple) -> tuple[LowRankLayerCache, ...]:
   b, k, s, d = layers[0].keys.shape
   freq = np.asarray(inv_freq, np.float32)
   side_by_side = lambda xs: jnp.concatenate(
@@ -46,7 +55,7 @@ def merge_group(layers: tuple[LayerCache, ...], *, first: int, key_rank: int,
           key_coefficients=key_coefficients[:, :, j * width:(j + 1) * width].astype(dtype),
           value_coefficients=value_coefficients[:, :, j * width:(j + 1) * width].astype(dtype),
           positions=layer.positions, tail=tail, shared=shared if j == 0 else None,
-          source=-1 if j == 0 else first, inv_freq=inv_freq)
+          source=-1 if j == 0 else 0, inv_freq=inv_freq)
       for j, layer in enumerate(layers))
 
 
