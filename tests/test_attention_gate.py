@@ -552,3 +552,19 @@ def test_train_script_trains_the_gates(model, tmp_path):
   method = AttentionGate.from_checkpoint(tmp_path / "run")
   assert method.metadata()["loss"]["target_eviction"] == 0.3
   assert method.gate_threshold() == 0.5
+
+
+def test_a_context_of_another_length_decodes_with_the_same_compiled_loop(model, monkeypatch):
+  """Each head is cut to the tokens its gates keep (`trims_padding`), so `generate`
+  reserves slots in the last head's segment without a budget: prompts whose kept slots
+  round alike share one compiled decode loop, and generate what the unpadded cache
+  generates."""
+  from tests.tiny import reserved_and_unreserved
+  method = AttentionGate(gates=GateWeights(_gates(model.config, seed=4)))
+  prompts = [random_prompts([n], seed=10) for n in (90, 100)]
+  (loops, padded), (exact_loops, exact) = reserved_and_unreserved(
+      model, prompts, FlatLayerCache, monkeypatch, method=method, max_new_tokens=6)
+  kept = [r.stats["method_stats"]["kept_tokens_per_head"] for r in padded]
+  assert kept[0] != kept[1]
+  assert (loops, exact_loops) == (1, 2)
+  assert [r.token_ids for r in padded] == [r.token_ids for r in exact]

@@ -173,15 +173,16 @@ def test_minicache_errors(build, match):
 
 
 def test_a_context_of_another_length_decodes_with_the_same_compiled_loop(model, monkeypatch):
-  """The shared slots are cut to the real context (`trims_padding`), so `generate` rounds
-  them with reserved ones: prompts of other lengths share one compiled decode loop, and
-  generate what the unpadded cache generates."""
+  """A merged pair's shared slots are cut to the real context (`trims_padding`), so
+  `generate` rounds them with reserved ones, and their retained entries with as many more
+  as the retain fraction gives them: prompts of other lengths share one compiled decode
+  loop, and generate what the unpadded cache generates."""
   from kvjax.cache.cross_layer import SharesLayers
   from tiny import reserved_and_unreserved
-  prompts = [random_prompts((n, n - 7), seed=4) for n in (90, 100)]
+  prompts = [random_prompts((n, n - 7), seed=4) for n in (100, 110)]
   (loops, padded), (exact_loops, exact) = reserved_and_unreserved(
       model, prompts, SharesLayers, monkeypatch, method=MiniCache(start=0.0), max_new_tokens=8)
-  # 90 or 100 shared slots, both 128 once reserved.
+  # 100 or 110 shared slots with 5 or 6 retained per head: 128 and 7 once reserved.
   assert (loops, exact_loops) == (1, 2)
   assert [r.token_ids for r in padded] == [r.token_ids for r in exact]
   assert padded[0].stats["cache_capacity_tokens"] == padded[1].stats["cache_capacity_tokens"]

@@ -146,14 +146,16 @@ def test_xkv_errors(build, match):
 
 
 def test_a_context_of_another_length_decodes_with_the_same_compiled_loop(model, monkeypatch):
-  """The shared slots are cut to the real context (`trims_padding`), so `generate` rounds
-  them with reserved ones: prompts of other lengths share one compiled decode loop, and
-  generate what the unpadded cache generates."""
+  """A group's basis rows are cut to the real context (`trims_padding`), so `generate`
+  rounds them with reserved ones (the owner's basis rows zero, every member's positions
+  reserved): prompts of other lengths share one compiled decode loop, and generate what
+  the unpadded cache generates."""
   from kvjax.cache.cross_layer import SharesLayers
   from tiny import reserved_and_unreserved
   prompts = [random_prompts((n, n - 7), seed=4) for n in (90, 100)]
   (loops, padded), (exact_loops, exact) = reserved_and_unreserved(
-      model, prompts, SharesLayers, monkeypatch, method=XKV(key_rank=0.5, value_rank=0.5), max_new_tokens=8)
+      model, prompts, SharesLayers, monkeypatch, method=XKV(key_rank=0.5, value_rank=0.5),
+      max_new_tokens=8)
   # 90 or 100 shared slots, both 128 once reserved.
   assert (loops, exact_loops) == (1, 2)
   assert [r.token_ids for r in padded] == [r.token_ids for r in exact]

@@ -21,6 +21,8 @@ values like a dense cache (`dense`: the shared slots first, then the tail).
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -177,14 +179,23 @@ class MergedLayerCache(SharesLayers):
   tail: LayerCache          # tokens appended after the merge
   shared: Directions | None = None
   source: int = struct.field(pytree_node=False, default=-1)  # owner's layer index; -1: self
+  # The share of slots the retained entries stand for: reserved slots get entries for
+  # their share too (none: index -1), so that contexts whose slots round alike hold as many.
+  retain_fraction: float = struct.field(pytree_node=False, default=0.0)
 
   def shared_reserved(self, slots: int) -> "MergedLayerCache":
-    """Norms (and owned directions) with `slots` more zero slots (`reserve`)."""
+    """Norms (and owned directions) with `slots` more zero slots (`reserve`), and the
+    retained entries with as many more as `retain_fraction` gives those slots."""
     pad = lambda x: pad_slots(x, slots)
     shared = None if self.shared is None else Directions(keys=pad(self.shared.keys),
                                                          values=pad(self.shared.values))
+    have = self.retained_keys.index.shape[2]
+    more = max(0, math.ceil(self.retain_fraction * (self.shared_slots + slots)) - have)
+    retained = lambda r: Retained(index=pad_slots(r.index, more, -1),
+                                  vectors=pad_slots(r.vectors, more))
     return self.replace(key_norms=pad(self.key_norms), value_norms=pad(self.value_norms),
-                        shared=shared)
+                        shared=shared, retained_keys=retained(self.retained_keys),
+                        retained_values=retained(self.retained_values))
 
   def rebuilt(self):
     dtype = self.tail.keys.dtype

@@ -804,8 +804,8 @@ def reserve_rooms(cache: Cache, rooms: tuple[int, ...], multiple: int) -> tuple:
   """The reserved slots per head (`reserve`) each layer gets: a dense layer past its room
   rooms[i] for a capacity that is a multiple of `capacity_step` (`multiple`, or a coarser
   step where the dense capacities differ); a layout with parts whose sizes follow the
-  context's (a head-wise layer, ThinK's pruned part, KIVI's quantized one, MiKV's pools)
-  what its `reserve_for(room, multiple)` says (an int of slots, or what its `reserve`
+  context's (a head-wise layer, ThinK's pruned part, KIVI's quantized one, MiKV's pools,
+  the shared slots of MiniCache and xKV) what its `reserve_for(room, multiple)` says (an int of slots, or what its `reserve`
   takes; 0 for none); other layouts none."""
   step = _capacity_step({layer.capacity + r for layer, r in zip(cache.layers, rooms)
                          if type(layer) is LayerCache}, multiple)

@@ -89,10 +89,11 @@ def prefill(model, tokens: np.ndarray, mask: np.ndarray, method, keep: int | Non
   them as data (`engine.traces_budgets`), gets reserved slots, which eviction never
   fills, up to a multiple of it (`kv_cache.reserve_rooms`): in its dense layers past the
   room, in a head-wise layer's last segment, in a channel-pruned layer's pruned part, in
-  a mixed-precision layer's pools, and, as empty groups that later flushes may fill, in
-  a quantized layer's quantized part. Prompts whose kept slots round alike then share one
-  compiled decode loop, and the cache still stays at its budget plus room (not a method
-  that `pads_shapes`: its capacities are its own).
+  a mixed-precision layer's pools, in a cross-layer pair's or group's shared slots, and,
+  as empty groups that later flushes may fill, in a quantized layer's quantized part
+  (`generate` asks it of budgeted methods and those that `trims_padding`). Prompts whose
+  kept slots round alike then share one compiled decode loop, and the cache still stays
+  at its budget plus room (not a method that `pads_shapes`: its capacities are its own).
   """
   check_chunk_size(chunk_size)
   rows, width = tokens.shape

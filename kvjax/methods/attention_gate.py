@@ -230,6 +230,7 @@ class AttentionGate(trained.TrainedWeights, base.Method):
   name: ClassVar[str] = "attention_gate"
   needs_budget: ClassVar[bool] = False
   headwise: ClassVar[bool] = True
+  trims_padding: ClassVar[bool] = True   # finalize: each head cut to the tokens it keeps
   KIND: ClassVar[str] = KIND
   WEIGHTS_FIELD: ClassVar[str] = "gates"
   WEIGHTS_TYPE: ClassVar[type] = GateWeights

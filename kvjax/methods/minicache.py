@@ -43,15 +43,18 @@ def _retained(x: jax.Array, angle: jax.Array, valid: jax.Array, count: int) -> R
                   vectors=jnp.where(ok[..., None], vectors, 0).astype(x.dtype))
 
 
-def merge_pair(a: LayerCache, b: LayerCache, *, t: float, retain: int, first: int
-               ) -> tuple[MergedLayerCache, MergedLayerCache]:
+def merge_pair(a: LayerCache, b: LayerCache, *, t: float, retain: int, first: int,
+               fraction: float = 0.0) -> tuple[MergedLayerCache, MergedLayerCache]:
   """Layers `first` (a) and `first + 1` (b) of one pair, sharing directions: SLERP per token
   and head of keys (and, separately, values), each layer's norms kept, the `retain` slots
-  per head with the largest angle between the layers stored exactly in both."""
+  per head with the largest angle between the layers stored exactly in both. `fraction`:
+  the share of slots `retain` stands for, which sizes the retained entries of reserved
+  slots (`MergedLayerCache.retain_fraction`)."""
   # `first` only names the owner b borrows from: set outside the compiled merge, so that
   # every pair of one shape shares it.
   owner, borrower = _merged(a, b, t=t, retain=retain)
-  return owner, borrower.replace(source=first)
+  return (owner.replace(retain_fraction=fraction),
+          borrower.replace(source=first, retain_fraction=fraction))
 
 
 @functools.partial(jax.jit, static_argnames=("t", "retain"))
@@ -116,7 +119,8 @@ class MiniCache(base.CrossLayer):
     for first, second in merged_pairs(len(layers), self.start):
       a, b = layers[first], layers[second]
       retain = math.ceil(self.retain * a.capacity)
-      layers[first], layers[second] = merge_pair(a, b, t=self.t, retain=retain, first=first)
+      layers[first], layers[second] = merge_pair(a, b, t=self.t, retain=retain, first=first,
+                                                 fraction=self.retain)
     return cache.replace(layers=tuple(layers))
 
   def cache_stats(self, cache):
