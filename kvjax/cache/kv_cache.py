@@ -805,8 +805,8 @@ def reserve_rooms(cache: Cache, rooms: tuple[int, ...], multiple: int) -> tuple:
   rooms[i] for a capacity that is a multiple of `capacity_step` (`multiple`, or a coarser
   step where the dense capacities differ); a layout with parts whose sizes follow the
   context's (a head-wise layer, ThinK's pruned part, KIVI's quantized one, MiKV's pools,
-  the shared slots of MiniCache and xKV) what its `reserve_for(room, multiple)` says (an int of slots, or what its `reserve`
-  takes; 0 for none); other layouts none."""
+  the shared slots of MiniCache and xKV) what its `reserve_for(room, multiple)` says (an
+  int of slots, or what its `reserve` takes; 0 for none); other layouts none."""
   step = _capacity_step({layer.capacity + r for layer, r in zip(cache.layers, rooms)
                          if type(layer) is LayerCache}, multiple)
 

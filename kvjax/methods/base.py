@@ -74,10 +74,10 @@ class Method:
       reserved slots (`kv_cache.shared_capacities`: CAKE, D2O, KVzip), which
       `content_nbytes` leaves out.
     trims_padding: its `finalize` cuts its layout to the context's real length, not the
-      padded width the full cache holds (RazorAttention's retrieval heads, the shared
-      slots of MiniCache and xKV), so `generate` rounds it with reserved slots
-      (`kv_cache.reserve_rooms`) even without a budget: prompts whose lengths round
-      alike share one compiled decode loop.
+      padded width the full cache holds (RazorAttention's retrieval heads, AttentionGate's
+      heads, the shared slots of MiniCache and xKV), so `generate` rounds it with reserved
+      slots (`kv_cache.reserve_rooms`) even without a budget: prompts whose lengths
+      round alike share one compiled decode loop.
   A method whose `attends_prefill` is true replaces a compressing prefill chunk's
   attention by its own `prefill_attention` (LoopServe's sparse prefill).
   Per-slot state is the method's own pytree (`init_state`); kvjax moves it with the slots.
