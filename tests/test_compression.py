@@ -9,7 +9,7 @@ import kvjax
 from kvjax.cache import FlatLayerCache, LayerCache
 from kvjax.generation import context as context_lib
 from kvjax.methods import AdaKV, Knorm, PyramidKV, SinksWindow, SnapKV
-from tiny import jnp_and_kernel_tokens, tiny_model
+from tiny import jnp_and_kernel_tokens, reserved_and_unreserved, tiny_model
 
 PROMPTS = [list(np.random.default_rng(1).integers(1, 256, 120)),
            list(np.random.default_rng(2).integers(1, 256, 97))]
@@ -245,21 +245,15 @@ def test_a_headwise_context_of_another_length_decodes_with_the_same_compiled_loo
   """`generate` pads a head-wise layer with reserved slots (in its last head's segment) to
   a multiple of 64 slots per head: prompts of other lengths share one compiled decode
   loop, and generate what the unpadded cache generates."""
-  from kvjax.generation import engine
   method = AdaKV(press=SnapKV(window=8))
   rng = np.random.default_rng(5)
   prompts = [rng.integers(1, 256, n).tolist() for n in (100, 112)]
-  loops = lambda: sum(key[0] == "decode_loop" for key in engine.STEPS._executables)
-  engine.STEPS.clear()
+  (loops, padded), (exact_loops, exact) = reserved_and_unreserved(
+      model, prompts, FlatLayerCache, monkeypatch, method=method, compression_ratio=0.5,
+      max_new_tokens=8)
   # 50 and 56 kept slots per head (on average), plus 64 of room: both 128 once reserved.
-  padded = [kvjax.generate(model, p, method=method, compression_ratio=0.5, max_new_tokens=8)
-            for p in prompts]
-  assert loops() == 1
+  assert (loops, exact_loops) == (1, 2)
   assert [r.stats["cache_capacity_tokens"] for r in padded] == [128, 128]
-  monkeypatch.setattr(FlatLayerCache, "reserve_for", lambda self, room, multiple: 0)
-  exact = [kvjax.generate(model, p, method=method, compression_ratio=0.5, max_new_tokens=8)
-           for p in prompts]
-  assert loops() == 3
   assert [r.stats["cache_capacity_tokens"] for r in exact] == [50 + 64, 56 + 64]
   assert [r.token_ids for r in padded] == [r.token_ids for r in exact]
 
