@@ -34,10 +34,17 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def _other_xla_flags() -> list[str]:
+  """The run's XLA flags (conftest's) but the device count."""
+  return [f for f in os.environ.get("XLA_FLAGS", "").split()
+          if not f.startswith("--xla_force_host_platform_device_count")]
+
+
 def _env(devices_per_process: int = 2) -> dict:
   env = {k: v for k, v in os.environ.items() if k not in ENV_NAMES}
   env.update(JAX_PLATFORMS="cpu", KVJAX_COMPILATION_CACHE="0",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
+             XLA_FLAGS=" ".join([f"--xla_force_host_platform_device_count={devices_per_process}",
+                                 *_other_xla_flags()]),
              PYTHONPATH=os.pathsep.join([ROOT, TESTS, env.get("PYTHONPATH", "")]))
   return env
 
