@@ -12,7 +12,7 @@ import pytest
 import kernel_inputs
 import kvjax
 import method_inputs as mi
-from kvjax.cache.kv_cache import LayerCache, NewTokens, host_nbytes
+from kvjax.cache.kv_cache import RESERVED_POSITION, LayerCache, NewTokens, host_nbytes
 from kvjax.cache.paged import HOST
 from kvjax.errors import MethodError
 from kvjax.methods import base, sentencekv
@@ -178,10 +178,15 @@ def test_sentence_table_matches_numpy():
   data, _, sentence, _, layer = _prefill(2)
   final = layer.finalized(offload=False)
   assert isinstance(final, SentenceLayerCache) and final.context.state is None
+  # 20 stored slots per head, rounded up to 32 with reserved ones; 10 slots read per step,
+  # compiled for 16.
+  assert final.context.capacity == 32 and (final.budget, int(final.reads)) == (16, KEEP)
   for row in range(2):
     n = data.lengths[row]
     for kv in range(mi.K):
       pos = np.asarray(final.context.positions[row, kv])
+      assert (pos[:20] >= 0).all() and (pos[20:] == RESERVED_POSITION).all()
+      pos = pos[:20]
       keys = data.k[row, kv, pos - n + data.k.shape[2]]       # slot of each stored position
       table = np_table(keys, [int(sentence[row, p]) for p in pos])
       count = len(table)
@@ -241,7 +246,9 @@ def test_cpu_decode_at_batch_one_reads_the_selected_slots_through_dots(offload):
   # over D and S, which XLA:CPU fused with the gather); row 0 alone equals row 0 of a
   # batch of two (dots there already).
   pair = _prefill(12)[-1].finalized(offload=False)
-  pair = pair.replace(open_count=jnp.full((2,), 2, jnp.int32), open_queries=jnp.asarray(
+  # Compiled for the 10 slots read (not 16, the rounded budget, whose [1, 2, 16, 16] reads
+  # the sentence means' dot would match too).
+  pair = pair.replace(budget=int(pair.reads), open_count=jnp.full((2,), 2, jnp.int32), open_queries=jnp.asarray(
       np.random.default_rng(14).normal(size=pair.open_queries.shape), jnp.float32))
   alone = kernel_inputs.first_row(pair)
   if offload:
@@ -401,7 +408,7 @@ def test_offloaded_reads_equal_the_on_device_selection():
   here, moved = layer.finalized(offload=False), layer.finalized(offload=True)
   assert moved.context.keys.sharding.memory_kind == "pinned_host"
   assert moved.means.sharding.memory_kind == "device"
-  kv = 2 * 2 * mi.K * 20 * mi.D * 4
+  kv = 2 * 2 * mi.K * 32 * mi.D * 4      # 20 stored slots, 32 allocated
   assert host_nbytes(moved) == kv and moved.nbytes == here.nbytes - kv
   rng = np.random.default_rng(7)
   steps = [(NewTokens(keys=jnp.asarray(rng.normal(size=(2, mi.K, 1, mi.D)), jnp.float32),
@@ -457,9 +464,9 @@ def _layer_bytes(rows, kv, heads, stored, sentences, dim, boundaries=len(TINY.bo
   """Device bytes of an offloaded layer before decoding: positions per stored slot, the
   sentence table (float32 mean key, int32 start and length), the open sentence's float32
   key sum (per KV head) and query sum (per query head), three int32 counters and the int32
-  sentence-end ids per row, and the context's and appended tokens' ends."""
+  sentence-end ids per row, the context's and appended tokens' ends and the slots read."""
   return (rows * kv * (stored * 4 + sentences * (dim * 4 + 8)) + rows * (kv + heads) * dim * 4
-          + rows * (3 * 4 + boundaries * 4) + 2 * 4)
+          + rows * (3 * 4 + boundaries * 4) + 3 * 4)
 
 
 def test_device_bytes_follow_the_budget(model):
@@ -469,8 +476,11 @@ def test_device_bytes_follow_the_budget(model):
     out = kvjax.generate(model, prompts, method=TINY, budget=24, max_new_tokens=4)
     stats = out.stats["method_stats"]
     assert stats["stored_tokens"] == [72, 72] and stats["tokens_read_per_step"] == 24
-    host = 2 * 2 * cfg.num_kv_heads * 72 * cfg.head_dim * 4 * 2   # layers, rows, K and V
-    assert stats["host_bytes"] == out.stats["context_cache_host_bytes"] == host
+    # Host memory holds the allocation: 72 slots rounded up to 80 (`shared_size`).
+    assert stats["allocated_stored_tokens"] == [80, 80]
+    kv_bytes = lambda slots: 2 * 2 * cfg.num_kv_heads * slots * cfg.head_dim * 4 * 2
+    host = kv_bytes(72)   # layers, rows, K and V
+    assert stats["host_bytes"] == out.stats["context_cache_host_bytes"] == kv_bytes(80)
     device = sum(_layer_bytes(2, cfg.num_kv_heads, cfg.num_heads, 72, n, cfg.head_dim)
                  for n in stats["sentences"])
     assert out.stats["context_cache_bytes"] == device + 2 * 4     # and the rows' lengths
@@ -523,6 +533,23 @@ def test_empty_sentences_change_nothing_but_the_allocation(model, monkeypatch):
   stats, exact_stats = padded.stats["method_stats"], exact.stats["method_stats"]
   assert stats["sentences"] == exact_stats["sentences"] == exact_stats["allocated_sentences"]
   assert stats["allocated_sentences"] == [-(-n // 16) * 16 for n in stats["sentences"]]
+
+
+def test_prompts_of_other_lengths_share_one_compiled_decode_loop(model, monkeypatch):
+  """Stored slots, sentences and the budget rounded up (`shared_size`): contexts of 200 and
+  220 tokens at ratio 0.5 (budgets 100 and 110, every token stored) compile one decode
+  loop, and generate what exactly sized caches generate."""
+  from tiny import generated_counting_loops
+  prompts = [random_prompts((n, n - 7), seed=9) for n in (200, 220)]
+  kwargs = dict(method=TINY, compression_ratio=0.5, max_new_tokens=12)
+  loops, padded = generated_counting_loops(model, prompts, **kwargs)
+  monkeypatch.setattr(sentencekv, "shared_size", lambda count: count)
+  exact_loops, exact = generated_counting_loops(model, prompts, **kwargs)
+  assert (loops, exact_loops) == (1, 2)
+  assert [r.token_ids for r in padded] == [r.token_ids for r in exact]
+  for r, budget in zip(padded, (100, 110)):
+    assert r.stats["method_stats"]["tokens_read_per_step"] == budget
+    assert r.stats["method_stats"]["allocated_stored_tokens"] == [224, 224]
 
 
 def test_decode_steps_keep_their_sentence_queries(model):

@@ -79,7 +79,7 @@ import numpy as np
 from flax import struct
 
 from kvjax.cache.kv_cache import (EMPTY_POSITION, LayerCache, NewTokens, PerHeadSlots, Stats,
-                                  cache_nbytes, host_nbytes, shared_size)
+                                  cache_nbytes, host_nbytes, shape_padding, shared_size)
 from kvjax.cache.paged import DEVICE, HOST, read_blocks
 from kvjax.errors import MethodError
 from kvjax.methods import base, registry
@@ -145,11 +145,13 @@ def _take(a: jax.Array, index: jax.Array) -> jax.Array:
   return jnp.take_along_axis(a, index, axis=-1)
 
 
-def gathered_slots(queries, means, starts, lengths, low, high, need: int, gqa: str):
+def gathered_slots(queries, means, starts, lengths, low, high, need: int, gqa: str,
+                   limit=None):
   """(slots, valid) [B, K, need]: the stored slots a decode query gathers. Sentences, most
   similar first (sum_d q_d mean_d, reduced over each KV head's query heads by `gqa`; ties
   to the earlier sentence), give their slots inside [low, high) ([B] each) in slot order,
-  until `need` are taken; `valid` is False past the last one."""
+  until `need` (or the traced `limit` <= need, when given) are taken; `valid` is False
+  past the last one."""
   k, count = means.shape[1], means.shape[2]
   q = attention_ops.group_heads(queries, k)[:, :, :, 0].astype(jnp.float32)   # [B, K, G, D]
   sims = jnp.einsum("bkgd,bknd->bkgn", q, means, precision=jax.lax.Precision.HIGHEST)
@@ -166,6 +168,8 @@ def gathered_slots(queries, means, starts, lengths, low, high, need: int, gqa: s
   rank = jnp.minimum(rank, count - 1)
   slot = _take(_take(first, order), rank) + j - _take(ends - sizes, rank)
   valid = j < ends[..., -1:]
+  if limit is not None:
+    valid &= j < limit
   return jnp.where(valid, slot, 0), valid
 
 
@@ -204,6 +208,9 @@ class SentenceLayerCache(PerHeadSlots):
   open_from: jax.Array         # [B] int32 its first appended slot
   open_queries: jax.Array      # [B, H, D] float32 query sum of its decode steps
   boundaries: jax.Array        # [B, E] int32 the sentence-end token ids (each row's copy)
+  reads: jax.Array             # [] int32 slots a sparse step reads: the budget
+  # The slots a sparse step is compiled for: `reads` rounded up by `shared_size` once
+  # finalized, so that budgets of other prompt lengths share a compiled decode loop.
   budget: int = struct.field(pytree_node=False, default=1)
   start_budget: int = struct.field(pytree_node=False, default=32)
   recent_budget: int = struct.field(pytree_node=False, default=32)
@@ -218,7 +225,7 @@ class SentenceLayerCache(PerHeadSlots):
     b, k, _, d = dense.keys.shape
     return cls(context=dense, means=jnp.zeros((b, k, 0, d), jnp.float32),
                starts=jnp.zeros((b, k, 0), jnp.int32), lengths=jnp.zeros((b, k, 0), jnp.int32),
-               **_empty_tables(dense, query_heads), budget=budget,
+               **_empty_tables(dense, query_heads), reads=jnp.int32(budget), budget=budget,
                boundaries=jnp.broadcast_to(jnp.asarray(boundaries, jnp.int32).reshape(-1),
                                            (b, np.size(boundaries))),
                start_budget=method.start_budget, recent_budget=method.recent_budget,
@@ -226,7 +233,12 @@ class SentenceLayerCache(PerHeadSlots):
 
   def finalized(self, offload: bool):
     """Host side: the padding cut, the sentence table built, K/V offloaded; a layer whose
-    budget covers its stored tokens stays a dense LayerCache."""
+    budget covers its stored tokens stays a dense LayerCache.
+
+    Stored slots, sentences and the budget are rounded up by `shared_size` (reserved
+    slots, empty sentences, gathered slots never valid): their counts follow the prompt's
+    length, and each new count compiled the decode loop anew (SmolLM2, ratio 0.5: 29-33 s
+    of a new length's 62-64 s)."""
     # Each head's real slots first: the slot ranges below count from slot 0.
     dense = self.context.trimmed()
     if self.budget >= dense.capacity:
@@ -237,12 +249,13 @@ class SentenceLayerCache(PerHeadSlots):
     # the decode loop anew (SmolLM2, 500 tokens: a second prompt took 53 s, 2.6 s after).
     count = shared_size(max(int(runs.max()) + 1, 1))
     means, starts, lengths = sentence_table(dense.keys, runs, count)
-    dense = dense.replace(state=None)
+    dense = dense.replace(state=None).reserve(shared_size(dense.capacity) - dense.capacity)
     if offload:
       dense = dense.replace(keys=jax.device_put(dense.keys, HOST),
                             values=jax.device_put(dense.values, HOST))
     return self.replace(context=dense, means=means, starts=starts, lengths=lengths,
-                        **_empty_tables(dense, self.open_queries.shape[1]), offloaded=offload)
+                        **_empty_tables(dense, self.open_queries.shape[1]),
+                        budget=shared_size(self.budget), offloaded=offload)
 
   @property
   def state(self):
@@ -271,7 +284,7 @@ class SentenceLayerCache(PerHeadSlots):
             "appended_lengths": rows + ("sentences",), "closed": rows,
             "open_sum": ("batch", "kv_heads", "head_dim"), "open_count": rows,
             "open_from": rows, "open_queries": ("batch", "heads", "head_dim"),
-            "boundaries": ("batch", "boundaries")}
+            "boundaries": ("batch", "boundaries"), "reads": ()}
 
   def on_device(self) -> LayerCache:
     """Context and appended tokens as one dense layer on the device (a copy when
@@ -335,7 +348,7 @@ class SentenceLayerCache(PerHeadSlots):
         jnp.concatenate([self.lengths, per_head(self.appended_lengths)], axis=2),
         virtual(jnp.full((b, 1), sinks, jnp.int32))[:, 0],
         virtual((n - recent)[:, None])[:, 0],
-        self.budget - sinks - recent, self.gqa)
+        self.budget - sinks - recent, self.gqa, self.reads - sinks - recent)
     # A row storing fewer than start_budget tokens has appended ones among its first.
     first = jnp.broadcast_to(jnp.arange(sinks, dtype=jnp.int32), (b, sinks))    # [B, S]
     tail = n[:, None] - recent + jnp.arange(recent, dtype=jnp.int32)         # [B, R]
@@ -590,22 +603,27 @@ class SentenceKV(base.Method):
             "open_sentence_tokens": host_array(layers[0].open_count).tolist()}
 
   def content_nbytes(self, cache) -> int:
-    """The allocation less the tables' empty sentences past the most any head holds
-    (`shared_size`'s rounding)."""
+    """The device allocation less `shared_size`'s rounding: the tables' empty sentences
+    past the most any head holds and the context's reserved slots."""
     padding = 0
     for layer in cache.layers:
       if isinstance(layer, SentenceLayerCache):
         per_sentence = sum(a.nbytes // a.shape[2]
                            for a in (layer.means, layer.starts, layer.lengths))
         padding += (layer.means.shape[2] - _sentences(layer)) * per_sentence
+        ctx = layer.context
+        padding += shape_padding(ctx) * sum(cache_nbytes(a) // ctx.capacity
+                                            for a in (ctx.keys, ctx.values, ctx.positions))
     return cache_nbytes(cache) - padding
 
   def cache_stats(self, cache) -> dict:
     layers = [layer for layer in cache.layers if isinstance(layer, SentenceLayerCache)]
     if not layers:
       return {}
-    return {"tokens_read_per_step": layers[0].budget,
-            "stored_tokens": [int(layer.context.capacity) for layer in layers],
+    return {"tokens_read_per_step": int(layers[0].reads),
+            "stored_tokens": [int(layer.context.capacity) - shape_padding(layer.context)
+                              for layer in layers],
+            "allocated_stored_tokens": [int(layer.context.capacity) for layer in layers],
             "sentences": [_sentences(layer) for layer in layers],
             "allocated_sentences": [int(layer.means.shape[2]) for layer in layers],
             "dense_layers": len(cache.layers) - len(layers),
