@@ -200,6 +200,22 @@ def test_bytes_are_the_dense_cache_plus_bounds(model):
   assert cache_nbytes(pre.cache) == pre.context_cache_bytes
 
 
+@pytest.mark.parametrize("spec", ["quest", "quest:device_pages=4"])
+def test_prompts_of_other_lengths_share_one_compiled_decode_loop(model, monkeypatch, spec):
+  """Paged layers rounded up with reserved pages (`reserve_for`): contexts of 130 and 150
+  tokens (144 and 160 paged slots, 208 and 224 with the room) share one compiled decode
+  loop at a budget of 48 tokens, and generate what the unreserved cache generates."""
+  from tiny import reserved_and_unreserved
+  prompts = [random_prompts((n, n - 7), seed=4) for n in (130, 150)]
+  (loops, padded), (exact_loops, exact) = reserved_and_unreserved(
+      model, prompts, PagedLayerCache, monkeypatch, method=spec, budget=48, max_new_tokens=24)
+  assert (loops, exact_loops) == (1, 2)
+  assert [r.token_ids for r in padded] == [r.token_ids for r in exact]
+  assert padded[0].stats["cache_capacity_tokens"] == padded[1].stats["cache_capacity_tokens"]
+  full = kvjax.generate(model, prompts[1], max_new_tokens=24)
+  assert padded[1].token_ids != full.token_ids       # 3 of 10 pages read: not the full cache
+
+
 @pytest.mark.parametrize("spec, match", [
     ("quest:page_size=0", "page_size"), ("quest:min_pages=0", "min_pages"),
     ("quest:gqa=mean", "gqa"), ("quest:skip_layers=-1", "skip_layers")])

@@ -603,8 +603,9 @@ class BufferedPagedLayerCache(PagedLayerCache):
     appended = super().append(new)
     return appended.replace(buffer=write_through(self.buffer, start, new))
 
-  def grow(self, room: int) -> "BufferedPagedLayerCache":
-    grown = super().grow(room)
+  def _extended(self, slots: int, extend) -> "BufferedPagedLayerCache":
+    """Grown or reserved pages get their page-table entries too (not resident)."""
+    grown = super()._extended(slots, extend)
     more = grown.page_max.shape[2] - self.page_max.shape[2]
     return grown.replace(buffer=_pad_pages(self.buffer, more))
 

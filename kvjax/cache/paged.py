@@ -30,6 +30,7 @@ query heads, so each KV head reads one page set.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -292,13 +293,37 @@ class PagedLayerCache(PerHeadSlots):
 
   def grow(self, room: int) -> "PagedLayerCache":
     room += -(self.capacity + room) % _unit(self.page_size, self.clustering)
-    if room == 0:
+    return self._extended(room, LayerCache.grow)
+
+  def reserve_for(self, room: int, multiple: int) -> int:
+    """The reserved slots (`reserve`) that round the capacity after `grow(room)` up to a
+    multiple of `multiple` and of whole pages or clusters (`kv_cache.reserve_rooms`; none
+    for a multiple of 1): the capacity follows the context's length, and each new one
+    compiled the decode loop anew."""
+    if multiple == 1:
+      return 0
+    unit = _unit(self.page_size, self.clustering)
+    grown = self.capacity + room + (-(self.capacity + room)) % unit
+    return (-grown) % math.lcm(unit, multiple)
+
+  def reserve(self, slots: int) -> "PagedLayerCache":
+    """`slots` (whole pages) more reserved slots per head (RESERVED_POSITION: never
+    attended; their pages empty, never chosen over a page with a token), only there to give
+    the layer a capacity that contexts of other lengths share (appends past `end` may
+    still fill them, as any slot past it)."""
+    return self._extended(slots, LayerCache.reserve)
+
+  def _extended(self, slots: int, extend) -> "PagedLayerCache":
+    """`slots` (whole pages) more slots per head, added to the dense layer by `extend`, and
+    their pages empty."""
+    if slots == 0:
       return self
-    more = room // self.page_size
+    more = slots // self.page_size
     pad = lambda a, value: jnp.pad(a, [(0, 0), (0, 0), (0, more), (0, 0)],
                                    constant_values=value)
-    dense = self.on_device().grow(room)
-    return self.replace(dense=_moved(dense, HOST) if self.offloaded else dense, page_max=pad(self.page_max, -jnp.inf),
+    dense = extend(self.on_device(), slots)
+    return self.replace(dense=_moved(dense, HOST) if self.offloaded else dense,
+                        page_max=pad(self.page_max, -jnp.inf),
                         page_min=pad(self.page_min, jnp.inf))
 
 
