@@ -267,6 +267,23 @@ def test_cpu_decode_at_batch_one_reads_the_selected_slots_through_dots(offload):
                              np.asarray(decode(pair, q, qpos)[0]), rtol=1e-5, atol=1e-6)
 
 
+def test_read_blocks_copies_each_block_and_stops_at_count():
+  """Host blocks read by dynamic slices: each row's and head's blocks in order, and with a
+  (traced) count only the first `count`, the rest zero."""
+  from kvjax.cache.paged import read_blocks
+  rng = np.random.default_rng(21)
+  array = rng.normal(size=(2, 3, 12, 4)).astype(np.float32)
+  starts = rng.integers(0, 10, size=(2, 3, 4)).astype(np.int32)
+  want = np.stack([np.stack([np.concatenate([array[r, h, s:s + 2] for s in starts[r, h]])
+                             for h in range(3)]) for r in range(2)])
+  host = jax.device_put(jnp.asarray(array), HOST)
+  np.testing.assert_array_equal(np.asarray(read_blocks(host, jnp.asarray(starts), 2)), want)
+  counted = jax.jit(lambda a, s, n: read_blocks(a, s, 2, n))(host, jnp.asarray(starts),
+                                                              jnp.int32(3))
+  want[:, :, 6:] = 0
+  np.testing.assert_array_equal(np.asarray(counted), want)
+
+
 class NpSequence:
   """One row and KV head's decode sequence as the official code keeps it: the stored context
   with its sentences, then every appended token; a decode token joins the open sentence and

@@ -30,7 +30,6 @@ query heads, so each KV head reads one page set.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -304,7 +303,7 @@ class PagedLayerCache(PerHeadSlots):
       return 0
     unit = _unit(self.page_size, self.clustering)
     grown = self.capacity + room + (-(self.capacity + room)) % unit
-    return (-grown) % math.lcm(unit, multiple)
+    return (-grown) % (unit * -(-multiple // unit))   # whole units, at least `multiple`
 
   def reserve(self, slots: int) -> "PagedLayerCache":
     """`slots` (whole pages) more reserved slots per head (RESERVED_POSITION: never
@@ -318,6 +317,9 @@ class PagedLayerCache(PerHeadSlots):
     their pages empty."""
     if slots == 0:
       return self
+    if slots % _unit(self.page_size, self.clustering):
+      raise ValueError(f"slots={slots} must be whole pages (clusters) of "
+                       f"{_unit(self.page_size, self.clustering)} slots")
     more = slots // self.page_size
     pad = lambda a, value: jnp.pad(a, [(0, 0), (0, 0), (0, more), (0, 0)],
                                    constant_values=value)
@@ -347,18 +349,21 @@ def analytic_nbytes(batch: int, kv_heads: int, slots: int, head_dim: int, page_s
 
 
 
-def read_blocks(array: jax.Array, starts: jax.Array, size: int) -> jax.Array:
+def read_blocks(array: jax.Array, starts: jax.Array, size: int, count=None) -> jax.Array:
   """[B, K, M * size, D] on the device: for each row, head and start [B, K, M], the `size`
   slots of keys or values [B, K, S, D] from that slot on (start + size <= S: a slice past
   the end would be moved back), copied out of host memory one dynamic slice at a time
-  (XLA reads host memory by dynamic slice, not by gather). SentenceKV's sentence reads."""
+  (XLA reads host memory by dynamic slice, not by gather). SentenceKV's sentence reads.
+  count (traced, <= M): only each row's and head's first `count` blocks are read, the
+  others left zero (M is a rounded-up size)."""
   b, k, m = starts.shape
   dim = array.shape[-1]
+  n = m if count is None else count
 
   def body(i, out):
-    row, head, j = i // (k * m), (i // m) % k, i % m
+    row, head, j = i // (k * n), (i // n) % k, i % n
     block = jax.lax.dynamic_slice(array, (row, head, starts[row, head, j], 0), (1, 1, size, dim))
     return jax.lax.dynamic_update_slice(out, jax.device_put(block, DEVICE),
                                         (row, head, j * size, 0))
 
-  return jax.lax.fori_loop(0, b * k * m, body, jnp.zeros((b, k, m * size, dim), array.dtype))
+  return jax.lax.fori_loop(0, b * k * n, body, jnp.zeros((b, k, m * size, dim), array.dtype))

@@ -376,7 +376,9 @@ class SentenceLayerCache(PerHeadSlots):
       tail, gathered = slots[..., sinks:sinks + recent], slots[..., sinks + recent:]
       parts = [read_blocks(context, jnp.zeros_like(slots[..., :1]), sinks) if sinks else None,
                _read_tail(context, tail, recent) if recent else None,
-               read_blocks(context, jnp.where(gathered < c, gathered, 0), 1)]
+               # Gathered slots past the budget (`reads`) are never valid: not read.
+               read_blocks(context, jnp.where(gathered < c, gathered, 0), 1,
+                           self.reads - sinks - recent)]
       out = jnp.concatenate([p for p in parts if p is not None], axis=2)
     out = jnp.where(in_context, out, from_appended.astype(out.dtype))
     return out[..., 0] if squeeze else out
