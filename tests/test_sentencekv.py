@@ -248,8 +248,9 @@ def test_cpu_decode_at_batch_one_reads_the_selected_slots_through_dots(offload):
   pair = _prefill(12)[-1].finalized(offload=False)
   # Compiled for the 10 slots read (not 16, the rounded budget, whose [1, 2, 16, 16] reads
   # the sentence means' dot would match too).
-  pair = pair.replace(budget=int(pair.reads), open_count=jnp.full((2,), 2, jnp.int32), open_queries=jnp.asarray(
-      np.random.default_rng(14).normal(size=pair.open_queries.shape), jnp.float32))
+  pair = pair.replace(budget=int(pair.reads), open_count=jnp.full((2,), 2, jnp.int32),
+                      open_queries=jnp.asarray(np.random.default_rng(14).normal(
+                          size=pair.open_queries.shape), jnp.float32))
   alone = kernel_inputs.first_row(pair)
   if offload:
     host = lambda a: jax.device_put(a, HOST)
