@@ -290,9 +290,17 @@ class PagedLayerCache(PerHeadSlots):
   def trimmed(self) -> "PagedLayerCache":
     return self
 
+  @property
+  def unit(self) -> int:
+    """Slots the capacity is a multiple of: whole pages, or whole clusters."""
+    return _unit(self.page_size, self.clustering)
+
+  def _whole_units(self, room: int) -> int:
+    """`room` rounded up so that the capacity after it is whole units."""
+    return room + (-(self.capacity + room)) % self.unit
+
   def grow(self, room: int) -> "PagedLayerCache":
-    room += -(self.capacity + room) % _unit(self.page_size, self.clustering)
-    return self._extended(room, LayerCache.grow)
+    return self._extended(self._whole_units(room), LayerCache.grow)
 
   def reserve_for(self, room: int, multiple: int) -> int:
     """The reserved slots (`reserve`) that round the capacity after `grow(room)` up to a
@@ -301,9 +309,8 @@ class PagedLayerCache(PerHeadSlots):
     compiled the decode loop anew."""
     if multiple == 1:
       return 0
-    unit = _unit(self.page_size, self.clustering)
-    grown = self.capacity + room + (-(self.capacity + room)) % unit
-    return (-grown) % (unit * -(-multiple // unit))   # whole units, at least `multiple`
+    grown = self.capacity + self._whole_units(room)
+    return (-grown) % (self.unit * -(-multiple // self.unit))   # whole units, >= multiple
 
   def reserve(self, slots: int) -> "PagedLayerCache":
     """`slots` (whole pages) more reserved slots per head (RESERVED_POSITION: never
@@ -317,9 +324,8 @@ class PagedLayerCache(PerHeadSlots):
     their pages empty."""
     if slots == 0:
       return self
-    if slots % _unit(self.page_size, self.clustering):
-      raise ValueError(f"slots={slots} must be whole pages (clusters) of "
-                       f"{_unit(self.page_size, self.clustering)} slots")
+    if slots % self.unit:
+      raise ValueError(f"slots={slots} must be whole pages (clusters) of {self.unit} slots")
     more = slots // self.page_size
     pad = lambda a, value: jnp.pad(a, [(0, 0), (0, 0), (0, more), (0, 0)],
                                    constant_values=value)

@@ -331,6 +331,12 @@ class SentenceLayerCache(PerHeadSlots):
     count = jnp.maximum(self.open_count, 1).astype(jnp.float32)
     return (self.open_queries / count[:, None, None])[:, None]
 
+  @property
+  def gathered_reads(self) -> jax.Array:
+    """[] int32: the slots a sparse step gathers from sentences (the budget less its first
+    start_budget and last recent_budget)."""
+    return self.reads - self.start_budget - self.recent_budget
+
   def selected_slots(self, queries):
     """(slots, valid) [B, K, budget]: the virtual slots a decode step whose sentence query
     is `queries` [B, 1, H, D] reads: the first
@@ -349,7 +355,7 @@ class SentenceLayerCache(PerHeadSlots):
         jnp.concatenate([self.lengths, per_head(self.appended_lengths)], axis=2),
         virtual(jnp.full((b, 1), sinks, jnp.int32))[:, 0],
         virtual((n - recent)[:, None])[:, 0],
-        self.budget - sinks - recent, self.gqa, self.reads - sinks - recent)
+        self.budget - sinks - recent, self.gqa, self.gathered_reads)
     # A row storing fewer than start_budget tokens has appended ones among its first.
     first = jnp.broadcast_to(jnp.arange(sinks, dtype=jnp.int32), (b, sinks))    # [B, S]
     tail = n[:, None] - recent + jnp.arange(recent, dtype=jnp.int32)         # [B, R]
@@ -379,7 +385,7 @@ class SentenceLayerCache(PerHeadSlots):
                _read_tail(context, tail, recent) if recent else None,
                # Gathered slots past the budget (`reads`) are never valid: not read.
                read_blocks(context, jnp.where(gathered < c, gathered, 0), 1,
-                           self.reads - sinks - recent)]
+                           self.gathered_reads)]
       out = jnp.concatenate([p for p in parts if p is not None], axis=2)
     out = jnp.where(in_context, out, from_appended.astype(out.dtype))
     return out[..., 0] if squeeze else out
