@@ -216,10 +216,10 @@ LAYERWISE = [name for name in kvjax.methods.available()
 
 def test_the_methods_that_compress_layer_by_layer():
   # A method joins this list only with the test below passing for it.
-  assert LAYERWISE == ["adakv", "elastic_cache", "ems", "expected_attention", "gear", "h2o",
-                       "kivi", "knorm", "kvmerger", "lazy_eviction", "mikv", "per_layer",
-                       "pyramidkv", "scissorhands", "sinks_window", "snapkv", "streaming_llm",
-                       "think", "tova"]
+  assert LAYERWISE == ["adakv", "cake", "d2o", "elastic_cache", "ems", "expected_attention",
+                       "gear", "h2o", "kivi", "knorm", "kvmerger", "lazy_eviction", "mikv",
+                       "per_layer", "pyramidkv", "scissorhands", "sinks_window", "snapkv",
+                       "streaming_llm", "think", "tova"]
   # A storage method is when its press is; a wrapper or subclass is not unless it says so.
   assert kvjax.methods.get("kivi", press="snapkv").layerwise_prefill
   assert not kvjax.methods.MiKV(press=_Pyramid()).layerwise_prefill
@@ -241,6 +241,11 @@ RANKING = ["expected_attention", "h2o", "knorm", "lazy_eviction", "per_layer", "
 # Layer budgets that differ (the rest give every layer one budget).
 DIFFERING = ["pyramidkv:window=4", "per_layer:weights=1,2,3+knorm",
              QUANTIZING_PYRAMID]
+
+
+# Layer budgets settled from the whole context by `finalize` (every token kept until then),
+# data dependent: they differ by layer whatever the prefill's plan.
+SETTLED_AFTER = ["cake", "d2o"]
 
 
 # Quantizers' groups fit the tiny head_dim of 16; their residual leaves groups to quantize.
@@ -270,13 +275,13 @@ def test_compressing_layer_by_layer_equals_one_program(name, chunk_size, monkeyp
   names = [key[0] for key in steps._executables]
   if name in (QUANTIZING, QUANTIZING_PYRAMID):
     assert any(int(layer.end) > 0 for layer in got.cache.layers), "nothing quantized"
-  differ = len(set(got.budgets)) > 1
-  assert differ == (name in DIFFERING), got.budgets
+  if name not in SETTLED_AFTER:
+    assert (len(set(got.budgets)) > 1) == (name in DIFFERING), got.budgets
   # A method compacting by the default top-k ranks at a rounded budget, then cuts.
   ranks = method.compacts_ranked
   assert ranks == (name in RANKING), name
   assert ("first_slots" in names) == ranks
-  if differ and chunk_size is not None:
+  if name in DIFFERING and chunk_size is not None:
     # Layers of different sizes after the first chunk: the second runs as one program.
     assert names.count("compress_layer") == 1 and "prefill" in names, names
   else:
@@ -316,6 +321,31 @@ def test_budgets_that_round_alike_share_one_compiled_layer(name, args, monkeypat
   names = [key[0] for key in steps._executables]
   assert names.count("compress_layer") == 1, names
   assert names.count("first_slots") == 3, names   # the cut is per budget (a copy)
+
+
+@pytest.mark.parametrize("spec", ["cake:window=4", "d2o"])
+def test_a_prefill_that_reads_no_budget_compiles_once_for_every_budget(spec, monkeypatch):
+  """CAKE and D2O keep every token until `finalize` settles the layer budgets
+  (`Method.budget_free_prefill`): contexts compressed to three budgets (other prompt
+  lengths at one ratio) share one compiled layer, and keep what the prefill compiled with
+  each budget keeps."""
+  kv_cache.forget_capacities()
+  model = tiny_model(seed=3, num_layers=3)
+  tokens, mask = inputs.left_pad(random_prompts([29, 12, 32], seed=5), 0, 32)
+  method = kvjax.methods.get(spec)
+  steps = engine.CompiledSteps()
+  for keep in (12, 16, 20):
+    got = context.prefill(model, tokens, mask, method, keep=keep, room=0, steps=steps)
+    with monkeypatch.context() as budgeted:
+      budgeted.setattr(type(method), "budget_free_prefill", lambda self: None)
+      own = engine.CompiledSteps()
+      want = context.prefill(model, tokens, mask, method, keep=keep, room=0, steps=own)
+    assert [key[0] for key in own._executables].count("compress_layer") == 1
+    _assert_same((got.logits, got.cache), (want.logits, want.cache), exact=True)
+    assert got.budgets == want.budgets
+    assert sum(got.budgets) < 3 * 32   # compressed
+  names = [key[0] for key in steps._executables]
+  assert names.count("compress_layer") == 1, names
 
 
 def test_a_budget_is_compiled_in_where_it_cannot_be_traced(monkeypatch):

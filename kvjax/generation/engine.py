@@ -52,6 +52,18 @@ def _traced_budgets(plan):
   return dataclasses.replace(plan, budgets=()), jnp.asarray(plan.budgets, jnp.int32)
 
 
+def _budget_free(plan):
+  """The plan a compressing prefill compiles with: where the method's prefill reads no
+  budget (`Method.budget_free_prefill`), that form of the method and budgets of 0 (read by
+  nothing), so prompts of every length share one executable."""
+  if type(plan) is not CompressionPlan or not plan.compress:
+    return plan
+  method = plan.method.budget_free_prefill()
+  if method is None:
+    return plan
+  return dataclasses.replace(plan, method=method, budgets=(0,) * len(plan.budgets))
+
+
 def traces_budgets(plan) -> bool:
   """Whether the steps pass `plan`'s budgets as data (`_traced_budgets`)."""
   return _traced_budgets(plan)[1] is not None
@@ -420,6 +432,7 @@ class CompiledSteps:
               method_params=None):
     # Checked before anything runs: the layer-by-layer path donates layers as it goes.
     transformer.check_logits(logits)
+    plan = _budget_free(plan)
     if _runs_by_layer(model, cache, plan, method_params, tokens.shape[1]):
       return self._prefill_by_layer(model, tokens, token_mask, cache, logits, plan)
     plan, budgets = _traced_budgets(plan)

@@ -348,6 +348,13 @@ class Method:
     compiled decode loop. Default: itself."""
     return self
 
+  def budget_free_prefill(self) -> "Method | None":
+    """The method as its compressing prefill compiles where that prefill keeps every
+    candidate and reads no budget, which only `finalize` reads (D2O, CAKE): the engine
+    compiles it so, with no budgets, and prompts of every length share one executable.
+    None (default): the prefill reads the budget it was fitted to."""
+    return None
+
   def traces_budget(self, keep: int) -> bool:
     """Whether a step may read a layer's budget `keep` traced, as an int32 scalar, and
     still do what it does with `keep` static: a decode step (it reaches `protected` and

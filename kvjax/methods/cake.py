@@ -132,6 +132,7 @@ class CAKE(base.Method):
   name: ClassVar[str] = "cake"
   decode_time: ClassVar[bool] = True
   pads_shapes: ClassVar[bool] = True
+  layerwise_prefill: ClassVar[bool] = True   # `compact` reads no layer index or budget
   wrappable: ClassVar[bool] = False   # its budgets are settled after the forward pass
   window: int = 32
   kernel_size: int = 5
@@ -165,8 +166,11 @@ class CAKE(base.Method):
     return dataclasses.replace(self, mean_budget=keep, **shrunk)
 
   def decoding(self):
-    # The budget is read by the prefill and `finalize` only.
+    # The budget is read on the host only (`finalize`, `between_chunks`).
     return dataclasses.replace(self, mean_budget=0) if self.mean_budget else self
+
+  def budget_free_prefill(self):
+    return self.decoding()   # prefill keeps every token (`compact`)
 
   def layer_budgets(self, config, keep, context_length):
     # Prefill keeps every token; `finalize` settles the cascade's budgets.

@@ -415,6 +415,7 @@ class D2O(MergingMethod):
   name: ClassVar[str] = "d2o"
   decode_time: ClassVar[bool] = True
   pads_shapes: ClassVar[bool] = True
+  layerwise_prefill: ClassVar[bool] = True   # `compact` reads no layer index or budget
   needs: ClassVar[frozenset] = frozenset({"column_sums"})
   hh_ratio: float = 0.1
   recent_ratio: float = 0.1
@@ -442,6 +443,9 @@ class D2O(MergingMethod):
 
   def decoding(self):
     return dataclasses.replace(self, keep=0) if self.keep else self   # read by finalize
+
+  def budget_free_prefill(self):
+    return self.decoding()   # prefill keeps every token (`compact`)
 
   def protected_tokens(self, keep):
     return self.sinks + self.recent(keep)
