@@ -244,7 +244,7 @@ DIFFERING = ["pyramidkv:window=4", "per_layer:weights=1,2,3+knorm",
 
 
 # Layer budgets settled from the whole context by `finalize` (every token kept until then),
-# data dependent: they differ by layer whatever the prefill's plan.
+# data dependent: CAKE's differ by layer whatever the prefill's plan.
 SETTLED_AFTER = ["cake", "d2o"]
 
 
@@ -323,29 +323,36 @@ def test_budgets_that_round_alike_share_one_compiled_layer(name, args, monkeypat
   assert names.count("first_slots") == 3, names   # the cut is per budget (a copy)
 
 
-@pytest.mark.parametrize("spec", ["cake:window=4", "d2o"])
-def test_a_prefill_that_reads_no_budget_compiles_once_for_every_budget(spec, monkeypatch):
-  """CAKE and D2O keep every token until `finalize` settles the layer budgets
-  (`Method.budget_free_prefill`): contexts compressed to three budgets (other prompt
-  lengths at one ratio) share one compiled layer, and keep what the prefill compiled with
-  each budget keeps."""
+@pytest.mark.parametrize("chunk_size", [None, 8])
+@pytest.mark.parametrize("spec", ["cake:window=4", "cake", "d2o", "quest:page_size=4"])
+def test_a_prefill_that_reads_no_budget_compiles_once_for_every_budget(spec, chunk_size,
+                                                                       monkeypatch):
+  """CAKE, D2O and Quest keep every token until `finalize` (`Method.budget_free_prefill`):
+  contexts compressed to three budgets (other prompt lengths at one ratio) share the
+  compiled prefill of one, and keep exactly what the prefill compiled with each budget
+  keeps, chunked too, and where `fitted` shrinks CAKE's 32-token window (three forms,
+  compiled apart) or CAKE evicts between chunks (caches of each budget's shapes)."""
   kv_cache.forget_capacities()
   model = tiny_model(seed=3, num_layers=3)
   tokens, mask = inputs.left_pad(random_prompts([29, 12, 32], seed=5), 0, 32)
   method = kvjax.methods.get(spec)
   steps = engine.CompiledSteps()
+  prefills = lambda compiled: [key[0] for key in compiled._executables
+                               if key[0] in ("compress_layer", "prefill")]
   for keep in (12, 16, 20):
-    got = context.prefill(model, tokens, mask, method, keep=keep, room=0, steps=steps)
+    got = context.prefill(model, tokens, mask, method, keep=keep, room=4,
+                          chunk_size=chunk_size, steps=steps)
     with monkeypatch.context() as budgeted:
       budgeted.setattr(type(method), "budget_free_prefill", lambda self: None)
       own = engine.CompiledSteps()
-      want = context.prefill(model, tokens, mask, method, keep=keep, room=0, steps=own)
-    assert [key[0] for key in own._executables].count("compress_layer") == 1
+      want = context.prefill(model, tokens, mask, method, keep=keep, room=4,
+                             chunk_size=chunk_size, steps=own)
     _assert_same((got.logits, got.cache), (want.logits, want.cache), exact=True)
-    assert got.budgets == want.budgets
-    assert sum(got.budgets) < 3 * 32   # compressed
-  names = [key[0] for key in steps._executables]
-  assert names.count("compress_layer") == 1, names
+    assert got.budgets == want.budgets and got.method_stats == want.method_stats
+  shared = spec != "cake" and not (spec.startswith("cake") and chunk_size)
+  assert (len(prefills(steps)) == len(prefills(own))) == shared, prefills(steps)
+  if spec != "quest:page_size=4":   # Quest's first layers stay dense: one program
+    assert "compress_layer" in prefills(own)
 
 
 def test_a_budget_is_compiled_in_where_it_cannot_be_traced(monkeypatch):

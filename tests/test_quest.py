@@ -84,11 +84,19 @@ def test_bounds_bound_every_logit_and_match_numpy():
             np.testing.assert_allclose(bound[row, kv, g, p], logits.max(), rtol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["exact", "rounded", "rounded_offloaded"])
 @pytest.mark.parametrize("gqa", ["query", "max", "sum"])
 @pytest.mark.parametrize("pages", [1, 2, 4])
-def test_decode_over_chosen_pages_matches_numpy(gqa, pages):
+def test_decode_over_chosen_pages_matches_numpy(gqa, pages, layout):
+  """Also with the pages rounded up (`rounded_reads`: 4 ranked, the first `pages` read and
+  attended; offloaded, only they are copied from the host)."""
   dense, keys, values, pos = _dense(2)
   paged = PagedLayerCache.from_dense(dense, PS, pages, gqa)
+  if layout != "exact":
+    paged = paged.rounded_reads(4)
+    assert (paged.pages, paged.pages_read) == (4, pages)
+  if layout == "rounded_offloaded":
+    paged = paged.offload()
   assert paged.capacity == 24 and int(paged.dense.end) == 22
   rng = np.random.default_rng(3)
   q = rng.normal(size=(B, 1, K * G, D)).astype(np.float32)
@@ -98,6 +106,15 @@ def test_decode_over_chosen_pages_matches_numpy(gqa, pages):
   want = _decode_numpy(q[:, 0], pad(keys, 0), pad(values, 0), pad(pos, -1), pages, 21 // PS,
                        gqa)
   np.testing.assert_allclose(np.asarray(out)[:, 0], want, rtol=1e-4, atol=1e-5)
+  if layout == "rounded_offloaded":   # the host copies: the ranked pages' first `pages`
+    ranked = paged.selected_slots(jnp.asarray(q))[..., ::PS] // PS          # [B, K, g, 4]
+    got, _ = paged._read_pages(ranked)
+    got = np.asarray(got).reshape(B, K, ranked.shape[2], 4, PS, D)
+    padded = pad(keys, 0)
+    for row, kv, g, j in np.ndindex(B, K, ranked.shape[2], 4):
+      page = int(ranked[row, kv, g, j])
+      want_page = padded[row, kv, page * PS:(page + 1) * PS] if j < pages else 0
+      np.testing.assert_array_equal(got[row, kv, g, j], want_page)
 
 
 def test_all_pages_is_dense_attention():
@@ -193,8 +210,8 @@ def test_bytes_are_the_dense_cache_plus_bounds(model):
   cfg = model.config
   dense = [np.asarray(layer.positions).shape[-1] for layer in layers[:2]]
   assert dense == [150, 150]                    # the prompt's bucket padding is cut
-  want = sum(analytic_nbytes(2, cfg.num_kv_heads, 160, cfg.head_dim, 16, jnp.float32)
-             for _ in layers[2:])
+  want = sum(analytic_nbytes(2, cfg.num_kv_heads, 160, cfg.head_dim, 16, jnp.float32,
+                             rounded_reads=True) for _ in layers[2:])
   got = sum(layer.nbytes for layer in layers[2:])
   assert got == want
   assert cache_nbytes(pre.cache) == pre.context_cache_bytes
@@ -214,6 +231,22 @@ def test_prompts_of_other_lengths_share_one_compiled_decode_loop(model, monkeypa
   assert padded[0].stats["cache_capacity_tokens"] == padded[1].stats["cache_capacity_tokens"]
   full = kvjax.generate(model, prompts[1], max_new_tokens=24)
   assert padded[1].token_ids != full.token_ids       # 3 of 10 pages read: not the full cache
+
+
+def test_budgets_whose_pages_round_alike_share_one_compiled_decode_loop(model, monkeypatch):
+  """A compression ratio's budgets over contexts of 130 and 150 tokens read 9 and 10 pages
+  of 8 slots: both rank 12 (`rounded_reads`) and read their own count, in one compiled
+  decode loop (two unrounded), and generate what the unrounded cache generates."""
+  from tiny import generated_counting_loops
+  prompts = [random_prompts((n, n - 7), seed=4) for n in (130, 150)]
+  kwargs = dict(method="quest:page_size=8", compression_ratio=0.5, max_new_tokens=24)
+  loops, rounded = generated_counting_loops(model, prompts, **kwargs)
+  monkeypatch.setattr(PagedLayerCache, "rounded_reads", lambda self, multiple: self)
+  exact_loops, exact = generated_counting_loops(model, prompts, **kwargs)
+  assert (loops, exact_loops) == (1, 2)
+  assert [r.token_ids for r in rounded] == [r.token_ids for r in exact]
+  assert [r.stats["method_stats"]["pages_per_step"] for r in rounded] == [9, 10]
+  assert [r.stats["method_stats"]["pages_per_step"] for r in exact] == [9, 10]
 
 
 @pytest.mark.parametrize("spec, match", [

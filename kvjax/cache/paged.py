@@ -22,6 +22,11 @@ clusters of `pages_per_cluster` pages scored by the linear similarity
 sum_c q_c (alpha max_c + (1 - alpha) min_c), the best `clusters` of them (and the first and
 the newest) let their pages compete by the same similarity for the `pages` read.
 
+Rounded reads (`rounded_reads`, Quest): `pages` is a rounded-up size and `reads` (traced)
+the real count; a step ranks `pages` pages and reads and attends the first `reads` of them
+(the top `reads` pages: lax.top_k ranks ties by the lower index), so contexts whose counts
+round alike share one compiled decode step.
+
 `gqa`: "query" picks pages per query head, as Quest's code does after `repeat_kv` (a KV head
 may then be read for several page sets); "max" or "sum" reduce the bounds over each KV head's
 query heads, so each KV head reads one page set.
@@ -35,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from kvjax.cache.kv_cache import LayerCache, NewTokens, PerHeadSlots, Stats
+from kvjax.cache.kv_cache import EMPTY_POSITION, LayerCache, NewTokens, PerHeadSlots, Stats
 from kvjax.ops import attention as attention_ops
 
 GQA_MODES = ("query", "max", "sum")
@@ -124,6 +129,7 @@ class PagedLayerCache(PerHeadSlots):
   dense: LayerCache            # every token; capacity a multiple of page_size
   page_max: jax.Array          # [B, K, P, D] float32 element-wise max of each page's keys
   page_min: jax.Array          # [B, K, P, D] float32 element-wise min
+  reads: jax.Array | None = None   # int32: the pages read when fewer than `pages` (None: all)
   page_size: int = struct.field(pytree_node=False, default=16)
   pages: int = struct.field(pytree_node=False, default=1)   # pages attended per decode step
   gqa: str = struct.field(pytree_node=False, default="query")
@@ -150,7 +156,8 @@ class PagedLayerCache(PerHeadSlots):
 
   def logical_axes(self) -> dict:
     page = ("batch", "kv_heads", "pages", "head_dim")
-    return {"dense": self.dense.logical_axes(), "page_max": page, "page_min": page}
+    return {"dense": self.dense.logical_axes(), "page_max": page, "page_min": page,
+            "reads": ()}
 
   @classmethod
   def from_dense(cls, dense: LayerCache, page_size: int, pages: int, gqa: str = "query",
@@ -163,6 +170,22 @@ class PagedLayerCache(PerHeadSlots):
     page_max, page_min = page_bounds(dense.keys, dense.positions, page_size)
     return cls(dense=dense, page_max=page_max, page_min=page_min, page_size=page_size,
                pages=pages, gqa=gqa, clustering=clustering)
+
+  def rounded_reads(self, multiple: int) -> "PagedLayerCache":
+    """The layer reading the same pages, with `pages` rounded up to a multiple of
+    `multiple` (at most its pages less one, so that it stays paged however it grows) and
+    the real count traced (`reads`): contexts whose counts round alike share one compiled
+    decode step. Not for MPCache's clusters or an offload buffer."""
+    if self.clustering is not None or self.reads is not None:
+      raise ValueError("rounded_reads: a plain paged layer whose reads are not rounded yet")
+    most = max(self.capacity // self.page_size - 1, self.pages)
+    return self.replace(pages=min(-(-self.pages // multiple) * multiple, most),
+                        reads=jnp.int32(self.pages))
+
+  @property
+  def pages_read(self) -> int:
+    """Host side: the pages a decode step reads (the real count of rounded reads)."""
+    return self.pages if self.reads is None else int(self.reads)
 
   def _reduced(self, score: jax.Array) -> jax.Array:
     """[B, K, G, P] -> per query head, or one row per KV head (`gqa`)."""
@@ -230,6 +253,9 @@ class PagedLayerCache(PerHeadSlots):
     take = lambda a: jnp.take_along_axis(a, flat.reshape(b, k, g * n, *([1] * (a.ndim - 3))),
                                          axis=2)
     positions = take(d.positions)
+    if self.reads is not None:   # the ranked pages past the real count are not read
+      rank = jnp.arange(g * n) % n // self.page_size
+      positions = jnp.where(rank < self.reads, positions, EMPTY_POSITION)
     if self.offloaded:
       keys, values = self._read_pages(slots[..., ::self.page_size] // self.page_size)
     else:
@@ -244,22 +270,25 @@ class PagedLayerCache(PerHeadSlots):
 
   def _read_pages(self, pages: jax.Array):
     """(keys, values) [B, K, g * n * page_size, D] on the device: the pages [B, K, g, n] of
-    each row and KV head copied out of host memory one dynamic slice at a time."""
+    each row and KV head copied out of host memory one dynamic slice at a time (the first
+    `reads` of each g's n when rounded; the others left zero)."""
     d, ps = self.dense, self.page_size
     b, k, g, n = pages.shape
     flat = pages.reshape(b, k, g * n)
+    c = n if self.reads is None else self.reads   # pages read of each g's n
 
     def read(array):
       out = jnp.zeros((b, k, g * n * ps, array.shape[-1]), array.dtype)
 
       def body(i, out):
-        row, head, j = i // (k * g * n), (i // (g * n)) % k, i % (g * n)
+        row, head = i // (k * g * c), (i // (g * c)) % k
+        j = (i // c) % g * n + i % c
         page = jax.lax.dynamic_slice(array, (row, head, flat[row, head, j] * ps, 0),
                                      (1, 1, ps, array.shape[-1]))
         return jax.lax.dynamic_update_slice(out, jax.device_put(page, DEVICE),
                                             (row, head, j * ps, 0))
 
-      return jax.lax.fori_loop(0, b * k * g * n, body, out)
+      return jax.lax.fori_loop(0, b * k * g * c, body, out)
 
     return read(d.keys), read(d.values)
 
@@ -345,13 +374,13 @@ def repaged(cache, page):
 
 
 def analytic_nbytes(batch: int, kv_heads: int, slots: int, head_dim: int, page_size: int,
-                    dtype) -> int:
+                    dtype, rounded_reads: bool = False) -> int:
   """A paged layer: the dense keys, values and positions plus two float32 bounds per page
-  and channel, and the fill counter."""
+  and channel, the fill counter, and the real count of `rounded_reads`."""
   itemsize = jnp.dtype(dtype).itemsize
   heads = batch * kv_heads
   return heads * slots * (2 * head_dim * itemsize + 4) + heads * (
-      slots // page_size) * 2 * head_dim * 4 + 4
+      slots // page_size) * 2 * head_dim * 4 + 4 + (4 if rounded_reads else 0)
 
 
 

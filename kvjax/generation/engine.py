@@ -54,13 +54,16 @@ def _traced_budgets(plan):
 
 def _budget_free(plan):
   """The plan a compressing prefill compiles with: where the method's prefill reads no
-  budget (`Method.budget_free_prefill`), that form of the method and budgets of 0 (read by
-  nothing), so prompts of every length share one executable."""
+  budget (`Method.budget_free_prefill`), that form of the method and budgets of 0 (its
+  `compact` ignores them), so prompts of every length in a bucket share one executable."""
   if type(plan) is not CompressionPlan or not plan.compress:
     return plan
   method = plan.method.budget_free_prefill()
   if method is None:
     return plan
+  if method.compacts_ranked:   # it would rank at a budget of 0 (`_one_layer_plan`)
+    raise TypeError(f"{type(method).__name__}.budget_free_prefill() must not compact by "
+                    f"the default ranking")
   return dataclasses.replace(plan, method=method, budgets=(0,) * len(plan.budgets))
 
 

@@ -119,6 +119,8 @@ class Method:
     declared = cls.__dict__.get("layerwise_prefill", getattr(cls, "layerwise_prefill"))
     if not isinstance(declared, property):   # a property (an instance's answer) is inherited
       cls.layerwise_prefill = cls.__dict__.get("layerwise_prefill", False)
+    if "budget_free_prefill" not in cls.__dict__:
+      cls.budget_free_prefill = Method.budget_free_prefill
     own = cls.__dict__.get("__post_init__")
     if own is None:
       return
@@ -350,9 +352,12 @@ class Method:
 
   def budget_free_prefill(self) -> "Method | None":
     """The method as its compressing prefill compiles where that prefill keeps every
-    candidate and reads no budget, which only `finalize` reads (D2O, CAKE): the engine
-    compiles it so, with no budgets, and prompts of every length share one executable.
-    None (default): the prefill reads the budget it was fitted to."""
+    candidate and reads no budget, which only host-side steps read (`finalize`, CAKE's
+    `between_chunks`): D2O, CAKE, Quest. The engine compiles it so, with budgets of 0, and
+    prompts of every length in a bucket share one executable (where `fitted` shrank no
+    protection). Its `compact` must ignore the budget, and it must not be
+    `compacts_ranked`. None (default): the prefill reads the budget it was fitted to. Not
+    inherited, as `layerwise_prefill`: a subclass declares it again."""
     return None
 
   def traces_budget(self, keep: int) -> bool:
