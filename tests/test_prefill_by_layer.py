@@ -355,6 +355,29 @@ def test_a_prefill_that_reads_no_budget_compiles_once_for_every_budget(spec, chu
     assert "compress_layer" in prefills(own)
 
 
+@dataclasses.dataclass(frozen=True)
+class _D2OChild(kvjax.methods.D2O):
+  """A subclass that says nothing: its compact may read the budget."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _RankingFree(kvjax.methods.SnapKV):
+  def budget_free_prefill(self):
+    return self
+
+
+def test_a_budget_free_prefill_is_declared_by_each_class_and_never_ranks():
+  assert kvjax.methods.D2O(keep=8).budget_free_prefill() == kvjax.methods.D2O()
+  assert _D2OChild(keep=8).budget_free_prefill() is None      # not inherited
+  plan = CompressionPlan(_D2OChild(keep=8), budgets=(8, 8))
+  assert engine._budget_free(plan) is plan
+  # An unfitted Quest compiles its budget's pages in: `finalize` reads them from its layers.
+  assert kvjax.methods.Quest().budget_free_prefill() is None
+  assert kvjax.methods.Quest(keep=40).budget_free_prefill() == kvjax.methods.Quest()
+  with pytest.raises(TypeError, match="ranking"):   # it would rank at a budget of 0
+    engine._budget_free(CompressionPlan(_RankingFree(), budgets=(8, 8)))
+
+
 def test_a_budget_is_compiled_in_where_it_cannot_be_traced(monkeypatch):
   h2o = kvjax.methods.get("h2o", recent_ratio=0.3)   # 95 x 0.3 rounds otherwise in float32
   ranked = engine._layer_plan(CompressionPlan(h2o, budgets=(96, 96)), None, 200)

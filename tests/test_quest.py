@@ -257,6 +257,18 @@ def test_bad_hyperparameters(spec, match):
     kvjax.methods.get(spec)
 
 
+def test_rounded_reads_refuse_a_buffer_and_a_second_rounding():
+  dense, *_ = _dense(6)
+  rounded = PagedLayerCache.from_dense(dense, PS, 2).rounded_reads(4)
+  assert (rounded.pages, rounded.pages_read) == (4, 2)
+  # At most the layer's pages less one (6 here), so it stays paged.
+  assert PagedLayerCache.from_dense(dense, PS, 5).rounded_reads(4).pages == 5
+  with pytest.raises(ValueError, match="not rounded yet"):
+    rounded.rounded_reads(4)
+  with pytest.raises(pb.BufferError, match="rounded reads"):
+    pb.buffered(rounded.offload(), pb.BufferConfig(device_pages=2))
+
+
 def test_offloaded_pages_live_on_the_host_and_decode_alike():
   dense, *_ = _dense(8, s=40)
   paged = PagedLayerCache.from_dense(dense, PS, 3, "max")

@@ -514,6 +514,9 @@ class BufferedPagedLayerCache(PagedLayerCache):
       raise BufferError(f"config={config!r:.80} must be a BufferConfig")
     validation.integer("groups", groups, 1, error=BufferError, what="query heads per KV head")
     validation.integer("tag", tag, 0, error=BufferError, what="the layer's name in recordings")
+    if paged.reads is not None:   # frames and requests follow `pages`, the real count
+      raise BufferError("a paged layer with rounded reads (`rounded_reads`) cannot be "
+                        "buffered: buffer the layer before rounding, or not at all")
     d = paged.dense
     b, k, _, dim = d.keys.shape
     groups = groups if paged.gqa == "query" else 1

@@ -116,7 +116,9 @@ class Quest(base.Method):
     return dataclasses.replace(self, keep=0) if self.keep else self   # read by finalize
 
   def budget_free_prefill(self):
-    return self.decoding()   # prefill keeps every token; `finalize` sizes the reads
+    # The prefill keeps every token; `finalize` sizes the reads from the fitted budget
+    # (unfitted, from the pages the prefill compiled in).
+    return self.decoding() if self.keep else None
 
   def score(self, x):
     return jnp.zeros(x.key_positions.shape, jnp.float32)   # nothing is evicted
