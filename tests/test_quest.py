@@ -261,7 +261,7 @@ def test_rounded_reads_refuse_a_buffer_and_a_second_rounding():
   dense, *_ = _dense(6)
   rounded = PagedLayerCache.from_dense(dense, PS, 2).rounded_reads(4)
   assert (rounded.pages, rounded.pages_read) == (4, 2)
-  # At most the layer's pages less one (6 here), so it stays paged.
+  # At most the layer's 6 pages less one, so it stays paged.
   assert PagedLayerCache.from_dense(dense, PS, 5).rounded_reads(4).pages == 5
   with pytest.raises(ValueError, match="not rounded yet"):
     rounded.rounded_reads(4)
