@@ -162,8 +162,9 @@ class Quest(base.Method):
     paged = [layer for layer in cache.layers if isinstance(layer, PagedLayerCache)]
     if not paged:
       return {}
-    return {"pages_per_step": paged[0].pages_read, "page_size": self.page_size,
-            "tokens_read_per_step": paged[0].pages_read * self.page_size,
+    pages = paged[0].pages_read   # a host read of the traced count, when rounded
+    return {"pages_per_step": pages, "page_size": self.page_size,
+            "tokens_read_per_step": pages * self.page_size,
             "dense_layers": len(cache.layers) - len(paged),
             "host_bytes": host_nbytes(cache),
             **self._tier_stats(paged)}
