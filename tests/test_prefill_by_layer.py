@@ -142,7 +142,7 @@ def test_the_one_program_serves_what_one_layer_cannot():
   # traced, with the default top-k (PyramidKV, SnapKV; not H2O where float32 would round
   # its window otherwise, not a subclass that does not say it is layerwise, not a
   # quantizer behind it), no room before the filler slots it cuts, and a largest budget
-  # that leaves a candidate out; nor do traced parameters or several plans at once.
+  # that leaves a candidate out; nor do several plans at once.
   pyramidkv = kvjax.methods.get("pyramidkv")
   pyramid = CompressionPlan(pyramidkv, budgets=(8, 12))
   assert engine._runs_by_layer(model, cache, pyramid)
@@ -162,8 +162,6 @@ def test_the_one_program_serves_what_one_layer_cannot():
   gear = kvjax.methods.get("gear", press="pyramidkv")
   assert not engine._runs_by_layer(model, cache, CompressionPlan(gear, budgets=(8, 12)))
   assert not engine._runs_by_layer(model, cache, dataclasses.replace(pyramid, room=4))
-  assert not engine._runs_by_layer(model, cache, CompressionPlan(snapkv, budgets=(8, 8)),
-                                   method_params={"w": jnp.ones(2)})
   assert not engine._runs_by_layer(model, cache, PlanSet((None, pyramid)))
   assert not engine._runs_by_layer(dataclasses.replace(model, placement=object()), cache, None)
   uneven = Cache(layers=(cache.layers[0], cache.layers[1].grow(16)), lengths=cache.lengths)
@@ -218,14 +216,16 @@ def test_the_methods_that_compress_layer_by_layer():
   # A method joins this list only with the test below passing for it.
   assert LAYERWISE == ["adakv", "cake", "d2o", "elastic_cache", "ems", "expected_attention",
                        "gear", "h2o", "kivi", "knorm", "kvmerger", "lazy_eviction", "mikv",
-                       "per_layer", "pyramidkv", "scissorhands", "sinks_window", "snapkv",
-                       "streaming_llm", "think", "tova"]
+                       "mpcache", "per_layer", "pyramidkv", "scissorhands", "sentencekv", "sinks_window",
+                       "snapkv", "streaming_llm", "think", "tova"]
   # A storage method is when its press is; a wrapper or subclass is not unless it says so.
   assert kvjax.methods.get("kivi", press="snapkv").layerwise_prefill
   assert not kvjax.methods.MiKV(press=_Pyramid()).layerwise_prefill
   assert not _Pyramid.layerwise_prefill
   assert not kvjax.methods.AdaKV(press=_Pyramid()).layerwise_prefill
   assert not kvjax.methods.get("kvcrush", press="snapkv").layerwise_prefill
+  # MPCache's skipped layers stay dense: their work differs by layer.
+  assert not kvjax.methods.get("mpcache", skip_layers=1).layerwise_prefill
 
 
 # KIVI whose budget of 10 quantizes 8 slots (kivi's TINY_ARGS keep all 10 in the residual
@@ -233,9 +233,11 @@ def test_the_methods_that_compress_layer_by_layer():
 QUANTIZING = "kivi:group_size=4:residual=2+snapkv"
 QUANTIZING_PYRAMID = "kivi:group_size=4:residual=2+pyramidkv:window=4"
 # The layerwise methods that compact by the default top-k (the merging ones do not), and
-# those that override both `compact` and `compact_ranked` (KIVI over one of them).
-RANKING = ["expected_attention", "h2o", "knorm", "lazy_eviction", "per_layer", "pyramidkv",
-           "scissorhands", "sinks_window", "snapkv", "streaming_llm", "tova",
+# those that rank as it does, then store their own way (KIVI over one of them, SentenceKV,
+# MPCache: `compact_ranked` and `ranked_cut`).
+RANKING = ["expected_attention", "h2o", "knorm", "lazy_eviction", "mpcache", "per_layer",
+           "pyramidkv", "scissorhands", "sentencekv", "sinks_window", "snapkv",
+           "streaming_llm", "tova",
            "pyramidkv:window=4", "per_layer:weights=1,2,3+knorm", "sinks_window:window=2+h2o",
            "kivi+snapkv", "kivi+pyramidkv", QUANTIZING, QUANTIZING_PYRAMID]
 # Layer budgets that differ (the rest give every layer one budget).
@@ -249,8 +251,11 @@ SETTLED_AFTER = ["cake", "d2o"]
 
 
 # Quantizers' groups fit the tiny head_dim of 16; their residual leaves groups to quantize.
+# SentenceKV's sentence ends are token ids the tiny prompts hold; its protection fits.
 TINY_ARGS = {"gear": dict(group_size=16, residual=16),
-             "kivi": dict(bits=2, group_size=16, residual=16)}
+             "kivi": dict(bits=2, group_size=16, residual=16),
+             "sentencekv": dict(boundary_ids=(3, 7, 11, 13), start_budget=2, recent_budget=2,
+                                window=4)}
 
 
 @pytest.mark.parametrize("chunk_size", [None, 16])
@@ -380,15 +385,15 @@ def test_a_budget_free_prefill_is_declared_by_each_class_and_never_ranks():
 
 def test_a_budget_is_compiled_in_where_it_cannot_be_traced(monkeypatch):
   h2o = kvjax.methods.get("h2o", recent_ratio=0.3)   # 95 x 0.3 rounds otherwise in float32
-  ranked = engine._layer_plan(CompressionPlan(h2o, budgets=(96, 96)), None, 200)
+  ranked = engine._layer_plan(CompressionPlan(h2o, budgets=(96, 96)), 200)
   assert isinstance(ranked, RankedLayer) and ranked.budgets == (128,)
-  static = engine._layer_plan(CompressionPlan(h2o, budgets=(95, 95)), None, 200)
+  static = engine._layer_plan(CompressionPlan(h2o, budgets=(95, 95)), 200)
   assert type(static) is CompressionPlan and static.budgets == (95,)
   # Rounded up, yet below the candidates (a layer ranks fewer slots than it has).
-  near = engine._layer_plan(CompressionPlan(h2o, budgets=(96, 96)), None, 100)
+  near = engine._layer_plan(CompressionPlan(h2o, budgets=(96, 96)), 100)
   assert near.budgets == (99,)
   # Every candidate kept: nothing to rank (compact pads).
-  assert type(engine._layer_plan(CompressionPlan(h2o, budgets=(96, 96)), None, 96)) is \
+  assert type(engine._layer_plan(CompressionPlan(h2o, budgets=(96, 96)), 96)) is \
       CompressionPlan
   # End to end: H2O at 0.3 with 95 slots (compiled in) and 96 (traced) keeps what the one
   # program keeps.

@@ -158,17 +158,17 @@ def _prefill_embed(params, tokens, token_mask, cache_lengths, *, graphdef):
   return transformer.embed_chunk(graphdef, params, tokens, token_mask, cache_lengths)
 
 
-def _prefill_layer(params, x, positions, layer_cache, lengths, tokens, keep=None, *,
-                   graphdef, plan=None):
+def _prefill_layer(params, x, positions, layer_cache, lengths, tokens, method_params=None,
+                   keep=None, *, graphdef, plan=None):
   # keep: the layer's budget, traced, for a plan that ranks (`_ranked`).
   if keep is not None:
     plan = dataclasses.replace(plan, keep=keep)
   return transformer.layer_forward(graphdef, params, x, positions, layer_cache, lengths,
-                                   tokens, plan)
+                                   tokens, plan, method_params)
 
 
-def _first_slots(layers, *, sizes):
-  return tuple(layer.first_slots(n) for layer, n in zip(layers, sizes))
+def _first_slots(layers, *, sizes, method):
+  return tuple(method.ranked_cut(layer, n) for layer, n in zip(layers, sizes))
 
 
 def _prefill_logits(params, x, token_mask, *, graphdef, logits):
@@ -181,7 +181,7 @@ _prefill_layer_jit = jax.jit(_prefill_layer, static_argnames=("graphdef", "plan"
 # A compressing layer returns a cache of other shapes: nothing to donate to.
 _compress_layer_jit = jax.jit(_prefill_layer, static_argnames=("graphdef", "plan"))
 _prefill_logits_jit = jax.jit(_prefill_logits, static_argnames=("graphdef", "logits"))
-_first_slots_jit = jax.jit(_first_slots, static_argnames=("sizes",))
+_first_slots_jit = jax.jit(_first_slots, static_argnames=("sizes", "method"))
 
 
 def _layer_graphdef(model):
@@ -193,13 +193,13 @@ def _layer_graphdef(model):
   return derived["layer"]
 
 
-def _runs_by_layer(model, cache, plan, method_params=None, tokens: int = 0) -> bool:
+def _runs_by_layer(model, cache, plan, tokens: int = 0) -> bool:
   """Whether a prefill of `tokens` tokens runs one layer per call: on one device over
   layers that each hold their own storage with one shape, storing uncompressed or
   compressing by a plan whose every layer does the same work (`_layer_plan`); else one
   program for all layers."""
   candidates = cache.layers[0].capacity + tokens
-  if plan is not None and _layer_plan(plan, method_params, candidates) is None:
+  if plan is not None and _layer_plan(plan, candidates) is None:
     return False
   if getattr(model, "placement", None) is not None:
     return False
@@ -216,11 +216,11 @@ def _runs_by_layer(model, cache, plan, method_params=None, tokens: int = 0) -> b
 RANK_MULTIPLE = 64
 
 
-def _layer_plan(plan, method_params, candidates: int):
+def _layer_plan(plan, candidates: int):
   """The one-layer plan every layer of a compressing prefill runs by, or None: only for
-  a method whose prefill work reads no layer index and no parameters
-  (`Method.layerwise_prefill`; a cross-layer `cache_step` still runs after the last
-  layer). Its layers then share one compiled layer instead of compiling all of them
+  a method whose prefill work reads no layer index, and parameters (if any) that are the
+  same at every layer (`Method.layerwise_prefill`; a cross-layer `cache_step` still runs
+  after the last layer). Its layers then share one compiled layer instead of compiling all of them
   unrolled (SnapKV 0.5 on SmolLM2: a new prompt length compiled in 7.0-7.5 s, then
   4.0-4.4 s).
 
@@ -232,8 +232,6 @@ def _layer_plan(plan, method_params, candidates: int):
   `Method.compact_ranked`): layers whose budgets differ (PyramidKV), and prompt lengths
   whose budgets round alike, share one compiled layer. Otherwise every layer must have
   one budget, compiled in."""
-  if method_params is not None:
-    return None
   return _one_layer_plan(plan, candidates, RANK_MULTIPLE)
 
 
@@ -436,8 +434,9 @@ class CompiledSteps:
     # Checked before anything runs: the layer-by-layer path donates layers as it goes.
     transformer.check_logits(logits)
     plan = _budget_free(plan)
-    if _runs_by_layer(model, cache, plan, method_params, tokens.shape[1]):
-      return self._prefill_by_layer(model, tokens, token_mask, cache, logits, plan)
+    if _runs_by_layer(model, cache, plan, tokens.shape[1]):
+      return self._prefill_by_layer(model, tokens, token_mask, cache, logits, plan,
+                                    method_params)
     plan, budgets = _traced_budgets(plan)
     args = _placed(model, (model.params, tokens, token_mask, cache, method_params, budgets),
                    rows=(1, 2), cache=3)
@@ -446,7 +445,8 @@ class CompiledSteps:
                   placement=getattr(model, "placement", None))
     return self._get("prefill", jitted, static, args)(*args)
 
-  def _prefill_by_layer(self, model, tokens, token_mask, cache, logits, plan=None):
+  def _prefill_by_layer(self, model, tokens, token_mask, cache, logits, plan=None,
+                        method_params=None):
     whole = dict(graphdef=model.graphdef)
     args = (model.params, tokens, token_mask, cache.lengths)
     x, positions, lengths = self._get("prefill_embed", _prefill_embed_jit, whole, args)(*args)
@@ -454,11 +454,16 @@ class CompiledSteps:
     # A ranking plan's budgets are passed traced; every layer is compacted to the plan's
     # (rounded) budget's shapes, then cut to its own.
     layer_plan = (None if plan is None
-                  else _layer_plan(plan, None, cache.layers[0].capacity + tokens.shape[1]))
+                  else _layer_plan(plan, cache.layers[0].capacity + tokens.shape[1]))
     ranked = _ranked(layer_plan)
     keeps = [(jnp.int32(b),) for b in plan.budgets] if ranked else [()] * len(cache.layers)
-    # Every layer's weights and cache have layer 0's shapes (_runs_by_layer).
-    args = (layer_params[0], x, positions, cache.layers[0], lengths, tokens) + keeps[0]
+    # Every layer's weights and cache have layer 0's shapes (_runs_by_layer). An
+    # uncompressed layer reads no method parameters; a compressing one reads the same at
+    # every layer (a layerwise method's, such as SentenceKV's sentence ids).
+    if layer_plan is None:
+      method_params = None
+    args = (layer_params[0], x, positions, cache.layers[0], lengths, tokens,
+            method_params) + keeps[0]
     name, jitted = (("prefill_layer", _prefill_layer_jit) if layer_plan is None
                     else ("compress_layer", _compress_layer_jit))
     run_layer = self._get(name, jitted, dict(graphdef=_layer_graphdef(model), plan=layer_plan),
@@ -466,11 +471,12 @@ class CompiledSteps:
     layers = []
     for index, layer_cache in enumerate(cache.layers):
       x, layer_cache = run_layer(layer_params[index], x, positions, layer_cache, lengths,
-                                 tokens, *keeps[index])
+                                 tokens, method_params, *keeps[index])
       layers.append(layer_cache)
     layers = tuple(layers)
     if ranked:
-      layers = self._get("first_slots", _first_slots_jit, dict(sizes=plan.budgets), (layers,),
+      layers = self._get("first_slots", _first_slots_jit,
+                         dict(sizes=plan.budgets, method=plan.method), (layers,),
                          _COPY_OPTIONS if _on_cpu(layers) else None)(layers)
     args = (model.params, x, token_mask)
     out = self._get("prefill_logits", _prefill_logits_jit, dict(whole, logits=logits), args)(*args)

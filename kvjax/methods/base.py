@@ -97,9 +97,10 @@ class Method:
   trims_padding: ClassVar[bool] = False
   wrappable: ClassVar[bool] = True   # False: its selection is not a per-chunk score that
                                      # AdaKV, PerLayer or SinksWindow could re-budget
-  # True: its compressing prefill does the same work at every layer (reads no layer index
-  # and no parameters; a `cache_step` still runs after the last layer), so the prefill
-  # compiles one layer and runs it for each (kvjax.generation.engine). Where
+  # True: its compressing prefill does the same work at every layer (reads no layer index,
+  # and of its parameters only what is the same at every layer, as SentenceKV's sentence
+  # ids; a `cache_step` still runs after the last layer), so the prefill compiles one
+  # layer and runs it for each (kvjax.generation.engine). Where
   # `compacts_ranked` (the default `compact`, or KIVI over one), that layer reads the
   # budget traced (`compact_ranked`) wherever `traces_budget` allows, so budgets that
   # differ by layer or by prompt length share it.
@@ -235,7 +236,7 @@ class Method:
     first `keep` slots of the result, in slot order, are the ones `compact` keeps (the
     priorities are the same, and lax.top_k breaks ties by the lower index, so the best
     `keep` of the top `largest` are the top `keep`); the slots from `keep` on read as
-    empty, and the caller cuts them off (`LayerCache.first_slots`)."""
+    empty, and the caller cuts them off (`ranked_cut`)."""
     from_index = cand.replace(state=self.prefill_state(x))
     s = cand.capacity
     _, index = jax.lax.top_k(priorities(self, x, keep), largest)
@@ -243,6 +244,12 @@ class Method:
     index = jnp.where(kept, index, s)   # the rest sorts after them
     out = from_index.select(jnp.minimum(jnp.sort(index, axis=-1), s - 1))
     return out.replace(positions=jnp.where(kept, out.positions, EMPTY_POSITION), end=keep)
+
+  def ranked_cut(self, layer, keep: int):
+    """The layer `compact(cand, x, keep)` gives, from the one `compact_ranked(cand, x,
+    largest, keep)` gave, host side with `keep` static (kvjax.generation.engine cuts every
+    layer so after a ranked prefill): default, its first `keep` slots."""
+    return layer.first_slots(keep)
 
   def cache_step(self, layers: tuple, lengths: jax.Array) -> tuple:
     """A cache-wide step after the forward pass (cross-layer methods); default: none."""

@@ -77,12 +77,30 @@ class MPCache(base.Method):
     best = probs.mean(1).max(1)                                          # [B, S]
     return jnp.broadcast_to(best[:, None], x.key_positions.shape)
 
+  @property
+  def layerwise_prefill(self) -> bool:
+    """Without skipped layers every layer's prefill does the same work."""
+    return self.skip_layers == 0
+
   def compact(self, cand, x, keep):
     kept = super().compact(cand, x, keep)
     if x.layer < self.skip_layers:
       return kept.replace(state=None)
+    return self._paged(kept)
+
+  def _paged(self, kept):
+    """The kept tokens marked paged (`finalize` sets the counts of clusters and halves)."""
     return PagedLayerCache.from_dense(kept, self.page_size, 1, self.gqa,
                                       ClusterSelection(self.alpha, 0))
+
+  @property
+  def compacts_ranked(self) -> bool:
+    """It ranks as the default top-k; a ranked layer (a layerwise prefill: no skipped
+    layers) stays dense until `ranked_cut` marks it paged."""
+    return True
+
+  def ranked_cut(self, layer, keep):
+    return self._paged(layer.first_slots(keep))
 
   def selection(self, tokens: int) -> tuple[int, ClusterSelection]:
     """(pages read per step, first-level selection) for a context of `tokens` kept tokens:

@@ -220,12 +220,14 @@ class SentenceLayerCache(PerHeadSlots):
 
   @classmethod
   def prefilled(cls, dense: LayerCache, budget: int, method: "SentenceKV", boundaries,
-                query_heads: int):
-    """A prefill chunk's stored tokens (state: sentence ids), the tables not built yet."""
+                query_heads: int, reads=None):
+    """A prefill chunk's stored tokens (state: sentence ids), the tables not built yet;
+    `reads`: the budget, when traced (a ranked prefill: `budget` is then the largest)."""
     b, k, _, d = dense.keys.shape
+    reads = jnp.int32(budget) if reads is None else reads
     return cls(context=dense, means=jnp.zeros((b, k, 0, d), jnp.float32),
                starts=jnp.zeros((b, k, 0), jnp.int32), lengths=jnp.zeros((b, k, 0), jnp.int32),
-               **_empty_tables(dense, query_heads), reads=jnp.int32(budget), budget=budget,
+               **_empty_tables(dense, query_heads), reads=reads, budget=budget,
                boundaries=jnp.broadcast_to(jnp.asarray(boundaries, jnp.int32).reshape(-1),
                                            (b, np.size(boundaries))),
                start_budget=method.start_budget, recent_budget=method.recent_budget,
@@ -507,6 +509,9 @@ class SentenceKV(base.Method):
   family: ClassVar[str] = "paging"
   reads_context: ClassVar[bool] = True
   wrappable: ClassVar[bool] = False
+  # Its prefill reads no layer index, and parameters (the context's sentence ids) that
+  # are the same at every layer: one compiled layer serves every layer.
+  layerwise_prefill: ClassVar[bool] = True
   semantic_factor: float = 3.0
   window: int = 32
   kernel_size: int = 7
@@ -591,6 +596,32 @@ class SentenceKV(base.Method):
     dense = base.Method.compact(self, cand, x, self.stored(keep))
     return SentenceLayerCache.prefilled(dense, keep, self, x.params["boundaries"],
                                         x.queries.shape[2])
+
+  @property
+  def compacts_ranked(self) -> bool:
+    return True
+
+  def traces_budget(self, keep):
+    """The stored count of a traced budget is its float32 product: where it agrees."""
+    return int(np.float32(keep) * np.float32(self.semantic_factor)) == self.stored(keep)
+
+  def compact_ranked(self, cand, x, largest, keep):
+    """`compact` for a traced budget `keep` <= `largest`: the pre-filter ranks the stored
+    count of `largest` (at most every candidate), the slots past the stored count of
+    `keep` empty, the budget traced (`reads`); `ranked_cut` then cuts it."""
+    stored = jnp.floor(keep.astype(jnp.float32) * np.float32(self.semantic_factor))
+    dense = base.Method.compact_ranked(self, cand, x, min(self.stored(largest), cand.capacity),
+                                       stored.astype(jnp.int32))
+    return SentenceLayerCache.prefilled(dense, largest, self, x.params["boundaries"],
+                                        x.queries.shape[2], reads=keep)
+
+  def ranked_cut(self, layer, keep):
+    """The stored tokens of `keep`: the first slots, or every candidate and empty slots up
+    to that count (as `compact` grows them), with the budget static again."""
+    ctx, stored = layer.context, self.stored(keep)
+    ctx = (ctx.first_slots(stored) if stored <= ctx.capacity
+           else ctx.grow(stored - ctx.capacity))
+    return layer.replace(context=ctx, budget=keep)
 
   def finalize(self, cache, config=None):
     del config

@@ -289,16 +289,16 @@ def embed_chunk(graphdef, params, tokens, token_mask, cache_lengths):
 
 
 def layer_forward(graphdef, params, x, positions, layer_cache, lengths, tokens=None,
-                  policy=None):
+                  policy=None, method_params=None):
   """One decoder layer (graphdef/params: a Block's) over a chunk of `tokens`: (x, layer
   cache). The tokens are stored uncompressed (the APPEND policy, the same at every layer),
   or by `policy`, a one-layer plan run as layer 0 (one whose work is the same at every
-  layer: `Method.layerwise_prefill`)."""
+  layer: `Method.layerwise_prefill`), reading `method_params` (the same at every layer)."""
   block = nnx.merge(graphdef, params)
   inv_freq = rope.inverse_frequencies(block.attn.config)
   if policy is None:
     return block(x, positions, layer_cache, inv_freq, None, APPEND, lengths, None, tokens)
-  return block(x, positions, layer_cache, inv_freq, 0, policy, lengths, None, tokens)
+  return block(x, positions, layer_cache, inv_freq, 0, policy, lengths, method_params, tokens)
 
 
 def chunk_logits(graphdef, params, x, token_mask, logits: str):
