@@ -67,8 +67,12 @@ def _two_level_numpy(q, keys, values, pos, alpha, clusters, pages, newest_page):
   return out
 
 
+@pytest.mark.parametrize("rounded", [False, True])
 @pytest.mark.parametrize("clusters, pages", [(1, 3), (2, 4), (0, 2)])
-def test_two_level_decode_matches_numpy(clusters, pages):
+def test_two_level_decode_matches_numpy(clusters, pages, rounded):
+  """Also with both counts rounded up (`rounded_reads`: 4 pages and 4 clusters ranked, of
+  6 clusters all, the real counts chosen; no cluster besides the first and newest stays
+  none)."""
   rng = np.random.default_rng(clusters * 10 + pages)
   s = 45
   pos = np.broadcast_to(np.arange(s), (B, K, s)).astype(np.int32).copy()
@@ -80,6 +84,10 @@ def test_two_level_decode_matches_numpy(clusters, pages):
   paged = PagedLayerCache.from_dense(dense, PS, pages, "query",
                                      ClusterSelection(0.6, clusters))
   assert paged.capacity == 48                       # whole clusters of 2 pages
+  if rounded:
+    paged = paged.rounded_reads(4)
+    assert (paged.pages, paged.clustering.clusters) == (4, 0 if clusters == 0 else 4)
+    assert (paged.pages_read, paged.clusters_chosen) == (pages, clusters)
   q = rng.normal(size=(B, 1, K * G, D)).astype(np.float32)
   out, _ = paged.attend(jnp.asarray(q), jnp.full((B, 1), 60, jnp.int32))
   pad = lambda a, v: np.concatenate([a, np.full(a.shape[:2] + (3,) + a.shape[3:], v, a.dtype)],
@@ -111,6 +119,25 @@ def test_end_to_end(model):
   chunked = kvjax.generate(model, PROMPTS, method="mpcache", compression_ratio=0.5,
                            max_new_tokens=6, prefill_chunk_size=128)
   assert [len(t) for t in chunked.token_ids] == [6, 6]
+
+
+def test_contexts_whose_counts_round_alike_share_one_compiled_decode_loop(model,
+                                                                         monkeypatch):
+  """A compression ratio's budgets over contexts of 260, 300 and 340 tokens read 3, 4 and
+  4 halves and choose 2, 2 and 3 clusters: rounded up (`rounded_reads`), they share one
+  compiled decode loop (three unrounded), and generate what unrounded caches generate."""
+  from tiny import generated_counting_loops
+  prompts = [random_prompts((n, n - 7), seed=4) for n in (260, 300, 340)]
+  kwargs = dict(method="mpcache", compression_ratio=0.5, max_new_tokens=24)
+  loops, rounded = generated_counting_loops(model, prompts, **kwargs)
+  monkeypatch.setattr(PagedLayerCache, "rounded_reads", lambda self, *args: self)
+  exact_loops, exact = generated_counting_loops(model, prompts, **kwargs)
+  assert (loops, exact_loops) == (1, 3)
+  assert [r.token_ids for r in rounded] == [r.token_ids for r in exact]
+  for results in (rounded, exact):
+    stats = [r.stats["method_stats"] for r in results]
+    assert [s["tokens_read_per_step"] for s in stats] == [48, 64, 64]
+    assert [s["first_level_clusters"] for s in stats] == [4, 4, 5]
 
 
 def test_static_stage_keeps_the_top_scores_shared_by_heads(model):

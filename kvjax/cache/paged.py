@@ -22,10 +22,11 @@ clusters of `pages_per_cluster` pages scored by the linear similarity
 sum_c q_c (alpha max_c + (1 - alpha) min_c), the best `clusters` of them (and the first and
 the newest) let their pages compete by the same similarity for the `pages` read.
 
-Rounded reads (`rounded_reads`, Quest): `pages` is a rounded-up size and `reads` (traced)
-the real count; a step ranks `pages` pages and reads and attends the first `reads` of them
-(the top `reads` pages: lax.top_k ranks ties by the lower index), so contexts whose counts
-round alike share one compiled decode step.
+Rounded reads (`rounded_reads`, Quest, MPCache): `pages` is a rounded-up size and `reads`
+(traced) the real count; a step ranks `pages` pages and reads and attends the first `reads`
+of them (the top `reads` pages: lax.top_k ranks ties by the lower index), so contexts whose
+counts round alike share one compiled decode step. MPCache's first level is rounded so too:
+`clustering.clusters` a rounded-up size, `clusters_read` (traced) the real count.
 
 `gqa`: "query" picks pages per query head, as Quest's code does after `repeat_kv` (a KV head
 may then be read for several page sets); "max" or "sum" reduce the bounds over each KV head's
@@ -130,6 +131,8 @@ class PagedLayerCache(PerHeadSlots):
   page_max: jax.Array          # [B, K, P, D] float32 element-wise max of each page's keys
   page_min: jax.Array          # [B, K, P, D] float32 element-wise min
   reads: jax.Array | None = None   # int32: the pages read when fewer than `pages` (None: all)
+  # int32: the first-level clusters chosen when fewer than `clustering.clusters` (None: all)
+  clusters_read: jax.Array | None = None
   page_size: int = struct.field(pytree_node=False, default=16)
   pages: int = struct.field(pytree_node=False, default=1)   # pages attended per decode step
   gqa: str = struct.field(pytree_node=False, default="query")
@@ -157,7 +160,7 @@ class PagedLayerCache(PerHeadSlots):
   def logical_axes(self) -> dict:
     page = ("batch", "kv_heads", "pages", "head_dim")
     return {"dense": self.dense.logical_axes(), "page_max": page, "page_min": page,
-            "reads": ()}
+            "reads": (), "clusters_read": ()}
 
   @classmethod
   def from_dense(cls, dense: LayerCache, page_size: int, pages: int, gqa: str = "query",
@@ -171,16 +174,31 @@ class PagedLayerCache(PerHeadSlots):
     return cls(dense=dense, page_max=page_max, page_min=page_min, page_size=page_size,
                pages=pages, gqa=gqa, clustering=clustering)
 
-  def rounded_reads(self, multiple: int) -> "PagedLayerCache":
+  def rounded_reads(self, multiple: int, cluster_multiple: int | None = None
+                    ) -> "PagedLayerCache":
     """The layer reading the same pages, with `pages` rounded up to a multiple of
     `multiple` (at most its pages less one, so that it stays paged however it grows) and
-    the real count traced (`reads`): contexts whose counts round alike share one compiled
-    decode step. Not for MPCache's clusters or an offload buffer."""
-    if self.clustering is not None or self.reads is not None:
-      raise ValueError("rounded_reads: a plain paged layer whose reads are not rounded yet")
+    the real count traced (`reads`); MPCache's first-level clusters too, to a multiple of
+    `cluster_multiple` (default `multiple`; the count traced as `clusters_read`): contexts
+    whose counts round alike share one compiled decode step. Not for an offload buffer."""
+    if self.reads is not None:
+      raise ValueError("rounded_reads: a paged layer whose reads are not rounded yet")
+    up = lambda n, m: -(-n // m) * m
     most = max(self.capacity // self.page_size - 1, self.pages)
-    return self.replace(pages=min(-(-self.pages // multiple) * multiple, most),
-                        reads=jnp.int32(self.pages))
+    out = self.replace(pages=min(up(self.pages, multiple), most), reads=jnp.int32(self.pages))
+    if self.clustering is None:
+      return out
+    clusters = self.clustering.clusters
+    return out.replace(clustering=dataclasses.replace(
+        self.clustering, clusters=up(clusters, cluster_multiple or multiple)),
+                       clusters_read=jnp.int32(clusters))
+
+  @property
+  def clusters_chosen(self) -> int:
+    """Host side: MPCache's first-level clusters chosen besides the first and the newest
+    (the real count of rounded reads)."""
+    return (self.clustering.clusters if self.clusters_read is None
+            else int(self.clusters_read))
 
   @property
   def pages_read(self) -> int:
@@ -231,6 +249,9 @@ class PagedLayerCache(PerHeadSlots):
         self.page_min.reshape(b, k, p // c, c, d).min(3), alpha))            # [B, K, g, C]
     coarse = coarse.at[..., 0].set(jnp.inf).at[..., newest // c].set(jnp.inf)
     _, chosen = jax.lax.top_k(coarse, min(self.clustering.clusters + 2, p // c))
+    if self.clusters_read is not None:   # the ranked clusters past the real count: none
+      rank = jnp.arange(chosen.shape[-1])
+      chosen = jnp.where(rank < self.clusters_read + 2, chosen, -1)
     parent = jnp.arange(p) // c
     allowed = (chosen[..., :, None] == parent).any(-2)                       # [B, K, g, P]
     fine = self._reduced(similarity(q, self.page_max, self.page_min, alpha))

@@ -38,6 +38,13 @@ from kvjax.errors import MethodError
 from kvjax.methods import base, registry
 
 
+# Halves a step reads are rounded up to a multiple of 4 (Quest's `READS_MULTIPLE`: each is
+# gathered, then masked past the real count); first-level clusters, which only narrow the
+# halves that compete (a top-k and a comparison per half), to a multiple of 8.
+READS_MULTIPLE = 4
+CLUSTERS_MULTIPLE = 8
+
+
 @registry.register
 @dataclasses.dataclass(frozen=True)
 class MPCache(base.Method):
@@ -111,13 +118,18 @@ class MPCache(base.Method):
             ClusterSelection(self.alpha, int(clusters * self.first_ratio)))
 
   def finalize(self, cache, config=None):
-    """Bucket padding cut; the counts of clusters and halves set from the kept context."""
+    """Bucket padding cut; the counts of clusters and halves set from the kept context,
+    each rounded up (`PagedLayerCache.rounded_reads`: halves to a multiple of
+    `READS_MULTIPLE`, clusters of `CLUSTERS_MULTIPLE`) with the real count traced, so
+    that contexts whose counts round alike (a compression ratio's, over prompts of other
+    lengths) share one compiled decode loop."""
     del config
 
     def page(dense, layer):
       del layer
       pages, clustering = self.selection(dense.capacity)
-      return PagedLayerCache.from_dense(dense, self.page_size, pages, self.gqa, clustering)
+      paged = PagedLayerCache.from_dense(dense, self.page_size, pages, self.gqa, clustering)
+      return paged.rounded_reads(READS_MULTIPLE, CLUSTERS_MULTIPLE)
 
     return repaged(cache, page)
 
@@ -125,6 +137,7 @@ class MPCache(base.Method):
     paged = [layer for layer in cache.layers if isinstance(layer, PagedLayerCache)]
     if not paged:
       return {}
-    return {"tokens_read_per_step": paged[0].pages * self.page_size,
-            "first_level_clusters": paged[0].clustering.clusters + 2,
+    # Host reads of the traced real counts.
+    return {"tokens_read_per_step": paged[0].pages_read * self.page_size,
+            "first_level_clusters": paged[0].clusters_chosen + 2,
             "dense_layers": len(cache.layers) - len(paged)}
