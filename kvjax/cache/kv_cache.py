@@ -128,6 +128,17 @@ class PerHeadSlots:
     return self.capacity
 
 
+@jax.jit
+def _fill(positions: jax.Array):
+  """(the most real slots any row and head holds, whether an empty slot precedes a real
+  one anywhere)."""
+  real = positions >= 0
+  return jnp.max(real.sum(-1)), jnp.any(~real[..., :-1] & real[..., 1:])
+
+
+_live_first = jax.jit(lambda layer, capacity: layer.live_first(capacity), static_argnums=1)
+
+
 @struct.dataclass
 class LayerCache(PerHeadSlots):
   """Dense layout: every KV head of a layer has `capacity` slots."""
@@ -228,13 +239,14 @@ class LayerCache(PerHeadSlots):
     """Host side: capacity cut to the most real tokens any row and head holds, each head's
     real slots first, in slot order: a prompt padded to a bucket width stores no padding
     slots after this, and a shorter row of a left-padded batch never has padding before
-    its real slots (methods that keep the first slots as sinks read real tokens)."""
-    real = self.positions >= 0
-    n = int(jnp.max(real.sum(-1)))
+    its real slots (methods that keep the first slots as sinks read real tokens).
+    Compiled once per shape (a handful of eager ops, each compiled anew at every new
+    prompt length, cost more than the work), with one host read of the counts."""
+    n, gap = (int(a) for a in jax.device_get(_fill(self.positions)))
     # Real slots already first everywhere (no empty slot before a real one): nothing to do.
-    if n == self.capacity and not bool(jnp.any(~real[..., :-1] & real[..., 1:])):
+    if n == self.capacity and not gap:
       return self
-    return self.live_first(n)
+    return _live_first(self, n)
 
   def grow(self, room: int) -> "LayerCache":
     return self._extended(room, EMPTY_POSITION)

@@ -71,6 +71,7 @@ Differences from the official code:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import ClassVar
 
 import jax
@@ -178,6 +179,24 @@ def _sentences(layer) -> int:
   return max(int((host_array(layer.lengths) > 0).sum(-1).max()), 1)
 
 
+@jax.jit
+def _runs(positions, sentence):
+  """(`sentence_runs`, the largest run index)."""
+  runs = sentence_runs(positions, sentence)
+  return runs, runs.max()
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _tables(dense: LayerCache, runs, count: int, reserve: int, query_heads: int) -> dict:
+  """A finalized layer's context (`reserve` reserved slots more, no state), its sentence
+  table of `count` entries and empty appended tables, compiled once per shape (as eager
+  ops, each compiled anew at every new prompt length, they cost more than the work)."""
+  means, starts, lengths = sentence_table(dense.keys, runs, count)
+  context = dense.replace(state=None).reserve(reserve)
+  return dict(context=context, means=means, starts=starts, lengths=lengths,
+              **_empty_tables(context, query_heads))
+
+
 def _empty_like(dense: LayerCache) -> LayerCache:
   b, k, _, d = dense.keys.shape
   return LayerCache(keys=jnp.zeros((b, k, 0, d), dense.keys.dtype),
@@ -246,19 +265,19 @@ class SentenceLayerCache(PerHeadSlots):
     dense = self.context.trimmed()
     if self.budget >= dense.capacity:
       return dense.replace(state=None)
-    runs = sentence_runs(dense.positions, dense.state)
+    runs, most = _runs(dense.positions, dense.state)
     # Rounded up (`shared_size`), the rest empty sentences (length 0, never gathered):
     # sentence counts are data dependent, and each new one compiled the table's ops and
     # the decode loop anew (SmolLM2, 500 tokens: a second prompt took 53 s, 2.6 s after).
-    count = shared_size(max(int(runs.max()) + 1, 1))
-    means, starts, lengths = sentence_table(dense.keys, runs, count)
-    dense = dense.replace(state=None).reserve(shared_size(dense.capacity) - dense.capacity)
+    count = shared_size(max(int(most) + 1, 1))
+    table = _tables(dense, runs, count, shared_size(dense.capacity) - dense.capacity,
+                    self.open_queries.shape[1])
+    dense = table.pop("context")
     if offload:
       dense = dense.replace(keys=jax.device_put(dense.keys, HOST),
                             values=jax.device_put(dense.values, HOST))
-    return self.replace(context=dense, means=means, starts=starts, lengths=lengths,
-                        **_empty_tables(dense, self.open_queries.shape[1]),
-                        budget=shared_size(self.budget), offloaded=offload)
+    return self.replace(context=dense, **table, budget=shared_size(self.budget),
+                        offloaded=offload)
 
   @property
   def state(self):
