@@ -619,25 +619,27 @@ def test_the_layer_by_layer_prefill_passes_token_ids(model, monkeypatch):
   assert by_layer and cache.layers[0].closed.tolist() == [2, 2]
 
 
-@pytest.mark.parametrize("chunk_size", [None, 40])
-def test_budgets_that_round_alike_share_one_compiled_prefill_layer(model, chunk_size,
+@pytest.mark.parametrize("chunk_size, factor", [(None, 3.0), (40, 3.0), (None, 2.5)])
+def test_budgets_that_round_alike_share_one_compiled_prefill_layer(model, chunk_size, factor,
                                                                    monkeypatch):
   """The prefill compacts by one compiled layer for every layer and every budget that
   rounds alike (other prompt lengths at one ratio): the budget traced, the pre-filter's
-  stored count its float32 product. It keeps exactly what the prefill compiled with each
-  budget as one program keeps; chunked too, where the first chunk stores every candidate
-  under the largest budget (48 of 40) and fewer under the others."""
+  stored count its float32 product (2.5 x 11 = 27.5 stores 27). It keeps exactly what the
+  prefill compiled with each budget as one program keeps; chunked too, where the first
+  chunk stores every candidate under the largest budget (48 of 40) and fewer under the
+  others."""
   from kvjax.generation import context, engine, inputs
   monkeypatch.setattr(engine, "RANK_MULTIPLE", 8)
   tokens, mask = inputs.left_pad(random_prompts([100, 83], seed=3), 0, 120)
+  method = dataclasses.replace(TINY, semantic_factor=factor)
   steps = engine.CompiledSteps()
-  for keep in (9, 12, 16):   # all ranked at 16
-    got = context.prefill(model, tokens, mask, TINY, keep, room=0, chunk_size=chunk_size,
+  for keep in (9, 11, 16):   # all ranked at 16
+    got = context.prefill(model, tokens, mask, method, keep, room=0, chunk_size=chunk_size,
                           steps=steps)
     with monkeypatch.context() as one_program:
       one_program.setattr(engine, "_layer_plan", lambda *args: None)
       own = engine.CompiledSteps()
-      want = context.prefill(model, tokens, mask, TINY, keep, room=0,
+      want = context.prefill(model, tokens, mask, method, keep, room=0,
                              chunk_size=chunk_size, steps=own)
     assert "compress_layer" not in [key[0] for key in own._executables]
     got_leaves, got_tree = jax.tree_util.tree_flatten((got.logits, got.cache))
@@ -646,7 +648,7 @@ def test_budgets_that_round_alike_share_one_compiled_prefill_layer(model, chunk_
     for g, w in zip(got_leaves, want_leaves, strict=True):
       np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
     assert got.method_stats == want.method_stats
-    assert got.method_stats["stored_tokens"] == [3 * keep] * 2
+    assert got.method_stats["stored_tokens"] == [int(factor * keep)] * 2
     assert min(got.method_stats["sentences"]) > 1
   names = [key[0] for key in steps._executables]
   assert "prefill" not in names
