@@ -18,7 +18,7 @@ from kvjax.errors import MethodError
 from kvjax.methods import base, sentencekv
 from kvjax.methods.sentencekv import (PUNCTUATION, SentenceKV, SentenceLayerCache,
                                       gathered_slots)
-from tiny import random_prompts, tiny_model
+from tiny import assert_same_tree, random_prompts, tiny_model
 
 ENDS = (1, 5, 9, 14)     # sentence-end ids of the random token rows (about one token in five)
 VOCAB = 20
@@ -642,11 +642,7 @@ def test_budgets_that_round_alike_share_one_compiled_prefill_layer(model, chunk_
       want = context.prefill(model, tokens, mask, method, keep, room=0,
                              chunk_size=chunk_size, steps=own)
     assert "compress_layer" not in [key[0] for key in own._executables]
-    got_leaves, got_tree = jax.tree_util.tree_flatten((got.logits, got.cache))
-    want_leaves, want_tree = jax.tree_util.tree_flatten((want.logits, want.cache))
-    assert got_tree == want_tree
-    for g, w in zip(got_leaves, want_leaves, strict=True):
-      np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    assert_same_tree((got.logits, got.cache), (want.logits, want.cache))
     assert got.method_stats == want.method_stats
     assert got.method_stats["stored_tokens"] == [int(factor * keep)] * 2
     assert min(got.method_stats["sentences"]) > 1

@@ -94,6 +94,17 @@ def assert_same_steps(got, want):
     np.testing.assert_allclose(got_logits, want_logits, rtol=1e-5, atol=1e-5)
 
 
+def assert_same_tree(got, want):
+  """The same pytree structure and exactly equal leaves."""
+  import jax
+  import numpy as np
+  got_leaves, got_tree = jax.tree_util.tree_flatten(got)
+  want_leaves, want_tree = jax.tree_util.tree_flatten(want)
+  assert got_tree == want_tree
+  for g, w in zip(got_leaves, want_leaves, strict=True):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
 def decode_loops_compiled(model, prompt_sets, **generate_kwargs) -> int:
   """Decode loops compiled by `generate` over each prompt set, from an empty cache of
   executables."""

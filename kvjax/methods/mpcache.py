@@ -36,12 +36,12 @@ import jax.numpy as jnp
 from kvjax.cache.paged import GQA_MODES, ClusterSelection, PagedLayerCache, repaged
 from kvjax.errors import MethodError
 from kvjax.methods import base, registry
+from kvjax.methods.quest import READS_MULTIPLE
 
 
-# Halves a step reads are rounded up to a multiple of 4 (Quest's `READS_MULTIPLE`: each is
+# Halves a step reads are rounded up as Quest's pages are (`quest.READS_MULTIPLE`: each is
 # gathered, then masked past the real count); first-level clusters, which only narrow the
 # halves that compete (a top-k and a comparison per half), to a multiple of 8.
-READS_MULTIPLE = 4
 CLUSTERS_MULTIPLE = 8
 
 
@@ -119,8 +119,8 @@ class MPCache(base.Method):
 
   def finalize(self, cache, config=None):
     """Bucket padding cut; the counts of clusters and halves set from the kept context,
-    each rounded up (`PagedLayerCache.rounded_reads`: halves to a multiple of
-    `READS_MULTIPLE`, clusters of `CLUSTERS_MULTIPLE`) with the real count traced, so
+    each rounded up (`PagedLayerCache.rounded_reads`: halves as Quest's pages,
+    clusters to a multiple of `CLUSTERS_MULTIPLE`) with the real count traced, so
     that contexts whose counts round alike (a compression ratio's, over prompts of other
     lengths) share one compiled decode loop."""
     del config
